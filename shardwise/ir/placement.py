@@ -1,0 +1,106 @@
+"""Placements of a tensor on one mesh axis, sharding specs and logical device meshes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Shard", "Replicate", "Partial", "Placement", "ShardingSpec", "DeviceMesh"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Split along tensor dimension ``dim`` across the mesh axis."""
+
+    dim: int
+
+    def __str__(self) -> str:
+        return f"S({self.dim})"
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """Every device of the mesh axis holds the whole tensor."""
+
+    def __str__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Every device holds a partial result; the full value is their reduction with ``op``."""
+
+    op: str = "sum"
+
+    def __str__(self) -> str:
+        return "P" if self.op == "sum" else f"P({self.op})"
+
+
+Placement = Shard | Replicate | Partial
+
+
+@dataclass(frozen=True)
+class ShardingSpec:
+    """One placement per mesh axis, in the mesh's axis order."""
+
+    placements: tuple[Placement, ...]
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(str(p) for p in self.placements) + "]"
+
+    @property
+    def is_replicated(self) -> bool:
+        return all(isinstance(p, Replicate) for p in self.placements)
+
+    def local_shape(self, shape: tuple[int, ...], mesh: DeviceMesh) -> tuple[int, ...]:
+        """The shape of one device's piece (sizes must divide evenly; the planner only proposes such splits)."""
+        out = list(shape)
+        for size, placement in zip(mesh.shape, self.placements, strict=True):
+            if isinstance(placement, Shard):
+                out[placement.dim] //= size
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class DeviceMesh:
+    """A logical n-dimensional arrangement of global ranks, with one name per axis (e.g. ("dp", "tp"))."""
+
+    shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    ranks: tuple[int, ...]  # row-major over ``shape``
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.axis_names):
+            raise ValueError(f"mesh shape {self.shape} and axis names {self.axis_names} differ in length")
+        if math.prod(self.shape) != len(self.ranks):
+            raise ValueError(
+                f"mesh shape {self.shape} needs {math.prod(self.shape)} ranks, got {len(self.ranks)}"
+            )
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def axis_size(self, name: str) -> int:
+        return self.shape[self.axis_names.index(name)] if name in self.axis_names else 1
+
+    def coordinate(self, rank: int) -> tuple[int, ...]:
+        index = self.ranks.index(rank)
+        coord = []
+        for size in reversed(self.shape):
+            coord.append(index % size)
+            index //= size
+        return tuple(reversed(coord))
+
+    def groups(self, axis: str) -> list[tuple[int, ...]]:
+        """The groups of ranks that vary only along ``axis`` (one group per position of the other axes)."""
+        a = self.axis_names.index(axis)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for r in self.ranks:
+            c = self.coordinate(r)
+            key = c[:a] + c[a + 1 :]
+            groups.setdefault(key, []).append(r)
+        return [tuple(g) for _, g in sorted(groups.items())]
+
+    def __str__(self) -> str:
+        return " x ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.shape, strict=True))

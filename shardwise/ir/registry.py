@@ -1,0 +1,633 @@
+"""The op registry: for every ATen op shardwise knows, its kind, its cost and its dimension annotation.
+
+Strategies, communication and costs all derive from this one table (DESIGN.md, "One op-rule registry").
+An annotation is computed per node (``OpRule.dims(node, inputs)``) because many ops take their dimension
+mapping from arguments (``transpose(x, 0, 2)``) or shapes (``view``). Shapes themselves come from
+torch.export's fake tensors; ``meta_shapes`` recomputes them on the meta device for other sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shardwise.ir.dimops import Dim, OpDims, Operand, frozen_dims, parse_dimops
+from shardwise.ir.graph import Node
+from shardwise.ir.tensor import ScalarSpec, TensorSpec
+
+__all__ = ["OpRule", "REGISTRY", "rule_for", "is_known_op", "tensor_operands", "op_dims", "op_flops"]
+
+Specs = Sequence[TensorSpec]
+DimsFn = Callable[[Node, Specs, Specs], OpDims]
+FlopsFn = Callable[[Node, Specs, Specs], int]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """What shardwise knows about one op."""
+
+    op: str
+    kind: str  # elementwise | matmul | view | reduction | norm | softmax | attention | embedding | conv |
+    #            pool | creation | index | scalar | loss | getitem
+    dims: DimsFn
+    flops: FlopsFn
+    moves_data: bool = True  # False for views: no bytes moved
+
+
+REGISTRY: dict[str, OpRule] = {}
+
+
+def _register(
+    ops: str | Sequence[str], kind: str, dims: DimsFn, flops: FlopsFn, moves_data: bool = True
+) -> None:
+    for op in [ops] if isinstance(ops, str) else ops:
+        REGISTRY[op] = OpRule(op, kind, dims, flops, moves_data)
+
+
+def rule_for(op: str) -> OpRule | None:
+    return REGISTRY.get(op)
+
+
+def is_known_op(op: str) -> bool:
+    return op in REGISTRY
+
+
+def tensor_operands(node: Node) -> list[str]:
+    """Names of the tensor values a node reads, in argument order (repeats kept: ``mul(x, x)``)."""
+    from shardwise.ir.graph import iter_values
+
+    names: list[str] = []
+    for a in node.args:
+        names.extend(v.name for v in iter_values(a))
+    for _, a in node.kwargs:
+        names.extend(v.name for v in iter_values(a))
+    return names
+
+
+def op_dims(node: Node, inputs: Specs) -> OpDims:
+    """The node's dimension annotation; ops outside the registry get an all-frozen one (run whole)."""
+    outs = [o for o in node.outputs if isinstance(o, TensorSpec)]
+    tins = [s for s in inputs if isinstance(s, TensorSpec)]
+    rule = REGISTRY.get(node.op)
+    if rule is None:
+        return frozen_dims(tuple(s.rank for s in tins), tuple(o.rank for o in outs))
+    return rule.dims(node, tins, outs)
+
+
+def op_flops(node: Node, inputs: Specs) -> int:
+    rule = REGISTRY.get(node.op)
+    outs = [o for o in node.outputs if isinstance(o, TensorSpec)]
+    tins = [s for s in inputs if isinstance(s, TensorSpec)]
+    if rule is None:
+        return sum(o.numel for o in outs)
+    return int(rule.flops(node, tins, outs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argument helpers
+
+
+def _arg(node: Node, index: int, name: str, default: object = None) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwarg_dict.get(name, default)
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _dims_arg(value: object, rank: int) -> list[int]:
+    if value is None or value == ():
+        return list(range(rank))
+    if isinstance(value, int):
+        return [_norm_dim(value, rank)]
+    return [_norm_dim(int(d), rank) for d in value]  # type: ignore[union-attr]
+
+
+class _Labels:
+    def __init__(self) -> None:
+        self._n = 0
+
+    def fresh(self, prefix: str = "x", frozen: bool = False) -> Dim:
+        self._n += 1
+        return Dim(f"{prefix}{self._n}", frozen=frozen)
+
+
+def _all_frozen(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    return frozen_dims(tuple(s.rank for s in ins), tuple(o.rank for o in outs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flops
+
+
+def _zero(node: Node, ins: Specs, outs: Specs) -> int:
+    return 0
+
+
+def _per_output(node: Node, ins: Specs, outs: Specs) -> int:
+    return sum(o.numel for o in outs)
+
+
+def _per_input(node: Node, ins: Specs, outs: Specs) -> int:
+    return ins[0].numel if ins else 0
+
+
+def _per_input_x5(node: Node, ins: Specs, outs: Specs) -> int:
+    return 5 * (ins[0].numel if ins else 0)
+
+
+def _linear_flops(node: Node, ins: Specs, outs: Specs) -> int:
+    x, w = ins[0], ins[1]
+    return 2 * math.prod(x.shape[:-1]) * w.shape[0] * x.shape[-1]
+
+
+def _addmm_flops(node: Node, ins: Specs, outs: Specs) -> int:
+    m1, m2 = ins[1], ins[2]
+    return 2 * m1.shape[0] * m1.shape[1] * m2.shape[1]
+
+
+def _matmul_flops(node: Node, ins: Specs, outs: Specs) -> int:
+    a = ins[0]
+    return 2 * outs[0].numel * a.shape[-1]
+
+
+def _sdpa_flops(node: Node, ins: Specs, outs: Specs) -> int:
+    q, k = ins[0], ins[1]
+    b_h = math.prod(q.shape[:-2])
+    s, d, t = q.shape[-2], q.shape[-1], k.shape[-2]
+    e = ins[2].shape[-1]
+    return 2 * b_h * s * t * d + 2 * b_h * s * t * e + 5 * b_h * s * t
+
+
+def _conv_flops(node: Node, ins: Specs, outs: Specs) -> int:
+    w = ins[1]
+    return 2 * outs[0].numel * math.prod(w.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# annotations
+
+
+def _elementwise(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    out = outs[0]
+    labels = [Dim(f"d{i}") for i in range(out.rank)]
+    operands: list[Operand] = []
+    for s in ins:
+        off = out.rank - s.rank
+        operands.append(
+            tuple(
+                Dim("1") if s.shape[i] == 1 and out.shape[off + i] != 1 else labels[off + i]
+                for i in range(s.rank)
+            )
+        )
+    return OpDims(tuple(operands), tuple(tuple(labels) for _ in outs))
+
+
+def _identity(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    labels = tuple(Dim(f"d{i}") for i in range(outs[0].rank))
+    return OpDims((labels,) + tuple(_all_frozen(node, ins[1:], []).inputs), (labels,))
+
+
+def _static(text: str, partial: str = "sum") -> DimsFn:
+    parsed = parse_dimops(text, partial)
+
+    def dims(node: Node, ins: Specs, outs: Specs) -> OpDims:
+        return parsed
+
+    return dims
+
+
+def _linear(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    x = ins[0]
+    batch = tuple(Dim(f"b{i}") for i in range(x.rank - 1))
+    k = Dim("k", reduce=True)
+    n = Dim("n")
+    operands: list[Operand] = [batch + (k,), (n, k)]
+    if len(ins) > 2:
+        operands.append((n,))
+    return OpDims(tuple(operands), (batch + (n,),))
+
+
+def _addmm(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    bias = ins[0]
+    m, n, k = Dim("m"), Dim("n"), Dim("k", reduce=True)
+    bias_dims: Operand = (n,) if bias.rank == 1 else ((Dim("1") if bias.shape[0] == 1 else m), n)
+    return OpDims((bias_dims, (m, k), (k, n)), ((m, n),))
+
+
+def _matmul(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    a, b = ins[0], ins[1]
+    out = outs[0]
+    if a.rank < 2 or b.rank < 2:
+        return _all_frozen(node, ins, outs)
+    batch = [Dim(f"b{i}") for i in range(out.rank - 2)]
+    m, n, k = Dim("m"), Dim("n"), Dim("k", reduce=True)
+
+    def operand(s: TensorSpec, last2: tuple[Dim, Dim]) -> Operand:
+        off = len(batch) - (s.rank - 2)
+        lead = tuple(
+            Dim("1") if s.shape[i] == 1 and out.shape[off + i] != 1 else batch[off + i]
+            for i in range(s.rank - 2)
+        )
+        return lead + last2
+
+    return OpDims((operand(a, (m, k)), operand(b, (k, n))), (tuple(batch) + (m, n),))
+
+
+def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(src) or j >= len(dst):
+            raise ValueError(f"cannot match reshape {src} -> {dst}")
+        gi, gj = [i], [j]
+        pi, pj = src[i], dst[j]
+        i += 1
+        j += 1
+        while pi != pj:
+            if pi < pj:
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            else:
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    src, dst = ins[0].shape, outs[0].shape
+    labels = _Labels()
+    in_dims: list[Dim] = [Dim("1")] * len(src)
+    out_dims: list[Dim] = [Dim("1")] * len(dst)
+    try:
+        groups = _reshape_groups(src, dst)
+    except (ValueError, IndexError):
+        return _all_frozen(node, ins, outs)
+    for gi, gj in groups:
+        if not gi or not gj:
+            continue
+        lead = labels.fresh("g")
+        in_dims[gi[0]] = lead
+        out_dims[gj[0]] = lead
+        for i in gi[1:]:
+            in_dims[i] = labels.fresh("g", frozen=True)
+        for j in gj[1:]:
+            out_dims[j] = labels.fresh("g", frozen=True)
+    return OpDims((tuple(in_dims),), (tuple(out_dims),))
+
+
+def _transpose(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    rank = ins[0].rank
+    if node.op == "aten.t.default":
+        perm = list(range(rank))[::-1]
+    elif node.op == "aten.permute.default":
+        perm = [_norm_dim(int(d), rank) for d in _arg(node, 1, "dims")]  # type: ignore[union-attr]
+    else:
+        a, b = _norm_dim(int(_arg(node, 1, "dim0")), rank), _norm_dim(int(_arg(node, 2, "dim1")), rank)  # type: ignore[arg-type]
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+    labels = tuple(Dim(f"d{i}") for i in range(rank))
+    return OpDims((labels,), (tuple(labels[p] for p in perm),))
+
+
+def _unsqueeze(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    rank = outs[0].rank
+    d = _norm_dim(int(_arg(node, 1, "dim")), rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(ins[0].rank)]
+    out = labels[:d] + [Dim("1")] + labels[d:]
+    return OpDims((tuple(labels),), (tuple(out),))
+
+
+def _squeeze(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    return _reshape(node, ins, outs)
+
+
+def _expand(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    src, dst = ins[0], outs[0]
+    off = dst.rank - src.rank
+    out_dims = [
+        Dim(f"e{j}") for j in range(dst.rank)
+    ]  # new leading dims may be split: each rank expands locally
+    in_dims: list[Dim] = []
+    for i in range(src.rank):
+        if src.shape[i] == 1 and dst.shape[off + i] != 1:
+            in_dims.append(Dim("1"))
+        else:
+            in_dims.append(out_dims[off + i])
+    return OpDims((tuple(in_dims),), (tuple(out_dims),))
+
+
+def _one_frozen_dim(dim_index: int, dim_name: str) -> DimsFn:
+    """Shape-preserving op over one dimension it needs whole (softmax, cumsum, ...)."""
+
+    def dims(node: Node, ins: Specs, outs: Specs) -> OpDims:
+        rank = ins[0].rank
+        d = _norm_dim(int(_arg(node, dim_index, dim_name, -1)), rank)  # type: ignore[arg-type]
+        labels = tuple(Dim(f"d{i}", frozen=(i == d)) for i in range(rank))
+        return OpDims((labels,) + _all_frozen(node, ins[1:], []).inputs, tuple(labels for _ in outs))
+
+    return dims
+
+
+def _select(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    rank = ins[0].rank
+    d = _norm_dim(int(_arg(node, 1, "dim")), rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(rank)]
+    in_dims = list(labels)
+    in_dims[d] = Dim("sel", frozen=True)
+    return OpDims((tuple(in_dims),), (tuple(labels[:d] + labels[d + 1 :]),))
+
+
+def _slice(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    rank = ins[0].rank
+    d = _norm_dim(int(_arg(node, 1, "dim", 0)), rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(rank)]
+    in_dims, out_dims = list(labels), list(labels)
+    if ins[0].shape[d] != outs[0].shape[d]:
+        in_dims[d] = Dim("sl_in", frozen=True)
+        out_dims[d] = Dim("sl_out", frozen=True)
+    return OpDims((tuple(in_dims),), (tuple(out_dims),))
+
+
+def _cat(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    rank = outs[0].rank
+    d = _norm_dim(int(_arg(node, 1, "dim", 0)), rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(rank)]
+    operands = []
+    for k, s in enumerate(ins):
+        if s.rank != rank:  # legacy empty tensors in cat
+            operands.append(tuple(Dim(f"z{k}_{i}", frozen=True) for i in range(s.rank)))
+            continue
+        dims = list(labels)
+        dims[d] = Dim(f"c{k}", frozen=True)
+        operands.append(tuple(dims))
+    out = list(labels)
+    out[d] = Dim("cat", frozen=True)
+    return OpDims(tuple(operands), (tuple(out),))
+
+
+def _split(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    rank = ins[0].rank
+    d = _norm_dim(int(_arg(node, 2, "dim", 0)), rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(rank)]
+    in_dims = list(labels)
+    in_dims[d] = Dim("split_in", frozen=True)
+    out_ops = []
+    for k in range(len(outs)):
+        o = list(labels)
+        o[d] = Dim(f"split{k}", frozen=True)
+        out_ops.append(tuple(o))
+    return OpDims((tuple(in_dims),), tuple(out_ops))
+
+
+def _reduction(partial: str) -> DimsFn:
+    def dims(node: Node, ins: Specs, outs: Specs) -> OpDims:
+        x = ins[0]
+        dims_arg = _arg(node, 1, "dim", None)
+        if node.op.endswith(".default") and node.op not in ("aten.amax.default", "aten.amin.default"):
+            dims_arg = None  # sum.default / mean.default reduce everything
+        reduced = set(_dims_arg(dims_arg, x.rank))
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        in_dims, out_dims = [], []
+        for i in range(x.rank):
+            if i in reduced:
+                in_dims.append(Dim(f"r{i}", reduce=True))
+                if keepdim:
+                    out_dims.append(Dim("1"))
+            else:
+                in_dims.append(Dim(f"d{i}"))
+                out_dims.append(Dim(f"d{i}"))
+        return OpDims((tuple(in_dims),), (tuple(out_dims),), partial)
+
+    return dims
+
+
+def _layer_norm(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    x = ins[0]
+    normalized = len(_arg(node, 1, "normalized_shape"))  # type: ignore[arg-type]
+    lead = tuple(Dim(f"d{i}") for i in range(x.rank - normalized))
+    tail = tuple(Dim(f"n{i}", frozen=True) for i in range(normalized))
+    operands: list[Operand] = [lead + tail] + [tail for _ in ins[1:]]
+    out_ops: list[Operand] = [lead + tail]
+    for o in outs[1:]:  # native_layer_norm's mean and rstd: [..., 1, ...]
+        out_ops.append(lead + tuple(Dim("1") for _ in range(o.rank - len(lead))))
+    return OpDims(tuple(operands), tuple(out_ops))
+
+
+def _batch_norm_eval(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    x = ins[0]
+    b, c = Dim("b"), Dim("c")
+    spatial = tuple(Dim(f"s{i}") for i in range(x.rank - 2))
+    operands: list[Operand] = [(b, c) + spatial] + [(c,) if s.rank == 1 else () for s in ins[1:]]
+    out_ops: list[Operand] = [(b, c) + spatial] + [
+        tuple(Dim(f"o{k}_{i}", frozen=True) for i in range(o.rank)) for k, o in enumerate(outs[1:])
+    ]
+    return OpDims(tuple(operands), tuple(out_ops))
+
+
+def _batch_norm_train(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    x = ins[0]
+    b, c = Dim("b", frozen=True), Dim("c")
+    spatial = tuple(Dim(f"s{i}", frozen=True) for i in range(x.rank - 2))
+    operands: list[Operand] = [(b, c) + spatial] + [(c,) if s.rank == 1 else () for s in ins[1:]]
+    out_ops: list[Operand] = [(b, c) + spatial] + [
+        (c,)
+        if o.rank == 1 and o.shape[0] == x.shape[1]
+        else tuple(Dim(f"o{k}", frozen=True) for _ in range(o.rank))
+        for k, o in enumerate(outs[1:])
+    ]
+    return OpDims(tuple(operands), tuple(out_ops))
+
+
+def _embedding(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    ids = ins[1]
+    lead = tuple(Dim(f"b{i}") for i in range(ids.rank))
+    h = Dim("h")
+    return OpDims(((Dim("V", frozen=True), h), lead), (lead + (h,),))
+
+
+def _sdpa(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    q, k, v = ins[0], ins[1], ins[2]
+    lead = [Dim(f"b{i}") for i in range(q.rank - 2)]
+    if k.shape[:-2] != q.shape[:-2]:  # grouped-query attention: heads map many-to-one
+        lead = [Dim(f"b{i}", frozen=True) for i in range(q.rank - 2)]
+    causal = bool(_arg(node, 5, "is_causal", False))
+    s = Dim("s", frozen=causal)
+    d, t, e = Dim("d", frozen=True), Dim("t", frozen=True), Dim("e")
+
+    def lead_of(x: TensorSpec) -> tuple[Dim, ...]:
+        if x.shape[:-2] == q.shape[:-2]:
+            return tuple(lead)
+        return tuple(Dim(f"g{i}", frozen=True) for i in range(x.rank - 2))
+
+    operands: list[Operand] = [tuple(lead) + (s, d), lead_of(k) + (t, d), lead_of(v) + (t, e)]
+    if len(ins) > 3:  # attention mask, broadcast to [..., s, t]
+        mask = ins[3]
+        full = list(lead) + [s, t]
+        off = len(full) - mask.rank
+        ref = tuple(q.shape[:-2]) + (q.shape[-2], k.shape[-2])
+        operands.append(
+            tuple(
+                Dim("1") if mask.shape[i] == 1 and ref[off + i] != 1 else full[off + i]
+                for i in range(mask.rank)
+            )
+        )
+    return OpDims(tuple(operands), (tuple(lead) + (s, e),))
+
+
+def _conv(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    groups = int(_arg(node, 6, "groups", 1))  # type: ignore[arg-type]
+    x = ins[0]
+    spatial_in = tuple(Dim(f"i{i}", frozen=True) for i in range(x.rank - 2))
+    spatial_k = tuple(Dim(f"k{i}", frozen=True) for i in range(x.rank - 2))
+    spatial_out = tuple(Dim(f"o{i}", frozen=True) for i in range(x.rank - 2))
+    b = Dim("b")
+    if groups != 1:
+        c = Dim("c", frozen=True)
+        o = Dim("oc", frozen=True)
+    else:
+        c = Dim("c", reduce=True)
+        o = Dim("oc")
+    operands: list[Operand] = [(b, c) + spatial_in, (o, c) + spatial_k]
+    if len(ins) > 2:
+        operands.append((o,))
+    return OpDims(tuple(operands), ((b, o) + spatial_out,))
+
+
+def _pool(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    x = ins[0]
+    lead = tuple(Dim(f"d{i}") for i in range(x.rank - 2))
+    sp_in = tuple(Dim(f"i{i}", frozen=True) for i in range(2))
+    out_ops = tuple(lead + tuple(Dim(f"o{k}{i}", frozen=True) for i in range(2)) for k in range(len(outs)))
+    return OpDims((lead + sp_in,), out_ops)
+
+
+def _creation(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    return _all_frozen(node, ins, outs)
+
+
+def _getitem(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    # handled by the passes directly (it selects one output of a tuple-valued node)
+    labels = tuple(Dim(f"d{i}") for i in range(outs[0].rank)) if outs else ()
+    return OpDims((labels,), (labels,))
+
+
+def _where(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    return _elementwise(node, ins, outs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the table
+
+_UNARY = [
+    "abs", "neg", "exp", "log", "log1p", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "relu", "gelu", "silu",
+    "erf", "reciprocal", "logical_not", "bitwise_not", "sign", "floor", "ceil", "round", "hardtanh", "leaky_relu",
+    "elu", "softplus", "mish", "hardswish", "hardsigmoid", "relu6", "isnan", "isinf", "square",
+]  # fmt: skip
+_BINARY = [
+    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+    "__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "logical_and", "logical_or", "remainder",
+    "fmod", "atan2", "rsub", "floor_divide",
+]  # fmt: skip
+_OVERLOADS = ["default", "Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor", "Tensor_mode"]
+
+for name in _UNARY:
+    _register([f"aten.{name}.default", f"aten.{name}_.default"], "elementwise", _elementwise, _per_output)
+for name in _BINARY:
+    _register([f"aten.{name}.{o}" for o in _OVERLOADS], "elementwise", _elementwise, _per_output)
+_register(["aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar"],
+          "elementwise", _where, _per_output)  # fmt: skip
+_register(["aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.clamp.default", "aten.clamp.Tensor",
+           "aten.clamp_min.default", "aten.clamp_max.default", "aten.lerp.Scalar", "aten.addcmul.default",
+           "aten.addcdiv.default", "aten.gelu_backward.default", "aten.threshold.default"],
+          "elementwise", _elementwise, _per_output)  # fmt: skip
+_register(["aten.dropout.default", "aten.native_dropout.default", "aten.alpha_dropout.default",
+           "aten.feature_dropout.default"], "elementwise", _identity, _per_output)  # fmt: skip
+_register(["aten.clone.default", "aten.contiguous.default", "aten.to.dtype", "aten.to.dtype_layout",
+           "aten._to_copy.default", "aten.to.device", "aten.type_as.default", "aten.lift_fresh_copy.default"],
+          "elementwise", _identity, _per_output)  # fmt: skip
+_register(
+    ["aten.alias.default", "aten.detach.default", "aten.view_as.default"], "view", _identity, _zero, False
+)
+
+_register("aten.linear.default", "matmul", _linear, _linear_flops)
+_register("aten.addmm.default", "matmul", _addmm, _addmm_flops)
+_register(["aten.mm.default", "aten.bmm.default", "aten.matmul.default"], "matmul", _matmul, _matmul_flops)
+_register(["aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints",
+           "aten.unflatten.int", "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default"],
+          "view", _reshape, _zero, False)  # fmt: skip
+_register(["aten.transpose.int", "aten.permute.default", "aten.t.default"], "view", _transpose, _zero, False)
+_register("aten.unsqueeze.default", "view", _unsqueeze, _zero, False)
+_register(["aten.expand.default", "aten.expand_as.default"], "view", _expand, _zero, False)
+_register("aten.select.int", "view", _select, _zero, False)
+_register("aten.slice.Tensor", "view", _slice, _zero, False)
+_register(["aten.cat.default", "aten.concat.default"], "index", _cat, _per_output)
+_register(
+    ["aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default"], "view", _split, _zero, False
+)
+_register(["aten.sum.dim_IntList", "aten.sum.default"], "reduction", _reduction("sum"), _per_input)
+_register(["aten.mean.dim", "aten.mean.default"], "reduction", _reduction("avg"), _per_input)
+_register(["aten.amax.default", "aten.max.default"], "reduction", _reduction("max"), _per_input)
+_register(["aten.softmax.int", "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default",
+           "aten.cumsum.default"], "softmax", _one_frozen_dim(1, "dim"), _per_input_x5)  # fmt: skip
+_register(["aten.layer_norm.default", "aten.native_layer_norm.default", "aten.rms_norm.default"],
+          "norm", _layer_norm, _per_input_x5)  # fmt: skip
+_register(["aten._native_batch_norm_legit_no_training.default", "aten.batch_norm.default"], "norm",
+          _batch_norm_eval, _per_input_x5)  # fmt: skip
+_register(["aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.default"], "norm",
+          _batch_norm_train, _per_input_x5)  # fmt: skip
+_register("aten.embedding.default", "embedding", _embedding, _zero)
+_register("aten.scaled_dot_product_attention.default", "attention", _sdpa, _sdpa_flops)
+_register(
+    ["aten.conv2d.default", "aten.conv1d.default", "aten.convolution.default"], "conv", _conv, _conv_flops
+)
+_register(["aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.adaptive_avg_pool2d.default",
+           "aten.max_pool2d_with_indices.default", "aten._adaptive_avg_pool2d.default"],
+          "pool", _pool, _per_input)  # fmt: skip
+_register(["aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.full.default",
+           "aten.zeros.default", "aten.ones.default", "aten.empty.memory_format", "aten.new_ones.default",
+           "aten.new_zeros.default", "aten.new_full.default", "aten.new_empty.default", "aten.scalar_tensor.default",
+           "aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.empty_like.default",
+           "aten.tril.default", "aten.triu.default"],
+          "creation", _creation, _zero)  # fmt: skip
+_register(["aten.index.Tensor", "aten.gather.default", "aten.index_select.default", "aten.diff.default",
+           "aten.repeat.default", "aten.stack.default", "aten.flip.default", "aten.roll.default",
+           "aten.argmax.default", "aten.topk.default", "aten.sort.default", "aten.var.correction",
+           "aten.var_mean.correction", "aten.std.correction", "aten.max.dim", "aten.min.dim",
+           "aten.pad.default", "aten.constant_pad_nd.default", "aten.any.dim", "aten.all.dim", "aten.prod.dim_int"],
+          "index", _all_frozen, _per_output)  # fmt: skip
+_register(["aten.cross_entropy_loss.default", "aten.nll_loss_forward.default", "aten.nll_loss.default",
+           "aten.mse_loss.default", "aten.l1_loss.default", "aten.smooth_l1_loss.default",
+           "aten.binary_cross_entropy_with_logits.default"], "loss", _all_frozen, _per_input_x5)  # fmt: skip
+_register("getitem", "getitem", _getitem, _zero, False)
+_register(["sym_size", "sym_numel", "scalar_op"], "scalar", _all_frozen, _zero, False)
+
+SCALAR_OPERATORS: dict[str, Callable[..., object]] = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "floordiv": operator.floordiv,
+    "truediv": operator.truediv,
+    "mod": operator.mod,
+    "neg": operator.neg,
+    "pow": operator.pow,
+}
+
+
+def is_scalar_spec_list(specs: Sequence[object]) -> bool:
+    return all(isinstance(s, ScalarSpec) for s in specs)
