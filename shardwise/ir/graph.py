@@ -135,6 +135,7 @@ class Graph:
     params: tuple[Parameter, ...]
     nodes: tuple[Node, ...]
     outputs: tuple[Arg, ...]
+    buffer_updates: tuple[tuple[str, Value], ...] = ()  # (state_dict key, new value): e.g. BatchNorm statistics
     model_name: str = ""
     meta_device: bool = False  # traced from a model on the meta device: no weights exist
     _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False, hash=False)

@@ -1,0 +1,352 @@
+"""torch.export (non-strict) → ATen graph → :class:`shardwise.ir.Graph`.
+
+Guarantees: every op node carries its output specs, FLOPs, bytes moved, the nn.Module path and the
+source line it came from; parameters, buffers and lifted constants are keyed by their state_dict names
+(tied weights listed as aliases); ops that assert metadata are dropped (they check nothing at run time).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from shardwise.errors import TraceError, UnsupportedOpError
+from shardwise.ir.graph import Arg, Const, DynamicDim, Graph, GraphInput, Node, Parameter, Value
+from shardwise.ir.registry import SCALAR_OPERATORS, op_flops, rule_for, tensor_operands
+from shardwise.ir.tensor import ScalarSpec, TensorSpec, ValueSpec
+
+__all__ = ["trace", "export_program", "lower_program", "LossWrapper"]
+
+_DROPPED = {
+    "aten._assert_tensor_metadata.default",
+    "aten._assert_scalar.default",
+    "aten.sym_constrain_range_for_size.default",
+    "aten.sym_constrain_range.default",
+    "aten._assert_async.msg",
+}
+_RANDOM_OPS = ("rand", "randn", "randint", "bernoulli", "normal", "uniform", "multinomial", "native_dropout")
+
+
+class LossWrapper(torch.nn.Module):
+    """``loss_fn(model(*inputs))`` as one module, so the loss is traced (and planned) with the model."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.loss_fn(self.model(*args, **kwargs))
+
+
+def export_program(
+    model: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> ExportedProgram:
+    """torch.export.export(strict=False), then decompose higher-order ops away (keeping ATen ops as is)."""
+    try:
+        ep = torch.export.export(
+            model,
+            tuple(example_inputs),
+            kwargs=example_kwargs or None,
+            dynamic_shapes=dynamic_shapes,
+            strict=False,
+        )
+        return ep.run_decompositions({})
+    except Exception as exc:  # torch raises many kinds; the user needs the cause and what to try
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__} with the example inputs: {type(exc).__name__}: "
+            f"{first}\nCheck that the example inputs match the model's forward() (types, shapes, dtypes), and "
+            "that data-dependent Python control flow does not depend on tensor values."
+        ) from exc
+
+
+def _source_line(stack_trace: str | None) -> str:
+    """The innermost frame as ``package/relative/path.py:LINE`` (no absolute paths)."""
+    if not stack_trace:
+        return ""
+    frames = [line.strip() for line in stack_trace.splitlines() if line.strip().startswith('File "')]
+    if not frames:
+        return ""
+    # The innermost frame outside torch itself: the model's own line, not nn.Linear's forward.
+    outside_torch = [f for f in frames if "/torch/" not in f.split('"')[1]]
+    last = (outside_torch or frames)[-1]
+    try:
+        path = last.split('"')[1]
+        lineno = last.split("line ")[1].split(",")[0]
+    except IndexError:
+        return ""
+    return f"{_relative_path(path)}:{lineno}"
+
+
+def _relative_path(path: str) -> str:
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    cwd = os.getcwd()
+    if path.startswith(cwd + os.sep):
+        return os.path.relpath(path, cwd)
+    return os.path.basename(path)
+
+
+def _size_hint(s: Any) -> int:
+    if isinstance(s, int):
+        return s
+    try:
+        return int(s.node.hint) if s.node.hint is not None else int(s)
+    except Exception:  # an unbacked symbol has no hint
+        return int(s.node.shape_env.size_hint(s.node.expr))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _spec_of(val: Any) -> ValueSpec:
+    if isinstance(val, torch.Tensor):
+        return TensorSpec(tuple(_size_hint(s) for s in val.shape), _dtype_name(val.dtype))
+    if isinstance(val, torch.SymInt | int):
+        return ScalarSpec("int")
+    if isinstance(val, torch.SymFloat | float):
+        return ScalarSpec("float")
+    if isinstance(val, torch.SymBool | bool):
+        return ScalarSpec("bool")
+    raise TypeError(f"unsupported value {type(val).__name__}")
+
+
+def _convert_arg(a: Any, where: str) -> Arg:
+    if isinstance(a, torch.fx.Node):
+        return Value(a.name)
+    if a is None or isinstance(a, bool | int | float | str):
+        return a
+    if isinstance(a, list | tuple | torch.fx.immutable_collections.immutable_list):
+        return tuple(_convert_arg(x, where) for x in a)
+    if isinstance(a, torch.dtype):
+        return Const("dtype", _dtype_name(a))
+    if isinstance(a, torch.device):
+        return Const("device", a.type)
+    if isinstance(a, torch.layout):
+        return Const("layout", str(a).removeprefix("torch."))
+    if isinstance(a, torch.memory_format):
+        return Const("memory_format", str(a).removeprefix("torch."))
+    raise UnsupportedOpError(f"{where}: an argument of type {type(a).__name__} ({a!r}) cannot be represented")
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        name = f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+        if name in ("aten.sym_size.int",):
+            return "sym_size"
+        if name in ("aten.sym_numel.default",):
+            return "sym_numel"
+        return name
+    if getattr(target, "__module__", "") in ("_operator", "operator") and target.__name__ in SCALAR_OPERATORS:
+        return "scalar_op"
+    return str(getattr(target, "__name__", target))
+
+
+def _module_info(node: torch.fx.Node, strip_prefix: str) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, kind = list(stack.values())[-1]
+    path = str(path)
+    if path.startswith("L['self']."):
+        path = path[len("L['self'].") :]
+    if strip_prefix and (path == strip_prefix.rstrip(".") or path.startswith(strip_prefix)):
+        path = path[len(strip_prefix) :]
+    kind_name = kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1]
+    return path, kind_name
+
+
+def _check_supported(op: str, where: str) -> None:
+    if not op.startswith("aten.") and op not in ("getitem", "sym_size", "sym_numel", "scalar_op"):
+        raise UnsupportedOpError(
+            f"{where}: op {op!r} is not an ATen op; the generated code must run with torch alone. "
+            "Replace the custom op with ATen-level PyTorch code, or register a rule for it."
+        )
+    base = op.split(".")[1] if op.startswith("aten.") else op
+    if rule_for(op) is None and any(base == r or base.startswith(r + "_") for r in _RANDOM_OPS):
+        raise UnsupportedOpError(
+            f"{where}: op {op!r} draws random numbers; shardwise cannot yet make it agree across ranks. "
+            "Disable it for planning (e.g. dropout p=0 or model.eval())."
+        )
+    if base.endswith("_") and not base.startswith("_"):
+        raise UnsupportedOpError(
+            f"{where}: op {op!r} mutates its input in place, which shardwise cannot shard."
+        )
+
+
+def lower_program(
+    ep: ExportedProgram,
+    model: torch.nn.Module,
+    *,
+    model_name: str = "",
+    strip_prefix: str = "",
+    meta_device: bool = False,
+) -> Graph:
+    """Lower an ExportedProgram into a shardwise Graph (see the module docstring for the guarantees)."""
+    sig = ep.graph_signature
+    input_kinds = {spec.arg.name: spec for spec in sig.input_specs if hasattr(spec.arg, "name")}
+    aliases = _tensor_aliases(model, strip_prefix)
+    specs: dict[str, ValueSpec] = {}
+    inputs: list[GraphInput] = []
+    params: list[Parameter] = []
+    nodes: list[Node] = []
+    outputs: list[Arg] = []
+    buffer_updates: list[tuple[str, Value]] = []
+    for fx_node in ep.graph.nodes:
+        if fx_node.op == "placeholder":
+            spec = _spec_of(fx_node.meta["val"])
+            specs[fx_node.name] = spec
+            info = input_kinds.get(fx_node.name)
+            if info is None or info.kind == InputKind.USER_INPUT:
+                inputs.append(GraphInput(fx_node.name, spec, _dynamic_dims(fx_node.meta["val"])))
+                continue
+            assert isinstance(spec, TensorSpec)
+            key = str(info.target).removeprefix(strip_prefix)
+            kind = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}.get(info.kind, "constant")
+            params.append(
+                Parameter(
+                    name=fx_node.name,
+                    key=key,
+                    spec=spec,
+                    kind=kind,
+                    requires_grad=kind == "parameter",
+                    aliases=tuple(a for a in aliases.get(key, ()) if a != key),
+                    persistent=bool(info.persistent) if kind == "buffer" else kind == "parameter",
+                )
+            )
+        elif fx_node.op == "call_function":
+            op = _op_name(fx_node)
+            if op in _DROPPED:
+                continue
+            module_path, module_type = _module_info(fx_node, strip_prefix)
+            source = _source_line(fx_node.meta.get("stack_trace"))
+            where = f"{source or 'unknown line'} (module {module_path or '<root>'})"
+            _check_supported(op, where)
+            args = tuple(_convert_arg(a, where) for a in fx_node.args)
+            kwargs = tuple((k, _convert_arg(v, where)) for k, v in fx_node.kwargs.items())
+            if op == "scalar_op":
+                args = (fx_node.target.__name__,) + args  # type: ignore[union-attr]
+            val = fx_node.meta.get("val")
+            tuple_output = isinstance(val, list | tuple)
+            outs = tuple(_spec_of(v) for v in val) if tuple_output else (_spec_of(val),)
+            node = Node(
+                name=fx_node.name,
+                op=op,
+                args=args,
+                kwargs=kwargs,
+                outputs=outs,
+                module_path=module_path,
+                module_type=module_type,
+                source=source,
+                tuple_output=tuple_output,
+            )
+            in_specs = [specs[n] for n in tensor_operands(node) if n in specs]
+            flops = op_flops(node, in_specs) if op not in ("getitem", "sym_size", "scalar_op") else 0
+            rule = rule_for(op)
+            moves = rule is None or rule.moves_data
+            nbytes = (sum(s.nbytes for s in in_specs) + sum(o.nbytes for o in outs)) if moves else 0
+            node = node.replace(flops=flops, bytes_moved=nbytes)
+            nodes.append(node)
+            if tuple_output:
+                specs[fx_node.name] = ScalarSpec("tuple")
+            else:
+                specs[fx_node.name] = outs[0]
+        elif fx_node.op == "output":
+            flat = fx_node.args[0]
+            for out_spec, arg in zip(sig.output_specs, flat, strict=True):
+                if out_spec.kind == OutputKind.USER_OUTPUT:
+                    outputs.append(_convert_arg(arg, "output"))
+                elif out_spec.kind == OutputKind.BUFFER_MUTATION:
+                    buffer_updates.append((str(out_spec.target).removeprefix(strip_prefix), Value(arg.name)))
+                else:
+                    raise UnsupportedOpError(f"the model's graph has an output of kind {out_spec.kind.name}")
+    return Graph(
+        inputs=tuple(inputs),
+        params=tuple(params),
+        nodes=tuple(nodes),
+        outputs=tuple(outputs),
+        buffer_updates=tuple(buffer_updates),
+        model_name=model_name,
+        meta_device=meta_device,
+    )
+
+
+def _dynamic_dims(val: Any) -> tuple[DynamicDim, ...]:
+    if not isinstance(val, torch.Tensor):
+        return ()
+    out = []
+    for i, s in enumerate(val.shape):
+        if isinstance(s, torch.SymInt) and not isinstance(s.node.expr, int) and s.node.expr.free_symbols:
+            shape_env = s.node.shape_env
+            expr = s.node.expr
+            rng = shape_env.var_to_range.get(expr) if hasattr(shape_env, "var_to_range") else None
+            lo = int(rng.lower) if rng is not None else 0
+            hi_raw = rng.upper if rng is not None else None
+            try:
+                hi = int(hi_raw) if hi_raw is not None else 2**31 - 1
+            except (TypeError, ValueError, OverflowError):
+                hi = 2**31 - 1
+            out.append(DynamicDim(i, str(expr), lo, min(hi, 2**31 - 1)))
+    return tuple(out)
+
+
+def _tensor_aliases(model: torch.nn.Module, strip_prefix: str) -> dict[str, tuple[str, ...]]:
+    """state_dict key -> every key bound to the same tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
+        by_id.setdefault(id(t), []).append(name.removeprefix(strip_prefix))
+    out: dict[str, tuple[str, ...]] = {}
+    for names in by_id.values():
+        for n in names:
+            out[n] = tuple(names)
+    return out
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    model_name: str | None = None,
+) -> tuple[Graph, Any]:
+    """Trace ``model`` (or ``loss_fn(model(...))`` when a loss is given) into a Graph.
+
+    Returns the graph and the output TreeSpec, to give results the structure of the model's own output.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple | list):
+        raise TraceError("example_inputs must be a tuple of the model's positional inputs, e.g. (input_ids,)")
+    meta = any(p.is_meta for p in model.parameters())
+    target: torch.nn.Module = model
+    prefix = ""
+    if loss_fn is not None:
+        target = LossWrapper(model, loss_fn)
+        prefix = "model."
+        if dynamic_shapes is not None and isinstance(dynamic_shapes, dict):
+            dynamic_shapes = {"args": tuple(dynamic_shapes.values())}
+    ep = export_program(target, tuple(example_inputs), example_kwargs, dynamic_shapes)
+    graph = lower_program(
+        ep, target, model_name=model_name or type(model).__name__, strip_prefix=prefix, meta_device=meta
+    )
+    return graph, ep.call_spec.out_spec
