@@ -1,0 +1,287 @@
+"""ClusterSpec <-> plain dict / YAML, with strict validation of what a user wrote.
+
+The dict form (also the YAML file) is::
+
+    name: dgx-a100x2
+    num_nodes: 2
+    devices_per_node: 8
+    world_size: 16              # optional; if present must equal num_nodes * devices_per_node
+    device: {kind: A100-SXM4-80GB, peak_flops: {float32: 19.5TFLOPS, ...}, memory_bytes: 80GiB,
+             memory_bandwidth: 2039GB/s}
+    host_memory_bytes: 2TiB
+    host_link_bandwidth: 31.5GB/s
+    links:    [{src: g0, dst: g1, bandwidth: 45GB/s, latency: 0.3us, kind: nvlink}, ...]   # optional
+    switches: [{name: n0.nvswitch, kind: nvswitch, port_bandwidth: 300GB/s, latency: 0.7us,
+                members: [g0, ..., g7]}, ...]                                             # optional
+    nics:     [{name: n0.nic0, node: 0, devices: [0], bandwidth: 200Gb/s, latency: 2.6us}, ...]  # optional
+
+Numbers may carry units (see ``units``); plain numbers are base units. Unknown keys, wrong types, bad
+values and contradictions raise ClusterSpecError naming the field (``links[3].bandwidth``), the value and
+what is allowed. ``spec_to_dict`` writes plain numbers only, so ``from_dict(to_dict(s)) == s`` exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shardwise.cluster import units
+from shardwise.cluster.checks import (
+    DTYPES,
+    check_nonnegative,
+    check_positive,
+    fail,
+    normalize_dtype,
+    prefixed,
+)
+from shardwise.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NicSpec, SwitchSpec
+from shardwise.errors import ClusterSpecError
+
+__all__ = ["spec_to_dict", "spec_from_dict", "write_yaml", "read_yaml"]
+
+_TOP_REQUIRED = ("name", "num_nodes", "devices_per_node", "device", "host_memory_bytes", "host_link_bandwidth")
+_TOP_OPTIONAL = ("world_size", "links", "switches", "nics")
+_DEVICE_KEYS = ("kind", "peak_flops", "memory_bytes", "memory_bandwidth")
+_LINK_KEYS = ("src", "dst", "bandwidth", "latency", "kind")
+_SWITCH_KEYS = ("name", "kind", "port_bandwidth", "latency", "members")
+_NIC_KEYS = ("name", "node", "devices", "bandwidth", "latency")
+
+
+# ----- to dict ---------------------------------------------------------------------------------------
+
+
+def spec_to_dict(spec: ClusterSpec) -> dict[str, Any]:
+    """Plain-data form of ``spec`` (numbers in base units), suitable for YAML/JSON and fingerprints."""
+    dev = spec.device
+    return {
+        "name": spec.name,
+        "num_nodes": spec.num_nodes,
+        "devices_per_node": spec.devices_per_node,
+        "world_size": spec.world_size,
+        "device": {
+            "kind": dev.kind,
+            "peak_flops": {dtype: float(v) for dtype, v in dev.peak_flops},
+            "memory_bytes": dev.memory_bytes,
+            "memory_bandwidth": float(dev.memory_bandwidth),
+        },
+        "host_memory_bytes": spec.host_memory_bytes,
+        "host_link_bandwidth": float(spec.host_link_bandwidth),
+        "links": [
+            {
+                "src": link.src,
+                "dst": link.dst,
+                "bandwidth": float(link.bandwidth),
+                "latency": float(link.latency),
+                "kind": link.kind,
+            }
+            for link in spec.links
+        ],
+        "switches": [
+            {
+                "name": sw.name,
+                "kind": sw.kind,
+                "port_bandwidth": float(sw.port_bandwidth),
+                "latency": float(sw.latency),
+                "members": list(sw.members),
+            }
+            for sw in spec.switches
+        ],
+        "nics": [
+            {
+                "name": nic.name,
+                "node": nic.node,
+                "devices": list(nic.devices),
+                "bandwidth": float(nic.bandwidth),
+                "latency": float(nic.latency),
+            }
+            for nic in spec.nics
+        ],
+    }
+
+
+# ----- from dict -------------------------------------------------------------------------------------
+
+
+def _keys(where: str, d: object, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> Mapping:
+    if not isinstance(d, Mapping):
+        raise fail(where or "cluster spec", d, "must be a mapping with keys " + ", ".join(required + optional))
+    allowed = required + optional
+    dot = f"{where}." if where else ""
+    for key in d:
+        if key not in allowed:
+            raise ClusterSpecError(
+                f"{dot}{key}: unknown key is not allowed: allowed keys are {', '.join(allowed)}"
+            )
+    for key in required:
+        if key not in d:
+            raise ClusterSpecError(f"{dot}{key}: missing: add it (required keys: {', '.join(required)})")
+    return d
+
+
+def _quantity(field: str, raw: object, parse: Callable[[object], float], unit: str, *, zero_ok: bool) -> float:
+    try:
+        value = parse(raw)
+    except ValueError as err:
+        raise fail(field, raw, str(err)) from None
+    check = check_nonnegative if zero_ok else check_positive
+    return check(field, value, unit, shown=raw)
+
+
+def _int(field: str, raw: object, *, minimum: int, what: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
+        raise fail(field, raw, f"must be {what}")
+    return raw
+
+
+def _byte_count(field: str, raw: object) -> int:
+    value = _quantity(field, raw, units.parse_bytes, "bytes", zero_ok=False)
+    if value != int(value):
+        raise fail(field, raw, "must be a whole number of bytes")
+    return int(value)
+
+
+def _str(field: str, raw: object) -> str:
+    if not isinstance(raw, str):
+        raise fail(field, raw, "must be a string")
+    return raw
+
+
+def _list(field: str, raw: object) -> list[Any]:
+    if not isinstance(raw, list):
+        raise fail(field, raw, "must be a list")
+    return raw
+
+
+def _device(raw: object) -> DeviceSpec:
+    d = _keys("device", raw, _DEVICE_KEYS)
+    flops_raw = d["peak_flops"]
+    if not isinstance(flops_raw, Mapping) or not flops_raw:
+        raise fail("device.peak_flops", flops_raw, "must be a mapping of dtype name to FLOP/s")
+    flops: dict[str, float] = {}
+    for key, value in flops_raw.items():
+        dtype = normalize_dtype(key) if isinstance(key, str) else None
+        if dtype is None:
+            raise ClusterSpecError(
+                f"device.peak_flops.{key}: unknown dtype is not allowed: use one of {', '.join(DTYPES)}"
+            )
+        if dtype in flops:
+            raise fail(f"device.peak_flops.{key}", key, f"repeats dtype {dtype}")
+        flops[dtype] = _quantity(f"device.peak_flops.{key}", value, units.parse_flops, "FLOP/s", zero_ok=False)
+    with prefixed("device"):
+        return DeviceSpec(
+            kind=_str("kind", d["kind"]),
+            peak_flops=tuple(flops.items()),
+            memory_bytes=_byte_count("memory_bytes", d["memory_bytes"]),
+            memory_bandwidth=_quantity(
+                "memory_bandwidth", d["memory_bandwidth"], units.parse_bandwidth, "bytes/s", zero_ok=False
+            ),
+        )
+
+
+def _link(i: int, raw: object) -> LinkSpec:
+    where = f"links[{i}]"
+    d = _keys(where, raw, _LINK_KEYS)
+    with prefixed(where):
+        return LinkSpec(
+            src=_str("src", d["src"]),
+            dst=_str("dst", d["dst"]),
+            bandwidth=_quantity("bandwidth", d["bandwidth"], units.parse_bandwidth, "bytes/s", zero_ok=False),
+            latency=_quantity("latency", d["latency"], units.parse_seconds, "seconds", zero_ok=True),
+            kind=_str("kind", d["kind"]),
+        )
+
+
+def _switch(i: int, raw: object) -> SwitchSpec:
+    where = f"switches[{i}]"
+    d = _keys(where, raw, _SWITCH_KEYS)
+    with prefixed(where):
+        members = _list("members", d["members"])
+        return SwitchSpec(
+            name=_str("name", d["name"]),
+            kind=_str("kind", d["kind"]),
+            port_bandwidth=_quantity(
+                "port_bandwidth", d["port_bandwidth"], units.parse_bandwidth, "bytes/s", zero_ok=False
+            ),
+            latency=_quantity("latency", d["latency"], units.parse_seconds, "seconds", zero_ok=True),
+            members=tuple(_str(f"members[{j}]", m) for j, m in enumerate(members)),
+        )
+
+
+def _nic(i: int, raw: object) -> NicSpec:
+    where = f"nics[{i}]"
+    d = _keys(where, raw, _NIC_KEYS)
+    with prefixed(where):
+        devices = _list("devices", d["devices"])
+        return NicSpec(
+            name=_str("name", d["name"]),
+            node=_int("node", d["node"], minimum=0, what="a node index (an integer >= 0)"),
+            devices=tuple(
+                _int(f"devices[{j}]", r, minimum=0, what="a global rank (an integer >= 0)")
+                for j, r in enumerate(devices)
+            ),
+            bandwidth=_quantity("bandwidth", d["bandwidth"], units.parse_bandwidth, "bytes/s", zero_ok=False),
+            latency=_quantity("latency", d["latency"], units.parse_seconds, "seconds", zero_ok=True),
+        )
+
+
+def spec_from_dict(raw: object) -> ClusterSpec:
+    """Validate and build a ClusterSpec from plain data; ClusterSpecError names the first bad field."""
+    d = _keys("", raw, _TOP_REQUIRED, _TOP_OPTIONAL)
+    num_nodes = _int("num_nodes", d["num_nodes"], minimum=1, what="a positive integer")
+    per_node = _int("devices_per_node", d["devices_per_node"], minimum=1, what="a positive integer")
+    if "world_size" in d:
+        world = _int("world_size", d["world_size"], minimum=1, what="a positive integer")
+        if world != num_nodes * per_node:
+            raise fail(
+                "world_size",
+                world,
+                f"contradicts num_nodes ({num_nodes}) x devices_per_node ({per_node}) = {num_nodes * per_node}",
+            )
+    return ClusterSpec(
+        name=_str("name", d["name"]),
+        num_nodes=num_nodes,
+        devices_per_node=per_node,
+        device=_device(d["device"]),
+        links=tuple(_link(i, x) for i, x in enumerate(_list("links", d.get("links", [])))),
+        switches=tuple(_switch(i, x) for i, x in enumerate(_list("switches", d.get("switches", [])))),
+        nics=tuple(_nic(i, x) for i, x in enumerate(_list("nics", d.get("nics", [])))),
+        host_memory_bytes=_byte_count("host_memory_bytes", d["host_memory_bytes"]),
+        host_link_bandwidth=_quantity(
+            "host_link_bandwidth", d["host_link_bandwidth"], units.parse_bandwidth, "bytes/s", zero_ok=False
+        ),
+    )
+
+
+# ----- YAML ------------------------------------------------------------------------------------------
+
+_HEADER = (
+    "# shardwise cluster spec. Units: bytes, bytes/s, seconds, FLOP/s (strings such as '25GB/s', '200Gb/s',\n"
+    "# '80GiB', '2.6us', '312TFLOPS' are accepted too). Devices are g<rank>, rank = node*devices_per_node+i.\n"
+)
+
+
+def write_yaml(spec: ClusterSpec, path: str | PathLike[str]) -> None:
+    """Write ``spec`` as YAML (plain numbers; ``read_yaml`` gives back an equal spec)."""
+    text = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, default_flow_style=None, width=110)
+    Path(path).write_text(_HEADER + text, encoding="utf-8")
+
+
+def read_yaml(path: str | PathLike[str]) -> ClusterSpec:
+    """Read and validate a cluster YAML file; ClusterSpecError names the file and the bad field."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ClusterSpecError(f"cannot read cluster file {str(p)!r}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ClusterSpecError(f"{p}: not valid YAML: {err}") from None
+    try:
+        return spec_from_dict(data)
+    except ClusterSpecError as err:
+        raise ClusterSpecError(f"{p}: {err}") from None
