@@ -1,0 +1,150 @@
+"""The execution plan: frozen data that says how every op and tensor is placed, what it costs, and why.
+
+A plan is JSON (never pickle): ``to_json()`` / ``from_json()`` with ``SCHEMA_VERSION``. Codegen reads
+only this; the CLI shows and explains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from shardwise.ir.graph import Graph
+from shardwise.ir.placement import DeviceMesh, ShardingSpec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "NodeStrategy",
+    "Redistribute",
+    "Prediction",
+    "RankMemory",
+    "Alternative",
+    "ExecutionPlan",
+]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Redistribute:
+    """Changing one value's placement before an op reads it (a collective, or a free local slice)."""
+
+    value: str
+    src: ShardingSpec
+    dst: ShardingSpec
+    collective: str  # "allgather" | "allreduce" | "reduce_scatter" | "alltoall" | "slice" | "to_partial" | "none"
+    axis: str  # mesh axis name
+    nbytes: int  # bytes of the full (unsharded) value
+    time_s: float = 0.0
+    algorithm: str = "library:ring"  # or "synth:<id>" when a synthesized schedule is faster
+
+
+@dataclass(frozen=True)
+class NodeStrategy:
+    """The placement an op runs with. ``inputs`` is one spec per tensor operand (argument order)."""
+
+    node: str
+    split: tuple[tuple[str, str], ...]  # (mesh axis, dimops label split on it); empty = run whole
+    inputs: tuple[ShardingSpec | None, ...]
+    outputs: tuple[ShardingSpec | None, ...]
+    redistributes: tuple[Redistribute, ...] = ()  # applied to the inputs before the op
+    grad_reduce: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (operand index, axes its gradient is partial over)
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    arena_bytes: int
+    lower_bound_bytes: int
+    capacity_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.arena_bytes
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+    memory_bytes: tuple[int, ...]  # per rank, peak
+    tflops_per_device: float = 0.0
+    mfu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A candidate the planner scored, with why it won or lost."""
+
+    degrees: tuple[tuple[str, int], ...]
+    step_time_s: float
+    memory_bytes: int
+    fits: bool
+    chosen: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    schema_version: int
+    model_name: str
+    model_fingerprint: str
+    cluster_name: str
+    cluster_fingerprint: str
+    mode: str  # "inference" | "train"
+    precision: str  # "fp32" | "bf16" | "fp16"
+    world_size: int
+    mesh: DeviceMesh
+    degrees_: tuple[tuple[str, int], ...]
+    graph: Graph
+    strategies: tuple[NodeStrategy, ...]
+    input_placements: tuple[ShardingSpec, ...]
+    param_placements: tuple[tuple[str, ShardingSpec], ...]  # (state_dict key, placement)
+    output_placements: tuple[ShardingSpec, ...]
+    param_grad_reduce: tuple[tuple[str, tuple[str, ...]], ...]  # (key, axes): gradients reduced after backward
+    predicted: Prediction
+    memory: tuple[RankMemory, ...]
+    replicated_ops: tuple[str, ...] = ()  # node names run whole because no rule splits them
+    alternatives: tuple[Alternative, ...] = ()
+    passes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    optimizer: str = ""  # a description of the optimizer factory, for the record
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return dict(self.degrees_)
+
+    def strategy(self, node: str) -> NodeStrategy:
+        for s in self.strategies:
+            if s.node == node:
+                return s
+        raise KeyError(f"no strategy for node {node!r}")
+
+    def replace(self, **changes: Any) -> ExecutionPlan:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        from shardwise.ir.serialize import plan_to_json
+
+        return plan_to_json(self, indent=indent)
+
+    @staticmethod
+    def from_json(text: str) -> ExecutionPlan:
+        from shardwise.ir.serialize import plan_from_json
+
+        return plan_from_json(text)
+
+    def summary(self) -> str:
+        from shardwise.ir.text import plan_summary
+
+        return plan_summary(self)
