@@ -1,0 +1,184 @@
+"""The loop a local worker process runs: rendezvous once, then load packages and call methods on request.
+
+Protocol (parent <-> worker, one duplex pipe, every message a pickled tuple sent with ``send_bytes``):
+the worker first sends ``(0, "ready", info)`` or ``(0, "err", info)``; then for each request
+``(op, seq, *payload)`` it answers exactly one ``(seq, "ok", value)`` or ``(seq, "err", info)`` with
+``info = {"error": "Type: message", "traceback": text}``. ``op`` is ``"load"``, ``"call"``, ``"probe"`` or
+``"close"``. Values are detached CPU tensors (or plain data); pickling is by value, never shared memory.
+
+This module must not import torch at import time: the thread budget has to be set in the environment
+before torch starts its thread pools.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+__all__ = ["WorkerConfig", "main", "stack_file"]
+
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs to join the pool; identical for every rank."""
+
+    world_size: int
+    backend: str
+    master_addr: str
+    master_port: int
+    pg_timeout_s: float
+    threads: int
+    stack_dir: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def stack_file(stack_dir: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` writes its Python stacks when it receives SIGUSR1."""
+    return Path(stack_dir) / f"rank{rank}.stack"
+
+
+def _error_info(exc: BaseException) -> dict[str, str]:
+    """Type, message and traceback text of ``exc``, without this module's own frames at the top."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return {
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+    }
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this worker if its parent disappears, even while the main thread is blocked in a collective."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(70)
+
+
+class _State:
+    def __init__(self, rank: int, config: WorkerConfig) -> None:
+        self.rank = rank
+        self.config = config
+        self.module: Any = None
+        self.package_name: str | None = None
+
+    def load(self, package_dir: str, module_name: str, init: str | None, init_kwargs: dict) -> None:
+        from shardwise.runtime.package import build_module, import_package, unload_package
+
+        self.module = None
+        if self.package_name is not None:
+            unload_package(self.package_name)
+            self.package_name = None
+        gc.collect()
+        package = import_package(package_dir, module_name)
+        self.package_name = module_name
+        self.module = build_module(package, self.rank, self.config.world_size)
+        if init is not None:
+            getattr(self.module, init)(**init_kwargs)
+
+    def call(self, method: str, args: tuple, kwargs: dict, want_result: bool) -> Any:
+        from shardwise.runtime.package import to_cpu_detached
+
+        if self.module is None:
+            raise RuntimeError("no package is loaded in this worker; call WorkerPool.load() first")
+        result = getattr(self.module, method)(*args, **kwargs)
+        return to_cpu_detached(result) if want_result else None
+
+    def probe(self, token: int) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        value = torch.tensor([1.0, float(token)], dtype=torch.float64, device=device)
+        dist.all_reduce(value)
+        expected = [float(self.config.world_size), float(token * self.config.world_size)]
+        got = value.cpu().tolist()
+        if got != expected:
+            raise RuntimeError(
+                f"probe all_reduce returned {got}, expected {expected}: collectives are out of step"
+            )
+        return True
+
+
+def main(rank: int, config: WorkerConfig, conn: Connection) -> None:
+    """Entry point of worker ``rank`` (a spawned process)."""
+    os.environ.update(config.env)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(config.threads)
+    # Ctrl-C reaches the whole foreground process group; the parent decides what to do with the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The fuzzer rewrites package directories in place; stale bytecode must never be picked up.
+    sys.dont_write_bytecode = True
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
+    stacks = open(stack_file(config.stack_dir, rank), "w")  # noqa: SIM115 - open for the process lifetime
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+
+    def send(message: tuple) -> None:
+        try:
+            data = pickle.dumps(message, protocol=_PICKLE)
+        except Exception as exc:  # an unpicklable result is the method's fault, report it as such
+            data = pickle.dumps((message[0], "err", _error_info(exc)), protocol=_PICKLE)
+        conn.send_bytes(data)
+
+    from shardwise.runtime.process_group import destroy_process_group, init_process_group, set_thread_budget
+
+    try:
+        set_thread_budget(config.threads)
+        backend = init_process_group(
+            rank,
+            config.world_size,
+            backend=config.backend,
+            master_addr=config.master_addr,
+            master_port=config.master_port,
+            timeout_s=config.pg_timeout_s,
+        )
+    except BaseException as exc:
+        send((0, "err", _error_info(exc)))
+        return
+    send((0, "ready", {"pid": os.getpid(), "main_thread": threading.main_thread().ident, "backend": backend}))
+
+    state = _State(rank, config)
+    try:
+        while True:
+            try:
+                request = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the parent went away
+                break
+            op, seq = request[0], request[1]
+            if op == "close":
+                destroy_process_group()
+                send((seq, "ok", None))
+                break
+            try:
+                if op == "load":
+                    value = state.load(*request[2:])
+                elif op == "call":
+                    method, args_blob, want_result = request[2:]
+                    args, kwargs = pickle.loads(args_blob)
+                    value = state.call(method, args, kwargs, want_result)
+                elif op == "probe":
+                    value = state.probe(*request[2:])
+                else:
+                    raise RuntimeError(f"unknown request {op!r}")
+                reply: tuple = (seq, "ok", value)
+            except BaseException as exc:  # SystemExit from generated code is a fault too, not an exit
+                reply = (seq, "err", _error_info(exc))
+            send(reply)
+    finally:
+        destroy_process_group()
+        stacks.close()
