@@ -330,7 +330,9 @@ def get_cluster(name_or_path: str | os.PathLike[str] | ClusterSpec) -> ClusterSp
     if match is not None:
         nodes = int(match.group(2)) if match.group(2) is not None else 1
         if not 1 <= nodes <= MAX_NODES:
-            raise ClusterSpecError(f"cluster {text!r}: {nodes} nodes is not allowed: N must be 1..{MAX_NODES}")
+            raise ClusterSpecError(
+                f"cluster {text!r}: {nodes} nodes is not allowed: N must be 1..{MAX_NODES}"
+            )
         return _MULTI_NODE[match.group(1)](nodes)
     match = _CPU.match(key)
     if match is not None:

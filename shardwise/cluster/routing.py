@@ -10,21 +10,24 @@ The cluster is a directed graph over endpoint names (devices ``g{rank}``, NICs, 
   leaving through it; the fabric switch adds its own latency (0 in the presets).
 
 A path's cost is (alpha, beta) = (sum of latencies, max of per-hop betas): a message is pipelined in chunks
-through relays, so the slowest hop sets the rate and every hop adds its latency. "Cheapest" is lexicographic:
-least beta first (bandwidth decides for the messages that matter), then least alpha, then fewest hops.
+through relays, so the slowest hop sets the rate and every hop adds its latency. "Cheapest" follows what a
+library's send/recv does: two devices with a direct connection (a link, or a switch they both belong to) use
+the best such connection, as NCCL's P2P transport does over NVLink/NVSwitch even when a relay would be
+faster; otherwise the route is the least beta, then least alpha, then fewest hops over the whole graph
+(relaying through other GPUs where the topology needs it, as TACCL routes; across nodes through NICs).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from shardwise.cluster.spec import ClusterSpec
+    from shardwise.cluster.spec import ClusterSpec, LinkSpec, SwitchSpec
 
-__all__ = ["Route", "Graph", "build_graph", "routes_from", "reachable"]
+__all__ = ["Route", "Graph", "build_graph", "routes_from", "direct_route", "reachable"]
 
 #: adjacency: endpoint -> list of (neighbour, alpha seconds, beta seconds/byte)
 Graph = Mapping[str, tuple[tuple[str, float, float], ...]]
@@ -87,7 +90,11 @@ def _dijkstra(graph: Graph, src: str, max_beta: float) -> dict[str, tuple[float,
 
 
 def routes_from(graph: Graph, src: str) -> dict[str, Route]:
-    """Cheapest route from ``src`` to every endpoint it can reach (lexicographic beta, alpha, hops)."""
+    """Least-(beta, alpha, hops) route from ``src`` to every endpoint it can reach, relays allowed.
+
+    Exact: for each beta threshold in ascending order, a Dijkstra on (alpha, hops) over the edges within
+    it; an endpoint first reached at threshold t has bottleneck t and the least alpha among such paths.
+    """
     thresholds = sorted({b for edges in graph.values() for _, _, b in edges})
     routes: dict[str, Route] = {src: Route(0.0, 0.0, (src,))}
     for threshold in thresholds:
@@ -108,6 +115,18 @@ def routes_from(graph: Graph, src: str) -> dict[str, Route]:
         if len(routes) == len(graph):
             break
     return routes
+
+
+def direct_route(a: str, b: str, links: Sequence[LinkSpec], switches: Sequence[SwitchSpec]) -> Route | None:
+    """The best direct connection a -> b among ``links`` (a -> b) and ``switches`` (holding both a and b),
+    least (beta, alpha); None if there is none."""
+    options = [Route(x.latency, 1.0 / x.bandwidth, (a, b)) for x in links if (x.src, x.dst) == (a, b)]
+    options += [
+        Route(sw.latency, 1.0 / sw.port_bandwidth, (a, sw.name, b))
+        for sw in switches
+        if a in sw.members and b in sw.members
+    ]
+    return min(options, key=lambda r: (r.beta, r.alpha), default=None)
 
 
 def reachable(graph: Graph, src: str, *, reverse: bool = False) -> set[str]:

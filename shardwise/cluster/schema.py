@@ -43,7 +43,14 @@ from shardwise.errors import ClusterSpecError
 
 __all__ = ["spec_to_dict", "spec_from_dict", "write_yaml", "read_yaml"]
 
-_TOP_REQUIRED = ("name", "num_nodes", "devices_per_node", "device", "host_memory_bytes", "host_link_bandwidth")
+_TOP_REQUIRED = (
+    "name",
+    "num_nodes",
+    "devices_per_node",
+    "device",
+    "host_memory_bytes",
+    "host_link_bandwidth",
+)
 _TOP_OPTIONAL = ("world_size", "links", "switches", "nics")
 _DEVICE_KEYS = ("kind", "peak_flops", "memory_bytes", "memory_bandwidth")
 _LINK_KEYS = ("src", "dst", "bandwidth", "latency", "kind")
@@ -108,7 +115,9 @@ def spec_to_dict(spec: ClusterSpec) -> dict[str, Any]:
 
 def _keys(where: str, d: object, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> Mapping:
     if not isinstance(d, Mapping):
-        raise fail(where or "cluster spec", d, "must be a mapping with keys " + ", ".join(required + optional))
+        raise fail(
+            where or "cluster spec", d, "must be a mapping with keys " + ", ".join(required + optional)
+        )
     allowed = required + optional
     dot = f"{where}." if where else ""
     for key in d:
@@ -122,7 +131,9 @@ def _keys(where: str, d: object, required: tuple[str, ...], optional: tuple[str,
     return d
 
 
-def _quantity(field: str, raw: object, parse: Callable[[object], float], unit: str, *, zero_ok: bool) -> float:
+def _quantity(
+    field: str, raw: object, parse: Callable[[object], float], unit: str, *, zero_ok: bool
+) -> float:
     try:
         value = parse(raw)
     except ValueError as err:
@@ -170,7 +181,9 @@ def _device(raw: object) -> DeviceSpec:
             )
         if dtype in flops:
             raise fail(f"device.peak_flops.{key}", key, f"repeats dtype {dtype}")
-        flops[dtype] = _quantity(f"device.peak_flops.{key}", value, units.parse_flops, "FLOP/s", zero_ok=False)
+        flops[dtype] = _quantity(
+            f"device.peak_flops.{key}", value, units.parse_flops, "FLOP/s", zero_ok=False
+        )
     with prefixed("device"):
         return DeviceSpec(
             kind=_str("kind", d["kind"]),

@@ -62,7 +62,9 @@ class DeviceSpec:
             seen.add(dtype)
             check_positive(f"peak_flops.{dtype}", value, "FLOP/s")
         if "float32" not in seen:
-            raise fail("peak_flops", dict(self.peak_flops), "must include float32 (the fallback for other dtypes)")
+            raise fail(
+                "peak_flops", dict(self.peak_flops), "must include float32 (the fallback for other dtypes)"
+            )
         check_positive_int("memory_bytes", self.memory_bytes, "a positive integer (bytes)")
         check_positive("memory_bandwidth", self.memory_bandwidth, "bytes/s")
 
@@ -192,7 +194,9 @@ class ClusterSpec:
 
     def ranks_of_node(self, node: int) -> tuple[int, ...]:
         if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < self.num_nodes:
-            raise ValueError(f"node {node!r} is not a node of cluster {self.name!r} (0..{self.num_nodes - 1})")
+            raise ValueError(
+                f"node {node!r} is not a node of cluster {self.name!r} (0..{self.num_nodes - 1})"
+            )
         start = node * self.devices_per_node
         return tuple(range(start, start + self.devices_per_node))
 
@@ -214,11 +218,11 @@ class ClusterSpec:
         return self._cached("graph", lambda: routing.build_graph(self))
 
     def p2p_route(self, a: int, b: int) -> routing.Route:
-        """Cheapest route from rank ``a`` to rank ``b`` (least beta, then alpha, then hops)."""
+        """Cheapest route from rank ``a`` to rank ``b``: the best direct connection if any, else the least
+        (beta, alpha, hops) path (see ``routing``)."""
         ring.check_ranks(self, (a,))
         ring.check_ranks(self, (b,))
-        routes = self._cached(("routes", a), lambda: routing.routes_from(self.graph(), self.device_name(a)))
-        return routes[self.device_name(b)]
+        return self._cached(("route", a, b), lambda: self._route(a, b))
 
     def p2p_alpha_beta(self, a: int, b: int) -> tuple[float, float]:
         """(alpha s, beta s/byte) of the cheapest path a -> b; (0, 0) when a == b."""
@@ -266,6 +270,26 @@ class ClusterSpec:
         return hashlib.sha256(text.encode()).hexdigest()
 
     # ----- internals ---------------------------------------------------------------------------------
+    def _direct_index(self) -> tuple[dict[tuple[str, str], list[LinkSpec]], dict[str, list[SwitchSpec]]]:
+        links: dict[tuple[str, str], list[LinkSpec]] = {}
+        for link in self.links:
+            links.setdefault((link.src, link.dst), []).append(link)
+        switches: dict[str, list[SwitchSpec]] = {}
+        for sw in self.switches:
+            for member in sw.members:
+                switches.setdefault(member, []).append(sw)
+        return links, switches
+
+    def _route(self, a: int, b: int) -> routing.Route:
+        src, dst = self.device_name(a), self.device_name(b)
+        if a != b:
+            links, switches = self._cached("direct_index", self._direct_index)
+            direct = routing.direct_route(src, dst, links.get((src, dst), ()), switches.get(src, ()))
+            if direct is not None:
+                return direct
+        routes = self._cached(("routes", a), lambda: routing.routes_from(self.graph(), src))
+        return routes[dst]
+
     def _cached(self, key: object, make: Any) -> Any:
         cache: dict[object, Any] = self.__dict__["_cache"]
         if key not in cache:
