@@ -1,0 +1,1 @@
+"""Sharding: strategies per op from the registry, their redistributions, and the choosers."""

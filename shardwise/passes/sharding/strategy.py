@@ -1,0 +1,114 @@
+"""One op's strategy from a choice of split labels: required input placements, output placements,
+the redistributions before it, and which operand gradients are partial sums.
+
+Rules (dimops semantics, see shardwise.ir.dimops), per mesh axis that splits label L:
+- an operand holding L is sharded on L's position; an operand lacking L is used whole (Replicate), except
+  that for a contraction label (``+``) the operands lacking it in a linear op (a bias) enter as partial
+  sums, so that the bias is added once;
+- an output holding L is sharded on it; if L is a contraction the outputs are Partial;
+- in training, an operand lacking L gets a partial gradient on that axis (each device saw only its part
+  of the work): it must be summed over the axis in the backward (Megatron's "f" operator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from shardwise.ir.dimops import OpDims
+from shardwise.ir.graph import Node
+from shardwise.ir.placement import DeviceMesh, Partial, Placement, Replicate, Shard, ShardingSpec
+from shardwise.ir.plan import NodeStrategy, Redistribute
+from shardwise.ir.registry import rule_for
+from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.cost import CostModel
+from shardwise.passes.sharding.redistribute import redistribute_steps
+
+__all__ = ["label_sizes", "split_is_valid", "make_strategy", "LINEAR_KINDS"]
+
+LINEAR_KINDS = ("matmul", "conv", "reduction", "embedding")
+
+
+def label_sizes(dims: OpDims, ins: Sequence[TensorSpec], outs: Sequence[TensorSpec]) -> dict[str, set[int]]:
+    sizes: dict[str, set[int]] = {}
+    for operand, spec in list(zip(dims.inputs, ins, strict=False)) + list(zip(dims.outputs, outs, strict=False)):
+        for d, size in zip(operand, spec.shape, strict=False):
+            sizes.setdefault(d.label, set()).add(size)
+    return sizes
+
+
+def split_is_valid(
+    node: Node, dims: OpDims, label: str, ways: int, ins: Sequence[TensorSpec], outs: Sequence[TensorSpec]
+) -> bool:
+    """Can ``label`` be split ``ways`` ways (evenly) in this op?"""
+    if label not in dims.splittable_labels():
+        return False
+    sizes = label_sizes(dims, ins, outs)
+    if any(s % ways or s < ways for s in sizes.get(label, {0})):
+        return False
+    if dims.is_reduction(label):
+        rule = rule_for(node.op)
+        lacking = [op for op in dims.inputs if dims.position(op, label) is None]
+        if lacking and (rule is None or rule.kind not in LINEAR_KINDS):
+            return False
+    else:
+        # a split label must reach every output (or the op would produce a whole output from a piece)
+        if any(dims.position(o, label) is None for o in dims.outputs):
+            return False
+    return True
+
+
+def make_strategy(
+    node: Node,
+    dims: OpDims,
+    operands: Sequence[str],
+    current: Sequence[ShardingSpec | None],
+    ins: Sequence[TensorSpec],
+    outs: Sequence[TensorSpec],
+    split: Mapping[str, str | None],
+    mesh: DeviceMesh,
+    cost: CostModel | None,
+    train: bool,
+    reason: str = "",
+) -> NodeStrategy:
+    """Build the NodeStrategy for splitting ``split[axis]`` on each mesh axis (None: run whole on it)."""
+    n_axes = len(mesh.shape)
+    req: list[list[Placement]] = [[Replicate() for _ in range(n_axes)] for _ in operands]
+    out_pl: list[list[Placement]] = [[Replicate() for _ in range(n_axes)] for _ in outs]
+    grad_axes: dict[int, list[str]] = {}
+    ways = 1
+    for a, axis in enumerate(mesh.axis_names):
+        label = split.get(axis)
+        if label is None:
+            continue
+        ways *= mesh.shape[a]
+        reduction = dims.is_reduction(label)
+        for i, operand in enumerate(dims.inputs[: len(operands)]):
+            pos = dims.position(operand, label)
+            if pos is not None:
+                req[i][a] = Shard(pos)
+            else:
+                if reduction:
+                    req[i][a] = Partial(dims.partial)
+                if train and ins[i].dtype.startswith(("float", "bfloat")):
+                    grad_axes.setdefault(i, []).append(axis)
+        for j, operand in enumerate(dims.outputs[: len(outs)]):
+            pos = dims.position(operand, label)
+            out_pl[j][a] = Shard(pos) if pos is not None else Partial(dims.partial)
+    required = tuple(ShardingSpec(tuple(r)) for r in req)
+    redistributes: list[Redistribute] = []
+    for name, spec, have, want in zip(operands, ins, current, required, strict=False):
+        if have is None or have == want:
+            continue
+        redistributes.extend(redistribute_steps(name, spec, have, want, mesh, cost))
+    compute = cost.compute_s(node, ways) if cost is not None else 0.0
+    return NodeStrategy(
+        node=node.name,
+        split=tuple((axis, label) for axis, label in split.items() if label is not None),
+        inputs=required,
+        outputs=tuple(ShardingSpec(tuple(o)) for o in out_pl),
+        redistributes=tuple(redistributes),
+        grad_reduce=tuple((i, tuple(ax)) for i, ax in sorted(grad_axes.items())),
+        compute_s=compute,
+        comm_s=sum(r.time_s for r in redistributes),
+        reason=reason,
+    )
