@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -103,7 +104,8 @@ def _worker(rank: int, world: int, port: int, quick: bool, queue: Any) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback interface, as init uses 127.0.0.1
     torch.set_num_threads(max(1, _cores() // world))
     dist.init_process_group(
         "gloo",

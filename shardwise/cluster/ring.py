@@ -18,7 +18,8 @@ Model (what NCCL/Gloo rings do, reduced to one alpha and one beta per group):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,15 +31,20 @@ __all__ = ["check_ranks", "group_alpha_beta", "best_ring", "BRUTE_FORCE_RING_MAX
 BRUTE_FORCE_RING_MAX = 8
 
 
-def check_ranks(spec: ClusterSpec, ranks: Sequence[int]) -> tuple[int, ...]:
-    """The ranks as a tuple; ValueError if one is out of range, not an int, or repeated."""
-    out = tuple(ranks)
-    for r in out:
-        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < spec.world_size:
+def check_ranks(spec: ClusterSpec, ranks: Iterable[int]) -> tuple[int, ...]:
+    """The ranks as a tuple of ints (numpy integers accepted); ValueError if out of range or repeated."""
+    out = []
+    for r in ranks:
+        try:
+            rank = operator.index(r) if not isinstance(r, bool) else None
+        except TypeError:
+            rank = None
+        if rank is None or not 0 <= rank < spec.world_size:
             raise ValueError(f"rank {r!r} is not a rank of cluster {spec.name!r} (0..{spec.world_size - 1})")
+        out.append(rank)
     if len(set(out)) != len(out):
-        raise ValueError(f"ranks {list(out)} repeat a rank; a group holds each rank once")
-    return out
+        raise ValueError(f"ranks {out} repeat a rank; a group holds each rank once")
+    return tuple(out)
 
 
 def _ring_cost(spec: ClusterSpec, order: Sequence[int]) -> tuple[float, float]:

@@ -189,7 +189,7 @@ class ClusterSpec:
         return self.num_nodes * self.devices_per_node
 
     def node_of(self, rank: int) -> int:
-        ring.check_ranks(self, (rank,))
+        (rank,) = ring.check_ranks(self, (rank,))
         return rank // self.devices_per_node
 
     def ranks_of_node(self, node: int) -> tuple[int, ...]:
@@ -209,7 +209,7 @@ class ClusterSpec:
 
     def nics_of(self, rank: int) -> tuple[NicSpec, ...]:
         """The NICs that serve ``rank`` directly."""
-        ring.check_ranks(self, (rank,))
+        (rank,) = ring.check_ranks(self, (rank,))
         return tuple(n for n in self.nics if rank in n.devices)
 
     # ----- communication figures ---------------------------------------------------------------------
@@ -220,8 +220,8 @@ class ClusterSpec:
     def p2p_route(self, a: int, b: int) -> routing.Route:
         """Cheapest route from rank ``a`` to rank ``b``: the best direct connection if any, else the least
         (beta, alpha, hops) path (see ``routing``)."""
-        ring.check_ranks(self, (a,))
-        ring.check_ranks(self, (b,))
+        (a,) = ring.check_ranks(self, (a,))
+        (b,) = ring.check_ranks(self, (b,))
         return self._cached(("route", a, b), lambda: self._route(a, b))
 
     def p2p_alpha_beta(self, a: int, b: int) -> tuple[float, float]:
@@ -239,6 +239,24 @@ class ClusterSpec:
         ranks = ring.check_ranks(self, ranks)
         alpha, beta = self.group_alpha_beta(ranks)
         return costmodel.ring_collective_time(collective, nbytes, len(ranks), alpha, beta)
+
+    def summary(self) -> str:
+        """One human line: shape, device, and the intra-/inter-node figures a ring over them gets."""
+        dev = self.device
+        text = (
+            f"{self.name}: {self.num_nodes} node(s) x {self.devices_per_node} {dev.kind} "
+            f"({dev.memory_bytes / 2**30:.4g} GiB, {dev.memory_bandwidth / 1e9:.4g} GB/s, "
+            f"{dev.flops('bfloat16') / 1e12:.4g} TFLOP/s bf16, {dev.flops('float32') / 1e12:.4g} fp32)"
+        )
+        if self.devices_per_node > 1:
+            a, b = self.group_alpha_beta(self.ranks_of_node(0))
+            text += f"; intra-node ring {1 / b / 1e9:.4g} GB/s, {a * 1e6:.3g} us"
+        if self.num_nodes > 1:
+            a, b = self.group_alpha_beta([0, self.devices_per_node])
+            text += (
+                f"; inter-node (1 rank/node, NIC shared by its GPUs) {1 / b / 1e9:.4g} GB/s, {a * 1e6:.3g} us"
+            )
+        return text
 
     # ----- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

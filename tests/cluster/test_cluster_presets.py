@@ -235,3 +235,16 @@ def test_large_preset_builds_quickly() -> None:
     assert spec.world_size == 512
     alpha, beta = spec.group_alpha_beta(range(0, 512, 8))
     assert math.isfinite(alpha) and beta == pytest.approx(1 / 50e9)
+
+
+def test_summary_and_numpy_ranks() -> None:
+    np = pytest.importorskip("numpy")
+    spec = get_cluster("ndv2x2")
+    text = spec.summary()
+    assert text.startswith("ndv2x2: 2 node(s) x 8 V100-SXM2-32GB")
+    assert "intra-node ring 45.59 GB/s" in text and "inter-node" in text
+    assert spec.p2p_alpha_beta(np.int64(0), 1) == spec.p2p_alpha_beta(0, 1)
+    assert spec.node_of(np.int32(9)) == 1
+    assert spec.group_alpha_beta(np.arange(8)) == spec.group_alpha_beta(range(8))
+    with pytest.raises(ValueError, match="not a rank"):
+        spec.node_of(True)
