@@ -284,8 +284,12 @@ class ClusterSpec:
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical JSON of ``to_dict()``: equal specs, equal fingerprints."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+
+        def digest() -> str:
+            text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            return hashlib.sha256(text.encode()).hexdigest()
+
+        return self._cached("fingerprint", digest)
 
     # ----- internals ---------------------------------------------------------------------------------
     def _direct_index(self) -> tuple[dict[tuple[str, str], list[LinkSpec]], dict[str, list[SwitchSpec]]]:
