@@ -350,3 +350,14 @@ def trace(
         ep, target, model_name=model_name or type(model).__name__, strip_prefix=prefix, meta_device=meta
     )
     return graph, ep.call_spec.out_spec
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by state_dict name, non-persistent buffers included (the programs need
+    them: e.g. rotary frequencies), tied weights under each of their names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        out[name] = t.detach()
+    for name, t in model.named_buffers(remove_duplicate=False):
+        out[name] = t.detach()
+    return out

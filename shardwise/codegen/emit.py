@@ -1,0 +1,382 @@
+"""ExecutionPlan → the Python source of one rank's program. Every decision is made here; the template
+(templates/program.py.j2) only lays the statements out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import jinja2
+
+from shardwise.ir.graph import Arg, Const, Graph, Node, Value
+from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
+from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
+from shardwise.ir.registry import tensor_operands
+
+__all__ = ["render_program", "Statement", "template_env"]
+
+OUTPUT_NODE = "<output>"
+
+# ops whose size argument (at this index) is the output shape: it must be made local
+_SIZE_ARG = {
+    "aten.view.default": 1,
+    "aten.reshape.default": 1,
+    "aten._unsafe_view.default": 1,
+    "aten.expand.default": 1,
+    "aten.new_ones.default": 1,
+    "aten.new_zeros.default": 1,
+    "aten.new_full.default": 1,
+    "aten.new_empty.default": 1,
+    "aten.full.default": 0,
+    "aten.zeros.default": 0,
+    "aten.ones.default": 0,
+    "aten.empty.memory_format": 0,
+}
+_BINARY_INFIX = {"aten.add.Tensor": "+", "aten.sub.Tensor": "-", "aten.mul.Tensor": "*", "aten.div.Tensor": "/"}
+_METHODS = {
+    "aten.view.default": "view",
+    "aten.reshape.default": "reshape",
+    "aten.transpose.int": "transpose",
+    "aten.permute.default": "permute",
+    "aten.unsqueeze.default": "unsqueeze",
+    "aten.expand.default": "expand",
+}
+_FUNCTIONAL = {
+    "aten.linear.default": "F.linear",
+    "aten.layer_norm.default": "F.layer_norm",
+    "aten.scaled_dot_product_attention.default": "F.scaled_dot_product_attention",
+    "aten.silu.default": "F.silu",
+    "aten.relu.default": "F.relu",
+    "aten.tanh.default": "torch.tanh",
+}
+_SCALAR_INFIX = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "truediv": "/", "mod": "%", "pow": "**"}
+
+
+@dataclass(frozen=True)
+class Statement:
+    comment: str
+    lines: tuple[str, ...]
+
+
+class _Code(str):
+    """A Python expression to emit as is."""
+
+
+def template_env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("shardwise.codegen", "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _identifier(text: str) -> str:
+    name = re.sub(r"[^0-9a-zA-Z_]", "_", text).strip("_")
+    name = re.sub(r"_+", "_", name)
+    if not name or name[0].isdigit():
+        name = "v_" + name
+    return name
+
+
+_RESERVED = {"self", "mesh", "torch", "nn", "F", "C", "aten", "loss"}
+
+
+class _Names:
+    """Readable, unique variable names: the module path, then the op when a module makes several values."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.var: dict[str, str] = {}
+        self.taken: set[str] = set(_RESERVED)
+        self.attr: dict[str, str] = {}
+        for p in graph.params:
+            self.attr[p.name] = _identifier(p.key)
+        for i in graph.inputs:
+            self._take(i.name, _identifier(i.name))
+        counts: dict[str, int] = {}
+        for n in graph.nodes:
+            counts[n.module_path] = counts.get(n.module_path, 0) + 1
+        for n in graph.nodes:
+            op_short = n.op.split(".")[1] if n.op.startswith("aten.") else n.op
+            base = _identifier(n.module_path) if n.module_path else ""
+            if not base:
+                base = op_short
+            elif counts[n.module_path] > 1:
+                base = f"{base}_{op_short}"
+            self._take(n.name, _identifier(base))
+
+    def _take(self, value: str, base: str) -> None:
+        name = base
+        k = 1
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        self.var[value] = name
+
+    def fresh(self, base: str) -> str:
+        name = _identifier(base)
+        k = 1
+        while name in self.taken:
+            k += 1
+            name = f"{_identifier(base)}_{k}"
+        self.taken.add(name)
+        return name
+
+    def ref(self, value: str) -> str:
+        if value in self.attr:
+            return f"self.{self.attr[value]}"
+        return self.var[value]
+
+
+def _format(a: Arg | _Code, ref: dict[str, str], names: _Names) -> str:
+    if isinstance(a, _Code):
+        return str(a)
+    if isinstance(a, Value):
+        return ref.get(a.name) or names.ref(a.name)
+    if isinstance(a, Const):
+        if a.kind == "dtype":
+            return f"torch.{a.value}"
+        if a.kind == "device":
+            return "self.device"
+        return f"torch.{a.value}"
+    if isinstance(a, tuple):
+        return "[" + ", ".join(_format(x, ref, names) for x in a) + "]"
+    if isinstance(a, float):
+        if a != a:
+            return 'float("nan")'
+        if a in (float("inf"), float("-inf")):
+            return 'float("inf")' if a > 0 else '-float("inf")'
+    return repr(a)
+
+
+def _shard_factors(spec: ShardingSpec | None, mesh: DeviceMesh, rank: int) -> dict[int, int]:
+    """tensor dim -> how many ways it is split."""
+    out: dict[int, int] = {}
+    if spec is None:
+        return out
+    for size, p in zip(mesh.shape, spec.placements, strict=True):
+        if isinstance(p, Shard):
+            out[p.dim] = out.get(p.dim, 1) * size
+    return out
+
+
+def _localize_sizes(node: Node, strategy: NodeStrategy, mesh: DeviceMesh, names: _Names) -> tuple[Arg | _Code, ...]:
+    args: list[Arg | _Code] = list(node.args)
+    index = _SIZE_ARG.get(node.op)
+    if index is None or index >= len(args) or not strategy.outputs:
+        return tuple(args)
+    factors = _shard_factors(strategy.outputs[0], mesh, 0)
+    sizes = args[index]
+    if not isinstance(sizes, tuple) or not factors:
+        return tuple(args)
+    local: list[Arg | _Code] = []
+    for d, s in enumerate(sizes):
+        f = factors.get(d, 1)
+        if f == 1 or s == -1:
+            local.append(s)
+        elif isinstance(s, int):
+            local.append(s // f)
+        else:
+            local.append(_Code(f"{_format(s, {}, names)} // {f}"))
+    args[index] = tuple(local)  # type: ignore[arg-type]
+    return tuple(args)
+
+
+def _call(node: Node, args: tuple[Arg | _Code, ...], ref: dict[str, str], names: _Names) -> str:
+    fmt = [_format(a, ref, names) for a in args]
+    kw = [f"{k}={_format(v, ref, names)}" for k, v in node.kwargs]
+    if node.op == "getitem":
+        return f"{fmt[0]}[{fmt[1]}]"
+    if node.op == "scalar_op":
+        op = str(node.args[0])
+        if op == "neg":
+            return f"-{fmt[1]}"
+        return f"{fmt[1]} {_SCALAR_INFIX[op]} {fmt[2]}"
+    if node.op in _BINARY_INFIX and not kw and len(fmt) == 2:
+        return f"{fmt[0]} {_BINARY_INFIX[node.op]} {fmt[1]}"
+    if node.op in _METHODS and not kw and isinstance(node.args[0], Value):
+        rest = fmt[1:]
+        if node.op in ("aten.view.default", "aten.reshape.default", "aten.expand.default", "aten.permute.default"):
+            rest = [r[1:-1] if r.startswith("[") else r for r in rest]
+        return f"{fmt[0]}.{_METHODS[node.op]}({', '.join(rest)})"
+    if node.op == "aten.embedding.default" and len(fmt) == 2 and not kw:
+        return f"F.embedding({fmt[1]}, {fmt[0]})"
+    if node.op == "aten.layer_norm.default" and not kw:
+        return f"F.layer_norm({', '.join(fmt[:5])})"  # aten's sixth argument (cudnn_enable) is not F's
+    if node.op in _FUNCTIONAL and node.op != "aten.layer_norm.default":
+        return f"{_FUNCTIONAL[node.op]}({', '.join(fmt + kw)})"
+    ns, name, overload = node.op.split(".", 2) if node.op.count(".") >= 2 else ("aten", node.op, "default")
+    return f"torch.ops.{ns}.{name}.{overload}({', '.join(fmt + kw)})"
+
+
+def _collective_call(r: Redistribute, var: str, mesh: DeviceMesh) -> str:
+    a = mesh.axis_names.index(r.axis)
+    src, dst = r.src.placements[a], r.dst.placements[a]
+    axis = repr(r.axis)
+    kinds = r.collective.split("+")
+    expr = var
+    for kind in kinds:
+        if kind == "slice":
+            expr = f"C.shard({expr}, {dst.dim}, mesh, {axis})"  # type: ignore[union-attr]
+        elif kind == "allgather":
+            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis})"  # type: ignore[union-attr]
+        elif kind == "allreduce":
+            op = src.op if isinstance(src, Partial) else "sum"
+            expr = f"C.all_reduce({expr}, mesh, {axis}, {op!r})"
+        elif kind == "reduce_scatter":
+            op = src.op if isinstance(src, Partial) else "sum"
+            expr = f"C.reduce_scatter({expr}, {dst.dim}, mesh, {axis}, {op!r})"  # type: ignore[union-attr]
+        elif kind == "alltoall":
+            expr = f"C.all_to_all({expr}, {src.dim}, {dst.dim}, mesh, {axis})"  # type: ignore[union-attr]
+        elif kind == "to_partial":
+            op = dst.op if isinstance(dst, Partial) else "sum"
+            expr = f"C.to_partial({expr}, mesh, {axis}, {op!r})"
+        else:
+            raise ValueError(f"unknown collective {kind!r}")
+    return expr
+
+
+def _placement_note(spec: ShardingSpec | None, mesh: DeviceMesh) -> str:
+    if spec is None or spec.is_replicated:
+        return ""
+    parts = [f"{axis}:{p}" for axis, p in zip(mesh.axis_names, spec.placements, strict=True) if str(p) != "R"]
+    return " [" + " ".join(parts) + "]"
+
+
+def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
+    graph, mesh = plan.graph, plan.mesh
+    train = plan.mode == "train"
+    strategies = {s.node: s for s in plan.strategies}
+    deferred = {key for key, _ in plan.param_grad_reduce}
+    param_keys = {p.name: p.key for p in graph.params}
+    placement: dict[str, ShardingSpec | None] = {}
+    # last use of every local variable, to free activations as soon as possible
+    last_use: dict[str, int] = {}
+    for step, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            last_use[v] = step
+    final = set(graph.output_names) | {v.name for _, v in graph.buffer_updates}
+    body: list[Statement] = []
+    for i, spec in zip(graph.inputs, plan.input_placements, strict=True):
+        placement[i.name] = spec
+        lines = []
+        for a, (axis, p) in enumerate(zip(mesh.axis_names, spec.placements, strict=True)):
+            if isinstance(p, Shard) and mesh.shape[a] > 1:
+                v = names.ref(i.name)
+                lines.append(f"{v} = C.shard({v}, {p.dim}, mesh, {axis!r})")
+        if lines:
+            body.append(Statement(f"input {i.name}: this rank's part of the batch", tuple(lines)))
+    for step, node in enumerate(graph.nodes):
+        strategy = strategies[node.name]
+        lines: list[str] = []
+        ref: dict[str, str] = {}
+        operands = tensor_operands(node) if node.op != "getitem" else []
+        # redistributions, then gradient reductions of operands each rank only sees part of
+        done: dict[str, str] = {}
+        for r in strategy.redistributes:
+            current = done.get(r.value, names.ref(r.value))
+            new = names.fresh(f"{names.ref(r.value).removeprefix('self.')}_{r.collective.split('+')[0]}")
+            lines.append(f"{new} = {_collective_call(r, current, mesh)}")
+            done[r.value] = new
+        ref.update(done)
+        if train:
+            for index, axes in strategy.grad_reduce:
+                value = operands[index]
+                if param_keys.get(value) in deferred or value in ref and ref[value].startswith("grad_"):
+                    continue
+                current = ref.get(value, names.ref(value))
+                new = names.fresh(f"{current.removeprefix('self.')}_g")
+                lines.append(f"{new} = C.grad_all_reduce({current}, mesh, {tuple(axes)!r})")
+                ref[value] = new
+        if node.op == "sym_size":
+            src = node.args[0]
+            assert isinstance(src, Value)
+            dim = int(node.args[1])  # type: ignore[arg-type]
+            factor = _shard_factors(placement.get(src.name), mesh, 0).get(dim, 1)
+            expr = f"{_format(src, ref, names)}.size({dim})" + (f" * {factor}" if factor > 1 else "")
+        else:
+            args = _localize_sizes(node, strategy, mesh, names)
+            expr = _call(node, args, ref, names)
+        target = names.var[node.name]
+        lines.append(f"{target} = {expr}")
+        placement[node.name] = strategy.outputs[0] if strategy.outputs and not node.tuple_output else None
+        dead = [
+            names.var[v]
+            for v in node.inputs
+            if last_use.get(v) == step and v not in final and v in names.var and v not in names.attr
+        ]
+        dead += [x for x in done.values()] + [x for k, x in ref.items() if k not in done and x != names.ref(k)]
+        if dead:
+            lines.append(f"del {', '.join(dict.fromkeys(dead))}")
+        where = " — ".join(x for x in (node.module_path, node.source) if x)
+        comment = f"{where}{_placement_note(placement.get(node.name), mesh)}" if where else ""
+        body.append(Statement(comment, tuple(lines)))
+    # outputs: gathered so that every rank returns whole tensors
+    out_strategy = strategies.get(OUTPUT_NODE)
+    ref = {}
+    lines = []
+    if out_strategy is not None:
+        for r in out_strategy.redistributes:
+            current = ref.get(r.value, names.ref(r.value))
+            new = names.fresh(f"{names.ref(r.value)}_{r.collective.split('+')[0]}")
+            lines.append(f"{new} = {_collective_call(r, current, mesh)}")
+            ref[r.value] = new
+    if train and graph.buffer_updates:
+        lines.append("with torch.no_grad():")
+        for key, v in graph.buffer_updates:
+            attr = names.attr[graph.param_by_key(key).name]
+            lines.append(f"    self.{attr}.copy_({ref.get(v.name, names.ref(v.name))})")
+    if lines:
+        body.append(Statement("outputs: whole on every rank", tuple(lines)))
+    outs = [_format(a, ref, names) for a in graph.outputs]
+    returns = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ("," if len(outs) == 1 else "") + ")"
+    return body, returns
+
+
+def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
+    """The generated module ``program.py`` for ``plan``."""
+    graph, mesh = plan.graph, plan.mesh
+    names = _Names(graph)
+    body, returns = _body(plan, names)
+    placements = dict(plan.param_placements)
+    tensors = []
+    for p in graph.params:
+        spec = placements.get(p.key)
+        splits = []
+        if spec is not None:
+            for axis, pl in zip(mesh.axis_names, spec.placements, strict=True):
+                if isinstance(pl, Shard):
+                    splits.append((axis, pl.dim))
+        tensors.append(
+            {
+                "key": p.key,
+                "attr": names.attr[p.name],
+                "shape": repr(tuple(p.spec.shape)),
+                "dtype": p.spec.dtype,
+                "kind": p.kind if p.kind == "parameter" else "buffer",
+                "placements": repr(tuple(splits)),
+            }
+        )
+    aliases = {p.key: p.aliases for p in graph.params if p.aliases}
+    degrees = ", ".join(f"{k}={v}" for k, v in plan.degrees.items())
+    return template_env().get_template("program.py.j2").render(
+        title=f"{plan.model_name} on {plan.cluster_name}: one rank's program.",
+        version=version,
+        plan_id=plan_id,
+        degrees=degrees,
+        mode=plan.mode,
+        precision=plan.precision,
+        passes=", ".join(plan.passes),
+        mesh_shape=repr(tuple(mesh.shape)),
+        mesh_axes=repr(tuple(mesh.axis_names)),
+        mesh_ranks=repr(tuple(mesh.ranks)),
+        tensors=tensors,
+        aliases=repr(aliases),
+        grad_reduce=repr(dict(plan.param_grad_reduce)),
+        model_name=plan.model_name,
+        inputs=[names.ref(i.name) for i in graph.inputs],
+        body=body,
+        returns=returns,
+    )

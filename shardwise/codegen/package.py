@@ -1,0 +1,81 @@
+"""Write a drop-in package: program.py, _collectives.py, __init__.py, __main__.py, plan.json, README.md.
+
+The package imports nothing from shardwise and embeds no absolute path or environment value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from shardwise.codegen.emit import render_program, template_env
+from shardwise.ir.plan import ExecutionPlan
+from shardwise.ir.tensor import TensorSpec
+
+__all__ = ["write_package", "plan_id"]
+
+VERSION = "0.1.0"
+
+
+def plan_id(plan: ExecutionPlan) -> str:
+    return hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()[:12]
+
+
+def _package_name(path: Path) -> str:
+    name = path.name.replace("-", "_")
+    if not name.isidentifier():
+        name = "shardwise_program"
+    return name
+
+
+def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Path:
+    """Write the package into ``directory`` atomically (a temporary sibling, then a rename)."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    package = _package_name(target)
+    pid = plan_id(plan)
+    env = template_env()
+    degrees = ", ".join(f"{k}={v}" for k, v in plan.degrees.items())
+    inputs = {
+        i.name: (tuple(i.spec.shape), i.spec.dtype) for i in plan.graph.inputs if isinstance(i.spec, TensorSpec)
+    }
+    context = {
+        "package": package,
+        "model_name": plan.model_name,
+        "cluster_name": plan.cluster_name,
+        "version": VERSION,
+        "world_size": plan.world_size,
+        "degrees": degrees,
+        "mode": plan.mode,
+        "precision": plan.precision,
+        "inputs": repr(inputs),
+        "triton": False,
+    }
+    files = {
+        "program.py": render_program(plan, version=VERSION, plan_id=pid),
+        "_collectives.py": env.get_template("_collectives.py.j2").render(),
+        "__init__.py": env.get_template("__init__.py.j2").render(**context),
+        "__main__.py": env.get_template("__main__.py.j2").render(**context),
+        "README.md": env.get_template("README.md.j2").render(**context),
+        "plan.json": plan.to_json(),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            target.rename(backup)
+            tmp.rename(target)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
