@@ -52,7 +52,9 @@ class Sketch:
                 f"sketch internode {self.internode!r} is not allowed: use 'auto', 'any', 'rail' or 'relay'"
             )
         if self.internode == "relay" and not self.relays:
-            raise UserInputError("sketch internode 'relay' needs relays=[(src local index, dst local index), ...]")
+            raise UserInputError(
+                "sketch internode 'relay' needs relays=[(src local index, dst local index), ...]"
+            )
         if not isinstance(self.chunks, int) or self.chunks < 1:
             raise UserInputError(f"sketch chunks {self.chunks!r} is not allowed: use an integer >= 1")
         if not isinstance(self.max_bundle, int) or self.max_bundle < 1:
