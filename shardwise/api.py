@@ -1,0 +1,280 @@
+"""``shardwise.compile``: model + cluster → plan → generated programs → running processes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from shardwise.cluster import ClusterSpec, get_cluster
+from shardwise.codegen.package import write_package
+from shardwise.errors import DeviceUnavailableError, ShapeMismatchError, UserInputError
+from shardwise.frontend.trace import model_tensors, trace
+from shardwise.ir.graph import Graph
+from shardwise.ir.plan import ExecutionPlan
+from shardwise.ir.tensor import TensorSpec
+from shardwise.planner.simple import plan_simple
+from shardwise.runtime import WorkerPool
+
+__all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
+
+MODES = ("inference", "train")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_LOCAL_PROCESSES = 64
+
+
+def _describe_optimizer(optimizer: Callable[..., Any] | None) -> str:
+    if optimizer is None:
+        return "adamw"
+    func = optimizer.func if isinstance(optimizer, functools.partial) else optimizer
+    return getattr(func, "__name__", type(func).__name__).lower()
+
+
+class CompiledModel:
+    """A model compiled for a cluster: ``plan`` to inspect, ``save`` to export, ``run``/``train_step`` to
+    execute on real local processes (started on first use, kept for later calls; ``close()`` stops them)."""
+
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        *,
+        model: torch.nn.Module | None,
+        out_spec: Any,
+        cluster: ClusterSpec,
+        optimizer: Callable[..., Any] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.cluster = cluster
+        self._out_spec = out_spec
+        self._optimizer = optimizer
+        self._tensors = None if plan.graph.meta_device or model is None else model_tensors(model)
+        self._pool: WorkerPool | None = None
+        self._workdir: Path | None = None
+        self._finalizer = weakref.finalize(self, CompiledModel._cleanup, [None], [None])
+
+    # -- inspection -----------------------------------------------------------------------------------
+
+    @property
+    def graph(self) -> Graph:
+        return self.plan.graph
+
+    def __repr__(self) -> str:
+        degrees = ", ".join(f"{k}={v}" for k, v in self.plan.degrees.items())
+        return f"<CompiledModel {self.plan.model_name} on {self.plan.cluster_name} ({degrees}, {self.plan.mode})>"
+
+    # -- export ----------------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike[str], *, weights: bool = True) -> Path:
+        """Write the drop-in package (plan.json, per-rank program, README) and, if the model has weights,
+        ``model.safetensors`` beside it."""
+        path = write_package(self.plan, directory)
+        if weights and self._tensors is not None:
+            _save_weights(self._tensors, path / "model.safetensors")
+        return path
+
+    # -- execution -------------------------------------------------------------------------------------
+
+    def run(self, *inputs: Any) -> Any:
+        """Run the generated programs on the plan's processes; returns rank 0's outputs, structured like the
+        model's own output."""
+        self._check_inputs(inputs)
+        pool = self._ensure_pool()
+        flat = pool.call("infer", *inputs, ranks="rank0")
+        return self._restructure(flat)
+
+    def train_step(self, *inputs: Any) -> float:
+        """One training step (forward, backward, gradient reduction, optimizer step); returns the loss."""
+        if self.plan.mode != "train":
+            raise UserInputError("this model was compiled with mode='inference': compile with mode='train'")
+        self._check_inputs(inputs)
+        pool = self._ensure_pool()
+        loss = pool.call("train_step", *inputs, ranks="rank0")
+        return float(loss)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full, unsharded parameters and buffers as they are now on the workers."""
+        if self._pool is None:
+            if self._tensors is None:
+                raise UserInputError("this model has no weights (it was planned on the meta device)")
+            return {k: v.clone() for k, v in self._tensors.items()}
+        return self._pool.call("full_state_dict", ranks="rank0")
+
+    def close(self) -> None:
+        """Stop the worker processes (also done at exit and when the object is collected)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> CompiledModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _cleanup(pool_box: list[WorkerPool | None], dir_box: list[Path | None]) -> None:
+        if pool_box[0] is not None:
+            pool_box[0].close()
+        if dir_box[0] is not None:
+            shutil.rmtree(dir_box[0], ignore_errors=True)
+
+    def _ensure_pool(self) -> WorkerPool:
+        if self.plan.graph.meta_device or self._tensors is None:
+            raise UserInputError(
+                "this model was planned on the meta device: it has no weights to run. Build it on the CPU "
+                "(or load its weights) and compile again to run it; the plan (cm.plan) is complete as is."
+            )
+        if self._pool is not None:
+            return self._pool
+        self._check_devices()
+        self._workdir = Path(tempfile.mkdtemp(prefix="shardwise-"))
+        package = write_package(self.plan, self._workdir / "program")
+        weights = self._workdir / "model.safetensors"
+        _save_weights(self._tensors, weights)
+        pool = WorkerPool(self.plan.world_size, backend="gloo")
+        try:
+            pool.load(package, init="load_weights", init_kwargs={"path": str(weights)})
+            if self.plan.mode == "train":
+                pool.call("configure_optimizer", self._optimizer)
+        except BaseException:
+            pool.close()
+            raise
+        self._pool = pool
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, CompiledModel._cleanup, [pool], [self._workdir])
+        return pool
+
+    def _check_devices(self) -> None:
+        kind = self.cluster.device.kind
+        n = self.plan.world_size
+        if kind != "cpu":
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise DeviceUnavailableError(
+                f"this plan runs on {n} {kind} devices of {self.plan.cluster_name}; this machine has {have} CUDA "
+                f"devices and runs plans for local CPU processes only. Compile for 'cpu:{min(n, 4)}' to run here, "
+                "or save the package (cm.save) and start it with torchrun on the cluster."
+            )
+        if n > MAX_LOCAL_PROCESSES:
+            raise DeviceUnavailableError(
+                f"this plan needs {n} local processes; at most {MAX_LOCAL_PROCESSES} are started on one machine"
+            )
+
+    def _check_inputs(self, inputs: Sequence[Any]) -> None:
+        graph = self.plan.graph
+        if len(inputs) != len(graph.inputs):
+            raise ShapeMismatchError(
+                f"the plan takes {len(graph.inputs)} input(s) ({', '.join(i.name for i in graph.inputs)}), "
+                f"got {len(inputs)}"
+            )
+        dp = self.plan.degrees.get("dp", 1)
+        for given, expected, placement in zip(inputs, graph.inputs, self.plan.input_placements, strict=True):
+            if not isinstance(expected.spec, TensorSpec):
+                continue
+            if not isinstance(given, torch.Tensor):
+                raise ShapeMismatchError(f"input {expected.name}: expected a tensor, got {type(given).__name__}")
+            spec = expected.spec
+            if str(given.dtype).removeprefix("torch.") != spec.dtype:
+                raise ShapeMismatchError(f"input {expected.name}: dtype {given.dtype} but the plan is for {spec.dtype}")
+            if given.dim() != spec.rank:
+                raise ShapeMismatchError(
+                    f"input {expected.name}: {given.dim()} dimensions but the plan is for {spec.rank} ({spec})"
+                )
+            dynamic = {d.dim: d for d in expected.dynamic}
+            for dim, (have, want) in enumerate(zip(given.shape, spec.shape, strict=True)):
+                if dim in dynamic:
+                    d = dynamic[dim]
+                    if not d.min <= have <= d.max:
+                        raise ShapeMismatchError(
+                            f"input {expected.name} dimension {dim} ({d.name}) is {have}; the plan covers "
+                            f"{d.min}..{d.max}"
+                        )
+                    if dim == 0 and placement.placements and str(placement.placements[0]) == "S(0)" and have % dp:
+                        raise ShapeMismatchError(
+                            f"input {expected.name} dimension {dim} ({d.name}) is {have}: the plan splits it "
+                            f"over dp={dp}, so it must be a multiple of {dp}"
+                        )
+                elif have != want:
+                    raise ShapeMismatchError(
+                        f"input {expected.name} dimension {dim} is {have} but the plan was made for {want}; "
+                        "compile with dynamic_shapes=... to let this dimension vary"
+                    )
+
+    def _restructure(self, flat: Any) -> Any:
+        leaves = list(flat) if isinstance(flat, tuple | list) else [flat]
+        if self._out_spec is None:
+            return flat
+        try:
+            return pytree.tree_unflatten(leaves, self._out_spec)
+        except Exception:  # a structure we cannot rebuild: give the flat outputs
+            return flat
+
+
+def _save_weights(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    seen: dict[int, str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if id(t) in seen or t.data_ptr() in seen:
+            continue  # tied weights: the program loads them through ALIASES
+        seen[t.data_ptr()] = key
+        unique[key] = t.detach().contiguous().cpu()
+    tmp = path.with_suffix(".tmp")
+    save_file(unique, str(tmp))
+    tmp.rename(path)
+
+
+def compile(  # noqa: A001 - the public name mirrors torch.compile
+    model: torch.nn.Module,
+    cluster: str | ClusterSpec = "cpu:2",
+    *,
+    example_inputs: Sequence[Any],
+    example_kwargs: dict[str, Any] | None = None,
+    mode: str = "inference",
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    precision: str = "fp32",
+    constraints: Mapping[str, int] | None = None,
+    dynamic_shapes: Any = None,
+) -> CompiledModel:
+    """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
+
+    ``mode="train"`` needs ``loss_fn(output) -> scalar``; ``optimizer`` is a factory from parameters to a
+    torch.optim.Optimizer (AdamW by default). ``constraints`` pins parallel degrees ({"dp": 2}).
+    ``dynamic_shapes`` follows torch.export's convention.
+    """
+    if mode not in MODES:
+        raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
+    if precision not in PRECISIONS:
+        raise UserInputError(f"precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
+    if mode == "train" and loss_fn is None:
+        raise UserInputError("mode='train' needs loss_fn: a function from the model's output to a scalar loss")
+    spec = get_cluster(cluster)
+    if mode == "train":
+        model.train()
+        with contextlib.suppress(Exception):  # keep dropout off so every rank computes the same values
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+    graph, out_spec = trace(
+        model, tuple(example_inputs), example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+        loss_fn=loss_fn if mode == "train" else None,
+    )  # fmt: skip
+    plan = plan_simple(
+        graph, spec, mode=mode, precision=precision, constraints=constraints, optimizer=_describe_optimizer(optimizer)
+    )
+    return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer)
