@@ -61,7 +61,9 @@ def export_program(
             dynamic_shapes=dynamic_shapes,
             strict=False,
         )
-        return ep.run_decompositions({})
+        if _has_higher_order_ops(ep):  # e.g. torch.no_grad regions: inline them into plain ATen ops
+            ep = ep.run_decompositions({})
+        return ep
     except Exception as exc:  # torch raises many kinds; the user needs the cause and what to try
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
@@ -69,6 +71,12 @@ def export_program(
             f"{first}\nCheck that the example inputs match the model's forward() (types, shapes, dtypes), and "
             "that data-dependent Python control flow does not depend on tensor values."
         ) from exc
+
+
+def _has_higher_order_ops(ep: ExportedProgram) -> bool:
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator) for n in ep.graph.nodes
+    )
 
 
 def _source_line(stack_trace: str | None) -> str:
