@@ -30,6 +30,8 @@ __all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
 MODES = ("inference", "train")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_LOCAL_PROCESSES = 64
+# which CompiledModel's program a shared pool holds now (pools given with ``workers=`` change hands)
+_POOL_OWNER: weakref.WeakKeyDictionary[WorkerPool, int] = weakref.WeakKeyDictionary()
 
 
 def _describe_optimizer(optimizer: Callable[..., Any] | None) -> str:
@@ -51,6 +53,7 @@ class CompiledModel:
         out_spec: Any,
         cluster: ClusterSpec,
         optimizer: Callable[..., Any] | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.plan = plan
         self.cluster = cluster
@@ -58,6 +61,7 @@ class CompiledModel:
         self._optimizer = optimizer
         self._tensors = None if plan.graph.meta_device or model is None else model_tensors(model)
         self._pool: WorkerPool | None = None
+        self._shared_pool = workers  # a pool owned by the caller: loaded with this program, never closed here
         self._workdir: Path | None = None
         self._finalizer = weakref.finalize(self, CompiledModel._cleanup, [None], [None])
 
@@ -109,9 +113,11 @@ class CompiledModel:
         return self._pool.call("full_state_dict", ranks="rank0")
 
     def close(self) -> None:
-        """Stop the worker processes (also done at exit and when the object is collected)."""
+        """Stop the worker processes (also done at exit and when the object is collected); a pool given
+        with ``workers=`` is left running for its owner."""
         if self._pool is not None:
-            self._pool.close()
+            if self._pool is not self._shared_pool:
+                self._pool.close()
             self._pool = None
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -139,24 +145,44 @@ class CompiledModel:
                 "(or load its weights) and compile again to run it; the plan (cm.plan) is complete as is."
             )
         if self._pool is not None:
-            return self._pool
+            if _POOL_OWNER.get(self._pool) == id(self):
+                return self._pool
+            if self.plan.mode == "train":
+                raise UserInputError(
+                    "the shared worker pool now runs another program, and this one's trained state was on it: "
+                    "give each training model its own pool"
+                )
+            self._pool = None
         self._check_devices()
-        self._workdir = Path(tempfile.mkdtemp(prefix="shardwise-"))
-        package = write_package(self.plan, self._workdir / "program")
-        weights = self._workdir / "model.safetensors"
-        _save_weights(self._tensors, weights)
-        pool = WorkerPool(self.plan.world_size, backend="gloo")
+        package, weights = self._write_program()
+        shared = self._shared_pool
+        if shared is not None and shared.world_size != self.plan.world_size:
+            raise UserInputError(
+                f"the given worker pool has {shared.world_size} processes; this plan needs {self.plan.world_size}"
+            )
+        pool = shared or WorkerPool(self.plan.world_size, backend="gloo")
         try:
             pool.load(package, init="load_weights", init_kwargs={"path": str(weights)})
             if self.plan.mode == "train":
                 pool.call("configure_optimizer", self._optimizer)
         except BaseException:
-            pool.close()
+            if shared is None:
+                pool.close()
             raise
         self._pool = pool
+        _POOL_OWNER[pool] = id(self)
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, CompiledModel._cleanup, [pool], [self._workdir])
+        owned = None if shared is not None else pool
+        self._finalizer = weakref.finalize(self, CompiledModel._cleanup, [owned], [self._workdir])
         return pool
+
+    def _write_program(self) -> tuple[Path, Path]:
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="shardwise-"))
+            write_package(self.plan, self._workdir / "program")
+            assert self._tensors is not None
+            _save_weights(self._tensors, self._workdir / "model.safetensors")
+        return self._workdir / "program", self._workdir / "model.safetensors"
 
     def _check_devices(self) -> None:
         kind = self.cluster.device.kind
@@ -250,12 +276,14 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     precision: str = "fp32",
     constraints: Mapping[str, int] | None = None,
     dynamic_shapes: Any = None,
+    workers: WorkerPool | None = None,
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
     ``mode="train"`` needs ``loss_fn(output) -> scalar``; ``optimizer`` is a factory from parameters to a
     torch.optim.Optimizer (AdamW by default). ``constraints`` pins parallel degrees ({"dp": 2}).
-    ``dynamic_shapes`` follows torch.export's convention.
+    ``dynamic_shapes`` follows torch.export's convention. ``workers`` runs the program on an existing
+    WorkerPool (its processes take the new program without restarting) instead of starting new ones.
     """
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
@@ -277,4 +305,4 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     plan = plan_simple(
         graph, spec, mode=mode, precision=precision, constraints=constraints, optimizer=_describe_optimizer(optimizer)
     )
-    return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer)
+    return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)
