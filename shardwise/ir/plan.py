@@ -119,6 +119,9 @@ class ExecutionPlan:
     passes: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     optimizer: str = ""  # a description of the optimizer factory, for the record
+    # how the plan was made, as (key, value) pairs, e.g. ("model", "gpt2:small"), ("cluster", "cpu:2"),
+    # ("seed", "0"): `shardwise run plan.json` rebuilds the same model from it. Empty for API-made plans.
+    source: tuple[tuple[str, str], ...] = ()
 
     @property
     def degrees(self) -> dict[str, int]:
