@@ -6,8 +6,8 @@ the worker first sends ``(0, "ready", info)`` or ``(0, "err", info)``; then for 
 ``info = {"error": "Type: message", "traceback": text}``. ``op`` is ``"load"``, ``"call"``, ``"probe"`` or
 ``"close"``. Values are detached CPU tensors (or plain data); pickling is by value, never shared memory.
 
-This module must not import torch at import time: the thread budget has to be set in the environment
-before torch starts its thread pools.
+This module does not import torch at import time; the pool also puts the thread budget and the user's
+``env`` into the environment the worker is created with, so both are in place before torch starts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerConfig", "main", "stack_file"]
+__all__ = ["WorkerConfig", "main", "stack_file", "thread_env"]
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
@@ -43,6 +43,11 @@ class WorkerConfig:
     threads: int
     stack_dir: str
     env: dict[str, str] = field(default_factory=dict)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment variables that cap the OpenMP/BLAS thread pools of a worker at ``threads``."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 def stack_file(stack_dir: str | Path, rank: int) -> Path:
@@ -116,9 +121,7 @@ class _State:
 
 def main(rank: int, config: WorkerConfig, conn: Connection) -> None:
     """Entry point of worker ``rank`` (a spawned process)."""
-    os.environ.update(config.env)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = str(config.threads)
+    os.environ.update({**config.env, **thread_env(config.threads)})
     # Ctrl-C reaches the whole foreground process group; the parent decides what to do with the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The fuzzer rewrites package directories in place; stale bytecode must never be picked up.

@@ -24,6 +24,9 @@ and its state are gone), while ``load()`` **restarts the workers automatically**
 ``close()`` (also ``__exit__``, a ``weakref`` finaliser and interpreter exit) stops every worker; a closed
 pool cannot be reused. Workers also exit by themselves when the parent process disappears.
 
+Workers are started with the ``spawn`` method, which imports the parent's main module in each worker: a
+script must create its pool under ``if __name__ == "__main__":``.
+
 Not thread-safe for concurrent callers beyond a lock that serialises them.
 """
 
@@ -41,7 +44,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -90,7 +93,7 @@ class _Workers:
             return
         self.stopped = True
         _LIVE.discard(self)
-        if polite:
+        if polite and self.ready:  # workers still starting up read no requests: stop them directly
             for conn in self.conns:
                 with contextlib.suppress(OSError, ValueError):
                     conn.send_bytes(pickle.dumps(("close", -1), protocol=_PICKLE))
@@ -110,7 +113,7 @@ class _Workers:
                 proc.close()
         shutil.rmtree(self.stack_dir, ignore_errors=True)
 
-    def dump_stacks(self, ranks: Sequence[int], settle_s: float = 1.0) -> dict[int, str]:
+    def dump_stacks(self, ranks: Sequence[int], settle_s: float = 2.0) -> dict[int, str]:
         """Ask ``ranks`` for their Python stacks (faulthandler on SIGUSR1); return each main thread's stack."""
         if not hasattr(signal, "SIGUSR1"):
             return {}
@@ -140,6 +143,24 @@ class _Workers:
 
 
 _LIVE: set[_Workers] = set()
+_ENVIRON_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` plus ``extra`` while spawning, so workers have it before they import anything
+    (spawned processes inherit the environment at creation, and may import torch while unpickling)."""
+    with _ENVIRON_LOCK:
+        saved = {name: os.environ.get(name) for name in extra}
+        os.environ.update(extra)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @atexit.register
@@ -349,15 +370,17 @@ class WorkerPool:
         workers = _Workers(procs, conns, stack_dir)
         self._workers = workers
         self._finalizer = weakref.finalize(self, workers.stop, self.kill_timeout_s)
-        for rank in range(self.world_size):
-            parent_end, child_end = ctx.Pipe(duplex=True)
-            proc = ctx.Process(
-                target=_worker.main, args=(rank, config, child_end), name=f"shardwise-worker-{rank}"
-            )
-            procs.append(proc)
-            conns.append(parent_end)
-            proc.start()
-            child_end.close()
+        child_env = {**self.env, **_worker.thread_env(self.threads)}
+        with _environment(child_env):
+            for rank in range(self.world_size):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                proc = ctx.Process(
+                    target=_worker.main, args=(rank, config, child_end), name=f"shardwise-worker-{rank}"
+                )
+                procs.append(proc)
+                conns.append(parent_end)
+                proc.start()
+                child_end.close()
         self._dead_reason = None
 
     def _stop(self, polite: bool = False) -> None:
@@ -432,14 +455,17 @@ class WorkerPool:
                 failures[rank] = RankFailure(rank, "hung", stack=stacks.get(rank, ""))
         ordered = tuple(failures[r] for r in sorted(failures))
         self._kill("its workers failed to start")
+        if any(f.kind == "hung" for f in ordered):
+            note = f"workers could not join the process group within start_timeout_s={self.start_timeout_s}"
+        elif any(f.kind == "died" for f in ordered):
+            note = (
+                "a worker died while starting (its stderr says why); a script that creates a WorkerPool must "
+                "do so under `if __name__ == '__main__':`, because spawned workers import the main module"
+            )
+        else:
+            note = ""
         raise WorkerFault(
-            step="start-up",
-            method="init_process_group",
-            failures=ordered,
-            pool_usable=False,
-            note=f"workers could not join the process group within start_timeout_s={self.start_timeout_s}"
-            if any(f.kind == "hung" for f in ordered)
-            else "",
+            step="start-up", method="init_process_group", failures=ordered, pool_usable=False, note=note
         )
 
     # -- one step on every rank ------------------------------------------------------------------------

@@ -3,7 +3,10 @@ every start costs seconds; tests that break it come last and the next load() res
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -297,14 +300,56 @@ def test_rank_that_hangs_is_named_after_the_timeout(pool: WorkerPool, packages: 
     assert all(_gone(pid) for pid in pids)
 
 
-def test_small_pool_env_threads_and_context_manager(packages: dict[str, Path]) -> None:
-    env = {"SHARDWISE_THREADS_PER_WORKER": "2"}
-    with WorkerPool(1, env=env, timeout_s=TIMEOUT_S) as small:
-        small.load(packages["a"])
-        result = small.call("forward", torch.ones(3), ranks="rank0")
-        assert result["threads"] == 2 and result["world"] == 1
-        pids = small.pids
-        assert small.alive
-    assert not small.alive and all(_gone(pid) for pid in pids)
+ORPHAN_SCRIPT = """
+import json, os, sys, threading, time
+import torch
+from shardwise.runtime import WorkerPool
+
+if __name__ == "__main__":
+    pool = WorkerPool(1, env={"SHARDWISE_THREADS_PER_WORKER": "2"}, timeout_s=60)
+    pool.load(sys.argv[1])
+    result = pool.call("forward", torch.ones(3), ranks="rank0")
+    print(json.dumps({"pids": pool.pids, "threads": result["threads"]}), flush=True)
+    threading.Thread(target=pool.call, args=("sleep_during_collective", 0, 120.0), daemon=True).start()
+    time.sleep(1.0)
+    os._exit(0)  # no close(), no atexit: the busy worker must notice on its own
+"""
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, waiting for init to reap it
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return _gone(pid)
+
+
+def test_workers_exit_when_their_parent_dies(packages: dict[str, Path], tmp_path: Path) -> None:
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(script), str(packages["a"])], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["threads"] == 2  # SHARDWISE_THREADS_PER_WORKER from env= reached the worker
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline and not all(_gone_or_zombie(pid) for pid in info["pids"]):
+        time.sleep(0.2)
+    assert all(_gone_or_zombie(pid) for pid in info["pids"])
+
+
+def test_close_right_after_construction(packages: dict[str, Path]) -> None:
+    with WorkerPool(2) as fresh:
+        pids = fresh.pids
+        assert len(pids) == 2
+    assert not fresh.alive and fresh.pids == []
+    assert all(_gone(pid) for pid in pids)
     with pytest.raises(RuntimeFault, match="closed"):
-        small.load(packages["a"])
+        fresh.load(packages["a"])
+    with pytest.raises(RuntimeFault, match="closed"):
+        fresh.call("forward", torch.ones(3))
