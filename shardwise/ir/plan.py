@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
 
@@ -122,6 +123,8 @@ class ExecutionPlan:
     # how the plan was made, as (key, value) pairs, e.g. ("model", "gpt2:small"), ("cluster", "cpu:2"),
     # ("seed", "0"): `shardwise run plan.json` rebuilds the same model from it. Empty for API-made plans.
     source: tuple[tuple[str, str], ...] = ()
+    # ops that run as one kernel on every rank (shardwise.passes.fusion); empty: one kernel per op
+    fused_groups: tuple[FusedGroup, ...] = ()
 
     @property
     def degrees(self) -> dict[str, int]:

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from shardwise.errors import PlanFileError
+from shardwise.ir import fusion as _fusion
 from shardwise.ir import graph as _graph
 from shardwise.ir import placement as _placement
 from shardwise.ir import plan as _plan
@@ -40,6 +41,7 @@ _CLASSES: dict[str, type] = {
         _plan.Prediction,
         _plan.Alternative,
         _plan.ExecutionPlan,
+        _fusion.FusedGroup,
     )
 }
 
