@@ -1,0 +1,86 @@
+"""Frontend: torch.export lowering into the IR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shardwise.errors import TraceError, UnsupportedOpError
+from shardwise.frontend.trace import trace
+from shardwise.ir import verify
+from shardwise.ir.registry import is_known_op
+from shardwise.zoo import MODEL_NAMES, build_model
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_zoo_models_lower_with_costs_module_paths_and_known_ops(name):
+    model, inputs = build_model(name)
+    graph, _ = trace(model, inputs)
+    verify(graph)
+    unknown = sorted({n.op for n in graph.nodes if not is_known_op(n.op)})
+    assert unknown == [], f"ops outside the registry: {unknown}"
+    keys = {p.key for p in graph.params} | {a for p in graph.params for a in p.aliases}
+    assert set(model.state_dict()) <= keys  # every state_dict entry is bound to a graph parameter
+    assert graph.total_flops > 0
+    heavy = [n for n in graph.nodes if n.op in ("aten.linear.default", "aten.addmm.default", "aten.conv2d.default")]
+    assert heavy and all(n.flops > 0 and n.bytes_moved > 0 and n.module_path for n in heavy)
+    assert all(not n.source.startswith("/") for n in graph.nodes)  # repository-relative source lines
+
+
+def test_gpt2_tied_weights_are_one_parameter_with_an_alias():
+    model, inputs = build_model("gpt2")
+    graph, _ = trace(model, inputs)
+    tied = graph.param_by_key("lm_head.weight")
+    assert tied is graph.param_by_key("transformer.wte.weight")
+    assert tied.aliases
+
+
+def test_linear_module_path_and_flops_are_exact():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return torch.relu(self.proj(x))
+
+    graph, _ = trace(Net(), (torch.randn(4, 8),))
+    linear = next(n for n in graph.nodes if n.op == "aten.linear.default")
+    assert linear.module_path == "proj"
+    assert linear.flops == 2 * 4 * 8 * 16
+    assert str(linear.outputs[0]) == "f32[4,16]"
+    assert linear.source.startswith("tests/frontend/test_trace.py:")  # the model's line, not nn.Linear's
+
+
+def test_meta_device_gpt2_48_layers_hidden_1600_traces_without_allocating():
+    model, inputs = build_model(
+        "gpt2", device="meta", layers=48, hidden=1600, heads=25, vocab=50257, seq=1024, batch=1
+    )
+    assert all(p.is_meta for p in model.parameters())
+    graph, _ = trace(model, inputs)
+    assert graph.meta_device
+    assert 1.5e9 < graph.num_params < 1.7e9  # GPT-2 XL size
+    assert len([n for n in graph.nodes if n.op == "aten.scaled_dot_product_attention.default"]) == 48
+
+
+def test_custom_op_is_a_clear_error_naming_the_op_and_line():
+    lib = torch.library.Library("swtest", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+    lib.impl("twice", lambda x: torch.empty_like(x), "Meta")
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return torch.ops.swtest.twice(x)
+
+    with pytest.raises(UnsupportedOpError, match=r"test_trace\.py:\d+.*'swtest\.twice\.default' is not an ATen op"):
+        trace(Net(), (torch.randn(2, 2),))
+
+
+def test_inputs_that_do_not_match_the_model_are_a_trace_error():
+    model, _ = build_model("mlp")
+    with pytest.raises(TraceError, match="could not trace MLP"):
+        trace(model, (torch.randn(4, 7),))
+    with pytest.raises(TraceError, match="tuple"):
+        trace(model, torch.randn(4, 32))
