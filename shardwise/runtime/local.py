@@ -21,6 +21,9 @@ Fault policy (what ``load()``/``call()`` do when something goes wrong; all raise
 
 After the workers were terminated the pool is *dead*: ``call()`` raises ``RuntimeFault`` (the loaded module
 and its state are gone), while ``load()`` **restarts the workers automatically** and then loads the package.
+With ``respawn=True`` (the default) replacement workers are spawned right after the fault, so they start
+while the caller handles it (the fuzzer compiles its next plan meanwhile); the pool stays dead — ``alive``
+is false and ``call()`` raises — until the next ``load()``.
 ``close()`` (also ``__exit__``, a ``weakref`` finaliser and interpreter exit) stops every worker; a closed
 pool cannot be reused. Workers also exit by themselves when the parent process disappears.
 
@@ -227,6 +230,7 @@ class WorkerPool:
         env: dict[str, str] | None = None,
         fault_grace_s: float = 5.0,
         kill_timeout_s: float = 5.0,
+        respawn: bool = True,
     ) -> None:
         if world_size < 1:
             raise UserInputError(f"world_size must be at least 1, got {world_size}")
@@ -246,6 +250,7 @@ class WorkerPool:
         self.start_timeout_s = start_timeout_s
         self.fault_grace_s = fault_grace_s
         self.kill_timeout_s = kill_timeout_s
+        self.respawn = respawn
         self.env = dict(env or {})
         self.threads = threads_per_worker(world_size, {**os.environ, **self.env})
         self._lock = threading.RLock()
@@ -263,8 +268,14 @@ class WorkerPool:
 
     @property
     def alive(self) -> bool:
-        """True while the workers exist and are running (they may still be starting)."""
-        return not self._closed and self._workers is not None and self._workers.all_alive()
+        """True when the pool can take calls or loads without a restart: not closed, not dead after a fault,
+        and every worker process running (possibly still starting up)."""
+        return (
+            not self._closed
+            and self._dead_reason is None
+            and self._workers is not None
+            and self._workers.all_alive()
+        )
 
     @property
     def pids(self) -> list[int]:
@@ -282,7 +293,7 @@ class WorkerPool:
         return self._steps
 
     def wait_ready(self) -> None:
-        """Block until every worker has joined the process group (restarting a dead pool first)."""
+        """Block until every worker has joined the process group (starting workers if there are none)."""
         with self._lock:
             self._ensure_workers()
 
@@ -305,6 +316,7 @@ class WorkerPool:
             raise UserInputError(f"package directory {path} does not exist")
         with self._lock:
             self._ensure_workers()
+            self._dead_reason = None
             self._loads += 1
             name = package_name or f"_shardwise_pkg{self._loads}_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}"
             self._loaded = None
@@ -381,7 +393,6 @@ class WorkerPool:
                 conns.append(parent_end)
                 proc.start()
                 child_end.close()
-        self._dead_reason = None
 
     def _stop(self, polite: bool = False) -> None:
         if self._workers is not None:
@@ -392,14 +403,17 @@ class WorkerPool:
             self._finalizer = None
         self._loaded = None
 
-    def _kill(self, reason: str) -> None:
+    def _kill(self, reason: str, respawn: bool = True) -> None:
+        """Terminate the workers, mark the pool dead and, if wanted, start replacements in the background."""
         self._stop()
         self._dead_reason = reason
+        if respawn and self.respawn and not self._closed:
+            self._spawn()
 
     def _check_usable(self) -> None:
         if self._closed:
             raise RuntimeFault("this WorkerPool is closed; create a new one")
-        if self._workers is None:
+        if self._dead_reason is not None or self._workers is None:
             raise RuntimeFault(
                 f"the worker pool is dead ({self._dead_reason}); its loaded package is gone — "
                 "call load() to restart the workers and load a package again"
@@ -454,7 +468,7 @@ class WorkerPool:
             for rank in sorted(pending):
                 failures[rank] = RankFailure(rank, "hung", stack=stacks.get(rank, ""))
         ordered = tuple(failures[r] for r in sorted(failures))
-        self._kill("its workers failed to start")
+        self._kill("its workers failed to start", respawn=False)
         if any(f.kind == "hung" for f in ordered):
             note = f"workers could not join the process group within start_timeout_s={self.start_timeout_s}"
         elif any(f.kind == "died" for f in ordered):
@@ -511,7 +525,7 @@ class WorkerPool:
             if not failures:
                 self._collect(seq, workers, results, failures, probe)
         except BaseException:  # KeyboardInterrupt or a bug here: never leave workers mid-step
-            self._kill(f"interrupted during {step}")
+            self._kill(f"interrupted during {step}", respawn=False)
             raise
         if not failures and len(results) == self.world_size:
             return [results[r] for r in range(self.world_size)]
@@ -592,7 +606,7 @@ class WorkerPool:
             usable, probe_error = self._probe()
             if not usable:
                 note = f"a probe all_reduce after the error failed (the process group was out of step): {probe_error}"
-        if not usable and self._workers is not None:
+        if not usable and workers is self._workers:  # a failed probe has already replaced them
             self._kill(f"a fault during {step}")
         raise WorkerFault(step=step, method=method, failures=ordered, pool_usable=usable, note=note)
 

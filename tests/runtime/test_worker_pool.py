@@ -278,13 +278,17 @@ def test_rank_that_exits_mid_collective(pool: WorkerPool, packages: dict[str, Pa
     assert f"rank 3 died (exit code 7) during call #{steps + 1} exit_during_collective" in str(fault)
     assert fault.culprits == (3,) and not fault.pool_usable
     assert elapsed < TIMEOUT_S
-    assert not pool.alive and pool.pids == []
-    assert all(_gone(pid) for pid in pids)
+    assert not pool.alive and all(_gone(pid) for pid in pids)
+    # Replacements are already starting; the pool stays dead until the next load().
+    assert len(pool.pids) == WORLD and set(pool.pids).isdisjoint(pids)
+    with pytest.raises(RuntimeFault, match="dead"):
+        pool.call("forward", torch.ones(3))
 
 
 def test_rank_that_hangs_is_named_after_the_timeout(pool: WorkerPool, packages: dict[str, Path]) -> None:
     pool.load(packages["a"])
     pids = pool.pids
+    pool.respawn = False  # the module's last fault: replacements would only compete with the next tests
     start = time.monotonic()
     with pytest.raises(RuntimeFault) as info:
         pool.call("sleep_during_collective", 2, 120.0)
@@ -297,7 +301,7 @@ def test_rank_that_hangs_is_named_after_the_timeout(pool: WorkerPool, packages: 
     assert {f.rank: f.kind for f in fault.failures} == {0: "stuck", 1: "stuck", 2: "hung", 3: "stuck"}
     assert "time.sleep(seconds)" in text or "in sleep_during_collective" in text  # its stack is shown
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 15
-    assert all(_gone(pid) for pid in pids)
+    assert all(_gone(pid) for pid in pids) and pool.pids == []
 
 
 ORPHAN_SCRIPT = """
