@@ -43,6 +43,7 @@ import pickle
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -56,6 +57,7 @@ from typing import Any, Literal
 from shardwise.errors import RuntimeFault, UserInputError
 from shardwise.runtime import _worker
 from shardwise.runtime.faults import RankFailure, WorkerFault
+from shardwise.runtime.package import to_cpu_detached
 from shardwise.runtime.process_group import BACKENDS, find_free_port, threads_per_worker
 
 __all__ = ["WorkerPool"]
@@ -332,7 +334,8 @@ class WorkerPool:
         """Call ``module.<method>(*args, **kwargs)`` on every rank with the same arguments.
 
         Returns the list of per-rank results, or rank 0's result with ``ranks="rank0"`` (the method still runs
-        on every rank; the others' results are not sent back). Tensors in results come back detached on CPU.
+        on every rank; the others' results are not sent back). Tensors travel detached and on CPU both ways
+        (pickled by value through the pipe): generated code moves its inputs to its own device.
         """
         if ranks not in ("all", "rank0"):
             raise UserInputError(f"ranks must be 'all' or 'rank0', got {ranks!r}")
@@ -340,6 +343,8 @@ class WorkerPool:
             self._check_usable()
             if self._loaded is None:
                 raise UserInputError("no package is loaded in the worker pool; call load() first")
+            if "torch" in sys.modules:  # arguments travel as detached CPU tensors, like results
+                args, kwargs = to_cpu_detached((args, kwargs))
             blob = pickle.dumps((args, kwargs), protocol=_PICKLE)
             per_rank = [(method, blob, ranks == "all" or r == 0) for r in range(self.world_size)]
             results = self._run("call", per_rank, label=method, method=method, per_rank=True)
@@ -358,7 +363,7 @@ class WorkerPool:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "dead" if self._workers is None else "alive"
+        state = "closed" if self._closed else "alive" if self.alive else "dead"
         return f"WorkerPool(world_size={self.world_size}, backend={self.backend!r}, {state})"
 
     # -- lifecycle -------------------------------------------------------------------------------------

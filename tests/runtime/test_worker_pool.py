@@ -161,7 +161,8 @@ def test_all_reduce_gives_rank_dependent_results(pool: WorkerPool, packages: dic
 
 def test_rank0_result_only(pool: WorkerPool, packages: dict[str, Path]) -> None:
     pool.load(packages["a"])
-    result = pool.call("forward", x=torch.arange(3.0), ranks="rank0")
+    x = torch.arange(3.0, requires_grad=True) * 1.0  # a non-leaf input travels detached
+    result = pool.call("forward", x=x, ranks="rank0")
     assert result["rank"] == 0
     assert torch.equal(result["total"], torch.arange(3.0) * sum(range(1, WORLD + 1)))
     with pytest.raises(UserInputError, match="ranks must be"):
