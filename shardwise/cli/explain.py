@@ -1,0 +1,353 @@
+"""``shardwise explain``: why this plan (the ranked alternatives) and why an op's strategy (its candidates).
+
+An op's candidates are recomputed from the plan with the same strategy builder and cost model the planner
+uses: every valid split of the op's dimension labels over the mesh axes, given the placements its operands
+have in the plan. Their times and memory are the op's own (compute, plus the collectives it needs before
+it); a different output placement also changes what later ops pay, which the planner weighs and this local
+view does not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from shardwise.cli.summary import FREE_COLLECTIVES, describe_spec, describe_split, module_groups
+from shardwise.errors import UserInputError
+from shardwise.ir.plan import ExecutionPlan
+from shardwise.ir.text import human_bytes, human_time
+
+__all__ = ["Candidate", "OpExplanation", "explain_plan", "explain_ops", "render_explain", "find_ops"]
+
+MAX_OPS = 12
+
+
+@dataclass
+class Candidate:
+    split: str
+    inputs: list[str]
+    outputs: list[str]
+    collectives: list[str]
+    compute_s: float
+    comm_s: float
+    time_s: float  # per step: forward (x3 compute, x2 comm in training)
+    output_bytes: int  # per rank
+    chosen: bool
+    partial_output: bool
+
+
+@dataclass
+class OpExplanation:
+    node: str
+    op: str
+    module: str
+    module_type: str
+    source: str
+    inputs: list[str]
+    outputs: list[str]
+    chosen_split: str
+    chosen_inputs: list[str]
+    chosen_outputs: list[str]
+    redistributions: list[dict[str, Any]]
+    compute_s: float
+    comm_s: float
+    reason: str
+    run_whole: bool
+    candidates: list[Candidate] = field(default_factory=list)
+    note: str = ""
+
+
+def explain_plan(plan: ExecutionPlan) -> dict[str, Any]:
+    """The chosen plan against its ranked alternatives, and the ops that cost the most."""
+    alts = sorted(getattr(plan, "alternatives", ()) or (), key=lambda a: (not a.fits, a.step_time_s))
+    chosen = next((a for a in alts if a.chosen), None)
+    best = chosen.step_time_s if chosen else plan.predicted.step_time_s
+    rows = []
+    for rank, a in enumerate(alts, 1):
+        rows.append(
+            {
+                "rank": rank,
+                "degrees": dict(a.degrees),
+                "step_time_s": a.step_time_s,
+                "vs_chosen": a.step_time_s / best if best else None,
+                "memory_bytes": a.memory_bytes,
+                "fits": a.fits,
+                "chosen": a.chosen,
+                "note": a.note,
+            }  # fmt: skip
+        )
+    factor = (3, 2) if plan.mode == "train" else (1, 1)
+    costly = sorted(module_groups(plan), key=lambda g: -(g.compute_s * factor[0] + g.comm_s * factor[1]))[:10]
+    return {
+        "chosen": {"degrees": plan.degrees, "step_time_s": plan.predicted.step_time_s},
+        "alternatives": rows,
+        "notes": list(getattr(plan, "notes", ()) or ()),
+        "costliest_modules": [
+            {
+                "module": g.module,
+                "ops": g.ops,
+                "compute_s": g.compute_s,
+                "comm_s": g.comm_s,
+                "nodes": g.nodes[:3],
+            }
+            for g in costly
+        ],
+    }
+
+
+def find_ops(plan: ExecutionPlan, name: str) -> list[str]:
+    """Node names matching ``name``: a node name, a module path (and its submodules), or a substring."""
+    nodes = plan.graph.nodes
+    if any(n.name == name for n in nodes):
+        return [name]
+    by_module = [n.name for n in nodes if n.module_path == name or n.module_path.startswith(name + ".")]
+    if by_module:
+        return by_module
+    found = [
+        n.name for n in nodes if name in n.name or name in n.op or (n.module_path and name in n.module_path)
+    ]
+    if not found:
+        near = [n.name for n in nodes][:8]
+        raise UserInputError(
+            f"no op or module matches {name!r}; give an op name (e.g. {', '.join(near)}) or a module path "
+            "(shardwise show lists them)"
+        )
+    return found
+
+
+def _placements(plan: ExecutionPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The placement and the TensorSpec of every tensor value, as the plan leaves them."""
+    from shardwise.ir.tensor import TensorSpec
+
+    graph = plan.graph
+    placement: dict[str, Any] = {}
+    specs: dict[str, Any] = {}
+    for i, pl in zip(graph.inputs, plan.input_placements, strict=False):
+        if isinstance(i.spec, TensorSpec):
+            placement[i.name], specs[i.name] = pl, i.spec
+    param_pl = dict(plan.param_placements)
+    for p in graph.params:
+        placement[p.name], specs[p.name] = param_pl.get(p.key), p.spec
+    by_node = {s.node: s for s in plan.strategies}
+    for n in graph.nodes:
+        s = by_node.get(n.name)
+        if s is None or n.tuple_output:
+            continue
+        if s.outputs and isinstance(n.outputs[0], TensorSpec):
+            placement[n.name], specs[n.name] = s.outputs[0], n.outputs[0]
+    return placement, specs
+
+
+def _candidates(
+    plan: ExecutionPlan, node: Any, placement: dict[str, Any], specs: dict[str, Any], cost: Any
+) -> list[Candidate]:
+    from shardwise.ir.placement import Shard
+    from shardwise.ir.registry import op_dims, tensor_operands
+    from shardwise.ir.tensor import TensorSpec
+    from shardwise.passes.sharding.strategy import make_strategy, split_is_valid
+
+    mesh = plan.mesh
+    train = plan.mode == "train"
+    operands = [n for n in tensor_operands(node) if n in specs]
+    ins = [specs[n] for n in operands]
+    outs = [o for o in node.outputs if isinstance(o, TensorSpec)]
+    if not outs:
+        return []
+    dims = op_dims(node, ins)
+    current = [placement.get(n) for n in operands]
+    chosen = plan.strategy(node.name)
+    chosen_split = {a: lab for a, lab in chosen.split if mesh.axis_size(a) > 1}
+    options: list[list[str | None]] = []
+    for size in mesh.shape:
+        opts: list[str | None] = [None]
+        if size > 1:
+            opts += [
+                lab for lab in dims.splittable_labels() if split_is_valid(node, dims, lab, size, ins, outs)
+            ]
+        options.append(opts)
+    out: list[Candidate] = []
+    for combo in itertools.product(*options):
+        labels = [c for c in combo if c is not None]
+        if len(labels) != len(set(labels)):
+            continue
+        split = dict(zip(mesh.axis_names, combo, strict=True))
+        s = make_strategy(node, dims, operands, current, ins, outs, split, mesh, cost, train)
+        out_bytes = sum(
+            o.nbytes
+            // math.prod(mesh.shape[a] for a, p in enumerate(spec.placements) if isinstance(p, Shard))
+            for o, spec in zip(outs, s.outputs, strict=False)
+        )
+        colls = [
+            f"{r.collective}@{r.axis} {r.value}"
+            for r in s.redistributes
+            if r.collective not in FREE_COLLECTIVES
+        ]
+        time = s.compute_s * (3 if train else 1) + s.comm_s * (2 if train else 1)
+        mine = {a: lab for a, lab in s.split if mesh.axis_size(a) > 1}
+        out.append(
+            Candidate(
+                split=describe_split(s.split),
+                inputs=[describe_spec(x, mesh) for x in s.inputs],
+                outputs=[describe_spec(x, mesh) for x in s.outputs],
+                collectives=colls,
+                compute_s=s.compute_s,
+                comm_s=s.comm_s,
+                time_s=time,
+                output_bytes=int(out_bytes),
+                chosen=mine == chosen_split,
+                partial_output=any("P" in str(x) for x in s.outputs),
+            )  # fmt: skip
+        )
+    return sorted(out, key=lambda c: (c.time_s, c.output_bytes, not c.chosen))
+
+
+def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[list[OpExplanation], str]:
+    """Explanations for the ops matching ``name`` (at most MAX_OPS), and a note on what was left out."""
+    from shardwise.passes.cost import CostModel
+
+    names = find_ops(plan, name)
+    note = f"{len(names)} ops match {name!r}: showing the first {MAX_OPS}" if len(names) > MAX_OPS else ""
+    placement, specs = _placements(plan)
+    cost = CostModel(cluster, plan.mesh, plan.precision) if cluster is not None else None
+    mesh = plan.mesh
+    run_whole = set(getattr(plan, "replicated_ops", ()) or ())
+    out = []
+    for n in names[:MAX_OPS]:
+        node = plan.graph.node(n)
+        s = plan.strategy(n)
+        try:
+            cands = _candidates(plan, node, placement, specs, cost)
+            cand_note = (
+                "" if cost is not None else "the plan's cluster could not be read: candidate times are 0"
+            )
+        except Exception as exc:  # an op the strategy builder cannot re-evaluate: say so, keep the rest
+            cands, cand_note = [], f"candidates could not be recomputed ({type(exc).__name__}: {exc})"
+        out.append(
+            OpExplanation(
+                node=n,
+                op=node.op,
+                module=node.module_path,
+                module_type=node.module_type,
+                source=node.source,
+                inputs=[str(specs[x]) for x in _operands(node, specs)],
+                outputs=[str(o) for o in node.outputs],
+                chosen_split=describe_split(s.split),
+                chosen_inputs=[describe_spec(x, mesh) for x in s.inputs],
+                chosen_outputs=[describe_spec(x, mesh) for x in s.outputs],
+                redistributions=[
+                    {
+                        "value": r.value,
+                        "from": describe_spec(r.src, mesh),
+                        "to": describe_spec(r.dst, mesh),
+                        "collective": r.collective,
+                        "axis": r.axis,
+                        "bytes": r.nbytes,
+                        "time_s": r.time_s,
+                        "algorithm": getattr(r, "algorithm", ""),
+                    }  # fmt: skip
+                    for r in s.redistributes
+                ],
+                compute_s=s.compute_s,
+                comm_s=s.comm_s,
+                reason=getattr(s, "reason", "") or "",
+                run_whole=n in run_whole,
+                candidates=cands,
+                note=cand_note,
+            )  # fmt: skip
+        )
+    return out, note
+
+
+def _operands(node: Any, specs: dict[str, Any]) -> list[str]:
+    from shardwise.ir.registry import tensor_operands
+
+    return [n for n in tensor_operands(node) if n in specs]
+
+
+def _why(e: OpExplanation) -> str:
+    if e.reason:
+        return e.reason
+    if e.run_whole:
+        return "no sharding rule covers this op, so it runs whole on every rank"
+    chosen = next((c for c in e.candidates if c.chosen), None)
+    if chosen is None or not e.candidates:
+        return "it keeps the placement its operands already have"
+    best = e.candidates[0]
+    if best.chosen or best.time_s >= chosen.time_s:
+        return "it is the cheapest candidate for this op given its operands' placements"
+    return (
+        "it keeps the placement its operands already have (the planner follows producers); a cheaper local choice "
+        "would change what later ops receive"
+    )
+
+
+def render_explain(
+    console: Console, plan: ExecutionPlan, data: dict[str, Any], ops: list[OpExplanation] | None, note: str
+) -> None:
+    if ops is None:
+        degrees = ", ".join(f"{k}={v}" for k, v in data["chosen"]["degrees"].items())
+        console.print(
+            f"[bold]Why this plan:[/bold] {degrees}, predicted {human_time(data['chosen']['step_time_s'])} per step"
+        )
+        t = Table(title="Candidates the planner scored (fastest that fits wins)", title_justify="left",
+                  header_style="cyan", show_edge=False)  # fmt: skip
+        for c in ("#", "degrees", "step time", "vs chosen", "memory/rank", "fits", "why"):
+            t.add_column(
+                c, justify="right" if c in ("#", "step time", "vs chosen", "memory/rank") else "left"
+            )
+        for a in data["alternatives"]:
+            mark = "[bold green]chosen[/bold green] " if a["chosen"] else ""
+            t.add_row(
+                str(a["rank"]), ", ".join(f"{k}={v}" for k, v in a["degrees"].items()), human_time(a["step_time_s"]),
+                f"{a['vs_chosen']:.2f}x" if a["vs_chosen"] else "-", human_bytes(a["memory_bytes"]),
+                "yes" if a["fits"] else "[red]no[/red]", mark + a["note"],
+            )  # fmt: skip
+        if not data["alternatives"]:
+            t.add_row("-", "(the planner recorded no alternatives)", "", "", "", "", "")
+        console.print(t)
+        for n in data["notes"]:
+            console.print(f"[yellow]note:[/yellow] {n}")
+        console.print()
+        t = Table(title="Where the time goes (explain --op MODULE for its candidates)", title_justify="left",
+                  header_style="cyan", show_edge=False)  # fmt: skip
+        for c in ("module", "ops", "compute", "comm", "first op"):
+            t.add_column(c, justify="right" if c in ("ops", "compute", "comm") else "left")
+        for g in data["costliest_modules"]:
+            t.add_row(
+                g["module"], str(g["ops"]), human_time(g["compute_s"]), human_time(g["comm_s"]), g["nodes"][0]
+            )
+        console.print(t)
+        return
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
+    for e in ops:
+        console.print(f"\n[bold]{e.node}[/bold] = {e.op}  [dim]{e.module} ({e.module_type}) {e.source}[/dim]")
+        console.print(f"  inputs: {', '.join(e.inputs) or '-'} -> outputs: {', '.join(e.outputs)}")
+        console.print(
+            f"  chosen: split {e.chosen_split}; reads {', '.join(e.chosen_inputs) or '-'}; "
+            f"writes {', '.join(e.chosen_outputs) or '-'}; compute {human_time(e.compute_s)}, comm {human_time(e.comm_s)}"
+        )
+        for r in e.redistributions:
+            console.print(
+                f"  before it: {r['value']} {r['from']} -> {r['to']} by {r['collective']} on {r['axis']} "
+                f"({human_bytes(r['bytes'])}, {human_time(r['time_s'])}, {r['algorithm']})"
+            )
+        console.print(f"  why: {_why(e)}")
+        if e.note:
+            console.print(f"  [yellow]{e.note}[/yellow]")
+        if e.candidates:
+            t = Table(header_style="cyan", show_edge=False, box=None, padding=(0, 1))
+            for c in ("", "split", "reads", "writes", "collectives before it", "time/step", "output/rank"):
+                t.add_column(c, justify="right" if c in ("time/step", "output/rank") else "left")
+            for c in e.candidates:
+                t.add_row(
+                    "[green]>[/green]" if c.chosen else "", c.split, " ".join(c.inputs), " ".join(c.outputs)
+                    + (" [dim](partial sums)[/dim]" if c.partial_output else ""), ", ".join(c.collectives) or "-",
+                    human_time(c.time_s), human_bytes(c.output_bytes),
+                )  # fmt: skip
+            console.print(t)

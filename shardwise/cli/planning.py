@@ -1,0 +1,194 @@
+"""Making plans from CLI arguments, reading plan files, and rebuilding the model a plan was made for.
+
+A plan made by ``shardwise plan`` records its MODEL/--cluster/--batch/--mode arguments in
+``ExecutionPlan.source``; :func:`rebuild` builds that model again (same seed, so the same weights), traces
+it and checks the graph fingerprint against the plan's, so a plan never runs on a model it was not made for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardwise.cli.console import Steps
+from shardwise.cli.models import LoadedModel, default_loss, load_model
+from shardwise.errors import PlanFileError, UserInputError
+from shardwise.ir.plan import ExecutionPlan
+
+__all__ = [
+    "Planned",
+    "Rebuilt",
+    "make_plan",
+    "load_plan",
+    "rebuild",
+    "parse_constraints",
+    "source_of",
+    "resolve_cluster",
+]
+
+SEED = 0
+
+
+@dataclass
+class Planned:
+    plan: ExecutionPlan
+    loaded: LoadedModel
+    compiled: Any  # shardwise.api.CompiledModel
+
+
+@dataclass
+class Rebuilt:
+    loaded: LoadedModel
+    out_spec: Any  # the output TreeSpec from tracing (None when not verified)
+    cluster: Any  # ClusterSpec
+    verified: bool
+
+
+def parse_constraints(items: list[str] | None) -> dict[str, int]:
+    """``["dp=2", "tp=1"]`` → ``{"dp": 2, "tp": 1}``."""
+    out: dict[str, int] = {}
+    for item in items or []:
+        for part in filter(None, item.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or not value.strip().isdigit():
+                raise UserInputError(f"--constraint {part!r}: write it as AXIS=N, e.g. dp=2")
+            out[key.strip()] = int(value)
+    return out
+
+
+def _loss_for(loaded: LoadedModel, mode: str) -> Callable[[Any], Any] | None:
+    if mode != "train":
+        return None
+    return loaded.loss_fn or default_loss
+
+
+def make_plan(
+    model: str,
+    cluster: str,
+    *,
+    mode: str = "inference",
+    batch: int | None = None,
+    precision: str = "fp32",
+    constraints: Mapping[str, int] | None = None,
+    steps: Steps,
+) -> Planned:
+    """Build the model, trace and plan it (``shardwise.compile``), and record how in ``plan.source``."""
+    import shardwise
+    from shardwise.cluster import get_cluster
+
+    with steps.step(f"building {model}"):
+        loaded = load_model(model, batch=batch, seed=SEED)
+    with steps.step(f"reading cluster {cluster}"):
+        spec = get_cluster(cluster)
+    with steps.step(f"tracing and planning for {spec.name} ({spec.world_size} devices)"):
+        compiled = shardwise.compile(
+            loaded.model, spec, example_inputs=loaded.inputs, mode=mode, precision=precision,
+            loss_fn=_loss_for(loaded, mode), constraints=dict(constraints or {}) or None,
+        )  # fmt: skip
+    source = [("model", model), ("cluster", cluster), ("seed", str(SEED))]
+    if batch is not None:
+        source.append(("batch", str(batch)))
+    plan = compiled.plan.replace(source=tuple(source))
+    compiled.plan = plan
+    return Planned(plan, loaded, compiled)
+
+
+def load_plan(path: str | os.PathLike[str]) -> ExecutionPlan:
+    """Read a plan file (or the plan.json inside a generated package directory)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "plan.json").is_file():
+            raise PlanFileError(
+                f"{p} is a directory without plan.json: give a plan file made by `shardwise plan`"
+            )
+        p = p / "plan.json"
+    if not p.is_file():
+        raise PlanFileError(
+            f"plan file {p} not found: make one with `shardwise plan MODEL --cluster C -o {p}`"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanFileError(f"cannot read {p}: {exc}") from None
+    return ExecutionPlan.from_json(text)
+
+
+def source_of(plan: ExecutionPlan) -> dict[str, str]:
+    """``plan.source`` as a dict (empty for plans made with the Python API or by an older shardwise)."""
+    raw = getattr(plan, "source", ()) or ()
+    try:
+        return {str(k): str(v) for k, v in raw}
+    except (TypeError, ValueError):
+        return {}
+
+
+def resolve_cluster(plan: ExecutionPlan, plan_path: str | os.PathLike[str] | None = None) -> Any:
+    """The plan's ClusterSpec: from its recorded --cluster argument, else its cluster name (a preset)."""
+    from shardwise.cluster import get_cluster
+
+    recorded = source_of(plan).get("cluster") or plan.cluster_name
+    candidates = [recorded]
+    if plan_path is not None and not Path(recorded).is_absolute() and recorded.endswith((".yaml", ".yml")):
+        candidates.append(str(Path(plan_path).resolve().parent / recorded))
+    last: Exception | None = None
+    for c in candidates:
+        try:
+            return get_cluster(c)
+        except UserInputError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _prepare(model: Any, mode: str) -> None:
+    """Put the model in the state ``shardwise.compile`` traces it in: training mode with dropout off for
+    train plans (eval mode otherwise, as built)."""
+    if mode != "train":
+        return
+    import torch
+
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def rebuild(
+    plan: ExecutionPlan, plan_path: str | os.PathLike[str] | None, *, verify: bool = True, steps: Steps
+) -> Rebuilt:
+    """Build the plan's model again and (``verify``) check that it traces to the plan's fingerprint."""
+    source = source_of(plan)
+    if "model" not in source:
+        raise PlanFileError(
+            "this plan does not record which model it was made for (it was made with the Python API): run it "
+            "with shardwise.compile(...).run(), or make it with `shardwise plan MODEL --cluster C`"
+        )
+    search = [Path.cwd()]
+    if plan_path is not None:
+        search.append(
+            Path(plan_path).resolve().parent if Path(plan_path).is_file() else Path(plan_path).resolve()
+        )
+    batch = int(source["batch"]) if source.get("batch", "").isdigit() else None
+    seed = int(source["seed"]) if source.get("seed", "").lstrip("-").isdigit() else SEED
+    with steps.step(f"building {source['model']}"):
+        loaded = load_model(source["model"], batch=batch, seed=seed, search=search)
+    cluster = resolve_cluster(plan, plan_path)
+    _prepare(loaded.model, plan.mode)
+    out_spec = None
+    if verify:
+        from shardwise.frontend.trace import trace
+        from shardwise.planner.simple import graph_fingerprint
+
+        with steps.step("tracing it to check the plan's model fingerprint"):
+            graph, out_spec = trace(loaded.model, loaded.inputs, loss_fn=_loss_for(loaded, plan.mode))
+        got = graph_fingerprint(graph)
+        if got != plan.model_fingerprint:
+            raise PlanFileError(
+                f"the plan was made for a model with fingerprint {plan.model_fingerprint}, but {source['model']} "
+                f"now traces to {got}: the model (or its code) changed. Make the plan again with `shardwise plan`, "
+                "or pass --no-verify to run it anyway"
+            )
+    return Rebuilt(loaded, out_spec, cluster, verify)
