@@ -22,6 +22,7 @@ from shardwise.frontend.trace import model_tensors, trace
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.fusion import fuse_plan
 from shardwise.planner.simple import plan_simple
 from shardwise.runtime import WorkerPool
 
@@ -277,6 +278,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     constraints: Mapping[str, int] | None = None,
     dynamic_shapes: Any = None,
     workers: WorkerPool | None = None,
+    fusion: bool = True,
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
@@ -284,6 +286,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     torch.optim.Optimizer (AdamW by default). ``constraints`` pins parallel degrees ({"dp": 2}).
     ``dynamic_shapes`` follows torch.export's convention. ``workers`` runs the program on an existing
     WorkerPool (its processes take the new program without restarting) instead of starting new ones.
+    ``fusion`` groups each rank's elementwise chains and normalization/softmax epilogues into fused kernels
+    (Triton on CUDA, the same ops eagerly on CPU); ``fusion=False`` runs one statement per op.
     """
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
@@ -305,4 +309,6 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     plan = plan_simple(
         graph, spec, mode=mode, precision=precision, constraints=constraints, optimizer=_describe_optimizer(optimizer)
     )
+    if fusion:
+        plan = fuse_plan(plan)
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)

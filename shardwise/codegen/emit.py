@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import jinja2
 
+from shardwise.ir.fusion import FusedGroup, schedule
 from shardwise.ir.graph import Arg, Const, Graph, Node, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
@@ -80,7 +81,7 @@ def _identifier(text: str) -> str:
     return name
 
 
-_RESERVED = {"self", "mesh", "torch", "nn", "F", "C", "aten", "loss"}
+_RESERVED = {"self", "mesh", "torch", "nn", "F", "C", "K", "aten", "loss"}
 
 
 class _Names:
@@ -245,6 +246,32 @@ def _placement_note(spec: ShardingSpec | None, mesh: DeviceMesh) -> str:
     return " [" + " ".join(parts) + "]"
 
 
+def _group_statement(
+    group: FusedGroup, step: int, last_use: dict[str, int], final: set[str], names: _Names, plan: ExecutionPlan,
+    placement: dict[str, ShardingSpec | None],
+) -> Statement:  # fmt: skip
+    """``outputs = K.<group>(inputs)``: a fused group's call (its ops are in kernels.py)."""
+    args = ", ".join(names.ref(v) for v in group.inputs)
+    targets = ", ".join(names.var[o] for o in group.outputs)
+    lines = [f"{targets} = K.{group.name}({args})"]
+    for o in group.outputs:
+        s = plan.strategy(o)
+        placement[o] = s.outputs[0] if s.outputs else None
+    dead = [
+        names.var[v]
+        for v in group.inputs
+        if last_use.get(v) == step and v not in final and v in names.var and v not in names.attr
+    ]
+    if dead:
+        lines.append(f"del {', '.join(dict.fromkeys(dead))}")
+    nodes = [plan.graph.node(n) for n in group.nodes]
+    paths = ", ".join(dict.fromkeys(n.module_path for n in nodes if n.module_path))
+    ops = ", ".join(n.op.split(".")[1] for n in nodes)
+    note = _placement_note(placement.get(group.outputs[0]), plan.mesh) if group.outputs else ""
+    comment = f"{paths + ' — ' if paths else ''}fused {group.kind}: {ops}{note}"
+    return Statement(comment, tuple(lines))
+
+
 def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     graph, mesh = plan.graph, plan.mesh
     train = plan.mode == "train"
@@ -252,10 +279,13 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     deferred = {key for key, _ in plan.param_grad_reduce}
     param_keys = {p.name: p.key for p in graph.params}
     placement: dict[str, ShardingSpec | None] = {}
+    # fused groups run as one step each (kernels.py); the order is graph order with each group contracted
+    groups = {g.name: g for g in plan.fused_groups}
+    order = schedule(graph, plan.fused_groups) if groups else [n.name for n in graph.nodes]
     # last use of every local variable, to free activations as soon as possible
     last_use: dict[str, int] = {}
-    for step, node in enumerate(graph.nodes):
-        for v in node.inputs:
+    for step, item in enumerate(order):
+        for v in groups[item].inputs if item in groups else graph.node(item).inputs:
             last_use[v] = step
     final = set(graph.output_names) | {v.name for _, v in graph.buffer_updates}
     body: list[Statement] = []
@@ -268,7 +298,11 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
                 lines.append(f"{v} = C.shard({v}, {p.dim}, mesh, {axis!r})")
         if lines:
             body.append(Statement(f"input {i.name}: this rank's part of the batch", tuple(lines)))
-    for step, node in enumerate(graph.nodes):
+    for step, item in enumerate(order):
+        if item in groups:
+            body.append(_group_statement(groups[item], step, last_use, final, names, plan, placement))
+            continue
+        node = graph.node(item)
         strategy = strategies[node.name]
         lines: list[str] = []
         ref: dict[str, str] = {}
@@ -376,6 +410,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         aliases=repr(aliases),
         grad_reduce=repr(dict(plan.param_grad_reduce)),
         model_name=plan.model_name,
+        fused=bool(plan.fused_groups),
         inputs=[names.ref(i.name) for i in graph.inputs],
         body=body,
         returns=returns,

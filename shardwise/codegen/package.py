@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from shardwise.codegen.emit import render_program, template_env
+from shardwise.codegen.kernels import render_kernels
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 
@@ -62,6 +63,8 @@ def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Pat
         "README.md": env.get_template("README.md.j2").render(**context),
         "plan.json": plan.to_json(),
     }
+    if plan.fused_groups:
+        files["kernels.py"] = render_kernels(plan, version=VERSION, plan_id=pid)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for name, text in files.items():

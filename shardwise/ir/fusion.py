@@ -100,5 +100,7 @@ def schedule(graph: Graph, groups: Sequence[FusedGroup]) -> list[str]:
                 heapq.heappush(ready, (key[u], u))
     if len(order) != len(deps):
         stuck = sorted(s for s, n in waiting.items() if n > 0)[:5]
-        raise ValueError(f"fused groups make a cycle in the graph (steps {', '.join(stuck)} never become ready)")
+        raise ValueError(
+            f"fused groups make a cycle in the graph (steps {', '.join(stuck)} never become ready)"
+        )
     return order
