@@ -7,16 +7,18 @@ path present in either plan, by its splits, output placements and collectives (s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shardwise.cli.summary import collective_totals, module_groups, natural_sorted, overview, prediction
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.text import human_bytes, human_time
 
-__all__ = ["diff_plans", "render_diff"]
+__all__ = ["diff_plans", "render_diff", "collapse_repeats"]
 
 _FIELDS = ("model", "cluster", "mode", "precision", "world_size", "mesh", "degrees", "optimizer")
 
@@ -82,20 +84,68 @@ def diff_plans(a: ExecutionPlan, b: ExecutionPlan, *, by_layer: bool = False) ->
     }
 
 
+def _layer_pattern(module: str) -> tuple[str, str]:
+    """``transformer.h.3.attn`` → (``transformer.h.*.attn``, ``3``): the path with its first number hidden."""
+    m = re.search(r"\.(\d+)(?=\.|$)", module)
+    if m is None:
+        return module, ""
+    return module[: m.start(1)] + "*" + module[m.end(1) :], m.group(1)
+
+
+def _number_set(numbers: list[str]) -> str:
+    values = sorted(int(n) for n in numbers)
+    if values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def collapse_repeats(changed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Changed modules that differ only in their layer number, with the same change, become one row
+    (``transformer.h.[0-11].mlp.c_fc``); times are summed."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    order: list[tuple[Any, ...]] = []
+    for m in changed:
+        pattern, _ = _layer_pattern(m["module"])
+        key = (pattern, repr(m["splits"]), repr(m["outputs"]), repr(m["collectives"]))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(m)
+    out = []
+    for key in order:
+        members = groups[key]
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        numbers = [_layer_pattern(m["module"])[1] for m in members]
+        name = key[0].replace("*", f"[{_number_set(numbers)}]", 1)
+        times = [sum(m["time_s"][i] for m in members) for i in (0, 1)]
+        out.append({**members[0], "module": name, "time_s": times})
+    return out
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict) and set(v) == {"axes", "shape"}:
+        return " x ".join(f"{a}={n}" for a, n in zip(v["axes"], v["shape"], strict=False))
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={x}" for k, x in v.items())
+    return str(v)
+
+
 def _fmt(key: str, v: float) -> str:
     return human_bytes(v) if key.endswith("bytes") else human_time(v)
 
 
 def render_diff(console: Console, d: dict[str, Any], names: tuple[str, str]) -> None:
     a, b = names
-    console.print(f"[bold]--- {a}[/bold]\n[bold]+++ {b}[/bold]")
+    console.print(f"[bold]--- {escape(a)}[/bold]\n[bold]+++ {escape(b)}[/bold]")
     for n in d["notes"]:
-        console.print(f"[yellow]note:[/yellow] {n}")
+        console.print(f"[yellow]note:[/yellow] {escape(n)}")
     if d["same"]:
         console.print("the plans make the same decisions and predictions")
         return
     for k, (x, y) in d["fields"].items():
-        console.print(f"{k}: [red]{x}[/red] -> [green]{y}[/green]")
+        console.print(f"{k}: [red]{escape(_value(x))}[/red] -> [green]{escape(_value(y))}[/green]")
     t = Table(title="Predicted", title_justify="left", header_style="cyan", show_edge=False)
     for c in ("", "a", "b", "b/a"):
         t.add_column(c, justify="left" if not c else "right")
@@ -112,14 +162,14 @@ def render_diff(console: Console, d: dict[str, Any], names: tuple[str, str]) -> 
         t = Table(header_style="cyan", show_edge=False)
         for c in ("module", "what", "a", "b", "time a -> b"):
             t.add_column(c, overflow="fold")
-        for m in mods["changed"]:
+        for m in collapse_repeats(mods["changed"]):
             first = True
             for what in ("splits", "outputs", "collectives"):
                 if m[what] is None:
                     continue
                 x, y = m[what]
                 t.add_row(
-                    m["module"] if first else "", what, " ".join(x) or "-", " ".join(y) or "-",
+                    escape(m["module"]) if first else "", what, " ".join(x) or "-", " ".join(y) or "-",
                     f"{human_time(m['time_s'][0])} -> {human_time(m['time_s'][1])}" if first else "",
                 )  # fmt: skip
                 first = False

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shardwise.cli.summary import FREE_COLLECTIVES, describe_spec, describe_split, module_groups
@@ -301,17 +302,21 @@ def render_explain(
                 c, justify="right" if c in ("#", "step time", "vs chosen", "memory/rank") else "left"
             )
         for a in data["alternatives"]:
-            mark = "[bold green]chosen[/bold green] " if a["chosen"] else ""
+            note_text = escape(a["note"])
+            if a["chosen"]:
+                note_text = "[bold green]chosen[/bold green]" + (
+                    note_text.removeprefix("chosen") if note_text.startswith("chosen") else ": " + note_text
+                )
             t.add_row(
                 str(a["rank"]), ", ".join(f"{k}={v}" for k, v in a["degrees"].items()), human_time(a["step_time_s"]),
                 f"{a['vs_chosen']:.2f}x" if a["vs_chosen"] else "-", human_bytes(a["memory_bytes"]),
-                "yes" if a["fits"] else "[red]no[/red]", mark + a["note"],
+                "yes" if a["fits"] else "[red]no[/red]", note_text,
             )  # fmt: skip
         if not data["alternatives"]:
             t.add_row("-", "(the planner recorded no alternatives)", "", "", "", "", "")
         console.print(t)
         for n in data["notes"]:
-            console.print(f"[yellow]note:[/yellow] {n}")
+            console.print(f"[yellow]note:[/yellow] {escape(n)}")
         console.print()
         t = Table(title="Where the time goes (explain --op MODULE for its candidates)", title_justify="left",
                   header_style="cyan", show_edge=False)  # fmt: skip
@@ -324,7 +329,7 @@ def render_explain(
         console.print(t)
         return
     if note:
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     for e in ops:
         console.print(f"\n[bold]{e.node}[/bold] = {e.op}  [dim]{e.module} ({e.module_type}) {e.source}[/dim]")
         console.print(f"  inputs: {', '.join(e.inputs) or '-'} -> outputs: {', '.join(e.outputs)}")
@@ -337,9 +342,9 @@ def render_explain(
                 f"  before it: {r['value']} {r['from']} -> {r['to']} by {r['collective']} on {r['axis']} "
                 f"({human_bytes(r['bytes'])}, {human_time(r['time_s'])}, {r['algorithm']})"
             )
-        console.print(f"  why: {_why(e)}")
+        console.print(f"  why: {escape(_why(e))}")
         if e.note:
-            console.print(f"  [yellow]{e.note}[/yellow]")
+            console.print(f"  [yellow]{escape(e.note)}[/yellow]")
         if e.candidates:
             t = Table(header_style="cyan", show_edge=False, box=None, padding=(0, 1))
             for c in ("", "split", "reads", "writes", "collectives before it", "time/step", "output/rank"):

@@ -83,6 +83,10 @@ def plan(
     constraint: Annotated[
         list[str] | None, typer.Option("--constraint", "-C", help="pin a degree: dp=2 (repeatable)")
     ] = None,
+    meta: Annotated[
+        bool,
+        typer.Option("--meta", help="build the model on the meta device: plan without allocating weights"),
+    ] = False,
     output: Annotated[Path, typer.Option("--output", "-o", help="where to write the plan")] = Path(
         "plan.json"
     ),
@@ -99,7 +103,7 @@ def plan(
     steps = Steps(quiet or json_out)
     planned = make_plan(
         model, cluster, mode=mode.value, batch=batch, precision=precision.value,
-        constraints=parse_constraints(constraint), steps=steps,
+        constraints=parse_constraints(constraint), meta=meta, steps=steps,
     )  # fmt: skip
     with steps.step(f"writing {output}"):
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -311,13 +315,14 @@ def run(
 
     On local processes, or, started by torchrun (one machine or many), as this rank.
     """
-    from shardwise.cli.planning import load_plan, rebuild
+    from shardwise.cli.planning import check_runnable, load_plan, rebuild
     from shardwise.cli.runner import load_inputs, run_local, run_torchrun, under_torchrun
 
     distributed = under_torchrun()
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     steps = Steps(quiet or json_out or rank != 0)
     p = load_plan(plan_file)
+    check_runnable(p, local=not distributed, plan_path=plan_file)
     rebuilt = rebuild(p, plan_file, verify=verify, steps=steps)
     args = load_inputs(inputs, rebuilt.loaded.inputs)
     if distributed:

@@ -8,6 +8,7 @@ plan was made for.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import sys
@@ -158,7 +159,8 @@ def load_model(
         kwargs["batch"] = batch
     torch.manual_seed(seed)
     try:
-        result = factory(**kwargs)
+        with torch.device("meta") if device == "meta" else contextlib.nullcontext():
+            result = factory(**kwargs)
     except UserInputError:
         raise
     except Exception as exc:

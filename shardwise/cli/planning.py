@@ -15,6 +15,7 @@ from typing import Any
 
 from shardwise.cli.console import Steps
 from shardwise.cli.models import LoadedModel, default_loss, load_model
+from shardwise.cli.summary import plan_command, source_of
 from shardwise.errors import PlanFileError, UserInputError
 from shardwise.ir.plan import ExecutionPlan
 
@@ -27,6 +28,8 @@ __all__ = [
     "parse_constraints",
     "source_of",
     "resolve_cluster",
+    "plan_command",
+    "check_runnable",
 ]
 
 SEED = 0
@@ -73,14 +76,19 @@ def make_plan(
     batch: int | None = None,
     precision: str = "fp32",
     constraints: Mapping[str, int] | None = None,
+    meta: bool = False,
     steps: Steps,
 ) -> Planned:
-    """Build the model, trace and plan it (``shardwise.compile``), and record how in ``plan.source``."""
+    """Build the model, trace and plan it (``shardwise.compile``), and record how in ``plan.source``.
+
+    ``meta`` builds the model on the meta device: nothing is allocated (plan models larger than this machine),
+    and the plan has no weights to run or export.
+    """
     import shardwise
     from shardwise.cluster import get_cluster
 
     with steps.step(f"building {model}"):
-        loaded = load_model(model, batch=batch, seed=SEED)
+        loaded = load_model(model, batch=batch, seed=SEED, device="meta" if meta else "cpu")
     with steps.step(f"reading cluster {cluster}"):
         spec = get_cluster(cluster)
     with steps.step(f"tracing and planning for {spec.name} ({spec.world_size} devices)"):
@@ -91,6 +99,8 @@ def make_plan(
     source = [("model", model), ("cluster", cluster), ("seed", str(SEED))]
     if batch is not None:
         source.append(("batch", str(batch)))
+    if meta:
+        source.append(("device", "meta"))
     plan = compiled.plan.replace(source=tuple(source))
     compiled.plan = plan
     return Planned(plan, loaded, compiled)
@@ -116,13 +126,29 @@ def load_plan(path: str | os.PathLike[str]) -> ExecutionPlan:
     return ExecutionPlan.from_json(text)
 
 
-def source_of(plan: ExecutionPlan) -> dict[str, str]:
-    """``plan.source`` as a dict (empty for plans made with the Python API or by an older shardwise)."""
-    raw = getattr(plan, "source", ()) or ()
+def check_runnable(
+    plan: ExecutionPlan, *, local: bool, plan_path: str | os.PathLike[str] | None = None
+) -> None:
+    """Fail early (before building anything) for plans that cannot run here."""
+    if plan.graph.meta_device or source_of(plan).get("device") == "meta":
+        raise UserInputError(
+            "this plan was made on the meta device (--meta): it has no weights to run. Make it without --meta "
+            "to run it, or export the program (shardwise codegen) and load real weights into it"
+        )
+    if not local:
+        return
     try:
-        return {str(k): str(v) for k, v in raw}
-    except (TypeError, ValueError):
-        return {}
+        kind = resolve_cluster(plan, plan_path).device.kind
+    except UserInputError:
+        return  # the runtime checks again with what it can tell
+    if kind != "cpu":
+        from shardwise.errors import DeviceUnavailableError
+
+        raise DeviceUnavailableError(
+            f"this plan is for {plan.world_size} {kind} devices of {plan.cluster_name}; `shardwise run` starts local "
+            f"CPU processes. Plan for cpu:N to run here, or export it (shardwise codegen) and start it with "
+            "torchrun on the cluster (or run `shardwise run` under torchrun there)"
+        )
 
 
 def resolve_cluster(plan: ExecutionPlan, plan_path: str | os.PathLike[str] | None = None) -> Any:
@@ -174,7 +200,9 @@ def rebuild(
     batch = int(source["batch"]) if source.get("batch", "").isdigit() else None
     seed = int(source["seed"]) if source.get("seed", "").lstrip("-").isdigit() else SEED
     with steps.step(f"building {source['model']}"):
-        loaded = load_model(source["model"], batch=batch, seed=seed, search=search)
+        loaded = load_model(
+            source["model"], batch=batch, seed=seed, search=search, device=source.get("device", "cpu")
+        )
     cluster = resolve_cluster(plan, plan_path)
     _prepare(loaded.model, plan.mode)
     out_spec = None

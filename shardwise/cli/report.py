@@ -159,7 +159,7 @@ def render_report(plan: ExecutionPlan) -> str:
         }  # fmt: skip
         for a in explain_plan(plan)["alternatives"]
     ]
-    source = " ".join(f"{k}={v}" for k, v in ov["source"].items())
+    source = ov["command"]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     template = env.from_string(_asset("report.html.j2"))
     return template.render(

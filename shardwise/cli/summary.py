@@ -28,6 +28,8 @@ __all__ = [
     "stages",
     "overview",
     "FREE_COLLECTIVES",
+    "source_of",
+    "plan_command",
 ]
 
 FREE_COLLECTIVES = ("none", "slice", "to_partial")
@@ -317,7 +319,34 @@ def overview(plan: ExecutionPlan) -> dict[str, Any]:
         "notes": list(getattr(plan, "notes", ()) or ()),
         "replicated_ops": list(getattr(plan, "replicated_ops", ()) or ()),
         "source": dict(getattr(plan, "source", ()) or ()),
+        "command": plan_command(plan),
     }
+
+
+def source_of(plan: ExecutionPlan) -> dict[str, str]:
+    """``plan.source`` as a dict (empty for plans made with the Python API or by an older shardwise)."""
+    raw = getattr(plan, "source", ()) or ()
+    try:
+        return {str(k): str(v) for k, v in raw}
+    except (TypeError, ValueError):
+        return {}
+
+
+def plan_command(plan: ExecutionPlan) -> str:
+    """The ``shardwise plan ...`` command that made ``plan`` (empty if it was not made by the CLI)."""
+    source = source_of(plan)
+    if "model" not in source:
+        return ""
+    parts = ["shardwise plan", source["model"], "--cluster", source.get("cluster", plan.cluster_name)]
+    if "batch" in source:
+        parts += ["--batch", source["batch"]]
+    if plan.mode != "inference":
+        parts += ["--mode", plan.mode]
+    if plan.precision != "fp32":
+        parts += ["--precision", plan.precision]
+    if source.get("device") == "meta":
+        parts.append("--meta")
+    return " ".join(parts)
 
 
 def natural_sorted(items: Iterable[str]) -> list[str]:

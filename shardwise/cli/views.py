@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shardwise.cli.summary import (
@@ -82,11 +83,11 @@ def render_show(
         f"  {ov['world_size']} ranks, mesh {plan.mesh}, degrees {degrees}; {ov['ops']} ops, "
         f"{ov['parameters']:,} parameters"
     )
-    if ov["source"]:
-        console.print("  made by: shardwise plan " + " ".join(f"{k}={v}" for k, v in ov["source"].items()))
+    if ov["command"]:
+        console.print(f"  made by: {escape(ov['command'])}")
     console.print(f"  passes: {', '.join(ov['passes']) or '-'}")
     for note in ov["notes"]:
-        console.print(f"  [yellow]note:[/yellow] {note}")
+        console.print(f"  [yellow]note:[/yellow] {escape(note)}")
     console.print()
 
     step = pred["step_time_s"]
@@ -177,7 +178,7 @@ def render_show(
     console.print(t)
     if ov["replicated_ops"]:
         ops = ov["replicated_ops"]
-        console.print(f"\n[yellow]run whole on every rank (no rule splits them):[/yellow] {', '.join(ops[:10])}"
+        console.print(f"\n[yellow]run whole on every rank (no rule splits them):[/yellow] {escape(', '.join(ops[:10]))}"
                       + (f" ... ({len(ops)} ops)" if len(ops) > 10 else ""))  # fmt: skip
 
 
