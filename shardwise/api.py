@@ -23,7 +23,7 @@ from shardwise.ir.graph import Graph
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.fusion import fuse_plan
-from shardwise.planner.simple import plan_simple
+from shardwise.planner.auto import plan_auto
 from shardwise.runtime import WorkerPool
 
 __all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
@@ -279,6 +279,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     dynamic_shapes: Any = None,
     workers: WorkerPool | None = None,
     fusion: bool = True,
+    solver: str = "cbc",
+    time_limit_s: float = 60.0,
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
@@ -288,6 +290,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     WorkerPool (its processes take the new program without restarting) instead of starting new ones.
     ``fusion`` groups each rank's elementwise chains and normalization/softmax epilogues into fused kernels
     (Triton on CUDA, the same ops eagerly on CPU); ``fusion=False`` runs one statement per op.
+    ``constraints`` may also hold ``sp=1`` (no sequence parallelism) and ``zero`` (ZeRO stage 0, 1 or 3).
+    ``solver`` ("cbc" or "cpsat") solves the placement ILP within ``time_limit_s`` seconds per mesh.
     """
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
@@ -306,9 +310,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         model, tuple(example_inputs), example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
         loss_fn=loss_fn if mode == "train" else None,
     )  # fmt: skip
-    plan = plan_simple(
-        graph, spec, mode=mode, precision=precision, constraints=constraints, optimizer=_describe_optimizer(optimizer)
-    )
+    plan = plan_auto(
+        graph, spec, mode=mode, precision=precision, constraints=constraints, optimizer=_describe_optimizer(optimizer),
+        solver=solver, time_limit_s=time_limit_s,
+    )  # fmt: skip
     if fusion:
         plan = fuse_plan(plan)
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)

@@ -36,7 +36,10 @@ _SIZE_ARG = {
 }
 _BINARY_INFIX = {"aten.add.Tensor": "+", "aten.sub.Tensor": "-", "aten.mul.Tensor": "*", "aten.div.Tensor": "/"}
 _METHODS = {
-    "aten.view.default": "view",
+    # a view of a sharded value may see other strides than the whole value had (a collective's or a
+    # kernel's output): reshape is the same view when the strides allow it, a copy otherwise
+    "aten.view.default": "reshape",
+    "aten._unsafe_view.default": "reshape",
     "aten.reshape.default": "reshape",
     "aten.transpose.int": "transpose",
     "aten.permute.default": "permute",
@@ -199,7 +202,8 @@ def _call(node: Node, args: tuple[Arg | _Code, ...], ref: dict[str, str], names:
         return f"{fmt[0]} {_BINARY_INFIX[node.op]} {fmt[1]}"
     if node.op in _METHODS and not kw and isinstance(node.args[0], Value):
         rest = fmt[1:]
-        if node.op in ("aten.view.default", "aten.reshape.default", "aten.expand.default", "aten.permute.default"):
+        if node.op in ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.expand.default",
+                       "aten.permute.default"):
             rest = [r[1:-1] if r.startswith("[") else r for r in rest]
         return f"{fmt[0]}.{_METHODS[node.op]}({', '.join(rest)})"
     if node.op == "aten.embedding.default" and len(fmt) == 2 and not kw:
@@ -212,7 +216,9 @@ def _call(node: Node, args: tuple[Arg | _Code, ...], ref: dict[str, str], names:
     return f"torch.ops.{ns}.{name}.{overload}({', '.join(fmt + kw)})"
 
 
-def _collective_call(r: Redistribute, var: str, mesh: DeviceMesh) -> str:
+def _collective_call(r: Redistribute, var: str, mesh: DeviceMesh, partial_grad: bool = False) -> str:
+    """The expression for one redistribution step; ``partial_grad``: the gathered value's gradient is a
+    partial sum over the axis, so the backward reduce-scatters it (instead of an all-reduce, then a slice)."""
     a = mesh.axis_names.index(r.axis)
     src, dst = r.src.placements[a], r.dst.placements[a]
     axis = repr(r.axis)
@@ -221,6 +227,8 @@ def _collective_call(r: Redistribute, var: str, mesh: DeviceMesh) -> str:
     for kind in kinds:
         if kind == "slice":
             expr = f"C.shard({expr}, {dst.dim}, mesh, {axis})"  # type: ignore[union-attr]
+        elif kind == "allgather" and partial_grad and len(kinds) == 1:
+            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}, partial_grad=True)"  # type: ignore[union-attr]
         elif kind == "allgather":
             expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis})"  # type: ignore[union-attr]
         elif kind == "allreduce":
@@ -272,6 +280,45 @@ def _group_statement(
     return Statement(comment, tuple(lines))
 
 
+@dataclass(frozen=True)
+class _Operand:
+    """How one operand value reaches an op: redistribution steps, then a gradient all-reduce.
+
+    ``key`` names the redistributed value and ``grad_key`` the value after the gradient all-reduce: ops
+    reading the same value the same way share them (one collective, summed gradients)."""
+
+    value: str
+    steps: tuple[Redistribute, ...]
+    fused: tuple[str, ...]  # axes whose all-gather reduce-scatters the (partial) gradient in the backward
+    grad_axes: tuple[str, ...]  # axes whose partial gradient is all-reduced (identity forward)
+    key: tuple | None
+    grad_key: tuple | None
+
+
+def _operand_plans(
+    node: Node, strategy: NodeStrategy, train: bool, deferred: set[str], param_keys: dict[str, str]
+) -> list[_Operand]:
+    operands = tensor_operands(node) if node.op != "getitem" else []
+    grad = dict(strategy.grad_reduce) if train else {}
+    out: list[_Operand] = []
+    seen: set[str] = set()
+    for index, value in enumerate(operands):
+        if value in seen:
+            continue
+        seen.add(value)
+        steps = tuple(r for r in strategy.redistributes if r.value == value)
+        axes = tuple(grad.get(index, ()))
+        if param_keys.get(value) in deferred and not steps:
+            axes = ()
+        fused = tuple(r.axis for r in steps if r.collective == "allgather" and r.axis in axes)
+        remaining = tuple(a for a in axes if a not in fused)
+        target = strategy.inputs[index] if index < len(strategy.inputs) else None
+        key = (value, target, fused) if steps else None
+        grad_key = (value, target, fused, remaining) if remaining else None
+        out.append(_Operand(value, steps, fused, remaining, key, grad_key))
+    return out
+
+
 def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     graph, mesh = plan.graph, plan.mesh
     train = plan.mode == "train"
@@ -288,6 +335,19 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         for v in groups[item].inputs if item in groups else graph.node(item).inputs:
             last_use[v] = step
     final = set(graph.output_names) | {v.name for _, v in graph.buffer_updates}
+    shared: dict[tuple, str] = {}  # redistributed (or gradient-reduced) operand -> its variable
+    last_key: dict[tuple, int] = {}
+    for step, item in enumerate(order):
+        if item in groups:
+            continue
+        node = graph.node(item)
+        for op in _operand_plans(node, strategies[node.name], train, deferred, param_keys):
+            for k in (op.key, op.grad_key):
+                if k is not None:
+                    last_key[k] = step
+    shared_last: dict[int, list[tuple]] = {}
+    for k, step in last_key.items():
+        shared_last.setdefault(step, []).append(k)
     body: list[Statement] = []
     for i, spec in zip(graph.inputs, plan.input_placements, strict=True):
         placement[i.name] = spec
@@ -306,24 +366,27 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         strategy = strategies[node.name]
         lines: list[str] = []
         ref: dict[str, str] = {}
-        operands = tensor_operands(node) if node.op != "getitem" else []
-        # redistributions, then gradient reductions of operands each rank only sees part of
-        done: dict[str, str] = {}
-        for r in strategy.redistributes:
-            current = done.get(r.value, names.ref(r.value))
-            new = names.fresh(f"{names.ref(r.value).removeprefix('self.')}_{r.collective.split('+')[0]}")
-            lines.append(f"{new} = {_collective_call(r, current, mesh)}")
-            done[r.value] = new
-        ref.update(done)
-        if train:
-            for index, axes in strategy.grad_reduce:
-                value = operands[index]
-                if param_keys.get(value) in deferred or value in ref and ref[value].startswith("grad_"):
-                    continue
-                current = ref.get(value, names.ref(value))
-                new = names.fresh(f"{current.removeprefix('self.')}_g")
-                lines.append(f"{new} = C.grad_all_reduce({current}, mesh, {tuple(axes)!r})")
-                ref[value] = new
+        # redistributions, then gradient reductions of operands each rank only sees part of; ops reading
+        # a value the same way share one collective (freed after its last reader)
+        for op in _operand_plans(node, strategy, train, deferred, param_keys):
+            current = names.ref(op.value)
+            if op.key is not None:
+                if op.key not in shared:
+                    new = names.fresh(f"{current.removeprefix('self.')}_{op.steps[-1].collective.split('+')[0]}")
+                    expr = current
+                    for r in op.steps:
+                        expr = _collective_call(r, expr, mesh, partial_grad=r.axis in op.fused)
+                    lines.append(f"{new} = {expr}")
+                    shared[op.key] = new
+                current = shared[op.key]
+            if op.grad_key is not None:
+                if op.grad_key not in shared:
+                    new = names.fresh(f"{current.removeprefix('self.')}_g")
+                    lines.append(f"{new} = C.grad_all_reduce({current}, mesh, {op.grad_axes!r})")
+                    shared[op.grad_key] = new
+                current = shared[op.grad_key]
+            if current != names.ref(op.value):
+                ref[op.value] = current
         if node.op == "sym_size":
             src = node.args[0]
             assert isinstance(src, Value)
@@ -341,7 +404,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
             for v in node.inputs
             if last_use.get(v) == step and v not in final and v in names.var and v not in names.attr
         ]
-        dead += [x for x in done.values()] + [x for k, x in ref.items() if k not in done and x != names.ref(k)]
+        dead += [shared.pop(k) for k in shared_last.get(step, ()) if k in shared]
         if dead:
             lines.append(f"del {', '.join(dict.fromkeys(dead))}")
         where = " — ".join(x for x in (node.module_path, node.source) if x)
@@ -394,6 +457,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
             }
         )
     aliases = {p.key: p.aliases for p in graph.params if p.aliases}
+    parts = {p.key: (p.part_of, *p.part) for p in graph.params if p.part_of}
     degrees = ", ".join(f"{k}={v}" for k, v in plan.degrees.items())
     return template_env().get_template("program.py.j2").render(
         title=f"{plan.model_name} on {plan.cluster_name}: one rank's program.",
@@ -408,6 +472,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         mesh_ranks=repr(tuple(mesh.ranks)),
         tensors=tensors,
         aliases=repr(aliases),
+        parts=repr(parts),
         grad_reduce=repr(dict(plan.param_grad_reduce)),
         model_name=plan.model_name,
         fused=bool(plan.fused_groups),

@@ -116,6 +116,8 @@ class Parameter:
 
     ``aliases`` lists other state_dict names bound to the same tensor (tied weights).
     ``persistent`` is False for buffers that are not in the state_dict (their value is still needed).
+    ``part_of``/``part``: this tensor is ``state_dict[part_of].narrow(dim, start, stop - start)``; the parts
+    of one tensor cover it exactly, and ``key`` is then ``f"{part_of}.part{i}"``.
     """
 
     name: str  # value name in the graph
@@ -125,6 +127,10 @@ class Parameter:
     requires_grad: bool = True
     aliases: tuple[str, ...] = ()
     persistent: bool = True
+    # a slice of another state_dict tensor (a fused projection split by a rewrite pass):
+    # ``part_of`` is that tensor's key and ``part`` = (dim, start, stop) the slice; "" / () otherwise
+    part_of: str = ""
+    part: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,9 @@ class ExecutionPlan:
     source: tuple[tuple[str, str], ...] = ()
     # ops that run as one kernel on every rank (shardwise.passes.fusion); empty: one kernel per op
     fused_groups: tuple[FusedGroup, ...] = ()
+    # ZeRO: 0 none; 1 optimizer state (and the gradients it reads) sharded over the "dp" axis, each rank
+    # stepping its own slice; 3 also parameters sharded over "dp" (see param_placements)
+    zero_stage: int = 0
 
     @property
     def degrees(self) -> dict[str, int]:

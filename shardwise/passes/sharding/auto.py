@@ -1,0 +1,539 @@
+"""Automatic placement: candidates per op, costs from the cluster, the ILP, and the plan's strategies.
+
+``place(graph, mesh, cost, ...)`` decides, for a mesh ``dp x tp``, how every op and parameter is split:
+
+- the ``dp`` axis splits the batch dimension wherever the greedy rule can keep it (``candidates.batch_dims``);
+- on the ``tp`` axis every op may run whole, split any valid label of its annotation, or pass a partial sum
+  through; every parameter may be replicated or split on any dimension that divides (with ZeRO-3 also on
+  the ``dp`` axis);
+- costs: roofline compute time of each op divided by its split (x3 in training: backward ~ 2x forward), the
+  time of every redistribution (forward and its backward conjugate), the all-reduce of partial gradients
+  (an all-gather whose gradient is partial becomes a reduce-scatter in the backward), and per-device
+  memory (parameters, gradients and optimizer state by placement; saved activations in training);
+- the ILP (``ilp.solve``) over the classes of the shrunk problem (``shrink``) picks one candidate per class.
+
+Requires: a verified graph; ``inputs`` one placement per tensor graph input. Guarantees: one NodeStrategy
+per node in graph order plus the final ``<output>`` one (all outputs Replicate), a placement for every
+parameter, and that every strategy's input placements are reached from its producers' placements by the
+listed redistributions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+
+from shardwise.ir.graph import Graph, Value
+from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec
+from shardwise.ir.plan import NodeStrategy
+from shardwise.ir.registry import rule_for
+from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.cost import CostModel
+from shardwise.passes.sharding.candidates import (
+    Choice,
+    NodeInfo,
+    batch_dims,
+    follow_choice,
+    make_choice,
+    node_choices,
+    node_info,
+    tensor_specs,
+    token_dims,
+)
+from shardwise.passes.sharding.ilp import ClassVar, Consumer, Problem, SharedValue, solve
+from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
+from shardwise.passes.sharding.shrink import build_structure
+
+__all__ = ["PlaceOptions", "ILPStats", "Placed", "place", "OUTPUT_NODE", "BACKWARD_OF"]
+
+OUTPUT_NODE = "<output>"
+_SINK = "<sink>"
+# the backward of each forward step (its adjoint); "allgather" is a local chunk unless fused (see module doc)
+BACKWARD_OF = {
+    "slice": "allgather",
+    "allgather": "",
+    "allreduce": "",
+    "reduce_scatter": "allgather",
+    "alltoall": "alltoall",
+    "to_partial": "",
+    "allgather+to_partial": "",
+    "allreduce+to_partial": "",
+}
+_FLOAT = ("float", "bfloat")
+FORBIDDEN_S = 1e3  # the cost of a choice the options rule out (far above any real step time)
+
+
+@dataclass(frozen=True)
+class PlaceOptions:
+    dp_axis: str = "dp"
+    tp_axis: str = "tp"
+    train: bool = False
+    precision: str = "fp32"
+    sequence_parallel: bool = True  # may the tp axis split dimensions that come from the inputs (tokens)?
+    zero: int = 0  # 0: none; 1: optimizer state sharded over dp; 3: parameters may be sharded over dp too
+    optimizer_factor: int = 2  # optimizer state values per parameter element (AdamW: 2, SGD+momentum: 1)
+    memory_budget_bytes: float | None = None
+    solver: str = "cbc"
+    time_limit_s: float = 60.0
+    shrink: bool = True
+
+
+@dataclass(frozen=True)
+class ILPStats:
+    nodes: int
+    units: int
+    groups: int
+    classes: int
+    variables_before: int  # Alpa's formulation on the whole graph (one-hot per op + pair per edge)
+    constraints_before: int
+    variables: int  # the ILP actually solved
+    constraints: int
+    build_s: float
+    solve_s: float
+    status: str
+    repeated_blocks: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Placed:
+    strategies: tuple[NodeStrategy, ...]
+    param_placements: dict[str, ShardingSpec]  # parameter value name -> placement
+    run_whole: tuple[str, ...]
+    time_s: float  # the ILP objective: compute + communication per step (forward and backward in training)
+    compute_s: float
+    memory_bytes: float  # the ILP's memory estimate per device
+    stats: ILPStats
+
+
+class _Costs:
+    """Cached cost functions of one (mesh, cluster, precision, mode)."""
+
+    def __init__(self, cost: CostModel, mesh: DeviceMesh, opts: PlaceOptions) -> None:
+        self.cost = cost
+        self.mesh = mesh
+        self.opts = opts
+        self.low = opts.precision in ("bf16", "fp16")
+        self._edge: dict[Hashable, tuple[float, Hashable]] = {}
+
+    def comm_spec(self, spec: TensorSpec) -> TensorSpec:
+        if self.low and spec.dtype.startswith(_FLOAT):
+            return TensorSpec(spec.shape, "bfloat16")
+        return spec
+
+    def local_bytes(self, spec: TensorSpec, placement: ShardingSpec) -> int:
+        n = self.comm_spec(spec).nbytes
+        for size, p in zip(self.mesh.shape, placement.placements, strict=True):
+            if isinstance(p, Shard):
+                n //= size
+        return n
+
+    def compute(self, info: NodeInfo, choice: Choice, grad: bool) -> float:
+        node = info.node
+        nbytes = node.bytes_moved * (0.5 if self.low else 1.0)
+        t = max(
+            node.flops / choice.ways / self.cost.peak_flops,
+            nbytes / choice.ways / self.cost.cluster.device.memory_bandwidth,
+        )
+        return t * (3.0 if grad else 1.0)
+
+    def edge(
+        self,
+        spec: TensorSpec,
+        src: ShardingSpec,
+        dst: ShardingSpec,
+        grad_axes: tuple[str, ...],
+        grad: bool,
+        param: bool = False,
+        sink: bool = False,
+    ) -> tuple[float, Hashable]:
+        """(seconds, sharing key) of turning ``src`` into ``dst`` for one consumer, forward and backward,
+        plus the all-reduce of the consumer's partial gradient. A parameter read as stored has its gradient
+        reduced after backward in large buckets: its all-reduce pays bandwidth, not latency."""
+        key = (spec, src, dst, grad_axes if grad else (), grad, param, sink)
+        hit = self._edge.get(key)
+        if hit is not None:
+            return hit
+        cspec = self.comm_spec(spec)
+        steps = redistribute_steps("v", cspec, src, dst, self.mesh, self.cost) if src != dst else ()
+        t = sum(s.time_s for s in steps)
+        if not self.opts.sequence_parallel and not param and not sink:
+            # without sequence parallelism activations between tensor-parallel regions are whole: partial
+            # sums are all-reduced, never scattered, and nothing is gathered (Megatron's f and g only)
+            tp = self.opts.tp_axis
+            if any(
+                s.axis == tp and s.collective.startswith(("reduce_scatter", "allgather", "alltoall"))
+                for s in steps
+            ):
+                t += FORBIDDEN_S
+        remaining = list(grad_axes) if grad else []
+        fused: list[str] = []
+        if grad:
+            for s in steps:
+                if s.collective == "allgather" and s.axis in remaining:
+                    fused.append(s.axis)
+                    remaining.remove(s.axis)
+                    t += self.cost.collective_s("reduce_scatter", s.nbytes, s.axis)
+                    continue
+                back = BACKWARD_OF.get(s.collective, "")
+                if back:
+                    t += self.cost.collective_s(back, s.nbytes, s.axis)
+            local = self.local_bytes(spec, dst)
+            for axis in remaining:
+                t += self.cost.collective_s("allreduce", local, axis)
+                if param and not steps:
+                    t -= self.cost.collective_s("allreduce", 1, axis)  # bucketed: no latency of its own
+        out = (t, (dst, tuple(fused), tuple(remaining)))
+        self._edge[key] = out
+        return out
+
+
+def _param_choices(spec: TensorSpec, mesh: DeviceMesh, opts: PlaceOptions) -> list[Choice]:
+    per_axis: list[list[object]] = []
+    for size, axis in zip(mesh.shape, mesh.axis_names, strict=True):
+        options: list[object] = [Replicate()]
+        if size > 1 and (axis == opts.tp_axis or (axis == opts.dp_axis and opts.zero >= 3)):
+            options += [
+                Shard(d) for d in range(spec.rank) if spec.shape[d] % size == 0 and spec.shape[d] >= size
+            ]
+        per_axis.append(options)
+    combos: list[list[object]] = [[]]
+    for options in per_axis:
+        combos = [c + [o] for c in combos for o in options]
+    out = []
+    for c in combos:
+        dims = [p.dim for p in c if isinstance(p, Shard)]
+        if len(dims) != len(set(dims)):
+            continue  # one dimension split on two axes: allowed by the IR, not worth the search
+        out.append(Choice((), (), (ShardingSpec(tuple(c)),), (), 1))  # type: ignore[arg-type]
+    return out
+
+
+def _requires_grad(graph: Graph) -> set[str]:
+    out = {p.name for p in graph.params if p.requires_grad and p.spec.dtype.startswith(_FLOAT)}
+    for n in graph.nodes:
+        if any(v in out for v in n.inputs) and any(
+            isinstance(o, TensorSpec) and o.dtype.startswith(_FLOAT) for o in n.outputs
+        ):
+            out.add(n.name)
+    return out
+
+
+def _param_memory(graph: Graph, opts: PlaceOptions, mesh: DeviceMesh) -> dict[str, float]:
+    """Bytes per parameter *element* on a device, by parameter name (weights, gradients, optimizer)."""
+    dp = mesh.axis_size(opts.dp_axis)
+    out: dict[str, float] = {}
+    for p in graph.params:
+        size = p.spec.nbytes / max(p.spec.numel, 1)
+        is_float = p.spec.dtype.startswith(_FLOAT)
+        if not opts.train or not p.requires_grad or not is_float:
+            out[p.name] = size / 2 if (is_float and opts.precision != "fp32" and not opts.train) else size
+            continue
+        state = 4.0 * opts.optimizer_factor
+        if opts.zero >= 1:
+            state /= dp
+        out[p.name] = 4.0 + 4.0 + state  # fp32 master weight, gradient, optimizer state
+    return out
+
+
+def place(
+    graph: Graph,
+    mesh: DeviceMesh,
+    cost: CostModel,
+    inputs: Mapping[str, ShardingSpec],
+    opts: PlaceOptions | None = None,
+) -> Placed:
+    """Solve the placement ILP for ``mesh`` (see the module docstring)."""
+    opts = opts or PlaceOptions()
+    t0 = time.perf_counter()
+    costs = _Costs(cost, mesh, opts)
+    specs = tensor_specs(graph)
+    infos: dict[str, NodeInfo] = {}
+    operands: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        if n.op == "getitem" or not any(isinstance(o, TensorSpec) for o in n.outputs):
+            operands[n.name] = []
+            continue
+        infos[n.name] = node_info(n, specs)
+        operands[n.name] = list(infos[n.name].operands)
+    structure = build_structure(graph, specs, operands, shrink=opts.shrink)
+    dp_size = mesh.axis_size(opts.dp_axis)
+    dp_labels = batch_dims(graph, mesh, opts.dp_axis, inputs) if dp_size > 1 else {}
+    # the tp axis never splits the batch (that is the dp axis's job, or another mesh's), and splits the
+    # other input-derived dimensions (sequence parallelism) only when allowed
+    tokens = token_dims(graph, batch_only=opts.sequence_parallel)
+    grad = _requires_grad(graph) if opts.train else set()
+    pmem = _param_memory(graph, opts, mesh)
+    params = {p.name: p for p in graph.params}
+    free = [a for a in mesh.axis_names if a != opts.dp_axis and mesh.axis_size(a) > 1]
+
+    # --- candidates of every class representative's group --------------------------------------------
+    follow_cache: dict[tuple[str, ShardingSpec], Choice] = {}
+
+    def own_choices(unit: str) -> list[Choice]:
+        kind = structure.units[unit].kind
+        if kind == "input":
+            return [Choice((), (), (inputs.get(unit, replicated(mesh)),), (), 1)]
+        if kind == "param":
+            return _param_choices(params[unit].spec, mesh, opts)
+        info = infos[unit]
+        fixed = {opts.dp_axis: dp_labels.get(unit)} if dp_size > 1 else {}
+        return node_choices(info, mesh, fixed, free, tokens.get(unit, frozenset()))
+
+    def follow(unit: str, src: ShardingSpec) -> Choice:
+        hit = follow_cache.get((unit, src))
+        if hit is None:
+            info = infos[unit]
+            hit = make_choice(info, follow_choice(info, [src], mesh), mesh)
+            follow_cache[(unit, src)] = hit
+        return hit
+
+    group_choices: dict[str, list[tuple[Choice, ...]]] = {}
+    own_count: dict[str, int] = {}
+    for root, members in structure.members.items():
+        if structure.group_class[root] != root:
+            continue
+        roots = own_choices(root)
+        own_count[root] = len(roots)
+        index = {m: i for i, m in enumerate(members)}
+        rows = []
+        for rc in roots:
+            row: list[Choice] = [rc]
+            for m in members[1:]:
+                src_name = operands[m][0]
+                u, k = structure.producer[src_name]
+                row.append(follow(m, row[index[u]].outputs[k]))
+            rows.append(tuple(row))
+        group_choices[root] = rows
+        for m in members[1:]:
+            own_count[m] = len(own_choices(m)) if structure.units[m].kind == "node" else 1
+
+    # --- classes: compute and memory ---------------------------------------------------------------------
+    class_ids: dict[str, int] = {}
+    problem = Problem(classes=[])
+    for root in group_choices:
+        class_ids[root] = len(problem.classes)
+        count = structure.class_count[root]
+        members = structure.members[root]
+        cost_row, mem_row = [], []
+        for row in group_choices[root]:
+            t = m = 0.0
+            for member, ch in zip(members, row, strict=True):
+                unit = structure.units[member]
+                if unit.kind == "node":
+                    t += costs.compute(infos[member], ch, member in grad)
+                    rule = rule_for(infos[member].node.op)
+                    if opts.train and member in grad and (rule is None or rule.moves_data):
+                        m += sum(
+                            costs.local_bytes(o, pl)
+                            for o, pl in zip(infos[member].outs, ch.outputs, strict=False)
+                        )
+                elif unit.kind == "param":
+                    spec = params[member].spec
+                    local = spec.numel
+                    for size, p in zip(mesh.shape, ch.outputs[0].placements, strict=True):
+                        if isinstance(p, Shard):
+                            local //= size
+                    m += local * pmem[member]
+            cost_row.append(t * count)
+            mem_row.append(m * count)
+        problem.classes.append(ClassVar(root, cost_row, mem_row))
+    sink = len(problem.classes)
+    problem.classes.append(ClassVar(_SINK, [0.0], [0.0]))
+
+    # --- edges: every read of a value, grouped into value classes -----------------------------------------
+    position: dict[str, tuple[str, int]] = {}  # unit -> (class root, position in its group)
+    for root, members in structure.members.items():
+        cls = structure.group_class[root]
+        for i, m in enumerate(members):
+            position[m] = (cls, i)
+    readers: dict[tuple[str, int], list[tuple[str, int, int]]] = {}  # value -> [(class, pos, slot)]
+    for n in graph.nodes:
+        if n.name not in infos:
+            continue
+        cls, pos = position[n.name]
+        for slot, name in enumerate(operands[n.name]):
+            if name in structure.producer:
+                readers.setdefault(structure.producer[name], []).append((cls, pos, slot))
+    finals = [a.name for a in graph.outputs if isinstance(a, Value)] + [
+        v.name for _, v in graph.buffer_updates
+    ]
+    for name in dict.fromkeys(finals):
+        if name in structure.producer:
+            readers.setdefault(structure.producer[name], []).append((_SINK, 0, 0))
+    value_classes: dict[tuple, int] = {}
+    value_spec: dict[tuple, tuple[TensorSpec, bool, bool]] = {}
+    for (unit, k), rs in readers.items():
+        pcls, ppos = position[unit]
+        key = (pcls, ppos, k, tuple(sorted(rs)))
+        value_classes[key] = value_classes.get(key, 0) + 1
+        if key not in value_spec:
+            spec = specs.get(unit) if structure.units[unit].kind != "node" else infos[unit].outs[k]
+            assert spec is not None
+            value_spec[key] = (spec, unit in grad, structure.units[unit].kind == "param")
+
+    def consumer_requirement(cls: str, pos: int, slot: int, b: int) -> tuple[ShardingSpec, tuple[str, ...]]:
+        if cls == _SINK:
+            return replicated(mesh), ()
+        ch = group_choices[cls][b][pos]
+        return ch.inputs[slot], ch.grad_axes[slot]
+
+    for (pcls, ppos, k, rs), count in value_classes.items():
+        spec, needs_grad, is_param = value_spec[(pcls, ppos, k, rs)]
+        p = class_ids[pcls]
+        srcs = [row[ppos].outputs[k] for row in group_choices[pcls]]
+        consumers = []
+        to_sink = any(cls == _SINK for cls, _, _ in rs)
+        for cls, pos, slot in rs:
+            q = sink if cls == _SINK else class_ids[cls]
+            nq = len(problem.classes[q].cost)
+            consumers.append((q, [consumer_requirement(cls, pos, slot, b) for b in range(nq)]))
+        if len(consumers) == 1:
+            q, reqs = consumers[0]
+            matrix = [
+                [costs.edge(spec, s, t, ax, needs_grad, is_param, to_sink)[0] * count for t, ax in reqs]
+                for s in srcs
+            ]
+            problem.add_pair(p, q, matrix)
+            continue
+        shared = SharedValue(p, [], {})
+        for q, reqs in consumers:
+            targets: list[Hashable | None] = [None] * len(reqs)
+            for a, s in enumerate(srcs):
+                for t, ax in reqs:
+                    seconds, tkey = costs.edge(spec, s, t, ax, needs_grad, is_param, to_sink)
+                    if seconds:
+                        shared.cost[(a, tkey)] = seconds * count
+            for b, (t, ax) in enumerate(reqs):
+                targets[b] = costs.edge(spec, srcs[0], t, ax, needs_grad, is_param, to_sink)[1]
+            shared.consumers.append(Consumer(q, targets))
+        problem.shared.append(shared)
+    problem.memory_budget = opts.memory_budget_bytes
+
+    # --- statistics of the unshrunk formulation ----------------------------------------------------------
+    n_own: dict[str, int] = {}
+    for u in structure.units:
+        cls, pos = position[u]
+        n_own[u] = own_count.get(structure.members[cls][pos], 1)
+    vars_before = sum(n for n in n_own.values() if n > 1)
+    cons_before = sum(1 for n in n_own.values() if n > 1)
+    for (unit, _k), rs in readers.items():
+        nu = n_own[unit]
+        for cls, pos, _slot in rs:
+            nv = 1 if cls == _SINK else own_count.get(structure.members[cls][pos], 1)
+            if nu > 1 and nv > 1:
+                vars_before += nu * nv
+                cons_before += nu + nv
+    build_s = time.perf_counter() - t0
+
+    solution = solve(problem, solver=opts.solver, time_limit_s=opts.time_limit_s)
+
+    # --- expand the solution to every node -----------------------------------------------------------------
+    chosen: dict[str, Choice] = {}
+    for root, members in structure.members.items():
+        cls = structure.group_class[root]
+        row = group_choices[cls][solution.choice[class_ids[cls]]]
+        for m, ch in zip(members, row, strict=True):
+            chosen[m] = ch
+    strategies, run_whole, compute = _strategies(graph, mesh, cost, costs, inputs, chosen, infos, grad)
+    param_placements = {p.name: chosen[p.name].outputs[0] for p in graph.params}
+    stats = ILPStats(
+        nodes=len(graph.nodes), units=len(structure.units), groups=len(structure.members),
+        classes=len(problem.classes) - 1, variables_before=vars_before, constraints_before=cons_before,
+        variables=solution.variables, constraints=solution.constraints, build_s=build_s, solve_s=solution.solve_s,
+        status=solution.status, repeated_blocks=structure.layers.blocks,
+    )  # fmt: skip
+    return Placed(
+        strategies, param_placements, run_whole, solution.objective_s, compute, solution.memory_bytes, stats
+    )
+
+
+def _strategies(
+    graph: Graph,
+    mesh: DeviceMesh,
+    cost: CostModel,
+    costs: _Costs,
+    inputs: Mapping[str, ShardingSpec],
+    chosen: Mapping[str, Choice],
+    infos: Mapping[str, NodeInfo],
+    grad: set[str],
+) -> tuple[tuple[NodeStrategy, ...], tuple[str, ...], float]:
+    placement: dict[str, ShardingSpec] = {}
+    specs: dict[str, TensorSpec] = {}
+    for i in graph.inputs:
+        if isinstance(i.spec, TensorSpec):
+            placement[i.name] = inputs.get(i.name, replicated(mesh))
+            specs[i.name] = i.spec
+    for p in graph.params:
+        placement[p.name] = chosen[p.name].outputs[0]
+        specs[p.name] = p.spec
+    tuple_outputs: dict[str, tuple[ShardingSpec, ...]] = {}
+    out: list[NodeStrategy] = []
+    run_whole: list[str] = []
+    compute_total = 0.0
+    for node in graph.nodes:
+        if node.op == "getitem":
+            src, idx = node.args[0], node.args[1]
+            assert isinstance(src, Value) and isinstance(idx, int)
+            pl = tuple_outputs[src.name][idx]
+            placement[node.name] = pl
+            if isinstance(node.outputs[0], TensorSpec):
+                specs[node.name] = node.outputs[0]
+            out.append(NodeStrategy(node=node.name, split=(), inputs=(), outputs=(pl,)))
+            continue
+        info = infos.get(node.name)
+        if info is None:
+            out.append(NodeStrategy(node=node.name, split=(), inputs=(), outputs=()))
+            continue
+        ch = chosen[node.name]
+        if rule_for(node.op) is None:
+            run_whole.append(node.name)
+        steps = []
+        for name, spec, want in zip(info.operands, info.ins, ch.inputs, strict=True):
+            have = placement.get(name)
+            if have is not None and have != want:
+                steps.extend(redistribute_steps(name, costs.comm_spec(spec), have, want, mesh, cost))
+        compute = costs.compute(info, ch, False)
+        compute_total += costs.compute(info, ch, node.name in grad)
+        out.append(
+            NodeStrategy(
+                node=node.name,
+                split=ch.split,
+                inputs=ch.inputs,
+                outputs=ch.outputs,
+                redistributes=tuple(steps),
+                grad_reduce=tuple((i, ax) for i, ax in enumerate(ch.grad_axes) if ax),
+                compute_s=compute,
+                comm_s=sum(s.time_s for s in steps),
+            )  # fmt: skip
+        )
+        if node.tuple_output:
+            tuple_outputs[node.name] = ch.outputs
+        else:
+            placement[node.name] = ch.outputs[0]
+            specs[node.name] = info.outs[0]
+    final = [a.name for a in graph.outputs if isinstance(a, Value)] + [
+        v.name for _, v in graph.buffer_updates
+    ]
+    steps = []
+    for name in dict.fromkeys(final):
+        have = placement.get(name)
+        if have is not None and name in specs:
+            steps.extend(
+                redistribute_steps(name, costs.comm_spec(specs[name]), have, replicated(mesh), mesh, cost)
+            )
+    out.append(
+        NodeStrategy(
+            node=OUTPUT_NODE,
+            split=(),
+            inputs=tuple(replicated(mesh) for _ in final),
+            outputs=(),
+            redistributes=tuple(steps),
+            comm_s=sum(s.time_s for s in steps),
+        )  # fmt: skip
+    )
+    return tuple(out), tuple(run_whole), compute_total
+
+
+def is_partial(spec: ShardingSpec) -> bool:
+    return any(isinstance(p, Partial) for p in spec.placements)

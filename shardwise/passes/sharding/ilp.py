@@ -1,0 +1,329 @@
+"""The placement ILP (Alpa's intra-op formulation, with shared resharding) and its two solver back ends.
+
+Variables and constraints, for classes ``c`` (a group of ops deciding together, see ``shrink``) with
+candidates ``a``:
+
+- ``x[c,a]`` binary, ``sum_a x[c,a] = 1``; cost ``sum cost[c,a] x[c,a]``; memory ``sum mem[c,a] x[c,a]``;
+- for two classes ``P != Q`` that an edge joins (both with several candidates) a pair variable
+  ``e[P,Q,a,b]`` in [0, 1] with ``sum_b e = x[P,a]`` and ``sum_a e = x[Q,b]`` (it is integral whenever x
+  is); a single-consumer edge costs ``sum r[a,b] e[a,b]``;
+- a value read by several consumers is redistributed once per target: ``y[v,a,t] >= sum_{b: t_j(b) = t}
+  e[P,Q_j,a,b]`` for every consumer ``j``, cost ``sum c[a,t] y[v,a,t]`` (codegen shares the collective).
+
+Edges within one class are linear (``e[a,b] = x[a]`` if ``a == b``) and so are edges to a class with one
+candidate. Solvers: PuLP + CBC (default) or OR-Tools CP-SAT, both single-threaded (deterministic) with a
+time limit; the best solution found when the limit hits is used, and the status says so.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+from shardwise.errors import DoesNotFitError, SolverError
+
+__all__ = ["ClassVar", "Consumer", "SharedValue", "Problem", "Solution", "solve", "SOLVERS"]
+
+SOLVERS = ("cbc", "cpsat")
+
+
+@dataclass
+class ClassVar:
+    name: str
+    cost: list[float]  # seconds per candidate (already multiplied by the class's count)
+    memory: list[float]  # bytes per candidate (idem)
+
+
+@dataclass
+class Consumer:
+    """One consumer of a shared value: its class and, per candidate of it, the target key (None: free)."""
+
+    cls: int
+    target: list[Hashable | None]
+
+
+@dataclass
+class SharedValue:
+    """A value class read by several consumers: ``cost[(a, key)]`` for producer candidate ``a``."""
+
+    producer: int
+    consumers: list[Consumer]
+    cost: dict[tuple[int, Hashable], float]
+
+
+@dataclass
+class Problem:
+    classes: list[ClassVar]
+    pair_cost: dict[tuple[int, int], list[list[float]]] = field(default_factory=dict)  # (P, Q) -> r[a][b]
+    shared: list[SharedValue] = field(default_factory=list)
+    memory_budget: float | None = None
+    constant_time: float = 0.0
+    constant_memory: float = 0.0
+
+    def add_pair(self, p: int, q: int, matrix: list[list[float]]) -> None:
+        """Add an edge cost r[a][b] between classes p and q (folded into linear costs where possible)."""
+        np_, nq = len(self.classes[p].cost), len(self.classes[q].cost)
+        if p == q:
+            for a in range(np_):
+                self.classes[p].cost[a] += matrix[a][a]
+            return
+        if np_ == 1:
+            for b in range(nq):
+                self.classes[q].cost[b] += matrix[0][b]
+            return
+        if nq == 1:
+            for a in range(np_):
+                self.classes[p].cost[a] += matrix[a][0]
+            return
+        if not any(v for row in matrix for v in row):
+            return
+        key, m = ((p, q), matrix) if p < q else ((q, p), [list(col) for col in zip(*matrix, strict=True)])
+        have = self.pair_cost.get(key)
+        if have is None:
+            self.pair_cost[key] = [list(row) for row in m]
+        else:
+            for a, row in enumerate(m):
+                for b, v in enumerate(row):
+                    have[a][b] += v
+
+
+@dataclass(frozen=True)
+class Solution:
+    choice: tuple[int, ...]  # candidate index per class
+    objective_s: float
+    memory_bytes: float
+    status: str  # "optimal" | "feasible (time limit)" | "trivial"
+    solve_s: float
+    variables: int
+    constraints: int
+
+
+def _pairs_needed(problem: Problem) -> set[tuple[int, int]]:
+    need = set(problem.pair_cost)
+    for sv in problem.shared:
+        for c in sv.consumers:
+            p, q = sv.producer, c.cls
+            if p != q and len(problem.classes[p].cost) > 1 and len(problem.classes[q].cost) > 1:
+                need.add((min(p, q), max(p, q)))
+    return need
+
+
+def solve(problem: Problem, *, solver: str = "cbc", time_limit_s: float = 60.0, threads: int = 1) -> Solution:
+    """Minimize time subject to memory; raises DoesNotFitError when no assignment fits the budget."""
+    if solver not in SOLVERS:
+        raise SolverError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if all(len(c.cost) == 1 for c in problem.classes):
+        choice = tuple(0 for _ in problem.classes)
+        return _evaluate(problem, choice, "trivial", 0.0, 0, 0)
+    if solver == "cpsat":
+        return _solve_cpsat(problem, time_limit_s, threads)
+    return _solve_cbc(problem, time_limit_s, threads)
+
+
+def _evaluate(
+    problem: Problem, choice: Sequence[int], status: str, solve_s: float, nvars: int, ncons: int
+) -> Solution:
+    """The exact objective and memory of an assignment (independent of the solver's arithmetic)."""
+    t = problem.constant_time + sum(c.cost[a] for c, a in zip(problem.classes, choice, strict=True))
+    mem = problem.constant_memory + sum(c.memory[a] for c, a in zip(problem.classes, choice, strict=True))
+    for (p, q), m in problem.pair_cost.items():
+        t += m[choice[p]][choice[q]]
+    for sv in problem.shared:
+        a = choice[sv.producer]
+        keys = {c.target[choice[c.cls]] for c in sv.consumers} - {None}
+        t += sum(sv.cost.get((a, k), 0.0) for k in keys)
+    return Solution(tuple(choice), t, mem, status, solve_s, nvars, ncons)
+
+
+def _terms_for(problem: Problem, sv: SharedValue, consumer: Consumer, a: int, key: Hashable, x, e):  # noqa: ANN001, ANN202
+    """The expression sum_{b: target(b) = key} e[P,Q,a,b] as (coef, var) terms plus a constant."""
+    p, q = sv.producer, consumer.cls
+    np_, nq = len(problem.classes[p].cost), len(problem.classes[q].cost)
+    terms: list[tuple[float, object]] = []
+    const = 0.0
+    bs = [b for b in range(nq) if consumer.target[b] == key]
+    if p == q:
+        if a in bs:
+            if np_ == 1:
+                const += 1.0
+            else:
+                terms.append((1.0, x[p][a]))
+        return terms, const
+    for b in bs:
+        if np_ == 1 and nq == 1:
+            const += 1.0
+        elif np_ == 1:
+            terms.append((1.0, x[q][b]))
+        elif nq == 1:
+            terms.append((1.0, x[p][a]))
+        else:
+            terms.append((1.0, e[(p, q)][a][b] if p < q else e[(q, p)][b][a]))
+    return terms, const
+
+
+def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
+    import pulp
+
+    start = time.perf_counter()
+    lp = pulp.LpProblem("placement", pulp.LpMinimize)
+    x: dict[int, list[object]] = {}
+    objective: list[tuple[float, object]] = []
+    nvars = ncons = 0
+    for ci, c in enumerate(problem.classes):
+        if len(c.cost) == 1:
+            continue
+        x[ci] = [pulp.LpVariable(f"x_{ci}_{a}", cat="Binary") for a in range(len(c.cost))]
+        nvars += len(c.cost)
+        lp += pulp.lpSum(x[ci]) == 1
+        ncons += 1
+        objective += [(v, var) for v, var in zip(c.cost, x[ci], strict=True) if v]
+    e: dict[tuple[int, int], list[list[object]]] = {}
+    for p, q in sorted(_pairs_needed(problem)):
+        np_, nq = len(problem.classes[p].cost), len(problem.classes[q].cost)
+        e[(p, q)] = [[pulp.LpVariable(f"e_{p}_{q}_{a}_{b}", 0, 1) for b in range(nq)] for a in range(np_)]
+        nvars += np_ * nq
+        for a in range(np_):
+            lp += pulp.lpSum(e[(p, q)][a]) == x[p][a]
+        for b in range(nq):
+            lp += pulp.lpSum(e[(p, q)][a][b] for a in range(np_)) == x[q][b]
+        ncons += np_ + nq
+        m = problem.pair_cost.get((p, q))
+        if m is not None:
+            objective += [(m[a][b], e[(p, q)][a][b]) for a in range(np_) for b in range(nq) if m[a][b]]
+    const = problem.constant_time
+    ny = 0
+    for sv in problem.shared:
+        for (a, key), cost in sorted(sv.cost.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            if not cost:
+                continue
+            rows = [_terms_for(problem, sv, consumer, a, key, x, e) for consumer in sv.consumers]
+            rows = [(terms, c0) for terms, c0 in rows if terms or c0]
+            if not rows:
+                continue
+            y = pulp.LpVariable(f"y_{ny}", 0)
+            ny += 1
+            nvars += 1
+            for terms, c0 in rows:
+                lp += y >= pulp.lpSum(coef * var for coef, var in terms) + c0
+                ncons += 1
+            objective.append((cost, y))
+    lp += pulp.lpSum(coef * var for coef, var in objective) + const
+    if problem.memory_budget is not None:
+        mem_terms = []
+        fixed = problem.constant_memory
+        for ci, c in enumerate(problem.classes):
+            if len(c.memory) == 1:
+                fixed += c.memory[0]
+            else:
+                mem_terms += [(v, var) for v, var in zip(c.memory, x[ci], strict=True) if v]
+        lp += pulp.lpSum(coef * var for coef, var in mem_terms) <= problem.memory_budget - fixed
+        ncons += 1
+    with warnings.catch_warnings():  # PuLP 3 flags its bundled CBC as deprecated; it is the one installed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit_s)), threads=threads)
+        lp.solve(cmd)
+    status = pulp.LpStatus[lp.status]
+    elapsed = time.perf_counter() - start
+    if status == "Infeasible":
+        raise DoesNotFitError("no placement fits the per-device memory budget")
+    choice = []
+    for ci, c in enumerate(problem.classes):
+        if len(c.cost) == 1:
+            choice.append(0)
+            continue
+        values = [pulp.value(v) or 0.0 for v in x[ci]]
+        if max(values) < 0.5:
+            raise SolverError(f"CBC returned no solution (status {status}) within {time_limit_s:.0f} s")
+        choice.append(max(range(len(values)), key=lambda i: values[i]))
+    sol_status = "optimal" if status == "Optimal" and elapsed < time_limit_s else "feasible (time limit)"
+    return _evaluate(problem, choice, sol_status, elapsed, nvars, ncons)
+
+
+def _solve_cpsat(problem: Problem, time_limit_s: float, threads: int) -> Solution:
+    from ortools.sat.python import cp_model
+
+    start = time.perf_counter()
+    scale = 1e9  # nanoseconds
+    mem_scale = 1 / 1024  # KiB
+    model = cp_model.CpModel()
+    x: dict[int, list[object]] = {}
+    objective = []
+    nvars = ncons = 0
+    for ci, c in enumerate(problem.classes):
+        if len(c.cost) == 1:
+            continue
+        x[ci] = [model.NewBoolVar(f"x_{ci}_{a}") for a in range(len(c.cost))]
+        nvars += len(c.cost)
+        model.AddExactlyOne(x[ci])
+        ncons += 1
+        objective += [
+            (round(v * scale), var) for v, var in zip(c.cost, x[ci], strict=True) if round(v * scale)
+        ]
+    e: dict[tuple[int, int], list[list[object]]] = {}
+    for p, q in sorted(_pairs_needed(problem)):
+        np_, nq = len(problem.classes[p].cost), len(problem.classes[q].cost)
+        e[(p, q)] = [[model.NewBoolVar(f"e_{p}_{q}_{a}_{b}") for b in range(nq)] for a in range(np_)]
+        nvars += np_ * nq
+        for a in range(np_):
+            model.Add(sum(e[(p, q)][a]) == x[p][a])
+        for b in range(nq):
+            model.Add(sum(e[(p, q)][a][b] for a in range(np_)) == x[q][b])
+        ncons += np_ + nq
+        m = problem.pair_cost.get((p, q))
+        if m is not None:
+            objective += [
+                (round(m[a][b] * scale), e[(p, q)][a][b])
+                for a in range(np_)
+                for b in range(nq)
+                if round(m[a][b] * scale)
+            ]
+    ny = 0
+    for sv in problem.shared:
+        for (a, key), cost in sorted(sv.cost.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            icost = round(cost * scale)
+            if not icost:
+                continue
+            rows = [_terms_for(problem, sv, consumer, a, key, x, e) for consumer in sv.consumers]
+            rows = [(terms, c0) for terms, c0 in rows if terms or c0]
+            if not rows:
+                continue
+            y = model.NewBoolVar(f"y_{ny}")
+            ny += 1
+            nvars += 1
+            for terms, c0 in rows:
+                model.Add(y >= sum(var for _, var in terms) + int(c0))
+                ncons += 1
+            objective.append((icost, y))
+    model.Minimize(sum(c * v for c, v in objective))
+    if problem.memory_budget is not None:
+        fixed = problem.constant_memory
+        terms = []
+        for ci, c in enumerate(problem.classes):
+            if len(c.memory) == 1:
+                fixed += c.memory[0]
+            else:
+                terms += [(round(v * mem_scale), var) for v, var in zip(c.memory, x[ci], strict=True)]
+        model.Add(sum(c * v for c, v in terms) <= round((problem.memory_budget - fixed) * mem_scale))
+        ncons += 1
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit_s)
+    solver.parameters.num_search_workers = max(1, threads)
+    solver.parameters.random_seed = 0
+    status = solver.Solve(model)
+    elapsed = time.perf_counter() - start
+    if status == cp_model.INFEASIBLE:
+        raise DoesNotFitError("no placement fits the per-device memory budget")
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise SolverError(
+            f"CP-SAT found no solution within {time_limit_s:.0f} s (status {solver.StatusName(status)})"
+        )
+    choice = []
+    for ci, c in enumerate(problem.classes):
+        if len(c.cost) == 1:
+            choice.append(0)
+            continue
+        choice.append(next(i for i, v in enumerate(x[ci]) if solver.Value(v)))
+    sol_status = "optimal" if status == cp_model.OPTIMAL else "feasible (time limit)"
+    return _evaluate(problem, choice, sol_status, elapsed, nvars, ncons)

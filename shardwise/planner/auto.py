@@ -1,0 +1,348 @@
+"""The planner: search meshes ``dp x tp`` (tp inside a node), place each with the sharding ILP, keep the
+fastest plan that fits.
+
+For every candidate mesh (all devices, tensor-parallel degree a divisor of the devices per node, honouring
+the user's ``constraints``) it rewrites the graph to expose tensor parallelism (tp > 1), splits the batch
+over ``dp``, solves the placement ILP (``passes.sharding.auto.place``) and predicts time and memory. When no
+placement fits it retries with ZeRO (optimizer state sharded over ``dp``, then parameters too). Losers stay
+in ``plan.alternatives`` with the reason they lost.
+
+Constraints: ``dp``, ``tp`` pin degrees; ``sp=1`` forbids sequence parallelism (the default lets the ILP
+choose it); ``zero`` pins the ZeRO stage (0, 1 or 3); ``pp``/``ep`` must be 1 here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shardwise.cluster import ClusterSpec
+from shardwise.errors import DoesNotFitError, PlanError
+from shardwise.ir.graph import Graph
+from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
+from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
+from shardwise.ir.registry import tensor_operands
+from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.cost import CostModel
+from shardwise.passes.liveness import lifetimes, peak_live_bytes
+from shardwise.passes.sharding.auto import Placed, PlaceOptions, place
+from shardwise.passes.sharding.redistribute import replicated
+from shardwise.passes.sharding.rewrite import expose_tensor_parallelism
+from shardwise.planner.simple import KNOWN_DEGREES, OPTIMIZER_STATE_FACTOR, graph_fingerprint
+
+__all__ = ["plan_auto", "candidate_meshes", "param_grad_reduce", "CONSTRAINT_KEYS"]
+
+CONSTRAINT_KEYS = KNOWN_DEGREES + ("zero",)
+MEMORY_HEADROOM = 0.9  # of device memory the ILP may plan for (the rest: allocator slack, workspaces)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    dp: int
+    tp: int
+    zero: int
+    graph: Graph
+    mesh: DeviceMesh
+    placed: Placed | None
+    inputs: dict[str, ShardingSpec]
+    memory: tuple[RankMemory, ...]
+    prediction: Prediction | None
+    fits: bool
+    need_bytes: int
+    note: str = ""
+
+
+def _check_constraints(constraints: Mapping[str, int], cluster: ClusterSpec) -> dict[str, int]:
+    out = dict(constraints)
+    for key, value in out.items():
+        if key not in CONSTRAINT_KEYS:
+            raise PlanError(f"unknown constraint {key!r}: allowed are {', '.join(CONSTRAINT_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "zero" else 1):
+            raise PlanError(f"constraint {key}={value!r}: must be a positive integer")
+    for key in ("pp", "ep"):
+        if out.get(key, 1) != 1:
+            raise PlanError(
+                f"constraint {key}={out[key]}: this planner makes data-, tensor- and sequence-parallel plans "
+                f"({key} > 1 is not available yet)"
+            )
+    if out.get("zero", 0) not in (0, 1, 3):
+        raise PlanError(
+            f"constraint zero={out['zero']}: ZeRO stages 0, 1 (optimizer state) and 3 (parameters)"
+        )
+    world = cluster.world_size
+    if "dp" in out and out["dp"] > world:
+        raise PlanError(f"constraint dp={out['dp']} needs more devices than {cluster.name} has ({world})")
+    if "tp" in out and out["tp"] > world:
+        raise PlanError(f"constraint tp={out['tp']} needs more devices than {cluster.name} has ({world})")
+    if out.get("dp", 1) * out.get("tp", 1) > world:
+        raise PlanError(
+            f"constraints dp={out.get('dp', 1)} x tp={out.get('tp', 1)} need more devices than {cluster.name} "
+            f"has ({world})"
+        )
+    sp = out.get("sp")
+    if sp is not None and sp != 1 and "tp" in out and sp != out["tp"]:
+        raise PlanError(
+            f"constraint sp={sp}: sequence parallelism runs on the tensor-parallel axis, so sp is 1 (off) or "
+            f"equal to tp ({out['tp']})"
+        )
+    return out
+
+
+def candidate_meshes(cluster: ClusterSpec, constraints: Mapping[str, int]) -> list[tuple[int, int]]:
+    """(dp, tp) pairs to try: every device used, tp dividing the devices per node (unless pinned)."""
+    world = cluster.world_size
+    per_node = cluster.devices_per_node
+    if "dp" in constraints and "tp" in constraints:
+        return [(constraints["dp"], constraints["tp"])]
+    if "tp" in constraints:
+        tp = constraints["tp"]
+        return [(max(1, world // tp), tp)]
+    tps = [t for t in range(1, per_node + 1) if per_node % t == 0 and world % t == 0]
+    if "dp" in constraints:
+        dp = constraints["dp"]
+        return [(dp, t) for t in tps if dp * t <= world and (dp * t == world or t == 1)]
+    out = [(world // t, t) for t in tps]
+    if (1, 1) not in out:
+        out.append((1, 1))
+    return out
+
+
+def _input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, ShardingSpec]:
+    out: dict[str, ShardingSpec] = {}
+    for i in graph.inputs:
+        if not isinstance(i.spec, TensorSpec):
+            continue
+        if dp > 1 and i.spec.rank > 0 and i.spec.shape[0] % dp == 0:
+            out[i.name] = ShardingSpec((Shard(0),) + tuple(Replicate() for _ in mesh.shape[1:]))
+        else:
+            out[i.name] = replicated(mesh)
+    return out
+
+
+def param_grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dict[str, tuple[str, ...]]:
+    """Parameters read as they are stored (no redistribution) by every consumer, each leaving a partial
+    gradient over the same axes: reduced once after backward (bucketed) instead of at each use."""
+    by_node = {s.node: s for s in strategies}
+    params = {p.name: p for p in graph.params if p.requires_grad}
+    uses: dict[str, set[tuple[str, ...] | None]] = {}
+    for node in graph.nodes:
+        s = by_node.get(node.name)
+        if s is None or node.op == "getitem":
+            continue
+        reduce = dict(s.grad_reduce)
+        moved = {r.value for r in s.redistributes}
+        for i, name in enumerate(tensor_operands(node)):
+            if name in params:
+                uses.setdefault(name, set()).add(None if name in moved else tuple(reduce.get(i, ())))
+    out = {}
+    for name, axes_set in uses.items():
+        if len(axes_set) == 1 and None not in axes_set:
+            axes = next(iter(axes_set))
+            if axes:
+                out[params[name].key] = axes  # type: ignore[assignment]
+    return out
+
+
+def _local_numel(spec: TensorSpec, placement: ShardingSpec, mesh: DeviceMesh) -> int:
+    n = spec.numel
+    for size, p in zip(mesh.shape, placement.placements, strict=True):
+        if isinstance(p, Shard):
+            n //= size
+    return n
+
+
+def _memory(
+    graph: Graph, mesh: DeviceMesh, placed: Placed, cluster: ClusterSpec, train: bool, optimizer_factor: int,
+    precision: str, zero: int, dp_axis: str = "dp",
+) -> tuple[RankMemory, ...]:  # fmt: skip
+    dp = mesh.axis_size(dp_axis)
+    params = grads = opt = 0
+    for p in graph.params:
+        pl = placed.param_placements[p.name]
+        n = _local_numel(p.spec, pl, mesh)
+        is_float = p.spec.dtype.startswith(("float", "bfloat"))
+        size = p.spec.nbytes // max(p.spec.numel, 1)
+        if not train and is_float and precision != "fp32":
+            size = 2
+        params += n * size
+        if train and p.requires_grad and is_float:
+            grads += n * 4
+            state = n * 4 * optimizer_factor
+            opt += state // dp if zero >= 1 else state
+    lives = lifetimes(graph, {s.node: s for s in placed.strategies}, mesh)
+    peak = peak_live_bytes(lives)
+    if precision != "fp32":
+        peak //= 2
+    if train:
+        peak = int(peak * 2)  # activations saved for backward plus the gradients flowing back
+    return tuple(
+        RankMemory(
+            rank=r,
+            params_bytes=params,
+            grads_bytes=grads,
+            optimizer_bytes=opt,
+            activation_bytes=peak,
+            arena_bytes=peak,
+            lower_bound_bytes=peak,
+            capacity_bytes=cluster.device.memory_bytes,
+        )  # fmt: skip
+        for r in mesh.ranks
+    )
+
+
+def _score(
+    graph: Graph, cluster: ClusterSpec, dp: int, tp: int, *, mode: str, precision: str, zero_options: list[int],
+    sequence_parallel: bool, optimizer_factor: int, solver: str, time_limit_s: float,
+) -> _Scored:  # fmt: skip
+    train = mode == "train"
+    g = expose_tensor_parallelism(graph) if tp > 1 else graph
+    mesh = DeviceMesh((dp, tp), ("dp", "tp"), tuple(range(dp * tp)))
+    cost = CostModel(cluster, mesh, precision)
+    inputs = _input_placements(g, mesh, dp)
+    budget = cluster.device.memory_bytes * MEMORY_HEADROOM
+    last_error = ""
+    for zero in zero_options:
+        if zero and (dp == 1 or not train and zero == 1):
+            continue
+        opts = PlaceOptions(
+            train=train, precision=precision, sequence_parallel=sequence_parallel, zero=zero,
+            optimizer_factor=optimizer_factor, memory_budget_bytes=budget, solver=solver, time_limit_s=time_limit_s,
+        )  # fmt: skip
+        try:
+            placed = place(g, mesh, cost, inputs, opts)
+        except DoesNotFitError as exc:
+            last_error = str(exc)
+            continue
+        memory = _memory(g, mesh, placed, cluster, train, optimizer_factor, precision, zero)
+        peak = max(m.total_bytes for m in memory)
+        flops = g.total_flops * (3 if train else 1) / (dp * tp)
+        pred = Prediction(
+            step_time_s=placed.time_s, compute_s=placed.compute_s, comm_s=max(0.0, placed.time_s - placed.compute_s),
+            bubble_s=0.0, memory_bytes=tuple(m.total_bytes for m in memory),
+            tflops_per_device=flops / max(placed.time_s, 1e-12) / 1e12,
+            mfu=flops / max(placed.time_s, 1e-12) / cost.peak_flops,
+        )  # fmt: skip
+        fits = peak <= cluster.device.memory_bytes
+        if fits or zero == zero_options[-1]:
+            return _Scored(dp, tp, zero, g, mesh, placed, inputs, memory, pred, fits, peak)
+    # nothing fits even with the most sharding: report what the parameters alone need
+    need = 0
+    for p in g.params:
+        need += p.spec.nbytes // (tp if any(s % tp == 0 for s in p.spec.shape) else 1)
+    return _Scored(dp, tp, zero_options[-1], g, mesh, None, inputs, (), None, False, need, last_error)
+
+
+def plan_auto(
+    graph: Graph,
+    cluster: ClusterSpec,
+    *,
+    mode: str = "inference",
+    precision: str = "fp32",
+    constraints: Mapping[str, int] | None = None,
+    optimizer: str = "adamw",
+    solver: str = "cbc",
+    time_limit_s: float = 60.0,
+) -> ExecutionPlan:
+    """Search meshes and place each with the ILP; see the module docstring."""
+    constraints = _check_constraints(constraints or {}, cluster)
+    batch = [i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank > 0]
+    zero_options = [constraints["zero"]] if "zero" in constraints else [0, 1, 3]
+    sp = constraints.get("sp", 0) != 1
+    factor = OPTIMIZER_STATE_FACTOR.get(optimizer, 2)
+    scored: list[_Scored] = []
+    for dp, tp in candidate_meshes(cluster, constraints):
+        if dp > 1 and batch and all(b % dp for b in batch):
+            if "dp" in constraints:
+                raise PlanError(
+                    f"dp={dp} needs a batch size divisible by {dp}; the example inputs have {batch}"
+                )
+            continue
+        scored.append(
+            _score(
+                graph,
+                cluster,
+                dp,
+                tp,
+                mode=mode,
+                precision=precision,
+                zero_options=zero_options,
+                sequence_parallel=sp,
+                optimizer_factor=factor,
+                solver=solver,
+                time_limit_s=time_limit_s,
+            )  # fmt: skip
+        )
+    if not scored:
+        raise PlanError(
+            f"no mesh of {cluster.name} suits this model: the batch sizes {batch} are not divisible by any "
+            "data-parallel degree; pin constraints={'dp': 1, 'tp': N} or change the batch size"
+        )
+    fitting = [s for s in scored if s.fits and s.prediction is not None]
+    if not fitting:
+        need = min(s.need_bytes for s in scored)
+        raise DoesNotFitError(
+            f"the model needs at least {need / 2**30:.2f} GiB per device under every plan this planner can make, "
+            f"and {cluster.name} has {cluster.device.memory_bytes / 2**30:.2f} GiB per device: choose a cluster "
+            "with more memory per device (or more devices), or a lower precision"
+        )
+    best = min(fitting, key=lambda s: (s.prediction.step_time_s, -s.dp * s.tp, s.tp))  # type: ignore[union-attr]
+    assert best.placed is not None and best.prediction is not None
+    alternatives = tuple(
+        Alternative(
+            degrees=(("dp", s.dp), ("tp", s.tp), ("pp", 1)),
+            step_time_s=s.prediction.step_time_s if s.prediction else float("inf"),
+            memory_bytes=s.need_bytes,
+            fits=s.fits,
+            chosen=s is best,
+            note="chosen: fastest plan that fits"
+            if s is best
+            else (
+                "does not fit in device memory"
+                if not s.fits
+                else f"{s.prediction.step_time_s / best.prediction.step_time_s:.2f}x the chosen plan's predicted step time"
+                if s.prediction
+                else s.note
+            ),
+        )  # fmt: skip
+        for s in sorted(scored, key=lambda s: s.prediction.step_time_s if s.prediction else float("inf"))
+    )
+    g, mesh, placed = best.graph, best.mesh, best.placed
+    stats = placed.stats
+    notes = [
+        f"placement ILP: {stats.classes} classes from {stats.nodes} ops ({stats.repeated_blocks or 'no repeated blocks'}); "
+        f"{stats.variables} variables, {stats.constraints} constraints (unshrunk: {stats.variables_before}, "
+        f"{stats.constraints_before}); {stats.status} in {stats.solve_s:.2f} s"
+    ]
+    if best.dp * best.tp < cluster.world_size:
+        notes.append(f"runs on {best.dp * best.tp} of the {cluster.world_size} devices")
+    if best.zero:
+        notes.append(f"ZeRO stage {best.zero}: optimizer state sharded over dp={best.dp}" + (
+            ", parameters too" if best.zero == 3 else ""))  # fmt: skip
+    grad_reduce = param_grad_reduce(g, placed.strategies) if mode == "train" else {}
+    keys = {p.name: p.key for p in g.params}
+    return ExecutionPlan(
+        schema_version=SCHEMA_VERSION,
+        model_name=g.model_name,
+        model_fingerprint=graph_fingerprint(graph),
+        cluster_name=cluster.name,
+        cluster_fingerprint=cluster.fingerprint(),
+        mode=mode,
+        precision=precision,
+        world_size=mesh.size,
+        mesh=mesh,
+        degrees_=(("dp", best.dp), ("tp", best.tp), ("pp", 1)),
+        graph=g,
+        strategies=placed.strategies,
+        input_placements=tuple(best.inputs.get(i.name, replicated(mesh)) for i in g.inputs),
+        param_placements=tuple((keys[name], spec) for name, spec in placed.param_placements.items()),
+        output_placements=tuple(replicated(mesh) for _ in g.outputs),
+        param_grad_reduce=tuple(sorted(grad_reduce.items())),
+        predicted=best.prediction,
+        memory=best.memory,
+        replicated_ops=placed.run_whole,
+        alternatives=alternatives,
+        passes=("trace", "sharding.rewrite", "sharding.ilp", "liveness", "planner.auto"),
+        notes=tuple(notes),
+        optimizer=optimizer,
+        zero_stage=best.zero,
+    )
