@@ -83,7 +83,7 @@ def reduce_dim(node: Node, rank: int) -> int | None:
 
 
 def _scalar_ok(a: object) -> bool:
-    if a is None or isinstance(a, bool | int | float | Value):
+    if a is None or isinstance(a, bool | int | float | str | Value):
         return True
     if isinstance(a, Const):
         return a.kind in ("dtype", "layout", "memory_format")
