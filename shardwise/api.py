@@ -113,6 +113,38 @@ class CompiledModel:
             return {k: v.clone() for k, v in self._tensors.items()}
         return self._pool.call("full_state_dict", ranks="rank0")
 
+    # -- checkpoints (shardwise.runtime.checkpoint) ---------------------------------------------------
+
+    def save_checkpoint(self, directory: str | os.PathLike[str]) -> Path:
+        """Save parameters, buffers and optimizer state as a sharded checkpoint: each rank writes its own
+        pieces, a manifest holds their checksums; written atomically (a temporary directory, then a rename)."""
+        from shardwise.runtime import checkpoint
+
+        meta = {"model_name": self.plan.model_name, "model_fingerprint": self.plan.model_fingerprint,
+                "cluster_name": self.plan.cluster_name, "degrees": self.plan.degrees, "mode": self.plan.mode}  # fmt: skip
+        return checkpoint.save(self._ensure_pool(), directory, meta)
+
+    def load_checkpoint(self, directory: str | os.PathLike[str], *, optimizer: bool | None = None) -> None:
+        """Load a checkpoint saved under any plan of this model (checksums verified first). ``optimizer``:
+        None loads the optimizer state when both sides have one, True requires it, False skips it."""
+        from shardwise.runtime import checkpoint
+
+        checkpoint.load(self._ensure_pool(), directory, self.checkpoint_layout(), optimizer=optimizer)
+
+    def optimizer_state_dict(self) -> dict[str, Any] | None:
+        """The whole optimizer state keyed by parameter name (``{"class", "param_groups", "state"}``), gathered
+        from every rank; None when the program has no optimizer."""
+        from shardwise.runtime import checkpoint
+
+        return checkpoint.gather(self._ensure_pool())["optimizer"]
+
+    def checkpoint_layout(self) -> Any:
+        """Where each piece of each tensor lives under this plan (a ``checkpoint.ProgramLayout``)."""
+        from shardwise.codegen.layout import tensor_tables
+        from shardwise.runtime.checkpoint import program_layout
+
+        return program_layout(**tensor_tables(self.plan))
+
     def close(self) -> None:
         """Stop the worker processes (also done at exit and when the object is collected); a pool given
         with ``workers=`` is left running for its owner."""

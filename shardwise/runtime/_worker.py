@@ -95,12 +95,15 @@ class _State:
         if init is not None:
             getattr(self.module, init)(**init_kwargs)
 
-    def call(self, method: str, args: tuple, kwargs: dict, want_result: bool) -> Any:
+    def call(self, method: Any, args: tuple, kwargs: dict, want_result: bool) -> Any:
         from shardwise.runtime.package import to_cpu_detached
 
         if self.module is None:
             raise RuntimeError("no package is loaded in this worker; call WorkerPool.load() first")
-        result = getattr(self.module, method)(*args, **kwargs)
+        if callable(method):  # WorkerPool.call_function: a module-level function applied to the module
+            result = method(self.module, *args, **kwargs)
+        else:
+            result = getattr(self.module, method)(*args, **kwargs)
         return to_cpu_detached(result) if want_result else None
 
     def probe(self, token: int) -> bool:

@@ -330,7 +330,7 @@ class WorkerPool:
             )
             self._loaded = name
 
-    def call(self, method: str, *args: Any, ranks: Literal["all", "rank0"] = "all", **kwargs: Any) -> Any:
+    def call(self, method: Any, *args: Any, ranks: Literal["all", "rank0"] = "all", **kwargs: Any) -> Any:
         """Call ``module.<method>(*args, **kwargs)`` on every rank with the same arguments.
 
         Returns the list of per-rank results, or rank 0's result with ``ranks="rank0"`` (the method still runs
@@ -347,8 +347,25 @@ class WorkerPool:
                 args, kwargs = to_cpu_detached((args, kwargs))
             blob = pickle.dumps((args, kwargs), protocol=_PICKLE)
             per_rank = [(method, blob, ranks == "all" or r == 0) for r in range(self.world_size)]
-            results = self._run("call", per_rank, label=method, method=method, per_rank=True)
+            label = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
+            results = self._run("call", per_rank, label=label, method=label, per_rank=True)
             return results if ranks == "all" else results[0]
+
+    def call_function(
+        self, function: Any, *args: Any, ranks: Literal["all", "rank0"] = "all", **kwargs: Any
+    ) -> Any:
+        """Call ``function(module, *args, **kwargs)`` on every rank, like :meth:`call` (faults, results).
+
+        ``function`` must be importable by name in the workers (a module-level function of an installed
+        module, e.g. ``shardwise.runtime.checkpoint.worker.save_rank``): it travels by reference.
+        """
+        name = getattr(function, "__qualname__", "")
+        if not callable(function) or "<" in name or not getattr(function, "__module__", None):
+            raise UserInputError(
+                f"call_function needs a module-level function, got {function!r}: lambdas and nested "
+                "functions cannot be sent to the workers"
+            )
+        return self.call(function, *args, ranks=ranks, **kwargs)
 
     def close(self) -> None:
         """Stop the workers (destroying their process groups) and wait for them; idempotent."""

@@ -1,0 +1,33 @@
+"""Sharded, atomic, checksummed checkpoints that load under any plan of the same model.
+
+``save``/``load``/``gather`` run against a WorkerPool holding a generated program; ``reshard`` rewrites a
+checkpoint for another layout offline. See ``files`` for the on-disk format and ``layout`` for how pieces
+map between plans.
+"""
+
+from __future__ import annotations
+
+from shardwise.runtime.checkpoint.driver import (
+    check_compatible,
+    gather,
+    load,
+    reshard,
+    save,
+    single_device_layout,
+)
+from shardwise.runtime.checkpoint.files import read_manifest
+from shardwise.runtime.checkpoint.layout import Box, ProgramLayout, TensorLayout, program_layout
+
+__all__ = [
+    "Box",
+    "ProgramLayout",
+    "TensorLayout",
+    "check_compatible",
+    "gather",
+    "load",
+    "program_layout",
+    "read_manifest",
+    "reshard",
+    "save",
+    "single_device_layout",
+]
