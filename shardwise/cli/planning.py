@@ -182,6 +182,13 @@ def _prepare(model: Any, mode: str) -> None:
             m.p = 0.0
 
 
+def _shape_fingerprint(graph: Any) -> str:
+    """The graph's fingerprint with every node's source location left out."""
+    from shardwise.planner.simple import graph_fingerprint
+
+    return graph_fingerprint(graph.replace(nodes=tuple(n.replace(source="") for n in graph.nodes)))
+
+
 def rebuild(
     plan: ExecutionPlan, plan_path: str | os.PathLike[str] | None, *, verify: bool = True, steps: Steps
 ) -> Rebuilt:
@@ -212,11 +219,14 @@ def rebuild(
 
         with steps.step("tracing it to check the plan's model fingerprint"):
             graph, out_spec = trace(loaded.model, loaded.inputs, loss_fn=_loss_for(loaded, plan.mode))
-        got = graph_fingerprint(graph)
-        if got != plan.model_fingerprint:
-            raise PlanFileError(
-                f"the plan was made for a model with fingerprint {plan.model_fingerprint}, but {source['model']} "
-                f"now traces to {got}: the model (or its code) changed. Make the plan again with `shardwise plan`, "
-                "or pass --no-verify to run it anyway"
-            )
+        if graph_fingerprint(graph) != plan.model_fingerprint:
+            # Source locations depend on where the model was traced from (the working directory): compare
+            # the graphs without them, so that only a change of the model itself fails the check.
+            want, got = _shape_fingerprint(plan.graph), _shape_fingerprint(graph)
+            if got != want:
+                raise PlanFileError(
+                    f"the plan was made for a model with fingerprint {plan.model_fingerprint}, but "
+                    f"{source['model']} now traces to {graph_fingerprint(graph)}: the model (or its code) changed. "
+                    "Make the plan again with `shardwise plan`, or pass --no-verify to run it anyway"
+                )
     return Rebuilt(loaded, out_spec, cluster, verify)
