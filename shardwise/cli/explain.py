@@ -209,8 +209,27 @@ def _candidates(
 
 def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[list[OpExplanation], str]:
     """Explanations for the ops matching ``name`` (at most MAX_OPS), and a note on what was left out."""
+    from shardwise.cli.summary import chunk_plans
     from shardwise.passes.cost import CostModel
 
+    chunks = chunk_plans(plan)
+    if chunks:  # a pipelined plan: the op lives in one chunk's intra-op plan
+        found: list[OpExplanation] = []
+        for c, sub in chunks:
+            try:
+                explained, _ = explain_ops(sub, name, cluster)
+            except UserInputError:
+                continue
+            for e in explained:
+                e.note = (e.note + "; " if e.note else "") + f"in pipeline chunk {c}"
+            found += explained
+        if not found:
+            raise UserInputError(
+                f"no op or module matches {name!r} in any pipeline chunk (shardwise show lists them)"
+            )
+        return found[:MAX_OPS], (
+            f"{len(found)} ops match: showing the first {MAX_OPS}" if len(found) > MAX_OPS else ""
+        )
     names = find_ops(plan, name)
     note = f"{len(names)} ops match {name!r}: showing the first {MAX_OPS}" if len(names) > MAX_OPS else ""
     placement, specs = _placements(plan)

@@ -28,6 +28,7 @@ __all__ = [
     "stages",
     "overview",
     "FREE_COLLECTIVES",
+    "chunk_plans",
     "source_of",
     "plan_command",
 ]
@@ -84,6 +85,7 @@ class ModuleGroup:
     comm_s: float = 0.0
     flops: int = 0
     source: str = ""
+    chunk: int | None = None  # the pipeline chunk (stage) holding the module, for pipelined plans
 
     @property
     def signature(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -100,8 +102,28 @@ def _add_unique(items: list[str], value: str) -> None:
         items.append(value)
 
 
+def chunk_plans(plan: ExecutionPlan) -> list[tuple[int, ExecutionPlan]]:
+    """(chunk, intra-op plan) of a pipelined plan (``plan.pipeline``); empty for other plans."""
+    pipe = getattr(plan, "pipeline", None)
+    out = []
+    for st in getattr(pipe, "stages", ()) or ():
+        sub = getattr(st, "plan", None)
+        if sub is not None:
+            out.append((int(getattr(st, "chunk", len(out))), sub))
+    return out
+
+
 def module_groups(plan: ExecutionPlan, *, by_layer: bool = False) -> list[ModuleGroup]:
-    """Strategies grouped by module path (or by :func:`layer_key` with ``by_layer``), in graph order."""
+    """Strategies grouped by module path (or by :func:`layer_key` with ``by_layer``), in graph order; for a
+    pipelined plan, its chunks' groups in chunk order (``ModuleGroup.chunk`` says which)."""
+    chunks = chunk_plans(plan)
+    if chunks:
+        groups = []
+        for c, sub in chunks:
+            for g in module_groups(sub, by_layer=by_layer):
+                g.chunk = c
+                groups.append(g)
+        return groups
     nodes = _node_index(plan)
     groups: dict[str, ModuleGroup] = {}
     for s in plan.strategies:
@@ -142,7 +164,7 @@ class CollectiveRow:
     nbytes: int
     time_s: float
     algorithm: str
-    phase: str = "forward"  # "forward" | "gradients"
+    phase: str = "forward"  # "forward" | "gradients" | "transfers" (pipeline, per step)
 
 
 def _train_factor(plan: ExecutionPlan) -> int:
@@ -151,7 +173,29 @@ def _train_factor(plan: ExecutionPlan) -> int:
 
 def collective_rows(plan: ExecutionPlan) -> list[CollectiveRow]:
     """Every redistribution that moves data, in program order; in training, one more row for the gradient
-    reduction after backward (its time is what the prediction leaves over for it)."""
+    reduction after backward (its time is what the prediction leaves over for it). A pipelined plan lists its
+    chunks' collectives and the point-to-point transfers between chunks (bytes per step)."""
+    chunks = chunk_plans(plan)
+    if chunks:
+        pipe = plan.pipeline  # type: ignore[attr-defined]
+        rows = [r for _, sub in chunks for r in collective_rows(sub)]
+        train = plan.mode == "train"
+        for t in getattr(pipe, "transfers", ()) or ():
+            nbytes = int(t.spec.nbytes) * int(pipe.microbatches) * (2 if train and t.grad else 1)
+            rows.append(
+                CollectiveRow(
+                    node="(between stages)",
+                    module=f"chunk {t.src} -> {t.dst}",
+                    value=t.value,
+                    collective="send/recv",
+                    axis="pp",
+                    nbytes=nbytes,
+                    time_s=0.0,
+                    algorithm="p2p",
+                    phase="transfers",
+                )  # fmt: skip
+            )
+        return rows
     nodes = _node_index(plan)
     rows: list[CollectiveRow] = []
     for s in plan.strategies:
@@ -215,6 +259,8 @@ def collective_totals(plan: ExecutionPlan, rows: list[CollectiveRow] | None = No
     acc: dict[tuple[str, str, str], list[float]] = {}
     for r in rows:
         factor = _train_factor(plan) if r.phase == "forward" else 1
+        if r.phase == "forward" and chunk_plans(plan):
+            factor *= int(getattr(plan.pipeline, "microbatches", 1) or 1)  # type: ignore[attr-defined]
         a = acc.setdefault((r.collective, r.axis, r.algorithm), [0, 0, 0.0])
         a[0] += factor
         a[1] += r.nbytes * factor
@@ -268,6 +314,24 @@ def _stage_of(strategy: NodeStrategy) -> int | None:
 def stages(plan: ExecutionPlan) -> list[dict[str, Any]]:
     """Pipeline stages: index, ranks, layers and predicted compute. One stage holding every layer when the
     plan has no pipeline (or records no stage per op)."""
+    pipe = getattr(plan, "pipeline", None)
+    if pipe is not None and getattr(pipe, "stages", None):
+        out_rows = []
+        for st in pipe.stages:
+            dev = int(st.device_stage)
+            ranks = [pipe.rank(dev, d, t) for d in range(int(pipe.dp)) for t in range(int(pipe.tp))]
+            out_rows.append(
+                {
+                    "stage": int(st.chunk),
+                    "device_stage": dev,
+                    "ranks": ranks,
+                    "layers": list(st.units),
+                    "compute_s": float(st.forward_s),
+                    "backward_s": float(st.backward_s),
+                    "memory_bytes": int(getattr(st, "memory_bytes", 0) or 0),
+                }  # fmt: skip
+            )
+        return out_rows
     mesh = plan.mesh
     pp = plan.degrees.get("pp", 1)
     names = tuple(mesh.axis_names)

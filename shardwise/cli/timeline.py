@@ -144,8 +144,110 @@ def _order(schedule: str, stage: int, stages: int, m: int, train: bool) -> list[
     return [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
 
 
+def _pipeline_timeline(plan: ExecutionPlan, pipe: Any) -> Timeline:
+    """A pipelined plan (``plan.pipeline``): each device stage runs its recorded actions; an action takes its
+    chunk's predicted forward/backward time per micro-batch, split into compute and communication as the
+    chunk's own plan predicts. Forward of chunk c waits for forward of c - 1, backward of c for its forward and
+    backward of c + 1 (the planner's simulator rules; point-to-point transfers are not drawn)."""
+    chunks = list(pipe.stages)
+    n = len(chunks)
+    notes = ["point-to-point transfers between stages are not drawn (they overlap compute)"]
+
+    def comm_share(c: int) -> float:
+        pred = getattr(getattr(chunks[c], "plan", None), "predicted", None)
+        total = float(getattr(pred, "compute_s", 0.0) + getattr(pred, "comm_s", 0.0)) if pred else 0.0
+        return float(pred.comm_s) / total if pred is not None and total > 0 else 0.0
+
+    def label(c: int) -> str:
+        units = list(getattr(chunks[c], "units", ()) or ())
+        what = units[0] if len(units) == 1 else f"{units[0]} .. {units[-1]}" if units else ""
+        return f"chunk {c}: {what}" if what else f"chunk {c}"
+
+    per_device: dict[int, list[Segment]] = {p: [] for p in range(len(pipe.actions))}
+    f_done: dict[tuple[int, int], float] = {}
+    b_done: dict[tuple[int, int], float] = {}
+    free = dict.fromkeys(per_device, 0.0)
+    pos = dict.fromkeys(per_device, 0)
+    remaining = sum(len(a) for a in pipe.actions)
+    while remaining:
+        progressed = False
+        for p, acts in enumerate(pipe.actions):
+            while pos[p] < len(acts):
+                kind, c, i = acts[pos[p]]
+                if kind == "F":
+                    if c > 0 and (c - 1, i) not in f_done:
+                        break
+                    ready = f_done.get((c - 1, i), 0.0)
+                    dur = float(chunks[c].forward_s)
+                else:
+                    if (c, i) not in f_done or (c < n - 1 and (c + 1, i) not in b_done):
+                        break
+                    ready = max(f_done[(c, i)], b_done.get((c + 1, i), 0.0))
+                    dur = float(chunks[c].backward_s)
+                t = max(free[p], ready)
+                comm = dur * comm_share(c)
+                phase = "forward" if kind == "F" else "backward"
+                for k, d in (("compute", dur - comm), ("comm", comm)):
+                    if d > 0:
+                        per_device[p].append(Segment(-1, t, d, k, label(c), i, phase))
+                        t += d
+                (f_done if kind == "F" else b_done)[(c, i)] = t
+                free[p] = t
+                pos[p] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            notes.append("the recorded schedule could not be simulated completely")
+            break
+    makespan = max(free.values(), default=0.0)
+    predicted = float(plan.predicted.step_time_s)
+    if plan.mode == "train" and predicted > makespan:
+        tail = predicted - makespan
+        for p in per_device:
+            per_device[p].append(
+                Segment(-1, free[p], tail, "comm", "gradient reduction and optimizer step", -1, "gradients")
+            )
+        makespan = max(free[p] + tail for p in per_device)
+    ranks = list(plan.mesh.ranks)[:MAX_RANKS_SHOWN]
+    if len(plan.mesh.ranks) > MAX_RANKS_SHOWN:
+        notes.append(f"{len(plan.mesh.ranks)} ranks: showing the first {MAX_RANKS_SHOWN}")
+    width = max(1, int(pipe.dp) * int(pipe.tp))
+    rows = {r: per_device.get(min(r // width, len(per_device) - 1), []) for r in ranks}
+    if predicted > 0 and abs(makespan - predicted) > 0.02 * predicted:
+        notes.append(f"drawn: {makespan * 1e3:.3f} ms; the plan predicts {predicted * 1e3:.3f} ms per step")
+    v = int(getattr(pipe, "virtual", 1) or 1)
+    schedule = str(pipe.schedule) + (f" ({v} chunks per device)" if v > 1 else "")
+    return Timeline(
+        ranks, _fill(ranks, rows, makespan), makespan, int(pipe.microbatches), int(pipe.pp), schedule, notes
+    )
+
+
+def _fill(ranks: list[int], rows: dict[int, list[Segment]], makespan: float) -> list[Segment]:
+    """Each rank's segments, with the gaps (and the idle tail) as bubbles."""
+    out: list[Segment] = []
+    for r in ranks:
+        t = 0.0
+        for seg in sorted(rows[r], key=lambda s: s.start_s):
+            if seg.start_s > t + 1e-15:
+                out.append(
+                    Segment(
+                        r, t, seg.start_s - t, "bubble", "waiting for another stage", seg.microbatch, "idle"
+                    )
+                )
+            out.append(
+                Segment(r, seg.start_s, seg.duration_s, seg.kind, seg.label, seg.microbatch, seg.phase)
+            )
+            t = seg.start_s + seg.duration_s
+        if makespan - t > 1e-15:
+            out.append(Segment(r, t, makespan - t, "bubble", "idle until the step ends", -1, "idle"))
+    return out
+
+
 def build_timeline(plan: ExecutionPlan) -> Timeline:
     """The schedule of one step on every rank (at most MAX_RANKS_SHOWN ranks; see the module docstring)."""
+    pipe = getattr(plan, "pipeline", None)
+    if pipe is not None and getattr(pipe, "actions", None) and getattr(pipe, "stages", None):
+        return _pipeline_timeline(plan, pipe)
     train = plan.mode == "train"
     pp = max(1, int(plan.degrees.get("pp", 1)))
     m = _int_attr(plan, "micro_batches", "num_micro_batches", "microbatches") or int(
@@ -233,24 +335,11 @@ def build_timeline(plan: ExecutionPlan) -> Timeline:
             f"{len(ranks)} ranks: showing the first {MAX_RANKS_SHOWN} (ranks of one stage run the same schedule)"
         )
         ranks = ranks[:MAX_RANKS_SHOWN]
-    segments: list[Segment] = []
+    rows = {}
     for r in ranks:
         stage = mesh.coordinate(r)[names.index("pp")] if "pp" in names else 0
-        stage = min(stage, n_stages - 1)
-        t = 0.0
-        for seg in timeline[stage]:
-            if seg.start_s > t + 1e-15:
-                segments.append(
-                    Segment(
-                        r, t, seg.start_s - t, "bubble", "waiting for another stage", seg.microbatch, "idle"
-                    )
-                )
-            segments.append(
-                Segment(r, seg.start_s, seg.duration_s, seg.kind, seg.label, seg.microbatch, seg.phase)
-            )
-            t = seg.start_s + seg.duration_s
-        if makespan - t > 1e-15:
-            segments.append(Segment(r, t, makespan - t, "bubble", "idle until the step ends", -1, "idle"))
+        rows[r] = timeline[min(stage, n_stages - 1)]
+    segments = _fill(ranks, rows, makespan)
     predicted = float(plan.predicted.step_time_s)
     if predicted > 0 and abs(makespan - predicted) > 0.02 * predicted:
         notes.append(

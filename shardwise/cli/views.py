@@ -114,16 +114,27 @@ def render_show(
     console.print(t)
     console.print()
 
-    t = _table("Stages", "stage", "ranks", "layers", "compute (fwd)", right=("compute (fwd)",))
+    piped = any("backward_s" in s for s in data["stages"])
+    if piped:
+        t = _table("Pipeline stages (times per micro-batch)", "chunk", "device stage", "ranks", "layers", "forward",
+                   "backward", "memory", right=("forward", "backward", "memory"))  # fmt: skip
+    else:
+        t = _table("Stages", "stage", "ranks", "layers", "compute (fwd)", right=("compute (fwd)",))
     for s in data["stages"]:
         layers = s["layers"]
         text = ", ".join(layers[:4]) + (
             f" ... {layers[-1]} ({len(layers)} layers)" if len(layers) > 4 else ""
         )
-        ranks = s["ranks"]
-        t.add_row(str(s["stage"]), _ranks(ranks), text + (f" [dim]({s['note']})[/dim]" if s.get("note") else ""),
-                  human_time(s["compute_s"]))  # fmt: skip
+        text += f" [dim]({escape(s['note'])})[/dim]" if s.get("note") else ""
+        if piped:
+            t.add_row(str(s["stage"]), str(s["device_stage"]), _ranks(s["ranks"]), text, human_time(s["compute_s"]),
+                      human_time(s["backward_s"]), human_bytes(s["memory_bytes"]))  # fmt: skip
+        else:
+            t.add_row(str(s["stage"]), _ranks(s["ranks"]), text, human_time(s["compute_s"]))
     console.print(t)
+    pipe = getattr(plan, "pipeline", None)
+    if pipe is not None:
+        console.print(f"  schedule: {escape(str(pipe))}")
     console.print()
 
     inputs = _table("Inputs", "input", "shape", "placement")

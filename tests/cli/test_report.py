@@ -189,3 +189,41 @@ def test_single_stage_timeline_matches_the_prediction(gpt2_plan: Path) -> None:
     totals = tl.totals()
     assert totals[0]["bubble"] == pytest.approx(0.0, abs=1e-12)
     assert totals[0]["comm"] == pytest.approx(plan.predicted.comm_s, rel=0.02)
+
+
+def test_pipelined_plan_timeline_agrees_with_the_schedule_simulator(mlp_train_plan: Path) -> None:
+    """A plan with ``plan.pipeline`` (chunks, schedule actions): the drawn schedule ends when the planner's own
+    simulator says it does (no transfer times), and every device stage idles in the fill and drain."""
+    pipeline = pytest.importorskip(
+        "shardwise.ir.pipeline", reason="pipeline plans are not in this checkout yet"
+    )
+    schedule = pytest.importorskip("shardwise.planner.schedule", reason="pipeline schedules are not here yet")
+    chunk = load_plan(mlp_train_plan)
+    fwd, bwd, m, pp = [1e-3, 1.5e-3], [2e-3, 3e-3], 4, 2
+    actions = schedule.schedule_actions("1f1b", pp, m, train=True)
+    stages = tuple(
+        pipeline.PipelineStage(
+            chunk=c, device_stage=c, units=(f"blocks.{c}",), plan=chunk, forward_s=fwd[c], backward_s=bwd[c]
+        )  # fmt: skip
+        for c in range(pp)
+    )
+    spec = pipeline.PipelineSpec(
+        schedule="1f1b", pp=pp, virtual=1, dp=1, tp=1, sequence_parallel=False, microbatches=m, microbatch_size=1,
+        recompute="none", stages=stages, transfers=(), tied=(), actions=tuple(tuple(a) for a in actions),
+        batch_inputs=(0,),
+    )  # fmt: skip
+    sim = schedule.simulate(actions, fwd, bwd, [0.0] * pp)
+    plan = chunk.replace(mesh=DeviceMesh((pp, 1, 1), ("pp", "dp", "tp"), (0, 1)), world_size=pp)
+    object.__setattr__(plan, "pipeline", spec)
+    object.__setattr__(
+        plan, "predicted", plan.predicted.__class__(**{**vars(plan.predicted), "step_time_s": sim.step_s})
+    )
+    tl = build_timeline(plan)
+    assert tl.stages == pp and tl.micro_batches == m and tl.schedule == "1f1b"
+    assert tl.makespan_s == pytest.approx(sim.step_s, rel=1e-9)
+    totals = tl.totals()
+    for r in (0, 1):
+        busy = totals[r]["compute"] + totals[r]["comm"]
+        assert busy == pytest.approx(m * (fwd[r] + bwd[r]), rel=1e-9)
+        assert totals[r]["bubble"] == pytest.approx(sim.step_s - busy, rel=1e-9, abs=1e-12)
+    assert "chunk 1: blocks.1" in {s.label for s in tl.segments if s.rank == 1}

@@ -75,3 +75,15 @@ def test_demo() -> None:
     assert "plan: GPT2LMHeadModel on cpu:2" in result.out
     line = next(x for x in result.out.splitlines() if x.startswith("largest absolute difference"))
     assert float(line.rsplit(" ", 1)[1]) < 1e-4
+
+
+def test_calibrate_writes_a_cluster_file_plans_accept(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    result = cli("calibrate", "-o", cluster, "-n", "1", "--json")
+    assert result.code == 0, result.err
+    spec = json.loads(result.out)["spec"]
+    assert spec["world_size"] == 1 and spec["device"]["kind"] == "cpu"
+    assert spec["device"]["peak_flops"]["float32"] > 0
+    plan = tmp_path / "plan.json"
+    assert cli("plan", "mlp:tiny", "--cluster", cluster, "-o", plan, "-q").code == 0
+    assert json.loads(cli("show", plan, "--json").out)["overview"]["cluster"] == "cpu:1-calibrated"
