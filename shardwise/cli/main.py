@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from shardwise.cli.console import Steps, err, out, print_json, to_jsonable
+from shardwise.cli.reshard import reshard as reshard_command
 from shardwise.errors import ShardwiseError, UserInputError
 
 __all__ = ["app", "main"]
@@ -460,6 +461,8 @@ def demo(
         return
     out.print(f"largest absolute difference from eager PyTorch: {diff_value:.3e}")
 
+
+app.command()(reshard_command)  # shardwise.cli.reshard
 
 # -- entry point --------------------------------------------------------------------------------------
 

@@ -863,6 +863,7 @@ if __name__ == "__main__":
     import functools
 
     import shardwise
+    from shardwise.runtime import WorkerPool
 
     def leaves(x):
         return [t for t in pytree.tree_leaves(x) if torch.is_tensor(t)]
@@ -883,20 +884,24 @@ if __name__ == "__main__":
     model = make_model().eval()
     with torch.no_grad():
         want = model(*inputs)
-    with shardwise.compile(make_model().eval(), CLUSTER, example_inputs=inputs, constraints=CONSTRAINTS) as cm:
-        print(cm.plan.summary())
-        compare("inference", cm.run(*inputs), want)
+    with WorkerPool(int(CLUSTER.split(":")[1])) as pool:
+        with shardwise.compile(make_model().eval(), CLUSTER, example_inputs=inputs, constraints=CONSTRAINTS,
+                               workers=pool) as cm:
+            print(cm.plan.summary())
+            compare("inference", cm.run(*inputs), want)
 
-    sgd = functools.partial(torch.optim.SGD, lr={lr})
-    reference = make_model().train()
-    loss = loss_fn(reference(*inputs))
-    loss.backward()
-    sgd(reference.parameters()).step()
-    with shardwise.compile(make_model(), CLUSTER, example_inputs=inputs, mode="train", loss_fn=loss_fn,
-                           optimizer=sgd, constraints=CONSTRAINTS) as cm:
-        got_loss = cm.train_step(*inputs)
-        print(f"loss {{got_loss:.8f}}, eager {{loss.item():.8f}}")
-        compare("state after one SGD step", cm.state_dict(), reference.state_dict())
+        sgd = functools.partial(torch.optim.SGD, lr={lr})
+        reference = make_model().train()
+        loss = loss_fn(reference(*inputs))
+        loss.backward()
+        sgd(reference.parameters()).step()
+        with shardwise.compile(make_model(), CLUSTER, example_inputs=inputs, mode="train", loss_fn=loss_fn,
+                               optimizer=sgd, constraints=CONSTRAINTS, workers=pool) as cm:
+            got_loss = cm.train_step(*inputs)
+            print(f"loss {{got_loss:.8f}}, eager {{loss.item():.8f}}")
+            state = cm.state_dict()
+            for key, value in reference.state_dict().items():
+                compare(f"state after one SGD step: {{key}}", state[key], value)
 """
 
 LR = 0.05

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from shardwise.runtime.checkpoint.driver import (
     check_compatible,
+    from_state_dict,
     gather,
     load,
     reshard,
     save,
     single_device_layout,
+    to_state_dict,
 )
 from shardwise.runtime.checkpoint.files import read_manifest
 from shardwise.runtime.checkpoint.layout import Box, ProgramLayout, TensorLayout, program_layout
@@ -23,6 +25,7 @@ __all__ = [
     "ProgramLayout",
     "TensorLayout",
     "check_compatible",
+    "from_state_dict",
     "gather",
     "load",
     "program_layout",
@@ -30,4 +33,5 @@ __all__ = [
     "reshard",
     "save",
     "single_device_layout",
+    "to_state_dict",
 ]

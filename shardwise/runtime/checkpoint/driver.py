@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,20 @@ from shardwise.runtime.checkpoint.files import (
     new_temporary,
     read_manifest,
     write_manifest,
-    write_tensors,
 )
-from shardwise.runtime.checkpoint.layout import Box, ProgramLayout
-from shardwise.runtime.checkpoint.pieces import collect_pieces
+from shardwise.runtime.checkpoint.layout import Box, ProgramLayout, TensorLayout, program_layout
+from shardwise.runtime.checkpoint.pieces import collect_pieces, rank_record
 
-__all__ = ["save", "load", "gather", "reshard", "check_compatible", "single_device_layout"]
+__all__ = [
+    "check_compatible",
+    "from_state_dict",
+    "gather",
+    "load",
+    "reshard",
+    "save",
+    "single_device_layout",
+    "to_state_dict",
+]
 
 
 def _manifest(records: list[dict[str, Any]], meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,9 +177,30 @@ def single_device_layout(manifest: Mapping[str, Any]) -> ProgramLayout:
         for key, info in manifest["tensors"].items()
     }
     aliases = {key: tuple(info.get("aliases", ())) for key, info in manifest["tensors"].items()}
-    from shardwise.runtime.checkpoint.layout import program_layout
-
     return program_layout(tensors, aliases, {}, (1,), ("dp",), (0,))
+
+
+def _write_offline(
+    target: Path,
+    layout: ProgramLayout,
+    piece_of: Callable[[TensorLayout, Box], Any],
+    states_of: Callable[[TensorLayout, Box], Mapping[str, Any]],
+    optimizer: Mapping[str, Any] | None,
+    meta: Mapping[str, Any],
+) -> Path:
+    """Write a checkpoint for ``layout`` rank by rank in this process (atomically, like :func:`save`)."""
+    tmp = new_temporary(target)
+    try:
+        records = [
+            rank_record(tmp, rank, layout, collect_pieces(layout, rank, piece_of, states_of), optimizer)
+            for rank in layout.mesh_ranks
+        ]
+        write_manifest(tmp, _manifest(records, meta))
+        commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def reshard(
@@ -181,50 +210,81 @@ def reshard(
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
     """Rewrite the checkpoint at ``source`` for ``layout`` (one device when None) at ``destination``: each
-    rank of the new layout gets a file holding exactly its pieces. No processes are started."""
+    rank of the new layout gets a file holding exactly its pieces. No processes are started; every piece is
+    read from the source one slice at a time."""
     manifest = read_manifest(source, verify=True)
     layout = layout or single_device_layout(manifest)
     check_compatible(manifest, layout, str(source))
     src, target = Path(source), Path(destination)
     if target.resolve() == src.resolve():
         raise CheckpointError("reshard writes a new checkpoint: give a destination other than the source")
-    saved_opt = manifest.get("optimizer")
-    tmp = new_temporary(target)
-    try:
-        records = []
-        with Reader(src, manifest) as reader:
-            for rank in layout.mesh_ranks:
-                pieces = collect_pieces(
-                    layout, rank,
-                    lambda t, box: reader.read(_key(manifest, t), box),
-                    lambda t, box: worker._states_for(reader, manifest, _key(manifest, t), box) if saved_opt else {},
-                )  # fmt: skip
-                record: dict[str, Any] = {
-                    "file": None,
-                    "entries": [],
-                    "whole_states": [],
-                    "values": pieces.values,
-                }
-                if rank == layout.mesh_ranks[0]:
-                    record["tensors"] = layout.logical_tensors()
-                    record["optimizer"] = (
-                        None if saved_opt is None else
-                        {"class": saved_opt["class"], "param_groups": saved_opt["param_groups"]}
-                    )  # fmt: skip
-                if pieces.tensors:
-                    name = f"rank{rank}.safetensors"
-                    record["file"] = {"name": name, **write_tensors(tmp / name, pieces.tensors)}
-                    record["entries"] = [{**e, "file": name} for e in pieces.entries]
-                    record["whole_states"] = [{**e, "file": name} for e in pieces.whole_states]
-                records.append(record)
-        old_meta = {k: v for k, v in (manifest.get("meta") or {}).items() if k != "resharded_from"}
-        new_meta = {**old_meta, **(meta or {}), "resharded_from": old_meta}
-        write_manifest(tmp, _manifest(records, new_meta))
-        commit(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    saved = manifest.get("optimizer")
+    old_meta = {k: v for k, v in (manifest.get("meta") or {}).items() if k != "resharded_from"}
+    with Reader(src, manifest) as reader:
+        return _write_offline(
+            target, layout,
+            lambda t, box: reader.read(_key(manifest, t), box),
+            lambda t, box: worker.states_for(reader, manifest, _key(manifest, t), box) if saved else {},
+            saved, {**old_meta, **(meta or {}), "resharded_from": old_meta},
+        )  # fmt: skip
+
+
+def from_state_dict(
+    state: Mapping[str, Any],
+    destination: str | os.PathLike[str],
+    layout: ProgramLayout,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write whole tensors as a checkpoint for ``layout``. ``state`` is what :func:`gather` and
+    :func:`to_state_dict` return: ``{"tensors": {key: tensor}, "optimizer": None | {"class",
+    "param_groups", "state": {key: {name: tensor or value}}}}``."""
+    tensors, optimizer = state["tensors"], state.get("optimizer")
+    fake = {"tensors": {k: {"shape": list(v.shape), "aliases": []} for k, v in tensors.items()}}
+    for t in layout.tensors:
+        key = worker.resolve_key(fake, t)
+        if key is None or tuple(tensors[key].shape) != t.logical_shape:
+            raise CheckpointError(f"the state holds no tensor {t.logical!r} of shape {t.logical_shape}")
+
+    def cut(value: Any, box: Box) -> Any:
+        return value[tuple(slice(o, o + n) for o, n in zip(box.offset, box.shape))].clone()
+
+    def states_of(t: TensorLayout, box: Box) -> dict[str, Any]:
+        out = {}
+        for name, value in (
+            ((optimizer or {}).get("state") or {}).get(worker.resolve_key(fake, t), {}).items()
+        ):
+            sliced = hasattr(value, "shape") and value.dim() > 0 and tuple(value.shape) == t.logical_shape
+            out[name] = cut(value, box) if sliced else value
+        return out
+
+    return _write_offline(
+        Path(destination), layout, lambda t, box: cut(tensors[worker.resolve_key(fake, t)], box), states_of,
+        optimizer, dict(meta or {}),
+    )  # fmt: skip
+
+
+def to_state_dict(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """The whole tensors and optimizer state of the checkpoint at ``source`` (verified first), in the form
+    :func:`gather` returns."""
+    manifest = read_manifest(source, verify=True)
+    layout = single_device_layout(manifest)
+    tensors: dict[str, Any] = {}
+    state: dict[str, dict[str, Any]] = {}
+    saved = manifest.get("optimizer")
+    with Reader(source, manifest) as reader:
+        for t in layout.tensors:
+            box = layout.box(t, 0)
+            tensors[t.logical] = reader.read(t.logical, box)
+            if saved:
+                states = worker.states_for(reader, manifest, t.logical, box)
+                if states:
+                    state[t.logical] = states
+    optimizer = (
+        None
+        if saved is None
+        else {"class": saved["class"], "param_groups": saved["param_groups"], "state": state}
+    )
+    return {"tensors": tensors, "optimizer": optimizer}
 
 
 def _key(manifest: Mapping[str, Any], t: Any) -> str:

@@ -244,11 +244,11 @@ class Reader:
             common = intersect(stored, box)
             if common is None:
                 continue
-            piece = self._open(e["file"]).get_slice(e["name"])
             index = tuple(
                 slice(c - s, c - s + n) for c, s, n in zip(common.offset, stored.offset, common.shape)
             )
-            values = piece[index] if index else piece[:]
+            f = self._open(e["file"])
+            values = f.get_slice(e["name"])[index] if index else f.get_tensor(e["name"])
             if out is None:
                 dtype = values.dtype
                 out = torch.empty(box.shape, dtype=dtype)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from shardwise.errors import CheckpointError
+from shardwise.runtime.checkpoint.files import write_tensors
 from shardwise.runtime.checkpoint.layout import Box, ProgramLayout, TensorLayout
 
-__all__ = ["Pieces", "collect_pieces", "json_value"]
+__all__ = ["Pieces", "collect_pieces", "json_value", "rank_record"]
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -98,3 +100,29 @@ def collect_pieces(
             else:
                 out.values.setdefault(t.logical, {})[state] = json_value(value, f"optimizer state {state!r}")
     return out
+
+
+def rank_record(
+    directory: Path, rank: int, layout: ProgramLayout, pieces: Pieces, optimizer: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Write ``pieces`` to ``<directory>/rank<r>.safetensors`` (if any) and return what the manifest needs
+    to know of them; the first rank of the layout also describes the tensors and the ``optimizer`` (class
+    and param groups)."""
+    record: dict[str, Any] = {
+        "rank": rank,
+        "file": None,
+        "entries": [],
+        "whole_states": [],
+        "values": pieces.values,
+    }
+    if rank == layout.mesh_ranks[0]:
+        record["tensors"] = layout.logical_tensors()
+        record["optimizer"] = None if optimizer is None else {
+            "class": optimizer["class"], "param_groups": optimizer["param_groups"]
+        }  # fmt: skip
+    if pieces.tensors:
+        name = f"rank{rank}.safetensors"
+        record["file"] = {"name": name, **write_tensors(Path(directory) / name, pieces.tensors)}
+        record["entries"] = [{**e, "file": name} for e in pieces.entries]
+        record["whole_states"] = [{**e, "file": name} for e in pieces.whole_states]
+    return record

@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from shardwise.errors import CheckpointError
-from shardwise.runtime.checkpoint.files import Reader, write_tensors
+from shardwise.runtime.checkpoint.files import Reader
 from shardwise.runtime.checkpoint.layout import Box, ProgramLayout, TensorLayout, program_layout
-from shardwise.runtime.checkpoint.pieces import Pieces, collect_pieces, json_value
+from shardwise.runtime.checkpoint.pieces import Pieces, collect_pieces, json_value, rank_record
 
-__all__ = ["layout_of", "save_rank", "rank_pieces", "load_rank", "optimizer_info", "resolve_key"]
+__all__ = [
+    "layout_of",
+    "save_rank",
+    "rank_pieces",
+    "load_rank",
+    "optimizer_info",
+    "resolve_key",
+    "states_for",
+]
 
 
 def _tables(module: Any) -> Any:
@@ -79,18 +87,8 @@ def optimizer_info(module: Any) -> dict[str, Any] | None:
 def save_rank(module: Any, directory: str) -> dict[str, Any]:
     """Write this rank's pieces to ``<directory>/rank<r>.safetensors``; returns its manifest record."""
     layout, pieces = _pieces(module)
-    record: dict[str, Any] = {
-        "rank": module.rank, "file": None, "entries": [], "whole_states": [], "values": pieces.values,
-    }  # fmt: skip
-    if module.rank == layout.mesh_ranks[0]:
-        record["tensors"] = layout.logical_tensors()
-        record["optimizer"] = optimizer_info(module)
-    if pieces.tensors:
-        name = f"rank{module.rank}.safetensors"
-        record["file"] = {"name": name, **write_tensors(Path(directory) / name, pieces.tensors)}
-        record["entries"] = [{**e, "file": name} for e in pieces.entries]
-        record["whole_states"] = [{**e, "file": name} for e in pieces.whole_states]
-    return record
+    info = optimizer_info(module) if module.rank == layout.mesh_ranks[0] else None
+    return rank_record(Path(directory), module.rank, layout, pieces, info)
 
 
 def rank_pieces(module: Any) -> dict[str, Any]:
@@ -118,7 +116,8 @@ def resolve_key(manifest: Mapping[str, Any], t: TensorLayout) -> str | None:
     return None
 
 
-def _states_for(reader: Reader, manifest: Mapping[str, Any], key: str, box: Box) -> dict[str, Any]:
+def states_for(reader: Reader, manifest: Mapping[str, Any], key: str, box: Box) -> dict[str, Any]:
+    """The optimizer state of ``box`` of parameter ``key``: pieces cut to the box, whole tensors, values."""
     states: dict[str, Any] = {}
     for e in manifest["entries"]:
         if e["key"] == key and e["state"] is not None and e["state"] not in states:
@@ -158,7 +157,7 @@ def load_rank(module: Any, directory: str, manifest: Mapping[str, Any], load_opt
                 )
             new[t.key] = value
             if load_optimizer:
-                states[t.key] = _states_for(reader, manifest, key, box)
+                states[t.key] = states_for(reader, manifest, key, box)
     optimizer_state = _optimizer_state_dict(module, manifest, states, layout) if load_optimizer else None
     with torch.no_grad():
         for key, value in new.items():
