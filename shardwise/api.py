@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from shardwise.cluster import ClusterSpec, get_cluster
 from shardwise.codegen.package import write_package
-from shardwise.errors import DeviceUnavailableError, ShapeMismatchError, UserInputError
+from shardwise.errors import DeviceUnavailableError, RuntimeFault, ShapeMismatchError, UserInputError
 from shardwise.frontend.trace import model_tensors, trace
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import ExecutionPlan
@@ -129,7 +129,7 @@ class CompiledModel:
         None loads the optimizer state when both sides have one, True requires it, False skips it."""
         from shardwise.runtime import checkpoint
 
-        checkpoint.load(self._ensure_pool(), directory, self.checkpoint_layout(), optimizer=optimizer)
+        checkpoint.load(self._ensure_pool(restart=True), directory, self.checkpoint_layout(), optimizer=optimizer)
 
     def optimizer_state_dict(self) -> dict[str, Any] | None:
         """The whole optimizer state keyed by parameter name (``{"class", "param_groups", "state"}``), gathered
@@ -171,16 +171,27 @@ class CompiledModel:
         if dir_box[0] is not None:
             shutil.rmtree(dir_box[0], ignore_errors=True)
 
-    def _ensure_pool(self) -> WorkerPool:
+    def _ensure_pool(self, restart: bool = False) -> WorkerPool:
+        """The pool running this program, loaded on first use. After a fault stopped the workers, an inference
+        program is loaded again on fresh ones; a training program only when ``restart`` (its trained state
+        was lost with the workers: load_checkpoint restarts it)."""
         if self.plan.graph.meta_device or self._tensors is None:
             raise UserInputError(
                 "this model was planned on the meta device: it has no weights to run. Build it on the CPU "
                 "(or load its weights) and compile again to run it; the plan (cm.plan) is complete as is."
             )
+        reuse = None
         if self._pool is not None:
             if _POOL_OWNER.get(self._pool) == id(self):
-                return self._pool
-            if self.plan.mode == "train":
+                if self._pool.alive:
+                    return self._pool
+                if self.plan.mode == "train" and not restart:
+                    raise RuntimeFault(
+                        "the workers of this model were stopped after a fault, and its trained state with them: "
+                        "load a checkpoint (cm.load_checkpoint(directory)) to continue on fresh workers"
+                    )
+                reuse, self._pool = self._pool, None
+            elif self.plan.mode == "train":
                 raise UserInputError(
                     "the shared worker pool now runs another program, and this one's trained state was on it: "
                     "give each training model its own pool"
@@ -193,7 +204,7 @@ class CompiledModel:
             raise UserInputError(
                 f"the given worker pool has {shared.world_size} processes; this plan needs {self.plan.world_size}"
             )
-        pool = shared or WorkerPool(self.plan.world_size, backend="gloo")
+        pool = shared or reuse or WorkerPool(self.plan.world_size, backend="gloo")
         try:
             pool.load(package, init="load_weights", init_kwargs={"path": str(weights)})
             if self.plan.mode == "train":
@@ -282,6 +293,24 @@ class CompiledModel:
             return flat
 
 
+def _check_optimizer(optimizer: Callable[..., Any] | None) -> None:
+    """The optimizer factory travels to every worker by pickling: refuse one that cannot, up front."""
+    if optimizer is None:
+        return
+    if not callable(optimizer):
+        raise UserInputError(f"optimizer must be a factory from parameters to an optimizer, got {optimizer!r}")
+    import pickle
+
+    try:
+        pickle.dumps(optimizer)
+    except Exception as exc:
+        raise UserInputError(
+            f"optimizer={optimizer!r} cannot be sent to the worker processes ({type(exc).__name__}): give a "
+            "module-level function or a functools.partial, e.g. functools.partial(torch.optim.SGD, lr=0.1), "
+            "not a lambda or a nested function"
+        ) from None
+
+
 def _save_weights(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -331,6 +360,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         raise UserInputError(f"precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
     if mode == "train" and loss_fn is None:
         raise UserInputError("mode='train' needs loss_fn: a function from the model's output to a scalar loss")
+    _check_optimizer(optimizer)
     spec = get_cluster(cluster)
     if mode == "train":
         model.train()
