@@ -473,6 +473,8 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         tensors=tensors,
         aliases=repr(aliases),
         parts=repr(parts),
+        training=repr(plan.mode == "train"),
+        zero_stage=plan.zero_stage,
         grad_reduce=repr(dict(plan.param_grad_reduce)),
         model_name=plan.model_name,
         fused=bool(plan.fused_groups),

@@ -183,7 +183,8 @@ class _Costs:
                 t += self.cost.collective_s("allreduce", local, axis)
                 if param and not steps:
                     t -= self.cost.collective_s("allreduce", 1, axis)  # bucketed: no latency of its own
-        out = (t, (dst, tuple(fused), tuple(remaining)))
+        # the sharing key must not depend on the source (one per value in the final plan)
+        out = (t, (dst, tuple(grad_axes) if grad else ()))
         self._edge[key] = out
         return out
 

@@ -163,6 +163,15 @@ def _terms_for(problem: Problem, sv: SharedValue, consumer: Consumer, a: int, ke
     return terms, const
 
 
+def _var(lp, name: str, low: float | None, high: float | None, cat: str = "Continuous"):  # noqa: ANN001, ANN202
+    """A PuLP variable attached to ``lp`` (PuLP >= 3.3 wants variables made by their problem)."""
+    if hasattr(lp, "add_variable"):
+        return lp.add_variable(name, low, high, cat=cat)
+    import pulp
+
+    return pulp.LpVariable(name, low, high, cat=cat)
+
+
 def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
     import pulp
 
@@ -174,7 +183,7 @@ def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
     for ci, c in enumerate(problem.classes):
         if len(c.cost) == 1:
             continue
-        x[ci] = [pulp.LpVariable(f"x_{ci}_{a}", cat="Binary") for a in range(len(c.cost))]
+        x[ci] = [_var(lp, f"x_{ci}_{a}", 0, 1, "Binary") for a in range(len(c.cost))]
         nvars += len(c.cost)
         lp += pulp.lpSum(x[ci]) == 1
         ncons += 1
@@ -182,7 +191,7 @@ def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
     e: dict[tuple[int, int], list[list[object]]] = {}
     for p, q in sorted(_pairs_needed(problem)):
         np_, nq = len(problem.classes[p].cost), len(problem.classes[q].cost)
-        e[(p, q)] = [[pulp.LpVariable(f"e_{p}_{q}_{a}_{b}", 0, 1) for b in range(nq)] for a in range(np_)]
+        e[(p, q)] = [[_var(lp, f"e_{p}_{q}_{a}_{b}", 0, 1) for b in range(nq)] for a in range(np_)]
         nvars += np_ * nq
         for a in range(np_):
             lp += pulp.lpSum(e[(p, q)][a]) == x[p][a]
@@ -202,7 +211,7 @@ def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
             rows = [(terms, c0) for terms, c0 in rows if terms or c0]
             if not rows:
                 continue
-            y = pulp.LpVariable(f"y_{ny}", 0)
+            y = _var(lp, f"y_{ny}", 0, None)
             ny += 1
             nvars += 1
             for terms, c0 in rows:
