@@ -337,10 +337,10 @@ def render_explain(
         for n in data["notes"]:
             console.print(f"[yellow]note:[/yellow] {escape(n)}")
         console.print()
-        t = Table(title="Where the time goes (explain --op MODULE for its candidates)", title_justify="left",
-                  header_style="cyan", show_edge=False)  # fmt: skip
-        for c in ("module", "ops", "compute", "comm", "first op"):
-            t.add_column(c, justify="right" if c in ("ops", "compute", "comm") else "left")
+        t = Table(title="Where the time goes: the costliest modules, forward pass (explain --op MODULE for its "
+                  "candidates)", title_justify="left", header_style="cyan", show_edge=False)  # fmt: skip
+        for c in ("module", "ops", "fwd compute", "fwd comm", "first op"):
+            t.add_column(c, justify="right" if c in ("ops", "fwd compute", "fwd comm") else "left")
         for g in data["costliest_modules"]:
             t.add_row(
                 g["module"], str(g["ops"]), human_time(g["compute_s"]), human_time(g["comm_s"]), g["nodes"][0]
