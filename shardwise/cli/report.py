@@ -100,15 +100,19 @@ def render_report(plan: ExecutionPlan) -> str:
     if pred["tflops_per_device"]:
         cards.append(("TFLOP/s / device", f"{pred['tflops_per_device']:.3f}"))
     totals = tl.totals()
-    rank_totals = [
-        {
-            "rank": r,
+    rank_totals: list[dict[str, Any]] = []
+    for r, t in totals.items():  # ranks with the same figures share a row ("0-15")
+        row = {
             "compute": human_time(t["compute"]),
             "comm": human_time(t["comm"]),
             "bubble": human_time(t["bubble"]),
         }
-        for r, t in totals.items()
-    ]
+        if rank_totals and {k: rank_totals[-1][k] for k in row} == row and rank_totals[-1]["last"] == r - 1:
+            rank_totals[-1]["last"] = r
+        else:
+            rank_totals.append({**row, "first": r, "last": r})
+    for row in rank_totals:
+        row["rank"] = str(row["first"]) if row["first"] == row["last"] else f"{row['first']}-{row['last']}"
     rows = collective_rows(plan)
     collectives = [
         {
