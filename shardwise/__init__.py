@@ -20,13 +20,23 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": "shardwise.api",
     "CompiledModel": "shardwise.api",
+    "from_plan": "shardwise.planfile",
     "ClusterSpec": "shardwise.cluster",
     "get_cluster": "shardwise.cluster",
     "ExecutionPlan": "shardwise.ir.plan",
     "errors": None,
 }
 
-__all__ = ["ClusterSpec", "CompiledModel", "ExecutionPlan", "compile", "errors", "get_cluster", "__version__"]
+__all__ = [
+    "ClusterSpec",
+    "CompiledModel",
+    "ExecutionPlan",
+    "compile",
+    "errors",
+    "from_plan",
+    "get_cluster",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,13 @@ import torch.utils._pytree as pytree
 
 from shardwise.cluster import ClusterSpec, get_cluster
 from shardwise.codegen.package import write_package
-from shardwise.errors import DeviceUnavailableError, RuntimeFault, ShapeMismatchError, UserInputError
+from shardwise.errors import (
+    DeviceUnavailableError,
+    DoesNotFitError,
+    RuntimeFault,
+    ShapeMismatchError,
+    UserInputError,
+)
 from shardwise.frontend.trace import model_tensors, trace
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import ExecutionPlan
@@ -293,6 +299,25 @@ class CompiledModel:
             return flat
 
 
+def _where_it_fits(graph: Graph, mode: str, precision: str, optimizer: Any, solver: str) -> str:
+    """A sentence naming the smallest preset cluster the model fits on (planned without constraints)."""
+    from shardwise.fit import FAMILIES, NODES, smallest_fitting_preset
+
+    def plan(g: Graph, spec: ClusterSpec) -> ExecutionPlan:
+        return plan_auto(g, spec, mode=mode, precision=precision, optimizer=_describe_optimizer(optimizer),
+                         solver=solver)  # fmt: skip
+
+    fit = smallest_fitting_preset(graph, mode, plan)
+    if fit is None:
+        return f"No preset cluster up to {FAMILIES[1]}x{NODES[-1]} fits it either: describe a bigger cluster in YAML"
+    degrees = ", ".join(f"{k}={v}" for k, v in fit.plan.degrees.items() if v > 1) or "one device"
+    peak = max(fit.plan.predicted.memory_bytes or (0,)) / 2**30
+    return (
+        f"The smallest preset cluster it fits on is {fit.cluster!r} ({fit.world_size} devices with "
+        f"{fit.device_memory_bytes / 2**30:.0f} GiB each; {degrees}, {peak:.2f} GiB per device): compile for it"
+    )
+
+
 def _check_optimizer(optimizer: Callable[..., Any] | None) -> None:
     """The optimizer factory travels to every worker by pickling: refuse one that cannot, up front."""
     if optimizer is None:
@@ -369,13 +394,16 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
     graph, out_spec = trace(
-        model, tuple(example_inputs), example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+        model, example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
         loss_fn=loss_fn if mode == "train" else None,
     )  # fmt: skip
-    plan = plan_auto(
-        graph, spec, mode=mode, precision=precision, constraints=constraints, optimizer=_describe_optimizer(optimizer),
-        solver=solver, time_limit_s=time_limit_s,
-    )  # fmt: skip
+    try:
+        plan = plan_auto(
+            graph, spec, mode=mode, precision=precision, constraints=constraints,
+            optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
+        )  # fmt: skip
+    except DoesNotFitError as exc:
+        raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
     if fusion:
         plan = fuse_plan(plan)
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)

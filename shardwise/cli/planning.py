@@ -211,6 +211,10 @@ def rebuild(
             source["model"], batch=batch, seed=seed, search=search, device=source.get("device", "cpu")
         )
     cluster = resolve_cluster(plan, plan_path)
+    if verify:  # a cluster YAML edited after planning: the plan's placements may no longer be valid
+        from shardwise.planfile import check_cluster
+
+        check_cluster(plan, cluster)
     _prepare(loaded.model, plan.mode)
     out_spec = None
     if verify:
