@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from shardwise.ir.graph import Graph, iter_values
 
-__all__ = ["FusedGroup", "FUSED_KINDS", "schedule", "group_inputs_outputs"]
+__all__ = ["FusedGroup", "FUSED_KINDS", "schedule", "group_inputs_outputs", "groups_inputs_outputs"]
 
 FUSED_KINDS = ("elementwise", "reduction", "softmax", "layernorm", "rmsnorm")
 
@@ -44,20 +44,29 @@ class FusedGroup:
 
 def group_inputs_outputs(graph: Graph, members: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The (inputs, outputs) of a group made of ``members`` (see the module invariants)."""
-    inside = set(members)
-    inputs: dict[str, None] = {}
-    for name in members:
-        for v in graph.node(name).inputs:
-            if v not in inside:
-                inputs.setdefault(v, None)
+    return groups_inputs_outputs(graph, [members])[0]
+
+
+def groups_inputs_outputs(
+    graph: Graph, groups: Sequence[Sequence[str]]
+) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """:func:`group_inputs_outputs` of many disjoint groups in one pass over the graph."""
+    owner = {n: k for k, members in enumerate(groups) for n in members}
     read_outside: set[str] = set(graph.output_names) | {v.name for _, v in graph.buffer_updates}
+    inputs: list[dict[str, None]] = [{} for _ in groups]
     for node in graph.nodes:
-        if node.name not in inside:
-            read_outside.update(v for v in node.inputs if v in inside)
+        k = owner.get(node.name)
+        for v in node.inputs:
+            if owner.get(v) != k or k is None:
+                read_outside.add(v)
+            if k is not None and owner.get(v) != k:
+                inputs[k].setdefault(v, None)
     for a in graph.outputs:
         read_outside.update(v.name for v in iter_values(a))
-    outputs = tuple(n for n in members if n in read_outside)
-    return tuple(inputs), outputs
+    return [
+        (tuple(ins), tuple(n for n in members if n in read_outside))
+        for ins, members in zip(inputs, groups, strict=True)
+    ]
 
 
 def schedule(graph: Graph, groups: Sequence[FusedGroup]) -> list[str]:

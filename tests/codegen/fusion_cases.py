@@ -132,6 +132,11 @@ def cases(dtype: torch.dtype) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, 
         "rmsnorm": (RMSNorms(), (_rows(dtype),), "rmsnorm"),
         "reduction": (RowReductions(), (_rows(dtype),), "reduction"),
         "overloads": (Overloads(), (x, mask), "elementwise"),
+        "zero_dim": (
+            ZeroDim(),
+            (torch.randn((), generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)),
+            "elementwise",
+        ),
         "underscore_softmax": (UnderscoreSoftmax(), (_rows(dtype),), "softmax"),
     }
     return {k: (m.to(dtype).eval(), args, kind) for k, (m, args, kind) in out.items()}
@@ -150,6 +155,14 @@ class Overloads(nn.Module):
         e = aten.dropout.default(aten.clone.default(d), 0.1, False)
         e = aten.alpha_dropout.default(e, 0.1, False) + aten.feature_dropout.default(e, 0.1, False)
         return aten._to_copy.default(aten._to_copy.default(e, dtype=torch.float16), dtype=x.dtype)
+
+
+class ZeroDim(nn.Module):
+    """Elementwise over a 0-d domain (one element) and a 0-d tensor broadcast into a vector."""
+
+    def forward(self, s, v):
+        a = torch.tanh(s * 2.0 + 1.0)
+        return a, torch.sigmoid(v * a - 0.5) * 3.0
 
 
 class UnderscoreSoftmax(nn.Module):

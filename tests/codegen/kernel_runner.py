@@ -5,6 +5,7 @@ imported), run every group's Triton kernel on CPU tensors and its eager code on 
 the largest differences, whether the Triton launcher really ran, and gradients through the Triton forward.
 ``python kernel_runner.py compile <kernels.py>...``: compile every kernel with Triton's CUDA backend for
 sm_80 (no GPU needed) and report the size of each cubin.
+``python kernel_runner.py program <dir>...``: run whole generated programs with every group on Triton.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 
 MODE = sys.argv[1]
-if MODE == "interpret":
+if MODE in ("interpret", "program"):
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["SHARDWISE_KERNELS"] = "triton"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -146,6 +147,38 @@ def compile_all(path: str) -> dict:
     return results
 
 
+def program(directory: str) -> dict:
+    """Run a whole generated program (``directory/pkg``, weights and inputs saved beside it) with every fused
+    group on its Triton kernel; compare with the eager model's outputs saved there."""
+    import torch.utils._pytree as pytree
+
+    for name in [m for m in sys.modules if m == "pkg" or m.startswith("pkg.")]:
+        del sys.modules[name]  # the previous directory's package
+    sys.path.insert(0, directory)
+    importlib.invalidate_caches()
+    package = importlib.import_module("pkg")
+    sys.path.remove(directory)
+    kernels = importlib.import_module("pkg.kernels")
+    launches = {name: 0 for name in kernels.GROUPS}
+    for name in kernels.GROUPS:
+        launch = getattr(kernels, f"_{name}_triton")
+
+        def counted(*args, _launch=launch, _name=name):
+            launches[_name] += 1
+            return _launch(*args)
+
+        setattr(kernels, f"_{name}_triton", counted)
+    prog = package.build(0, 1)
+    prog.load_full_state_dict(torch.load(os.path.join(directory, "weights.pt")))
+    inputs, expected = torch.load(os.path.join(directory, "io.pt"))
+    got = [t for t in pytree.tree_leaves(prog.infer(*inputs)) if isinstance(t, torch.Tensor)]
+    return {
+        "launches": launches,
+        "max_abs_err": max((g - w).abs().max().item() for g, w in zip(got, expected, strict=True)),
+        "outputs": len(got),
+    }
+
+
 if __name__ == "__main__":
-    run = interpret if MODE == "interpret" else compile_all
+    run = {"interpret": interpret, "compile": compile_all, "program": program}[MODE]
     print(json.dumps({path: run(path) for path in sys.argv[2:]}))

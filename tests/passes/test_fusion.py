@@ -4,7 +4,11 @@ ones (bit for bit on CPU, where a group runs its ops eagerly) and to eager PyTor
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from shardwise.ir.fusion import group_inputs_outputs, schedule
 from shardwise.ir.placement import Shard
 from shardwise.ir.plan import ExecutionPlan, Redistribute
 from shardwise.passes.fusion import FusionOptions, fuse_plan, fusion_stats, role_of
+from shardwise.passes.fusion.memory import FastPeak, exact_peak
 from shardwise.planner.simple import plan_simple
 from shardwise.runtime import WorkerPool
 from shardwise.runtime.package import build_module, import_package, unload_package
@@ -29,6 +34,8 @@ from shardwise.zoo import MODEL_NAMES, build_model
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "codegen"))
 from fusion_cases import SHAPE, ResidualLayerNorm  # noqa: E402
+
+RUNNER = Path(__file__).parents[1] / "codegen" / "kernel_runner.py"
 
 EXPECTED_KINDS = {
     "gpt2": {"layernorm", "elementwise"},  # residual add + dropout + layer_norm; the tanh-GELU chain
@@ -117,6 +124,24 @@ def test_peak_guard_refuses_a_merge_that_raises_peak_memory():
     assert guarded.groups == 2 and guarded.peak_after <= guarded.peak_before
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_fast_peak_equals_liveness_on_any_grouping(name, zoo_plans):
+    plan = zoo_plans[name][2].plan
+    strategies = {s.node: s for s in plan.strategies}
+    fast = FastPeak(plan.graph, strategies, plan.mesh)
+    unguarded = fuse_plan(plan, FusionOptions(keep_peak=False))
+    rnd = random.Random(0)
+    for groups in ([list(g.nodes) for g in plan.fused_groups], [list(g.nodes) for g in unguarded.fused_groups]):
+        for subset in [groups, []] + [[g for g in groups if rnd.random() < 0.5] for _ in range(4)]:
+            assert fast.peak(subset) == exact_peak(plan.graph, strategies, plan.mesh, subset)
+
+
+def test_batched_peak_checks_choose_what_one_at_a_time_checks_do(zoo_plans):
+    for name in ("gpt2", "llama"):
+        plan = zoo_plans[name][2].plan
+        assert fuse_plan(plan, FusionOptions(batch=1)).fused_groups == plan.fused_groups
+
+
 class Chain(nn.Module):
     def forward(self, x):
         return torch.tanh(x * 2.0 + 1.0)
@@ -199,6 +224,33 @@ def test_fused_schedule_moves_consumers_after_the_group(tmp_path):
 
 
 # -- whole programs ---------------------------------------------------------------------------------------
+
+
+def test_fused_programs_run_their_triton_kernels_in_the_interpreter(zoo_plans, tmp_path):
+    """GPT-2 and Llama (every kind the zoo fuses: layernorm, rmsnorm, elementwise), planned for one process,
+    run with each group on its Triton kernel (TRITON_INTERPRET=1 in a fresh process) and equal eager."""
+    dirs = {}
+    for name in ("gpt2", "llama"):
+        model, inputs, cm2 = zoo_plans[name]
+        plan = fuse_plan(plan_simple(cm2.plan.graph, get_cluster("cpu:1")))
+        if not plan.fused_groups:
+            continue
+        d = tmp_path / name
+        write_package(plan, d / "pkg")
+        torch.save(dict(model_tensors(model)), d / "weights.pt")
+        with torch.no_grad():
+            torch.save((inputs, _leaves(model(*inputs))), d / "io.pt")
+        dirs[name] = (str(d), len(plan.fused_groups))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SHARDWISE_KERNELS")}
+    cmd = [sys.executable, str(RUNNER), "program", *(d for d, _ in dirs.values())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(dirs) == {"gpt2", "llama"}
+    for name, (d, groups) in dirs.items():
+        r = results[d]
+        assert len(r["launches"]) == groups and all(n >= 1 for n in r["launches"].values()), (name, r)
+        assert r["max_abs_err"] < 1e-4, (name, r)
 
 
 def _leaves(x) -> list[torch.Tensor]:

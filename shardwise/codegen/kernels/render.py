@@ -138,7 +138,7 @@ def group_code(plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Lo
         terms = [f"i{d} * s{k}_{d}" for d in range(lead)]
         if rowwise:
             terms.append(f"col * s{k}_{domain_rank - 1}")
-        offset = " + ".join(terms) if terms else "0"
+        offset = " + ".join(terms) if terms else "offs * 0"  # a 0-d domain: one element, still a block
         load = f"tl.load(in{k} + {offset}, mask=mask, other=0)"
         if spec.dtype == "bool":
             lines.append(f"x{k} = {load} != 0")

@@ -20,15 +20,15 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shardwise.ir.fusion import FusedGroup, group_inputs_outputs, schedule
-from shardwise.ir.graph import Graph, Node, Value, iter_values
+from shardwise.ir.fusion import FusedGroup, groups_inputs_outputs, schedule
+from shardwise.ir.graph import Graph, Node, iter_values
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy
 from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec, dtype_bytes
 from shardwise.passes.fusion.groups import analyze
+from shardwise.passes.fusion.memory import FastPeak, exact_peak
 from shardwise.passes.fusion.ops import role_of
-from shardwise.passes.liveness import lifetimes, peak_live_bytes
 
 __all__ = ["FusionOptions", "FusionStats", "FusionResult", "fuse", "fuse_plan", "fusion_stats", "PASS_NAME"]
 
@@ -38,11 +38,13 @@ PASS_NAME = "fusion"
 @dataclass(frozen=True)
 class FusionOptions:
     """``max_nodes``: ops per group at most; ``siblings``: also fuse ops that only share an input;
-    ``keep_peak``: refuse merges that raise the rank's peak live bytes (on by default, as the issue asks)."""
+    ``keep_peak``: refuse merges that raise the rank's peak live bytes (on by default); ``batch``: merges
+    whose result is checked against the peak at once (a failing batch is replayed one merge at a time)."""
 
     max_nodes: int = 64
     siblings: bool = True
     keep_peak: bool = True
+    batch: int = 32  # merges checked against the peak together (1: check every merge on its own)
 
 
 @dataclass(frozen=True)
@@ -147,21 +149,8 @@ class _Program:
         return sum(self.traffic[m] for m in members) - fused
 
     def peak(self, groups: Sequence[Sequence[str]]) -> int:
-        """Peak live bytes of the program with ``groups`` (lists of node names) run as single kernels."""
-        fused = [FusedGroup(f"g{k}", tuple(g), (), (), "", 0) for k, g in enumerate(groups) if len(g) > 1]
-        by_name = {g.name: g for g in fused}
-        nodes: list[Node] = []
-        for step in schedule(self.graph, fused):
-            group = by_name.get(step)
-            if group is None:
-                nodes.append(self.nodes[step])
-                continue
-            inputs, outputs = self.io(group.nodes)
-            args = tuple(Value(v) for v in inputs)
-            for o in outputs:  # each output "reads" every input: inputs and outputs coexist in the kernel
-                nodes.append(Node(o, "fused", args, (), self.nodes[o].outputs))
-        surrogate = self.graph.replace(nodes=tuple(nodes))
-        return peak_live_bytes(lifetimes(surrogate, self.strategies, self.mesh))
+        """Peak live bytes with ``groups`` (lists of node names) run as single kernels (passes.liveness)."""
+        return exact_peak(self.graph, self.strategies, self.mesh, groups)
 
 
 def _local_nbytes(spec: TensorSpec, placement: ShardingSpec | None, mesh: DeviceMesh) -> int:
@@ -188,8 +177,12 @@ def fuse(
     param_placements: Mapping[str, ShardingSpec] | None = None,
     train: bool = False,
     options: FusionOptions | None = None,
+    exact: bool = False,
 ) -> FusionResult:
-    """Group this rank's ops into fused kernels (see the module docstring for the guarantees)."""
+    """Group this rank's ops into fused kernels (see the module docstring for the guarantees).
+
+    Candidate groupings are checked against the peak with :class:`~shardwise.passes.fusion.memory.FastPeak`
+    and the result with ``passes.liveness`` (``exact=True`` uses liveness for every check)."""
     options = options or FusionOptions()
     if not isinstance(strategies, Mapping):
         strategies = {s.node: s for s in strategies}
@@ -208,6 +201,10 @@ def fuse(
         version[k] = 0
     next_id = len(members)
     baseline_peak = prog.peak([])
+    fast = FastPeak(graph, strategies, mesh) if not exact else None
+
+    def peak(groups: list[list[str]]) -> int:
+        return fast.peak(groups) if fast is not None else prog.peak(groups)
 
     def neighbours(g: int) -> set[int]:
         out: set[int] = set()
@@ -242,16 +239,8 @@ def fuse(
             if g < h:
                 push(g, h)
 
-    while heap:
-        _, _, a, b, va, vb = heapq.heappop(heap)
-        if a not in members or b not in members or version[a] != va or version[b] != vb:
-            continue
-        m = merged(a, b)
-        if not _legal(prog, m, roles, owner, members, a, b):
-            continue
-        trial = [ms for g, ms in members.items() if g not in (a, b) and len(ms) > 1] + [m]
-        if options.keep_peak and prog.peak(trial) > baseline_peak:
-            continue
+    def merge(a: int, b: int, m: list[str]) -> None:
+        nonlocal next_id
         new = next_id
         next_id += 1
         for name in m:
@@ -262,9 +251,48 @@ def fuse(
         for h in neighbours(new):
             push(new, h)
 
+    def current() -> list[list[str]]:
+        return [ms for ms in members.values() if len(ms) > 1]
+
+    # Best-first merges, checked against the peak a batch at a time (one evaluation for many merges); a
+    # batch that raises the peak is undone and replayed one merge, and one check, at a time.
+    while heap:
+        snapshot = (dict(owner), {g: list(ms) for g, ms in members.items()}, next_id)
+        batch: list[tuple[int, int]] = []
+        while heap and len(batch) < options.batch:
+            _, _, a, b, va, vb = heapq.heappop(heap)
+            if a not in members or b not in members or version[a] != va or version[b] != vb:
+                continue
+            m = merged(a, b)
+            if not _legal(prog, m, roles, owner, members, a, b):
+                continue
+            batch.append((a, b))
+            merge(a, b, m)
+        if not batch or not options.keep_peak or peak(current()) <= baseline_peak:
+            continue
+        owner.clear()
+        owner.update(snapshot[0])
+        members.clear()
+        members.update(snapshot[1])
+        for a, b in batch:
+            if a not in members or b not in members:
+                continue  # made inside the undone batch: its merges come back through the heap
+            m = merged(a, b)
+            if not _legal(prog, m, roles, owner, members, a, b):
+                continue
+            trial = [ms for g, ms in members.items() if g not in (a, b) and len(ms) > 1] + [m]
+            if peak(trial) <= baseline_peak:
+                merge(a, b, m)
+
     multi = [ms for ms in members.values() if len(ms) > 1]
     ordered = _named_groups(prog, multi, roles)
     peak_after = prog.peak([list(g.nodes) for g in ordered])
+    if options.keep_peak and peak_after > baseline_peak:
+        if exact:
+            raise AssertionError(f"fusion raised the peak ({baseline_peak} -> {peak_after} bytes)")
+        # the fast evaluation disagreed with passes.liveness: choose again with it at every step
+        return fuse(graph, strategies, mesh, input_placements=input_placements,
+                    param_placements=param_placements, train=train, options=options, exact=True)  # fmt: skip
     return FusionResult(ordered, _stats(prog, ordered, baseline_peak, peak_after))
 
 
@@ -309,8 +337,8 @@ def _named_groups(prog: _Program, multi: list[list[str]], roles: Mapping[str, st
     position = {step: i for i, step in enumerate(schedule(prog.graph, tmp))}
     tmp.sort(key=lambda g: position[g.name])
     out = []
-    for k, g in enumerate(tmp):
-        inputs, outputs = group_inputs_outputs(prog.graph, g.nodes)
+    io = groups_inputs_outputs(prog.graph, [g.nodes for g in tmp])
+    for k, (g, (inputs, outputs)) in enumerate(zip(tmp, io, strict=True)):
         shape = analyze(prog.graph, [prog.nodes[n] for n in g.nodes], roles, outputs, prog.placement)
         assert shape is not None
         out.append(FusedGroup(f"{shape.kind}_{k}", g.nodes, inputs, outputs, shape.kind, prog.saved(g.nodes)))
