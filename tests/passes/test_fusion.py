@@ -297,6 +297,24 @@ def test_fused_programs_equal_unfused_and_eager_on_two_processes(zoo_plans, pool
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_fused_tensor_parallel_programs_equal_unfused_and_eager(name, zoo_plans, pool):
+    model, inputs, _ = zoo_plans[name]
+    cm = shardwise.compile(model, "cpu:2", example_inputs=inputs, constraints={"tp": 2}, workers=pool)
+    assert cm.plan.degrees["tp"] == 2 and cm.plan.fused_groups
+    assert any(s.redistributes for s in cm.plan.strategies)  # collectives inside the program, between groups
+    outs = []
+    for plan in (cm.plan, cm.plan.replace(fused_groups=())):
+        with CompiledModel(plan, model=model, out_spec=None, cluster=cm.cluster, workers=pool) as c:
+            outs.append(_leaves(c.run(*inputs)))
+    with torch.no_grad():
+        ref = _leaves(model(*inputs))
+    for f, u in zip(*outs, strict=True):
+        assert torch.equal(f, u)
+    torch.testing.assert_close(outs[0][0], ref[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_fused_training_steps_equal_unfused_on_two_processes(name, pool):
     model, inputs = build_model(name)
 
