@@ -7,6 +7,7 @@ source line it came from; parameters, buffers and lifted constants are keyed by 
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from collections.abc import Callable, Sequence
@@ -98,13 +99,27 @@ def _source_line(stack_trace: str | None) -> str:
 
 
 def _relative_path(path: str) -> str:
+    """Repository-relative where the file is in a repository (a pyproject.toml, setup.py or .git above it),
+    package-relative inside site-packages, else the bare file name: never absolute, never cwd-dependent."""
     for marker in ("site-packages/", "dist-packages/"):
         if marker in path:
             return path.split(marker, 1)[1]
-    cwd = os.getcwd()
-    if path.startswith(cwd + os.sep):
-        return os.path.relpath(path, cwd)
+    root = _project_root(os.path.dirname(os.path.abspath(path)))
+    if root is not None:
+        return os.path.relpath(path, root)
     return os.path.basename(path)
+
+
+@functools.lru_cache(maxsize=256)
+def _project_root(directory: str) -> str | None:
+    current = directory
+    while True:
+        if any(os.path.exists(os.path.join(current, m)) for m in ("pyproject.toml", "setup.py", ".git")):
+            return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
 
 
 def _size_hint(s: Any) -> int:
