@@ -1,0 +1,176 @@
+"""Synthesis driver: search schedules for one collective and size, verify and time every one, keep the best.
+
+Searches (all on the sketch's allowed edges, all verified by ``verify`` and timed by ``simulate``; the
+simulated time is the one reported, never a solver objective):
+
+* ``pipelined`` — CP-SAT routing (``routing``), then event-driven list scheduling of pieces with adaptive
+  message sizes (``pipeline``), for a few piece counts;
+* ``modulo`` — the same routing, timed by the CP-SAT steady-state model (``modulo``), for a few piece
+  counts (bandwidth-bound sizes);
+* ``timed`` — the CP-SAT timed model with bundling (``timed``), for latency-bound sizes.
+
+The baselines run too. The result is the fastest verified schedule; ``source`` says which search (or
+baseline, when no search beat it) produced it, and ``search_s`` is the best time of the searches alone.
+Routings are cached per (topology, collective, sketch) since they do not depend on the size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from shardwise.passes.collectives.baselines import baseline_schedules
+from shardwise.passes.collectives.bounds import LowerBound, lower_bound
+from shardwise.passes.collectives.chunks import CollectiveSpec, check_collective
+from shardwise.passes.collectives.modulo import expand_modulo, solve_modulo
+from shardwise.passes.collectives.pipeline import piece_candidates, pipelined_schedule
+from shardwise.passes.collectives.routing import Routing, solve_routing
+from shardwise.passes.collectives.schedule import Schedule
+from shardwise.passes.collectives.simulate import simulate
+from shardwise.passes.collectives.sketch import Sketch, SketchView, sketch_view
+from shardwise.passes.collectives.timed import solve_timed
+from shardwise.passes.collectives.topology import TopologyView, topology_view
+from shardwise.passes.collectives.verify import verify
+
+__all__ = ["SynthResult", "synthesize", "TIMED_MAX_BYTES", "TIMED_MAX_RANKS"]
+
+#: sizes up to which the timed (latency) model runs; above, pipelines win
+TIMED_MAX_BYTES = 4 * 2**20
+#: the timed model's size grows with ranks; above this it is skipped
+TIMED_MAX_RANKS = 32
+_ROUTINGS: dict[tuple, Routing] = {}
+
+
+@dataclass(frozen=True, eq=False)
+class SynthResult:
+    """The outcome of ``synthesize`` (times in seconds)."""
+
+    collective: str
+    nbytes: int
+    topo: TopologyView
+    schedule: Schedule
+    start_times: tuple[float, ...]
+    time_s: float
+    source: str
+    search_s: float
+    baselines: dict[str, float]
+    bound: LowerBound
+    synthesis_s: float
+    candidates: dict[str, float] = field(default_factory=dict)
+
+
+def _routing(sv: SketchView, kind: str, root: int, limit: float, seed: int, workers: int) -> Routing:
+    key = (sv.topo.fingerprint, kind, sv.sketch.key(), root, seed, workers, round(limit, 3))
+    if key not in _ROUTINGS:
+        _ROUTINGS[key] = solve_routing(
+            sv, kind, sv.sketch.chunks, root, time_limit=limit, seed=seed, workers=workers
+        )
+    return _ROUTINGS[key]
+
+
+def _relay_sketch(topo: TopologyView) -> Sketch | None:
+    """For latency-bound sizes: inter-node traffic only between the first GPU behind each NIC and the same
+    GPU of the other nodes (so messages to a node can be bundled); None on one node."""
+    if topo.num_nodes < 2:
+        return None
+    cluster = topo.cluster
+    first = cluster.ranks_of_node(0)[0]
+    locals_ = sorted({min(nic.devices) - first for nic in cluster.nics if nic.node == 0})
+    if not locals_:
+        return None
+    return Sketch(name="relay", internode="relay", relays=tuple((i, i) for i in locals_))
+
+
+def synthesize(
+    cluster: object,
+    collective: str,
+    nbytes: int,
+    ranks: Sequence[int] | None = None,
+    *,
+    sketch: Sketch | None = None,
+    time_limit_s: float = 30.0,
+    seed: int = 0,
+    workers: int = 2,
+    root: int = 0,
+) -> SynthResult:
+    """Best verified schedule for ``collective`` of ``nbytes`` over ``ranks`` of ``cluster``.
+
+    ``time_limit_s`` bounds the solvers' deterministic time (roughly seconds on an idle core).
+    """
+    t0 = time.perf_counter()
+    kind = check_collective(collective)
+    topo = cluster if isinstance(cluster, TopologyView) else topology_view(cluster, ranks)  # type: ignore[arg-type]
+    sv = sketch_view(topo, sketch)
+    n = int(nbytes)
+    bound = lower_bound(kind, topo, n, root)
+    base: dict[str, tuple[float, Schedule, tuple[float, ...]]] = {}
+    for name, sched in baseline_schedules(kind, topo, n, root).items():
+        sim = simulate(sched, topo, n)
+        base[name] = (sim.time, sched, sim.start)
+    best: tuple[float, str, Schedule, tuple[float, ...]] | None = None
+    cands: dict[str, float] = {}
+
+    def offer(label: str, sched: Schedule) -> None:
+        nonlocal best
+        sim = simulate(sched, topo, n)
+        cands[label] = min(sim.time, cands.get(label, float("inf")))
+        if best is None or sim.time < best[0]:
+            verify(sched, sim.start)  # raises on a wrong schedule: never return one
+            best = (sim.time, label, sched, sim.start)
+
+    if topo.size >= 2:
+        small = n <= TIMED_MAX_BYTES
+        views = [sv]
+        if small and sketch is None:
+            relay = _relay_sketch(topo)
+            if relay is not None:
+                views.append(sketch_view(topo, relay))
+        share = 0.25 * time_limit_s / len(views)
+        for view in views:
+            tag = "" if view is sv else "+relay"
+            routing = _routing(view, kind, root, share, seed, workers)
+            for pieces in piece_candidates(routing, topo, n):
+                for rounds, split in ((None, 0.5), (64, 0.5), (None, 0.7)):
+                    sched = pipelined_schedule(routing, topo, n, pieces, rounds=rounds, split=split)
+                    offer("pipelined" + tag, sched)
+            flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
+            if not small:
+                per = 0.35 * time_limit_s / 3
+                for pieces in (4, 16, 32):
+                    plan = solve_modulo(
+                        routing, view, flow_bytes / pieces, time_limit=per, seed=seed, workers=workers
+                    )
+                    if plan is not None:
+                        offer("modulo" + tag, expand_modulo(routing, plan, pieces, topo.size))
+            elif topo.size <= TIMED_MAX_RANKS:
+                upper = min([b[0] for b in base.values()] + [best[0] if best else float("inf")])
+                res = solve_timed(
+                    view, kind, n, 1.5 * upper, parts=view.sketch.chunks, root=root, routes=routing,
+                    time_limit=0.5 * time_limit_s / len(views), seed=seed, workers=workers,
+                )  # fmt: skip
+                if res is not None:
+                    offer("timed" + tag, res.schedule)
+    if topo.size < 2:
+        best = (0.0, "trivial", Schedule(CollectiveSpec(kind, topo.size, 1, root), (), "trivial"), ())
+    search_s = best[0] if best is not None else float("inf")
+    for name, (t, sched, start) in sorted(base.items(), key=lambda kv: (kv[1][0], kv[0])):
+        if best is None or t < best[0]:
+            verify(sched, start)
+            best = (t, f"baseline:{name}", sched, start)
+        break
+    assert best is not None
+    return SynthResult(
+        collective=kind,
+        nbytes=n,
+        topo=topo,
+        schedule=best[2],
+        start_times=tuple(best[3]),
+        time_s=best[0],
+        source=best[1],
+        search_s=search_s,
+        baselines={k: v[0] for k, v in base.items()},
+        bound=bound,
+        synthesis_s=time.perf_counter() - t0,
+        candidates=cands,
+    )
