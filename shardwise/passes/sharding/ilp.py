@@ -17,6 +17,7 @@ time limit; the best solution found when the limit hits is used, and the status 
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Hashable, Sequence
@@ -27,6 +28,7 @@ from shardwise.errors import DoesNotFitError, SolverError
 __all__ = ["ClassVar", "Consumer", "SharedValue", "Problem", "Solution", "solve", "SOLVERS"]
 
 SOLVERS = ("cbc", "cpsat")
+_US = 1e6
 
 
 @dataclass
@@ -218,7 +220,8 @@ def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
                 lp += y >= pulp.lpSum(coef * var for coef, var in terms) + c0
                 ncons += 1
             objective.append((cost, y))
-    lp += pulp.lpSum(coef * var for coef, var in objective) + const
+    # in microseconds: CBC's absolute tolerances would swallow differences of a few seconds' millionths
+    lp += pulp.lpSum(coef * _US * var for coef, var in objective) + const * _US
     if problem.memory_budget is not None:
         mem_terms = []
         fixed = problem.constant_memory
@@ -255,7 +258,8 @@ def _solve_cpsat(problem: Problem, time_limit_s: float, threads: int) -> Solutio
 
     start = time.perf_counter()
     scale = 1e9  # nanoseconds
-    mem_scale = 1 / 1024  # KiB
+    budget = problem.memory_budget or 1.0
+    mem_scale = min(1.0, 1e9 / max(budget, 1.0))  # whole bytes, or ~1e9 units of the budget
     model = cp_model.CpModel()
     x: dict[int, list[object]] = {}
     objective = []
@@ -313,8 +317,8 @@ def _solve_cpsat(problem: Problem, time_limit_s: float, threads: int) -> Solutio
             if len(c.memory) == 1:
                 fixed += c.memory[0]
             else:
-                terms += [(round(v * mem_scale), var) for v, var in zip(c.memory, x[ci], strict=True)]
-        model.Add(sum(c * v for c, v in terms) <= round((problem.memory_budget - fixed) * mem_scale))
+                terms += [(math.ceil(v * mem_scale), var) for v, var in zip(c.memory, x[ci], strict=True)]
+        model.Add(sum(c * v for c, v in terms) <= math.floor((problem.memory_budget - fixed) * mem_scale))
         ncons += 1
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit_s)

@@ -75,6 +75,7 @@ def test_megatron_split_without_sequence_parallelism(graphs, name, tp):
     params = dict(plan.param_placements)
     qkv, attn_out, fc1, fc2 = LAYOUT[name]
     for i in range(SIZE["layers"]):
+
         def paths(x, i=i):
             return tuple(p.format(i=i) for p in _as_tuple(x))
 
@@ -84,7 +85,9 @@ def test_megatron_split_without_sequence_parallelism(graphs, name, tp):
             key = next(p.key for p in plan.graph.params if p.name == weight)
             out_dim = 0 if node.op == "aten.linear.default" else 1
             assert _tp(params[key]) == Shard(out_dim), (node.module_path, str(params[key]))
-            assert isinstance(_tp(s.outputs[0]), Shard) and _tp(s.outputs[0]).dim == len(node.output.shape) - 1
+            assert (
+                isinstance(_tp(s.outputs[0]), Shard) and _tp(s.outputs[0]).dim == len(node.output.shape) - 1
+            )
         for node, s in _matmuls(plan, paths(attn_out)) + _matmuls(plan, paths(fc2)):  # row-parallel
             weight = node.args[1].name
             key = next(p.key for p in plan.graph.params if p.name == weight)
