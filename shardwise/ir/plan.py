@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
+
+if TYPE_CHECKING:
+    from shardwise.ir.pipeline import PipelineSpec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -128,6 +131,8 @@ class ExecutionPlan:
     # ZeRO: 0 none; 1 optimizer state (and the gradients it reads) sharded over the "dp" axis, each rank
     # stepping its own slice; 3 also parameters sharded over "dp" (see param_placements)
     zero_stage: int = 0
+    # pipeline parallelism (pp > 1): the chunks, their intra-op plans and the schedule; None otherwise
+    pipeline: PipelineSpec | None = None
 
     @property
     def degrees(self) -> dict[str, int]:

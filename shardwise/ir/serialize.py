@@ -12,6 +12,7 @@ from typing import Any
 from shardwise.errors import PlanFileError
 from shardwise.ir import fusion as _fusion
 from shardwise.ir import graph as _graph
+from shardwise.ir import pipeline as _pipeline
 from shardwise.ir import placement as _placement
 from shardwise.ir import plan as _plan
 from shardwise.ir import tensor as _tensor
@@ -42,6 +43,9 @@ _CLASSES: dict[str, type] = {
         _plan.Alternative,
         _plan.ExecutionPlan,
         _fusion.FusedGroup,
+        _pipeline.Transfer,
+        _pipeline.PipelineStage,
+        _pipeline.PipelineSpec,
     )
 }
 
@@ -112,4 +116,21 @@ def plan_from_json(text: str) -> _plan.ExecutionPlan:
     plan = from_data(doc["plan"])
     if not isinstance(plan, _plan.ExecutionPlan):
         raise PlanFileError("the plan file does not hold an ExecutionPlan")
+    _check_loaded(plan)
     return plan
+
+
+def _check_loaded(plan: _plan.ExecutionPlan) -> None:
+    """A plan read from a file is checked before use: its text cannot become code, its graph is whole."""
+    from shardwise.ir.safety import check_plan_text
+    from shardwise.ir.verify import GraphInvariantError, verify
+
+    check_plan_text(plan)
+    try:
+        verify(plan.graph)
+    except GraphInvariantError as exc:
+        raise PlanFileError(f"the plan's graph is inconsistent ({exc}): the file is corrupt or was edited") from None
+    nodes = {n.name for n in plan.graph.nodes}
+    unknown = [s.node for s in plan.strategies if s.node not in nodes and not s.node.startswith("<")]
+    if unknown:
+        raise PlanFileError(f"the plan places ops its graph does not have ({', '.join(unknown[:3])}): the file is corrupt")
