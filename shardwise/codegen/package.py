@@ -14,6 +14,7 @@ from pathlib import Path
 from shardwise.codegen.emit import render_program, template_env
 from shardwise.codegen.kernels import render_kernels
 from shardwise.ir.plan import ExecutionPlan
+from shardwise.ir.safety import check_plan_text
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["write_package", "plan_id"]
@@ -34,6 +35,7 @@ def _package_name(path: Path) -> str:
 
 def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Path:
     """Write the package into ``directory`` atomically (a temporary sibling, then a rename)."""
+    check_plan_text(plan)  # no text of the plan may turn into code (shardwise.ir.safety)
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     package = _package_name(target)
