@@ -147,9 +147,9 @@ class CompiledModel:
     def checkpoint_layout(self) -> Any:
         """Where each piece of each tensor lives under this plan (a ``checkpoint.ProgramLayout``)."""
         from shardwise.codegen.layout import tensor_tables
-        from shardwise.runtime.checkpoint import program_layout
+        from shardwise.runtime.checkpoint import layout_from_tables
 
-        return program_layout(**tensor_tables(self.plan))
+        return layout_from_tables(tensor_tables(self.plan))
 
     def close(self) -> None:
         """Stop the worker processes (also done at exit and when the object is collected); a pool given

@@ -26,7 +26,7 @@ def reshard(
 ) -> None:
     """Reshard a checkpoint for another plan (or one device), without starting processes."""
     from shardwise.cli.console import Steps, out, print_json
-    from shardwise.runtime.checkpoint import program_layout, read_manifest
+    from shardwise.runtime.checkpoint import layout_from_tables, read_manifest
     from shardwise.runtime.checkpoint import reshard as run_reshard
 
     steps = Steps(json_out)
@@ -39,7 +39,7 @@ def reshard(
         from shardwise.codegen.layout import tensor_tables
 
         plan = load_plan(plan_file)
-        layout = program_layout(**tensor_tables(plan))
+        layout = layout_from_tables(tensor_tables(plan))
         degrees = ", ".join(f"{k}={v}" for k, v in plan.degrees.items())
         target = f"{plan.model_name} on {plan.cluster_name} ({degrees})"
         meta = {"model_name": plan.model_name, "model_fingerprint": plan.model_fingerprint,

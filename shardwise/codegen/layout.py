@@ -16,6 +16,17 @@ __all__ = ["tensor_tables"]
 
 
 def tensor_tables(plan: ExecutionPlan) -> dict[str, Any]:
+    """The tables of ``plan``'s program; for a pipeline plan, ``{"pipeline": {"pp", "dp", "tp", "tied",
+    "chunks": {chunk: tables of that chunk's program}}}`` (see ``checkpoint.layout.layout_from_tables``)."""
+    spec = getattr(plan, "pipeline", None)
+    if spec is not None:
+        chunks = {s.chunk: _program_tables(s.plan) for s in spec.stages}
+        tied = tuple((key, tuple(chunks_)) for key, chunks_ in spec.tied)
+        return {"pipeline": {"pp": spec.pp, "dp": spec.dp, "tp": spec.tp, "tied": tied, "chunks": chunks}}
+    return _program_tables(plan)
+
+
+def _program_tables(plan: ExecutionPlan) -> dict[str, Any]:
     """``{"tensors", "aliases", "parts", "mesh_shape", "mesh_axes", "mesh_ranks"}`` of ``plan``'s program;
     ``tensors`` maps each state_dict key to (attribute, whole shape, dtype, kind, ((mesh axis, dim), ...)),
     where the attribute is left empty (it is a name inside the program, not data about the tensor)."""
@@ -32,7 +43,7 @@ def tensor_tables(plan: ExecutionPlan) -> dict[str, Any]:
         kind = p.kind if p.kind == "parameter" else "buffer"
         tensors[p.key] = ("", tuple(p.spec.shape), p.spec.dtype, kind, tuple(splits))
     return {
-        "tensors": tensors,  # program_layout(**tensor_tables(plan)) takes these names
+        "tensors": tensors,  # checkpoint.program_layout(**tables) takes these names
         "aliases": {p.key: tuple(p.aliases) for p in plan.graph.params if p.aliases},
         "parts": {p.key: (p.part_of, *p.part) for p in plan.graph.params if p.part_of},
         "mesh_shape": tuple(mesh.shape),

@@ -231,6 +231,7 @@ def lower_program(
     nodes: list[Node] = []
     outputs: list[Arg] = []
     buffer_updates: list[tuple[str, Value]] = []
+    rename: dict[str, str] = {}  # placeholder of a tied weight's second name -> the parameter's value
     for fx_node in ep.graph.nodes:
         if fx_node.op == "placeholder":
             spec = _spec_of(fx_node.meta["val"])
@@ -241,6 +242,10 @@ def lower_program(
                 continue
             assert isinstance(spec, TensorSpec)
             key = str(info.target).removeprefix(strip_prefix)
+            tied = next((p for p in params if p.key in aliases.get(key, ())), None)
+            if tied is not None:  # tied weights are lifted once per name: keep one parameter, read by both uses
+                rename[fx_node.name] = tied.name
+                continue
             kind = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}.get(info.kind, "constant")
             params.append(
                 Parameter(
@@ -299,6 +304,9 @@ def lower_program(
                     buffer_updates.append((str(out_spec.target).removeprefix(strip_prefix), Value(arg.name)))
                 else:
                     raise UnsupportedOpError(f"the model's graph has an output of kind {out_spec.kind.name}")
+    if rename:
+        nodes = [n.replace(args=_renamed(n.args, rename), kwargs=_renamed(n.kwargs, rename)) for n in nodes]
+        outputs = [_renamed(o, rename) for o in outputs]
     return Graph(
         inputs=tuple(inputs),
         params=tuple(params),
@@ -308,6 +316,15 @@ def lower_program(
         model_name=model_name,
         meta_device=meta_device,
     )
+
+
+def _renamed(arg: Any, rename: dict[str, str]) -> Any:
+    """``arg`` with every Value named in ``rename`` replaced."""
+    if isinstance(arg, Value):
+        return Value(rename[arg.name]) if arg.name in rename else arg
+    if isinstance(arg, tuple):
+        return tuple(_renamed(a, rename) for a in arg)
+    return arg
 
 
 def _dynamic_dims(val: Any) -> tuple[DynamicDim, ...]:

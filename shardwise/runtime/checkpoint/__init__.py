@@ -18,7 +18,14 @@ from shardwise.runtime.checkpoint.driver import (
     to_state_dict,
 )
 from shardwise.runtime.checkpoint.files import read_manifest
-from shardwise.runtime.checkpoint.layout import Box, ProgramLayout, TensorLayout, program_layout
+from shardwise.runtime.checkpoint.layout import (
+    Box,
+    ProgramLayout,
+    TensorLayout,
+    layout_from_tables,
+    pipeline_layout,
+    program_layout,
+)
 
 __all__ = [
     "Box",
@@ -27,7 +34,9 @@ __all__ = [
     "check_compatible",
     "from_state_dict",
     "gather",
+    "layout_from_tables",
     "load",
+    "pipeline_layout",
     "program_layout",
     "read_manifest",
     "reshard",

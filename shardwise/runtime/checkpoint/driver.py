@@ -44,8 +44,35 @@ __all__ = [
 ]
 
 
+def _merge_headers(
+    records: list[dict[str, Any]], tensors_field: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The logical tensors and the optimizer (class, param groups) over every rank's record."""
+    tensors: dict[str, Any] = {}
+    optimizer: dict[str, Any] | None = None
+    for r in records:
+        for key, info in r[tensors_field].items():
+            tensors.setdefault(key, info)
+        described = r.get("optimizer")
+        if described is None:
+            continue
+        if optimizer is None:
+            optimizer = {
+                "class": described["class"],
+                "param_groups": [dict(g) for g in described["param_groups"]],
+            }
+            continue
+        for i, group in enumerate(described["param_groups"]):
+            if i >= len(optimizer["param_groups"]):
+                optimizer["param_groups"].append(dict(group))
+            else:
+                merged = optimizer["param_groups"][i]
+                merged["params"] = list(dict.fromkeys([*merged["params"], *group["params"]]))
+    return tensors, optimizer
+
+
 def _manifest(records: list[dict[str, Any]], meta: Mapping[str, Any]) -> dict[str, Any]:
-    first = next(r for r in records if "tensors" in r)
+    logical, described = _merge_headers(records, "tensors")
     files: dict[str, Any] = {}
     entries: list[dict[str, Any]] = []
     whole: list[dict[str, Any]] = []
@@ -57,11 +84,9 @@ def _manifest(records: list[dict[str, Any]], meta: Mapping[str, Any]) -> dict[st
         whole += r["whole_states"]
         for key, states in r["values"].items():
             values.setdefault(key, {}).update(states)
-    optimizer = None
-    if first.get("optimizer") is not None:
-        optimizer = {**first["optimizer"], "whole_states": whole, "values": values}
+    optimizer = None if described is None else {**described, "whole_states": whole, "values": values}
     return {
-        "format": FORMAT, "version": VERSION, "meta": dict(meta), "tensors": first["tensors"], "files": files,
+        "format": FORMAT, "version": VERSION, "meta": dict(meta), "tensors": logical, "files": files,
         "entries": entries, "optimizer": optimizer,
     }  # fmt: skip
 
@@ -98,7 +123,10 @@ def check_compatible(manifest: Mapping[str, Any], layout: ProgramLayout, where: 
                 f"{logical!r} is {tuple(stored['shape'])} {stored['dtype']} there, {tuple(info['shape'])} "
                 f"{info['dtype']} in the model"
             )
-    extra = [k for k, v in manifest["tensors"].items() if k not in used and v.get("kind") == "parameter"]
+    known = {name for key, info in layout.logical_tensors().items() for name in (key, *info["aliases"])}
+    extra = [
+        k for k, v in manifest["tensors"].items() if k not in used | known and v.get("kind") == "parameter"
+    ]
     if extra:
         problems.append(f"it holds parameters the model does not have: {', '.join(extra[:5])}")
     if problems:
@@ -145,7 +173,7 @@ def gather(pool: Any) -> dict[str, Any]:
     """The whole state from every rank's pieces: ``{"tensors": {key: tensor}, "optimizer": None | {"class",
     "param_groups", "state": {key: {state: tensor or value}}}}`` — keyed by logical state_dict names."""
     records = pool.call_function(worker.rank_pieces)
-    first = next(r for r in records if "logical" in r)
+    logical, described = _merge_headers(records, "logical")
     by_key: dict[tuple[str, str | None], list[tuple[Box, Any]]] = {}
     state: dict[str, dict[str, Any]] = {}
     for r in records:
@@ -159,14 +187,12 @@ def gather(pool: Any) -> dict[str, Any]:
             state.setdefault(key, {}).update(values)
     tensors = {}
     for (key, name), pieces in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
-        whole = _assemble(first["logical"][key]["shape"], pieces)
+        whole = _assemble(logical[key]["shape"], pieces)
         if name is None:
             tensors[key] = whole
         else:
             state.setdefault(key, {})[name] = whole
-    optimizer = None
-    if first.get("optimizer") is not None:
-        optimizer = {**first["optimizer"], "state": state}
+    optimizer = None if described is None else {**described, "state": state}
     return {"tensors": tensors, "optimizer": optimizer}
 
 

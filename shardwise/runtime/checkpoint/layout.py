@@ -22,7 +22,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Box", "TensorLayout", "ProgramLayout", "program_layout", "chunk_box", "intersect"]
+__all__ = [
+    "Box",
+    "ProgramLayout",
+    "TensorLayout",
+    "chunk_box",
+    "intersect",
+    "layout_from_tables",
+    "pipeline_layout",
+    "program_layout",
+]
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,9 @@ class TensorLayout:
     splits: tuple[tuple[str, int], ...]  # (mesh axis, dim), applied in order
     part: tuple[int, int] | None  # (dim, start) of this part inside the logical tensor
     aliases: tuple[str, ...]
+    holder: tuple[tuple[str, int], ...] = ()  # mesh coordinates of the ranks holding it (pipeline stage)
+    chunk: int | None = None  # the pipeline chunk (program) holding it; None for a single program
+    copy: bool = False  # another chunk's copy of a tied weight: held and loaded, never written
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,11 @@ class ProgramLayout:
             index //= size
         return tuple(reversed(out))
 
+    def holds(self, t: TensorLayout, rank: int) -> bool:
+        """Whether ``rank`` holds a piece of ``t`` (every rank, except for pipeline stages)."""
+        coord = self.coord(rank)
+        return all(coord[self.mesh_axes.index(axis)] == value for axis, value in t.holder)
+
     def box(self, t: TensorLayout, rank: int) -> Box:
         """Rank ``rank``'s piece of ``t``, in the coordinates of the logical tensor."""
         coord = self.coord(rank)
@@ -109,9 +126,11 @@ class ProgramLayout:
 
     def writes(self, t: TensorLayout, rank: int) -> bool:
         """Whether ``rank`` is the one that stores its piece of ``t`` (index 0 on every replicated axis)."""
+        if t.copy or not self.holds(t, rank):
+            return False
         coord = self.coord(rank)
-        split_axes = {axis for axis, _ in t.splits}
-        return all(c == 0 for axis, c in zip(self.mesh_axes, coord, strict=True) if axis not in split_axes)
+        fixed = {axis for axis, _ in t.splits} | {axis for axis, _ in t.holder}
+        return all(c == 0 for axis, c in zip(self.mesh_axes, coord, strict=True) if axis not in fixed)
 
     def logical_tensors(self) -> dict[str, dict[str, Any]]:
         """logical key -> {"shape", "dtype", "kind", "aliases"}, as stored in a checkpoint manifest."""
@@ -163,3 +182,50 @@ def program_layout(
             )  # fmt: skip
         )
     return ProgramLayout(tuple(mesh_shape), tuple(mesh_axes), tuple(mesh_ranks), tuple(out))
+
+
+def pipeline_layout(
+    pp: int,
+    dp: int,
+    tp: int,
+    chunks: Mapping[int, Mapping[str, Any]],
+    tied: Sequence[tuple[str, Sequence[int]]],
+) -> ProgramLayout:
+    """The layout of a pipeline package: chunk ``c`` (tables as for :func:`program_layout`) lives on device stage
+    ``c % pp``, replicated over ``dp``, split over its ``tp`` group; rank = (p * dp + d) * tp + t. Copies of a
+    tied weight in later chunks are marked ``copy`` (loaded, never written)."""
+    del tied  # copies are found by key below: a logical tensor is written by the first chunk holding it
+    out: list[TensorLayout] = []
+    seen: set[tuple[str, tuple[int, int] | None]] = set()
+    for c in sorted(chunks):
+        inner = program_layout(**chunks[c])
+        spanning = [a for a, n in zip(inner.mesh_axes, inner.mesh_shape, strict=True) if n > 1]
+        for t in inner.tensors:
+            splits = tuple(("tp", dim) for axis, dim in t.splits if axis in spanning)
+            key = (t.logical, t.part)
+            out.append(
+                TensorLayout(
+                    key=t.key,
+                    logical=t.logical,
+                    shape=t.shape,
+                    logical_shape=t.logical_shape,
+                    dtype=t.dtype,
+                    kind=t.kind,
+                    splits=splits,
+                    part=t.part,
+                    aliases=t.aliases,
+                    holder=(("pp", c % pp),),
+                    chunk=c,
+                    copy=key in seen,
+                )  # fmt: skip
+            )
+            seen.add(key)
+    return ProgramLayout((pp, dp, tp), ("pp", "dp", "tp"), tuple(range(pp * dp * tp)), tuple(out))
+
+
+def layout_from_tables(tables: Mapping[str, Any]) -> ProgramLayout:
+    """A layout from the data ``shardwise.codegen.layout.tensor_tables`` gives for a plan."""
+    if tables.get("pipeline"):
+        p = tables["pipeline"]
+        return pipeline_layout(p["pp"], p["dp"], p["tp"], p["chunks"], p["tied"])
+    return program_layout(**{k: v for k, v in tables.items() if k != "pipeline"})

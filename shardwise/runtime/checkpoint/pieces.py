@@ -106,20 +106,19 @@ def rank_record(
     directory: Path, rank: int, layout: ProgramLayout, pieces: Pieces, optimizer: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """Write ``pieces`` to ``<directory>/rank<r>.safetensors`` (if any) and return what the manifest needs
-    to know of them; the first rank of the layout also describes the tensors and the ``optimizer`` (class
-    and param groups)."""
+    to know of them, with the logical tensors and the ``optimizer`` (class, param groups) as this rank knows
+    them (a pipeline rank knows its own stage's: the parent merges every rank's)."""
     record: dict[str, Any] = {
         "rank": rank,
         "file": None,
         "entries": [],
         "whole_states": [],
         "values": pieces.values,
-    }
-    if rank == layout.mesh_ranks[0]:
-        record["tensors"] = layout.logical_tensors()
-        record["optimizer"] = None if optimizer is None else {
+        "tensors": layout.logical_tensors(),
+        "optimizer": None if optimizer is None else {
             "class": optimizer["class"], "param_groups": optimizer["param_groups"]
-        }  # fmt: skip
+        },
+    }  # fmt: skip
     if pieces.tensors:
         name = f"rank{rank}.safetensors"
         record["file"] = {"name": name, **write_tensors(Path(directory) / name, pieces.tensors)}

@@ -13,7 +13,13 @@ from typing import Any
 
 from shardwise.errors import CheckpointError
 from shardwise.runtime.checkpoint.files import Reader
-from shardwise.runtime.checkpoint.layout import Box, ProgramLayout, TensorLayout, program_layout
+from shardwise.runtime.checkpoint.layout import (
+    Box,
+    ProgramLayout,
+    TensorLayout,
+    pipeline_layout,
+    program_layout,
+)
 from shardwise.runtime.checkpoint.pieces import Pieces, collect_pieces, json_value, rank_record
 
 __all__ = [
@@ -27,42 +33,66 @@ __all__ = [
 ]
 
 
-def _tables(module: Any) -> Any:
-    program = sys.modules.get(type(module).__module__)
-    if program is None or not hasattr(program, "TENSORS"):
+def _module_of(program: Any) -> Any:
+    module = sys.modules.get(type(program).__module__)
+    if module is None or not hasattr(module, "TENSORS"):
         raise CheckpointError("the loaded package is not a shardwise program (it has no TENSORS table)")
-    return program
+    return module
+
+
+def _chunks(module: Any) -> dict[int, tuple[Any, Any]] | None:
+    """A pipeline package's chunks (chunk -> (program module, program)); None for a single program."""
+    chunks = getattr(module, "chunks", None)
+    return chunks if isinstance(chunks, dict) else None
+
+
+def _tables(program_module: Any) -> dict[str, Any]:
+    m = program_module
+    return {
+        "tensors": m.TENSORS, "aliases": getattr(m, "ALIASES", {}), "parts": getattr(m, "PARTS", {}),
+        "mesh_shape": m.MESH_SHAPE, "mesh_axes": m.MESH_AXES, "mesh_ranks": m.MESH_RANKS,
+    }  # fmt: skip
 
 
 def layout_of(module: Any) -> ProgramLayout:
-    """The layout of the loaded program."""
-    p = _tables(module)
-    return program_layout(
-        p.TENSORS, getattr(p, "ALIASES", {}), getattr(p, "PARTS", {}), p.MESH_SHAPE, p.MESH_AXES, p.MESH_RANKS
-    )
+    """The layout of the loaded program (a single program, or a pipeline package's chunks)."""
+    chunks = _chunks(module)
+    if chunks is None:
+        return program_layout(**_tables(_module_of(module)))
+    pipeline = sys.modules[type(module).__module__]
+    tables = {c: _tables(program_module) for c, (program_module, _) in chunks.items()}
+    return pipeline_layout(pipeline.PP, pipeline.DP, pipeline.TP, tables, getattr(pipeline, "TIED", ()))
 
 
-def _tensor(module: Any, key: str) -> Any:
-    return getattr(module, _tables(module).TENSORS[key][0])
+def _tensor(module: Any, t: TensorLayout) -> Any:
+    if t.chunk is not None:
+        program_module, program = module.chunks[t.chunk]
+        return getattr(program, program_module.TENSORS[t.key][0])
+    return getattr(module, _module_of(module).TENSORS[t.key][0])
 
 
-def _optimizer_states(module: Any) -> dict[str, Mapping[str, Any]]:
+def _held(module: Any, layout: ProgramLayout) -> list[TensorLayout]:
+    return [t for t in layout.tensors if layout.holds(t, module.rank)]
+
+
+def _optimizer_states(module: Any, layout: ProgramLayout) -> dict[tuple[str, int | None], Mapping[str, Any]]:
     optimizer = getattr(module, "optimizer", None)
     if optimizer is None:
         return {}
-    key_of = {id(_tensor(module, key)): key for key in _tables(module).TENSORS}
+    key_of = {id(_tensor(module, t)): (t.key, t.chunk) for t in _held(module, layout)}
     return {key_of[id(p)]: state for p, state in optimizer.state.items() if id(p) in key_of}
 
 
 def _pieces(module: Any) -> tuple[ProgramLayout, Pieces]:
     layout = layout_of(module)
-    states = _optimizer_states(module)
+    states = _optimizer_states(module, layout)
     pieces = collect_pieces(
         layout,
         module.rank,
-        lambda t, box: _tensor(module, t.key).detach().cpu(),
+        lambda t, box: _tensor(module, t).detach().cpu(),
         lambda t, box: {
-            k: (v.detach().cpu() if hasattr(v, "detach") else v) for k, v in states.get(t.key, {}).items()
+            k: (v.detach().cpu() if hasattr(v, "detach") else v)
+            for k, v in states.get((t.key, t.chunk), {}).items()
         },
     )
     return layout, pieces
@@ -74,11 +104,10 @@ def optimizer_info(module: Any) -> dict[str, Any] | None:
     if optimizer is None:
         return None
     layout = layout_of(module)
-    logical = {t.key: t.logical for t in layout.tensors}
-    key_of = {id(_tensor(module, key)): key for key in logical}
+    logical_of = {id(_tensor(module, t)): t.logical for t in _held(module, layout)}
     groups = []
     for group in optimizer.param_groups:
-        keys = list(dict.fromkeys(logical[key_of[id(p)]] for p in group["params"] if id(p) in key_of))
+        keys = list(dict.fromkeys(logical_of[id(p)] for p in group["params"] if id(p) in logical_of))
         hyper = {k: json_value(v, f"optimizer setting {k!r}") for k, v in group.items() if k != "params"}
         groups.append({**hyper, "params": keys})
     return {"class": type(optimizer).__name__, "param_groups": groups}
@@ -87,7 +116,7 @@ def optimizer_info(module: Any) -> dict[str, Any] | None:
 def save_rank(module: Any, directory: str) -> dict[str, Any]:
     """Write this rank's pieces to ``<directory>/rank<r>.safetensors``; returns its manifest record."""
     layout, pieces = _pieces(module)
-    info = optimizer_info(module) if module.rank == layout.mesh_ranks[0] else None
+    info = optimizer_info(module)
     return rank_record(Path(directory), module.rank, layout, pieces, info)
 
 
@@ -98,9 +127,8 @@ def rank_pieces(module: Any) -> dict[str, Any]:
         "tensors": pieces.tensors, "entries": pieces.entries, "whole_states": pieces.whole_states,
         "values": pieces.values,
     }  # fmt: skip
-    if module.rank == layout.mesh_ranks[0]:
-        out["logical"] = layout.logical_tensors()
-        out["optimizer"] = optimizer_info(module)
+    out["logical"] = layout.logical_tensors()
+    out["optimizer"] = optimizer_info(module)
     return out
 
 
@@ -143,44 +171,47 @@ def load_rank(module: Any, directory: str, manifest: Mapping[str, Any], load_opt
     new: dict[str, Any] = {}
     states: dict[str, dict[str, Any]] = {}
     with Reader(directory, manifest) as reader:
-        for t in layout.tensors:
+        for t in _held(module, layout):
             key = resolve_key(manifest, t)
             if key is None:
                 raise CheckpointError(f"the checkpoint holds no tensor {t.logical!r}")
             box = layout.box(t, module.rank)
-            current = _tensor(module, t.key)
+            current = _tensor(module, t)
             value = reader.read(key, box)
             if tuple(value.shape) != tuple(current.shape) or value.dtype != current.dtype:
                 raise CheckpointError(
                     f"{t.logical}: the checkpoint gives {tuple(value.shape)} {value.dtype} for this rank's piece, "
                     f"the program holds {tuple(current.shape)} {current.dtype}"
                 )
-            new[t.key] = value
+            new[(t.key, t.chunk)] = (t, value)
             if load_optimizer:
-                states[t.key] = states_for(reader, manifest, key, box)
+                states[(t.key, t.chunk)] = states_for(reader, manifest, key, box)
     optimizer_state = _optimizer_state_dict(module, manifest, states, layout) if load_optimizer else None
     with torch.no_grad():
-        for key, value in new.items():
-            _tensor(module, key).copy_(value)
+        for t, value in new.values():
+            _tensor(module, t).copy_(value)
     if optimizer_state is not None:
         module.optimizer.load_state_dict(optimizer_state)
 
 
 def _optimizer_state_dict(
-    module: Any, manifest: Mapping[str, Any], states: Mapping[str, dict[str, Any]], layout: ProgramLayout
+    module: Any,
+    manifest: Mapping[str, Any],
+    states: Mapping[tuple[str, int | None], dict[str, Any]],
+    layout: ProgramLayout,
 ) -> dict[str, Any]:
     optimizer = module.optimizer
     if optimizer is None:
         raise CheckpointError("this program has no optimizer to load the checkpoint's optimizer state into")
     current = optimizer.state_dict()
-    key_of = {id(_tensor(module, t.key)): t for t in layout.tensors}
+    key_of = {id(_tensor(module, t)): t for t in _held(module, layout)}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     indices = [i for group in current["param_groups"] for i in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for index, p in zip(indices, params, strict=True):
         t = key_of.get(id(p))
-        if t is not None and states.get(t.key):
-            state[index] = dict(states[t.key])
+        if t is not None and states.get((t.key, t.chunk)):
+            state[index] = dict(states[(t.key, t.chunk)])
     saved_groups = (manifest.get("optimizer") or {}).get("param_groups") or []
     groups = []
     for live, described in zip(optimizer.param_groups, current["param_groups"], strict=True):
