@@ -397,6 +397,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         model, example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
         loss_fn=loss_fn if mode == "train" else None,
     )  # fmt: skip
+    if mode == "train" and not any(p.requires_grad and p.kind == "parameter" for p in graph.params):
+        raise UserInputError(f"mode='train' needs trainable parameters, and {graph.model_name} has none: use mode='inference'")
     try:
         plan = plan_auto(
             graph, spec, mode=mode, precision=precision, constraints=constraints,

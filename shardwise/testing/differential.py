@@ -236,7 +236,11 @@ class Fuzzer:
         if isinstance(outcome, _Failure):
             return outcome.result
         loss, state = outcome
-        ok, detail, diff = compare("loss", torch.tensor(loss), want_loss.detach().float())
+        # the loss carries the model's rounding: compare it at the model's precision
+        model_dtype = getattr(torch, case.dtype)
+        ok, detail, diff = compare(
+            "loss", torch.tensor(loss).to(model_dtype), want_loss.detach().to(model_dtype)
+        )
         worst = max(worst, diff)
         if not ok:
             return "mismatch", "train", detail, diff

@@ -842,7 +842,8 @@ def make_inputs():
 
 def loss_fn(out):
     leaves = [t for t in pytree.tree_leaves(out) if torch.is_tensor(t) and t.is_floating_point()]
-    return sum((t.float() ** 2).mean() for t in leaves)
+    wide = torch.float64 if DTYPE == torch.float64 else torch.float32  # never narrower than the model
+    return sum((t.to(wide) ** 2).mean() for t in leaves)
 '''
 
 

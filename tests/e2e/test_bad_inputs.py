@@ -116,6 +116,19 @@ def test_unsupported_ops_are_named_with_the_model_line() -> None:
         shardwise.compile(InPlaceOnInput(), "cpu:2", example_inputs=(torch.randn(4, 4),))
 
 
+class NoParameters(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x) * 2
+
+
+def test_training_a_model_without_parameters() -> None:
+    with pytest.raises(
+        UserInputError, match="mode='train' needs trainable parameters, and NoParameters has none"
+    ):
+        shardwise.compile(NoParameters(), "cpu:2", example_inputs=(torch.randn(4, 4),), mode="train",
+                          loss_fn=lambda o: o.sum())  # fmt: skip
+
+
 def test_example_inputs_that_do_not_match_the_model() -> None:
     model, (x,) = build_model("mlp")
     with pytest.raises(
