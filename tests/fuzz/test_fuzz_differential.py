@@ -19,7 +19,7 @@ import torch
 from shardwise.testing.differential import Fuzzer, compare, save_reproducer, supported_degrees
 from shardwise.testing.fuzz import generate, load_case, mesh_choices
 
-SEEDS = range(24)
+SEEDS = range(20)  # dp x tp meshes (the degrees that are settled)
 # Seeds that find known bugs (reported; each xfail is strict, so a fix shows up as XPASS: remove the mark).
 KNOWN_BUGS = {
     86: "gradient of an all-gathered activation used as a matmul operand (x @ x.T over the batch) is not "
@@ -27,6 +27,17 @@ KNOWN_BUGS = {
     229: "matmul(a, a) with `a` batch-sharded: the redistribution of `a` is applied to both operands "
     "(NodeStrategy.redistributes are keyed by value, not operand)",
     234: "a 1-D input split over dp feeds a Linear: its bias gradient is counted dp times",
+}
+
+# Seeds generated with pipeline meshes too (dp x tp x pp); reason given: a known bug (strict xfail).
+PIPELINE_SEEDS = {
+    57: "",
+    75: "",
+    76: "",
+    127: "",
+    2: "a pipeline stage without trainable parameters: its optimizer gets an empty parameter list",
+    51: "pp=2: a model that hard-codes its batch size (x.view(8, -1)) is micro-batched silently wrong",
+    62: "pp=2 in float64: the pipeline returns the loss rounded to float32",
 }
 
 
@@ -85,8 +96,11 @@ def test_compare_flags_wrong_values_shapes_and_nans() -> None:
     assert "2 tensors, eager PyTorch gives 1" in compare("x", (a, a), (a,))[1]
 
 
-def _check(fuzzer: Fuzzer, seed: int) -> None:
-    result = fuzzer.run(seed)
+def _check(fuzzer: Fuzzer, seed: int, degrees: tuple[str, ...] = ("dp", "tp")) -> None:
+    missing = set(degrees) - set(supported_degrees())
+    if missing:
+        pytest.skip(f"the planner does not make {', '.join(sorted(missing))} plans yet")
+    result = fuzzer.run(generate(seed, degrees=degrees))
     assert result.status in ("ok", "unsupported"), (
         f"seed {seed}: {result.status} at {result.stage}: {result.detail}"
     )
@@ -105,9 +119,20 @@ def test_fixed_seed_equals_eager(fuzzer: Fuzzer, seed: int) -> None:
     "seed", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=r)) for s, r in KNOWN_BUGS.items()]
 )
 def test_known_bug_seeds(fuzzer: Fuzzer, seed: int) -> None:
-    if "tp" not in supported_degrees():
-        pytest.skip("these seeds were found with dp x tp meshes")
     _check(fuzzer, seed)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "seed",
+    [
+        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=r)) if r else s
+        for s, r in PIPELINE_SEEDS.items()
+    ],
+)
+def test_pipeline_seeds(fuzzer: Fuzzer, seed: int) -> None:
+    """Meshes with pipeline stages (dp x tp x pp)."""
+    _check(fuzzer, seed, ("dp", "tp", "pp"))
 
 
 @pytest.mark.multiproc
