@@ -49,21 +49,23 @@ def _capacity(topo: TopologyView, edges: list[tuple[int, int]]) -> tuple[float, 
     if not edges:
         return 0.0, 0.0
     solver = pywraplp.Solver.CreateSolver("GLOP")
-    xs = {}
+    inf = solver.infinity()
+    objective = solver.Objective()
+    rows: dict[int, pywraplp.Constraint] = {}
     for u, v in edges:
-        xs[(u, v)] = solver.NumVar(0.0, solver.infinity(), f"x{u}_{v}")
-    by_res: dict[int, list[tuple[int, int]]] = {}
-    for uv in edges:
-        for r in topo.edges[uv].resources:
-            by_res.setdefault(r, []).append(uv)
-    for es in by_res.values():
-        # x in MiB/us and beta in us/MiB keep the coefficients near 1 for GLOP
-        solver.Add(sum(topo.edges[uv].beta * _SCALE * xs[uv] for uv in es) <= 1.0)
-    solver.Maximize(sum(xs.values()))
-    status = solver.Solve()
-    if status != pywraplp.Solver.OPTIMAL:
+        e = topo.edges[(u, v)]
+        x = solver.NumVar(0.0, inf, "")
+        objective.SetCoefficient(x, 1.0)
+        for r in e.resources:
+            row = rows.get(r)
+            if row is None:
+                row = rows[r] = solver.Constraint(-inf, 1.0)
+            # x in MiB/us and beta in us/MiB keep the coefficients near 1 for GLOP
+            row.SetCoefficient(x, e.beta * _SCALE)
+    objective.SetMaximization()
+    if solver.Solve() != pywraplp.Solver.OPTIMAL:
         raise RuntimeError("capacity LP did not solve")
-    cap = solver.Objective().Value() * _SCALE
+    cap = objective.Value() * _SCALE
     ab = min(topo.edges[uv].alpha / topo.edges[uv].beta for uv in edges)
     return cap, ab
 

@@ -43,7 +43,7 @@ class _Task:
     deps: list[int] | None = None  # message ids that delivered the data
 
 
-def piece_candidates(routing: Routing, topo: TopologyView, nbytes: float, budget: int = 60_000) -> list[int]:
+def piece_candidates(routing: Routing, topo: TopologyView, nbytes: float, budget: int = 24_000) -> list[int]:
     """A few piece counts worth trying for ``nbytes``: bounded by a task budget and a 4 KiB floor."""
     hops = sum(len(v) for v in routing.out_edges.values()) + sum(len(v) for v in routing.in_edges.values())
     flows = max(1, len(routing.flows))
@@ -51,7 +51,7 @@ def piece_candidates(routing: Routing, topo: TopologyView, nbytes: float, budget
     flow_bytes = spec.chunk_bytes(nbytes)
     hi = max(1, min(256, budget // max(1, hops), int(flow_bytes // 4096)))
     del flows
-    cands = {hi, max(1, hi // 4), max(1, hi // 16)}
+    cands = {hi, max(1, hi // 8)}
     return sorted(cands, reverse=True)
 
 

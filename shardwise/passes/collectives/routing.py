@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from shardwise.errors import SolverError
 from shardwise.passes.collectives.flows import Flow, flow_group, flows_of, orbits
 from shardwise.passes.collectives.sketch import GroupElement, SketchView
 
@@ -144,6 +143,9 @@ def solve_routing(
     m = cp_model.CpModel()
     xs: dict[tuple[tuple[int, ...], str], dict[tuple[int, int], cp_model.IntVar]] = {}
     levels: list[cp_model.IntVar] = []
+    hinted: dict[
+        tuple[tuple[int, ...], str], list[tuple[int, int]]
+    ] = {}  # the fallback if CP-SAT finds nothing
     load_terms: dict[int, list[tuple[int, cp_model.IntVar]]] = defaultdict(list)
     traffic: list[tuple[int, cp_model.IntVar]] = []
 
@@ -162,6 +164,7 @@ def solve_routing(
             near, far = (uv[1], uv[0]) if inward else uv
             if dist[far] == dist[near] + 1 and far not in pick:
                 pick[far] = uv
+        hinted[(f.key, tag)] = sorted(pick.values())
         for uv, var in x.items():
             m.AddHint(var, 1 if pick.get(uv[0] if inward else uv[1]) == uv else 0)
         for v in range(p):
@@ -202,6 +205,7 @@ def solve_routing(
             )
             path.append(nxt)
             cur = nxt[1]
+        hinted[(f.key, "out")] = sorted(path)
         for uv, var in x.items():
             m.AddHint(var, 1 if uv in path else 0)
         for v in range(p):
@@ -241,27 +245,27 @@ def solve_routing(
     solver_params(solver, 0.7 * time_limit, seed, workers)
     st = solver.Solve(m)
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise SolverError(
-            f"routing {kind} on {topo.cluster_name}: CP-SAT found no routing ({solver.StatusName(st)}); "
-            "raise the time limit or relax the sketch"
-        )
-    zbest = int(solver.Value(z))
-    optimal = st == cp_model.OPTIMAL
-    # phase 2: keep the load, use the fewest and cheapest hops
-    m.ClearHints()
-    for x in xs.values():
-        for var in x.values():
-            m.AddHint(var, solver.Value(var))
-    m.Add(z <= zbest)
-    # shallow trees fill the pipeline faster: a level costs half the cheapest hop
-    m.Minimize(sum(2 * c * v for c, v in traffic) + 100 * depth_weight * sum(levels))
-    solver2 = cp_model.CpSolver()
-    solver_params(solver2, 0.3 * time_limit, seed, workers)
-    st2 = solver2.Solve(m)
-    final = solver2 if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE) else solver
-    chosen: dict[tuple[tuple[int, ...], str], list[tuple[int, int]]] = {
-        k: sorted(uv for uv, var in x.items() if final.Value(var)) for k, x in xs.items()
-    }
+        # no solution in time (a loaded machine, a huge model): keep the shortest-hop routes of the hint
+        chosen = hinted
+        load = _load_of(hinted, coefs, w) * bmin / 100.0
+        optimal, status = False, "HINT"
+    else:
+        zbest = int(solver.Value(z))
+        optimal, status = st == cp_model.OPTIMAL, solver.StatusName(st)
+        # phase 2: keep the load, use the fewest and cheapest hops
+        m.ClearHints()
+        for x in xs.values():
+            for var in x.values():
+                m.AddHint(var, solver.Value(var))
+        m.Add(z <= zbest)
+        # shallow trees fill the pipeline faster: a level costs half the cheapest hop
+        m.Minimize(sum(2 * c * v for c, v in traffic) + 100 * depth_weight * sum(levels))
+        solver2 = cp_model.CpSolver()
+        solver_params(solver2, 0.3 * time_limit, seed, workers)
+        st2 = solver2.Solve(m)
+        final = solver2 if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE) else solver
+        chosen = {k: sorted(uv for uv, var in x.items() if final.Value(var)) for k, x in xs.items()}
+        load = zbest * bmin / 100.0
     out_edges: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
     in_edges: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
     for key, (rep, g) in orb.items():
@@ -269,7 +273,6 @@ def solve_routing(
             es = chosen.get((rep.key, tag))
             if es is not None:
                 dest[key] = tuple(sorted((g.ranks[u], g.ranks[v]) for u, v in es))
-    load = zbest * bmin / 100.0
     return Routing(
         kind=kind,
         parts=parts,
@@ -280,5 +283,14 @@ def solve_routing(
         load=load,
         optimal=optimal,
         solve_s=time.perf_counter() - t0,
-        status=solver.StatusName(st),
+        status=status,
     )
+
+
+def _load_of(chosen: dict, coefs: dict, w: dict) -> int:
+    loads: dict[int, int] = defaultdict(int)
+    for es in chosen.values():
+        for uv in es:
+            for r, cnt in coefs[uv].items():
+                loads[r] += cnt * w[uv]
+    return max(loads.values(), default=0)

@@ -93,10 +93,12 @@ def synthesize(
     seed: int = 0,
     workers: int = 2,
     root: int = 0,
+    search: bool = True,
 ) -> SynthResult:
     """Best verified schedule for ``collective`` of ``nbytes`` over ``ranks`` of ``cluster``.
 
-    ``time_limit_s`` bounds the solvers' deterministic time (roughly seconds on an idle core).
+    ``time_limit_s`` bounds the solvers' deterministic time (roughly seconds on an idle core); with
+    ``search=False`` only the baselines run.
     """
     t0 = time.perf_counter()
     kind = check_collective(collective)
@@ -110,16 +112,19 @@ def synthesize(
         base[name] = (sim.time, sched, sim.start)
     best: tuple[float, str, Schedule, tuple[float, ...]] | None = None
     cands: dict[str, float] = {}
+    per_label: dict[str, tuple[float, Schedule, tuple[float, ...]]] = {}
 
-    def offer(label: str, sched: Schedule) -> None:
+    def offer(label: str, sched: Schedule) -> float:
         nonlocal best
         sim = simulate(sched, topo, n)
         cands[label] = min(sim.time, cands.get(label, float("inf")))
+        if label not in per_label or sim.time < per_label[label][0]:
+            per_label[label] = (sim.time, sched, sim.start)
         if best is None or sim.time < best[0]:
-            verify(sched, sim.start)  # raises on a wrong schedule: never return one
             best = (sim.time, label, sched, sim.start)
+        return sim.time
 
-    if topo.size >= 2:
+    if topo.size >= 2 and search:
         small = n <= TIMED_MAX_BYTES
         views = [sv]
         if small and sketch is None:
@@ -130,10 +135,14 @@ def synthesize(
         for view in views:
             tag = "" if view is sv else "+relay"
             routing = _routing(view, kind, root, share, seed, workers)
+            # piece counts with the default policy, then the other message-size policies at the best count
+            tried = []
             for pieces in piece_candidates(routing, topo, n):
-                for rounds, split in ((None, 0.5), (64, 0.5), (None, 0.7)):
-                    sched = pipelined_schedule(routing, topo, n, pieces, rounds=rounds, split=split)
-                    offer("pipelined" + tag, sched)
+                tried.append((offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces)), pieces))
+            best_pieces = min(tried)[1]
+            for rounds, split in ((64, 0.5), (None, 0.7)):
+                sched = pipelined_schedule(routing, topo, n, best_pieces, rounds=rounds, split=split)
+                offer("pipelined" + tag, sched)
             flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
             if not small:
                 per = 0.35 * time_limit_s / 3
@@ -151,6 +160,8 @@ def synthesize(
                 )  # fmt: skip
                 if res is not None:
                     offer("timed" + tag, res.schedule)
+    for _, sched, start in per_label.values():
+        verify(sched, start)  # each search's best (incl. the one returned): raises on a wrong schedule
     if topo.size < 2:
         best = (0.0, "trivial", Schedule(CollectiveSpec(kind, topo.size, 1, root), (), "trivial"), ())
     search_s = best[0] if best is not None else float("inf")
