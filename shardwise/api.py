@@ -299,6 +299,31 @@ class CompiledModel:
             return flat
 
 
+def _compile_pipeline(
+    model: torch.nn.Module, graph: Graph, spec: ClusterSpec, example_inputs: Any, example_kwargs: Any, loss_fn: Any,
+    mode: str, precision: str, constraints: Any, optimizer: Any, fusion: bool, *, out_spec: Any, workers: Any,
+) -> CompiledModel:  # fmt: skip
+    """A pipeline plan (shardwise.planner.pipeline): its chunks are traced again at the micro-batch size."""
+    from shardwise.planner.pipeline import plan_pipeline
+
+    rows = next((i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1)
+
+    def cut(x: Any, n: int) -> Any:
+        return x[:n] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == rows else x
+
+    def micro_graph(n: int) -> Graph:
+        inputs = example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        inputs = cut(inputs, n) if isinstance(inputs, torch.Tensor) else tuple(cut(x, n) for x in inputs)
+        kwargs = {k: cut(v, n) for k, v in (example_kwargs or {}).items()}
+        return trace(model, inputs, example_kwargs=kwargs, loss_fn=loss_fn if mode == "train" else None)[0]
+
+    plan = plan_pipeline(
+        graph, spec, micro_graph=micro_graph, mode=mode, precision=precision, constraints=constraints,
+        optimizer=_describe_optimizer(optimizer), fusion=fusion,
+    )  # fmt: skip
+    return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)
+
+
 def _where_it_fits(graph: Graph, mode: str, precision: str, optimizer: Any, solver: str) -> str:
     """A sentence naming the smallest preset cluster the model fits on (planned without constraints)."""
     from shardwise.fit import FAMILIES, NODES, smallest_fitting_preset
@@ -399,12 +424,21 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     )  # fmt: skip
     if mode == "train" and not any(p.requires_grad and p.kind == "parameter" for p in graph.params):
         raise UserInputError(f"mode='train' needs trainable parameters, and {graph.model_name} has none: use mode='inference'")
+    from shardwise.planner.pipeline import wants_pipeline
+
+    pipeline_args = (model, graph, spec, example_inputs, example_kwargs, loss_fn, mode, precision, constraints,
+                     optimizer, fusion)  # fmt: skip
+    if wants_pipeline(constraints):  # pp > 1 or a pipeline-only choice: the whole-plan search (planner.search)
+        return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
     try:
         plan = plan_auto(
             graph, spec, mode=mode, precision=precision, constraints=constraints,
             optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
         )  # fmt: skip
     except DoesNotFitError as exc:
+        if not (constraints or {}).get("pp") and mode == "train":  # may fit as a pipeline
+            with contextlib.suppress(DoesNotFitError):
+                return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
         raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
     if fusion:
         plan = fuse_plan(plan)

@@ -36,6 +36,10 @@ def _package_name(path: Path) -> str:
 def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Path:
     """Write the package into ``directory`` atomically (a temporary sibling, then a rename)."""
     check_plan_text(plan)  # no text of the plan may turn into code (shardwise.ir.safety)
+    if plan.pipeline is not None:  # one program per model chunk plus the schedule runtime
+        from shardwise.codegen.pipeline import write_pipeline_package
+
+        return write_pipeline_package(plan, directory)
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     package = _package_name(target)

@@ -1,0 +1,303 @@
+"""Pipeline plans: the search's winner turned into an ExecutionPlan with its chunks, transfers and schedule.
+
+``plan_pipeline(graph, cluster, micro_graph=...)`` runs the whole-plan search
+(:mod:`shardwise.planner.search`) on ``graph`` (the model traced at the full batch), then builds what codegen
+needs for the winner:
+
+- the model traced at the winner's micro-batch size (``micro_graph(rows)``; the batch dimension changes
+  view sizes, so the chunks are cut from a graph traced at the size they run at);
+- its layer units cut into the winner's chunks (:func:`~shardwise.passes.stages.extract_chunks`), each
+  placed on its ``1 x tp`` tensor-parallel group by the intra-op planner and fused like any program;
+- the schedule's per-device action lists and the chunk-to-chunk transfers;
+- the top-level plan: mesh ``pp x dp x tp``, predictions (step time, bubble, per-rank memory, TFLOP/s,
+  MFU) and the ranked alternatives of the search.
+
+Requires: ``graph`` and ``micro_graph(rows)`` trace the same model (same layer units); training losses are
+means over the batch (a step's loss is the mean of its micro-batches' losses, and each micro-batch's
+gradient is scaled by ``1 / microbatches``). Guarantees: ``plan.pipeline`` passes
+:func:`~shardwise.ir.pipeline.check_pipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from shardwise.cluster import ClusterSpec
+from shardwise.errors import PlanError
+from shardwise.ir.graph import Graph
+from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
+from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
+from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
+from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
+from shardwise.passes.stages.place import place_chunk
+from shardwise.planner.schedule import schedule_actions
+from shardwise.planner.search import Candidate, SearchOptions, SearchResult, search
+from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR, graph_fingerprint
+
+__all__ = ["plan_pipeline", "batch_inputs", "PIPELINE_KEYS", "wants_pipeline"]
+
+# constraint keys only a pipeline plan can honour
+PIPELINE_KEYS = ("microbatches", "microbatch_size", "virtual", "schedule", "recompute")
+MAX_ALTERNATIVES = 24
+
+
+def wants_pipeline(constraints: Mapping[str, object] | None) -> bool:
+    """Whether the constraints ask for a pipeline (pp > 1 or a pipeline-only choice)."""
+    c = dict(constraints or {})
+    pp = c.get("pp", 1)
+    return (isinstance(pp, int) and pp > 1) or any(k in c for k in PIPELINE_KEYS)
+
+
+def batch_inputs(graph: Graph) -> tuple[int, ...]:
+    """Indices of the graph inputs that carry the batch (dim 0 equal to the first input's dim 0)."""
+    first = next(
+        (i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), None
+    )
+    return tuple(
+        k for k, i in enumerate(graph.inputs)
+        if isinstance(i.spec, TensorSpec) and i.spec.rank and i.spec.shape[0] == first
+    )  # fmt: skip
+
+
+def _grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dict[str, tuple[str, ...]]:
+    try:
+        from shardwise.planner.auto import param_grad_reduce
+    except ImportError:  # the ILP planner is not installed: the simple planner's rule
+        from shardwise.planner.simple import _consistent_param_grad_reduce as param_grad_reduce
+    return param_grad_reduce(graph, strategies)
+
+
+def _chunk_plan(
+    graph: Graph, cluster: ClusterSpec, cand: Candidate, *, mode: str, precision: str, optimizer: str, fusion: bool,
+) -> ExecutionPlan:  # fmt: skip
+    train = mode == "train"
+    placed = place_chunk(
+        graph, cluster, cand.tp, sequence_parallel=cand.sp, train=train, precision=precision,
+        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2),
+    )  # fmt: skip
+    g, mesh = placed.graph, placed.mesh
+    keys = {p.name: p.key for p in g.params}
+    rep = ShardingSpec(tuple(Replicate() for _ in mesh.shape))
+    plan = ExecutionPlan(
+        schema_version=SCHEMA_VERSION,
+        model_name=g.model_name,
+        model_fingerprint=graph_fingerprint(g),
+        cluster_name=cluster.name,
+        cluster_fingerprint=cluster.fingerprint(),
+        mode=mode,
+        precision=precision,
+        world_size=mesh.size,
+        mesh=mesh,
+        degrees_=(("dp", 1), ("tp", cand.tp), ("pp", 1)),
+        graph=g,
+        strategies=placed.strategies,
+        input_placements=tuple(placed.input_placements.get(i.name, rep) for i in g.inputs),
+        param_placements=tuple((keys[n], s) for n, s in placed.param_placements.items() if n in keys),
+        output_placements=tuple(rep for _ in g.outputs),
+        param_grad_reduce=tuple(sorted(_grad_reduce(g, placed.strategies).items())) if train else (),
+        predicted=Prediction(0.0, 0.0, 0.0, 0.0, ()),
+        memory=(),
+        replicated_ops=placed.run_whole,
+        passes=("trace", "stages.extract", f"sharding.{placed.method}"),
+        optimizer=optimizer,
+    )
+    if fusion:
+        from shardwise.passes.fusion import fuse_plan
+
+        plan = fuse_plan(plan)
+    return plan
+
+
+def _alternatives(result: SearchResult) -> tuple[Alternative, ...]:
+    best = result.best
+    out = []
+    seen = set()
+    for c in result.ranked:
+        if c.key() in seen:
+            continue
+        seen.add(c.key())
+        if c is best:
+            note = f"chosen: fastest plan that fits ({c.describe()})"
+        elif not c.fits:
+            note = f"does not fit in device memory ({c.describe()})"
+        else:
+            how = "simulated" if c.simulated else "estimated"
+            note = f"{c.step_s / best.step_s:.2f}x the chosen plan's step time, {how} ({c.describe()})"
+        out.append(
+            Alternative(
+                degrees=c.degrees,
+                step_time_s=c.step_s,
+                memory_bytes=c.peak_bytes,
+                fits=c.fits,
+                chosen=c is best,
+                note=note,
+            )  # fmt: skip
+        )
+        if len(out) >= MAX_ALTERNATIVES:
+            break
+    return tuple(out)
+
+
+def plan_pipeline(
+    graph: Graph,
+    cluster: ClusterSpec,
+    *,
+    micro_graph: Callable[[int], Graph] | None = None,
+    mode: str = "train",
+    precision: str = "fp32",
+    constraints: Mapping[str, object] | None = None,
+    optimizer: str = "adamw",
+    fusion: bool = True,
+    options: SearchOptions | None = None,
+    result: SearchResult | None = None,
+) -> ExecutionPlan:
+    """Search, then build the winner's pipeline plan (see the module docstring)."""
+    if any(d.dim == 0 for i in graph.inputs for d in i.dynamic):
+        raise PlanError(
+            "pipeline plans need a static batch size (micro-batches are cut from it): compile without "
+            "dynamic_shapes on the batch dimension"
+        )
+    options = options or SearchOptions(
+        mode=mode, precision=precision, optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2)
+    )
+    result = result or search(graph, cluster, constraints, options)
+    best = result.best
+    rows = best.microbatch
+    traced = next(
+        (i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1
+    )
+    if rows == traced:
+        mg = graph
+    elif micro_graph is not None:
+        mg = micro_graph(rows)
+    else:
+        raise PlanError(
+            f"the chosen plan runs micro-batches of {rows} rows but no tracer for that size was given: pass "
+            "micro_graph=, or pin constraints={'microbatches': 1, 'dp': 1}"
+        )
+    units = layer_units(mg)
+    if units.labels != result.units.labels or len(result.sequence) != len(units):
+        raise PlanError(
+            "the model traced at the micro-batch size has other layers than at the full batch "
+            f"({len(units)} vs {len(result.sequence)} units): its structure depends on the batch size"
+        )
+    chunks = extract_chunks(mg, chunk_owner(units.nodes, best.bounds), len(best.bounds))
+    plans = [
+        _chunk_plan(g, cluster, best, mode=mode, precision=precision, optimizer=optimizer, fusion=fusion)
+        for g in chunks.graphs
+    ]
+    for t in chunks.transfers:
+        if t.value not in plans[t.src].graph.output_names or t.value not in {
+            i.name for i in plans[t.dst].graph.inputs
+        }:
+            raise PlanError(f"the placement renamed the pipeline boundary value {t.value}: a shardwise bug")
+    train = mode == "train"
+    actions = schedule_actions(best.schedule, best.pp, best.microbatches, best.virtual, train=train)
+    stages = tuple(
+        PipelineStage(
+            chunk=c,
+            device_stage=c % best.pp,
+            units=tuple(result.labels[a:b]),
+            plan=plans[c],
+            forward_s=best.chunk_forward_s[c],
+            backward_s=best.chunk_backward_s[c],
+            memory_bytes=best.memory_bytes[c % best.pp],
+        )  # fmt: skip
+        for c, (a, b) in enumerate(best.bounds)
+    )
+    spec = PipelineSpec(
+        schedule=best.schedule, pp=best.pp, virtual=best.virtual, dp=best.dp, tp=best.tp,
+        sequence_parallel=best.sp, microbatches=best.microbatches, microbatch_size=rows, recompute=best.recompute,
+        stages=stages, transfers=chunks.transfers, tied=chunks.tied,
+        actions=tuple(tuple(a) for a in actions), batch_inputs=batch_inputs(graph),
+    )  # fmt: skip
+    check_pipeline(spec, train=train)
+    return _top_plan(graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer)
+
+
+def _top_plan(
+    graph: Graph, cluster: ClusterSpec, spec: PipelineSpec, result: SearchResult, *, mode: str, precision: str,
+    optimizer: str,
+) -> ExecutionPlan:  # fmt: skip
+    best = result.best
+    pp, dp, tp = spec.pp, spec.dp, spec.tp
+    world = pp * dp * tp
+    mesh = DeviceMesh((pp, dp, tp), ("pp", "dp", "tp"), tuple(range(world)))
+    rep = ShardingSpec((Replicate(), Replicate(), Replicate()))
+    split = ShardingSpec((Replicate(), Shard(0), Replicate()))
+    batch = set(spec.batch_inputs)
+    params: dict[str, ShardingSpec] = {}
+    for stage in spec.stages:
+        for key, s in stage.plan.param_placements:
+            params.setdefault(key, ShardingSpec((Replicate(), Replicate(), s.placements[1])))
+    peak_flops = cluster.device.flops({"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
+    flops = result.model_flops / world
+    step = max(best.step_s, 1e-12)
+    per_rank = tuple(best.memory_bytes[r // (dp * tp)] for r in range(world))
+    memory = tuple(
+        RankMemory(
+            rank=r,
+            params_bytes=0,
+            grads_bytes=0,
+            optimizer_bytes=0,
+            activation_bytes=per_rank[r],
+            arena_bytes=per_rank[r],
+            lower_bound_bytes=0,
+            capacity_bytes=cluster.device.memory_bytes,
+        )  # fmt: skip
+        for r in range(world)
+    )
+    notes = [
+        f"pipeline: {spec}",
+        "chunks: "
+        + "; ".join(f"{s.chunk}@stage{s.device_stage}: {s.units[0]}..{s.units[-1]}" for s in spec.stages),
+        f"search: {result.evaluated} candidates evaluated, {result.placements} unit placements, "
+        f"{result.planning_s:.2f} s; bubble {best.bubble_s:.4g} s of a {best.step_s:.4g} s step",
+    ]
+    if spec.tied:
+        notes.append(
+            "tied weights (one copy per chunk, gradients summed): " + ", ".join(k for k, _ in spec.tied)
+        )
+    if world < cluster.world_size:
+        notes.append(f"runs on {world} of the {cluster.world_size} devices")
+    return ExecutionPlan(
+        schema_version=SCHEMA_VERSION,
+        model_name=graph.model_name,
+        model_fingerprint=graph_fingerprint(graph),
+        cluster_name=cluster.name,
+        cluster_fingerprint=cluster.fingerprint(),
+        mode=mode,
+        precision=precision,
+        world_size=world,
+        mesh=mesh,
+        degrees_=(("dp", dp), ("tp", tp), ("pp", pp)),
+        graph=graph,
+        strategies=(),
+        input_placements=tuple(split if k in batch and dp > 1 else rep for k in range(len(graph.inputs))),
+        param_placements=tuple(sorted(params.items())),
+        output_placements=tuple(rep for _ in graph.outputs),
+        param_grad_reduce=(),
+        predicted=Prediction(
+            step_time_s=best.step_s,
+            compute_s=best.compute_s,
+            comm_s=best.comm_s,
+            bubble_s=best.bubble_s,
+            memory_bytes=per_rank,
+            tflops_per_device=flops / step / 1e12,
+            mfu=flops / step / peak_flops,
+        ),  # fmt: skip
+        memory=memory,
+        alternatives=_alternatives(result),
+        passes=(
+            "trace",
+            "stages.units",
+            "stages.partition",
+            "sharding",
+            f"schedule.{spec.schedule}",
+            "planner.search",
+        ),
+        notes=tuple(notes),
+        optimizer=optimizer,
+        pipeline=spec,
+    )
