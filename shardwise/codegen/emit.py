@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import jinja2
 
-from shardwise.ir.fusion import FusedGroup, schedule
+from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Graph, Node, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
@@ -328,6 +328,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     placement: dict[str, ShardingSpec | None] = {}
     # fused groups run as one step each (kernels.py); the order is graph order with each group contracted
     groups = {g.name: g for g in plan.fused_groups}
+    check_groups(graph, plan.fused_groups)
     order = schedule(graph, plan.fused_groups) if groups else [n.name for n in graph.nodes]
     # last use of every local variable, to free activations as soon as possible
     last_use: dict[str, int] = {}

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from shardwise.ir.graph import Graph, iter_values
 
-__all__ = ["FusedGroup", "FUSED_KINDS", "schedule", "group_inputs_outputs", "groups_inputs_outputs"]
+__all__ = [
+    "FusedGroup",
+    "FUSED_KINDS",
+    "schedule",
+    "group_inputs_outputs",
+    "groups_inputs_outputs",
+    "check_groups",
+]
 
 FUSED_KINDS = ("elementwise", "reduction", "softmax", "layernorm", "rmsnorm")
 
@@ -67,6 +74,38 @@ def groups_inputs_outputs(
         (tuple(ins), tuple(n for n in members if n in read_outside))
         for ins, members in zip(inputs, groups, strict=True)
     ]
+
+
+def check_groups(graph: Graph, groups: Sequence[FusedGroup]) -> None:
+    """Raise PlanFileError unless ``groups`` keep the module invariants for ``graph`` (a plan read from a
+    file may hold anything: codegen checks before it writes a line)."""
+    from shardwise.errors import PlanFileError
+
+    seen_names: set[str] = set()
+    owner: dict[str, str] = {}
+    for g in groups:
+        if not g.name.isidentifier() or g.name in seen_names or g.kind not in FUSED_KINDS:
+            raise PlanFileError(f"fused group {g.name!r} ({g.kind!r}) is malformed: make the plan again")
+        seen_names.add(g.name)
+        for n in g.nodes:
+            if not graph.has_node(n) or n in owner:
+                raise PlanFileError(
+                    f"fused group {g.name} names op {n!r} that is not in the graph or in two groups"
+                )
+            owner[n] = g.name
+        if len(g.nodes) < 2 or not g.outputs:
+            raise PlanFileError(
+                f"fused group {g.name} has fewer than two ops or no output: make the plan again"
+            )
+    for g, io in zip(groups, groups_inputs_outputs(graph, [g.nodes for g in groups]), strict=True):
+        if (tuple(g.inputs), tuple(g.outputs)) != io:
+            raise PlanFileError(
+                f"fused group {g.name}: its inputs/outputs do not match the graph; make the plan again"
+            )
+    try:
+        schedule(graph, groups)
+    except ValueError as exc:
+        raise PlanFileError(f"{exc}: make the plan again") from None
 
 
 def schedule(graph: Graph, groups: Sequence[FusedGroup]) -> list[str]:

@@ -142,6 +142,25 @@ def test_batched_peak_checks_choose_what_one_at_a_time_checks_do(zoo_plans):
         assert fuse_plan(plan, FusionOptions(batch=1)).fused_groups == plan.fused_groups
 
 
+def test_codegen_refuses_malformed_groups_from_a_plan_file(zoo_plans, tmp_path):
+    plan = zoo_plans["gpt2"][2].plan
+    g = plan.fused_groups[0]
+    bad = [
+        dataclasses.replace(g, name="x(); PWNED()"),
+        dataclasses.replace(g, kind="bogus"),
+        dataclasses.replace(g, nodes=g.nodes + ("no_such_op",)),
+        dataclasses.replace(g, outputs=g.outputs[:-1]),
+        dataclasses.replace(g, nodes=g.nodes[:1]),
+    ]
+    for k, group in enumerate(bad):
+        with pytest.raises(shardwise.errors.PlanFileError):  # on reading the plan, or before codegen
+            crafted = ExecutionPlan.from_json(plan.replace(fused_groups=(group,) + plan.fused_groups[1:]).to_json())
+            write_package(crafted, tmp_path / f"p{k}")
+    two = plan.replace(fused_groups=(g, dataclasses.replace(plan.fused_groups[1], nodes=g.nodes)))
+    with pytest.raises(shardwise.errors.PlanFileError):
+        write_package(two, tmp_path / "two")
+
+
 class Chain(nn.Module):
     def forward(self, x):
         return torch.tanh(x * 2.0 + 1.0)

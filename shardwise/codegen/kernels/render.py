@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from shardwise.codegen.emit import _call, _Names, template_env
 from shardwise.codegen.kernels.lower import lower_node
-from shardwise.ir.fusion import FusedGroup
+from shardwise.ir.fusion import FusedGroup, check_groups
 from shardwise.ir.graph import Node
 from shardwise.ir.placement import ShardingSpec
 from shardwise.ir.plan import ExecutionPlan
@@ -225,6 +225,7 @@ def _is_row_scalar(graph, group: FusedGroup, value: str) -> bool:  # type: ignor
 
 def render_kernels(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
     """The generated module ``kernels.py`` for ``plan`` (call only when ``plan.fused_groups`` is not empty)."""
+    check_groups(plan.graph, plan.fused_groups)
     names = _Names(plan.graph)
     local = _Local(plan)
     groups = [group_code(plan, g, names, local) for g in plan.fused_groups]
