@@ -527,6 +527,24 @@ def _getitem(node: Node, ins: Specs, outs: Specs) -> OpDims:
     return OpDims((labels,), (labels,))
 
 
+def _cross_entropy(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """``cross_entropy_loss(x[N, C, d...], target[N, d...], weight[C]?, reduction, ignore_index, smoothing)``:
+    the class dimension is needed whole; with reduction "none" the others map to the output, with "sum"
+    they are contractions (partial sums); "mean" divides by a count the op keeps to itself: run whole (the
+    planner rewrites a mean into sum / count, see passes.sharding.rewrite)."""
+    reduction = _arg(node, 3, "reduction", 1)
+    smoothing = _arg(node, 5, "label_smoothing", 0.0)
+    x = ins[0]
+    if reduction not in (0, 2) or smoothing not in (0, 0.0) or len(ins) != 2 or x.rank < 2:
+        return _all_frozen(node, ins, outs)  # (a class weight would need a rule of its own)
+    n = Dim("n", reduce=reduction == 2)
+    rest = tuple(Dim(f"d{i}", reduce=reduction == 2) for i in range(x.rank - 2))
+    c = Dim("c", frozen=True)
+    operands: list[Operand] = [(n, c) + rest, (n,) + rest]
+    out: Operand = () if reduction == 2 else (n,) + rest
+    return OpDims(tuple(operands), (out,))
+
+
 def _where(node: Node, ins: Specs, outs: Specs) -> OpDims:
     return _elementwise(node, ins, outs)
 
@@ -611,7 +629,8 @@ _register(["aten.index.Tensor", "aten.gather.default", "aten.index_select.defaul
            "aten.var_mean.correction", "aten.std.correction", "aten.max.dim", "aten.min.dim",
            "aten.pad.default", "aten.constant_pad_nd.default", "aten.any.dim", "aten.all.dim", "aten.prod.dim_int"],
           "index", _all_frozen, _per_output)  # fmt: skip
-_register(["aten.cross_entropy_loss.default", "aten.nll_loss_forward.default", "aten.nll_loss.default",
+_register("aten.cross_entropy_loss.default", "loss", _cross_entropy, _per_input_x5)
+_register(["aten.nll_loss_forward.default", "aten.nll_loss.default",
            "aten.mse_loss.default", "aten.l1_loss.default", "aten.smooth_l1_loss.default",
            "aten.binary_cross_entropy_with_logits.default"], "loss", _all_frozen, _per_input_x5)  # fmt: skip
 _register("getitem", "getitem", _getitem, _zero, False)

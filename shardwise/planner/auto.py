@@ -13,7 +13,7 @@ choose it); ``zero`` pins the ZeRO stage (0, 1 or 3); ``pp``/``ep`` must be 1 he
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
@@ -25,9 +25,9 @@ from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.cost import CostModel
 from shardwise.passes.liveness import lifetimes, peak_live_bytes
-from shardwise.passes.sharding.auto import Placed, PlaceOptions, place
+from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOptions, place
 from shardwise.passes.sharding.redistribute import replicated
-from shardwise.passes.sharding.rewrite import expose_tensor_parallelism
+from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
 from shardwise.planner.simple import KNOWN_DEGREES, OPTIMIZER_STATE_FACTOR, graph_fingerprint
 
 __all__ = ["plan_auto", "candidate_meshes", "param_grad_reduce", "CONSTRAINT_KEYS"]
@@ -191,25 +191,31 @@ def _memory(
 
 
 def _score(
-    graph: Graph, cluster: ClusterSpec, dp: int, tp: int, *, mode: str, precision: str, zero_options: list[int],
-    sequence_parallel: bool, optimizer_factor: int, solver: str, time_limit_s: float,
+    analyses: Callable[[bool, bool], Analysis], cluster: ClusterSpec, dp: int, tp: int, *, mode: str, precision: str,
+    zero_options: list[int],
+    sequence_parallel: bool, optimizer_factor: int, solver: str, time_limit_s: float, budget: bool = True,
+    stats_out: list[ILPStats] | None = None,
 ) -> _Scored:  # fmt: skip
     train = mode == "train"
-    g = expose_tensor_parallelism(graph) if tp > 1 else graph
+    analysis = analyses(tp > 1, dp * tp > 1)
+    g = analysis.graph
     mesh = DeviceMesh((dp, tp), ("dp", "tp"), tuple(range(dp * tp)))
     cost = CostModel(cluster, mesh, precision)
     inputs = _input_placements(g, mesh, dp)
-    budget = cluster.device.memory_bytes * MEMORY_HEADROOM
+    memory_budget = cluster.device.memory_bytes * MEMORY_HEADROOM if budget else None
     last_error = ""
-    for zero in zero_options:
-        if zero and (dp == 1 or not train and zero == 1):
-            continue
+    # ZeRO needs dp > 1; in inference only stage 3 (parameters) changes anything
+    levels = list(dict.fromkeys(z if dp > 1 and (train or z != 1) else 0 for z in zero_options))
+    for zero in levels:
         opts = PlaceOptions(
             train=train, precision=precision, sequence_parallel=sequence_parallel, zero=zero,
-            optimizer_factor=optimizer_factor, memory_budget_bytes=budget, solver=solver, time_limit_s=time_limit_s,
+            optimizer_factor=optimizer_factor, memory_budget_bytes=memory_budget, solver=solver,
+            time_limit_s=time_limit_s,
         )  # fmt: skip
         try:
-            placed = place(g, mesh, cost, inputs, opts)
+            placed = place(g, mesh, cost, inputs, opts, analysis)
+            if stats_out is not None:
+                stats_out.append(placed.stats)
         except DoesNotFitError as exc:
             last_error = str(exc)
             continue
@@ -223,13 +229,13 @@ def _score(
             mfu=flops / max(placed.time_s, 1e-12) / cost.peak_flops,
         )  # fmt: skip
         fits = peak <= cluster.device.memory_bytes
-        if fits or zero == zero_options[-1]:
+        if fits or zero == levels[-1] or not budget:
             return _Scored(dp, tp, zero, g, mesh, placed, inputs, memory, pred, fits, peak)
     # nothing fits even with the most sharding: report what the parameters alone need
     need = 0
     for p in g.params:
         need += p.spec.nbytes // (tp if any(s % tp == 0 for s in p.spec.shape) else 1)
-    return _Scored(dp, tp, zero_options[-1], g, mesh, None, inputs, (), None, False, need, last_error)
+    return _Scored(dp, tp, levels[-1], g, mesh, None, inputs, (), None, False, need, last_error)
 
 
 def plan_auto(
@@ -242,13 +248,28 @@ def plan_auto(
     optimizer: str = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    require_fit: bool = True,
+    stats_out: list[ILPStats] | None = None,
 ) -> ExecutionPlan:
-    """Search meshes and place each with the ILP; see the module docstring."""
+    """Search meshes and place each with the ILP; see the module docstring. ``require_fit=False`` returns
+    the fastest plan even when none fits in device memory (with a note saying how much it needs) instead
+    of raising DoesNotFitError: for sizing clusters. ``stats_out`` receives the ILP statistics of every
+    placement solved (one per mesh and ZeRO stage tried)."""
     constraints = _check_constraints(constraints or {}, cluster)
     batch = [i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank > 0]
     zero_options = [constraints["zero"]] if "zero" in constraints else [0, 1, 3]
     sp = constraints.get("sp", 0) != 1
     factor = OPTIMIZER_STATE_FACTOR.get(optimizer, 2)
+    made: dict[tuple[bool, bool], Analysis] = {}
+
+    def analyses(tp: bool, many: bool) -> Analysis:
+        """The graph, rewritten to expose tensor parallelism (tp > 1) and to split mean losses (more than one
+        device), with its analysis, made once per kind."""
+        if (tp, many) not in made:
+            g = expose_tensor_parallelism(graph) if tp else graph
+            made[(tp, many)] = Analysis(mean_losses_as_sums(g) if many else g)
+        return made[(tp, many)]
+
     scored: list[_Scored] = []
     for dp, tp in candidate_meshes(cluster, constraints):
         if dp > 1 and batch and all(b % dp for b in batch):
@@ -259,7 +280,7 @@ def plan_auto(
             continue
         scored.append(
             _score(
-                graph,
+                analyses,
                 cluster,
                 dp,
                 tp,
@@ -270,6 +291,7 @@ def plan_auto(
                 optimizer_factor=factor,
                 solver=solver,
                 time_limit_s=time_limit_s,
+                stats_out=stats_out,
             )  # fmt: skip
         )
     if not scored:
@@ -278,6 +300,20 @@ def plan_auto(
             "data-parallel degree; pin constraints={'dp': 1, 'tp': N} or change the batch size"
         )
     fitting = [s for s in scored if s.fits and s.prediction is not None]
+    overflow = ""
+    if not fitting and not require_fit:
+        need = min(s.need_bytes for s in scored)
+        scored = [
+            _score(
+                analyses, cluster, s.dp, s.tp, mode=mode, precision=precision, zero_options=[zero_options[-1]],
+                sequence_parallel=sp, optimizer_factor=factor, solver=solver, time_limit_s=time_limit_s,
+                budget=False, stats_out=stats_out,
+            )
+            if s.prediction is None else s
+            for s in scored
+        ]  # fmt: skip
+        fitting = [s for s in scored if s.prediction is not None]
+        overflow = "does not fit"
     if not fitting:
         need = min(s.need_bytes for s in scored)
         raise DoesNotFitError(
@@ -285,7 +321,7 @@ def plan_auto(
             f"and {cluster.name} has {cluster.device.memory_bytes / 2**30:.2f} GiB per device: choose a cluster "
             "with more memory per device (or more devices), or a lower precision"
         )
-    best = min(fitting, key=lambda s: (s.prediction.step_time_s, -s.dp * s.tp, s.tp))  # type: ignore[union-attr]
+    best = min(fitting, key=lambda s: (not s.fits, s.prediction.step_time_s, -s.dp * s.tp, s.tp))  # type: ignore[union-attr]
     assert best.placed is not None and best.prediction is not None
     alternatives = tuple(
         Alternative(
@@ -294,7 +330,7 @@ def plan_auto(
             memory_bytes=s.need_bytes,
             fits=s.fits,
             chosen=s is best,
-            note="chosen: fastest plan that fits"
+            note=("chosen: fastest plan that fits" if s.fits else "chosen: fastest plan (none fits)")
             if s is best
             else (
                 "does not fit in device memory"
@@ -308,7 +344,14 @@ def plan_auto(
     )
     g, mesh, placed = best.graph, best.mesh, best.placed
     stats = placed.stats
-    notes = [
+    notes = []
+    if overflow and not best.fits:
+        notes.append(
+            f"does not fit: the plan needs {best.need_bytes / 2**30:.1f} GiB per device, {cluster.name} has "
+            f"{cluster.device.memory_bytes / 2**30:.1f} GiB (pipeline parallelism or activation recomputation "
+            "would be needed)"
+        )
+    notes += [
         f"placement ILP: {stats.classes} classes from {stats.nodes} ops ({stats.repeated_blocks or 'no repeated blocks'}); "
         f"{stats.variables} variables, {stats.constraints} constraints (unshrunk: {stats.variables_before}, "
         f"{stats.constraints_before}); {stats.status} in {stats.solve_s:.2f} s"

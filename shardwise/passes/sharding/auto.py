@@ -43,9 +43,9 @@ from shardwise.passes.sharding.candidates import (
 )
 from shardwise.passes.sharding.ilp import ClassVar, Consumer, Problem, SharedValue, solve
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
-from shardwise.passes.sharding.shrink import build_structure
+from shardwise.passes.sharding.shrink import Structure, build_structure
 
-__all__ = ["PlaceOptions", "ILPStats", "Placed", "place", "OUTPUT_NODE", "BACKWARD_OF"]
+__all__ = ["PlaceOptions", "ILPStats", "Placed", "Analysis", "place", "OUTPUT_NODE", "BACKWARD_OF"]
 
 OUTPUT_NODE = "<output>"
 _SINK = "<sink>"
@@ -93,6 +93,7 @@ class ILPStats:
     solve_s: float
     status: str
     repeated_blocks: tuple[tuple[str, int], ...]
+    mesh: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Placed:
     compute_s: float
     memory_bytes: float  # the ILP's memory estimate per device
     stats: ILPStats
+    saved_bytes: int = 0  # training: activations kept for the backward on one device (the ILP's estimate)
 
 
 class _Costs:
@@ -237,33 +239,69 @@ def _param_memory(graph: Graph, opts: PlaceOptions, mesh: DeviceMesh) -> dict[st
     return out
 
 
+class Analysis:
+    """Facts about one graph that the placement of every mesh reuses, each computed on first use."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.specs = tensor_specs(graph)
+        self.infos: dict[str, NodeInfo] = {}
+        self.operands: dict[str, list[str]] = {}
+        for n in graph.nodes:
+            if n.op == "getitem" or not any(isinstance(o, TensorSpec) for o in n.outputs):
+                self.operands[n.name] = []
+                continue
+            self.infos[n.name] = node_info(n, self.specs)
+            self.operands[n.name] = list(self.infos[n.name].operands)
+        self._cache: dict[Hashable, object] = {}
+
+    def _get(self, key: Hashable, make):  # noqa: ANN001, ANN202
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def structure(self, shrink: bool) -> Structure:
+        return self._get(
+            ("structure", shrink),
+            lambda: build_structure(self.graph, self.specs, self.operands, shrink=shrink),
+        )  # type: ignore[return-value]
+
+    def tokens(self, batch_only: bool) -> dict[str, frozenset[str]]:
+        return self._get(("tokens", batch_only), lambda: token_dims(self.graph, batch_only=batch_only))  # type: ignore[return-value]
+
+    def requires_grad(self) -> set[str]:
+        return self._get("grad", lambda: _requires_grad(self.graph))  # type: ignore[return-value]
+
+    def batch_labels(
+        self, mesh: DeviceMesh, axis: str, inputs: Mapping[str, ShardingSpec]
+    ) -> dict[str, str | None]:
+        a = mesh.axis_names.index(axis)
+        key = ("batch", mesh.shape[a], tuple(sorted((k, str(v.placements[a])) for k, v in inputs.items())))
+        return self._get(key, lambda: batch_dims(self.graph, mesh, axis, inputs))  # type: ignore[return-value]
+
+
 def place(
     graph: Graph,
     mesh: DeviceMesh,
     cost: CostModel,
     inputs: Mapping[str, ShardingSpec],
     opts: PlaceOptions | None = None,
+    analysis: Analysis | None = None,
 ) -> Placed:
-    """Solve the placement ILP for ``mesh`` (see the module docstring)."""
+    """Solve the placement ILP for ``mesh`` (see the module docstring). ``analysis`` (of this graph) saves
+    recomputing what does not depend on the mesh when several meshes are tried."""
     opts = opts or PlaceOptions()
     t0 = time.perf_counter()
+    analysis = analysis if analysis is not None and analysis.graph is graph else Analysis(graph)
     costs = _Costs(cost, mesh, opts)
-    specs = tensor_specs(graph)
-    infos: dict[str, NodeInfo] = {}
-    operands: dict[str, list[str]] = {}
-    for n in graph.nodes:
-        if n.op == "getitem" or not any(isinstance(o, TensorSpec) for o in n.outputs):
-            operands[n.name] = []
-            continue
-        infos[n.name] = node_info(n, specs)
-        operands[n.name] = list(infos[n.name].operands)
-    structure = build_structure(graph, specs, operands, shrink=opts.shrink)
+    specs, infos, operands = analysis.specs, analysis.infos, analysis.operands
+    structure = analysis.structure(opts.shrink)
     dp_size = mesh.axis_size(opts.dp_axis)
-    dp_labels = batch_dims(graph, mesh, opts.dp_axis, inputs) if dp_size > 1 else {}
+    dp_labels = analysis.batch_labels(mesh, opts.dp_axis, inputs) if dp_size > 1 else {}
     # the tp axis never splits the batch (that is the dp axis's job, or another mesh's), and splits the
     # other input-derived dimensions (sequence parallelism) only when allowed
-    tokens = token_dims(graph, batch_only=opts.sequence_parallel)
-    grad = _requires_grad(graph) if opts.train else set()
+    tokens = analysis.tokens(opts.sequence_parallel)
+    grad = analysis.requires_grad() if opts.train else set()
     pmem = _param_memory(graph, opts, mesh)
     params = {p.name: p for p in graph.params}
     free = [a for a in mesh.axis_names if a != opts.dp_axis and mesh.axis_size(a) > 1]
@@ -437,15 +475,30 @@ def place(
         for m, ch in zip(members, row, strict=True):
             chosen[m] = ch
     strategies, run_whole, compute = _strategies(graph, mesh, cost, costs, inputs, chosen, infos, grad)
+    saved = 0
+    for name in grad:
+        info = infos.get(name)
+        rule = rule_for(info.node.op) if info is not None else None
+        if info is not None and (rule is None or rule.moves_data):
+            saved += sum(
+                costs.local_bytes(o, pl) for o, pl in zip(info.outs, chosen[name].outputs, strict=False)
+            )
     param_placements = {p.name: chosen[p.name].outputs[0] for p in graph.params}
     stats = ILPStats(
         nodes=len(graph.nodes), units=len(structure.units), groups=len(structure.members),
         classes=len(problem.classes) - 1, variables_before=vars_before, constraints_before=cons_before,
         variables=solution.variables, constraints=solution.constraints, build_s=build_s, solve_s=solution.solve_s,
-        status=solution.status, repeated_blocks=structure.layers.blocks,
+        status=solution.status, repeated_blocks=structure.layers.blocks, mesh=tuple(mesh.shape),
     )  # fmt: skip
     return Placed(
-        strategies, param_placements, run_whole, solution.objective_s, compute, solution.memory_bytes, stats
+        strategies,
+        param_placements,
+        run_whole,
+        solution.objective_s,
+        compute,
+        solution.memory_bytes,
+        stats,
+        saved,
     )
 
 

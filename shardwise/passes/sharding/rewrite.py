@@ -23,7 +23,7 @@ from shardwise.ir.graph import Graph, Node, Parameter, Value
 from shardwise.ir.registry import op_flops, rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 
-__all__ = ["conv1d_as_matmul", "unfuse_projections", "expose_tensor_parallelism"]
+__all__ = ["conv1d_as_matmul", "unfuse_projections", "mean_losses_as_sums", "expose_tensor_parallelism"]
 
 _VIEWS = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
 _SPLITS = ("aten.split.Tensor", "aten.split_with_sizes.default")
@@ -258,6 +258,55 @@ def _projection(
             return None
         return mm, weight, 1, bias, node
     return None
+
+
+def mean_losses_as_sums(graph: Graph) -> Graph:
+    """``cross_entropy(x, t)`` with reduction "mean" (no class weight, no smoothing) becomes
+    ``cross_entropy(x, t, reduction="sum") / count(t != ignore_index)``: the same value, and both parts are
+    sums that split over the batch (each rank's part is a partial sum; the mean of per-rank means would
+    be wrong whenever ranks hold different numbers of ignored targets)."""
+    specs = _specs(graph)
+    taken = {n.name for n in graph.nodes} | {p.name for p in graph.params} | {i.name for i in graph.inputs}
+    replace: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        if node.op != "aten.cross_entropy_loss.default" or len(node.args) < 2:
+            continue
+        args = dict(enumerate(node.args))
+        kw = node.kwarg_dict
+        weight = args.get(2, kw.get("weight"))
+        reduction = args.get(3, kw.get("reduction", 1))
+        ignore = args.get(4, kw.get("ignore_index", -100))
+        smoothing = args.get(5, kw.get("label_smoothing", 0.0))
+        target = node.args[1]
+        if weight is not None or reduction != 1 or smoothing not in (0, 0.0) or not isinstance(target, Value):
+            continue
+        if not isinstance(ignore, int) or not isinstance(node.outputs[0], TensorSpec):
+            continue
+        t_spec = specs[target.name]
+        out = node.outputs[0]
+        total = node.replace(
+            name=_fresh(f"{node.name}_sum", taken), args=(node.args[0], target, None, 2, ignore), kwargs=()
+        )
+        kept = node.replace(
+            name=_fresh(f"{node.name}_kept", taken), op="aten.ne.Scalar", args=(target, ignore), kwargs=(),
+            outputs=(TensorSpec(t_spec.shape, "bool"),),
+        )  # fmt: skip
+        count = node.replace(
+            name=_fresh(f"{node.name}_count", taken), op="aten.sum.default", args=(Value(kept.name),), kwargs=(),
+            outputs=(TensorSpec((), "int64"),),
+        )  # fmt: skip
+        for n in (total, kept, count):
+            specs[n.name] = n.outputs[0]  # type: ignore[assignment]
+        mean = node.replace(
+            op="aten.div.Tensor", args=(Value(total.name), Value(count.name)), kwargs=(), outputs=(out,)
+        )
+        replace[node.name] = [_costed(n, specs) for n in (total, kept, count, mean)]
+    if not replace:
+        return graph
+    nodes: list[Node] = []
+    for n in graph.nodes:
+        nodes.extend(replace.get(n.name, [n]))
+    return graph.replace(nodes=tuple(nodes))
 
 
 def expose_tensor_parallelism(graph: Graph) -> Graph:
