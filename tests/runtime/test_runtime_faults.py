@@ -35,7 +35,9 @@ SLACK_S = 6.0  # process bookkeeping on a loaded 2-core machine
 
 @pytest.fixture(scope="module")
 def pool():
-    with WorkerPool(4, timeout_s=TIMEOUT_S, fault_grace_s=2.0, kill_timeout_s=KILL_TIMEOUT_S) as p:
+    with WorkerPool(
+        4, timeout_s=TIMEOUT_S, start_timeout_s=300, fault_grace_s=2.0, kill_timeout_s=KILL_TIMEOUT_S
+    ) as p:
         yield p
 
 
