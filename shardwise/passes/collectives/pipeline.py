@@ -49,7 +49,7 @@ def piece_candidates(routing: Routing, topo: TopologyView, nbytes: float, budget
     flows = max(1, len(routing.flows))
     spec = CollectiveSpec(routing.kind, topo.size, routing.parts, routing.root)
     flow_bytes = spec.chunk_bytes(nbytes)
-    hi = max(1, min(256, budget // max(1, hops), int(flow_bytes // 4096)))
+    hi = max(1, min(512, budget // max(1, hops), int(flow_bytes // 4096)))
     del flows
     cands = {hi, max(1, hi // 8)}
     return sorted(cands, reverse=True)

@@ -127,17 +127,21 @@ def synthesize(
     if topo.size >= 2 and search:
         small = n <= TIMED_MAX_BYTES
         views = [sv]
-        if small and sketch is None:
+        if sketch is None:
             relay = _relay_sketch(topo)
             if relay is not None:
-                views.append(sketch_view(topo, relay))
+                rv = sketch_view(topo, relay)
+                if set(rv.allowed) != set(sv.allowed):
+                    views.append(rv)
         share = 0.25 * time_limit_s / len(views)
         for view in views:
             tag = "" if view is sv else "+relay"
             routing = _routing(view, kind, root, share, seed, workers)
             # piece counts with the default policy, then the other message-size policies at the best count
             tried = []
-            for pieces in piece_candidates(routing, topo, n):
+            # large collectives deserve finer pieces (shorter pipeline tails): a larger task budget
+            budget = int(min(128_000, 24_000 * max(1.0, n / 2**26)))
+            for pieces in piece_candidates(routing, topo, n, budget):
                 tried.append((offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces)), pieces))
             best_pieces = min(tried)[1]
             for rounds, split in ((64, 0.5), (None, 0.7)):
