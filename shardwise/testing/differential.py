@@ -239,7 +239,7 @@ class Fuzzer:
         # the loss carries the model's rounding: compare it at the model's precision
         model_dtype = getattr(torch, case.dtype)
         ok, detail, diff = compare(
-            "loss", torch.tensor(loss).to(model_dtype), want_loss.detach().to(model_dtype)
+            "loss", torch.tensor(loss, dtype=torch.float64).to(model_dtype), want_loss.detach().to(model_dtype)
         )
         worst = max(worst, diff)
         if not ok:

@@ -19,14 +19,11 @@ import torch
 from shardwise.testing.differential import Fuzzer, compare, save_reproducer, supported_degrees
 from shardwise.testing.fuzz import generate, load_case, mesh_choices
 
-SEEDS = range(16)  # dp x tp meshes (the degrees that are settled)
+SEEDS = [*range(16), 86, 234]  # dp x tp meshes (the degrees that are settled); 86, 234: fixed bugs
 # Seeds that find known bugs (reported; each xfail is strict, so a fix shows up as XPASS: remove the mark).
 KNOWN_BUGS = {
-    86: "gradient of an all-gathered activation used as a matmul operand (x @ x.T over the batch) is not "
-    "summed over dp",
     229: "matmul(a, a) with `a` batch-sharded: the redistribution of `a` is applied to both operands "
     "(NodeStrategy.redistributes are keyed by value, not operand)",
-    234: "a 1-D input split over dp feeds a Linear: its bias gradient is counted dp times",
 }
 
 # Seeds generated with pipeline meshes too (dp x tp x pp); reason given: a known bug (strict xfail).
@@ -35,9 +32,9 @@ PIPELINE_SEEDS = {
     75: "",
     76: "",
     127: "",
-    2: "a pipeline stage without trainable parameters: its optimizer gets an empty parameter list",
+    2: "",  # a pipeline stage without trainable parameters (was: empty optimizer parameter list)
     51: "pp=2: a model that hard-codes its batch size (x.view(8, -1)) is micro-batched silently wrong",
-    62: "pp=2 in float64: the pipeline returns the loss rounded to float32",
+    62: "",  # pp=2 in float64 (was: the loss rounded to float32)
 }
 
 

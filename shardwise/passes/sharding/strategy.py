@@ -6,8 +6,10 @@ Rules (dimops semantics, see shardwise.ir.dimops), per mesh axis that splits lab
   that for a contraction label (``+``) the operands lacking it in a linear op (a bias) enter as partial
   sums, so that the bias is added once;
 - an output holding L is sharded on it; if L is a contraction the outputs are Partial;
-- in training, an operand lacking L gets a partial gradient on that axis (each device saw only its part
-  of the work): it must be summed over the axis in the backward (Megatron's "f" operator).
+- in training, an operand lacking a non-contraction label L gets a partial gradient on that axis (each
+  device saw only its part of the work): it must be summed over the axis in the backward (Megatron's "f"
+  operator). A partial-sum operand (the bias of a contraction split) gets its whole gradient on every
+  device: ``to_partial``'s backward is the identity.
 """
 
 from __future__ import annotations
@@ -86,11 +88,12 @@ def make_strategy(
             pos = dims.position(operand, label)
             if pos is not None:
                 req[i][a] = Shard(pos)
-            else:
-                if reduction:
-                    req[i][a] = Partial(dims.partial)
-                if train and ins[i].dtype.startswith(("float", "bfloat")):
-                    grad_axes.setdefault(i, []).append(axis)
+            elif reduction:
+                # a bias-like operand enters as a partial sum (rank 0 holds it, the others zeros); the
+                # gradient of that sum reaches every rank whole, so it is complete, not partial
+                req[i][a] = Partial(dims.partial)
+            elif train and ins[i].dtype.startswith(("float", "bfloat")):
+                grad_axes.setdefault(i, []).append(axis)
         for j, operand in enumerate(dims.outputs[: len(outs)]):
             pos = dims.position(operand, label)
             out_pl[j][a] = Shard(pos) if pos is not None else Partial(dims.partial)

@@ -199,8 +199,10 @@ def _optimizer_state_dict(
     manifest: Mapping[str, Any],
     states: Mapping[tuple[str, int | None], dict[str, Any]],
     layout: ProgramLayout,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     optimizer = module.optimizer
+    if optimizer is None and not any(p.requires_grad for p in module.parameters()):
+        return None  # nothing trainable on this rank: no optimizer state to load
     if optimizer is None:
         raise CheckpointError("this program has no optimizer to load the checkpoint's optimizer state into")
     current = optimizer.state_dict()
