@@ -14,6 +14,7 @@ from shardwise.ir.graph import Arg, Const, Graph, Node, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
 from shardwise.ir.registry import tensor_operands
+from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["render_program", "Statement", "template_env"]
 
@@ -188,9 +189,14 @@ def _localize_sizes(node: Node, strategy: NodeStrategy, mesh: DeviceMesh, names:
     return tuple(args)
 
 
-def _call(node: Node, args: tuple[Arg | _Code, ...], ref: dict[str, str], names: _Names) -> str:
+def _call(
+    node: Node, args: tuple[Arg | _Code, ...], ref: dict[str, str], names: _Names,
+    kwargs: tuple[tuple[str, Arg | _Code], ...] | None = None,
+) -> str:  # fmt: skip
+    """The expression for ``node`` with ``args`` (and ``kwargs``, the node's by default); values are named
+    by ``ref`` or their own variable (operands bound to another variable by :func:`_bind` are code)."""
     fmt = [_format(a, ref, names) for a in args]
-    kw = [f"{k}={_format(v, ref, names)}" for k, v in node.kwargs]
+    kw = [f"{k}={_format(v, ref, names)}" for k, v in (node.kwargs if kwargs is None else kwargs)]
     if node.op == "getitem":
         return f"{fmt[0]}[{fmt[1]}]"
     if node.op == "scalar_op":
@@ -284,10 +290,14 @@ def _group_statement(
 class _Operand:
     """How one operand value reaches an op: redistribution steps, then a gradient all-reduce.
 
-    ``key`` names the redistributed value and ``grad_key`` the value after the gradient all-reduce: ops
-    reading the same value the same way share them (one collective, summed gradients)."""
+    ``indices`` are the operand positions (among the node's tensor operands, argument order) read this way:
+    one value read twice may reach the op in two placements (``matmul(a, a)`` with the first ``a`` split on
+    its rows and the second gathered), each with its own steps. ``key`` names the redistributed value and
+    ``grad_key`` the value after the gradient all-reduce: ops reading the same value the same way share them
+    (one collective, summed gradients)."""
 
     value: str
+    indices: tuple[int, ...]
     steps: tuple[Redistribute, ...]
     fused: tuple[str, ...]  # axes whose all-gather reduce-scatters the (partial) gradient in the backward
     grad_axes: tuple[str, ...]  # axes whose partial gradient is all-reduced (identity forward)
@@ -295,28 +305,57 @@ class _Operand:
     grad_key: tuple | None
 
 
+def _tensor_values(graph: Graph) -> set[str]:
+    """Names of the tensor values (inputs, parameters, node outputs): a strategy's operands, as the planner
+    counts them (symbolic sizes are not operands)."""
+    out = {i.name for i in graph.inputs if isinstance(i.spec, TensorSpec)} | {p.name for p in graph.params}
+    out |= {n.name for n in graph.nodes if n.outputs and isinstance(n.outputs[0], TensorSpec) and not n.tuple_output}
+    return out
+
+
 def _operand_plans(
-    node: Node, strategy: NodeStrategy, train: bool, deferred: set[str], param_keys: dict[str, str]
-) -> list[_Operand]:
-    operands = tensor_operands(node) if node.op != "getitem" else []
+    node: Node, strategy: NodeStrategy, train: bool, deferred: set[str], param_keys: dict[str, str],
+    tensors: set[str],
+) -> list[_Operand]:  # fmt: skip
+    operands = [v for v in tensor_operands(node) if v in tensors] if node.op != "getitem" else []
     grad = dict(strategy.grad_reduce) if train else {}
-    out: list[_Operand] = []
-    seen: set[str] = set()
+    ways: dict[tuple, list[int]] = {}
     for index, value in enumerate(operands):
-        if value in seen:
-            continue
-        seen.add(value)
-        steps = tuple(r for r in strategy.redistributes if r.value == value)
-        axes = tuple(grad.get(index, ()))
+        target = strategy.inputs[index] if index < len(strategy.inputs) else None
+        ways.setdefault((value, target, tuple(grad.get(index, ()))), []).append(index)
+    out: list[_Operand] = []
+    for (value, target, axes), indices in ways.items():
+        # the steps that bring this value to this operand's placement (each step records its target spec;
+        # operands that read one value the same way each listed the same steps)
+        steps = tuple(dict.fromkeys(r for r in strategy.redistributes if r.value == value and r.dst == target))
         if param_keys.get(value) in deferred and not steps:
             axes = ()
         fused = tuple(r.axis for r in steps if r.collective == "allgather" and r.axis in axes)
         remaining = tuple(a for a in axes if a not in fused)
-        target = strategy.inputs[index] if index < len(strategy.inputs) else None
         key = (value, target, fused) if steps else None
         grad_key = (value, target, fused, remaining) if remaining else None
-        out.append(_Operand(value, steps, fused, remaining, key, grad_key))
+        out.append(_Operand(value, tuple(indices), steps, fused, remaining, key, grad_key))
     return out
+
+
+def _bind(args: tuple[Arg | _Code, ...], kwargs: tuple[tuple[str, Arg], ...], tensors: set[str],
+          operand_vars: dict[int, str]) -> tuple[tuple[Arg | _Code, ...], tuple[tuple[str, Arg | _Code], ...]]:  # fmt: skip
+    """``args``/``kwargs`` with the tensor operand at each position in ``operand_vars`` replaced by that
+    variable (positions count tensor operands in argument order, as :func:`tensor_operands` lists them)."""
+    counter = [0]
+
+    def sub(a: Arg | _Code) -> Arg | _Code:
+        if isinstance(a, Value) and a.name in tensors:
+            index = counter[0]
+            counter[0] += 1
+            return _Code(operand_vars[index]) if index in operand_vars else a
+        if isinstance(a, tuple):
+            return tuple(sub(x) for x in a)  # type: ignore[misc]
+        return a
+
+    new_args = tuple(sub(a) for a in args)
+    new_kwargs = tuple((k, sub(v)) for k, v in kwargs)
+    return new_args, new_kwargs  # type: ignore[return-value]
 
 
 def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
@@ -325,6 +364,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     strategies = {s.node: s for s in plan.strategies}
     deferred = {key for key, _ in plan.param_grad_reduce}
     param_keys = {p.name: p.key for p in graph.params}
+    tensors = _tensor_values(graph)
     placement: dict[str, ShardingSpec | None] = {}
     # fused groups run as one step each (kernels.py); the order is graph order with each group contracted
     groups = {g.name: g for g in plan.fused_groups}
@@ -342,7 +382,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         if item in groups:
             continue
         node = graph.node(item)
-        for op in _operand_plans(node, strategies[node.name], train, deferred, param_keys):
+        for op in _operand_plans(node, strategies[node.name], train, deferred, param_keys, tensors):
             for k in (op.key, op.grad_key):
                 if k is not None:
                     last_key[k] = step
@@ -367,9 +407,10 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         strategy = strategies[node.name]
         lines: list[str] = []
         ref: dict[str, str] = {}
+        operand_vars: dict[int, str] = {}
         # redistributions, then gradient reductions of operands each rank only sees part of; ops reading
         # a value the same way share one collective (freed after its last reader)
-        for op in _operand_plans(node, strategy, train, deferred, param_keys):
+        for op in _operand_plans(node, strategy, train, deferred, param_keys, tensors):
             current = names.ref(op.value)
             if op.key is not None:
                 if op.key not in shared:
@@ -388,6 +429,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
                 current = shared[op.grad_key]
             if current != names.ref(op.value):
                 ref[op.value] = current
+                operand_vars.update((i, current) for i in op.indices)
         if node.op == "sym_size":
             src = node.args[0]
             assert isinstance(src, Value)
@@ -396,7 +438,8 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
             expr = f"{_format(src, ref, names)}.size({dim})" + (f" * {factor}" if factor > 1 else "")
         else:
             args = _localize_sizes(node, strategy, mesh, names)
-            expr = _call(node, args, ref, names)
+            args, kwargs = _bind(args, node.kwargs, tensors, operand_vars)
+            expr = _call(node, args, {}, names, kwargs)
         target = names.var[node.name]
         lines.append(f"{target} = {expr}")
         placement[node.name] = strategy.outputs[0] if strategy.outputs and not node.tuple_output else None

@@ -19,12 +19,11 @@ import torch
 from shardwise.testing.differential import Fuzzer, compare, save_reproducer, supported_degrees
 from shardwise.testing.fuzz import generate, load_case, mesh_choices
 
-SEEDS = [*range(16), 86, 234]  # dp x tp meshes (the degrees that are settled); 86, 234: fixed bugs
+# dp x tp meshes (the degrees that are settled); fixed bugs: 86, 234; 229 (matmul(h, h) with h split on its
+# rows: each operand gets its own redistribution)
+SEEDS = [*range(16), 86, 234, 229]
 # Seeds that find known bugs (reported; each xfail is strict, so a fix shows up as XPASS: remove the mark).
-KNOWN_BUGS = {
-    229: "matmul(a, a) with `a` batch-sharded: the redistribution of `a` is applied to both operands "
-    "(NodeStrategy.redistributes are keyed by value, not operand)",
-}
+KNOWN_BUGS: dict[int, str] = {}
 
 # Seeds generated with pipeline meshes too (dp x tp x pp); reason given: a known bug (strict xfail).
 PIPELINE_SEEDS = {
