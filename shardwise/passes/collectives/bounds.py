@@ -7,7 +7,18 @@ a time, and a transfer on e holds all of e's resources at e's rate). By LP duali
 ``T >= (B + min_e alpha_e / beta_e) / cap(S)`` (each crossing transfer also pays its alpha). Sets tried:
 every rank, every rank's complement, every union of whole nodes, subsets of small linked nodes, and the
 whole network (all transfers, e.g. ``2(p-1) n`` bytes in total for allreduce: every byte position needs
-p-1 messages to combine and p-1 to spread — the one-way gossip bound).
+p-1 messages to combine and p-1 to spread — the one-way gossip bound), and the same count with every node
+taken as one vertex over the inter-node links (``2(G-1) n`` crossing bytes for allreduce over G nodes,
+``(G-1) n`` for allgather, reduce-scatter and broadcast, every byte's own crossings for alltoall).
+
+Why the node-level count holds: make intra-node transfers free and instant (a relaxation, so its optimum
+is no larger). A node's result at byte position x depends on every node's input at x, so there is a
+time-respecting chain of crossing transfers carrying x from every node to every other. Let t* be the
+first time some set E of nodes holds every input at x. Each node of E got its last piece by a transfer
+ending at t* (E's last transfers are |E| distinct ones that end at t*, so no chain uses them to reach
+another node by t*); every node must still have a chain into each node of E not using them: at least
+G-1 + |E|-1 transfers end by t*. Each of the G-|E| other nodes needs one more transfer ending after t*.
+Total ``2(G-1)`` per byte position; a transfer of b bytes carries b positions.
 
 Bytes per collective (n as in ``chunks``): allgather into S ``(p-|S|)/p n``, out of S ``|S|/p n``;
 reduce_scatter the reverse; allreduce ``n`` each way; alltoall ``|S|(p-|S|)/p n`` each way; broadcast
@@ -30,6 +41,7 @@ __all__ = ["LowerBound", "lower_bound", "cut_capacities"]
 
 _CAPS: dict[str, list[tuple[frozenset[int], float, float, float, float]]] = {}
 _AGG: dict[str, tuple[float, float]] = {}
+_AGGN: dict[str, tuple[float, float]] = {}
 _SUBSET_NODE_MAX = 8
 _SCALE = 2.0**20 * 1e6  # bytes/s per MiB/us
 
@@ -117,6 +129,8 @@ def cut_capacities(topo: TopologyView) -> list[tuple[frozenset[int], float, floa
             out.append((s, cin, abin, cout, about))
         _CAPS[key] = out
         _AGG[key] = _capacity(topo, list(topo.edges))
+        inter = [uv for uv in topo.edges if topo.nodes[uv[0]] != topo.nodes[uv[1]]]
+        _AGGN[key] = _capacity(topo, inter)
     return _CAPS[key]
 
 
@@ -178,5 +192,16 @@ def lower_bound(collective: str, topo: TopologyView, nbytes: float, root: int = 
     total = {"allreduce": 2 * (p - 1) * n}.get(kind, (p - 1) * n)
     cap, ab = _AGG[topo.fingerprint]
     consider(total, cap, ab, "all links")
+    # the same counting with each node as one vertex (combining inside a node is free): G nodes need
+    # 2(G-1) crossing messages per byte for allreduce, G-1 for allgather/reduce-scatter/broadcast
+    by_node = topo.ranks_by_node()
+    groups = len(by_node)
+    if groups > 1:
+        if kind == "alltoall":
+            crossing = sum(len(m) * (p - len(m)) for m in by_node.values()) / p * n
+        else:
+            crossing = (2 if kind == "allreduce" else 1) * (groups - 1) * n
+        cap, ab = _AGGN[topo.fingerprint]
+        consider(crossing, cap, ab, "all inter-node links")
     lat = _latency(topo, kind, root)
     return LowerBound(max(best_t, lat), best_t, lat, best_cut)

@@ -172,3 +172,19 @@ def test_ring_order_uses_double_nvlinks(ndv2):
     order = ring_order(ndv2)[:8]
     hops = [ndv2.route(order[i], order[(i + 1) % 8]).beta * MB / US for i in range(8)]
     assert max(hops) <= 23 + 1e-9
+
+
+def test_node_level_counting_bound_on_four_nodes():
+    """Each node as one vertex: allreduce over G nodes needs 2(G-1) crossings of every byte (one-way gossip
+    bound), allgather G-1; on dgx-a100x4 the inter-node links carry 4 nodes x 8 NICs x 25 GB/s."""
+    topo = topology_view(get_cluster("dgx-a100x4"))
+    n = 1024 * MB
+    cap, ab = 4 * 8 * 25e9, 2.6e-6 * 25e9
+    b = lower_bound("allreduce", topo, n)
+    assert b.cut == "all inter-node links"
+    assert math.isclose(b.time, (6 * n + ab) / cap, rel_tol=1e-6)
+    # 1.5x the one-node cut (n into a node through its 8 NICs): reduce-scatter + allgather over the nodes
+    assert math.isclose(b.time / lower_bound("allgather", topo, n).time, 2.0, rel_tol=1e-4)
+    for kind in ("allreduce", "allgather"):
+        for name, sched in baseline_schedules(kind, topo, 64 * MB).items():
+            assert simulate(sched, topo, 64 * MB).time >= lower_bound(kind, topo, 64 * MB).time, name
