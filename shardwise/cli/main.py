@@ -399,17 +399,29 @@ def calibrate(
 
 @app.command()
 def synth(
-    cluster: Annotated[str, typer.Argument(help=CLUSTER_HELP)],
-    collective: Annotated[str, typer.Argument(help="allreduce, allgather, reduce_scatter or alltoall")],
-    sizes: Annotated[str, typer.Option(help="comma-separated buffer sizes")] = "1KiB,1MiB,64MiB",
+    cluster_arg: Annotated[str | None, typer.Argument(metavar="[CLUSTER]", help=CLUSTER_HELP)] = None,
+    collective_arg: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[COLLECTIVE]", help="allgather, reduce_scatter, allreduce, alltoall or broadcast"
+        ),
+    ] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", help=CLUSTER_HELP)] = None,
+    collective: Annotated[str | None, typer.Option("--collective", help="the collective (as above)")] = None,
+    sizes: Annotated[
+        str, typer.Option(help="comma-separated buffer sizes; KB/MB/GB are binary (2**10...), as in TACCL")
+    ] = "1KB,1MB,64MB",
     json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Synthesize schedules for a collective.
 
-    Topology-aware schedules for each buffer size, against the library's algorithm.
+    Topology-aware schedules for each buffer size, against the library's algorithms and the lower bound:
+    `shardwise synth --cluster ndv2x2 --collective allgather --sizes 1KB,1MB,1GB`.
     """
-    from shardwise.cli.synth import render_synth, run_synth
+    from shardwise.cli.synth import pick, render_synth, run_synth
 
+    cluster = pick("cluster", cluster_arg, cluster)
+    collective = pick("collective", collective_arg, collective)
     rows = run_synth(cluster, collective, sizes, steps=Steps(json_out))
     if json_out:
         print_json(rows)

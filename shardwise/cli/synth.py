@@ -8,6 +8,7 @@ table follows that function as it grows.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from rich.console import Console
@@ -17,26 +18,43 @@ from rich.table import Table
 from shardwise.cli.console import Steps, to_jsonable
 from shardwise.errors import ShardwiseError, UserInputError
 
-__all__ = ["COLLECTIVES", "parse_sizes", "run_synth", "render_synth"]
+__all__ = ["COLLECTIVES", "parse_sizes", "pick", "run_synth", "render_synth"]
 
-COLLECTIVES = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "reduce")
+COLLECTIVES = ("allgather", "reduce_scatter", "allreduce", "alltoall", "broadcast")
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_POWER = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 
 
 def parse_sizes(text: str) -> list[int]:
-    from shardwise.cluster.units import parse_bytes
-
+    """Comma-separated buffer sizes in bytes. ``KB``/``MB``/``GB`` (and ``KiB``...) are powers of 1024, as in
+    TACCL and nccl-tests, so ``1GB`` is 2**30 bytes; a plain number is bytes."""
     sizes = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            n = int(parse_bytes(part))
-        except UserInputError as exc:
-            raise UserInputError(f"--sizes {part!r}: {exc}") from None
+        match = _SIZE.match(part)
+        if match is None:
+            raise UserInputError(f"--sizes {part!r}: give sizes like 1KB,1MB,1GB (powers of 1024) or bytes")
+        n = int(float(match.group(1)) * 1024 ** _POWER[match.group(2).upper()])
         if n <= 0:
             raise UserInputError(f"--sizes {part!r}: a buffer size must be positive")
         sizes.append(n)
     if not sizes:
-        raise UserInputError("--sizes is empty: give sizes like 1KiB,1MiB,64MiB")
+        raise UserInputError("--sizes is empty: give sizes like 1KB,1MB,1GB")
     return sizes
+
+
+def pick(what: str, positional: str | None, option: str | None) -> str:
+    """The value given either as a positional argument or as ``--<what>`` (not both, not neither)."""
+    if positional is not None and option is not None and positional != option:
+        raise UserInputError(f"two {what}s given ({positional!r} and --{what} {option!r}): give one")
+    value = option if option is not None else positional
+    if value is None:
+        raise UserInputError(
+            f"no {what} given: use --{what} (e.g. shardwise synth --cluster ndv2x2 "
+            "--collective allgather --sizes 1KB,1MB,1GB)"
+        )
+    return value
 
 
 def _synth_table() -> Any:
@@ -68,9 +86,9 @@ def _row(item: Any) -> dict[str, Any]:
 def run_synth(cluster: str, collective: str, sizes: str, *, steps: Steps) -> list[dict[str, Any]]:
     """Rows of ``synth_table`` as dicts (JSON-ready values)."""
     from shardwise.cluster import get_cluster
+    from shardwise.passes.collectives.chunks import check_collective
 
-    if collective not in COLLECTIVES:
-        raise UserInputError(f"unknown collective {collective!r}: choose one of {', '.join(COLLECTIVES)}")
+    collective = check_collective(collective)  # UserInputError naming the accepted ones
     byte_sizes = parse_sizes(sizes)
     fn = _synth_table()
     spec = get_cluster(cluster)
@@ -82,10 +100,54 @@ def run_synth(cluster: str, collective: str, sizes: str, *, steps: Steps) -> lis
     return [to_jsonable(_row(i)) for i in items]
 
 
+def _size(n: int) -> str:
+    for unit, f in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= f and n % f == 0:
+            return f"{n // f}{unit}"
+    return f"{n}B"
+
+
+def _us(v: Any) -> str:
+    if not isinstance(v, int | float):
+        return "-"
+    return f"{v / 1000:.2f} ms" if v >= 10_000 else f"{v:.1f} us"
+
+
 def render_synth(console: Console, rows: list[dict[str, Any]], cluster: str, collective: str) -> None:
+    """Per size: the synthesized time and algorithm bandwidth, every baseline, the bound, synthesis time."""
     if not rows:
         console.print(f"no schedules for {collective} on {cluster}")
         return
+    if not all("synthesized_us" in r and "size_bytes" in r for r in rows):
+        return _render_generic(console, rows, cluster, collective)
+    names: list[str] = []
+    for r in rows:
+        for k in r.get("baselines") or {}:
+            if k not in names:
+                names.append(k)
+    t = Table(title=f"{collective} on {cluster}", title_justify="left", header_style="cyan", show_edge=False)
+    for c in ("size", "synthesized", "GB/s", *names, "lower bound", "/bound", "synthesis", "algorithm"):
+        t.add_column(c, justify="left" if c == "algorithm" else "right")
+    for r in rows:
+        base = r.get("baselines") or {}
+        best = min(base.values(), default=None)
+        cells = [_size(int(r["size_bytes"])), _us(r["synthesized_us"]), _cell(r.get("algbw_GBps"))]
+        for k in names:
+            v = base.get(k)
+            cells.append(f"[bold]{_us(v)}[/bold]" if v is not None and v == best else escape(_us(v)))
+        src = str(r.get("source", ""))
+        cells += [
+            _us(r.get("lower_bound_us")),
+            _cell(r.get("bound_ratio")),
+            f"{r.get('synthesis_s', 0.0):.1f} s",
+            escape(src if src.startswith("baseline") else f"{r.get('algorithm', '')} ({src})"),
+        ]
+        t.add_row(*[c if c.startswith("[bold]") else escape(c) for c in cells])
+    console.print(t)
+    console.print("bold: the best baseline; times are simulated under the alpha-beta model with contention")
+
+
+def _render_generic(console: Console, rows: list[dict[str, Any]], cluster: str, collective: str) -> None:
     columns: list[str] = []
     for r in rows:
         for k in r:
