@@ -272,7 +272,8 @@ def collective_totals(plan: ExecutionPlan, rows: list[CollectiveRow] | None = No
 
 
 def memory_rows(plan: ExecutionPlan) -> list[dict[str, Any]]:
-    """Per rank: parameters, gradients, optimizer state, activations, total and capacity (bytes)."""
+    """Per rank: parameters, gradients, optimizer state, activations, total (the memory map's arena, the
+    predicted peak), the lower bound of live bytes (0 when the plan has none) and capacity (bytes)."""
     rows = []
     for m in getattr(plan, "memory", ()) or ():
         total = int(getattr(m, "total_bytes", 0))
@@ -283,8 +284,9 @@ def memory_rows(plan: ExecutionPlan) -> list[dict[str, Any]]:
                 "params": int(getattr(m, "params_bytes", 0)),
                 "grads": int(getattr(m, "grads_bytes", 0)),
                 "optimizer": int(getattr(m, "optimizer_bytes", 0)),
-                "activations": int(getattr(m, "arena_bytes", 0) or getattr(m, "activation_bytes", 0)),
+                "activations": int(getattr(m, "activation_bytes", 0)),
                 "total": total,
+                "lower_bound": int(getattr(m, "lower_bound_bytes", 0)),
                 "capacity": cap,
                 "used": (total / cap) if cap else None,
             }

@@ -179,12 +179,15 @@ def render_show(
         console.print(t)
     console.print()
 
-    t = _table("Memory per rank (predicted peak)", "rank", "params", "grads", "optimizer", "activations", "total",
-               "capacity", "used", right=("params", "grads", "optimizer", "activations", "total", "capacity", "used"))  # fmt: skip
+    t = _table("Memory per rank (predicted peak: the arena of the memory map)", "rank", "params", "grads",
+               "optimizer", "activations", "arena", "lower bound", "capacity", "used",
+               right=("params", "grads", "optimizer", "activations", "arena", "lower bound", "capacity", "used"))  # fmt: skip
     rows = data["memory"]
     for m in _collapse(rows):
+        bound = m.get("lower_bound", 0)
         t.add_row(m["ranks"], human_bytes(m["params"]), human_bytes(m["grads"]), human_bytes(m["optimizer"]),
-                  human_bytes(m["activations"]), human_bytes(m["total"]), human_bytes(m["capacity"]),
+                  human_bytes(m["activations"]), human_bytes(m["total"]),
+                  f"{human_bytes(bound)} ({m['total'] / bound:.3f}x)" if bound else "-", human_bytes(m["capacity"]),
                   percent(m["total"], m["capacity"]))  # fmt: skip
     console.print(t)
     if ov["replicated_ops"]:

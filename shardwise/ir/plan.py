@@ -61,6 +61,14 @@ class NodeStrategy:
 
 @dataclass(frozen=True)
 class RankMemory:
+    """One rank's memory map (``passes.memory.map_memory``): the arena holding every tensor of its step.
+
+    ``arena_bytes`` is the rank's predicted peak (parameters, gradients, optimizer state, activations,
+    collective buffers, placed at fixed offsets) and never below ``lower_bound_bytes``, the largest total
+    of bytes live at one step. The parts ``params_bytes + grads_bytes + optimizer_bytes +
+    activation_bytes`` add up to ``arena_bytes`` (activations: everything else, gaps included).
+    """
+
     rank: int
     params_bytes: int
     grads_bytes: int
@@ -72,7 +80,8 @@ class RankMemory:
 
     @property
     def total_bytes(self) -> int:
-        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.arena_bytes
+        """The predicted peak: the arena (it holds the parameters, gradients and optimizer state too)."""
+        return self.arena_bytes
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,10 @@ def plan_summary(plan: ExecutionPlan) -> str:
         f"communication {human_time(p.comm_s)})",
         f"  predicted peak memory per rank: {human_bytes(max(p.memory_bytes) if p.memory_bytes else 0)}",
     ]
+    bound = max((m.lower_bound_bytes for m in plan.memory), default=0)
+    if bound:
+        arena = max(m.arena_bytes for m in plan.memory)
+        lines[-1] += f" (memory map arena; lower bound of live bytes {human_bytes(bound)}, {arena / bound:.3f}x)"
     if plan.replicated_ops:
         lines.append(f"  run whole (no rule splits them): {', '.join(plan.replicated_ops[:8])}")
     lines += [f"  note: {n}" for n in plan.notes]

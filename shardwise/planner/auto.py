@@ -24,7 +24,7 @@ from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeSt
 from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.cost import CostModel
-from shardwise.passes.liveness import lifetimes, peak_live_bytes
+from shardwise.passes.memory.mapping import map_memory
 from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOptions, place
 from shardwise.passes.sharding.redistribute import replicated
 from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
@@ -143,51 +143,20 @@ def param_grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dic
     return out
 
 
-def _local_numel(spec: TensorSpec, placement: ShardingSpec, mesh: DeviceMesh) -> int:
-    n = spec.numel
-    for size, p in zip(mesh.shape, placement.placements, strict=True):
-        if isinstance(p, Shard):
-            n //= size
-    return n
-
-
 def _memory(
-    graph: Graph, mesh: DeviceMesh, placed: Placed, cluster: ClusterSpec, train: bool, optimizer_factor: int,
-    precision: str, zero: int, dp_axis: str = "dp",
+    graph: Graph, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec,
+    train: bool, optimizer_factor: int, precision: str, zero: int,
 ) -> tuple[RankMemory, ...]:  # fmt: skip
-    dp = mesh.axis_size(dp_axis)
-    params = grads = opt = 0
-    for p in graph.params:
-        pl = placed.param_placements[p.name]
-        n = _local_numel(p.spec, pl, mesh)
-        is_float = p.spec.dtype.startswith(("float", "bfloat"))
-        size = p.spec.nbytes // max(p.spec.numel, 1)
-        if not train and is_float and precision != "fp32":
-            size = 2
-        params += n * size
-        if train and p.requires_grad and is_float:
-            grads += n * 4
-            state = n * 4 * optimizer_factor
-            opt += state // dp if zero >= 1 else state
-    lives = lifetimes(graph, {s.node: s for s in placed.strategies}, mesh)
-    peak = peak_live_bytes(lives)
-    if precision != "fp32":
-        peak //= 2
-    if train:
-        peak = int(peak * 2)  # activations saved for backward plus the gradients flowing back
-    return tuple(
-        RankMemory(
-            rank=r,
-            params_bytes=params,
-            grads_bytes=grads,
-            optimizer_bytes=opt,
-            activation_bytes=peak,
-            arena_bytes=peak,
-            lower_bound_bytes=peak,
-            capacity_bytes=cluster.device.memory_bytes,
-        )  # fmt: skip
-        for r in mesh.ranks
-    )
+    """The memory-mapping pass (``passes.memory.map_memory``) on a placed candidate: per rank, the arena
+    of its whole step (parameters, gradients, optimizer state, activations, collective buffers) and the
+    lower bound of live bytes; the arena is the plan's predicted peak (``Prediction.memory_bytes``)."""
+    grad_reduce = param_grad_reduce(graph, placed.strategies) if train else {}
+    return map_memory(
+        graph, mesh, placed.strategies, param_placements=placed.param_placements, input_placements=inputs,
+        train=train, capacity_bytes=cluster.device.memory_bytes, precision=precision,
+        optimizer_factor=optimizer_factor, zero=zero, grad_reduce=grad_reduce,
+        optimizer_foreach=cluster.device.kind != "cpu",
+    ).memory  # fmt: skip
 
 
 def _score(
@@ -219,12 +188,12 @@ def _score(
         except DoesNotFitError as exc:
             last_error = str(exc)
             continue
-        memory = _memory(g, mesh, placed, cluster, train, optimizer_factor, precision, zero)
-        peak = max(m.total_bytes for m in memory)
+        memory = _memory(g, mesh, placed, inputs, cluster, train, optimizer_factor, precision, zero)
+        peak = max(m.arena_bytes for m in memory)
         flops = g.total_flops * (3 if train else 1) / (dp * tp)
         pred = Prediction(
             step_time_s=placed.time_s, compute_s=placed.compute_s, comm_s=max(0.0, placed.time_s - placed.compute_s),
-            bubble_s=0.0, memory_bytes=tuple(m.total_bytes for m in memory),
+            bubble_s=0.0, memory_bytes=tuple(m.arena_bytes for m in memory),
             tflops_per_device=flops / max(placed.time_s, 1e-12) / 1e12,
             mfu=flops / max(placed.time_s, 1e-12) / cost.peak_flops,
         )  # fmt: skip
@@ -384,7 +353,7 @@ def plan_auto(
         memory=best.memory,
         replicated_ops=placed.run_whole,
         alternatives=alternatives,
-        passes=("trace", "sharding.rewrite", "sharding.ilp", "liveness", "planner.auto"),
+        passes=("trace", "sharding.rewrite", "sharding.ilp", "memory.map", "planner.auto"),
         notes=tuple(notes),
         optimizer=optimizer,
         zero_stage=best.zero,

@@ -18,7 +18,7 @@ from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeSt
 from shardwise.ir.serialize import graph_to_json
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.cost import CostModel
-from shardwise.passes.liveness import lifetimes, peak_live_bytes
+from shardwise.passes.memory.mapping import map_memory
 from shardwise.passes.sharding.propagate import follow_producers
 from shardwise.passes.sharding.redistribute import replicated
 
@@ -71,24 +71,19 @@ def _consistent_param_grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, 
 
 
 def _memory(
-    graph: Graph, mesh: DeviceMesh, strategies: tuple[NodeStrategy, ...], cluster: ClusterSpec, train: bool,
-    optimizer_factor: int,
+    graph: Graph, mesh: DeviceMesh, strategies: tuple[NodeStrategy, ...], inputs: Mapping[str, ShardingSpec],
+    cluster: ClusterSpec, train: bool, optimizer_factor: int, precision: str,
 ) -> tuple[RankMemory, ...]:  # fmt: skip
-    params = sum(p.spec.nbytes for p in graph.params)  # replicated parameters in this planner
-    trainable = sum(p.spec.nbytes for p in graph.params if p.requires_grad)
-    grads = trainable if train else 0
-    opt = optimizer_factor * trainable if train else 0
-    lives = lifetimes(graph, {s.node: s for s in strategies}, mesh)
-    peak = peak_live_bytes(lives)
-    if train:
-        peak = int(peak * 2)  # activations saved for backward plus the gradients flowing back
-    return tuple(
-        RankMemory(
-            rank=r, params_bytes=params, grads_bytes=grads, optimizer_bytes=opt, activation_bytes=peak,
-            arena_bytes=peak, lower_bound_bytes=peak, capacity_bytes=cluster.device.memory_bytes,
-        )  # fmt: skip
-        for r in mesh.ranks
-    )
+    """The memory-mapping pass (``passes.memory.map_memory``) on a candidate (parameters replicated): per
+    rank, the arena of its whole step and the lower bound of live bytes; the arena is the prediction."""
+    rep = replicated(mesh)
+    return map_memory(
+        graph, mesh, strategies, param_placements={p.name: rep for p in graph.params}, input_placements=inputs,
+        train=train, capacity_bytes=cluster.device.memory_bytes, precision=precision,
+        optimizer_factor=optimizer_factor,
+        grad_reduce=_consistent_param_grad_reduce(graph, strategies) if train else {},
+        optimizer_foreach=cluster.device.kind != "cpu",
+    ).memory  # fmt: skip
 
 
 def _score(
@@ -148,11 +143,14 @@ def plan_simple(
                 raise PlanError(f"dp={dp} needs a batch size divisible by {dp}; the example inputs have {batch}")
             continue
         strategies, run_whole, pred, inputs, _ = _score(graph, cluster, mesh, dp, mode, precision)
-        memory = _memory(graph, mesh, strategies, cluster, mode == "train", OPTIMIZER_STATE_FACTOR.get(optimizer, 2))
-        peak = max(m.total_bytes for m in memory)
+        memory = _memory(
+            graph, mesh, strategies, inputs, cluster, mode == "train", OPTIMIZER_STATE_FACTOR.get(optimizer, 2),
+            precision,
+        )  # fmt: skip
+        peak = max(m.arena_bytes for m in memory)
         pred = Prediction(
             step_time_s=pred.step_time_s, compute_s=pred.compute_s, comm_s=pred.comm_s, bubble_s=0.0,
-            memory_bytes=tuple(m.total_bytes for m in memory),
+            memory_bytes=tuple(m.arena_bytes for m in memory),
             tflops_per_device=(graph.total_flops * (3 if mode == "train" else 1) / max(dp, 1))
             / max(pred.step_time_s, 1e-12) / 1e12,
         )  # fmt: skip
@@ -205,7 +203,7 @@ def plan_simple(
         memory=memory,
         replicated_ops=run_whole,
         alternatives=alternatives,
-        passes=("trace", "sharding.follow_producers", "liveness", "planner.simple"),
+        passes=("trace", "sharding.follow_producers", "memory.map", "planner.simple"),
         notes=tuple(notes),
         optimizer=optimizer,
     )

@@ -109,7 +109,9 @@ def test_sequence_parallelism_replaces_the_all_reduce_when_it_pays(graphs, name)
     plain = plan_auto(graphs[name], cluster, mode="train", constraints={"tp": 8, "sp": 1})
     sp = plan_auto(graphs[name], cluster, mode="train", constraints={"tp": 8})
     assert sp.predicted.step_time_s < plain.predicted.step_time_s
-    assert max(sp.predicted.memory_bytes) < max(plain.predicted.memory_bytes)
+    # the peak of this two-layer model is at the optimizer step (parameters, gradients, AdamW state and
+    # its scratch), where sequence parallelism changes nothing: it never raises the peak
+    assert max(sp.predicted.memory_bytes) <= max(plain.predicted.memory_bytes)
     hidden = SIZE["batch"] * SIZE["seq"] * SIZE["hidden"]
     for i in range(SIZE["layers"]):
         prefix = ("transformer.h." if name == "gpt2" else "model.layers.") + f"{i}"

@@ -1,0 +1,109 @@
+"""The memory-mapping pass on planned zoo models: plan.memory is its arena, valid and above the bound."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardwise.cluster import get_cluster
+from shardwise.frontend.trace import trace
+from shardwise.ir.plan import ExecutionPlan
+from shardwise.passes.memory import lower_bound, verify_assignment
+from shardwise.passes.memory.mapping import map_memory
+from shardwise.passes.memory.program import ALIGN, buffer_kind, step_buffers
+from shardwise.planner.auto import plan_auto
+from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR, plan_simple
+from shardwise.zoo import build_model
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    return {name: trace(*build_model(name))[0] for name in ("gpt2", "mlp")}
+
+
+def _inputs(plan: ExecutionPlan) -> dict:
+    names = {p.key: p.name for p in plan.graph.params}
+    return {
+        "param_placements": {names[k]: s for k, s in plan.param_placements},
+        "input_placements": {i.name: s for i, s in zip(plan.graph.inputs, plan.input_placements)},
+        "train": plan.mode == "train",
+        "precision": plan.precision,
+        "optimizer_factor": OPTIMIZER_STATE_FACTOR[plan.optimizer],
+        "zero": plan.zero_stage,
+        "grad_reduce": dict(plan.param_grad_reduce),
+    }
+
+
+def _remap(plan: ExecutionPlan):
+    cluster = get_cluster(plan.cluster_name)
+    return map_memory(
+        plan.graph, plan.mesh, plan.strategies, capacity_bytes=cluster.device.memory_bytes,
+        optimizer_foreach=cluster.device.kind != "cpu", **_inputs(plan),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "constraints"), [("gpt2", {"dp": 2}), ("gpt2", {"tp": 2}), ("mlp", {})])
+def test_plan_memory_is_a_valid_arena_above_the_lower_bound(graphs, name, constraints):
+    plan = plan_auto(graphs[name], get_cluster("cpu:2"), mode="train", constraints=constraints)
+    assert len(plan.memory) == plan.world_size == 2
+    mapped = _remap(plan)
+    assert mapped.memory == plan.memory  # the planner recorded exactly this pass's result
+    for m, bufs, assignment in zip(plan.memory, mapped.buffers, mapped.assignments):
+        assert m.arena_bytes >= m.lower_bound_bytes > 0
+        assert m.lower_bound_bytes == lower_bound(bufs) == assignment.lower_bound_bytes
+        verify_assignment(bufs, assignment, capacity=m.capacity_bytes)
+        assert m.params_bytes + m.grads_bytes + m.optimizer_bytes + m.activation_bytes == m.arena_bytes
+        assert m.grads_bytes > 0 and m.optimizer_bytes == 2 * m.grads_bytes  # AdamW: two fp32 moments
+        assert all(b.size % ALIGN == 0 for b in bufs)
+        assert m.arena_bytes <= 1.03 * m.lower_bound_bytes
+
+
+def test_predicted_memory_is_the_arena_of_the_memory_pass(graphs):
+    cluster = get_cluster("cpu:2")
+    for plan in (
+        plan_auto(graphs["gpt2"], cluster, mode="train", constraints={"tp": 2}),
+        plan_auto(graphs["gpt2"], cluster, mode="inference"),
+        plan_simple(graphs["gpt2"], cluster, mode="train", constraints={"dp": 2}),
+    ):
+        assert plan.predicted.memory_bytes == tuple(m.arena_bytes for m in plan.memory)
+        assert plan.predicted.memory_bytes == _remap(plan).arena_bytes
+        assert "memory.map" in plan.passes
+        assert all(m.total_bytes == m.arena_bytes for m in plan.memory)
+
+
+def test_memory_survives_the_json_round_trip(graphs):
+    plan = plan_auto(graphs["gpt2"], get_cluster("cpu:2"), mode="train", constraints={"dp": 2})
+    back = ExecutionPlan.from_json(plan.to_json())
+    assert back.memory == plan.memory and back.predicted.memory_bytes == plan.predicted.memory_bytes
+
+
+def test_training_holds_gradients_state_and_saved_activations(graphs):
+    cluster = get_cluster("cpu:2")
+    train = plan_auto(graphs["mlp"], cluster, mode="train", constraints={"dp": 2})
+    infer = plan_auto(graphs["mlp"], cluster, mode="inference", constraints={"dp": 2})
+    bufs = step_buffers(train.graph, train.mesh, train.strategies, **_inputs(train))
+    kinds = {buffer_kind(b.id) for b in bufs}
+    assert {"param", "grad", "opt", "act", "agrad", "input", "bucket", "scratch"} <= kinds
+    end = max(b.end for b in bufs)
+    n = len(train.graph.nodes)
+    for b in bufs:
+        if buffer_kind(b.id) in ("param", "opt", "input"):
+            assert (b.start, b.end) == (0, end)  # held over the whole step
+    # the first layer's output is read by the second matmul's backward, after the whole forward
+    first = next(b for b in bufs if b.id == f"act:{train.graph.nodes[0].name}")
+    assert first.end > n
+    # the gradients of the dp-replicated parameters are all-reduced in one bucket of their total size
+    grads = sum(b.size for b in bufs if buffer_kind(b.id) == "grad")
+    assert sum(b.size for b in bufs if buffer_kind(b.id) == "bucket") == grads
+    params = infer.memory[0].params_bytes
+    assert infer.memory[0].grads_bytes == infer.memory[0].optimizer_bytes == 0
+    assert train.memory[0].params_bytes == params
+    assert infer.memory[0].arena_bytes < train.memory[0].arena_bytes  # no state, no backward
+    assert train.memory[0].lower_bound_bytes >= 4 * params  # parameters, gradients, two moments at the step
+
+
+def test_low_precision_inference_stores_half_size_weights(graphs):
+    cluster = get_cluster("cpu:2")
+    fp32 = plan_auto(graphs["mlp"], cluster, mode="inference", constraints={"dp": 2})
+    bf16 = plan_auto(graphs["mlp"], cluster, mode="inference", precision="bf16", constraints={"dp": 2})
+    assert bf16.memory[0].params_bytes < fp32.memory[0].params_bytes
+    assert bf16.memory[0].arena_bytes < fp32.memory[0].arena_bytes
