@@ -308,8 +308,10 @@ def _compile_pipeline(
 
     rows = next((i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1)
 
-    def cut(x: Any, n: int) -> Any:
-        return x[:n] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == rows else x
+    def cut(x: Any, n: int) -> Any:  # n rows of a batch input (repeated if n > rows: only traced)
+        if not (isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == rows):
+            return x
+        return x[:n] if n <= rows else torch.cat([x] * -(-n // rows))[:n]
 
     def micro_graph(n: int) -> Graph:
         inputs = example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

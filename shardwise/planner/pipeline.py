@@ -12,6 +12,10 @@ needs for the winner:
 - the top-level plan: mesh ``pp x dp x tp``, predictions (step time, bubble, per-rank memory, TFLOP/s,
   MFU) and the ranked alternatives of the search.
 
+The batch is cut only if that is exact (:mod:`shardwise.passes.stages.rows`: rows independent, outputs
+batch-first, the loss a mean over the batch, no batch size written into the model); otherwise the plan runs
+one micro-batch on one replica (``dp=1``), or, if the constraints pin more, a PlanError says why.
+
 Requires: ``graph`` and ``micro_graph(rows)`` trace the same model (same layer units); training losses are
 means over the batch (a step's loss is the mean of its micro-batches' losses, and each micro-batch's
 gradient is scaled by ``1 / microbatches``). Guarantees: ``plan.pipeline`` passes
@@ -23,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from shardwise.cluster import ClusterSpec
-from shardwise.errors import PlanError
+from shardwise.errors import PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
@@ -31,6 +35,8 @@ from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeSt
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
 from shardwise.passes.stages.place import place_chunk
+from shardwise.passes.stages.profile import traced_batch
+from shardwise.passes.stages.rows import micro_shapes_problem, rows_problem
 from shardwise.planner.schedule import schedule_actions
 from shardwise.planner.search import Candidate, SearchOptions, SearchResult, search
 from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR, graph_fingerprint
@@ -167,15 +173,25 @@ def plan_pipeline(
     traced = next(
         (i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1
     )
-    if rows == traced:
-        mg = graph
-    elif micro_graph is not None:
-        mg = micro_graph(rows)
-    else:
-        raise PlanError(
-            f"the chosen plan runs micro-batches of {rows} rows but no tracer for that size was given: pass "
-            "micro_graph=, or pin constraints={'microbatches': 1, 'dp': 1}"
-        )
+    mg = graph
+    whole = ""  # why the batch is not cut (a note in the plan)
+    if rows != traced:
+        mg, problem = _micro_graph(graph, micro_graph, rows)
+        if problem:  # the batch cannot be cut: one micro-batch, one replica (or a clear refusal)
+            pinned = dict(constraints or {})
+            if pinned.get("dp", 1) != 1 or pinned.get("microbatches", 1) != 1 or pinned.get(
+                "microbatch_size", traced
+            ) != traced:  # fmt: skip
+                raise PlanError(
+                    f"the batch of {graph.model_name or 'the model'} cannot be cut into parts that run separately: "
+                    f"{problem}. Pipeline micro-batches and data-parallel pipeline replicas each run a part of the "
+                    "batch; compile with pp=1 (intra-op plans split such ops exactly), or with dp=1 and "
+                    "microbatches=1, or make the rows independent (e.g. x.view(x.shape[0], -1), not x.view(8, -1))"
+                )
+            result = search(graph, cluster, {**pinned, "dp": 1, "microbatches": 1}, options)
+            best = result.best
+            rows, mg = best.microbatch, graph
+            whole = f"one micro-batch, no data-parallel replicas: the batch cannot be cut ({problem})"
     units = layer_units(mg)
     if units.labels != result.units.labels or len(result.sequence) != len(units):
         raise PlanError(
@@ -213,7 +229,35 @@ def plan_pipeline(
         actions=tuple(tuple(a) for a in actions), batch_inputs=batch_inputs(graph),
     )  # fmt: skip
     check_pipeline(spec, train=train)
-    return _top_plan(graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer)
+    plan = _top_plan(graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer)
+    return plan.replace(notes=plan.notes + (whole,)) if whole else plan
+
+
+def _micro_graph(graph: Graph, micro_graph: Callable[[int], Graph] | None, rows: int) -> tuple[Graph, str]:
+    """The model traced at ``rows`` rows, and "" if running the batch in parts of ``rows`` rows gives the
+    whole batch's results, else why not (:mod:`shardwise.passes.stages.rows`). ``micro_graph(n)`` may be
+    asked for more rows than the traced batch (3 for a batch of 2)."""
+    batch = batch_inputs(graph)
+    if micro_graph is None:
+        problem = rows_problem(graph, batch)  # tensors made at the batch size count as a problem
+        if problem:
+            return graph, problem
+        raise PlanError(
+            f"the chosen plan runs micro-batches of {rows} rows but no tracer for that size was given: pass "
+            "micro_graph=, or pin constraints={'microbatches': 1, 'dp': 1}"
+        )
+    traced = traced_batch(graph)
+    # torch.export specializes dims of size 1 (other ops at 1 row): the comparison traces at 2 (or 3) rows then
+    size = rows if rows > 1 else (2 if traced > 2 else 3)
+    try:
+        check = micro_graph(size)
+    except ShardwiseError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return graph, f"the model does not trace with {size} rows ({first}); it hard-codes its batch size?"
+    problem = micro_shapes_problem(graph, check, batch, size)
+    if problem:
+        return graph, problem
+    return (check if size == rows else micro_graph(rows)), ""
 
 
 def _top_plan(

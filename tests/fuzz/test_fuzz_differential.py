@@ -32,7 +32,8 @@ PIPELINE_SEEDS = {
     76: "",
     127: "",
     2: "",  # a pipeline stage without trainable parameters (was: empty optimizer parameter list)
-    51: "pp=2: a model that hard-codes its batch size (x.view(8, -1)) is micro-batched silently wrong",
+    51: "",  # x.view(8, -1): the batch is not cut (one micro-batch), was micro-batched silently wrong
+    10: "",  # torch.full((12, 2)) and a min over the batch on pp=2 x dp=2: a clear refusal
     62: "",  # pp=2 in float64 (was: the loss rounded to float32)
 }
 

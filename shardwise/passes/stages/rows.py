@@ -1,0 +1,289 @@
+"""Can the batch be cut into parts that run separately? (Pipeline micro-batches and data-parallel pipeline
+replicas each run some rows of the batch through the chunks, then concatenate the outputs and average the
+losses.)
+
+That is exact only if the rows are independent: :func:`batch_rows` follows the rows of the batch inputs
+through the graph with the op annotations (dimops labels) and names the first op that mixes them (a
+reduction over the batch, an op that needs the whole batch, a tensor of the batch's size that does not come
+from the inputs), an output that is not a batch-sized tensor, or a loss that is not a mean over the batch.
+Only ops that reach an output count. Given the model traced again at the micro-batch size, it also tells
+tensors made at the batch size (``mask.expand(x.shape[0], -1)``, ``x.new_zeros(x.shape[0], 4)``: every row
+the same, so any part of the batch sees the same rows) from ones whose size is written into the model
+(``torch.zeros(8, 4)``, ``x.view(8, -1)``), which trace at another size into other shapes and would run
+silently wrong.
+
+Invariants: the answer is conservative (an op without a rule, or one whose labels do not show that it keeps
+rows apart, is a problem); "" means cutting the batch gives the results of the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shardwise.ir.graph import Graph, Node, Value, iter_values
+from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.sharding.candidates import node_info, tensor_specs
+
+__all__ = ["batch_rows", "rows_problem", "micro_shapes_problem"]
+
+# ops whose output rows are all the same when no operand carries rows (made at the batch size from constants)
+_ROW_COPIES = (
+    "aten.expand.default", "aten.full.default", "aten.zeros.default", "aten.ones.default",
+    "aten.empty.memory_format", "aten.new_ones.default", "aten.new_zeros.default", "aten.new_full.default",
+    "aten.new_empty.default", "aten.scalar_tensor.default",
+)  # fmt: skip
+# ops that map a batch mean (a scalar that is the average over the rows) to another one
+_MEAN_UNARY = (
+    "aten.neg.default", "aten.to.dtype", "aten._to_copy.default", "aten.clone.default", "aten.alias.default",
+    "aten.detach.default", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+    "aten.mul.Scalar", "aten.div.Scalar", "aten.add.Scalar", "aten.sub.Scalar", "aten.type_as.default",
+    "aten.contiguous.default", "aten.to.dtype_layout", "aten.to.device",
+)  # fmt: skip
+_MEAN_SUM = ("aten.add.Tensor", "aten.sub.Tensor", "aten.rsub.Tensor")
+_MEAN_SCALE = ("aten.mul.Tensor", "aten.div.Tensor")
+
+
+def _where(node: Node) -> str:
+    return f"{node.op.removeprefix('aten.')} ({node.source})" if node.source else node.op.removeprefix("aten.")
+
+
+def _live(graph: Graph) -> set[str]:
+    """Values an output or a buffer update depends on."""
+    need = {v.name for a in graph.outputs for v in iter_values(a)} | {v.name for _, v in graph.buffer_updates}
+    for node in reversed(graph.nodes):
+        if node.name in need:
+            need.update(node.inputs)
+    return need
+
+
+def batch_rows(
+    graph: Graph, batch_inputs: Sequence[int], micro: Graph | None = None, rows_per_part: int = 0
+) -> tuple[dict[str, frozenset[int]], set[str], str]:
+    """(value -> the dims that carry rows of the batch, the batch means, the first problem or "").
+
+    A batch mean is a scalar that averages a row-wise quantity over every row (``x.mean()``), or an affine
+    function of such means: the mean of the micro-batches' values is the whole batch's. ``micro``: the
+    model traced at ``rows_per_part`` rows (None: tensors made at the batch size count as written into the
+    model, conservatively).
+    """
+    specs = tensor_specs(graph)
+    live = _live(graph)
+    traced = next((i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1)
+    if micro is not None and (
+        len(graph.nodes) != len(micro.nodes) or any(a.op != b.op for a, b in zip(graph.nodes, micro.nodes, strict=True))
+    ):
+        return {}, set(), (
+            f"traced at {rows_per_part} rows it has other ops than at {traced} rows (its structure depends on "
+            "the batch size)"
+        )  # fmt: skip
+    micro_nodes = dict(zip((n.name for n in graph.nodes), micro.nodes, strict=True)) if micro is not None else {}
+    rows: dict[str, frozenset[int]] = {}
+    for k in batch_inputs:
+        i = graph.inputs[k]
+        if isinstance(i.spec, TensorSpec) and i.spec.rank:
+            rows[i.name] = frozenset({0})
+    means: set[str] = set()
+    # values that depend on no input and no parameter; with ``micro``, their rows are trusted to be the same
+    # in any part of the batch (a limitation: ``torch.arange(batch)`` used as data is not caught)
+    constant: set[str] = set()
+    tuple_rows: dict[str, tuple[frozenset[int], ...]] = {}
+    problem = ""
+
+    def flag(text: str) -> None:
+        nonlocal problem
+        problem = problem or text
+
+    for node in graph.nodes:
+        if all(v in constant for v in node.inputs):
+            # made from constants alone (masks, position ids): the dims whose size follows the batch carry it
+            constant.add(node.name)
+            made = _made_at_batch_size(node, micro_nodes.get(node.name))
+            if made and not node.tuple_output:
+                rows[node.name] = made
+            continue
+        if node.op == "getitem":
+            src, idx = node.args[0], node.args[1]
+            if isinstance(src, Value) and isinstance(idx, int):
+                per = tuple_rows.get(src.name, ())
+                if idx < len(per) and per[idx]:
+                    rows[node.name] = per[idx]
+            continue
+        outs = [o for o in node.outputs if isinstance(o, TensorSpec)]
+        if not outs:
+            continue
+        info = node_info(node, specs)
+        batched = [k for k, name in enumerate(info.operands) if rows.get(name)]
+        is_live = node.name in live
+        if not batched:
+            made = _made_at_batch_size(node, micro_nodes.get(node.name))
+            if made:  # a tensor made at the batch size (its size follows the batch)
+                if node.op in _ROW_COPIES and not node.tuple_output:
+                    rows[node.name] = made
+                elif is_live:
+                    flag(f"{_where(node)} makes a tensor of the batch's size whose rows differ")
+                continue
+            mean_ops = [k for k, name in enumerate(info.operands) if name in means]
+            if not mean_ops:
+                continue
+            if _keeps_mean(node, info.operands, mean_ops, means):
+                means.add(node.name)
+            elif is_live:
+                flag(f"{_where(node)} uses the mean over the batch in a way that is not an average over rows")
+            continue
+        if is_live and any(name in means for name in info.operands):
+            flag(f"{_where(node)} combines rows of the batch with a mean over the whole batch")
+        labels: set[str] = set()
+        for k in batched:
+            operand = info.dims.inputs[k] if k < len(info.dims.inputs) else ()
+            for d in rows[info.operands[k]]:
+                if d >= len(operand):
+                    labels.add("?")
+                    continue
+                dim = operand[d]
+                if dim.label == "1":
+                    continue
+                labels.add(dim.label)
+                if dim.frozen and is_live:
+                    flag(f"{_where(node)} needs whole rows of the batch together (it mixes the rows)")
+        if "?" in labels:
+            if is_live:
+                flag(f"{_where(node)}: the rows of the batch cannot be followed through it")
+            continue
+        out_dims = [frozenset(d for d, x in enumerate(o) if x.label in labels) for o in info.dims.outputs]
+        if is_live:
+            for label in sorted(labels):
+                if info.dims.is_reduction(label):
+                    if _is_batch_mean(node, info, labels, outs):
+                        means.add(node.name)
+                        out_dims = [frozenset() for _ in out_dims]
+                        break
+                    flag(f"{_where(node)} reduces over the batch (each part of the batch would see only its rows)")
+                elif any(not d for d in out_dims):
+                    flag(f"{_where(node)} drops the batch dimension from an output (it mixes the rows)")
+            for k, name in enumerate(info.operands):
+                operand = info.dims.inputs[k] if k < len(info.dims.inputs) else ()
+                holds = frozenset(d for d, x in enumerate(operand) if x.label in labels)
+                if holds != rows.get(name, frozenset()) and node.name not in means:
+                    flag(
+                        f"{_where(node)} combines the rows of the batch with a tensor of the batch's size that "
+                        "does not come from the inputs (a batch size written into the model?)"
+                    )
+        if node.tuple_output:
+            tuple_rows[node.name] = tuple(out_dims)
+        elif out_dims and out_dims[0]:
+            rows[node.name] = out_dims[0]
+    if micro is not None and not problem:
+        problem = _micro_shapes(graph, micro_nodes, rows, live, traced, rows_per_part)
+    # outputs: batch-sized tensors are concatenated over the parts, scalars averaged
+    for a in graph.outputs:
+        for v in iter_values(a):
+            spec = graph.spec_of(v.name) if v.name in specs else None
+            if not isinstance(spec, TensorSpec):
+                continue
+            if spec.rank == 0:
+                if rows.get(v.name) or (v.name not in means and _depends_on_rows(graph, v.name, rows)):
+                    flag(f"output {v.name} is a scalar that is not a mean over the batch (e.g. a sum)")
+            elif rows.get(v.name) != frozenset({0}):
+                flag(f"output {v.name} {tuple(spec.shape)} does not have the batch as its first dimension")
+    if graph.buffer_updates:
+        keys = ", ".join(key for key, _ in graph.buffer_updates)
+        flag(f"the model updates buffers from the batch ({keys}): each part of the batch would update them")
+    return rows, means, problem
+
+
+def _depends_on_rows(graph: Graph, name: str, rows: dict[str, frozenset[int]]) -> bool:
+    """Does ``name`` depend on a value that carries rows of the batch?"""
+    if rows.get(name):
+        return True
+    if not graph.has_node(name):
+        return False
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if rows.get(v):
+            return True
+        if graph.has_node(v):
+            stack.extend(graph.node(v).inputs)
+    return False
+
+
+def _is_batch_mean(node: Node, info, labels: set[str], outs: list[TensorSpec]) -> bool:  # noqa: ANN001
+    """A mean over every dimension (a scalar) of row-wise values: the average over the micro-batches' means
+    (equal sizes) is the whole batch's."""
+    return (
+        info.dims.partial == "avg"
+        and len(outs) == 1
+        and outs[0].rank == 0
+        and all(info.dims.is_reduction(label) for label in labels)
+        and not node.tuple_output
+    )
+
+
+def _keeps_mean(node: Node, operands: Sequence[str], mean_ops: list[int], means: set[str]) -> bool:
+    """An affine map of batch means (no operand carries rows)."""
+    if node.op in _MEAN_UNARY and len(operands) == 1:
+        return True
+    if node.op in _MEAN_SUM:
+        return True  # means plus constants, or minus each other: still averages over rows
+    if node.op in _MEAN_SCALE and len(mean_ops) == 1:
+        # one mean times (or divided by) something that does not depend on the batch
+        return not (node.op == "aten.div.Tensor" and mean_ops[0] != 0)
+    return False
+
+
+def rows_problem(graph: Graph, batch_inputs: Sequence[int]) -> str:
+    """"" if the batch of ``graph`` may be cut into parts run separately, else what prevents it."""
+    return batch_rows(graph, batch_inputs)[2]
+
+
+def _made_at_batch_size(node: Node, micro: Node | None) -> frozenset[int]:
+    """The dims of ``node``'s output whose size changes with the batch (traced at two sizes)."""
+    if micro is None or not node.outputs or not micro.outputs:
+        return frozenset()
+    a, b = node.outputs[0], micro.outputs[0]
+    if not (isinstance(a, TensorSpec) and isinstance(b, TensorSpec)) or a.rank != b.rank:
+        return frozenset()
+    return frozenset(d for d, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y)
+
+
+def _micro_shapes(
+    graph: Graph, micro_nodes: dict[str, Node], dims: dict[str, frozenset[int]], live: set[str], traced: int,
+    rows: int,
+) -> str:  # fmt: skip
+    """"" if every op of the model traced at ``rows`` rows has the full trace's shapes with the batch
+    dimensions scaled, else the first difference."""
+
+    def expected(shape: tuple[int, ...], carry: frozenset[int]) -> tuple[int, ...] | None:
+        out = []
+        for d, n in enumerate(shape):
+            if d in carry:
+                if n * rows % traced:
+                    return None
+                n = n * rows // traced
+            out.append(n)
+        return tuple(out)
+
+    for full in graph.nodes:
+        part = micro_nodes[full.name]
+        if full.name not in live or full.tuple_output:
+            continue
+        for a, b in zip(full.outputs, part.outputs, strict=False):
+            if not (isinstance(a, TensorSpec) and isinstance(b, TensorSpec)):
+                continue
+            want = expected(tuple(a.shape), dims.get(full.name, frozenset()))
+            if want != tuple(b.shape):
+                return (
+                    f"{_where(full)} gives {tuple(b.shape)} for {rows} rows where {want or '?'} was expected from "
+                    f"{tuple(a.shape)} for {traced} rows: the model hard-codes its batch size {traced}"
+                )
+    return ""
+
+
+def micro_shapes_problem(graph: Graph, micro: Graph, batch_inputs: Sequence[int], rows: int) -> str:
+    """"" if the batch of ``graph`` may be cut into parts of ``rows`` rows run separately, given ``micro``,
+    the model traced at ``rows`` rows; else what prevents it (see the module docstring)."""
+    return batch_rows(graph, batch_inputs, micro, rows)[2]
