@@ -253,7 +253,7 @@ def _micro_graph(graph: Graph, micro_graph: Callable[[int], Graph] | None, rows:
         check = micro_graph(size)
     except ShardwiseError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return graph, f"the model does not trace with {size} rows ({first}); it hard-codes its batch size?"
+        return graph, f"the model does not trace with {size} rows, so it depends on its batch size ({first})"
     problem = micro_shapes_problem(graph, check, batch, size)
     if problem:
         return graph, problem

@@ -132,6 +132,18 @@ def batch_rows(
             continue
         if is_live and any(name in means for name in info.operands):
             flag(f"{_where(node)} combines rows of the batch with a mean over the whole batch")
+        known = _along(node, info.operands, outs, rows, specs)
+        if known is not None:  # an op the labels run whole but that acts along other dims than the batch
+            if isinstance(known, str):
+                if known == "mean":
+                    means.add(node.name)
+                elif is_live:
+                    flag(f"{_where(node)} {known}")
+            elif node.tuple_output:
+                tuple_rows[node.name] = known
+            elif known and known[0]:
+                rows[node.name] = known[0]
+            continue
         labels: set[str] = set()
         for k in batched:
             operand = info.dims.inputs[k] if k < len(info.dims.inputs) else ()
@@ -189,6 +201,109 @@ def batch_rows(
         keys = ", ".join(key for key, _ in graph.buffer_updates)
         flag(f"the model updates buffers from the batch ({keys}): each part of the batch would update them")
     return rows, means, problem
+
+
+def _arg(node: Node, index: int, name: str, default: object = None) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwarg_dict.get(name, default)
+
+
+def _dims(value: object, rank: int) -> frozenset[int] | None:
+    """Normalized dims of a dim / dims argument (None: every dim)."""
+    if value is None or value == () or value == []:
+        return None
+    items = value if isinstance(value, tuple | list) else (value,)
+    if not all(isinstance(d, int) for d in items):
+        return None
+    return frozenset(d % rank if rank else 0 for d in items)  # type: ignore[operator]
+
+
+# ops the annotations run whole (all dims frozen) that act along the dims of an argument: (index, name,
+# default) of that argument, and whether those dims are reduced away (the keepdim argument's place)
+_ALONG: dict[str, tuple[int, str, object, tuple[int, str] | None]] = {
+    "aten.flip.default": (1, "dims", None, None),
+    "aten.roll.default": (2, "dims", (), None),
+    "aten.sort.default": (1, "dim", -1, None),
+    "aten.topk.default": (2, "dim", -1, None),
+    "aten.diff.default": (2, "dim", -1, None),
+    "aten.index_select.default": (1, "dim", None, None),
+    "aten.cumsum.default": (1, "dim", None, None),
+    "aten.var.correction": (1, "dim", None, (3, "keepdim")),
+    "aten.var.dim": (1, "dim", None, (3, "keepdim")),
+    "aten.std.dim": (1, "dim", None, (3, "keepdim")),
+    "aten.std.correction": (1, "dim", None, (3, "keepdim")),
+    "aten.var_mean.correction": (1, "dim", None, (3, "keepdim")),
+    "aten.max.dim": (1, "dim", None, (2, "keepdim")),
+    "aten.min.dim": (1, "dim", None, (2, "keepdim")),
+    "aten.argmax.default": (1, "dim", None, (2, "keepdim")),
+    "aten.any.dim": (1, "dim", None, (2, "keepdim")),
+    "aten.all.dim": (1, "dim", None, (2, "keepdim")),
+    "aten.prod.dim_int": (1, "dim", None, (2, "keepdim")),
+}
+_MEAN_LOSSES = {  # op: (index of the reduction argument, of the class weight or -1)
+    "aten.cross_entropy_loss.default": (3, 2),
+    "aten.mse_loss.default": (2, -1),
+    "aten.l1_loss.default": (2, -1),
+    "aten.smooth_l1_loss.default": (2, -1),
+    "aten.binary_cross_entropy_with_logits.default": (4, 2),
+}
+
+
+def _along(
+    node: Node, operands: Sequence[str], outs: list[TensorSpec], rows: dict[str, frozenset[int]],
+    specs: dict[str, TensorSpec],
+) -> tuple[frozenset[int], ...] | str | None:  # fmt: skip
+    """For ops whose annotation is all frozen: the batch dims of each output, "mean" (a loss that is a mean
+    over the batch), a problem (text), or None (not one of these ops: the labels decide)."""
+    first = operands[0] if operands else ""
+    have = rows.get(first, frozenset())
+    others = [n for n in operands[1:] if rows.get(n)]
+    rank = specs[first].rank if first in specs else 0
+    if node.op in _ALONG:
+        index, name, default, keep = _ALONG[node.op]
+        if others:  # e.g. diff with a batch-sized prepend, index_select by batch values
+            return "acts on several batch-sized tensors"
+        acted = _dims(_arg(node, index, name, default), rank)
+        if node.op == "aten.roll.default" and acted is None:
+            return "rolls the flattened tensor (it mixes the rows)"
+        if acted is None or acted & have:
+            return "acts along the batch dimension (it mixes the rows)"
+        kept = keep is not None and bool(_arg(node, keep[0], keep[1], False))
+        if keep is not None and not kept:
+            out = frozenset(d - sum(1 for a in acted if a < d) for d in have)
+        else:
+            out = have
+        return tuple(out for _ in outs)
+    if node.op in ("aten.pad.default", "aten.constant_pad_nd.default"):
+        pad = _arg(node, 1, "pad", ())
+        width = len(pad) // 2 if isinstance(pad, tuple | list) else rank
+        if others or any(d >= rank - width for d in have):
+            return "pads along the batch dimension (it mixes the rows)"
+        return (have,)
+    if node.op == "aten.repeat.default":
+        reps = _arg(node, 1, "repeats", ())
+        if not isinstance(reps, tuple | list) or others or not outs:
+            return "repeats along the batch dimension (it mixes the rows)"
+        shift = outs[0].rank - rank
+        if any(reps[d + shift] != 1 for d in have):
+            return "repeats along the batch dimension (it mixes the rows)"
+        return (frozenset(d + shift for d in have),)
+    if node.op == "aten.stack.default":
+        tensors = [n for n in operands]
+        if any(rows.get(n, frozenset()) != have for n in tensors) or not outs:
+            return "stacks rows of the batch with other tensors (it mixes the rows)"
+        d = _arg(node, 1, "dim", 0)
+        d = d % outs[0].rank if isinstance(d, int) else 0
+        return (frozenset(x + (x >= d) for x in have),)
+    if node.op in _MEAN_LOSSES:
+        red, weight = _MEAN_LOSSES[node.op]
+        target = operands[1] if len(operands) > 1 else ""
+        mean = _arg(node, red, "reduction", 1) == 1 and (weight < 0 or _arg(node, weight, "weight") is None)
+        if mean and have == frozenset({0}) and rows.get(target) == frozenset({0}) and len(operands) == 2:
+            return "mean"  # (cross-entropy with ignored targets: exact when the parts ignore alike)
+        return "is a loss that is not a mean over the batch"
+    return None
 
 
 def _depends_on_rows(graph: Graph, name: str, rows: dict[str, frozenset[int]]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shardwise.frontend.trace import trace
@@ -105,3 +106,43 @@ def test_a_hard_coded_batch_size_shows_in_the_micro_batch_shapes() -> None:
     assert rows_problem(full, batch_inputs(full)) == ""  # at the traced size it looks row-wise
     problem = micro_shapes_problem(full, micro, batch_inputs(full), 4)
     assert "hard-codes its batch size 8" in problem and "(8, 3)" in problem, problem
+
+
+class Along(nn.Module):
+    """Ops the sharding annotations run whole, along a dim given as an argument."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).unsqueeze(1).expand(-1, 3, -1)  # (rows, 3, 6)
+        d = self.dim
+        h = h.flip(d) + h.sort(dim=d).values + torch.topk(h, 2, dim=d).values.sum(d, keepdim=True)
+        h = h + h.var(dim=d, keepdim=True) + h.max(dim=d, keepdim=True).values
+        return torch.nn.functional.pad(h, (1, 1)) if d != 0 else h
+
+
+def test_ops_along_other_dims_keep_rows_apart_and_along_the_batch_mix_them() -> None:
+    g = _graph(Along(1))
+    assert rows_problem(g, batch_inputs(g)) == ""
+    g = _graph(Along(0))
+    assert "acts along the batch dimension" in rows_problem(g, batch_inputs(g))
+
+
+def test_cross_entropy_as_a_mean_is_a_batch_mean() -> None:
+    class Loss(nn.Module):
+        def __init__(self, reduction: str) -> None:
+            super().__init__()
+            self.reduction = reduction
+            self.a = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.a(x), target, reduction=self.reduction)
+
+    x, target = torch.randn(8, 6), torch.randint(0, 6, (8,))
+    for reduction, ok in (("mean", True), ("sum", False)):
+        g = trace(Loss(reduction), (x, target))[0]
+        problem = rows_problem(g, batch_inputs(g))
+        assert (problem == "") == ok, problem
