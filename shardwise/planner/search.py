@@ -455,6 +455,11 @@ def search(
     # 1. every combination of degrees, micro-batch size, schedule and recomputation, with a lower bound
     configs: list[tuple[float, float, tuple]] = []
     need_fixed = float("inf")
+    if "pp" in pinned and int(pinned["pp"]) > positions:  # type: ignore[call-overload]
+        rejected.append(
+            f"pp={pinned['pp']} needs at least {pinned['pp']} layers to put on the stages and the model has "
+            f"{positions} ({', '.join(ctx.labels[:8])}{', ...' if positions > 8 else ''}): use pp <= {positions}"
+        )
     for tp, pp, dp in _meshes(pinned, cluster, positions):
         if ctx.batch % dp:
             rejected.append(f"pp={pp} dp={dp} tp={tp}: the batch ({ctx.batch}) is not divisible by dp={dp}")

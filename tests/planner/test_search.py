@@ -95,3 +95,12 @@ def test_impossible_constraints_are_clear_errors(gpt_meta):
         search(gpt_meta, cluster, {"schedule": "zigzag"}, _opts())
     with pytest.raises(PlanError, match="not divisible"):
         search(gpt_meta, cluster, {"pp": 1, "dp": 3, "tp": 1}, _opts(global_batch=8))
+
+
+def test_more_stages_than_layers_is_a_clear_error():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    graph = trace(model, (torch.randn(4, 8),))[0]
+    with pytest.raises(PlanError, match=r"pp=4 needs at least 4 layers .* the model has 1 .*use pp <= 1"):
+        search(graph, get_cluster("cpu:4"), {"pp": 4}, SearchOptions(mode="inference"))
