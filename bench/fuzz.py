@@ -1,7 +1,8 @@
 """Differential fuzzing against eager PyTorch: ``python bench/fuzz.py --n 1000``.
 
-Generates ``--n`` random models (shardwise.testing.fuzz), compiles each for a random mesh on cpu:2 or cpu:4
-(the parallel degrees the planner supports now), runs inference and one SGD training step on real worker
+Generates ``--n`` random models (shardwise.testing.fuzz; seeds ``--start`` to ``--start + n - 1``, so that
+batches cover a range), compiles each for a random mesh on cpu:2 or cpu:4 (the parallel degrees the planner
+supports now), runs inference and one SGD training step on real worker
 processes and compares with eager PyTorch. Prints cases tried, mismatches and crashes (a clear shardwise
 error is "unsupported", not a crash), saves every failing case as a standalone reproducer under
 bench/results/fuzz_failures/ and writes bench/results/fuzz.json.
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from shardwise.testing.differential import STATUSES, Fuzzer, save_reproducer
 
     args.failures.mkdir(parents=True, exist_ok=True)
-    for old in args.failures.glob("case_*.py"):
-        old.unlink()
+    seeds = range(args.start, args.start + args.n)
+    for seed in seeds:  # reproducers of earlier runs of these seeds (other seed ranges are kept)
+        args.failures.joinpath(f"case_{seed}.py").unlink(missing_ok=True)
     counts: collections.Counter[str] = collections.Counter()
     by_mesh: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     by_dtype: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with Fuzzer(timeout_s=args.timeout) as fuzzer:
         degrees = fuzzer.degrees
-        for seed in range(args.start, args.start + args.n):
+        for seed in seeds:
             case = fuzzer.case(seed)
             result = fuzzer.run(case)
             results.append(result)
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "fuzz",
         "cases": args.n,
         "first_seed": args.start,
+        "last_seed": args.start + args.n - 1,
         "degrees": list(degrees or ()),
         "seconds": round(elapsed, 1),
         "counts": {s: counts[s] for s in STATUSES},
