@@ -180,7 +180,7 @@ def _solve(
         "synthesis_s": time.perf_counter() - t0,
         "synthesis_cpu_s": time.process_time() - c0,
         "candidates_s": res.candidates,
-        "program": lower(res.schedule, res.start_times),
+        "program": res.program if res.program is not None else lower(res.schedule, res.start_times),
     }
     if cache != "off":
         _MEMORY[key] = rec

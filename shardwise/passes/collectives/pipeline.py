@@ -104,8 +104,20 @@ def pipelined_schedule(
     alpha_share: float = 0.02,
     critical: float = 0.9,
     rounds: int | None = None,
+    ratio: float | None = None,
+    floor: int = 1,
+    interleave: bool = False,
 ) -> Schedule:
-    """The pipelined schedule of ``routing`` with ``pieces`` pieces per flow (see the module docstring)."""
+    """The pipelined schedule of ``routing`` with ``pieces`` pieces per flow (see the module docstring).
+
+    ``ratio`` (with ``floor``) plans the messages of every critical edge instead of ``split``: after its
+    first message (sent as soon as anything is ready), each message carries all but ``ratio`` of the
+    edge's remaining pieces (at least ``floor``; the rest at once when fewer than ``floor`` would remain)
+    and waits until that many are ready, so few alphas are paid where the bottleneck is and the last
+    message is small (a short tail behind it). ``interleave`` sends ready pieces piece-major (every flow's
+    first piece, then every flow's second...) instead of flow-major, so that a large message holds pieces
+    of many flows and what crossed the bottleneck spreads over many links at once.
+    """
     kind, p = routing.kind, topo.size
     spec = CollectiveSpec(kind, p, routing.parts * pieces, routing.root)
     piece_bytes = spec.chunk_bytes(nbytes)
@@ -168,9 +180,28 @@ def pipelined_schedule(
     pend: list[list[tuple[float, int]]] = [[] for _ in chan_list]  # (ready time, task), not yet available
     avail: list[list[tuple[int, int, int, int]]] = [[] for _ in chan_list]  # (class, flow, piece, task)
     heap: list[tuple[float, int, int, int, float, int]] = []
+    planned = [ratio is not None and small[c] is None and work[c] > 0 for c in range(len(chan_list))]
+    left = [0] * len(chan_list)  # tasks of the channel not sent yet
+    for t in tasks:
+        left[chan_of[(t.src, t.dst, t.reduce)]] += 1
+    sent_msgs = [0] * len(chan_list)
+    hold = [True]  # cleared if every channel waits on another (a planned channel never starves the run)
+
+    def key(t: _Task) -> tuple[int, int]:
+        return (t.piece, t.flow) if interleave else (t.flow, t.piece)
+
+    def target(c: int) -> int:
+        keep = 1.0 - (ratio or 0.0)
+        k = max(floor, math.ceil(left[c] * keep - 1e-9))
+        return left[c] if left[c] - k < floor else min(k, left[c])
 
     def est(c: int) -> float:
-        if avail[c]:
+        need = target(c) - len(avail[c]) if planned[c] and sent_msgs[c] and hold[0] else 0
+        if need > 0:
+            if len(pend[c]) < need:
+                return math.inf
+            first = heapq.nsmallest(need, pend[c])[-1][0]
+        elif avail[c]:
             first = 0.0
         elif pend[c]:
             first = pend[c][0][0]
@@ -178,14 +209,17 @@ def pipelined_schedule(
             return math.inf
         return max(first, max((free[r] for r in edge[c].resources), default=0.0))
 
+    qest = [math.inf] * len(chan_list)  # a planned channel's latest queued start
+
     def push_chan(c: int) -> None:
         e = est(c)
+        qest[c] = e
         if e < math.inf:
             if avail[c]:
                 head = avail[c][0][:3]
             else:
                 t = tasks[pend[c][0][1]]
-                head = (upstream[pend[c][0][1]], t.flow, t.piece)
+                head = (upstream[pend[c][0][1]], *key(t))
             heapq.heappush(heap, (e, *head, -max(rem[r] for r in edge[c].resources), c))
 
     def make_ready(tid: int, at: float, deps: list[int]) -> None:
@@ -196,6 +230,8 @@ def pipelined_schedule(
         heapq.heappush(pend[c], (at, tid))
         if not avail[c] and pend[c][0][1] == tid:
             push_chan(c)
+        elif planned[c] and sent_msgs[c] and at < qest[c] and len(avail[c]) + len(pend[c]) >= target(c):
+            push_chan(c)  # a holding channel may start earlier now
 
     # initial readiness
     for fi, f in enumerate(flows):
@@ -220,10 +256,18 @@ def pipelined_schedule(
             for q in range(pieces):
                 root_wait[(fi, q)] = [n_in, 0.0, []]
     transfers: list[Transfer] = []
-    while heap:
+    while True:
+        if not heap:
+            if not hold[0] or not any(left):
+                break
+            hold[0] = False  # planned channels wait on each other: from now on send what is ready
+            for c2 in range(len(chan_list)):
+                push_chan(c2)
+            continue
         e0, *_, c = heapq.heappop(heap)
         now = est(c)
         if now == math.inf:
+            qest[c] = math.inf
             continue
         if now > e0 + 1e-18:
             push_chan(c)
@@ -232,10 +276,13 @@ def pipelined_schedule(
         while pend[c] and pend[c][0][0] <= now:
             tid = heapq.heappop(pend[c])[1]
             t = tasks[tid]
-            heapq.heappush(avail[c], (upstream[tid], t.flow, t.piece, tid))
-        cap = max(1, int(busiest * split / work[c])) if work[c] > 0 else len(avail[c])
+            heapq.heappush(avail[c], (upstream[tid], *key(t), tid))
+        cap = max(1, math.ceil(busiest * split / work[c] - 1e-9)) if work[c] > 0 else len(avail[c])
         if small[c] is not None:
             cap = min(cap, small[c])
+        if planned[c]:
+            cap = target(c)
+        sent_msgs[c] += 1
         taken: list[int] = []
         while avail[c] and len(taken) < cap:
             taken.append(heapq.heappop(avail[c])[3])
@@ -245,6 +292,7 @@ def pipelined_schedule(
         for r in edge[c].resources:
             free[r] = end
             rem[r] -= work[c] * len(taken)
+        left[c] -= len(taken)
         mid = len(transfers)
         deps: set[int] = set()
         chunks = []

@@ -2,9 +2,11 @@
 most loaded resource carries as little as possible.
 
 For large messages a good schedule keeps the bottleneck resources busy all the time, so its length is
-``max_r load_r`` plus a pipeline fill; this model minimises that load (then, with the load fixed, the total
-traffic plus the depth of every rank in its trees, which prefers fewer and cheaper hops and shallow trees). Variables exist for one representative flow per symmetry
-orbit; a resource's load sums the representative's edges mapped by every symmetry onto it.
+``max_r load_r`` plus a pipeline fill; this model minimises that load, then (load fixed) the largest load
+of the second tier — resources of no inter-node edge, which spread what crossed the NICs — and then (both
+fixed) the total traffic plus the depth of every rank in its trees (fewer, cheaper hops, shallow trees).
+Variables exist for one representative flow per symmetry orbit; a resource's load sums the
+representative's edges mapped by every symmetry onto it.
 
 Model, per representative flow f (edges restricted to the sketch's allowed edges):
 
@@ -242,7 +244,7 @@ def solve_routing(
         m.Add(z >= sum(c * v for c, v in terms))
     m.Minimize(z)
     solver = cp_model.CpSolver()
-    solver_params(solver, 0.7 * time_limit, seed, workers)
+    solver_params(solver, 0.6 * time_limit, seed, workers)
     st = solver.Solve(m)
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         # no solution in time (a loaded machine, a huge model): keep the shortest-hop routes of the hint
@@ -252,16 +254,33 @@ def solve_routing(
     else:
         zbest = int(solver.Value(z))
         optimal, status = st == cp_model.OPTIMAL, solver.StatusName(st)
-        # phase 2: keep the load, use the fewest and cheapest hops
         m.ClearHints()
         for x in xs.values():
             for var in x.values():
                 m.AddHint(var, solver.Value(var))
         m.Add(z <= zbest)
+        # phase 1b: keep the load, balance the second tier (resources of no inter-node edge: the links
+        # that spread what crossed the NICs), so data leaves a receiving GPU over all its links at once
+        tier2 = sorted(set(load_terms) - {r for uv in allowed if topo.edges[uv].internode for r in coefs[uv]})
+        if tier2 and len(tier2) < len(load_terms):
+            z2 = m.NewIntVar(0, ub, "z2")
+            for r in tier2:
+                m.Add(z2 >= sum(c * v for c, v in load_terms[r]))
+            m.Minimize(z2)
+            solver1b = cp_model.CpSolver()
+            solver_params(solver1b, 0.2 * time_limit, seed, workers)
+            st1b = solver1b.Solve(m)
+            if st1b in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                m.Add(z2 <= int(solver1b.Value(z2)))
+                m.ClearHints()
+                for x in xs.values():
+                    for var in x.values():
+                        m.AddHint(var, solver1b.Value(var))
+        # phase 2: keep the loads, use the fewest and cheapest hops
         # shallow trees fill the pipeline faster: a level costs half the cheapest hop
         m.Minimize(sum(2 * c * v for c, v in traffic) + 100 * depth_weight * sum(levels))
         solver2 = cp_model.CpSolver()
-        solver_params(solver2, 0.3 * time_limit, seed, workers)
+        solver_params(solver2, 0.2 * time_limit, seed, workers)
         st2 = solver2.Solve(m)
         final = solver2 if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE) else solver
         chosen = {k: sorted(uv for uv, var in x.items() if final.Value(var)) for k, x in xs.items()}

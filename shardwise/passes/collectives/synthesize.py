@@ -1,16 +1,19 @@
-"""Synthesis driver: search schedules for one collective and size, verify and time every one, keep the best.
+"""Synthesis driver: search schedules for one collective and size, time every one, keep the best, verify it.
 
-Searches (all on the sketch's allowed edges, all verified by ``verify`` and timed by ``simulate``; the
-simulated time is the one reported, never a solver objective):
+Searches (all on the sketch's allowed edges, all timed by ``simulate``: the simulated time is the one
+reported, never a solver objective):
 
 * ``pipelined`` — CP-SAT routing (``routing``), then event-driven list scheduling of pieces with adaptive
-  message sizes (``pipeline``), for a few piece counts;
-* ``modulo`` — the same routing, timed by the CP-SAT steady-state model (``modulo``), for a few piece
-  counts (bandwidth-bound sizes);
+  message sizes (``pipeline``), for a few piece counts and message policies (halving, and planned
+  bottleneck messages with interleaved pieces);
+* ``modulo`` — the same routing, timed by the CP-SAT steady-state model (``modulo``), for bandwidth-bound
+  sizes where the pipelines stay more than 3% above the lower bound;
 * ``timed`` — the CP-SAT timed model with bundling (``timed``), for latency-bound sizes.
 
-The baselines run too. The result is the fastest verified schedule; ``source`` says which search (or
-baseline, when no search beat it) produced it, and ``search_s`` is the best time of the searches alone.
+The baselines run too. The result is the fastest schedule, lowered to per-rank programs and checked by
+``verify_program`` before it is returned (a wrong schedule raises ScheduleError; ``program`` keeps the
+lowered form); ``source`` says which search (or baseline, when no search beat it) produced it, and
+``search_s`` is the best time of the searches alone.
 Routings are cached per (topology, collective, sketch) since they do not depend on the size.
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from shardwise.passes.collectives.baselines import baseline_schedules
 from shardwise.passes.collectives.bounds import LowerBound, lower_bound
 from shardwise.passes.collectives.chunks import CollectiveSpec, check_collective
+from shardwise.passes.collectives.lower import lower
 from shardwise.passes.collectives.modulo import expand_modulo, solve_modulo
 from shardwise.passes.collectives.pipeline import piece_candidates, pipelined_schedule
 from shardwise.passes.collectives.routing import Routing, solve_routing
@@ -31,7 +35,7 @@ from shardwise.passes.collectives.simulate import simulate
 from shardwise.passes.collectives.sketch import Sketch, SketchView, sketch_view
 from shardwise.passes.collectives.timed import solve_timed
 from shardwise.passes.collectives.topology import TopologyView, topology_view
-from shardwise.passes.collectives.verify import verify
+from shardwise.passes.collectives.verify import verify_program
 
 __all__ = ["SynthResult", "synthesize", "TIMED_MAX_BYTES", "TIMED_MAX_RANKS"]
 
@@ -40,6 +44,10 @@ TIMED_MAX_BYTES = 4 * 2**20
 #: the timed model's size grows with ranks; above this it is skipped
 TIMED_MAX_RANKS = 32
 _ROUTINGS: dict[tuple, Routing] = {}
+#: up to this size every piece count is tried with every message plan (cheap: few tasks)
+_PLAN_ALL_COUNTS_BYTES = 16 * 2**20
+#: the steady-state (modulo) model runs only when the best pipeline is above this multiple of the bound
+_MODULO_SKIP = 1.03
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +66,7 @@ class SynthResult:
     bound: LowerBound
     synthesis_s: float
     candidates: dict[str, float] = field(default_factory=dict)
+    program: dict | None = field(default=None, repr=False)
 
 
 def _routing(sv: SketchView, kind: str, root: int, limit: float, seed: int, workers: int) -> Routing:
@@ -112,14 +121,11 @@ def synthesize(
         base[name] = (sim.time, sched, sim.start)
     best: tuple[float, str, Schedule, tuple[float, ...]] | None = None
     cands: dict[str, float] = {}
-    per_label: dict[str, tuple[float, Schedule, tuple[float, ...]]] = {}
 
     def offer(label: str, sched: Schedule) -> float:
         nonlocal best
         sim = simulate(sched, topo, n)
         cands[label] = min(sim.time, cands.get(label, float("inf")))
-        if label not in per_label or sim.time < per_label[label][0]:
-            per_label[label] = (sim.time, sched, sim.start)
         if best is None or sim.time < best[0]:
             best = (sim.time, label, sched, sim.start)
         return sim.time
@@ -134,28 +140,47 @@ def synthesize(
                 if set(rv.allowed) != set(sv.allowed):
                     views.append(rv)
         share = 0.25 * time_limit_s / len(views)
+        routings = []
         for view in views:
             tag = "" if view is sv else "+relay"
             routing = _routing(view, kind, root, share, seed, workers)
-            # piece counts with the default policy, then the other message-size policies at the best count
+            routings.append((view, tag, routing))
+            # piece counts with the default policy, then the other message-size policies
             tried = []
             # large collectives deserve finer pieces (shorter pipeline tails): a larger task budget
             budget = int(min(128_000, 24_000 * max(1.0, n / 2**26)))
-            for pieces in piece_candidates(routing, topo, n, budget):
+            counts = piece_candidates(routing, topo, n, budget)
+            for pieces in counts:
                 tried.append((offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces)), pieces))
             best_pieces = min(tried)[1]
             for rounds, split in ((64, 0.5), (None, 0.7)):
                 sched = pipelined_schedule(routing, topo, n, best_pieces, rounds=rounds, split=split)
                 offer("pipelined" + tag, sched)
+            # planned messages on the bottleneck (few alphas, a small last message), pieces interleaved
+            if n <= _PLAN_ALL_COUNTS_BYTES:
+                counts = sorted({*counts, max(1, counts[0] // 2)})
+                plans = ((0.2, 1), (0.16, 2), (0.1, 2))
+            else:
+                counts, plans = [best_pieces], ((0.2, 1),)
+            for pieces in counts:
+                for ratio, floor in plans:
+                    sched = pipelined_schedule(
+                        routing, topo, n, pieces, ratio=ratio, floor=floor, interleave=True
+                    )
+                    offer("pipelined" + tag, sched)
+        for view, tag, routing in routings:
             flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
             if not small:
-                per = 0.35 * time_limit_s / 3
-                for pieces in (4, 16, 32):
-                    plan = solve_modulo(
-                        routing, view, flow_bytes / pieces, time_limit=per, seed=seed, workers=workers
-                    )
-                    if plan is not None:
-                        offer("modulo" + tag, expand_modulo(routing, plan, pieces, topo.size))
+                # the steady-state model, only where the pipelines are not already near the bound
+                if best is not None and best[0] <= _MODULO_SKIP * bound.time:
+                    continue
+                pieces = 16
+                plan = solve_modulo(
+                    routing, view, flow_bytes / pieces, time_limit=0.3 * time_limit_s / len(views), seed=seed,
+                    workers=workers,
+                )  # fmt: skip
+                if plan is not None:
+                    offer("modulo" + tag, expand_modulo(routing, plan, pieces, topo.size))
             elif topo.size <= TIMED_MAX_RANKS:
                 upper = min([b[0] for b in base.values()] + [best[0] if best else float("inf")])
                 res = solve_timed(
@@ -164,17 +189,17 @@ def synthesize(
                 )  # fmt: skip
                 if res is not None:
                     offer("timed" + tag, res.schedule)
-    for _, sched, start in per_label.values():
-        verify(sched, start)  # each search's best (incl. the one returned): raises on a wrong schedule
     if topo.size < 2:
         best = (0.0, "trivial", Schedule(CollectiveSpec(kind, topo.size, 1, root), (), "trivial"), ())
     search_s = best[0] if best is not None else float("inf")
     for name, (t, sched, start) in sorted(base.items(), key=lambda kv: (kv[1][0], kv[0])):
         if best is None or t < best[0]:
-            verify(sched, start)
             best = (t, f"baseline:{name}", sched, start)
         break
     assert best is not None
+    # the schedule returned is lowered and verified (raises on a wrong schedule); its program is kept
+    program = lower(best[2], best[3])
+    verify_program(program)
     return SynthResult(
         collective=kind,
         nbytes=n,
@@ -188,4 +213,5 @@ def synthesize(
         bound=bound,
         synthesis_s=time.perf_counter() - t0,
         candidates=cands,
+        program=program,
     )
