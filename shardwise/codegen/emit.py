@@ -95,6 +95,7 @@ class _Names:
         self.var: dict[str, str] = {}
         self.taken: set[str] = set(_RESERVED)
         self.attr: dict[str, str] = {}
+        self.read: dict[str, str] = {}  # parameter value -> a local copy the program reads instead
         for p in graph.params:
             self.attr[p.name] = _identifier(p.key)
         for i in graph.inputs:
@@ -130,6 +131,8 @@ class _Names:
         return name
 
     def ref(self, value: str) -> str:
+        if value in self.read:
+            return self.read[value]
         if value in self.attr:
             return f"self.{self.attr[value]}"
         return self.var[value]
@@ -220,6 +223,23 @@ def _call(
         return f"{_FUNCTIONAL[node.op]}({', '.join(fmt + kw)})"
     ns, name, overload = node.op.split(".", 2) if node.op.count(".") >= 2 else ("aten", node.op, "default")
     return f"torch.ops.{ns}.{name}.{overload}({', '.join(fmt + kw)})"
+
+
+def _sharded_cross_entropy(
+    node: Node, strategy: NodeStrategy, args: tuple[Arg | _Code, ...], names: _Names
+) -> str | None:
+    """A cross entropy whose classes are split over a mesh axis (vocabulary parallel) runs as
+    ``C.sharded_cross_entropy``, which joins the pieces itself; None for any other op or split."""
+    if node.op != "aten.cross_entropy_loss.default":
+        return None
+    axis = next((a for a, label in strategy.split if label == "c"), None)
+    if axis is None:
+        return None
+    kw = node.kwarg_dict
+    reduction = node.args[3] if len(node.args) > 3 else kw.get("reduction", 1)
+    ignore = node.args[4] if len(node.args) > 4 else kw.get("ignore_index", -100)
+    x, target = (_format(a, {}, names) for a in args[:2])
+    return f"C.sharded_cross_entropy({x}, {target}, mesh, {axis!r}, reduction={reduction}, ignore_index={ignore})"
 
 
 def _collective_call(r: Redistribute, var: str, mesh: DeviceMesh, partial_grad: bool = False) -> str:
@@ -390,6 +410,16 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     for k, step in last_key.items():
         shared_last.setdefault(step, []).append(k)
     body: list[Statement] = []
+    if train and graph.buffer_updates:
+        # buffers updated in the forward (BatchNorm statistics) are read from copies: autograd saved what
+        # the forward read, and the update must not change it before the backward
+        lines = []
+        for key, _ in dict.fromkeys(graph.buffer_updates):
+            p = graph.param_by_key(key)
+            if p.name not in names.read:
+                names.read[p.name] = names.fresh(f"{names.attr[p.name]}_read")
+                lines.append(f"{names.read[p.name]} = self.{names.attr[p.name]}.clone()")
+        body.append(Statement("buffers updated by this step, read before the update", tuple(lines)))
     for i, spec in zip(graph.inputs, plan.input_placements, strict=True):
         placement[i.name] = spec
         lines = []
@@ -439,7 +469,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         else:
             args = _localize_sizes(node, strategy, mesh, names)
             args, kwargs = _bind(args, node.kwargs, tensors, operand_vars)
-            expr = _call(node, args, {}, names, kwargs)
+            expr = _sharded_cross_entropy(node, strategy, args, names) or _call(node, args, {}, names, kwargs)
         target = names.var[node.name]
         lines.append(f"{target} = {expr}")
         placement[node.name] = strategy.outputs[0] if strategy.outputs and not node.tuple_output else None

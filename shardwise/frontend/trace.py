@@ -62,7 +62,9 @@ def export_program(
             dynamic_shapes=dynamic_shapes,
             strict=False,
         )
-        if _has_higher_order_ops(ep):  # e.g. torch.no_grad regions: inline them into plain ATen ops
+        # torch.no_grad regions (higher-order ops) are inlined into plain ATen ops; in-place updates (a
+        # BatchNorm's statistics in training) become functional ops whose results are buffer updates
+        if _has_higher_order_ops(ep) or _has_mutations(ep):
             ep = ep.run_decompositions({})
         return ep
     except Exception as exc:  # torch raises many kinds; the user needs the cause and what to try
@@ -72,6 +74,25 @@ def export_program(
             f"{first}\nCheck that the example inputs match the model's forward() (types, shapes, dtypes), and "
             "that data-dependent Python control flow does not depend on tensor values."
         ) from exc
+
+
+def _has_mutations(ep: ExportedProgram) -> bool:
+    """Does the program update buffers in place (and nothing else: an in-place op on an input or an
+    activation stays, and is refused with its line)?"""
+    buffers = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.BUFFER}
+    found = False
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        schema = n.target._schema
+        if not schema.is_mutable:
+            continue
+        for arg, value in zip(schema.arguments, n.args, strict=False):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                if not (isinstance(value, torch.fx.Node) and value.name in buffers):
+                    return False
+                found = True
+    return found
 
 
 def _has_higher_order_ops(ep: ExportedProgram) -> bool:

@@ -84,3 +84,13 @@ def test_inputs_that_do_not_match_the_model_are_a_trace_error():
         trace(model, (torch.randn(4, 7),))
     with pytest.raises(TraceError, match="tuple"):
         trace(model, torch.randn(4, 32))
+
+
+def test_batch_norm_statistics_in_training_are_buffer_updates():
+    """In-place updates of buffers (a BatchNorm's running statistics and step count) become functional ops
+    whose results update the buffers; an in-place op on anything else stays a clear error."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    graph, _ = trace(model, (torch.randn(8, 4),), loss_fn=lambda out: out.square().mean())
+    verify(graph)
+    assert {key for key, _ in graph.buffer_updates} == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert not any(n.op.endswith("_.Tensor") or n.op == "aten.batch_norm.default" for n in graph.nodes)

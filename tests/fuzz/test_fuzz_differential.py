@@ -34,6 +34,10 @@ PIPELINE_SEEDS = {
     2: "",  # a pipeline stage without trainable parameters (was: empty optimizer parameter list)
     51: "",  # x.view(8, -1): the batch is not cut (one micro-batch), was micro-batched silently wrong
     10: "",  # torch.full((12, 2)) and a min over the batch on pp=2 x dp=2: a clear refusal
+    # BatchNorm training (was: in-place num_batches_tracked refused; then statistics updated before backward)
+    6: "",  # tp=2
+    21: "",  # dp=4
+    142: "",  # pp=2 x tp=2
     62: "",  # pp=2 in float64 (was: the loss rounded to float32)
 }
 
