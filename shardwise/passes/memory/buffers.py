@@ -51,7 +51,7 @@ class Assignment:
     offsets: tuple[tuple[str, int], ...]  # (buffer id, byte offset), sorted by id
     arena_bytes: int  # max over buffers of offset + size
     lower_bound_bytes: int  # largest total of simultaneously live bytes
-    method: str  # "best-fit-size" | "best-fit-lifetime" | "exact"
+    method: str  # "best-fit-size" | "best-fit-lifetime" | "exact" (canonical search) | "cp-sat"
     optimal: bool  # arena == lower bound, or proven optimal by the exact search
     solve_s: float
     _index: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)

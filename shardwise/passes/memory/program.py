@@ -12,7 +12,8 @@ Buffers (ids carry their kind before the colon: ``param``, ``opt``, ``grad``, ``
 ``cgrad``, ``mask``, ``cast``, ``input``, ``bucket``, ``zero``, ``scratch``):
 
 * parameters, module buffers and optimizer state (AdamW: two fp32 moments; ZeRO >= 1: this rank's slice,
-  with its fp32 master copy) live over the whole step; so do the input batch (the caller holds it);
+  with its fp32 master copy) live over the whole step; so does the whole input batch (the caller holds it;
+  a rank whose batch is split copies out its piece, an activation);
 * an activation lives from its op until its last forward use and, when training, until the backward of
   the last op that saves it for backward (matmuls save their operands, nonlinearities their input or
   output, attention its inputs and output, dropout a 1-byte mask); views share their base's storage
@@ -226,9 +227,12 @@ def step_buffers(
         grad[p.name] = train and p.requires_grad and p.spec.dtype.startswith(("float", "bfloat"))
     for i in graph.inputs:
         if isinstance(i.spec, TensorSpec):
-            local[i.name] = nbytes(i.spec, input_placements.get(i.name), True)
-            storage[i.name] = lives.new(f"input:{i.name}", local[i.name], 0)
-            lives.touch(storage[i.name], last)
+            # every rank is handed the whole batch (held by the caller) and copies out its piece
+            whole = lives.new(f"input:{i.name}", nbytes(i.spec, None, False), 0)
+            lives.touch(whole, last)
+            local[i.name] = nbytes(i.spec, input_placements.get(i.name), False)
+            piece = local[i.name] < lives.size[whole]
+            storage[i.name] = lives.new(f"act:{i.name}", local[i.name], 0) if piece else whole
             grad[i.name] = False
     reduce = dict(grad_reduce or {})
     if train and optimizer_factor > 0:

@@ -246,3 +246,36 @@ def test_brute_force_helper_is_right():
     # the helper the optimality test trusts: two buffers live together stack, apart they share
     assert _brute_force_arena([Buffer("a", 0, 2, 3), Buffer("b", 1, 3, 2)]) == 5
     assert _brute_force_arena([Buffer("a", 0, 1, 3), Buffer("b", 1, 3, 2)]) == 3
+
+
+# --- CP-SAT, the second exact search ----------------------------------------------------------------------
+
+
+def test_cpsat_fits_exact_packings_and_proves_infeasibility():
+    from shardwise.passes.memory.cpsat import fit_within_cpsat
+
+    bufs = [Buffer(f"p{i}", t0, t1, y1 - y0) for i, (t0, t1, y0, y1) in enumerate(
+        [(0, 4, 0, 3), (4, 10, 0, 2), (4, 7, 2, 5), (7, 10, 2, 4), (0, 2, 3, 5), (2, 4, 3, 5), (7, 10, 4, 5)]
+    )]  # fmt: skip
+    args = ([b.start for b in bufs], [b.end for b in bufs], [b.size for b in bufs])
+    res = fit_within_cpsat(*args, 5, time_limit_s=10.0, deterministic_limit=5.0)
+    assert res.status == "found" and res.offsets is not None
+    a = Assignment(
+        offsets=tuple(sorted((b.id, o) for b, o in zip(bufs, res.offsets))),
+        arena_bytes=max(o + b.size for b, o in zip(bufs, res.offsets)), lower_bound_bytes=lower_bound(bufs),
+        method="cp-sat", optimal=True, solve_s=0.0,
+    )  # fmt: skip
+    verify_assignment(bufs, a, capacity=5)
+    assert fit_within_cpsat(*args, 4, time_limit_s=10.0).status == "infeasible"  # below the lower bound
+    aligned = fit_within_cpsat(*args, 8, time_limit_s=10.0, alignment=2)
+    assert aligned.status == "found" and all(o % 2 == 0 for o in aligned.offsets or ())
+
+
+def test_cpsat_takes_over_when_the_canonical_search_runs_out():
+    assert best_fit(SMALL).arena_bytes == 6
+    a = assign_offsets(SMALL, capacity=5, node_limit=1)  # one node: the canonical search gives up
+    verify_assignment(SMALL, a, capacity=5)
+    assert a.method == "cp-sat"
+    b = assign_offsets(SMALL, node_limit=1)  # no capacity: CP-SAT reaches the lower bound too
+    assert (b.arena_bytes, b.method, b.optimal) == (5, "cp-sat", True)
+    assert assign_offsets(SMALL, capacity=5, node_limit=1, use_cpsat=False).arena_bytes == 6

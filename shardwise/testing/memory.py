@@ -1,0 +1,73 @@
+"""Measured memory of one rank's training step, to check the memory map's predictions against.
+
+``measure_train_step(module, *inputs)`` runs in a worker (``WorkerPool.call_function``) on the generated
+program's module. It runs one ``train_step`` under ``torch.profiler`` with ``profile_memory=True`` and
+replays the allocation events the CPU allocator reported (every allocation and free: tensors autograd
+keeps for backward, gradients, collective buffers, optimizer temporaries) in time order; the step's peak
+is the bytes that existed before it (the storages of the parameters, buffers, optimizer state and inputs)
+plus the largest total the step had allocated at one time. Run a step first so that the optimizer's
+state exists, as in steady-state training.
+
+The events come from ``kineto_results.experimental_event_tree()`` (an experimental PyTorch API):
+``measure_train_step`` raises ``RuntimeError`` naming the problem if it is missing or changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["measure_train_step", "resident_bytes"]
+
+
+def resident_bytes(module: Any, inputs: tuple[Any, ...]) -> int:
+    """Bytes of the distinct storages of the module's parameters and buffers, its optimizers' state
+    (``optimizer``, ``sharded_optimizer`` of generated programs) and the tensors among ``inputs``."""
+    import torch
+
+    tensors: list[torch.Tensor] = list(module.parameters()) + list(module.buffers())
+    tensors += [t for t in inputs if isinstance(t, torch.Tensor)]
+    sharded = getattr(module, "sharded_optimizer", None)
+    optimizers = [getattr(module, "optimizer", None), getattr(sharded, "optimizer", None)]
+    if sharded is not None:
+        tensors.append(sharded.master)
+    for opt in optimizers:
+        if opt is None:
+            continue
+        for state in opt.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def measure_train_step(module: Any, *inputs: Any) -> dict[str, int]:
+    """``{"resident": ..., "transient_peak": ..., "peak": ...}`` bytes of one ``module.train_step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError as exc:  # pragma: no cover - depends on the PyTorch version
+        raise RuntimeError(f"this PyTorch has no profiler event types: {exc}") from exc
+    resident = resident_bytes(module, inputs)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        module.train_step(*inputs)
+    events: list[tuple[int, int]] = []
+    try:
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            if e.tag == _EventType.Allocation:
+                events.append((e.start_time_ns, e.extra_fields.alloc_size))
+            stack.extend(e.children)
+    except AttributeError as exc:  # pragma: no cover - depends on the PyTorch version
+        raise RuntimeError(f"the profiler's allocation events changed: {exc}") from exc
+    if not events:
+        raise RuntimeError("the profiler reported no allocations: memory profiling is not working here")
+    events.sort()
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return {"resident": resident, "transient_peak": peak, "peak": resident + peak}
