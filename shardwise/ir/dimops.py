@@ -43,6 +43,9 @@ class OpDims:
     inputs: tuple[Operand, ...]
     outputs: tuple[Operand, ...]
     partial: str = "sum"  # how partial results of a "+" split combine: "sum", "avg" (mean) or "max"
+    # labels whose split the op's sharded implementation combines itself (outputs lacking them are whole),
+    # e.g. the class dimension of cross entropy (vocabulary-parallel loss: its collectives are internal)
+    combined: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
         def side(ops: tuple[Operand, ...]) -> str:

@@ -529,8 +529,8 @@ def _getitem(node: Node, ins: Specs, outs: Specs) -> OpDims:
 
 def _cross_entropy(node: Node, ins: Specs, outs: Specs) -> OpDims:
     """``cross_entropy_loss(x[N, C, d...], target[N, d...], weight[C]?, reduction, ignore_index, smoothing)``:
-    the class dimension is needed whole; with reduction "none" the others map to the output, with "sum"
-    they are contractions (partial sums); "mean" divides by a count the op keeps to itself: run whole (the
+    the class dimension may be split (its pieces are combined inside the op); with reduction "none" the
+    others map to the output, with "sum" they are contractions (partial sums); "mean" divides by a count the op keeps to itself: run whole (the
     planner rewrites a mean into sum / count, see passes.sharding.rewrite)."""
     reduction = _arg(node, 3, "reduction", 1)
     smoothing = _arg(node, 5, "label_smoothing", 0.0)
@@ -539,10 +539,12 @@ def _cross_entropy(node: Node, ins: Specs, outs: Specs) -> OpDims:
         return _all_frozen(node, ins, outs)  # (a class weight would need a rule of its own)
     n = Dim("n", reduce=reduction == 2)
     rest = tuple(Dim(f"d{i}", reduce=reduction == 2) for i in range(x.rank - 2))
-    c = Dim("c", frozen=True)
+    # the classes may be split (vocabulary-parallel cross entropy): the sharded implementation combines
+    # the per-class pieces with three all-reduces of one value per target (codegen: C.sharded_cross_entropy)
+    c = Dim("c")
     operands: list[Operand] = [(n, c) + rest, (n,) + rest]
     out: Operand = () if reduction == 2 else (n,) + rest
-    return OpDims(tuple(operands), (out,))
+    return OpDims(tuple(operands), (out,), combined=frozenset({"c"}))
 
 
 def _where(node: Node, ins: Specs, outs: Specs) -> OpDims:

@@ -5,7 +5,9 @@ Rules (dimops semantics, see shardwise.ir.dimops), per mesh axis that splits lab
 - an operand holding L is sharded on L's position; an operand lacking L is used whole (Replicate), except
   that for a contraction label (``+``) the operands lacking it in a linear op (a bias) enter as partial
   sums, so that the bias is added once;
-- an output holding L is sharded on it; if L is a contraction the outputs are Partial;
+- an output holding L is sharded on it; if L is a contraction the outputs are Partial; an output lacking a
+  label the op combines itself (``OpDims.combined``, e.g. the classes of a vocabulary-parallel cross
+  entropy) is whole;
 - in training, an operand lacking a non-contraction label L gets a partial gradient on that axis (each
   device saw only its part of the work): it must be summed over the axis in the backward (Megatron's "f"
   operator). A partial-sum operand (the bias of a contraction split) gets its whole gradient on every
@@ -52,10 +54,9 @@ def split_is_valid(
         lacking = [op for op in dims.inputs if dims.position(op, label) is None]
         if lacking and (rule is None or rule.kind not in LINEAR_KINDS):
             return False
-    else:
+    elif label not in dims.combined and any(dims.position(o, label) is None for o in dims.outputs):
         # a split label must reach every output (or the op would produce a whole output from a piece)
-        if any(dims.position(o, label) is None for o in dims.outputs):
-            return False
+        return False
     return True
 
 
@@ -96,7 +97,10 @@ def make_strategy(
                 grad_axes.setdefault(i, []).append(axis)
         for j, operand in enumerate(dims.outputs[: len(outs)]):
             pos = dims.position(operand, label)
-            out_pl[j][a] = Shard(pos) if pos is not None else Partial(dims.partial)
+            if pos is not None:
+                out_pl[j][a] = Shard(pos)
+            elif label not in dims.combined:  # (a combined label's pieces are joined inside the op)
+                out_pl[j][a] = Partial(dims.partial)
     required = tuple(ShardingSpec(tuple(r)) for r in req)
     redistributes: list[Redistribute] = []
     for name, spec, have, want in zip(operands, ins, current, required, strict=False):
