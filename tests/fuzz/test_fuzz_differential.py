@@ -38,6 +38,7 @@ PIPELINE_SEEDS = {
     6: "",  # tp=2
     21: "",  # dp=4
     142: "",  # pp=2 x tp=2
+    829: "",  # a parameter no op reads: no pipeline chunk held it (state_dict lacked it)
     62: "",  # pp=2 in float64 (was: the loss rounded to float32)
 }
 

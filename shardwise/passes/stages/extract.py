@@ -11,8 +11,9 @@ builds, for every chunk, a :class:`~shardwise.ir.graph.Graph` that runs on its o
   would otherwise cross every stage boundary;
 - its **outputs** are the values later chunks read, then (for the last chunk) the model's outputs; a model
   output made by an earlier chunk is passed to the last chunk, which returns all of them;
-- it holds every parameter and buffer its nodes read; a parameter read by several chunks (tied embeddings)
-  is listed in ``tied``: each chunk keeps a copy and their gradients are summed after backward.
+- it holds every parameter and buffer its nodes read (the first chunk also those no op reads, so that the
+  chunks together hold the whole state_dict); a parameter read by several chunks (tied embeddings) is
+  listed in ``tied``: each chunk keeps a copy and their gradients are summed after backward.
 
 Requires: a verified graph; ``owner`` maps every node to a chunk in ``range(chunks)`` and never decreases
 along an edge. Guarantees: every chunk graph passes ``ir.verify``; every transfer is an output of its source
@@ -132,13 +133,15 @@ def extract_chunks(graph: Graph, owner: Mapping[str, int], chunks: int) -> Chunk
             sent[src].setdefault(v, None)
     graphs: list[Graph] = []
     readers: dict[str, set[int]] = {}
+    read = {v for n in graph.nodes for v in n.inputs}
     for c in range(chunks):
         nodes = sorted(members[c], key=lambda n: index[n])
         used: dict[str, None] = {}
         for name in nodes:
             for v in graph.node(name).inputs:
                 used.setdefault(v, None)
-        chunk_params = tuple(p for p in graph.params if p.name in used)
+        # a parameter no op reads (dead code) is still the model's: the first chunk keeps it
+        chunk_params = tuple(p for p in graph.params if p.name in used or (c == 0 and p.name not in read))
         for p in chunk_params:
             if p.requires_grad and p.kind == "parameter":
                 readers.setdefault(p.key, set()).add(c)

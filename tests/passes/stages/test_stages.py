@@ -165,3 +165,20 @@ def test_efficiencies_are_published_fractions_below_one():
     ):
         assert 0.5 < f < 1.0
     assert efficiency_for(get_cluster("cpu:2")) == PEAK
+
+
+def test_every_parameter_is_held_by_a_chunk_even_one_no_op_reads():
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.unused = (torch.nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    graph, _ = trace(Model(), (torch.randn(2, 4),))
+    units = layer_units(graph)
+    chunks = extract_chunks(graph, chunk_owner(units.nodes, [(0, 1), (1, len(units))]), 2)
+    held = [p.key for g in chunks.graphs for p in g.params]
+    assert sorted(held) == sorted(p.key for p in graph.params)  # each once, "unused.*" in the first chunk
+    assert {"unused.weight", "unused.bias"} <= {p.key for p in chunks.graphs[0].params}
