@@ -219,11 +219,16 @@ def plan_auto(
     time_limit_s: float = 60.0,
     require_fit: bool = True,
     stats_out: list[ILPStats] | None = None,
+    collectives: str = "library",
 ) -> ExecutionPlan:
     """Search meshes and place each with the ILP; see the module docstring. ``require_fit=False`` returns
     the fastest plan even when none fits in device memory (with a note saying how much it needs) instead
     of raising DoesNotFitError: for sizing clusters. ``stats_out`` receives the ILP statistics of every
-    placement solved (one per mesh and ZeRO stage tried)."""
+    placement solved (one per mesh and ZeRO stage tried). ``collectives="synthesize"`` then gives every
+    collective of the chosen plan a synthesized schedule where one is predicted faster than the library's
+    (``planner.collectives``; the plan records each one's algorithm)."""
+    if collectives not in ("library", "synthesize"):
+        raise PlanError(f"collectives={collectives!r} is not allowed: use 'library' or 'synthesize'")
     constraints = _check_constraints(constraints or {}, cluster)
     batch = [i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank > 0]
     zero_options = [constraints["zero"]] if "zero" in constraints else [0, 1, 3]
@@ -332,7 +337,7 @@ def plan_auto(
             ", parameters too" if best.zero == 3 else ""))  # fmt: skip
     grad_reduce = param_grad_reduce(g, placed.strategies) if mode == "train" else {}
     keys = {p.name: p.key for p in g.params}
-    return ExecutionPlan(
+    plan = ExecutionPlan(
         schema_version=SCHEMA_VERSION,
         model_name=g.model_name,
         model_fingerprint=graph_fingerprint(graph),
@@ -358,3 +363,8 @@ def plan_auto(
         optimizer=optimizer,
         zero_stage=best.zero,
     )
+    if collectives == "synthesize":
+        from shardwise.planner.collectives import choose_collectives
+
+        plan = choose_collectives(plan, cluster)
+    return plan

@@ -1,0 +1,97 @@
+"""Choosing each collective's algorithm for a plan: the library's, or a synthesized schedule when it is
+predicted faster (issue 5: the planner uses synthesized collectives and the plan records which).
+
+For every redistribution of a plan that runs one collective (allgather, reduce_scatter, allreduce,
+alltoall) over a mesh axis, ``choose_collectives`` asks ``passes.collectives.best_collective`` for the first
+group of that axis (the groups of an axis are alike on every preset: the same links, one node apart) and
+compares, under the one simulator, the best schedule with the library's best algorithm for that group.
+When a synthesized schedule (``synth:<digest>``) or a named baseline the library does not run is faster,
+the redistribution records that ``algorithm`` and its time becomes the planner's estimate scaled by the
+simulated speedup (so the plan's other figures, made with the planner's ring model, stay comparable);
+otherwise it keeps ``library:<name>``, the library's best algorithm there. The op's ``comm_s`` and the
+plan's predicted communication and step time drop by the time saved, and a note says how many
+collectives changed. Results are cached (``passes.collectives.api``), so re-planning costs nothing.
+
+Groups larger than ``max_ranks`` keep the library (synthesis time grows with the group); a collective made
+of several steps (``allreduce+to_partial``) keeps its recorded algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from shardwise.cluster import ClusterSpec
+from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
+
+__all__ = ["choose_collectives", "SYNTHESIZED_COLLECTIVES"]
+
+SYNTHESIZED_COLLECTIVES = ("allgather", "reduce_scatter", "allreduce", "alltoall")
+
+
+def choose_collectives(
+    plan: ExecutionPlan,
+    cluster: ClusterSpec,
+    *,
+    time_limit_s: float = 2.0,
+    max_ranks: int = 64,
+    cache: str = "auto",
+) -> ExecutionPlan:
+    """``plan`` with every collective's algorithm chosen (see the module docstring)."""
+    from shardwise.passes.collectives import best_collective
+
+    choices: dict[tuple[str, int, str], tuple[str, float]] = {}
+
+    def choose(r: Redistribute) -> Redistribute:
+        if r.collective not in SYNTHESIZED_COLLECTIVES or r.nbytes <= 0 or r.time_s <= 0:
+            return r
+        groups = plan.mesh.groups(r.axis)
+        group = groups[0] if groups else ()
+        if not 2 <= len(group) <= max_ranks:
+            return r
+        key = (r.collective, r.nbytes, r.axis)
+        if key not in choices:
+            c = best_collective(
+                cluster, r.collective, r.nbytes, group, time_limit_s=time_limit_s, cache=cache
+            )
+            if c.uses_library or c.predicted_s >= c.library_s or c.library_s <= 0:
+                choices[key] = (c.algorithm if c.uses_library else "library:ring", 1.0)
+            else:
+                choices[key] = (c.algorithm, c.predicted_s / c.library_s)
+        algorithm, factor = choices[key]
+        return replace(r, algorithm=algorithm, time_s=r.time_s * factor)
+
+    saved = 0.0
+    changed = total = 0
+    strategies: list[NodeStrategy] = []
+    for s in plan.strategies:
+        if not s.redistributes:
+            strategies.append(s)
+            continue
+        new = tuple(choose(r) for r in s.redistributes)
+        gain = sum(a.time_s - b.time_s for a, b in zip(s.redistributes, new, strict=True))
+        total += sum(1 for r in new if r.collective in SYNTHESIZED_COLLECTIVES)
+        changed += sum(1 for r in new if not r.algorithm.startswith("library:"))
+        saved += gain
+        strategies.append(replace(s, redistributes=new, comm_s=max(0.0, s.comm_s - gain)))
+    pred = plan.predicted
+    if saved > 0 and pred is not None:
+        step = max(pred.compute_s, pred.step_time_s - saved)
+        speed = pred.step_time_s / step if step > 0 else 1.0
+        pred = replace(
+            pred,
+            step_time_s=step,
+            comm_s=max(0.0, pred.comm_s - saved),
+            tflops_per_device=pred.tflops_per_device * speed,
+            mfu=pred.mfu * speed,
+        )
+    note = (
+        f"collectives: {changed} of {total} use a synthesized schedule or a non-library algorithm, predicted "
+        f"{saved * 1e3:.3f} ms faster per step than the library's"
+    )
+    return replace(
+        plan,
+        strategies=tuple(strategies),
+        predicted=pred,
+        notes=(*plan.notes, note),
+        passes=(*plan.passes, "collectives.choose"),
+    )
