@@ -9,7 +9,8 @@ needs for the winner:
 - its layer units cut into the winner's chunks (:func:`~shardwise.passes.stages.extract_chunks`), each
   placed on its ``1 x tp`` tensor-parallel group by the intra-op planner and fused like any program;
 - the schedule's per-device action lists and the chunk-to-chunk transfers;
-- the top-level plan: mesh ``pp x dp x tp``, predictions (step time, bubble, per-rank memory, TFLOP/s,
+- the top-level plan: mesh ``pp x dp x tp``, predictions (step time, bubble, per-rank memory from the
+  memory-mapping pass on each stage's schedule (``passes.memory.pipeline``), TFLOP/s,
   MFU) and the ranked alternatives of the search.
 
 The batch is cut only if that is exact (:mod:`shardwise.passes.stages.rows`: rows independent, outputs
@@ -31,8 +32,9 @@ from shardwise.errors import PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
-from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
+from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeStrategy, Prediction
 from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.memory.pipeline import map_pipeline_memory
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
 from shardwise.passes.stages.place import place_chunk
 from shardwise.passes.stages.profile import traced_batch
@@ -278,20 +280,12 @@ def _top_plan(
     peak_flops = cluster.device.flops({"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
     flops = result.model_flops / world
     step = max(best.step_s, 1e-12)
-    per_rank = tuple(best.memory_bytes[r // (dp * tp)] for r in range(world))
-    memory = tuple(
-        RankMemory(
-            rank=r,
-            params_bytes=0,
-            grads_bytes=0,
-            optimizer_bytes=0,
-            activation_bytes=per_rank[r],
-            arena_bytes=per_rank[r],
-            lower_bound_bytes=0,
-            capacity_bytes=cluster.device.memory_bytes,
-        )  # fmt: skip
-        for r in range(world)
-    )
+    # the memory-mapping pass on each device stage's schedule (micro-batches in flight): the prediction
+    memory = map_pipeline_memory(
+        spec, train=mode == "train", capacity_bytes=cluster.device.memory_bytes, precision=precision,
+        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), optimizer_foreach=cluster.device.kind != "cpu",
+    ).memory  # fmt: skip
+    per_rank = tuple(m.arena_bytes for m in memory)
     notes = [
         f"pipeline: {spec}",
         "chunks: "
@@ -339,6 +333,7 @@ def _top_plan(
             "stages.partition",
             "sharding",
             f"schedule.{spec.schedule}",
+            "memory.map",
             "planner.search",
         ),
         notes=tuple(notes),

@@ -20,12 +20,16 @@ __all__ = ["measure_train_step", "resident_bytes"]
 
 
 def resident_bytes(module: Any, inputs: tuple[Any, ...]) -> int:
-    """Bytes of the distinct storages of the module's parameters and buffers, its optimizers' state
-    (``optimizer``, ``sharded_optimizer`` of generated programs) and the tensors among ``inputs``."""
+    """Bytes of the distinct storages of the module's parameters and buffers (a pipeline rank's: its
+    chunks'), its optimizers' state (``optimizer``, ``sharded_optimizer`` of generated programs) and the
+    tensors among ``inputs``."""
     import torch
 
-    tensors: list[torch.Tensor] = list(module.parameters()) + list(module.buffers())
-    tensors += [t for t in inputs if isinstance(t, torch.Tensor)]
+    modules = [module] + [m for _, m in getattr(module, "chunks", {}).values()]  # a pipeline rank's chunks
+    tensors: list[torch.Tensor] = [t for t in inputs if isinstance(t, torch.Tensor)]
+    for m in modules:
+        tensors += list(m.parameters())
+        tensors += list(m.buffers()) if hasattr(m, "buffers") else []
     sharded = getattr(module, "sharded_optimizer", None)
     optimizers = [getattr(module, "optimizer", None), getattr(sharded, "optimizer", None)]
     if sharded is not None:

@@ -1,6 +1,7 @@
 """Predicted peak memory against the measured peak of a rank's training step (issue 6, point 5).
 
-For the zoo models on ``cpu:2`` (data parallel and tensor parallel), each rank's ``train_step`` of the
+For the zoo models on ``cpu:2`` (data parallel and tensor parallel; GPT-2 also as a two-stage pipeline of
+four micro-batches, GPipe and 1F1B), each rank's ``train_step`` of the
 generated program is measured in its worker (``shardwise.testing.memory``: the CPU allocator's
 allocations and frees replayed from the profiler, plus the storages of the parameters, buffers,
 optimizer state and inputs held before the step). The plan's prediction (the arena of the memory map)
@@ -41,9 +42,19 @@ def pool():
     made.close()
 
 
-@pytest.mark.parametrize("constraints", [{"dp": 2}, {"tp": 2}], ids=["dp2", "tp2"])
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "mlp"])
-def test_predicted_peak_memory_matches_the_measured_step(pool, name, constraints):
+FLAT = [(name, c) for name in ("gpt2", "llama", "bert", "vit", "mlp") for c in ("dp2", "tp2")]
+CONSTRAINTS = {
+    "dp2": {"dp": 2},
+    "tp2": {"tp": 2},
+    # pipelines: micro-batches in flight (GPipe: all four at once; 1F1B: at most two on the first stage)
+    "pp2-gpipe": {"pp": 2, "dp": 1, "tp": 1, "schedule": "gpipe", "microbatches": 4, "recompute": "none"},
+    "pp2-1f1b": {"pp": 2, "dp": 1, "tp": 1, "schedule": "1f1b", "microbatches": 4, "recompute": "none"},
+}
+
+
+@pytest.mark.parametrize(("name", "case"), FLAT + [("gpt2", "pp2-gpipe"), ("gpt2", "pp2-1f1b")])
+def test_predicted_peak_memory_matches_the_measured_step(pool, name, case):
+    constraints = CONSTRAINTS[case]
     model, inputs = build_model(name)
     with shardwise.compile(
         model, "cpu:2", example_inputs=inputs, mode="train", loss_fn=_loss, constraints=constraints,

@@ -17,6 +17,7 @@ Buffers (ids carry their kind before the colon: ``param``, ``opt``, ``grad``, ``
 * an activation lives from its op until its last forward use and, when training, until the backward of
   the last op that saves it for backward (matmuls save their operands, nonlinearities their input or
   output, attention its inputs and output, dropout a 1-byte mask); views share their base's storage
+  (so does a dropout with probability 0 or in eval mode: it returns its input)
   (a ``reshape`` or ``contiguous`` of a non-contiguous view copies);
 * training: the gradient of each activation that needs one lives from the backward of its last consumer to
   the backward of its producer (gradients of pure views share storage); parameter gradients from the
@@ -103,6 +104,7 @@ _MATMULS = frozenset(
                "baddbmm.default", "conv1d.default", "conv2d.default", "conv3d.default", "convolution.default",
                "einsum.default")
 )  # fmt: skip
+_SCALED = frozenset(("aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar"))
 _MASKS = frozenset(("aten.dropout.default", "aten.native_dropout.default"))
 _NO_BUFFER_COLLECTIVES = ("none", "slice")  # a local slice is a view of the replicated value
 BUCKET_BYTES = 25 * 2**20  # the generated gradient all-reduce's bucket size (codegen _collectives)
@@ -315,7 +317,8 @@ def step_buffers(
         local[node.name] = nbytes(out, placement, True)
         grad[node.name] = needs and _is_float(out)
         first = names[0] if names else ""
-        view = node.op in _VIEWS and bool(reads) and reads[0] != ""
+        inert = node.op in _MASKS and _inert_dropout(node)  # returns its input: p == 0 or not training
+        view = (node.op in _VIEWS or inert) and bool(reads) and reads[0] != ""
         if view and node.op in _COPY_IF_STRIDED and first in strided:
             view = False
         if view and node.op in _CASTS:
@@ -335,11 +338,13 @@ def step_buffers(
             saved.append(storage[node.name])
         elif node.op in _SAVES_BOTH:
             saved += [r for r in reads if r] + [storage[node.name]]
+        elif node.op in _SCALED and len(names) < 2:
+            pass  # times (or over) a number: the backward needs only the number
         elif node.op not in _SAVES_NONE and node.op not in _VIEWS:
             saved += [r for r in reads if r]
         for sid in saved:
             users_saving.setdefault(sid, []).append(k)
-        if node.op in _MASKS:  # a 1-byte keep mask per element
+        if node.op in _MASKS and not inert:  # a 1-byte keep mask per element
             lives.new(f"mask:{node.name}", local[node.name] // _local_elt(out, low), k)
             users_saving.setdefault(f"mask:{node.name}", []).append(k)
         if low and node.op in _MATMULS:
@@ -438,6 +443,14 @@ def step_buffers(
         scratch = sum(trainable) if optimizer_foreach else 2 * max(trainable)
         lives.new("scratch:optimizer", 4 * scratch, sched.optimizer)
     return lives.buffers()
+
+
+def _inert_dropout(node: Node) -> bool:
+    """A dropout that returns its input: probability 0 or ``train=False`` (``aten.dropout(x, p, train)``)."""
+    args = list(node.args[1:3]) + [None] * 2
+    p = args[0] if args[0] is not None else node.kwarg_dict().get("p")
+    train = args[1] if args[1] is not None else node.kwarg_dict().get("train", True)
+    return p == 0 or train is False
 
 
 def _is_float(spec: object) -> bool:

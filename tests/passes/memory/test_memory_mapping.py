@@ -107,3 +107,54 @@ def test_low_precision_inference_stores_half_size_weights(graphs):
     bf16 = plan_auto(graphs["mlp"], cluster, mode="inference", precision="bf16", constraints={"dp": 2})
     assert bf16.memory[0].params_bytes < fp32.memory[0].params_bytes
     assert bf16.memory[0].arena_bytes < fp32.memory[0].arena_bytes
+
+
+def test_pipeline_plans_map_each_stage_with_the_micro_batches_in_flight():
+    from shardwise.passes.memory.pipeline import map_pipeline_memory
+    from shardwise.planner.pipeline import plan_pipeline
+
+    model, inputs = build_model("gpt2")
+
+    def loss(o):
+        return o.logits.float().sin().mean()
+
+    graph = trace(model, inputs, loss_fn=loss)[0]
+
+    def micro(n):
+        return trace(model, tuple(x[:n] for x in inputs), loss_fn=loss)[0]
+
+    base = {"pp": 2, "dp": 1, "tp": 1, "microbatches": 4, "recompute": "none"}
+    plans = {
+        s: plan_pipeline(graph, get_cluster("cpu:2"), micro_graph=micro, constraints={**base, "schedule": s})
+        for s in ("gpipe", "1f1b")
+    }
+    for plan in plans.values():
+        assert plan.predicted.memory_bytes == tuple(m.arena_bytes for m in plan.memory)
+        assert "memory.map" in plan.passes
+        mapped = map_pipeline_memory(plan.pipeline, train=True, capacity_bytes=plan.memory[0].capacity_bytes)
+        assert mapped.memory == plan.memory
+        for bufs, a in zip(mapped.buffers, mapped.assignments):
+            verify_assignment(bufs, a)
+            assert a.arena_bytes >= a.lower_bound_bytes == lower_bound(bufs) > 0
+            assert {b.id.rsplit("#", 1)[1] for b in bufs if "#" in b.id} == {"0", "1", "2", "3"}
+    # GPipe keeps all four micro-batches' activations on the first stage, 1F1B at most two
+    assert plans["gpipe"].memory[0].arena_bytes > plans["1f1b"].memory[0].arena_bytes
+    back = ExecutionPlan.from_json(plans["1f1b"].to_json())
+    assert back.memory == plans["1f1b"].memory
+
+
+def test_online_assignment_of_large_stages_is_valid():
+    import random
+
+    from shardwise.passes.memory import Buffer
+    from shardwise.passes.memory.pipeline import online_assignment
+
+    rng = random.Random(3)
+    for _ in range(200):
+        bufs = []
+        for i in range(rng.randint(1, 30)):
+            start = rng.randint(0, 15)
+            bufs.append(Buffer(f"b{i}", start, rng.randint(start + 1, 20), rng.randint(1, 64)))
+        a = online_assignment(bufs)
+        verify_assignment(bufs, a)
+        assert a.lower_bound_bytes == lower_bound(bufs) and a.method == "online-best-fit"
