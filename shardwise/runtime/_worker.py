@@ -12,6 +12,7 @@ This module does not import torch at import time; the pool also puts the thread 
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import os
@@ -74,12 +75,37 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(70)
 
 
+def _subgroups() -> list[Any]:
+    """The process groups other than the default one (each gloo group keeps threads until destroyed)."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _world
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return []
+        default = dist.group.WORLD
+        return [g for g in list(_world.pg_map) if g is not default]
+    except Exception:  # private torch structure: without it groups are only leaked, not wrong
+        return []
+
+
+def _destroy_groups(groups: list[Any]) -> None:
+    """Destroy the process groups a replaced package made: a pool that takes thousands of programs (the
+    fuzzer) would otherwise keep every group's threads alive."""
+    import torch.distributed as dist
+
+    for g in groups:
+        with contextlib.suppress(Exception):  # already gone with a torn-down default group
+            dist.destroy_process_group(g)
+
+
 class _State:
     def __init__(self, rank: int, config: WorkerConfig) -> None:
         self.rank = rank
         self.config = config
         self.module: Any = None
         self.package_name: str | None = None
+        self.groups: list[Any] = []  # process groups the loaded package made (destroyed when it is replaced)
 
     def load(self, package_dir: str, module_name: str, init: str | None, init_kwargs: dict) -> None:
         from shardwise.runtime.package import build_module, import_package, unload_package
@@ -89,9 +115,15 @@ class _State:
             unload_package(self.package_name)
             self.package_name = None
         gc.collect()
+        _destroy_groups(self.groups)  # every rank loads in step, so every rank destroys the same groups
+        self.groups = []
         package = import_package(package_dir, module_name)
         self.package_name = module_name
-        self.module = build_module(package, self.rank, self.config.world_size)
+        before = _subgroups()
+        try:
+            self.module = build_module(package, self.rank, self.config.world_size)
+        finally:
+            self.groups = [g for g in _subgroups() if g not in before]
         if init is not None:
             getattr(self.module, init)(**init_kwargs)
 

@@ -204,6 +204,45 @@ def test_new_packages_load_into_the_same_workers(
     assert pool.pids == pids and pool.alive
 
 
+PKG_GROUPS = """
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class Groups:
+    def __init__(self, rank, world_size):
+        self.pair = dist.new_group([0, 1])  # every rank takes part in making it
+        self.rank = rank
+
+    def threads(self):
+        t = torch.ones(1)
+        if self.rank in (0, 1):
+            dist.all_reduce(t, group=self.pair)
+        return len(os.listdir("/proc/self/task")), float(t)  # threads of this process, native ones too
+
+
+def build(rank, world_size):
+    return Groups(rank, world_size)
+"""
+
+
+def test_process_groups_of_a_replaced_package_are_destroyed(pool: WorkerPool, tmp_path: Path) -> None:
+    """A pool that takes one program after another (the fuzzer) must not keep every program's groups (each
+    gloo group holds threads)."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counting a process's threads needs /proc (Linux)")
+    pkg = _write(tmp_path / "pkg_groups", {"__init__.py": PKG_GROUPS})
+    counts = []
+    for _ in range(6):
+        pool.load(pkg)
+        got = pool.call("threads")
+        assert [v for _, v in got] == [2.0, 2.0, 1.0, 1.0]
+        counts.append(max(n for n, _ in got))
+    assert counts[-1] <= counts[1] < counts[0] + 6, counts  # without destroying: +3 threads per load
+
+
 def test_exception_names_rank_and_traceback_and_keeps_pool(
     pool: WorkerPool, packages: dict[str, Path]
 ) -> None:
