@@ -240,6 +240,9 @@ _ALONG: dict[str, tuple[int, str, object, tuple[int, str] | None]] = {
     "aten.any.dim": (1, "dim", None, (2, "keepdim")),
     "aten.all.dim": (1, "dim", None, (2, "keepdim")),
     "aten.prod.dim_int": (1, "dim", None, (2, "keepdim")),
+    "aten.linalg_vector_norm.default": (2, "dim", None, (3, "keepdim")),
+    "aten.logsumexp.default": (1, "dim", None, (2, "keepdim")),
+    "aten.amin.default": (1, "dim", None, (2, "keepdim")),
 }
 _MEAN_LOSSES = {  # op: (index of the reduction argument, of the class weight or -1)
     "aten.cross_entropy_loss.default": (3, 2),

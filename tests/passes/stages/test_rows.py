@@ -121,6 +121,7 @@ class Along(nn.Module):
         d = self.dim
         h = h.flip(d) + h.sort(dim=d).values + torch.topk(h, 2, dim=d).values.sum(d, keepdim=True)
         h = h + h.var(dim=d, keepdim=True) + h.max(dim=d, keepdim=True).values
+        h = h + torch.logsumexp(h, dim=d, keepdim=True) + torch.linalg.vector_norm(h, dim=d, keepdim=True)
         return torch.nn.functional.pad(h, (1, 1)) if d != 0 else h
 
 
