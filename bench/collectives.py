@@ -43,30 +43,8 @@ def _parse_size(text: str) -> int:
     return int(t)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clusters", default=",".join(CLUSTERS))
-    ap.add_argument("--collectives", default=",".join(COLLECTIVES))
-    ap.add_argument("--sizes", default=",".join(f"{s // KB}KB" for s in SIZES))
-    ap.add_argument("--time-limit", type=float, default=10.0, help="solver budget per case (deterministic s)")
-    ap.add_argument("--no-cache", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "collectives.json"))
-    args = ap.parse_args()
-
-    from shardwise.passes.collectives import format_synth_table, synth_table
-
-    sizes = [_parse_size(s) for s in args.sizes.split(",")]
-    cache = "off" if args.no_cache else "auto"
-    rows = []
-    t0 = time.perf_counter()
-    for cluster in args.clusters.split(","):
-        for coll in args.collectives.split(","):
-            t = time.perf_counter()
-            part = synth_table(cluster, coll, sizes, time_limit_s=args.time_limit, cache=cache)
-            print(f"\n== {cluster} {coll} ({time.perf_counter() - t:.1f}s)")
-            print(format_synth_table(part), flush=True)
-            rows.extend(part)
-    total = time.perf_counter() - t0
+def summarize(rows: list[dict], wall_s: float) -> dict:
+    """The goals, checked over ``rows`` (see the module docstring)."""
     slower = [r for r in rows if r["speedup"] < 1 - 1e-9]
     big = [r for r in rows if r["size_bytes"] >= 64 * MB]
     far = [r for r in big if r["bound_ratio"] > 1.15]
@@ -79,9 +57,9 @@ def main() -> int:
                           "ours_us": r["synthesized_us"], "bound_us": r["lower_bound_us"],
                           "met": r["synthesized_us"] <= ref})  # fmt: skip
     computed = [r for r in rows if not r["cached"]]
-    summary = {
+    return {
         "cases": len(rows),
-        "bench_wall_s": total,
+        "bench_wall_s": wall_s,
         "never_slower_than_best_baseline": not slower,
         "slower_cases": [f"{r['cluster']} {r['collective']} {r['size_bytes']}" for r in slower],
         "search_won": len(searched),
@@ -98,9 +76,96 @@ def main() -> int:
             for r in rows
             if r["synthesis_s"] > 60
         ],
+        "over_60s_cpu": [
+            f"{r['cluster']} {r['collective']} {r['size_bytes']}: {r['synthesis_cpu_s']:.0f}s"
+            for r in rows
+            if r["synthesis_cpu_s"] > 60
+        ],
         "computed_this_run": len(computed),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()},
     }
+
+
+def merge(paths: list[str], out: str) -> int:
+    """Join the rows of several partial runs (e.g. clusters run side by side) and check the goals."""
+    rows: list[dict] = []
+    wall = 0.0
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        rows.extend(part["rows"])
+        wall = max(wall, part["summary"]["bench_wall_s"])
+    summary = summarize(rows, wall)
+    summary["merged_from"] = [Path(p).name for p in paths]
+    print(json.dumps(summary, indent=1))
+    Path(out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    return 0
+
+
+def from_cache(
+    dirs: list[str], clusters: list[str], collectives: list[str], sizes: list[int], out: str
+) -> int:
+    """Rows of the cases that runs sharing these cache directories (``$SHARDWISE_CACHE_DIR``) completed, as
+    one table: for a bench split over processes, or stopped before the end (the summary lists what is
+    missing). Only this bench's clusters, collectives and sizes are taken."""
+    from shardwise.passes.collectives.api import CACHE_VERSION, format_synth_table, table_row
+
+    found: dict[tuple[str, str, int], dict] = {}
+    for d in dirs:
+        for path in sorted((Path(d) / "collectives").glob("*.json")):
+            rec = json.loads(path.read_text())
+            key = (rec.get("cluster"), rec.get("collective"), rec.get("size_bytes"))
+            if rec.get("version") == CACHE_VERSION and key[0] in clusters and key[1] in collectives:
+                found.setdefault(key, {**rec, "cached": False})
+    rows, missing = [], []
+    for cluster in clusters:
+        for coll in collectives:
+            part = [table_row(found[(cluster, coll, n)]) for n in sizes if (cluster, coll, n) in found]
+            missing += [f"{cluster} {coll} {n}" for n in sizes if (cluster, coll, n) not in found]
+            if part:
+                print(f"\n== {cluster} {coll}")
+                print(format_synth_table(part))
+            rows.extend(part)
+    summary = summarize(rows, 0.0)
+    summary["complete"] = not missing
+    summary["missing_cases"] = missing
+    print("\n== summary")
+    print(json.dumps(summary, indent=1))
+    Path(out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clusters", default=",".join(CLUSTERS))
+    ap.add_argument("--collectives", default=",".join(COLLECTIVES))
+    ap.add_argument("--sizes", default=",".join(f"{s // KB}KB" for s in SIZES))
+    ap.add_argument("--time-limit", type=float, default=10.0, help="solver budget per case (deterministic s)")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "collectives.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="join partial runs' JSON files into --out")
+    ap.add_argument("--from-cache", nargs="+", metavar="DIR", help="tabulate what runs cached in these dirs")
+    args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
+    sizes = [_parse_size(s) for s in args.sizes.split(",")]
+    if args.from_cache:
+        clusters, colls = args.clusters.split(","), args.collectives.split(",")
+        return from_cache(args.from_cache, clusters, colls, sizes, args.out)
+
+    from shardwise.passes.collectives import format_synth_table, synth_table
+
+    cache = "off" if args.no_cache else "auto"
+    rows = []
+    t0 = time.perf_counter()
+    for cluster in args.clusters.split(","):
+        for coll in args.collectives.split(","):
+            t = time.perf_counter()
+            part = synth_table(cluster, coll, sizes, time_limit_s=args.time_limit, cache=cache)
+            print(f"\n== {cluster} {coll} ({time.perf_counter() - t:.1f}s)")
+            print(format_synth_table(part), flush=True)
+            rows.extend(part)
+    total = time.perf_counter() - t0
+    summary = summarize(rows, total)
     print("\n== summary")
     print(json.dumps(summary, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

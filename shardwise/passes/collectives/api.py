@@ -34,6 +34,7 @@ __all__ = [
     "CollectiveChoice",
     "best_collective",
     "synth_table",
+    "table_row",
     "format_synth_table",
     "cache_dir",
     "CACHE_VERSION",
@@ -243,30 +244,33 @@ def synth_table(
     rows = []
     for size in sizes_bytes:
         rec = _solve(cluster, collective, int(size), ranks, sketch, True, time_limit_s, seed, 0, cache)
-        base = {k: v * 1e6 for k, v in sorted(rec["baselines_s"].items())}
-        best_name = min(base, key=base.get) if base else "-"
-        t = rec["predicted_s"]
-        rows.append(
-            {
-                "cluster": rec["cluster"],
-                "collective": rec["collective"],
-                "size_bytes": rec["size_bytes"],
-                "synthesized_us": t * 1e6,
-                "algbw_GBps": rec["size_bytes"] / t / 1e9 if t > 0 else float("inf"),
-                "baselines": base,
-                "lower_bound_us": rec["lower_bound_s"] * 1e6,
-                "synthesis_s": rec["synthesis_s"],
-                "synthesis_cpu_s": rec["synthesis_cpu_s"],
-                "algorithm": rec["algorithm"],
-                "source": rec["source"],
-                "search_us": rec["search_s"] * 1e6,
-                "best_baseline": best_name,
-                "speedup": (base[best_name] / (t * 1e6)) if base and t > 0 else 1.0,
-                "bound_ratio": t / rec["lower_bound_s"] if rec["lower_bound_s"] > 0 else 1.0,
-                "cached": rec["cached"],
-            }
-        )
+        rows.append(table_row(rec))
     return rows
+
+
+def table_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """The ``synth_table`` row of one result record (as cached)."""
+    base = {k: v * 1e6 for k, v in sorted(rec["baselines_s"].items())}
+    best_name = min(base, key=base.get) if base else "-"
+    t = rec["predicted_s"]
+    return {
+        "cluster": rec["cluster"],
+        "collective": rec["collective"],
+        "size_bytes": rec["size_bytes"],
+        "synthesized_us": t * 1e6,
+        "algbw_GBps": rec["size_bytes"] / t / 1e9 if t > 0 else float("inf"),
+        "baselines": base,
+        "lower_bound_us": rec["lower_bound_s"] * 1e6,
+        "synthesis_s": rec["synthesis_s"],
+        "synthesis_cpu_s": rec["synthesis_cpu_s"],
+        "algorithm": rec["algorithm"],
+        "source": rec["source"],
+        "search_us": rec["search_s"] * 1e6,
+        "best_baseline": best_name,
+        "speedup": (base[best_name] / (t * 1e6)) if base and t > 0 else 1.0,
+        "bound_ratio": t / rec["lower_bound_s"] if rec["lower_bound_s"] > 0 else 1.0,
+        "cached": rec.get("cached", True),
+    }
 
 
 def _size(n: int) -> str:

@@ -44,6 +44,8 @@ TIMED_MAX_BYTES = 4 * 2**20
 #: the timed model's size grows with ranks; above this it is skipped
 TIMED_MAX_RANKS = 32
 _ROUTINGS: dict[tuple, Routing] = {}
+#: from this size only the finest piece count is tried
+_FINEST_ONLY_BYTES = 64 * 2**20
 #: up to this size every piece count is tried with every message plan (cheap: few tasks)
 _PLAN_ALL_COUNTS_BYTES = 16 * 2**20
 #: the steady-state (modulo) model runs only when the best pipeline is above this multiple of the bound
@@ -139,7 +141,8 @@ def synthesize(
                 rv = sketch_view(topo, relay)
                 if set(rv.allowed) != set(sv.allowed):
                     views.append(rv)
-        share = 0.25 * time_limit_s / len(views)
+        # routings are cached per (topology, collective, sketch): their budget serves every size
+        share = 0.5 * time_limit_s / len(views)
         routings = []
         for view in views:
             tag = "" if view is sv else "+relay"
@@ -150,6 +153,8 @@ def synthesize(
             # large collectives deserve finer pieces (shorter pipeline tails): a larger task budget
             budget = int(min(128_000, 24_000 * max(1.0, n / 2**26)))
             counts = piece_candidates(routing, topo, n, budget)
+            if n >= _FINEST_ONLY_BYTES:
+                counts = counts[:1]  # large sizes: the finest pieces (shortest tails) win
             for pieces in counts:
                 tried.append((offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces)), pieces))
             best_pieces = min(tried)[1]
