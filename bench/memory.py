@@ -82,6 +82,7 @@ def minimalloc_section(args: argparse.Namespace) -> list[dict] | None:
             "fits": fits,
             "lower_bound_bytes": lower_bound(bufs),
             "best_fit_arena_bytes": min(by_size.arena_bytes, by_life.arena_bytes),
+            "greedy_ratio": round(min(by_size.arena_bytes, by_life.arena_bytes) / capacity, 4),
             "best_fit_size_arena_bytes": by_size.arena_bytes,
             "best_fit_lifetime_arena_bytes": by_life.arena_bytes,
             "method": ours.method,
