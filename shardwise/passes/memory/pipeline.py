@@ -176,7 +176,7 @@ def stage_buffers(
                         last = min(last, bwd[(c, m)] + n - 1)
                         if kind == "agrad" and b.start == n:
                             start = bwd[(c, m)]
-                    spans = b.start <= n < b.end - 1
+                    spans = b.start < n < b.end - 1 and kind != "agrad"  # kept from forward into backward
                     if spec.recompute == "full" and spans and not kept and train:
                         # dropped after the forward, made again at the start of the backward
                         out.append(Buffer(f"{name}#{m}", start, fwd[(c, m)] + n + 1, b.size))

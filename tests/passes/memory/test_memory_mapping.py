@@ -137,6 +137,19 @@ def test_pipeline_plans_map_each_stage_with_the_micro_batches_in_flight():
             verify_assignment(bufs, a)
             assert a.arena_bytes >= a.lower_bound_bytes == lower_bound(bufs) > 0
             assert {b.id.rsplit("#", 1)[1] for b in bufs if "#" in b.id} == {"0", "1", "2", "3"}
+    interleaved = {"pp": 2, "dp": 1, "tp": 1, "schedule": "interleaved", "virtual": 2, "microbatches": 2}
+    for recompute in ("none", "full"):
+        plan = plan_pipeline(
+            graph,
+            get_cluster("cpu:2"),
+            micro_graph=micro,
+            constraints={**interleaved, "recompute": recompute},
+        )
+        mapped = map_pipeline_memory(plan.pipeline, train=True, capacity_bytes=plan.memory[0].capacity_bytes)
+        assert mapped.memory == plan.memory
+        for bufs, a in zip(mapped.buffers, mapped.assignments):
+            verify_assignment(bufs, a)
+            assert any(b.id.endswith(".re") for b in bufs) == (recompute == "full")  # recomputed in backward
     # GPipe keeps all four micro-batches' activations on the first stage, 1F1B at most two
     assert plans["gpipe"].memory[0].arena_bytes > plans["1f1b"].memory[0].arena_bytes
     back = ExecutionPlan.from_json(plans["1f1b"].to_json())
