@@ -62,8 +62,9 @@ def solver_params(solver: cp_model.CpSolver, time_limit: float, seed: int, worke
     prm.num_workers = max(1, workers)
     prm.interleave_search = workers > 1
     prm.max_deterministic_time = max(0.1, time_limit)
-    # safety net only: on an idle machine the deterministic limit binds first (presolve is not counted in it)
-    prm.max_time_in_seconds = max(10.0, 4 * time_limit)
+    # safety net only (presolve is not counted in the deterministic time): generous, so that the
+    # deterministic limit binds even on a busy shared machine and the output depends on the seed alone
+    prm.max_time_in_seconds = max(60.0, 30 * time_limit)
     prm.log_search_progress = False
 
 
