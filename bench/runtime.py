@@ -39,7 +39,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-CONFIG = dict(layers=4, hidden=256, heads=4, vocab=50257, seq=128, batch=8)
+# --vocab (default GPT-2's 50257) reaches the spawned workers through the environment
+CONFIG = dict(layers=4, hidden=256, heads=4, vocab=int(os.environ.get("RUNTIME_BENCH_VOCAB", "50257")), seq=128, batch=8)
 LR = 3e-4
 
 
@@ -238,7 +239,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--vocab", type=int, default=CONFIG["vocab"],
+        help="vocabulary size (50257: GPT-2's; 50304: padded to a multiple of 64, as nanoGPT and Megatron-LM do, "
+        "which shardwise needs to split the LM head: it splits dimensions evenly only)",
+    )  # fmt: skip
+    parser.add_argument("--output", default=str(RESULTS / "runtime.json"))
     args = parser.parse_args()
+    os.environ["RUNTIME_BENCH_VOCAB"] = str(args.vocab)
+    CONFIG["vocab"] = args.vocab
     cores = os.cpu_count() or 2
     runs: dict[str, dict] = {}
     order = [
@@ -277,8 +286,8 @@ def main() -> None:
         "config": CONFIG,
         "runs": runs,
     }
-    (RESULTS / "runtime.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS / 'runtime.json'}")
+    Path(args.output).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

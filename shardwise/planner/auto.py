@@ -13,6 +13,7 @@ choose it); ``zero`` pins the ZeRO stage (0, 1 or 3); ``pp``/``ep`` must be 1 he
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -145,18 +146,28 @@ def param_grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dic
 
 def _memory(
     graph: Graph, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec,
-    train: bool, optimizer_factor: int, precision: str, zero: int,
+    train: bool, optimizer_factor: int, precision: str, zero: int, exact: bool = False,
 ) -> tuple[RankMemory, ...]:  # fmt: skip
     """The memory-mapping pass (``passes.memory.map_memory``) on a placed candidate: per rank, the arena
     of its whole step (parameters, gradients, optimizer state, activations, collective buffers) and the
-    lower bound of live bytes; the arena is the plan's predicted peak (``Prediction.memory_bytes``)."""
+    lower bound of live bytes; the arena is the plan's predicted peak (``Prediction.memory_bytes``).
+    Candidates are scored with the greedy arena, and searched exactly only when that decides whether they
+    fit (greedy above the capacity, lower bound within it); ``exact`` searches always (the chosen plan)."""
     grad_reduce = param_grad_reduce(graph, placed.strategies) if train else {}
-    return map_memory(
-        graph, mesh, placed.strategies, param_placements=placed.param_placements, input_placements=inputs,
-        train=train, capacity_bytes=cluster.device.memory_bytes, precision=precision,
-        optimizer_factor=optimizer_factor, zero=zero, grad_reduce=grad_reduce,
-        optimizer_foreach=cluster.device.kind != "cpu",
-    ).memory  # fmt: skip
+
+    def run(search: bool) -> tuple[RankMemory, ...]:
+        return map_memory(
+            graph, mesh, placed.strategies, param_placements=placed.param_placements, input_placements=inputs,
+            train=train, capacity_bytes=cluster.device.memory_bytes, precision=precision,
+            optimizer_factor=optimizer_factor, zero=zero, grad_reduce=grad_reduce,
+            optimizer_foreach=cluster.device.kind != "cpu", exact=search,
+        ).memory  # fmt: skip
+
+    memory = run(exact)
+    capacity = cluster.device.memory_bytes
+    if not exact and max(m.arena_bytes for m in memory) > capacity >= max(m.lower_bound_bytes for m in memory):
+        memory = run(True)
+    return memory
 
 
 def _score(
@@ -335,6 +346,11 @@ def plan_auto(
     if best.zero:
         notes.append(f"ZeRO stage {best.zero}: optimizer state sharded over dp={best.dp}" + (
             ", parameters too" if best.zero == 3 else ""))  # fmt: skip
+    # the chosen plan's memory map, searched exactly (candidates were scored with the greedy arena)
+    memory = _memory(
+        g, mesh, placed, best.inputs, cluster, mode == "train", factor, precision, best.zero, exact=True
+    )
+    predicted = dataclasses.replace(best.prediction, memory_bytes=tuple(m.arena_bytes for m in memory))
     grad_reduce = param_grad_reduce(g, placed.strategies) if mode == "train" else {}
     keys = {p.name: p.key for p in g.params}
     plan = ExecutionPlan(
@@ -354,8 +370,8 @@ def plan_auto(
         param_placements=tuple((keys[name], spec) for name, spec in placed.param_placements.items()),
         output_placements=tuple(replicated(mesh) for _ in g.outputs),
         param_grad_reduce=tuple(sorted(grad_reduce.items())),
-        predicted=best.prediction,
-        memory=best.memory,
+        predicted=predicted,
+        memory=memory,
         replicated_ops=placed.run_whole,
         alternatives=alternatives,
         passes=("trace", "sharding.rewrite", "sharding.ilp", "memory.map", "planner.auto"),

@@ -20,7 +20,7 @@ one assignment. The search is bounded by ``node_limit`` (deterministic) and ``ti
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
@@ -87,8 +87,10 @@ def map_memory(
     optimizer_foreach: bool = False,
     node_limit: int = NODE_LIMIT,
     time_limit_s: float = TIME_LIMIT_S,
+    exact: bool = True,
 ) -> MemoryMap:
-    """Map every rank's memory (see the module docstring); ``grad_reduce`` is keyed by state_dict key."""
+    """Map every rank's memory (see the module docstring); ``grad_reduce`` is keyed by state_dict key.
+    ``exact=False`` keeps the best greedy arena (no search): for scoring many candidate plans quickly."""
     bufs = tuple(
         step_buffers(
             graph, mesh, strategies, param_placements=param_placements, input_placements=input_placements,
@@ -97,11 +99,16 @@ def map_memory(
         )
     )  # fmt: skip
     # the search aims at the lower bound; the capacity only matters when even that does not fit
-    assignment = assign_offsets(bufs, time_limit_s=time_limit_s, node_limit=node_limit)
+    if exact:
+        assignment = assign_offsets(bufs, time_limit_s=time_limit_s, node_limit=node_limit)
+    else:
+        assignment = assign_offsets(bufs, time_limit_s=0.0, node_limit=0, use_cpsat=False)
     verify_assignment(bufs, assignment)
     ranks = mesh.ranks
+    # every rank runs the same program on pieces of the same shapes: one record, renumbered per rank
+    first = rank_memory(ranks[0], bufs, assignment, capacity_bytes)
     return MemoryMap(
-        memory=tuple(rank_memory(r, bufs, assignment, capacity_bytes) for r in ranks),
+        memory=tuple(replace(first, rank=r) for r in ranks),
         buffers=tuple(bufs for _ in ranks),
         assignments=tuple(assignment for _ in ranks),
     )
