@@ -116,10 +116,17 @@ class Problem:
         for i in range(n):
             self.tot0[self.a_list[i] : self.b_list[i]] += self.size_list[i]
             self.cuts0[self.a_list[i] : self.b_list[i] - 1] += 1
+        # overlaps[i]: the buffers live with i, ascending (intervals [a, b) that intersect i's); O(n) each,
+        # not O(lifetime x K): long-lived buffers (parameters) would make the table scan quadratic in steps
+        starts, ends = np.asarray(self.a_list, dtype=np.int64), np.asarray(self.b_list, dtype=np.int64)
+        live = ends > starts  # a buffer of no sections is in no table row: it overlaps nothing
         self.overlaps: list[np.ndarray] = []
         for i in range(n):
-            near = np.unique(P[self.a_list[i] : self.b_list[i]])
-            self.overlaps.append(near[(near != i) & (near != n)])
+            if not live[i]:
+                self.overlaps.append(np.zeros(0, dtype=np.int64))
+                continue
+            near = np.nonzero(live & (starts < self.b_list[i]) & (ends > self.a_list[i]))[0]
+            self.overlaps.append(near[near != i])
         first: dict[tuple[int, int, int], int] = {}
         self.twin = [-1] * n  # an identical buffer with a smaller index: it must be placed first
         for i in range(n):
