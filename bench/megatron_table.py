@@ -8,6 +8,12 @@ Clusters Using Megatron-LM" (SC'21), Table 1 (``--row params_b,hidden,layers,gpu
 - the model (HF GPT-2 architecture, the same parameter count as Megatron's GPT: 12 l h^2 + 13 l h + (V + s) h)
   is built on the meta device at full depth (its parameters are counted), and a two-block copy is traced:
   the planner works at layer granularity, the blocks being identical (``SearchOptions.repeat_blocks``);
+- the traced model is the GPT that Megatron-LM trained in 2021 (``--attention unfused``, the default):
+  hidden and attention dropout 0.1 (Megatron-LM's defaults) and attention computed the way it was before
+  fused attention kernels existed (FlashAttention appeared in 2022): the scores QK^T are materialized, then
+  scaled, masked, soft-maxed and dropped out, then multiplied by V, so the cost model prices those ops as
+  the memory-bound kernels they were. ``--attention sdpa`` traces ``scaled_dot_product_attention`` instead,
+  priced as a FlashAttention-2-class kernel (what shardwise would run today), without dropout;
 - **ours**: the whole-plan search (``shardwise.planner.search``) over tp x pp x dp (x sequence parallelism),
   micro-batch size, schedule (GPipe, 1F1B, interleaved) and recomputation;
 - **published config**: the same search and the same cost model with the paper's tp and pp pinned, full
@@ -78,6 +84,33 @@ def parse_row(text: str) -> tuple:
     return (params_b, hidden, layers, gpus, batch, published, tp, pp)
 
 
+ATTENTION = ("unfused", "sdpa")
+MEGATRON_DROPOUT = 0.1  # Megatron-LM's --hidden-dropout and --attention-dropout defaults
+
+
+def build_traced_gpt(hidden: int, heads: int, layers: int, attention: str):
+    """A GPT (HF GPT-2 architecture) on the meta device, in training mode, and its input ids of one sequence.
+
+    ``attention="unfused"``: Megatron-LM's 2021 GPT — dropout 0.1 and the attention as separate kernels
+    (HF's "eager" attention: matmul, mask, softmax, dropout, matmul); ``"sdpa"``: one fused attention op,
+    no dropout."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if attention not in ATTENTION:
+        raise ValueError(f"attention {attention!r}: choose one of {', '.join(ATTENTION)}")
+    drop = MEGATRON_DROPOUT if attention == "unfused" else 0.0
+    cfg = GPT2Config(
+        n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=VOCAB, n_positions=SEQ, attn_pdrop=drop,
+        resid_pdrop=drop, embd_pdrop=drop, use_cache=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    impl = "eager" if attention == "unfused" else "sdpa"
+    with torch.device("meta"):
+        model = GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
+    model.train(drop > 0)
+    return model, torch.empty(1, SEQ, dtype=torch.long, device="meta")
+
+
 def _cpu_s() -> float:
     """CPU seconds of this process and its finished children (the ILP solver runs as a child process):
     the planning work, whatever else the machine is running."""
@@ -93,7 +126,7 @@ def _plan_dict(c) -> dict:
     }  # fmt: skip
 
 
-def run_row(row: tuple) -> dict:
+def run_row(row: tuple, attention: str = "unfused") -> dict:
     import torch
 
     from shardwise.cluster import get_cluster
@@ -111,7 +144,7 @@ def run_row(row: tuple) -> dict:
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     cpu0 = _cpu_s()
-    model, (ids,) = build_model("gpt2", device="meta", layers=2, **shape)
+    model, ids = build_traced_gpt(hidden, heads, 2, attention)
     graph, _ = trace(model, (ids,), example_kwargs={"labels": ids}, loss_fn=lambda o: o.loss)
     trace_s = time.perf_counter() - t0
     cluster = get_cluster(f"dgx-a100x{gpus // 8}")
@@ -131,6 +164,7 @@ def run_row(row: tuple) -> dict:
         "hidden": hidden,
         "layers": layers,
         "heads": heads,
+        "attention": attention,
         "gpus": gpus,
         "global_batch": batch,
         "published_tflops": published,
@@ -169,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--row", action="append", type=parse_row, help="params_b,hidden,layers,gpus,global_batch,"
                         "published_tflops[,tp,pp] (repeatable; default: five rows of Megatron-LM's Table 1)")  # fmt: skip
+    parser.add_argument("--attention", choices=ATTENTION, default="unfused",
+                        help="unfused: Megatron-LM's 2021 GPT (materialized attention scores, dropout 0.1; default); "
+                        "sdpa: fused scaled_dot_product_attention priced as FlashAttention-2, no dropout")  # fmt: skip
     parser.add_argument("--output", default=str(RESULTS / "megatron_table.json"))
     args = parser.parse_args(argv)
     rows = args.row or list(DEFAULT_ROWS)
@@ -186,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for row in rows:
-        r = run_row(row)
+        r = run_row(row, args.attention)
         results.append(r)
         pc = r["published_config_tflops"]
         err = f"{100 * r['published_config_error']:+.0f}%" if pc else "-"
@@ -207,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "cluster": "dgx-a100xN (A100-SXM4-80GB, NVSwitch, 8x HDR 200 Gb/s per node)",
         "precision": "bf16",
+        "attention": args.attention,
         "sequence": SEQ,
         "vocabulary": VOCAB,
         "efficiency": {
