@@ -170,12 +170,24 @@ def _shard_factors(spec: ShardingSpec | None, mesh: DeviceMesh, rank: int) -> di
     return out
 
 
+def _shard_axes(spec: ShardingSpec | None, mesh: DeviceMesh) -> dict[int, list[str]]:
+    """tensor dim -> the mesh axes that split it, in axis order."""
+    out: dict[int, list[str]] = {}
+    if spec is None:
+        return out
+    for size, axis, p in zip(mesh.shape, mesh.axis_names, spec.placements, strict=True):
+        if isinstance(p, Shard) and size > 1:
+            out.setdefault(p.dim, []).append(axis)
+    return out
+
+
 def _localize_sizes(node: Node, strategy: NodeStrategy, mesh: DeviceMesh, names: _Names) -> tuple[Arg | _Code, ...]:
     args: list[Arg | _Code] = list(node.args)
     index = _SIZE_ARG.get(node.op)
     if index is None or index >= len(args) or not strategy.outputs:
         return tuple(args)
     factors = _shard_factors(strategy.outputs[0], mesh, 0)
+    axes = _shard_axes(strategy.outputs[0], mesh)
     sizes = args[index]
     if not isinstance(sizes, tuple) or not factors:
         return tuple(args)
@@ -184,6 +196,12 @@ def _localize_sizes(node: Node, strategy: NodeStrategy, mesh: DeviceMesh, names:
         f = factors.get(d, 1)
         if f == 1 or s == -1:
             local.append(s)
+        elif isinstance(s, int) and s % f:
+            # uneven torch.chunk pieces (planned only where exact): this rank's size, known at run time
+            expr = str(s)
+            for axis in axes[d]:
+                expr = f"C.piece_size({expr}, mesh, {axis!r})"
+            local.append(_Code(expr))
         elif isinstance(s, int):
             local.append(s // f)
         else:
@@ -226,7 +244,8 @@ def _call(
 
 
 def _sharded_cross_entropy(
-    node: Node, strategy: NodeStrategy, args: tuple[Arg | _Code, ...], names: _Names
+    node: Node, strategy: NodeStrategy, args: tuple[Arg | _Code, ...], names: _Names, mesh: DeviceMesh,
+    shapes: dict[str, tuple[int, ...]],
 ) -> str | None:
     """A cross entropy whose classes are split over a mesh axis (vocabulary parallel) runs as
     ``C.sharded_cross_entropy``, which joins the pieces itself; None for any other op or split."""
@@ -239,24 +258,38 @@ def _sharded_cross_entropy(
     reduction = node.args[3] if len(node.args) > 3 else kw.get("reduction", 1)
     ignore = node.args[4] if len(node.args) > 4 else kw.get("ignore_index", -100)
     x, target = (_format(a, {}, names) for a in args[:2])
-    return f"C.sharded_cross_entropy({x}, {target}, mesh, {axis!r}, reduction={reduction}, ignore_index={ignore})"
+    logits = node.args[0]
+    shape = shapes.get(logits.name) if isinstance(logits, Value) else None
+    size = ""
+    if shape is not None and len(shape) > 1 and shape[1] % mesh.axis_size(axis):
+        size = f", size={shape[1]}"  # uneven pieces: the op finds its first class from the number of classes
+    return (
+        f"C.sharded_cross_entropy({x}, {target}, mesh, {axis!r}, reduction={reduction}, ignore_index={ignore}{size})"
+    )
 
 
-def _collective_call(r: Redistribute, var: str, mesh: DeviceMesh, partial_grad: bool = False) -> str:
+def _collective_call(
+    r: Redistribute, var: str, mesh: DeviceMesh, partial_grad: bool = False, shape: tuple[int, ...] | None = None
+) -> str:
     """The expression for one redistribution step; ``partial_grad``: the gathered value's gradient is a
-    partial sum over the axis, so the backward reduce-scatters it (instead of an all-reduce, then a slice)."""
+    partial sum over the axis, so the backward reduce-scatters it (instead of an all-reduce, then a slice).
+    ``shape``: the value's whole shape, to tell gathers the size of a dimension split in uneven pieces."""
     a = mesh.axis_names.index(r.axis)
     src, dst = r.src.placements[a], r.dst.placements[a]
     axis = repr(r.axis)
     kinds = r.collective.split("+")
     expr = var
+    size = ""
+    if isinstance(src, Shard) and shape is not None and shape[src.dim] % mesh.shape[a]:
+        # uneven torch.chunk pieces (one axis splits the dimension: the strategies use a label on one axis)
+        size = f", size={shape[src.dim]}"
     for kind in kinds:
         if kind == "slice":
             expr = f"C.shard({expr}, {dst.dim}, mesh, {axis})"  # type: ignore[union-attr]
         elif kind == "allgather" and partial_grad and len(kinds) == 1:
-            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}, partial_grad=True)"  # type: ignore[union-attr]
+            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}, partial_grad=True{size})"  # type: ignore[union-attr]
         elif kind == "allgather":
-            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis})"  # type: ignore[union-attr]
+            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}{size})"  # type: ignore[union-attr]
         elif kind == "allreduce":
             op = src.op if isinstance(src, Partial) else "sum"
             expr = f"C.all_reduce({expr}, mesh, {axis}, {op!r})"
@@ -264,13 +297,23 @@ def _collective_call(r: Redistribute, var: str, mesh: DeviceMesh, partial_grad: 
             op = src.op if isinstance(src, Partial) else "sum"
             expr = f"C.reduce_scatter({expr}, {dst.dim}, mesh, {axis}, {op!r})"  # type: ignore[union-attr]
         elif kind == "alltoall":
-            expr = f"C.all_to_all({expr}, {src.dim}, {dst.dim}, mesh, {axis})"  # type: ignore[union-attr]
+            expr = f"C.all_to_all({expr}, {src.dim}, {dst.dim}, mesh, {axis}{size})"  # type: ignore[union-attr]
         elif kind == "to_partial":
             op = dst.op if isinstance(dst, Partial) else "sum"
             expr = f"C.to_partial({expr}, mesh, {axis}, {op!r})"
         else:
             raise ValueError(f"unknown collective {kind!r}")
     return expr
+
+
+def _whole_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """value name -> whole shape, for every tensor value (inputs, parameters, single-output nodes)."""
+    out = {i.name: tuple(i.spec.shape) for i in graph.inputs if isinstance(i.spec, TensorSpec)}
+    out.update((p.name, tuple(p.spec.shape)) for p in graph.params)
+    for n in graph.nodes:
+        if n.outputs and isinstance(n.outputs[0], TensorSpec) and not n.tuple_output:
+            out[n.name] = tuple(n.outputs[0].shape)
+    return out
 
 
 def _placement_note(spec: ShardingSpec | None, mesh: DeviceMesh) -> str:
@@ -385,6 +428,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     deferred = {key for key, _ in plan.param_grad_reduce}
     param_keys = {p.name: p.key for p in graph.params}
     tensors = _tensor_values(graph)
+    shapes = _whole_shapes(graph)
     placement: dict[str, ShardingSpec | None] = {}
     # fused groups run as one step each (kernels.py); the order is graph order with each group contracted
     groups = {g.name: g for g in plan.fused_groups}
@@ -447,7 +491,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
                     new = names.fresh(f"{current.removeprefix('self.')}_{op.steps[-1].collective.split('+')[0]}")
                     expr = current
                     for r in op.steps:
-                        expr = _collective_call(r, expr, mesh, partial_grad=r.axis in op.fused)
+                        expr = _collective_call(r, expr, mesh, partial_grad=r.axis in op.fused, shape=shapes.get(r.value))
                     lines.append(f"{new} = {expr}")
                     shared[op.key] = new
                 current = shared[op.key]
@@ -465,11 +509,15 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
             assert isinstance(src, Value)
             dim = int(node.args[1])  # type: ignore[arg-type]
             factor = _shard_factors(placement.get(src.name), mesh, 0).get(dim, 1)
-            expr = f"{_format(src, ref, names)}.size({dim})" + (f" * {factor}" if factor > 1 else "")
+            whole = shapes.get(src.name)
+            if factor > 1 and whole is not None and whole[dim] % factor:
+                expr = str(whole[dim])  # uneven pieces: the whole size is not this piece's size times the ways
+            else:
+                expr = f"{_format(src, ref, names)}.size({dim})" + (f" * {factor}" if factor > 1 else "")
         else:
             args = _localize_sizes(node, strategy, mesh, names)
             args, kwargs = _bind(args, node.kwargs, tensors, operand_vars)
-            expr = _sharded_cross_entropy(node, strategy, args, names) or _call(node, args, {}, names, kwargs)
+            expr = _sharded_cross_entropy(node, strategy, args, names, mesh, shapes) or _call(node, args, {}, names, kwargs)
         target = names.var[node.name]
         lines.append(f"{target} = {expr}")
         placement[node.name] = strategy.outputs[0] if strategy.outputs and not node.tuple_output else None
@@ -492,7 +540,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         for r in out_strategy.redistributes:
             current = ref.get(r.value, names.ref(r.value))
             new = names.fresh(f"{names.ref(r.value)}_{r.collective.split('+')[0]}")
-            lines.append(f"{new} = {_collective_call(r, current, mesh)}")
+            lines.append(f"{new} = {_collective_call(r, current, mesh, shape=shapes.get(r.value))}")
             ref[r.value] = new
     if train and graph.buffer_updates:
         lines.append("with torch.no_grad():")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Shard", "Replicate", "Partial", "Placement", "ShardingSpec", "DeviceMesh"]
+__all__ = ["Shard", "Replicate", "Partial", "Placement", "ShardingSpec", "DeviceMesh", "chunks_cleanly"]
+
+
+def chunks_cleanly(size: int, ways: int) -> bool:
+    """Whether ``torch.chunk`` cuts ``size`` into exactly ``ways`` non-empty pieces (ceil(size / ways) each,
+    the remainder last): always for a multiple of ``ways``; e.g. not for 5 in 4 ways (2, 2, 1)."""
+    return size >= ways and (ways - 1) * -(-size // ways) < size
 
 
 @dataclass(frozen=True)
@@ -53,12 +59,22 @@ class ShardingSpec:
         return all(isinstance(p, Replicate) for p in self.placements)
 
     def local_shape(self, shape: tuple[int, ...], mesh: DeviceMesh) -> tuple[int, ...]:
-        """The shape of one device's piece (sizes must divide evenly; the planner only proposes such splits)."""
+        """The shape of the biggest device's piece: pieces are torch.chunk's, ceil(size / ways) for the first
+        devices and the remainder on the last when a size is not a multiple of its axis (the planner splits
+        such a dimension only where that is exact, see ``passes.sharding.strategy.split_is_valid``)."""
         out = list(shape)
         for size, placement in zip(mesh.shape, self.placements, strict=True):
             if isinstance(placement, Shard):
-                out[placement.dim] //= size
+                out[placement.dim] = -(-out[placement.dim] // size)
         return tuple(out)
+
+    def uneven_dims(self, shape: tuple[int, ...], mesh: DeviceMesh) -> tuple[int, ...]:
+        """The dimensions of ``shape`` split in pieces of different sizes (not a multiple of the ways)."""
+        ways: dict[int, int] = {}
+        for size, placement in zip(mesh.shape, self.placements, strict=True):
+            if isinstance(placement, Shard):
+                ways[placement.dim] = ways.get(placement.dim, 1) * size
+        return tuple(d for d, w in sorted(ways.items()) if d < len(shape) and shape[d] % w)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,18 @@ def _eligible(prog: _Program, node: Node, train: bool) -> str | None:
     s = prog.strategies.get(node.name)
     if s is None or s.redistributes or (train and s.grad_reduce):
         return None
+    if _uneven(prog, node):  # kernels are written for one local shape: uneven pieces differ per rank
+        return None
     return role_of(prog.graph, node)
+
+
+def _uneven(prog: _Program, node: Node) -> bool:
+    """Whether any value ``node`` reads or writes is split in pieces of different sizes."""
+    for name in [node.name, *(v.name for a in node.args for v in iter_values(a))]:
+        spec, placement = prog.spec.get(name), prog.placement.get(name)
+        if isinstance(spec, TensorSpec) and placement is not None and placement.uneven_dims(spec.shape, prog.mesh):
+            return True
+    return False
 
 
 def fuse(

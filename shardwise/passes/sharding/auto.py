@@ -25,7 +25,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 from shardwise.ir.graph import Graph, Value
-from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec
+from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec, chunks_cleanly
 from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
@@ -196,8 +196,13 @@ def _param_choices(spec: TensorSpec, mesh: DeviceMesh, opts: PlaceOptions) -> li
     for size, axis in zip(mesh.shape, mesh.axis_names, strict=True):
         options: list[object] = [Replicate()]
         if size > 1 and (axis == opts.tp_axis or (axis == opts.dp_axis and opts.zero >= 3)):
+            # uneven torch.chunk pieces on the tensor-parallel axis (a vocabulary of 50257 rows): the ops
+            # reading the weight accept them only where exact (strategy.split_is_valid), else it is gathered
             options += [
-                Shard(d) for d in range(spec.rank) if spec.shape[d] % size == 0 and spec.shape[d] >= size
+                Shard(d)
+                for d in range(spec.rank)
+                if (spec.shape[d] % size == 0 and spec.shape[d] >= size)
+                or (axis == opts.tp_axis and chunks_cleanly(spec.shape[d], size))
             ]
         per_axis.append(options)
     combos: list[list[object]] = [[]]

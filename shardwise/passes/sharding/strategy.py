@@ -20,7 +20,15 @@ from collections.abc import Mapping, Sequence
 
 from shardwise.ir.dimops import OpDims
 from shardwise.ir.graph import Node
-from shardwise.ir.placement import DeviceMesh, Partial, Placement, Replicate, Shard, ShardingSpec
+from shardwise.ir.placement import (
+    DeviceMesh,
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    ShardingSpec,
+    chunks_cleanly,
+)
 from shardwise.ir.plan import NodeStrategy, Redistribute
 from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
@@ -40,14 +48,49 @@ def label_sizes(dims: OpDims, ins: Sequence[TensorSpec], outs: Sequence[TensorSp
     return sizes
 
 
+# Ops that may split a label whose size is not a multiple of the ways (torch.chunk pieces: ceil(n / ways)
+# rows on the first devices, the remainder on the last). Exact only where each device's piece of the output
+# is computed from the same rows of every operand holding the label and from nothing else: elementwise ops,
+# views that keep the dimension whole (a dimension merged or split by a reshape would be cut elsewhere),
+# the free dimensions of a matmul (never its contraction: a mean of uneven partial results is wrong), and
+# the classes of the vocabulary-parallel cross entropy (C.sharded_cross_entropy, told the number of classes).
+# Views with a size argument get each device's size at run time (codegen: C.piece_size).
+UNEVEN_OPS = frozenset({
+    "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints",
+    "aten.transpose.int", "aten.permute.default", "aten.t.default", "aten.unsqueeze.default",
+    "aten.alias.default", "aten.detach.default", "aten.clone.default", "aten.contiguous.default",
+    "aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default", "aten.addmm.default",
+    "aten.cross_entropy_loss.default",
+})  # fmt: skip
+
+
+def _uneven_ok(node: Node, dims: OpDims, label: str, ways: int, sizes: set[int]) -> bool:
+    """May ``label`` (of sizes ``sizes``, not all multiples of ``ways``) be split in uneven pieces here?"""
+    if len(sizes) != 1:  # a reshape that merges the dimension, or a broadcast: pieces would not line up
+        return False
+    (n,) = sizes
+    if not chunks_cleanly(n, ways):  # torch.chunk would leave a device without a piece
+        return False
+    rule = rule_for(node.op)
+    if rule is None or dims.is_reduction(label):
+        return False
+    if label in dims.combined:
+        return node.op == "aten.cross_entropy_loss.default"
+    return rule.kind == "elementwise" or node.op in UNEVEN_OPS
+
+
 def split_is_valid(
     node: Node, dims: OpDims, label: str, ways: int, ins: Sequence[TensorSpec], outs: Sequence[TensorSpec]
 ) -> bool:
-    """Can ``label`` be split ``ways`` ways (evenly) in this op?"""
+    """Can ``label`` be split ``ways`` ways in this op? Evenly anywhere the dimops allow it; in uneven
+    (torch.chunk) pieces only where that is exact (``UNEVEN_OPS``, elementwise ops)."""
     if label not in dims.splittable_labels():
         return False
     sizes = label_sizes(dims, ins, outs)
-    if any(s % ways or s < ways for s in sizes.get(label, {0})):
+    label_sizes_ = sizes.get(label, {0})
+    if any(s < ways for s in label_sizes_):
+        return False
+    if any(s % ways for s in label_sizes_) and not _uneven_ok(node, dims, label, ways, label_sizes_):
         return False
     if dims.is_reduction(label):
         rule = rule_for(node.op)

@@ -1,0 +1,151 @@
+"""A vocabulary that tp does not divide (1001 rows over 2 ranks) is still split: the LM head weight, its
+logits and the vocabulary-parallel cross entropy run in torch.chunk pieces (501 + 500 rows), and the
+results equal eager PyTorch in float32 (rtol 1e-4, atol 1e-5): inference logits (gathered whole), and 3 AdamW
+training steps (losses and the final full state_dict). GPT-2 from the zoo ties its LM head to the token
+embedding; the untied model is the one bench/runtime.py trains. One worker pool serves the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import shardwise
+from shardwise.cluster.presets import cpu_cluster
+from shardwise.ir.placement import Shard
+from shardwise.runtime import WorkerPool
+from shardwise.zoo import build_model
+
+pytestmark = pytest.mark.multiproc
+
+VOCAB = 1001  # odd: not a multiple of tp=2
+OPTIMIZER = functools.partial(torch.optim.AdamW, lr=1e-3)
+# free links and no sequence parallelism, so the plan splits the weights (what these tests are about)
+CLUSTER = cpu_cluster(2, latency=1e-9, bandwidth=1e14, name="cpu:2-free-links")
+TP = {"tp": 2, "sp": 1}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    workers = WorkerPool(2, backend="gloo")
+    yield workers
+    workers.close()
+
+
+class _UntiedLM(nn.Module):
+    """An embedding, one MLP block and an untied LM head; returns the mean next-token cross entropy."""
+
+    def __init__(self, vocab: int = VOCAB, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.ln = nn.LayerNorm(hidden)
+        self.mlp = nn.Linear(hidden, hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.ln(F.gelu(self.mlp(self.embed(ids)))))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def _vocab_split(plan, module: str = "lm_head") -> None:
+    """The plan runs ``module``'s matmul split over tp on the vocabulary: its weight in row pieces, its
+    logits in pieces along the last dimension (501 + 500 of them)."""
+    tp = plan.mesh.axis_names.index("tp")
+    nodes = [n for n in plan.graph.nodes if n.module_path == module and n.op == "aten.linear.default"]
+    assert len(nodes) == 1, [n.name for n in nodes]
+    strategy = plan.strategy(nodes[0].name)
+    assert ("tp", "n") in strategy.split, strategy.split
+    assert strategy.inputs[1].placements[tp] == Shard(0)
+    logits = nodes[0].outputs[0]
+    assert logits.shape[-1] == VOCAB and strategy.outputs[0].placements[tp] == Shard(len(logits.shape) - 1)
+
+
+def _eager_training(model: nn.Module, inputs, loss_fn) -> tuple[list[float], dict[str, torch.Tensor]]:
+    optimizer = OPTIMIZER(model.parameters())
+    losses = []
+    for _ in range(3):
+        loss = loss_fn(model(*inputs))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
+def _assert_state_equal(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(want) <= set(state)
+    for key, value in want.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_gpt2_inference_logits_equal_eager(pool):
+    model, inputs = build_model("gpt2", vocab=VOCAB)
+    with shardwise.compile(model, CLUSTER, example_inputs=inputs, constraints=TP, workers=pool) as cm:
+        _vocab_split(cm.plan)
+        out = cm.run(*inputs)
+    with torch.no_grad():
+        ref = model(*inputs)
+    assert out.logits.shape[-1] == VOCAB
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+
+
+class _CausalLM(nn.Module):
+    """GPT-2 with its own next-token loss (transformers' ForCausalLMLoss: a float copy of the logits, a view
+    and cross entropy), so the loss reads the vocabulary-split logits."""
+
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.gpt(input_ids=ids, labels=labels).loss
+
+
+def test_gpt2_three_adamw_steps_equal_eager(pool):
+    """Tied weights: the vocabulary-split LM head and the token embedding read one parameter."""
+    gpt, (ids,) = build_model("gpt2", vocab=VOCAB)
+    model = _CausalLM(gpt)
+    reference = copy.deepcopy(model)
+    with shardwise.compile(
+        model, CLUSTER, example_inputs=(ids, ids), mode="train", loss_fn=lambda loss: loss,
+        optimizer=OPTIMIZER, constraints=TP, workers=pool,
+    ) as cm:  # fmt: skip
+        _vocab_split(cm.plan, "gpt.lm_head")
+        ce = [s for s in cm.plan.strategies if s.node.startswith("cross_entropy")]
+        assert any(("tp", "c") in s.split for s in ce), [s.split for s in ce]
+        losses = [cm.train_step(ids, ids) for _ in range(3)]
+        state = cm.state_dict()
+    reference.train()
+    expected, want = _eager_training(reference, (ids, ids), lambda loss: loss)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    _assert_state_equal(state, want)
+
+
+def test_untied_lm_head_and_vocabulary_parallel_loss_equal_eager(pool):
+    """The bench's shape of model: the LM head split on its 1001 rows feeds the vocabulary-parallel cross
+    entropy (classes split 501 + 500, never gathered); ignored targets included."""
+    torch.manual_seed(0)
+    model = _UntiedLM()
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    labels[0, :5] = -100
+    reference = copy.deepcopy(model)
+    with shardwise.compile(
+        model, CLUSTER, example_inputs=(ids, labels), mode="train", loss_fn=lambda loss: loss,
+        optimizer=OPTIMIZER, constraints=TP, workers=pool,
+    ) as cm:  # fmt: skip
+        _vocab_split(cm.plan)
+        tp = cm.plan.mesh.axis_names.index("tp")
+        assert dict(cm.plan.param_placements)["lm_head.weight"].placements[tp] == Shard(0)  # stored in pieces
+        ce = [s for s in cm.plan.strategies if s.node.startswith("cross_entropy")]
+        assert any(("tp", "c") in s.split for s in ce), [s.split for s in ce]
+        losses = [cm.train_step(ids, labels) for _ in range(3)]
+        state = cm.state_dict()
+    expected, want = _eager_training(reference, (ids, labels), lambda loss: loss)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    _assert_state_equal(state, want)
