@@ -142,6 +142,9 @@ class ExecutionPlan:
     zero_stage: int = 0
     # pipeline parallelism (pp > 1): the chunks, their intra-op plans and the schedule; None otherwise
     pipeline: PipelineSpec | None = None
+    # flat training plans: ranges of forward ops (first node, last node, inclusive, graph order) that run under
+    # activation checkpointing and are recomputed in the backward (shardwise.passes.remat); empty: none
+    recompute: tuple[tuple[str, str], ...] = ()
 
     @property
     def degrees(self) -> dict[str, int]:

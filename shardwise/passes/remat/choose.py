@@ -1,0 +1,121 @@
+"""Choosing what to recompute for a flat training plan under a memory budget, and applying the choice.
+
+``choose_recomputation(plan, budget_bytes)``: units are the plan's repeated layers
+(``segments.layer_segments``); the least recompute time whose peak fits the budget is solved exactly for
+the additive model (``dp`` by default, ``ilp`` on request) and then checked on the rank's buffers with the
+units recomputed (``peak.recompute_peak``): when the buffers' peak is above the budget (the units' effects
+did not add up exactly), the model's budget is lowered by the excess and the solve repeated. The
+returned choice's ``peak_bytes`` is always the buffers' peak. ``recompute_all_layers(plan)`` is the usual
+hand setting (every layer recomputed), for comparison. ``apply_recomputation(plan, choice)`` records the
+choice in the plan (``ExecutionPlan.recompute``, which codegen applies) with the memory map and the
+predicted step time updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from shardwise.errors import DoesNotFitError, UserInputError
+from shardwise.ir.plan import ExecutionPlan
+from shardwise.passes.memory.assign import assign_offsets
+from shardwise.passes.memory.buffers import lower_bound
+from shardwise.passes.memory.mapping import rank_memory
+from shardwise.passes.memory.verify import verify_assignment
+from shardwise.passes.remat.build import RankStep, build_problem, rank_step
+from shardwise.passes.remat.dp import pareto_front, solve_chain
+from shardwise.passes.remat.ilp import solve_ilp
+from shardwise.passes.remat.peak import recompute_buffers, recompute_peak
+from shardwise.passes.remat.problem import RematChoice, RematProblem
+from shardwise.passes.remat.segments import layer_segments
+
+__all__ = ["choose_recomputation", "recompute_all_layers", "apply_recomputation", "problem_of"]
+
+METHODS = ("dp", "ilp")
+_RETRIES = 6
+
+
+def problem_of(plan: ExecutionPlan, depth: int = 0) -> tuple[RankStep, RematProblem]:
+    """The rank step and recompute problem of a flat training plan (units: its layers)."""
+    step = rank_step(plan)
+    units = layer_segments(plan.graph, depth)
+    if not units:
+        raise UserInputError(
+            f"{plan.model_name} has no numbered layers (module paths like 'layers.3' or 'h.3') to recompute"
+        )
+    return step, build_problem(step, units)
+
+
+def _choice(step: RankStep, problem: RematProblem, chosen: tuple[int, ...], budget: int, method: str) -> RematChoice:
+    units = [u for u, c in zip(problem.units, chosen, strict=True) if c]
+    ranges = tuple((u.start, u.stop) for u in units)
+    return RematChoice(
+        units=tuple(u.name for u in units),
+        ranges=ranges,
+        peak_bytes=recompute_peak(step.graph, step.train, step.inference, ranges),
+        baseline_bytes=lower_bound(step.train),
+        recompute_s=sum(u.recompute_s for u in units),
+        budget_bytes=budget,
+        method=method,
+    )
+
+
+def choose_recomputation(
+    plan: ExecutionPlan, budget_bytes: int, *, method: str = "dp", depth: int = 0, time_limit_s: float = 30.0
+) -> RematChoice:
+    """The least recompute time whose predicted peak (the rank's buffers) is within ``budget_bytes``.
+
+    Raises DoesNotFitError, naming the lowest peak recomputation reaches, when no choice fits."""
+    if method not in METHODS:
+        raise UserInputError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+    step, problem = problem_of(plan, depth)
+    target = budget_bytes
+    for _ in range(_RETRIES):
+        try:
+            chosen = solve_chain(problem, target) if method == "dp" else solve_ilp(problem, target, time_limit_s=time_limit_s)
+        except DoesNotFitError:
+            break
+        made = _choice(step, problem, chosen, budget_bytes, method)
+        if made.peak_bytes <= budget_bytes:
+            return made
+        target -= made.peak_bytes - budget_bytes
+    lowest = min(
+        _choice(step, problem, pareto_front(problem)[-1][2], budget_bytes, method).peak_bytes,
+        _choice(step, problem, (1,) * len(problem.units), budget_bytes, method).peak_bytes,
+    )
+    raise DoesNotFitError(
+        f"no recomputation of {plan.model_name}'s layers fits {budget_bytes / 2**20:.2f} MiB per rank: the "
+        f"lowest peak recomputation reaches is {lowest / 2**20:.2f} MiB ({lowest} bytes); raise the budget "
+        "to at least that, or shard the model further (more tensor or pipeline parallelism)"
+    )
+
+
+def recompute_all_layers(plan: ExecutionPlan, depth: int = 0) -> RematChoice:
+    """Every layer recomputed (the usual hand setting), with its predicted peak and recompute time."""
+    step, problem = problem_of(plan, depth)
+    return _choice(step, problem, (1,) * len(problem.units), 0, "all")
+
+
+def apply_recomputation(plan: ExecutionPlan, choice: RematChoice) -> ExecutionPlan:
+    """The plan with ``choice`` recorded for codegen, its memory map (the recomputed buffers, packed) and its
+    predicted step time (plus the recompute time) updated."""
+    step = rank_step(plan)
+    nodes = plan.graph.nodes
+    ranges = tuple((nodes[s].name, nodes[e - 1].name) for s, e in choice.ranges)
+    bufs = recompute_buffers(step.graph, step.train, step.inference, choice.ranges)
+    assignment = assign_offsets(bufs)
+    verify_assignment(bufs, assignment)
+    capacity = plan.memory[0].capacity_bytes if plan.memory else 0
+    memory = tuple(rank_memory(m.rank, bufs, assignment, capacity) for m in plan.memory)
+    predicted = dataclasses.replace(
+        plan.predicted,
+        step_time_s=plan.predicted.step_time_s + choice.recompute_s,
+        compute_s=plan.predicted.compute_s + choice.recompute_s,
+        memory_bytes=tuple(m.arena_bytes for m in memory),
+    )
+    note = (
+        f"recompute: {len(choice.units)} layers recomputed in the backward ({choice.method}), predicted peak "
+        f"{choice.peak_bytes / 2**20:.2f} MiB (from {choice.baseline_bytes / 2**20:.2f}), "
+        f"+{choice.recompute_s * 1e3:.3f} ms per step"
+    )
+    passes = plan.passes if "remat" in plan.passes else (*plan.passes, "remat")
+    return plan.replace(recompute=ranges, memory=memory, predicted=predicted, notes=(*plan.notes, note), passes=passes)
