@@ -21,6 +21,8 @@ __all__ = ["best_fit", "best_fit_offsets", "greedy_order"]
 
 Order = Literal["size", "lifetime"]
 
+_NONE = np.zeros(0, dtype=np.int64)
+
 
 def _align_up(x: int, alignment: int) -> int:
     return -(-x // alignment) * alignment
@@ -52,36 +54,50 @@ def greedy_order(buffers: list[Buffer], order: Order) -> list[int]:
 
 
 def best_fit_offsets(buffers: list[Buffer], order: Order, alignment: int = 1) -> list[int]:
-    """Offsets (indexed like ``buffers``) chosen by best-fit in the given order."""
+    """Offsets (indexed like ``buffers``) chosen by best-fit in the given order.
+
+    The buffers placed so far are kept sorted by offset, so the ones live with the next buffer come out of
+    one vectorized interval test already in offset order; the free gaps between them (each chunk's offset
+    minus the highest top below it) and the smallest that holds the buffer are found without a Python loop
+    over them. Equal offsets may be kept in any order: a chunk that starts where an earlier one does never
+    opens a gap (that one's top is above it), so the gaps are those of a sort by (offset, top)."""
     n = len(buffers)
-    starts = np.array([b.start for b in buffers], dtype=np.int64)
-    ends = np.array([b.end for b in buffers], dtype=np.int64)
-    placed = np.zeros(n, dtype=bool)
-    offs = np.zeros(n, dtype=np.int64)
-    tops = np.zeros(n, dtype=np.int64)
+    # placed buffers, sorted by offset: start, end, offset, top (offset + size)
+    p_start = np.zeros(n, dtype=np.int64)
+    p_end = np.zeros(n, dtype=np.int64)
+    p_off = np.zeros(n, dtype=np.int64)
+    p_top = np.zeros(n, dtype=np.int64)
     out = [0] * n
-    for i in greedy_order(buffers, order):
+    for m, i in enumerate(greedy_order(buffers, order)):  # m buffers placed so far
         b = buffers[i]
-        near = np.flatnonzero(placed & (starts < b.end) & (ends > b.start))
-        lo_list = offs[near].tolist()
-        hi_list = tops[near].tolist()
-        chunks = sorted(zip(lo_list, hi_list))
-        best_off = -1
-        best_gap = -1
-        cursor = 0  # start of the current free gap
-        for lo, hi in chunks:
-            if lo > cursor:
-                start = _align_up(cursor, alignment)
-                gap = lo - cursor
-                if start + b.size <= lo and (best_off < 0 or gap < best_gap):
-                    best_off, best_gap = start, gap
-            cursor = max(cursor, hi)
-        if best_off < 0:
-            best_off = _align_up(cursor, alignment)  # on top of everything live with it
+        size = b.size
+        if m:
+            live = np.flatnonzero((p_start[:m] < b.end) & (p_end[:m] > b.start))
+        else:
+            live = _NONE
+        if len(live):
+            lo = p_off[live]
+            hi = p_top[live]
+            below = np.maximum.accumulate(hi)  # the highest top among the chunks up to each one
+            cursor = np.empty_like(below)  # where the free gap before each chunk starts
+            cursor[0] = 0
+            cursor[1:] = below[:-1]
+            start = cursor if alignment == 1 else -(-cursor // alignment) * alignment
+            holds = np.flatnonzero(start + size <= lo)  # implies a gap: lo > cursor
+            if len(holds):
+                gaps = lo[holds] - cursor[holds]
+                best_off = int(start[holds[int(np.argmin(gaps))]])  # the smallest gap, the lowest on ties
+            else:
+                best_off = _align_up(int(below[-1]), alignment)  # on top of everything live with it
+        else:
+            best_off = 0
         out[i] = best_off
-        offs[i] = best_off
-        tops[i] = best_off + b.size
-        placed[i] = True
+        # insert into the offset-sorted arrays (after equal offsets: any order of those is equivalent)
+        j = int(np.searchsorted(p_off[:m], best_off, side="right"))
+        if j < m:
+            for arr in (p_start, p_end, p_off, p_top):
+                arr[j + 1 : m + 1] = arr[j:m]
+        p_start[j], p_end[j], p_off[j], p_top[j] = b.start, b.end, best_off, best_off + size
     return out
 
 
