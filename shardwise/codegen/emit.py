@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import jinja2
 
+from shardwise.codegen.recompute import checkpoint_ranges, recompute_ranges
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Graph, Node, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
@@ -559,6 +560,9 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
     graph, mesh = plan.graph, plan.mesh
     names = _Names(graph)
     body, returns = _body(plan, names)
+    if plan.recompute:  # ranges recomputed in the backward (passes.remat): run under torch.utils.checkpoint
+        ranges = recompute_ranges(plan, names.var, names.fresh)
+        body = checkpoint_ranges(body, returns, ranges, [names.ref(i.name) for i in graph.inputs], Statement)
     placements = dict(plan.param_placements)
     tensors = []
     for p in graph.params:

@@ -39,11 +39,12 @@ class RankStep:
     step_time_s: float
 
 
+# fp32 optimizer state per parameter element, as the planners count it (planner.simple's table)
+_OPTIMIZER_STATE = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+
+
 def _optimizer_factor(description: str) -> int:
-    text = description.lower()
-    if "sgd" in text:
-        return 1 if "momentum" in text else 0
-    return 2  # AdamW (the default) and Adam keep two moments
+    return _OPTIMIZER_STATE.get(description.lower(), 2)
 
 
 def rank_step(plan: ExecutionPlan) -> RankStep:

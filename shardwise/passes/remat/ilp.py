@@ -16,6 +16,8 @@ Up to ``max_units`` units (the stage constraints grow as n^2 coefficients); beyo
 
 from __future__ import annotations
 
+import warnings
+
 import pulp
 
 from shardwise.errors import DoesNotFitError, SolverError
@@ -45,7 +47,9 @@ def solve_ilp(problem: RematProblem, budget_bytes: int, *, time_limit_s: float =
         )
     scale = max(1.0, max((u.recompute_s for u in units), default=1.0))
     prob = pulp.LpProblem("recompute", pulp.LpMinimize)
-    r = [pulp.LpVariable(f"r{i}", cat="Binary") for i in range(len(units))]
+    # PuLP >= 3.3 wants variables made by their problem
+    make = prob.add_variable if hasattr(prob, "add_variable") else pulp.LpVariable
+    r = [make(f"r{i}", 0, 1, cat="Binary") for i in range(len(units))]
     # a tiny pull towards fewer recomputed bytes breaks ties between equal times the same way as the DP
     prob += pulp.lpSum((u.recompute_s / scale) * x for u, x in zip(units, r, strict=True))
     kept = [u.kept_bytes[0] - x * (u.kept_bytes[0] - u.kept_bytes[1]) for u, x in zip(units, r, strict=True)]
@@ -56,7 +60,9 @@ def solve_ilp(problem: RematProblem, budget_bytes: int, *, time_limit_s: float =
         prob += (pulp.lpSum(prefix) + phase) * (1 / norm) <= budget_bytes / norm, f"phase{i}"
         prefix.append(kept[i])
     prob += (pulp.lpSum(prefix) + problem.tail_bytes) * (1 / norm) <= budget_bytes / norm, "tail"
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit_s)))
+    with warnings.catch_warnings():  # PuLP 3.x announces PULP_CBC_CMD's renaming in 4.0
+        warnings.simplefilter("ignore", DeprecationWarning)
+        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit_s)), threads=1)
     prob.solve(solver)
     status = pulp.LpStatus[prob.status]
     if status != "Optimal" and not all(x.value() is not None for x in r):

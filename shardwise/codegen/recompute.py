@@ -1,0 +1,126 @@
+"""Activation checkpointing in a generated program: the statements of each recomputed range of ops
+(``ExecutionPlan.recompute``, chosen by ``shardwise.passes.remat``) become a local function that
+``compute`` calls through ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``. Autograd then
+keeps only the function's inputs, drops what its ops save, and reruns it when the backward reaches it.
+
+The function's parameters are the variables its statements read before setting them (made earlier in
+``compute``); it returns the variables it sets that later statements (or the returned value) read.
+Variables the range frees (``del``) that were made before it are freed after the call instead. Requires
+statements of the form ``emit`` makes (assignments, ``del``), and ``self``/``mesh`` only read.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shardwise.ir.plan import ExecutionPlan
+
+__all__ = ["checkpoint_ranges", "recompute_ranges"]
+
+
+def recompute_ranges(
+    plan: ExecutionPlan, var: dict[str, str], fresh: Callable[[str], str]
+) -> list[tuple[str, frozenset[str]]]:
+    """(function name, variables its ops set) per range of ``plan.recompute``; the function is named after
+    the module path the range's ops share (``transformer.h.3`` -> ``transformer_h_3``)."""
+    index = {n.name: k for k, n in enumerate(plan.graph.nodes)}
+    out = []
+    for first, last in plan.recompute:
+        if first not in index or last not in index or index[last] < index[first]:
+            raise ValueError(f"plan.recompute names a range {first!r}..{last!r} that is not in the graph")
+        nodes = plan.graph.nodes[index[first] : index[last] + 1]
+        paths = [n.module_path.split(".") for n in nodes if n.module_path]
+        common = os.path.commonprefix(paths) if paths else []
+        out.append((fresh(".".join(common) or first), frozenset(var[n.name] for n in nodes if n.name in var)))
+    return out
+
+
+@dataclass(frozen=True)
+class _Uses:
+    sets: tuple[str, ...]
+    reads: tuple[str, ...]  # read before this statement sets them (in order)
+    frees: tuple[str, ...]
+
+
+def _uses(lines: Sequence[str]) -> _Uses:
+    sets: list[str] = []
+    reads: list[str] = []
+    frees: list[str] = []
+    for stmt in ast.parse("\n".join(lines)).body:
+        if isinstance(stmt, ast.Delete):
+            frees += [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+            continue
+        value = stmt.value if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)) else stmt
+        for node in ast.walk(value):  # type: ignore[arg-type]
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in sets:
+                reads.append(node.id)
+        if isinstance(stmt, ast.Assign):
+            for target in stmt.targets:
+                for node in ast.walk(target):
+                    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                        sets.append(node.id)
+    return _Uses(tuple(sets), tuple(dict.fromkeys(reads)), tuple(frees))
+
+
+def checkpoint_ranges(
+    body: list, returns: str, ranges: Sequence[tuple[str, frozenset[str]]], inputs: Sequence[str],
+    statement: type,
+) -> list:  # fmt: skip
+    """``body`` (``emit.Statement`` list) with each range's statements wrapped (see the module docstring).
+
+    ``ranges``: (function name, the variables the range's ops set); a statement setting one of them belongs
+    to the range, and so does every statement between the range's first and last (a statement setting
+    variables of two ranges, a fused kernel across their cut, goes to the first). ``inputs``: ``compute``'s
+    parameters. ``statement``: the Statement class (to build the new statements)."""
+    uses = [_uses(s.lines) for s in body]
+    returned = _uses([f"_ = {returns}"]).reads
+    out = list(body)
+    spans = []
+    for fname, sets in ranges:
+        members = [i for i, u in enumerate(uses) if sets & set(u.sets)]
+        if members:
+            spans.append((members[0], members[-1] + 1, fname))
+    spans.sort()
+    # a fused kernel joining the end of one range with the start of the next runs in the first of them
+    for i in range(1, len(spans)):
+        a, b, name = spans[i]
+        spans[i] = (max(a, spans[i - 1][1]), b, name)
+    spans = [(a, b, name) for a, b, name in spans if a < b]
+    for a, b, fname in reversed(spans):  # from the last, so the earlier spans' indices stay valid
+        made_before = set(inputs)
+        for u in uses[:a]:
+            made_before |= set(u.sets)
+        params: list[str] = []
+        set_inside: set[str] = set()
+        freed_inside: set[str] = set()
+        for u in uses[a:b]:
+            params += [v for v in u.reads if v in made_before and v not in set_inside]
+            set_inside |= set(u.sets)
+            freed_inside |= set(u.frees)
+        params = list(dict.fromkeys(params))
+        read_after = set(returned)
+        for u in uses[b:]:
+            read_after |= set(u.reads)
+        results = [v for v in dict.fromkeys(v for u in uses[a:b] for v in u.sets)
+                   if v in read_after and v not in freed_inside]  # fmt: skip
+        if not results:
+            continue  # nothing of it is read later: nothing to keep or recompute
+        lines = [f"def {fname}({', '.join(params)}):"]
+        for s in body[a:b]:
+            if s.comment:
+                lines.append(f"    # {s.comment}")
+            lines += [f"    {line}" for line in s.lines]
+        lines.append(f"    return {', '.join(results)}")
+        target = ", ".join(results)
+        lines.append(
+            f"{target} = torch.utils.checkpoint.checkpoint({', '.join([fname, *params])}, use_reentrant=False)"
+        )
+        outer_free = [v for v in params if v in freed_inside]
+        if outer_free:
+            lines.append(f"del {', '.join(outer_free)}")
+        comment = f"{fname}: recomputed in the backward (activation checkpointing keeps only its inputs)"
+        out[a:b] = [statement(comment, tuple(lines))]
+    return out

@@ -1,0 +1,92 @@
+"""Recomputation on real plans (GPT-2 and Llama, dp=2 on cpu:2, 4 layers, activations larger than the
+weights): the model's peak with nothing recomputed is the memory pass's lower bound; a choice's peak, read
+on the rank's buffers with its layers recomputed, is within the budget; the choice is no slower than
+recomputing every layer; an impossible budget names the lowest reachable peak; the plan records the choice,
+survives JSON, and its generated program wraps those layers in torch.utils.checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shardwise
+from shardwise.codegen.emit import render_program
+from shardwise.errors import DoesNotFitError
+from shardwise.ir.plan import ExecutionPlan
+from shardwise.passes.memory.buffers import lower_bound
+from shardwise.passes.remat import (
+    apply_recomputation,
+    choose_recomputation,
+    problem_of,
+    recompute_all_layers,
+    recompute_buffers,
+)
+from shardwise.planner.recompute import fit_by_recomputation, with_recomputation
+from shardwise.zoo import build_model
+
+SHAPE = {"layers": 4, "seq": 64, "batch": 8}
+
+
+def _loss(o):
+    return o.logits.float().sin().mean()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def plan(request) -> ExecutionPlan:
+    model, inputs = build_model(request.param, **SHAPE)
+    cm = shardwise.compile(model, "cpu:2", example_inputs=inputs, mode="train", loss_fn=_loss, constraints={"dp": 2})
+    return cm.plan
+
+
+def test_nothing_recomputed_is_the_memory_pass(plan):
+    step, problem = problem_of(plan)
+    assert len(problem.units) == 4
+    assert problem.baseline_bytes == lower_bound(step.train) == plan.memory[0].lower_bound_bytes
+    assert recompute_buffers(step.graph, step.train, step.inference, []) == list(step.train)
+
+
+@pytest.mark.parametrize("fraction", [0.7, 0.8, 0.9])
+@pytest.mark.parametrize("method", ["dp", "ilp"])
+def test_choice_fits_its_budget_on_the_buffers(plan, fraction, method):
+    _, problem = problem_of(plan)
+    budget = int(fraction * problem.baseline_bytes)
+    choice = choose_recomputation(plan, budget, method=method)
+    assert choice.peak_bytes <= budget < choice.baseline_bytes
+    every = recompute_all_layers(plan)
+    assert every.peak_bytes < choice.baseline_bytes
+    assert 0 < choice.recompute_s <= every.recompute_s
+    assert len(choice.units) < 4  # these budgets do not need every layer
+
+
+def test_impossible_budget_names_the_lowest_peak(plan):
+    lowest = recompute_all_layers(plan).peak_bytes
+    with pytest.raises(DoesNotFitError, match=f"lowest peak recomputation reaches is .*\\({lowest} bytes\\)"):
+        choose_recomputation(plan, lowest - 4096)
+
+
+def test_applied_choice_is_recorded_and_generated(plan):
+    _, problem = problem_of(plan)
+    choice = choose_recomputation(plan, int(0.7 * problem.baseline_bytes))
+    applied = apply_recomputation(plan, choice)
+    assert len(applied.recompute) == len(choice.units) > 0
+    assert applied.memory[0].lower_bound_bytes == choice.peak_bytes <= applied.memory[0].arena_bytes
+    assert applied.predicted.step_time_s == pytest.approx(plan.predicted.step_time_s + choice.recompute_s)
+    assert ExecutionPlan.from_json(applied.to_json()).recompute == applied.recompute
+    source = render_program(applied, version="test", plan_id="test")
+    compile(source, "program.py", "exec")
+    assert source.count("torch.utils.checkpoint.checkpoint(") == len(choice.units)
+    assert "torch.utils.checkpoint" not in render_program(plan, version="test", plan_id="test")
+
+
+def test_planner_hook_fits_a_smaller_device(plan):
+    every = recompute_all_layers(plan)
+    assert fit_by_recomputation(plan) is plan  # fits the cpu's memory already
+    capacity = (every.peak_bytes + every.baseline_bytes) // 2
+    fitted = fit_by_recomputation(plan, capacity)
+    assert max(fitted.predicted.memory_bytes) <= capacity + 4096 and fitted.recompute
+    assert with_recomputation(plan, "all").recompute == tuple(
+        (plan.graph.nodes[s].name, plan.graph.nodes[e - 1].name) for s, e in every.ranges
+    )
+    with pytest.raises(shardwise.errors.UserInputError, match="recompute="):
+        with_recomputation(plan, "sometimes")
+    assert torch.__version__  # (torch is what the generated checkpoint calls)
