@@ -7,7 +7,8 @@ demands it, a plan returned even when none fits). Per row: ops, ILP variables an
 shrinking (Alpa's formulation: one-hot per op, one pair variable per edge) and after shrinking (followers
 merged, repeated blocks solved once), for the chosen mesh; the solver's time summed over every ILP the
 planner solved; and the wall time of tracing and of planning (everything after tracing). The goal: the
-96-layer model on 1024 GPUs planned in under 60 s on 2 cores. Writes bench/results/ilp_scaling.json.
+96-layer model on 1024 GPUs planned in under 60 s on 2 cores. Writes bench/results/ilp_scaling.json (or
+``--output``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="*", default=[8, 64, 256, 1024])
     parser.add_argument("--solver", default="cbc", choices=["cbc", "cpsat"])
     parser.add_argument("--quick", action="store_true", help="2 and 8 layers on 8 and 64 GPUs")
+    parser.add_argument("--output", default=str(RESULTS / "ilp_scaling.json"))
     args = parser.parse_args()
     layers, devices = ([2, 8], [8, 64]) if args.quick else (args.layers, args.devices)
     rows = []
@@ -111,19 +113,21 @@ def main() -> None:
             f"\ngoal (96 layers, 1024 GPUs, planned < 60 s): {verdict} — planning {r['plan_s']:.1f} s "
             f"(+ building the meta model {r['build_s']:.1f} s and tracing it {r['trace_s']:.1f} s)"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     out = {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "load_average_1_5_15_min": os.getloadavg(),  # at the end: a shared machine's timings are noisy
         },
         "shape": SHAPE,
         "solver": args.solver,
         "rows": rows,
     }
-    (RESULTS / "ilp_scaling.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS / 'ilp_scaling.json'}")
+    output.write_text(json.dumps(out, indent=1))
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -346,10 +346,13 @@ def plan_auto(
     if best.zero:
         notes.append(f"ZeRO stage {best.zero}: optimizer state sharded over dp={best.dp}" + (
             ", parameters too" if best.zero == 3 else ""))  # fmt: skip
-    # the chosen plan's memory map, searched exactly (candidates were scored with the greedy arena)
-    memory = _memory(
-        g, mesh, placed, best.inputs, cluster, mode == "train", factor, precision, best.zero, exact=True
-    )
+    # the chosen plan's memory map, searched exactly (candidates were scored with the greedy arena); a greedy
+    # arena already equal to the lower bound is optimal, and the exact search would return it unchanged
+    memory = best.memory
+    if any(m.arena_bytes > m.lower_bound_bytes for m in memory) or not memory:
+        memory = _memory(
+            g, mesh, placed, best.inputs, cluster, mode == "train", factor, precision, best.zero, exact=True
+        )
     predicted = dataclasses.replace(best.prediction, memory_bytes=tuple(m.arena_bytes for m in memory))
     grad_reduce = param_grad_reduce(g, placed.strategies) if mode == "train" else {}
     keys = {p.name: p.key for p in g.params}
