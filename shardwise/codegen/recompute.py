@@ -109,16 +109,28 @@ def checkpoint_ranges(
         if not results:
             continue  # nothing of it is read later: nothing to keep or recompute
         lines = [f"def {fname}({', '.join(params)}):"]
+        local = set(params) | set_inside
+        outer_free = [v for v in params if v in freed_inside]
         for s in body[a:b]:
             if s.comment:
                 lines.append(f"    # {s.comment}")
-            lines += [f"    {line}" for line in s.lines]
+            for line in s.lines:
+                if line.startswith("del "):
+                    # a value made before the range whose last reader is in it, read here only through a
+                    # shared collective's result: freed after the call, where it exists
+                    names = [v.strip() for v in line[4:].split(",")]
+                    outer_free += [v for v in names if v not in local and v in made_before]
+                    names = [v for v in names if v in local]
+                    if not names:
+                        continue
+                    line = f"del {', '.join(names)}"
+                lines.append(f"    {line}")
         lines.append(f"    return {', '.join(results)}")
         target = ", ".join(results)
         lines.append(
             f"{target} = torch.utils.checkpoint.checkpoint({', '.join([fname, *params])}, use_reentrant=False)"
         )
-        outer_free = [v for v in params if v in freed_inside]
+        outer_free = list(dict.fromkeys(outer_free))
         if outer_free:
             lines.append(f"del {', '.join(outer_free)}")
         comment = f"{fname}: recomputed in the backward (activation checkpointing keeps only its inputs)"
