@@ -30,6 +30,7 @@ from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.fusion import fuse_plan
 from shardwise.planner.auto import plan_auto
+from shardwise.planner.recompute import RECOMPUTE_SETTINGS, with_recomputation
 from shardwise.runtime import WorkerPool
 
 __all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
@@ -394,6 +395,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     fusion: bool = True,
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    recompute: str | int | None = None,
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
@@ -405,6 +407,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     (Triton on CUDA, the same ops eagerly on CPU); ``fusion=False`` runs one statement per op.
     ``constraints`` may also hold ``sp=1`` (no sequence parallelism) and ``zero`` (ZeRO stage 0, 1 or 3).
     ``solver`` ("cbc" or "cpsat") solves the placement ILP within ``time_limit_s`` seconds per mesh.
+    ``recompute`` (training, flat plans): ``"all"`` recomputes every layer in the backward, a number of
+    bytes the cheapest layers whose recomputation brings each rank's predicted peak within it, ``"auto"``
+    recomputes only when no plan fits otherwise (before trying pipelines); see docs/memory.md.
     """
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
@@ -412,6 +417,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         raise UserInputError(f"precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
     if mode == "train" and loss_fn is None:
         raise UserInputError("mode='train' needs loss_fn: a function from the model's output to a scalar loss")
+    if recompute not in (None, "none", "auto", "all") and not (type(recompute) is int and recompute > 0):
+        raise UserInputError(f"recompute={recompute!r} is not allowed: choose one of {', '.join(RECOMPUTE_SETTINGS)}")
+    if recompute not in (None, "none") and mode != "train":
+        raise UserInputError(f"recompute={recompute!r} applies to training: compile with mode='train'")
     _check_optimizer(optimizer)
     spec = get_cluster(cluster)
     if mode == "train":
@@ -436,12 +445,22 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         plan = plan_auto(
             graph, spec, mode=mode, precision=precision, constraints=constraints,
             optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
+            require_fit=recompute != "auto" or mode != "train",
         )  # fmt: skip
     except DoesNotFitError as exc:
         if not (constraints or {}).get("pp") and mode == "train":  # may fit as a pipeline
             with contextlib.suppress(DoesNotFitError):
                 return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
         raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
+    if recompute not in (None, "none") and mode == "train":
+        try:
+            plan = with_recomputation(plan, recompute)  # "auto": only when the fastest plan does not fit
+        except DoesNotFitError as exc:
+            if recompute != "auto" or (constraints or {}).get("pp"):
+                raise
+            with contextlib.suppress(DoesNotFitError):  # may fit as a pipeline
+                return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
+            raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
     if fusion:
         plan = fuse_plan(plan)
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)

@@ -90,3 +90,21 @@ def test_planner_hook_fits_a_smaller_device(plan):
     with pytest.raises(shardwise.errors.UserInputError, match="recompute="):
         with_recomputation(plan, "sometimes")
     assert torch.__version__  # (torch is what the generated checkpoint calls)
+
+
+def test_compile_recomputes_when_asked_or_when_nothing_else_fits():
+    import dataclasses
+
+    from shardwise.cluster import get_cluster
+
+    model, inputs = build_model("gpt2", device="meta", **SHAPE)  # planning only
+    common = dict(example_inputs=inputs, mode="train", loss_fn=_loss, constraints={"dp": 2})
+    every = shardwise.compile(model, "cpu:2", recompute="all", **common).plan
+    assert len(every.recompute) == 4 and "remat" in every.passes
+    spec = get_cluster("cpu:2")
+    need = max(every.predicted.memory_bytes)
+    small = dataclasses.replace(spec, device=dataclasses.replace(spec.device, memory_bytes=need + 2**20))
+    fitted = shardwise.compile(model, small, recompute="auto", **common).plan
+    assert 0 < len(fitted.recompute) < 4 and max(fitted.predicted.memory_bytes) <= small.device.memory_bytes
+    with pytest.raises(shardwise.errors.UserInputError, match="recompute="):
+        shardwise.compile(model, "cpu:2", recompute="half", **common)
