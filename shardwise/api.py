@@ -37,6 +37,7 @@ __all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
 
 MODES = ("inference", "train")
 PRECISIONS = ("fp32", "bf16", "fp16")
+COLLECTIVES = ("library", "synthesize")  # who chooses each collective's algorithm (see compile)
 MAX_LOCAL_PROCESSES = 64
 # which CompiledModel's program a shared pool holds now (pools given with ``workers=`` change hands)
 _POOL_OWNER: weakref.WeakKeyDictionary[WorkerPool, int] = weakref.WeakKeyDictionary()
@@ -396,6 +397,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     solver: str = "cbc",
     time_limit_s: float = 60.0,
     recompute: str | int | None = None,
+    collectives: str = "library",
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
@@ -410,6 +412,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     ``recompute`` (training, flat plans): ``"all"`` recomputes every layer in the backward, a number of
     bytes the cheapest layers whose recomputation brings each rank's predicted peak within it, ``"auto"``
     recomputes only when no plan fits otherwise (before trying pipelines); see docs/memory.md.
+    ``collectives="synthesize"`` gives each collective of a flat plan a topology-aware schedule where one is
+    predicted faster than the library's (the plan records each algorithm and the program runs the schedule
+    with point-to-point messages); pipeline plans keep the library's collectives.
     """
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
@@ -417,6 +422,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         raise UserInputError(f"precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
     if mode == "train" and loss_fn is None:
         raise UserInputError("mode='train' needs loss_fn: a function from the model's output to a scalar loss")
+    if collectives not in COLLECTIVES:
+        raise UserInputError(
+            f"collectives={collectives!r} is not allowed: choose one of {', '.join(COLLECTIVES)}"
+        )
     if recompute not in (None, "none", "auto", "all") and not (type(recompute) is int and recompute > 0):
         raise UserInputError(f"recompute={recompute!r} is not allowed: choose one of {', '.join(RECOMPUTE_SETTINGS)}")
     if recompute not in (None, "none") and mode != "train":
@@ -446,6 +455,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             graph, spec, mode=mode, precision=precision, constraints=constraints,
             optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
             require_fit=recompute != "auto" or mode != "train",
+            collectives=collectives,
         )  # fmt: skip
     except DoesNotFitError as exc:
         if not (constraints or {}).get("pp") and mode == "train":  # may fit as a pipeline

@@ -50,6 +50,11 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Collectives(str, Enum):
+    library = "library"
+    synthesize = "synthesize"
+
+
 def _version(value: bool) -> None:
     if value:
         from shardwise import __version__
@@ -88,6 +93,13 @@ def plan(
         bool,
         typer.Option("--meta", help="build the model on the meta device: plan without allocating weights"),
     ] = False,
+    collectives: Annotated[
+        Collectives,
+        typer.Option(
+            help="library: torch.distributed's collectives; synthesize: a topology-aware schedule for each "
+            "collective where one is predicted faster (see `shardwise synth`)"
+        ),
+    ] = Collectives.library,
     output: Annotated[Path, typer.Option("--output", "-o", help="where to write the plan")] = Path(
         "plan.json"
     ),
@@ -104,7 +116,7 @@ def plan(
     steps = Steps(quiet or json_out)
     planned = make_plan(
         model, cluster, mode=mode.value, batch=batch, precision=precision.value,
-        constraints=parse_constraints(constraint), meta=meta, steps=steps,
+        constraints=parse_constraints(constraint), meta=meta, collectives=collectives.value, steps=steps,
     )  # fmt: skip
     with steps.step(f"writing {output}"):
         output.parent.mkdir(parents=True, exist_ok=True)

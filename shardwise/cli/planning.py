@@ -77,6 +77,7 @@ def make_plan(
     precision: str = "fp32",
     constraints: Mapping[str, int] | None = None,
     meta: bool = False,
+    collectives: str = "library",
     steps: Steps,
 ) -> Planned:
     """Build the model, trace and plan it (``shardwise.compile``), and record how in ``plan.source``.
@@ -94,7 +95,7 @@ def make_plan(
     with steps.step(f"tracing and planning for {spec.name} ({spec.world_size} devices)"):
         compiled = shardwise.compile(
             loaded.model, spec, example_inputs=loaded.inputs, mode=mode, precision=precision,
-            loss_fn=_loss_for(loaded, mode), constraints=dict(constraints or {}) or None,
+            loss_fn=_loss_for(loaded, mode), constraints=dict(constraints or {}) or None, collectives=collectives,
         )  # fmt: skip
     source = [("model", model), ("cluster", cluster), ("seed", str(SEED))]
     if batch is not None:

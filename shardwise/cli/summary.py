@@ -412,6 +412,8 @@ def plan_command(plan: ExecutionPlan) -> str:
         parts += ["--precision", plan.precision]
     if source.get("device") == "meta":
         parts.append("--meta")
+    if "collectives.choose" in plan.passes:
+        parts += ["--collectives", "synthesize"]
     return " ".join(parts)
 
 

@@ -19,6 +19,9 @@ from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["render_program", "Statement", "template_env"]
 
+# names of collective algorithms (checked again here: they are written into string literals)
+_ALGORITHM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:.+-]*\Z")
+
 OUTPUT_NODE = "<output>"
 
 # ops whose size argument (at this index) is the output shape: it must be made local
@@ -270,35 +273,44 @@ def _sharded_cross_entropy(
 
 
 def _collective_call(
-    r: Redistribute, var: str, mesh: DeviceMesh, partial_grad: bool = False, shape: tuple[int, ...] | None = None
+    r: Redistribute,
+    var: str,
+    mesh: DeviceMesh,
+    partial_grad: bool = False,
+    shape: tuple[int, ...] | None = None,
+    schedules: frozenset[str] = frozenset(),
 ) -> str:
     """The expression for one redistribution step; ``partial_grad``: the gathered value's gradient is a
     partial sum over the axis, so the backward reduce-scatters it (instead of an all-reduce, then a slice).
-    ``shape``: the value's whole shape, to tell gathers the size of a dimension split in uneven pieces."""
+    ``shape``: the value's whole shape, to tell gathers the size of a dimension split in uneven pieces.
+    ``schedules``: the plan's point-to-point programs; a one-step collective whose algorithm is one of them
+    runs it (``schedule="<name>"``)."""
     a = mesh.axis_names.index(r.axis)
     src, dst = r.src.placements[a], r.dst.placements[a]
     axis = repr(r.axis)
     kinds = r.collective.split("+")
     expr = var
-    size = ""
+    extra = ""  # trailing keyword arguments: the whole size of uneven pieces, or the schedule
     if isinstance(src, Shard) and shape is not None and shape[src.dim] % mesh.shape[a]:
         # uneven torch.chunk pieces (one axis splits the dimension: the strategies use a label on one axis)
-        size = f", size={shape[src.dim]}"
+        extra = f", size={shape[src.dim]}"
+    if not extra and len(kinds) == 1 and r.algorithm in schedules and _ALGORITHM_NAME.match(r.algorithm):
+        extra = f', schedule="{r.algorithm}"'  # even pieces only: the programs move equal chunks
     for kind in kinds:
         if kind == "slice":
             expr = f"C.shard({expr}, {dst.dim}, mesh, {axis})"  # type: ignore[union-attr]
         elif kind == "allgather" and partial_grad and len(kinds) == 1:
-            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}, partial_grad=True{size})"  # type: ignore[union-attr]
+            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}, partial_grad=True{extra})"  # type: ignore[union-attr]
         elif kind == "allgather":
-            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}{size})"  # type: ignore[union-attr]
+            expr = f"C.all_gather({expr}, {src.dim}, mesh, {axis}{extra})"  # type: ignore[union-attr]
         elif kind == "allreduce":
             op = src.op if isinstance(src, Partial) else "sum"
-            expr = f"C.all_reduce({expr}, mesh, {axis}, {op!r})"
+            expr = f"C.all_reduce({expr}, mesh, {axis}, {op!r}{extra})"
         elif kind == "reduce_scatter":
             op = src.op if isinstance(src, Partial) else "sum"
-            expr = f"C.reduce_scatter({expr}, {dst.dim}, mesh, {axis}, {op!r})"  # type: ignore[union-attr]
+            expr = f"C.reduce_scatter({expr}, {dst.dim}, mesh, {axis}, {op!r}{extra})"  # type: ignore[union-attr]
         elif kind == "alltoall":
-            expr = f"C.all_to_all({expr}, {src.dim}, {dst.dim}, mesh, {axis}{size})"  # type: ignore[union-attr]
+            expr = f"C.all_to_all({expr}, {src.dim}, {dst.dim}, mesh, {axis}{extra})"  # type: ignore[union-attr]
         elif kind == "to_partial":
             op = dst.op if isinstance(dst, Partial) else "sum"
             expr = f"C.to_partial({expr}, mesh, {axis}, {op!r})"
@@ -430,6 +442,7 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     param_keys = {p.name: p.key for p in graph.params}
     tensors = _tensor_values(graph)
     shapes = _whole_shapes(graph)
+    schedules = frozenset(name for name, _ in plan.collective_programs)
     placement: dict[str, ShardingSpec | None] = {}
     # fused groups run as one step each (kernels.py); the order is graph order with each group contracted
     groups = {g.name: g for g in plan.fused_groups}
@@ -492,7 +505,10 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
                     new = names.fresh(f"{current.removeprefix('self.')}_{op.steps[-1].collective.split('+')[0]}")
                     expr = current
                     for r in op.steps:
-                        expr = _collective_call(r, expr, mesh, partial_grad=r.axis in op.fused, shape=shapes.get(r.value))
+                        expr = _collective_call(
+                            r, expr, mesh, partial_grad=r.axis in op.fused, shape=shapes.get(r.value),
+                            schedules=schedules,
+                        )  # fmt: skip
                     lines.append(f"{new} = {expr}")
                     shared[op.key] = new
                 current = shared[op.key]
@@ -541,7 +557,8 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         for r in out_strategy.redistributes:
             current = ref.get(r.value, names.ref(r.value))
             new = names.fresh(f"{names.ref(r.value)}_{r.collective.split('+')[0]}")
-            lines.append(f"{new} = {_collective_call(r, current, mesh, shape=shapes.get(r.value))}")
+            call = _collective_call(r, current, mesh, shape=shapes.get(r.value), schedules=schedules)
+            lines.append(f"{new} = {call}")
             ref[r.value] = new
     if train and graph.buffer_updates:
         lines.append("with torch.no_grad():")

@@ -1,11 +1,16 @@
 """Write a drop-in package: program.py, _collectives.py, __init__.py, __main__.py, plan.json, README.md.
 
-The package imports nothing from shardwise and embeds no absolute path or environment value.
+Plans whose collectives use synthesized (or other non-library) schedules also get ``_schedules.json`` (each
+schedule's point-to-point program, ``plan.collective_programs``) and ``_schedule_exec.py``, the program
+runner: a copy of ``shardwise/runtime/collective_exec.py``, which needs only torch (copied as text, so codegen
+imports no runtime module). The package imports nothing from shardwise and embeds no absolute path or
+environment value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +25,8 @@ from shardwise.ir.tensor import TensorSpec
 __all__ = ["write_package", "plan_id"]
 
 VERSION = "0.1.0"
+# the runner of lowered collective programs, copied into packages that need it (it imports only torch)
+SCHEDULE_RUNNER = Path(__file__).resolve().parent.parent / "runtime" / "collective_exec.py"
 
 
 def plan_id(plan: ExecutionPlan) -> str:
@@ -31,6 +38,17 @@ def _package_name(path: Path) -> str:
     if not name.isidentifier():
         name = "shardwise_program"
     return name
+
+
+def schedule_files(plan: ExecutionPlan) -> dict[str, str]:
+    """``_schedules.json`` and ``_schedule_exec.py`` for a plan with synthesized collectives, else nothing."""
+    if not plan.collective_programs:
+        return {}
+    programs = {name: json.loads(text) for name, text in plan.collective_programs}
+    return {
+        "_schedules.json": json.dumps(programs, separators=(",", ":")),
+        "_schedule_exec.py": SCHEDULE_RUNNER.read_text(encoding="utf-8"),
+    }
 
 
 def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Path:
@@ -71,6 +89,7 @@ def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Pat
     }
     if plan.fused_groups:
         files["kernels.py"] = render_kernels(plan, version=VERSION, plan_id=pid)
+    files.update(schedule_files(plan))
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for name, text in files.items():

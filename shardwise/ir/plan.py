@@ -145,6 +145,10 @@ class ExecutionPlan:
     # flat training plans: ranges of forward ops (first node, last node, inclusive, graph order) that run under
     # activation checkpointing and are recomputed in the backward (shardwise.passes.remat); empty: none
     recompute: tuple[tuple[str, str], ...] = ()
+    # the point-to-point programs of the collectives that do not use the library's algorithm, as
+    # (algorithm, JSON text of a ``shardwise.collective.v1`` program): Redistribute.algorithm names them and
+    # the generated program runs them with sends and receives (see planner.collectives)
+    collective_programs: tuple[tuple[str, str], ...] = ()
 
     @property
     def degrees(self) -> dict[str, int]:

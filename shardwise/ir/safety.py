@@ -9,7 +9,9 @@ read (``plan_from_json``) and again before any code is generated (``write_packag
 Rules: no string anywhere holds a line break or another control character; strings written as code are
 identifiers (dtypes, layouts, devices, keyword names, mesh axes, degree names, fused-group names, reduction
 ops) or dotted identifiers (op names); names written inside literals and docstrings (model, cluster, mode,
-precision, passes, module paths, source lines) hold no double quote or backslash.
+precision, passes, module paths, source lines) hold no double quote or backslash; collective algorithm names
+(written into string literals) hold letters, digits and ``_:.+-`` only. The point-to-point programs of
+synthesized collectives are JSON text written to a data file the program parses (never code).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 _QUOTED = re.compile(r'["\\]')
+# names of collective algorithms, written into string literals of the program ("synth:<digest>", "rhd")
+_ALGORITHM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:.+-]*\Z")
 # (dataclass name, field name) -> rule for the strings directly in that field
 _IDENTIFIER_FIELDS = {
     ("Const", "value"), ("Const", "kind"), ("TensorSpec", "dtype"), ("Partial", "op"), ("FusedGroup", "name"),
@@ -87,10 +91,15 @@ def plan_text_problems(plan: Any, limit: int = 5) -> list[str]:
             why = "not a dotted name"
         elif key in _LITERAL_FIELDS and _QUOTED.search(text):
             why = "a double quote or backslash"
+        elif key == ("Redistribute", "algorithm") and not _ALGORITHM.match(text):
+            why = "not an algorithm name"
         if why:
             problems.append(f"{path} = {text[:60]!r} ({why})")
             if len(problems) >= limit:
                 return problems
+    for i, entry in enumerate(getattr(plan, "collective_programs", ())):
+        if not (isinstance(entry, tuple) and len(entry) == 2 and _ALGORITHM.match(str(entry[0]))):
+            problems.append(f"collective_programs[{i}] (not an (algorithm name, program) pair)")
     for path, name in _kwarg_names(plan, ""):
         if not _IDENTIFIER.match(name):
             problems.append(f"{path} keyword {name[:60]!r} (not an identifier)")

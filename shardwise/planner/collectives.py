@@ -6,22 +6,30 @@ alltoall) over a mesh axis, ``choose_collectives`` asks ``passes.collectives.bes
 group of that axis (the groups of an axis are alike on every preset: the same links, one node apart) and
 compares, under the one simulator, the best schedule with the library's best algorithm for that group.
 When a synthesized schedule (``synth:<digest>``) or a named baseline the library does not run is faster,
-the redistribution records that ``algorithm`` and its time becomes the planner's estimate scaled by the
-simulated speedup (so the plan's other figures, made with the planner's ring model, stay comparable);
-otherwise it keeps ``library:<name>``, the library's best algorithm there. The op's ``comm_s`` and the
+the redistribution records that ``algorithm`` (a baseline's name gets its program's digest, e.g.
+``rhd:3fa2c1d0e9``, since its program depends on the group and size), the plan keeps its lowered
+point-to-point program in ``collective_programs`` (the generated program runs it with sends and receives),
+and its time becomes the planner's estimate scaled by the simulated speedup (so the plan's other figures,
+made with the planner's ring model, stay comparable); otherwise it keeps ``library:<name>``, the library's best algorithm there. The op's ``comm_s`` and the
 plan's predicted communication and step time drop by the time saved, and a note says how many
 collectives changed. Results are cached (``passes.collectives.api``), so re-planning costs nothing.
 
 Groups larger than ``max_ranks`` keep the library (synthesis time grows with the group); a collective made
-of several steps (``allreduce+to_partial``) keeps its recorded algorithm.
+of several steps (``allreduce+to_partial``) keeps its recorded algorithm; so does one the generated program
+could not run by schedule (uneven pieces, or a buffer the program cannot cut into its equal chunks), so that
+what the plan records is what runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
 
 from shardwise.cluster import ClusterSpec
+from shardwise.ir.placement import Shard
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
+from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["choose_collectives", "SYNTHESIZED_COLLECTIVES"]
 
@@ -40,6 +48,10 @@ def choose_collectives(
     from shardwise.passes.collectives import best_collective
 
     choices: dict[tuple[str, int, str], tuple[str, float]] = {}
+    programs: dict[str, str] = dict(plan.collective_programs)
+
+    def runnable(r: Redistribute, program: dict) -> bool:
+        return _runs_by_schedule(plan, r, program["in_chunks"])
 
     def choose(r: Redistribute) -> Redistribute:
         if r.collective not in SYNTHESIZED_COLLECTIVES or r.nbytes <= 0 or r.time_s <= 0:
@@ -56,8 +68,15 @@ def choose_collectives(
             if c.uses_library or c.predicted_s >= c.library_s or c.library_s <= 0:
                 choices[key] = (c.algorithm if c.uses_library else "library:ring", 1.0)
             else:
-                choices[key] = (c.algorithm, c.predicted_s / c.library_s)
+                program = json.dumps(c.program(), separators=(",", ":"))
+                name = c.algorithm
+                if not name.startswith("synth:"):  # a baseline's program depends on the group and size
+                    name = f"{name}:{hashlib.sha256(program.encode()).hexdigest()[:10]}"
+                choices[key] = (name, c.predicted_s / c.library_s)
+                programs.setdefault(name, program)
         algorithm, factor = choices[key]
+        if algorithm in programs and not runnable(r, json.loads(programs[algorithm])):
+            return r
         return replace(r, algorithm=algorithm, time_s=r.time_s * factor)
 
     saved = 0.0
@@ -73,6 +92,8 @@ def choose_collectives(
         changed += sum(1 for r in new if not r.algorithm.startswith("library:"))
         saved += gain
         strategies.append(replace(s, redistributes=new, comm_s=max(0.0, s.comm_s - gain)))
+    used = {r.algorithm for s in strategies for r in s.redistributes}
+    programs = {name: text for name, text in programs.items() if name in used}
     pred = plan.predicted
     if saved > 0 and pred is not None:
         step = max(pred.compute_s, pred.step_time_s - saved)
@@ -92,6 +113,28 @@ def choose_collectives(
         plan,
         strategies=tuple(strategies),
         predicted=pred,
+        collective_programs=tuple(sorted(programs.items())),
         notes=(*plan.notes, note),
         passes=(*plan.passes, "collectives.choose"),
     )
+
+
+def _runs_by_schedule(plan: ExecutionPlan, r: Redistribute, in_chunks: int) -> bool:
+    """Whether the generated program runs ``r`` with a point-to-point program of ``in_chunks`` input chunks:
+    the pieces on the axis are even and this rank's input buffer cuts into that many equal chunks."""
+    try:
+        spec = plan.graph.spec_of(r.value)
+    except KeyError:
+        return False
+    if not isinstance(spec, TensorSpec):
+        return False
+    a = plan.mesh.axis_names.index(r.axis)
+    n = plan.mesh.shape[a]
+    for placement in (r.src.placements[a], r.dst.placements[a]):
+        if isinstance(placement, Shard) and spec.shape[placement.dim] % n:
+            return False
+    local = spec.numel
+    for size, placement in zip(plan.mesh.shape, r.src.placements, strict=True):
+        if isinstance(placement, Shard):
+            local //= size
+    return local > 0 and local % in_chunks == 0

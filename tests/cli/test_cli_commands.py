@@ -30,6 +30,20 @@ def test_plan_json_output(cli_dir: Path) -> None:
     assert data["predicted"]["step_time_s"] > 0
 
 
+def test_plan_with_synthesized_collectives(cli_dir: Path) -> None:
+    path = cli_dir / "gpt2-synth.json"
+    args = ("plan", "gpt2:tiny", "-c", "cpu:4", "-C", "tp=4", "--collectives", "synthesize")
+    result = cli(*args, "-o", path, "--json")
+    assert result.code == 0, result.err
+    plan = load_plan(path)
+    programs = dict(plan.collective_programs)
+    chosen = [r.algorithm for s in plan.strategies for r in s.redistributes if r.algorithm in programs]
+    assert chosen and set(programs) == set(chosen)
+    assert json.loads(result.out)["overview"]["command"].endswith("--collectives synthesize")
+    refused = cli("plan", "gpt2:tiny", "--collectives", "fastest", "-o", cli_dir / "no.json")
+    assert refused.code == 2 and "fastest" in refused.err
+
+
 def test_show_tables_and_json(gpt2_plan: Path) -> None:
     text = cli("show", gpt2_plan)
     assert text.code == 0

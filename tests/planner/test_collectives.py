@@ -3,6 +3,7 @@ records which algorithm every collective uses (issue 5, item 7)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,19 @@ def test_synthesized_collectives_replace_slower_library_ones(graph, tmp_path: Pa
     saved = sum(a.time_s - b.time_s for a, b in zip(before, after, strict=True))
     assert synth.predicted.step_time_s == pytest.approx(library.predicted.step_time_s - saved)
     assert any(n.startswith("collectives:") for n in synth.notes)
+    # every chosen schedule's point-to-point program is in the plan, for the generated program to run
+    programs = dict(synth.collective_programs)
+    assert set(programs) == {b.algorithm for b in chosen}
+    for b in chosen:
+        program = json.loads(programs[b.algorithm])
+        assert (program["format"], program["collective"], program["nranks"]) == (
+            "shardwise.collective.v1", b.collective, 8,
+        )  # fmt: skip
+    assert library.collective_programs == ()
     # the choice survives the plan file
     again = ExecutionPlan.from_json(synth.to_json())
     assert [r.algorithm for r in _collectives(again)] == [r.algorithm for r in after]
+    assert again.collective_programs == synth.collective_programs
 
 
 def test_unknown_collectives_policy_is_refused(graph):
