@@ -22,7 +22,9 @@ Buffers (ids carry their kind before the colon: ``param``, ``opt``, ``grad``, ``
 * training: the gradient of each activation that needs one lives from the backward of its last consumer to
   the backward of its producer (gradients of pure views share storage); parameter gradients from the
   backward of their last consumer until after the optimizer step (codegen sets them to ``None``);
-  under bf16/fp16 autocast every weight a matmul reads has a 2-byte copy, live until its last backward.
+  under bf16/fp16 autocast every weight a matmul reads has a 2-byte copy, live until its last backward (a
+  weight gathered by a collective: one copy per matmul reading it, which saves that copy instead of the
+  gathered fp32 tensor, live only until its last forward read).
 
 Floating activations are counted at 2 bytes per element under bf16/fp16. Sizes are rounded up to
 ``ALIGN`` bytes (allocator granularity), so offsets assigned by packing them stay aligned.
@@ -332,6 +334,15 @@ def step_buffers(
             storage[node.name] = lives.new(f"act:{node.name}", local[node.name], k)
         if not grad[node.name]:
             continue
+        # under autocast a matmul saves the low-precision copy of each fp32 weight it reads, not the weight: a
+        # weight gathered by a collective is cast at each read (autocast caches casts of parameters only), so
+        # the gathered fp32 tensor lives until its last forward read and its copy until this op's backward
+        gathered: dict[int, int] = {}  # operand index -> bytes of the low-precision copy of a gathered weight
+        if low and node.op in _MATMULS:
+            for j, v in enumerate(names):
+                spec = graph.spec_of(v) if j in redist else None
+                if v in is_param and grad.get(v) and isinstance(spec, TensorSpec) and _is_float(spec):
+                    gathered[j] = nbytes(spec, moved[v].dst, True)
         # what the backward of this op reads
         saved: list[str] = []
         if node.op in _SAVES_OUT:
@@ -341,15 +352,18 @@ def step_buffers(
         elif node.op in _SCALED and len(names) < 2:
             pass  # times (or over) a number: the backward needs only the number
         elif node.op not in _SAVES_NONE and node.op not in _VIEWS:
-            saved += [r for r in reads if r]
+            saved += [r for j, r in enumerate(reads) if r and j not in gathered]
         for sid in saved:
             users_saving.setdefault(sid, []).append(k)
         if node.op in _MASKS and not inert:  # a 1-byte keep mask per element
             lives.new(f"mask:{node.name}", local[node.name] // _local_elt(out, low), k)
             users_saving.setdefault(f"mask:{node.name}", []).append(k)
+        for j, size in gathered.items():
+            sid = lives.new(f"cast:{is_param[names[j]]}@{k}.{j}", size, k)
+            users_saving.setdefault(sid, []).append(k)
         if low and node.op in _MATMULS:
-            for v in names:
-                if v in is_param and grad.get(v):
+            for j, v in enumerate(names):
+                if v in is_param and grad.get(v) and j not in gathered:
                     if v not in casts:
                         casts[v] = lives.new(f"cast:{is_param[v]}", 2 * params_numel[v], k)
                     lives.touch(casts[v], sched.outputs)
