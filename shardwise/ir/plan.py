@@ -149,6 +149,9 @@ class ExecutionPlan:
     # (algorithm, JSON text of a ``shardwise.collective.v1`` program): Redistribute.algorithm names them and
     # the generated program runs them with sends and receives (see planner.collectives)
     collective_programs: tuple[tuple[str, str], ...] = ()
+    # memory tier of what is moved off the device (shardwise.passes.offload), as (name, tier) pairs: a
+    # state_dict key or a buffer kind ("optimizer", "activations") -> "host"; empty: everything on the device
+    tiers: tuple[tuple[str, str], ...] = ()
 
     @property
     def degrees(self) -> dict[str, int]:

@@ -68,6 +68,9 @@ def plan_summary(plan: ExecutionPlan) -> str:
     if bound:
         arena = max(m.arena_bytes for m in plan.memory)
         lines[-1] += f" (memory map arena; lower bound of live bytes {human_bytes(bound)}, {arena / bound:.3f}x)"
+    if plan.tiers:
+        host = [name for name, tier in plan.tiers if tier == "host"]
+        lines.append(f"  host memory (offloaded): {', '.join(host[:8])}{' ...' if len(host) > 8 else ''}")
     if plan.replicated_ops:
         lines.append(f"  run whole (no rule splits them): {', '.join(plan.replicated_ops[:8])}")
     lines += [f"  note: {n}" for n in plan.notes]
