@@ -2,7 +2,8 @@
 
 ``fit_by_recomputation(plan, capacity_bytes)``: a plan whose predicted peak is within the capacity is
 returned unchanged; otherwise the least recompute time that brings every rank's peak within the capacity
-(``passes.remat.choose_recomputation``) is applied (``apply_recomputation``: plan.recompute, memory map,
+(``passes.remat.cheapest_recomputation``: whole layers or their children, whichever recomputes less) is
+applied (``apply_recomputation``: plan.recompute, memory map,
 predicted step time and a note) and the plan returned. When no recomputation fits, DoesNotFitError says the
 lowest peak recomputation reaches. ``with_recomputation(plan, recompute)`` applies a user's setting
 (``"all"``: every layer; an int: a byte budget per rank; ``"auto"``: only when the plan does not fit).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from shardwise.errors import UserInputError
 from shardwise.ir.plan import ExecutionPlan
-from shardwise.passes.remat import apply_recomputation, choose_recomputation, recompute_all_layers
+from shardwise.passes.remat import apply_recomputation, cheapest_recomputation, recompute_all_layers
 
 __all__ = ["fit_by_recomputation", "with_recomputation", "RECOMPUTE_SETTINGS"]
 
@@ -27,7 +28,7 @@ def fit_by_recomputation(plan: ExecutionPlan, capacity_bytes: int | None = None,
     capacity = capacity_bytes if capacity_bytes is not None else min(m.capacity_bytes for m in plan.memory)
     if max(plan.predicted.memory_bytes) <= capacity:
         return plan
-    choice = choose_recomputation(plan, capacity, method=method)
+    choice = cheapest_recomputation(plan, capacity, method=method)
     return apply_recomputation(plan, choice)
 
 
@@ -40,7 +41,7 @@ def with_recomputation(plan: ExecutionPlan, recompute: str | int | None) -> Exec
     if recompute == "auto":
         return fit_by_recomputation(plan)
     if isinstance(recompute, int) and not isinstance(recompute, bool) and recompute > 0:
-        return apply_recomputation(plan, choose_recomputation(plan, recompute))
+        return apply_recomputation(plan, cheapest_recomputation(plan, recompute))
     raise UserInputError(
         f"recompute={recompute!r}: use 'none', 'auto' (only when the plan does not fit), 'all' (every layer) "
         "or a memory budget in bytes per rank"

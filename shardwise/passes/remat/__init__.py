@@ -13,6 +13,7 @@ from __future__ import annotations
 from shardwise.passes.remat.build import RankStep, build_problem, rank_step
 from shardwise.passes.remat.choose import (
     apply_recomputation,
+    cheapest_recomputation,
     choose_recomputation,
     problem_of,
     recompute_all_layers,
@@ -25,6 +26,7 @@ from shardwise.passes.remat.segments import layer_segments
 
 __all__ = [
     "RankStep", "RematChoice", "RematProblem", "RematUnit", "apply_recomputation", "build_problem",
-    "choose_recomputation", "layer_segments", "model_peak", "pareto_front", "problem_of", "rank_step",
-    "recompute_all_layers", "recompute_buffers", "recompute_peak", "solve_chain", "solve_ilp",
+    "cheapest_recomputation", "choose_recomputation", "layer_segments", "model_peak", "pareto_front",
+    "problem_of", "rank_step", "recompute_all_layers", "recompute_buffers", "recompute_peak", "solve_chain",
+    "solve_ilp",
 ]  # fmt: skip

@@ -6,7 +6,8 @@ the additive model (``dp`` by default, ``ilp`` on request) and then checked on t
 units recomputed (``peak.recompute_peak``): when the buffers' peak is above the budget (the units' effects
 did not add up exactly), the model's budget is lowered by the excess and the solve repeated. The
 returned choice's ``peak_bytes`` is always the buffers' peak. ``recompute_all_layers(plan)`` is the usual
-hand setting (every layer recomputed), for comparison. ``apply_recomputation(plan, choice)`` records the
+hand setting (every layer recomputed), for comparison; ``cheapest_recomputation`` takes the cheaper of the
+choices among layers and among the layers' children. ``apply_recomputation(plan, choice)`` records the
 choice in the plan (``ExecutionPlan.recompute``, which codegen applies) with the memory map and the
 predicted step time updated.
 """
@@ -28,7 +29,9 @@ from shardwise.passes.remat.peak import recompute_buffers, recompute_peak
 from shardwise.passes.remat.problem import RematChoice, RematProblem
 from shardwise.passes.remat.segments import layer_segments
 
-__all__ = ["choose_recomputation", "recompute_all_layers", "apply_recomputation", "problem_of"]
+__all__ = [
+    "choose_recomputation", "cheapest_recomputation", "recompute_all_layers", "apply_recomputation", "problem_of",
+]  # fmt: skip
 
 METHODS = ("dp", "ilp")
 _RETRIES = 6
@@ -87,6 +90,27 @@ def choose_recomputation(
         f"lowest peak recomputation reaches is {lowest / 2**20:.2f} MiB ({lowest} bytes); raise the budget "
         "to at least that, or shard the model further (more tensor or pipeline parallelism)"
     )
+
+
+def cheapest_recomputation(plan: ExecutionPlan, budget_bytes: int, *, method: str = "dp") -> RematChoice:
+    """The cheaper of the choices among whole layers (``depth=0``) and among the layers' children
+    (``depth=1``: attention, MLP, norms; finer, so often less recompute for the same budget); ties go to
+    the lower peak. Raises DoesNotFitError (the lowest peak of either) when neither fits."""
+    made: list[RematChoice] = []
+    errors: list[DoesNotFitError] = []
+    for depth in (0, 1):
+        try:
+            made.append(choose_recomputation(plan, budget_bytes, method=method, depth=depth))
+        except DoesNotFitError as exc:
+            errors.append(exc)
+    if not made:
+        raise min(errors, key=lambda e: _lowest_in(str(e)))
+    return min(made, key=lambda c: (c.recompute_s, c.peak_bytes))
+
+
+def _lowest_in(message: str) -> int:
+    digits = message.rsplit("(", 1)[-1].split(" ", 1)[0]
+    return int(digits) if digits.isdigit() else 0
 
 
 def recompute_all_layers(plan: ExecutionPlan, depth: int = 0) -> RematChoice:
