@@ -20,7 +20,7 @@ from shardwise.errors import DoesNotFitError, UserInputError
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.passes.memory.assign import assign_offsets
 from shardwise.passes.memory.buffers import lower_bound
-from shardwise.passes.memory.mapping import rank_memory
+from shardwise.passes.memory.mapping import NODE_LIMIT, TIME_LIMIT_S, rank_memory
 from shardwise.passes.memory.verify import verify_assignment
 from shardwise.passes.remat.build import RankStep, build_problem, rank_step
 from shardwise.passes.remat.dp import pareto_front, solve_chain
@@ -126,7 +126,7 @@ def apply_recomputation(plan: ExecutionPlan, choice: RematChoice) -> ExecutionPl
     nodes = plan.graph.nodes
     ranges = tuple((nodes[s].name, nodes[e - 1].name) for s, e in choice.ranges)
     bufs = recompute_buffers(step.graph, step.train, step.inference, choice.ranges)
-    assignment = assign_offsets(bufs)
+    assignment = assign_offsets(bufs, time_limit_s=TIME_LIMIT_S, node_limit=NODE_LIMIT)  # as map_memory
     verify_assignment(bufs, assignment)
     capacity = plan.memory[0].capacity_bytes if plan.memory else 0
     memory = tuple(rank_memory(m.rank, bufs, assignment, capacity) for m in plan.memory)
