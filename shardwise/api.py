@@ -30,6 +30,7 @@ from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.fusion import fuse_plan
 from shardwise.planner.auto import plan_auto
+from shardwise.planner.offload import check_offload, with_offload
 from shardwise.planner.recompute import RECOMPUTE_SETTINGS, with_recomputation
 from shardwise.runtime import WorkerPool
 
@@ -398,6 +399,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     time_limit_s: float = 60.0,
     recompute: str | int | None = None,
     collectives: str = "library",
+    offload: str | None = None,
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
@@ -415,6 +417,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     ``collectives="synthesize"`` gives each collective of a flat plan a topology-aware schedule where one is
     predicted faster than the library's (the plan records each algorithm and the program runs the schedule
     with point-to-point messages); pipeline plans keep the library's collectives.
+    ``offload`` (training, flat plans): ``"auto"`` keeps optimizer state and/or layers' activations in host
+    memory when the plan does not fit the device, chosen jointly with recomputation by predicted cost;
+    ``"optimizer"``, ``"activations"`` or ``"optimizer+activations"`` always; see docs/memory.md.
     """
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
@@ -430,6 +435,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         raise UserInputError(f"recompute={recompute!r} is not allowed: choose one of {', '.join(RECOMPUTE_SETTINGS)}")
     if recompute not in (None, "none") and mode != "train":
         raise UserInputError(f"recompute={recompute!r} applies to training: compile with mode='train'")
+    check_offload(offload, recompute, mode)
     _check_optimizer(optimizer)
     spec = get_cluster(cluster)
     if mode == "train":
@@ -454,7 +460,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         plan = plan_auto(
             graph, spec, mode=mode, precision=precision, constraints=constraints,
             optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
-            require_fit=recompute != "auto" or mode != "train",
+            require_fit=(recompute != "auto" and offload in (None, "none")) or mode != "train",
             collectives=collectives,
         )  # fmt: skip
     except DoesNotFitError as exc:
@@ -462,7 +468,16 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             with contextlib.suppress(DoesNotFitError):
                 return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
         raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
-    if recompute not in (None, "none") and mode == "train":
+    if offload not in (None, "none"):
+        try:
+            plan = with_offload(plan, offload, spec, recompute)
+        except DoesNotFitError as exc:
+            if (constraints or {}).get("pp"):
+                raise
+            with contextlib.suppress(DoesNotFitError):  # may fit as a pipeline
+                return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
+            raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
+    elif recompute not in (None, "none") and mode == "train":
         try:
             plan = with_recomputation(plan, recompute)  # "auto": only when the fastest plan does not fit
         except DoesNotFitError as exc:
