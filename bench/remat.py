@@ -10,7 +10,8 @@ agrees with the DP ("ilp="), and the DP's choice among finer units (the layers' 
 norms, residual adds; several tensors cross those cuts) is listed as "sub-layer units".
 
 ``--measure`` (default on) also runs the small models' steps on real gloo processes (cpu:2): measured peak
-of rank 0's ``train_step`` (shardwise.testing.memory) and the step time ratio to no recomputation
+of rank 0's ``train_step`` (shardwise.testing.memory) and the step time ratio to no recomputation, timed
+inside the workers (shardwise.testing.timing)
 (the fastest of ``--rounds`` x ``--steps`` steps, the settings timed in turn each round; the median is
 recorded too; the machine is shared, so times are noisy). Results: bench/results/remat.json.
 """
@@ -59,14 +60,11 @@ def _peak(pool, compiled, inputs) -> int:
     return pool.call_function(measure_train_step, *inputs)[0]["peak"]
 
 
-def _times(compiled, inputs, steps: int) -> list[float]:
-    compiled.train_step(*inputs)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        compiled.train_step(*inputs)
-        times.append(time.perf_counter() - start)
-    return times
+def _times(pool, inputs, steps: int) -> list[float]:
+    from shardwise.testing.timing import time_train_steps
+
+    per_rank = pool.call_function(time_train_steps, *inputs, steps=steps)
+    return [max(ts) for ts in zip(*per_rank, strict=True)]  # a step ends when its slowest rank does
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -151,7 +149,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                             if round_ == 0:
                                 measured[key] = {"peak_bytes": _peak(pool, cm, inputs),
                                                  "predicted_bytes": p.predicted.memory_bytes[0]}  # fmt: skip
-                            times[key] += _times(cm, inputs, args.steps)
+                            cm.train_step(*inputs)  # loads the program
+                            times[key] += _times(pool, inputs, args.steps)
                 for key, t in times.items():
                     measured[key].update(step_s=min(t), step_s_median=statistics.median(t))
                 ref = measured["none"]["step_s"]
@@ -195,8 +194,8 @@ def _print_row(row: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-measure", dest="measure", action="store_false", help="planning only")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per setting and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over the settings (timing)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per setting and round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds over the settings (timing)")
     parser.add_argument("--models", default="", help="comma-separated substrings of the model labels")
     parser.add_argument("--output", default=str(ROOT / "results" / "remat.json"))
     args = parser.parse_args()
