@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import jinja2
 
+from shardwise.codegen.offload import offloads_optimizer, save_activations_on_host
 from shardwise.codegen.recompute import checkpoint_ranges, recompute_ranges
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Graph, Node, Value
@@ -580,6 +581,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
     if plan.recompute:  # ranges recomputed in the backward (passes.remat): run under torch.utils.checkpoint
         ranges = recompute_ranges(plan, names.var, names.fresh)
         body = checkpoint_ranges(body, returns, ranges, [names.ref(i.name) for i in graph.inputs], Statement)
+    body = save_activations_on_host(plan, body, names.var, Statement)  # plan.tiers (passes.offload)
     placements = dict(plan.param_placements)
     tensors = []
     for p in graph.params:
@@ -618,6 +620,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         parts=repr(parts),
         training=repr(plan.mode == "train"),
         zero_stage=plan.zero_stage,
+        offload_optimizer=repr(offloads_optimizer(plan)),
         grad_reduce=repr(dict(plan.param_grad_reduce)),
         model_name=plan.model_name,
         fused=bool(plan.fused_groups),

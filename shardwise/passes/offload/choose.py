@@ -29,7 +29,14 @@ from shardwise.passes.offload.cost import exposed_seconds, host_optimizer_second
 from shardwise.passes.offload.hardware import host_bytes_per_rank, host_memory_bandwidth
 from shardwise.passes.offload.rewrite import Offloaded, offload_buffers
 from shardwise.passes.offload.tiers import HOST, TIER_COMBINATIONS, OffloadChoice, Tiers
-from shardwise.passes.remat import apply_recomputation, pareto_front, problem_of, rank_step, recompute_buffers
+from shardwise.passes.remat import (
+    apply_recomputation,
+    layer_segments,
+    pareto_front,
+    problem_of,
+    rank_step,
+    recompute_buffers,
+)
 from shardwise.passes.remat.build import RankStep
 from shardwise.passes.remat.problem import RematChoice
 
@@ -116,8 +123,16 @@ def tier_record(plan: ExecutionPlan, choice: OffloadChoice) -> tuple[tuple[str, 
         keys = sorted({p.key for p in plan.graph.params if p.requires_grad and p.kind == "parameter"})
         out += [(f"optimizer:{k}", HOST) for k in keys]
     out += [(f"parameter:{k}", HOST) for k in choice.streamed]
-    out += [(f"activations:{u}", HOST) for u in choice.offloaded_units]
+    nodes = plan.graph.nodes
+    spans = {name: (s, e) for name, s, e in _layers(plan)}
+    for u in choice.offloaded_units:
+        s, e = spans[u]
+        out.append((f"activations:{u}:{nodes[s].name}..{nodes[e - 1].name}", HOST))
     return tuple(out)
+
+
+def _layers(plan: ExecutionPlan) -> list[tuple[str, int, int]]:
+    return layer_segments(plan.graph)  # the units of problem_of
 
 
 def apply_offload(plan: ExecutionPlan, choice: OffloadChoice, cluster: ClusterSpec) -> ExecutionPlan:
@@ -132,8 +147,7 @@ def apply_offload(plan: ExecutionPlan, choice: OffloadChoice, cluster: ClusterSp
     if not choice.tiers.any:
         return plan
     step = rank_step(plan)
-    units = problem_of(plan)[1].units if choice.units or choice.tiers.parameters or choice.tiers.activations else ()
-    segs = [(u.name, u.start, u.stop) for u in units]
+    segs = _layers(plan)
     bufs = recompute_buffers(step.graph, step.train, step.inference, choice.ranges)
     off = offload_buffers(step, segs, choice.ranges, bufs, choice.tiers, zero_stage=plan.zero_stage)
     assignment = assign_offsets(tuple(off.buffers))
