@@ -454,6 +454,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
 
     pipeline_args = (model, graph, spec, example_inputs, example_kwargs, loss_fn, mode, precision, constraints,
                      optimizer, fusion)  # fmt: skip
+    if wants_pipeline(constraints) and offload not in (None, "none"):
+        raise UserInputError(f"offload={offload!r} applies to flat plans: drop the pipeline constraints or offload")
     if wants_pipeline(constraints):  # pp > 1 or a pipeline-only choice: the whole-plan search (planner.search)
         return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
     try:
