@@ -22,11 +22,11 @@ from shardwise.passes.remat.dp import pareto_front, solve_chain
 from shardwise.passes.remat.ilp import solve_ilp
 from shardwise.passes.remat.peak import recompute_buffers, recompute_peak
 from shardwise.passes.remat.problem import RematChoice, RematProblem, RematUnit, model_peak
-from shardwise.passes.remat.segments import layer_segments
+from shardwise.passes.remat.segments import layer_segments, tensor_cut_segments
 
 __all__ = [
     "RankStep", "RematChoice", "RematProblem", "RematUnit", "apply_recomputation", "build_problem",
     "cheapest_recomputation", "choose_recomputation", "layer_segments", "model_peak", "pareto_front",
     "problem_of", "rank_step", "recompute_all_layers", "recompute_buffers", "recompute_peak", "solve_chain",
-    "solve_ilp",
+    "solve_ilp", "tensor_cut_segments",
 ]  # fmt: skip

@@ -120,7 +120,7 @@ def build_problem(step: RankStep, units: Sequence[tuple[str, int, int]]) -> Rema
         phase[0] = max((base_live[t] for t in range(end) if phases[t] == i), default=0) - prefix[i - 1]
         bufs = recompute_buffers(step.graph, step.train, step.inference, [(s, e)])
         tl = Timeline(n, [(s, e)])
-        length = tl.map(end)
+        length = tl.map_end(end)
         live = _profile(bufs, length)
         mapped = [0] * length
         inserted = set(range(length)) - {tl.map(t) for t in range(end)}

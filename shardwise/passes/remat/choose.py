@@ -27,7 +27,7 @@ from shardwise.passes.remat.dp import pareto_front, solve_chain
 from shardwise.passes.remat.ilp import solve_ilp
 from shardwise.passes.remat.peak import recompute_buffers, recompute_peak
 from shardwise.passes.remat.problem import RematChoice, RematProblem
-from shardwise.passes.remat.segments import layer_segments
+from shardwise.passes.remat.segments import layer_segments, tensor_cut_segments
 
 __all__ = [
     "choose_recomputation", "cheapest_recomputation", "recompute_all_layers", "apply_recomputation", "problem_of",
@@ -40,10 +40,12 @@ _RETRIES = 6
 def problem_of(plan: ExecutionPlan, depth: int = 0) -> tuple[RankStep, RematProblem]:
     """The rank step and recompute problem of a flat training plan (units: its layers)."""
     step = rank_step(plan)
-    units = layer_segments(plan.graph, depth)
+    # no numbered layers (a Sequential of convolutions): runs of ops cut where one gradient tensor crosses
+    units = layer_segments(plan.graph, depth) or tensor_cut_segments(plan.graph)
     if not units:
         raise UserInputError(
-            f"{plan.model_name} has no numbered layers (module paths like 'layers.3' or 'h.3') to recompute"
+            f"{plan.model_name} has no numbered layers (module paths like 'layers.3' or 'h.3') and no place "
+            "where a single tensor carries the computation on: nothing to recompute"
         )
     return step, build_problem(step, units)
 

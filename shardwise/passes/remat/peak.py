@@ -53,6 +53,11 @@ class Timeline:
         i = bisect.bisect_right(self._at, step)
         return step + (self._cum[i - 1] if i else 0)
 
+    def map_end(self, end: int) -> int:
+        """Where an exclusive end lands: one past its last live step (a buffer dead before a rerun stays
+        dead during it; one live on both sides of it is live through it)."""
+        return self.map(end - 1) + 1
+
     def rerun(self, start: int, stop: int, k: int) -> int:
         """The step at which op ``k`` of the range ``[start, stop)`` reruns."""
         first_backward = self.map(2 * self.nodes - (stop - 1))
@@ -106,7 +111,7 @@ def recompute_buffers(
                     held[sid] = max(held.get(sid, 0), done)
     out: list[Buffer] = []
     for b in train:
-        start, end = tl.map(b.start), tl.map(b.end)
+        start, end = tl.map(b.start), tl.map_end(b.end)
         if b.id in held:
             end = max(end, held[b.id])
         r = bisect.bisect_right(starts, b.start) - 1
@@ -117,7 +122,7 @@ def recompute_buffers(
             out.append(Buffer(b.id, start, end, b.size))
             continue
         forward_end = min(b.end, last_fwd)
-        out.append(Buffer(b.id, start, tl.map(forward_end), b.size))
+        out.append(Buffer(b.id, start, tl.map_end(forward_end), b.size))
         again = tl.rerun(s, e, b.start)
         if b.end > forward_end:  # the backward reads it: the recomputed copy lives until then
             out.append(Buffer(f"re{b.id}", again, end, b.size))

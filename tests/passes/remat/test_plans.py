@@ -108,3 +108,20 @@ def test_compile_recomputes_when_asked_or_when_nothing_else_fits():
     assert 0 < len(fitted.recompute) < 4 and max(fitted.predicted.memory_bytes) <= small.device.memory_bytes
     with pytest.raises(shardwise.errors.UserInputError, match="recompute="):
         shardwise.compile(model, "cpu:2", recompute="half", **common)
+
+
+def test_models_without_numbered_layers_are_cut_where_one_tensor_crosses():
+    from shardwise.passes.remat import tensor_cut_segments
+
+    model, inputs = build_model("convnet", device="meta", batch=64)
+    plan = shardwise.compile(model, "cpu:2", example_inputs=inputs, mode="train",
+                             loss_fn=lambda o: o.float().sin().mean(), constraints={"dp": 2}).plan  # fmt: skip
+    units = tensor_cut_segments(plan.graph)
+    assert 2 <= len(units) <= 5 and all(a < b for _, a, b in units)
+    assert all(b1 <= a2 for (_, _, b1), (_, a2, _) in zip(units, units[1:]))
+    step, problem = problem_of(plan)
+    assert [u.name for u in problem.units] == [name for name, _, _ in units]
+    assert problem.baseline_bytes == lower_bound(step.train)
+    # its peak is the first block's own backward: no recomputation lowers it, and the error says so
+    with pytest.raises(DoesNotFitError, match=f"lowest peak recomputation reaches is .*\\({problem.baseline_bytes} bytes"):
+        choose_recomputation(plan, int(0.9 * problem.baseline_bytes))
