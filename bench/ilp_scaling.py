@@ -62,6 +62,8 @@ def _plan(graph, devices: int, solver: str) -> dict:
         "degrees": plan.degrees,
         "zero": plan.zero_stage,
         "fits": all(m.total_bytes <= m.capacity_bytes for m in plan.memory),
+        "arena_gib": max(m.arena_bytes for m in plan.memory) / 2**30,  # the chosen plan's memory map
+        "lower_bound_gib": max(m.lower_bound_bytes for m in plan.memory) / 2**30,
         "ops": len(plan.graph.nodes),
         "classes": chosen.classes,
         "variables_before": chosen.variables_before,
