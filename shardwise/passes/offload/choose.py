@@ -7,7 +7,8 @@ choice, at most ``n + 1`` for ``n`` equal layers) plus every layer recomputed; t
 tiers' rewrite, ``rewrite.offload_buffers``; the device peak is their lower bound, which the memory map
 reaches) and costed (``cost``: recompute time + exposed transfers + host optimizer step).
 ``choose_offload(plan, cluster, budget)`` returns the cheapest pair whose device peak is within the budget
-and whose host bytes fit the rank's share of host memory (ties: the lower device peak), else raises
+and whose host bytes fit the rank's share of host memory (ties: the lower device peak; recompute choices
+are tried by recompute time and the search stops once that alone exceeds the best fitting cost), else raises
 DoesNotFitError naming the smallest device memory any pair reaches. ``apply_offload`` records the choice:
 ``plan.recompute`` (via ``remat.apply_recomputation``), ``plan.tiers``, the memory map of the rewritten
 buffers and the predicted step time.
@@ -100,10 +101,23 @@ def choose_offload(
     """The cheapest pair that fits ``budget_bytes`` per rank (default: the device's memory) and the host."""
     budget = budget_bytes if budget_bytes is not None else cluster.device.memory_bytes
     host = host_bytes_per_rank(cluster)
-    made = offload_candidates(plan, cluster, tiers=tiers, recompute=recompute)
-    fits = [c for c in made if c.device_peak_bytes <= budget and c.host_bytes <= host]
-    if fits:
-        return min(fits, key=lambda c: (c.cost_s, c.device_peak_bytes))
+    step, units, picks = _recompute_choices(plan, recompute)
+    baseline = lower_bound(step.train)
+    made: list[OffloadChoice] = []
+    best: OffloadChoice | None = None
+    # by recompute time: a pick whose recompute time alone exceeds the best fitting cost cannot win (cost >=
+    # recompute time); when nothing fits, every pair is measured, so the error's lowest peak is exact
+    for pick in sorted(picks, key=lambda p: p[0]):
+        if best is not None and pick[0] > best.cost_s:
+            break
+        for t in tiers:
+            c = _measure(plan, step, units, pick, t, cluster, baseline)[0]
+            made.append(c)
+            fits = c.device_peak_bytes <= budget and c.host_bytes <= host
+            if fits and (best is None or (c.cost_s, c.device_peak_bytes) < (best.cost_s, best.device_peak_bytes)):
+                best = c
+    if best is not None:
+        return best
     on_host = [c for c in made if c.host_bytes <= host] or made
     lowest = min(on_host, key=lambda c: c.device_peak_bytes)
     raise DoesNotFitError(
