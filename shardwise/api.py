@@ -474,7 +474,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         try:
             plan = with_offload(plan, offload, spec, recompute)
         except DoesNotFitError as exc:
-            if (constraints or {}).get("pp"):
+            if offload != "auto" or (constraints or {}).get("pp"):
                 raise
             with contextlib.suppress(DoesNotFitError):  # may fit as a pipeline
                 return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
