@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from shardwise.codegen.recompute import _uses
@@ -32,7 +33,8 @@ def host_activation_ranges(plan: ExecutionPlan) -> list[tuple[str, str, str]]:
             continue
         layer, _, span = name[len("activations:") :].rpartition(":")
         first, _, last = span.partition("..")
-        out.append((layer, first, last))
+        # the layer's name only reaches a comment; a plan read from a file must not smuggle code in with it
+        out.append((re.sub(r"[^\w.\[\]#-]", "_", layer), first, last))
     return out
 
 

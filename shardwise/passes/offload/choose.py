@@ -40,6 +40,7 @@ from shardwise.passes.remat import (
 )
 from shardwise.passes.remat.build import RankStep
 from shardwise.passes.remat.problem import RematChoice
+from shardwise.passes.remat.segments import tensor_cut_segments
 
 __all__ = ["offload_candidates", "choose_offload", "apply_offload", "tier_record"]
 
@@ -146,7 +147,7 @@ def tier_record(plan: ExecutionPlan, choice: OffloadChoice) -> tuple[tuple[str, 
 
 
 def _layers(plan: ExecutionPlan) -> list[tuple[str, int, int]]:
-    return layer_segments(plan.graph)  # the units of problem_of
+    return layer_segments(plan.graph) or tensor_cut_segments(plan.graph)  # the units of problem_of
 
 
 def apply_offload(plan: ExecutionPlan, choice: OffloadChoice, cluster: ClusterSpec) -> ExecutionPlan:
