@@ -38,8 +38,9 @@ def solve_ilp(problem: RematProblem, budget_bytes: int, *, time_limit_s: float =
             f"{len(units)} units is more than the recompute ILP takes ({max_units}): cut the program into "
             "fewer units (layer segments) or use the chain dynamic program (method='dp')"
         )
-    lowest = model_peak(problem, _lowest_choice(problem))
-    if problem.fixed_bytes > budget_bytes or lowest > budget_bytes:
+    lowest_choice, exact = _lowest_choice(problem)
+    lowest = model_peak(problem, lowest_choice)
+    if problem.fixed_bytes > budget_bytes or (exact and lowest > budget_bytes):
         raise DoesNotFitError(
             f"no recomputation fits {budget_bytes / 2**20:.2f} MiB: the lowest peak recomputation reaches is "
             f"{lowest / 2**20:.2f} MiB ({lowest} bytes); raise the budget to at least that, or shard the "
@@ -65,6 +66,11 @@ def solve_ilp(problem: RematProblem, budget_bytes: int, *, time_limit_s: float =
         solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit_s)), threads=1)
     prob.solve(solver)
     status = pulp.LpStatus[prob.status]
+    if status == "Infeasible":
+        raise DoesNotFitError(
+            f"no recomputation fits {budget_bytes / 2**20:.2f} MiB (the recompute ILP is infeasible); the lowest "
+            f"peak recomputation reaches is at most {lowest / 2**20:.2f} MiB ({lowest} bytes)"
+        )
     if status != "Optimal" and not all(x.value() is not None for x in r):
         raise SolverError(f"the recompute ILP ended {status} within {time_limit_s:.0f} s with no solution")
     choice = tuple(int(round(x.value() or 0)) for x in r)
@@ -73,8 +79,13 @@ def solve_ilp(problem: RematProblem, budget_bytes: int, *, time_limit_s: float =
     return choice
 
 
-def _lowest_choice(problem: RematProblem) -> tuple[int, ...]:
-    """The choice of lowest model peak (from the DP's front: its last point)."""
+def _lowest_choice(problem: RematProblem) -> tuple[tuple[int, ...], bool]:
+    """The choice of lowest model peak (the DP front's last point); when the front is too large, the lower
+    of nothing and everything recomputed, not exact (then the ILP itself decides feasibility)."""
     from shardwise.passes.remat.dp import pareto_front
 
-    return pareto_front(problem)[-1][2]
+    try:
+        return pareto_front(problem)[-1][2], True
+    except SolverError:
+        n = len(problem.units)
+        return min(((0,) * n, (1,) * n), key=lambda c: model_peak(problem, c)), False
