@@ -5,7 +5,7 @@ so this checks the generated program's numerics: gradients copied to the host ma
 parameters copied back (C.HostOptimizer; C.ShardedOptimizer(host=True) under ZeRO), and
 torch.autograd.graph.save_on_cpu around the offloaded layers. GPT-2, 2 layers: tp=2 with optimizer and
 activations offloaded, and dp=2 on a cpu:2 shrunk below what recomputation alone reaches of the roomy plan
-(ZeRO pinned to 0 so the shrunk plan is the one measured; offload="auto": the planner's choice of recomputed
+(ZeRO-1 pinned so the shrunk plan is the one measured; offload="auto": the planner's choice of recomputed
 layers and tiers).
 One worker pool serves the module.
 """
@@ -45,7 +45,7 @@ def pool():
 
 CASES = {
     "tp2": ("free", {"tp": 2, "sp": 1}, "optimizer+activations"),
-    "dp2-auto-shrunk": ("shrunk", {"dp": 2, "zero": 0}, "auto"),
+    "dp2-auto-shrunk": ("shrunk", {"dp": 2, "zero": 1}, "auto"),
 }
 
 
