@@ -8,7 +8,12 @@ reported, never a solver objective):
   bottleneck messages with interleaved pieces);
 * ``modulo`` — the same routing, timed by the CP-SAT steady-state model (``modulo``), for bandwidth-bound
   sizes where the pipelines stay more than 3% above the lower bound;
-* ``timed`` — the CP-SAT timed model with bundling (``timed``), for latency-bound sizes.
+* ``timed`` — the CP-SAT timed model with bundling (``timed``), for latency-bound sizes;
+* ``transpose`` (reduce-scatter) — the best allgather (searched or baseline) run backwards in time with
+  every transfer reversed into a reduction (``transpose``); ``compose`` (allreduce) — the best
+  reduce-scatter followed by the best allgather, and the transposed best allgather followed by itself.
+  These sub-results are memoized per (topology, collective, size, sketch, settings) in this process, so a
+  bench that runs allgather, then reduce-scatter, then allreduce searches each allgather once.
 
 The baselines run too. The result is the fastest schedule, lowered to per-rank programs and checked by
 ``verify_program`` before it is returned (a wrong schedule raises ScheduleError; ``program`` keeps the
@@ -35,6 +40,7 @@ from shardwise.passes.collectives.simulate import simulate
 from shardwise.passes.collectives.sketch import Sketch, SketchView, sketch_view
 from shardwise.passes.collectives.timed import solve_timed
 from shardwise.passes.collectives.topology import TopologyView, topology_view
+from shardwise.passes.collectives.transpose import compose_allreduce, transpose_allgather
 from shardwise.passes.collectives.verify import verify_program
 
 __all__ = ["SynthResult", "synthesize", "TIMED_MAX_BYTES", "TIMED_MAX_RANKS"]
@@ -44,8 +50,12 @@ TIMED_MAX_BYTES = 4 * 2**20
 #: the timed model's size grows with ranks; above this it is skipped
 TIMED_MAX_RANKS = 32
 _ROUTINGS: dict[tuple, Routing] = {}
+#: sub-results (best allgather / reduce-scatter) reused by reduce-scatter and allreduce searches
+_SUBS: dict[tuple, object] = {}
 #: from this size only the finest piece count is tried
 _FINEST_ONLY_BYTES = 64 * 2**20
+#: ... and these coarse counts too (each with the default and a planned message policy)
+_COARSE_PIECES = (2, 3, 4, 6, 8, 16, 32)
 #: up to this size every piece count is tried with every message plan (cheap: few tasks)
 _PLAN_ALL_COUNTS_BYTES = 16 * 2**20
 #: the steady-state (modulo) model runs only when the best pipeline is above this multiple of the bound
@@ -93,6 +103,21 @@ def _relay_sketch(topo: TopologyView) -> Sketch | None:
     return Sketch(name="relay", internode="relay", relays=tuple((i, i) for i in locals_))
 
 
+def _sub(topo: TopologyView, kind: str, n: int, settings: tuple) -> SynthResult:
+    """The (memoized) synthesis of ``kind`` that a reduce-scatter or allreduce search builds on."""
+    sketch, limit, seed, workers = settings
+    res = _SUBS.get(_sub_key(topo, kind, n, settings))
+    if res is None:  # synthesize memoizes its own result
+        res = synthesize(topo, kind, n, sketch=sketch, time_limit_s=limit, seed=seed, workers=workers)
+    assert isinstance(res, SynthResult)
+    return res
+
+
+def _sub_key(topo: TopologyView, kind: str, n: int, settings: tuple) -> tuple:
+    sketch, limit, seed, workers = settings
+    return (topo.fingerprint, kind, n, sketch.key() if sketch else None, round(limit, 3), seed, workers)
+
+
 def synthesize(
     cluster: object,
     collective: str,
@@ -132,6 +157,24 @@ def synthesize(
             best = (sim.time, label, sched, sim.start)
         return sim.time
 
+    if topo.size >= 2 and search and kind in ("reduce_scatter", "allreduce"):
+        settings = (sketch, time_limit_s, seed, workers)
+        ag = _sub(topo, "allgather", n, settings)
+        ag_sim = simulate(ag.schedule, topo, n)
+        rs_t = transpose_allgather(ag.schedule, ag_sim.start, ag_sim.end)
+        if kind == "reduce_scatter" and rs_t is not None:
+            offer("transpose", rs_t)
+        if kind == "allreduce":
+            pairs = []
+            if rs_t is not None:
+                pairs.append((rs_t, simulate(rs_t, topo, n).start))
+            rs = _sub(topo, "reduce_scatter", n, settings)
+            if rs_t is None or rs.schedule.digest() != rs_t.digest():
+                pairs.append((rs.schedule, rs.start_times))
+            for rs_sched, rs_start in pairs:
+                composed = compose_allreduce(rs_sched, rs_start, ag.schedule, ag_sim.start)
+                if composed is not None:
+                    offer("compose", composed)
     if topo.size >= 2 and search:
         small = n <= TIMED_MAX_BYTES
         views = [sv]
@@ -173,6 +216,16 @@ def synthesize(
                         routing, topo, n, pieces, ratio=ratio, floor=floor, interleave=True
                     )
                     offer("pipelined" + tag, sched)
+            if n >= _FINEST_ONLY_BYTES:
+                # few, large messages: where a switch port is the bottleneck, its alphas (one per message,
+                # ~7 peers per piece) cost more than the longer tail of coarse pieces (cheap: few tasks)
+                for pieces in _COARSE_PIECES:
+                    if pieces < best_pieces:
+                        offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces))
+                        sched = pipelined_schedule(
+                            routing, topo, n, pieces, ratio=0.5, floor=1, interleave=True
+                        )
+                        offer("pipelined" + tag, sched)
         for view, tag, routing in routings:
             flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
             if not small:
@@ -205,7 +258,7 @@ def synthesize(
     # the schedule returned is lowered and verified (raises on a wrong schedule); its program is kept
     program = lower(best[2], best[3])
     verify_program(program)
-    return SynthResult(
+    result = SynthResult(
         collective=kind,
         nbytes=n,
         topo=topo,
@@ -220,3 +273,8 @@ def synthesize(
         candidates=cands,
         program=program,
     )
+    if search and kind in ("allgather", "reduce_scatter"):
+        if len(_SUBS) > 64:
+            _SUBS.clear()
+        _SUBS[_sub_key(topo, kind, n, (sketch, time_limit_s, seed, workers))] = result
+    return result

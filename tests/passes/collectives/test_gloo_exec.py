@@ -1,6 +1,7 @@
 """Lowered schedules run on real gloo processes and match torch.distributed's own collectives.
 
-One spawn of 16 processes runs every check: the whole world (16 ranks, NDv2x2 schedules), a group of 8
+One spawn of 16 processes runs every check: the whole world (16 ranks, NDv2x2 schedules, among them a
+reduce-scatter transposed from an allgather and allreduces composed of reduce-scatter + allgather), a group of 8
 (ranks 1, 3, ..., 15, mapped to a DGX-A100 node) and a group of 4 (ranks 2, 5, 11, 12, cpu:4 schedules,
 including a CP-SAT timed one). Inputs are tagged (rank * 10000 + position), so any misplaced chunk shows.
 """
@@ -22,6 +23,7 @@ from shardwise.passes.collectives.simulate import simulate
 from shardwise.passes.collectives.sketch import Sketch, sketch_view
 from shardwise.passes.collectives.timed import solve_timed
 from shardwise.passes.collectives.topology import topology_view
+from shardwise.passes.collectives.transpose import compose_allreduce, transpose_allgather
 from shardwise.passes.collectives.verify import verify
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -49,6 +51,17 @@ def _cases() -> list[tuple[str, int, dict]]:
     cases.append(
         ("two_step-alltoall", 16, _program(baseline_schedules("alltoall", ndv2, 2**20)["two_step"], ndv2))
     )
+    # reduce-scatter = the transposed allgather; allreduce = that reduce-scatter, then the allgather
+    ag = pipelined_schedule(solve_routing(sketch_view(ndv2), "allgather", 1, time_limit=0.2), ndv2, 2**20, 2)
+    ag_sim = simulate(ag, ndv2, 2**20)
+    rs = transpose_allgather(ag, ag_sim.start, ag_sim.end)
+    assert rs is not None
+    cases.append(("transposed-reduce_scatter", 16, _program(rs, ndv2)))
+    ring_rs = baseline_schedules("reduce_scatter", ndv2, 2**20)["ring2"]
+    for name, part in (("transposed", rs), ("ring2", ring_rs)):
+        ar = compose_allreduce(part, simulate(part, ndv2, 2**20).start, ag, ag_sim.start)
+        assert ar is not None
+        cases.append((f"compose-{name}+pipelined-allreduce", 16, _program(ar, ndv2)))
     a100 = topology_view(get_cluster("dgx-a100x1"))
     for kind in ("allgather", "reduce_scatter", "alltoall"):
         routing = solve_routing(sketch_view(a100), kind, 1, time_limit=0.2)
