@@ -470,20 +470,16 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             with contextlib.suppress(DoesNotFitError):
                 return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
         raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
+    fit = None  # how the flat plan is made to fit: host offload (jointly with recomputation), or recomputation
     if offload not in (None, "none"):
-        try:
-            plan = with_offload(plan, offload, spec, recompute)
-        except DoesNotFitError as exc:
-            if offload != "auto" or (constraints or {}).get("pp"):
-                raise
-            with contextlib.suppress(DoesNotFitError):  # may fit as a pipeline
-                return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
-            raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
+        fit, setting = (lambda p: with_offload(p, offload, spec, recompute)), offload
     elif recompute not in (None, "none") and mode == "train":
+        fit, setting = (lambda p: with_recomputation(p, recompute)), recompute  # "auto": only when it does not fit
+    if fit is not None:
         try:
-            plan = with_recomputation(plan, recompute)  # "auto": only when the fastest plan does not fit
+            plan = fit(plan)
         except DoesNotFitError as exc:
-            if recompute != "auto" or (constraints or {}).get("pp"):
+            if setting != "auto" or (constraints or {}).get("pp"):
                 raise
             with contextlib.suppress(DoesNotFitError):  # may fit as a pipeline
                 return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)

@@ -24,6 +24,7 @@ from shardwise.cluster import get_cluster
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.codegen.emit import render_program
 from shardwise.runtime import WorkerPool
+from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
 pytestmark = pytest.mark.multiproc
@@ -92,16 +93,4 @@ def test_offloaded_training_equals_eager(pool, case):
             assert plan.zero_stage >= 1
         losses = [cm.train_step(*inputs) for _ in range(3)]
         state = cm.state_dict()
-    reference.train()
-    optimizer = ADAMW(reference.parameters())
-    expected = []
-    for _ in range(3):
-        loss = _loss(reference(*inputs))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    assert set(reference.state_dict()) <= set(state)
-    for key, value in reference.state_dict().items():
-        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    assert_training_equal(losses, state, *eager_training(reference, inputs, _loss, ADAMW))

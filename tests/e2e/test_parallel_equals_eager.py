@@ -20,6 +20,7 @@ from shardwise.cluster import ClusterSpec
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.ir.placement import Shard
 from shardwise.runtime import WorkerPool
+from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
 pytestmark = pytest.mark.multiproc
@@ -96,25 +97,7 @@ def test_three_training_steps_equal_eager(pools, name, config):
         assert cm.plan.zero_stage == constraints.get("zero", 0)
         losses = [cm.train_step(*inputs) for _ in range(3)]
         state = cm.state_dict()
-    reference.train()
-    for m in reference.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    optimizer = OPTIMIZER(reference.parameters())
-    expected = []
-    for _ in range(3):
-        loss = _loss(reference(*inputs))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    want = reference.state_dict()
-    assert set(want) <= set(state)
-    for key, value in want.items():
-        torch.testing.assert_close(
-            state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
-        )
+    assert_training_equal(losses, state, *eager_training(reference, inputs, _loss, OPTIMIZER))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -20,6 +20,7 @@ from shardwise.cluster.presets import cpu_cluster
 from shardwise.passes.remat import apply_recomputation, choose_recomputation, problem_of
 from shardwise.planner.recompute import with_recomputation
 from shardwise.runtime import WorkerPool
+from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.testing.memory import measure_train_step
 from shardwise.zoo import build_model
 
@@ -87,18 +88,7 @@ def test_recomputed_training_equals_eager_and_lowers_the_peak(pool, case):
             losses = [cm.train_step(*inputs) for _ in range(2)]
             state = cm.state_dict()
             after = _measure(pool, inputs)
-    reference.train()
-    optimizer = OPTIMIZER(reference.parameters())
-    expected = []
-    for _ in range(2):
-        loss = _loss(reference(*inputs))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    for key, value in reference.state_dict().items():
-        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    assert_training_equal(losses, state, *eager_training(reference, inputs, _loss, OPTIMIZER, steps=2))
     for rank in range(2):
         print(case, rank, "measured", before[rank]["peak"], "->", after[rank]["peak"],
               "predicted", plan.predicted.memory_bytes[rank], "->", recomputed.predicted.memory_bytes[rank])  # fmt: skip

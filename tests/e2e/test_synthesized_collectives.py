@@ -22,6 +22,7 @@ import shardwise
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.errors import UserInputError
 from shardwise.runtime import WorkerPool
+from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
 pytestmark = pytest.mark.multiproc
@@ -89,18 +90,7 @@ def test_synthesized_schedules_train_like_eager(pool, constraints, collectives):
         assert collectives <= {r.collective for r in _scheduled(cm.plan)}
         losses = [cm.train_step(*inputs) for _ in range(3)]
         state = cm.state_dict()
-    reference.train()
-    optimizer = OPTIMIZER(reference.parameters())
-    expected = []
-    for _ in range(3):
-        loss = _loss(reference(*inputs))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    for key, value in reference.state_dict().items():
-        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_training_equal(losses, state, *eager_training(reference, inputs, _loss, OPTIMIZER))
 
 
 def test_unknown_collectives_choice_is_refused():

@@ -19,6 +19,7 @@ import shardwise
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.ir.placement import Shard
 from shardwise.runtime import WorkerPool
+from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
 pytestmark = pytest.mark.multiproc
@@ -65,24 +66,6 @@ def _vocab_split(plan, module: str = "lm_head") -> None:
     assert logits.shape[-1] == VOCAB and strategy.outputs[0].placements[tp] == Shard(len(logits.shape) - 1)
 
 
-def _eager_training(model: nn.Module, inputs, loss_fn) -> tuple[list[float], dict[str, torch.Tensor]]:
-    optimizer = OPTIMIZER(model.parameters())
-    losses = []
-    for _ in range(3):
-        loss = loss_fn(model(*inputs))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, model.state_dict()
-
-
-def _assert_state_equal(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(want) <= set(state)
-    for key, value in want.items():
-        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
-
-
 def test_gpt2_inference_logits_equal_eager(pool):
     model, inputs = build_model("gpt2", vocab=VOCAB)
     with shardwise.compile(model, CLUSTER, example_inputs=inputs, constraints=TP, workers=pool) as cm:
@@ -120,10 +103,7 @@ def test_gpt2_three_adamw_steps_equal_eager(pool):
         assert any(("tp", "c") in s.split for s in ce), [s.split for s in ce]
         losses = [cm.train_step(ids, ids) for _ in range(3)]
         state = cm.state_dict()
-    reference.train()
-    expected, want = _eager_training(reference, (ids, ids), lambda loss: loss)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    _assert_state_equal(state, want)
+    assert_training_equal(losses, state, *eager_training(reference, (ids, ids), lambda loss: loss, OPTIMIZER))
 
 
 def test_untied_lm_head_and_vocabulary_parallel_loss_equal_eager(pool):
@@ -146,9 +126,7 @@ def test_untied_lm_head_and_vocabulary_parallel_loss_equal_eager(pool):
         assert any(("tp", "c") in s.split for s in ce), [s.split for s in ce]
         losses = [cm.train_step(ids, labels) for _ in range(3)]
         state = cm.state_dict()
-    expected, want = _eager_training(reference, (ids, labels), lambda loss: loss)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    _assert_state_equal(state, want)
+    assert_training_equal(losses, state, *eager_training(reference, (ids, labels), lambda loss: loss, OPTIMIZER))
 
 
 def test_checkpoint_of_uneven_pieces_loads_under_data_parallel(pool, tmp_path):
@@ -179,6 +157,5 @@ def test_checkpoint_of_uneven_pieces_loads_under_data_parallel(pool, tmp_path):
         for name, value in states.items():
             other = loaded_opt["state"][key][name]
             assert torch.equal(other, value) if torch.is_tensor(value) else other == value, (key, name)
-    expected, want = _eager_training(reference, (ids, labels), lambda loss: loss)
-    torch.testing.assert_close(torch.tensor(last), torch.tensor(expected[-1]), rtol=1e-4, atol=1e-5)
-    _assert_state_equal(final, want)
+    expected, want = eager_training(reference, (ids, labels), lambda loss: loss, OPTIMIZER)
+    assert_training_equal([last], final, expected[-1:], want)
