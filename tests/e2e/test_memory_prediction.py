@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import shardwise
-from shardwise.runtime import WorkerPool
 from shardwise.testing.memory import measure_train_step
 from shardwise.zoo import build_model
 
@@ -33,13 +32,6 @@ def _out(o):
 
 def _loss(o):
     return _out(o).float().sin().mean()
-
-
-@pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(2, backend="gloo")
-    yield made
-    made.close()
 
 
 FLAT = [(name, c) for name in ("gpt2", "llama", "bert", "vit", "mlp") for c in ("dp2", "tp2")]

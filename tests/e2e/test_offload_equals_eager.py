@@ -23,7 +23,6 @@ import shardwise
 from shardwise.cluster import get_cluster
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.codegen.emit import render_program
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
@@ -35,13 +34,6 @@ ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3)  # at 1e-2 tp=2 differs fr
 
 def _loss(o):
     return o.logits.float().sin().mean()
-
-
-@pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(2, backend="gloo")
-    yield made
-    made.close()
 
 
 CASES = {

@@ -20,6 +20,7 @@ from shardwise.cluster.presets import cpu_cluster
 from shardwise.ir.placement import Shard
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.runtime import WorkerPool
+from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
 pytestmark = pytest.mark.multiproc
@@ -63,19 +64,6 @@ def _cluster(n: int, free: bool):
     return cpu_cluster(n, latency=1e-9, bandwidth=1e14, name=f"cpu:{n}-free-links") if free else f"cpu:{n}"
 
 
-def _eager(model: torch.nn.Module, inputs: tuple, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    model.train()
-    optimizer = OPTIMIZER(model.parameters())
-    losses = []
-    for _ in range(steps):
-        loss = _loss(model(*inputs))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, model.state_dict()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_three_pipeline_training_steps_equal_eager(pools, name, case):
@@ -98,13 +86,7 @@ def test_three_pipeline_training_steps_equal_eager(pools, name, case):
             )
         losses = [cm.train_step(*inputs) for _ in range(3)]
         state = cm.state_dict()
-    expected, want = _eager(reference, inputs, 3)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    assert set(want) <= set(state)
-    for key, value in want.items():
-        torch.testing.assert_close(
-            state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
-        )
+    assert_training_equal(losses, state, *eager_training(reference, inputs, _loss, OPTIMIZER))
 
 
 def test_pipeline_inference_equals_eager_and_the_plan_round_trips(pools, tmp_path):

@@ -36,13 +36,6 @@ def _loss(o):
     return o.logits.float().sin().mean()
 
 
-@pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(2, backend="gloo")
-    yield made
-    made.close()
-
-
 _PROFILED: list[WorkerPool] = []
 
 

@@ -18,7 +18,6 @@ from torch import nn
 import shardwise
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.ir.placement import Shard
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
@@ -29,13 +28,6 @@ OPTIMIZER = functools.partial(torch.optim.AdamW, lr=1e-3)
 # free links and no sequence parallelism, so the plan splits the weights (what these tests are about)
 CLUSTER = cpu_cluster(2, latency=1e-9, bandwidth=1e14, name="cpu:2-free-links")
 TP = {"tp": 2, "sp": 1}
-
-
-@pytest.fixture(scope="module")
-def pool():
-    workers = WorkerPool(2, backend="gloo")
-    yield workers
-    workers.close()
 
 
 class _UntiedLM(nn.Module):
