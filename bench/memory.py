@@ -106,28 +106,12 @@ def minimalloc_section(args: argparse.Namespace) -> list[dict] | None:
     return rows
 
 
-def _plan_inputs(plan) -> dict:
-    """The keyword arguments ``map_memory`` needs, read back from a flat (dp x tp) plan."""
-    from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR
-
-    names = {p.key: p.name for p in plan.graph.params}
-    return {
-        "param_placements": {names[k]: s for k, s in plan.param_placements},
-        "input_placements": {i.name: s for i, s in zip(plan.graph.inputs, plan.input_placements)},
-        "train": plan.mode == "train",
-        "precision": plan.precision,
-        "optimizer_factor": OPTIMIZER_STATE_FACTOR.get(plan.optimizer, 2),
-        "zero": plan.zero_stage,
-        "grad_reduce": dict(plan.param_grad_reduce),
-    }
-
-
 def models_section(args: argparse.Namespace) -> list[dict]:
     """Rows for the zoo models: each rank's memory map, as the planner records it."""
     from shardwise.cluster import get_cluster
     from shardwise.frontend.trace import trace
     from shardwise.passes.memory import verify_assignment
-    from shardwise.passes.memory.mapping import map_memory
+    from shardwise.passes.memory.mapping import map_memory, plan_memory_inputs
     from shardwise.planner.auto import plan_auto
     from shardwise.zoo import MODEL_NAMES, build_model
 
@@ -150,7 +134,7 @@ def models_section(args: argparse.Namespace) -> list[dict]:
             t0 = time.perf_counter()
             mapped = map_memory(
                 plan.graph, plan.mesh, plan.strategies, capacity_bytes=cluster.device.memory_bytes,
-                optimizer_foreach=cluster.device.kind != "cpu", **_plan_inputs(plan),
+                optimizer_foreach=cluster.device.kind != "cpu", **plan_memory_inputs(plan),
             )  # fmt: skip
             map_s = time.perf_counter() - t0
             for bufs, assignment in zip(mapped.buffers, mapped.assignments):

@@ -18,14 +18,13 @@ from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeSt
 from shardwise.ir.serialize import graph_to_json
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.cost import CostModel
-from shardwise.passes.memory.mapping import map_memory
+from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR, map_memory
 from shardwise.passes.sharding.propagate import follow_producers
 from shardwise.passes.sharding.redistribute import replicated
 
 __all__ = ["plan_simple", "graph_fingerprint", "KNOWN_DEGREES"]
 
 KNOWN_DEGREES = ("dp", "tp", "pp", "sp", "ep")
-OPTIMIZER_STATE_FACTOR = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
 
 
 def graph_fingerprint(graph: Graph) -> str:

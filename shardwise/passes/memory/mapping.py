@@ -24,13 +24,35 @@ from dataclasses import dataclass, replace
 
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
-from shardwise.ir.plan import NodeStrategy, RankMemory
+from shardwise.ir.plan import ExecutionPlan, NodeStrategy, RankMemory
 from shardwise.passes.memory.assign import assign_offsets
 from shardwise.passes.memory.buffers import Assignment, Buffer
 from shardwise.passes.memory.program import buffer_kind, step_buffers
 from shardwise.passes.memory.verify import verify_assignment
 
-__all__ = ["MemoryMap", "map_memory", "rank_memory", "NODE_LIMIT", "TIME_LIMIT_S"]
+__all__ = [
+    "MemoryMap", "map_memory", "rank_memory", "plan_memory_inputs", "OPTIMIZER_STATE_FACTOR", "NODE_LIMIT",
+    "TIME_LIMIT_S",
+]  # fmt: skip
+
+# fp32 optimizer state values per parameter element, by the optimizer a plan records
+OPTIMIZER_STATE_FACTOR = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+
+
+def plan_memory_inputs(plan: ExecutionPlan) -> dict:
+    """The keyword arguments of ``step_buffers`` / ``map_memory`` that a flat plan records: parameter and
+    input placements, mode, precision, optimizer state per parameter, ZeRO stage and the parameters whose
+    gradients are reduced after the backward."""
+    by_key = {p.key: p.name for p in plan.graph.params}
+    return {
+        "param_placements": {by_key[k]: s for k, s in plan.param_placements if k in by_key},
+        "input_placements": dict(zip((i.name for i in plan.graph.inputs), plan.input_placements, strict=True)),
+        "train": plan.mode == "train",
+        "precision": plan.precision,
+        "optimizer_factor": OPTIMIZER_STATE_FACTOR.get(plan.optimizer.lower(), 2),
+        "zero": plan.zero_stage,
+        "grad_reduce": dict(plan.param_grad_reduce),
+    }
 
 NODE_LIMIT = 20_000  # search nodes per rank class: keeps planning deterministic and quick
 TIME_LIMIT_S = 10.0  # a safety net only: the node limit normally ends the search first

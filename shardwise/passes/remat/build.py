@@ -19,6 +19,7 @@ from shardwise.errors import UserInputError
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.passes.memory.buffers import Buffer
+from shardwise.passes.memory.mapping import plan_memory_inputs
 from shardwise.passes.memory.program import buffer_kind, step_buffers
 from shardwise.passes.remat.peak import Timeline, recompute_buffers
 from shardwise.passes.remat.problem import RematProblem, RematUnit
@@ -39,14 +40,6 @@ class RankStep:
     step_time_s: float
 
 
-# fp32 optimizer state per parameter element, as the planners count it (planner.simple's table)
-_OPTIMIZER_STATE = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
-
-
-def _optimizer_factor(description: str) -> int:
-    return _OPTIMIZER_STATE.get(description.lower(), 2)
-
-
 def rank_step(plan: ExecutionPlan) -> RankStep:
     """The step of the plan's first rank (every rank of a flat plan runs the same shapes)."""
     if plan.mode != "train":
@@ -57,14 +50,9 @@ def rank_step(plan: ExecutionPlan) -> RankStep:
             "(constraints={'recompute': 'full'}); per-layer recomputation covers flat plans"
         )
     graph = plan.graph
-    by_key = {p.key: p.name for p in graph.params}
-    params = {by_key[k]: s for k, s in plan.param_placements if k in by_key}
-    inputs = {i.name: s for i, s in zip(graph.inputs, plan.input_placements, strict=True)}
-    common = dict(
-        param_placements=params, input_placements=inputs, precision=plan.precision,
-        optimizer_factor=_optimizer_factor(plan.optimizer), zero=plan.zero_stage,
-        grad_reduce=dict(plan.param_grad_reduce), optimizer_foreach=not plan.cluster_name.startswith("cpu"),
-    )  # fmt: skip
+    common = plan_memory_inputs(plan)
+    del common["train"]  # both the training step and the inference pass are built
+    common["optimizer_foreach"] = not plan.cluster_name.startswith("cpu")
     train = step_buffers(graph, plan.mesh, plan.strategies, train=True, **common)  # type: ignore[arg-type]
     inference = step_buffers(graph, plan.mesh, plan.strategies, train=False, **common)  # type: ignore[arg-type]
     by_node = {s.node: s for s in plan.strategies}

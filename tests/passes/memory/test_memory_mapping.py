@@ -8,10 +8,10 @@ from shardwise.cluster import get_cluster
 from shardwise.frontend.trace import trace
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.passes.memory import lower_bound, verify_assignment
-from shardwise.passes.memory.mapping import map_memory
+from shardwise.passes.memory.mapping import map_memory, plan_memory_inputs
 from shardwise.passes.memory.program import ALIGN, buffer_kind, step_buffers
 from shardwise.planner.auto import plan_auto
-from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR, plan_simple
+from shardwise.planner.simple import plan_simple
 from shardwise.zoo import build_model
 
 
@@ -20,24 +20,11 @@ def graphs():
     return {name: trace(*build_model(name))[0] for name in ("gpt2", "mlp")}
 
 
-def _inputs(plan: ExecutionPlan) -> dict:
-    names = {p.key: p.name for p in plan.graph.params}
-    return {
-        "param_placements": {names[k]: s for k, s in plan.param_placements},
-        "input_placements": {i.name: s for i, s in zip(plan.graph.inputs, plan.input_placements)},
-        "train": plan.mode == "train",
-        "precision": plan.precision,
-        "optimizer_factor": OPTIMIZER_STATE_FACTOR[plan.optimizer],
-        "zero": plan.zero_stage,
-        "grad_reduce": dict(plan.param_grad_reduce),
-    }
-
-
 def _remap(plan: ExecutionPlan):
     cluster = get_cluster(plan.cluster_name)
     return map_memory(
         plan.graph, plan.mesh, plan.strategies, capacity_bytes=cluster.device.memory_bytes,
-        optimizer_foreach=cluster.device.kind != "cpu", **_inputs(plan),
+        optimizer_foreach=cluster.device.kind != "cpu", **plan_memory_inputs(plan),
     )  # fmt: skip
 
 
@@ -80,7 +67,7 @@ def test_training_holds_gradients_state_and_saved_activations(graphs):
     cluster = get_cluster("cpu:2")
     train = plan_auto(graphs["mlp"], cluster, mode="train", constraints={"dp": 2})
     infer = plan_auto(graphs["mlp"], cluster, mode="inference", constraints={"dp": 2})
-    bufs = step_buffers(train.graph, train.mesh, train.strategies, **_inputs(train))
+    bufs = step_buffers(train.graph, train.mesh, train.strategies, **plan_memory_inputs(train))
     kinds = {buffer_kind(b.id) for b in bufs}
     assert {"param", "grad", "opt", "act", "agrad", "input", "bucket", "scratch"} <= kinds
     end = max(b.end for b in bufs)
