@@ -21,7 +21,7 @@ from shardwise.cluster import ClusterSpec
 from shardwise.errors import DoesNotFitError, PlanError
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
-from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
+from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
 from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.cost import CostModel
@@ -29,7 +29,7 @@ from shardwise.passes.memory.mapping import map_memory
 from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOptions, place
 from shardwise.passes.sharding.redistribute import replicated
 from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
-from shardwise.planner.simple import KNOWN_DEGREES, OPTIMIZER_STATE_FACTOR, graph_fingerprint
+from shardwise.planner.simple import KNOWN_DEGREES, OPTIMIZER_STATE_FACTOR, plan_identity
 
 __all__ = ["plan_auto", "candidate_meshes", "param_grad_reduce", "CONSTRAINT_KEYS"]
 
@@ -357,15 +357,7 @@ def plan_auto(
     grad_reduce = param_grad_reduce(g, placed.strategies) if mode == "train" else {}
     keys = {p.name: p.key for p in g.params}
     plan = ExecutionPlan(
-        schema_version=SCHEMA_VERSION,
-        model_name=g.model_name,
-        model_fingerprint=graph_fingerprint(graph),
-        cluster_name=cluster.name,
-        cluster_fingerprint=cluster.fingerprint(),
-        mode=mode,
-        precision=precision,
-        world_size=mesh.size,
-        mesh=mesh,
+        **plan_identity(graph, cluster, mode, precision, mesh),
         degrees_=(("dp", best.dp), ("tp", best.tp), ("pp", 1)),
         graph=g,
         strategies=placed.strategies,

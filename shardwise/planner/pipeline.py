@@ -32,7 +32,7 @@ from shardwise.errors import PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
-from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeStrategy, Prediction
+from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.pipeline import map_pipeline_memory
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
@@ -41,7 +41,7 @@ from shardwise.passes.stages.profile import traced_batch
 from shardwise.passes.stages.rows import micro_shapes_problem, rows_problem
 from shardwise.planner.schedule import schedule_actions
 from shardwise.planner.search import Candidate, SearchOptions, SearchResult, search
-from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR, graph_fingerprint
+from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR, plan_identity
 
 __all__ = ["plan_pipeline", "batch_inputs", "PIPELINE_KEYS", "wants_pipeline"]
 
@@ -88,15 +88,7 @@ def _chunk_plan(
     keys = {p.name: p.key for p in g.params}
     rep = ShardingSpec(tuple(Replicate() for _ in mesh.shape))
     plan = ExecutionPlan(
-        schema_version=SCHEMA_VERSION,
-        model_name=g.model_name,
-        model_fingerprint=graph_fingerprint(g),
-        cluster_name=cluster.name,
-        cluster_fingerprint=cluster.fingerprint(),
-        mode=mode,
-        precision=precision,
-        world_size=mesh.size,
-        mesh=mesh,
+        **plan_identity(g, cluster, mode, precision, mesh),
         degrees_=(("dp", 1), ("tp", cand.tp), ("pp", 1)),
         graph=g,
         strategies=placed.strategies,
@@ -300,15 +292,7 @@ def _top_plan(
     if world < cluster.world_size:
         notes.append(f"runs on {world} of the {cluster.world_size} devices")
     return ExecutionPlan(
-        schema_version=SCHEMA_VERSION,
-        model_name=graph.model_name,
-        model_fingerprint=graph_fingerprint(graph),
-        cluster_name=cluster.name,
-        cluster_fingerprint=cluster.fingerprint(),
-        mode=mode,
-        precision=precision,
-        world_size=world,
-        mesh=mesh,
+        **plan_identity(graph, cluster, mode, precision, mesh),
         degrees_=(("dp", dp), ("tp", tp), ("pp", pp)),
         graph=graph,
         strategies=(),

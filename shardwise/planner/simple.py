@@ -22,13 +22,26 @@ from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR, map_memory
 from shardwise.passes.sharding.propagate import follow_producers
 from shardwise.passes.sharding.redistribute import replicated
 
-__all__ = ["plan_simple", "graph_fingerprint", "KNOWN_DEGREES"]
+__all__ = ["plan_simple", "graph_fingerprint", "plan_identity", "KNOWN_DEGREES"]
 
 KNOWN_DEGREES = ("dp", "tp", "pp", "sp", "ep")
 
 
 def graph_fingerprint(graph: Graph) -> str:
     return hashlib.sha256(graph_to_json(graph).encode()).hexdigest()[:16]
+
+
+def plan_identity(
+    graph: Graph, cluster: ClusterSpec, mode: str, precision: str, mesh: DeviceMesh
+) -> dict[str, object]:
+    """The ExecutionPlan fields every planner fills alike: what was planned (the traced graph, before any
+    rewrite, is fingerprinted), for which cluster, mode and precision, on which mesh."""
+    return {
+        "schema_version": SCHEMA_VERSION, "model_name": graph.model_name,
+        "model_fingerprint": graph_fingerprint(graph), "cluster_name": cluster.name,
+        "cluster_fingerprint": cluster.fingerprint(), "mode": mode, "precision": precision,
+        "world_size": mesh.size, "mesh": mesh,
+    }  # fmt: skip
 
 
 def _input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, ShardingSpec]:
@@ -182,15 +195,7 @@ def plan_simple(
         notes.append(f"runs on 1 of the {world} devices: data parallelism is predicted slower or not possible")
     grad_reduce = _consistent_param_grad_reduce(graph, strategies) if mode == "train" else {}
     return ExecutionPlan(
-        schema_version=SCHEMA_VERSION,
-        model_name=graph.model_name,
-        model_fingerprint=graph_fingerprint(graph),
-        cluster_name=cluster.name,
-        cluster_fingerprint=cluster.fingerprint(),
-        mode=mode,
-        precision=precision,
-        world_size=mesh.size,
-        mesh=mesh,
+        **plan_identity(graph, cluster, mode, precision, mesh),
         degrees_=(("dp", dp), ("tp", 1), ("pp", 1)),
         graph=graph,
         strategies=strategies,
