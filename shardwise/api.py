@@ -30,6 +30,7 @@ from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.fusion import fuse_plan
 from shardwise.planner.auto import plan_auto
+from shardwise.planner.fit import made_to_fit
 from shardwise.planner.offload import check_offload, with_offload
 from shardwise.planner.recompute import RECOMPUTE_SETTINGS, with_recomputation
 from shardwise.runtime import WorkerPool
@@ -476,8 +477,13 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     elif recompute not in (None, "none") and mode == "train":
         fit, setting = (lambda p: with_recomputation(p, recompute)), recompute  # "auto": only when it does not fit
     if fit is not None:
+        fits_as_is = (lambda: plan_auto(
+            graph, spec, mode=mode, precision=precision, constraints=constraints,
+            optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
+            require_fit=True, collectives=collectives,
+        )) if setting == "auto" else None  # fmt: skip
         try:
-            plan = fit(plan)
+            plan = made_to_fit(plan, fit, fits_as_is)
         except DoesNotFitError as exc:
             if setting != "auto" or (constraints or {}).get("pp"):
                 raise
