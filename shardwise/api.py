@@ -30,7 +30,6 @@ from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.fusion import fuse_plan
 from shardwise.planner.auto import plan_auto
-from shardwise.planner.fit import made_to_fit
 from shardwise.planner.offload import check_offload, with_offload
 from shardwise.planner.recompute import RECOMPUTE_SETTINGS, with_recomputation
 from shardwise.runtime import WorkerPool
@@ -459,37 +458,28 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         raise UserInputError(f"offload={offload!r} applies to flat plans: drop the pipeline constraints or offload")
     if wants_pipeline(constraints):  # pp > 1 or a pipeline-only choice: the whole-plan search (planner.search)
         return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
+    # how a flat training plan is made to fit: host offload (jointly with recomputation), or recomputation;
+    # "auto" settings are chosen inside the planner, against the layouts that fit as they are
+    fit, setting = None, None
+    if offload not in (None, "none"):
+        fit, setting = (lambda p: with_offload(p, offload, spec, recompute)), offload
+    elif recompute not in (None, "none") and mode == "train":
+        fit, setting = (lambda p: with_recomputation(p, recompute)), recompute
+    joint = fit if setting == "auto" else None
     try:
         plan = plan_auto(
             graph, spec, mode=mode, precision=precision, constraints=constraints,
             optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
-            require_fit=(recompute != "auto" and offload in (None, "none")) or mode != "train",
-            collectives=collectives,
+            require_fit=mode != "train" or joint is not None or (recompute != "auto" and offload in (None, "none")),
+            collectives=collectives, make_fit=joint,
         )  # fmt: skip
     except DoesNotFitError as exc:
         if not (constraints or {}).get("pp") and mode == "train":  # may fit as a pipeline
             with contextlib.suppress(DoesNotFitError):
                 return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
         raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
-    fit = None  # how the flat plan is made to fit: host offload (jointly with recomputation), or recomputation
-    if offload not in (None, "none"):
-        fit, setting = (lambda p: with_offload(p, offload, spec, recompute)), offload
-    elif recompute not in (None, "none") and mode == "train":
-        fit, setting = (lambda p: with_recomputation(p, recompute)), recompute  # "auto": only when it does not fit
-    if fit is not None:
-        fits_as_is = (lambda: plan_auto(
-            graph, spec, mode=mode, precision=precision, constraints=constraints,
-            optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
-            require_fit=True, collectives=collectives,
-        )) if setting == "auto" else None  # fmt: skip
-        try:
-            plan = made_to_fit(plan, fit, fits_as_is)
-        except DoesNotFitError as exc:
-            if setting != "auto" or (constraints or {}).get("pp"):
-                raise
-            with contextlib.suppress(DoesNotFitError):  # may fit as a pipeline
-                return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
-            raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
+    if fit is not None and joint is None:  # an explicit setting, applied to the fastest plan (raises if it fails)
+        plan = fit(plan)
     if fusion:
         plan = fuse_plan(plan)
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)

@@ -218,6 +218,47 @@ def _score(
     return _Scored(dp, tp, levels[-1], g, mesh, None, inputs, (), None, False, need, last_error)
 
 
+def _fastest_made_to_fit(
+    scored: list[_Scored], fitting: list[_Scored], assemble: Callable[[_Scored], ExecutionPlan],
+    make_fit: Callable[[ExecutionPlan], ExecutionPlan], unbudgeted: Callable[[_Scored], _Scored],
+    tries: int = 3,
+) -> ExecutionPlan | None:
+    """The fastest of the meshes that do not fit as they are, placed without a memory budget
+    (``unbudgeted``) and made to fit by ``make_fit``, if it is predicted faster than every plan in
+    ``fitting``; else None. The ``tries`` fastest such meshes are tried in order; the first made to fit in
+    less time than the fastest plan that fits as it is wins."""
+    as_is = min((s.prediction.step_time_s for s in fitting if s.prediction), default=float("inf"))
+    others = [unbudgeted(s) for s in scored if not (s.fits and s.prediction is not None)]
+    faster = sorted(
+        (s for s in others if s.prediction is not None and s.prediction.step_time_s < as_is),
+        key=lambda s: s.prediction.step_time_s,  # type: ignore[union-attr]
+    )
+    for candidate in faster[:tries]:
+        try:
+            fitted = make_fit(assemble(candidate))
+        except DoesNotFitError:
+            continue
+        if fitted.predicted.step_time_s >= as_is or max(fitted.predicted.memory_bytes) > fitted.memory[0].capacity_bytes:
+            continue
+        step = fitted.predicted.step_time_s
+        alternatives = tuple(
+            dataclasses.replace(a, step_time_s=step, memory_bytes=max(fitted.predicted.memory_bytes), fits=True)
+            if a.chosen
+            else dataclasses.replace(a, note=f"{a.step_time_s / step:.2f}x the chosen plan's predicted step time")
+            if a.fits and a.step_time_s < float("inf")
+            else a
+            for a in fitted.alternatives
+        )
+        why = (
+            f"made to fit: the fastest layout does not fit as it is; with recomputation/offload it is predicted "
+            f"{step * 1e3:.4g} ms per step, against {as_is * 1e3:.4g} ms for the fastest layout that fits as it is"
+            if as_is < float("inf")
+            else "made to fit: no layout fits as it is"
+        )
+        return dataclasses.replace(fitted, alternatives=alternatives, notes=(*fitted.notes, why))
+    return None
+
+
 def plan_auto(
     graph: Graph,
     cluster: ClusterSpec,
@@ -231,13 +272,20 @@ def plan_auto(
     require_fit: bool = True,
     stats_out: list[ILPStats] | None = None,
     collectives: str = "library",
+    make_fit: Callable[[ExecutionPlan], ExecutionPlan] | None = None,
 ) -> ExecutionPlan:
     """Search meshes and place each with the ILP; see the module docstring. ``require_fit=False`` returns
     the fastest plan even when none fits in device memory (with a note saying how much it needs) instead
     of raising DoesNotFitError: for sizing clusters. ``stats_out`` receives the ILP statistics of every
     placement solved (one per mesh and ZeRO stage tried). ``collectives="synthesize"`` then gives every
     collective of the chosen plan a synthesized schedule where one is predicted faster than the library's
-    (``planner.collectives``; the plan records each one's algorithm)."""
+    (``planner.collectives``; the plan records each one's algorithm).
+
+    ``make_fit`` (training: recomputation and/or host offload, e.g. ``planner.recompute.fit_by_recomputation``)
+    makes the choice joint: the meshes that do not fit as they are are placed again without a memory budget,
+    and the fastest of them, made to fit by ``make_fit``, is chosen when it is predicted faster than the
+    fastest plan that fits as it is (or when none does). Its cost (recompute time, transfers) is in its
+    predicted step time, so a layout that fits as it is wins whenever recomputing would cost more."""
     if collectives not in ("library", "synthesize"):
         raise PlanError(f"collectives={collectives!r} is not allowed: use 'library' or 'synthesize'")
     constraints = _check_constraints(constraints or {}, cluster)
@@ -284,8 +332,103 @@ def plan_auto(
             f"no mesh of {cluster.name} suits this model: the batch sizes {batch} are not divisible by any "
             "data-parallel degree; pin constraints={'dp': 1, 'tp': N} or change the batch size"
         )
+    def assemble(best: _Scored, overflow: str, unbudgeted: bool = False) -> ExecutionPlan:
+        """The ExecutionPlan of candidate ``best`` (``scored`` are the alternatives it is ranked among)."""
+        assert best.placed is not None and best.prediction is not None
+        # an unbudgeted candidate stands in for its mesh's entry among the alternatives
+        ranked = [best, *(s for s in scored if (s.dp, s.tp) != (best.dp, best.tp))] if unbudgeted else scored
+        chosen = (
+            "chosen: fastest plan, made to fit" if unbudgeted
+            else "chosen: fastest plan that fits" if best.fits else "chosen: fastest plan (none fits)"
+        )  # fmt: skip
+        alternatives = tuple(
+            Alternative(
+                degrees=(("dp", s.dp), ("tp", s.tp), ("pp", 1)),
+                step_time_s=s.prediction.step_time_s if s.prediction else float("inf"),
+                memory_bytes=s.need_bytes,
+                fits=s.fits,
+                chosen=s is best,
+                note=chosen
+                if s is best
+                else (
+                    "does not fit in device memory"
+                    if not s.fits
+                    else f"{s.prediction.step_time_s / best.prediction.step_time_s:.2f}x the chosen plan's predicted step time"
+                    if s.prediction
+                    else s.note
+                ),
+            )  # fmt: skip
+            for s in sorted(ranked, key=lambda s: s.prediction.step_time_s if s.prediction else float("inf"))
+        )
+        g, mesh, placed = best.graph, best.mesh, best.placed
+        stats = placed.stats
+        notes = []
+        if overflow and not best.fits:
+            notes.append(
+                f"does not fit: the plan needs {best.need_bytes / 2**30:.1f} GiB per device, {cluster.name} has "
+                f"{cluster.device.memory_bytes / 2**30:.1f} GiB (pipeline parallelism or activation recomputation "
+                "would be needed)"
+            )
+        notes += [
+            f"placement ILP: {stats.classes} classes from {stats.nodes} ops ({stats.repeated_blocks or 'no repeated blocks'}); "
+            f"{stats.variables} variables, {stats.constraints} constraints (unshrunk: {stats.variables_before}, "
+            f"{stats.constraints_before}); {stats.status} in {stats.solve_s:.2f} s"
+        ]
+        if best.dp * best.tp < cluster.world_size:
+            notes.append(f"runs on {best.dp * best.tp} of the {cluster.world_size} devices")
+        if best.zero:
+            notes.append(f"ZeRO stage {best.zero}: optimizer state sharded over dp={best.dp}" + (
+                ", parameters too" if best.zero == 3 else ""))  # fmt: skip
+        # the chosen plan's memory map, searched exactly (candidates were scored with the greedy arena); a greedy
+        # arena already equal to the lower bound is optimal, and the exact search would return it unchanged
+        memory = best.memory
+        if any(m.arena_bytes > m.lower_bound_bytes for m in memory) or not memory:
+            memory = _memory(
+                g, mesh, placed, best.inputs, cluster, mode == "train", factor, precision, best.zero, exact=True
+            )
+        predicted = dataclasses.replace(best.prediction, memory_bytes=tuple(m.arena_bytes for m in memory))
+        grad_reduce = param_grad_reduce(g, placed.strategies) if mode == "train" else {}
+        keys = {p.name: p.key for p in g.params}
+        plan = ExecutionPlan(
+            **plan_identity(graph, cluster, mode, precision, mesh),
+            degrees_=(("dp", best.dp), ("tp", best.tp), ("pp", 1)),
+            graph=g,
+            strategies=placed.strategies,
+            input_placements=tuple(best.inputs.get(i.name, replicated(mesh)) for i in g.inputs),
+            param_placements=tuple((keys[name], spec) for name, spec in placed.param_placements.items()),
+            output_placements=tuple(replicated(mesh) for _ in g.outputs),
+            param_grad_reduce=tuple(sorted(grad_reduce.items())),
+            predicted=predicted,
+            memory=memory,
+            replicated_ops=placed.run_whole,
+            alternatives=alternatives,
+            passes=("trace", "sharding.rewrite", "sharding.ilp", "memory.map", "planner.auto"),
+            notes=tuple(notes),
+            optimizer=optimizer,
+            zero_stage=best.zero,
+        )
+        return plan
+
+    def choose(plan: ExecutionPlan) -> ExecutionPlan:
+        if collectives == "synthesize":
+            from shardwise.planner.collectives import choose_collectives
+
+            plan = choose_collectives(plan, cluster)
+        return plan
+
     fitting = [s for s in scored if s.fits and s.prediction is not None]
     overflow = ""
+    if make_fit is not None and mode == "train" and len(fitting) < len(scored):
+        made_fit = _fastest_made_to_fit(
+            scored, fitting, lambda s: assemble(s, "", unbudgeted=True), make_fit,
+            lambda s: _score(
+                analyses, cluster, s.dp, s.tp, mode=mode, precision=precision, zero_options=[s.zero],
+                sequence_parallel=sp, optimizer_factor=factor, solver=solver, time_limit_s=time_limit_s,
+                budget=False, stats_out=stats_out,
+            ),
+        )  # fmt: skip
+        if made_fit is not None:
+            return choose(made_fit)
     if not fitting and not require_fit:
         need = min(s.need_bytes for s in scored)
         scored = [
@@ -307,75 +450,4 @@ def plan_auto(
             "with more memory per device (or more devices), or a lower precision"
         )
     best = min(fitting, key=lambda s: (not s.fits, s.prediction.step_time_s, -s.dp * s.tp, s.tp))  # type: ignore[union-attr]
-    assert best.placed is not None and best.prediction is not None
-    alternatives = tuple(
-        Alternative(
-            degrees=(("dp", s.dp), ("tp", s.tp), ("pp", 1)),
-            step_time_s=s.prediction.step_time_s if s.prediction else float("inf"),
-            memory_bytes=s.need_bytes,
-            fits=s.fits,
-            chosen=s is best,
-            note=("chosen: fastest plan that fits" if s.fits else "chosen: fastest plan (none fits)")
-            if s is best
-            else (
-                "does not fit in device memory"
-                if not s.fits
-                else f"{s.prediction.step_time_s / best.prediction.step_time_s:.2f}x the chosen plan's predicted step time"
-                if s.prediction
-                else s.note
-            ),
-        )  # fmt: skip
-        for s in sorted(scored, key=lambda s: s.prediction.step_time_s if s.prediction else float("inf"))
-    )
-    g, mesh, placed = best.graph, best.mesh, best.placed
-    stats = placed.stats
-    notes = []
-    if overflow and not best.fits:
-        notes.append(
-            f"does not fit: the plan needs {best.need_bytes / 2**30:.1f} GiB per device, {cluster.name} has "
-            f"{cluster.device.memory_bytes / 2**30:.1f} GiB (pipeline parallelism or activation recomputation "
-            "would be needed)"
-        )
-    notes += [
-        f"placement ILP: {stats.classes} classes from {stats.nodes} ops ({stats.repeated_blocks or 'no repeated blocks'}); "
-        f"{stats.variables} variables, {stats.constraints} constraints (unshrunk: {stats.variables_before}, "
-        f"{stats.constraints_before}); {stats.status} in {stats.solve_s:.2f} s"
-    ]
-    if best.dp * best.tp < cluster.world_size:
-        notes.append(f"runs on {best.dp * best.tp} of the {cluster.world_size} devices")
-    if best.zero:
-        notes.append(f"ZeRO stage {best.zero}: optimizer state sharded over dp={best.dp}" + (
-            ", parameters too" if best.zero == 3 else ""))  # fmt: skip
-    # the chosen plan's memory map, searched exactly (candidates were scored with the greedy arena); a greedy
-    # arena already equal to the lower bound is optimal, and the exact search would return it unchanged
-    memory = best.memory
-    if any(m.arena_bytes > m.lower_bound_bytes for m in memory) or not memory:
-        memory = _memory(
-            g, mesh, placed, best.inputs, cluster, mode == "train", factor, precision, best.zero, exact=True
-        )
-    predicted = dataclasses.replace(best.prediction, memory_bytes=tuple(m.arena_bytes for m in memory))
-    grad_reduce = param_grad_reduce(g, placed.strategies) if mode == "train" else {}
-    keys = {p.name: p.key for p in g.params}
-    plan = ExecutionPlan(
-        **plan_identity(graph, cluster, mode, precision, mesh),
-        degrees_=(("dp", best.dp), ("tp", best.tp), ("pp", 1)),
-        graph=g,
-        strategies=placed.strategies,
-        input_placements=tuple(best.inputs.get(i.name, replicated(mesh)) for i in g.inputs),
-        param_placements=tuple((keys[name], spec) for name, spec in placed.param_placements.items()),
-        output_placements=tuple(replicated(mesh) for _ in g.outputs),
-        param_grad_reduce=tuple(sorted(grad_reduce.items())),
-        predicted=predicted,
-        memory=memory,
-        replicated_ops=placed.run_whole,
-        alternatives=alternatives,
-        passes=("trace", "sharding.rewrite", "sharding.ilp", "memory.map", "planner.auto"),
-        notes=tuple(notes),
-        optimizer=optimizer,
-        zero_stage=best.zero,
-    )
-    if collectives == "synthesize":
-        from shardwise.planner.collectives import choose_collectives
-
-        plan = choose_collectives(plan, cluster)
-    return plan
+    return choose(assemble(best, overflow))
