@@ -3,9 +3,11 @@ fastest plan that fits.
 
 For every candidate mesh (all devices, tensor-parallel degree a divisor of the devices per node, honouring
 the user's ``constraints``) it rewrites the graph to expose tensor parallelism (tp > 1), splits the batch
-over ``dp``, solves the placement ILP (``passes.sharding.auto.place``) and predicts time and memory. When no
-placement fits it retries with ZeRO (optimizer state sharded over ``dp``, then parameters too). Losers stay
-in ``plan.alternatives`` with the reason they lost.
+over ``dp``, solves the placement ILP (``passes.sharding.auto.place``) and predicts time and memory. The
+memory map decides what fits: the fastest placement is kept when its map fits the device, else the ILP
+places the mesh again under a memory budget (its own estimate, coarser than the map). When no placement
+fits it retries with ZeRO (optimizer state sharded over ``dp``, then parameters too). Losers stay in
+``plan.alternatives`` with the reason they lost.
 
 Constraints: ``dp``, ``tp`` pin degrees; ``sp=1`` forbids sequence parallelism (the default lets the ILP
 choose it); ``zero`` pins the ZeRO stage (0, 1 or 3); ``pp``/``ep`` must be 1 here.
@@ -25,7 +27,9 @@ from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Predicti
 from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.cost import CostModel
+from shardwise.passes.memory.buffers import lower_bound
 from shardwise.passes.memory.mapping import map_memory
+from shardwise.passes.memory.program import step_buffers
 from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOptions, place
 from shardwise.passes.sharding.redistribute import replicated
 from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
@@ -170,6 +174,21 @@ def _memory(
     return memory
 
 
+def _cannot_fit(
+    graph: Graph, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec,
+    train: bool, optimizer_factor: int, precision: str, zero: int,
+) -> bool:  # fmt: skip
+    """Whether the placed candidate's live bytes at some step exceed the device (its buffers' lower bound):
+    then no arena fits, and packing one (most of a memory map's time) can be skipped."""
+    buffers = step_buffers(
+        graph, mesh, placed.strategies, param_placements=placed.param_placements, input_placements=inputs,
+        train=train, precision=precision, optimizer_factor=optimizer_factor, zero=zero,
+        grad_reduce=param_grad_reduce(graph, placed.strategies) if train else {},
+        optimizer_foreach=cluster.device.kind != "cpu",
+    )  # fmt: skip
+    return lower_bound(buffers) > cluster.device.memory_bytes
+
+
 def _score(
     analyses: Callable[[bool, bool], Analysis], cluster: ClusterSpec, dp: int, tp: int, *, mode: str, precision: str,
     zero_options: list[int],
@@ -187,30 +206,38 @@ def _score(
     # ZeRO needs dp > 1; in inference only stage 3 (parameters) changes anything
     levels = list(dict.fromkeys(z if dp > 1 and (train or z != 1) else 0 for z in zero_options))
     for zero in levels:
-        opts = PlaceOptions(
+        free = PlaceOptions(
             train=train, precision=precision, sequence_parallel=sequence_parallel, zero=zero,
-            optimizer_factor=optimizer_factor, memory_budget_bytes=memory_budget, solver=solver,
-            time_limit_s=time_limit_s,
+            optimizer_factor=optimizer_factor, memory_budget_bytes=None, solver=solver, time_limit_s=time_limit_s,
         )  # fmt: skip
-        try:
-            placed = place(g, mesh, cost, inputs, opts, analysis)
+        # the fastest placement first: the memory map decides whether it fits (the ILP's own estimate sums the
+        # bytes of every saved activation without lifetimes, and can be far from the map either way); only if
+        # it does not fit, the placement under the ILP's memory budget
+        attempts = [free] if memory_budget is None else [free, dataclasses.replace(free, memory_budget_bytes=memory_budget)]
+        for attempt in attempts:
+            try:
+                placed = place(g, mesh, cost, inputs, attempt, analysis)
+            except DoesNotFitError as exc:
+                last_error = str(exc)
+                continue
             if stats_out is not None:
                 stats_out.append(placed.stats)
-        except DoesNotFitError as exc:
-            last_error = str(exc)
-            continue
-        memory = _memory(g, mesh, placed, inputs, cluster, train, optimizer_factor, precision, zero)
-        peak = max(m.arena_bytes for m in memory)
-        flops = g.total_flops * (3 if train else 1) / (dp * tp)
-        pred = Prediction(
-            step_time_s=placed.time_s, compute_s=placed.compute_s, comm_s=max(0.0, placed.time_s - placed.compute_s),
-            bubble_s=0.0, memory_bytes=tuple(m.arena_bytes for m in memory),
-            tflops_per_device=flops / max(placed.time_s, 1e-12) / 1e12,
-            mfu=flops / max(placed.time_s, 1e-12) / cost.peak_flops,
-        )  # fmt: skip
-        fits = peak <= cluster.device.memory_bytes
-        if fits or zero == levels[-1] or not budget:
-            return _Scored(dp, tp, zero, g, mesh, placed, inputs, memory, pred, fits, peak)
+            state = (train, optimizer_factor, precision, zero)
+            if attempt is not attempts[-1] and _cannot_fit(g, mesh, placed, inputs, cluster, *state):
+                continue
+            memory = _memory(g, mesh, placed, inputs, cluster, *state)
+            peak = max(m.arena_bytes for m in memory)
+            flops = g.total_flops * (3 if train else 1) / (dp * tp)
+            pred = Prediction(
+                step_time_s=placed.time_s, compute_s=placed.compute_s,
+                comm_s=max(0.0, placed.time_s - placed.compute_s), bubble_s=0.0,
+                memory_bytes=tuple(m.arena_bytes for m in memory),
+                tflops_per_device=flops / max(placed.time_s, 1e-12) / 1e12,
+                mfu=flops / max(placed.time_s, 1e-12) / cost.peak_flops,
+            )  # fmt: skip
+            fits = peak <= cluster.device.memory_bytes
+            if fits or (zero == levels[-1] and attempt is attempts[-1]) or not budget:
+                return _Scored(dp, tp, zero, g, mesh, placed, inputs, memory, pred, fits, peak)
     # nothing fits even with the most sharding: report what the parameters alone need
     need = 0
     for p in g.params:

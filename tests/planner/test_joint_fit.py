@@ -92,3 +92,15 @@ def test_real_recomputation_never_chosen_slower_than_fitting_as_is(problem):
     assert plan.predicted.step_time_s <= as_is.predicted.step_time_s
     if plan.degrees != as_is.degrees:  # recomputation made dp=2 fit, and it is still faster
         assert plan.recompute and "made to fit" in plan.notes[-1]
+
+
+def test_fastest_placement_kept_when_the_memory_map_says_it_fits(problem):
+    """The ILP's memory estimate (saved activations summed, no lifetimes) is above what tp=2 needs by the
+    memory map; a budget from it must not push tp=2 into a slower placement on the small device."""
+    graph, small = problem
+    pin = {"zero": 0, "tp": 2}
+    roomy = plan_auto(graph, get_cluster("cpu:2"), mode="train", constraints=pin)
+    tight = plan_auto(graph, small, mode="train", constraints=pin)
+    assert max(roomy.predicted.memory_bytes) <= CAPACITY  # the premise: the fastest placement fits
+    assert tight.predicted.step_time_s == roomy.predicted.step_time_s
+    assert max(tight.predicted.memory_bytes) <= CAPACITY
