@@ -265,7 +265,7 @@ def table_row(rec: dict[str, Any]) -> dict[str, Any]:
         "synthesis_cpu_s": rec["synthesis_cpu_s"],
         "algorithm": rec["algorithm"],
         "source": rec["source"],
-        "search_us": rec["search_s"] * 1e6,
+        "search_us": rec["search_s"] * 1e6 if rec["search_s"] < float("inf") else None,  # None: no search ran
         "best_baseline": best_name,
         "speedup": (base[best_name] / (t * 1e6)) if base and t > 0 else 1.0,
         "bound_ratio": t / rec["lower_bound_s"] if rec["lower_bound_s"] > 0 else 1.0,
