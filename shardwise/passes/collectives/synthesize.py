@@ -8,6 +8,7 @@ reported, never a solver objective):
   bottleneck messages with interleaved pieces);
 * ``modulo`` — the same routing, timed by the CP-SAT steady-state model (``modulo``), for bandwidth-bound
   sizes where the pipelines stay more than 3% above the lower bound;
+* ``rail`` (allgather from 64 MB, several equal nodes) — ``railpipe``'s rail-pipelined schedules;
 * ``timed`` — the CP-SAT timed model with bundling (``timed``), for latency-bound sizes;
 * ``transpose`` (reduce-scatter) — the best allgather (searched or baseline) run backwards in time with
   every transfer reversed into a reduction (``transpose``); ``compose`` (allreduce) — the best
@@ -34,6 +35,7 @@ from shardwise.passes.collectives.chunks import CollectiveSpec, check_collective
 from shardwise.passes.collectives.lower import lower
 from shardwise.passes.collectives.modulo import expand_modulo, solve_modulo
 from shardwise.passes.collectives.pipeline import piece_candidates, pipelined_schedule
+from shardwise.passes.collectives.railpipe import rail_candidates
 from shardwise.passes.collectives.routing import Routing, solve_routing
 from shardwise.passes.collectives.schedule import Schedule
 from shardwise.passes.collectives.simulate import simulate
@@ -231,6 +233,11 @@ def synthesize(
                             routing, topo, n, pieces, ratio=0.5, floor=1, interleave=True
                         )
                         offer("pipelined" + tag, sched)
+        if kind == "allgather" and n >= _FINEST_ONLY_BYTES and sketch is None:
+            # rail pipelines (NICs busy from time zero, small last NIC messages, bundled switch forwards):
+            # where the NICs or switch ports are the bottleneck, the routed pipelines' tails are longer
+            for sched in rail_candidates(topo, n):
+                offer("rail", sched)
         for view, tag, routing in routings:
             flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
             if not small:
