@@ -148,6 +148,19 @@ def param_grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dic
     return out
 
 
+def _step_inputs(
+    graph: Graph, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec, train: bool,
+    optimizer_factor: int, precision: str, zero: int,
+) -> dict:  # fmt: skip
+    """The keyword arguments ``step_buffers`` and ``map_memory`` take for a placed candidate."""
+    return {
+        "param_placements": placed.param_placements, "input_placements": inputs, "train": train,
+        "precision": precision, "optimizer_factor": optimizer_factor, "zero": zero,
+        "grad_reduce": param_grad_reduce(graph, placed.strategies) if train else {},
+        "optimizer_foreach": cluster.device.kind != "cpu",
+    }  # fmt: skip
+
+
 def _memory(
     graph: Graph, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec,
     train: bool, optimizer_factor: int, precision: str, zero: int, exact: bool = False,
@@ -157,18 +170,13 @@ def _memory(
     lower bound of live bytes; the arena is the plan's predicted peak (``Prediction.memory_bytes``).
     Candidates are scored with the greedy arena, and searched exactly only when that decides whether they
     fit (greedy above the capacity, lower bound within it); ``exact`` searches always (the chosen plan)."""
-    grad_reduce = param_grad_reduce(graph, placed.strategies) if train else {}
+    step = _step_inputs(graph, placed, inputs, cluster, train, optimizer_factor, precision, zero)
+    capacity = cluster.device.memory_bytes
 
     def run(search: bool) -> tuple[RankMemory, ...]:
-        return map_memory(
-            graph, mesh, placed.strategies, param_placements=placed.param_placements, input_placements=inputs,
-            train=train, capacity_bytes=cluster.device.memory_bytes, precision=precision,
-            optimizer_factor=optimizer_factor, zero=zero, grad_reduce=grad_reduce,
-            optimizer_foreach=cluster.device.kind != "cpu", exact=search,
-        ).memory  # fmt: skip
+        return map_memory(graph, mesh, placed.strategies, capacity_bytes=capacity, exact=search, **step).memory
 
     memory = run(exact)
-    capacity = cluster.device.memory_bytes
     if not exact and max(m.arena_bytes for m in memory) > capacity >= max(m.lower_bound_bytes for m in memory):
         memory = run(True)
     return memory
@@ -180,13 +188,8 @@ def _cannot_fit(
 ) -> bool:  # fmt: skip
     """Whether the placed candidate's live bytes at some step exceed the device (its buffers' lower bound):
     then no arena fits, and packing one (most of a memory map's time) can be skipped."""
-    buffers = step_buffers(
-        graph, mesh, placed.strategies, param_placements=placed.param_placements, input_placements=inputs,
-        train=train, precision=precision, optimizer_factor=optimizer_factor, zero=zero,
-        grad_reduce=param_grad_reduce(graph, placed.strategies) if train else {},
-        optimizer_foreach=cluster.device.kind != "cpu",
-    )  # fmt: skip
-    return lower_bound(buffers) > cluster.device.memory_bytes
+    step = _step_inputs(graph, placed, inputs, cluster, train, optimizer_factor, precision, zero)
+    return lower_bound(step_buffers(graph, mesh, placed.strategies, **step)) > cluster.device.memory_bytes
 
 
 def _score(
@@ -436,6 +439,14 @@ def plan_auto(
         )
         return plan
 
+    def unbudgeted(s: _Scored, zero: int) -> _Scored:
+        """Mesh ``s`` placed again at ZeRO stage ``zero`` without a memory budget (its fastest placement)."""
+        return _score(
+            analyses, cluster, s.dp, s.tp, mode=mode, precision=precision, zero_options=[zero],
+            sequence_parallel=sp, optimizer_factor=factor, solver=solver, time_limit_s=time_limit_s,
+            budget=False, stats_out=stats_out,
+        )  # fmt: skip
+
     def choose(plan: ExecutionPlan) -> ExecutionPlan:
         if collectives == "synthesize":
             from shardwise.planner.collectives import choose_collectives
@@ -447,26 +458,13 @@ def plan_auto(
     overflow = ""
     if make_fit is not None and mode == "train" and len(fitting) < len(scored):
         made_fit = _fastest_made_to_fit(
-            scored, fitting, lambda s: assemble(s, "", unbudgeted=True), make_fit,
-            lambda s: _score(
-                analyses, cluster, s.dp, s.tp, mode=mode, precision=precision, zero_options=[s.zero],
-                sequence_parallel=sp, optimizer_factor=factor, solver=solver, time_limit_s=time_limit_s,
-                budget=False, stats_out=stats_out,
-            ),
-        )  # fmt: skip
+            scored, fitting, lambda s: assemble(s, "", unbudgeted=True), make_fit, lambda s: unbudgeted(s, s.zero)
+        )
         if made_fit is not None:
             return choose(made_fit)
     if not fitting and not require_fit:
         need = min(s.need_bytes for s in scored)
-        scored = [
-            _score(
-                analyses, cluster, s.dp, s.tp, mode=mode, precision=precision, zero_options=[zero_options[-1]],
-                sequence_parallel=sp, optimizer_factor=factor, solver=solver, time_limit_s=time_limit_s,
-                budget=False, stats_out=stats_out,
-            )
-            if s.prediction is None else s
-            for s in scored
-        ]  # fmt: skip
+        scored = [unbudgeted(s, zero_options[-1]) if s.prediction is None else s for s in scored]
         fitting = [s for s in scored if s.prediction is not None]
         overflow = "does not fit"
     if not fitting:
