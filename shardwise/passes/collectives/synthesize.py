@@ -34,6 +34,7 @@ from shardwise.passes.collectives.bounds import LowerBound, lower_bound
 from shardwise.passes.collectives.chunks import CollectiveSpec, check_collective
 from shardwise.passes.collectives.lower import lower
 from shardwise.passes.collectives.modulo import expand_modulo, solve_modulo
+from shardwise.passes.collectives.nicshare import nic_candidates
 from shardwise.passes.collectives.pipeline import piece_candidates, pipelined_schedule
 from shardwise.passes.collectives.railpipe import rail_candidates
 from shardwise.passes.collectives.routing import Routing, solve_routing
@@ -238,6 +239,10 @@ def synthesize(
             # where the NICs or switch ports are the bottleneck, the routed pipelines' tails are longer
             for sched in rail_candidates(topo, n):
                 offer("rail", sched)
+        if kind == "allgather" and sketch is None:
+            # one NIC shared by a node's GPUs: few NIC messages, the first from time zero, a small last one
+            for sched in nic_candidates(topo, n):
+                offer("shared-nic", sched)
         for view, tag, routing in routings:
             flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
             if not small:
