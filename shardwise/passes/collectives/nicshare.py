@@ -197,6 +197,8 @@ def shared_nic_allgather(
 
 #: collectives above this size are left to the pipelines (three NIC messages leave a long spread there)
 MAX_BYTES = 4 * 2**20
+#: ... and below this one to the timed model (three NIC alphas cost more than the NIC time saved)
+MIN_BYTES = 256 * 2**10
 #: pieces per rank
 _PIECES = 8
 #: pieces in the last NIC message
@@ -206,10 +208,10 @@ _RECEIVERS = ((0, 5, 5), (0, 1, 1), (0, 3, 5), (0, 1, 5))
 
 
 def nic_candidates(topo: TopologyView, nbytes: float) -> list[Schedule]:
-    """The settings worth simulating for an allgather of ``nbytes`` (none unless ``shared_nic`` and at most
-    above ``MAX_BYTES``): three NIC messages (the sender's own pieces, the bulk, ``_LAST`` pieces) for each
-    of ``_RECEIVERS``."""
-    if nbytes > MAX_BYTES or not shared_nic(topo):
+    """The settings worth simulating for an allgather of ``nbytes`` (none unless ``shared_nic`` and
+    ``MIN_BYTES <= nbytes <= MAX_BYTES``): three NIC messages (the sender's own pieces, the bulk, ``_LAST``
+    pieces) for each of ``_RECEIVERS``."""
+    if not MIN_BYTES <= nbytes <= MAX_BYTES or not shared_nic(topo):
         return []
     local = len(node_orders(topo)[0])
     out = []

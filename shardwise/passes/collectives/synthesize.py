@@ -239,10 +239,6 @@ def synthesize(
             # where the NICs or switch ports are the bottleneck, the routed pipelines' tails are longer
             for sched in rail_candidates(topo, n):
                 offer("rail", sched)
-        if kind == "allgather" and sketch is None:
-            # one NIC shared by a node's GPUs: few NIC messages, the first from time zero, a small last one
-            for sched in nic_candidates(topo, n):
-                offer("shared-nic", sched)
         for view, tag, routing in routings:
             flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
             if not small:
@@ -264,6 +260,11 @@ def synthesize(
                 )  # fmt: skip
                 if res is not None:
                     offer("timed" + tag, res.schedule)
+        if kind == "allgather" and sketch is None:
+            # one NIC shared by a node's GPUs: few NIC messages, the first from time zero, a small last one
+            # (offered after the timed model: a tighter upper bound there costs it wall time, gains nothing)
+            for sched in nic_candidates(topo, n):
+                offer("shared-nic", sched)
     if topo.size < 2:
         best = (0.0, "trivial", Schedule(CollectiveSpec(kind, topo.size, 1, root), (), "trivial"), ())
     search_s = best[0] if best is not None else float("inf")

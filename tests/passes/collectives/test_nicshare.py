@@ -33,7 +33,8 @@ def test_synthesized_allgather_on_ndv2x2_1mib_reaches_taccl() -> None:
     assert res.time_s >= res.bound.time
 
 
-def test_no_candidates_without_a_shared_nic_or_above_the_size_limit() -> None:
+def test_no_candidates_without_a_shared_nic_or_outside_the_size_range() -> None:
     a100 = topology_view(get_cluster("dgx-a100x2"), None)
     assert not shared_nic(a100) and nic_candidates(a100, MiB) == []
-    assert nic_candidates(topology_view(get_cluster("ndv2x2"), None), 64 * MiB) == []
+    ndv2 = topology_view(get_cluster("ndv2x2"), None)
+    assert nic_candidates(ndv2, 64 * MiB) == [] and nic_candidates(ndv2, 64 * 2**10) == []
