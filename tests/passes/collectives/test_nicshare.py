@@ -33,8 +33,10 @@ def test_synthesized_allgather_on_ndv2x2_1mib_reaches_taccl() -> None:
     assert res.time_s >= res.bound.time
 
 
-def test_no_candidates_without_a_shared_nic_or_outside_the_size_range() -> None:
+def test_candidates_only_on_two_shared_nic_nodes_and_in_the_size_range() -> None:
     a100 = topology_view(get_cluster("dgx-a100x2"), None)
     assert not shared_nic(a100) and nic_candidates(a100, MiB) == []
     ndv2 = topology_view(get_cluster("ndv2x2"), None)
     assert nic_candidates(ndv2, 64 * MiB) == [] and nic_candidates(ndv2, 64 * 2**10) == []
+    ndv2x4 = topology_view(get_cluster("ndv2x4"), None)
+    assert shared_nic(ndv2x4) and nic_candidates(ndv2x4, MiB) == []  # offered on two nodes only
