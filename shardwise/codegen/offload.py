@@ -1,8 +1,9 @@
 """Host offload in a generated program (``ExecutionPlan.tiers``, chosen by ``shardwise.passes.offload``).
 
-* ``optimizer:<key>`` in host memory: the program's optimizer is ``C.HostOptimizer`` (or
-  ``C.ShardedOptimizer(..., host=True)`` under ZeRO): fp32 master weights and the optimizer's state on the
-  host, gradients copied there after the gradient reduction, updated values copied back.
+* ``optimizer:<key>`` in host memory: the program's trainer runs ``C.HostOptimizer`` (or
+  ``C.ShardedOptimizer(..., host=True)`` under ZeRO; ``OFFLOAD_OPTIMIZER`` in the program): fp32 master
+  weights and the optimizer's state on the host, gradients copied there after the gradient reduction,
+  updated values copied back.
 * ``activations:<layer>:<first node>..<last node>`` in host memory: the statements of those ops run under
   ``torch.autograd.graph.save_on_cpu`` (what autograd saves for backward is copied to the host and back when
   the backward needs it). A statement belongs to the range when it sets a variable of one of its ops, and so

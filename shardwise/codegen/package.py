@@ -1,10 +1,9 @@
-"""Write a drop-in package: program.py, _collectives.py, __init__.py, __main__.py, plan.json, README.md.
+"""Write a drop-in package: program.py, __init__.py, __main__.py, plan.json, README.md and ``_runtime/``,
+the runtime library (``shardwise.runtime.lib`` copied verbatim, see ``codegen.library``).
 
 Plans whose collectives use synthesized (or other non-library) schedules also get ``_schedules.json`` (each
-schedule's point-to-point program, ``plan.collective_programs``) and ``_schedule_exec.py``, the program
-runner: a copy of ``shardwise/runtime/collective_exec.py``, which needs only torch (copied as text, so codegen
-imports no runtime module). The package imports nothing from shardwise and embeds no absolute path or
-environment value.
+schedule's point-to-point program, ``plan.collective_programs``), which the library's ``schedule_exec``
+runs. The package imports nothing from shardwise and embeds no absolute path or environment value.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from shardwise.codegen.emit import render_program, template_env
 from shardwise.codegen.kernels import render_kernels
+from shardwise.codegen.library import library_files
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.safety import check_plan_text
 from shardwise.ir.tensor import TensorSpec
@@ -25,8 +25,6 @@ from shardwise.ir.tensor import TensorSpec
 __all__ = ["write_package", "plan_id"]
 
 VERSION = "0.1.0"
-# the runner of lowered collective programs, copied into packages that need it (it imports only torch)
-SCHEDULE_RUNNER = Path(__file__).resolve().parent.parent / "runtime" / "collective_exec.py"
 
 
 def plan_id(plan: ExecutionPlan) -> str:
@@ -41,14 +39,11 @@ def _package_name(path: Path) -> str:
 
 
 def schedule_files(plan: ExecutionPlan) -> dict[str, str]:
-    """``_schedules.json`` and ``_schedule_exec.py`` for a plan with synthesized collectives, else nothing."""
+    """``_schedules.json`` for a plan with synthesized collectives, else nothing."""
     if not plan.collective_programs:
         return {}
     programs = {name: json.loads(text) for name, text in plan.collective_programs}
-    return {
-        "_schedules.json": json.dumps(programs, separators=(",", ":")),
-        "_schedule_exec.py": SCHEDULE_RUNNER.read_text(encoding="utf-8"),
-    }
+    return {"_schedules.json": json.dumps(programs, separators=(",", ":"))}
 
 
 def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Path:
@@ -81,7 +76,6 @@ def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Pat
     }
     files = {
         "program.py": render_program(plan, version=VERSION, plan_id=pid),
-        "_collectives.py": env.get_template("_collectives.py.j2").render(),
         "__init__.py": env.get_template("__init__.py.j2").render(**context),
         "__main__.py": env.get_template("__main__.py.j2").render(**context),
         "README.md": env.get_template("README.md.j2").render(**context),
@@ -90,9 +84,11 @@ def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Pat
     if plan.fused_groups:
         files["kernels.py"] = render_kernels(plan, version=VERSION, plan_id=pid)
     files.update(schedule_files(plan))
+    files.update(library_files())
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for name, text in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
         if target.exists():
             backup = target.with_name(f".{target.name}.old")

@@ -3,9 +3,10 @@
 Layout::
 
     <package>/__init__.py      build(rank, world_size) -> PipelineRank
-    <package>/_pipeline.py     the runtime: groups, schedule loop (isend/irecv), gradient reduction
+    <package>/_pipeline.py     the plan the runtime runs (degrees, schedule, transfers) as constants
+    <package>/_runtime/        the runtime library (schedule loop, gradient reduction, ZeRO; codegen.library)
     <package>/__main__.py      torchrun entry point
-    <package>/chunk<c>/        chunk c: a complete single-chunk package (program.py, _collectives.py, ...)
+    <package>/chunk<c>/        chunk c: a complete single-chunk package (program.py, _runtime/, ...)
     <package>/plan.json, README.md
 
 Each chunk program is written by the ordinary package writer from the chunk's intra-op plan, so it is read
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from shardwise.codegen.emit import template_env
+from shardwise.codegen.library import library_files
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 
@@ -75,6 +77,7 @@ def write_pipeline_package(plan: ExecutionPlan, directory: str | os.PathLike[str
         "microbatches": spec.microbatches,
         "microbatch_size": spec.microbatch_size,
         "recompute": spec.recompute,
+        "zero_stage": spec.zero,
         "training": repr(train),
         "graph_inputs": repr(tuple(i.name for i in plan.graph.inputs)),
         "batch_inputs": repr(tuple(spec.batch_inputs)),
@@ -105,10 +108,12 @@ def write_pipeline_package(plan: ExecutionPlan, directory: str | os.PathLike[str
         "__main__.py": env.get_template("pipeline_main.py.j2").render(**context),
         "README.md": env.get_template("pipeline_README.md.j2").render(**context),
         "plan.json": plan.to_json(),
+        **library_files(),
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for name, text in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
         for stage in spec.stages:
             write_package(stage.plan, tmp / f"chunk{stage.chunk}")

@@ -76,6 +76,9 @@ class PipelineSpec:
     tied: tuple[tuple[str, tuple[int, ...]], ...]  # (state_dict key, chunks holding a copy): gradients summed
     actions: tuple[tuple[tuple[str, int, int], ...], ...]  # per device stage: (kind, chunk, micro-batch)
     batch_inputs: tuple[int, ...]  # graph inputs split along dim 0 (data parallel, then micro-batches)
+    # ZeRO stage over the data-parallel replicas: 0 none, 1 optimizer state sharded, 2 gradients too (tied
+    # weights are never sharded); 3 is not offered with pipelines
+    zero: int = 0
 
     @property
     def chunks(self) -> int:
@@ -110,6 +113,8 @@ def check_pipeline(spec: PipelineSpec, *, train: bool) -> None:
         ins = {i.name for i in spec.stages[t.dst].plan.graph.inputs}
         if t.value not in outs or t.value not in ins:
             raise ValueError(f"transfer {t}: not an output of chunk {t.src} and an input of chunk {t.dst}")
+    if spec.zero not in (0, 1, 2):
+        raise ValueError(f"ZeRO stage {spec.zero} is not run with pipelines (0, 1 or 2)")
     if len(spec.actions) != spec.pp:
         raise ValueError(f"{len(spec.actions)} action lists for pp={spec.pp}")
     kinds = ("F", "B") if train else ("F",)

@@ -21,8 +21,8 @@ __all__ = ["measure_train_step", "resident_bytes"]
 
 def resident_bytes(module: Any, inputs: tuple[Any, ...]) -> int:
     """Bytes of the distinct storages of the module's parameters and buffers (a pipeline rank's: its
-    chunks'), its optimizers' state (``optimizer``, ``sharded_optimizer`` of generated programs) and the
-    tensors among ``inputs``."""
+    chunks'), its optimizers' state (the ``trainer``'s optimizer, and its ZeRO ``sharded`` optimizer with
+    the master copy of this rank's shard) and the tensors among ``inputs``."""
     import torch
 
     modules = [module] + [m for _, m in getattr(module, "chunks", {}).values()]  # a pipeline rank's chunks
@@ -30,8 +30,9 @@ def resident_bytes(module: Any, inputs: tuple[Any, ...]) -> int:
     for m in modules:
         tensors += list(m.parameters())
         tensors += list(m.buffers()) if hasattr(m, "buffers") else []
-    sharded = getattr(module, "sharded_optimizer", None)
-    optimizers = [getattr(module, "optimizer", None), getattr(sharded, "optimizer", None)]
+    trainer = getattr(module, "trainer", None)
+    sharded = getattr(trainer, "sharded", None)
+    optimizers = [getattr(trainer, "optimizer", None), getattr(sharded, "optimizer", None)]
     if sharded is not None:
         tensors.append(sharded.master)
     for opt in optimizers:

@@ -4,7 +4,7 @@
 algorithm a collective library runs natively, ``synth:<digest>`` for a synthesized schedule, or a named
 baseline such as ``hierarchical``), its predicted time (simulated), the library's best time under the
 same simulator, and ``program()`` to get the lowered schedule (plain data for
-``shardwise.runtime.collective_exec``). ``synth_table`` returns the rows ``shardwise synth`` prints.
+``shardwise.runtime.lib.schedule_exec``). ``synth_table`` returns the rows ``shardwise synth`` prints.
 
 Results are cached by (topology fingerprint, ranks, collective, size, sketch, search settings) in memory
 and, unless ``cache="memory"`` or ``"off"``, as JSON files under ``$SHARDWISE_CACHE_DIR/collectives`` (default

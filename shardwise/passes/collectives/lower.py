@@ -1,6 +1,6 @@
 """Lower a schedule to per-rank programs of send / recv / recv-reduce steps (plain data for the runtime).
 
-Format ``shardwise.collective.v1`` (a JSON-able dict; ``shardwise.runtime.collective_exec`` runs it)::
+Format ``shardwise.collective.v1`` (a JSON-able dict; ``shardwise.runtime.lib.schedule_exec`` runs it)::
 
     {"format": "shardwise.collective.v1", "collective": str, "nranks": p, "chunks": c,
      "in_chunks": int, "out_chunks": int, "algorithm": str, "digest": str,

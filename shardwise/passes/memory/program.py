@@ -109,7 +109,7 @@ _MATMULS = frozenset(
 _SCALED = frozenset(("aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar"))
 _MASKS = frozenset(("aten.dropout.default", "aten.native_dropout.default"))
 _NO_BUFFER_COLLECTIVES = ("none", "slice")  # a local slice is a view of the replicated value
-BUCKET_BYTES = 25 * 2**20  # the generated gradient all-reduce's bucket size (codegen _collectives)
+BUCKET_BYTES = 25 * 2**20  # the gradient buckets of the runtime library (shardwise.runtime.lib.gradients)
 
 
 def buffer_kind(buffer_id: str) -> str:

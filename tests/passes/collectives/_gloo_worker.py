@@ -41,7 +41,7 @@ def _reference(kind: str, prog: dict, x: torch.Tensor, group, ranks: list[int]) 
 def worker(rank: int, init: str, cases: list, results) -> None:  # noqa: ANN001
     import torch.distributed as dist
 
-    from shardwise.runtime.collective_exec import run_collective
+    from shardwise.runtime.lib.schedule_exec import run_collective
 
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from shardwise.runtime.collective_exec import FORMAT, check_program, run_collective
+from shardwise.runtime.lib.schedule_exec import FORMAT, check_program, run_collective
 
 PROGRAM = {
     "format": FORMAT,
