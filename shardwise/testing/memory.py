@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["measure_train_step", "resident_bytes"]
+__all__ = ["measure_train_step", "optimizer_layout", "resident_bytes"]
 
 
 def resident_bytes(module: Any, inputs: tuple[Any, ...]) -> int:
@@ -76,3 +76,17 @@ def measure_train_step(module: Any, *inputs: Any) -> dict[str, int]:
         live += size
         peak = max(peak, live)
     return {"resident": resident, "transient_peak": peak, "peak": resident + peak}
+
+
+def optimizer_layout(module: Any) -> dict[str, int]:
+    """How this rank's trainer holds its optimizer (run in a worker after ``configure_optimizer``):
+    ``{"sharded_params": elements of the parameters whose optimizer state ZeRO shards, "shard": elements of
+    this rank's master shard of them, "unsharded": elements stepped by the ordinary optimizer}``."""
+    trainer = module.trainer
+    sharded = trainer.sharded
+    stepped = {id(p) for p in sharded.params} if sharded is not None else set()
+    return {
+        "sharded_params": sum(p.numel() for p in sharded.params) if sharded is not None else 0,
+        "shard": sharded.master.numel() if sharded is not None else 0,
+        "unsharded": sum(p.numel() for p in trainer.params if id(p) not in stepped),
+    }

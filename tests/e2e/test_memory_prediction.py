@@ -1,7 +1,9 @@
 """Predicted peak memory against the measured peak of a rank's training step (issue 6, point 5).
 
 For the zoo models on ``cpu:2`` (data parallel and tensor parallel; GPT-2 also as a two-stage pipeline of
-four micro-batches, GPipe and 1F1B), each rank's ``train_step`` of the
+four micro-batches, GPipe and 1F1B, and data parallel at ZeRO stages 1, 2 and 3: stage 2, which the planner
+does not offer yet, is set on the plan made with ``zero=1`` and its memory mapped again), each rank's
+``train_step`` of the
 generated program is measured in its worker (``shardwise.testing.memory``: the CPU allocator's
 allocations and frees replayed from the profiler, plus the storages of the parameters, buffers,
 optimizer state and inputs held before the step). The plan's prediction (the arena of the memory map)
@@ -12,12 +14,14 @@ second is kept (the first profiled step of a process makes one-time allocations)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
 
 import shardwise
+from shardwise.passes.memory.mapping import map_memory, plan_memory_inputs
 from shardwise.testing.memory import measure_train_step
 from shardwise.zoo import build_model
 
@@ -41,10 +45,15 @@ CONSTRAINTS = {
     # pipelines: micro-batches in flight (GPipe: all four at once; 1F1B: at most two on the first stage)
     "pp2-gpipe": {"pp": 2, "dp": 1, "tp": 1, "schedule": "gpipe", "microbatches": 4, "recompute": "none"},
     "pp2-1f1b": {"pp": 2, "dp": 1, "tp": 1, "schedule": "1f1b", "microbatches": 4, "recompute": "none"},
+    # ZeRO: optimizer state sharded over dp (1), gradients too (2), parameters too where the plan splits them (3)
+    "dp2-zero1": {"dp": 2, "zero": 1},
+    "dp2-zero2": {"dp": 2, "zero": 1},
+    "dp2-zero3": {"dp": 2, "zero": 3},
 }
+ZERO = [("gpt2", "dp2-zero1"), ("gpt2", "dp2-zero2"), ("gpt2", "dp2-zero3")]
 
 
-@pytest.mark.parametrize(("name", "case"), FLAT + [("gpt2", "pp2-gpipe"), ("gpt2", "pp2-1f1b")])
+@pytest.mark.parametrize(("name", "case"), FLAT + [("gpt2", "pp2-gpipe"), ("gpt2", "pp2-1f1b")] + ZERO)
 def test_predicted_peak_memory_matches_the_measured_step(pool, name, case):
     constraints = CONSTRAINTS[case]
     model, inputs = build_model(name)
@@ -52,11 +61,22 @@ def test_predicted_peak_memory_matches_the_measured_step(pool, name, case):
         model, "cpu:2", example_inputs=inputs, mode="train", loss_fn=_loss, constraints=constraints,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), workers=pool,
     ) as cm:  # fmt: skip
+        if case == "dp2-zero2":  # the same placements; the runtime shards the gradients too
+            cm.plan = dataclasses.replace(cm.plan, zero_stage=2)
+            memory = map_memory(
+                cm.plan.graph, cm.plan.mesh, cm.plan.strategies, capacity_bytes=cm.cluster.device.memory_bytes,
+                **plan_memory_inputs(cm.plan), optimizer_foreach=False,
+            ).memory  # fmt: skip
+            cm.plan = dataclasses.replace(
+                cm.plan, memory=memory,
+                predicted=dataclasses.replace(cm.plan.predicted, memory_bytes=tuple(m.arena_bytes for m in memory)),
+            )  # fmt: skip
         cm.train_step(*inputs)
         pool.call_function(measure_train_step, *inputs)
         measured = pool.call_function(measure_train_step, *inputs)
         predicted = cm.plan.predicted.memory_bytes
         memory = cm.plan.memory
+        assert cm.plan.zero_stage == int(case[-1]) if "zero" in case else True
     assert predicted == tuple(m.arena_bytes for m in memory)
     for rank, (p, m) in enumerate(zip(predicted, measured, strict=True)):
         assert m["transient_peak"] > 0 and m["resident"] > 0

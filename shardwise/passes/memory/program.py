@@ -11,9 +11,9 @@ The step is the program codegen emits, in the order it runs (steps are integers)
 Buffers (ids carry their kind before the colon: ``param``, ``opt``, ``grad``, ``act``, ``agrad``, ``coll``,
 ``cgrad``, ``mask``, ``cast``, ``input``, ``bucket``, ``zero``, ``scratch``):
 
-* parameters, module buffers and optimizer state (AdamW: two fp32 moments; ZeRO >= 1: this rank's slice,
-  with its fp32 master copy) live over the whole step; so does the whole input batch (the caller holds it;
-  a rank whose batch is split copies out its piece, an activation);
+* parameters, module buffers and optimizer state (AdamW: two fp32 moments; ZeRO >= 1: this rank's slice of
+  every sharded gradient bucket, with its fp32 master copy) live over the whole step; so does the whole
+  input batch (the caller holds it; a rank whose batch is split copies out its piece, an activation);
 * an activation lives from its op until its last forward use and, when training, until the backward of
   the last op that saves it for backward (matmuls save their operands, nonlinearities their input or
   output, attention its inputs and output, dropout a 1-byte mask); views share their base's storage
@@ -21,7 +21,9 @@ Buffers (ids carry their kind before the colon: ``param``, ``opt``, ``grad``, ``
   (a ``reshape`` or ``contiguous`` of a non-contiguous view copies);
 * training: the gradient of each activation that needs one lives from the backward of its last consumer to
   the backward of its producer (gradients of pure views share storage); parameter gradients from the
-  backward of their last consumer until after the optimizer step (codegen sets them to ``None``);
+  backward of their last consumer until after the optimizer step (codegen sets them to ``None``), under
+  ZeRO >= 2 those of sharded buckets only until their bucket is flattened (the bucket's flat copy lives
+  until the next sharded bucket starts, this rank's slices of the sums until the optimizer step);
   under bf16/fp16 autocast every weight a matmul reads has a 2-byte copy, live until its last backward (a
   weight gathered by a collective: one copy per matmul reading it, which saves that copy instead of the
   gathered fp32 tensor, live only until its last forward read).
@@ -239,25 +241,25 @@ def step_buffers(
             storage[i.name] = lives.new(f"act:{i.name}", local[i.name], 0) if piece else whole
             grad[i.name] = False
     reduce = dict(grad_reduce or {})
+    sharded = _zero_buckets(graph, reduce, mesh, grad, params_numel) if zero >= 1 else []
+    in_zero = {name for bucket in sharded for name in bucket}
+    dp = mesh.axis_size("dp") if "dp" in mesh.axis_names else 1
+    padded = [-(-sum(params_numel[n] for n in bucket) // dp) * dp for bucket in sharded]
     if train and optimizer_factor > 0:
-        zero_numel = 0
         for p in graph.params:
-            if not grad[p.name]:
-                continue
-            axes = reduce.get(p.key, ())
-            if zero >= 1 and "dp" in axes and mesh.axis_size("dp") > 1:
-                zero_numel += params_numel[p.name]
-                continue
-            sid = lives.new(f"opt:{p.key}", optimizer_factor * 4 * params_numel[p.name], 0)
-            lives.touch(sid, last)
-        if zero_numel:
-            chunk = -(-zero_numel // mesh.axis_size("dp"))
+            if grad[p.name] and p.name not in in_zero:
+                sid = lives.new(f"opt:{p.key}", optimizer_factor * 4 * params_numel[p.name], 0)
+                lives.touch(sid, last)
+        if sharded:
+            chunk = sum(padded) // dp  # this rank's slice of every sharded bucket
             for what, factor in (("master", 1), ("state", optimizer_factor)):
                 lives.touch(lives.new(f"opt:zero-{what}", factor * 4 * chunk, 0), last)
-            # the step flattens the gradients (reduce-scattered to this rank's chunk) and gathers the update
-            for what, n in (("flat-grads", chunk * mesh.axis_size("dp")), ("chunk-grad", chunk),
-                            ("gathered", chunk * mesh.axis_size("dp"))):  # fmt: skip
-                lives.new(f"zero:{what}", 4 * n, sched.optimizer)
+            # the step gathers the update bucket by bucket; ZeRO-1 reduce-scatters the full gradients there
+            # first (a flat copy of a bucket and this rank's slices)
+            lives.new("zero:gathered", 4 * max(padded), sched.optimizer)
+            if zero == 1:
+                lives.new("zero:flat-grads", 4 * max(padded), sched.optimizer)
+                lives.new("zero:chunk-grad", 4 * chunk, sched.optimizer)
 
     # -- forward -------------------------------------------------------------------------------------
     users_saving: dict[str, list[int]] = {}  # storage id -> ops whose backward reads it
@@ -391,6 +393,7 @@ def step_buffers(
 
     # -- backward ------------------------------------------------------------------------------------
     gstore: dict[str, str] = {}  # value name -> storage of its gradient
+    done: dict[str, int] = {}  # parameter value name -> the backward step that completes its gradient
     for v in out_names:
         if grad.get(v) and v not in gstore:
             gstore[v] = lives.new(f"agrad:{v}", local.get(v, 0), sched.outputs)
@@ -427,7 +430,9 @@ def step_buffers(
             if v in is_param:
                 if v not in gstore:
                     gstore[v] = lives.new(f"grad:{is_param[v]}", 4 * params_numel[v], b)
-                    lives.touch(gstore[v], sched.optimizer)
+                    if zero < 2 or v not in in_zero:
+                        lives.touch(gstore[v], sched.optimizer)
+                done[v] = max(done.get(v, b), b)
                 continue
             if v in gstore:
                 lives.touch(gstore[v], b)
@@ -436,10 +441,26 @@ def step_buffers(
             else:
                 gstore[v] = lives.new(f"agrad:{v}", local.get(v, 0), b)
     # -- gradient all-reduce buckets and the optimizer's scratch ----------------------------------------
+    if zero >= 2 and sharded:
+        # ZeRO-2/3: a sharded bucket is flattened (its gradients dropped) when its last gradient is complete,
+        # and kept until the next sharded bucket starts (one in flight); this rank's slices of every bucket
+        # are kept until the optimizer step
+        ready = [max((done[n] for n in bucket if n in done), default=sched.reduce) for bucket in sharded]
+        for names, at in zip(sharded, ready):
+            for n in names:
+                if n in gstore:
+                    lives.touch(gstore[n], at)
+        order = sorted(range(len(sharded)), key=lambda i: (ready[i], i))
+        for j, i in enumerate(order):
+            end = ready[order[j + 1]] - 1 if j + 1 < len(order) else sched.reduce
+            lives.touch(lives.new(f"zero:bucket{i}", 4 * padded[i], ready[i]), max(end, ready[i]))
+        lives.touch(lives.new("zero:grad-shard", 4 * (sum(padded) // dp), min(ready)), sched.optimizer)
     by_axes: dict[tuple[str, ...], list[int]] = {}
     for p in graph.params:
         axes = tuple(a for a in reduce.get(p.key, ()) if a in mesh.axis_names and mesh.axis_size(a) > 1)
-        if zero >= 1 and "dp" in axes and mesh.axis_size("dp") > 1:
+        if zero >= 2 and p.name in in_zero:
+            continue  # reduced with its sharded bucket
+        if p.name in in_zero:
             axes = tuple(a for a in axes if a != "dp")
         if axes and grad[p.name] and p.name in gstore:
             by_axes.setdefault(axes, []).append(4 * params_numel[p.name])
@@ -457,6 +478,37 @@ def step_buffers(
         scratch = sum(trainable) if optimizer_foreach else 2 * max(trainable)
         lives.new("scratch:optimizer", 4 * scratch, sched.optimizer)
     return lives.buffers()
+
+
+def _zero_buckets(
+    graph: Graph, reduce: Mapping[str, tuple[str, ...]], mesh: DeviceMesh, grad: Mapping[str, bool],
+    numel: Mapping[str, int],
+) -> list[list[str]]:  # fmt: skip
+    """The parameters (value names) of each ZeRO-sharded gradient bucket, in the runtime's bucket order
+    (``shardwise.runtime.lib.gradients.make_buckets``): the trainable parameters whose gradient is summed
+    over "dp" (dp > 1), in reverse order, one open bucket per set of axes, closed at ``BUCKET_BYTES``
+    (fp32 gradients); a gradient of that size or more is a bucket of its own."""
+    if "dp" not in mesh.axis_names or mesh.axis_size("dp") < 2:
+        return []
+    out: list[list[str]] = []
+    open_buckets: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
+    for p in reversed(graph.params):
+        axes = tuple(a for a in reduce.get(p.key, ()) if a in mesh.axis_names and mesh.axis_size(a) > 1)
+        if not grad[p.name] or "dp" not in axes:
+            continue
+        key = tuple(a for a in axes if a != "dp") + ("dp",)
+        nbytes = 4 * numel[p.name]
+        if nbytes >= BUCKET_BYTES:
+            out.append([p.name])
+            continue
+        members, size = open_buckets.setdefault(key, ([], [0]))
+        members.append(p.name)
+        size[0] += nbytes
+        if size[0] >= BUCKET_BYTES:
+            out.append(members)
+            del open_buckets[key]
+    out += [members for members, _ in open_buckets.values()]
+    return out
 
 
 def _inert_dropout(node: Node) -> bool:
