@@ -236,7 +236,7 @@ def _call(
         rest = fmt[1:]
         if node.op in ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.expand.default",
                        "aten.permute.default"):
-            rest = [r[1:-1] if r.startswith("[") else r for r in rest]
+            rest = [r[1:-1] if r.startswith("[") and r != "[]" else r for r in rest]  # (a 0-d shape stays [])
         return f"{fmt[0]}.{_METHODS[node.op]}({', '.join(rest)})"
     if node.op == "aten.embedding.default" and len(fmt) == 2 and not kw:
         return f"F.embedding({fmt[1]}, {fmt[0]})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from shardwise.errors import TraceError, UnsupportedOpError
 from shardwise.ir.graph import Arg, Const, DynamicDim, Graph, GraphInput, Node, Parameter, Value
@@ -32,7 +34,9 @@ _DROPPED = {
     "aten.sym_constrain_range.default",
     "aten._assert_async.msg",
 }
-_RANDOM_OPS = ("rand", "randn", "randint", "bernoulli", "normal", "uniform", "multinomial", "native_dropout")
+# tensors torch.export lifted out of a model's forward (``torch.tensor([0, 2])`` written in it), by model: the
+# programs load them with the weights (model_tensors)
+_LIFTED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 class LossWrapper(torch.nn.Module):
@@ -168,6 +172,19 @@ def _spec_of(val: Any) -> ValueSpec:
     raise TypeError(f"unsupported value {type(val).__name__}")
 
 
+def _output_specs(val: Any, tuple_output: bool, op: str, where: str) -> tuple[ValueSpec, ...]:
+    """The specs of a node's outputs; an output the IR cannot hold is refused with the op and its line."""
+    try:
+        return tuple(_spec_of(v) for v in val) if tuple_output else (_spec_of(val),)
+    except GuardOnDataDependentSymNode:
+        raise UnsupportedOpError(
+            f"{where}: op {op!r} makes a tensor whose size depends on the values of its inputs; shardwise plans "
+            "static shapes. Give the result a fixed size (e.g. a mask and torch.where instead of selecting)."
+        ) from None
+    except TypeError as exc:  # e.g. a list of tensors inside a tuple output
+        raise UnsupportedOpError(f"{where}: op {op!r} has an output shardwise cannot represent ({exc})") from None
+
+
 def _convert_arg(a: Any, where: str) -> Arg:
     if isinstance(a, torch.fx.Node):
         return Value(a.name)
@@ -216,6 +233,28 @@ def _module_info(node: torch.fx.Node, strip_prefix: str) -> tuple[str, str]:
     return path, kind_name
 
 
+def _draws_random(fx_node: torch.fx.Node) -> bool:
+    """Does the op draw random numbers (ATen's ``nondeterministic_seeded`` tag)? Dropouts, attention and RNN
+    kernels carry the tag for their dropout: they draw only with a dropout probability, in training."""
+    target = fx_node.target
+    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    schema = target._schema.arguments
+    args = {a.name: a.default_value for a in schema if a.has_default_value()}
+    args |= dict(zip((a.name for a in schema), fx_node.args, strict=False)) | dict(fx_node.kwargs)
+    if args.get("train", args.get("training", True)) is False:
+        return False
+    return not any(args.get(name, None) in (0, 0.0) for name in ("p", "dropout_p", "dropout"))
+
+
+def _check_random(fx_node: torch.fx.Node, op: str, where: str) -> None:
+    if rule_for(op) is None and _draws_random(fx_node):
+        raise UnsupportedOpError(
+            f"{where}: op {op!r} draws random numbers; shardwise cannot yet make it agree across ranks. "
+            "Disable it for planning (e.g. dropout p=0 or model.eval())."
+        )
+
+
 def _check_supported(op: str, where: str) -> None:
     if not op.startswith("aten.") and op not in ("getitem", "sym_size", "sym_numel", "scalar_op"):
         raise UnsupportedOpError(
@@ -223,11 +262,6 @@ def _check_supported(op: str, where: str) -> None:
             "Replace the custom op with ATen-level PyTorch code, or register a rule for it."
         )
     base = op.split(".")[1] if op.startswith("aten.") else op
-    if rule_for(op) is None and any(base == r or base.startswith(r + "_") for r in _RANDOM_OPS):
-        raise UnsupportedOpError(
-            f"{where}: op {op!r} draws random numbers; shardwise cannot yet make it agree across ranks. "
-            "Disable it for planning (e.g. dropout p=0 or model.eval())."
-        )
     if base.endswith("_") and not base.startswith("_"):
         raise UnsupportedOpError(
             f"{where}: op {op!r} mutates its input in place, which shardwise cannot shard."
@@ -286,6 +320,7 @@ def lower_program(
             module_path, module_type = _module_info(fx_node, strip_prefix)
             source = _source_line(fx_node.meta.get("stack_trace"))
             where = f"{source or 'unknown line'} (module {module_path or '<root>'})"
+            _check_random(fx_node, op, where)
             _check_supported(op, where)
             args = tuple(_convert_arg(a, where) for a in fx_node.args)
             kwargs = tuple((k, _convert_arg(v, where)) for k, v in fx_node.kwargs.items())
@@ -293,7 +328,7 @@ def lower_program(
                 args = (fx_node.target.__name__,) + args  # type: ignore[union-attr]
             val = fx_node.meta.get("val")
             tuple_output = isinstance(val, list | tuple)
-            outs = tuple(_spec_of(v) for v in val) if tuple_output else (_spec_of(val),)
+            outs = _output_specs(val, tuple_output, op, where)
             node = Node(
                 name=fx_node.name,
                 op=op,
@@ -407,6 +442,11 @@ def trace(
         if dynamic_shapes is not None and isinstance(dynamic_shapes, dict):
             dynamic_shapes = {"args": tuple(dynamic_shapes.values())}
     ep = export_program(target, tuple(example_inputs), example_kwargs, dynamic_shapes)
+    _LIFTED[model] = {
+        str(s.target).removeprefix(prefix): ep.constants[s.target].detach()
+        for s in ep.graph_signature.input_specs
+        if s.kind == InputKind.CONSTANT_TENSOR and isinstance(ep.constants.get(s.target), torch.Tensor)
+    }
     graph = lower_program(
         ep, target, model_name=model_name or type(model).__name__, strip_prefix=prefix, meta_device=meta
     )
@@ -415,8 +455,9 @@ def trace(
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by state_dict name, non-persistent buffers included (the programs need
-    them: e.g. rotary frequencies), tied weights under each of their names."""
-    out: dict[str, torch.Tensor] = {}
+    them: e.g. rotary frequencies), tied weights under each of their names, and the constants torch.export
+    lifted out of the model's forward when it was last traced (``lifted_tensor_0``, ...)."""
+    out: dict[str, torch.Tensor] = dict(_LIFTED.get(model, {}))
     for name, t in model.named_parameters(remove_duplicate=False):
         out[name] = t.detach()
     for name, t in model.named_buffers(remove_duplicate=False):

@@ -395,6 +395,24 @@ def _split(node: Node, ins: Specs, outs: Specs) -> OpDims:
     return OpDims((tuple(in_dims),), tuple(out_ops))
 
 
+def _unbind(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """``unbind(x, dim)``: one output per index of ``dim`` (needed whole), each with the other dims."""
+    rank = ins[0].rank
+    d = _norm_dim(int(_arg(node, 1, "dim", 0)), rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(rank)]
+    in_dims = list(labels)
+    in_dims[d] = Dim("unbind", frozen=True)
+    out = tuple(labels[:d] + labels[d + 1 :])
+    return OpDims((tuple(in_dims),), tuple(out for _ in outs))
+
+
+def _matrix_op(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """An op on the matrices of the last two dims (``tril``, ``triu``): the leading dims map through."""
+    rank = ins[0].rank
+    labels = tuple(Dim(f"d{i}", frozen=i >= rank - 2) for i in range(rank))
+    return OpDims((labels,), tuple(labels for _ in outs))
+
+
 def _reduction(partial: str) -> DimsFn:
     def dims(node: Node, ins: Specs, outs: Specs) -> OpDims:
         x = ins[0]
@@ -621,10 +639,13 @@ _register(["aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.adaptive_
           "pool", _pool, _per_input)  # fmt: skip
 _register(["aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.full.default",
            "aten.zeros.default", "aten.ones.default", "aten.empty.memory_format", "aten.new_ones.default",
-           "aten.new_zeros.default", "aten.new_full.default", "aten.new_empty.default", "aten.scalar_tensor.default",
-           "aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.empty_like.default",
-           "aten.tril.default", "aten.triu.default"],
+           "aten.new_zeros.default", "aten.new_full.default", "aten.new_empty.default", "aten.scalar_tensor.default"],
           "creation", _creation, _zero)  # fmt: skip
+# a tensor of the input's shape: each rank makes its piece of it
+_register(["aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.empty_like.default"],
+          "creation", _identity, _zero)  # fmt: skip
+_register(["aten.tril.default", "aten.triu.default"], "elementwise", _matrix_op, _per_output)
+_register("aten.unbind.int", "view", _unbind, _zero, False)
 _register(["aten.index.Tensor", "aten.gather.default", "aten.index_select.default", "aten.diff.default",
            "aten.repeat.default", "aten.stack.default", "aten.flip.default", "aten.roll.default",
            "aten.argmax.default", "aten.topk.default", "aten.sort.default", "aten.var.correction",

@@ -19,6 +19,13 @@ DTYPE_BYTES: dict[str, int] = {
     "uint8": 1,
     "bool": 1,
     "complex64": 8,
+    "complex128": 16,
+    "complex32": 4,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
 }
 
 _SHORT = {
@@ -33,6 +40,11 @@ _SHORT = {
     "uint8": "u8",
     "bool": "b8",
     "complex64": "c64",
+    "complex128": "c128",
+    "complex32": "c32",
+    "uint16": "u16",
+    "uint32": "u32",
+    "uint64": "u64",
 }
 
 

@@ -57,6 +57,13 @@ class _Scored:
     note: str = ""
 
 
+def _relative_time(time_s: float, chosen_s: float) -> str:
+    """An alternative's predicted step time against the chosen plan's (a graph of views alone costs 0 s)."""
+    if chosen_s <= 0:
+        return "the same predicted step time" if time_s <= 0 else "slower than the chosen plan (which costs nothing)"
+    return f"{time_s / chosen_s:.2f}x the chosen plan's predicted step time"
+
+
 def _check_constraints(constraints: Mapping[str, int], cluster: ClusterSpec) -> dict[str, int]:
     out = dict(constraints)
     for key, value in out.items():
@@ -383,7 +390,7 @@ def plan_auto(
                 else (
                     "does not fit in device memory"
                     if not s.fits
-                    else f"{s.prediction.step_time_s / best.prediction.step_time_s:.2f}x the chosen plan's predicted step time"
+                    else _relative_time(s.prediction.step_time_s, best.prediction.step_time_s)
                     if s.prediction
                     else s.note
                 ),

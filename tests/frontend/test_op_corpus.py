@@ -1,0 +1,94 @@
+"""PyTorch's op corpus (OpInfo's ``op_db``, float32 CPU samples) compiled for ``cpu:2`` and run equal to eager.
+
+One test per OpInfo (its first sample, see shardwise.testing.opcorpus). An op torch.export does not capture is
+skipped, visibly, with export's reason (torch's limit, not shardwise's). Every other op compiles, or is refused
+with a clear ``ShardwiseError`` and listed with its reason in ``UNSUPPORTED`` (docs/ops.md says why); an op
+listed there that compiles fails the test (the list must shrink as support grows).
+
+What compiles runs on real gloo processes: one pool per world size serves the whole module (a pool takes each
+new program without restarting). Loading a program costs ~0.3 s (its process groups), so by default the
+programs run for every op whose plan splits something across the ranks and for every fourth op of the others
+(by position in op_db: deterministic); ``SHARDWISE_OP_CORPUS=all`` runs every one (bench/op_corpus.py prints
+the full table). Outputs are compared at OpInfo's own float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("expecttest", reason="torch's OpInfo database needs expecttest (pip install -e '.[dev]')")
+
+from shardwise.runtime import WorkerPool  # noqa: E402
+from shardwise.testing.opcorpus import RUN_FAILURES, UNSUPPORTED, corpus_names, run_case  # noqa: E402
+
+pytestmark = pytest.mark.multiproc
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "ops.md"
+RUN_ALL = os.environ.get("SHARDWISE_OP_CORPUS", "") == "all"
+NAMES = corpus_names()
+
+
+@pytest.fixture(scope="module")
+def pools():
+    made: dict[int, WorkerPool] = {}
+
+    def get(n: int) -> WorkerPool:
+        if n not in made:
+            made[n] = WorkerPool(n, backend="gloo", timeout_s=120)
+        return made[n]
+
+    yield get
+    for pool in made.values():
+        pool.close()
+
+
+@pytest.mark.parametrize("index", range(len(NAMES)), ids=NAMES)
+def test_op_compiles_for_cpu2_and_runs_equal_to_eager(pools, index: int) -> None:
+    name = NAMES[index]
+
+    def runs(plan) -> bool:  # noqa: ANN001
+        return RUN_ALL or index % 4 == 0 or name in RUN_FAILURES or any(s.split for s in plan.strategies)
+
+    out = run_case(name, pools, run=runs)
+    if out.status in ("not-captured", "no-sample", "eager-fails"):
+        pytest.skip(f"{name} ({out.status}): {out.detail[:200]}")
+    if out.status == "refused":
+        assert name in UNSUPPORTED, f"{name} is refused and not listed as unsupported: {out.detail}"
+        assert re.search(UNSUPPORTED[name][0], out.detail), f"{name} is refused for another reason: {out.detail}"
+        return
+    assert name not in UNSUPPORTED, f"{name} compiles now: remove it from UNSUPPORTED and docs/ops.md"
+    if out.status == "run-fails" and name in RUN_FAILURES:
+        assert re.search(RUN_FAILURES[name][0], out.detail), f"{name} fails for another reason: {out.detail}"
+        return
+    assert name not in RUN_FAILURES, f"{name} runs now: remove it from RUN_FAILURES and docs/ops.md"
+    assert out.status == "equal", f"{name} ({out.status}): {out.detail}"
+
+
+def test_unsupported_ops_are_documented() -> None:
+    text = DOCS.read_text()
+    missing = [name for name in {**UNSUPPORTED, **RUN_FAILURES} if f"`{name}`" not in text]
+    assert not missing, f"docs/ops.md does not list {missing}"
+
+
+def test_tensors_held_by_the_model_reach_the_workers(pools) -> None:
+    import torch
+
+    import shardwise
+
+    class Scaled(torch.nn.Module):  # plain tensor attributes: torch.export lifts them as constants
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.tensor([0.5, 2.0, -1.0])
+            self.rows = torch.tensor([2, 0, 3, 1])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[self.rows] * self.scale
+
+    model, x = Scaled(), torch.randn(4, 3)
+    with shardwise.compile(model, "cpu:2", example_inputs=(x,), workers=pools(2)) as cm:
+        got = cm.run(x)
+    torch.testing.assert_close(got, model(x))
