@@ -22,6 +22,10 @@ def library_files() -> dict[str, str]:
     """``{"_runtime/<module>.py": source}`` for every module of the library, in name order."""
     spec = importlib.util.find_spec(LIBRARY)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the runtime library {LIBRARY} is not installed with shardwise: reinstall shardwise")
+        raise RuntimeError(
+            f"the runtime library {LIBRARY} is not installed with shardwise: reinstall shardwise"
+        )
     root = Path(next(iter(spec.submodule_search_locations)))
-    return {f"{DIRECTORY}/{path.name}": path.read_text(encoding="utf-8") for path in sorted(root.glob("*.py"))}
+    return {
+        f"{DIRECTORY}/{path.name}": path.read_text(encoding="utf-8") for path in sorted(root.glob("*.py"))
+    }

@@ -6,8 +6,11 @@ the worker first sends ``(0, "ready", info)`` or ``(0, "err", info)``; then for 
 ``info = {"error": "Type: message", "traceback": text}``. ``op`` is ``"load"``, ``"call"``, ``"probe"`` or
 ``"close"``. Values are detached CPU tensors (or plain data); pickling is by value, never shared memory.
 
-This module does not import torch at import time; the pool also puts the thread budget and the user's
-``env`` into the environment the worker is created with, so both are in place before torch starts.
+A worker is a fresh interpreter, ``python -m shardwise.runtime.worker_main RANK FD SENTINEL NAME``
+(``launch.start_worker``): ``FD`` is its end of the pipe, whose first message is ``(WorkerConfig, the
+caller's sys.path)``. This module does not import torch at import time; the pool also puts the thread budget
+and the user's ``env`` into the environment the worker is created with, so both are in place before torch
+starts.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerConfig", "main", "stack_file", "thread_env"]
+__all__ = ["WorkerConfig", "entry", "main", "stack_file", "thread_env"]
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
@@ -154,8 +157,20 @@ class _State:
         return True
 
 
+def entry(argv: list[str]) -> None:
+    """The worker's command line (see the module docstring): read the config, take the caller's import
+    path, run ``main``."""
+    rank, fd, sentinel = int(argv[0]), int(argv[1]), int(argv[2])
+    for inherited in (fd, sentinel):  # the worker's own: not for processes it may start
+        os.set_inheritable(inherited, False)
+    conn = Connection(fd)
+    config, path = pickle.loads(conn.recv_bytes())
+    sys.path[:] = list(path) + [p for p in sys.path if p not in path]
+    main(rank, config, conn)
+
+
 def main(rank: int, config: WorkerConfig, conn: Connection) -> None:
-    """Entry point of worker ``rank`` (a spawned process)."""
+    """Worker ``rank``'s loop: join the process group, then answer requests until ``close``."""
     os.environ.update({**config.env, **thread_env(config.threads)})
     # Ctrl-C reaches the whole foreground process group; the parent decides what to do with the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

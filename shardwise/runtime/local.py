@@ -27,8 +27,9 @@ is false and ``call()`` raises — until the next ``load()``.
 ``close()`` (also ``__exit__``, a ``weakref`` finaliser and interpreter exit) stops every worker; a closed
 pool cannot be reused. Workers also exit by themselves when the parent process disappears.
 
-Workers are started with the ``spawn`` method, which imports the parent's main module in each worker: a
-script must create its pool under ``if __name__ == "__main__":``.
+Workers are fresh interpreters running ``python -m shardwise.runtime.worker_main`` (``launch``), as torchrun
+starts its workers: the caller's main module is not imported again, so scripts, notebook cells and
+``python -c`` create pools without an ``if __name__ == "__main__":`` guard.
 
 Not thread-safe for concurrent callers beyond a lock that serialises them.
 """
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import multiprocessing as mp
 import os
 import pickle
 import re
@@ -48,15 +48,15 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
 from shardwise.errors import RuntimeFault, UserInputError
 from shardwise.runtime import _worker
 from shardwise.runtime.faults import RankFailure, WorkerFault
+from shardwise.runtime.launch import WorkerProcess, start_worker
 from shardwise.runtime.package import to_cpu_detached
 from shardwise.runtime.process_group import BACKENDS, find_free_port, threads_per_worker
 
@@ -75,7 +75,7 @@ class _Workers:
     multiprocessing's own exit hook (registered earlier, so run later) would wait for the processes forever.
     """
 
-    def __init__(self, procs: list[BaseProcess], conns: list[Connection], stack_dir: str) -> None:
+    def __init__(self, procs: list[WorkerProcess], conns: list[Connection], stack_dir: str) -> None:
         self.procs = procs
         self.conns = conns
         self.stack_dir = stack_dir
@@ -148,24 +148,6 @@ class _Workers:
 
 
 _LIVE: set[_Workers] = set()
-_ENVIRON_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _environment(extra: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` plus ``extra`` while spawning, so workers have it before they import anything
-    (spawned processes inherit the environment at creation, and may import torch while unpickling)."""
-    with _ENVIRON_LOCK:
-        saved = {name: os.environ.get(name) for name in extra}
-        os.environ.update(extra)
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 @atexit.register
@@ -174,7 +156,7 @@ def _stop_live_workers() -> None:
         workers.stop(kill_timeout_s=2.0)
 
 
-def _join_all(procs: Sequence[BaseProcess], deadline: float) -> None:
+def _join_all(procs: Sequence[WorkerProcess], deadline: float) -> None:
     for proc in procs:
         if proc.is_alive():
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -386,7 +368,6 @@ class WorkerPool:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def _spawn(self) -> None:
-        ctx = mp.get_context("spawn")
         stack_dir = tempfile.mkdtemp(prefix="shardwise-pool-")
         config = _worker.WorkerConfig(
             world_size=self.world_size,
@@ -399,22 +380,16 @@ class WorkerPool:
             stack_dir=stack_dir,
             env=self.env,
         )
-        procs: list[BaseProcess] = []
+        procs: list[WorkerProcess] = []
         conns: list[Connection] = []
         workers = _Workers(procs, conns, stack_dir)
         self._workers = workers
         self._finalizer = weakref.finalize(self, workers.stop, self.kill_timeout_s)
         child_env = {**self.env, **_worker.thread_env(self.threads)}
-        with _environment(child_env):
-            for rank in range(self.world_size):
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                proc = ctx.Process(
-                    target=_worker.main, args=(rank, config, child_end), name=f"shardwise-worker-{rank}"
-                )
-                procs.append(proc)
-                conns.append(parent_end)
-                proc.start()
-                child_end.close()
+        for rank in range(self.world_size):
+            proc, conn = start_worker(rank, config, child_env, name=f"shardwise-worker-{rank}")
+            procs.append(proc)
+            conns.append(conn)
 
     def _stop(self, polite: bool = False) -> None:
         if self._workers is not None:
@@ -494,10 +469,7 @@ class WorkerPool:
         if any(f.kind == "hung" for f in ordered):
             note = f"workers could not join the process group within start_timeout_s={self.start_timeout_s}"
         elif any(f.kind == "died" for f in ordered):
-            note = (
-                "a worker died while starting (its stderr says why); a script that creates a WorkerPool must "
-                "do so under `if __name__ == '__main__':`, because spawned workers import the main module"
-            )
+            note = "a worker died while starting (its stderr says why)"
         else:
             note = ""
         raise WorkerFault(

@@ -8,7 +8,8 @@ package it writes (as ``_runtime/``, imported by the program as ``C``) and the p
 * ``comm`` — collectives on plain tensors over one mesh axis (``schedule_exec`` runs synthesized ones);
 * ``collectives`` — the autograd-aware redistributions a program runs between ops;
 * ``gradients`` — the one gradient-reduction path (buckets summed while the backward runs; ZeRO slices);
-* ``optim`` — ZeRO's sharded optimizer, host offload, fp16 loss scaling; ``training`` — the step using them;
+* ``optim`` — ZeRO's sharded optimizer, host offload, fp16 loss scaling;
+* ``training`` — the training step that uses them;
 * ``pipeline`` — the schedule runtime of pipeline packages;
 * ``weights`` — a program's pieces from whole weights and back (checkpoint helpers).
 """

@@ -246,7 +246,9 @@ def sharded_cross_entropy(x, target, mesh, axis, reduction=1, ignore_index=-100,
     ``axis``; reduction 0 "none", 1 "mean", 2 "sum". Every rank returns the whole result. ``size``: the
     number of classes, given when it is not a multiple of the axis size (uneven torch.chunk pieces)."""
     if mesh.size(axis) == 1:
-        return F.cross_entropy(x, target, reduction=("none", "mean", "sum")[reduction], ignore_index=ignore_index)
+        return F.cross_entropy(
+            x, target, reduction=("none", "mean", "sum")[reduction], ignore_index=ignore_index
+        )
     return _ShardedCrossEntropy.apply(x, target, mesh, axis, reduction, ignore_index, size)
 
 

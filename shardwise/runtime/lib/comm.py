@@ -145,7 +145,9 @@ def reduce_scatter(
     return split(reduce(x, mesh, axis, op), dim, mesh, axis)
 
 
-def exchange(x: torch.Tensor, src_dim: int, dst_dim: int, mesh: Mesh, axis: str, schedule: str) -> torch.Tensor:
+def exchange(
+    x: torch.Tensor, src_dim: int, dst_dim: int, mesh: Mesh, axis: str, schedule: str
+) -> torch.Tensor:
     """All-to-all by schedule: piece j of ``x`` along ``dst_dim`` goes to rank j; the pieces received are
     joined along ``src_dim`` in rank order."""
     n = mesh.size(axis)

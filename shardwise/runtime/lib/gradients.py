@@ -50,7 +50,9 @@ class Bucket:
     elements of its gradients; ``padded``: ``numel`` rounded up to a multiple of the shard axis's size;
     ``offset``: where this rank's slice of the bucket starts in its shard (sharded buckets)."""
 
-    def __init__(self, params: list[torch.Tensor], axes: tuple[str, ...], shard_axis: str | None, n: int) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], axes: tuple[str, ...], shard_axis: str | None, n: int
+    ) -> None:
         self.params = params
         self.axes = axes
         self.shard_axis = shard_axis
@@ -66,7 +68,9 @@ class Bucket:
 
     def flat(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
         """The gradients (zeros where None) in one buffer of ``padded`` elements."""
-        parts = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)]
+        parts = [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)
+        ]
         if self.padded > self.numel:
             parts.append(parts[0].new_zeros(self.padded - self.numel))
         return torch.cat([t.to(self.dtype) for t in parts]) if self.shard_axis else torch.cat(parts)

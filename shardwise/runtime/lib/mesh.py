@@ -28,7 +28,9 @@ class Mesh:
     Without an initialised process group (or with one rank) the groups are ``None`` and nothing communicates.
     """
 
-    def __init__(self, rank: int, shape: tuple[int, ...], axes: tuple[str, ...], ranks: tuple[int, ...]) -> None:
+    def __init__(
+        self, rank: int, shape: tuple[int, ...], axes: tuple[str, ...], ranks: tuple[int, ...]
+    ) -> None:
         self.rank = rank
         self.shape = tuple(shape)
         self.axes = tuple(axes)

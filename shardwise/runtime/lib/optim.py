@@ -83,7 +83,10 @@ class HostOptimizer:
 
     @property
     def param_groups(self):
-        return [{**g, "params": [self._device_of[id(m)] for m in g["params"]]} for g in self.optimizer.param_groups]
+        return [
+            {**g, "params": [self._device_of[id(m)] for m in g["params"]]}
+            for g in self.optimizer.param_groups
+        ]
 
     @property
     def state(self):

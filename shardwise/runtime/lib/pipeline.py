@@ -126,7 +126,8 @@ class PipelineRuntime:
         s = self.spec
         if len(inputs) != len(s.GRAPH_INPUTS):
             raise ValueError(
-                f"the model takes {len(s.GRAPH_INPUTS)} inputs ({', '.join(s.GRAPH_INPUTS)}), got {len(inputs)}"
+                f"the model takes {len(s.GRAPH_INPUTS)} inputs ({', '.join(s.GRAPH_INPUTS)}), "
+                f"got {len(inputs)}"
             )
         rows = s.MICROBATCH_SIZE * s.MICROBATCHES
         out = []
@@ -135,7 +136,9 @@ class PipelineRuntime:
             for k, (name, x) in enumerate(zip(s.GRAPH_INPUTS, inputs)):
                 if k in s.BATCH_INPUTS and isinstance(x, torch.Tensor):
                     if x.shape[0] != rows * s.DP:
-                        raise ValueError(f"input {name} has {x.shape[0]} rows; this pipeline takes {rows * s.DP}")
+                        raise ValueError(
+                            f"input {name} has {x.shape[0]} rows; this pipeline takes {rows * s.DP}"
+                        )
                     start = self.d * rows + i * s.MICROBATCH_SIZE
                     x = x[start : start + s.MICROBATCH_SIZE]
                 mb[name] = x.to(self.device) if isinstance(x, torch.Tensor) else x
@@ -187,7 +190,9 @@ class PipelineRuntime:
         _, program = self.chunks[c]
         args, outs = saved.pop((c, i))
         if outs is None:  # full recomputation: run the forward again, this time keeping the graph
-            args = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+            args = [
+                a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+            ]
             out = program(*args)
             outs = out if isinstance(out, tuple) else (out,)
         if c == s.CHUNKS - 1:
@@ -199,7 +204,9 @@ class PipelineRuntime:
             grads: dict[str, torch.Tensor] = {}
             for k, (name, src, dst, shape, dtype, grad) in enumerate(s.TRANSFERS):
                 if src == c and grad:
-                    g = self._recv(shape, dtype, self.rank_of(dst % s.PP, self.d, self.t), self._tag(k, i, True))
+                    g = self._recv(
+                        shape, dtype, self.rank_of(dst % s.PP, self.d, self.t), self._tag(k, i, True)
+                    )
                     grads[name] = grads[name] + g if name in grads else g
             tensors, grad_tensors = [], []
             for name, g in grads.items():
@@ -213,7 +220,11 @@ class PipelineRuntime:
             if dst == c and grad:
                 x = args[s.CHUNK_INPUTS[c].index(name)]
                 g = x.grad if x.grad is not None else torch.zeros_like(x)
-                self._send(g.to(getattr(torch, dtype)), self.rank_of(src % s.PP, self.d, self.t), self._tag(k, i, True))
+                self._send(
+                    g.to(getattr(torch, dtype)),
+                    self.rank_of(src % s.PP, self.d, self.t),
+                    self._tag(k, i, True),
+                )
 
     def _wait_sends(self) -> None:
         for work, _ in self._pending:
@@ -250,10 +261,15 @@ class PipelineRuntime:
         return out
 
     def configure_optimizer(self, factory=None) -> None:
-        """``factory(parameters) -> torch.optim.Optimizer`` over this rank's chunks; AdamW when none is given."""
+        """``factory(parameters) -> torch.optim.Optimizer`` over this rank's chunks (AdamW when none is
+        given), run by the trainer (``training.Trainer``)."""
         params = [pair for c in sorted(self.chunks) for pair in self._chunk_params(c)]
         self.trainer = Trainer(
-            params, self.mesh, factory or torch.optim.AdamW, zero_stage=self.spec.ZERO_STAGE, whole=self._tied_params()
+            params,
+            self.mesh,
+            factory or torch.optim.AdamW,
+            zero_stage=self.spec.ZERO_STAGE,
+            whole=self._tied_params(),
         )
         self.optimizer = self.trainer.optimizer
 
@@ -302,7 +318,9 @@ class PipelineRuntime:
                     param.grad = torch.zeros_like(param)
                 pieces.append((program, param, placements, shape))
             total = sum(whole(p.grad, pl, prog.mesh, shape) for prog, p, pl, shape in pieces)
-            members = tuple(self.rank_of(st, self.d, self.t) for st in sorted({c % self.spec.PP for c in chunks}))
+            members = tuple(
+                self.rank_of(st, self.d, self.t) for st in sorted({c % self.spec.PP for c in chunks})
+            )
             if len(members) > 1 and self.distributed:
                 dist.all_reduce(total, group=self.groups[members])
             for program, param, placements, _ in pieces:

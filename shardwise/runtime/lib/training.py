@@ -63,7 +63,8 @@ class Trainer:
         self.optimizer = (HostOptimizer(rest, factory) if host else factory(rest)) if rest else None
 
     def arm(self, params=None) -> None:
-        """The next backward completes the gradients of ``params`` (all when None): reduce them as they come."""
+        """The next backward completes the gradients of ``params`` (all when None): reduce them as they
+        come."""
         self.reducer.arm(params)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -43,7 +43,9 @@ def load_full_state_dict(program, state_dict: dict[str, torch.Tensor], tensors, 
         if full is None:
             raise KeyError(f"the weights have no tensor {key!r} (or an alias of it)")
         if tuple(full.shape) != tuple(shape):
-            raise ValueError(f"{key}: the weights hold shape {tuple(full.shape)}, the plan needs {tuple(shape)}")
+            raise ValueError(
+                f"{key}: the weights hold shape {tuple(full.shape)}, the plan needs {tuple(shape)}"
+            )
         with torch.no_grad():
             getattr(program, attr).copy_(local_piece(full, placements, program.mesh))
 
@@ -85,7 +87,9 @@ def full_state_dict(program, tensors, aliases, parts) -> dict[str, torch.Tensor]
     out = {}
     pieces: dict[str, list] = {}
     for key, (attr, shape, dtype, _, placements) in tensors.items():
-        value = whole(getattr(program, attr).detach(), placements, program.mesh, shape).to(getattr(torch, dtype))
+        value = whole(getattr(program, attr).detach(), placements, program.mesh, shape).to(
+            getattr(torch, dtype)
+        )
         if key in parts:
             source, dim, start, _ = parts[key]
             pieces.setdefault(source, []).append((start, dim, value))
