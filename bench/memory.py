@@ -4,7 +4,7 @@ Sections (each a function returning rows; ``main`` prints a table per section an
 bench/results/memory.json under the section's key):
 
 * ``minimalloc``: the 11 "challenging" instances of google/minimalloc (read from
-  ../shared/data/minimalloc-challenging/, never copied here). Each must fit in its capacity (the number in
+  ``$SHARDWISE_DATA/minimalloc-challenging/``, never copied here; see CONTRIBUTING.md, "Data"). Each must fit in its capacity (the number in
   the file name); greedy best-fit needs 1.28-1.41x of it. The budget is ``--node-limit`` search nodes
   (deterministic: the outcome does not depend on the machine's load). Per instance: buffers, capacity, lower bound,
   best-fit arena / capacity (by size, by lifetime), ours / capacity, whether it fits (checked by
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ REPO = ROOT.parent
 RESULTS = ROOT / "results"
 sys.path.insert(0, str(REPO))
 
-MINIMALLOC_DIR = REPO.parent / "shared" / "data" / "minimalloc-challenging"
+# public data sets live outside the repository, in the directory $SHARDWISE_DATA names (CONTRIBUTING.md)
+MINIMALLOC_DIR = Path(os.environ.get("SHARDWISE_DATA") or "/nonexistent") / "minimalloc-challenging"
 
 
 def _read_minimalloc(path: Path):
@@ -49,7 +51,7 @@ def minimalloc_section(args: argparse.Namespace) -> list[dict] | None:
 
     files = sorted(MINIMALLOC_DIR.glob("*.csv"))
     if not files:
-        print(f"[minimalloc] skipped: no instances in {MINIMALLOC_DIR} (the shared data directory)")
+        print(f"[minimalloc] skipped: no instances in {MINIMALLOC_DIR} (set SHARDWISE_DATA, see CONTRIBUTING.md)")
         return None
     wanted = set(args.instances.split(",")) if args.instances else None
     rows = []

@@ -1,4 +1,4 @@
-"""The layer rules of DESIGN.md, kept as import-linter contracts in pyproject.toml."""
+"""The layer rules of docs/architecture.md, kept as import-linter contracts in pyproject.toml."""
 
 from __future__ import annotations
 

@@ -137,8 +137,9 @@ class ExecutionPlan:
     source: tuple[tuple[str, str], ...] = ()
     # ops that run as one kernel on every rank (shardwise.passes.fusion); empty: one kernel per op
     fused_groups: tuple[FusedGroup, ...] = ()
-    # ZeRO: 0 none; 1 optimizer state (and the gradients it reads) sharded over the "dp" axis, each rank
-    # stepping its own slice; 3 also parameters sharded over "dp" (see param_placements)
+    # ZeRO: 0 none; 1 optimizer state sharded over the "dp" axis, each rank stepping its own slice; 2 the
+    # gradients too (reduce-scattered while the backward runs); 3 also parameters sharded over "dp" (see
+    # param_placements)
     zero_stage: int = 0
     # pipeline parallelism (pp > 1): the chunks, their intra-op plans and the schedule; None otherwise
     pipeline: PipelineSpec | None = None

@@ -1,6 +1,6 @@
 """The op registry: for every ATen op shardwise knows, its kind, its cost and its dimension annotation.
 
-Strategies, communication and costs all derive from this one table (DESIGN.md, "One op-rule registry").
+Strategies, communication and costs all derive from this one table (docs/architecture.md, "The op registry").
 An annotation is computed per node (``OpRule.dims(node, inputs)``) because many ops take their dimension
 mapping from arguments (``transpose(x, 0, 2)``) or shapes (``view``). Shapes themselves come from
 torch.export's fake tensors; ``meta_shapes`` recomputes them on the meta device for other sizes.

@@ -1,4 +1,4 @@
-"""The analytic cost model: roofline per op, alpha-beta per collective (DESIGN.md, "Cost model").
+"""The analytic cost model: roofline per op, alpha-beta per collective (docs/architecture.md, "The price list").
 
 Backward ≈ 2x forward FLOPs. Collective times come from the ClusterSpec for the ranks of one group on
 the mesh axis (the slowest link in a ring over them); a plan may replace them by synthesized schedules.

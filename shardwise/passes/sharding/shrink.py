@@ -1,4 +1,4 @@
-"""Shrinking the placement ILP before it is solved (DESIGN.md, "Solvers").
+"""Shrinking the placement ILP before it is solved (see ``auto`` and ``ilp``).
 
 Two reductions, both structural (they look at the graph, not at costs):
 
