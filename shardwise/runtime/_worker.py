@@ -103,15 +103,16 @@ def _destroy_groups(groups: list[Any]) -> None:
 
 
 class _State:
-    def __init__(self, rank: int, config: WorkerConfig) -> None:
+    def __init__(self, rank: int, config: WorkerConfig, backend: str) -> None:
         self.rank = rank
         self.config = config
+        self.backend = backend
         self.module: Any = None
         self.package_name: str | None = None
         self.groups: list[Any] = []  # process groups the loaded package made (destroyed when it is replaced)
 
     def load(self, package_dir: str, module_name: str, init: str | None, init_kwargs: dict) -> None:
-        from shardwise.runtime.package import build_module, import_package, unload_package
+        from shardwise.runtime.package import build_module, import_package, rank_device, unload_package
 
         self.module = None
         if self.package_name is not None:
@@ -124,17 +125,18 @@ class _State:
         self.package_name = module_name
         before = _subgroups()
         try:
-            self.module = build_module(package, self.rank, self.config.world_size)
+            self.module = build_module(package, self.rank, self.config.world_size, rank_device(self.backend))
         finally:
             self.groups = [g for g in _subgroups() if g not in before]
         if init is not None:
             getattr(self.module, init)(**init_kwargs)
 
     def call(self, method: Any, args: tuple, kwargs: dict, want_result: bool) -> Any:
-        from shardwise.runtime.package import to_cpu_detached
+        from shardwise.runtime.package import rank_device, to_cpu_detached, to_device
 
         if self.module is None:
             raise RuntimeError("no package is loaded in this worker; call WorkerPool.load() first")
+        args, kwargs = to_device((args, kwargs), rank_device(self.backend))  # CPU tensors arrive
         if callable(method):  # WorkerPool.call_function: a module-level function applied to the module
             result = method(self.module, *args, **kwargs)
         else:
@@ -205,7 +207,7 @@ def main(rank: int, config: WorkerConfig, conn: Connection) -> None:
         return
     send((0, "ready", {"pid": os.getpid(), "main_thread": threading.main_thread().ident, "backend": backend}))
 
-    state = _State(rank, config)
+    state = _State(rank, config, backend)
     try:
         while True:
             try:

@@ -317,7 +317,8 @@ class WorkerPool:
 
         Returns the list of per-rank results, or rank 0's result with ``ranks="rank0"`` (the method still runs
         on every rank; the others' results are not sent back). Tensors travel detached and on CPU both ways
-        (pickled by value through the pipe): generated code moves its inputs to its own device.
+        (pickled by value through the pipe); on nccl the workers move the arguments to the rank's CUDA device,
+        where its program was built.
         """
         if ranks not in ("all", "rank0"):
             raise UserInputError(f"ranks must be 'all' or 'rank0', got {ranks!r}")

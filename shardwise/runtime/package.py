@@ -1,6 +1,8 @@
 """Importing generated packages by path, and making results safe to send to another process.
 
-A generated package is a directory holding ``__init__.py`` that exposes ``build(rank, world_size)``.
+A generated package is a directory holding ``__init__.py`` that exposes ``build(rank, world_size)`` (and
+``device=``: on nccl the runtime builds it on the rank's CUDA device and moves the arguments of its calls
+there).
 Packages are imported under a module name chosen by the caller, so many packages (or many versions of one
 directory) can be loaded one after another into the same long-lived process; ``unload_package`` drops a
 package and all its submodules from ``sys.modules`` so the next one starts clean.
@@ -17,7 +19,7 @@ from typing import Any
 
 from shardwise.errors import UserInputError
 
-__all__ = ["build_module", "import_package", "to_cpu_detached", "unload_package"]
+__all__ = ["build_module", "import_package", "rank_device", "to_cpu_detached", "to_device", "unload_package"]
 
 
 def import_package(package_dir: str | Path, module_name: str) -> ModuleType:
@@ -59,15 +61,41 @@ def unload_package(module_name: str) -> None:
         del sys.modules[name]
 
 
-def build_module(package: ModuleType, rank: int, world_size: int) -> Any:
-    """Call the package's ``build(rank, world_size)``; a missing ``build`` is a clear error."""
+def rank_device(backend: str) -> Any:
+    """The device a rank's program runs on: its current CUDA device on nccl, None (the package's default,
+    the CPU) otherwise."""
+    if backend != "nccl":
+        return None
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def build_module(package: ModuleType, rank: int, world_size: int, device: Any = None) -> Any:
+    """Call the package's ``build(rank, world_size)`` (with ``device`` when one is given); a missing
+    ``build`` is a clear error."""
     build = getattr(package, "build", None)
     if not callable(build):
         raise UserInputError(
             f"package {package.__name__} ({getattr(package, '__file__', '?')}) has no build(rank, world_size); "
             "regenerate it or point at the generated package directory"
         )
-    return build(rank, world_size)
+    return build(rank, world_size) if device is None else build(rank, world_size, device)
+
+
+def to_device(value: Any, device: Any) -> Any:
+    """``value`` with every tensor inside (lists, tuples, dicts) moved to ``device`` (None: unchanged)."""
+    if device is None:
+        return value
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 def to_cpu_detached(value: Any) -> Any:

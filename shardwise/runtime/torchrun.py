@@ -80,20 +80,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
-    from shardwise.runtime.package import build_module, import_package, to_cpu_detached
+    from shardwise.runtime.package import (
+        build_module,
+        import_package,
+        rank_device,
+        to_cpu_detached,
+        to_device,
+    )
     from shardwise.runtime.process_group import destroy_process_group, init_process_group
 
     step = "init_process_group"
     try:
-        init_process_group(rank, world, backend=args.backend, local_rank=local_rank, timeout_s=args.timeout_s)
+        backend = init_process_group(
+            rank, world, backend=args.backend, local_rank=local_rank, timeout_s=args.timeout_s
+        )
         import torch
 
         step = "build"
-        module = build_module(import_package(args.package, "shardwise_generated"), rank, world)
+        device = rank_device(backend)
+        module = build_module(import_package(args.package, "shardwise_generated"), rank, world, device)
         if args.init:
             step = args.init
             getattr(module, args.init)(**init_kwargs)
-        positional = tuple(torch.load(args.inputs, weights_only=True)) if args.inputs else ()
+        positional = to_device(tuple(torch.load(args.inputs, weights_only=True)) if args.inputs else (), device)
         step = args.method
         faulthandler.dump_traceback_later(args.timeout_s, exit=True)
         try:
