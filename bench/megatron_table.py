@@ -26,7 +26,7 @@ Clusters Using Megatron-LM" (SC'21), Table 1 (``--row params_b,hidden,layers,gpu
   (this process and the ILP solver's; on a shared machine the wall-clock time also counts others' work).
 
 The cost model's efficiencies come from independent published measurements (see
-``shardwise.passes.stages.efficiency``), not from these results. Writes bench/results/megatron_table.json.
+the DGX-A100 preset's ``ClusterSpec.efficiency``, each with its source), not from these results. Writes bench/results/megatron_table.json.
 """
 
 from __future__ import annotations
@@ -210,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = args.row or list(DEFAULT_ROWS)
     from shardwise.cluster import get_cluster
-    from shardwise.passes.stages.efficiency import efficiency_for
 
-    eff = efficiency_for(get_cluster("dgx-a100x1"))
+    eff = get_cluster("dgx-a100x1").efficiency
     print(
         f"efficiencies (published, independent): GEMM {eff.gemm:.3f}, attention fwd/bwd {eff.attention_forward:.2f}/"
         f"{eff.attention_backward:.2f}, HBM {eff.memory:.3f}, NVLink {eff.intra_node:.3f}, IB {eff.inter_node:.3f}"

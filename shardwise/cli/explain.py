@@ -1,10 +1,11 @@
 """``shardwise explain``: why this plan (the ranked alternatives) and why an op's strategy (its candidates).
 
-An op's candidates are recomputed from the plan with the same strategy builder and cost model the planner
-uses: every valid split of the op's dimension labels over the mesh axes, given the placements its operands
-have in the plan. Their times and memory are the op's own (compute, plus the collectives it needs before
-it); a different output placement also changes what later ops pay, which the planner weighs and this local
-view does not.
+An op's candidates are recomputed from the plan with the same strategy builder the planner uses (every valid
+split of the op's dimension labels over the mesh axes, given the placements its operands have in the plan),
+and priced by the price list (``shardwise.costs``) exactly as the plan's own ops are: a candidate's time per
+step is its forward and, in training, its backward, with the collectives of both. The chosen candidate's
+time is the op's share of the plan's predicted step. A different output placement also changes what later
+ops pay, which the planner weighs and this local view does not.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Candidate:
     collectives: list[str]
     compute_s: float
     comm_s: float
-    time_s: float  # per step: forward (x3 compute, x2 comm in training)
+    time_s: float  # per step: forward and (training) backward, compute and collectives (the price list's)
     output_bytes: int  # per rank
     chosen: bool
     partial_output: bool
@@ -63,8 +64,9 @@ class OpExplanation:
     note: str = ""
 
 
-def explain_plan(plan: ExecutionPlan) -> dict[str, Any]:
-    """The chosen plan against its ranked alternatives, and the ops that cost the most."""
+def explain_plan(plan: ExecutionPlan, cluster: Any | None = None) -> dict[str, Any]:
+    """The chosen plan against its ranked alternatives, and the modules that cost the most per step (priced
+    by the price list on ``cluster``; without it, the forward times the plan records)."""
     alts = sorted(getattr(plan, "alternatives", ()) or (), key=lambda a: (not a.fits, a.step_time_s))
     chosen = next((a for a in alts if a.chosen), None)
     best = chosen.step_time_s if chosen else plan.predicted.step_time_s
@@ -82,8 +84,7 @@ def explain_plan(plan: ExecutionPlan) -> dict[str, Any]:
                 "note": a.note,
             }  # fmt: skip
         )
-    factor = (3, 2) if plan.mode == "train" else (1, 1)
-    costly = sorted(module_groups(plan), key=lambda g: -(g.compute_s * factor[0] + g.comm_s * factor[1]))[:10]
+    costly = sorted(module_groups(plan, cluster), key=lambda g: -(g.compute_s + g.comm_s))[:10]
     return {
         "chosen": {"degrees": plan.degrees, "step_time_s": plan.predicted.step_time_s},
         "alternatives": rows,
@@ -145,7 +146,7 @@ def _placements(plan: ExecutionPlan) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _candidates(
-    plan: ExecutionPlan, node: Any, placement: dict[str, Any], specs: dict[str, Any], cost: Any
+    plan: ExecutionPlan, node: Any, placement: dict[str, Any], specs: dict[str, Any], cost: Any, pricing: Any
 ) -> list[Candidate]:
     from shardwise.ir.placement import Shard
     from shardwise.ir.registry import op_dims, tensor_operands
@@ -188,7 +189,7 @@ def _candidates(
             for r in s.redistributes
             if r.collective not in FREE_COLLECTIVES
         ]
-        time = s.compute_s * (3 if train else 1) + s.comm_s * (2 if train else 1)
+        time = pricing.price(node, s).step_s if pricing is not None else 0.0
         mine = {a: lab for a, lab in s.split if mesh.axis_size(a) > 1}
         out.append(
             Candidate(
@@ -210,7 +211,8 @@ def _candidates(
 def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[list[OpExplanation], str]:
     """Explanations for the ops matching ``name`` (at most MAX_OPS), and a note on what was left out."""
     from shardwise.cli.summary import chunk_plans
-    from shardwise.passes.cost import CostModel
+    from shardwise.costs.prices import mesh_prices, price_list
+    from shardwise.costs.step import plan_pricing
 
     chunks = chunk_plans(plan)
     if chunks:  # a pipelined plan: the op lives in one chunk's intra-op plan
@@ -233,7 +235,8 @@ def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[li
     names = find_ops(plan, name)
     note = f"{len(names)} ops match {name!r}: showing the first {MAX_OPS}" if len(names) > MAX_OPS else ""
     placement, specs = _placements(plan)
-    cost = CostModel(cluster, plan.mesh, plan.precision) if cluster is not None else None
+    cost = mesh_prices(cluster, plan.mesh, plan.precision) if cluster is not None else None
+    pricing = plan_pricing(plan, price_list(cluster, plan.precision)) if cluster is not None else None
     mesh = plan.mesh
     run_whole = set(getattr(plan, "replicated_ops", ()) or ())
     out = []
@@ -241,7 +244,7 @@ def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[li
         node = plan.graph.node(n)
         s = plan.strategy(n)
         try:
-            cands = _candidates(plan, node, placement, specs, cost)
+            cands = _candidates(plan, node, placement, specs, cost, pricing)
             cand_note = (
                 "" if cost is not None else "the plan's cluster could not be read: candidate times are 0"
             )

@@ -179,14 +179,14 @@ def explain(
     from shardwise.cli.planning import load_plan, resolve_cluster
 
     p = load_plan(plan_file)
-    data = explain_plan(p)
+    try:
+        cluster = resolve_cluster(p, plan_file)
+    except UserInputError as exc:
+        err.print(f"[yellow]warning:[/yellow] {exc}; per-step prices need the cluster (forward times shown)")
+        cluster = None
+    data = explain_plan(p, cluster)
     ops, note = None, ""
     if op is not None:
-        try:
-            cluster = resolve_cluster(p, plan_file)
-        except UserInputError as exc:
-            err.print(f"[yellow]warning:[/yellow] {exc}; candidate times need the cluster")
-            cluster = None
         ops, note = explain_ops(p, op, cluster)
     if json_out:
         print_json({**data, "ops": ops, "note": note} if ops is not None else data)
@@ -231,10 +231,11 @@ def report(
     A timeline per rank, memory against capacity, communication by collective and sharding per layer; one
     file with no network access.
     """
-    from shardwise.cli.planning import load_plan
+    from shardwise.cli.planning import load_plan, resolve_cluster
     from shardwise.cli.report import write_report
 
-    path = write_report(load_plan(plan_file), output)
+    p = load_plan(plan_file)
+    path = write_report(p, output, resolve_cluster(p, plan_file))
     if json_out:
         print_json({"report": str(path), "bytes": path.stat().st_size})
         return

@@ -43,7 +43,7 @@ def _asset(name: str) -> str:
 
 def _timeline_data(tl: Timeline) -> dict[str, Any]:
     kinds = ["compute", "comm", "bubble"]
-    phases = ["forward", "backward", "gradients", "idle"]
+    phases = ["forward", "backward", "recompute", "gradients", "optimizer", "offload", "idle"]
     labels: dict[str, int] = {}
     segs = []
     for s in tl.segments:
@@ -57,9 +57,9 @@ def _timeline_data(tl: Timeline) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def report_data(plan: ExecutionPlan) -> dict[str, Any]:
+def report_data(plan: ExecutionPlan, cluster: Any) -> dict[str, Any]:
     """The JSON the page's script draws from: timeline, memory rows and communication totals."""
-    tl = build_timeline(plan)
+    tl = build_timeline(plan, cluster)
     return {
         "timeline": _timeline_data(tl),
         "memory": memory_rows(plan),
@@ -83,11 +83,12 @@ def _script_json(data: Any) -> Markup:
     return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
-def render_report(plan: ExecutionPlan) -> str:
+def render_report(plan: ExecutionPlan, cluster: Any) -> str:
+    """The report's HTML; ``cluster`` is the plan's ClusterSpec (its times come from the price list)."""
     from shardwise import __version__
 
-    tl = build_timeline(plan)
-    data = report_data(plan)
+    tl = build_timeline(plan, cluster)
+    data = report_data(plan, cluster)
     ov = overview(plan)
     pred = prediction(plan)
     cards = [
@@ -127,7 +128,7 @@ def render_report(plan: ExecutionPlan) -> str:
         for c in rows[:MAX_COLLECTIVE_ROWS]
     ]
     layers: list[dict[str, Any]] = []
-    for g in module_groups(plan):
+    for g in module_groups(plan, cluster):
         key = layer_key(g.module) if not g.module.startswith("(") else g.module
         if not layers or layers[-1]["name"] != key:
             layers.append({"name": key, "ops": 0, "compute_s": 0.0, "comm_s": 0.0, "modules": []})
@@ -161,7 +162,7 @@ def render_report(plan: ExecutionPlan) -> str:
             "chosen": a["chosen"],
             "note": a["note"],
         }  # fmt: skip
-        for a in explain_plan(plan)["alternatives"]
+        for a in explain_plan(plan, cluster)["alternatives"]
     ]
     source = ov["command"]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -175,10 +176,10 @@ def render_report(plan: ExecutionPlan) -> str:
     )  # fmt: skip
 
 
-def write_report(plan: ExecutionPlan, path: str | os.PathLike[str]) -> Path:
+def write_report(plan: ExecutionPlan, path: str | os.PathLike[str], cluster: Any) -> Path:
     """Render and write the report (through a temporary file, so a failed render leaves no half file)."""
     target = Path(path)
-    text = render_report(plan)
+    text = render_report(plan, cluster)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(text, encoding="utf-8")

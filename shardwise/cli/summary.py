@@ -113,19 +113,27 @@ def chunk_plans(plan: ExecutionPlan) -> list[tuple[int, ExecutionPlan]]:
     return out
 
 
-def module_groups(plan: ExecutionPlan, *, by_layer: bool = False) -> list[ModuleGroup]:
+def module_groups(plan: ExecutionPlan, cluster: Any | None = None, *, by_layer: bool = False) -> list[ModuleGroup]:
     """Strategies grouped by module path (or by :func:`layer_key` with ``by_layer``), in graph order; for a
-    pipelined plan, its chunks' groups in chunk order (``ModuleGroup.chunk`` says which)."""
+    pipelined plan, its chunks' groups in chunk order (``ModuleGroup.chunk`` says which). With ``cluster``,
+    ``compute_s``/``comm_s`` are each op's share of a step (forward, backward, recomputation: the price list's
+    ``costs.step.node_prices``); without it, the forward times the plan records."""
     chunks = chunk_plans(plan)
     if chunks:
         groups = []
         for c, sub in chunks:
-            for g in module_groups(sub, by_layer=by_layer):
+            for g in module_groups(sub, cluster, by_layer=by_layer):
                 g.chunk = c
                 groups.append(g)
         return groups
     nodes = _node_index(plan)
     groups: dict[str, ModuleGroup] = {}
+    priced = None
+    if cluster is not None:
+        from shardwise.costs.prices import price_list
+        from shardwise.costs.step import node_prices
+
+        priced = node_prices(plan, price_list(cluster, plan.precision))
     for s in plan.strategies:
         node = nodes.get(s.node)
         if node is None:
@@ -149,8 +157,12 @@ def module_groups(plan: ExecutionPlan, *, by_layer: bool = False) -> list[Module
         for r in s.redistributes:
             if r.collective not in FREE_COLLECTIVES:
                 g.collectives.append(f"{r.collective}@{r.axis}")
-        g.compute_s += float(s.compute_s or 0.0)
-        g.comm_s += float(s.comm_s or 0.0)
+        if priced is not None and s.node in priced:
+            g.compute_s += priced[s.node].compute_s
+            g.comm_s += priced[s.node].comm_s
+        else:
+            g.compute_s += float(s.compute_s or 0.0)
+            g.comm_s += float(s.comm_s or 0.0)
     return list(groups.values())
 
 

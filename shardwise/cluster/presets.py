@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from shardwise.cluster.efficiency import PEAK, Efficiency
 from shardwise.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NicSpec, SwitchSpec
 from shardwise.errors import ClusterSpecError
 
@@ -91,6 +92,35 @@ V100_SXM2_32GB = DeviceSpec(
     memory_bandwidth=900 * GBps,
 )
 
+# ----- what the devices achieve (cluster.efficiency), from measurements published independently of the systems
+# we compare against; a figure without a source stays neutral (fraction 1.0, no overhead) ----------------------
+
+A100_EFFICIENCY = Efficiency(
+    gemm=271.2 / 312.0,
+    attention_forward=0.73,
+    attention_backward=0.63,
+    memory=1727.0 / 1935.0,
+    intra_node=232.5 / 300.0,
+    inter_node=86.0 / 100.0,
+    sources=(
+        ("gemm", "Bekman, Machine Learning Engineering, Maximum Achievable Matmul FLOPS table (mamf-finder, v2): "
+                 "A100 SXM bf16 271.2 of 312 TFLOP/s"),
+        ("attention_forward", "Dao, FlashAttention-2 (2023), A100 benchmarks: forward up to 73% of peak"),
+        ("attention_backward", "Dao, FlashAttention-2 (2023), A100 benchmarks: backward up to 63% of peak"),
+        ("memory", "mli/transformers-benchmarks issue #4: A800 80GB (A100 die, HBM2e) copy 1727 of 1935 GB/s"),
+        ("intra_node", "NVIDIA/nccl-tests issue #175: 8x A100 SXM all_reduce_perf bus bandwidth 232.5 of "
+                       "300 GB/s NVLink3"),
+        ("inter_node", "NVIDIA/nccl-tests issue #175: 2 nodes, 4x 200 Gb/s HDR each, 86 of 100 GB/s"),
+    ),
+)  # fmt: skip
+H100_EFFICIENCY = Efficiency(
+    gemm=794.5 / 989.0,
+    sources=(
+        ("gemm", "Bekman, Machine Learning Engineering, Maximum Achievable Matmul FLOPS table (mamf-finder, v2): "
+                 "H100 SXM bf16 794.5 of 989 TFLOP/s"),
+    ),
+)  # fmt: skip
+
 # ----- building blocks ---------------------------------------------------------------------------------
 
 
@@ -138,6 +168,7 @@ def _switched_cluster(
     nic_lat: float,
     host_memory: int,
     host_link: float,
+    efficiency: Efficiency = PEAK,
 ) -> ClusterSpec:
     nics = [nic for node in range(nodes) for nic in _nics(node, per_node, gpus_per_nic, nic_bw, nic_lat)]
     switches = [_nvswitch(node, per_node, nvswitch_bw, nvswitch_lat) for node in range(nodes)]
@@ -151,6 +182,7 @@ def _switched_cluster(
         nics=tuple(nics),
         host_memory_bytes=host_memory,
         host_link_bandwidth=host_link,
+        efficiency=efficiency,
     )
 
 
@@ -165,7 +197,7 @@ def dgx_a100(nodes: int) -> ClusterSpec:
         f"dgx-a100x{nodes}", nodes, A100_SXM4_80GB, 8,
         nvswitch_bw=300 * GBps, nvswitch_lat=0.7e-6,
         gpus_per_nic=1, nic_bw=200e9 / 8, nic_lat=2.6e-6,
-        host_memory=2 * TiB, host_link=PCIE4_X16,
+        host_memory=2 * TiB, host_link=PCIE4_X16, efficiency=A100_EFFICIENCY,
     )  # fmt: skip
 
 
@@ -177,7 +209,7 @@ def dgx_h100(nodes: int) -> ClusterSpec:
         f"dgx-h100x{nodes}", nodes, H100_SXM5_80GB, 8,
         nvswitch_bw=450 * GBps, nvswitch_lat=0.7e-6,
         gpus_per_nic=1, nic_bw=400e9 / 8, nic_lat=2.6e-6,
-        host_memory=2 * TiB, host_link=PCIE5_X16,
+        host_memory=2 * TiB, host_link=PCIE5_X16, efficiency=H100_EFFICIENCY,
     )  # fmt: skip
 
 
@@ -252,6 +284,19 @@ CPU_GLOO_LATENCY = 30e-6  # gloo over loopback TCP, small message one way
 CPU_GLOO_BANDWIDTH = 2 * GBps  # gloo over loopback TCP, large message
 
 
+# How a CPU process runs the generated program, whatever its speed: it computes its own ops (no device to run
+# ahead of the host, so dispatch and compute add up) and runs a fused group's ops one by one (codegen: Triton on
+# CUDA, the eager PyTorch equivalent on CPU).
+CPU_EFFICIENCY = Efficiency(
+    overhead_hidden=False,
+    fused_kernels=False,
+    sources=(
+        ("overhead_hidden", "a CPU process dispatches and computes its own ops in turn"),
+        ("fused_kernels", "codegen runs fused groups as their eager PyTorch ops on CPU"),
+    ),
+)
+
+
 def cpu_cluster(
     n: int,
     *,
@@ -260,6 +305,7 @@ def cpu_cluster(
     latency: float = CPU_GLOO_LATENCY,
     bandwidth: float = CPU_GLOO_BANDWIDTH,
     name: str | None = None,
+    efficiency: Efficiency = CPU_EFFICIENCY,
 ) -> ClusterSpec:
     """One node of ``n`` local processes joined by loopback (gloo) — the ``cpu:N`` preset or a calibration."""
     ram = _host_ram()
@@ -287,6 +333,7 @@ def cpu_cluster(
         host_memory_bytes=ram,
         # offloading from a CPU "device" to the host is a copy within RAM
         host_link_bandwidth=memory_bandwidth,
+        efficiency=efficiency,
     )
 
 

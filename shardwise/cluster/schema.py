@@ -14,6 +14,8 @@ The dict form (also the YAML file) is::
     switches: [{name: n0.nvswitch, kind: nvswitch, port_bandwidth: 300GB/s, latency: 0.7us,
                 members: [g0, ..., g7]}, ...]                                             # optional
     nics:     [{name: n0.nic0, node: 0, devices: [0], bandwidth: 200Gb/s, latency: 2.6us}, ...]  # optional
+    efficiency: {gemm: 0.87, memory: 0.89, op_overhead_s: 5us, overhead_hidden: true, ...,         # optional
+                 sources: {gemm: "where the figure comes from", ...}}
 
 Numbers may carry units (see ``units``); plain numbers are base units. Unknown keys, wrong types, bad
 values and contradictions raise ClusterSpecError naming the field (``links[3].bandwidth``), the value and
@@ -38,6 +40,7 @@ from shardwise.cluster.checks import (
     normalize_dtype,
     prefixed,
 )
+from shardwise.cluster.efficiency import EFFICIENCY_FIELDS, PEAK, Efficiency
 from shardwise.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec, NicSpec, SwitchSpec
 from shardwise.errors import ClusterSpecError
 
@@ -51,7 +54,7 @@ _TOP_REQUIRED = (
     "host_memory_bytes",
     "host_link_bandwidth",
 )
-_TOP_OPTIONAL = ("world_size", "links", "switches", "nics")
+_TOP_OPTIONAL = ("world_size", "links", "switches", "nics", "efficiency")
 _DEVICE_KEYS = ("kind", "peak_flops", "memory_bytes", "memory_bandwidth")
 _LINK_KEYS = ("src", "dst", "bandwidth", "latency", "kind")
 _SWITCH_KEYS = ("name", "kind", "port_bandwidth", "latency", "members")
@@ -107,7 +110,17 @@ def spec_to_dict(spec: ClusterSpec) -> dict[str, Any]:
             }
             for nic in spec.nics
         ],
+        "efficiency": _efficiency_to_dict(spec.efficiency),
     }
+
+
+def _efficiency_to_dict(eff: Efficiency) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in EFFICIENCY_FIELDS:
+        value = getattr(eff, name)
+        out[name] = value if isinstance(value, bool) else float(value)
+    out["sources"] = dict(eff.sources)
+    return out
 
 
 # ----- from dict -------------------------------------------------------------------------------------
@@ -241,6 +254,28 @@ def _nic(i: int, raw: object) -> NicSpec:
         )
 
 
+def _efficiency(raw: object) -> Efficiency:
+    d = _keys("efficiency", raw, (), (*EFFICIENCY_FIELDS, "sources"))
+    values: dict[str, Any] = {}
+    for name in EFFICIENCY_FIELDS:
+        if name not in d:
+            continue
+        where = f"efficiency.{name}"
+        if name in ("overhead_hidden", "fused_kernels"):
+            if not isinstance(d[name], bool):
+                raise fail(where, d[name], "must be true or false")
+            values[name] = d[name]
+        elif name.endswith("_s"):
+            values[name] = _quantity(where, d[name], units.parse_seconds, "seconds", zero_ok=True)
+        else:
+            values[name] = _quantity(where, d[name], float, "a fraction of the peak", zero_ok=False)
+    sources = d.get("sources", {})
+    if not isinstance(sources, Mapping):
+        raise fail("efficiency.sources", sources, "must be a mapping of field name to source text")
+    values["sources"] = tuple((str(k), _str(f"efficiency.sources.{k}", v)) for k, v in sources.items())
+    return Efficiency(**values)
+
+
 def spec_from_dict(raw: object) -> ClusterSpec:
     """Validate and build a ClusterSpec from plain data; ClusterSpecError names the first bad field."""
     d = _keys("", raw, _TOP_REQUIRED, _TOP_OPTIONAL)
@@ -266,6 +301,7 @@ def spec_from_dict(raw: object) -> ClusterSpec:
         host_link_bandwidth=_quantity(
             "host_link_bandwidth", d["host_link_bandwidth"], units.parse_bandwidth, "bytes/s", zero_ok=False
         ),
+        efficiency=_efficiency(d["efficiency"]) if "efficiency" in d else PEAK,
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
-from shardwise.cluster import costmodel, ring, routing
+from shardwise.cluster import ring, routing
 from shardwise.cluster.checks import (
     DTYPES,
     LINK_KINDS,
@@ -29,6 +29,7 @@ from shardwise.cluster.checks import (
     fail,
     normalize_dtype,
 )
+from shardwise.cluster.efficiency import PEAK, Efficiency
 
 __all__ = ["DeviceSpec", "LinkSpec", "SwitchSpec", "NicSpec", "ClusterSpec"]
 
@@ -164,7 +165,9 @@ class ClusterSpec:
 
     ``links`` are direct device-to-device (or device/NIC) links, directed; ``switches`` are hyperedges
     (per-node NVSwitch, the inter-node fabric over NICs); ``nics`` attach devices to the fabric.
-    Derived figures (routes, group alpha/beta) are computed on demand and cached on the instance.
+    ``efficiency``: what the device and its libraries achieve of the peak figures (``cluster.efficiency``).
+    Derived figures (routes, group alpha/beta) are computed on demand and cached on the instance. Times are
+    the price list's business (``shardwise.costs``), not this class's.
     """
 
     name: str
@@ -176,6 +179,7 @@ class ClusterSpec:
     nics: tuple[NicSpec, ...]
     host_memory_bytes: int
     host_link_bandwidth: float
+    efficiency: Efficiency = PEAK
 
     def __post_init__(self) -> None:
         from shardwise.cluster.validate import validate_cluster
@@ -233,12 +237,6 @@ class ClusterSpec:
         """(alpha, beta) of a library ring over ``ranks`` (see ``ring`` for the model, incl. NIC sharing)."""
         group = ring.check_ranks(self, ranks)
         return self._cached(("group", frozenset(group)), lambda: ring.group_alpha_beta(self, group))
-
-    def library_collective_time(self, collective: str, nbytes: int, ranks: Sequence[int]) -> float:
-        """Seconds for an NCCL-like ring ``collective`` of ``nbytes`` (full buffer) over ``ranks``."""
-        ranks = ring.check_ranks(self, ranks)
-        alpha, beta = self.group_alpha_beta(ranks)
-        return costmodel.ring_collective_time(collective, nbytes, len(ranks), alpha, beta)
 
     def summary(self) -> str:
         """One human line: shape, device, and the intra-/inter-node figures a ring over them gets."""

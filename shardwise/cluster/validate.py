@@ -46,6 +46,10 @@ def validate_cluster(spec: ClusterSpec) -> None:
     _tuple_of("nics", spec.nics, NicSpec)
     check_positive_int("host_memory_bytes", spec.host_memory_bytes, "a positive integer (bytes)")
     check_positive("host_link_bandwidth", spec.host_link_bandwidth, "bytes/s")
+    from shardwise.cluster.efficiency import Efficiency
+
+    if not isinstance(spec.efficiency, Efficiency):
+        raise fail("efficiency", spec.efficiency, "must be an Efficiency (shardwise.cluster.efficiency)")
 
     world = spec.world_size
     devices = [spec.device_name(r) for r in range(world)]

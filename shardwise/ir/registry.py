@@ -8,6 +8,7 @@ torch.export's fake tensors; ``meta_shapes`` recomputes them on the meta device 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -17,11 +18,21 @@ from shardwise.ir.dimops import Dim, OpDims, Operand, frozen_dims, parse_dimops
 from shardwise.ir.graph import Node
 from shardwise.ir.tensor import ScalarSpec, TensorSpec
 
-__all__ = ["OpRule", "REGISTRY", "rule_for", "is_known_op", "tensor_operands", "op_dims", "op_flops"]
+__all__ = [
+    "OpRule", "REGISTRY", "SAVES", "rule_for", "is_known_op", "tensor_operands", "op_dims", "op_flops", "saves_of",
+]  # fmt: skip
 
 Specs = Sequence[TensorSpec]
 DimsFn = Callable[[Node, Specs, Specs], OpDims]
 FlopsFn = Callable[[Node, Specs, Specs], int]
+
+
+#: What an op's backward reads, the one saves-for-backward rule of the memory map and the price list:
+#: "inputs" its tensor operands (the default: matmuls, norms, nonlinear elementwise ops, losses); "output" its
+#: result (tanh, sigmoid, softmax, exp, ...); "both" operands and result (attention); "none" nothing of size
+#: (linear ops: add, sum, cat, copies, views); "factors" a product or quotient reads its other factors, so
+#: nothing when only one operand is a tensor; "mask" a dropout's 1-byte keep mask per element.
+SAVES = ("inputs", "output", "both", "none", "factors", "mask")
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class OpRule:
     dims: DimsFn
     flops: FlopsFn
     moves_data: bool = True  # False for views: no bytes moved
+    saves: str = "inputs"  # one of SAVES: what the backward reads
 
 
 REGISTRY: dict[str, OpRule] = {}
@@ -48,6 +60,12 @@ def _register(
 
 def rule_for(op: str) -> OpRule | None:
     return REGISTRY.get(op)
+
+
+def saves_of(op: str) -> str:
+    """What ``op``'s backward reads (one of :data:`SAVES`); an op outside the registry keeps its operands."""
+    rule = REGISTRY.get(op)
+    return rule.saves if rule is not None else "inputs"
 
 
 def is_known_op(op: str) -> bool:
@@ -658,6 +676,40 @@ _register(["aten.nll_loss_forward.default", "aten.nll_loss.default",
            "aten.binary_cross_entropy_with_logits.default"], "loss", _all_frozen, _per_input_x5)  # fmt: skip
 _register("getitem", "getitem", _getitem, _zero, False)
 _register(["sym_size", "sym_numel", "scalar_op"], "scalar", _all_frozen, _zero, False)
+
+
+def _set_saves(saves: str, ops: Sequence[str]) -> None:
+    for op in ops:
+        REGISTRY[op] = dataclasses.replace(REGISTRY[op], saves=saves)
+
+
+# what the backward reads (SAVES); views and other ops that move no data save nothing
+for _rule in list(REGISTRY.values()):
+    if not _rule.moves_data:
+        _set_saves("none", [_rule.op])
+_set_saves("none", [
+    f"aten.{op}" for op in (
+        "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "neg.default", "sum.default",
+        "sum.dim_IntList", "mean.default", "mean.dim", "cat.default", "concat.default", "stack.default",
+        "clone.default", "contiguous.default", "split.Tensor", "split_with_sizes.default", "chunk.default",
+        "adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default", "avg_pool2d.default", "index_select.default",
+        "embedding.default", "index.Tensor", "zeros_like.default", "ones_like.default", "full_like.default",
+        "masked_fill.Scalar", "where.self", "pad.default", "constant_pad_nd.default", "repeat.default",
+        "roll.default", "flip.default", "cumsum.default", "to.dtype", "to.dtype_layout", "_to_copy.default",
+        "to.device", "type_as.default", "lift_fresh_copy.default",
+    )
+])  # fmt: skip
+_set_saves("output", [
+    f"aten.{op}" for op in (
+        "tanh.default", "tanh_.default", "relu.default", "relu_.default", "sigmoid.default", "sigmoid_.default",
+        "softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default", "exp.default", "exp_.default",
+        "sqrt.default", "sqrt_.default", "rsqrt.default", "rsqrt_.default", "hardtanh.default",
+    )
+])  # fmt: skip
+_set_saves("both", ["aten.scaled_dot_product_attention.default"])
+_set_saves("factors", ["aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar"])
+_set_saves("mask", ["aten.dropout.default", "aten.native_dropout.default", "aten.alpha_dropout.default",
+                    "aten.feature_dropout.default"])  # fmt: skip
 
 SCALAR_OPERATORS: dict[str, Callable[..., object]] = {
     "add": operator.add,

@@ -20,17 +20,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.prices import mesh_prices
+from shardwise.costs.step import predict_flat
 from shardwise.errors import DoesNotFitError, PlanError
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
-from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
-from shardwise.ir.registry import tensor_operands
+from shardwise.ir.plan import Alternative, ExecutionPlan, Prediction, RankMemory
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.cost import CostModel
 from shardwise.passes.memory.buffers import lower_bound
 from shardwise.passes.memory.mapping import map_memory
 from shardwise.passes.memory.program import step_buffers
 from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOptions, place
+from shardwise.passes.sharding.gradients import param_grad_reduce
 from shardwise.passes.sharding.redistribute import replicated
 from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
 from shardwise.planner.simple import KNOWN_DEGREES, OPTIMIZER_STATE_FACTOR, plan_identity
@@ -131,30 +132,6 @@ def _input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, Shar
     return out
 
 
-def param_grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dict[str, tuple[str, ...]]:
-    """Parameters read as they are stored (no redistribution) by every consumer, each leaving a partial
-    gradient over the same axes: reduced once after backward (bucketed) instead of at each use."""
-    by_node = {s.node: s for s in strategies}
-    params = {p.name: p for p in graph.params if p.requires_grad}
-    uses: dict[str, set[tuple[str, ...] | None]] = {}
-    for node in graph.nodes:
-        s = by_node.get(node.name)
-        if s is None or node.op == "getitem":
-            continue
-        reduce = dict(s.grad_reduce)
-        moved = {r.value for r in s.redistributes}
-        for i, name in enumerate(tensor_operands(node)):
-            if name in params:
-                uses.setdefault(name, set()).add(None if name in moved else tuple(reduce.get(i, ())))
-    out = {}
-    for name, axes_set in uses.items():
-        if len(axes_set) == 1 and None not in axes_set:
-            axes = next(iter(axes_set))
-            if axes:
-                out[params[name].key] = axes  # type: ignore[assignment]
-    return out
-
-
 def _step_inputs(
     graph: Graph, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec, train: bool,
     optimizer_factor: int, precision: str, zero: int,
@@ -189,6 +166,25 @@ def _memory(
     return memory
 
 
+def _predict(
+    graph: Graph, cluster: ClusterSpec, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec],
+    mode: str, precision: str, zero: int, optimizer: str, memory: tuple[RankMemory, ...],
+) -> Prediction:  # fmt: skip
+    """The price list's prediction of a placed candidate (``costs.step.price_flat``)."""
+    keys = {p.name: p.key for p in graph.params}
+    candidate = ExecutionPlan(
+        **plan_identity(graph, cluster, mode, precision, mesh),
+        degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1)),
+        graph=graph, strategies=placed.strategies,
+        input_placements=tuple(inputs.get(i.name, replicated(mesh)) for i in graph.inputs),
+        param_placements=tuple((keys[n], s) for n, s in placed.param_placements.items()),
+        output_placements=tuple(replicated(mesh) for _ in graph.outputs),
+        param_grad_reduce=tuple(sorted(param_grad_reduce(graph, placed.strategies).items())) if mode == "train" else (),
+        predicted=Prediction(0.0, 0.0, 0.0, 0.0, ()), memory=memory, optimizer=optimizer, zero_stage=zero,
+    )  # fmt: skip
+    return predict_flat(candidate, cluster)
+
+
 def _cannot_fit(
     graph: Graph, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec,
     train: bool, optimizer_factor: int, precision: str, zero: int,
@@ -203,13 +199,13 @@ def _score(
     analyses: Callable[[bool, bool], Analysis], cluster: ClusterSpec, dp: int, tp: int, *, mode: str, precision: str,
     zero_options: list[int],
     sequence_parallel: bool, optimizer_factor: int, solver: str, time_limit_s: float, budget: bool = True,
-    stats_out: list[ILPStats] | None = None,
+    stats_out: list[ILPStats] | None = None, optimizer: str = "adamw",
 ) -> _Scored:  # fmt: skip
     train = mode == "train"
     analysis = analyses(tp > 1, dp * tp > 1)
     g = analysis.graph
     mesh = DeviceMesh((dp, tp), ("dp", "tp"), tuple(range(dp * tp)))
-    cost = CostModel(cluster, mesh, precision)
+    cost = mesh_prices(cluster, mesh, precision)
     inputs = _input_placements(g, mesh, dp)
     memory_budget = cluster.device.memory_bytes * MEMORY_HEADROOM if budget else None
     last_error = ""
@@ -237,14 +233,7 @@ def _score(
                 continue
             memory = _memory(g, mesh, placed, inputs, cluster, *state)
             peak = max(m.arena_bytes for m in memory)
-            flops = g.total_flops * (3 if train else 1) / (dp * tp)
-            pred = Prediction(
-                step_time_s=placed.time_s, compute_s=placed.compute_s,
-                comm_s=max(0.0, placed.time_s - placed.compute_s), bubble_s=0.0,
-                memory_bytes=tuple(m.arena_bytes for m in memory),
-                tflops_per_device=flops / max(placed.time_s, 1e-12) / 1e12,
-                mfu=flops / max(placed.time_s, 1e-12) / cost.peak_flops,
-            )  # fmt: skip
+            pred = _predict(g, cluster, mesh, placed, inputs, mode, precision, zero, optimizer, memory)
             fits = peak <= cluster.device.memory_bytes
             if fits or (zero == levels[-1] and attempt is attempts[-1]) or not budget:
                 return _Scored(dp, tp, zero, g, mesh, placed, inputs, memory, pred, fits, peak)
@@ -362,6 +351,7 @@ def plan_auto(
                 solver=solver,
                 time_limit_s=time_limit_s,
                 stats_out=stats_out,
+                optimizer=optimizer,
             )  # fmt: skip
         )
     if not scored:
@@ -451,7 +441,7 @@ def plan_auto(
         return _score(
             analyses, cluster, s.dp, s.tp, mode=mode, precision=precision, zero_options=[zero],
             sequence_parallel=sp, optimizer_factor=factor, solver=solver, time_limit_s=time_limit_s,
-            budget=False, stats_out=stats_out,
+            budget=False, stats_out=stats_out, optimizer=optimizer,
         )  # fmt: skip
 
     def choose(plan: ExecutionPlan) -> ExecutionPlan:

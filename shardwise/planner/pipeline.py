@@ -25,9 +25,12 @@ gradient is scaled by ``1 / microbatches``). Guarantees: ``plan.pipeline`` passe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.prices import price_list
+from shardwise.costs.step import mfu, price_pipeline
 from shardwise.errors import PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
@@ -69,10 +72,8 @@ def batch_inputs(graph: Graph) -> tuple[int, ...]:
 
 
 def _grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dict[str, tuple[str, ...]]:
-    try:
-        from shardwise.planner.auto import param_grad_reduce
-    except ImportError:  # the ILP planner is not installed: the simple planner's rule
-        from shardwise.planner.simple import _consistent_param_grad_reduce as param_grad_reduce
+    from shardwise.passes.sharding.gradients import param_grad_reduce
+
     return param_grad_reduce(graph, strategies)
 
 
@@ -159,7 +160,7 @@ def plan_pipeline(
             "dynamic_shapes on the batch dimension"
         )
     options = options or SearchOptions(
-        mode=mode, precision=precision, optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2)
+        mode=mode, precision=precision, optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), optimizer=optimizer,
     )
     result = result or search(graph, cluster, constraints, options)
     best = result.best
@@ -224,7 +225,28 @@ def plan_pipeline(
     )  # fmt: skip
     check_pipeline(spec, train=train)
     plan = _top_plan(graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer)
+    plan = priced_pipeline(plan, cluster, result.model_flops)
     return plan.replace(notes=plan.notes + (whole,)) if whole else plan
+
+
+def priced_pipeline(plan: ExecutionPlan, cluster: ClusterSpec, model_flops: float) -> ExecutionPlan:
+    """``plan`` with its prediction and its stages' times from the price list (``costs.step.price_pipeline``
+    on the realized chunks): the one price of this layout. ``model_flops``: FLOPs of one step."""
+    spec = plan.pipeline
+    assert spec is not None
+    prices = price_list(cluster, plan.precision)
+    priced = price_pipeline(plan, prices)
+    stages = tuple(
+        dataclasses.replace(st, forward_s=priced.chunk_forward_s[c], backward_s=priced.chunk_backward_s[c])
+        for c, st in enumerate(spec.stages)
+    )
+    step = priced.step
+    tflops, util = mfu(model_flops, plan.world_size, step.step_s, prices.peak_flops)
+    predicted = dataclasses.replace(
+        plan.predicted, step_time_s=step.step_s, compute_s=step.compute_s, comm_s=step.comm_s,
+        bubble_s=step.bubble_s, tflops_per_device=tflops, mfu=util,
+    )  # fmt: skip
+    return plan.replace(pipeline=dataclasses.replace(spec, stages=stages), predicted=predicted)
 
 
 def _micro_graph(graph: Graph, micro_graph: Callable[[int], Graph] | None, rows: int) -> tuple[Graph, str]:

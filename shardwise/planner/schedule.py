@@ -23,8 +23,10 @@ device is done. A schedule whose lists cannot all complete raises ``ScheduleDead
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+
+# the schedules' timing is the price list's (costs.step); re-exported here beside the schedules it times
+from shardwise.costs.step import Action, ScheduleDeadlock, SimResult, analytic_step, simulate
 
 __all__ = [
     "Action",
@@ -37,13 +39,6 @@ __all__ = [
     "simulate",
     "analytic_step",
 ]
-
-Action = tuple[str, int, int]
-
-
-class ScheduleDeadlock(RuntimeError):
-    """The action lists wait on each other: no order of execution completes them (a shardwise bug)."""
-
 
 def _gpipe(pp: int, m: int, train: bool) -> list[list[Action]]:
     out = []
@@ -169,96 +164,3 @@ def peak_live_count(schedule: str, pp: int, microbatches: int, virtual: int = 1)
     return [min(m * v, 2 * (pp - p - 1) + (v - 1) * pp + 1) for p in range(pp)]
 
 
-@dataclass(frozen=True)
-class SimResult:
-    step_s: float
-    device_busy_s: tuple[float, ...]  # compute time of each device stage
-    device_end_s: tuple[float, ...]  # when each device stage finished its last action
-    bubble_s: float  # idle time of the busiest device stage before its last action
-    comm_exposed_s: float  # the step's tail spent in gradient reduction and the optimizer
-
-
-def simulate(
-    actions: Sequence[Sequence[Action]],
-    forward_s: Sequence[float],
-    backward_s: Sequence[float],
-    transfer_s: Callable[[int, int], float] | Sequence[float],
-    tail_s: Sequence[float] = (),
-) -> SimResult:
-    """Time ``actions`` (see the module docstring).
-
-    ``forward_s[c]``/``backward_s[c]``: one micro-batch of chunk ``c``; ``transfer_s``: seconds to send
-    chunk ``c``'s output to chunk ``c + 1`` (the same time is used for the gradient back), as a function
-    ``(c, microbatch)`` or a sequence by chunk; ``tail_s[p]``: gradient reduction plus optimizer of device ``p``.
-    """
-    pp = len(actions)
-    chunks = len(forward_s)
-    xfer = transfer_s if callable(transfer_s) else (lambda c, _i, t=transfer_s: t[c] if c < len(t) else 0.0)
-    f_done: dict[tuple[int, int], float] = {}
-    b_done: dict[tuple[int, int], float] = {}
-    pos = [0] * pp
-    free = [0.0] * pp
-    busy = [0.0] * pp
-    remaining = sum(len(a) for a in actions)
-    while remaining:
-        progressed = False
-        for p in range(pp):
-            while pos[p] < len(actions[p]):
-                kind, c, i = actions[p][pos[p]]
-                if kind == "F":
-                    if c == 0:
-                        ready = 0.0
-                    elif (c - 1, i) in f_done:
-                        ready = f_done[(c - 1, i)] + (xfer(c - 1, i) if (c - 1) % pp != c % pp else 0.0)
-                    else:
-                        break
-                    dur = forward_s[c]
-                else:
-                    if (c, i) not in f_done:
-                        break
-                    if c == chunks - 1:
-                        ready = f_done[(c, i)]
-                    elif (c + 1, i) in b_done:
-                        ready = max(
-                            f_done[(c, i)],
-                            b_done[(c + 1, i)] + (xfer(c, i) if (c + 1) % pp != c % pp else 0.0),
-                        )
-                    else:
-                        break
-                    dur = backward_s[c]
-                start = max(free[p], ready)
-                end = start + dur
-                (f_done if kind == "F" else b_done)[(c, i)] = end
-                free[p] = end
-                busy[p] += dur
-                pos[p] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            stuck = {p: actions[p][pos[p]] for p in range(pp) if pos[p] < len(actions[p])}
-            raise ScheduleDeadlock(f"pipeline schedule deadlocks: next actions {stuck}")
-    tails = [tail_s[p] if p < len(tail_s) else 0.0 for p in range(pp)]
-    ends = [free[p] + tails[p] for p in range(pp)]
-    step = max(ends) if ends else 0.0
-    worst = max(range(pp), key=lambda p: busy[p]) if pp else 0
-    bubble = free[worst] - busy[worst] if pp else 0.0
-    exposed = step - max(free) if pp else 0.0
-    return SimResult(step, tuple(busy), tuple(free), bubble, exposed)
-
-
-def analytic_step(
-    pp: int,
-    virtual: int,
-    microbatches: int,
-    device_work_s: Sequence[float],
-    chunk_work_s: Sequence[float],
-    transfer_s: float,
-    tail_s: Sequence[float],
-) -> float:
-    """A closed-form estimate of :func:`simulate` for ranking many candidates: the busiest device's work over
-    all micro-batches, plus the fill-and-drain bubble of ``pp - 1`` chunk steps (``/ virtual`` when
-    interleaved: each step is a chunk, ``1/virtual`` of a device's work) and its transfers."""
-    m = microbatches
-    busiest = max(device_work_s) if device_work_s else 0.0
-    bubble = (pp - 1) * (max(chunk_work_s) + 2 * transfer_s) if pp > 1 else 0.0
-    return m * busiest + bubble + (max(tail_s) if tail_s else 0.0)

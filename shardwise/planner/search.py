@@ -34,14 +34,15 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.memory import element_bytes
+from shardwise.costs.step import StageTail, analytic_step, simulate, stage_tail_s
 from shardwise.errors import DoesNotFitError, PlanError
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import RECOMPUTE, SCHEDULES
-from shardwise.passes.stages.efficiency import Efficiency
 from shardwise.passes.stages.partition import balance
-from shardwise.passes.stages.profile import PRECISION_BYTES, UnitCost, UnitProfiler, traced_batch
+from shardwise.passes.stages.profile import UnitCost, UnitProfiler, traced_batch
 from shardwise.passes.stages.units import LayerUnits, layer_units
-from shardwise.planner.schedule import analytic_step, peak_live_count, schedule_actions, simulate
+from shardwise.planner.schedule import peak_live_count, schedule_actions
 
 __all__ = ["SearchOptions", "Candidate", "SearchResult", "search", "PIPELINE_CONSTRAINTS"]
 
@@ -62,8 +63,8 @@ class SearchOptions:
     top_k: int = 12
     memory_headroom: float = 0.9  # of device memory a plan may use (allocator slack, workspaces)
     max_virtual: int = 8
-    efficiency: Efficiency | None = None
     fusion: bool = True
+    optimizer: str = "adamw"
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,12 @@ class _Tables:
         def prefix(xs: list[float]) -> list[float]:
             return [0.0, *accumulate(xs)]
 
+        self.rec = [c.recompute_s for c in costs]
         self.p_fwd = prefix(self.fwd)
         self.p_bwd = prefix(self.bwd)
+        self.p_rec = prefix(self.rec)
+        self.p_tensors = prefix([float(c.tensors) for c in costs])
+        self.working = [c.working_bytes for c in costs]
         self.p_commf = prefix([c.comm_forward_s for c in costs])
         self.p_commb = prefix([c.comm_backward_s for c in costs])
         self.p_param = prefix([float(c.param_elems) for c in costs])
@@ -214,10 +219,11 @@ class _Context:
         self.train = options.mode == "train"
         self.units = units
         self.profiler = UnitProfiler(
-            graph, units, cluster, precision=options.precision, train=self.train, efficiency=options.efficiency,
-            fusion=options.fusion,
+            graph, units, cluster, precision=options.precision, train=self.train, fusion=options.fusion,
+            optimizer_state=options.optimizer_factor,
         )  # fmt: skip
-        self.comm = self.profiler.comm
+        self.prices = self.profiler.prices
+        self.comm = self.prices.comm
         n = len(units)
         if options.repeat_blocks is not None and units.family:
             self.sequence = (0, *([1] * options.repeat_blocks), n - 1)
@@ -228,15 +234,12 @@ class _Context:
         self.traced = traced_batch(graph)
         self.batch = options.global_batch or self.traced
         self.capacity = cluster.device.memory_bytes * options.memory_headroom
-        pbytes = PRECISION_BYTES.get(options.precision, 4)
-        f = options.optimizer_factor
-        mixed = options.precision != "fp32"
-        # per trainable element: weight, fp32 gradient, fp32 master copy (mixed precision), optimizer state
-        self.train_bytes = pbytes + 4 + (4 if mixed else 0) + 4 * f if self.train else pbytes
-        self.frozen_bytes = pbytes
-        # optimizer step traffic per element: read master, grad, state; write master, state (and the weight)
-        self.opt_traffic = (4 + 4 + 4 * f) + (4 + 4 * f) + (pbytes if mixed else 0)
-        self.opt_bandwidth = cluster.device.memory_bandwidth * self.profiler.efficiency.memory
+        # bytes per parameter element on its device (costs.memory): weights, gradients, optimizer state
+        per = {"train": self.train, "precision": options.precision, "state": options.optimizer_factor}
+        self.train_bytes = element_bytes(trainable=True, **per).total  # type: ignore[arg-type]
+        self.frozen_bytes = element_bytes(trainable=False, **per).total  # type: ignore[arg-type]
+        # the optimizer steps tensors with foreach kernels where the host runs ahead (GPUs), else one by one
+        self.foreach = cluster.efficiency.overhead_hidden
         # parameters read by several units (tied weights): (positions reading it, elements)
         readers: dict[str, set[int]] = {}
         unit_of = units.unit_of()
@@ -290,7 +293,7 @@ def _work(ctx: _Context, t: _Tables, recompute: str) -> list[float]:
     full = recompute == "full"
     if not ctx.train:
         return list(t.fwd)
-    return [f + b + (f if full else 0.0) for f, b in zip(t.fwd, t.bwd, strict=True)]
+    return [f + b + (r if full else 0.0) for f, b, r in zip(t.fwd, t.bwd, t.rec, strict=True)]
 
 
 def _evaluate(
@@ -321,11 +324,15 @@ def _evaluate(
                 params -= extra
                 trainable -= extra
         fixed = trainable * ctx.train_bytes + (params - trainable) * ctx.frozen_bytes
+        working = max(t.working[a:z])
         if not train:
-            return fixed, max(costs[i].output_bytes + costs[i].input_bytes for i in range(a, z))
-        if full:
-            return fixed + max(t.act[a:z]), rng(t.p_in, a, z)  # one unit recomputed at a time
-        return fixed, rng(t.p_act, a, z)
+            return fixed + working, max(costs[i].output_bytes + costs[i].input_bytes for i in range(a, z))
+        # the optimizer's scratch: a foreach step makes one value per element at once, a per-tensor step two
+        # of the largest tensor's (bounded here by the chunk's share per tensor)
+        scratch = 4 * trainable if ctx.foreach else 8 * trainable / max(rng(t.p_tensors, a, z), 1.0)
+        if full:  # the backward runs the whole chunk's forward again: all its activations at once
+            return fixed + scratch + rng(t.p_act, a, z) + working, rng(t.p_in, a, z)
+        return fixed + scratch + working, rng(t.p_act, a, z)
 
     def device_memory(bnds: list[tuple[int, int]]) -> list[float]:
         mem = [0.0] * pp
@@ -350,7 +357,7 @@ def _evaluate(
     fits_all = max(mem) <= ctx.capacity
     cf = [rng(t.p_fwd, a, z) for a, z in bounds]
     if train:
-        cb = [rng(t.p_bwd, a, z) + (rng(t.p_fwd, a, z) if full else 0.0) for a, z in bounds]
+        cb = [rng(t.p_bwd, a, z) + (rng(t.p_rec, a, z) if full else 0.0) for a, z in bounds]
         comm_chunk = [rng(t.p_commf, a, z) * (2 if full else 1) + rng(t.p_commb, a, z) for a, z in bounds]
     else:
         cb = [0.0] * chunks
@@ -363,24 +370,23 @@ def _evaluate(
     tail = [0.0] * pp
     if train:
         for p in range(pp):
-            trainable = grad_reduce = 0.0
+            trainable = grad_reduce = tensors = 0.0
             for c in range(p, chunks, pp):
                 a, z = bounds[c]
                 trainable += rng(t.p_train, a, z)
                 grad_reduce += rng(t.p_gr, a, z)
-            dp_ranks = tuple(_rank(p, d, 0, dp, tp) for d in range(dp))
-            tail[p] = (
-                ctx.collective("allreduce", trainable * 4, dp_ranks)
-                + ctx.collective("allreduce", grad_reduce, tuple(_rank(p, 0, k, dp, tp) for k in range(tp)))
-                + trainable * ctx.opt_traffic / ctx.opt_bandwidth
-            )
-        for _, positions, elems in ctx.tied:
-            stages = sorted({c % pp for c, (a, z) in enumerate(bounds) if any(a <= i < z for i in positions)})
-            if len(stages) > 1:
-                ranks = tuple(_rank(p, 0, 0, dp, tp) for p in stages)
-                x = ctx.collective("allreduce", elems * 4 / tp, ranks)
-                for p in stages:
-                    tail[p] += x
+                tensors += rng(t.p_tensors, a, z)
+            tied = []
+            for _, positions, elems in ctx.tied:
+                stages = sorted({c % pp for c, (a, z) in enumerate(bounds) if any(a <= i < z for i in positions)})
+                if len(stages) > 1 and p in stages:
+                    tied.append((elems * 4 / tp, tuple(_rank(s, 0, 0, dp, tp) for s in stages)))
+            stage = StageTail(
+                trainable_elems=trainable, tensors=int(tensors), tp_grad_bytes=grad_reduce,
+                dp_ranks=tuple(_rank(p, d, 0, dp, tp) for d in range(dp)),
+                tp_ranks=tuple(_rank(p, 0, k, dp, tp) for k in range(tp)), tied=tuple(tied),
+            )  # fmt: skip
+            tail[p] = stage_tail_s(ctx.prices, stage, optimizer=ctx.options.optimizer, zero=0)
     device_work = [0.0] * pp
     device_comm = [0.0] * pp
     for c in range(chunks):
@@ -415,7 +421,7 @@ def _lower_bound(
     step = (m + (pp - 1) / v) * work / pp
     if ctx.train:
         per_device = trainable / pp
-        step += per_device * ctx.opt_traffic / ctx.opt_bandwidth
+        step += ctx.prices.optimizer_step_s(per_device, 1, ctx.options.optimizer, foreach=True)
         step += ctx.collective("allreduce", per_device * 4, tuple(_rank(0, d, 0, dp, tp) for d in range(dp)))
     return step, fixed / pp
 

@@ -11,13 +11,14 @@ import hashlib
 from collections.abc import Mapping
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.prices import MeshPrices, mesh_prices
+from shardwise.costs.step import predict_flat
 from shardwise.errors import DoesNotFitError, PlanError
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
 from shardwise.ir.plan import SCHEMA_VERSION, Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
 from shardwise.ir.serialize import graph_to_json
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.cost import CostModel
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR, map_memory
 from shardwise.passes.sharding.propagate import follow_producers
 from shardwise.passes.sharding.redistribute import replicated
@@ -100,21 +101,11 @@ def _memory(
 
 def _score(
     graph: Graph, cluster: ClusterSpec, mesh: DeviceMesh, dp: int, mode: str, precision: str
-) -> tuple[tuple[NodeStrategy, ...], tuple[str, ...], Prediction, dict[str, ShardingSpec], CostModel]:
-    train = mode == "train"
-    cost = CostModel(cluster, mesh, precision)
+) -> tuple[tuple[NodeStrategy, ...], tuple[str, ...], dict[str, ShardingSpec], MeshPrices]:
+    cost = mesh_prices(cluster, mesh, precision)
     inputs = _input_placements(graph, mesh, dp)
-    strategies, run_whole = follow_producers(graph, mesh, inputs, {}, cost, train=train)
-    compute = sum(s.compute_s for s in strategies)
-    comm = sum(s.comm_s for s in strategies)
-    if train:
-        compute *= 3  # backward ~ 2x forward
-        comm *= 2  # every forward collective has a backward counterpart
-        trainable = sum(p.spec.nbytes for p in graph.params if p.requires_grad)
-        if dp > 1:
-            comm += cost.collective_s("allreduce", trainable, "dp")
-    pred = Prediction(step_time_s=compute + comm, compute_s=compute, comm_s=comm, bubble_s=0.0, memory_bytes=())
-    return strategies, run_whole, pred, inputs, cost
+    strategies, run_whole = follow_producers(graph, mesh, inputs, {}, cost, train=mode == "train")
+    return strategies, run_whole, inputs, cost
 
 
 def plan_simple(
@@ -154,18 +145,23 @@ def plan_simple(
             if "dp" in constraints:
                 raise PlanError(f"dp={dp} needs a batch size divisible by {dp}; the example inputs have {batch}")
             continue
-        strategies, run_whole, pred, inputs, _ = _score(graph, cluster, mesh, dp, mode, precision)
+        strategies, run_whole, inputs, _ = _score(graph, cluster, mesh, dp, mode, precision)
         memory = _memory(
             graph, mesh, strategies, inputs, cluster, mode == "train", OPTIMIZER_STATE_FACTOR.get(optimizer, 2),
             precision,
         )  # fmt: skip
         peak = max(m.arena_bytes for m in memory)
-        pred = Prediction(
-            step_time_s=pred.step_time_s, compute_s=pred.compute_s, comm_s=pred.comm_s, bubble_s=0.0,
-            memory_bytes=tuple(m.arena_bytes for m in memory),
-            tflops_per_device=(graph.total_flops * (3 if mode == "train" else 1) / max(dp, 1))
-            / max(pred.step_time_s, 1e-12) / 1e12,
+        grad_reduce = _consistent_param_grad_reduce(graph, strategies) if mode == "train" else {}
+        candidate = ExecutionPlan(
+            **plan_identity(graph, cluster, mode, precision, mesh), degrees_=(("dp", dp), ("tp", 1), ("pp", 1)),
+            graph=graph, strategies=strategies,
+            input_placements=tuple(inputs.get(i.name, replicated(mesh)) for i in graph.inputs),
+            param_placements=tuple((p.key, replicated(mesh)) for p in graph.params),
+            output_placements=tuple(replicated(mesh) for _ in graph.outputs),
+            param_grad_reduce=tuple(sorted(grad_reduce.items())), predicted=Prediction(0.0, 0.0, 0.0, 0.0, ()),
+            memory=memory, optimizer=optimizer,
         )  # fmt: skip
+        pred = predict_flat(candidate, cluster)
         fits = peak <= cluster.device.memory_bytes
         scored.append((dp, mesh, strategies, run_whole, pred, inputs, memory, fits, peak))
     if not scored:

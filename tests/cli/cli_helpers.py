@@ -46,10 +46,12 @@ def cli(*args: object, cwd: Path | None = None) -> CliResult:
 
 
 def python_env(**extra: str) -> dict[str, str]:
-    """The environment for child Python processes: one thread each (2 cores are shared), nothing inherited
-    that would change what they import."""
+    """The environment for child Python processes: one thread each (2 cores are shared), importing this
+    checkout's shardwise (the repository root first on PYTHONPATH), nothing else inherited that would change
+    what they import."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(OMP_NUM_THREADS="1", SHARDWISE_THREADS_PER_WORKER="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(extra)
     return env

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from shardwise.ir.graph import Graph, Node, iter_values
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
 from shardwise.ir.plan import NodeStrategy
-from shardwise.ir.registry import tensor_operands
+from shardwise.ir.registry import saves_of, tensor_operands
 from shardwise.ir.tensor import TensorSpec, dtype_bytes
 from shardwise.passes.memory.buffers import Buffer
 
@@ -84,32 +84,12 @@ _GRAD_VIEWS = frozenset(
                "detach.default", "view_as.default", "unflatten.int", "flatten.using_ints", "reshape.default",
                "contiguous.default")
 )  # fmt: skip
-# what an op keeps for backward: "in" its tensor operands, "out" its output, "none"
-_SAVES_NONE = frozenset(
-    f"aten.{op}"
-    for op in ("add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "neg.default", "sum.default",
-               "sum.dim_IntList", "mean.default", "mean.dim", "cat.default", "stack.default", "clone.default",
-               "copy.default", "split.Tensor", "split_with_sizes.default", "unbind.int", "chunk.default",
-               "adaptive_avg_pool2d.default", "avg_pool2d.default", "dropout.default", "rsub.Scalar",
-               "index_select.default", "embedding.default", "index.Tensor", "zeros_like.default",
-               "ones_like.default", "full_like.default", "masked_fill.Scalar", "where.self", "pad.default",
-               "constant_pad_nd.default", "repeat.default", "roll.default", "flip.default", "cumsum.default")
-)  # fmt: skip
-_SAVES_OUT = frozenset(
-    f"aten.{op}"
-    for op in ("tanh.default", "relu.default", "relu_.default", "sigmoid.default", "softmax.int",
-               "_softmax.default", "log_softmax.int", "_log_softmax.default", "exp.default", "sqrt.default",
-               "rsqrt.default", "hardtanh.default")
-)  # fmt: skip
-_SAVES_BOTH = frozenset(("aten.scaled_dot_product_attention.default",))
 _MATMULS = frozenset(
     f"aten.{op}"
     for op in ("linear.default", "matmul.default", "mm.default", "bmm.default", "addmm.default",
                "baddbmm.default", "conv1d.default", "conv2d.default", "conv3d.default", "convolution.default",
                "einsum.default")
 )  # fmt: skip
-_SCALED = frozenset(("aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar"))
-_MASKS = frozenset(("aten.dropout.default", "aten.native_dropout.default"))
 _NO_BUFFER_COLLECTIVES = ("none", "slice")  # a local slice is a view of the replicated value
 BUCKET_BYTES = 25 * 2**20  # the gradient buckets of the runtime library (shardwise.runtime.lib.gradients)
 
@@ -321,7 +301,7 @@ def step_buffers(
         local[node.name] = nbytes(out, placement, True)
         grad[node.name] = needs and _is_float(out)
         first = names[0] if names else ""
-        inert = node.op in _MASKS and _inert_dropout(node)  # returns its input: p == 0 or not training
+        inert = saves_of(node.op) == "mask" and _inert_dropout(node)  # returns its input: p == 0 or not training
         view = (node.op in _VIEWS or inert) and bool(reads) and reads[0] != ""
         if view and node.op in _COPY_IF_STRIDED and first in strided:
             view = False
@@ -345,19 +325,18 @@ def step_buffers(
                 spec = graph.spec_of(v) if j in redist else None
                 if v in is_param and grad.get(v) and isinstance(spec, TensorSpec) and _is_float(spec):
                     gathered[j] = nbytes(spec, moved[v].dst, True)
-        # what the backward of this op reads
+        # what the backward of this op reads (the registry's saves-for-backward rule)
+        saves = saves_of(node.op)
         saved: list[str] = []
-        if node.op in _SAVES_OUT:
+        if saves == "output":
             saved.append(storage[node.name])
-        elif node.op in _SAVES_BOTH:
+        elif saves == "both":
             saved += [r for r in reads if r] + [storage[node.name]]
-        elif node.op in _SCALED and len(names) < 2:
-            pass  # times (or over) a number: the backward needs only the number
-        elif node.op not in _SAVES_NONE and node.op not in _VIEWS:
+        elif saves == "inputs" or (saves == "factors" and len(names) >= 2):
             saved += [r for j, r in enumerate(reads) if r and j not in gathered]
         for sid in saved:
             users_saving.setdefault(sid, []).append(k)
-        if node.op in _MASKS and not inert:  # a 1-byte keep mask per element
+        if saves == "mask" and not inert:  # a 1-byte keep mask per element
             lives.new(f"mask:{node.name}", local[node.name] // _local_elt(out, low), k)
             users_saving.setdefault(f"mask:{node.name}", []).append(k)
         for j, size in gathered.items():

@@ -6,10 +6,11 @@
 - on the ``tp`` axis every op may run whole, split any valid label of its annotation, or pass a partial sum
   through; every parameter may be replicated or split on any dimension that divides (with ZeRO-3 also on
   the ``dp`` axis);
-- costs: roofline compute time of each op divided by its split (x3 in training: backward ~ 2x forward), the
-  time of every redistribution (forward and its backward conjugate), the all-reduce of partial gradients
-  (an all-gather whose gradient is partial becomes a reduce-scatter in the backward), and per-device
-  memory (parameters, gradients and optimizer state by placement; saved activations in training);
+- costs, all from the price list (``shardwise.costs``): each op's forward on its share of the work and, in
+  training, its backward; the time of every redistribution (forward and its backward conjugate), the
+  all-reduce of partial gradients (an all-gather whose gradient is partial becomes a reduce-scatter in the
+  backward), and per-device memory (parameters, gradients and optimizer state by placement, per element as
+  ``costs.memory.element_bytes`` says; saved activations in training);
 - the ILP (``ilp.solve``) over the classes of the shrunk problem (``shrink``) picks one candidate per class.
 
 Requires: a verified graph; ``inputs`` one placement per tensor graph input. Guarantees: one NodeStrategy
@@ -24,12 +25,13 @@ import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
+from shardwise.costs.memory import element_bytes
+from shardwise.costs.prices import MeshPrices
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec, chunks_cleanly
 from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.cost import CostModel
 from shardwise.passes.sharding.candidates import (
     Choice,
     NodeInfo,
@@ -41,7 +43,7 @@ from shardwise.passes.sharding.candidates import (
     tensor_specs,
     token_dims,
 )
-from shardwise.passes.sharding.ilp import ClassVar, Consumer, Problem, SharedValue, solve
+from shardwise.passes.sharding.ilp import TIME_TOLERANCE, ClassVar, Consumer, Problem, SharedValue, solve
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
 from shardwise.passes.sharding.shrink import Structure, build_structure
 
@@ -77,6 +79,9 @@ class PlaceOptions:
     solver: str = "cbc"
     time_limit_s: float = 60.0
     shrink: bool = True
+    # placements predicted within this fraction of the fastest are compared by memory (ilp.TIME_TOLERANCE);
+    # None: time alone
+    time_tolerance: float | None = TIME_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ class Placed:
 class _Costs:
     """Cached cost functions of one (mesh, cluster, precision, mode)."""
 
-    def __init__(self, cost: CostModel, mesh: DeviceMesh, opts: PlaceOptions) -> None:
+    def __init__(self, cost: MeshPrices, mesh: DeviceMesh, opts: PlaceOptions) -> None:
         self.cost = cost
         self.mesh = mesh
         self.opts = opts
@@ -131,13 +136,8 @@ class _Costs:
         return n
 
     def compute(self, info: NodeInfo, choice: Choice, grad: bool) -> float:
-        node = info.node
-        nbytes = node.bytes_moved * (0.5 if self.low else 1.0)
-        t = max(
-            node.flops / choice.ways / self.cost.peak_flops,
-            nbytes / choice.ways / self.cost.cluster.device.memory_bandwidth,
-        )
-        return t * (3.0 if grad else 1.0)
+        """The op's forward on its share of the work, and its backward when ``grad`` (the price list's)."""
+        return self.cost.step_s(info.node, choice.ways, grad)
 
     def edge(
         self,
@@ -156,8 +156,7 @@ class _Costs:
         hit = self._edge.get(key)
         if hit is not None:
             return hit
-        cspec = self.comm_spec(spec)
-        steps = redistribute_steps("v", cspec, src, dst, self.mesh, self.cost) if src != dst else ()
+        steps = redistribute_steps("v", spec, src, dst, self.mesh, self.cost) if src != dst else ()
         t = sum(s.time_s for s in steps)
         if not self.opts.sequence_parallel and not param and not sink:
             # without sequence parallelism activations between tensor-parallel regions are whole: partial
@@ -232,15 +231,15 @@ def _param_memory(graph: Graph, opts: PlaceOptions, mesh: DeviceMesh) -> dict[st
     dp = mesh.axis_size(opts.dp_axis)
     out: dict[str, float] = {}
     for p in graph.params:
-        size = p.spec.nbytes / max(p.spec.numel, 1)
         is_float = p.spec.dtype.startswith(_FLOAT)
-        if not opts.train or not p.requires_grad or not is_float:
-            out[p.name] = size / 2 if (is_float and opts.precision != "fp32" and not opts.train) else size
+        if not is_float:
+            out[p.name] = p.spec.nbytes / max(p.spec.numel, 1)
             continue
-        state = 4.0 * opts.optimizer_factor
-        if opts.zero >= 1:
-            state /= dp
-        out[p.name] = 4.0 + 4.0 + state  # fp32 master weight, gradient, optimizer state
+        # ZeRO-3 shards the weights through their placement (Shard on dp): the per-element bytes stop at stage 2
+        out[p.name] = element_bytes(
+            train=opts.train, trainable=p.requires_grad and p.kind == "parameter", precision=opts.precision,
+            state=opts.optimizer_factor, zero=min(opts.zero, 2), dp=dp,
+        ).total  # fmt: skip
     return out
 
 
@@ -288,7 +287,7 @@ class Analysis:
 def place(
     graph: Graph,
     mesh: DeviceMesh,
-    cost: CostModel,
+    cost: MeshPrices,
     inputs: Mapping[str, ShardingSpec],
     opts: PlaceOptions | None = None,
     analysis: Analysis | None = None,
@@ -359,9 +358,9 @@ def place(
         class_ids[root] = len(problem.classes)
         count = structure.class_count[root]
         members = structure.members[root]
-        cost_row, mem_row = [], []
+        cost_row, mem_row, state_row = [], [], []
         for row in group_choices[root]:
-            t = m = 0.0
+            t = m = state = 0.0
             for member, ch in zip(members, row, strict=True):
                 unit = structure.units[member]
                 if unit.kind == "node":
@@ -379,9 +378,11 @@ def place(
                         if isinstance(p, Shard):
                             local //= size
                     m += local * pmem[member]
+                    state += local * pmem[member]
             cost_row.append(t * count)
             mem_row.append(m * count)
-        problem.classes.append(ClassVar(root, cost_row, mem_row))
+            state_row.append(state * count)
+        problem.classes.append(ClassVar(root, cost_row, mem_row, state_row))
     sink = len(problem.classes)
     problem.classes.append(ClassVar(_SINK, [0.0], [0.0]))
 
@@ -470,7 +471,7 @@ def place(
                 cons_before += nu + nv
     build_s = time.perf_counter() - t0
 
-    solution = solve(problem, solver=opts.solver, time_limit_s=opts.time_limit_s)
+    solution = solve(problem, solver=opts.solver, time_limit_s=opts.time_limit_s, time_tolerance=opts.time_tolerance)
 
     # --- expand the solution to every node -----------------------------------------------------------------
     chosen: dict[str, Choice] = {}
@@ -510,7 +511,7 @@ def place(
 def _strategies(
     graph: Graph,
     mesh: DeviceMesh,
-    cost: CostModel,
+    cost: MeshPrices,
     costs: _Costs,
     inputs: Mapping[str, ShardingSpec],
     chosen: Mapping[str, Choice],

@@ -13,6 +13,14 @@ candidates ``a``:
 Edges within one class are linear (``e[a,b] = x[a]`` if ``a == b``) and so are edges to a class with one
 candidate. Solvers: PuLP + CBC (default) or OR-Tools CP-SAT, both single-threaded (deterministic) with a
 time limit; the best solution found when the limit hits is used, and the status says so.
+
+Memory is in the objective, second: after the least time ``T*`` is found, a second solve keeps the time within
+``(1 + time_tolerance) T*`` and minimizes the memory (``sum mem[c,a] x[c,a]``): of the placements predicted as
+fast as the fastest, the one whose weights and optimizer state take the least memory per device (a weight
+read split over the tensor-parallel axis costs the same time stored whole or split in inference, and a fraction
+of the bytes split; ``ClassVar.state``). The default tolerance only breaks ties (``TIME_TOLERANCE``): trading time for memory between whole layouts is the
+planner's choice (``planner.search.MEMORY_TOLERANCE``), not many small trades inside one placement.
+``time_tolerance=None`` solves for time alone.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ from dataclasses import dataclass, field
 
 from shardwise.errors import DoesNotFitError, SolverError
 
-__all__ = ["ClassVar", "Consumer", "SharedValue", "Problem", "Solution", "solve", "SOLVERS"]
+__all__ = ["ClassVar", "Consumer", "SharedValue", "Problem", "Solution", "solve", "SOLVERS", "TIME_TOLERANCE"]
 
 SOLVERS = ("cbc", "cpsat")
+#: placements predicted within this fraction of the fastest are compared by memory (see the module docstring)
+TIME_TOLERANCE = 1e-6
 _US = 1e6
 
 
@@ -36,6 +46,7 @@ class ClassVar:
     name: str
     cost: list[float]  # seconds per candidate (already multiplied by the class's count)
     memory: list[float]  # bytes per candidate (idem)
+    state: list[float] | None = None  # of which parameters, gradients and optimizer state (the tie-break's)
 
 
 @dataclass
@@ -112,16 +123,42 @@ def _pairs_needed(problem: Problem) -> set[tuple[int, int]]:
     return need
 
 
-def solve(problem: Problem, *, solver: str = "cbc", time_limit_s: float = 60.0, threads: int = 1) -> Solution:
-    """Minimize time subject to memory; raises DoesNotFitError when no assignment fits the budget."""
+def solve(
+    problem: Problem, *, solver: str = "cbc", time_limit_s: float = 60.0, threads: int = 1,
+    time_tolerance: float | None = TIME_TOLERANCE,
+) -> Solution:  # fmt: skip
+    """Minimize time subject to memory, then memory within ``time_tolerance`` of the least time (see the
+    module docstring); raises DoesNotFitError when no assignment fits the budget."""
     if solver not in SOLVERS:
         raise SolverError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if all(len(c.cost) == 1 for c in problem.classes):
         choice = tuple(0 for _ in problem.classes)
         return _evaluate(problem, choice, "trivial", 0.0, 0, 0)
-    if solver == "cpsat":
-        return _solve_cpsat(problem, time_limit_s, threads)
-    return _solve_cbc(problem, time_limit_s, threads)
+    run = _solve_cpsat if solver == "cpsat" else _solve_cbc
+    fastest = run(problem, time_limit_s, threads, None)
+    if time_tolerance is None or not any(c.state and len(set(c.state)) > 1 for c in problem.classes):
+        return fastest
+    try:
+        leaner = run(problem, time_limit_s, threads, fastest.objective_s * (1 + time_tolerance))
+    except (DoesNotFitError, SolverError):  # the solver could not place again within the cap: keep the fastest
+        return fastest
+    if leaner.objective_s <= fastest.objective_s * (1 + time_tolerance) * (1 + 1e-9) and (
+        _state(problem, leaner.choice) < _state(problem, fastest.choice)
+    ):
+        return Solution(
+            leaner.choice, leaner.objective_s, leaner.memory_bytes, leaner.status,
+            fastest.solve_s + leaner.solve_s, leaner.variables, leaner.constraints,
+        )  # fmt: skip
+    return fastest
+
+
+def _fixed_cost(problem: Problem) -> float:
+    """The time of the classes with one candidate (no variable carries it)."""
+    return sum(c.cost[0] for c in problem.classes if len(c.cost) == 1)
+
+
+def _state(problem: Problem, choice: Sequence[int]) -> float:
+    return sum((c.state or [0.0] * len(c.cost))[a] for c, a in zip(problem.classes, choice, strict=True))
 
 
 def _evaluate(
@@ -174,7 +211,8 @@ def _var(lp, name: str, low: float | None, high: float | None, cat: str = "Conti
     return pulp.LpVariable(name, low, high, cat=cat)
 
 
-def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
+def _solve_cbc(problem: Problem, time_limit_s: float, threads: int, time_cap: float | None) -> Solution:
+    """Least time (``time_cap`` None), or least memory with the time at most ``time_cap``."""
     import pulp
 
     start = time.perf_counter()
@@ -220,16 +258,28 @@ def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
                 lp += y >= pulp.lpSum(coef * var for coef, var in terms) + c0
                 ncons += 1
             objective.append((cost, y))
-    # in microseconds: CBC's absolute tolerances would swallow differences of a few seconds' millionths
-    lp += pulp.lpSum(coef * _US * var for coef, var in objective) + const * _US
+    # in microseconds: CBC's absolute tolerances would swallow differences of a few seconds' millionths; the
+    # classes with one candidate add their fixed cost (it matters when the time is capped)
+    const += _fixed_cost(problem)
+    time_expr = pulp.lpSum(coef * _US * var for coef, var in objective) + const * _US
+    mem_terms = []
+    fixed = problem.constant_memory
+    for ci, c in enumerate(problem.classes):
+        if len(c.memory) == 1:
+            fixed += c.memory[0]
+        else:
+            mem_terms += [(v, var) for v, var in zip(c.memory, x[ci], strict=True) if v]
+    if time_cap is None:
+        lp += time_expr
+    else:  # the parameters' memory, in MiB (keeps CBC's tolerances meaningful)
+        state_terms = [
+            (v, var) for ci, c in enumerate(problem.classes) if len(c.cost) > 1 and c.state
+            for v, var in zip(c.state, x[ci], strict=True) if v
+        ]  # fmt: skip
+        lp += pulp.lpSum(coef / 2**20 * var for coef, var in state_terms)
+        lp += time_expr <= time_cap * _US
+        ncons += 1
     if problem.memory_budget is not None:
-        mem_terms = []
-        fixed = problem.constant_memory
-        for ci, c in enumerate(problem.classes):
-            if len(c.memory) == 1:
-                fixed += c.memory[0]
-            else:
-                mem_terms += [(v, var) for v, var in zip(c.memory, x[ci], strict=True) if v]
         lp += pulp.lpSum(coef * var for coef, var in mem_terms) <= problem.memory_budget - fixed
         ncons += 1
     with warnings.catch_warnings():  # PuLP 3 flags its bundled CBC as deprecated; it is the one installed
@@ -253,7 +303,8 @@ def _solve_cbc(problem: Problem, time_limit_s: float, threads: int) -> Solution:
     return _evaluate(problem, choice, sol_status, elapsed, nvars, ncons)
 
 
-def _solve_cpsat(problem: Problem, time_limit_s: float, threads: int) -> Solution:
+def _solve_cpsat(problem: Problem, time_limit_s: float, threads: int, time_cap: float | None) -> Solution:
+    """Least time (``time_cap`` None), or least memory with the time at most ``time_cap``."""
     from ortools.sat.python import cp_model
 
     start = time.perf_counter()
@@ -309,15 +360,26 @@ def _solve_cpsat(problem: Problem, time_limit_s: float, threads: int) -> Solutio
                 model.Add(y >= sum(var for _, var in terms) + int(c0))
                 ncons += 1
             objective.append((icost, y))
-    model.Minimize(sum(c * v for c, v in objective))
+    fixed = problem.constant_memory
+    terms = []
+    for ci, c in enumerate(problem.classes):
+        if len(c.memory) == 1:
+            fixed += c.memory[0]
+        else:
+            terms += [(math.ceil(v * mem_scale), var) for v, var in zip(c.memory, x[ci], strict=True)]
+    if time_cap is None:
+        model.Minimize(sum(c * v for c, v in objective))
+    else:
+        room = time_cap - problem.constant_time - _fixed_cost(problem)
+        # each coefficient was rounded to a nanosecond: the fastest assignment may sum up to half a unit per term
+        # above the true time
+        model.Add(sum(c * v for c, v in objective) <= math.floor(room * scale) + len(objective))
+        ncons += 1
+        model.Minimize(sum(
+            math.ceil(v * mem_scale) * var for ci, c in enumerate(problem.classes) if len(c.cost) > 1 and c.state
+            for v, var in zip(c.state, x[ci], strict=True)
+        ))  # fmt: skip
     if problem.memory_budget is not None:
-        fixed = problem.constant_memory
-        terms = []
-        for ci, c in enumerate(problem.classes):
-            if len(c.memory) == 1:
-                fixed += c.memory[0]
-            else:
-                terms += [(math.ceil(v * mem_scale), var) for v, var in zip(c.memory, x[ci], strict=True)]
         model.Add(sum(c * v for c, v in terms) <= math.floor((problem.memory_budget - fixed) * mem_scale))
         ncons += 1
     solver = cp_model.CpSolver()

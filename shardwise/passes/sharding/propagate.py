@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from shardwise.costs.prices import MeshPrices
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
 from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.registry import op_dims, rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.cost import CostModel
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
 from shardwise.passes.sharding.strategy import make_strategy, split_is_valid
 
@@ -32,7 +32,7 @@ def follow_producers(
     mesh: DeviceMesh,
     input_placements: Mapping[str, ShardingSpec],
     param_placements: Mapping[str, ShardingSpec],
-    cost: CostModel | None,
+    cost: MeshPrices | None,
     *,
     train: bool,
 ) -> tuple[tuple[NodeStrategy, ...], tuple[str, ...]]:

@@ -1,11 +1,13 @@
-"""Which collective turns one placement into another, per mesh axis, and what it costs."""
+"""Which collective turns one placement into another, per mesh axis, and what it costs (the price list's
+collective time, on the wire at the plan's precision)."""
 
 from __future__ import annotations
 
+from shardwise.costs.compute import wire_spec
+from shardwise.costs.prices import MeshPrices
 from shardwise.ir.placement import DeviceMesh, Partial, Placement, Replicate, Shard, ShardingSpec
 from shardwise.ir.plan import Redistribute
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.cost import CostModel
 
 __all__ = ["collective_for", "redistribute_steps", "replicated"]
 
@@ -35,13 +37,15 @@ def collective_for(src: Placement, dst: Placement) -> str:
 
 
 def redistribute_steps(
-    value: str, spec: TensorSpec, src: ShardingSpec, dst: ShardingSpec, mesh: DeviceMesh, cost: CostModel | None
+    value: str, spec: TensorSpec, src: ShardingSpec, dst: ShardingSpec, mesh: DeviceMesh, cost: MeshPrices | None
 ) -> tuple[Redistribute, ...]:
     """One step per mesh axis whose placement changes, in axis order.
 
     ``nbytes`` is the size of the buffer the collective moves on that axis: the value as sharded by the
-    other axes (the full value along this one).
+    other axes (the full value along this one), floats at the precision's width when ``cost`` is given.
     """
+    if cost is not None:
+        spec = wire_spec(spec, cost.precision)
     steps = []
     for axis_index, (s, d) in enumerate(zip(src.placements, dst.placements, strict=True)):
         kind = collective_for(s, d)

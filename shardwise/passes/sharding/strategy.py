@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from shardwise.costs.prices import MeshPrices
 from shardwise.ir.dimops import OpDims
 from shardwise.ir.graph import Node
 from shardwise.ir.placement import (
@@ -32,7 +33,6 @@ from shardwise.ir.placement import (
 from shardwise.ir.plan import NodeStrategy, Redistribute
 from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.cost import CostModel
 from shardwise.passes.sharding.redistribute import redistribute_steps
 
 __all__ = ["label_sizes", "split_is_valid", "make_strategy", "LINEAR_KINDS"]
@@ -112,7 +112,7 @@ def make_strategy(
     outs: Sequence[TensorSpec],
     split: Mapping[str, str | None],
     mesh: DeviceMesh,
-    cost: CostModel | None,
+    cost: MeshPrices | None,
     train: bool,
     reason: str = "",
 ) -> NodeStrategy:

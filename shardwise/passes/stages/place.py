@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.prices import mesh_prices
 from shardwise.errors import PlanError
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
 from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.cost import CostModel
 from shardwise.passes.sharding.propagate import follow_producers
 from shardwise.passes.sharding.redistribute import replicated
 
@@ -66,7 +66,7 @@ def place_chunk(
     mesh = chunk_mesh(tp)
     inputs = {i.name: replicated(mesh) for i in graph.inputs if isinstance(i.spec, TensorSpec)}
     if tp == 1:
-        cost = CostModel(cluster, mesh, precision)
+        cost = mesh_prices(cluster, mesh, precision)
         strategies, run_whole = follow_producers(graph, mesh, inputs, {}, cost, train=train)
         params = {p.name: replicated(mesh) for p in graph.params}
         return PlacedChunk(graph, mesh, strategies, params, inputs, run_whole, "follow_producers")
@@ -80,7 +80,7 @@ def place_chunk(
 
     g = expose_tensor_parallelism(graph)
     inputs = {i.name: replicated(mesh) for i in g.inputs if isinstance(i.spec, TensorSpec)}
-    cost = CostModel(cluster, mesh, precision)
+    cost = mesh_prices(cluster, mesh, precision)
     opts = PlaceOptions(
         train=train, precision=precision, sequence_parallel=sequence_parallel, zero=0,
         optimizer_factor=optimizer_factor, solver="cbc", time_limit_s=time_limit_s,

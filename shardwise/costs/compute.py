@@ -1,0 +1,150 @@
+"""Compute time of one op (or one fused group) on one device: the only place work becomes seconds.
+
+An op's work on one device (:class:`OpWork`) is its FLOPs and the bytes it moves, divided by the number of
+devices its split spreads it over (``ways``), with floating-point bytes counted at the precision's width (the
+model is traced in float32; bf16/fp16 runs move half the bytes). Its *cost class* comes from the op registry:
+
+* ``gemm`` (matmuls, convolutions): roofline with the FLOP side at ``peak x efficiency.gemm``;
+* ``attention`` (fused ``scaled_dot_product_attention``): FLOP side at ``peak x efficiency.attention_forward``;
+* ``memory`` (every other op that moves data: elementwise, norms, softmax, reductions, copies, losses): the
+  bytes at ``memory bandwidth x efficiency.memory``;
+* ``free`` (views, getitem, size arithmetic): no device work.
+
+The roofline is ``max(flop time, byte time)``. Every op that runs a kernel then pays the device's fixed
+launch cost ``efficiency.op_overhead_s``: added to the roofline when the host computes its own ops (a CPU
+process), the larger of the two when the host runs ahead of the device (``overhead_hidden``: CUDA). Views pay
+it too where the host dispatches them (a CPU process), never on a device that runs ahead.
+
+A fused group (``fused_kernels`` devices) is one kernel: its FLOPs, and only the bytes of its inputs and
+outputs; where the device runs fused groups op by op (CPUs), a group costs the sum of its ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shardwise.cluster.efficiency import Efficiency
+from shardwise.cluster.spec import DeviceSpec
+from shardwise.ir.graph import Node
+from shardwise.ir.registry import rule_for
+from shardwise.ir.tensor import TensorSpec
+
+__all__ = [
+    "OpWork", "COST_CLASSES", "cost_class", "op_work", "precision_dtype", "float_scale", "wire_spec", "ComputePrices",
+]  # fmt: skip
+
+COST_CLASSES = ("gemm", "attention", "memory", "free")
+_PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_FLOAT = ("float", "bfloat")
+
+
+def precision_dtype(precision: str) -> str:
+    """The dtype whose peak FLOP/s a run at ``precision`` gets ("bf16" -> "bfloat16")."""
+    return _PRECISION_DTYPE.get(precision, "float32")
+
+
+def float_scale(precision: str) -> float:
+    """Bytes of a floating-point element at ``precision`` over its traced (float32) bytes."""
+    return 0.5 if precision in ("bf16", "fp16") else 1.0
+
+
+def wire_spec(spec: TensorSpec, precision: str) -> TensorSpec:
+    """``spec`` as it travels at ``precision``: floats in bfloat16 under bf16/fp16 (the traced graph is float32)."""
+    if precision in ("bf16", "fp16") and spec.dtype.startswith(_FLOAT) and spec.dtype not in ("bfloat16", "float16"):
+        return TensorSpec(spec.shape, "bfloat16")
+    return spec
+
+
+def cost_class(op: str) -> str:
+    """The op's cost class (see the module docstring), from the op registry's kind."""
+    rule = rule_for(op)
+    if rule is None:
+        return "memory"  # an op we do not know runs whole, as a kernel that reads and writes its tensors
+    if not rule.moves_data or rule.kind in ("scalar", "getitem"):
+        return "free"
+    if rule.kind in ("matmul", "conv"):
+        return "gemm"
+    if rule.kind == "attention":
+        return "attention"
+    return "memory"
+
+
+@dataclass(frozen=True)
+class OpWork:
+    """One op's work on one device: FLOPs, bytes of activations and of parameters it moves, its cost class."""
+
+    cost_class: str
+    flops: float
+    activation_bytes: float
+    param_bytes: float
+
+    @property
+    def bytes(self) -> float:
+        return self.activation_bytes + self.param_bytes
+
+    def scaled(self, factor: float) -> OpWork:
+        """The same op on ``factor`` times the rows (FLOPs and activations scale, parameters do not)."""
+        return OpWork(self.cost_class, self.flops * factor, self.activation_bytes * factor, self.param_bytes)
+
+
+def op_work(node: Node, ways: int = 1, precision: str = "fp32", param_bytes: Mapping[str, int] | None = None) -> OpWork:
+    """``node``'s work on one of the ``ways`` devices its split spreads it over. ``param_bytes`` gives the
+    bytes of the graph's parameter values by name: an op's reads of them are counted apart (they do not grow
+    with the batch). Floats move at the precision's width; the traced graph counts them in float32."""
+    cls = cost_class(node.op)
+    if cls == "free":
+        return OpWork(cls, 0.0, 0.0, 0.0)
+    scale = float_scale(precision)
+    param = float(sum(param_bytes[v] for v in node.inputs if v in param_bytes)) if param_bytes else 0.0
+    activation = max(float(node.bytes_moved) - param, 0.0)
+    return OpWork(cls, node.flops / ways, activation * scale / ways, param * scale / ways)
+
+
+class ComputePrices:
+    """Op and fused-group forward times on one device kind at one precision (see the module docstring)."""
+
+    def __init__(self, device: DeviceSpec, efficiency: Efficiency, precision: str) -> None:
+        self.device = device
+        self.efficiency = efficiency
+        self.precision = precision
+        self.peak_flops = device.flops(precision_dtype(precision))
+        self.bandwidth = device.memory_bandwidth * efficiency.memory
+
+    def flop_s(self, flops: float, cost_class: str, backward: bool = False) -> float:
+        """Seconds for ``flops`` at the achieved rate of ``cost_class``."""
+        eff = self.efficiency
+        if cost_class == "gemm":
+            rate = eff.gemm
+        elif cost_class == "attention":
+            rate = eff.attention_backward if backward else eff.attention_forward
+        else:
+            rate = 1.0
+        return flops / (self.peak_flops * rate)
+
+    def byte_s(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth
+
+    def with_overhead(self, seconds: float, kernels: int = 1) -> float:
+        """``seconds`` of device work run as ``kernels`` launches (see the module docstring)."""
+        overhead = self.efficiency.op_overhead_s * kernels
+        if self.efficiency.overhead_hidden:
+            return max(seconds, overhead)
+        return seconds + overhead
+
+    def forward_s(self, work: OpWork) -> float:
+        """One op's forward (see the module docstring)."""
+        if work.cost_class == "free":
+            return 0.0 if self.efficiency.overhead_hidden else self.efficiency.op_overhead_s
+        if work.cost_class == "memory":
+            device = self.byte_s(work.bytes)
+        else:
+            device = max(self.flop_s(work.flops, work.cost_class), self.byte_s(work.bytes))
+        return self.with_overhead(device)
+
+    def group_forward_s(self, works: list[OpWork], boundary_bytes: float) -> float:
+        """A fused group of ops whose inputs and outputs total ``boundary_bytes`` (at this precision)."""
+        if not self.efficiency.fused_kernels:
+            return sum(self.forward_s(w) for w in works)
+        flops = sum(self.flop_s(w.flops, w.cost_class) for w in works if w.cost_class != "free")
+        return self.with_overhead(max(flops, self.byte_s(boundary_bytes)))

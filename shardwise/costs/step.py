@@ -1,0 +1,688 @@
+"""A whole step's price: flat plans op by op, pipelines by event simulation, and the figures derived from them.
+
+**Flat plans** (``price_flat``): one rank's step (every rank of a flat plan runs the same shapes), in the order
+the generated program runs it:
+
+1. forward, op by op in graph order: the collectives that redistribute its operands, then its compute
+   (``PriceList.forward_s`` on its share of the work; a fused group as one kernel on devices that fuse);
+2. backward, in reverse order, for each op whose output needs a gradient: a recomputed op (``plan.recompute``)
+   runs its forward again first (compute and collectives); then its backward compute; then the backward of its operands'
+   redistributions (a slice's backward gathers, an all-gather's backward is a local slice unless the operand's
+   gradient is partial on that axis, when it becomes a reduce-scatter; an all-to-all's backward is an
+   all-to-all) and the all-reduce of operand gradients left partial (Megatron's conjugate operators);
+3. parameter gradients reduced after the backward (``plan.param_grad_reduce``) in buckets of ``BUCKET_BYTES``
+   in reverse parameter order, each bucket launched when the backward has made all its gradients and run one
+   after the other beside the backward: only what outlasts the backward is exposed. Under ZeRO >= 1 the
+   data-parallel reduction is a reduce-scatter, and the updated parameters are all-gathered after the step;
+4. the optimizer step over this rank's parameter elements (``PriceList.optimizer_step_s``);
+5. host offload (``plan.tiers``): the exposed transfers and the host's optimizer step (``offload_s``).
+
+**Pipelines**: :func:`simulate` times a schedule's per-device action lists from per-chunk forward and backward
+times, point-to-point transfers and per-device tails (gradient reduction and optimizer);
+:func:`analytic_step` is its closed-form estimate for ranking many candidates.
+
+Every time a plan shows (its prediction, ``explain``, the timeline) comes from these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from shardwise.cluster.spec import ClusterSpec
+from shardwise.costs.backward import backward_s, recompute_s
+from shardwise.costs.prices import PriceList, price_list
+from shardwise.ir.fusion import FusedGroup
+from shardwise.ir.graph import Graph, Node
+from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
+from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Prediction
+from shardwise.ir.registry import tensor_operands
+from shardwise.ir.tensor import TensorSpec
+
+__all__ = [
+    "BUCKET_BYTES", "BACKWARD_OF", "Event", "StepPrice", "OpPrice", "price_flat", "op_ways", "grad_values",
+    "node_prices", "op_prices", "fused_forward", "PricingContext", "plan_pricing",
+    "Action", "ScheduleDeadlock", "SimResult", "simulate", "analytic_step", "mfu", "predict_flat", "StageTail",
+    "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times",
+]  # fmt: skip
+
+BUCKET_BYTES = 25 * 2**20  # the generated gradient reduction's bucket size (as DDP's default)
+#: the backward of each forward redistribution step ("" : nothing, or handled by the partial-gradient rule)
+BACKWARD_OF = {"slice": "allgather", "reduce_scatter": "allgather", "alltoall": "alltoall"}
+_FLOAT = ("float", "bfloat")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One piece of one rank's step: ``phase`` forward | backward | recompute | gradients | optimizer |
+    offload; ``kind`` compute | comm; ``node`` the op it belongs to ("" for whole-step work)."""
+
+    phase: str
+    kind: str
+    label: str
+    node: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StepPrice:
+    """A step's predicted time and what it is made of (``events`` sum to ``step_s`` for flat plans)."""
+
+    step_s: float
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpPrice:
+    """One op's prices on one rank of its plan (seconds)."""
+
+    forward_s: float
+    backward_s: float
+    comm_forward_s: float
+    comm_backward_s: float
+    recompute_s: float = 0.0
+
+    @property
+    def step_s(self) -> float:
+        """The op's whole share of a step: forward, backward, recomputation and their collectives."""
+        return self.forward_s + self.backward_s + self.comm_forward_s + self.comm_backward_s + self.recompute_s
+
+    @property
+    def compute_s(self) -> float:
+        return self.forward_s + self.backward_s + self.recompute_s
+
+    @property
+    def comm_s(self) -> float:
+        return self.comm_forward_s + self.comm_backward_s
+
+
+def op_ways(strategy: NodeStrategy | None, mesh: DeviceMesh) -> int:
+    """How many devices an op's split spreads its work over."""
+    if strategy is None:
+        return 1
+    ways = 1
+    for axis, _label in strategy.split:
+        ways *= mesh.axis_size(axis)
+    return ways
+
+
+def grad_values(graph: Graph) -> set[str]:
+    """Names of the trainable parameters and of the floating-point values computed from them (the values
+    whose gradient the backward makes)."""
+    out = {p.name for p in graph.params if p.requires_grad and p.kind == "parameter" and p.spec.dtype.startswith(_FLOAT)}
+    for n in graph.nodes:
+        if any(v in out for v in n.inputs) and any(
+            isinstance(o, TensorSpec) and o.dtype.startswith(_FLOAT) for o in n.outputs
+        ):
+            out.add(n.name)
+    return out
+
+
+def _local_bytes(spec: TensorSpec, placement: ShardingSpec | None, mesh: DeviceMesh, scale: float) -> float:
+    n = spec.numel
+    if placement is not None:
+        for size, p in zip(mesh.shape, placement.placements, strict=True):
+            if isinstance(p, Shard):
+                n //= size
+    width = spec.nbytes / max(spec.numel, 1)
+    return n * width * (scale if spec.dtype.startswith(_FLOAT) else 1.0)
+
+
+def _operand_comm(
+    prices: PriceList, mesh: DeviceMesh, steps: Sequence, grad_axes: Sequence[str], local_bytes: float,
+    needs_grad: bool, bucketed: bool,
+) -> tuple[float, float]:  # fmt: skip
+    """(forward, backward) seconds of one operand's redistribution and of its gradient's reduction."""
+    fwd = sum(prices.axis_collective_s(s.collective, s.nbytes, mesh, s.axis) for s in steps)
+    if not needs_grad:
+        return fwd, 0.0
+    remaining = list(grad_axes)
+    bwd = 0.0
+    for s in steps:
+        if s.collective == "allgather" and s.axis in remaining:  # its gradient is partial: reduce-scatter
+            remaining.remove(s.axis)
+            bwd += prices.axis_collective_s("reduce_scatter", s.nbytes, mesh, s.axis)
+            continue
+        back = BACKWARD_OF.get(s.collective, "")
+        if back:
+            bwd += prices.axis_collective_s(back, s.nbytes, mesh, s.axis)
+    if not bucketed:
+        for axis in remaining:
+            bwd += prices.axis_collective_s("allreduce", local_bytes, mesh, axis)
+    return fwd, bwd
+
+
+def plan_pricing(plan: ExecutionPlan, prices: PriceList) -> PricingContext:
+    """The pricing context of a flat plan's ops (what :func:`node_prices` prices them with)."""
+    return PricingContext(
+        plan.graph, plan.mesh, prices, train=plan.mode == "train", bucketed=_bucketed_params(plan)
+    )
+
+
+def node_prices(plan: ExecutionPlan, prices: PriceList) -> dict[str, OpPrice]:
+    """Every op's prices on one rank of a flat plan (see the module docstring, steps 1 and 2)."""
+    return op_prices(
+        plan.graph, plan.mesh, plan.strategies, prices, train=plan.mode == "train",
+        bucketed=_bucketed_params(plan), recomputed=_recomputed(plan.graph, plan.recompute),
+    )  # fmt: skip
+
+
+def op_prices(
+    graph: Graph, mesh: DeviceMesh, strategies: Sequence[NodeStrategy], prices: PriceList, *, train: bool,
+    bucketed: Collection[str] = (), recomputed: Collection[str] = (), scale: float = 1.0,
+) -> dict[str, OpPrice]:  # fmt: skip
+    """Every op's prices on one rank of ``graph`` placed by ``strategies`` on ``mesh``. ``bucketed``: the
+    parameters whose gradients are reduced after the backward (not at each use); ``recomputed``: the ops run
+    again in the backward; ``scale``: price the ops on ``scale`` times the traced rows (FLOPs, activations
+    and their collectives scale; parameters do not) — how the pipeline search prices a micro-batch."""
+    by_node = {s.node: s for s in strategies}
+    context = PricingContext(graph, mesh, prices, train=train, bucketed=bucketed, scale=scale)
+    return {
+        node.name: context.price(node, by_node.get(node.name), recomputed=node.name in recomputed)
+        for node in graph.nodes
+    }
+
+
+class PricingContext:
+    """What pricing the ops of one placed graph needs, computed once (see :func:`op_prices`)."""
+
+    def __init__(
+        self, graph: Graph, mesh: DeviceMesh, prices: PriceList, *, train: bool, bucketed: Collection[str] = (),
+        scale: float = 1.0,
+    ) -> None:  # fmt: skip
+        self.graph = graph
+        self.mesh = mesh
+        self.prices = prices
+        self.bucketed = bucketed
+        self.scale = scale
+        self.param_bytes = {p.name: p.spec.nbytes for p in graph.params}
+        self.grad = grad_values(graph) if train else set()
+        self.width = 0.5 if prices.precision in ("bf16", "fp16") else 1.0
+
+    def price(self, node: Node, s: NodeStrategy | None, recomputed: bool = False) -> OpPrice:
+        """``node`` run by strategy ``s`` (its split, its operands' redistributions, its partial gradients)."""
+        prices, mesh, scale, graph = self.prices, self.mesh, self.scale, self.graph
+        work = prices.work(node, op_ways(s, mesh), self.param_bytes)
+        if scale != 1.0:
+            work = work.scaled(scale)
+        fwd = prices.compute.forward_s(work)
+        needs = node.name in self.grad
+        bwd = backward_s(prices.compute, work) if needs else 0.0
+        comm_f = comm_b = 0.0
+        if s is not None and node.op != "getitem":
+            steps_by_value: dict[str, list] = {}
+            for r in s.redistributes:
+                factor = 1.0 if r.value in self.param_bytes else scale
+                steps_by_value.setdefault(r.value, []).append(dataclasses.replace(r, nbytes=int(r.nbytes * factor)))
+            reduce = dict(s.grad_reduce)
+            done: set[str] = set()
+            for j, v in enumerate(tensor_operands(node)):
+                steps = steps_by_value.get(v, []) if v not in done else []
+                done.add(v)
+                spec = graph.spec_of(v) if _has_spec(graph, v) else None
+                want = s.inputs[j] if j < len(s.inputs) else None
+                local = _local_bytes(spec, want, mesh, self.width) if isinstance(spec, TensorSpec) else 0.0
+                if v not in self.param_bytes:
+                    local *= scale
+                f, b = _operand_comm(prices, mesh, steps, reduce.get(j, ()), local, v in self.grad and needs,
+                                     v in self.bucketed)  # fmt: skip
+                comm_f += f
+                comm_b += b
+        rec = recompute_s(prices.compute, work) + comm_f if recomputed else 0.0
+        return OpPrice(fwd, bwd, comm_f, comm_b, rec)
+
+
+def _has_spec(graph: Graph, name: str) -> bool:
+    try:
+        graph.spec_of(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _bucketed_params(plan: ExecutionPlan) -> set[str]:
+    keys = {k for k, _ in plan.param_grad_reduce}
+    return {p.name for p in plan.graph.params if p.key in keys}
+
+
+def _recomputed(graph: Graph, ranges: Iterable[tuple[str, str]]) -> set[str]:
+    names = [n.name for n in graph.nodes]
+    index = {n: k for k, n in enumerate(names)}
+    out: set[str] = set()
+    for first, last in ranges:
+        if first in index and last in index:
+            out.update(names[index[first] : index[last] + 1])
+    return out
+
+
+def price_flat(plan: ExecutionPlan, prices: PriceList, *, offload_s: float = 0.0) -> StepPrice:
+    """The step of a flat plan (see the module docstring); ``offload_s`` is the exposed host-offload time
+    (``passes.offload`` measures the transfers)."""
+    graph = plan.graph
+    train = plan.mode == "train"
+    ops = node_prices(plan, prices)
+    label = {n.name: n.module_path or n.name for n in graph.nodes}
+    events: list[Event] = []
+    fused_fwd = _fused_forward(plan, prices, ops)
+    for node in graph.nodes:
+        p = ops[node.name]
+        if p.comm_forward_s:
+            events.append(Event("forward", "comm", label[node.name], node.name, p.comm_forward_s))
+        fwd = fused_fwd.get(node.name, p.forward_s)
+        if fwd:
+            events.append(Event("forward", "compute", label[node.name], node.name, fwd))
+    gather = _output_comm_s(plan, prices)
+    if gather:
+        events.append(Event("forward", "comm", "outputs (made whole on every rank)", "<output>", gather))
+    if not train:
+        return _total(events, 0.0)
+    backward_events: list[Event] = []
+    grad_ready: dict[str, float] = {}  # parameter name -> backward time elapsed when its gradient is complete
+    clock = 0.0
+    params = {p.name for p in graph.params}
+    for node in reversed(graph.nodes):
+        p = ops[node.name]
+        for phase, kind, seconds in (("recompute", "compute", p.recompute_s), ("backward", "compute", p.backward_s),
+                                     ("backward", "comm", p.comm_backward_s)):  # fmt: skip
+            if seconds:
+                backward_events.append(Event(phase, kind, label[node.name], node.name, seconds))
+                clock += seconds
+        if p.backward_s:
+            for v in node.inputs:
+                if v in params:
+                    grad_ready[v] = clock
+    events += backward_events
+    backward_total = clock
+    gradient_s = _gradient_reduction(plan, prices, grad_ready, backward_total)
+    if gradient_s:
+        events.append(Event("gradients", "comm", "gradient reduction (exposed)", "", gradient_s))
+    opt = _optimizer_s(plan, prices)
+    if opt:
+        events.append(Event("optimizer", "compute", f"optimizer step ({plan.optimizer or 'adamw'})", "", opt))
+    gather = _zero_gather_s(plan, prices)
+    if gather:
+        events.append(Event("optimizer", "comm", "ZeRO: all-gather the updated parameters", "", gather))
+    if offload_s:
+        events.append(Event("offload", "comm", "host offload (exposed transfers, host optimizer)", "", offload_s))
+    return _total(events, 0.0)
+
+
+def predict_flat(plan: ExecutionPlan, cluster: ClusterSpec, offload_s: float = 0.0) -> Prediction:
+    """A flat plan's Prediction: its step priced by :func:`price_flat`, its memory map's peaks, and the
+    achieved model FLOP/s (forward FLOPs of the graph, x3 in training: the backward's 2x)."""
+    prices = price_list(cluster, plan.precision)
+    step = price_flat(plan, prices, offload_s=offload_s)
+    flops = plan.graph.total_flops * (3 if plan.mode == "train" else 1)
+    tflops, util = mfu(flops, plan.mesh.size, step.step_s, prices.peak_flops)
+    return Prediction(
+        step_time_s=step.step_s, compute_s=step.compute_s, comm_s=step.comm_s, bubble_s=0.0,
+        memory_bytes=tuple(m.arena_bytes for m in plan.memory), tflops_per_device=tflops, mfu=util,
+    )  # fmt: skip
+
+
+def _total(events: Sequence[Event], bubble: float) -> StepPrice:
+    compute = sum(e.seconds for e in events if e.kind == "compute")
+    comm = sum(e.seconds for e in events if e.kind == "comm")
+    return StepPrice(compute + comm + bubble, compute, comm, bubble, tuple(events))
+
+
+def _fused_forward(plan: ExecutionPlan, prices: PriceList, ops: Mapping[str, OpPrice]) -> dict[str, float]:
+    return fused_forward(plan.graph, plan.mesh, plan.strategies, plan.fused_groups, prices)
+
+
+def fused_forward(
+    graph: Graph, mesh: DeviceMesh, strategies: Sequence[NodeStrategy], groups: Sequence[FusedGroup],
+    prices: PriceList, scale: float = 1.0,
+) -> dict[str, float]:  # fmt: skip
+    """Forward compute of fused ops where the device runs a group as one kernel: the group's time on its
+    first member, 0 on the others; empty where the device runs groups op by op."""
+    if not groups or not prices.cluster.efficiency.fused_kernels:
+        return {}
+    by_node = {s.node: s for s in strategies}
+    param_bytes = {p.name: p.spec.nbytes for p in graph.params}
+    width = 0.5 if prices.precision in ("bf16", "fp16") else 1.0
+    out: dict[str, float] = {}
+    for group in groups:
+        works = [prices.work(graph.node(n), op_ways(by_node.get(n), mesh), param_bytes).scaled(scale) for n in group.nodes]
+        moved = sum(w.bytes for w in works) - group.bytes_saved * width * scale
+        t = prices.compute.group_forward_s(works, max(moved, 0.0))
+        for k, n in enumerate(group.nodes):
+            out[n] = t if k == 0 else 0.0
+    return out
+
+
+def _param_local_elements(plan: ExecutionPlan) -> dict[str, int]:
+    placements = dict(plan.param_placements)
+    out = {}
+    for p in plan.graph.params:
+        pl = placements.get(p.key)
+        shape = pl.local_shape(p.spec.shape, plan.mesh) if pl is not None else p.spec.shape
+        n = 1
+        for d in shape:
+            n *= d
+        out[p.name] = n
+    return out
+
+
+def _gradient_reduction(
+    plan: ExecutionPlan, prices: PriceList, ready: Mapping[str, float], backward_s: float
+) -> float:
+    """Exposed seconds of the bucketed parameter-gradient reduction (see the module docstring, step 3)."""
+    axes_of = dict(plan.param_grad_reduce)
+    if not axes_of:
+        return 0.0
+    mesh = plan.mesh
+    local = _param_local_elements(plan)
+    dp = mesh.axis_size("dp")
+    buckets: dict[tuple[str, ...], list[tuple[float, float]]] = {}  # axes -> [(ready, bytes)]
+    for p in reversed(plan.graph.params):
+        axes = tuple(a for a in axes_of.get(p.key, ()) if mesh.axis_size(a) > 1)
+        if not axes or p.name not in ready:
+            continue
+        buckets.setdefault(axes, []).append((ready[p.name], 4.0 * local[p.name]))
+    comm_free = 0.0
+    for axes, grads in buckets.items():
+        grads.sort()
+        size = start = 0.0
+        for t, nbytes in grads:
+            size += nbytes
+            start = max(start, t)
+            if size >= BUCKET_BYTES:
+                comm_free = max(comm_free, start) + _bucket_s(plan, prices, axes, size, dp)
+                size = 0.0
+        if size:
+            comm_free = max(comm_free, start) + _bucket_s(plan, prices, axes, size, dp)
+    return max(0.0, comm_free - backward_s)
+
+
+def _bucket_s(plan: ExecutionPlan, prices: PriceList, axes: tuple[str, ...], nbytes: float, dp: int) -> float:
+    t = 0.0
+    for axis in axes:
+        kind = "reduce_scatter" if axis == "dp" and plan.zero_stage >= 1 and dp > 1 else "allreduce"
+        t += prices.axis_collective_s(kind, nbytes, plan.mesh, axis)
+    return t
+
+
+def _trainable(plan: ExecutionPlan) -> list:
+    return [
+        p for p in plan.graph.params
+        if p.requires_grad and p.kind == "parameter" and p.spec.dtype.startswith(_FLOAT)
+    ]  # fmt: skip
+
+
+def _optimizer_s(plan: ExecutionPlan, prices: PriceList) -> float:
+    if dict(plan.tiers).get("optimizer") == "host":
+        return 0.0  # the host steps it (offload_s)
+    local = _param_local_elements(plan)
+    trainable = _trainable(plan)
+    elements = float(sum(local[p.name] for p in trainable))
+    dp = plan.mesh.axis_size("dp")
+    if plan.zero_stage >= 1 and dp > 1:
+        elements /= dp
+    foreach = prices.cluster.efficiency.overhead_hidden  # PyTorch steps tensors with foreach kernels on GPUs
+    return prices.optimizer_step_s(elements, len(trainable), plan.optimizer or "adamw", foreach=foreach)
+
+
+def _zero_gather_s(plan: ExecutionPlan, prices: PriceList) -> float:
+    dp = plan.mesh.axis_size("dp")
+    if plan.zero_stage < 1 or dp < 2:
+        return 0.0
+    local = _param_local_elements(plan)
+    nbytes = 4.0 * sum(local[p.name] for p in _trainable(plan))
+    return prices.axis_collective_s("allgather", nbytes, plan.mesh, "dp")
+
+
+# --- pipelines ---------------------------------------------------------------------------------------------
+
+Action = tuple[str, int, int]
+
+
+class ScheduleDeadlock(RuntimeError):
+    """The action lists wait on each other: no order of execution completes them (a shardwise bug)."""
+
+
+@dataclass(frozen=True)
+class SimResult:
+    step_s: float
+    device_busy_s: tuple[float, ...]  # compute time of each device stage
+    device_end_s: tuple[float, ...]  # when each device stage finished its last action
+    bubble_s: float  # idle time of the busiest device stage before its last action
+    comm_exposed_s: float  # the step's tail spent in gradient reduction and the optimizer
+    actions: tuple[tuple[tuple[float, float], ...], ...] = ()  # per device stage: (start, end) of each action
+
+
+def simulate(
+    actions: Sequence[Sequence[Action]],
+    forward_s: Sequence[float],
+    backward_s: Sequence[float],
+    transfer_s: Callable[[int, int], float] | Sequence[float],
+    tail_s: Sequence[float] = (),
+) -> SimResult:
+    """Time per-device action lists ``(kind, chunk, microbatch)``: an action starts when its device is free
+    and its inputs have arrived (forward of chunk ``c`` needs forward ``c - 1`` of the same micro-batch plus
+    the transfer; backward of ``c`` needs backward ``c + 1`` plus the transfer, and its own forward). Sends
+    never block the sender, so transfers overlap compute. After its last action each device runs its tail
+    (gradient reduction and optimizer); the step ends when the last device is done.
+
+    ``forward_s[c]``/``backward_s[c]``: one micro-batch of chunk ``c``; ``transfer_s``: seconds to send
+    chunk ``c``'s output to chunk ``c + 1`` (the same for the gradient back), as a function
+    ``(c, microbatch)`` or a sequence by chunk; ``tail_s[p]``: device ``p``'s tail."""
+    pp = len(actions)
+    chunks = len(forward_s)
+    xfer = transfer_s if callable(transfer_s) else (lambda c, _i, t=transfer_s: t[c] if c < len(t) else 0.0)
+    f_done: dict[tuple[int, int], float] = {}
+    b_done: dict[tuple[int, int], float] = {}
+    pos = [0] * pp
+    free = [0.0] * pp
+    busy = [0.0] * pp
+    spans: list[list[tuple[float, float]]] = [[] for _ in range(pp)]
+    remaining = sum(len(a) for a in actions)
+    while remaining:
+        progressed = False
+        for p in range(pp):
+            while pos[p] < len(actions[p]):
+                kind, c, i = actions[p][pos[p]]
+                if kind == "F":
+                    if c == 0:
+                        ready = 0.0
+                    elif (c - 1, i) in f_done:
+                        ready = f_done[(c - 1, i)] + (xfer(c - 1, i) if (c - 1) % pp != c % pp else 0.0)
+                    else:
+                        break
+                    dur = forward_s[c]
+                else:
+                    if (c, i) not in f_done:
+                        break
+                    if c == chunks - 1:
+                        ready = f_done[(c, i)]
+                    elif (c + 1, i) in b_done:
+                        ready = max(
+                            f_done[(c, i)],
+                            b_done[(c + 1, i)] + (xfer(c, i) if (c + 1) % pp != c % pp else 0.0),
+                        )
+                    else:
+                        break
+                    dur = backward_s[c]
+                start = max(free[p], ready)
+                end = start + dur
+                (f_done if kind == "F" else b_done)[(c, i)] = end
+                spans[p].append((start, end))
+                free[p] = end
+                busy[p] += dur
+                pos[p] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = {p: actions[p][pos[p]] for p in range(pp) if pos[p] < len(actions[p])}
+            raise ScheduleDeadlock(f"pipeline schedule deadlocks: next actions {stuck}")
+    tails = [tail_s[p] if p < len(tail_s) else 0.0 for p in range(pp)]
+    ends = [free[p] + tails[p] for p in range(pp)]
+    step = max(ends) if ends else 0.0
+    worst = max(range(pp), key=lambda p: busy[p]) if pp else 0
+    bubble = free[worst] - busy[worst] if pp else 0.0
+    exposed = step - max(free) if pp else 0.0
+    return SimResult(step, tuple(busy), tuple(free), bubble, exposed, tuple(tuple(s) for s in spans))
+
+
+def analytic_step(
+    pp: int,
+    virtual: int,
+    microbatches: int,
+    device_work_s: Sequence[float],
+    chunk_work_s: Sequence[float],
+    transfer_s: float,
+    tail_s: Sequence[float],
+) -> float:
+    """A closed-form estimate of :func:`simulate` for ranking many candidates: the busiest device's work over
+    all micro-batches, plus the fill-and-drain bubble of ``pp - 1`` chunk steps and its transfers."""
+    m = microbatches
+    busiest = max(device_work_s) if device_work_s else 0.0
+    bubble = (pp - 1) * (max(chunk_work_s) + 2 * transfer_s) if pp > 1 else 0.0
+    return m * busiest + bubble + (max(tail_s) if tail_s else 0.0)
+
+
+def mfu(model_flops: float, devices: int, step_s: float, peak_flops: float) -> tuple[float, float]:
+    """(TFLOP/s per device, model FLOPs utilization) of ``model_flops`` per step on ``devices`` devices."""
+    if step_s <= 0 or devices <= 0:
+        return 0.0, 0.0
+    per_device = model_flops / devices / step_s
+    return per_device / 1e12, per_device / peak_flops
+
+
+# --- the tail of a pipeline device stage, and a whole pipeline plan ------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageTail:
+    """What one device stage does after its last backward, on one of its ranks."""
+
+    trainable_elems: float  # local (tensor-parallel) trainable elements of the stage's chunks
+    tensors: int  # trainable parameter tensors
+    tp_grad_bytes: float  # partial parameter gradients reduced over the tensor-parallel group (fp32)
+    dp_ranks: tuple[int, ...]
+    tp_ranks: tuple[int, ...]
+    tied: tuple[tuple[float, tuple[int, ...]], ...] = ()  # (fp32 bytes, ranks of the stages holding a copy)
+
+
+def stage_tail_s(prices: PriceList, tail: StageTail, *, optimizer: str, zero: int) -> float:
+    """A device stage's gradient reduction (data parallel, tensor-parallel partial sums, tied weights) and
+    optimizer step: run after its last backward (ZeRO >= 1: a reduce-scatter over data parallelism, the
+    optimizer on this rank's slice, then an all-gather of the updated parameters)."""
+    dp = len(tail.dp_ranks)
+    grads = 4.0 * tail.trainable_elems
+    sharded = zero >= 1 and dp > 1
+    t = prices.collective_s("reduce_scatter" if sharded else "allreduce", grads, tail.dp_ranks)
+    t += prices.collective_s("allreduce", tail.tp_grad_bytes, tail.tp_ranks)
+    for nbytes, ranks in tail.tied:
+        t += prices.collective_s("allreduce", nbytes, ranks)
+    elements = tail.trainable_elems / dp if sharded else tail.trainable_elems
+    foreach = prices.cluster.efficiency.overhead_hidden
+    t += prices.optimizer_step_s(elements, tail.tensors, optimizer, foreach=foreach)
+    if sharded:
+        t += prices.collective_s("allgather", grads, tail.dp_ranks)
+    return t
+
+
+@dataclass(frozen=True)
+class PipelinePrice:
+    """A pipeline plan's step: the simulated schedule and the per-chunk and per-stage figures it ran on."""
+
+    step: StepPrice
+    sim: SimResult
+    chunk_forward_s: tuple[float, ...]
+    chunk_backward_s: tuple[float, ...]
+    transfer_s: tuple[float, ...]
+    tail_s: tuple[float, ...]
+
+
+def chunk_times(plan: ExecutionPlan, prices: PriceList, recompute: bool) -> tuple[float, float, float, float]:
+    """(forward, backward, forward collectives, backward collectives) of one micro-batch of a pipeline chunk's
+    plan on one rank; with ``recompute`` the backward runs the forward again first."""
+    graph = plan.graph
+    names = frozenset(n.name for n in graph.nodes) if recompute else frozenset()
+    ops = op_prices(
+        graph, plan.mesh, plan.strategies, prices, train=plan.mode == "train", bucketed=_bucketed_params(plan),
+        recomputed=names,
+    )  # fmt: skip
+    fused = fused_forward(graph, plan.mesh, plan.strategies, plan.fused_groups, prices)
+    fwd = bwd = cf = cb = 0.0
+    for name, p in ops.items():
+        fwd += fused.get(name, p.forward_s) + p.comm_forward_s
+        bwd += p.backward_s + p.comm_backward_s + p.recompute_s
+        cf += p.comm_forward_s
+        cb += p.comm_backward_s
+    out = _output_comm_s(plan, prices)
+    return fwd + out, bwd if plan.mode == "train" else 0.0, cf + out, cb
+
+
+def _output_comm_s(plan: ExecutionPlan, prices: PriceList) -> float:
+    final = next((s for s in plan.strategies if s.node == "<output>"), None)
+    if final is None:
+        return 0.0
+    return sum(prices.axis_collective_s(r.collective, r.nbytes, plan.mesh, r.axis) for r in final.redistributes)
+
+
+def price_pipeline(plan: ExecutionPlan, prices: PriceList) -> PipelinePrice:
+    """A pipeline plan's step (``plan.pipeline``): per-chunk times from the chunks' own plans, transfers
+    between the stages, each stage's tail, and the schedule's event simulation."""
+    spec = plan.pipeline
+    if spec is None:
+        raise ValueError("price_pipeline needs a pipeline plan (plan.pipeline is None)")
+    train = plan.mode == "train"
+    recompute = spec.recompute == "full"
+    times = [chunk_times(st.plan, prices, recompute) for st in spec.stages]
+    fwd = tuple(t[0] for t in times)
+    bwd = tuple(t[1] for t in times)
+    transfer = [0.0] * len(spec.stages)
+    width = 0.5 if plan.precision in ("bf16", "fp16") else 1.0
+    for t in spec.transfers:
+        nbytes = t.spec.nbytes * (width if t.spec.dtype.startswith(_FLOAT) else 1.0)
+        src, dst = spec.rank(t.src % spec.pp, 0, 0), spec.rank(t.dst % spec.pp, 0, 0)
+        transfer[t.src] += prices.p2p_s(nbytes, src, dst)
+    tails = [0.0] * spec.pp
+    if train:
+        for p in range(spec.pp):
+            tails[p] = stage_tail_s(prices, _stage_tail(plan, p), optimizer=plan.optimizer or "adamw",
+                                    zero=getattr(spec, "zero", 0))  # fmt: skip
+    sim = simulate([list(a) for a in spec.actions], fwd, bwd, transfer, tails)
+    busy = max(sim.device_busy_s) if sim.device_busy_s else 0.0
+    worst = max(range(spec.pp), key=lambda p: sim.device_busy_s[p]) if spec.pp else 0
+    chunks_on_worst = range(worst, len(spec.stages), spec.pp)
+    comm = sum((times[c][2] + times[c][3]) * spec.microbatches for c in chunks_on_worst) + tails[worst]
+    step = StepPrice(sim.step_s, max(busy - comm + tails[worst], 0.0), comm, sim.bubble_s)
+    return PipelinePrice(step, sim, fwd, bwd, tuple(transfer), tuple(tails))
+
+
+def _stage_tail(plan: ExecutionPlan, p: int) -> StageTail:
+    spec = plan.pipeline
+    assert spec is not None
+    trainable = tensors = 0
+    tp_bytes = 0.0
+    tied_keys = {k: chunks for k, chunks in spec.tied}
+    tied: list[tuple[float, tuple[int, ...]]] = []
+    seen: set[str] = set()
+    for c in range(p, len(spec.stages), spec.pp):
+        chunk = spec.stages[c].plan
+        local = _param_local_elements(chunk)
+        reduce = dict(chunk.param_grad_reduce)
+        for q in _trainable(chunk):
+            if q.key in seen:
+                continue  # a weight two chunks of this stage read (interleaved): one copy
+            seen.add(q.key)
+            trainable += local[q.name]
+            tensors += 1
+            if "tp" in reduce.get(q.key, ()):
+                tp_bytes += 4.0 * local[q.name]
+            if q.key in tied_keys:
+                stages = sorted({x % spec.pp for x in tied_keys[q.key]})
+                if len(stages) > 1:
+                    tied.append((4.0 * local[q.name], tuple(spec.rank(s, 0, 0) for s in stages)))
+    return StageTail(
+        trainable_elems=float(trainable), tensors=tensors, tp_grad_bytes=tp_bytes,
+        dp_ranks=tuple(spec.rank(p, d, 0) for d in range(spec.dp)),
+        tp_ranks=tuple(spec.rank(p, 0, t) for t in range(spec.tp)), tied=tuple(tied),
+    )  # fmt: skip

@@ -1,0 +1,102 @@
+"""The price list's collectives: the library's algorithms in closed form at the group's achieved (alpha, beta)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from shardwise.cluster import get_cluster
+from shardwise.costs.comm import CommPrices, pipelined_ring_s
+from shardwise.costs.prices import price_list
+
+GROUPS = [
+    ("dgx-a100x2", tuple(range(8))),
+    ("dgx-a100x2", (0, 8)),
+    ("dgx-a100x2", tuple(range(16))),
+    ("ndv2x2", tuple(range(8))),
+    ("ndv2x2", (1, 9)),
+    ("dgx2x2", (0, 1, 16, 17)),
+    ("cpu:4", (0, 1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize(("cluster", "ranks"), GROUPS)
+@pytest.mark.parametrize("nbytes", [0, 4096, 64 * 2**20])
+def test_closed_forms(cluster: str, ranks: tuple[int, ...], nbytes: int) -> None:
+    spec = get_cluster(cluster)
+    comm = CommPrices(spec)
+    alpha, beta, nodes = comm.alpha_beta(ranks)
+    # the achieved bus bandwidth: the link's beta over the measured fraction of it the library reaches
+    raw_alpha, raw_beta = spec.group_alpha_beta(ranks)
+    eff = spec.efficiency.inter_node if nodes > 1 else spec.efficiency.intra_node
+    assert (alpha, beta) == pytest.approx((raw_alpha, raw_beta / eff))
+    p = len(ranks)
+    step = alpha + beta * nbytes / p
+    over = spec.efficiency.collective_overhead_s
+    ring = comm.algorithms("allreduce", nbytes, ranks)["ring"]
+    assert ring == pytest.approx(2 * (p - 1) * step + over)
+    assert comm.algorithms("allgather", nbytes, ranks)["ring"] == pytest.approx((p - 1) * step + over)
+    assert comm.algorithms("reduce_scatter", nbytes, ranks)["ring"] == pytest.approx((p - 1) * step + over)
+    assert comm.algorithms("alltoall", nbytes, ranks)["ring"] == pytest.approx((p - 1) * step + over)
+    # pipelined ring broadcast: the best chunk count k of (p - 2 + k)(alpha + beta n / k)
+    brute = min((p - 2 + k) * (alpha + beta * nbytes / k) for k in range(1, 4097))
+    assert comm.algorithms("broadcast", nbytes, ranks)["ring"] == pytest.approx(brute + over, rel=1e-9)
+    # the library takes its fastest algorithm; nothing moves for an empty buffer
+    options = comm.algorithms("allreduce", nbytes, ranks)
+    assert comm.collective_s("allreduce", nbytes, ranks) == (min(options.values()) if nbytes else 0.0)
+
+
+def test_tree_and_pat_are_offered_across_nodes_only() -> None:
+    comm = CommPrices(get_cluster("dgx-a100x4"))
+    inside = comm.algorithms("allreduce", 2**20, tuple(range(8)))
+    assert set(inside) == {"ring"}
+    across = comm.algorithms("allreduce", 2**10, (0, 8, 16, 24))
+    assert set(across) == {"ring", "tree"}
+    alpha, beta, _ = comm.alpha_beta((0, 8, 16, 24))
+    assert across["tree"] == pytest.approx(2 * math.ceil(math.log2(4)) * alpha + 2 * beta * 2**10)
+    # small messages across nodes: the tree's log-depth latency wins, so the library picks it
+    assert comm.choose("allreduce", 2**10, (0, 8, 16, 24))[1] == "tree"
+    gather = comm.algorithms("allgather", 2**20, (0, 8, 16, 24))
+    assert gather["pat"] == pytest.approx(2 * alpha + 3 / 4 * beta * 2**20)
+    assert "pat" not in comm.algorithms("allgather", 2**20, tuple(range(16)))  # two ranks per node: no PAT
+    assert "tree" not in CommPrices(get_cluster("cpu:4")).algorithms("allreduce", 2**10, (0, 1, 2, 3))
+
+
+def test_broadcast_limits() -> None:
+    alpha, beta = 2e-6, 1e-10
+    assert pipelined_ring_s(2, 1e6, alpha, beta) == pytest.approx(alpha + beta * 1e6)
+    assert pipelined_ring_s(8, 0, alpha, beta) == pytest.approx(7 * alpha)
+    big = pipelined_ring_s(8, 1e10, alpha, beta)
+    assert beta * 1e10 < big < beta * 1e10 * 1.01  # large messages: bandwidth-bound, latency amortised
+    assert pipelined_ring_s(1, 1e6, alpha, beta) == 0.0
+
+
+def test_allreduce_figure_by_hand() -> None:
+    # dgx-a100x2, one GPU per node: 2 ranks over one HDR NIC (25 GB/s) reaching 86% of it (nccl-tests):
+    # ring 2 * 1 * (2.6us + 1 GiB / 2 / (0.86 * 25 GB/s)); the tree is slower at this size
+    spec = get_cluster("dgx-a100x2")
+    expected = 2 * (2.6e-6 + 2**30 / 2 / (0.86 * 25e9))
+    assert price_list(spec).collective_s("allreduce", 2**30, [0, 8]) == pytest.approx(expected)
+
+
+def test_single_rank_and_bad_input() -> None:
+    comm = CommPrices(get_cluster("dgx-h100"))
+    assert comm.collective_s("allreduce", 2**20, [3]) == 0.0
+    with pytest.raises(ValueError, match="unknown collective 'all_reduce': use one of allreduce"):
+        comm.collective_s("all_reduce", 10, [0, 1])
+    with pytest.raises(ValueError, match="negative"):
+        comm.collective_s("allgather", -1, [0, 1])
+    with pytest.raises(ValueError, match="not a rank"):
+        comm.collective_s("allgather", 1, [0, 8])
+
+
+def test_more_bandwidth_is_faster() -> None:
+    n = 256 * 2**20
+    a100, h100 = CommPrices(get_cluster("dgx-a100x2")), CommPrices(get_cluster("dgx-h100x2"))
+    for ranks in (tuple(range(8)), (0, 8), tuple(range(16))):
+        assert h100.collective_s("allreduce", n, ranks) < a100.collective_s("allreduce", n, ranks)
+    ndv2 = CommPrices(get_cluster("ndv2x2"))
+    # a DP group of one GPU per node shares the single NIC 8 ways on NDv2: 2 ranks at 8x the IB beta take
+    # 2 * 8 n / 2 = 8n of transfer time, the 16-rank world ring 2 * 15 * n / 16 < 2n
+    assert ndv2.collective_s("allreduce", n, (0, 8)) > 4 * ndv2.collective_s("allreduce", n, tuple(range(16)))
