@@ -138,6 +138,7 @@ class GradientReducer:
     def _reset(self) -> None:
         self._waiting = [len(b.params) for b in self.buckets]
         self._started: dict[int, tuple[torch.Tensor, object, list[int] | None]] = {}
+        self._done: set[int] = set()  # buckets reduced already (sharded ones completed in the backward)
         self._in_flight: int | None = None  # the sharded bucket started last ("now")
 
     # -- during the backward -----------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class GradientReducer:
         """Wait for bucket ``b``, reduce it over its further axes and put the sums where they belong."""
         bucket = self.buckets[b]
         flat, work, counts = self._started.pop(b)
+        self._done.add(b)
         axes = bucket.axes if self._reduced_now(b) else bucket.axes[:-1]
         work.wait()
         del work  # the Work holds the buffer until it is dropped
@@ -218,6 +220,8 @@ class GradientReducer:
     def finish(self) -> None:
         """Every gradient reduced (ZeRO-1: except over the shard axis, see ``scatter_deferred``)."""
         for b in range(len(self.buckets)):
+            if b in self._done:
+                continue
             if b not in self._started:  # some gradients did not arrive (unused parameters): reduce the rest
                 self._start(b)
             if b in self._started:
