@@ -3,7 +3,9 @@
 Generates ``--n`` random models (shardwise.testing.fuzz; seeds ``--start`` to ``--start + n - 1``, so that
 batches cover a range), compiles each for a random mesh on cpu:2 or cpu:4 (the parallel degrees the planner
 supports now), runs inference and one SGD training step on real worker
-processes and compares with eager PyTorch. Prints cases tried, mismatches and crashes (a clear shardwise
+processes and compares with eager PyTorch. By default the generator's extensions are on (``--features``):
+in-place ops, custom ops that decompose to ATen, size arithmetic with a dynamic batch, a batch the mesh
+divides, and models of repeated blocks, at least as many as the pipeline stages it picks. Prints cases tried, mismatches and crashes (a clear shardwise
 error is "unsupported", not a crash), saves every failing case as a standalone reproducer under
 bench/results/fuzz_failures/ and writes bench/results/fuzz.json.
 """
@@ -42,10 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "fuzz.json")
     parser.add_argument("--failures", type=Path, default=FAILURES, help="where reproducers are written")
     parser.add_argument("--quiet", action="store_true", help="no line per case")
+    parser.add_argument(
+        "--features", default="all",
+        help="generator extensions, comma-separated (inplace,custom,symbolic,deep), 'all' or 'none'",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("SHARDWISE_THREADS_PER_WORKER", "1")
 
     from shardwise.testing.differential import STATUSES, Fuzzer, save_reproducer
+    from shardwise.testing.fuzz import FEATURES
+
+    features = {"all": FEATURES, "none": ()}.get(args.features) or tuple(args.features.split(","))
 
     args.failures.mkdir(parents=True, exist_ok=True)
     seeds = range(args.start, args.start + args.n)
@@ -57,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     signatures: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     ops: collections.Counter[str] = collections.Counter()
     results = []
+    load = os.getloadavg()[0]
     start = time.perf_counter()
-    with Fuzzer(timeout_s=args.timeout) as fuzzer:
+    with Fuzzer(timeout_s=args.timeout, features=features) as fuzzer:
         degrees = fuzzer.degrees
         for seed in seeds:
             case = fuzzer.case(seed)
@@ -81,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"differential fuzzing: {args.n} cases (seeds {args.start}..{args.start + args.n - 1}), "
-          f"degrees {', '.join(degrees)}, {elapsed:.0f} s ({elapsed / max(args.n, 1):.2f} s per case)")  # fmt: skip
+          f"degrees {', '.join(degrees)}, features {', '.join(features) or 'none'}, {elapsed:.0f} s "
+          f"({elapsed / max(args.n, 1):.2f} s per case, load {load:.1f} at the start)")  # fmt: skip
     print()
     header = f"{'':24s}" + "".join(f"{s:>12s}" for s in ("tried",) + STATUSES)
     print(header)
@@ -113,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "first_seed": args.start,
         "last_seed": args.start + args.n - 1,
         "degrees": list(degrees or ()),
+        "features": list(features),
         "seconds": round(elapsed, 1),
+        "load_at_start": round(load, 2),
         "counts": {s: counts[s] for s in STATUSES},
         "by_mesh": {m: dict(c) for m, c in sorted(by_mesh.items())},
         "by_dtype": {d: dict(c) for d, c in sorted(by_dtype.items())},

@@ -396,7 +396,7 @@ def _dynamic_dims(val: Any) -> tuple[DynamicDim, ...]:
             hi_raw = rng.upper if rng is not None else None
             try:
                 hi = int(hi_raw) if hi_raw is not None else 2**31 - 1
-            except (TypeError, ValueError, OverflowError):
+            except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's oo (an unbounded Dim.AUTO)
                 hi = 2**31 - 1
             out.append(DynamicDim(i, str(expr), lo, min(hi, 2**31 - 1)))
     return tuple(out)

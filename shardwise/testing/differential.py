@@ -144,6 +144,7 @@ class Fuzzer:
     timeout_s: float = 60.0
     degrees: tuple[str, ...] | None = None
     pools: dict[int, WorkerPool] = field(default_factory=dict)
+    features: tuple[str, ...] = ()  # the generator's extensions (shardwise.testing.fuzz.FEATURES)
 
     def __post_init__(self) -> None:
         if self.degrees is None:
@@ -157,7 +158,7 @@ class Fuzzer:
 
     def case(self, seed: int) -> FuzzCase:
         assert self.degrees is not None
-        return generate(seed, degrees=self.degrees)
+        return generate(seed, degrees=self.degrees, features=self.features)
 
     def run(self, case_or_seed: FuzzCase | int) -> CaseResult:
         case = self.case(case_or_seed) if isinstance(case_or_seed, int) else case_or_seed
@@ -194,6 +195,7 @@ class Fuzzer:
             want_loss.backward()
             torch.optim.SGD(reference.parameters(), lr=LR).step()
             want_state = reference.state_dict()
+            dynamic = loaded.dynamic_shapes()
         except Exception as exc:
             return "invalid", "eager", _describe(exc), 0.0
         constraints = dict(case.constraints)
@@ -207,6 +209,7 @@ class Fuzzer:
                 case.cluster,
                 example_inputs=inputs,
                 constraints=constraints,
+                dynamic_shapes=dynamic,
                 workers=pool,
             ),
             lambda cm: cm.run(*inputs),
@@ -229,6 +232,7 @@ class Fuzzer:
                 loss_fn=loaded.loss_fn,
                 optimizer=sgd,
                 constraints=constraints,
+                dynamic_shapes=dynamic,
                 workers=pool,
             ),  # fmt: skip
             lambda cm: (cm.train_step(*inputs), cm.state_dict()),

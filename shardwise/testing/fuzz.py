@@ -25,9 +25,10 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FuzzCase", "LoadedCase", "generate", "load_case", "reproducer", "mesh_choices", "DTYPES"]
+__all__ = ["FuzzCase", "LoadedCase", "generate", "load_case", "reproducer", "mesh_choices", "DTYPES", "FEATURES"]
 
 DTYPES = ("float32", "float64", "bfloat16")
+FEATURES = ("inplace", "custom", "symbolic", "deep")
 _SIZES = (2, 3, 4, 5, 6, 8)
 _MAX_RANK = 5
 _MAX_NUMEL = 4096
@@ -71,6 +72,11 @@ class LoadedCase:
     def loss_fn(self) -> Any:
         return self.namespace["loss_fn"]
 
+    def dynamic_shapes(self) -> Any:
+        """torch.export's dynamic_shapes for the inputs (None: every size is static)."""
+        make = self.namespace.get("dynamic_shapes")
+        return make() if make is not None else None
+
 
 @dataclass
 class _Val:
@@ -110,8 +116,22 @@ class _Gen:
     modules: list[_Module] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     n: int = 0
+    # features beyond the original generator (see FEATURES); none of them draws from ``rng`` unless enabled
+    features: frozenset[str] = frozenset()
+    # safe: the values carry the batch in dim 0 and no op acts along it or moves it (pipeline blocks: the
+    # batch can be cut into micro-batches); sym: shapes are written as expressions of the values' own sizes
+    # (the batch dimension is dynamic when the case is exported)
+    safe: bool = False
+    sym: bool = False
+    header: list[str] = field(default_factory=list)  # custom op definitions (module level, once each)
 
     # -- helpers -------------------------------------------------------------------------------------------
+
+    @property
+    def shaped(self) -> bool:
+        """Are sizes written as expressions of the values' own shapes (dynamic batch, or pipeline blocks traced
+        again at the micro-batch size)?"""
+        return self.sym or self.safe
 
     @property
     def torch_dtype(self) -> str:
@@ -130,6 +150,8 @@ class _Gen:
         return val
 
     def pick(self, kind: str = "f", min_rank: int = 0, pred: Any = None) -> _Val | None:
+        if self.safe:
+            min_rank = max(min_rank, 1)
         pool = [v for v in self.vals if v.kind == kind and v.rank >= min_rank and (pred is None or pred(v))]
         if not pool:
             return None
@@ -163,6 +185,7 @@ class _Gen:
         shape)."""
         same = [
             v for v in self.vals if v.kind == "f" and v is not x and _broadcast(x.shape, v.shape) == x.shape
+            and (not self.safe or v.rank == x.rank)
         ]
         r = self.rng.random()
         if same and r < 0.55:
@@ -171,6 +194,8 @@ class _Gen:
         if (r < 0.9 or not scalar) and x.rank > 0:
             keep = self.rng.randint(1, x.rank)
             shape = tuple(d if self.rng.random() < 0.6 else 1 for d in x.shape[x.rank - keep :])
+            if self.safe and keep == x.rank:  # a parameter never has the batch's size
+                shape = (1,) + shape[1:]
             expr, grad = self.param_like(shape)
             return expr, grad, shape
         if not scalar:
@@ -201,7 +226,7 @@ class _Gen:
         return True
 
     def op_linear(self) -> bool:
-        x = self.pick(min_rank=1)
+        x = self.pick(min_rank=2 if self.safe else 1)
         if x is None:
             return False
         k = x.shape[-1]
@@ -237,7 +262,7 @@ class _Gen:
         return True
 
     def op_matmul(self) -> bool:
-        x = self.pick(min_rank=2)
+        x = self.pick(min_rank=3 if self.safe else 2)
         if x is None:
             return False
         m, k = x.shape[-2], x.shape[-1]
@@ -271,8 +296,10 @@ class _Gen:
         kind = self.rng.choice(("sum", "mean", "amax", "amin", "var", "std", "max.dim", "argmax", "logsumexp",
                                 "prod", "norm"))  # fmt: skip
         keep = self.rng.random() < 0.4
+        if self.safe and x.rank < 2:
+            return False
         if kind in ("max.dim", "argmax", "prod"):
-            d = self.rng.randrange(x.rank)
+            d = self.rng.randrange(1, x.rank) if self.safe else self.rng.randrange(x.rank)
             shape = _reduced(x.shape, [d], keep)
             if kind == "max.dim":
                 self.emit(f"{x.name}.max(dim={d}, keepdim={keep}).values", shape, "max.dim", param=x.param)
@@ -283,11 +310,12 @@ class _Gen:
                 self.emit(f"{x.name}.argmax(dim={d}, keepdim={keep})", shape, "argmax", kind="i",
                           bound=x.shape[d])  # fmt: skip
             return True
-        if self.rng.random() < 0.15 and kind in ("sum", "mean"):
+        if not self.safe and self.rng.random() < 0.15 and kind in ("sum", "mean"):
             self.emit(f"{x.name}.{kind}()", (), f"{kind}(all)", param=x.param)
             return True
-        count = self.rng.randint(1, x.rank)
-        dims = sorted(self.rng.sample(range(x.rank), count))
+        first = 1 if self.safe else 0
+        count = self.rng.randint(1, x.rank - first)
+        dims = sorted(self.rng.sample(range(first, x.rank), count))
         if self.rng.random() < 0.3:
             dims = [d - x.rank for d in dims]  # negative dims
         shape = _reduced(x.shape, [d % x.rank for d in dims], keep)
@@ -311,6 +339,8 @@ class _Gen:
         if x is None:
             return False
         d = self.rng.randrange(-x.rank, x.rank)
+        if self.safe and d % x.rank == 0:
+            return False
         fn, label = self.rng.choice(
             (("F.softmax({x}, dim={d})", "softmax"), ("F.log_softmax({x}, dim={d})", "log_softmax"),
              ("torch.cumsum({x}, dim={d})", "cumsum"))
@@ -322,9 +352,11 @@ class _Gen:
         x = self.pick(min_rank=1)
         if x is None:
             return False
+        if self.safe and x.rank < 2:
+            return False
         name = self.fresh("norm")
         r = self.rng.random()
-        if r < 0.2 and x.rank in (2, 3, 4) and x.shape[0] > 1:
+        if r < 0.2 and x.rank in (2, 3, 4) and x.shape[0] > 1 and not self.safe:
             cls = "BatchNorm2d" if x.rank == 4 else "BatchNorm1d"
             self.init.append(f"self.{name} = nn.{cls}({x.shape[1]})")
             self.init.append(f"self.{name}.running_mean.uniform_(-0.5, 0.5)")
@@ -335,7 +367,7 @@ class _Gen:
             self.init.append(f"self.{name} = nn.RMSNorm({x.shape[-1]})")
             self.emit(f"self.{name}({x.name})", x.shape, "rms_norm", param=True)
             return True
-        normalized = x.shape[-2:] if x.rank >= 2 and self.rng.random() < 0.25 else x.shape[-1:]
+        normalized = x.shape[-2:] if x.rank >= (3 if self.safe else 2) and self.rng.random() < 0.25 else x.shape[-1:]
         affine = self.rng.random() < 0.8
         self.init.append(f"self.{name} = nn.LayerNorm({list(normalized)}, elementwise_affine={affine})")
         self.emit(f"self.{name}({x.name})", x.shape, "layer_norm", param=affine or x.param)
@@ -348,40 +380,45 @@ class _Gen:
         choice = self.rng.choice(("merge", "split", "transpose", "permute", "unsqueeze", "squeeze", "flatten",
                                   "view", "contiguous"))  # fmt: skip
         s = list(x.shape)
-        if choice == "merge" and x.rank >= 2:
-            i = self.rng.randrange(x.rank - 1)
+        first = 1 if self.safe else 0  # safe: the batch stays in dim 0
+        if choice == "merge" and x.rank >= 2 + first:
+            i = self.rng.randrange(first, x.rank - 1)
             shape = tuple(s[:i] + [s[i] * s[i + 1]] + s[i + 2 :])
-            self.emit(f"{x.name}.reshape({_tuple(shape)})", shape, "reshape(merge)", param=x.param)
-        elif choice == "split" and any(d % 2 == 0 and d >= 4 for d in s):
-            i = self.rng.choice([i for i, d in enumerate(s) if d % 2 == 0 and d >= 4])
+            expr = f"{x.name}.flatten({i}, {i + 1})" if self.shaped else f"{x.name}.reshape({_tuple(shape)})"
+            self.emit(expr, shape, "reshape(merge)", param=x.param)
+        elif choice == "split" and any(d % 2 == 0 and d >= 4 for d in s[first:]):
+            i = self.rng.choice([i for i, d in enumerate(s) if d % 2 == 0 and d >= 4 and i >= first])
             shape = tuple(s[:i] + [2, s[i] // 2] + s[i + 1 :])
             if not self.fits(shape):
                 return False
             method = "view" if x.contiguous else "reshape"
-            self.emit(f"{x.name}.{method}({_tuple(shape)})", shape, f"{method}(split)", param=x.param)
-        elif choice == "transpose" and x.rank >= 2:
-            i, j = self.rng.sample(range(x.rank), 2)
+            expr = f"{x.name}.unflatten({i}, (2, -1))" if self.shaped else f"{x.name}.{method}({_tuple(shape)})"
+            self.emit(expr, shape, f"{method}(split)", param=x.param)
+        elif choice == "transpose" and x.rank >= 2 + first:
+            i, j = self.rng.sample(range(first, x.rank), 2)
             s[i], s[j] = s[j], s[i]
             self.emit(f"{x.name}.transpose({i}, {j})", tuple(s), "transpose", param=x.param, contiguous=False)
-        elif choice == "permute" and x.rank >= 3:
-            perm = list(range(x.rank))
+        elif choice == "permute" and x.rank >= 3 + first:
+            perm = list(range(first, x.rank))
             self.rng.shuffle(perm)
+            perm = list(range(first)) + perm
             shape = tuple(s[p] for p in perm)
             self.emit(f"{x.name}.permute({_tuple(perm)})", shape, "permute", param=x.param, contiguous=False)
         elif choice == "unsqueeze" and x.rank < _MAX_RANK:
-            d = self.rng.randint(0, x.rank)
+            d = self.rng.randint(first, x.rank)
             self.emit(f"{x.name}.unsqueeze({d})", tuple(s[:d] + [1] + s[d:]), "unsqueeze", param=x.param,
                       contiguous=x.contiguous)  # fmt: skip
-        elif choice == "squeeze" and 1 in s:
-            d = self.rng.choice([i for i, n in enumerate(s) if n == 1])
+        elif choice == "squeeze" and 1 in s[first:]:
+            d = self.rng.choice([i for i, n in enumerate(s) if n == 1 and i >= first])
             self.emit(f"{x.name}.squeeze({d})", tuple(s[:d] + s[d + 1 :]), "squeeze", param=x.param,
                       contiguous=x.contiguous)  # fmt: skip
-        elif choice == "flatten" and x.rank >= 2:
-            start = self.rng.randrange(x.rank - 1)
+        elif choice == "flatten" and x.rank >= 2 + first:
+            start = self.rng.randrange(first, x.rank - 1)
             shape = tuple(s[:start] + [math.prod(s[start:])])
             self.emit(f"{x.name}.flatten({start})", shape, "flatten", param=x.param)
         elif choice == "view" and x.contiguous and x.rank >= 2:
-            self.emit(f"{x.name}.view({s[0]}, -1)", (s[0], math.prod(s[1:])), "view", param=x.param)
+            lead = f"{x.name}.shape[0]" if self.shaped else str(s[0])
+            self.emit(f"{x.name}.view({lead}, -1)", (s[0], math.prod(s[1:])), "view", param=x.param)
         elif choice == "contiguous" and not x.contiguous:
             self.emit(f"{x.name}.contiguous()", x.shape, "contiguous", param=x.param)
         else:
@@ -389,10 +426,11 @@ class _Gen:
         return True
 
     def op_slice(self) -> bool:
-        x = self.pick(min_rank=1, pred=lambda v: max(v.shape) >= 2)
+        first = 1 if self.safe else 0
+        x = self.pick(min_rank=1, pred=lambda v: max(v.shape[first:], default=0) >= 2)
         if x is None:
             return False
-        d = self.rng.choice([i for i, n in enumerate(x.shape) if n >= 2])
+        d = self.rng.choice([i for i, n in enumerate(x.shape) if n >= 2 and i >= first])
         s = x.shape[d]
         r = self.rng.random()
         lead = ":, " * d
@@ -433,17 +471,17 @@ class _Gen:
         return True
 
     def op_cat(self) -> bool:
-        x = self.pick(min_rank=1)
+        x = self.pick(min_rank=2 if self.safe else 1)
         if x is None:
             return False
-        d = self.rng.randrange(x.rank)
+        d = self.rng.randrange(1, x.rank) if self.safe else self.rng.randrange(x.rank)
         partners = [v for v in self.vals if v.kind == "f" and v.rank == x.rank and v is not x
                     and all(a == b for i, (a, b) in enumerate(zip(v.shape, x.shape)) if i != d)]  # fmt: skip
         if self.rng.random() < 0.3 and x.rank < _MAX_RANK:
             same = [v for v in partners if v.shape == x.shape]
             y = self.rng.choice(same) if same else None
             other = y.name if y else f"torch.tanh({x.name})"
-            sd = self.rng.randint(0, x.rank)
+            sd = self.rng.randint(1 if self.safe else 0, x.rank)
             shape = x.shape[:sd] + (2,) + x.shape[sd:]
             if self.fits(shape):
                 self.emit(f"torch.stack([{x.name}, {other}], dim={sd})", shape, "stack",
@@ -489,6 +527,9 @@ class _Gen:
         causal = self.rng.random() < 0.5
         name = self.fresh("attn")
         batch = self.rng.choice((str(b), "-1"))
+        seq = str(s)
+        if self.shaped:
+            batch, seq = f"{x.name}.shape[0]", f"{x.name}.shape[1]"
         q, k, v = self.fresh("q"), self.fresh("k"), self.fresh("v")
         if self.rng.random() < 0.5:
             self.init.append(f"self.{name} = nn.Linear({e}, {3 * e})")
@@ -501,10 +542,10 @@ class _Gen:
                 f"{q}, {k}, {v} = self.{name}_q({x.name}), self.{name}_k({x.name}), self.{name}_v({x.name})"
             )
         for t in (q, k, v):
-            self.fwd.append(f"{t} = {t}.reshape({batch}, {s}, {heads}, {hd}).transpose(1, 2)")
+            self.fwd.append(f"{t} = {t}.reshape({batch}, {seq}, {heads}, {hd}).transpose(1, 2)")
         a = self.fresh("a")
         self.fwd.append(f"{a} = F.scaled_dot_product_attention({q}, {k}, {v}, is_causal={causal})")
-        self.emit(f"{a}.transpose(1, 2).reshape({batch}, {s}, {e})", x.shape, "attention", param=True)
+        self.emit(f"{a}.transpose(1, 2).reshape({batch}, {seq}, {e})", x.shape, "attention", param=True)
         return True
 
     def op_conv(self) -> bool:
@@ -543,22 +584,20 @@ class _Gen:
             return False
         dt = self.torch_dtype
         r = self.rng.random()
+        shape = f"{x.name}.shape" if self.shaped else _tuple(x.shape)
         if r < 0.25:
-            self.emit(
-                f"{x.name} + torch.arange({x.shape[-1]}, dtype={dt}) * 0.1", x.shape, "arange", param=x.param
-            )
+            if self.safe and x.rank < 2:
+                return False
+            n = f"{x.name}.shape[-1]" if self.sym else str(x.shape[-1])
+            self.emit(f"{x.name} + torch.arange({n}, dtype={dt}) * 0.1", x.shape, "arange", param=x.param)
         elif r < 0.45:
-            self.emit(
-                f"{x.name} * torch.full({_tuple(x.shape)}, 0.5, dtype={dt})", x.shape, "full", param=x.param
-            )
+            self.emit(f"{x.name} * torch.full({shape}, 0.5, dtype={dt})", x.shape, "full", param=x.param)
         elif r < 0.6:
-            self.emit(
-                f"torch.zeros({_tuple(x.shape)}, dtype={dt}) - {x.name}", x.shape, "zeros", param=x.param
-            )
+            self.emit(f"torch.zeros({shape}, dtype={dt}) - {x.name}", x.shape, "zeros", param=x.param)
         elif r < 0.75:
-            self.emit(f"{x.name}.new_ones({_tuple(x.shape)}) + torch.ones_like({x.name}) * {x.name}", x.shape,
+            self.emit(f"{x.name}.new_ones({shape}) + torch.ones_like({x.name}) * {x.name}", x.shape,
                       "new_ones", param=x.param)  # fmt: skip
-        elif x.rank >= 2:
+        elif x.rank >= (3 if self.safe else 2):
             self.emit(f"torch.tril({x.name})", x.shape, "tril", param=x.param)
         else:
             return False
@@ -583,8 +622,8 @@ class _Gen:
             self.emit(
                 f"{x.name} * ({x.name} > {c}).to({self.torch_dtype})", x.shape, "mask(mul)", param=x.param
             )
-        elif r < 0.85 and x.rank >= 2 and x.shape[-1] == x.shape[-2]:
-            n = x.shape[-1]
+        elif r < 0.85 and x.rank >= (3 if self.safe else 2) and x.shape[-1] == x.shape[-2]:
+            n = f"{x.name}.shape[-1]" if self.sym else str(x.shape[-1])
             self.emit(f"{x.name}.masked_fill(torch.ones({n}, {n}, dtype=torch.bool).triu(1), 0.0)", x.shape,
                       "causal_mask", param=x.param)  # fmt: skip
         else:
@@ -601,10 +640,11 @@ class _Gen:
         return True
 
     def op_index(self) -> bool:
-        x = self.pick(min_rank=1, pred=lambda v: max(v.shape) >= 2)
+        first = 1 if self.safe else 0
+        x = self.pick(min_rank=1, pred=lambda v: max(v.shape[first:], default=0) >= 2)
         if x is None:
             return False
-        d = self.rng.choice([i for i, n in enumerate(x.shape) if n >= 2])
+        d = self.rng.choice([i for i, n in enumerate(x.shape) if n >= 2 and i >= first])
         s = x.shape[d]
         r = self.rng.random()
         if r < 0.15:
@@ -628,6 +668,8 @@ class _Gen:
             self.emit(f"{x.name}.index_select({d}, self.{name})", shape, "index_select", param=x.param)
         elif r < 0.8:
             left, right = self.rng.randint(0, 2), self.rng.randint(0, 2)
+            if self.safe and x.rank < 2:
+                return False
             shape = x.shape[:-1] + (x.shape[-1] + left + right,)
             self.emit(f"F.pad({x.name}, ({left}, {right}))", shape, "pad", param=x.param)
         elif r < 0.9 and x.numel * 2 <= _MAX_NUMEL:
@@ -638,6 +680,111 @@ class _Gen:
         else:
             shape = x.shape[:d] + (s - 1,) + x.shape[d + 1 :]
             self.emit(f"torch.diff({x.name}, dim={d})", shape, "diff", param=x.param)
+        return True
+
+    # -- ops of the extended generator (FEATURES) ---------------------------------------------------------
+
+    def op_inplace(self) -> bool:
+        """An in-place op on a fresh copy of a value (never on an input, a parameter or a value autograd saved):
+        ``h = x.clone()`` then ``h.add_(y)``, ``h.relu_()``, ``h[:, a:b] = 0.0``, ``h.masked_fill_(...)``, ..."""
+        x = self.pick()
+        if x is None:
+            return False
+        name = self.fresh("h")
+        kind = self.rng.choice(("add_", "mul_", "sub_", "relu_", "tanh_", "clamp_", "masked_fill_", "setitem",
+                                "setitem_mul", "copy_", "div_"))  # fmt: skip
+        first = 1 if self.safe else 0
+        dims = [i for i, n in enumerate(x.shape) if n >= 2 and i >= first]
+        if kind in ("setitem", "setitem_mul") and not dims:
+            kind = "relu_"
+        lines = [f"{name} = {x.name}.clone()"]
+        param = x.param
+        if kind in ("add_", "sub_", "copy_"):
+            y, grad, yshape = self.broadcast_partner(x, scalar=kind != "copy_")
+            if _broadcast(x.shape, yshape) != x.shape:
+                return False
+            lines.append(f"{name}.{kind}({y})")
+            param = param or grad
+        elif kind in ("mul_", "div_"):
+            lines.append(f"{name}.{kind}({self.rng.choice((0.5, -1.5, 2.0))})")
+        elif kind in ("relu_", "tanh_"):
+            lines.append(f"{name}.{kind}()")
+        elif kind == "clamp_":
+            lines.append(f"{name}.clamp_(-1.0, 1.0)")
+        elif kind == "masked_fill_":
+            lines.append(f"{name}.masked_fill_({name} > {self.rng.choice((-0.5, 0.0, 0.3))}, 0.25)")
+        else:
+            d = self.rng.choice(dims)
+            a = self.rng.randrange(x.shape[d] - 1)
+            b = self.rng.randint(a + 1, x.shape[d])
+            index = ":, " * d + f"{a}:{b}"
+            lines.append(f"{name}[{index}] = 0.0" if kind == "setitem" else f"{name}[{index}] *= 2.0")
+        self.fwd.extend(lines)
+        self.vals.append(_Val(name, x.shape, "f", param))
+        self.labels.append(f"inplace({kind})")
+        return True
+
+    def op_custom(self) -> bool:
+        """A custom op (torch.library, namespace ``fuzz``) whose implementation is ATen code registered as
+        CompositeImplicitAutograd: it decomposes at trace time and autograd differentiates it in eager."""
+        x = self.pick(min_rank=2 if self.safe else 1)
+        if x is None:
+            return False
+        kind = self.rng.choice(("gated", "scaled_gelu", "rms"))
+        op = kind
+        if kind == "gated":
+            y, grad, yshape = self.broadcast_partner(x, scalar=False)
+            if _broadcast(x.shape, yshape) != x.shape:
+                return False
+            self.header.append(
+                f'_define("{op}(Tensor x, Tensor y) -> Tensor", lambda x, y: torch.tanh(x) * torch.sigmoid(y) + x)'
+            )
+            self.emit(f"torch.ops.fuzz.{op}({x.name}, {y})", x.shape, "custom(gated)", param=x.param or grad)
+        elif kind == "scaled_gelu":
+            self.header.append(
+                f'_define("{op}(Tensor x, float s) -> Tensor", lambda x, s: torch.nn.functional.gelu(x) * s)'
+            )
+            self.emit(f"torch.ops.fuzz.{op}({x.name}, 0.75)", x.shape, "custom(scaled_gelu)", param=x.param)
+        else:
+            self.header.append(
+                f'_define("{op}(Tensor x) -> Tensor", '
+                "lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))"
+            )
+            self.emit(f"torch.ops.fuzz.{op}({x.name})", x.shape, "custom(rms)", param=x.param)
+        return True
+
+    def op_symbolic(self) -> bool:
+        """Arithmetic on sizes (symbolic when the batch is dynamic): views computed from ``x.shape``, tensors
+        made at a computed size, values scaled by a ratio of sizes."""
+        x = self.pick(min_rank=2)
+        if x is None:
+            return False
+        kind = self.rng.choice(("view", "merge", "pad_zeros", "scale", "half", "batch_ratio"))
+        n = x.name
+        if kind == "view":  # a round trip through a view whose sizes are products of sizes
+            rest = ", ".join(f"{n}.shape[{i}]" for i in range(2, x.rank))
+            merged = f"{n}.shape[0], {n}.shape[1] * {n}.shape[-1] // {n}.shape[-1]" + (f", {rest}" if rest else "")
+            self.emit(f"{n}.reshape({merged}).reshape({n}.shape)", x.shape, "sym(view)", param=x.param)
+        elif kind == "merge" and not self.safe:  # the batch merged with the next dimension, then split again
+            self.emit(f"{n}.reshape({n}.shape[0] * {n}.shape[1], -1).reshape({n}.shape[0], {n}.shape[1], -1)"
+                      f".reshape({n}.shape)", x.shape, "sym(merge)", param=x.param)  # fmt: skip
+        elif kind == "pad_zeros":  # zeros at a computed size, concatenated along the last dim
+            shape = x.shape[:-1] + (x.shape[-1] + 2,)
+            if not self.fits(shape):
+                return False
+            self.emit(f"torch.cat([{n}, {n}.new_zeros(*{n}.shape[:-1], {n}.shape[-1] // {n}.shape[-1] + 1)], dim=-1)",
+                      shape, "sym(new_zeros)", param=x.param)  # fmt: skip
+        elif kind == "scale":  # a ratio of sizes as a factor (sizes other than the batch: the same in any part)
+            self.emit(f"{n} * ({n}.shape[-1] / ({n}.shape[-1] + {n}.shape[1]))", x.shape, "sym(scale)",
+                      param=x.param)  # fmt: skip
+        elif kind == "batch_ratio" and not self.safe:  # the size of dim 0 (the batch, if it is there) in a value
+            self.emit(f"{n} * ({n}.shape[0] / ({n}.shape[0] + 1.0))", x.shape, "sym(batch_ratio)", param=x.param)
+        elif kind == "half" and x.shape[-1] >= 2:  # a slice up to a computed bound
+            k = x.shape[-1] // 2
+            self.emit(f"{n}[..., : {n}.shape[-1] // 2]", x.shape[:-1] + (k,), "sym(slice)", param=x.param,
+                      contiguous=False)  # fmt: skip
+        else:
+            return False
         return True
 
     def final_linear(self, x: _Val) -> None:
@@ -655,7 +802,10 @@ class _Gen:
         shape = tuple(self.size() if n == 1 else n for n in x.shape)
         if not self.fits(shape):
             return False
-        self.emit(f"{x.name}.expand({_tuple(shape)})", shape, "expand", param=x.param, contiguous=False)
+        sizes = _tuple(shape)
+        if self.shaped:  # the dims kept as they are: -1 (they may be the dynamic batch)
+            sizes = _tuple(m if n == 1 else -1 for n, m in zip(x.shape, shape))
+        self.emit(f"{x.name}.expand({sizes})", shape, "expand", param=x.param, contiguous=False)
         return True
 
 
@@ -697,6 +847,9 @@ _BINARY = [
 ]  # fmt: skip
 _BINARY = [(t, label) for t, label in _BINARY if "{y}" in t]
 
+_EXTENDED_OPS = {"inplace": ("op_inplace", 5), "custom": ("op_custom", 3), "symbolic": ("op_symbolic", 4)}
+# ops a pipeline block does without: token ids exist only at the model's inputs
+_NOT_IN_BLOCKS = ("op_embedding",)
 _OPS = (
     ("op_unary", 10), ("op_binary", 10), ("op_linear", 9), ("op_matmul", 4), ("op_reduce", 7),
     ("op_softmax", 4), ("op_norm", 4), ("op_reshape", 7), ("op_slice", 5), ("op_cat", 4),
@@ -729,23 +882,105 @@ def generate(
     world_sizes: tuple[int, ...] = (2, 4),
     dtypes: tuple[str, ...] = DTYPES,
     steps: tuple[int, int] = (2, 10),
+    features: tuple[str, ...] = (),
 ) -> FuzzCase:
     """The case for ``seed``: a random model, its inputs, and a mesh over ``cpu:2`` or ``cpu:4`` using the
-    planner's supported ``degrees``."""
+    planner's supported ``degrees``.
+
+    ``features`` (see :data:`FEATURES`; none: the original generator, whose seeds the tests pin) adds in-place
+    ops, custom ops, size arithmetic with a dynamic batch, a batch that the mesh divides, and models of
+    repeated blocks, at least as many as the pipeline stages (``deep``: the blocks keep the batch in dim 0 and
+    never mix its rows, so the batch can be cut into micro-batches)."""
     rng = random.Random(seed)
     weights = {"float32": 0.8, "float64": 0.15, "bfloat16": 0.05}
     dtype = rng.choices(list(dtypes), [weights.get(d, 0.1) for d in dtypes])[0]
     world = rng.choice(world_sizes)
     constraints = rng.choice(mesh_choices(world, degrees))
     batch = rng.choice((4, 8, 8, 4, 6)) if world != 4 else rng.choice((4, 8, 8, 4, 12, 6))
-    gen = _Gen(rng, dtype, batch)
+    unknown = set(features) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"unknown fuzz features {sorted(unknown)}; known: {FEATURES}")
+    feats = frozenset(features)
+    sym = deep = False
+    if feats:
+        pinned = dict(constraints)
+        pp, dp = pinned.get("pp", 1), pinned.get("dp", 1)
+        # a batch the mesh divides (pipelines: at least two micro-batches per replica)
+        unit = dp * (2 if pp > 1 else 1)
+        batch = rng.choice([b for b in (4, 6, 8, 12, 16) if b % unit == 0 and b // unit >= 1][:3])
+        sym = "symbolic" in feats and rng.random() < 0.4
+        deep = "deep" in feats and (pp > 1 or rng.random() < 0.2)
+    gen = _Gen(rng, dtype, batch, features=feats, sym=sym)
+    table = list(_OPS) + [_EXTENDED_OPS[f] for f in FEATURES if f in feats and f in _EXTENDED_OPS]
+    if deep:  # (a pipeline's batch is static: micro-batches are cut from it; its shapes are still written
+        #          as size expressions, which the micro-batches' traces evaluate at their own sizes)
+        return _deep_case(gen, seed, dtype, world, constraints, table, steps)
     _inputs(gen)
-    names, weights_ = zip(*_OPS)
+    names, weights_ = zip(*table)
     for _ in range(rng.randint(*steps)):
         for _attempt in range(8):
             if getattr(gen, rng.choices(names, weights_)[0])():
                 break
     return _finish(gen, seed, dtype, world, constraints)
+
+
+def _deep_case(
+    gen: _Gen, seed: int, dtype: str, world: int, constraints: tuple[tuple[str, int], ...],
+    table: list[tuple[str, int]], steps: tuple[int, int],
+) -> FuzzCase:  # fmt: skip
+    """A stack of identical random blocks (``blocks.N``: the pipeline's layers, at least ``pp`` of them)
+    between the input and a linear head. Each block maps ``h`` to ``h + tanh(proj(ops(h)))``."""
+    rng = gen.rng
+    pp = dict(constraints).get("pp", 1)
+    layers = pp * rng.choice((1, 2)) if pp > 1 else rng.choice((2, 3))
+    rank = rng.choice((2, 3, 3, 4))
+    shape = (gen.batch,) + tuple(gen.size() for _ in range(rank - 1))
+    gen.inputs.append(("x", f"torch.randn({_tuple(shape)}, generator=g).to(DTYPE)"))
+    block = _Gen(rng, dtype, gen.batch, features=gen.features, safe=True, sym=gen.sym)
+    block.vals.append(_Val("h", shape))
+    names, weights = zip(*[(n, w) for n, w in table if n not in _NOT_IN_BLOCKS])
+    for _ in range(max(1, rng.randint(*steps) // 2)):
+        for _attempt in range(8):
+            if getattr(block, rng.choices(names, weights)[0])():
+                break
+    last = next((v for v in reversed(block.vals) if v.kind == "f" and v.rank >= 1 and v.name != "h"), None)
+    if last is None:
+        last = block.emit("torch.tanh(h) * 2.0", shape, "tanh")
+    block.init.append(f"self.proj = nn.Linear({math.prod(last.shape[1:])}, {math.prod(shape[1:])})")
+    block.fwd.append(f"out = self.proj({last.name}.reshape({last.name}.shape[0], -1)).reshape(h.shape)")
+    out = gen.size()
+    head = f"self.head = nn.Linear({shape[-1]}, {out})"
+    source = _DEEP_SOURCE.format(
+        seed=seed, dtype=dtype, world=world, constraints=dict(constraints), layers=layers,
+        ops=", ".join(block.labels), header=_header(block.header),
+        init="\n".join("        " + line for line in block.init) or "        pass",
+        body="\n".join("        " + line for line in block.fwd), head=head,
+        inputs=f"        torch.randn({_tuple(shape)}, generator=g).to(DTYPE),",
+        dynamic=_dynamic_source(gen.sym and pp == 1, [("x", True)]),
+    )  # fmt: skip
+    labels = tuple(f"block:{label}" for label in block.labels) + (f"blocks({layers})",)
+    return FuzzCase(seed, source, dtype, world, constraints, labels)
+
+
+def _header(lines: list[str]) -> str:
+    """Module-level definitions of the custom ops a case uses (each once)."""
+    if not lines:
+        return ""
+    return _CUSTOM_OPS_HEADER + "\n".join(dict.fromkeys(lines)) + "\n\n"
+
+
+def _dynamic_source(sym: bool, inputs: list[tuple[str, bool]]) -> str:
+    """A ``dynamic_shapes()`` function for torch.export: the batch dimension of every batch input is dynamic
+    (only in a case whose shapes are written as size expressions)."""
+    if not sym:
+        return ""
+    items = ", ".join(f"{name!r}: {{0: Dim.AUTO}}" if batch else f"{name!r}: None" for name, batch in inputs)
+    return (
+        "\n\ndef dynamic_shapes():\n"
+        '    """torch.export dynamic_shapes: the batch dimension is dynamic."""\n'
+        "    from torch.export import Dim\n\n"
+        f"    return {{{items}}}\n"
+    )
 
 
 def _inputs(gen: _Gen) -> None:
@@ -794,10 +1029,11 @@ def _finish(
     init = "\n".join("        " + line for line in gen.init) or "        pass"
     body = "\n".join("        " + line for line in gen.fwd)
     inputs = "\n".join(f"        {expr}," for _, expr in gen.inputs)
+    batch_inputs = [(n, any(v.name == n and v.shape[:1] == (gen.batch,) for v in gen.vals)) for n, _ in gen.inputs]
     source = _SOURCE.format(
         seed=seed, dtype=dtype, world=world, constraints=dict(constraints), ops=", ".join(gen.labels),
-        init=init, args=args, body=body, ret=ret, inputs=inputs,
-    )  # fmt: skip
+        init=init, args=args, body=body, ret=ret, inputs=inputs, header=_header(gen.header),
+    ) + _dynamic_source(gen.sym and dict(constraints).get("pp", 1) == 1, batch_inputs)  # fmt: skip
     return FuzzCase(seed, source, dtype, world, constraints, tuple(gen.labels))
 
 
@@ -817,7 +1053,7 @@ DTYPE = torch.{dtype}
 CLUSTER = "cpu:{world}"
 CONSTRAINTS = {constraints}
 
-
+{header}
 class FuzzModel(nn.Module):
     def __init__(self):
         super().__init__()
@@ -845,6 +1081,77 @@ def loss_fn(out):
     wide = torch.float64 if DTYPE == torch.float64 else torch.float32  # never narrower than the model
     return sum((t.to(wide) ** 2).mean() for t in leaves)
 '''
+
+
+_CUSTOM_OPS_HEADER = '''
+def _define(schema, fn):
+    """A custom op fuzz::<name> implemented by ATen code (CompositeImplicitAutograd: autograd differentiates
+    the implementation; tracing decomposes it). Defined once per process."""
+    name = schema.split("(")[0]
+    if not hasattr(torch.ops.fuzz, name):
+        torch.library.define(f"fuzz::{name}", schema[len(name):])
+        torch.library.impl(f"fuzz::{name}", "CompositeImplicitAutograd", fn)
+
+
+'''
+
+_DEEP_SOURCE = '''\
+"""Fuzz case {seed} (shardwise.testing.fuzz): {dtype}, compiled for cpu:{world} with {constraints}.
+
+{layers} blocks of: {ops}.
+"""
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import nn
+
+SEED = {seed}
+DTYPE = torch.{dtype}
+CLUSTER = "cpu:{world}"
+CONSTRAINTS = {constraints}
+
+{header}
+class FuzzBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+{init}
+
+    def forward(self, h):
+{body}
+        return h + torch.tanh(out)
+
+
+class FuzzModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(FuzzBlock() for _ in range({layers}))
+        {head}
+
+    def forward(self, x):
+        h = x
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def make_model():
+    torch.manual_seed(SEED)
+    return FuzzModel().to(DTYPE)
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(SEED)
+    return (
+{inputs}
+    )
+
+
+def loss_fn(out):
+    leaves = [t for t in pytree.tree_leaves(out) if torch.is_tensor(t) and t.is_floating_point()]
+    wide = torch.float64 if DTYPE == torch.float64 else torch.float32  # never narrower than the model
+    return sum((t.to(wide) ** 2).mean() for t in leaves)
+{dynamic}'''
 
 
 def load_case(case: FuzzCase) -> LoadedCase:
@@ -886,8 +1193,9 @@ if __name__ == "__main__":
     with torch.no_grad():
         want = model(*inputs)
     with WorkerPool(int(CLUSTER.split(":")[1])) as pool:
+        dynamic = globals().get("dynamic_shapes", lambda: None)()
         with shardwise.compile(make_model().eval(), CLUSTER, example_inputs=inputs, constraints=CONSTRAINTS,
-                               workers=pool) as cm:
+                               dynamic_shapes=dynamic, workers=pool) as cm:
             print(cm.plan.summary())
             compare("inference", cm.run(*inputs), want)
 
@@ -897,7 +1205,7 @@ if __name__ == "__main__":
         loss.backward()
         sgd(reference.parameters()).step()
         with shardwise.compile(make_model(), CLUSTER, example_inputs=inputs, mode="train", loss_fn=loss_fn,
-                               optimizer=sgd, constraints=CONSTRAINTS, workers=pool) as cm:
+                               optimizer=sgd, constraints=CONSTRAINTS, dynamic_shapes=dynamic, workers=pool) as cm:
             got_loss = cm.train_step(*inputs)
             print(f"loss {{got_loss:.8f}}, eager {{loss.item():.8f}}")
             state = cm.state_dict()

@@ -128,10 +128,11 @@ def _first_sample(op: Any) -> Any | None:
         samples = op.sample_inputs("cpu", torch.float32, requires_grad=False)
         try:
             return next(iter(samples), None)
-        finally:
-            close = getattr(samples, "close", None)
-            if close is not None:
-                close()
+        finally:  # close the sample generator now (closed later by the collector, it may run inside a trace)
+            for it in (samples, getattr(samples, "child_iter", None)):
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
     except Exception:  # an OpInfo whose samples need what this machine lacks
         return None
 

@@ -32,6 +32,8 @@ _ROW_COPIES = (
     "aten.empty.memory_format", "aten.new_ones.default", "aten.new_zeros.default", "aten.new_full.default",
     "aten.new_empty.default", "aten.scalar_tensor.default",
 )  # fmt: skip
+# ops whose tensor operand gives only the dtype and device of what they make
+_NEW_FROM = ("aten.new_ones.default", "aten.new_zeros.default", "aten.new_full.default", "aten.new_empty.default")
 # ops that map a batch mean (a scalar that is the average over the rows) to another one
 _MEAN_UNARY = (
     "aten.neg.default", "aten.to.dtype", "aten._to_copy.default", "aten.clone.default", "aten.alias.default",
@@ -113,6 +115,8 @@ def batch_rows(
             continue
         info = node_info(node, specs)
         batched = [k for k, name in enumerate(info.operands) if rows.get(name)]
+        if node.op in _NEW_FROM:  # x.new_zeros(...) reads only the dtype and device of x, not its rows
+            batched = []
         is_live = node.name in live
         if not batched:
             made = _made_at_batch_size(node, micro_nodes.get(node.name))
