@@ -696,7 +696,8 @@ _set_saves("none", [
         "embedding.default", "index.Tensor", "zeros_like.default", "ones_like.default", "full_like.default",
         "masked_fill.Scalar", "where.self", "pad.default", "constant_pad_nd.default", "repeat.default",
         "roll.default", "flip.default", "cumsum.default", "to.dtype", "to.dtype_layout", "_to_copy.default",
-        "to.device", "type_as.default", "lift_fresh_copy.default",
+        "to.device", "type_as.default", "lift_fresh_copy.default", "tril.default", "triu.default",
+        "empty_like.default",
     )
 ])  # fmt: skip
 _set_saves("output", [
