@@ -115,9 +115,15 @@ A100_EFFICIENCY = Efficiency(
 )  # fmt: skip
 H100_EFFICIENCY = Efficiency(
     gemm=794.5 / 989.0,
+    attention_forward=335.0 / 989.0,
+    attention_backward=322.0 / 989.0,
     sources=(
         ("gemm", "Bekman, Machine Learning Engineering, Maximum Achievable Matmul FLOPS table (mamf-finder, v2): "
                  "H100 SXM bf16 794.5 of 989 TFLOP/s"),
+        ("attention_forward", "Shah et al., FlashAttention-3 (2024), Fig. 5: FlashAttention-2 forward on H100 SXM5, "
+                              "head dim 128, causal (FLOPs counted as half), 16k: 335 TFLOP/s"),
+        ("attention_backward", "Shah et al., FlashAttention-3 (2024), Fig. 6: FlashAttention-2 backward on H100 "
+                               "SXM5, head dim 128, 16k: 322 TFLOP/s"),
     ),
 )  # fmt: skip
 

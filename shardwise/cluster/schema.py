@@ -17,6 +17,19 @@ The dict form (also the YAML file) is::
     efficiency: {gemm: 0.87, memory: 0.89, op_overhead_s: 5us, overhead_hidden: true, ...,         # optional
                  sources: {gemm: "where the figure comes from", ...}}
 
+A cluster of identical nodes may describe one node and leave the count to ``num_nodes`` (optional, instead of
+or beside the explicit lists)::
+
+    per_node:                   # repeated on every node k; g<i> is the node's i-th device (global rank
+      switches: [{name: nvswitch, kind: nvswitch, port_bandwidth: 450GB/s, latency: 0.7us,   #  k*per+i),
+                  members: [g0, g1, ..., g7]}]                                              # names get n<k>.
+      nics: [{name: nic0, devices: [0], bandwidth: 400Gb/s, latency: 2.6us}, ...]   # devices: local indices
+      links: [{src: g0, dst: g1, bandwidth: 45GB/s, latency: 0.3us, kind: nvlink}, ...]
+    fabric: {name: ib, kind: ib, port_bandwidth: 400Gb/s, latency: 0us}   # one switch joining every NIC
+
+so ``num_nodes`` is the only figure to change for more nodes (names come out as the presets name them:
+``n0.nvswitch``, ``n1.nic3``, ``ib``).
+
 Numbers may carry units (see ``units``); plain numbers are base units. Unknown keys, wrong types, bad
 values and contradictions raise ClusterSpecError naming the field (``links[3].bandwidth``), the value and
 what is allowed. ``spec_to_dict`` writes plain numbers only, so ``from_dict(to_dict(s)) == s`` exactly.
@@ -54,7 +67,10 @@ _TOP_REQUIRED = (
     "host_memory_bytes",
     "host_link_bandwidth",
 )
-_TOP_OPTIONAL = ("world_size", "links", "switches", "nics", "efficiency")
+_TOP_OPTIONAL = ("world_size", "links", "switches", "nics", "efficiency", "per_node", "fabric")
+_PER_NODE_KEYS = ("switches", "nics", "links")
+_NODE_NIC_KEYS = ("name", "devices", "bandwidth", "latency")
+_FABRIC_KEYS = ("name", "kind", "port_bandwidth", "latency")
 _DEVICE_KEYS = ("kind", "peak_flops", "memory_bytes", "memory_bandwidth")
 _LINK_KEYS = ("src", "dst", "bandwidth", "latency", "kind")
 _SWITCH_KEYS = ("name", "kind", "port_bandwidth", "latency", "members")
@@ -276,11 +292,67 @@ def _efficiency(raw: object) -> Efficiency:
     return Efficiency(**values)
 
 
+def _local_device(field: str, raw: object, per_node: int) -> int:
+    """A node-local device name ``g<i>`` (0 <= i < devices_per_node) -> i."""
+    name = _str(field, raw)
+    if not (name.startswith("g") and name[1:].isdigit() and int(name[1:]) < per_node):
+        raise fail(field, raw, f"must name one of the node's devices g0..g{per_node - 1}")
+    return int(name[1:])
+
+
+def _expand_per_node(raw: object, fabric_raw: object, num_nodes: int, per_node: int) -> dict[str, list[Any]]:
+    """The ``per_node`` template (and ``fabric``) written out for every node, as explicit lists in the dict form:
+    switch and NIC names get an ``n<node>.`` prefix, device names and NIC devices become global ranks."""
+    d = _keys("per_node", raw, (), _PER_NODE_KEYS) if raw is not None else {}
+    out: dict[str, list[Any]] = {"switches": [], "nics": [], "links": []}
+    switches = _list("per_node.switches", d.get("switches", []))
+    nics = _list("per_node.nics", d.get("nics", []))
+    links = _list("per_node.links", d.get("links", []))
+    for i, sw in enumerate(switches):
+        _keys(f"per_node.switches[{i}]", sw, _SWITCH_KEYS)
+        for j, m in enumerate(_list(f"per_node.switches[{i}].members", sw["members"])):
+            _local_device(f"per_node.switches[{i}].members[{j}]", m, per_node)
+    for i, nic in enumerate(nics):
+        _keys(f"per_node.nics[{i}]", nic, _NODE_NIC_KEYS)
+        for j, r in enumerate(_list(f"per_node.nics[{i}].devices", nic["devices"])):
+            what = f"a local device index (0..{per_node - 1})"
+            if _int(f"per_node.nics[{i}].devices[{j}]", r, minimum=0, what=what) >= per_node:
+                raise fail(f"per_node.nics[{i}].devices[{j}]", r, f"must be {what}")
+    for i, link in enumerate(links):
+        _keys(f"per_node.links[{i}]", link, _LINK_KEYS)
+        for end in ("src", "dst"):
+            _local_device(f"per_node.links[{i}].{end}", link[end], per_node)
+
+    def rank(name: str, node: int) -> str:
+        return f"g{node * per_node + int(name[1:])}"
+
+    for node in range(num_nodes):
+        for sw in switches:
+            out["switches"].append({**sw, "name": f"n{node}.{_str('per_node.switches[].name', sw['name'])}",
+                                    "members": [rank(m, node) for m in sw["members"]]})  # fmt: skip
+        for nic in nics:
+            out["nics"].append({**nic, "name": f"n{node}.{_str('per_node.nics[].name', nic['name'])}", "node": node,
+                                "devices": [node * per_node + r for r in nic["devices"]]})  # fmt: skip
+        for link in links:
+            out["links"].append({**link, "src": rank(link["src"], node), "dst": rank(link["dst"], node)})
+    if fabric_raw is not None:
+        f = _keys("fabric", fabric_raw, _FABRIC_KEYS)
+        if not out["nics"]:
+            raise fail("fabric", dict(f), "joins the NICs of per_node.nics: describe them there")
+        out["switches"].append({**f, "members": [nic["name"] for nic in out["nics"]]})
+    return out
+
+
 def spec_from_dict(raw: object) -> ClusterSpec:
     """Validate and build a ClusterSpec from plain data; ClusterSpecError names the first bad field."""
     d = _keys("", raw, _TOP_REQUIRED, _TOP_OPTIONAL)
     num_nodes = _int("num_nodes", d["num_nodes"], minimum=1, what="a positive integer")
     per_node = _int("devices_per_node", d["devices_per_node"], minimum=1, what="a positive integer")
+    if "per_node" in d or "fabric" in d:
+        template = _expand_per_node(d.get("per_node"), d.get("fabric"), num_nodes, per_node)
+        d = {k: v for k, v in d.items() if k not in ("per_node", "fabric")}
+        for key, items in template.items():
+            d[key] = items + _list(key, d.get(key, []))
     if "world_size" in d:
         world = _int("world_size", d["world_size"], minimum=1, what="a positive integer")
         if world != num_nodes * per_node:

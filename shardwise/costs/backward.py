@@ -10,16 +10,23 @@ work times the factor of its cost class, at the class's achieved rate:
   gradient), one kernel;
 * ``free`` (views): no device work; where the host dispatches every op (a CPU process) one launch.
 
+**Fused groups.** Where a program runs a fused group's backward as one kernel too (torch.compile's
+AOTAutograd and Inductor, Megatron-LM's fused softmax, bias-GeLU and layer-norm kernels), that kernel reads the
+gradients of the group's outputs and what it saved, and writes the gradients of its inputs: the memory class's
+rule applied to the kernel, twice the group's forward boundary bytes (and its members' backward FLOPs), one
+launch (:func:`group_backward_s`). shardwise's own generated programs differentiate a group's eager ops, so
+their groups keep the per-op rule; on devices that run groups op by op (CPUs) a group is always its ops.
+
 **Recomputation.** A recomputed op runs its forward once more in the backward: its price is its forward
-price, overhead included. Nothing else is charged for recomputation (the kept inputs are already priced as
-memory by the memory map).
+price, overhead included (a recomputed fused group: the group's kernel once more). Nothing else is charged for
+recomputation (the kept inputs are already priced as memory by the memory map).
 """
 
 from __future__ import annotations
 
 from shardwise.costs.compute import ComputePrices, OpWork
 
-__all__ = ["BACKWARD_FACTOR", "BACKWARD_KERNELS", "backward_s", "recompute_s"]
+__all__ = ["BACKWARD_FACTOR", "BACKWARD_KERNELS", "backward_s", "recompute_s", "group_backward_s"]
 
 #: backward work over forward work, by cost class (see the module docstring)
 BACKWARD_FACTOR = {"gemm": 2.0, "attention": 2.5, "memory": 2.0, "free": 0.0}
@@ -43,3 +50,16 @@ def backward_s(prices: ComputePrices, work: OpWork) -> float:
 def recompute_s(prices: ComputePrices, work: OpWork) -> float:
     """One op's recomputation in the backward: its forward once more."""
     return prices.forward_s(work)
+
+
+def group_backward_s(prices: ComputePrices, works: list[OpWork], boundary_bytes: float) -> float:
+    """The backward of a fused group run as one kernel whose forward moved ``boundary_bytes`` (see the module
+    docstring); the sum of its ops' backwards where the device runs groups op by op."""
+    if not prices.efficiency.fused_kernels:
+        return sum(backward_s(prices, w) for w in works)
+    flop_s = sum(
+        prices.flop_s(BACKWARD_FACTOR[w.cost_class] * w.flops, w.cost_class, backward=True)
+        for w in works
+        if w.cost_class != "free"
+    )
+    return prices.with_overhead(max(flop_s, prices.byte_s(BACKWARD_FACTOR["memory"] * boundary_bytes)))

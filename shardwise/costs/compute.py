@@ -6,6 +6,9 @@ model is traced in float32; bf16/fp16 runs move half the bytes). Its *cost class
 
 * ``gemm`` (matmuls, convolutions): roofline with the FLOP side at ``peak x efficiency.gemm``;
 * ``attention`` (fused ``scaled_dot_product_attention``): FLOP side at ``peak x efficiency.attention_forward``;
+  a causal call (``is_causal=True``, no mask tensor) computes only the blocks on and below the diagonal: its
+  device FLOPs are half the registry's count, the convention of the published fused-attention rates the
+  efficiencies come from (FlashAttention's benchmarks count a causal call at half the FLOPs of a full one);
 * ``memory`` (every other op that moves data: elementwise, norms, softmax, reductions, copies, losses): the
   bytes at ``memory bandwidth x efficiency.memory``;
 * ``free`` (views, getitem, size arithmetic): no device work.
@@ -17,6 +20,12 @@ it too where the host dispatches them (a CPU process), never on a device that ru
 
 A fused group (``fused_kernels`` devices) is one kernel: its FLOPs, and only the bytes of its inputs and
 outputs; where the device runs fused groups op by op (CPUs), a group costs the sum of its ops.
+
+**Widths.** A model traced in float32 runs its floating values at the precision's width (autocast: bf16/fp16
+runs move 2-byte values, :func:`float_scale`). A model traced in a 16-bit float type (its trainable weights
+are bf16/fp16, as under FSDP's or Megatron's mixed precision) states every value's width itself, float32
+upcasts included (an RMSNorm computed in float32 moves 4-byte values): its bytes count as traced
+(:func:`traced_scale`).
 """
 
 from __future__ import annotations
@@ -26,17 +35,21 @@ from dataclasses import dataclass
 
 from shardwise.cluster.efficiency import Efficiency
 from shardwise.cluster.spec import DeviceSpec
-from shardwise.ir.graph import Node
+from shardwise.ir.graph import Graph, Node
 from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = [
-    "OpWork", "COST_CLASSES", "cost_class", "op_work", "precision_dtype", "float_scale", "wire_spec", "ComputePrices",
+    "OpWork", "COST_CLASSES", "cost_class", "op_work", "precision_dtype", "float_scale", "traced_scale", "wire_spec",
+    "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention",
 ]  # fmt: skip
 
 COST_CLASSES = ("gemm", "attention", "memory", "free")
 _PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _FLOAT = ("float", "bfloat")
+_LOW = ("bfloat16", "float16")
+#: device FLOPs of a causal fused-attention call over the registry's (full) count (see the module docstring)
+CAUSAL_FRACTION = 0.5
 
 
 def precision_dtype(precision: str) -> str:
@@ -47,6 +60,21 @@ def precision_dtype(precision: str) -> str:
 def float_scale(precision: str) -> float:
     """Bytes of a floating-point element at ``precision`` over its traced (float32) bytes."""
     return 0.5 if precision in ("bf16", "fp16") else 1.0
+
+
+def traced_scale(graph: Graph, precision: str) -> float:
+    """Bytes of ``graph``'s floating values at ``precision`` over their traced bytes (see the module docstring):
+    the precision's width for a float32 trace, 1.0 for a graph traced with 16-bit trainable weights."""
+    low = any(p.requires_grad and p.spec.dtype in _LOW for p in graph.params)
+    return 1.0 if low else float_scale(precision)
+
+
+def is_causal_attention(node: Node) -> bool:
+    """A fused attention call with ``is_causal=True`` (and so no mask tensor)."""
+    if cost_class(node.op) != "attention":
+        return False
+    causal = node.args[5] if len(node.args) > 5 else node.kwarg_dict.get("is_causal", False)
+    return causal is True
 
 
 def wire_spec(spec: TensorSpec, precision: str) -> TensorSpec:
@@ -88,17 +116,23 @@ class OpWork:
         return OpWork(self.cost_class, self.flops * factor, self.activation_bytes * factor, self.param_bytes)
 
 
-def op_work(node: Node, ways: int = 1, precision: str = "fp32", param_bytes: Mapping[str, int] | None = None) -> OpWork:
+def op_work(
+    node: Node, ways: int = 1, precision: str = "fp32", param_bytes: Mapping[str, int] | None = None,
+    scale: float | None = None,
+) -> OpWork:  # fmt: skip
     """``node``'s work on one of the ``ways`` devices its split spreads it over. ``param_bytes`` gives the
     bytes of the graph's parameter values by name: an op's reads of them are counted apart (they do not grow
-    with the batch). Floats move at the precision's width; the traced graph counts them in float32."""
+    with the batch). ``scale``: bytes at this precision over traced bytes (:func:`traced_scale`; default: a
+    float32 trace, :func:`float_scale`). A causal fused attention does ``CAUSAL_FRACTION`` of its FLOPs."""
     cls = cost_class(node.op)
     if cls == "free":
         return OpWork(cls, 0.0, 0.0, 0.0)
-    scale = float_scale(precision)
+    if scale is None:
+        scale = float_scale(precision)
     param = float(sum(param_bytes[v] for v in node.inputs if v in param_bytes)) if param_bytes else 0.0
     activation = max(float(node.bytes_moved) - param, 0.0)
-    return OpWork(cls, node.flops / ways, activation * scale / ways, param * scale / ways)
+    flops = node.flops * (CAUSAL_FRACTION if is_causal_attention(node) else 1.0)
+    return OpWork(cls, flops / ways, activation * scale / ways, param * scale / ways)
 
 
 class ComputePrices:

@@ -44,8 +44,12 @@ class PriceList:
 
     # -- one op ---------------------------------------------------------------------------------------------
 
-    def work(self, node: Node, ways: int = 1, param_bytes: Mapping[str, int] | None = None) -> OpWork:
-        return op_work(node, ways, self.precision, param_bytes)
+    def work(
+        self, node: Node, ways: int = 1, param_bytes: Mapping[str, int] | None = None, scale: float | None = None
+    ) -> OpWork:
+        """``node``'s work on one of ``ways`` devices; ``scale``: bytes at this precision over traced bytes
+        (``costs.compute.traced_scale`` of its graph; default: a float32 trace)."""
+        return op_work(node, ways, self.precision, param_bytes, scale)
 
     def forward_s(self, node: Node, ways: int = 1, param_bytes: Mapping[str, int] | None = None) -> float:
         """One op's forward on one of the ``ways`` devices it is split over."""

@@ -31,7 +31,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shardwise.cluster.spec import ClusterSpec
-from shardwise.costs.backward import backward_s, recompute_s
+from shardwise.costs.backward import backward_s, group_backward_s, recompute_s
+from shardwise.costs.compute import traced_scale
 from shardwise.costs.prices import PriceList, price_list
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph, Node
@@ -42,7 +43,7 @@ from shardwise.ir.tensor import TensorSpec
 
 __all__ = [
     "BUCKET_BYTES", "BACKWARD_OF", "Event", "StepPrice", "OpPrice", "price_flat", "op_ways", "grad_values",
-    "node_prices", "op_prices", "fused_forward", "PricingContext", "plan_pricing",
+    "node_prices", "op_prices", "fused_forward", "fused_backward", "PricingContext", "plan_pricing",
     "Action", "ScheduleDeadlock", "SimResult", "simulate", "analytic_step", "mfu", "predict_flat", "StageTail",
     "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times",
 ]  # fmt: skip
@@ -201,12 +202,12 @@ class PricingContext:
         self.scale = scale
         self.param_bytes = {p.name: p.spec.nbytes for p in graph.params}
         self.grad = grad_values(graph) if train else set()
-        self.width = 0.5 if prices.precision in ("bf16", "fp16") else 1.0
+        self.width = traced_scale(graph, prices.precision)
 
     def price(self, node: Node, s: NodeStrategy | None, recomputed: bool = False) -> OpPrice:
         """``node`` run by strategy ``s`` (its split, its operands' redistributions, its partial gradients)."""
         prices, mesh, scale, graph = self.prices, self.mesh, self.scale, self.graph
-        work = prices.work(node, op_ways(s, mesh), self.param_bytes)
+        work = prices.work(node, op_ways(s, mesh), self.param_bytes, self.width)
         if scale != 1.0:
             work = work.scaled(scale)
         fwd = prices.compute.forward_s(work)
@@ -259,15 +260,19 @@ def _recomputed(graph: Graph, ranges: Iterable[tuple[str, str]]) -> set[str]:
     return out
 
 
-def price_flat(plan: ExecutionPlan, prices: PriceList, *, offload_s: float = 0.0) -> StepPrice:
+def price_flat(
+    plan: ExecutionPlan, prices: PriceList, *, offload_s: float = 0.0, fused_backward: bool = False
+) -> StepPrice:
     """The step of a flat plan (see the module docstring); ``offload_s`` is the exposed host-offload time
-    (``passes.offload`` measures the transfers)."""
+    (``passes.offload`` measures the transfers). ``fused_backward``: the program runs each fused group's
+    backward as one kernel too (``costs.backward``; shardwise's own programs do not)."""
     graph = plan.graph
     train = plan.mode == "train"
     ops = node_prices(plan, prices)
     label = {n.name: n.module_path or n.name for n in graph.nodes}
     events: list[Event] = []
     fused_fwd = _fused_forward(plan, prices, ops)
+    fused_bwd = _fused_backward(plan, prices) if fused_backward and train else {}
     for node in graph.nodes:
         p = ops[node.name]
         if p.comm_forward_s:
@@ -286,7 +291,11 @@ def price_flat(plan: ExecutionPlan, prices: PriceList, *, offload_s: float = 0.0
     params = {p.name for p in graph.params}
     for node in reversed(graph.nodes):
         p = ops[node.name]
-        for phase, kind, seconds in (("recompute", "compute", p.recompute_s), ("backward", "compute", p.backward_s),
+        rec = p.recompute_s
+        if rec and node.name in fused_fwd:  # a recomputed fused group runs its kernel once more
+            rec = fused_fwd[node.name] + p.comm_forward_s
+        bwd = fused_bwd.get(node.name, p.backward_s)
+        for phase, kind, seconds in (("recompute", "compute", rec), ("backward", "compute", bwd),
                                      ("backward", "comm", p.comm_backward_s)):  # fmt: skip
             if seconds:
                 backward_events.append(Event(phase, kind, label[node.name], node.name, seconds))
@@ -334,6 +343,11 @@ def _fused_forward(plan: ExecutionPlan, prices: PriceList, ops: Mapping[str, OpP
     return fused_forward(plan.graph, plan.mesh, plan.strategies, plan.fused_groups, prices)
 
 
+def _fused_backward(plan: ExecutionPlan, prices: PriceList) -> dict[str, float]:
+    grad = grad_values(plan.graph)
+    return fused_backward(plan.graph, plan.mesh, plan.strategies, plan.fused_groups, prices, grad=grad)
+
+
 def fused_forward(
     graph: Graph, mesh: DeviceMesh, strategies: Sequence[NodeStrategy], groups: Sequence[FusedGroup],
     prices: PriceList, scale: float = 1.0,
@@ -342,17 +356,48 @@ def fused_forward(
     first member, 0 on the others; empty where the device runs groups op by op."""
     if not groups or not prices.cluster.efficiency.fused_kernels:
         return {}
-    by_node = {s.node: s for s in strategies}
-    param_bytes = {p.name: p.spec.nbytes for p in graph.params}
-    width = 0.5 if prices.precision in ("bf16", "fp16") else 1.0
     out: dict[str, float] = {}
-    for group in groups:
-        works = [prices.work(graph.node(n), op_ways(by_node.get(n), mesh), param_bytes).scaled(scale) for n in group.nodes]
-        moved = sum(w.bytes for w in works) - group.bytes_saved * width * scale
-        t = prices.compute.group_forward_s(works, max(moved, 0.0))
+    for group, works, moved in _group_works(graph, mesh, strategies, groups, prices, scale):
+        t = prices.compute.group_forward_s(works, moved)
         for k, n in enumerate(group.nodes):
             out[n] = t if k == 0 else 0.0
     return out
+
+
+def fused_backward(
+    graph: Graph, mesh: DeviceMesh, strategies: Sequence[NodeStrategy], groups: Sequence[FusedGroup],
+    prices: PriceList, scale: float = 1.0, grad: Collection[str] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Backward compute of fused ops for a program that runs each group's backward as one kernel
+    (``costs.backward.group_backward_s``): the group's time on its first member, 0 on the others; groups none
+    of whose members needs a gradient (``grad``: the values that do; default all) are left out."""
+    if not groups or not prices.cluster.efficiency.fused_kernels:
+        return {}
+    out: dict[str, float] = {}
+    for group, works, moved in _group_works(graph, mesh, strategies, groups, prices, scale):
+        if grad is not None and not any(n in grad for n in group.nodes):
+            continue
+        t = group_backward_s(prices.compute, works, moved)
+        for k, n in enumerate(group.nodes):
+            out[n] = t if k == 0 else 0.0
+    return out
+
+
+def _group_works(
+    graph: Graph, mesh: DeviceMesh, strategies: Sequence[NodeStrategy], groups: Sequence[FusedGroup],
+    prices: PriceList, scale: float,
+) -> Iterable[tuple[FusedGroup, list, float]]:  # fmt: skip
+    """(group, its members' work, the bytes its kernel moves) for each fused group."""
+    by_node = {s.node: s for s in strategies}
+    param_bytes = {p.name: p.spec.nbytes for p in graph.params}
+    width = traced_scale(graph, prices.precision)
+    for group in groups:
+        works = [
+            prices.work(graph.node(n), op_ways(by_node.get(n), mesh), param_bytes, width).scaled(scale)
+            for n in group.nodes
+        ]
+        moved = sum(w.bytes for w in works) - group.bytes_saved * width * scale
+        yield group, works, max(moved, 0.0)
 
 
 def _param_local_elements(plan: ExecutionPlan) -> dict[str, int]:
@@ -599,24 +644,30 @@ class PipelinePrice:
     tail_s: tuple[float, ...]
 
 
-def chunk_times(plan: ExecutionPlan, prices: PriceList, recompute: bool) -> tuple[float, float, float, float]:
+def chunk_times(
+    plan: ExecutionPlan, prices: PriceList, recompute: bool, *, fused_backward: bool = False
+) -> tuple[float, float, float, float]:
     """(forward, backward, forward collectives, backward collectives) of one micro-batch of a pipeline chunk's
-    plan on one rank; with ``recompute`` the backward runs the forward again first."""
+    plan on one rank; with ``recompute`` the backward runs the forward again first (a fused group as its
+    kernel); ``fused_backward``: the program runs each fused group's backward as one kernel too."""
     graph = plan.graph
+    train = plan.mode == "train"
     names = frozenset(n.name for n in graph.nodes) if recompute else frozenset()
     ops = op_prices(
-        graph, plan.mesh, plan.strategies, prices, train=plan.mode == "train", bucketed=_bucketed_params(plan),
+        graph, plan.mesh, plan.strategies, prices, train=train, bucketed=_bucketed_params(plan),
         recomputed=names,
     )  # fmt: skip
     fused = fused_forward(graph, plan.mesh, plan.strategies, plan.fused_groups, prices)
+    fused_b = _fused_backward(plan, prices) if fused_backward and train else {}
     fwd = bwd = cf = cb = 0.0
     for name, p in ops.items():
         fwd += fused.get(name, p.forward_s) + p.comm_forward_s
-        bwd += p.backward_s + p.comm_backward_s + p.recompute_s
+        rec = fused[name] + p.comm_forward_s if p.recompute_s and name in fused else p.recompute_s
+        bwd += fused_b.get(name, p.backward_s) + p.comm_backward_s + rec
         cf += p.comm_forward_s
         cb += p.comm_backward_s
     out = _output_comm_s(plan, prices)
-    return fwd + out, bwd if plan.mode == "train" else 0.0, cf + out, cb
+    return fwd + out, bwd if train else 0.0, cf + out, cb
 
 
 def _output_comm_s(plan: ExecutionPlan, prices: PriceList) -> float:
@@ -626,19 +677,20 @@ def _output_comm_s(plan: ExecutionPlan, prices: PriceList) -> float:
     return sum(prices.axis_collective_s(r.collective, r.nbytes, plan.mesh, r.axis) for r in final.redistributes)
 
 
-def price_pipeline(plan: ExecutionPlan, prices: PriceList) -> PipelinePrice:
+def price_pipeline(plan: ExecutionPlan, prices: PriceList, *, fused_backward: bool = False) -> PipelinePrice:
     """A pipeline plan's step (``plan.pipeline``): per-chunk times from the chunks' own plans, transfers
-    between the stages, each stage's tail, and the schedule's event simulation."""
+    between the stages, each stage's tail, and the schedule's event simulation. ``fused_backward``: as for
+    :func:`price_flat`."""
     spec = plan.pipeline
     if spec is None:
         raise ValueError("price_pipeline needs a pipeline plan (plan.pipeline is None)")
     train = plan.mode == "train"
     recompute = spec.recompute == "full"
-    times = [chunk_times(st.plan, prices, recompute) for st in spec.stages]
+    times = [chunk_times(st.plan, prices, recompute, fused_backward=fused_backward) for st in spec.stages]
     fwd = tuple(t[0] for t in times)
     bwd = tuple(t[1] for t in times)
     transfer = [0.0] * len(spec.stages)
-    width = 0.5 if plan.precision in ("bf16", "fp16") else 1.0
+    width = traced_scale(plan.graph, plan.precision)
     for t in spec.transfers:
         nbytes = t.spec.nbytes * (width if t.spec.dtype.startswith(_FLOAT) else 1.0)
         src, dst = spec.rank(t.src % spec.pp, 0, 0), spec.rank(t.dst % spec.pp, 0, 0)
