@@ -81,3 +81,39 @@ def test_predicted_peak_memory_matches_the_measured_step(pool, name, case):
     for rank, (p, m) in enumerate(zip(predicted, measured, strict=True)):
         assert m["transient_peak"] > 0 and m["resident"] > 0
         assert abs(p / m["peak"] - 1) <= TOLERANCE, (rank, p, m)
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    from shardwise.runtime import WorkerPool
+
+    made = WorkerPool(4, backend="gloo", timeout_s=300)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("zero", [2])
+def test_predicted_peak_memory_of_zero_pipelines(pool4, zero):
+    """GPT-2 as pp=2 x dp=2 (1F1B, two micro-batches) on cpu:4 at ZeRO stage 2 over the replicas (stage 1:
+    within 3% as well when this was written; one case keeps the suite short): the planner does not offer
+    ZeRO with pipelines yet, so the stage is set on the planned pipeline and its memory mapped again
+    (``map_pipeline_memory``); every rank's measured peak within 10% of it."""
+    from shardwise.passes.memory.pipeline import map_pipeline_memory
+
+    model, inputs = build_model("gpt2", layers=4)
+    constraints = {"pp": 2, "dp": 2, "tp": 1, "schedule": "1f1b", "microbatches": 2, "recompute": "none"}
+    with shardwise.compile(
+        model, "cpu:4", example_inputs=inputs, mode="train", loss_fn=_loss, constraints=constraints,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), workers=pool4,
+    ) as cm:  # fmt: skip
+        spec = dataclasses.replace(cm.plan.pipeline, zero=zero)
+        cm.plan = dataclasses.replace(cm.plan, pipeline=spec)
+        mapped = map_pipeline_memory(
+            spec, train=True, capacity_bytes=cm.cluster.device.memory_bytes, optimizer_factor=2,
+            optimizer_foreach=False,
+        )  # fmt: skip
+        cm.train_step(*inputs)
+        pool4.call_function(measure_train_step, *inputs)
+        measured = pool4.call_function(measure_train_step, *inputs)
+    for rank, (m, got) in enumerate(zip(mapped.memory, measured, strict=True)):
+        assert abs(m.arena_bytes / got["peak"] - 1) <= TOLERANCE, (rank, m.arena_bytes, got)

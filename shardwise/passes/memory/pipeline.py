@@ -12,8 +12,14 @@ stage's schedule (``spec.actions``): action ``i`` of the stage gets its own wind
   a chunk keeps only what it received; the backward recomputes the rest (live within the backward).
 * Once per stage: parameters and optimizer state (the whole step), the whole input batch on the stage
   holding chunk 0, parameter gradients (from the chunk's first backward to the optimizer step; gradients
-  of all micro-batches accumulate in place), gradient buckets (all-reduced over ``dp`` and over the
-  chunk's ``tp`` axes) and the optimizer's scratch at the end.
+  of all micro-batches accumulate in place), gradient buckets and the optimizer's scratch at the end.
+* Gradient buckets as the runtime makes them (``shardwise.runtime.lib.gradients``, one ``Trainer`` over the
+  stage's chunks): every parameter summed over its chunk's ``tp`` axes and over ``dp``, bucketed across
+  chunks in reverse order by those axes; a bucket of several gradients is flattened when the last backward
+  of its chunks ends and kept until the reduction finishes. ZeRO (``spec.zero``, over ``dp``; tied weights
+  stay whole): the optimizer state and fp32 master copy of the sharded buckets are this rank's slices;
+  stage 1 reduce-scatters at the optimizer step (a bucket's flat copy and the slices there), stage 2 when a
+  bucket is complete (its gradients dropped then, one flat copy in flight, the slices kept to the step).
 
 Guarantees: per rank (global rank ``(p * dp + d) * tp + t`` on stage ``p``) a ``RankMemory`` whose arena
 packs the stage's buffers (``verify_assignment`` passes) and is never below the lower bound; ranks of
@@ -149,24 +155,29 @@ def stage_buffers(
             return bwd[(c, m)] + t - n - 1
         return reduce_step if t == 2 * n + 1 else optimizer_step
 
+    last_b = {c: max((bwd[k] + nodes[c] - 1 for k in bwd if k[0] == c), default=reduce_step) for c in chunks}
+    reduction = _StageReduction(spec, chunks, last_b, reduce_step, end, optimizer_factor) if train else None
     out: list[Buffer] = []
-    grads: list[int] = []
     for c, bufs in local.items():
         n = nodes[c]
         first_b = min((bwd[(c, m)] for m in range(spec.microbatches) if (c, m) in bwd), default=end - 1)
         for b in bufs:
             kind = buffer_kind(b.id)
             name = f"c{c}/{b.id}"
+            key = b.id.split(":", 1)[1]
+            if kind == "opt" and reduction is not None and (c, key) in reduction.sharded:
+                continue  # this rank's slice of the sharded buckets' state (below)
             if kind in ("param", "opt") or (kind == "input" and c == 0):
                 size = b.size * (spec.microbatches if kind == "input" else 1)  # the whole batch
                 out.append(Buffer(name, 0, end, size))
             elif kind == "grad":
-                out.append(Buffer(name, first_b, end, b.size))
-                grads.append(b.size)
+                dropped = reduction.dropped.get((c, key)) if reduction is not None else None  # ZeRO-2
+                until = max(first_b + 1, dropped + 1) if dropped is not None else end
+                out.append(Buffer(name, first_b, until, b.size))
             elif kind in ("scratch", "zero"):
                 out.append(Buffer(name, optimizer_step, optimizer_step + 1, b.size))
             elif kind == "bucket":
-                out.append(Buffer(name, reduce_step, reduce_step + 1, b.size))
+                continue  # the stage's buckets (below): the runtime buckets across chunks
             elif kind in _PER_MICROBATCH or kind == "input":
                 kept = kind == "input"  # a received value: its gradient is sent back after the backward
                 for m in range(spec.microbatches):
@@ -183,14 +194,86 @@ def stage_buffers(
                         out.append(Buffer(f"{name}#{m}.re", bwd[(c, m)], last + 1, b.size))
                     else:
                         out.append(Buffer(f"{name}#{m}", start, max(last + 1, start + 1), b.size))
-    if train and spec.dp > 1 and grads:
-        run = biggest = 0
-        for size in grads:
-            run += size
-            if run >= BUCKET_BYTES:
-                biggest, run = max(biggest, run), 0
-        out.append(Buffer("bucket:dp", reduce_step, reduce_step + 1, max(biggest, run)))
+    if reduction is not None:
+        out += reduction.buffers
     return out
+
+
+class _StageReduction:
+    """The runtime's gradient buckets of one device stage (see the module docstring): ``sharded`` the
+    (chunk, key) of parameters ZeRO shards, ``dropped`` the step where a ZeRO-2 gradient is dropped,
+    ``buffers`` the flat copies, the ZeRO state and the step's scratch."""
+
+    def __init__(
+        self, spec: PipelineSpec, chunks: dict, last_b: dict[int, int], reduce_step: int, end: int,
+        optimizer_factor: int,
+    ) -> None:  # fmt: skip
+        optimizer_step = end - 1
+        tied = {(c, key) for key, holders in spec.tied for c in holders}
+        params = []  # (chunk, key, numel, axes) in the runtime's order: chunks ascending, graph order in each
+        for c in sorted(chunks):
+            plan = chunks[c].plan
+            mesh, reduce = plan.mesh, dict(plan.param_grad_reduce)
+            placements = dict(plan.param_placements)
+            for p in plan.graph.params:
+                if not (p.requires_grad and p.spec.dtype.startswith(("float", "bfloat"))):
+                    continue
+                pl = placements.get(p.key)
+                shape = pl.local_shape(p.spec.shape, mesh) if pl is not None else p.spec.shape
+                numel = 1
+                for d in shape:
+                    numel *= d
+                axes = tuple(a for a in reduce.get(p.key, ()) if a != "dp" and mesh.axis_size(a) > 1)
+                params.append((c, p.key, numel, axes + (("dp",) if spec.dp > 1 else ())))
+        shard = spec.zero >= 1 and spec.dp > 1
+        # (sharded, axes, members) like gradients.make_buckets: reverse order, one open bucket per set of axes
+        buckets: list[tuple[bool, tuple[str, ...], list[tuple[int, str, int]]]] = []
+        open_buckets: dict[tuple, list[tuple[int, str, int]]] = {}
+        sizes: dict[tuple, int] = {}
+        for c, key, numel, axes in reversed(params):
+            if not axes:
+                continue
+            sharded = shard and (c, key) not in tied
+            if 4 * numel >= BUCKET_BYTES:
+                buckets.append((sharded, axes, [(c, key, numel)]))
+                continue
+            k = (axes, sharded)
+            open_buckets.setdefault(k, []).append((c, key, numel))
+            sizes[k] = sizes.get(k, 0) + 4 * numel
+            if sizes[k] >= BUCKET_BYTES:
+                buckets.append((sharded, axes, open_buckets.pop(k)))
+                sizes.pop(k)
+        buckets += [(k[1], k[0], members) for k, members in open_buckets.items()]
+        self.sharded = {(c, key) for sharded, _, members in buckets if sharded for c, key, _ in members}
+        self.dropped: dict[tuple[int, str], int] = {}
+        self.buffers: list[Buffer] = []
+        ready = [max(last_b[c] for c, _, _ in members) for _, _, members in buckets]
+        padded = [-(-sum(n for _, _, n in m) // spec.dp) * spec.dp for _, _, m in buckets]
+        zero_now = spec.zero >= 2
+        for i, (sharded, axes, members) in enumerate(buckets):
+            if (sharded and zero_now) or len(members) < 2 or (sharded and axes == ("dp",)):
+                continue  # one gradient: reduced in place; ZeRO-2: flats below; ZeRO-1 over dp: at the step
+            size = 4 * sum(n for _, _, n in members)
+            self.buffers.append(Buffer(f"bucket:{i}", ready[i], reduce_step + 1, size))
+        sharded_ids = [i for i, (sharded, _, _) in enumerate(buckets) if sharded]
+        if not sharded_ids:
+            return
+        chunk = sum(padded[i] for i in sharded_ids) // spec.dp
+        for what, factor in (("master", 1), ("state", optimizer_factor)):
+            self.buffers.append(Buffer(f"opt:zero-{what}", 0, end, 4 * factor * chunk))
+        biggest = 4 * max(padded[i] for i in sharded_ids)
+        self.buffers.append(Buffer("zero:gathered", optimizer_step, optimizer_step + 1, biggest))
+        if not zero_now:
+            self.buffers.append(Buffer("zero:flat-grads", optimizer_step, optimizer_step + 1, biggest))
+            self.buffers.append(Buffer("zero:chunk-grad", optimizer_step, optimizer_step + 1, 4 * chunk))
+            return
+        order = sorted(sharded_ids, key=lambda i: (ready[i], i))
+        for j, i in enumerate(order):
+            for c, key, _ in buckets[i][2]:
+                self.dropped[(c, key)] = ready[i]
+            until = ready[order[j + 1]] if j + 1 < len(order) else reduce_step + 1
+            self.buffers.append(Buffer(f"zero:bucket{i}", ready[i], max(until, ready[i] + 1), 4 * padded[i]))
+        self.buffers.append(Buffer("zero:grad-shard", min(ready[i] for i in sharded_ids), end, 4 * chunk))
 
 
 def map_pipeline_memory(
