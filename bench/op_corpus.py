@@ -3,7 +3,9 @@
 ``python bench/op_corpus.py`` compiles every case of shardwise.testing.opcorpus for ``cpu:2``, runs every
 program on two gloo worker processes (one pool for all), compares with eager PyTorch at OpInfo's float32
 tolerance, prints the counts (captured by torch.export / compiled / equal) and the reasons of every failure,
-and writes bench/results/op_corpus.json. ``--compile-only`` skips the runs.
+and writes bench/results/op_corpus.json. ``--compile-only`` skips the runs. Every op equal on cpu:2 is then
+compiled for two processes with (nearly) free links, where the planner splits every op a registry rule lets it
+split, and each plan that splits something runs and is compared too (``--no-split`` skips this).
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-only", action="store_true", help="compile every case, run none")
     parser.add_argument("--output", type=Path, default=RESULTS / "op_corpus.json")
     parser.add_argument("--quiet", action="store_true", help="no line per case")
+    parser.add_argument("--no-split", action="store_true", help="skip the second pass on free links")
     args = parser.parse_args(argv)
     os.environ.setdefault("SHARDWISE_THREADS_PER_WORKER", "1")
     warnings.filterwarnings("ignore")
 
     from shardwise.runtime import WorkerPool
-    from shardwise.testing.opcorpus import STATUSES, corpus_names, run_case
+    from shardwise.testing.opcorpus import STATUSES, corpus_names, free_links_cluster, run_case
 
     pools: dict[int, WorkerPool] = {}
 
@@ -52,12 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     outcomes = []
+    split: dict[str, object] = {}
+    free = free_links_cluster()
     try:
         for name in corpus_names():
             out = run_case(name, pool_for, run=not args.compile_only)
             outcomes.append(out)
+            again = None
+            if out.status == "equal" and not args.no_split:
+                again = run_case(name, pool_for, run=not args.compile_only, cluster=free, split_only=True)
+                if again.detail != "splits nothing":
+                    split[name] = again
             if not args.quiet:
                 note = f"  {out.detail[:100]}" if out.status != "equal" else ""
+                note += f"  split: {again.status} {again.detail[:60]}" if name in split else ""
                 print(f"{name:48s} {out.status:12s} {out.seconds:5.2f}s{note}", flush=True)
     finally:
         for pool in pools.values():
@@ -83,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     pct = 100.0 * len(compiled) / max(len(captured), 1)
     print(f"captured by torch.export: {len(captured)}   compiled: {len(compiled)} ({pct:.1f}%)   "
           f"{'equal to eager' if not args.compile_only else 'compiled only'}: {len(equal)}")  # fmt: skip
+    split_equal = [n for n, o in split.items() if o.status == "equal"]  # type: ignore[attr-defined]
+    if not args.no_split:
+        print(f"on free links: {len(split)} plans split an op across the ranks, {len(split_equal)} equal to eager")
+        for n, o in split.items():
+            if o.status != "equal":  # type: ignore[attr-defined]
+                print(f"  {n}: {o.status} {o.detail[:120]}")  # type: ignore[attr-defined]
     for status in STATUSES:
         if status == "equal" or not reasons[status]:
             continue
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "compiled": len(compiled),
         "equal": len(equal),
         "counts": {s: counts[s] for s in STATUSES},
+        "split_on_free_links": {n: {"status": o.status, "detail": o.detail} for n, o in split.items()},  # type: ignore[attr-defined]
         "reasons": {s: dict(c.most_common()) for s, c in reasons.items()},
         "cases": [
             {"name": o.name, "status": o.status, "detail": o.detail, "world_size": o.world_size,

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 
 __all__ = [
     "CorpusCase", "corpus", "corpus_names", "case_named", "captured", "outputs_equal", "tolerance_of",
-    "NONDETERMINISTIC", "UNSUPPORTED", "RUN_FAILURES", "Outcome", "STATUSES", "run_case",
+    "NONDETERMINISTIC", "UNSUPPORTED", "RUN_FAILURES", "Outcome", "STATUSES", "run_case", "free_links_cluster",
 ]
 
 # ops whose output eager PyTorch itself does not reproduce (compared by shape and dtype only where shardwise
@@ -248,9 +248,21 @@ class Outcome:
 STATUSES = ("not-captured", "no-sample", "eager-fails", "refused", "crash", "run-fails", "mismatch", "equal")
 
 
-def run_case(name: str, pool_for: Callable[[int], Any], *, run: bool | Callable[[Any], bool] = True) -> Outcome:
-    """Compile case ``name`` for ``cpu:2`` and run it on ``pool_for(world_size)``'s workers; ``run`` may be a
-    predicate on the plan (False: compile only, the outcome is "equal" with the detail "compiled only")."""
+def free_links_cluster() -> Any:
+    """Two local processes whose links cost (nearly) nothing: the planner splits every op a rule lets it split
+    (on ``cpu:2`` the corpus' tiny samples run whole: communication costs more than it saves)."""
+    from shardwise.cluster.presets import cpu_cluster
+
+    return cpu_cluster(2, latency=1e-9, bandwidth=1e14, name="cpu-2-free-links")
+
+
+def run_case(
+    name: str, pool_for: Callable[[int], Any], *, run: bool | Callable[[Any], bool] = True, cluster: Any = "cpu:2",
+    split_only: bool = False,
+) -> Outcome:  # fmt: skip
+    """Compile case ``name`` for ``cluster`` and run it on ``pool_for(world_size)``'s workers; ``run`` may be a
+    predicate on the plan (False: compile only, the outcome is "equal" with the detail "compiled only").
+    ``split_only``: a plan that splits nothing is not run (the outcome is "equal", "splits nothing")."""
     import time
 
     import shardwise
@@ -272,7 +284,7 @@ def run_case(name: str, pool_for: Callable[[int], Any], *, run: bool | Callable[
     except Exception as exc:
         return done("eager-fails", f"{type(exc).__name__}: {exc}")
     try:
-        cm = shardwise.compile(model, "cpu:2", example_inputs=inputs, workers=pool_for(2))
+        cm = shardwise.compile(model, cluster, example_inputs=inputs, workers=pool_for(2))
     except TraceError as exc:
         return done("not-captured" if str(exc).startswith("torch.export could not trace") else "refused", str(exc))
     except ShardwiseError as exc:
@@ -280,12 +292,15 @@ def run_case(name: str, pool_for: Callable[[int], Any], *, run: bool | Callable[
     except Exception as exc:
         return done("crash", f"{type(exc).__name__}: {exc}")
     info = {"world_size": cm.plan.world_size, "splits": any(s.split for s in cm.plan.strategies)}
+    if split_only and not info["splits"]:
+        cm.close()
+        return done("equal", "splits nothing", **info)
     if not (run(cm.plan) if callable(run) else run):
         cm.close()
         return done("equal", "compiled only", **info)
     if cm.plan.world_size != 2:  # the planner may keep a tiny op on 1 of the 2 devices
         cm.close()
-        cm = shardwise.compile(model, "cpu:2", example_inputs=inputs, workers=pool_for(cm.plan.world_size))
+        cm = shardwise.compile(model, cluster, example_inputs=inputs, workers=pool_for(cm.plan.world_size))
     try:
         with cm:
             got = cm.run(*inputs)

@@ -10,6 +10,10 @@ new program without restarting). Loading a program costs ~0.3 s (its process gro
 programs run for every op whose plan splits something across the ranks and for every fourth op of the others
 (by position in op_db: deterministic); ``SHARDWISE_OP_CORPUS=all`` runs every one (bench/op_corpus.py prints
 the full table). Outputs are compared at OpInfo's own float32 tolerance.
+
+On ``cpu:2`` the planner runs these tiny samples whole (communication costs more than it saves), so the same
+subset is compiled again for two processes with (nearly) free links, where the planner splits every op a
+registry rule lets it split, and every such plan runs and must equal eager too: a check of the rules.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ import pytest
 pytest.importorskip("expecttest", reason="torch's OpInfo database needs expecttest (pip install -e '.[dev]')")
 
 from shardwise.runtime import WorkerPool  # noqa: E402
-from shardwise.testing.opcorpus import RUN_FAILURES, UNSUPPORTED, corpus_names, run_case  # noqa: E402
+from shardwise.testing.opcorpus import (  # noqa: E402
+    RUN_FAILURES,
+    UNSUPPORTED,
+    corpus_names,
+    free_links_cluster,
+    run_case,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -66,6 +76,9 @@ def test_op_compiles_for_cpu2_and_runs_equal_to_eager(pools, index: int) -> None
         return
     assert name not in RUN_FAILURES, f"{name} runs now: remove it from RUN_FAILURES and docs/ops.md"
     assert out.status == "equal", f"{name} ({out.status}): {out.detail}"
+    if RUN_ALL or index % 4 == 0:  # again on free links: every op a rule lets the planner split is split
+        split = run_case(name, pools, cluster=free_links_cluster(), split_only=True)
+        assert split.status == "equal", f"{name} split across the ranks ({split.status}): {split.detail}"
 
 
 def test_unsupported_ops_are_documented() -> None:
