@@ -22,8 +22,14 @@ nsteps 2(n-1) for allreduce, n-1 for allgather); the tree and PAT forms follow N
 algorithms (NCCL 2.4 double binary trees; NCCL 2.23 PAT, logarithmic steps). A group of one rank costs 0.
 
 A point-to-point message costs alpha + beta n on its route (``ClusterSpec.p2p_alpha_beta``), beta divided by
-the same bandwidth fraction. A synthesized schedule's time comes from the synthesizer's simulator, which
-prices each of its messages with :func:`message_s`.
+the same bandwidth fraction (:func:`route_alpha_beta`).
+
+Synthesized schedules (the hook for ``passes.collectives``): a schedule's time is an absolute time from the
+synthesizer's simulator, which prices each of its messages with :func:`message_s` at the figures
+:func:`route_alpha_beta` gives its route (so one message alone costs what :meth:`CommPrices.p2p_s` says), plus
+contention (a resource carries one message at a time). :meth:`CommPrices.schedule_s` turns that simulated
+time into the price of one call: the schedule runs as one call of the runtime's schedule executor, so it pays
+the library's fixed per-call cost once, like a library collective.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from shardwise.cluster import ClusterSpec
 
 __all__ = [
     "COLLECTIVES", "FREE_STEPS", "ring_s", "pipelined_ring_s", "tree_allreduce_s", "pat_s", "message_s",
-    "CommPrices",
+    "route_alpha_beta", "CommPrices",
 ]  # fmt: skip
 
 COLLECTIVES = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "reduce")
@@ -46,6 +52,14 @@ FREE_STEPS = ("slice", "to_partial", "none", "")
 def message_s(nbytes: float, alpha: float, beta: float) -> float:
     """One message of ``nbytes`` over a link or route of latency ``alpha`` and inverse bandwidth ``beta``."""
     return alpha + beta * nbytes
+
+
+def route_alpha_beta(cluster: ClusterSpec, alpha: float, beta: float, internode: bool) -> tuple[float, float]:
+    """(alpha, beta) the price list charges per message on a route whose link figures are (``alpha``,
+    ``beta``): the beta divided by the achieved bandwidth fraction of the cluster (``inter_node`` for a route
+    between nodes, ``intra_node`` inside one). Point-to-point messages and the synthesizer's edges use it."""
+    eff = cluster.efficiency.inter_node if internode else cluster.efficiency.intra_node
+    return alpha, beta / eff
 
 
 def pipelined_ring_s(p: int, nbytes: float, alpha: float, beta: float) -> float:
@@ -201,7 +215,16 @@ class CommPrices:
         key = (src, dst)
         if key not in self._p2p:
             alpha, beta = self.cluster.p2p_alpha_beta(src, dst)
-            eff = self.efficiency.inter_node if multi else self.efficiency.intra_node
-            self._p2p[key] = (alpha, beta / eff)
+            self._p2p[key] = route_alpha_beta(self.cluster, alpha, beta, multi)
         alpha, beta = self._p2p[key]
         return message_s(nbytes, alpha, beta)
+
+    # -- synthesized schedules ----------------------------------------------------------------------------
+
+    def schedule_s(self, simulated_s: float) -> float:
+        """Seconds of one call of a synthesized schedule whose simulated time (messages priced with
+        :func:`message_s` at :func:`route_alpha_beta`'s figures) is ``simulated_s``: that time plus the
+        library's fixed cost per call; 0 for an empty schedule."""
+        if simulated_s <= 0:
+            return 0.0
+        return simulated_s + self.efficiency.collective_overhead_s

@@ -40,7 +40,7 @@ __all__ = [
     "CACHE_VERSION",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _MEMORY: dict[str, dict[str, Any]] = {}
 
 

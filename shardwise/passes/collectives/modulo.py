@@ -108,7 +108,7 @@ def solve_modulo(
     res_of = {}
     for t in tasks:
         e = topo.route(t[1], t[2])
-        dur_s[t] = e.alpha + e.beta * piece_bytes
+        dur_s[t] = e.time(piece_bytes)
         res_of[t] = e.resources
     load: dict[int, float] = defaultdict(float)
     for t in tasks:

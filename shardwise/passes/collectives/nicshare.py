@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from shardwise.costs.comm import message_s
 from shardwise.passes.collectives.baselines import node_orders
 from shardwise.passes.collectives.chunks import CollectiveSpec
 from shardwise.passes.collectives.schedule import Schedule, Transfer, make_schedule
@@ -160,7 +161,7 @@ def shared_nic_allgather(
                 ready = max((when[u][g] for g in _bits(mask)), default=0.0)
                 start = max(ready, *(free.get(r, 0.0) for r in e.resources))
                 if start < _INF and (best is None or start < best[0]):
-                    dur = e.alpha + e.beta * cb * mask.bit_count()
+                    dur = e.time(cb * mask.bit_count())
                     best = (start, 0.0, u, v, mask, dur, e.resources, n)
         for u, v, alpha, beta, res in links:
             cand = have[u] & ~have[v]
@@ -177,7 +178,7 @@ def shared_nic_allgather(
                 cap = tail_cap
             ok = ok[:cap]
             mask = sum(1 << g for g in ok)
-            dur = alpha + beta * cb * len(ok)
+            dur = message_s(cb * len(ok), alpha, beta)
             key = (start, beta)
             if best is None or key < best[:2]:
                 best = (start, beta, u, v, mask, dur, res, -1)

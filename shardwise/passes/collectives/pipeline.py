@@ -287,7 +287,7 @@ def pipelined_schedule(
         while avail[c] and len(taken) < cap:
             taken.append(heapq.heappop(avail[c])[3])
         src, dst, red = chan_list[c]
-        dur = edge[c].alpha + edge[c].beta * piece_bytes * len(taken)
+        dur = edge[c].time(piece_bytes * len(taken))
         end = now + dur
         for r in edge[c].resources:
             free[r] = end

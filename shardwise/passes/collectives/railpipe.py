@@ -81,7 +81,7 @@ def rail_allgather(
                 dst = orders[(n + j) % nodes][i]
                 e = topo.route(r, dst)
                 nic.append(Transfer(r, dst, tuple(r * pieces + k for k in grp), False, (), t))
-                t += e.alpha + e.beta * cb * len(grp)
+                t += e.time(cb * len(grp))
     # when each NIC message arrives, simulated alone (a NIC shared by several ranks carries theirs in turn)
     nic_times = simulate(Schedule(spec, tuple(nic), "rail_nic"), topo, nbytes)
     transfers = [
@@ -161,7 +161,7 @@ def _round_forwards(
                     e = topo.route(r, dst)
                     # prio just after the estimated arrival time keeps the NIC write before this read
                     out.append(Transfer(r, dst, bundle, False, (), clock + 1e-9))
-                    clock += e.alpha + e.beta * chunk_bytes * len(bundle)
+                    clock += e.time(chunk_bytes * len(bundle))
     return out
 
 
@@ -237,7 +237,7 @@ def _greedy_forwards(
         out.append(Transfer(r, dst, bundle, False, (), start + 1e-9))
         changed = {key}
         for x in e.resources:
-            free[x] = start + e.alpha + e.beta * chunk_bytes * len(bundle)
+            free[x] = start + e.time(chunk_bytes * len(bundle))
             changed.update(users[x])
         for k in changed:
             c = candidate(k)

@@ -1,7 +1,9 @@
-"""Time a schedule under the alpha-beta model with contention.
+"""Time a schedule under the alpha-beta model with contention: an absolute time from the price list.
 
-A transfer of ``b`` bytes from ``u`` to ``v`` takes ``alpha + beta * b`` over ``topo.route(u, v)`` and holds
-every resource of that route for the whole time. It starts as soon as (1) every transfer in its ``deps``
+A transfer of ``b`` bytes from ``u`` to ``v`` takes ``costs.comm.message_s(b, alpha, beta)`` at the figures of
+``topo.route(u, v)`` (the price list's achieved alpha and beta for that route, ``costs.comm.route_alpha_beta``;
+alone, it costs what ``CommPrices.p2p_s`` charges for that message) and holds every resource of that route
+for the whole time. It starts as soon as (1) every transfer in its ``deps``
 has ended and (2) on each of its resources, the transfer before it in that resource's ``(prio, index)``
 order has ended. Start times are the earliest satisfying these rules (no transfer waits longer than it
 must), so the result is a function of the schedule alone: deterministic and exact (no discretisation).
@@ -42,7 +44,7 @@ def durations(
     durs, res = [], []
     for t in schedule.transfers:
         e = topo.route(t.src, t.dst)
-        durs.append(e.alpha + e.beta * cb * len(t.chunks))
+        durs.append(e.time(cb * len(t.chunks)))
         res.append(e.resources)
     return durs, res
 

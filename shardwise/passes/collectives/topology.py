@@ -6,9 +6,12 @@ Every graph edge ``a -> b`` is a *resource* of inverse bandwidth ``beta`` (s/byt
 (``n0.nic0 -> ib`` is shared by every GPU behind that NIC).
 
 A *direct edge* between two ranks of the view is the cheapest endpoint path between them that passes
-through no other device (least beta, then alpha, then hops). A transfer of ``b`` bytes over an edge takes
-``alpha + beta * b`` seconds and holds every resource on its path for that whole time (one transfer at a
-time per resource, which is how link and port contention are modelled). ``route(u, v)`` also serves pairs
+through no other device (least beta, then alpha, then hops). An edge's ``alpha`` and ``beta`` are what the
+price list charges for a message on that path (``costs.comm.route_alpha_beta``: the link figures, beta over
+the cluster's achieved bandwidth fraction inside a node or across nodes); a transfer of ``b`` bytes over it
+takes ``costs.comm.message_s(b, alpha, beta)`` seconds and holds every resource on its path for that whole
+time (one transfer at a time per resource, which is how link and port contention are modelled). A resource's
+own ``beta`` is its link figure. ``route(u, v)`` also serves pairs
 without a direct edge: it follows the cluster's cheapest path, relaying through devices, and holds the
 resources of every hop (cut-through); baselines use it, synthesis uses direct edges only.
 
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from shardwise.costs.comm import message_s, route_alpha_beta
 from shardwise.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -61,7 +65,8 @@ class Edge:
     hops: tuple[str, ...]
 
     def time(self, nbytes: float) -> float:
-        return self.alpha + self.beta * nbytes
+        """Seconds of one message of ``nbytes`` on this edge (the price list's ``message_s``)."""
+        return message_s(nbytes, self.alpha, self.beta)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,14 +112,16 @@ class TopologyView:
             if rid is None:
                 raise KeyError(f"route hop {a}->{b} is not an edge of the cluster graph")
             res.append(rid)
+        internode = self.nodes[u] != self.nodes[v]
+        alpha, beta = route_alpha_beta(cluster, route.alpha, route.beta, internode)  # type: ignore[arg-type]
         made = Edge(
             src=u,
             dst=v,
-            alpha=route.alpha,
-            beta=route.beta,
+            alpha=alpha,
+            beta=beta,
             resources=tuple(sorted(set(res))),
             kind="relay",
-            internode=self.nodes[u] != self.nodes[v],
+            internode=internode,
             hops=tuple(route.hops),
         )
         e = self.edges.get((u, v))
@@ -217,7 +224,9 @@ def topology_view(cluster: ClusterSpec, ranks: Sequence[int] | None = None) -> T
                 kind = "nic"
             else:
                 kind = "switch"
-            edges[(u, v)] = Edge(u, v, alpha, beta, res, kind, nodes[u] != nodes[v], hops)
+            internode = nodes[u] != nodes[v]
+            alpha, beta = route_alpha_beta(cluster, alpha, beta, internode)
+            edges[(u, v)] = Edge(u, v, alpha, beta, res, kind, internode, hops)
     return TopologyView(
         cluster_name=cluster.name,
         cluster_fingerprint=cluster.fingerprint(),
