@@ -190,7 +190,7 @@ class WorkerPool:
     """``world_size`` persistent local worker processes, each with torch.distributed initialised.
 
     The backend is ``"gloo"`` (CPU), ``"nccl"`` (needs one CUDA device per rank) or ``"auto"`` (nccl when
-    every rank has its own CUDA device, else gloo). Workers are spawned (``spawn`` start method) at
+    every rank has its own CUDA device, else gloo). Workers are started (fresh interpreters, ``launch``) at
     construction and finish starting in the background; the first ``load()`` (or ``wait_ready()``) waits for
     them, for at most ``start_timeout_s``. Rendezvous is TCP on 127.0.0.1 at a free port.
 
