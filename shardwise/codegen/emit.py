@@ -238,6 +238,8 @@ def _call(
                        "aten.permute.default"):
             rest = [r[1:-1] if r.startswith("[") and r != "[]" else r for r in rest]  # (a 0-d shape stays [])
         return f"{fmt[0]}.{_METHODS[node.op]}({', '.join(rest)})"
+    if node.op == "aten.copy.default" and len(fmt) == 2 and not kw:  # (aten.copy has no autograd formula)
+        return f"{fmt[1]}.to({fmt[0]}.dtype).expand_as({fmt[0]}).clone()"
     if node.op == "aten.embedding.default" and len(fmt) == 2 and not kw:
         return f"F.embedding({fmt[1]}, {fmt[0]})"
     if node.op == "aten.layer_norm.default" and not kw:

@@ -424,6 +424,27 @@ def _unbind(node: Node, ins: Specs, outs: Specs) -> OpDims:
     return OpDims((tuple(in_dims),), tuple(out for _ in outs))
 
 
+def _slice_scatter(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """``slice_scatter(x, src, dim, start, end, step)`` (a functionalized ``x[..., a:b] = src``): the other
+    dims map through; ``dim`` is needed whole unless the slice covers it."""
+    x, src = ins[0], ins[1]
+    d = _norm_dim(int(_arg(node, 2, "dim", 0)), x.rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(x.rank)]
+    if src.shape[d] != x.shape[d]:
+        labels[d] = Dim("scatter", frozen=True)
+    out = tuple(labels)
+    return OpDims((out, out), (out,))
+
+
+def _select_scatter(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """``select_scatter(x, src, dim, index)`` (a functionalized ``x[..., i] = src``): ``dim`` whole."""
+    x = ins[0]
+    d = _norm_dim(int(_arg(node, 2, "dim", 0)), x.rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(x.rank)]
+    labels[d] = Dim("scatter", frozen=True)
+    return OpDims((tuple(labels), tuple(labels[:d] + labels[d + 1 :])), (tuple(labels),))
+
+
 def _matrix_op(node: Node, ins: Specs, outs: Specs) -> OpDims:
     """An op on the matrices of the last two dims (``tril``, ``triu``): the leading dims map through."""
     rank = ins[0].rank
@@ -664,6 +685,10 @@ _register(["aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.
           "creation", _identity, _zero)  # fmt: skip
 _register(["aten.tril.default", "aten.triu.default"], "elementwise", _matrix_op, _per_output)
 _register("aten.unbind.int", "view", _unbind, _zero, False)
+# what functionalization makes of in-place writes: x.fill_(v), x.copy_(y), x[..., a:b] = y, x[..., i] = y
+_register(["aten.fill.Scalar", "aten.fill.Tensor", "aten.copy.default"], "elementwise", _elementwise, _per_output)
+_register("aten.slice_scatter.default", "index", _slice_scatter, _per_output)
+_register("aten.select_scatter.default", "index", _select_scatter, _per_output)
 _register(["aten.index.Tensor", "aten.gather.default", "aten.index_select.default", "aten.diff.default",
            "aten.repeat.default", "aten.stack.default", "aten.flip.default", "aten.roll.default",
            "aten.argmax.default", "aten.topk.default", "aten.sort.default", "aten.var.correction",
@@ -697,7 +722,8 @@ _set_saves("none", [
         "masked_fill.Scalar", "where.self", "pad.default", "constant_pad_nd.default", "repeat.default",
         "roll.default", "flip.default", "cumsum.default", "to.dtype", "to.dtype_layout", "_to_copy.default",
         "to.device", "type_as.default", "lift_fresh_copy.default", "tril.default", "triu.default",
-        "empty_like.default",
+        "empty_like.default", "fill.Scalar", "fill.Tensor", "copy.default", "slice_scatter.default",
+        "select_scatter.default",
     )
 ])  # fmt: skip
 _set_saves("output", [
