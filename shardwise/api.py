@@ -33,6 +33,7 @@ from shardwise.planner.auto import plan_auto
 from shardwise.planner.offload import check_offload, with_offload
 from shardwise.planner.recompute import RECOMPUTE_SETTINGS, with_recomputation
 from shardwise.runtime import WorkerPool
+from shardwise.runtime.seeded import call_seeded
 
 __all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
 
@@ -102,7 +103,9 @@ class CompiledModel:
         model's own output."""
         self._check_inputs(inputs)
         pool = self._ensure_pool()
-        flat = pool.call("infer", *inputs, ranks="rank0")
+        # from this process' generator state, on to the state after it: random ops draw what eager would
+        flat, state = pool.call_function(call_seeded, "infer", torch.get_rng_state(), *inputs, ranks="rank0")
+        torch.set_rng_state(state)
         return self._restructure(flat)
 
     def train_step(self, *inputs: Any) -> float:
@@ -111,7 +114,8 @@ class CompiledModel:
             raise UserInputError("this model was compiled with mode='inference': compile with mode='train'")
         self._check_inputs(inputs)
         pool = self._ensure_pool()
-        loss = pool.call("train_step", *inputs, ranks="rank0")
+        loss, state = pool.call_function(call_seeded, "train_step", torch.get_rng_state(), *inputs, ranks="rank0")
+        torch.set_rng_state(state)
         return float(loss)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from shardwise.errors import TraceError, UnsupportedOpError
 from shardwise.ir.graph import Arg, Const, DynamicDim, Graph, GraphInput, Node, Parameter, Value
-from shardwise.ir.registry import SCALAR_OPERATORS, op_flops, rule_for, tensor_operands
+from shardwise.ir.registry import SCALAR_OPERATORS, WHOLE_WHEN_RANDOM, op_flops, rule_for, tensor_operands
 from shardwise.ir.tensor import ScalarSpec, TensorSpec, ValueSpec
 
 __all__ = ["trace", "export_program", "lower_program", "LossWrapper"]
@@ -248,10 +248,13 @@ def _draws_random(fx_node: torch.fx.Node) -> bool:
 
 
 def _check_random(fx_node: torch.fx.Node, op: str, where: str) -> None:
-    if rule_for(op) is None and _draws_random(fx_node):
+    """A random op runs whole on every rank, from the caller's generator state (CompiledModel.run): every rank
+    draws what eager PyTorch draws. An op whose rule would split it (attention with dropout) is refused."""
+    rule = rule_for(op)
+    if rule is not None and op not in WHOLE_WHEN_RANDOM and _draws_random(fx_node):
         raise UnsupportedOpError(
-            f"{where}: op {op!r} draws random numbers; shardwise cannot yet make it agree across ranks. "
-            "Disable it for planning (e.g. dropout p=0 or model.eval())."
+            f"{where}: op {op!r} draws random numbers on pieces of its inputs; shardwise cannot make them agree "
+            "with eager PyTorch. Disable it for planning (e.g. dropout_p=0 or model.eval())."
         )
 
 

@@ -19,7 +19,8 @@ from shardwise.ir.graph import Node
 from shardwise.ir.tensor import ScalarSpec, TensorSpec
 
 __all__ = [
-    "OpRule", "REGISTRY", "SAVES", "rule_for", "is_known_op", "tensor_operands", "op_dims", "op_flops", "saves_of",
+    "OpRule", "REGISTRY", "SAVES", "RANDOM_OPS", "WHOLE_WHEN_RANDOM", "draws_random", "rule_for", "is_known_op", "tensor_operands",
+    "op_dims", "op_flops", "saves_of",
 ]  # fmt: skip
 
 Specs = Sequence[TensorSpec]
@@ -56,6 +57,43 @@ def _register(
 ) -> None:
     for op in [ops] if isinstance(ops, str) else ops:
         REGISTRY[op] = OpRule(op, kind, dims, flops, moves_data)
+
+
+#: ATen ops that draw random numbers (the ops with ATen's nondeterministic_seeded tag, by name without the
+#: overload, less the fused attention and RNN kernels; tests/frontend/test_trace_ops.py checks it against torch)
+RANDOM_OPS = frozenset({
+    "_fused_dropout", "_sample_dirichlet", "_standard_gamma", "alpha_dropout", "alpha_dropout_", "bernoulli",
+    "bernoulli_", "binomial", "cauchy", "cauchy_", "dropout", "dropout_", "exponential", "exponential_",
+    "feature_alpha_dropout", "feature_alpha_dropout_", "feature_dropout", "feature_dropout_", "geometric",
+    "geometric_", "log_normal", "log_normal_", "multinomial", "native_dropout", "normal", "normal_",
+    "normal_functional", "poisson", "rand", "rand_like", "randint", "randint_like", "randn", "randn_like", "random",
+    "random_", "randperm", "rrelu", "rrelu_", "rrelu_with_noise", "rrelu_with_noise_", "rrelu_with_noise_functional",
+    "uniform", "uniform_",
+})  # fmt: skip
+# the random ops that draw only with a nonzero probability (argument index, name) in training (index, name,
+# default): dropouts, and rrelu in evaluation is a leaky relu
+_DRAW_ARGS: dict[str, tuple[tuple[int, str] | None, tuple[int, str, bool]]] = {
+    **dict.fromkeys(
+        ("dropout", "dropout_", "native_dropout", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout",
+         "feature_alpha_dropout_", "feature_dropout", "feature_dropout_"),
+        ((1, "p"), (2, "train", True)),
+    ),  # fmt: skip
+    **dict.fromkeys(("rrelu", "rrelu_"), (None, (3, "training", False))),
+    **dict.fromkeys(
+        ("rrelu_with_noise", "rrelu_with_noise_", "rrelu_with_noise_functional"), (None, (4, "training", False))
+    ),
+}
+
+
+def draws_random(node: Node) -> bool:
+    """Does the node draw random numbers? (A dropout with p=0 or in evaluation does not.)"""
+    base = node.op.split(".")[1] if node.op.startswith("aten.") and node.op.count(".") >= 1 else ""
+    if base not in RANDOM_OPS:
+        return False
+    prob, train = _DRAW_ARGS.get(base, (None, None))
+    if train is not None and not _arg(node, train[0], train[1], train[2]):
+        return False
+    return prob is None or _arg(node, prob[0], prob[1], 0.5) not in (0, 0.0)
 
 
 def rule_for(op: str) -> OpRule | None:
@@ -584,6 +622,12 @@ def _getitem(node: Node, ins: Specs, outs: Specs) -> OpDims:
     return OpDims((labels,), (labels,))
 
 
+def _dropout(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """A dropout that draws (p > 0, training) runs whole: every rank draws the numbers of the whole tensor, as
+    eager PyTorch does; one that does not is the identity."""
+    return _all_frozen(node, ins, outs) if draws_random(node) else _identity(node, ins, outs)
+
+
 def _cross_entropy(node: Node, ins: Specs, outs: Specs) -> OpDims:
     """``cross_entropy_loss(x[N, C, d...], target[N, d...], weight[C]?, reduction, ignore_index, smoothing)``:
     the class dimension may be split (its pieces are combined inside the op); with reduction "none" the
@@ -633,8 +677,10 @@ _register(["aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.clamp.def
            "aten.clamp_min.default", "aten.clamp_max.default", "aten.lerp.Scalar", "aten.addcmul.default",
            "aten.addcdiv.default", "aten.gelu_backward.default", "aten.threshold.default"],
           "elementwise", _elementwise, _per_output)  # fmt: skip
-_register(["aten.dropout.default", "aten.native_dropout.default", "aten.alpha_dropout.default",
-           "aten.feature_dropout.default"], "elementwise", _identity, _per_output)  # fmt: skip
+#: ops whose rule runs them whole when they draw random numbers (every rank draws the whole tensor)
+WHOLE_WHEN_RANDOM = frozenset({"aten.dropout.default", "aten.native_dropout.default", "aten.alpha_dropout.default",
+                               "aten.feature_dropout.default", "aten.feature_alpha_dropout.default"})  # fmt: skip
+_register(sorted(WHOLE_WHEN_RANDOM), "elementwise", _dropout, _per_output)
 _register(["aten.clone.default", "aten.contiguous.default", "aten.to.dtype", "aten.to.dtype_layout",
            "aten._to_copy.default", "aten.to.device", "aten.type_as.default", "aten.lift_fresh_copy.default"],
           "elementwise", _identity, _per_output)  # fmt: skip

@@ -105,3 +105,32 @@ def test_tensors_held_by_the_model_reach_the_workers(pools) -> None:
     with shardwise.compile(model, "cpu:2", example_inputs=(x,), workers=pools(2)) as cm:
         got = cm.run(x)
     torch.testing.assert_close(got, model(x))
+
+
+def test_random_ops_draw_what_eager_draws_and_the_generator_continues(pools) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    import shardwise
+
+    class Noisy(torch.nn.Module):  # a VAE-style sample, dropout in training, and a random tensor of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            h = h + torch.randn_like(h) * 0.1 + torch.rand(h.shape[-1])
+            return F.dropout(h, 0.25, training=True) * torch.bernoulli(torch.full_like(h, 0.5))
+
+    torch.manual_seed(0)
+    model, x = Noisy(), torch.randn(8, 6)
+    for cluster, constraints in (("cpu:2", {"dp": 2}), (free_links_cluster(), {"tp": 2})):
+        with shardwise.compile(model, cluster, example_inputs=(x,), constraints=constraints, workers=pools(2)) as cm:
+            torch.manual_seed(5)
+            got, after = cm.run(x), torch.rand(3)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            want = model(x)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(after, torch.rand(3))  # the caller's generator moved on as eager's did

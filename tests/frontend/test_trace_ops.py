@@ -1,5 +1,6 @@
-"""What the frontend accepts and refuses, op by op: random ops (by ATen's tag, not by name), outputs of a
-data-dependent size, and tensors written into the model's forward (lifted constants)."""
+"""What the frontend accepts and refuses, op by op: random ops (by ATen's tag, not by name: they run whole, or
+are refused where a rule would split them), outputs of a data-dependent size, and tensors held by the model
+(lifted constants)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from shardwise.errors import UnsupportedOpError
 from shardwise.frontend.trace import model_tensors, trace
+from shardwise.ir.registry import RANDOM_OPS, draws_random, op_dims
 
 
 class Fn(nn.Module):
@@ -21,33 +23,51 @@ class Fn(nn.Module):
         return self.fn(x)
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        lambda x: F.rrelu(x, training=True),  # aten.rrelu_with_noise: random, whatever its name
-        lambda x: x + torch.randn_like(x),
-        lambda x: torch.empty_like(x).exponential_() * x,
-        lambda x: F.feature_alpha_dropout(x, 0.5, training=True),
-    ],
-    ids=["rrelu", "randn_like", "exponential_", "feature-alpha-dropout"],
-)
-def test_ops_that_draw_random_numbers_are_refused_with_their_line(fn) -> None:  # noqa: ANN001
-    with pytest.raises(UnsupportedOpError, match=r"draws random numbers.*") as info:
-        trace(Fn(fn), (torch.randn(4, 3),))
-    assert "test_trace_ops.py" in str(info.value)
+def test_the_random_ops_of_the_registry_are_those_torch_tags() -> None:
+    tagged = set()
+    for full in torch._C._dispatch_get_all_op_names():
+        if not full.startswith("aten::"):
+            continue
+        base, _, overload = full[len("aten::") :].partition(".")
+        try:
+            op = getattr(getattr(torch.ops.aten, base), overload or "default")
+        except (AttributeError, RuntimeError):
+            continue
+        if torch.Tag.nondeterministic_seeded in op.tags:
+            tagged.add(base)
+    kernels = {n for n in tagged if "attention" in n or "rnn" in n or n in ("gru", "lstm", "_lstm_mps")}
+    internal = {"_cudnn_init_dropout_state", "_fill_mem_eff_dropout_mask_", "_fused_sdp_choice",
+                "_nested_tensor_softmax_with_shape"}  # fmt: skip
+    assert tagged - kernels - internal == set(RANDOM_OPS)
 
 
 @pytest.mark.parametrize(
-    "fn",
+    ("fn", "random"),
     [
-        lambda x: F.rrelu(x, training=False),
-        lambda x: F.dropout(x, 0.0, training=True) + F.alpha_dropout(x, 0.5, training=False),
-        lambda x: F.feature_alpha_dropout(x, 0.0, training=True),
+        (lambda x: F.rrelu(x, training=True), True),
+        (lambda x: x + torch.randn_like(x), True),
+        (lambda x: F.feature_alpha_dropout(x, 0.5, training=True), True),
+        (lambda x: F.dropout(x, 0.5, training=True), True),
+        (lambda x: F.rrelu(x, training=False), False),
+        (lambda x: F.dropout(x, 0.0, training=True) + F.alpha_dropout(x, 0.5, training=False), False),
     ],
-    ids=["rrelu-eval", "dropout-p0-or-eval", "feature-alpha-dropout-p0"],
+    ids=["rrelu", "randn_like", "feature-alpha-dropout", "dropout", "rrelu-eval", "dropout-p0-or-eval"],
 )
-def test_the_same_ops_without_randomness_trace(fn) -> None:  # noqa: ANN001
-    trace(Fn(fn), (torch.randn(4, 3),))
+def test_random_ops_trace_and_run_whole(fn, random: bool) -> None:  # noqa: ANN001
+    graph = trace(Fn(fn), (torch.randn(4, 3),))[0]
+    drawing = [n for n in graph.nodes if draws_random(n)]
+    assert bool(drawing) == random
+    for node in drawing:  # every rank draws the whole tensor, as eager PyTorch does
+        dims = op_dims(node, [graph.spec_of(v) for v in node.inputs])
+        assert not dims.splittable_labels(), (node.op, str(dims))
+
+
+def test_attention_dropout_is_refused_since_its_rule_would_split_it() -> None:
+    def attention(x: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(x, x, x, dropout_p=0.5)
+
+    with pytest.raises(UnsupportedOpError, match="draws random numbers on pieces"):
+        trace(Fn(attention), (torch.randn(2, 2, 4, 8),))
 
 
 def test_an_output_of_data_dependent_size_is_refused_with_its_line() -> None:

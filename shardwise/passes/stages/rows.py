@@ -5,7 +5,8 @@ losses.)
 That is exact only if the rows are independent: :func:`batch_rows` follows the rows of the batch inputs
 through the graph with the op annotations (dimops labels) and names the first op that mixes them (a
 reduction over the batch, an op that needs the whole batch, a tensor of the batch's size that does not come
-from the inputs), an output that is not a batch-sized tensor, or a loss that is not a mean over the batch.
+from the inputs, a random op: its parts would draw other numbers), an output that is not a batch-sized tensor,
+or a loss that is not a mean over the batch.
 Only ops that reach an output count. Given the model traced again at the micro-batch size, it also tells
 tensors made at the batch size (``mask.expand(x.shape[0], -1)``, ``x.new_zeros(x.shape[0], 4)``: every row
 the same, so any part of the batch sees the same rows) from ones whose size is written into the model
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shardwise.ir.graph import Graph, Node, Value, iter_values
+from shardwise.ir.registry import draws_random
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.candidates import node_info, tensor_specs
 
@@ -96,6 +98,8 @@ def batch_rows(
         problem = problem or text
 
     for node in graph.nodes:
+        if node.name in live and draws_random(node):
+            flag(f"{_where(node)} draws random numbers (each part of the batch would draw other numbers)")
         if all(v in constant for v in node.inputs):
             # made from constants alone (masks, position ids): the dims whose size follows the batch carry it
             constant.add(node.name)

@@ -133,6 +133,19 @@ def test_rows_through_cat_tril_triu_masks_unbind() -> None:
         assert f"{how}.default" in problem and "test_pipeline_idioms.py" in problem, problem
 
 
+def test_a_random_op_keeps_the_batch_whole() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + torch.randn_like(x)
+
+    g = trace(Noisy(), (torch.randn(6, 4),))[0]
+    assert "draws random numbers" in rows_problem(g, batch_inputs(g))
+
+
 @pytest.fixture(scope="module")
 def pool():
     made = WorkerPool(2, backend="gloo", timeout_s=180)
