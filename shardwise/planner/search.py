@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -65,6 +65,9 @@ class SearchOptions:
     max_virtual: int = 8
     fusion: bool = True
     optimizer: str = "adamw"
+    # another program's kernels (passes.stages.profile.UnitProfiler): how a published system is priced
+    kernels: Callable[..., tuple] | None = None
+    fused_backward: bool = False  # the program runs each fused group's backward as one kernel too
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ class _Context:
         self.units = units
         self.profiler = UnitProfiler(
             graph, units, cluster, precision=options.precision, train=self.train, fusion=options.fusion,
-            optimizer_state=options.optimizer_factor,
+            optimizer_state=options.optimizer_factor, kernels=options.kernels, fused_backward=options.fused_backward,
         )  # fmt: skip
         self.prices = self.profiler.prices
         self.comm = self.prices.comm

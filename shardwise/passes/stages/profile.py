@@ -9,7 +9,10 @@ placed on a ``1 x tp`` mesh by the intra-op planner (``stages.place``), fused th
 - **priced** op by op by the price list (``costs.step.op_prices``: each op's forward, backward, the
   collectives of its redistributions and their backward, the all-reduce of partial activation gradients),
   on the micro-batch's rows: FLOPs, activations and their collectives scale from the traced batch,
-  parameters do not. These are the same prices a realized pipeline chunk made of these units gets;
+  parameters do not; a fused group's forward (and its recomputation) as one kernel, its backward too where the
+  program fuses it (``fused_backward``). These are the same prices a realized pipeline chunk made of these
+  units gets (``costs.step.chunk_times``). ``kernels`` replaces the fusion pass by another program's kernels
+  (a function from the placed unit to its fused groups: how a published system's program is priced);
 - **sized** by the memory map's own step program (``passes.memory.program.step_buffers`` on the placed
   unit): its parameter elements, the bytes it keeps from its forward to its backward (``saved_bytes``: every
   activation, mask, cast and collective buffer live across the step's forward/backward boundary, its output
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
 from shardwise.costs.prices import PriceList, price_list
-from shardwise.costs.step import fused_forward, op_prices
+from shardwise.costs.step import fused_backward, fused_forward, grad_values, op_prices
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import Shard
@@ -107,6 +110,8 @@ class UnitProfiler:
         placer: Callable[..., PlacedChunk] = place_chunk,
         fusion: bool = True,
         optimizer_state: int = 2,
+        kernels: Callable[[PlacedChunk], tuple[FusedGroup, ...]] | None = None,
+        fused_backward: bool = False,
     ) -> None:
         self.graph = graph
         self.units = units
@@ -117,6 +122,8 @@ class UnitProfiler:
         self.placer = placer
         self.fusion = fusion
         self.optimizer_state = optimizer_state
+        self.kernels = kernels
+        self.fused_backward = fused_backward
         self.batch = traced_batch(graph)
         self._unit_graphs: dict[int, tuple[Graph, frozenset[str]]] = {}
         self._placed: dict[tuple[int, int, bool], _Placed] = {}
@@ -157,15 +164,20 @@ class UnitProfiler:
             recomputed=frozenset(n.name for n in c.graph.nodes), scale=s,
         )  # fmt: skip
         fused = fused_forward(c.graph, c.mesh, c.strategies, p.groups, self.prices, scale=s)
+        fused_b = (
+            fused_backward(c.graph, c.mesh, c.strategies, p.groups, self.prices, scale=s, grad=grad_values(c.graph))
+            if self.fused_backward and self.train
+            else {}
+        )
         fwd = bwd = cf = cb = rec = 0.0
         for name, op in ops.items():
             if name in p.copies:
                 continue  # input-derived copies run once per chunk, not once per unit
             fwd += fused.get(name, op.forward_s) + op.comm_forward_s
-            bwd += op.backward_s + op.comm_backward_s
+            bwd += fused_b.get(name, op.backward_s) + op.comm_backward_s
             cf += op.comm_forward_s
             cb += op.comm_backward_s
-            rec += op.recompute_s
+            rec += fused[name] + op.comm_forward_s if name in fused else op.recompute_s
         out = UnitCost(
             forward_s=fwd, backward_s=bwd if self.train else 0.0, comm_forward_s=cf,
             comm_backward_s=cb if self.train else 0.0, param_elems=p.param_elems,
@@ -219,7 +231,10 @@ class UnitProfiler:
                 tensors += 1
                 if p.key in grad_keys and "tp" in grad_keys[p.key]:
                     grad_reduce += 4 * n
-        groups = self._fused_groups(placed) if self.fusion else ()
+        if self.kernels is not None:
+            groups = tuple(self.kernels(placed))
+        else:
+            groups = self._fused_groups(placed) if self.fusion else ()
         saved, working = self._memory(placed) if self.train else (0.0, self._inference_working(placed))
         inputs = sum(nbytes(i.spec) for i in g.inputs if isinstance(i.spec, TensorSpec) and i.name in specs)
         if sp:
