@@ -385,6 +385,8 @@ def _expand(node: Node, ins: Specs, outs: Specs) -> OpDims:
             in_dims.append(Dim("1"))
         else:
             in_dims.append(out_dims[off + i])
+    if len(ins) > 1:  # expand_as(x, other): the output takes other's (local) shape, so other splits alike
+        return OpDims((tuple(in_dims), tuple(out_dims)), (tuple(out_dims),))
     return OpDims((tuple(in_dims),), (tuple(out_dims),))
 
 

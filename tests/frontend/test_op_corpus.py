@@ -134,3 +134,9 @@ def test_random_ops_draw_what_eager_draws_and_the_generator_continues(pools) -> 
             want = model(x)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(after, torch.rand(3))  # the caller's generator moved on as eager's did
+
+
+def test_expand_as_splits_like_its_shape_source(pools) -> None:
+    """normalize: x / norm.expand_as(x), split on the expanded dim (the rule once left x whole: shapes differed)."""
+    out = run_case("nn.functional.normalize", pools, cluster=free_links_cluster(), split_only=True)
+    assert out.splits and out.status == "equal", out
