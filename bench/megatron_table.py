@@ -14,7 +14,11 @@ transformer.py``, ``fused_softmax.py``, ``gpt_model.py``, ``examples/pretrain_gp
   HuggingFace's GPT-2 architecture (the same parameters: 12 l h^2 + 13 l h + (V + s) h) on the meta device at
   full depth (its parameters are counted); a two-block copy is traced in training mode (dropout kept) and the
   search repeats the block (``SearchOptions.repeat_blocks``). GeLU is the tanh form in both (Megatron's
-  ``bias_gelu_impl``, HF's ``gelu_new``).
+  ``bias_gelu_impl``, HF's ``gelu_new``). The dropout ops are traced with p = 0 (they stay in the graph as
+  ``aten.dropout`` in training mode and are priced like any dropout: their kernels' traffic does not depend
+  on p): Megatron-LM drops out each tensor-parallel rank's own piece (its model-parallel RNG tracker), while
+  shardwise's own programs run a drawing dropout whole on every rank to reproduce eager's numbers (issue 16),
+  which would place Megatron's dropouts as gathers it never ran.
 - *Precision*: fp16 (the example scripts' ``--fp16``; on A100 fp16 and bf16 have the same peak and width).
 - *Kernels each row runs* (the same for all five rows; ``megatron_kernels``): the QKV, projection and MLP
   GEMMs; the attention scores as an unfused batched GEMM (``torch.baddbmm`` with the 1/sqrt(d) scale as its
@@ -110,18 +114,20 @@ def parse_row(text: str) -> tuple:
 
 
 MEGATRON_DROPOUT = 0.1  # Megatron-LM's --hidden-dropout and --attention-dropout defaults
+TRACED_DROPOUT = 0.0  # the dropout ops' p in the trace: kept, priced, placed per piece (see the module docstring)
 PRECISION = "fp16"  # the example scripts' --fp16 (A100: the same peak and width as bf16)
 
 
 def build_traced_gpt(hidden: int, heads: int, layers: int):
-    """Megatron's GPT as HF GPT-2 on the meta device, in training mode (dropout 0.1 kept), with the attention
-    written out (HF's "eager" attention: scores GEMM, scale, mask, softmax, dropout, GEMM), and one sequence."""
+    """Megatron's GPT as HF GPT-2 on the meta device, in training mode (its dropout ops kept, traced with
+    ``TRACED_DROPOUT``), with the attention written out (HF's "eager" attention: scores GEMM, scale, mask,
+    softmax, dropout, GEMM), and one sequence."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=VOCAB, n_positions=SEQ, attn_pdrop=MEGATRON_DROPOUT,
-        resid_pdrop=MEGATRON_DROPOUT, embd_pdrop=MEGATRON_DROPOUT, activation_function="gelu_new",
+        n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=VOCAB, n_positions=SEQ, attn_pdrop=TRACED_DROPOUT,
+        resid_pdrop=TRACED_DROPOUT, embd_pdrop=TRACED_DROPOUT, activation_function="gelu_new",
         layer_norm_epsilon=1e-5, use_cache=False, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     with torch.device("meta"):
