@@ -11,9 +11,13 @@ entropy, AdamW) is trained on 2 local CPU processes (gloo, one intra-op thread e
   loss, as torchtitan does);
 
 and by one eager process using both cores. All five train the same model (the module below, in plain
-nn.Linear layers so that DTensor's parallel styles apply) from the same weights. Steps are timed after
-warm-up; the table shows the median step time and the speed relative to the eager process, measured in
-this run. Goal: shardwise dp=2 no slower than DDP, shardwise tp=2 no slower than DTensor.
+nn.Linear layers so that DTensor's parallel styles apply) from the same weights. The five runs are
+interleaved: ``--rounds`` rounds, each running every one of them (the order rotating from round to round:
+warm-up steps, then ``--steps`` timed steps; DDP and DTensor start their two processes each round, the
+shardwise programs stay on their worker pools), so that drift of the machine's load hits all alike. The
+table shows the median step time with its spread (min, quartiles, max) and the speed relative to the eager
+process; the load average is recorded at the start, after each round and at the end. Goal: shardwise dp=2
+no slower than DDP, shardwise tp=2 no slower than DTensor.
 Writes bench/results/runtime.json.
 """
 
@@ -211,34 +215,45 @@ def run_distributed(kind: str, warmup: int, steps: int) -> dict:
 # -- shardwise ------------------------------------------------------------------------------------------------
 
 
-def run_shardwise(constraints: dict, warmup: int, steps: int) -> dict:
-    import shardwise
+class ShardwiseRunner:
+    """A compiled program kept on its own worker pool across rounds (compiled once, warmed up each round)."""
 
-    model = make_model()
-    ids, labels = make_batch()
-    optimizer = functools.partial(torch.optim.AdamW, lr=LR)
-    with shardwise.compile(
-        model, "cpu:2", example_inputs=(ids, labels), mode="train", loss_fn=lambda loss: loss,
-        optimizer=optimizer, constraints=constraints,
-    ) as cm:  # fmt: skip
+    def __init__(self, constraints: dict) -> None:
+        import shardwise
+
+        self.ids, self.labels = make_batch()
+        optimizer = functools.partial(torch.optim.AdamW, lr=LR)
+        self.cm = shardwise.compile(
+            make_model(), "cpu:2", example_inputs=(self.ids, self.labels), mode="train", loss_fn=lambda loss: loss,
+            optimizer=optimizer, constraints=constraints,
+        )  # fmt: skip
+
+    def __call__(self, warmup: int, steps: int) -> dict:
         losses: list[float] = []
-        times = _timed(lambda: losses.append(cm.train_step(ids, labels)), warmup, steps)
-        collectives = sum(len(s.redistributes) for s in cm.plan.strategies)
-        sharded = sum(1 for _, spec in cm.plan.param_placements if not spec.is_replicated)
+        times = _timed(lambda: losses.append(self.cm.train_step(self.ids, self.labels)), warmup, steps)
+        plan = self.cm.plan
         return {
             "times": times,
             "first_loss": losses[0],
-            "plan": cm.plan.summary(),
-            "collectives": collectives,
-            "sharded_params": sharded,
-            "predicted_step_s": cm.plan.predicted.step_time_s,
+            "plan": plan.summary(),
+            "collectives": sum(len(s.redistributes) for s in plan.strategies),
+            "sharded_params": sum(1 for _, spec in plan.param_placements if not spec.is_replicated),
+            "predicted_step_s": plan.predicted.step_time_s,
         }
+
+    def close(self) -> None:
+        self.cm.close()
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all five runs (interleaved)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run and round")
     parser.add_argument(
         "--vocab", type=int, default=CONFIG["vocab"],
         help="vocabulary size (50257: GPT-2's; 50304: padded to a multiple of 64, as nanoGPT and Megatron-LM do, "
@@ -249,26 +264,46 @@ def main() -> None:
     os.environ["RUNTIME_BENCH_VOCAB"] = str(args.vocab)
     CONFIG["vocab"] = args.vocab
     cores = os.cpu_count() or 2
-    runs: dict[str, dict] = {}
+    loads = {"start": _load(), "rounds": []}
+    runners = {"shardwise dp=2": ShardwiseRunner({"dp": 2}), "shardwise tp=2": ShardwiseRunner({"tp": 2})}
     order = [
-        ("eager (1 process, 2 threads)", lambda: run_eager(args.warmup, args.steps, min(2, cores))),
-        ("torch DDP (2 processes)", lambda: run_distributed("ddp", args.warmup, args.steps)),
-        ("DTensor TP (2 processes)", lambda: run_distributed("dtensor", args.warmup, args.steps)),
-        ("shardwise dp=2", lambda: run_shardwise({"dp": 2}, args.warmup, args.steps)),
-        ("shardwise tp=2", lambda: run_shardwise({"tp": 2}, args.warmup, args.steps)),
+        ("eager (1 process, 2 threads)", lambda w, s: run_eager(w, s, min(2, cores))),
+        ("torch DDP (2 processes)", lambda w, s: run_distributed("ddp", w, s)),
+        ("DTensor TP (2 processes)", lambda w, s: run_distributed("dtensor", w, s)),
+        ("shardwise dp=2", runners["shardwise dp=2"]),
+        ("shardwise tp=2", runners["shardwise tp=2"]),
     ]
-    for name, fn in order:
-        runs[name] = fn()
-        runs[name]["median_s"] = statistics.median(runs[name]["times"])
-        runs[name]["min_s"] = min(runs[name]["times"])
-        print(f"  {name}: median {runs[name]['median_s'] * 1e3:.1f} ms", flush=True)
+    runs: dict[str, dict] = {}
+    try:
+        # rounds interleave the runs (the order rotates each round), so that drift of the machine's load hits
+        # all of them alike
+        for r in range(args.rounds):
+            for name, fn in order[r % len(order) :] + order[: r % len(order)]:
+                result = fn(args.warmup, args.steps)
+                if name not in runs:
+                    runs[name] = result
+                else:
+                    runs[name]["times"] += result["times"]
+            loads["rounds"].append(_load())
+            print(f"  round {r + 1}/{args.rounds} done (load {loads['rounds'][-1]:.2f})", flush=True)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    loads["end"] = _load()
+    for name, _ in order:
+        ts = sorted(runs[name]["times"])
+        q = statistics.quantiles(ts, n=4, method="inclusive")
+        runs[name].update(median_s=statistics.median(ts), min_s=ts[0], max_s=ts[-1], q1_s=q[0], q3_s=q[2])
     eager = runs[order[0][0]]["median_s"]
     print()
-    print(f"{'':32} {'median ms':>10} {'min ms':>8} {'x eager speed':>14} {'first loss':>10}")
-    for name, r in runs.items():
+    print(f"load average {loads['start']:.2f} at the start, {loads['end']:.2f} at the end")
+    print(f"{'':32} {'median ms':>10} {'min ms':>8} {'q1 ms':>8} {'q3 ms':>8} {'max ms':>8} {'x eager speed':>14} "
+          f"{'first loss':>10}")  # fmt: skip
+    for name, _ in order:
+        r = runs[name]
         print(
-            f"{name:32} {r['median_s'] * 1e3:>10.1f} {r['min_s'] * 1e3:>8.1f} {eager / r['median_s']:>14.2f} "
-            f"{r['first_loss']:>10.4f}"
+            f"{name:32} {r['median_s'] * 1e3:>10.1f} {r['min_s'] * 1e3:>8.1f} {r['q1_s'] * 1e3:>8.1f} "
+            f"{r['q3_s'] * 1e3:>8.1f} {r['max_s'] * 1e3:>8.1f} {eager / r['median_s']:>14.2f} {r['first_loss']:>10.4f}"
         )
     ddp, dtensor = runs["torch DDP (2 processes)"]["median_s"], runs["DTensor TP (2 processes)"]["median_s"]
     sw_dp, sw_tp = runs["shardwise dp=2"]["median_s"], runs["shardwise tp=2"]["median_s"]
@@ -284,6 +319,8 @@ def main() -> None:
     out = {
         "machine": {"cpus": cores, "python": platform.python_version(), "torch": torch.__version__},
         "config": CONFIG,
+        "settings": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
+        "load_average": loads,
         "runs": runs,
     }
     Path(args.output).write_text(json.dumps(out, indent=1))

@@ -16,6 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from shardwise.cluster import ClusterSpec, get_cluster
+from shardwise.cluster.machine import calibration_note
 from shardwise.codegen.package import write_package
 from shardwise.errors import (
     DeviceUnavailableError,
@@ -66,7 +67,8 @@ class CompiledModel:
         optimizer: Callable[..., Any] | None = None,
         workers: WorkerPool | None = None,
     ) -> None:
-        self.plan = plan
+        note = calibration_note(cluster)  # a measured machine says so in its plans (cluster.machine)
+        self.plan = plan.replace(notes=(*plan.notes, note)) if note and note not in plan.notes else plan
         self.cluster = cluster
         self._out_spec = out_spec
         self._optimizer = optimizer

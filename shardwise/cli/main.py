@@ -392,22 +392,29 @@ def calibrate(
     full: Annotated[bool, typer.Option("--full", help="measure longer and with larger sizes")] = False,
     json_out: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Measure this machine into a cluster YAML.
+    """Measure this machine into a cluster YAML (and into the cache `cpu:N` plans read).
 
-    FLOP/s, memory bandwidth, and process-group latency and bandwidth between local processes.
+    Matmul rate and fixed cost, memory and cache bandwidth, per-op dispatch and backward overheads, the
+    per-element cost of math ops, the optimizer step, gloo's latency, bandwidth and per-collective overhead
+    between local processes, and whether collectives overlap compute.
     """
+    import dataclasses
+
     from shardwise.cluster import calibrate as measure
+    from shardwise.cluster.machine import write_cached
     from shardwise.cluster.schema import spec_to_dict, write_yaml
 
     steps = Steps(json_out)
     with steps.step(f"measuring with {processes} local process(es)"):
         spec = measure(processes, quick=not full)
     write_yaml(spec, output)
+    cached = write_cached(processes, dataclasses.replace(spec, name=f"cpu:{processes}"))
     if json_out:
-        print_json({"cluster": str(output), "spec": spec_to_dict(spec)})
+        print_json({"cluster": str(output), "cache": str(cached), "spec": spec_to_dict(spec)})
         return
     out.print(spec.summary())
     out.print(f"wrote {output}: plan with `shardwise plan MODEL --cluster {output}`")
+    out.print(f"cpu:{processes} now plans with these figures (cached in {cached})")
 
 
 @app.command()

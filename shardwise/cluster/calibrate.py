@@ -1,35 +1,606 @@
-"""Measure this machine and describe it as a ``cpu:N`` ClusterSpec.
+"""Measure this machine and describe it as a ``cpu:N`` ClusterSpec: the figures the price list needs.
 
-``calibrate(n)`` spawns ``n`` local processes (torch.multiprocessing, gloo over 127.0.0.1 on a free port),
-each with its share of the cores (``cores // n`` threads, as the runtime gives them). All processes measure
-at the same time, as they will run:
+``calibrate(n)`` starts ``n`` local processes (gloo over 127.0.0.1), each with the intra-op threads the runtime
+gives its workers (``cores // n``, or ``$SHARDWISE_THREADS_PER_WORKER``). All processes measure at the same
+time, as they run a plan; :func:`measure` is what each one does, :func:`spec_from_measurements` turns the
+measurements into the cluster (pure: tested with given figures).
 
-* fp32 matmul FLOP/s (square matmuls, 2 n^3 FLOP each),
-* memory bandwidth from a large tensor copy (read + write bytes / time),
-* gloo point-to-point between ranks 0 and 1: alpha = half a 4-byte round trip, beta from a large message
-  (one way time minus alpha, over its size).
+**How every figure is measured.** A figure is timed as many short samples, each a batch of calls lasting
+about ``SAMPLE_S`` (1 ms), and the figure is the **minimum** over the samples of the mean time per call: on
+a shared machine other processes only ever add time to a sample, and a sample as short as a scheduler time
+slice often runs undisturbed, so the minimum is the undisturbed cost. (Communication needs both processes
+on a core at once: its samples are short too, and the minimum is taken the same way.) Compute figures keep
+the slowest process's value; communication figures are rank 0's (the pair 0-1).
 
-The spec keeps the slowest process's compute and memory figures. ``quick`` keeps the whole run to a few
-seconds plus process start-up (well under 30 s on 2 cores); ``quick=False`` measures longer and larger.
+What is measured (each a figure of the price list, ``costs/``):
+
+* ``dispatch_s``: the forward cost of one op as the generated program runs it (straight-line Python calling
+  ATen ops and views, on tensors so small that the kernel's own work is negligible), with autograd off
+  (inference); ``record_s``: the same with autograd recording (training), minus ``dispatch_s``;
+* ``backward_node_s``: one node of the autograd engine's backward (a chain of tiny ops: forward and
+  backward minus forward, per node);
+* ``gemm``: float32 matmuls of square sizes 64..512 (``GEMM_SIZES``): the achieved rate and fixed cost by a
+  fit of ``t = c + flops / rate`` (least squares on relative error);
+* ``attention``: ``scaled_dot_product_attention`` forward and backward on one shape (``ATTENTION_SHAPE``),
+  as a fraction of the matmul rate on the registry's FLOP count (4 b h s^2 d + 5 b h s^2);
+* ``stream``: ``a + b`` on float32 vectors of growing working sets (``CACHE_PROBES``, then
+  ``MEMORY_PROBE_BYTES``, beyond the caches): bytes read and written per second at each. The largest
+  working set that still streams at least half-way between the smallest's bandwidth and the memory's is the
+  cache's size (``cache_bytes``), the smallest's bandwidth the cache's;
+* ``elementwise``: for each op of ``ELEMENTWISE_OPS`` (math functions whose cost per element exceeds
+  streaming: exponentials, trigonometry, normalizations, softmax), seconds per element of its forward and
+  of its backward on a cache-resident tensor (``ELEMENTWISE_SHAPE``), minus ``dispatch_s``;
+* ``p2p``: gloo send/recv ping-pong between ranks 0 and 1: alpha = half a 4-byte round trip, beta from a
+  ``P2P_LARGE`` message;
+* ``allreduce`` / ``allgather`` / ``reduce_scatter``: the runtime library's own functions
+  (``shardwise.runtime.lib.comm``, what every generated program calls) at ``COLLECTIVE_SIZES``; a line
+  through each gives its fixed cost beyond the ring formula's latency terms, and its bandwidth as a
+  fraction of the point-to-point one (the cluster keeps the mean of the three);
+* ``overlap``: an all-reduce started asynchronously while the process computes matmuls, against each
+  alone: the fraction of the shorter one hidden (1: collectives progress while the host computes);
+* ``optimizer``: ``torch.optim.AdamW`` and ``SGD`` (momentum) steps as PyTorch runs them on CPU tensors
+  (one tensor at a time) over many tiny tensors and over one large one: the cost per parameter tensor and
+  the bytes streamed per second.
+
+``quick`` keeps the measurements to a few seconds (plus process start-up); ``quick=False`` takes more
+samples.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
+from shardwise.cluster.efficiency import Efficiency
 from shardwise.cluster.presets import CPU_GLOO_BANDWIDTH, CPU_GLOO_LATENCY, cpu_cluster
 from shardwise.cluster.spec import ClusterSpec
 from shardwise.errors import DeviceUnavailableError
 
-__all__ = ["calibrate", "Measurement"]
+__all__ = [
+    "calibrate", "measure", "spec_from_measurements", "fit_line", "Measurement", "SAMPLE_S", "GEMM_SIZES",
+    "ELEMENTWISE_OPS", "COLLECTIVE_SIZES",
+]  # fmt: skip
 
-Measurement = dict[str, float]
+Measurement = dict[str, Any]
+
+SAMPLE_S = 1e-3  # one sample's length: about a scheduler time slice
+GEMM_SIZES = (64, 128, 256, 384, 512)
+ATTENTION_SHAPE = (4, 4, 64, 32)  # batch, heads, sequence, head dim
+#: working sets (bytes read and written) of the a + b probes: 128 KiB .. 8 MiB vectors, then 32 MiB ones
+CACHE_PROBES = (3 * 2**17, 3 * 2**19, 3 * 2**21, 3 * 2**23)
+MEMORY_PROBE_BYTES = 3 * 2**25
+ELEMENTWISE_SHAPE = (128, 256)
+#: math ops whose cost per element exceeds streaming on CPUs (ATen base names, as in the op registry)
+ELEMENTWISE_OPS = (
+    "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "erf", "gelu", "gelu_tanh", "silu", "pow",
+    "softmax", "log_softmax", "layer_norm", "cumsum",
+)  # fmt: skip
+OPTIMIZER_POINTS = ((1, 16), (32, 16), (1, 2**18))  # (tensors, elements each)
+P2P_LARGE = 2**22
+COLLECTIVE_SIZES = (2**6, 2**12, 2**16, 2**20)
+#: the collectives plans use, and the ring formula's latency steps for p ranks (costs/comm.py; gloo has no
+#: reduce-scatter: the runtime library all-reduces and keeps its slice)
+COLLECTIVES = {"allreduce": lambda p: 2 * (p - 1), "allgather": lambda p: p - 1, "reduce_scatter": lambda p: 2 * (p - 1)}
+
+
+# -- timing -----------------------------------------------------------------------------------------------
+
+
+def _per_call(
+    fn: Callable[[], object], samples: int, sample_s: float = SAMPLE_S, max_calls: int = 2000
+) -> list[float]:
+    """Seconds per call of ``fn`` in each of ``samples`` samples of about ``sample_s`` (see the module docstring)."""
+    fn()  # warm-up: allocations, caches, the thread pool
+    start = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - start, 1e-7)
+    calls = max(1, min(max_calls, int(sample_s / one)))
+    out = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - start) / calls)
+    return out
+
+
+def _best(fn: Callable[[], object], samples: int, sample_s: float = SAMPLE_S) -> float:
+    return min(_per_call(fn, samples, sample_s))
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float], relative: bool = True) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line ``y = c + s x`` (weighted by 1/y^2 when ``relative``:
+    each point's relative error counts alike); the intercept is clipped at 0."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError("fit_line needs two or more points")
+    w = [1.0 / (y * y) if relative and y > 0 else 1.0 for y in ys]
+    sw = sum(w)
+    mx = sum(wi * x for wi, x in zip(w, xs)) / sw
+    my = sum(wi * y for wi, y in zip(w, ys)) / sw
+    sxx = sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs))
+    sxy = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, xs, ys))
+    slope = sxy / sxx if sxx > 0 else 0.0
+    intercept = my - slope * mx
+    if intercept < 0:  # no negative fixed cost: the line through the origin instead
+        intercept = 0.0
+        slope = sum(wi * x * y for wi, x, y in zip(w, xs, ys)) / sum(wi * x * x for wi, x in zip(w, xs))
+    return intercept, slope
+
+
+# -- what one process measures ----------------------------------------------------------------------------
+
+
+def _dispatch_ops(x, w, idx, emb, mask):  # noqa: ANN001, ANN202 - the ops a generated program runs, in its style
+    import torch
+    import torch.nn.functional as F
+
+    aten = torch.ops.aten
+    a = x + w
+    b = a * 0.5
+    c = torch.tanh(b)
+    d = c.transpose(0, 1)
+    e = d.reshape(-1)
+    f = aten.mul.Tensor(e, e)
+    g = f.unsqueeze(0)
+    h = aten.exp.default(g)
+    i = F.layer_norm(x, [4], None, None, 1e-5)
+    j = torch.softmax(i, -1)
+    k = aten.matmul.default(j, w)
+    m = k.sum(-1)
+    n = torch.where(mask, x, w)
+    o = F.embedding(idx, emb)
+    p = aten.cat.default([x, w])
+    q = aten.rsqrt.default(x)
+    r = q.expand(2, 4, 4)
+    s = F.gelu(x)
+    return h, m, n, o, p, r, s
+
+
+_DISPATCH_OPS = 18  # statements in _dispatch_ops
+
+
+def _measure_dispatch(samples: int) -> Measurement:
+    import torch
+
+    x, w, emb = torch.rand(4, 4) + 0.5, torch.randn(4, 4), torch.randn(4, 4)
+    idx, mask = torch.tensor([0, 1]), torch.rand(4, 4) > 0.5
+    with torch.no_grad():
+        plain = _best(lambda: _dispatch_ops(x, w, idx, emb, mask), samples) / _DISPATCH_OPS
+    xg, wg, eg = (t.clone().requires_grad_() for t in (x, w, emb))
+    recorded = _best(lambda: _dispatch_ops(xg, wg, idx, eg, mask), samples) / _DISPATCH_OPS
+    return {"dispatch_s": plain, "record_s": max(recorded - plain, 0.0)}
+
+
+def _measure_backward(samples: int) -> Measurement:
+    import torch
+
+    length = 16  # 4 ops each: 64 nodes, plus the sum and the leaf's accumulation
+
+    def chain(p):  # noqa: ANN001, ANN202
+        y = p
+        for _ in range(length):
+            y = torch.tanh(y * 1.0001 + p).reshape(-1).reshape(4, 4)
+        return y.sum()
+
+    leaf = torch.randn(4, 4, requires_grad=True)
+    forward = _best(lambda: chain(leaf), samples, 4 * SAMPLE_S)
+
+    def both() -> None:
+        chain(leaf).backward()
+        leaf.grad = None
+
+    total = _best(both, samples, 4 * SAMPLE_S)
+    nodes = 5 * length + 2  # mul, add, tanh, 2 views per link; sum; AccumulateGrad
+    return {"backward_node_s": max(total - forward, 0.0) / nodes}
+
+
+def _measure_gemm(samples: int) -> Measurement:
+    import torch
+
+    points = []
+    for n in GEMM_SIZES:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        points.append((2.0 * n**3, _best(lambda a=a, b=b: torch.mm(a, b), samples)))
+    return {"gemm": points}
+
+
+def _measure_attention(samples: int) -> Measurement:
+    import torch
+    import torch.nn.functional as F
+
+    b, h, s, d = ATTENTION_SHAPE
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    flops = 4.0 * b * h * s * s * d + 5.0 * b * h * s * s
+    with torch.no_grad():
+        forward = _best(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), samples, 2 * SAMPLE_S
+        )
+    grad = torch.ones(b, h, s, d)
+
+    def both() -> None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    total = _best(both, samples, 4 * SAMPLE_S)
+    return {"attention": {"flops": flops, "forward_s": forward, "backward_s": max(total - forward, 0.0)}}
+
+
+def _measure_stream(samples: int) -> Measurement:
+    import torch
+
+    out = []
+    for nbytes in (*CACHE_PROBES, MEMORY_PROBE_BYTES):
+        numel = nbytes // 12
+        a, b = torch.rand(numel), torch.rand(numel)
+        count = samples if nbytes < MEMORY_PROBE_BYTES else max(3, samples // 3)
+        out.append((12.0 * numel, _best(lambda a=a, b=b: a + b, count)))
+    return {"stream": out}
+
+
+def _elementwise_fn(name: str):  # noqa: ANN202
+    import torch
+    import torch.nn.functional as F
+
+    table = {
+        "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "sin": torch.sin,
+        "cos": torch.cos, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf, "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "pow": lambda x: x.pow(3),
+        "softmax": lambda x: torch.softmax(x, -1), "log_softmax": lambda x: torch.log_softmax(x, -1),
+        "layer_norm": lambda x: F.layer_norm(x, x.shape[-1:]), "cumsum": lambda x: torch.cumsum(x, -1),
+    }  # fmt: skip
+    return table[name]
+
+
+def _measure_elementwise(samples: int, dispatch_s: float, backward_node_s: float) -> Measurement:
+    import torch
+
+    x = (torch.rand(*ELEMENTWISE_SHAPE) + 0.5).requires_grad_()
+    numel = x.numel()
+    grad = torch.ones_like(x)
+    out = {}
+    for name in ELEMENTWISE_OPS:
+        fn = _elementwise_fn(name)
+        with torch.no_grad():
+            forward = _best(lambda fn=fn: fn(x), samples)
+
+        def both(fn=fn) -> None:  # noqa: ANN001
+            torch.autograd.grad(fn(x), x, grad)
+
+        total = _best(both, samples)
+        out[name] = (
+            max(forward - dispatch_s, 0.0) / numel,
+            max(total - forward - backward_node_s, 0.0) / numel,
+        )
+    return {"elementwise": out}
+
+
+def _measure_optimizer(samples: int) -> Measurement:
+    import torch
+
+    def step_s(factory, count: int, numel: int) -> float:  # noqa: ANN001
+        params = [torch.nn.Parameter(torch.rand(numel)) for _ in range(count)]
+        for p in params:
+            p.grad = torch.rand(numel)
+        opt = factory(params)
+        return _best(opt.step, samples, 4 * SAMPLE_S)
+
+    out = {}
+    for name, factory in (
+        ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+        ("sgd", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9)),
+    ):
+        # (tensors, elements, seconds) at three points: one tiny tensor, many tiny ones, one large one
+        out[name] = [(t, t * e, step_s(factory, t, e)) for t, e in OPTIMIZER_POINTS]
+    return {"optimizer": out}
+
+
+def _pingpong(rank: int, nbytes: int, samples: int) -> float:
+    """Least one-way time of a ``nbytes`` message between ranks 0 and 1 (half a round trip)."""
+    import torch
+    import torch.distributed as dist
+
+    buf = torch.zeros(max(1, nbytes // 4))
+
+    def round_trip() -> None:
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        else:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+
+    round_trip()  # the first message sets up the pair
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        round_trip()
+        times.append(time.perf_counter() - start)
+    return min(times) / 2
+
+
+def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
+    """Least time of one collective as the runtime library runs it (``shardwise.runtime.lib.comm``, the code
+    every generated program calls; ``nbytes``: the full buffer): all-reduce into a new tensor, all-gather
+    along the middle dimension of a (batch, sequence, hidden) activation, reduce-scatter along it."""
+    import torch
+    import torch.distributed as dist
+
+    from shardwise.runtime.lib import comm
+
+    world = mesh.size("x")
+    hidden = 16
+    rows = max(1, nbytes // 4 // hidden)
+    if kind == "allreduce":
+        full = torch.zeros(1, rows, hidden)
+
+        def run() -> None:
+            comm.reduce(full, mesh, "x", "sum")
+
+    elif kind == "allgather":
+        piece = torch.zeros(1, max(1, rows // world), hidden)
+
+        def run() -> None:
+            comm.gather(piece, 1, mesh, "x")
+
+    else:
+        full = torch.zeros(1, max(world, rows - rows % world), hidden)
+
+        def run() -> None:
+            comm.reduce_scatter(full, 1, mesh, "x", "sum")
+
+    run()
+    times = []
+    for _ in range(samples):
+        dist.barrier()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _measure_comm(rank: int, world: int, samples: int) -> Measurement:
+    import torch
+    import torch.distributed as dist
+
+    out: Measurement = {}
+    if rank < 2:
+        small = _pingpong(rank, 4, 10 * samples)
+        large = _pingpong(rank, P2P_LARGE, samples)
+        out["p2p"] = {"small": (4.0, small), "large": (float(P2P_LARGE), large)}
+    dist.barrier()
+    from shardwise.runtime.lib.mesh import Mesh
+
+    mesh = Mesh(rank, (world,), ("x",), tuple(range(world)))
+    for kind in COLLECTIVES:
+        out[kind] = [(float(n), _collective(kind, n, mesh, 4 * samples if n <= 2**16 else samples))
+                     for n in COLLECTIVE_SIZES]  # fmt: skip
+    # overlap: an all-reduce started, then matmuls, then the wait; against each alone
+    a, b = torch.randn(192, 192), torch.randn(192, 192)
+    buf = torch.zeros(2**18)
+
+    def compute() -> None:
+        for _ in range(4):
+            torch.mm(a, b)
+
+    def comm() -> None:
+        dist.all_reduce(buf, async_op=True).wait()
+
+    def both() -> None:
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    figures = {}
+    for name, fn in (("compute", compute), ("comm", comm), ("both", both)):
+        fn()
+        times = []
+        for _ in range(samples):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        figures[name] = min(times)
+    out["overlap"] = figures
+    return out
+
+
+def measure(rank: int, world: int, quick: bool = True) -> Measurement:
+    """Everything one of ``world`` processes measures (torch.distributed is initialised; all ranks call it)."""
+    import torch.distributed as dist
+
+    samples = 15 if quick else 40
+    result: Measurement = {"phase_s": {}}
+    phases: list[tuple[str, Callable[[], Measurement]]] = [
+        ("dispatch", lambda: _measure_dispatch(samples)),
+        ("backward", lambda: _measure_backward(samples)),
+        ("gemm", lambda: _measure_gemm(samples)),
+        ("attention", lambda: _measure_attention(samples)),
+        ("stream", lambda: _measure_stream(samples)),
+        (
+            "elementwise",
+            lambda: _measure_elementwise(samples, result["dispatch_s"], result["backward_node_s"]),
+        ),
+        ("optimizer", lambda: _measure_optimizer(samples)),
+    ]
+    if world >= 2:
+        phases.append(("comm", lambda: _measure_comm(rank, world, samples)))
+    for name, run in phases:
+        dist.barrier()
+        start = time.perf_counter()
+        result.update(run())
+        result["phase_s"][name] = time.perf_counter() - start
+    dist.barrier()
+    return result
+
+
+# -- the cluster from the measurements ---------------------------------------------------------------------
+
+
+def _solve3(rows: Sequence[tuple[float, float, float, float]]) -> tuple[float, float, float]:
+    """(x, y, z) with ``a x + b y + c z = d`` for the three rows ``(a, b, c, d)`` (Cramer's rule)."""
+
+    def det(m: Sequence[Sequence[float]]) -> float:
+        return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+                + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))  # fmt: skip
+
+    a = [r[:3] for r in rows]
+    d = det(a)
+    if d == 0:
+        raise ValueError("the three measurements do not determine the three figures")
+    out = []
+    for k in range(3):
+        m = [list(r) for r in a]
+        for i in range(3):
+            m[i][k] = rows[i][3]
+        out.append(det(m) / d)
+    return out[0], out[1], out[2]
+
+
+def _slowest(results: Sequence[Measurement], pick: Callable[[Measurement], float]) -> float:
+    return max(pick(r) for r in results)
+
+
+def spec_from_measurements(
+    results: Sequence[Measurement], n: int, *, machine: str = "this machine", when: str | None = None,
+    name: str | None = None,
+) -> ClusterSpec:  # fmt: skip
+    """The ``cpu:n`` cluster of per-process measurements ``results`` (rank order; see the module docstring for
+    what each holds and how it becomes a figure)."""
+    if not results:
+        raise ValueError("spec_from_measurements needs the measurements of at least one process")
+    when = when or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    origin = f"measured on {machine} at {when} by shardwise calibrate"
+    # compute: the slowest process's figures
+    gemm_points = [list(zip(*r["gemm"], strict=True)) for r in results]
+    fits = [fit_line(flops, secs) for flops, secs in gemm_points]
+    rate = min(1.0 / slope for _, slope in fits)
+    gemm_fixed = max(c for c, _ in fits)
+    dispatch = _slowest(results, lambda r: r["dispatch_s"])
+    record = _slowest(results, lambda r: r["record_s"])
+    backward = _slowest(results, lambda r: r["backward_node_s"])
+    streams = [[(nbytes, nbytes / secs) for nbytes, secs in r["stream"]] for r in results]
+    memory_bw = min(r[-1][1] for r in streams)
+    cache_bw = min(r[0][1] for r in streams)
+    cache_bytes = 0.0
+    if cache_bw > memory_bw:
+        half = (cache_bw + memory_bw) / 2
+        for k, (nbytes, _) in enumerate(streams[0][:-1]):
+            if all(r[k][1] >= half for r in streams):
+                cache_bytes = float(nbytes)
+    if cache_bytes == 0.0:
+        cache_bw = 0.0
+    att = results[0]["attention"]
+    att_fwd = max(r["attention"]["forward_s"] for r in results)
+    att_bwd = max(r["attention"]["backward_s"] for r in results)
+    attention_forward = min(1.0, att["flops"] / max(att_fwd - dispatch, 1e-9) / rate)
+    attention_backward = min(1.0, 2.5 * att["flops"] / max(att_bwd - backward, 1e-9) / rate)
+    elementwise = tuple(
+        (op, max(r["elementwise"][op][0] for r in results), max(r["elementwise"][op][1] for r in results))
+        for op in results[0]["elementwise"]
+    )
+    optimizer = []
+    for opt in results[0]["optimizer"]:
+        figures = [_solve3([(1.0, float(t), float(e), float(secs)) for t, e, secs in r["optimizer"][opt]])
+                   for r in results]  # fmt: skip
+        optimizer.append((opt, *(max(max(f[k] for f in figures), 0.0) for k in range(3))))
+    # communication: rank 0's view of the pair 0-1
+    first = results[0]
+    latency, bandwidth = CPU_GLOO_LATENCY, CPU_GLOO_BANDWIDTH
+    collective_overhead, intra = 0.0, 1.0
+    overlap = 1.0
+    comm_sources: list[tuple[str, str]] = []
+    if "p2p" in first:
+        (n_small, t_small), (n_large, t_large) = first["p2p"]["small"], first["p2p"]["large"]
+        bandwidth = (n_large - n_small) / (t_large - t_small) if t_large > t_small else n_large / t_large
+        latency = max(t_small - n_small / bandwidth, 1e-9)  # the line's intercept
+        # ring formulas for p processes (costs/comm.py): allreduce 2(p-1)(alpha + beta m/p),
+        # allgather (p-1)(alpha + beta m/p); what the line through the measurements adds is the overhead,
+        # the ratio of slopes the achieved bandwidth fraction
+        overheads, fractions = [], []
+        for kind, steps_of in COLLECTIVES.items():
+            if kind not in first:
+                continue
+            steps = steps_of(n)
+            sizes, secs = zip(*first[kind], strict=True)
+            c, slope = fit_line(sizes, secs)
+            overheads.append(max(c - steps * latency, 0.0))
+            ideal = steps / n / bandwidth
+            fractions.append(min(1.0, ideal / slope) if slope > 0 else 1.0)
+        collective_overhead = statistics.fmean(overheads)
+        intra = min(1.0, max(statistics.fmean(fractions), 1e-3))
+        o = first["overlap"]
+        hidden = o["compute"] + o["comm"] - o["both"]
+        overlap = min(1.0, max(0.0, hidden / min(o["compute"], o["comm"])))
+        comm_sources = [
+            ("collective_overhead_s", f"{origin}: the runtime library's all-reduce, all-gather and reduce-scatter "
+                                      "on gloo, fixed cost beyond the ring's latency terms (mean of the three)"),
+            ("intra_node", f"{origin}: those collectives' bandwidth over point-to-point's (mean of the three)"),
+            ("comm_overlap", f"{origin}: fraction of an asynchronous all-reduce hidden behind matmuls"),
+        ]  # fmt: skip
+    efficiency = Efficiency(
+        gemm=1.0,
+        attention_forward=max(attention_forward, 1e-3),
+        attention_backward=max(attention_backward, 1e-3),
+        memory=1.0,
+        intra_node=intra,
+        op_overhead_s=dispatch,
+        record_overhead_s=record,
+        backward_op_overhead_s=backward,
+        gemm_overhead_s=max(gemm_fixed - dispatch, 0.0),
+        collective_overhead_s=collective_overhead,
+        cache_bytes=cache_bytes,
+        cache_bandwidth=cache_bw,
+        comm_overlap=overlap,
+        elementwise_s=elementwise,
+        optimizer_s=tuple(optimizer),
+        overhead_hidden=False,
+        fused_kernels=False,
+        sources=(
+            ("gemm", f"{origin}: the device's float32 figure is the matmul rate itself"),
+            ("attention_forward", f"{origin}: scaled_dot_product_attention forward over the matmul rate"),
+            ("attention_backward", f"{origin}: its backward (2.5x the forward FLOPs) over the matmul rate"),
+            ("memory", f"{origin}: the device's bandwidth is a + b beyond the caches itself"),
+            ("op_overhead_s", f"{origin}: forward ops without autograd, as the generated program runs them"),
+            ("record_overhead_s", f"{origin}: the same ops with autograd recording, the difference"),
+            ("backward_op_overhead_s", f"{origin}: autograd engine, one backward node"),
+            ("gemm_overhead_s", f"{origin}: matmul fixed cost beyond op_overhead_s (fit over sizes 64-512)"),
+            ("cache_bytes", f"{origin}: the largest working set of a + b streaming at least half-way between "
+                            "the cache's bandwidth and the memory's"),
+            ("cache_bandwidth", f"{origin}: a + b on 128 KiB vectors"),
+            ("elementwise_s", f"{origin}: math ops on a {ELEMENTWISE_SHAPE[0]}x{ELEMENTWISE_SHAPE[1]} tensor, "
+                              "forward and backward per element"),
+            ("optimizer_s", f"{origin}: torch.optim steps on CPU tensors (1 and 32 tensors of 16 elements, 1 of "
+                            "2**18): per step, per tensor and per element"),
+            ("overhead_hidden", "a CPU process dispatches and computes its own ops in turn"),
+            ("fused_kernels", "codegen runs fused groups as their eager PyTorch ops on CPU"),
+            *comm_sources,
+        ),
+    )  # fmt: skip
+    return cpu_cluster(
+        n,
+        flops=rate,
+        memory_bandwidth=memory_bw,
+        latency=latency,
+        bandwidth=bandwidth,
+        name=name or f"cpu:{n}-calibrated",
+        efficiency=efficiency,
+    )
+
+
+# -- processes ------------------------------------------------------------------------------------------
+
+_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the shardwise package
+TIMEOUT_S = 300.0
 
 
 def _free_port() -> int:
@@ -38,141 +609,93 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _timed_rate(run: Any, work: float, min_seconds: float, min_reps: int = 3) -> float:
-    """Best rate (work per second) of ``run()`` over repetitions lasting at least ``min_seconds`` in all."""
-    run()  # warm-up (allocations, thread pool)
-    best = 0.0
-    start = time.perf_counter()
-    reps = 0
-    while reps < min_reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        run()
-        dt = time.perf_counter() - t0
-        if dt > 0:
-            best = max(best, work / dt)
-        reps += 1
-    return best
-
-
-def _measure_matmul(quick: bool) -> float:
-    import torch
-
-    n = 512 if quick else 1024
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    out = torch.empty(n, n)
-    return _timed_rate(lambda: torch.mm(a, b, out=out), 2.0 * n**3, 0.3 if quick else 1.5)
-
-
-def _measure_copy(quick: bool) -> float:
-    import torch
-
-    numel = (32 if quick else 128) * 2**20 // 4
-    src = torch.ones(numel)
-    dst = torch.empty(numel)
-    return _timed_rate(lambda: dst.copy_(src), 2.0 * numel * 4, 0.3 if quick else 1.5)
-
-
-def _pingpong(rank: int, nbytes: int, reps: int) -> float:
-    """Median one-way time of a ``nbytes`` message between ranks 0 and 1 (rank 0's view; 0.0 elsewhere)."""
-    import torch
-    import torch.distributed as dist
-
-    buf = torch.zeros(max(1, nbytes // 4))
-    times = []
-    for i in range(reps + 1):
-        t0 = time.perf_counter()
-        if rank == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
-        else:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
-        if i > 0:  # the first round trip sets up the pair
-            times.append((time.perf_counter() - t0) / 2)
-    return statistics.median(times)
-
-
-def _worker(rank: int, world: int, port: int, quick: bool, queue: Any) -> None:
+def _worker_main(argv: Sequence[str]) -> None:
+    """One measuring process: ``python -m shardwise.cluster.calibrate RANK WORLD PORT QUICK THREADS OUT``."""
+    rank, world, port, quick, threads = (int(x) for x in argv[:5])
+    out = Path(argv[5])
     import torch
     import torch.distributed as dist
 
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback interface, as init uses 127.0.0.1
-    torch.set_num_threads(max(1, _cores() // world))
+    torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=120),
     )
     try:
-        result: Measurement = {}
-        dist.barrier()
-        result["flops"] = _measure_matmul(quick)
-        dist.barrier()
-        result["memory_bandwidth"] = _measure_copy(quick)
-        dist.barrier()
-        if world >= 2 and rank < 2:
-            small = _pingpong(rank, 4, 200 if quick else 1000)
-            nbytes = (8 if quick else 64) * 2**20
-            large = _pingpong(rank, nbytes, 5 if quick else 20)
-            result["latency"] = small
-            result["bandwidth"] = nbytes / (large - small) if large > small else nbytes / large
-        dist.barrier()
-        queue.put((rank, result))
+        result = measure(rank, world, bool(quick))
     finally:
         dist.destroy_process_group()
+    out.write_text(json.dumps(result))
 
 
-def calibrate(num_processes: int = 2, *, quick: bool = True) -> ClusterSpec:
-    """Measure this machine with ``num_processes`` local processes; a ``cpu:N`` spec with those figures."""
+def _machine() -> str:
+    from shardwise.cluster.machine import machine_identity
+
+    ident = machine_identity(1)
+    return f"{ident['cpu']} ({ident['cores']} cores, torch {ident['torch']})"
+
+
+def _run_processes(n: int, quick: bool, threads: int) -> list[Measurement]:
+    """Start the ``n`` measuring processes as fresh interpreters (never the caller's main module again: a
+    script without a main guard may plan for ``cpu:N``) and read their measurements."""
+    port = _free_port()
+    path = os.pathsep.join([_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory(prefix="shardwise-calibrate-") as tmp:
+        outs = [Path(tmp) / f"rank{r}.json" for r in range(n)]
+        logs = [open(Path(tmp) / f"rank{r}.log", "w+b") for r in range(n)]  # noqa: SIM115 - closed below
+        procs = []
+        try:
+            for r in range(n):
+                command = [sys.executable, "-m", "shardwise.cluster.calibrate", str(r), str(n), str(port),
+                           str(int(quick)), str(threads), str(outs[r])]  # fmt: skip
+                procs.append(subprocess.Popen(command, env=env, stdout=logs[r], stderr=subprocess.STDOUT))
+            deadline = time.monotonic() + TIMEOUT_S
+            failed = None
+            while any(p.poll() is None for p in procs):
+                bad = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+                if bad is not None or time.monotonic() > deadline:
+                    failed = bad
+                    break
+                time.sleep(0.05)
+            if failed is None and any(p.poll() != 0 for p in procs):
+                failed = next((r for r, p in enumerate(procs) if p.poll() != 0), 0)
+            if failed is not None or not all(o.is_file() for o in outs):
+                rank = failed if failed is not None else 0
+                logs[rank].seek(0)
+                tail = logs[rank].read().decode(errors="replace").strip().splitlines()[-5:]
+                raise DeviceUnavailableError(
+                    f"calibrate: could not run {n} local gloo processes (rank {rank}: "
+                    f"{' / '.join(tail) or 'timed out'}); check that 127.0.0.1 is usable and that the machine "
+                    "has enough memory, or plan with fixed nominal figures (SHARDWISE_CPU_CLUSTER=nominal)"
+                )
+            return [json.loads(o.read_text()) for o in outs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for log in logs:
+                log.close()
+
+
+def calibrate(num_processes: int = 2, *, quick: bool = True, name: str | None = None) -> ClusterSpec:
+    """Measure this machine with ``num_processes`` local processes; the ``cpu:N`` spec of those figures
+    (named ``name``, by default ``cpu:N-calibrated``)."""
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise DeviceUnavailableError(
             f"calibrate: num_processes={num_processes!r} is not allowed: give a positive number of processes"
         )
-    import torch.multiprocessing as mp
+    from shardwise.cluster.machine import threads_per_process
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    try:
-        mp.start_processes(
-            _worker,
-            args=(num_processes, _free_port(), quick, queue),
-            nprocs=num_processes,
-            join=True,
-            start_method="spawn",
-        )
-    except Exception as err:  # a worker failed: report it as the machine not providing the processes
-        raise DeviceUnavailableError(
-            f"calibrate: could not run {num_processes} local gloo processes ({type(err).__name__}: {err}); "
-            "check that 127.0.0.1 is usable and that the machine has enough memory"
-        ) from err
-    results: dict[int, Measurement] = {}
-    while not queue.empty():
-        rank, measured = queue.get()
-        results[rank] = measured
-    if len(results) != num_processes:
-        raise DeviceUnavailableError(
-            f"calibrate: only {len(results)} of {num_processes} processes reported; run it again"
-        )
-    flops = min(r["flops"] for r in results.values())
-    memory_bandwidth = min(r["memory_bandwidth"] for r in results.values())
-    latency = results[0].get("latency", CPU_GLOO_LATENCY)
-    bandwidth = results[0].get("bandwidth", CPU_GLOO_BANDWIDTH)
-    return cpu_cluster(
-        num_processes,
-        flops=flops,
-        memory_bandwidth=memory_bandwidth,
-        latency=latency,
-        bandwidth=bandwidth,
-        name=f"cpu:{num_processes}-calibrated",
-    )
+    results = _run_processes(num_processes, quick, threads_per_process(num_processes))
+    return spec_from_measurements(results, num_processes, machine=_machine(), name=name)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])

@@ -19,8 +19,22 @@ Fields:
 - ``op_overhead_s``: the fixed cost of launching one kernel (the framework's dispatch on the host); with
   ``overhead_hidden`` the host runs ahead of the device (CUDA streams), so an op takes the larger of its
   device time and this overhead, otherwise (a CPU process computing its own ops) the sum;
+- ``record_overhead_s``: what autograd adds to that cost for an op it records (a training forward);
+- ``backward_op_overhead_s``: the fixed cost of one node of the backward as the autograd engine runs it
+  (hidden like ``op_overhead_s`` when ``overhead_hidden``);
+- ``gemm_overhead_s``: a matmul's fixed cost beyond ``op_overhead_s`` (packing, blocking: how the achieved
+  rate falls for small matmuls);
+- ``cache_bytes`` / ``cache_bandwidth``: an op whose bytes (read and written) fit in ``cache_bytes`` streams
+  at ``cache_bandwidth`` bytes/s instead of the memory's (0: no such level is known);
+- ``elementwise_s``: ``(op, forward, backward)`` seconds per element of math ops whose work per element
+  exceeds streaming on this device (ATen base names: ``tanh``, ``exp``, ``layer_norm``, ...); such an op
+  takes the larger of that and its bytes' time;
+- ``optimizer_s``: ``(optimizer, seconds per step, per parameter tensor, per element)`` of a step as the
+  framework runs it; optimizers not listed are priced by their memory traffic and kernel launches;
 - ``collective_overhead_s``: the fixed cost of one collective call beyond the links' latency (the library's
   own bookkeeping: gloo's per-call work, NCCL's launch);
+- ``comm_overlap``: the fraction of a collective's time hidden behind computation when it runs
+  asynchronously beside it (1: NCCL on its own stream; gloo on busy CPU cores hides less);
 - ``fused_kernels``: fused groups run as one kernel (Triton on CUDA); on CPUs the generated program runs a
   fused group's ops one by one, so fusion saves nothing there;
 - ``sources``: ``(field, where the figure comes from)`` pairs.
@@ -36,10 +50,13 @@ __all__ = ["Efficiency", "EFFICIENCY_FIELDS", "PEAK"]
 
 EFFICIENCY_FIELDS = (
     "gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node", "op_overhead_s",
-    "collective_overhead_s", "overhead_hidden", "fused_kernels",
+    "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "cache_bytes", "cache_bandwidth",
+    "elementwise_s", "optimizer_s", "collective_overhead_s", "comm_overlap", "overhead_hidden", "fused_kernels",
 )  # fmt: skip
 _FRACTIONS = ("gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node")
-_SECONDS = ("op_overhead_s", "collective_overhead_s")
+_SECONDS = ("op_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "collective_overhead_s")
+_AMOUNTS = ("cache_bytes", "cache_bandwidth")  # bytes, bytes/s: >= 0 (0: unknown)
+_TABLES = {"elementwise_s": 3, "optimizer_s": 4}  # (name, figure, ...) rows of these widths
 _FLAGS = ("overhead_hidden", "fused_kernels")
 
 
@@ -58,7 +75,15 @@ class Efficiency:
     intra_node: float = 1.0
     inter_node: float = 1.0
     op_overhead_s: float = 0.0
+    record_overhead_s: float = 0.0
+    backward_op_overhead_s: float = 0.0
+    gemm_overhead_s: float = 0.0
+    cache_bytes: float = 0.0
+    cache_bandwidth: float = 0.0
+    elementwise_s: tuple[tuple[str, float, float], ...] = ()
+    optimizer_s: tuple[tuple[str, float, float, float], ...] = ()
     collective_overhead_s: float = 0.0
+    comm_overlap: float = 1.0
     overhead_hidden: bool = True
     fused_kernels: bool = True
     sources: tuple[tuple[str, str], ...] = ()
@@ -70,6 +95,24 @@ class Efficiency:
                 raise fail(f"efficiency.{name}", value, "must be a fraction of the peak in (0, 1]")
         for name in _SECONDS:
             check_nonnegative(f"efficiency.{name}", getattr(self, name), "seconds")
+        for name in _AMOUNTS:
+            check_nonnegative(f"efficiency.{name}", getattr(self, name), "a figure >= 0 (0: unknown)")
+        overlap = check_nonnegative("efficiency.comm_overlap", self.comm_overlap, "a fraction")
+        if overlap > 1.0:
+            raise fail("efficiency.comm_overlap", overlap, "must be a fraction in [0, 1]")
+        for name, width in _TABLES.items():
+            rows = getattr(self, name)
+            if not isinstance(rows, tuple):
+                raise fail(f"efficiency.{name}", rows, f"must be a tuple of (name, {width - 1} figures) rows")
+            names = set()
+            for row in rows:
+                if not (isinstance(row, tuple) and len(row) == width and isinstance(row[0], str)):
+                    raise fail(f"efficiency.{name}", row, f"must be a (name, {width - 1} figures) row")
+                if row[0] in names:
+                    raise fail(f"efficiency.{name}", row[0], "must appear once")
+                names.add(row[0])
+                for value in row[1:]:
+                    check_nonnegative(f"efficiency.{name}.{row[0]}", value, "seconds")
         for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise fail(f"efficiency.{name}", getattr(self, name), "must be true or false")
@@ -82,6 +125,20 @@ class Efficiency:
                     "efficiency.sources", entry[0], "must name each of " + ", ".join(EFFICIENCY_FIELDS) + " once"
                 )
             seen.add(entry[0])
+
+    def elementwise(self, op: str) -> tuple[float, float] | None:
+        """(forward, backward) seconds per element of math op ``op`` (ATen base name), if measured."""
+        for row in self.elementwise_s:
+            if row[0] == op:
+                return row[1], row[2]
+        return None
+
+    def optimizer(self, name: str) -> tuple[float, float, float] | None:
+        """(seconds per step, per parameter tensor, per element) of optimizer ``name``'s step, if measured."""
+        for row in self.optimizer_s:
+            if row[0] == name.lower():
+                return row[1], row[2], row[3]
+        return None
 
     def source(self, name: str) -> str:
         """Where ``name``'s figure comes from ("not measured: neutral value" when nobody said)."""

@@ -1,7 +1,9 @@
 """Cluster presets for real machines, with the source of every figure.
 
 Forms: ``dgx-a100xN``, ``dgx-h100xN``, ``dgx2xN``, ``ndv2xN`` (N >= 1 nodes; the bare name means one node),
-``cpu:N`` (one node of N local processes), or a path to a YAML file.
+``cpu:N`` (one node of N local processes of this machine, as ``shardwise calibrate`` measures it: calibrated
+on first use and cached, see ``cluster.machine``; with ``SHARDWISE_CPU_CLUSTER=nominal`` the fixed nominal
+figures of :func:`cpu_cluster` instead), or a path to a YAML file.
 
 Latencies NVIDIA does not publish are our choices, stated where used: NVSwitch/NVLink alpha 0.7 us on
 A100/H100 (sub-microsecond, a bit above TACCL's 0.3 us per NVLink hop on V100 to allow for the switch), and
@@ -394,7 +396,9 @@ def get_cluster(name_or_path: str | os.PathLike[str] | ClusterSpec) -> ClusterSp
             raise ClusterSpecError(
                 f"cluster {text!r}: {n} processes is not allowed: N must be 1..{MAX_CPU_PROCESSES}"
             )
-        return cpu_cluster(n)
+        from shardwise.cluster.machine import cpu_mode, measured_cpu_cluster
+
+        return cpu_cluster(n) if cpu_mode() == "nominal" else measured_cpu_cluster(n)
     if key.endswith((".yaml", ".yml")) or os.sep in text or Path(text).is_file():
         return ClusterSpec.from_yaml(text)
     raise _unknown(text)

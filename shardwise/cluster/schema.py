@@ -134,7 +134,10 @@ def _efficiency_to_dict(eff: Efficiency) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in EFFICIENCY_FIELDS:
         value = getattr(eff, name)
-        out[name] = value if isinstance(value, bool) else float(value)
+        if name in _EFFICIENCY_TABLES:
+            out[name] = {row[0]: [float(x) for x in row[1:]] for row in value}
+        else:
+            out[name] = value if isinstance(value, bool) else float(value)
     out["sources"] = dict(eff.sources)
     return out
 
@@ -270,6 +273,22 @@ def _nic(i: int, raw: object) -> NicSpec:
         )
 
 
+#: efficiency fields written as a mapping of name to a list of seconds, and the list's length
+_EFFICIENCY_TABLES = {"elementwise_s": 2, "optimizer_s": 3}
+
+
+def _efficiency_table(where: str, raw: object, width: int) -> tuple[tuple, ...]:
+    if not isinstance(raw, Mapping):
+        raise fail(where, raw, f"must be a mapping of name to a list of {width} seconds")
+    rows = []
+    for key, figures in raw.items():
+        if not (isinstance(figures, (list, tuple)) and len(figures) == width):
+            raise fail(f"{where}.{key}", figures, f"must be a list of {width} seconds")
+        values = (_quantity(f"{where}.{key}", x, units.parse_seconds, "seconds", zero_ok=True) for x in figures)
+        rows.append((str(key), *values))
+    return tuple(rows)
+
+
 def _efficiency(raw: object) -> Efficiency:
     d = _keys("efficiency", raw, (), (*EFFICIENCY_FIELDS, "sources"))
     values: dict[str, Any] = {}
@@ -281,8 +300,16 @@ def _efficiency(raw: object) -> Efficiency:
             if not isinstance(d[name], bool):
                 raise fail(where, d[name], "must be true or false")
             values[name] = d[name]
+        elif name in _EFFICIENCY_TABLES:
+            values[name] = _efficiency_table(where, d[name], _EFFICIENCY_TABLES[name])
         elif name.endswith("_s"):
             values[name] = _quantity(where, d[name], units.parse_seconds, "seconds", zero_ok=True)
+        elif name == "cache_bytes":
+            values[name] = _quantity(where, d[name], units.parse_bytes, "bytes", zero_ok=True)
+        elif name == "cache_bandwidth":
+            values[name] = _quantity(where, d[name], units.parse_bandwidth, "bytes/s", zero_ok=True)
+        elif name == "comm_overlap":
+            values[name] = _quantity(where, d[name], float, "a fraction in [0, 1]", zero_ok=True)
         else:
             values[name] = _quantity(where, d[name], float, "a fraction of the peak", zero_ok=False)
     sources = d.get("sources", {})

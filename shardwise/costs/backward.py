@@ -3,11 +3,13 @@
 **Backward.** An op whose output needs a gradient runs its backward once per step. Its work is its forward
 work times the factor of its cost class, at the class's achieved rate:
 
-* ``gemm``: 2x the forward FLOPs (the gradient of each operand is one matmul of the forward's size), two kernels;
+* ``gemm``: 2x the forward FLOPs (the gradient of each operand is one matmul of the forward's size), two kernels
+  (each with the matmul's fixed cost ``efficiency.gemm_overhead_s``);
 * ``attention``: 2.5x the forward FLOPs at ``efficiency.attention_backward`` (the FlashAttention-2 convention:
   the backward recomputes the attention matrix; Dao, 2023), one kernel;
 * ``memory``: 2x the forward bytes (read the output's gradient and what was saved, write the input's
-  gradient), one kernel;
+  gradient), one kernel; a math op the device measured (``efficiency.elementwise_s``) takes the larger of
+  that and its elements times its measured backward seconds per element;
 * ``free`` (views): no device work; where the host dispatches every op (a CPU process) one launch.
 
 **Fused groups.** Where a program runs a fused group's backward as one kernel too (torch.compile's
@@ -16,6 +18,9 @@ gradients of the group's outputs and what it saved, and writes the gradients of 
 rule applied to the kernel, twice the group's forward boundary bytes (and its members' backward FLOPs), one
 launch (:func:`group_backward_s`). shardwise's own generated programs differentiate a group's eager ops, so
 their groups keep the per-op rule; on devices that run groups op by op (CPUs) a group is always its ops.
+
+Each backward kernel costs the host ``efficiency.backward_op_overhead_s`` (the autograd engine running one
+node of the backward graph; hidden, like the forward's launches, where the host runs ahead of the device).
 
 **Recomputation.** A recomputed op runs its forward once more in the backward: its price is its forward
 price, overhead included (a recomputed fused group: the group's kernel once more). Nothing else is charged for
@@ -38,13 +43,17 @@ def backward_s(prices: ComputePrices, work: OpWork) -> float:
     """One op's backward on one device (see the module docstring)."""
     cls = work.cost_class
     factor = BACKWARD_FACTOR[cls]
+    eff = prices.efficiency
+    overhead = eff.backward_op_overhead_s
     if cls == "free":
-        return 0.0 if prices.efficiency.overhead_hidden else prices.efficiency.op_overhead_s
+        return 0.0 if eff.overhead_hidden else overhead
     if cls == "memory":
-        device = prices.byte_s(factor * work.bytes)
+        device = max(prices.byte_s(factor * work.bytes), prices.math_s(work, backward=True))
     else:
         device = max(prices.flop_s(factor * work.flops, cls, backward=True), prices.byte_s(factor * work.bytes))
-    return prices.with_overhead(device, BACKWARD_KERNELS[cls])
+        if cls == "gemm" and not eff.overhead_hidden:
+            device += BACKWARD_KERNELS[cls] * eff.gemm_overhead_s
+    return prices.with_overhead(device, BACKWARD_KERNELS[cls], overhead)
 
 
 def recompute_s(prices: ComputePrices, work: OpWork) -> float:
@@ -62,4 +71,5 @@ def group_backward_s(prices: ComputePrices, works: list[OpWork], boundary_bytes:
         for w in works
         if w.cost_class != "free"
     )
-    return prices.with_overhead(max(flop_s, prices.byte_s(BACKWARD_FACTOR["memory"] * boundary_bytes)))
+    backward = prices.byte_s(BACKWARD_FACTOR["memory"] * boundary_bytes)
+    return prices.with_overhead(max(flop_s, backward), 1, prices.efficiency.backward_op_overhead_s)

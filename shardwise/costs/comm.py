@@ -16,7 +16,9 @@ across nodes) dividing the bandwidth, plus the library's fixed cost per call (``
 * PAT allgather / reduce_scatter (NCCL >= 2.23, one rank per node): ceil(log2 p) alpha + (p-1)/p beta n.
 
 The library picks the fastest algorithm it offers for the group (``algorithms``): rings everywhere; the tree
-for allreduce and PAT for allgather/reduce_scatter only across nodes, where NCCL offers them. Sources: the
+for allreduce and PAT for allgather/reduce_scatter only across nodes, where NCCL offers them. Gloo (CPU
+clusters) has no reduce-scatter: the runtime library all-reduces the whole buffer and keeps its slice, so a
+reduce-scatter there costs an allreduce. Sources: the
 ring step counts are NCCL's performance notes (nccl-tests doc/PERFORMANCE.md: algbw = busbw n / nsteps,
 nsteps 2(n-1) for allreduce, n-1 for allgather); the tree and PAT forms follow NVIDIA's descriptions of those
 algorithms (NCCL 2.4 double binary trees; NCCL 2.23 PAT, logarithmic steps). A group of one rank costs 0.
@@ -177,8 +179,11 @@ class CommPrices:
             raise ValueError(f"collective size {nbytes} bytes is negative; sizes are >= 0 bytes")
         alpha, beta, nodes = self.alpha_beta(ranks)
         p = len(ranks)
-        out = {"ring": ring_s(collective, nbytes, p, alpha, beta)}
         gpu_library = self.cluster.device.kind != "cpu"
+        if not gpu_library and collective == "reduce_scatter":
+            # gloo has no reduce-scatter: the runtime library all-reduces the whole buffer and keeps its slice
+            collective = "allreduce"
+        out = {"ring": ring_s(collective, nbytes, p, alpha, beta)}
         if gpu_library and nodes > 1 and collective == "allreduce":
             out["tree"] = tree_allreduce_s(nbytes, p, alpha, beta)
         if gpu_library and nodes > 1 and nodes == p and collective in ("allgather", "reduce_scatter"):

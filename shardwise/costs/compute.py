@@ -4,19 +4,25 @@ An op's work on one device (:class:`OpWork`) is its FLOPs and the bytes it moves
 devices its split spreads it over (``ways``), with floating-point bytes counted at the precision's width (the
 model is traced in float32; bf16/fp16 runs move half the bytes). Its *cost class* comes from the op registry:
 
-* ``gemm`` (matmuls, convolutions): roofline with the FLOP side at ``peak x efficiency.gemm``;
+* ``gemm`` (matmuls, convolutions): roofline with the FLOP side at ``peak x efficiency.gemm``, plus the
+  matmul's own fixed cost ``efficiency.gemm_overhead_s`` (packing and blocking: how the achieved rate falls
+  for small matmuls);
 * ``attention`` (fused ``scaled_dot_product_attention``): FLOP side at ``peak x efficiency.attention_forward``;
   a causal call (``is_causal=True``, no mask tensor) computes only the blocks on and below the diagonal: its
   device FLOPs are half the registry's count, the convention of the published fused-attention rates the
   efficiencies come from (FlashAttention's benchmarks count a causal call at half the FLOPs of a full one);
 * ``memory`` (every other op that moves data: elementwise, norms, softmax, reductions, copies, losses): the
-  bytes at ``memory bandwidth x efficiency.memory``;
+  bytes at the memory's bandwidth (``memory bandwidth x efficiency.memory``), or at
+  ``efficiency.cache_bandwidth`` when they fit in ``efficiency.cache_bytes``; a math op the device measured
+  (``efficiency.elementwise_s``: tanh, exp, layer_norm, ...) takes the larger of that and its elements
+  times its measured seconds per element;
 * ``free`` (views, getitem, size arithmetic): no device work.
 
 The roofline is ``max(flop time, byte time)``. Every op that runs a kernel then pays the device's fixed
-launch cost ``efficiency.op_overhead_s``: added to the roofline when the host computes its own ops (a CPU
-process), the larger of the two when the host runs ahead of the device (``overhead_hidden``: CUDA). Views pay
-it too where the host dispatches them (a CPU process), never on a device that runs ahead.
+launch cost ``efficiency.op_overhead_s`` (plus ``efficiency.record_overhead_s`` when autograd records it, in
+a training forward): added to the roofline when the host computes its own ops (a CPU process), the larger
+of the two when the host runs ahead of the device (``overhead_hidden``: CUDA). Views pay it too where the
+host dispatches them (a CPU process), never on a device that runs ahead.
 
 A fused group (``fused_kernels`` devices) is one kernel: its FLOPs, and only the bytes of its inputs and
 outputs; where the device runs fused groups op by op (CPUs), a group costs the sum of its ops.
@@ -40,8 +46,8 @@ from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = [
-    "OpWork", "COST_CLASSES", "cost_class", "op_work", "precision_dtype", "float_scale", "traced_scale", "wire_spec",
-    "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention",
+    "OpWork", "COST_CLASSES", "cost_class", "op_base", "op_work", "precision_dtype", "float_scale", "traced_scale",
+    "wire_spec", "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention",
 ]  # fmt: skip
 
 COST_CLASSES = ("gemm", "attention", "memory", "free")
@@ -84,6 +90,13 @@ def wire_spec(spec: TensorSpec, precision: str) -> TensorSpec:
     return spec
 
 
+def op_base(op: str) -> str:
+    """The ATen base name of an op ("aten.tanh.default" -> "tanh"; "aten.gelu.default" with
+    approximate="tanh" is still "gelu": the caller refines it)."""
+    parts = op.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "aten" else op
+
+
 def cost_class(op: str) -> str:
     """The op's cost class (see the module docstring), from the op registry's kind."""
     rule = rule_for(op)
@@ -100,20 +113,38 @@ def cost_class(op: str) -> str:
 
 @dataclass(frozen=True)
 class OpWork:
-    """One op's work on one device: FLOPs, bytes of activations and of parameters it moves, its cost class."""
+    """One op's work on one device: FLOPs, bytes of activations and of parameters it moves, its cost class;
+    ``op`` its ATen base name and ``elements`` its output elements (what a per-element price multiplies)."""
 
     cost_class: str
     flops: float
     activation_bytes: float
     param_bytes: float
+    op: str = ""
+    elements: float = 0.0
 
     @property
     def bytes(self) -> float:
         return self.activation_bytes + self.param_bytes
 
     def scaled(self, factor: float) -> OpWork:
-        """The same op on ``factor`` times the rows (FLOPs and activations scale, parameters do not)."""
-        return OpWork(self.cost_class, self.flops * factor, self.activation_bytes * factor, self.param_bytes)
+        """The same op on ``factor`` times the rows (FLOPs, activations and elements scale, parameters do not)."""
+        return OpWork(self.cost_class, self.flops * factor, self.activation_bytes * factor, self.param_bytes,
+                      self.op, self.elements * factor)  # fmt: skip
+
+
+def _math_name(node: Node) -> str:
+    """The name a measured per-element price is listed under (``efficiency.elementwise_s``)."""
+    base = op_base(node.op)
+    if base in ("gelu", "gelu_") and node.kwarg_dict.get("approximate") == "tanh":
+        return "gelu_tanh"
+    if base in ("_softmax", "softmax", "_safe_softmax"):
+        return "softmax"
+    if base in ("_log_softmax",):
+        return "log_softmax"
+    if base in ("native_layer_norm",):
+        return "layer_norm"
+    return base.rstrip("_")
 
 
 def op_work(
@@ -132,7 +163,9 @@ def op_work(
     param = float(sum(param_bytes[v] for v in node.inputs if v in param_bytes)) if param_bytes else 0.0
     activation = max(float(node.bytes_moved) - param, 0.0)
     flops = node.flops * (CAUSAL_FRACTION if is_causal_attention(node) else 1.0)
-    return OpWork(cls, flops / ways, activation * scale / ways, param * scale / ways)
+    elements = float(sum(o.numel for o in node.outputs if isinstance(o, TensorSpec)))
+    return OpWork(cls, flops / ways, activation * scale / ways, param * scale / ways, _math_name(node),
+                  elements / ways)  # fmt: skip
 
 
 class ComputePrices:
@@ -157,28 +190,53 @@ class ComputePrices:
         return flops / (self.peak_flops * rate)
 
     def byte_s(self, nbytes: float) -> float:
+        """Seconds to stream ``nbytes`` (read and written): at the cache's bandwidth when they fit in it."""
+        eff = self.efficiency
+        if eff.cache_bytes > 0 and eff.cache_bandwidth > 0 and nbytes <= eff.cache_bytes:
+            return nbytes / eff.cache_bandwidth
         return nbytes / self.bandwidth
 
-    def with_overhead(self, seconds: float, kernels: int = 1) -> float:
-        """``seconds`` of device work run as ``kernels`` launches (see the module docstring)."""
-        overhead = self.efficiency.op_overhead_s * kernels
+    def op_overhead_s(self, recording: bool = False) -> float:
+        """The host's fixed cost of one forward op (``recording``: autograd records it)."""
+        eff = self.efficiency
+        return eff.op_overhead_s + (eff.record_overhead_s if recording else 0.0)
+
+    def with_overhead(self, seconds: float, kernels: float = 1, overhead: float | None = None) -> float:
+        """``seconds`` of device work run as ``kernels`` launches of ``overhead`` seconds each (by default
+        ``efficiency.op_overhead_s``; see the module docstring)."""
+        total = (self.efficiency.op_overhead_s if overhead is None else overhead) * kernels
         if self.efficiency.overhead_hidden:
-            return max(seconds, overhead)
-        return seconds + overhead
+            return max(seconds, total)
+        return seconds + total
 
-    def forward_s(self, work: OpWork) -> float:
-        """One op's forward (see the module docstring)."""
+    def math_s(self, work: OpWork, backward: bool = False) -> float:
+        """The measured per-element time of a math op's forward (or backward), 0 when not measured."""
+        per = self.efficiency.elementwise(work.op) if work.op else None
+        if per is None:
+            return 0.0
+        return work.elements * (per[1] if backward else per[0])
+
+    def device_s(self, work: OpWork) -> float:
+        """One op's forward device time, without the host's overhead."""
         if work.cost_class == "free":
-            return 0.0 if self.efficiency.overhead_hidden else self.efficiency.op_overhead_s
+            return 0.0
         if work.cost_class == "memory":
-            device = self.byte_s(work.bytes)
-        else:
-            device = max(self.flop_s(work.flops, work.cost_class), self.byte_s(work.bytes))
-        return self.with_overhead(device)
+            return max(self.byte_s(work.bytes), self.math_s(work))
+        device = max(self.flop_s(work.flops, work.cost_class), self.byte_s(work.bytes))
+        if work.cost_class == "gemm" and not self.efficiency.overhead_hidden:
+            device += self.efficiency.gemm_overhead_s
+        return device
 
-    def group_forward_s(self, works: list[OpWork], boundary_bytes: float) -> float:
+    def forward_s(self, work: OpWork, recording: bool = False) -> float:
+        """One op's forward (see the module docstring); ``recording``: autograd records it (training)."""
+        overhead = self.op_overhead_s(recording)
+        if work.cost_class == "free":
+            return 0.0 if self.efficiency.overhead_hidden else overhead
+        return self.with_overhead(self.device_s(work), 1, overhead)
+
+    def group_forward_s(self, works: list[OpWork], boundary_bytes: float, recording: bool = False) -> float:
         """A fused group of ops whose inputs and outputs total ``boundary_bytes`` (at this precision)."""
         if not self.efficiency.fused_kernels:
-            return sum(self.forward_s(w) for w in works)
+            return sum(self.forward_s(w, recording) for w in works)
         flops = sum(self.flop_s(w.flops, w.cost_class) for w in works if w.cost_class != "free")
-        return self.with_overhead(max(flops, self.byte_s(boundary_bytes)))
+        return self.with_overhead(max(flops, self.byte_s(boundary_bytes)), 1, self.op_overhead_s(recording))

@@ -63,9 +63,10 @@ class PriceList:
         return recompute_s(self.compute, self.work(node, ways, param_bytes))
 
     def step_s(self, node: Node, ways: int = 1, grad: bool = False, param_bytes: Mapping[str, int] | None = None) -> float:
-        """One op's share of a step: its forward, and its backward when ``grad``."""
+        """One op's share of a step: its forward (recorded by autograd when ``grad``), and its backward when
+        ``grad``."""
         work = self.work(node, ways, param_bytes)
-        fwd = self.compute.forward_s(work)
+        fwd = self.compute.forward_s(work, recording=grad)
         return fwd + (backward_s(self.compute, work) if grad else 0.0)
 
     # -- communication --------------------------------------------------------------------------------------
@@ -99,11 +100,17 @@ class PriceList:
     # -- the optimizer ----------------------------------------------------------------------------------------
 
     def optimizer_step_s(self, elements: float, tensors: int, optimizer: str, *, foreach: bool) -> float:
-        """One optimizer step over ``elements`` float32 elements in ``tensors`` tensors on one device: its
-        memory traffic (read weight, gradient and state; write weight and state) at the achieved bandwidth,
-        plus its kernel launches (``OPTIMIZER_KERNELS`` per tensor, or one set when ``foreach``)."""
+        """One optimizer step over ``elements`` float32 elements in ``tensors`` tensors on one device. Where the
+        cluster measured the optimizer as the framework runs it (``efficiency.optimizer_s``, one tensor at a
+        time): its cost per step, per tensor and per element. Otherwise its memory traffic (read weight,
+        gradient and state; write weight and state) at the achieved bandwidth, plus its kernel launches
+        (``OPTIMIZER_KERNELS`` per tensor, or one set when ``foreach``)."""
         if elements <= 0:
             return 0.0
+        measured = self.cluster.efficiency.optimizer(optimizer)
+        if measured is not None and not foreach:
+            per_step, per_tensor, per_element = measured
+            return per_step + per_tensor * max(tensors, 1) + per_element * elements
         state = optimizer_state(optimizer)
         traffic = elements * ((4 + 4 + 4 * state) + (4 + 4 * state))
         kernels = OPTIMIZER_KERNELS.get(optimizer.lower(), 10) * (1 if foreach else max(tensors, 1))

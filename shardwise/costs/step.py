@@ -10,10 +10,14 @@ the generated program runs it:
    redistributions (a slice's backward gathers, an all-gather's backward is a local slice unless the operand's
    gradient is partial on that axis, when it becomes a reduce-scatter; an all-to-all's backward is an
    all-to-all) and the all-reduce of operand gradients left partial (Megatron's conjugate operators);
+   Each trainable parameter's gradient is accumulated by one node of the autograd engine (``accumulate_s``);
 3. parameter gradients reduced after the backward (``plan.param_grad_reduce``) in buckets of ``BUCKET_BYTES``
    in reverse parameter order, each bucket launched when the backward has made all its gradients and run one
-   after the other beside the backward: only what outlasts the backward is exposed. Under ZeRO >= 1 the
-   data-parallel reduction is a reduce-scatter, and the updated parameters are all-gathered after the step;
+   after the other beside the backward: of what the backward could hide, the cluster's
+   ``efficiency.comm_overlap`` is hidden (1: only what outlasts the backward is exposed; 0: all of it). A
+   bucket of several gradients costs the host a copy into its flat buffer and one copy back per parameter.
+   Under ZeRO >= 1 the data-parallel reduction is a reduce-scatter, and the updated parameters are
+   all-gathered after the step;
 4. the optimizer step over this rank's parameter elements (``PriceList.optimizer_step_s``);
 5. host offload (``plan.tiers``): the exposed transfers and the host's optimizer step (``offload_s``).
 
@@ -45,7 +49,7 @@ __all__ = [
     "BUCKET_BYTES", "BACKWARD_OF", "Event", "StepPrice", "OpPrice", "price_flat", "op_ways", "grad_values",
     "node_prices", "op_prices", "fused_forward", "fused_backward", "PricingContext", "plan_pricing",
     "Action", "ScheduleDeadlock", "SimResult", "simulate", "analytic_step", "mfu", "predict_flat", "StageTail",
-    "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times",
+    "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times", "accumulate_s",
 ]  # fmt: skip
 
 BUCKET_BYTES = 25 * 2**20  # the generated gradient reduction's bucket size (as DDP's default)
@@ -210,8 +214,8 @@ class PricingContext:
         work = prices.work(node, op_ways(s, mesh), self.param_bytes, self.width)
         if scale != 1.0:
             work = work.scaled(scale)
-        fwd = prices.compute.forward_s(work)
         needs = node.name in self.grad
+        fwd = prices.compute.forward_s(work, recording=needs)
         bwd = backward_s(prices.compute, work) if needs else 0.0
         comm_f = comm_b = 0.0
         if s is not None and node.op != "getitem":
@@ -304,9 +308,15 @@ def price_flat(
             for v in node.inputs:
                 if v in params:
                     grad_ready[v] = clock
+    accumulate = accumulate_s(prices, len(_trainable(plan)))
+    if accumulate:
+        backward_events.append(Event("backward", "compute", "parameter gradients accumulated", "", accumulate))
+        clock += accumulate
     events += backward_events
     backward_total = clock
-    gradient_s = _gradient_reduction(plan, prices, grad_ready, backward_total)
+    gradient_s, bucket_copies_s = _gradient_reduction(plan, prices, grad_ready, backward_total)
+    if bucket_copies_s:
+        events.append(Event("gradients", "compute", "gradient buckets flattened and copied back", "", bucket_copies_s))
     if gradient_s:
         events.append(Event("gradients", "comm", "gradient reduction (exposed)", "", gradient_s))
     opt = _optimizer_s(plan, prices)
@@ -413,13 +423,24 @@ def _param_local_elements(plan: ExecutionPlan) -> dict[str, int]:
     return out
 
 
+def accumulate_s(prices: PriceList, tensors: int) -> float:
+    """The backward's accumulation of ``tensors`` parameter gradients: one node of the autograd engine each
+    (hidden where the host runs ahead of the device)."""
+    eff = prices.cluster.efficiency
+    return 0.0 if eff.overhead_hidden else tensors * eff.backward_op_overhead_s
+
+
 def _gradient_reduction(
     plan: ExecutionPlan, prices: PriceList, ready: Mapping[str, float], backward_s: float
-) -> float:
-    """Exposed seconds of the bucketed parameter-gradient reduction (see the module docstring, step 3)."""
+) -> tuple[float, float]:
+    """(exposed seconds of the bucketed parameter-gradient reduction, seconds of the host's copies into and
+    out of the buckets) (see the module docstring, step 3). A bucket runs beside the backward; the cluster's
+    ``efficiency.comm_overlap`` is the fraction of it the backward hides (1: what outlasts the backward is
+    exposed; 0: all of it). A bucket of several gradients is one flat buffer: the runtime copies the
+    gradients into it (one concatenation) and the sums back out (one copy per parameter)."""
     axes_of = dict(plan.param_grad_reduce)
     if not axes_of:
-        return 0.0
+        return 0.0, 0.0
     mesh = plan.mesh
     local = _param_local_elements(plan)
     dp = mesh.axis_size("dp")
@@ -430,18 +451,33 @@ def _gradient_reduction(
             continue
         buckets.setdefault(axes, []).append((ready[p.name], 4.0 * local[p.name]))
     comm_free = 0.0
+    total = 0.0
+    copies = 0.0
+    compute = prices.compute
+
+    def launch(axes: tuple[str, ...], start: float, size: float, count: int) -> float:
+        nonlocal total, copies
+        t = _bucket_s(plan, prices, axes, size, dp)
+        total += t
+        if count > 1:  # torch.cat into the flat buffer, then one copy_ back per parameter
+            copies += compute.with_overhead(compute.byte_s(2 * size), 1 + count)
+        return max(comm_free, start) + t
+
     for axes, grads in buckets.items():
         grads.sort()
         size = start = 0.0
+        count = 0
         for t, nbytes in grads:
             size += nbytes
+            count += 1
             start = max(start, t)
             if size >= BUCKET_BYTES:
-                comm_free = max(comm_free, start) + _bucket_s(plan, prices, axes, size, dp)
-                size = 0.0
+                comm_free = launch(axes, start, size, count)
+                size, count = 0.0, 0
         if size:
-            comm_free = max(comm_free, start) + _bucket_s(plan, prices, axes, size, dp)
-    return max(0.0, comm_free - backward_s)
+            comm_free = launch(axes, start, size, count)
+    overlap = prices.cluster.efficiency.comm_overlap
+    return overlap * max(0.0, comm_free - backward_s) + (1.0 - overlap) * total, copies
 
 
 def _bucket_s(plan: ExecutionPlan, prices: PriceList, axes: tuple[str, ...], nbytes: float, dp: int) -> float:
@@ -667,6 +703,7 @@ def chunk_times(
         cf += p.comm_forward_s
         cb += p.comm_backward_s
     out = _output_comm_s(plan, prices)
+    bwd += accumulate_s(prices, len(_trainable(plan)))  # every micro-batch's backward accumulates them
     return fwd + out, bwd if train else 0.0, cf + out, cb
 
 

@@ -1,7 +1,8 @@
 """Measured memory of one rank's training step, to check the memory map's predictions against.
 
 ``measure_train_step(module, *inputs)`` runs in a worker (``WorkerPool.call_function``) on the generated
-program's module. It runs one ``train_step`` under ``torch.profiler`` with ``profile_memory=True`` and
+program's module (``measure_infer`` likewise for an inference program's ``infer``). It runs one
+``train_step`` under ``torch.profiler`` with ``profile_memory=True`` and
 replays the allocation events the CPU allocator reported (every allocation and free: tensors autograd
 keeps for backward, gradients, collective buffers, optimizer temporaries) in time order; the step's peak
 is the bytes that existed before it (the storages of the parameters, buffers, optimizer state and inputs)
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["measure_train_step", "optimizer_layout", "resident_bytes"]
+__all__ = ["measure_train_step", "measure_infer", "measure_step", "optimizer_layout", "resident_bytes"]
 
 
 def resident_bytes(module: Any, inputs: tuple[Any, ...]) -> int:
@@ -49,6 +50,16 @@ def resident_bytes(module: Any, inputs: tuple[Any, ...]) -> int:
 
 def measure_train_step(module: Any, *inputs: Any) -> dict[str, int]:
     """``{"resident": ..., "transient_peak": ..., "peak": ...}`` bytes of one ``module.train_step``."""
+    return measure_step(module, *inputs, step_method="train_step")
+
+
+def measure_infer(module: Any, *inputs: Any) -> dict[str, int]:
+    """The same for one ``module.infer`` (an inference program's forward pass)."""
+    return measure_step(module, *inputs, step_method="infer")
+
+
+def measure_step(module: Any, *inputs: Any, step_method: str = "train_step") -> dict[str, int]:
+    """``{"resident": ..., "transient_peak": ..., "peak": ...}`` bytes of one ``module.<step_method>(*inputs)``."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -57,7 +68,7 @@ def measure_train_step(module: Any, *inputs: Any) -> dict[str, int]:
         raise RuntimeError(f"this PyTorch has no profiler event types: {exc}") from exc
     resident = resident_bytes(module, inputs)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        module.train_step(*inputs)
+        getattr(module, step_method)(*inputs)
     events: list[tuple[int, int]] = []
     try:
         stack = list(prof.profiler.kineto_results.experimental_event_tree())

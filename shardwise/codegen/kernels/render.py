@@ -117,12 +117,25 @@ def group_code(plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Lo
     ref.update({m.name: names.var[m.name] for m in members})
     eager_lines: list[str] = []
     last = ""
-    for m in members:
+    # an intermediate value is dropped after its last use in the group, as the unfused program drops it
+    # (Python keeps a function's locals until it returns: without the del, every intermediate of a group
+    # run eagerly would be alive at once)
+    member_names = {m.name for m in members}
+    last_use: dict[str, int] = {}
+    for k, m in enumerate(members):
+        for v in m.inputs:
+            if v in member_names:
+                last_use[v] = k
+    kept = set(group.outputs)
+    for k, m in enumerate(members):
         where = " — ".join(x for x in (m.module_path, m.source) if x)
         if where and where != last:
             eager_lines.append(f"# {where}")
             last = where
         eager_lines.append(f"{ref[m.name]} = {_call(m, m.args, ref, names)}")
+        dead = [ref[v] for v in dict.fromkeys(m.inputs) if last_use.get(v) == k and v not in kept]
+        if dead:
+            eager_lines.append("del " + ", ".join(dead))
     eager_returns = ", ".join(ref[o] for o in group.outputs)
     # the Triton kernel
     kin = [f"in{k}" for k in range(len(group.inputs))]

@@ -1,0 +1,131 @@
+"""Calibration without processes: measurements -> figures (spec_from_measurements), the cache of `cpu:N` and
+the environment switch between the calibrated machine and the nominal preset."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from shardwise.cluster import ClusterSpec, get_cluster
+from shardwise.cluster.machine import (
+    CPU_CLUSTER_ENV,
+    cache_file,
+    calibration_note,
+    measured_cpu_cluster,
+    provisional,
+    read_cached,
+    write_cached,
+)
+from shardwise.cluster.presets import cpu_cluster
+from shardwise.errors import ClusterSpecError
+
+calibrate_module = importlib.import_module("shardwise.cluster.calibrate")
+
+# the "machine" the synthetic measurements describe
+RATE, GEMM_FIXED = 80e9, 6e-6
+DISPATCH, RECORD, BACKWARD = 2e-6, 0.5e-6, 3e-6
+CACHE_BW, MEMORY_BW = 80e9, 15e9
+ALPHA, BANDWIDTH = 40e-6, 2e9
+AR_OVERHEAD, AG_OVERHEAD, RS_OVERHEAD = 50e-6, 30e-6, 70e-6
+AR_FRACTION = 0.5  # all-reduce and reduce-scatter reach half of point-to-point's bandwidth, all-gather all of it
+ADAM = (20e-6, 30e-6, 2e-9)  # per step, per tensor, per element
+
+
+def _measurement(slow: float = 1.0) -> dict:
+    """What one process would report on the synthetic machine (``slow`` stretches its compute)."""
+    n = 2
+    p2p = {"small": (4.0, ALPHA + 4 / BANDWIDTH), "large": (2.0**22, ALPHA + 2**22 / BANDWIDTH)}
+    sizes = calibrate_module.COLLECTIVE_SIZES
+    allreduce = [(float(m), AR_OVERHEAD + 2 * (n - 1) * ALPHA + m / BANDWIDTH / AR_FRACTION) for m in sizes]
+    allgather = [(float(m), AG_OVERHEAD + (n - 1) * ALPHA + (n - 1) / n * m / BANDWIDTH) for m in sizes]
+    scatter = [(m, t - AR_OVERHEAD + RS_OVERHEAD) for m, t in allreduce]  # gloo: an all-reduce and a slice
+    probes = (*calibrate_module.CACHE_PROBES, calibrate_module.MEMORY_PROBE_BYTES)
+    # the first three working sets stream at the cache's bandwidth, the 24 MiB one half-way, then memory
+    bandwidths = (CACHE_BW, CACHE_BW, CACHE_BW, (CACHE_BW + MEMORY_BW) / 2 - 1e9, MEMORY_BW)
+    return {
+        "dispatch_s": DISPATCH * slow,
+        "record_s": RECORD * slow,
+        "backward_node_s": BACKWARD * slow,
+        "gemm": [(2.0 * k**3, slow * (GEMM_FIXED + 2.0 * k**3 / RATE)) for k in calibrate_module.GEMM_SIZES],
+        "attention": {
+            "flops": 1e8,
+            "forward_s": DISPATCH + 1e8 / (0.5 * RATE),
+            "backward_s": BACKWARD + 2.5e8 / (0.25 * RATE),
+        },
+        "stream": [(float(b), b / bw) for b, bw in zip(probes, bandwidths, strict=True)],
+        "elementwise": {"tanh": (2e-9, 1e-9), "exp": (1e-9, 0.5e-9)},
+        "optimizer": {
+            "adamw": [
+                (t, t * e, ADAM[0] + t * ADAM[1] + t * e * ADAM[2])
+                for t, e in calibrate_module.OPTIMIZER_POINTS
+            ]
+        },
+        "p2p": p2p,
+        "allreduce": allreduce,
+        "allgather": allgather,
+        "reduce_scatter": scatter,
+        "overlap": {"compute": 1e-3, "comm": 0.5e-3, "both": 1.4e-3},
+    }
+
+
+def test_fit_line_recovers_a_line_and_never_a_negative_fixed_cost() -> None:
+    xs = [1.0, 2.0, 4.0, 8.0]
+    assert calibrate_module.fit_line(xs, [3 + 2 * x for x in xs]) == pytest.approx((3.0, 2.0))
+    c, s = calibrate_module.fit_line(xs, [2 * x - 1 for x in xs])
+    assert c == 0.0 and s > 0
+
+
+def test_figures_from_measurements() -> None:
+    spec = calibrate_module.spec_from_measurements([_measurement(), _measurement(slow=1.25)], 2, when="now")
+    eff = spec.efficiency
+    # compute: the slower process's figures
+    assert spec.device.flops("float32") == pytest.approx(RATE / 1.25)
+    assert eff.op_overhead_s == pytest.approx(1.25 * DISPATCH)
+    assert eff.record_overhead_s == pytest.approx(1.25 * RECORD)
+    assert eff.backward_op_overhead_s == pytest.approx(1.25 * BACKWARD)
+    assert eff.gemm_overhead_s == pytest.approx(1.25 * (GEMM_FIXED - DISPATCH))
+    assert spec.device.memory_bandwidth == pytest.approx(MEMORY_BW)
+    assert eff.cache_bandwidth == pytest.approx(CACHE_BW)
+    assert eff.cache_bytes == calibrate_module.CACHE_PROBES[2]  # the 24 MiB working set is below half-way
+    assert eff.elementwise("tanh") == (2e-9, 1e-9) and eff.elementwise("sin") is None
+    assert eff.optimizer("AdamW") == pytest.approx(ADAM)
+    # communication: the pair's latency and bandwidth, what the collectives add beyond the ring formula
+    assert spec.p2p_alpha_beta(0, 1) == pytest.approx((ALPHA, 1 / BANDWIDTH), rel=1e-6)
+    assert eff.collective_overhead_s == pytest.approx((AR_OVERHEAD + AG_OVERHEAD + RS_OVERHEAD) / 3, rel=1e-3)
+    assert eff.intra_node == pytest.approx((2 * AR_FRACTION + 1) / 3, rel=1e-3)
+    assert eff.comm_overlap == pytest.approx(0.1 / 0.5)
+    assert eff.overhead_hidden is False and eff.fused_kernels is False
+    assert "measured on this machine at now by shardwise calibrate" in eff.source("op_overhead_s")
+    # the YAML form keeps every figure, tables included
+    assert ClusterSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_cache_and_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SHARDWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(CPU_CLUSTER_ENV, "calibrated")
+    assert read_cached(3) is None
+    assert cache_file(3) != cache_file(2) and str(cache_file(3)).startswith(str(tmp_path))
+    measured = calibrate_module.spec_from_measurements([_measurement()] * 3, 3, when="now", name="cpu:3")
+    path = write_cached(3, measured, load=1000.0)  # measured on a busy machine: provisional
+    assert path == cache_file(3) and read_cached(3) == measured and provisional(3)
+    write_cached(3, measured, load=0.0)
+    assert not provisional(3)
+    # cpu:3 is now the cached calibration, read without measuring; the plan note says where it is
+    assert get_cluster("cpu:3") == measured == measured_cpu_cluster(3)
+    note = calibration_note(measured)
+    assert note is not None and "calibrated" in note and str(path) in note
+    # nominal: the preset's fixed figures, with no note
+    monkeypatch.setenv(CPU_CLUSTER_ENV, "nominal")
+    assert get_cluster("cpu:3") == cpu_cluster(3) and calibration_note(cpu_cluster(3)) is None
+    monkeypatch.setenv(CPU_CLUSTER_ENV, "sometimes")
+    with pytest.raises(ClusterSpecError, match="SHARDWISE_CPU_CLUSTER='sometimes' is not allowed"):
+        get_cluster("cpu:3")
+
+
+def test_a_damaged_cache_file_is_not_trusted(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SHARDWISE_CACHE_DIR", str(tmp_path))
+    path = cache_file(2)
+    path.parent.mkdir(parents=True)
+    path.write_text("name: [unclosed")
+    assert read_cached(2) is None
