@@ -8,9 +8,12 @@ measurements into the cluster (pure: tested with given figures).
 **How every figure is measured.** A figure is timed as many short samples, each a batch of calls lasting
 about ``SAMPLE_S`` (1 ms), and the figure is the **minimum** over the samples of the mean time per call: on
 a shared machine other processes only ever add time to a sample, and a sample as short as a scheduler time
-slice often runs undisturbed, so the minimum is the undisturbed cost. (Communication needs both processes
-on a core at once: its samples are short too, and the minimum is taken the same way.) Compute figures keep
-the slowest process's value; communication figures are rank 0's (the pair 0-1).
+slice often runs undisturbed, so the minimum is the undisturbed cost. Compute figures of a process that
+computes on one thread (the runtime's budget on a machine with as many cores as processes) are read on the
+thread's CPU clock, which preemption by other processes does not advance; with more threads, on the wall
+clock. Communication needs both processes on a core at once: its samples are single calls after a
+barrier, on the wall clock, and the minimum is taken the same way. Compute figures keep the slowest
+process's value; communication figures are rank 0's (the pair 0-1).
 
 What is measured (each a figure of the price list, ``costs/``):
 
@@ -96,10 +99,19 @@ COLLECTIVES = {"allreduce": lambda p: 2 * (p - 1), "allgather": lambda p: p - 1,
 # -- timing -----------------------------------------------------------------------------------------------
 
 
+def _compute_clock() -> Callable[[], float]:
+    """The clock compute figures are read on: this thread's CPU time when the process computes on one
+    thread (other processes' preemption adds wall time, never CPU time), else the wall clock."""
+    import torch
+
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _per_call(
     fn: Callable[[], object], samples: int, sample_s: float = SAMPLE_S, max_calls: int = 2000
 ) -> list[float]:
-    """Seconds per call of ``fn`` in each of ``samples`` samples of about ``sample_s`` (see the module docstring)."""
+    """Seconds per call of ``fn`` in each of ``samples`` samples of about ``sample_s`` (module docstring)."""
+    clock = _compute_clock()
     fn()  # warm-up: allocations, caches, the thread pool
     start = time.perf_counter()
     fn()
@@ -107,10 +119,10 @@ def _per_call(
     calls = max(1, min(max_calls, int(sample_s / one)))
     out = []
     for _ in range(samples):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             fn()
-        out.append((time.perf_counter() - start) / calls)
+        out.append((clock() - start) / calls)
     return out
 
 
@@ -600,7 +612,8 @@ def spec_from_measurements(
 # -- processes ------------------------------------------------------------------------------------------
 
 _ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the shardwise package
-TIMEOUT_S = 300.0
+TIMEOUT_S = 900.0
+_ENTRY = "import sys; from shardwise.cluster.calibrate import _worker_main; _worker_main(sys.argv[1:])"
 
 
 def _free_port() -> int:
@@ -610,7 +623,7 @@ def _free_port() -> int:
 
 
 def _worker_main(argv: Sequence[str]) -> None:
-    """One measuring process: ``python -m shardwise.cluster.calibrate RANK WORLD PORT QUICK THREADS OUT``."""
+    """One measuring process (``_ENTRY``, arguments RANK WORLD PORT QUICK THREADS OUT)."""
     rank, world, port, quick, threads = (int(x) for x in argv[:5])
     out = Path(argv[5])
     import torch
@@ -652,16 +665,21 @@ def _run_processes(n: int, quick: bool, threads: int) -> list[Measurement]:
         procs = []
         try:
             for r in range(n):
-                command = [sys.executable, "-m", "shardwise.cluster.calibrate", str(r), str(n), str(port),
-                           str(int(quick)), str(threads), str(outs[r])]  # fmt: skip
+                command = [sys.executable, "-c", _ENTRY, str(r), str(n), str(port), str(int(quick)), str(threads),
+                           str(outs[r])]  # fmt: skip
                 procs.append(subprocess.Popen(command, env=env, stdout=logs[r], stderr=subprocess.STDOUT))
             deadline = time.monotonic() + TIMEOUT_S
             failed = None
             while any(p.poll() is None for p in procs):
-                bad = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-                if bad is not None or time.monotonic() > deadline:
-                    failed = bad
+                failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+                if failed is not None:
                     break
+                if time.monotonic() > deadline:
+                    raise DeviceUnavailableError(
+                        f"calibrate: {n} local processes did not finish measuring in {TIMEOUT_S:.0f} s (the machine "
+                        "is very busy?): run `shardwise calibrate` again later, or plan with fixed nominal figures "
+                        "(SHARDWISE_CPU_CLUSTER=nominal)"
+                    )
                 time.sleep(0.05)
             if failed is None and any(p.poll() != 0 for p in procs):
                 failed = next((r for r, p in enumerate(procs) if p.poll() != 0), 0)
@@ -671,8 +689,8 @@ def _run_processes(n: int, quick: bool, threads: int) -> list[Measurement]:
                 tail = logs[rank].read().decode(errors="replace").strip().splitlines()[-5:]
                 raise DeviceUnavailableError(
                     f"calibrate: could not run {n} local gloo processes (rank {rank}: "
-                    f"{' / '.join(tail) or 'timed out'}); check that 127.0.0.1 is usable and that the machine "
-                    "has enough memory, or plan with fixed nominal figures (SHARDWISE_CPU_CLUSTER=nominal)"
+                    f"{' / '.join(tail) or 'no output'}); check that 127.0.0.1 is usable and that the machine has "
+                    "enough memory, or plan with fixed nominal figures (SHARDWISE_CPU_CLUSTER=nominal)"
                 )
             return [json.loads(o.read_text()) for o in outs]
         finally:
@@ -695,7 +713,3 @@ def calibrate(num_processes: int = 2, *, quick: bool = True, name: str | None = 
 
     results = _run_processes(num_processes, quick, threads_per_process(num_processes))
     return spec_from_measurements(results, num_processes, machine=_machine(), name=name)
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])
