@@ -700,7 +700,7 @@ _register(["aten.transpose.int", "aten.permute.default", "aten.t.default"], "vie
 _register("aten.unsqueeze.default", "view", _unsqueeze, _zero, False)
 _register(["aten.expand.default", "aten.expand_as.default"], "view", _expand, _zero, False)
 _register("aten.select.int", "view", _select, _zero, False)
-_register("aten.slice.Tensor", "view", _slice, _zero, False)
+_register(["aten.slice.Tensor", "aten.narrow.default"], "view", _slice, _zero, False)
 _register(["aten.cat.default", "aten.concat.default"], "index", _cat, _per_output)
 _register(
     ["aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default"], "view", _split, _zero, False
