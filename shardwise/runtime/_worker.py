@@ -94,7 +94,8 @@ def _subgroups() -> list[Any]:
 
 def _destroy_groups(groups: list[Any]) -> None:
     """Destroy the process groups a replaced package made: a pool that takes thousands of programs (the
-    fuzzer) would otherwise keep every group's threads alive."""
+    fuzzer) would otherwise keep every group's threads alive. A gloo group's threads end when its last
+    reference goes too: the package's objects must be gone (``gradients._weak_hook``)."""
     import torch.distributed as dist
 
     for g in groups:
@@ -109,7 +110,6 @@ class _State:
         self.backend = backend
         self.module: Any = None
         self.package_name: str | None = None
-        self.groups: list[Any] = []  # process groups the loaded package made (destroyed when it is replaced)
 
     def load(self, package_dir: str, module_name: str, init: str | None, init_kwargs: dict) -> None:
         from shardwise.runtime.package import build_module, import_package, rank_device, unload_package
@@ -119,15 +119,12 @@ class _State:
             unload_package(self.package_name)
             self.package_name = None
         gc.collect()
-        _destroy_groups(self.groups)  # every rank loads in step, so every rank destroys the same groups
-        self.groups = []
+        # every group but the default one is the replaced package's, also those it made after its build
+        # (every rank loads in step, so every rank destroys the same groups)
+        _destroy_groups(_subgroups())
         package = import_package(package_dir, module_name)
         self.package_name = module_name
-        before = _subgroups()
-        try:
-            self.module = build_module(package, self.rank, self.config.world_size, rank_device(self.backend))
-        finally:
-            self.groups = [g for g in _subgroups() if g not in before]
+        self.module = build_module(package, self.rank, self.config.world_size, rank_device(self.backend))
         if init is not None:
             getattr(self.module, init)(**init_kwargs)
 

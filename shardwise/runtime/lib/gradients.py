@@ -28,9 +28,16 @@ its flat buffer is padded to a multiple of that axis's size ``n`` and rank ``i``
 
 ``arm(params)`` says which gradients are final with their next accumulation (pipelines accumulate several
 micro-batches: only the last backward of each chunk starts reductions); ``arm()`` arms every parameter.
+
+The reducer holds its parameters; their hooks hold the reducer only weakly (``_weak_hook``): torch keeps a
+tensor's hooks from C++, where Python's garbage collector cannot see them, so a hook that held the reducer
+would keep the reducer, its mesh and the mesh's process groups (with their gloo threads) alive for the
+life of the process, after the program that made them is gone.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -115,6 +122,18 @@ def make_buckets(
     return buckets
 
 
+def _weak_hook(method):
+    """A hook calling the bound ``method`` while its object lives (a no-op after), without keeping it."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(p: torch.Tensor) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(p)
+
+    return hook
+
+
 class GradientReducer:
     """Reduces the gradients of ``buckets`` while the backward runs (see the module docstring)."""
 
@@ -131,7 +150,7 @@ class GradientReducer:
         for index, bucket in enumerate(buckets):
             for p in bucket.params:
                 self._bucket_of[id(p)] = index
-                p.register_post_accumulate_grad_hook(self._ready)
+                p.register_post_accumulate_grad_hook(_weak_hook(self._ready))
         self._armed: set[int] = set()
         self._reset()
 
