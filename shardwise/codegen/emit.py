@@ -15,7 +15,7 @@ from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Graph, Node, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
-from shardwise.ir.registry import tensor_operands
+from shardwise.ir.registry import SYM_FUNCTIONS, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["render_program", "Statement", "template_env"]
@@ -24,6 +24,8 @@ __all__ = ["render_program", "Statement", "template_env"]
 _ALGORITHM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:.+-]*\Z")
 
 OUTPUT_NODE = "<output>"
+# Python module names (the graph's custom-op libraries are imported by name)
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 # ops whose size argument (at this index) is the output shape: it must be made local
 _SIZE_ARG = {
@@ -60,7 +62,15 @@ _FUNCTIONAL = {
     "aten.relu.default": "F.relu",
     "aten.tanh.default": "torch.tanh",
 }
-_SCALAR_INFIX = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "truediv": "/", "mod": "%", "pow": "**"}
+_SCALAR_INFIX = {
+    "add": "+", "sub": "-", "mul": "*", "floordiv": "//", "truediv": "/", "mod": "%", "pow": "**", "ge": ">=",
+    "gt": ">", "le": "<=", "lt": "<", "eq": "==", "ne": "!=", "and_": "&", "or_": "|", "lshift": "<<", "rshift": ">>",
+}  # fmt: skip
+# one-operand functions on sizes, written without imports ({} is the operand)
+_SCALAR_UNARY = {
+    "neg": "-{}", "not_": "not {}", "abs": "abs({})", "round": "round({})", "trunc": "int({})", "floor": "int({} // 1)",
+    "ceil": "-int(-{} // 1)",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -225,11 +235,15 @@ def _call(
     kw = [f"{k}={_format(v, ref, names)}" for k, v in (node.kwargs if kwargs is None else kwargs)]
     if node.op == "getitem":
         return f"{fmt[0]}[{fmt[1]}]"
-    if node.op == "scalar_op":
+    if node.op == "scalar_op":  # arithmetic on sizes: a Python expression over ints, floats and bools
         op = str(node.args[0])
-        if op == "neg":
-            return f"-{fmt[1]}"
-        return f"{fmt[1]} {_SCALAR_INFIX[op]} {fmt[2]}"
+        if op in _SCALAR_UNARY:
+            return _SCALAR_UNARY[op].format(fmt[1])
+        if op in _SCALAR_INFIX:
+            return f"{fmt[1]} {_SCALAR_INFIX[op]} {fmt[2]}"
+        if op not in SYM_FUNCTIONS:
+            raise ValueError(f"unknown scalar function {op!r} in node {node.name}")
+        return f"torch.{op}({', '.join(fmt[1:])})"  # torch.sym_max(a, b) and the like
     if node.op in _BINARY_INFIX and not kw and len(fmt) == 2:
         return f"{fmt[0]} {_BINARY_INFIX[node.op]} {fmt[1]}"
     if node.op in _METHODS and not kw and isinstance(node.args[0], Value):
@@ -575,6 +589,14 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     return body, returns
 
 
+def _libraries(graph: Graph) -> list[str]:
+    """The modules to import for the custom ops the program calls (checked: they are written as code)."""
+    bad = [m for m in graph.libraries if not _MODULE_NAME.match(m)]
+    if bad:
+        raise ValueError(f"not a Python module name: {bad[0]!r}")
+    return list(graph.libraries)
+
+
 def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
     """The generated module ``program.py`` for ``plan``."""
     graph, mesh = plan.graph, plan.mesh
@@ -626,6 +648,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         grad_reduce=repr(dict(plan.param_grad_reduce)),
         model_name=plan.model_name,
         fused=bool(plan.fused_groups),
+        libraries=_libraries(graph),
         inputs=[names.ref(i.name) for i in graph.inputs],
         body=body,
         returns=returns,

@@ -11,21 +11,30 @@ import functools
 import operator
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from shardwise.errors import TraceError, UnsupportedOpError
-from shardwise.ir.graph import Arg, Const, DynamicDim, Graph, GraphInput, Node, Parameter, Value
-from shardwise.ir.registry import SCALAR_OPERATORS, WHOLE_WHEN_RANDOM, op_flops, rule_for, tensor_operands
+from shardwise.frontend.custom_ops import decomposition_table, library_module
+from shardwise.ir.graph import Arg, Const, DynamicDim, Graph, GraphInput, Node, Parameter, Value, iter_values
+from shardwise.ir.registry import (
+    SCALAR_OPERATORS,
+    SYM_FUNCTIONS,
+    WHOLE_WHEN_RANDOM,
+    op_flops,
+    rule_for,
+    tensor_operands,
+)
 from shardwise.ir.tensor import ScalarSpec, TensorSpec, ValueSpec
 
-__all__ = ["trace", "export_program", "lower_program", "LossWrapper"]
+__all__ = ["trace", "export_program", "lower_program", "unbacked_values", "LossWrapper"]
 
 _DROPPED = {
     "aten._assert_tensor_metadata.default",
@@ -57,7 +66,10 @@ def export_program(
     example_kwargs: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
 ) -> ExportedProgram:
-    """torch.export.export(strict=False), then decompose higher-order ops away (keeping ATen ops as is)."""
+    """torch.export.export(strict=False), then functionalized: in-place and out= ops become functional ops
+    (writes into buffers become buffer updates), higher-order ops that only set a mode (no_grad regions) are
+    inlined, and ops outside ATen with an exact decomposition are decomposed (:mod:`custom_ops`); ATen ops
+    are kept as they are."""
     try:
         ep = torch.export.export(
             model,
@@ -66,11 +78,6 @@ def export_program(
             dynamic_shapes=dynamic_shapes,
             strict=False,
         )
-        # torch.no_grad regions (higher-order ops) are inlined into plain ATen ops; in-place updates (a
-        # BatchNorm's statistics in training) become functional ops whose results are buffer updates
-        if _has_higher_order_ops(ep) or _has_mutations(ep):
-            ep = ep.run_decompositions({})
-        return ep
     except Exception as exc:  # torch raises many kinds; the user needs the cause and what to try
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
@@ -78,25 +85,27 @@ def export_program(
             f"{first}\nCheck that the example inputs match the model's forward() (types, shapes, dtypes), and "
             "that data-dependent Python control flow does not depend on tensor values."
         ) from exc
+    table = decomposition_table(ep)
+    if not (table or _has_higher_order_ops(ep) or _has_mutations(ep)):
+        return ep
+    try:
+        return ep.run_decompositions(table)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        decomposed = ", ".join(str(op) for op in table) or "none"
+        raise TraceError(
+            f"torch.export traced {type(model).__name__}, but functionalizing its graph failed: "
+            f"{type(exc).__name__}: {first}\nOps outside ATen decomposed on the way: {decomposed}. Check the "
+            "in-place ops and custom ops of the model's forward()."
+        ) from exc
 
 
 def _has_mutations(ep: ExportedProgram) -> bool:
-    """Does the program update buffers in place (and nothing else: an in-place op on an input or an
-    activation stays, and is refused with its line)?"""
-    buffers = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.BUFFER}
-    found = False
-    for n in ep.graph.nodes:
-        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
-            continue
-        schema = n.target._schema
-        if not schema.is_mutable:
-            continue
-        for arg, value in zip(schema.arguments, n.args, strict=False):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                if not (isinstance(value, torch.fx.Node) and value.name in buffers):
-                    return False
-                found = True
-    return found
+    """Does the program write into a tensor (an in-place or out= op)?"""
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+        for n in ep.graph.nodes
+    )
 
 
 def _has_higher_order_ops(ep: ExportedProgram) -> bool:
@@ -147,22 +156,70 @@ def _project_root(directory: str) -> str | None:
         current = parent
 
 
-def _size_hint(s: Any) -> int:
+def _size_hint(s: Any, values: Mapping[Any, int]) -> int:
+    """The example's size: the hint of a symbolic size, or its value in this example for a size that
+    depends on tensor values (``values``: unbacked symbol -> value, see :func:`unbacked_values`)."""
     if isinstance(s, int):
         return s
-    try:
-        return int(s.node.hint) if s.node.hint is not None else int(s)
-    except Exception:  # an unbacked symbol has no hint
-        return int(s.node.shape_env.size_hint(s.node.expr))
+    expr = s.node.expr
+    if free_unbacked_symbols(s):
+        if expr.free_symbols <= set(values):
+            return int(expr.xreplace({k: v for k, v in values.items() if k in expr.free_symbols}))
+        upper = s.node.shape_env.bound_sympy(expr).upper  # a model on the meta device: its largest size
+        if upper.is_finite:
+            return int(upper)
+        raise TraceError(
+            f"a size of the model ({expr}) depends on tensor values that shardwise could not observe; give "
+            "the model real weights (not the meta device), or bound the value with torch._check(...)"
+        )
+    return int(s.node.hint) if s.node.hint is not None else int(s.node.shape_env.size_hint(expr))
+
+
+def unbacked_values(ep: ExportedProgram, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[Any, int]:
+    """Sizes that depend on tensor values (``n = counts.tolist()``: unbacked symbols): their values on the
+    example inputs, found by running the program once; empty when there are none or the model is on the
+    meta device (its tensors have no values)."""
+    symbols = [
+        n for n in ep.graph.nodes if isinstance(n.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool)
+        and free_unbacked_symbols(n.meta["val"])
+    ]
+    if not symbols or any(t.is_meta for t in model_tensors(model).values()):
+        return {}
+    state = model_tensors(model)
+    user = iter(pytree.tree_leaves((tuple(args), dict(kwargs or {}))))
+    flat = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            flat.append(next(user))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            flat.append(ep.constants[str(spec.target)])
+        else:
+            flat.append(state[str(spec.target)])
+    seen: dict[str, Any] = {}
+
+    class _Record(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            seen[n.name] = out
+            return out
+
+    with torch.no_grad():
+        _Record(ep.graph_module).run(*flat)
+    out: dict[Any, int] = {}
+    for n in symbols:
+        expr = n.meta["val"].node.expr
+        if len(expr.free_symbols) == 1 and expr == next(iter(expr.free_symbols)) and n.name in seen:
+            out[expr] = int(seen[n.name])
+    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _spec_of(val: Any) -> ValueSpec:
+def _spec_of(val: Any, values: Mapping[Any, int]) -> ValueSpec:
     if isinstance(val, torch.Tensor):
-        return TensorSpec(tuple(_size_hint(s) for s in val.shape), _dtype_name(val.dtype))
+        return TensorSpec(tuple(_size_hint(s, values) for s in val.shape), _dtype_name(val.dtype))
     if isinstance(val, torch.SymInt | int):
         return ScalarSpec("int")
     if isinstance(val, torch.SymFloat | float):
@@ -172,10 +229,13 @@ def _spec_of(val: Any) -> ValueSpec:
     raise TypeError(f"unsupported value {type(val).__name__}")
 
 
-def _output_specs(val: Any, tuple_output: bool, op: str, where: str) -> tuple[ValueSpec, ...]:
-    """The specs of a node's outputs; an output the IR cannot hold is refused with the op and its line."""
+def _output_specs(
+    val: Any, tuple_output: bool, op: str, where: str, values: Mapping[Any, int]
+) -> tuple[ValueSpec, ...]:
+    """The specs of a node's outputs (``values``: see :func:`_size_hint`); an output the IR cannot hold is
+    refused with the op and its line."""
     try:
-        return tuple(_spec_of(v) for v in val) if tuple_output else (_spec_of(val),)
+        return tuple(_spec_of(v, values) for v in val) if tuple_output else (_spec_of(val, values),)
     except GuardOnDataDependentSymNode:
         raise UnsupportedOpError(
             f"{where}: op {op!r} makes a tensor whose size depends on the values of its inputs; shardwise plans "
@@ -214,9 +274,20 @@ def _op_name(node: torch.fx.Node) -> str:
         if name in ("aten.sym_numel.default",):
             return "sym_numel"
         return name
-    if getattr(target, "__module__", "") in ("_operator", "operator") and target.__name__ in SCALAR_OPERATORS:
+    if _scalar_function(target) is not None:
         return "scalar_op"
     return str(getattr(target, "__name__", target))
+
+
+def _scalar_function(target: Any) -> str | None:
+    """The name of a Python function on symbolic sizes (``operator.ge``, ``math.ceil``, ``torch.sym_max``),
+    or None for anything else."""
+    name = getattr(target, "__name__", None)
+    if name in SCALAR_OPERATORS and SCALAR_OPERATORS[name] is target:
+        return name
+    if name in SYM_FUNCTIONS and getattr(torch, name, None) is target:
+        return name
+    return None
 
 
 def _module_info(node: torch.fx.Node, strip_prefix: str) -> tuple[str, str]:
@@ -258,17 +329,35 @@ def _check_random(fx_node: torch.fx.Node, op: str, where: str) -> None:
         )
 
 
-def _check_supported(op: str, where: str) -> None:
+def _check_supported(fx_node: torch.fx.Node, op: str, where: str) -> str | None:
+    """Refuse what cannot run (with what to do); for a custom op that runs whole, the Python module the
+    program imports to call it (None for anything else)."""
+    target = fx_node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        raise UnsupportedOpError(
+            f"{where}: higher-order op {op!r} (control flow such as torch.cond or torch.while_loop) is not "
+            "supported yet. Write the branch as tensor code (torch.where) or move the loop out of forward()."
+        )
+    if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
+        module = library_module(target)
+        if module is None:
+            raise UnsupportedOpError(
+                f"{where}: custom op {op!r} has no decomposition into ATen ops and shardwise cannot tell which "
+                "Python module registers it, so the generated program could not call it. Define it in an "
+                "importable module (torch.library.custom_op), or give it a CompositeImplicitAutograd kernel."
+            )
+        return None if module == "__main__" else module  # worker processes re-import the main script
     if not op.startswith("aten.") and op not in ("getitem", "sym_size", "sym_numel", "scalar_op"):
         raise UnsupportedOpError(
-            f"{where}: op {op!r} is not an ATen op; the generated code must run with torch alone. "
-            "Replace the custom op with ATen-level PyTorch code, or register a rule for it."
+            f"{where}: {op!r} is not an op (the traced graph calls a Python function); the generated code "
+            "must run with torch alone. Write it with torch operations."
         )
-    base = op.split(".")[1] if op.startswith("aten.") else op
-    if base.endswith("_") and not base.startswith("_"):
+    if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:  # functionalization left it
         raise UnsupportedOpError(
-            f"{where}: op {op!r} mutates its input in place, which shardwise cannot shard."
+            f"{where}: op {op!r} writes into a tensor in place and torch's functionalization kept it; "
+            "write it out of place (y = x.op(...) instead of x.op_(...))."
         )
+    return None
 
 
 def lower_program(
@@ -278,8 +367,11 @@ def lower_program(
     model_name: str = "",
     strip_prefix: str = "",
     meta_device: bool = False,
+    values: Mapping[Any, int] | None = None,
 ) -> Graph:
-    """Lower an ExportedProgram into a shardwise Graph (see the module docstring for the guarantees)."""
+    """Lower an ExportedProgram into a shardwise Graph (see the module docstring for the guarantees).
+    ``values``: the example's value of each size that depends on tensor values (:func:`unbacked_values`)."""
+    values = values or {}
     sig = ep.graph_signature
     input_kinds = {spec.arg.name: spec for spec in sig.input_specs if hasattr(spec.arg, "name")}
     aliases = _tensor_aliases(model, strip_prefix)
@@ -290,9 +382,10 @@ def lower_program(
     outputs: list[Arg] = []
     buffer_updates: list[tuple[str, Value]] = []
     rename: dict[str, str] = {}  # placeholder of a tied weight's second name -> the parameter's value
+    libraries: dict[str, None] = {}  # modules registering the custom ops that run whole
     for fx_node in ep.graph.nodes:
         if fx_node.op == "placeholder":
-            spec = _spec_of(fx_node.meta["val"])
+            spec = _spec_of(fx_node.meta["val"], values)
             specs[fx_node.name] = spec
             info = input_kinds.get(fx_node.name)
             if info is None or info.kind == InputKind.USER_INPUT:
@@ -324,14 +417,16 @@ def lower_program(
             source = _source_line(fx_node.meta.get("stack_trace"))
             where = f"{source or 'unknown line'} (module {module_path or '<root>'})"
             _check_random(fx_node, op, where)
-            _check_supported(op, where)
+            library = _check_supported(fx_node, op, where)
+            if library is not None:
+                libraries.setdefault(library, None)
             args = tuple(_convert_arg(a, where) for a in fx_node.args)
             kwargs = tuple((k, _convert_arg(v, where)) for k, v in fx_node.kwargs.items())
             if op == "scalar_op":
                 args = (fx_node.target.__name__,) + args  # type: ignore[union-attr]
             val = fx_node.meta.get("val")
             tuple_output = isinstance(val, list | tuple)
-            outs = _output_specs(val, tuple_output, op, where)
+            outs = _output_specs(val, tuple_output, op, where, values)
             node = Node(
                 name=fx_node.name,
                 op=op,
@@ -342,6 +437,7 @@ def lower_program(
                 module_type=module_type,
                 source=source,
                 tuple_output=tuple_output,
+                whole=_value_dependent_shapes(fx_node),
             )
             in_specs = [specs[n] for n in tensor_operands(node) if n in specs]
             flops = op_flops(node, in_specs) if op not in ("getitem", "sym_size", "scalar_op") else 0
@@ -362,10 +458,11 @@ def lower_program(
                 elif out_spec.kind == OutputKind.BUFFER_MUTATION:
                     buffer_updates.append((str(out_spec.target).removeprefix(strip_prefix), Value(arg.name)))
                 else:
-                    raise UnsupportedOpError(f"the model's graph has an output of kind {out_spec.kind.name}")
+                    raise UnsupportedOpError(_mutation_message(ep, out_spec, arg, strip_prefix))
     if rename:
         nodes = [n.replace(args=_renamed(n.args, rename), kwargs=_renamed(n.kwargs, rename)) for n in nodes]
         outputs = [_renamed(o, rename) for o in outputs]
+    nodes = _without_unused_scalars(nodes, outputs, buffer_updates)
     return Graph(
         inputs=tuple(inputs),
         params=tuple(params),
@@ -374,7 +471,54 @@ def lower_program(
         buffer_updates=tuple(buffer_updates),
         model_name=model_name,
         meta_device=meta_device,
+        libraries=tuple(libraries),
     )
+
+
+def _mutation_message(ep: ExportedProgram, out_spec: Any, arg: Any, strip_prefix: str) -> str:
+    """Why a program that writes into one of its inputs or parameters cannot be planned, and what to do."""
+    target = str(out_spec.target).removeprefix(strip_prefix) if out_spec.target else "?"
+    writer = arg if isinstance(arg, torch.fx.Node) else None
+    source = _source_line(writer.meta.get("stack_trace")) if writer is not None else ""
+    where = source or "the model"
+    if out_spec.kind == OutputKind.USER_INPUT_MUTATION:
+        return (
+            f"{where}: the model writes into its input {target!r} in place; the compiled model runs on copies of "
+            "the inputs in other processes, so the caller would not see the write. Compute a new tensor instead "
+            "(x = x + y, not x += y or x.add_(y)) and return it if the caller needs it."
+        )
+    if out_spec.kind == OutputKind.PARAMETER_MUTATION:
+        return (
+            f"{where}: the model writes into its parameter {target!r} in forward(); every rank holds its own "
+            "piece of a parameter and the optimizer owns its updates. Update it outside forward(), or make it "
+            "a buffer (register_buffer) if it is state rather than a trained weight."
+        )
+    return f"{where}: the model's graph has an output of kind {out_spec.kind.name}, which shardwise cannot run"
+
+
+def _value_dependent_shapes(fx_node: torch.fx.Node) -> bool:
+    """Does a tensor this node reads or makes have a size that depends on tensor values (an unbacked
+    symbol, e.g. from ``sizes.tolist()``)?"""
+    vals = [fx_node.meta.get("val")] + [a.meta.get("val") for a in fx_node.all_input_nodes]
+    return any(
+        isinstance(t, torch.Tensor) and free_unbacked_symbols(t)
+        for v in vals
+        for t in (v if isinstance(v, list | tuple) else (v,))
+    )
+
+
+def _without_unused_scalars(nodes: list[Node], outputs: list[Arg], buffer_updates: list[tuple[str, Value]]) -> list[Node]:
+    """``nodes`` without the size arithmetic nobody reads (the comparisons that fed the dropped run-time
+    assertions, ``u0 >= 0``); other nodes are kept even when unused."""
+    pure = ("scalar_op", "sym_size", "sym_numel")
+    while True:
+        read = {v.name for o in outputs for v in iter_values(o)} | {v.name for _, v in buffer_updates}
+        for n in nodes:
+            read.update(n.inputs)
+        kept = [n for n in nodes if n.op not in pure or n.name in read]
+        if len(kept) == len(nodes):
+            return nodes
+        nodes = kept
 
 
 def _renamed(arg: Any, rename: dict[str, str]) -> Any:
@@ -450,9 +594,11 @@ def trace(
         for s in ep.graph_signature.input_specs
         if s.kind == InputKind.CONSTANT_TENSOR and isinstance(ep.constants.get(s.target), torch.Tensor)
     }
+    values = unbacked_values(ep, target, tuple(example_inputs), example_kwargs or {})
     graph = lower_program(
-        ep, target, model_name=model_name or type(model).__name__, strip_prefix=prefix, meta_device=meta
-    )
+        ep, target, model_name=model_name or type(model).__name__, strip_prefix=prefix, meta_device=meta,
+        values=values,
+    )  # fmt: skip
     return graph, ep.call_spec.out_spec
 
 

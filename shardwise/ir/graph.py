@@ -66,6 +66,9 @@ class Node:
     flops: int = 0
     bytes_moved: int = 0
     tuple_output: bool = False
+    # run whole on every rank even if the registry could split the op: its shapes depend on tensor values
+    # (``x.tolist()`` sizes), so a split worked out on the example's sizes would not hold for other inputs
+    whole: bool = False
 
     def replace(self, **changes: object) -> Node:
         return dataclasses.replace(self, **changes)
@@ -144,6 +147,9 @@ class Graph:
     buffer_updates: tuple[tuple[str, Value], ...] = ()  # (state_dict key, new value): e.g. BatchNorm statistics
     model_name: str = ""
     meta_device: bool = False  # traced from a model on the meta device: no weights exist
+    # Python modules that register the custom ops the graph calls (run whole as torch.ops.<ns>.<op>): the
+    # generated program imports them
+    libraries: tuple[str, ...] = ()
     _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def replace(self, **changes: object) -> Graph:

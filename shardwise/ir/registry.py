@@ -19,8 +19,8 @@ from shardwise.ir.graph import Node
 from shardwise.ir.tensor import ScalarSpec, TensorSpec
 
 __all__ = [
-    "OpRule", "REGISTRY", "SAVES", "RANDOM_OPS", "WHOLE_WHEN_RANDOM", "draws_random", "rule_for", "is_known_op", "tensor_operands",
-    "op_dims", "op_flops", "saves_of",
+    "OpRule", "REGISTRY", "SAVES", "RANDOM_OPS", "WHOLE_WHEN_RANDOM", "draws_random", "rule_for", "is_known_op",
+    "runs_whole", "tensor_operands", "op_dims", "op_flops", "saves_of",
 ]  # fmt: skip
 
 Specs = Sequence[TensorSpec]
@@ -110,6 +110,12 @@ def is_known_op(op: str) -> bool:
     return op in REGISTRY
 
 
+def runs_whole(node: Node) -> bool:
+    """Does ``node`` run whole (replicated, operands gathered): no rule splits its op, or the frontend
+    asked for it (``Node.whole``)?"""
+    return node.whole or node.op not in REGISTRY
+
+
 def tensor_operands(node: Node) -> list[str]:
     """Names of the tensor values a node reads, in argument order (repeats kept: ``mul(x, x)``)."""
     from shardwise.ir.graph import iter_values
@@ -127,7 +133,7 @@ def op_dims(node: Node, inputs: Specs) -> OpDims:
     outs = [o for o in node.outputs if isinstance(o, TensorSpec)]
     tins = [s for s in inputs if isinstance(s, TensorSpec)]
     rule = REGISTRY.get(node.op)
-    if rule is None:
+    if rule is None or node.whole:
         return frozen_dims(tuple(s.rank for s in tins), tuple(o.rank for o in outs))
     return rule.dims(node, tins, outs)
 
@@ -786,6 +792,8 @@ _set_saves("factors", ["aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", 
 _set_saves("mask", ["aten.dropout.default", "aten.native_dropout.default", "aten.alpha_dropout.default",
                     "aten.feature_dropout.default"])  # fmt: skip
 
+# Python arithmetic on sizes (SymInt / SymFloat / SymBool) that torch.export records as graph nodes: the
+# generated code evaluates it (``scalar_op`` nodes, their first argument names the function)
 SCALAR_OPERATORS: dict[str, Callable[..., object]] = {
     "add": operator.add,
     "sub": operator.sub,
@@ -795,7 +803,25 @@ SCALAR_OPERATORS: dict[str, Callable[..., object]] = {
     "mod": operator.mod,
     "neg": operator.neg,
     "pow": operator.pow,
+    "abs": operator.abs,
+    "ge": operator.ge,
+    "gt": operator.gt,
+    "le": operator.le,
+    "lt": operator.lt,
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "and_": operator.and_,
+    "or_": operator.or_,
+    "not_": operator.not_,
+    "lshift": operator.lshift,
+    "rshift": operator.rshift,
+    "ceil": math.ceil,
+    "floor": math.floor,
+    "trunc": math.trunc,
+    "round": round,
 }
+# torch's own functions on symbolic values (torch.sym_max, ...), evaluated as such by the generated code
+SYM_FUNCTIONS = ("sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_sum")
 
 
 def is_scalar_spec_list(specs: Sequence[object]) -> bool:

@@ -64,7 +64,9 @@ def test_meta_device_gpt2_48_layers_hidden_1600_traces_without_allocating():
     assert len([n for n in graph.nodes if n.op == "aten.scaled_dot_product_attention.default"]) == 48
 
 
-def test_custom_op_is_a_clear_error_naming_the_op_and_line():
+def test_custom_op_without_decomposition_runs_whole_and_names_its_module():
+    """An op outside ATen with no decomposition is kept (it runs whole); the graph names the module that
+    registers it, for the generated program to import."""
     lib = torch.library.Library("swtest", "DEF")
     lib.define("twice(Tensor x) -> Tensor")
     lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
@@ -74,7 +76,28 @@ def test_custom_op_is_a_clear_error_naming_the_op_and_line():
         def forward(self, x):
             return torch.ops.swtest.twice(x)
 
-    with pytest.raises(UnsupportedOpError, match=r"test_trace\.py:\d+.*'swtest\.twice\.default' is not an ATen op"):
+    graph, _ = trace(Net(), (torch.randn(2, 2),))
+    assert [n.op for n in graph.nodes] == ["swtest.twice.default"]
+    assert graph.libraries == (__name__,)
+
+
+def test_custom_op_of_no_module_is_a_clear_error_naming_the_op_and_line():
+    """A custom op registered by code of no importable module (here: exec) cannot be called by a generated
+    program: the error names the op, the model's line and what to do."""
+    namespace: dict = {"torch": torch}
+    exec(
+        "lib = torch.library.Library('swtest2', 'DEF')\n"
+        "lib.define('twice(Tensor x) -> Tensor')\n"
+        "lib.impl('twice', lambda x: x * 2, 'CompositeExplicitAutograd')\n"
+        "lib.impl('twice', lambda x: torch.empty_like(x), 'Meta')\n",
+        namespace,
+    )
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return torch.ops.swtest2.twice(x)
+
+    with pytest.raises(UnsupportedOpError, match=r"test_trace\.py:\d+.*'swtest2\.twice\.default'.*importable module"):
         trace(Net(), (torch.randn(2, 2),))
 
 
@@ -88,7 +111,7 @@ def test_inputs_that_do_not_match_the_model_are_a_trace_error():
 
 def test_batch_norm_statistics_in_training_are_buffer_updates():
     """In-place updates of buffers (a BatchNorm's running statistics and step count) become functional ops
-    whose results update the buffers; an in-place op on anything else stays a clear error."""
+    whose results update the buffers (in-place ops on intermediates are functionalized the same way)."""
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
     graph, _ = trace(model, (torch.randn(8, 4),), loss_fn=lambda out: out.square().mean())
     verify(graph)

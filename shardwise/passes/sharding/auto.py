@@ -30,7 +30,7 @@ from shardwise.costs.prices import MeshPrices
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec, chunks_cleanly
 from shardwise.ir.plan import NodeStrategy
-from shardwise.ir.registry import rule_for
+from shardwise.ir.registry import rule_for, runs_whole
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.candidates import (
     Choice,
@@ -546,7 +546,7 @@ def _strategies(
             out.append(NodeStrategy(node=node.name, split=(), inputs=(), outputs=()))
             continue
         ch = chosen[node.name]
-        if rule_for(node.op) is None:
+        if runs_whole(node):
             run_whole.append(node.name)
         steps = []
         for name, spec, want in zip(info.operands, info.ins, ch.inputs, strict=True):

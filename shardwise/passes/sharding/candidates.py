@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from shardwise.ir.dimops import OpDims
 from shardwise.ir.graph import Graph, Node, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec
-from shardwise.ir.registry import op_dims, rule_for, tensor_operands
+from shardwise.ir.registry import op_dims, runs_whole, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.strategy import make_strategy, split_is_valid
 
@@ -269,7 +269,7 @@ def node_choices(
 ) -> list[Choice]:
     """Every candidate: ``fixed`` labels on their axes, and on each free axis: none, passing a partial sum
     through (linear one-operand ops), or any valid label not used on another axis and not ``forbidden``."""
-    if rule_for(info.node.op) is None:
+    if runs_whole(info.node):
         return [make_choice(info, {a: None for a in mesh.axis_names}, mesh)]
     splits: list[dict[str, str | None]] = [dict(fixed)]
     valid = info.dims.splittable_labels()

@@ -17,7 +17,7 @@ from shardwise.costs.prices import MeshPrices
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
 from shardwise.ir.plan import NodeStrategy
-from shardwise.ir.registry import op_dims, rule_for, tensor_operands
+from shardwise.ir.registry import op_dims, runs_whole, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
 from shardwise.passes.sharding.strategy import make_strategy, split_is_valid
@@ -87,7 +87,7 @@ def follow_producers(
                 split[axis] = label
                 used.add(label)
                 break
-        if rule_for(node.op) is None:
+        if runs_whole(node):
             run_whole.append(node.name)
         strategy = make_strategy(node, dims, operands, current, ins, outs, split, mesh, cost, train)
         strategies.append(strategy)
