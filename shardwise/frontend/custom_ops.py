@@ -7,7 +7,8 @@ An op is decomposed, in this order, by:
 2. torch's decomposition table (``torch._decomp``);
 3. its CompositeImplicitAutograd kernel (a decomposition by definition);
 4. its Python implementation (``torch.library.custom_op``), when that implementation traces to ATen ops
-   with symbolic shapes and the op has no autograd formula of its own (which a decomposition would drop).
+   with symbolic shapes, unless the program is trained and the op has an autograd formula of its own
+   (which a decomposition would drop).
 Anything else runs whole: the generated program calls it as ``torch.ops.<namespace>.<op>``, after
 importing the module that registers it (:func:`library_module`).
 """
@@ -103,19 +104,31 @@ def _traces_to_aten(fn: Callable[..., Any], example: tuple[tuple[Any, ...], dict
     )
 
 
-def _implementation(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
-    """The Python implementation of a ``torch.library.custom_op`` that has no autograd formula of its own."""
+def _implementation(op: torch._ops.OpOverload, training: bool) -> Callable[..., Any] | None:
+    """The Python implementation of a ``torch.library.custom_op``; None in training when the op has an
+    autograd formula of its own (decomposing would replace it with the implementation's own gradient)."""
     from torch._library.custom_ops import _maybe_get_opdef
 
     opdef = _maybe_get_opdef(op)
-    if opdef is None or getattr(opdef, "_backward_fn", None) is not None:
+    if opdef is None or (training and getattr(opdef, "_backward_fn", None) is not None):
         return None
     return getattr(opdef, "_init_fn", None)
 
 
-def decomposition_table(ep: ExportedProgram) -> dict[torch._ops.OpOverload, Callable[..., Any]]:
+def _cia_kernel(op: torch._ops.OpOverload) -> Callable[..., Any]:
+    """The op's CompositeImplicitAutograd kernel, called directly (``op.decompose`` would dispatch back to
+    the entry export registers to keep the op, and recurse)."""
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        return op._op_dk(torch._C.DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+
+    return kernel
+
+
+def decomposition_table(ep: ExportedProgram, training: bool) -> dict[torch._ops.OpOverload, Callable[..., Any]]:
     """For each op outside ATen that the program calls and that has an exact ATen decomposition (see the
-    module docstring): that decomposition, for ``ExportedProgram.run_decompositions``."""
+    module docstring): that decomposition, for ``ExportedProgram.run_decompositions``. ``training``: the
+    program will be differentiated (a custom op's own autograd formula must then be kept)."""
     from torch._decomp import decomposition_table as torch_table
 
     table: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
@@ -126,9 +139,9 @@ def decomposition_table(ep: ExportedProgram) -> dict[torch._ops.OpOverload, Call
         elif op in torch_table:
             table[op] = torch_table[op]
         elif op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
-            table[op] = op.decompose
+            table[op] = _cia_kernel(op)
         else:
-            impl = _implementation(op)
+            impl = _implementation(op, training)
             if impl is not None and _traces_to_aten(impl, _example_args(ep, op)):
                 table[op] = impl
     return table

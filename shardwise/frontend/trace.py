@@ -65,11 +65,13 @@ def export_program(
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
+    *,
+    training: bool = False,
 ) -> ExportedProgram:
     """torch.export.export(strict=False), then functionalized: in-place and out= ops become functional ops
     (writes into buffers become buffer updates), higher-order ops that only set a mode (no_grad regions) are
-    inlined, and ops outside ATen with an exact decomposition are decomposed (:mod:`custom_ops`); ATen ops
-    are kept as they are."""
+    inlined, and ops outside ATen with an exact decomposition are decomposed (:mod:`custom_ops`; ``training``:
+    the program will be differentiated); ATen ops are kept as they are."""
     try:
         ep = torch.export.export(
             model,
@@ -85,7 +87,8 @@ def export_program(
             f"{first}\nCheck that the example inputs match the model's forward() (types, shapes, dtypes), and "
             "that data-dependent Python control flow does not depend on tensor values."
         ) from exc
-    table = decomposition_table(ep)
+    _refuse_writes_into_inputs(ep)
+    table = decomposition_table(ep, training)
     if not (table or _has_higher_order_ops(ep) or _has_mutations(ep)):
         return ep
     try:
@@ -106,6 +109,64 @@ def _has_mutations(ep: ExportedProgram) -> bool:
         n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
         for n in ep.graph.nodes
     )
+
+
+def _refuse_writes_into_inputs(ep: ExportedProgram) -> None:
+    """Raise if an op writes into a user input or a parameter (or a view of one), also inside a no_grad or
+    autocast region: functionalization would turn it into a new value, but the caller's tensor (or every
+    rank's piece of the parameter) would not change. Writes into buffers and intermediates are fine."""
+    kinds = {s.arg.name: s for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+    top = {n: kinds[n.name] for n in ep.graph.nodes if n.op == "placeholder" and n.name in kinds}
+    _refuse_writes(ep.graph_module, top)
+
+
+def _refuse_writes(gm: torch.fx.GraphModule, inputs: dict[torch.fx.Node, Any]) -> None:
+    """:func:`_refuse_writes_into_inputs` over ``gm``, whose placeholders ``inputs`` maps to input specs."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if isinstance(n.target, torch._ops.HigherOrderOperator):  # a region: follow the operands inside
+            at = next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"), None)
+            sub = getattr(gm, n.args[at].target, None) if at is not None else None
+            if isinstance(sub, torch.fx.GraphModule):
+                holders = [p for p in sub.graph.nodes if p.op == "placeholder"]
+                outer = [a for a in n.args[at + 1 :] if isinstance(a, torch.fx.Node)]
+                mapped = {h: inputs[_view_root(a)] for h, a in zip(holders, outer, strict=False) if _view_root(a) in inputs}
+                _refuse_writes(sub, mapped)
+            continue
+        if not isinstance(n.target, torch._ops.OpOverload) or not n.target._schema.is_mutable:
+            continue
+        for arg, value in zip(n.target._schema.arguments, n.args, strict=False):
+            if arg.alias_info is None or not arg.alias_info.is_write or not isinstance(value, torch.fx.Node):
+                continue
+            root = _view_root(value)
+            spec = inputs.get(root)
+            if spec is None or spec.kind not in (InputKind.USER_INPUT, InputKind.PARAMETER):
+                continue
+            where = _source_line(n.meta.get("stack_trace")) or "the model"
+            op = _op_name(n)
+            if spec.kind == InputKind.USER_INPUT:
+                raise UnsupportedOpError(
+                    f"{where}: op {op!r} mutates its input {spec.arg.name!r} in place; the compiled model runs on "
+                    "copies of the inputs in other processes, so the caller would not see the write. Compute a "
+                    "new tensor instead (x = x + y, not x += y or x.add_(y)) and return it if the caller needs it."
+                )
+            raise UnsupportedOpError(
+                f"{where}: op {op!r} writes into the parameter {spec.target!r} in forward(); every rank holds its "
+                "own piece of a parameter and the optimizer owns its updates. Update it outside forward(), or make "
+                "it a buffer (register_buffer) if it is state rather than a trained weight."
+            )
+
+
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor ``node`` is a view of (itself when it is not a view)."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+        returns = node.target._schema.returns
+        first = node.args[0]
+        if not (returns and returns[0].alias_info is not None and isinstance(first, torch.fx.Node)):
+            break
+        node = first
+    return node
 
 
 def _has_higher_order_ops(ep: ExportedProgram) -> bool:
@@ -437,7 +498,7 @@ def lower_program(
                 module_type=module_type,
                 source=source,
                 tuple_output=tuple_output,
-                whole=_value_dependent_shapes(fx_node),
+                whole=op != "getitem" and _value_dependent_shapes(fx_node),
             )
             in_specs = [specs[n] for n in tensor_operands(node) if n in specs]
             flops = op_flops(node, in_specs) if op not in ("getitem", "sym_size", "scalar_op") else 0
@@ -588,7 +649,7 @@ def trace(
         prefix = "model."
         if dynamic_shapes is not None and isinstance(dynamic_shapes, dict):
             dynamic_shapes = {"args": tuple(dynamic_shapes.values())}
-    ep = export_program(target, tuple(example_inputs), example_kwargs, dynamic_shapes)
+    ep = export_program(target, tuple(example_inputs), example_kwargs, dynamic_shapes, training=loss_fn is not None)
     _LIFTED[model] = {
         str(s.target).removeprefix(prefix): ep.constants[s.target].detach()
         for s in ep.graph_signature.input_specs

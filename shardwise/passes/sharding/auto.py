@@ -30,7 +30,7 @@ from shardwise.costs.prices import MeshPrices
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec, chunks_cleanly
 from shardwise.ir.plan import NodeStrategy
-from shardwise.ir.registry import rule_for, runs_whole
+from shardwise.ir.registry import rule_for, runs_whole, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.candidates import (
     Choice,
@@ -46,6 +46,7 @@ from shardwise.passes.sharding.candidates import (
 from shardwise.passes.sharding.ilp import TIME_TOLERANCE, ClassVar, Consumer, Problem, SharedValue, solve
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
 from shardwise.passes.sharding.shrink import Structure, build_structure
+from shardwise.passes.sharding.strategy import scalar_strategy
 
 __all__ = ["PlaceOptions", "ILPStats", "Placed", "Analysis", "place", "OUTPUT_NODE", "BACKWARD_OF"]
 
@@ -542,8 +543,12 @@ def _strategies(
             out.append(NodeStrategy(node=node.name, split=(), inputs=(), outputs=(pl,)))
             continue
         info = infos.get(node.name)
-        if info is None:
-            out.append(NodeStrategy(node=node.name, split=(), inputs=(), outputs=()))
+        if info is None:  # no tensor outputs: size arithmetic, or a read of tensor values (read whole)
+            operands = [n for n in tensor_operands(node) if n in specs]
+            comm = {n: costs.comm_spec(specs[n]) for n in operands}
+            out.append(scalar_strategy(node, operands, comm, placement, mesh, cost))
+            if runs_whole(node) and operands and node.op != "scalar_op":
+                run_whole.append(node.name)
             continue
         ch = chosen[node.name]
         if runs_whole(node):

@@ -20,7 +20,7 @@ from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.registry import op_dims, runs_whole, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
-from shardwise.passes.sharding.strategy import make_strategy, split_is_valid
+from shardwise.passes.sharding.strategy import make_strategy, scalar_strategy, split_is_valid
 
 __all__ = ["follow_producers", "OUTPUT_NODE"]
 
@@ -62,9 +62,11 @@ def follow_producers(
         operands = [n for n in tensor_operands(node) if n in specs]
         ins = [specs[n] for n in operands]
         outs = [o for o in node.outputs if isinstance(o, TensorSpec)]
-        if not outs:  # scalar ops: no placement
+        if not outs:  # scalar ops: no placement (those reading tensor values read them whole)
             placement[node.name] = None
-            strategies.append(NodeStrategy(node=node.name, split=(), inputs=(), outputs=()))
+            strategies.append(scalar_strategy(node, operands, specs, placement, mesh, cost))
+            if runs_whole(node) and operands and node.op != "scalar_op":
+                run_whole.append(node.name)
             continue
         dims = op_dims(node, ins)
         current = [placement.get(n) for n in operands]

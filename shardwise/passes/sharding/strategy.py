@@ -35,7 +35,7 @@ from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.redistribute import redistribute_steps
 
-__all__ = ["label_sizes", "split_is_valid", "make_strategy", "LINEAR_KINDS"]
+__all__ = ["label_sizes", "split_is_valid", "make_strategy", "scalar_strategy", "LINEAR_KINDS"]
 
 LINEAR_KINDS = ("matmul", "conv", "reduction", "embedding")
 
@@ -162,3 +162,32 @@ def make_strategy(
         comm_s=sum(r.time_s for r in redistributes),
         reason=reason,
     )
+
+
+# ops without tensor outputs that read only their operands' shapes (codegen scales a split dimension's size)
+_SHAPE_READERS = ("sym_size", "sym_numel")
+
+
+def scalar_strategy(
+    node: Node,
+    operands: Sequence[str],
+    specs: Mapping[str, TensorSpec],
+    placement: Mapping[str, ShardingSpec | None],
+    mesh: DeviceMesh,
+    cost: CostModel | None,
+) -> NodeStrategy:
+    """The strategy of a node without tensor outputs. One that reads tensor values into Python (``x.item()``,
+    the sizes of ``x.tolist()``) reads every tensor operand whole: pieces or partial sums are gathered first.
+    Shape readers (``sym_size``) and size arithmetic read no tensor data and need nothing."""
+    if node.op in _SHAPE_READERS or not operands:
+        return NodeStrategy(node=node.name, split=(), inputs=(), outputs=())
+    whole = ShardingSpec(tuple(Replicate() for _ in mesh.shape))
+    steps: list[Redistribute] = []
+    for name in dict.fromkeys(operands):
+        have = placement.get(name)
+        if have is not None and have != whole:
+            steps.extend(redistribute_steps(name, specs[name], have, whole, mesh, cost))
+    return NodeStrategy(
+        node=node.name, split=(), inputs=tuple(whole for _ in operands), outputs=(), redistributes=tuple(steps),
+        comm_s=sum(r.time_s for r in steps),
+    )  # fmt: skip
