@@ -10,7 +10,8 @@ An op is decomposed, in this order, by:
    with symbolic shapes, unless the program is trained and the op has an autograd formula of its own
    (which a decomposition would drop).
 Anything else runs whole: the generated program calls it as ``torch.ops.<namespace>.<op>``, after
-importing the module that registers it (:func:`library_module`).
+importing the module that registers it (:func:`library_module`). So does an op whose decomposition torch
+cannot functionalize (the frontend retries with fewer ``SOURCES``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.fx
 from torch.export import ExportedProgram
 
-__all__ = ["KNOWN_DECOMPOSITIONS", "custom_ops", "decomposition_table", "library_module", "is_aten"]
+__all__ = ["KNOWN_DECOMPOSITIONS", "SOURCES", "custom_ops", "decomposition_table", "library_module", "is_aten"]
 
 
 def _grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -125,22 +126,30 @@ def _cia_kernel(op: torch._ops.OpOverload) -> Callable[..., Any]:
     return kernel
 
 
-def decomposition_table(ep: ExportedProgram, training: bool) -> dict[torch._ops.OpOverload, Callable[..., Any]]:
-    """For each op outside ATen that the program calls and that has an exact ATen decomposition (see the
-    module docstring): that decomposition, for ``ExportedProgram.run_decompositions``. ``training``: the
-    program will be differentiated (a custom op's own autograd formula must then be kept)."""
+SOURCES = ("known", "torch", "composite", "implementation")  # where a decomposition comes from, in order
+
+
+def decomposition_table(
+    ep: ExportedProgram, training: bool, sources: tuple[str, ...] = SOURCES
+) -> dict[torch._ops.OpOverload, Callable[..., Any]]:
+    """For each op outside ATen that the program calls and that has an exact ATen decomposition from one of
+    ``sources`` (see the module docstring): that decomposition, for ``ExportedProgram.run_decompositions``.
+    ``training``: the program will be differentiated (a custom op's own autograd formula must then be kept)."""
     from torch._decomp import decomposition_table as torch_table
 
     table: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
     for op in custom_ops(ep):
         known = KNOWN_DECOMPOSITIONS.get(_qualified(op))
         if known is not None:
-            table[op] = known
+            if "known" in sources:
+                table[op] = known
         elif op in torch_table:
-            table[op] = torch_table[op]
+            if "torch" in sources:
+                table[op] = torch_table[op]
         elif op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
-            table[op] = _cia_kernel(op)
-        else:
+            if "composite" in sources:
+                table[op] = _cia_kernel(op)
+        elif "implementation" in sources:
             impl = _implementation(op, training)
             if impl is not None and _traces_to_aten(impl, _example_args(ep, op)):
                 table[op] = impl

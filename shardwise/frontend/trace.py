@@ -22,7 +22,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from shardwise.errors import TraceError, UnsupportedOpError
-from shardwise.frontend.custom_ops import decomposition_table, library_module
+from shardwise.frontend.custom_ops import SOURCES, decomposition_table, library_module
 from shardwise.ir.graph import Arg, Const, DynamicDim, Graph, GraphInput, Node, Parameter, Value, iter_values
 from shardwise.ir.registry import (
     SCALAR_OPERATORS,
@@ -88,19 +88,23 @@ def export_program(
             "that data-dependent Python control flow does not depend on tensor values."
         ) from exc
     _refuse_writes_into_inputs(ep)
-    table = decomposition_table(ep, training)
-    if not (table or _has_higher_order_ops(ep) or _has_mutations(ep)):
+    # decompositions made from an op's own Python code may not functionalize (in-place ops inside): such
+    # ops then run whole; the first table that works wins
+    tables = [decomposition_table(ep, training, SOURCES[:k]) for k in (len(SOURCES), 2, 0)]
+    if not (tables[0] or _has_higher_order_ops(ep) or _has_mutations(ep)):
         return ep
-    try:
-        return ep.run_decompositions(table)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        decomposed = ", ".join(str(op) for op in table) or "none"
-        raise TraceError(
-            f"torch.export traced {type(model).__name__}, but functionalizing its graph failed: "
-            f"{type(exc).__name__}: {first}\nOps outside ATen decomposed on the way: {decomposed}. Check the "
-            "in-place ops and custom ops of the model's forward()."
-        ) from exc
+    failure: Exception | None = None
+    for table in dict.fromkeys(tuple(t.items()) for t in tables):
+        try:
+            return ep.run_decompositions(dict(table))
+        except Exception as exc:  # torch raises many kinds
+            failure = failure or exc
+    assert failure is not None
+    first = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    raise TraceError(
+        f"torch.export traced {type(model).__name__}, but functionalizing its graph failed: "
+        f"{type(failure).__name__}: {first}\nCheck the in-place ops and custom ops of the model's forward()."
+    ) from failure
 
 
 def _has_mutations(ep: ExportedProgram) -> bool:

@@ -45,22 +45,13 @@ NONDETERMINISTIC: dict[str, str] = {
 # message matches, the reason in words)
 _RANDOM_INPUT = ("mutates its input", "writes random numbers into its input tensor in place (x.cauchy_()): "
                  "a compiled model does not change its inputs")
-_INPLACE = ("mutates its input in place", "mutates a tensor in place (functionalization at trace time removes it)")
-_DATA_SIZE = ("size depends on the values", "the size of its output depends on the values of its inputs")
+_INPUT_WRITE = ("mutates its input .* in place", "writes into a tensor the caller passed (the running statistics)")
 UNSUPPORTED: dict[str, tuple[str, str]] = {
     **dict.fromkeys(
         ("cauchy", "exponential", "geometric", "log_normal", "normal.in_place", "uniform"), _RANDOM_INPUT
     ),
-    **dict.fromkeys(("resize_", "resize_as_", "zero_", "masked.cumsum", "masked.cumprod"), _INPLACE),
-    **dict.fromkeys(
-        ("combinations", "masked_select", "tensor_split", "unique", "unique_consecutive", "nonzero", "argwhere"),
-        _DATA_SIZE,
-    ),
+    **dict.fromkeys(("_native_batch_norm_legit", "_batch_norm_with_update"), _INPUT_WRITE),
     "histogramdd": ("cannot represent", "returns a list of tensors inside a tuple"),
-    **dict.fromkeys(
-        ("nn.functional.linear_cross_entropy.chunked", "nn.functional.linear_cross_entropy.chunked_none"),
-        ("not an ATen op|functionalizing its graph failed", "calls a custom op (torch_nn.*) that writes in place"),
-    ),
 }
 
 # ops that compile but whose program fails on the worker processes, and why: name -> (pattern, reason)

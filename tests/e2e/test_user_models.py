@@ -37,7 +37,7 @@ class InPlace(nn.Module):
         torch.relu_(h)
         steps = torch.empty(h.size(-1))
         torch.cumsum(torch.full((h.size(-1),), 0.1), 0, out=steps)  # out= on a tensor without gradients
-        return self.down(h * steps) * torch.tensor(2.0)
+        return self.down(h * steps) * torch.tensor(2.0) + torch.tensor([1.0, -1.0] * 8)
 
 
 class SizeArithmetic(nn.Module):

@@ -1,5 +1,5 @@
 """What the frontend makes of code a user writes (issue 16): in-place ops become functional, tensor constants
-become ops, size arithmetic becomes scalar nodes, sizes read from tensor values take the example's values,
+go with the weights, size arithmetic becomes scalar nodes, sizes read from tensor values take the example's values,
 and what cannot run is refused with the op, the model's line and what to do. (The runs equal to eager are in
 tests/e2e/test_user_models.py.)"""
 
@@ -70,22 +70,19 @@ def test_writes_into_inputs_or_parameters_are_refused_with_op_line_and_remedy():
 
 class Constants(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.tensor(3.0) + torch.tensor([1.5, 1.5, 1.5, 1.5])
+        return x * torch.tensor(3.0) + torch.tensor([1.0, 2.0, 3.0, 4.0])
 
 
-class VaryingConstant(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.tensor([1.0, 2.0, 3.0, 4.0])
+def test_tensor_constants_made_in_forward_are_carried_with_the_weights():
+    from shardwise.frontend.trace import model_tensors
 
-
-def test_tensor_constants_made_in_forward_become_ops():
-    graph, _ = trace(Constants(), (torch.randn(2, 4),))
+    model = Constants()
+    graph, _ = trace(model, (torch.randn(2, 4),))
     verify(graph)
-    made = {n.op: n.args for n in graph.nodes if n.op in ("aten.scalar_tensor.default", "aten.full.default")}
-    assert made == {"aten.scalar_tensor.default": (3.0,), "aten.full.default": ((4,), 1.5)}
-    assert not graph.params
-    with pytest.raises(UnsupportedOpError, match=r"test_functionalize\.py:\d+.*shape \(4,\).*register_buffer"):
-        trace(VaryingConstant(), (torch.randn(2, 4),))
+    constants = [p for p in graph.params if p.kind == "constant"]
+    assert [p.spec.shape for p in constants] == [(), (4,)]
+    weights = model_tensors(model)
+    torch.testing.assert_close(weights[constants[1].key], torch.tensor([1.0, 2.0, 3.0, 4.0]))
 
 
 class SizeArithmetic(nn.Module):

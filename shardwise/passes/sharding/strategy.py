@@ -174,7 +174,7 @@ def scalar_strategy(
     specs: Mapping[str, TensorSpec],
     placement: Mapping[str, ShardingSpec | None],
     mesh: DeviceMesh,
-    cost: CostModel | None,
+    cost: MeshPrices | None,
 ) -> NodeStrategy:
     """The strategy of a node without tensor outputs. One that reads tensor values into Python (``x.item()``,
     the sizes of ``x.tolist()``) reads every tensor operand whole: pieces or partial sums are gathered first.
