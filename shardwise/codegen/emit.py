@@ -12,7 +12,7 @@ import jinja2
 from shardwise.codegen.offload import offloads_optimizer, save_activations_on_host
 from shardwise.codegen.recompute import checkpoint_ranges, recompute_ranges
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
-from shardwise.ir.graph import Arg, Const, Graph, Node, Value
+from shardwise.ir.graph import Arg, Const, Function, Graph, Node, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
 from shardwise.ir.registry import SYM_FUNCTIONS, tensor_operands
@@ -127,6 +127,11 @@ class _Names:
                 base = f"{base}_{op_short}"
             self._take(n.name, _identifier(base))
 
+    @classmethod
+    def empty(cls) -> _Names:
+        """Names of an empty graph (a subgraph function names its values itself)."""
+        return cls(Graph(inputs=(), params=(), nodes=(), outputs=()))
+
     def _take(self, value: str, base: str) -> None:
         name = base
         k = 1
@@ -163,6 +168,10 @@ def _format(a: Arg | _Code, ref: dict[str, str], names: _Names) -> str:
             return f"torch.{a.value}"
         if a.kind == "device":
             return "self.device"
+        if a.kind == "function":  # a subgraph of a higher-order op, written at the top of the program
+            if not a.value.isidentifier():
+                raise ValueError(f"not a function name: {a.value!r}")
+            return a.value
         return f"torch.{a.value}"
     if isinstance(a, tuple):
         return "[" + ", ".join(_format(x, ref, names) for x in a) + "]"
@@ -260,6 +269,8 @@ def _call(
         return f"F.layer_norm({', '.join(fmt[:5])})"  # aten's sixth argument (cudnn_enable) is not F's
     if node.op in _FUNCTIONAL and node.op != "aten.layer_norm.default":
         return f"{_FUNCTIONAL[node.op]}({', '.join(fmt + kw)})"
+    if node.op.startswith("higher_order."):  # torch.cond and the like, called whole as eager PyTorch does
+        return f"torch.ops.higher_order.{node.op.split('.', 1)[1]}({', '.join(fmt + kw)})"
     ns, name, overload = node.op.split(".", 2) if node.op.count(".") >= 2 else ("aten", node.op, "default")
     return f"torch.ops.{ns}.{name}.{overload}({', '.join(fmt + kw)})"
 
@@ -589,6 +600,30 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     return body, returns
 
 
+def _function_source(fn: Function) -> str:
+    """A subgraph of a higher-order op as a module-level function: one statement per op, values named
+    ``v_<name>``; a device argument is the device type itself (the function has no ``self``)."""
+    local = {v: f"v_{_identifier(v)}" for v in list(fn.params) + [n.name for n in fn.nodes]}
+
+    def own(a: Arg) -> Arg | _Code:
+        if isinstance(a, Const) and a.kind == "device":
+            return _Code(f'torch.device("{a.value}")')
+        if isinstance(a, tuple):
+            return tuple(own(x) for x in a)  # type: ignore[misc]
+        return a
+
+    lines = [f"def {fn.name}({', '.join(local[p] for p in fn.params)}):"]
+    for node in fn.nodes:
+        args = tuple(own(a) for a in node.args)
+        kwargs = tuple((k, own(v)) for k, v in node.kwargs)
+        lines.append(f"    {local[node.name]} = {_call(node, args, local, _Names.empty(), kwargs)}")  # type: ignore[arg-type]
+    out = fn.output
+    names = _Names.empty()
+    ret = "(" + "".join(_format(o, local, names) + ", " for o in out) + ")" if isinstance(out, tuple) else _format(out, local, names)
+    lines.append(f"    return {ret}")
+    return "\n".join(lines)
+
+
 def _libraries(graph: Graph) -> list[str]:
     """The modules to import for the custom ops the program calls (checked: they are written as code)."""
     bad = [m for m in graph.libraries if not _MODULE_NAME.match(m)]
@@ -649,6 +684,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         model_name=plan.model_name,
         fused=bool(plan.fused_groups),
         libraries=_libraries(graph),
+        functions=[_function_source(fn) for fn in graph.functions],
         inputs=[names.ref(i.name) for i in graph.inputs],
         body=body,
         returns=returns,

@@ -158,7 +158,7 @@ def decomposition_table(
 
 def library_module(op: torch._ops.OpOverload) -> str | None:
     """The Python module that registers the custom op ``op``, for the generated program to import
-    (``"__main__"`` for the user's script, which worker processes re-import); None when it is not known
+    (``"__main__"`` for the user's script, which no other process can import); None when it is not known
     (e.g. an op registered from C++ or from code without a module)."""
     from torch._library.custom_ops import _maybe_get_opdef
 

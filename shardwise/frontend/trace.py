@@ -7,11 +7,13 @@ source line it came from; parameters, buffers and lifted constants are keyed by 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import os
+import traceback
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +25,19 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, f
 
 from shardwise.errors import TraceError, UnsupportedOpError
 from shardwise.frontend.custom_ops import SOURCES, decomposition_table, library_module
-from shardwise.ir.graph import Arg, Const, DynamicDim, Graph, GraphInput, Node, Parameter, Value, iter_values
+from shardwise.frontend.subgraphs import subgraph_functions
+from shardwise.ir.graph import (
+    Arg,
+    Const,
+    DynamicDim,
+    Function,
+    Graph,
+    GraphInput,
+    Node,
+    Parameter,
+    Value,
+    iter_values,
+)
 from shardwise.ir.registry import (
     SCALAR_OPERATORS,
     SYM_FUNCTIONS,
@@ -72,14 +86,16 @@ def export_program(
     (writes into buffers become buffer updates), higher-order ops that only set a mode (no_grad regions) are
     inlined, and ops outside ATen with an exact decomposition are decomposed (:mod:`custom_ops`; ``training``:
     the program will be differentiated); ATen ops are kept as they are."""
+    applied: list[tuple[type, str]] = []
     try:
-        ep = torch.export.export(
-            model,
-            tuple(example_inputs),
-            kwargs=example_kwargs or None,
-            dynamic_shapes=dynamic_shapes,
-            strict=False,
-        )
+        with _recording_autograd_functions(applied if training else None):
+            ep = torch.export.export(
+                model,
+                tuple(example_inputs),
+                kwargs=example_kwargs or None,
+                dynamic_shapes=dynamic_shapes,
+                strict=False,
+            )
     except Exception as exc:  # torch raises many kinds; the user needs the cause and what to try
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
@@ -87,6 +103,13 @@ def export_program(
             f"{first}\nCheck that the example inputs match the model's forward() (types, shapes, dtypes), and "
             "that data-dependent Python control flow does not depend on tensor values."
         ) from exc
+    if applied:  # torch.export keeps a custom autograd.Function's forward and drops its backward
+        cls, where = applied[0]
+        raise UnsupportedOpError(
+            f"{where}: the model applies the autograd.Function {cls.__qualname__!r}, whose own backward torch.export "
+            "does not keep (training would differentiate its forward instead). Make it a "
+            "torch.library.custom_op with register_autograd: shardwise then runs it whole with its backward."
+        )
     _refuse_writes_into_inputs(ep)
     # decompositions made from an op's own Python code may not functionalize (in-place ops inside): such
     # ops then run whole; the first table that works wins
@@ -105,6 +128,30 @@ def export_program(
         f"torch.export traced {type(model).__name__}, but functionalizing its graph failed: "
         f"{type(failure).__name__}: {first}\nCheck the in-place ops and custom ops of the model's forward()."
     ) from failure
+
+
+@contextlib.contextmanager
+def _recording_autograd_functions(applied: list[tuple[type, str]] | None) -> Iterator[None]:
+    """While tracing, note every ``torch.autograd.Function`` of the model (not torch's own) that defines its
+    own backward, with the model's line that applies it; ``None``: note nothing."""
+    if applied is None:
+        yield
+        return
+    original = torch.autograd.Function.__dict__["apply"].__func__
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        own_backward = cls.backward is not torch.autograd.Function.backward or "vjp" in cls.__dict__
+        if own_backward and not cls.__module__.startswith("torch."):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            where = f"{_relative_path(frames[-1].filename)}:{frames[-1].lineno}" if frames else "the model"
+            applied.append((cls, where))
+        return original(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = classmethod(original)  # type: ignore[method-assign, assignment]
 
 
 def _has_mutations(ep: ExportedProgram) -> bool:
@@ -339,6 +386,8 @@ def _op_name(node: torch.fx.Node) -> str:
         if name in ("aten.sym_numel.default",):
             return "sym_numel"
         return name
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"higher_order.{target.name()}"
     if _scalar_function(target) is not None:
         return "scalar_op"
     return str(getattr(target, "__name__", target))
@@ -398,11 +447,6 @@ def _check_supported(fx_node: torch.fx.Node, op: str, where: str) -> str | None:
     """Refuse what cannot run (with what to do); for a custom op that runs whole, the Python module the
     program imports to call it (None for anything else)."""
     target = fx_node.target
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        raise UnsupportedOpError(
-            f"{where}: higher-order op {op!r} (control flow such as torch.cond or torch.while_loop) is not "
-            "supported yet. Write the branch as tensor code (torch.where) or move the loop out of forward()."
-        )
     if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
         module = library_module(target)
         if module is None:
@@ -411,7 +455,15 @@ def _check_supported(fx_node: torch.fx.Node, op: str, where: str) -> str | None:
                 "Python module registers it, so the generated program could not call it. Define it in an "
                 "importable module (torch.library.custom_op), or give it a CompositeImplicitAutograd kernel."
             )
-        return None if module == "__main__" else module  # worker processes re-import the main script
+        if module == "__main__":
+            raise UnsupportedOpError(
+                f"{where}: custom op {op!r} has no decomposition into ATen ops, so it runs whole, and it is "
+                "defined in the main script, which the worker processes (and a generated package) do not import. "
+                "Move its definition into a module the script imports."
+            )
+        return module
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return None  # runs whole; its subgraphs become functions of the program (see lower_program)
     if not op.startswith("aten.") and op not in ("getitem", "sym_size", "sym_numel", "scalar_op"):
         raise UnsupportedOpError(
             f"{where}: {op!r} is not an op (the traced graph calls a Python function); the generated code "
@@ -448,6 +500,7 @@ def lower_program(
     buffer_updates: list[tuple[str, Value]] = []
     rename: dict[str, str] = {}  # placeholder of a tied weight's second name -> the parameter's value
     libraries: dict[str, None] = {}  # modules registering the custom ops that run whole
+    functions: dict[str, Function] = {}  # the subgraphs of higher-order ops, by name
     for fx_node in ep.graph.nodes:
         if fx_node.op == "placeholder":
             spec = _spec_of(fx_node.meta["val"], values)
@@ -487,6 +540,8 @@ def lower_program(
                 libraries.setdefault(library, None)
             args = tuple(_convert_arg(a, where) for a in fx_node.args)
             kwargs = tuple((k, _convert_arg(v, where)) for k, v in fx_node.kwargs.items())
+            if isinstance(fx_node.target, torch._ops.HigherOrderOperator):  # subgraphs: functions of the program
+                args = tuple(_subgraph_arg(a, fx_node, ep.graph_module, functions, where, values) for a in args)
             if op == "scalar_op":
                 args = (fx_node.target.__name__,) + args  # type: ignore[union-attr]
             val = fx_node.meta.get("val")
@@ -537,6 +592,7 @@ def lower_program(
         model_name=model_name,
         meta_device=meta_device,
         libraries=tuple(libraries),
+        functions=tuple(functions.values()),
     )
 
 
@@ -559,6 +615,31 @@ def _mutation_message(ep: ExportedProgram, out_spec: Any, arg: Any, strip_prefix
             "a buffer (register_buffer) if it is state rather than a trained weight."
         )
     return f"{where}: the model's graph has an output of kind {out_spec.kind.name}, which shardwise cannot run"
+
+
+def _subgraph_arg(
+    a: Arg, fx_node: torch.fx.Node, root: torch.fx.GraphModule, functions: dict[str, Function], where: str,
+    values: Mapping[Any, int],
+) -> Arg:  # fmt: skip
+    """A higher-order op's argument, with each subgraph it names replaced by the function made of it."""
+    if isinstance(a, tuple):
+        return tuple(_subgraph_arg(x, fx_node, root, functions, where, values) for x in a)
+    if not isinstance(a, Value):
+        return a
+    source = next((n for n in fx_node.all_input_nodes if n.name == a.name), None)
+    if source is None or source.op != "get_attr":
+        return a
+    name = f"subgraph_{source.target}"
+
+    def specs(val: Any) -> tuple[ValueSpec, ...]:
+        return tuple(_spec_of(v, values) for v in val) if isinstance(val, list | tuple) else (_spec_of(val, values),)
+
+    try:
+        for fn in subgraph_functions(root, str(source.target), name, _op_name, _convert_arg, specs):
+            functions.setdefault(fn.name, fn)
+    except UnsupportedOpError as exc:
+        raise UnsupportedOpError(f"{where}: {fx_node.target.name()}: {exc}") from None
+    return Const("function", name)
 
 
 def _value_dependent_shapes(fx_node: torch.fx.Node) -> bool:

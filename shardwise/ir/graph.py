@@ -15,7 +15,9 @@ from typing import Union
 
 from shardwise.ir.tensor import ScalarSpec, TensorSpec, ValueSpec
 
-__all__ = ["Value", "Const", "Arg", "Node", "GraphInput", "DynamicDim", "Parameter", "Graph", "iter_values"]
+__all__ = [
+    "Value", "Const", "Arg", "Node", "GraphInput", "DynamicDim", "Parameter", "Function", "Graph", "iter_values",
+]
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,9 @@ class Value:
 
 @dataclass(frozen=True)
 class Const:
-    """A non-numeric constant argument: a dtype, device, layout or memory format, by name."""
+    """A non-numeric constant argument: a dtype, device, layout, memory format or function, by name."""
 
-    kind: str  # "dtype" | "device" | "layout" | "memory_format"
+    kind: str  # "dtype" | "device" | "layout" | "memory_format" | "function" (a subgraph, Graph.functions)
     value: str
 
     def __str__(self) -> str:
@@ -137,6 +139,19 @@ class Parameter:
 
 
 @dataclass(frozen=True)
+class Function:
+    """A subgraph of a higher-order op (``torch.cond``'s branches, ``while_loop``'s body) as a pure function:
+    ``params`` are its arguments' value names, ``nodes`` its ops in order (as in a Graph, without module paths
+    or costs), ``output`` what it returns (a value, or a tuple returned as a tuple). Its ops run whole: the
+    higher-order op is called as eager PyTorch calls it."""
+
+    name: str
+    params: tuple[str, ...]
+    nodes: tuple[Node, ...]
+    output: Arg
+
+
+@dataclass(frozen=True)
 class Graph:
     """A traced model: inputs, parameters, nodes in execution order, and outputs."""
 
@@ -150,6 +165,9 @@ class Graph:
     # Python modules that register the custom ops the graph calls (run whole as torch.ops.<ns>.<op>): the
     # generated program imports them
     libraries: tuple[str, ...] = ()
+    # the subgraphs of higher-order ops (torch.cond's branches, ...): a node names one with
+    # Const("function", name); the generated program defines each as a Python function
+    functions: tuple[Function, ...] = ()
     _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def replace(self, **changes: object) -> Graph:

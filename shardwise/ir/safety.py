@@ -8,7 +8,7 @@ read (``plan_from_json``) and again before any code is generated (``write_packag
 
 Rules: no string anywhere holds a line break or another control character; strings written as code are
 identifiers (dtypes, layouts, devices, keyword names, mesh axes, degree names, fused-group names, reduction
-ops) or dotted identifiers (op names); names written inside literals and docstrings (model, cluster, mode,
+ops, names of subgraph functions and their arguments) or dotted identifiers (op names); names written inside literals and docstrings (model, cluster, mode,
 precision, passes, module paths, source lines) hold no double quote or backslash; collective algorithm names
 (written into string literals) hold letters, digits and ``_:.+-`` only. The point-to-point programs of
 synthesized collectives are JSON text written to a data file the program parses (never code).
@@ -35,6 +35,7 @@ _ALGORITHM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:.+-]*\Z")
 _IDENTIFIER_FIELDS = {
     ("Const", "value"), ("Const", "kind"), ("TensorSpec", "dtype"), ("Partial", "op"), ("FusedGroup", "name"),
     ("FusedGroup", "kind"), ("DeviceMesh", "axis_names"), ("ExecutionPlan", "degrees_"), ("ScalarSpec", "kind"),
+    ("Function", "name"), ("Function", "params"),
 }  # fmt: skip
 _DOTTED_FIELDS = {("Node", "op")}
 _LITERAL_FIELDS = {

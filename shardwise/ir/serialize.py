@@ -35,6 +35,7 @@ _CLASSES: dict[str, type] = {
         _graph.GraphInput,
         _graph.DynamicDim,
         _graph.Parameter,
+        _graph.Function,
         _graph.Graph,
         _plan.Redistribute,
         _plan.NodeStrategy,

@@ -1,7 +1,7 @@
 """Models as users write them (issue 16): in-place and out= ops, tensor constants made in forward(), size
-arithmetic, sizes read from tensor values, and custom ops of every kind compile for cpu:2 and run equal to
-eager PyTorch, by default and with tp=2 pinned; custom ops also train equal to eager (3 SGD steps). One pool
-of two gloo processes serves the module."""
+arithmetic, sizes read from tensor values, custom ops of every kind and control flow (torch.cond,
+torch.while_loop) compile for cpu:2 and run equal to eager PyTorch, by default and with tp=2 pinned; custom
+ops and a branch also train equal to eager (3 SGD steps). One pool of two gloo processes serves the module."""
 
 from __future__ import annotations
 
@@ -88,6 +88,35 @@ class CustomOps(nn.Module):
         return self.b(user_ops.first_positive_rows(h))
 
 
+class ControlFlow(nn.Module):
+    """torch.cond on a value of the data and a torch.while_loop: higher-order ops, run whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = torch.cond(h.sum() > 0, lambda a: a.cos() * 2, lambda a: a.sin() + 1, (h,))
+        step = torch.zeros((), dtype=torch.long)
+        _, h = torch._higher_order_ops.while_loop(lambda i, a: i < 3, lambda i, a: (i + 1, a * 0.5 + 1), (step, h))
+        return self.out(h)
+
+
+class Branch(nn.Module):
+    """torch.cond alone (while_loop has no backward in eager PyTorch either)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.out(torch.cond(h.sum() > 0, lambda a: a.cos() * 2, lambda a: a.sin() + 1, (h,)))
+
+
 def _build(cls: type[nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     return cls()
@@ -172,6 +201,40 @@ def test_custom_ops_train_equal_to_eager(pool, plan):
     ) as cm:  # fmt: skip
         kept = [n.op for n in cm.graph.nodes if n.op.startswith("swuser.")]
         assert kept == ["swuser.softsign2.default", "swuser.grad_clip.default", "swuser.first_positive_rows.default"]
+        losses = [cm.train_step(x) for _ in range(3)]
+        state = cm.state_dict()
+    assert_training_equal(losses, state, *eager_training(reference, (x,), loss_fn, SGD))
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_control_flow_runs_whole_and_takes_either_branch(pool, plan):
+    model = _build(ControlFlow)
+    x = _x()
+    with shardwise.compile(model, "cpu:2", example_inputs=(x,), constraints=PLANS[plan], workers=pool) as cm:
+        hops = {n.name: n.op for n in cm.graph.nodes if n.op.startswith("higher_order.")}
+        assert sorted(hops.values()) == ["higher_order.cond", "higher_order.while_loop"]
+        assert set(hops) <= set(cm.plan.replicated_ops)
+        taken = set()
+        for scale in (1.0, -3.0, 5.0, -0.5):
+            with torch.no_grad():
+                taken.add(bool(model.lin(x * scale).sum() > 0))
+                ref = model(x * scale)
+            torch.testing.assert_close(cm.run(x * scale), ref, rtol=1e-5, atol=1e-6)
+    assert taken == {True, False}
+
+
+def test_a_branch_trains_equal_to_eager(pool):
+    model = _build(Branch)
+    reference = copy.deepcopy(model)
+    x = _x()
+
+    def loss_fn(out: torch.Tensor) -> torch.Tensor:
+        return out.square().mean()
+
+    with shardwise.compile(
+        model, "cpu:2", example_inputs=(x,), mode="train", loss_fn=loss_fn, optimizer=SGD, workers=pool
+    ) as cm:
+        assert any(n.op == "higher_order.cond" for n in cm.graph.nodes)
         losses = [cm.train_step(x) for _ in range(3)]
         state = cm.state_dict()
     assert_training_equal(losses, state, *eager_training(reference, (x,), loss_fn, SGD))

@@ -137,3 +137,50 @@ def test_transformers_grouped_mm_decomposition_equals_its_implementation():
         offs_t = torch.tensor(offs, dtype=torch.int32)
         expected = torch.ops.transformers.grouped_mm_fallback(x, w, offs_t)
         torch.testing.assert_close(decomposed(x, w, offs_t), expected, rtol=0, atol=0)
+
+
+class _TimesTwoGradThree(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad * 3
+
+
+class OwnBackward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TimesTwoGradThree.apply(self.lin(x))
+
+
+def test_an_autograd_function_with_its_own_backward_is_refused_for_training_only():
+    """torch.export keeps the forward of an autograd.Function and drops its backward: fine for inference, a
+    silently different gradient in training, so training refuses it with the line and the remedy."""
+    graph, _ = trace(OwnBackward(), (torch.randn(2, 4),))
+    assert "aten.mul.Tensor" in {n.op for n in graph.nodes}
+    with pytest.raises(UnsupportedOpError, match=r"test_functionalize\.py:\d+: .*'_TimesTwoGradThree'.*register_autograd"):
+        trace(OwnBackward(), (torch.randn(2, 4),), loss_fn=lambda out: out.sum())
+
+
+class Branches(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda a: (a.cos() * 2,), lambda a: (torch.zeros_like(a) + a.sin(),), (x,))[0]
+
+
+def test_higher_order_ops_keep_their_subgraphs_as_functions_that_round_trip_as_data():
+    from shardwise.ir.safety import plan_text_problems
+    from shardwise.ir.serialize import graph_from_json, graph_to_json
+
+    graph, _ = trace(Branches(), (torch.randn(3, 4),))
+    verify(graph)
+    cond = next(n for n in graph.nodes if n.op == "higher_order.cond")
+    branches = [a.value for a in cond.args if getattr(a, "kind", "") == "function"]
+    assert branches == [f.name for f in graph.functions] == ["subgraph_true_graph_0", "subgraph_false_graph_0"]
+    assert {n.op for n in graph.functions[1].nodes} >= {"aten.zeros_like.default", "aten.sin.default"}
+    assert graph_from_json(graph_to_json(graph)) == graph
+    assert plan_text_problems(graph) == []

@@ -166,6 +166,7 @@ def extract_chunks(graph: Graph, owner: Mapping[str, int], chunks: int) -> Chunk
             model_name=f"{graph.model_name} [chunk {c}]" if graph.model_name else f"chunk {c}",
             meta_device=graph.meta_device,
             libraries=graph.libraries,
+            functions=graph.functions,
         )
         graphs.append(verify(g))
     tied = tuple(sorted((k, tuple(sorted(cs))) for k, cs in readers.items() if len(cs) > 1))
