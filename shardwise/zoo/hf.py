@@ -3,7 +3,8 @@
 One generic recipe shrinks any architecture's default configuration: 2 layers, hidden 64, 4 heads (2 key/value
 heads), vocabulary 128, 4 experts (2 per token), sliding windows of 4 tokens, every dropout 0; attributes an
 architecture lacks are left alone, and ``_OVERRIDES`` adds what a few architectures need on top. Nothing is
-downloaded. ``ARCHITECTURES`` names the architectures shardwise's tests compile, by family.
+downloaded. ``ARCHITECTURES`` names the architectures shardwise's tests compile by default, by family, and
+``MORE_ARCHITECTURES`` others the recipe configures.
 """
 
 from __future__ import annotations
@@ -15,23 +16,33 @@ from torch import nn
 
 from shardwise.errors import UserInputError
 
-__all__ = ["ARCHITECTURES", "FAMILIES", "tiny_causal_lm", "all_causal_lm_types"]
+__all__ = ["ARCHITECTURES", "MORE_ARCHITECTURES", "FAMILIES", "tiny_causal_lm", "all_causal_lm_types"]
 
-# model type -> family, the architectures tests/e2e/test_hf_architectures.py runs by default
+# model type -> family: the architectures tests/e2e/test_hf_architectures.py runs by default
 ARCHITECTURES: dict[str, str] = {
     **dict.fromkeys(
-        ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "opt", "bloom", "falcon",
-         "gpt_neox", "gptj", "codegen", "ctrl", "biogpt", "olmo", "olmo2", "stablelm", "starcoder2", "cohere",
-         "granite", "gpt_bigcode", "xglm", "persimmon", "helium", "glm", "smollm3", "nemotron"),
+        ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "opt", "bloom", "falcon", "gpt_neox",
+         "gptj", "ctrl", "olmo2", "starcoder2", "cohere"),
         "dense",
     ),
     **dict.fromkeys(("gemma2", "gemma3_text", "cohere2", "gpt_neo", "qwen2_sw"), "sliding-window"),
     **dict.fromkeys(
         ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "jetmoe", "dbrx"), "moe"
     ),
-    **dict.fromkeys(("deepseek_v3", "deepseek_v2", "minicpm3"), "mla"),
-    **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot"), "encoder-decoder"),
-    **dict.fromkeys(("mamba", "jamba", "recurrent_gemma"), "hybrid"),
+    **dict.fromkeys(("deepseek_v3", "minicpm3"), "mla"),
+    **dict.fromkeys(("bart", "marian", "pegasus"), "encoder-decoder"),
+    **dict.fromkeys(("mamba", "jamba"), "hybrid"),
+}
+# more architectures the recipe configures (the test runs them with SHARDWISE_HF_ARCHITECTURES=more)
+MORE_ARCHITECTURES: dict[str, str] = {
+    **dict.fromkeys(
+        ("biogpt", "olmo", "stablelm", "granite", "gpt_bigcode", "xglm", "persimmon", "helium", "glm", "smollm3",
+         "nemotron", "codegen"),
+        "dense",
+    ),
+    "deepseek_v2": "mla",
+    **dict.fromkeys(("mbart", "blenderbot"), "encoder-decoder"),
+    "recurrent_gemma": "hybrid",
 }
 FAMILIES = ("dense", "sliding-window", "moe", "mla", "encoder-decoder", "hybrid")
 

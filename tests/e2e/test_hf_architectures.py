@@ -3,8 +3,9 @@ hidden 64, vocabulary 128, 2 x 8 tokens; shardwise/zoo/hf.py) compiles for cpu:2
 PyTorch's, with the plan the planner picks and with tp=2 pinned. The architectures span the families of
 ``ARCHITECTURES`` (dense, sliding-window, mixture-of-experts, multi-head latent attention, the decoders of
 encoder-decoder models, hybrid/state-space). An architecture torch.export itself cannot capture is skipped,
-visibly, with export's reason. ``SHARDWISE_HF_ARCHITECTURES=all`` runs every causal-LM type of the installed
-transformers instead (those the generic tiny recipe cannot configure are skipped with the reason).
+visibly, with export's reason. ``SHARDWISE_HF_ARCHITECTURES=more`` adds ``MORE_ARCHITECTURES``; ``=all`` runs
+every causal-LM type of the installed transformers instead (those the generic tiny recipe cannot configure are
+skipped with the reason).
 
 One pool of two gloo processes serves the module (and one of one process for a plan that keeps to one)."""
 
@@ -22,12 +23,13 @@ from shardwise.runtime import WorkerPool
 
 transformers = pytest.importorskip("transformers")
 
-from shardwise.zoo.hf import ARCHITECTURES, all_causal_lm_types, tiny_causal_lm  # noqa: E402
+from shardwise.zoo.hf import ARCHITECTURES, MORE_ARCHITECTURES, all_causal_lm_types, tiny_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 
-ALL = os.environ.get("SHARDWISE_HF_ARCHITECTURES", "") == "all"
-NAMES = list(all_causal_lm_types()) if ALL else list(ARCHITECTURES)
+CHOICE = os.environ.get("SHARDWISE_HF_ARCHITECTURES", "")
+ALL = CHOICE == "all"
+NAMES = list(all_causal_lm_types()) if ALL else list(ARCHITECTURES) + (list(MORE_ARCHITECTURES) if CHOICE == "more" else [])
 PLANS = {"default": None, "tp2": {"tp": 2}}
 
 
