@@ -2,8 +2,9 @@
 
 ``best_collective`` returns a small frozen ``CollectiveChoice``: the algorithm (``library:<name>`` for an
 algorithm a collective library runs natively, ``synth:<digest>`` for a synthesized schedule, or a named
-baseline such as ``hierarchical``), its predicted time (simulated), the library's best time under the
-same simulator, and ``program()`` to get the lowered schedule (plain data for
+baseline such as ``hierarchical``), its predicted time (simulated: every message priced by the price list,
+``costs.comm``), the library's best time under the same simulator, the library's price in closed form
+(``CommPrices.algorithms``: ring, tree, PAT) and ``program()`` to get the lowered schedule (plain data for
 ``shardwise.runtime.lib.schedule_exec``). ``synth_table`` returns the rows ``shardwise synth`` prints.
 
 Results are cached by (topology fingerprint, ranks, collective, size, sketch, search settings) in memory
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardwise.costs.comm import CommPrices
 from shardwise.errors import UserInputError
 from shardwise.passes.collectives.baselines import LIBRARY_ALGORITHMS
 from shardwise.passes.collectives.chunks import check_collective
@@ -40,7 +42,7 @@ __all__ = [
     "CACHE_VERSION",
 ]
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _MEMORY: dict[str, dict[str, Any]] = {}
 
 
@@ -57,6 +59,7 @@ class CollectiveChoice:
     lower_bound_s: float
     source: str
     key: str
+    library_closed_form_s: float = 0.0
 
     @property
     def uses_library(self) -> bool:
@@ -156,6 +159,7 @@ def _solve(
         )
     library = {k: v for k, v in res.baselines.items() if k in LIBRARY_ALGORITHMS}
     library_s = min(library.values()) if library else res.time_s
+    closed_form = CommPrices(cluster).algorithms(kind, nbytes, group) if kind != "broadcast" else {}
     if res.source.startswith("baseline:"):
         name = res.source.split(":", 1)[1]
         algorithm = f"library:{name}" if name in LIBRARY_ALGORITHMS else name
@@ -175,6 +179,7 @@ def _solve(
         "predicted_s": res.time_s,
         "search_s": res.search_s,
         "library_s": library_s,
+        "library_closed_form_s": closed_form,
         "baselines_s": res.baselines,
         "lower_bound_s": res.bound.time,
         "bound_cut": res.bound.cut,
@@ -219,6 +224,7 @@ def best_collective(
         lower_bound_s=rec["lower_bound_s"],
         source=rec["source"],
         key=rec["key"],
+        library_closed_form_s=min(rec["library_closed_form_s"].values(), default=0.0),
     )
 
 
@@ -236,8 +242,9 @@ def synth_table(
     """One row per size: what ``shardwise synth`` prints (times in microseconds).
 
     Keys: collective, size_bytes, synthesized_us (the returned schedule's simulated time), algbw_GBps,
-    baselines {name: us}, lower_bound_us, synthesis_s (wall), synthesis_cpu_s (this process, all solver
-    threads: the honest measure on a shared machine), plus algorithm, source (which search, or
+    baselines {name: us} (simulated schedules), library_closed_form_us {name: us} (the price list's closed
+    forms of the library's algorithms), lower_bound_us, synthesis_s (wall), synthesis_cpu_s (this process, all
+    solver threads: the honest measure on a shared machine), plus algorithm, source (which search, or
     ``baseline:<name>`` when none beat it), search_us (best of the searches alone), best_baseline,
     speedup (best baseline / synthesized), bound_ratio (synthesized / lower bound), cached.
     """
@@ -252,6 +259,7 @@ def table_row(rec: dict[str, Any]) -> dict[str, Any]:
     """The ``synth_table`` row of one result record (as cached)."""
     base = {k: v * 1e6 for k, v in sorted(rec["baselines_s"].items())}
     best_name = min(base, key=base.get) if base else "-"
+    closed = {k: v * 1e6 for k, v in sorted(rec.get("library_closed_form_s", {}).items())}
     t = rec["predicted_s"]
     return {
         "cluster": rec["cluster"],
@@ -260,6 +268,7 @@ def table_row(rec: dict[str, Any]) -> dict[str, Any]:
         "synthesized_us": t * 1e6,
         "algbw_GBps": rec["size_bytes"] / t / 1e9 if t > 0 else float("inf"),
         "baselines": base,
+        "library_closed_form_us": closed,
         "lower_bound_us": rec["lower_bound_s"] * 1e6,
         "synthesis_s": rec["synthesis_s"],
         "synthesis_cpu_s": rec["synthesis_cpu_s"],

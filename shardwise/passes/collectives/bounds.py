@@ -25,6 +25,15 @@ reduce_scatter the reverse; allreduce ``n`` each way; alltoall ``|S|(p-|S|)/p n`
 ``n`` into S if the root is outside it.
 
 Latency: data must travel from every source to every rank needing it: the largest least-alpha path.
+
+Which resource bounds the transfer (``LowerBound.terms``, read by the synthesizer's rules): the largest
+bandwidth term of each class of cut, with the least alpha of a message across it:
+
+* ``nic`` — sets of whole nodes and the all-inter-node count: every crossing goes through the nodes' NICs
+  (the bytes through a node's NICs over their bandwidth);
+* ``rank`` — one rank or all but one: that rank's own links or switch port;
+* ``subset`` — other sets of ranks inside nodes (e.g. a quad of NDv2's cube-mesh);
+* ``links`` — every link at once (the total bytes over the total capacity).
 """
 
 from __future__ import annotations
@@ -37,23 +46,35 @@ from ortools.linear_solver import pywraplp
 from shardwise.passes.collectives.chunks import check_collective
 from shardwise.passes.collectives.topology import TopologyView
 
-__all__ = ["LowerBound", "lower_bound", "cut_capacities"]
+__all__ = ["LowerBound", "lower_bound", "cut_capacities", "TERM_CLASSES"]
 
 _CAPS: dict[str, list[tuple[frozenset[int], float, float, float, float]]] = {}
 _AGG: dict[str, tuple[float, float]] = {}
 _AGGN: dict[str, tuple[float, float]] = {}
 _SUBSET_NODE_MAX = 8
+#: the classes of ``LowerBound.terms`` (see the module docstring)
+TERM_CLASSES = ("nic", "rank", "subset", "links")
 _SCALE = 2.0**20 * 1e6  # bytes/s per MiB/us
 
 
 @dataclass(frozen=True)
 class LowerBound:
-    """``time`` = max(``bandwidth``, ``latency``) seconds; ``cut`` names the binding set of ranks."""
+    """``time`` = max(``bandwidth``, ``latency``) seconds; ``cut`` names the binding set of ranks;
+    ``terms``: per class of cut (``TERM_CLASSES``), (class, its largest bandwidth term in seconds, the least
+    alpha of a message across that cut), for the classes the view has."""
 
     time: float
     bandwidth: float
     latency: float
     cut: str
+    terms: tuple[tuple[str, float, float], ...] = ()
+
+    def term(self, kind: str) -> tuple[float, float]:
+        """(seconds, alpha) of the class ``kind``; (0, 0) when the view has no such cut."""
+        for name, seconds, alpha in self.terms:
+            if name == kind:
+                return seconds, alpha
+        return 0.0, 0.0
 
 
 def _capacity(topo: TopologyView, edges: list[tuple[int, int]]) -> tuple[float, float]:
@@ -116,8 +137,15 @@ def _candidate_sets(topo: TopologyView) -> list[frozenset[int]]:
     return sorted(sets, key=lambda s: (len(s), sorted(s)))
 
 
-def cut_capacities(topo: TopologyView) -> list[tuple[frozenset[int], float, float, float, float]]:
-    """For every candidate set S: (S, cap_in, alpha/beta in, cap_out, alpha/beta out); cached per view."""
+def _least_alpha(topo: TopologyView, edges: list[tuple[int, int]]) -> float:
+    return min((topo.edges[uv].alpha for uv in edges), default=0.0)
+
+
+def cut_capacities(
+    topo: TopologyView,
+) -> list[tuple[frozenset[int], float, float, float, float, float, float]]:
+    """For every candidate set S: (S, cap_in, alpha/beta in, cap_out, alpha/beta out, least alpha in, least
+    alpha out); cached per view."""
     key = topo.fingerprint
     if key not in _CAPS:
         out = []
@@ -126,7 +154,7 @@ def cut_capacities(topo: TopologyView) -> list[tuple[frozenset[int], float, floa
             eout = [uv for uv in topo.edges if uv[0] in s and uv[1] not in s]
             cin, abin = _capacity(topo, ein)
             cout, about = _capacity(topo, eout)
-            out.append((s, cin, abin, cout, about))
+            out.append((s, cin, abin, cout, about, _least_alpha(topo, ein), _least_alpha(topo, eout)))
         _CAPS[key] = out
         _AGG[key] = _capacity(topo, list(topo.edges))
         inter = [uv for uv in topo.edges if topo.nodes[uv[0]] != topo.nodes[uv[1]]]
@@ -165,16 +193,26 @@ def lower_bound(collective: str, topo: TopologyView, nbytes: float, root: int = 
         return LowerBound(0.0, 0.0, 0.0, "-")
     n = float(nbytes)
     best_t, best_cut = 0.0, "-"
+    terms: dict[str, tuple[float, float]] = {}
+    by_node = topo.ranks_by_node()
+    whole_nodes = [frozenset(m) for m in by_node.values()]
 
-    def consider(b: float, cap: float, ab: float, label: str) -> None:
+    def consider(b: float, cap: float, ab: float, label: str, cls: str, alpha: float) -> None:
         nonlocal best_t, best_cut
         if b <= 0:
             return
         t = (b + ab) / cap if cap > 0 else float("inf")
         if t > best_t:
             best_t, best_cut = t, label
+        if t > terms.get(cls, (0.0, 0.0))[0]:
+            terms[cls] = (t, alpha)
 
-    for s, cin, abin, cout, about in cut_capacities(topo):
+    def cut_class(s: frozenset[int]) -> str:
+        if len(by_node) > 1 and all(x <= s for x in whole_nodes if x & s):
+            return "nic"
+        return "rank" if len(s) == 1 or len(s) == p - 1 else "subset"
+
+    for s, cin, abin, cout, about, ain, aout in cut_capacities(topo):
         k = len(s)
         if kind == "allgather":
             b_in, b_out = (p - k) / p * n, k / p * n
@@ -187,14 +225,14 @@ def lower_bound(collective: str, topo: TopologyView, nbytes: float, root: int = 
         else:
             b_in, b_out = (0.0, n) if root in s else (n, 0.0)
         label = "{" + ",".join(str(topo.ranks[r]) for r in sorted(s)) + "}"
-        consider(b_in, cin, abin, f"into {label}")
-        consider(b_out, cout, about, f"out of {label}")
+        cls = cut_class(s)
+        consider(b_in, cin, abin, f"into {label}", cls, ain)
+        consider(b_out, cout, about, f"out of {label}", cls, aout)
     total = {"allreduce": 2 * (p - 1) * n}.get(kind, (p - 1) * n)
     cap, ab = _AGG[topo.fingerprint]
-    consider(total, cap, ab, "all links")
+    consider(total, cap, ab, "all links", "links", _least_alpha(topo, list(topo.edges)))
     # the same counting with each node as one vertex (combining inside a node is free): G nodes need
     # 2(G-1) crossing messages per byte for allreduce, G-1 for allgather/reduce-scatter/broadcast
-    by_node = topo.ranks_by_node()
     groups = len(by_node)
     if groups > 1:
         if kind == "alltoall":
@@ -202,6 +240,8 @@ def lower_bound(collective: str, topo: TopologyView, nbytes: float, root: int = 
         else:
             crossing = (2 if kind == "allreduce" else 1) * (groups - 1) * n
         cap, ab = _AGGN[topo.fingerprint]
-        consider(crossing, cap, ab, "all inter-node links")
+        inter = [uv for uv in topo.edges if topo.nodes[uv[0]] != topo.nodes[uv[1]]]
+        consider(crossing, cap, ab, "all inter-node links", "nic", _least_alpha(topo, inter))
     lat = _latency(topo, kind, root)
-    return LowerBound(max(best_t, lat), best_t, lat, best_cut)
+    ordered = tuple((c, *terms[c]) for c in TERM_CLASSES if c in terms)
+    return LowerBound(max(best_t, lat), best_t, lat, best_cut, ordered)

@@ -21,7 +21,9 @@ Every transfer holds the resources of ``topo.route`` (as ``simulate`` does) and 
 are free and its data has arrived; its ``prio`` is that start time, and deps are completed from prio
 (``make_schedule``), so ``simulate`` reproduces the estimate and ``verify`` checks correctness. Each rank
 receives each piece exactly once (a piece enters a node only through the one NIC message carrying it
-there). ``nic_candidates`` lists the few settings worth timing; ``synthesize`` keeps one only if fastest.
+there). ``nic_candidates`` lists the few settings worth timing, on any number of nodes, and only when
+``nic_floor`` (the shared NIC's time for its messages and their alphas, plus the spread of the last one)
+is below the best schedule found so far; ``synthesize`` keeps one only if fastest.
 Measured (ndv2x2, 1 MiB): 62.10 us against 60.3 of NIC time for three messages and a 55.1 bound.
 """
 
@@ -36,7 +38,7 @@ from shardwise.passes.collectives.chunks import CollectiveSpec
 from shardwise.passes.collectives.schedule import Schedule, Transfer, make_schedule
 from shardwise.passes.collectives.topology import TopologyView
 
-__all__ = ["shared_nic_allgather", "nic_candidates", "shared_nic"]
+__all__ = ["shared_nic_allgather", "nic_candidates", "shared_nic", "nic_floor", "MESSAGES"]
 
 _INF = math.inf
 
@@ -61,12 +63,8 @@ def shared_nic(topo: TopologyView) -> bool:
 
 
 def _bits(mask: int) -> list[int]:
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
+    """The set bits of ``mask``, lowest first."""
+    return [i for i, c in enumerate(bin(mask)[:1:-1]) if c == "1"]
 
 
 def shared_nic_allgather(
@@ -141,6 +139,8 @@ def shared_nic_allgather(
     transfers: list[Transfer] = []
     full = (1 << total) - 1
     heads = [0] * nodes
+    # (node, NIC message) -> when all its pieces are at its sender
+    ready_at: dict[tuple[int, int], float] = {}
 
     def commit(u: int, v: int, mask: int, start: float, dur: float, res: tuple[int, ...]) -> None:
         end = start + dur
@@ -157,18 +157,24 @@ def shared_nic_allgather(
         for n in range(nodes):
             if heads[n] < len(queues[n]):
                 u, v, mask = queues[n][heads[n]]
+                if have[u] & mask != mask:
+                    continue  # a piece of it is not even promised to its sender yet
+                key_n = (n, heads[n])
+                if key_n not in ready_at:  # every piece is promised: its arrival times are final
+                    ready_at[key_n] = max((when[u][g] for g in _bits(mask)), default=0.0)
                 e = topo.route(u, v)
-                ready = max((when[u][g] for g in _bits(mask)), default=0.0)
-                start = max(ready, *(free.get(r, 0.0) for r in e.resources))
+                start = max(ready_at[key_n], *(free.get(r, 0.0) for r in e.resources))
                 if start < _INF and (best is None or start < best[0]):
                     dur = e.time(cb * mask.bit_count())
                     best = (start, 0.0, u, v, mask, dur, e.resources, n)
         for u, v, alpha, beta, res in links:
-            cand = have[u] & ~have[v]
-            gs = _bits(cand)
-            if not gs:
-                continue
             t_free = max(free.get(r, 0.0) for r in res)
+            if best is not None and (t_free, beta) >= best[:2]:
+                continue  # it starts at t_free or later: it cannot come first
+            cand = have[u] & ~have[v]
+            if not cand:
+                continue
+            gs = _bits(cand)
             start = max(t_free, min(when[u][g] for g in gs))
             if best is not None and start > best[0]:
                 continue
@@ -196,27 +202,41 @@ def shared_nic_allgather(
     )
 
 
-#: collectives above this size are left to the pipelines (three NIC messages leave a long spread there)
-MAX_BYTES = 4 * 2**20
-#: ... and below this one to the timed model (three NIC alphas cost more than the NIC time saved)
-MIN_BYTES = 256 * 2**10
 #: pieces per rank
 _PIECES = 8
 #: pieces in the last NIC message
 _LAST = (4, 5, 6)
 #: (first, second, last) receiving local positions
 _RECEIVERS = ((0, 5, 5), (0, 1, 1), (0, 3, 5), (0, 1, 5))
+#: NIC messages per peer node (the sender's own pieces, the bulk, the last ``_LAST`` pieces)
+MESSAGES = 3
 
 
-def nic_candidates(topo: TopologyView, nbytes: float) -> list[Schedule]:
-    """The settings worth simulating for an allgather of ``nbytes`` (none unless ``shared_nic``, two
-    nodes and ``MIN_BYTES <= nbytes <= MAX_BYTES``): three NIC messages (the sender's own pieces, the
-    bulk, ``_LAST`` pieces) for each of ``_RECEIVERS``."""
-    if not MIN_BYTES <= nbytes <= MAX_BYTES or not shared_nic(topo):
-        return []
-    if len(node_orders(topo)) != 2:
-        # measured on two nodes only; on ndv2x4 the 12 schedules take ~30 s to build (103.5 us at 1 MiB,
-        # bound 81.4, hierarchical 163.4): not offered there until compared with the other searches
+def nic_floor(topo: TopologyView, nbytes: float, messages: int = MESSAGES, pieces: int = _PIECES) -> float:
+    """A floor on the time of any ``shared_nic_allgather`` of ``nbytes`` with ``messages`` NIC messages per
+    peer node (inf unless ``shared_nic``): the sender's NIC carries its node's share of the output to every
+    other node, ``(N-1) (n/N beta + messages alpha)`` at the price list's figures of that route, and after
+    the last NIC message the other GPUs of the receiving node still need at least one piece of it over
+    their fastest link (``alpha + beta n / (p pieces)``)."""
+    if not shared_nic(topo):
+        return _INF
+    orders = node_orders(topo)
+    nodes, local = len(orders), len(orders[0])
+    nic = max((topo.route(orders[0][0], orders[m][0]) for m in range(1, nodes)), key=lambda e: e.time(nbytes))
+    piece = nbytes / (topo.size * pieces)
+    recv = orders[1][0]
+    tail = min((topo.route(recv, v).time(piece) for v in orders[1] if v != recv), default=0.0)
+    return (nodes - 1) * (message_s(nbytes / nodes, 0.0, nic.beta) + messages * nic.alpha) + (
+        tail if local > 1 else 0.0
+    )
+
+
+def nic_candidates(topo: TopologyView, nbytes: float, best_s: float = _INF) -> list[Schedule]:
+    """The settings worth simulating for an allgather of ``nbytes`` when the best schedule so far takes
+    ``best_s``: none unless ``shared_nic`` and ``nic_floor`` is below ``best_s`` (which resource bounds this
+    schedule: the shared NIC, with its alphas, plus the spread of its last message); else ``MESSAGES`` NIC
+    messages (the sender's own pieces, the bulk, ``_LAST`` pieces) for each of ``_RECEIVERS``."""
+    if not nic_floor(topo, nbytes) < best_s:
         return []
     local = len(node_orders(topo)[0])
     out = []

@@ -28,7 +28,7 @@ from shardwise.passes.collectives.routing import Routing
 from shardwise.passes.collectives.schedule import Schedule, Transfer
 from shardwise.passes.collectives.topology import TopologyView
 
-__all__ = ["pipelined_schedule", "piece_candidates"]
+__all__ = ["pipelined_schedule", "piece_candidates", "routing_tasks"]
 
 
 @dataclass
@@ -43,16 +43,21 @@ class _Task:
     deps: list[int] | None = None  # message ids that delivered the data
 
 
-def piece_candidates(routing: Routing, topo: TopologyView, nbytes: float, budget: int = 24_000) -> list[int]:
-    """A few piece counts worth trying for ``nbytes``: bounded by a task budget and a 4 KiB floor."""
-    hops = sum(len(v) for v in routing.out_edges.values()) + sum(len(v) for v in routing.in_edges.values())
-    flows = max(1, len(routing.flows))
+def routing_tasks(routing: Routing) -> int:
+    """Tasks of one piece of every flow: the hops of every route (a schedule has pieces x this many)."""
+    return sum(len(v) for v in routing.out_edges.values()) + sum(len(v) for v in routing.in_edges.values())
+
+
+def piece_candidates(
+    routing: Routing, topo: TopologyView, nbytes: float, *, min_piece_bytes: float, max_tasks: int
+) -> list[int]:
+    """The finest piece count worth trying for ``nbytes`` and an eighth of it: pieces of at least
+    ``min_piece_bytes`` and at most ``max_tasks`` tasks (pieces x hops), at most 512 pieces per flow."""
     spec = CollectiveSpec(routing.kind, topo.size, routing.parts, routing.root)
     flow_bytes = spec.chunk_bytes(nbytes)
-    hi = max(1, min(512, budget // max(1, hops), int(flow_bytes // 4096)))
-    del flows
-    cands = {hi, max(1, hi // 8)}
-    return sorted(cands, reverse=True)
+    hops = max(1, routing_tasks(routing))
+    hi = max(1, min(512, max_tasks // hops, int(flow_bytes // max(1.0, min_piece_bytes))))
+    return sorted({hi, max(1, hi // 8)}, reverse=True)
 
 
 def _upstream_flags(

@@ -1,18 +1,27 @@
 """Synthesis driver: search schedules for one collective and size, time every one, keep the best, verify it.
 
-Searches (all on the sketch's allowed edges, all timed by ``simulate``: the simulated time is the one
-reported, never a solver objective):
+Searches (all on the sketch's allowed edges, all timed by ``simulate``: the simulated time, every message
+priced by the price list, is the one reported, never a solver objective). When each one runs is decided by
+rules on the lower bound's terms (``rules``: which resource bounds the transfer), never by size windows:
 
 * ``pipelined`` — CP-SAT routing (``routing``), then event-driven list scheduling of pieces with adaptive
   message sizes (``pipeline``), for a few piece counts and message policies (halving, and planned
-  bottleneck messages with interleaved pieces);
-* ``modulo`` — the same routing, timed by the CP-SAT steady-state model (``modulo``), for bandwidth-bound
-  sizes where the pipelines stay more than 3% above the lower bound;
-* ``rail`` (allgather from 64 MB, several equal nodes) — ``railpipe``'s rail-pipelined schedules;
-* ``timed`` — the CP-SAT timed model with bundling (``timed``), for latency-bound sizes where no other
-  search came within 20% of the lower bound;
-* ``shared-nic`` (allgather, 256 KiB to 4 MiB, two nodes whose GPUs share one NIC) — ``nicshare``'s few
-  large NIC messages, the first from time zero, with the intra-node gather and spread list-scheduled;
+  bottleneck messages with interleaved pieces). The finest count is set by a task budget (a compute
+  budget, see ``_MAX_TASKS``) and a 4 KiB floor; an eighth of it and the coarse counts
+  (``_COARSE_PIECES``, few alphas where a switch port binds) are tried too, each time; every count gets
+  every message plan while its finest schedule is cheap to build (``_CHEAP_TASKS``);
+* ``modulo`` — the same routing, timed by the CP-SAT steady-state model (``modulo``), where its
+  ``MODULO_PIECES`` messages per flow can land within ``MODULO_SKIP`` of the bound
+  (``rules.steady_state_worth``) and the pipelines stay above that;
+* ``rail`` (allgather, several equal nodes) — ``railpipe``'s rail-pipelined schedules, where the NICs bound
+  the transfer (``rules.nic_bound``) and it is not latency-bound;
+* ``timed`` — the CP-SAT timed model with bundling (``timed``), where the transfer is latency-bound
+  (``rules.latency_bound``: no pipelined schedule can come within ``TIMED_SKIP`` of the bound) and no
+  other search came within ``TIMED_SKIP`` of it; not built above ``TIMED_MAX_RANKS`` ranks (time budget);
+* ``shared-nic`` (allgather, nodes whose GPUs share one NIC) — ``nicshare``'s few large NIC messages, the
+  first from time zero, with the intra-node gather and spread list-scheduled; built only when its floor
+  (``nicshare.nic_floor``: the shared NIC's time with its alphas, plus the spread of its last message) is
+  below the best schedule so far;
 * ``transpose`` (reduce-scatter) — the best allgather (searched or baseline) run backwards in time with
   every transfer reversed into a reduction (``transpose``); ``compose`` (allreduce) — the best
   reduce-scatter followed by the best allgather, and the transposed best allgather followed by itself.
@@ -38,9 +47,17 @@ from shardwise.passes.collectives.chunks import CollectiveSpec, check_collective
 from shardwise.passes.collectives.lower import lower
 from shardwise.passes.collectives.modulo import expand_modulo, solve_modulo
 from shardwise.passes.collectives.nicshare import nic_candidates
-from shardwise.passes.collectives.pipeline import piece_candidates, pipelined_schedule
+from shardwise.passes.collectives.pipeline import piece_candidates, pipelined_schedule, routing_tasks
 from shardwise.passes.collectives.railpipe import rail_candidates
 from shardwise.passes.collectives.routing import Routing, solve_routing
+from shardwise.passes.collectives.rules import (
+    MODULO_PIECES,
+    MODULO_SKIP,
+    TIMED_SKIP,
+    latency_bound,
+    nic_bound,
+    steady_state_worth,
+)
 from shardwise.passes.collectives.schedule import Schedule
 from shardwise.passes.collectives.simulate import simulate
 from shardwise.passes.collectives.sketch import Sketch, SketchView, sketch_view
@@ -49,29 +66,31 @@ from shardwise.passes.collectives.topology import TopologyView, topology_view
 from shardwise.passes.collectives.transpose import compose_allreduce, transpose_allgather
 from shardwise.passes.collectives.verify import verify_program
 
-__all__ = ["SynthResult", "synthesize", "TIMED_MAX_BYTES", "TIMED_MAX_RANKS"]
+__all__ = ["SynthResult", "synthesize", "TIMED_MAX_RANKS"]
 
-#: sizes up to which the timed (latency) model runs; above, pipelines win
-TIMED_MAX_BYTES = 4 * 2**20
-#: the timed model's size grows with ranks; above this it is skipped
+#: the timed model's size grows with ranks (its variables with the edges, about ranks squared); above
+#: this many it is not built (the time budget: < 60 s per case on 2 cores)
 TIMED_MAX_RANKS = 32
 _ROUTINGS: dict[tuple, Routing] = {}
 #: sub-results (best allgather / reduce-scatter) reused by reduce-scatter and allreduce searches
 _SUBS: dict[tuple, object] = {}
-#: from this size only the finest piece count is tried
-_FINEST_ONLY_BYTES = 64 * 2**20
-#: ... and these coarse counts too (each with the default and a planned message policy)
+#: coarse piece counts, always tried (cheap: few tasks), each with the default and a planned message policy
 _COARSE_PIECES = (2, 3, 4, 6, 8, 16, 32)
-#: up to this size every piece count is tried with every message plan (cheap: few tasks)
-_PLAN_ALL_COUNTS_BYTES = 16 * 2**20
-#: the steady-state (modulo) model runs only when the best pipeline is above this multiple of the bound
-_MODULO_SKIP = 1.03
+#: the smallest piece (lowered programs cut buffers into pieces of whole elements; below, overheads win)
+_MIN_PIECE_BYTES = 4096
+#: tasks (pieces x hops) of one pipelined schedule: _CHEAP_TASKS, and from _FINE_PIECES_BYTES on in
+#: proportion to the size (pieces stop shrinking there), at most _MAX_TASKS (the time budget: < 60 s per
+#: case on 2 cores). A compute budget, not a gate: pieces no smaller than the binding cut's alpha-equivalent
+#: message, or _MAX_TASKS at every size, were measured worse (ndv2x2 allgather 16 MB 856.8 and 863.1 us
+#: against 856.2, 64 MB 3384.7 and 3381.4 against 3379.3; dgx-h100x4 alltoall 64 MB 1043.4 against 1032.5)
+_MAX_TASKS = 128_000
+_CHEAP_TASKS = 24_000
+_FINE_PIECES_BYTES = 64 * 2**20
 #: no search when a baseline is already within this multiple of the lower bound (it could gain < 0.5%)
 _BASELINE_AT_BOUND = 1.005
-#: the timed model runs only when the best schedule so far is above this multiple of the bound (in the
-#: bench it won only where it ended >= 1.32 x the bound; ndv2x2 allreduce 1 MiB: 45 s of CP-SAT for 1.48 x,
-#: the composition had 1.15 x)
-_TIMED_SKIP = 1.2
+# the timed model runs only when the best schedule so far is above rules.TIMED_SKIP x the bound (in the
+# bench it won only where it ended >= 1.32 x the bound; ndv2x2 allreduce 1 MiB: 45 s of CP-SAT for 1.48 x,
+# the composition had 1.15 x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,7 +210,7 @@ def synthesize(
                 if composed is not None:
                     offer("compose", composed)
     if topo.size >= 2 and search:
-        small = n <= TIMED_MAX_BYTES
+        latency = latency_bound(bound)  # rules: few, bundled messages (the timed model)
         views = [sv]
         if sketch is None:
             relay = _relay_sketch(topo)
@@ -208,59 +227,59 @@ def synthesize(
             routings.append((view, tag, routing))
             # piece counts with the default policy, then the other message-size policies
             tried = []
-            # large collectives deserve finer pieces (shorter pipeline tails): a larger task budget
-            budget = int(min(128_000, 24_000 * max(1.0, n / 2**26)))
-            counts = piece_candidates(routing, topo, n, budget)
-            if n >= _FINEST_ONLY_BYTES:
-                counts = counts[:1]  # large sizes: the finest pieces (shortest tails) win
+            tasks = routing_tasks(routing)
+            # the task budget of one schedule: large collectives can afford finer pieces (shorter tails)
+            budget = int(min(_MAX_TASKS, _CHEAP_TASKS * max(1.0, n / _FINE_PIECES_BYTES)))
+            counts = piece_candidates(routing, topo, n, min_piece_bytes=_MIN_PIECE_BYTES, max_tasks=budget)
             for pieces in counts:
                 tried.append((offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces)), pieces))
+            # few, large messages: where a switch port is the bottleneck, its alphas (one per message, ~7
+            # peers per piece) cost more than the longer tail of coarse pieces (cheap: few tasks)
+            for pieces in _COARSE_PIECES:
+                if pieces < counts[0] and pieces not in counts:
+                    tried.append(
+                        (offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces)), pieces)
+                    )
+                    sched = pipelined_schedule(routing, topo, n, pieces, ratio=0.5, floor=1, interleave=True)
+                    offer("pipelined" + tag, sched)
             best_pieces = min(tried)[1]
             for rounds, split in ((64, 0.5), (None, 0.7)):
                 sched = pipelined_schedule(routing, topo, n, best_pieces, rounds=rounds, split=split)
                 offer("pipelined" + tag, sched)
-            # planned messages on the bottleneck (few alphas, a small last message), pieces interleaved
-            if n <= _PLAN_ALL_COUNTS_BYTES:
-                counts = sorted({*counts, max(1, counts[0] // 2)})
+            # planned messages on the bottleneck (few alphas, a small last message), pieces interleaved:
+            # every count with every plan while the finest schedule has at most _CHEAP_TASKS tasks (cheap
+            # to build), else the best count
+            if counts[0] * tasks <= _CHEAP_TASKS:
+                plan_counts = sorted({*counts, max(1, counts[0] // 2), best_pieces})
                 plans = ((0.2, 1), (0.16, 2), (0.1, 2))
             else:
-                counts, plans = [best_pieces], ((0.2, 1),)
-            for pieces in counts:
+                plan_counts, plans = [best_pieces], ((0.2, 1),)
+            for pieces in plan_counts:
                 for ratio, floor in plans:
                     sched = pipelined_schedule(
                         routing, topo, n, pieces, ratio=ratio, floor=floor, interleave=True
                     )
                     offer("pipelined" + tag, sched)
-            if n >= _FINEST_ONLY_BYTES:
-                # few, large messages: where a switch port is the bottleneck, its alphas (one per message,
-                # ~7 peers per piece) cost more than the longer tail of coarse pieces (cheap: few tasks)
-                for pieces in _COARSE_PIECES:
-                    if pieces < best_pieces:
-                        offer("pipelined" + tag, pipelined_schedule(routing, topo, n, pieces))
-                        sched = pipelined_schedule(
-                            routing, topo, n, pieces, ratio=0.5, floor=1, interleave=True
-                        )
-                        offer("pipelined" + tag, sched)
-        if kind == "allgather" and n >= _FINEST_ONLY_BYTES and sketch is None:
+        if kind == "allgather" and sketch is None and nic_bound(bound) and not latency:
             # rail pipelines (NICs busy from time zero, small last NIC messages, bundled switch forwards):
-            # where the NICs or switch ports are the bottleneck, the routed pipelines' tails are longer
+            # where the NICs are the bottleneck, the routed pipelines' tails are longer (rules.nic_bound)
             for sched in rail_candidates(topo, n):
                 offer("rail", sched)
         for view, tag, routing in routings:
             flow_bytes = CollectiveSpec(kind, topo.size, view.sketch.chunks, root).chunk_bytes(n)
-            if not small:
+            if steady_state_worth(bound):
                 # the steady-state model, only where the pipelines are not already near the bound
-                if best is not None and best[0] <= _MODULO_SKIP * bound.time:
+                if best is not None and best[0] <= MODULO_SKIP * bound.time:
                     continue
-                pieces = 16
+                pieces = MODULO_PIECES
                 plan = solve_modulo(
                     routing, view, flow_bytes / pieces, time_limit=0.3 * time_limit_s / len(views), seed=seed,
                     workers=workers,
                 )  # fmt: skip
                 if plan is not None:
                     offer("modulo" + tag, expand_modulo(routing, plan, pieces, topo.size))
-            elif topo.size <= TIMED_MAX_RANKS:
-                if best is not None and best[0] <= _TIMED_SKIP * bound.time:
+            elif latency and topo.size <= TIMED_MAX_RANKS:
+                if best is not None and best[0] <= TIMED_SKIP * bound.time:
                     continue
                 upper = min([b[0] for b in base.values()] + [best[0] if best else float("inf")])
                 res = solve_timed(
@@ -271,8 +290,9 @@ def synthesize(
                     offer("timed" + tag, res.schedule)
         if kind == "allgather" and sketch is None:
             # one NIC shared by a node's GPUs: few NIC messages, the first from time zero, a small last one
-            # (offered after the timed model: a tighter upper bound there costs it wall time, gains nothing)
-            for sched in nic_candidates(topo, n):
+            # (offered after the timed model: a tighter upper bound there costs it wall time, gains nothing;
+            # built only when its floor, the shared NIC's time with its alphas, is below the best so far)
+            for sched in nic_candidates(topo, n, best[0] if best is not None else float("inf")):
                 offer("shared-nic", sched)
     if topo.size < 2:
         best = (0.0, "trivial", Schedule(CollectiveSpec(kind, topo.size, 1, root), (), "trivial"), ())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from shardwise.cluster.presets import get_cluster
+from shardwise.passes.collectives.baselines import baseline_schedules
 from shardwise.passes.collectives.lower import lower
-from shardwise.passes.collectives.nicshare import nic_candidates, shared_nic, shared_nic_allgather
+from shardwise.passes.collectives.nicshare import nic_candidates, nic_floor, shared_nic, shared_nic_allgather
 from shardwise.passes.collectives.simulate import simulate
 from shardwise.passes.collectives.synthesize import synthesize
 from shardwise.passes.collectives.topology import topology_view
@@ -33,10 +34,23 @@ def test_synthesized_allgather_on_ndv2x2_1mib_reaches_taccl() -> None:
     assert res.time_s >= res.bound.time
 
 
-def test_candidates_only_on_two_shared_nic_nodes_and_in_the_size_range() -> None:
-    a100 = topology_view(get_cluster("dgx-a100x2"), None)
-    assert not shared_nic(a100) and nic_candidates(a100, MiB) == []
-    ndv2 = topology_view(get_cluster("ndv2x2"), None)
-    assert nic_candidates(ndv2, 64 * MiB) == [] and nic_candidates(ndv2, 64 * 2**10) == []
-    ndv2x4 = topology_view(get_cluster("ndv2x4"), None)
-    assert shared_nic(ndv2x4) and nic_candidates(ndv2x4, MiB) == []  # offered on two nodes only
+def test_candidates_are_offered_by_their_floor_on_any_number_of_shared_nic_nodes() -> None:
+    a100 = topology_view(get_cluster("dgx-a100x2"))
+    assert not shared_nic(a100) and nic_candidates(a100, MiB) == []  # a NIC per GPU: not this shape
+    ndv2 = topology_view(get_cluster("ndv2x2"))
+    # three NIC messages per peer node: 512 KiB at 105 us/MiB plus 3 x 2.6 us, then one piece over NVLink
+    floor = nic_floor(ndv2, MiB)
+    assert 60.3e-6 < floor < 62.2e-6
+    schedules = nic_candidates(ndv2, MiB)
+    assert schedules and all(simulate(s, ndv2, MiB).time >= floor for s in schedules)
+    # nothing is built where the floor cannot beat what the other searches found
+    assert nic_candidates(ndv2, MiB, best_s=floor) == []
+    assert nic_candidates(ndv2, 64 * 2**10, best_s=8.9e-6) == []  # the timed model's 64 KiB figure
+    # four NDv2 nodes: the same rule fires (the old size window offered two nodes only)
+    ndv2x4 = topology_view(get_cluster("ndv2x4"))
+    hierarchical = simulate(baseline_schedules("allgather", ndv2x4, MiB)["hierarchical"], ndv2x4, MiB).time
+    assert nic_floor(ndv2x4, MiB) < hierarchical
+    best = min(nic_candidates(ndv2x4, MiB, best_s=hierarchical), key=lambda s: simulate(s, ndv2x4, MiB).time)
+    sim = simulate(best, ndv2x4, MiB)
+    verify_program(lower(best, sim.start))
+    assert nic_floor(ndv2x4, MiB) <= sim.time < hierarchical
