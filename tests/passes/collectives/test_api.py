@@ -54,7 +54,9 @@ def test_synthesis_beats_the_baselines_on_ndv2_and_exports(tmp_path):
         "algbw_GBps",
     ):
         assert key in row
-    assert row["source"].startswith(("pipelined", "modulo")) and row["algorithm"].startswith("synth:")
+    # a search won (with a 1 s budget the shared-NIC candidate, offered by its floor rule, can beat the pipelines)
+    assert not row["source"].startswith("baseline") and row["algorithm"].startswith("synth:")
+    assert min(row["library_closed_form_us"].values()) > row["synthesized_us"]  # the price list's library
     assert row["synthesized_us"] < min(row["baselines"].values()) / 1.2  # the one NIC: hierarchical wastes it
     assert row["synthesized_us"] >= row["lower_bound_us"] and row["bound_ratio"] < 1.1
     assert "allgather" in format_synth_table(rows)
