@@ -106,7 +106,9 @@ class CompiledModel:
         self._check_inputs(inputs)
         pool = self._ensure_pool()
         # from this process' generator state, on to the state after it: random ops draw what eager would
-        flat, state = pool.call_function(call_seeded, "infer", torch.get_rng_state(), *inputs, ranks="rank0")
+        flat, state = pool.call_function(
+            call_seeded, "infer", torch.get_rng_state(), *inputs, ranks="rank0", label="infer"
+        )
         torch.set_rng_state(state)
         return self._restructure(flat)
 
@@ -116,7 +118,9 @@ class CompiledModel:
             raise UserInputError("this model was compiled with mode='inference': compile with mode='train'")
         self._check_inputs(inputs)
         pool = self._ensure_pool()
-        loss, state = pool.call_function(call_seeded, "train_step", torch.get_rng_state(), *inputs, ranks="rank0")
+        loss, state = pool.call_function(
+            call_seeded, "train_step", torch.get_rng_state(), *inputs, ranks="rank0", label="train_step"
+        )
         torch.set_rng_state(state)
         return float(loss)
 

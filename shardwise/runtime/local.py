@@ -312,13 +312,21 @@ class WorkerPool:
             )
             self._loaded = name
 
-    def call(self, method: Any, *args: Any, ranks: Literal["all", "rank0"] = "all", **kwargs: Any) -> Any:
+    def call(
+        self,
+        method: Any,
+        *args: Any,
+        ranks: Literal["all", "rank0"] = "all",
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Call ``module.<method>(*args, **kwargs)`` on every rank with the same arguments.
 
         Returns the list of per-rank results, or rank 0's result with ``ranks="rank0"`` (the method still runs
         on every rank; the others' results are not sent back). Tensors travel detached and on CPU both ways
         (pickled by value through the pipe); on nccl the workers move the arguments to the rank's CUDA device,
-        where its program was built.
+        where its program was built. ``label`` names the step in a ``WorkerFault`` (``call #n <label>``);
+        by default the method's (or function's) name.
         """
         if ranks not in ("all", "rank0"):
             raise UserInputError(f"ranks must be 'all' or 'rank0', got {ranks!r}")
@@ -330,17 +338,25 @@ class WorkerPool:
                 args, kwargs = to_cpu_detached((args, kwargs))
             blob = pickle.dumps((args, kwargs), protocol=_PICKLE)
             per_rank = [(method, blob, ranks == "all" or r == 0) for r in range(self.world_size)]
-            label = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
+            if label is None:
+                label = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
             results = self._run("call", per_rank, label=label, method=label, per_rank=True)
             return results if ranks == "all" else results[0]
 
     def call_function(
-        self, function: Any, *args: Any, ranks: Literal["all", "rank0"] = "all", **kwargs: Any
+        self,
+        function: Any,
+        *args: Any,
+        ranks: Literal["all", "rank0"] = "all",
+        label: str | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Call ``function(module, *args, **kwargs)`` on every rank, like :meth:`call` (faults, results).
 
         ``function`` must be importable by name in the workers (a module-level function of an installed
-        module, e.g. ``shardwise.runtime.checkpoint.worker.save_rank``): it travels by reference.
+        module, e.g. ``shardwise.runtime.checkpoint.worker.save_rank``): it travels by reference. A wrapper
+        around a program method (``shardwise.runtime.seeded.call_seeded``) passes that method as ``label``, so
+        that a fault names the step the user called rather than the wrapper.
         """
         name = getattr(function, "__qualname__", "")
         if not callable(function) or "<" in name or not getattr(function, "__module__", None):
@@ -348,7 +364,7 @@ class WorkerPool:
                 f"call_function needs a module-level function, got {function!r}: lambdas and nested "
                 "functions cannot be sent to the workers"
             )
-        return self.call(function, *args, ranks=ranks, **kwargs)
+        return self.call(function, *args, ranks=ranks, label=label, **kwargs)
 
     def close(self) -> None:
         """Stop the workers (destroying their process groups) and wait for them; idempotent."""
