@@ -132,6 +132,12 @@ def _pipeline_timeline(plan: ExecutionPlan, cluster: Any) -> Timeline:
                         "gradients")  # fmt: skip
             )
     makespan = priced.step.step_s
+    if priced.end_s > 0:  # every rank: the loss all-reduce (training) or the outputs' gather (inference)
+        train = plan.mode == "train"
+        what = "the step's loss all-reduced" if train else "outputs gathered to rank 0"
+        for p in range(spec.pp):
+            per_device[p].append(Segment(-1, makespan - priced.end_s, priced.end_s, "comm", what, -1,
+                                         "gradients" if train else "forward"))  # fmt: skip
     notes = ["waits include the point-to-point transfers between stages (they overlap the sender's compute)"]
     ranks = list(plan.mesh.ranks)[:MAX_RANKS_SHOWN]
     if len(plan.mesh.ranks) > MAX_RANKS_SHOWN:

@@ -17,9 +17,10 @@ process's value; communication figures are rank 0's (the pair 0-1).
 
 What is measured (each a figure of the price list, ``costs/``):
 
-* ``dispatch_s``: the forward cost of one op as the generated program runs it (straight-line Python calling
-  ATen ops and views, on tensors so small that the kernel's own work is negligible), with autograd off
-  (inference); ``record_s``: the same with autograd recording (training), minus ``dispatch_s``;
+* ``dispatch_s``: the forward cost of one op that computes, as the generated program runs it (straight-line
+  Python calling ATen ops, on tensors so small that the kernel's own work is negligible), with autograd off
+  (inference); ``view_s``: the same for views (no kernel, no allocation); ``record_s``: what autograd
+  recording adds to an op that computes (training);
 * ``backward_node_s``: one node of the autograd engine's backward (a chain of tiny ops: forward and
   backward minus forward, per node);
 * ``gemm``: float32 matmuls of square sizes 64..512 (``GEMM_SIZES``): the achieved rate and fixed cost by a
@@ -39,6 +40,8 @@ What is measured (each a figure of the price list, ``costs/``):
   (``shardwise.runtime.lib.comm``, what every generated program calls) at ``COLLECTIVE_SIZES``; a line
   through each gives its fixed cost beyond the ring formula's latency terms, and its bandwidth as a
   fraction of the point-to-point one (the cluster keeps the mean of the three);
+* ``object_gather``: ``dist.gather_object`` of a tensor (``OBJECT_SIZES``) from the last rank to rank 0, as a
+  pipeline's inference hands rank 0 its outputs (pickled): a fixed cost and seconds per byte;
 * ``overlap``: an all-reduce started asynchronously while the process computes matmuls, against each
   alone: the fraction of the shorter one hidden (1: collectives progress while the host computes);
 * ``optimizer``: ``torch.optim.AdamW`` and ``SGD`` (momentum) steps as PyTorch runs them on CPU tensors
@@ -91,6 +94,7 @@ ELEMENTWISE_OPS = (
 OPTIMIZER_POINTS = ((1, 16), (32, 16), (1, 2**18))  # (tensors, elements each)
 P2P_LARGE = 2**22
 COLLECTIVE_SIZES = (2**6, 2**12, 2**16, 2**20)
+OBJECT_SIZES = (2**12, 2**20)
 #: the collectives plans use, and the ring formula's latency steps for p ranks (costs/comm.py; gloo has no
 #: reduce-scatter: the runtime library all-reduces and keeps its slice)
 COLLECTIVES = {"allreduce": lambda p: 2 * (p - 1), "allgather": lambda p: p - 1, "reduce_scatter": lambda p: 2 * (p - 1)}
@@ -152,7 +156,7 @@ def fit_line(xs: Sequence[float], ys: Sequence[float], relative: bool = True) ->
 # -- what one process measures ----------------------------------------------------------------------------
 
 
-def _dispatch_ops(x, w, idx, emb, mask):  # noqa: ANN001, ANN202 - the ops a generated program runs, in its style
+def _kernel_ops(x, w, idx, emb, mask):  # noqa: ANN001, ANN202 - ops that compute, in a generated program's style
     import torch
     import torch.nn.functional as F
 
@@ -160,11 +164,8 @@ def _dispatch_ops(x, w, idx, emb, mask):  # noqa: ANN001, ANN202 - the ops a gen
     a = x + w
     b = a * 0.5
     c = torch.tanh(b)
-    d = c.transpose(0, 1)
-    e = d.reshape(-1)
-    f = aten.mul.Tensor(e, e)
-    g = f.unsqueeze(0)
-    h = aten.exp.default(g)
+    f = aten.mul.Tensor(c, c)
+    h = aten.exp.default(f)
     i = F.layer_norm(x, [4], None, None, 1e-5)
     j = torch.softmax(i, -1)
     k = aten.matmul.default(j, w)
@@ -173,12 +174,25 @@ def _dispatch_ops(x, w, idx, emb, mask):  # noqa: ANN001, ANN202 - the ops a gen
     o = F.embedding(idx, emb)
     p = aten.cat.default([x, w])
     q = aten.rsqrt.default(x)
-    r = q.expand(2, 4, 4)
     s = F.gelu(x)
-    return h, m, n, o, p, r, s
+    return h, m, n, o, p, q, s
 
 
-_DISPATCH_OPS = 18  # statements in _dispatch_ops
+def _view_ops(x):  # noqa: ANN001, ANN202 - views, in a generated program's style
+    import torch
+
+    aten = torch.ops.aten
+    d = x.transpose(0, 1)
+    e = d.reshape(-1)
+    g = e.unsqueeze(0)
+    r = x.expand(2, 4, 4)
+    t = aten.slice.Tensor(x, 1, 0, 2)
+    v = aten.view.default(x, [2, 8])
+    return g, r, t, v
+
+
+_KERNEL_OPS = 14  # statements in _kernel_ops
+_VIEW_OPS = 6  # statements in _view_ops
 
 
 def _measure_dispatch(samples: int) -> Measurement:
@@ -187,10 +201,11 @@ def _measure_dispatch(samples: int) -> Measurement:
     x, w, emb = torch.rand(4, 4) + 0.5, torch.randn(4, 4), torch.randn(4, 4)
     idx, mask = torch.tensor([0, 1]), torch.rand(4, 4) > 0.5
     with torch.no_grad():
-        plain = _best(lambda: _dispatch_ops(x, w, idx, emb, mask), samples) / _DISPATCH_OPS
+        plain = _best(lambda: _kernel_ops(x, w, idx, emb, mask), samples) / _KERNEL_OPS
+        views = _best(lambda: _view_ops(x), samples) / _VIEW_OPS
     xg, wg, eg = (t.clone().requires_grad_() for t in (x, w, emb))
-    recorded = _best(lambda: _dispatch_ops(xg, wg, idx, eg, mask), samples) / _DISPATCH_OPS
-    return {"dispatch_s": plain, "record_s": max(recorded - plain, 0.0)}
+    recorded = _best(lambda: _kernel_ops(xg, wg, idx, eg, mask), samples) / _KERNEL_OPS
+    return {"dispatch_s": plain, "view_s": views, "record_s": max(recorded - plain, 0.0)}
 
 
 def _measure_backward(samples: int) -> Measurement:
@@ -380,6 +395,27 @@ def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
     return min(times)
 
 
+def _object_gather(rank: int, world: int, nbytes: int, samples: int) -> float:
+    """Least time of ``dist.gather_object`` to rank 0 of a float32 tensor of ``nbytes`` from the last rank
+    (the others send None), as a pipeline's ``infer`` gathers its last stage's outputs."""
+    import torch
+    import torch.distributed as dist
+
+    obj = torch.zeros(max(1, nbytes // 4)) if rank == world - 1 else None
+
+    def run() -> None:
+        dist.gather_object(obj, [None] * world if rank == 0 else None, dst=0)
+
+    run()
+    times = []
+    for _ in range(samples):
+        dist.barrier()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def _measure_comm(rank: int, world: int, samples: int) -> Measurement:
     import torch
     import torch.distributed as dist
@@ -396,6 +432,8 @@ def _measure_comm(rank: int, world: int, samples: int) -> Measurement:
     for kind in COLLECTIVES:
         out[kind] = [(float(n), _collective(kind, n, mesh, 4 * samples if n <= 2**16 else samples))
                      for n in COLLECTIVE_SIZES]  # fmt: skip
+    # an object gather to rank 0 (pickled tensors: how a pipeline's inference hands rank 0 its outputs)
+    out["object_gather"] = [(float(n), _object_gather(rank, world, n, samples)) for n in OBJECT_SIZES]
     # overlap: an all-reduce started, then matmuls, then the wait; against each alone
     a, b = torch.randn(192, 192), torch.randn(192, 192)
     buf = torch.zeros(2**18)
@@ -498,6 +536,7 @@ def spec_from_measurements(
     rate = min(1.0 / slope for _, slope in fits)
     gemm_fixed = max(c for c, _ in fits)
     dispatch = _slowest(results, lambda r: r["dispatch_s"])
+    view = _slowest(results, lambda r: r.get("view_s", r["dispatch_s"]))
     record = _slowest(results, lambda r: r["record_s"])
     backward = _slowest(results, lambda r: r["backward_node_s"])
     streams = [[(nbytes, nbytes / secs) for nbytes, secs in r["stream"]] for r in results]
@@ -530,6 +569,7 @@ def spec_from_measurements(
     latency, bandwidth = CPU_GLOO_LATENCY, CPU_GLOO_BANDWIDTH
     collective_overhead, intra = 0.0, 1.0
     overlap = 1.0
+    object_fixed = object_per_byte = 0.0
     comm_sources: list[tuple[str, str]] = []
     if "p2p" in first:
         (n_small, t_small), (n_large, t_large) = first["p2p"]["small"], first["p2p"]["large"]
@@ -553,7 +593,11 @@ def spec_from_measurements(
         o = first["overlap"]
         hidden = o["compute"] + o["comm"] - o["both"]
         overlap = min(1.0, max(0.0, hidden / min(o["compute"], o["comm"])))
+        sizes, secs = zip(*first["object_gather"], strict=True)
+        object_fixed, object_per_byte = fit_line(sizes, secs)
         comm_sources = [
+            ("object_overhead_s", f"{origin}: dist.gather_object of a tensor to rank 0, fixed cost (4 KiB, 1 MiB)"),
+            ("object_byte_s", f"{origin}: the same, seconds per byte"),
             ("collective_overhead_s", f"{origin}: the runtime library's all-reduce, all-gather and reduce-scatter "
                                       "on gloo, fixed cost beyond the ring's latency terms (mean of the three)"),
             ("intra_node", f"{origin}: those collectives' bandwidth over point-to-point's (mean of the three)"),
@@ -566,10 +610,13 @@ def spec_from_measurements(
         memory=1.0,
         intra_node=intra,
         op_overhead_s=dispatch,
+        view_overhead_s=view,
         record_overhead_s=record,
         backward_op_overhead_s=backward,
         gemm_overhead_s=max(gemm_fixed - dispatch, 0.0),
         collective_overhead_s=collective_overhead,
+        object_overhead_s=object_fixed,
+        object_byte_s=object_per_byte,
         cache_bytes=cache_bytes,
         cache_bandwidth=cache_bw,
         comm_overlap=overlap,
@@ -583,6 +630,7 @@ def spec_from_measurements(
             ("attention_backward", f"{origin}: its backward (2.5x the forward FLOPs) over the matmul rate"),
             ("memory", f"{origin}: the device's bandwidth is a + b beyond the caches itself"),
             ("op_overhead_s", f"{origin}: forward ops without autograd, as the generated program runs them"),
+            ("view_overhead_s", f"{origin}: views, as the generated program runs them"),
             ("record_overhead_s", f"{origin}: the same ops with autograd recording, the difference"),
             ("backward_op_overhead_s", f"{origin}: autograd engine, one backward node"),
             ("gemm_overhead_s", f"{origin}: matmul fixed cost beyond op_overhead_s (fit over sizes 64-512)"),

@@ -19,6 +19,8 @@ Fields:
 - ``op_overhead_s``: the fixed cost of launching one kernel (the framework's dispatch on the host); with
   ``overhead_hidden`` the host runs ahead of the device (CUDA streams), so an op takes the larger of its
   device time and this overhead, otherwise (a CPU process computing its own ops) the sum;
+- ``view_overhead_s``: the host's cost of one view (no kernel: the dispatch only) where the host dispatches
+  every op (not ``overhead_hidden``); 0: ``op_overhead_s``;
 - ``record_overhead_s``: what autograd adds to that cost for an op it records (a training forward);
 - ``backward_op_overhead_s``: the fixed cost of one node of the backward as the autograd engine runs it
   (hidden like ``op_overhead_s`` when ``overhead_hidden``);
@@ -33,6 +35,8 @@ Fields:
   framework runs it; optimizers not listed are priced by their memory traffic and kernel launches;
 - ``collective_overhead_s``: the fixed cost of one collective call beyond the links' latency (the library's
   own bookkeeping: gloo's per-call work, NCCL's launch);
+- ``object_overhead_s`` / ``object_byte_s``: gathering a Python object holding tensors (pickled) to one
+  rank: a fixed cost and seconds per byte of its tensors (a pipeline's inference hands rank 0 its outputs so);
 - ``comm_overlap``: the fraction of a collective's time hidden behind computation when it runs
   asynchronously beside it (1: NCCL on its own stream; gloo on busy CPU cores hides less);
 - ``fused_kernels``: fused groups run as one kernel (Triton on CUDA); on CPUs the generated program runs a
@@ -50,11 +54,15 @@ __all__ = ["Efficiency", "EFFICIENCY_FIELDS", "PEAK"]
 
 EFFICIENCY_FIELDS = (
     "gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node", "op_overhead_s",
-    "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "cache_bytes", "cache_bandwidth",
-    "elementwise_s", "optimizer_s", "collective_overhead_s", "comm_overlap", "overhead_hidden", "fused_kernels",
+    "view_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "cache_bytes", "cache_bandwidth",
+    "elementwise_s", "optimizer_s", "collective_overhead_s", "object_overhead_s", "object_byte_s", "comm_overlap",
+    "overhead_hidden", "fused_kernels",
 )  # fmt: skip
 _FRACTIONS = ("gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node")
-_SECONDS = ("op_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "collective_overhead_s")
+_SECONDS = (
+    "op_overhead_s", "view_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "collective_overhead_s",
+    "object_overhead_s", "object_byte_s",
+)  # fmt: skip
 _AMOUNTS = ("cache_bytes", "cache_bandwidth")  # bytes, bytes/s: >= 0 (0: unknown)
 _TABLES = {"elementwise_s": 3, "optimizer_s": 4}  # (name, figure, ...) rows of these widths
 _FLAGS = ("overhead_hidden", "fused_kernels")
@@ -75,6 +83,7 @@ class Efficiency:
     intra_node: float = 1.0
     inter_node: float = 1.0
     op_overhead_s: float = 0.0
+    view_overhead_s: float = 0.0
     record_overhead_s: float = 0.0
     backward_op_overhead_s: float = 0.0
     gemm_overhead_s: float = 0.0
@@ -83,6 +92,8 @@ class Efficiency:
     elementwise_s: tuple[tuple[str, float, float], ...] = ()
     optimizer_s: tuple[tuple[str, float, float, float], ...] = ()
     collective_overhead_s: float = 0.0
+    object_overhead_s: float = 0.0
+    object_byte_s: float = 0.0
     comm_overlap: float = 1.0
     overhead_hidden: bool = True
     fused_kernels: bool = True

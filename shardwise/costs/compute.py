@@ -21,8 +21,9 @@ model is traced in float32; bf16/fp16 runs move half the bytes). Its *cost class
 The roofline is ``max(flop time, byte time)``. Every op that runs a kernel then pays the device's fixed
 launch cost ``efficiency.op_overhead_s`` (plus ``efficiency.record_overhead_s`` when autograd records it, in
 a training forward): added to the roofline when the host computes its own ops (a CPU process), the larger
-of the two when the host runs ahead of the device (``overhead_hidden``: CUDA). Views pay it too where the
-host dispatches them (a CPU process), never on a device that runs ahead.
+of the two when the host runs ahead of the device (``overhead_hidden``: CUDA). Views cost the host their
+dispatch (``efficiency.view_overhead_s``) where it dispatches them (a CPU process), nothing on a device that
+runs ahead.
 
 A fused group (``fused_kernels`` devices) is one kernel: its FLOPs, and only the bytes of its inputs and
 outputs; where the device runs fused groups op by op (CPUs), a group costs the sum of its ops.
@@ -227,12 +228,19 @@ class ComputePrices:
             device += self.efficiency.gemm_overhead_s
         return device
 
+    def view_s(self) -> float:
+        """The host's cost of one view (no kernel): ``view_overhead_s`` (``op_overhead_s`` where not measured);
+        nothing where the host runs ahead of the device."""
+        eff = self.efficiency
+        if eff.overhead_hidden:
+            return 0.0
+        return eff.view_overhead_s or eff.op_overhead_s
+
     def forward_s(self, work: OpWork, recording: bool = False) -> float:
         """One op's forward (see the module docstring); ``recording``: autograd records it (training)."""
-        overhead = self.op_overhead_s(recording)
         if work.cost_class == "free":
-            return 0.0 if self.efficiency.overhead_hidden else overhead
-        return self.with_overhead(self.device_s(work), 1, overhead)
+            return self.view_s()
+        return self.with_overhead(self.device_s(work), 1, self.op_overhead_s(recording))
 
     def group_forward_s(self, works: list[OpWork], boundary_bytes: float, recording: bool = False) -> float:
         """A fused group of ops whose inputs and outputs total ``boundary_bytes`` (at this precision)."""

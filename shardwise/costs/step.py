@@ -49,7 +49,7 @@ __all__ = [
     "BUCKET_BYTES", "BACKWARD_OF", "Event", "StepPrice", "OpPrice", "price_flat", "op_ways", "grad_values",
     "node_prices", "op_prices", "fused_forward", "fused_backward", "PricingContext", "plan_pricing",
     "Action", "ScheduleDeadlock", "SimResult", "simulate", "analytic_step", "mfu", "predict_flat", "StageTail",
-    "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times", "accumulate_s",
+    "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times", "accumulate_s", "pipeline_end_s",
 ]  # fmt: skip
 
 BUCKET_BYTES = 25 * 2**20  # the generated gradient reduction's bucket size (as DDP's default)
@@ -678,6 +678,7 @@ class PipelinePrice:
     chunk_backward_s: tuple[float, ...]
     transfer_s: tuple[float, ...]
     tail_s: tuple[float, ...]
+    end_s: float = 0.0  # after every device's tail: the loss all-reduce or the outputs' gather (pipeline_end_s)
 
 
 def chunk_times(
@@ -741,9 +742,33 @@ def price_pipeline(plan: ExecutionPlan, prices: PriceList, *, fused_backward: bo
     busy = max(sim.device_busy_s) if sim.device_busy_s else 0.0
     worst = max(range(spec.pp), key=lambda p: sim.device_busy_s[p]) if spec.pp else 0
     chunks_on_worst = range(worst, len(spec.stages), spec.pp)
-    comm = sum((times[c][2] + times[c][3]) * spec.microbatches for c in chunks_on_worst) + tails[worst]
-    step = StepPrice(sim.step_s, max(busy - comm + tails[worst], 0.0), comm, sim.bubble_s)
-    return PipelinePrice(step, sim, fwd, bwd, tuple(transfer), tuple(tails))
+    end = pipeline_end_s(plan, prices)
+    comm = sum((times[c][2] + times[c][3]) * spec.microbatches for c in chunks_on_worst) + tails[worst] + end
+    step = StepPrice(sim.step_s + end, max(busy - comm + tails[worst] + end, 0.0), comm, sim.bubble_s)
+    return PipelinePrice(step, sim, fwd, bwd, tuple(transfer), tuple(tails), end)
+
+
+def pipeline_end_s(plan: ExecutionPlan, prices: PriceList) -> float:
+    """What a pipeline step does on every rank after its schedule and tails: training all-reduces the step's
+    loss over every rank (a float64 scalar); inference gathers the last stage's outputs (every micro-batch,
+    every replica) to rank 0 as one pickled object each (``efficiency.object_overhead_s`` and
+    ``object_byte_s``)."""
+    spec = plan.pipeline
+    assert spec is not None
+    ranks = tuple(range(spec.pp * spec.dp * spec.tp))
+    if len(ranks) < 2:
+        return 0.0
+    if plan.mode == "train":
+        return prices.collective_s("allreduce", 8.0, ranks)
+    last = spec.stages[-1].plan.graph
+    width = traced_scale(plan.graph, plan.precision)
+    nbytes = 0.0
+    for name in last.output_names:
+        out = last.spec_of(name)
+        if isinstance(out, TensorSpec):
+            nbytes += out.nbytes * (width if out.dtype.startswith(_FLOAT) else 1.0)
+    eff = prices.cluster.efficiency
+    return eff.object_overhead_s + eff.object_byte_s * nbytes * spec.microbatches * spec.dp
 
 
 def _stage_tail(plan: ExecutionPlan, p: int) -> StageTail:

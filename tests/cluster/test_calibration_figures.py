@@ -24,12 +24,13 @@ calibrate_module = importlib.import_module("shardwise.cluster.calibrate")
 
 # the "machine" the synthetic measurements describe
 RATE, GEMM_FIXED = 80e9, 6e-6
-DISPATCH, RECORD, BACKWARD = 2e-6, 0.5e-6, 3e-6
+DISPATCH, VIEW, RECORD, BACKWARD = 2e-6, 1e-6, 0.5e-6, 3e-6
 CACHE_BW, MEMORY_BW = 80e9, 15e9
 ALPHA, BANDWIDTH = 40e-6, 2e9
 AR_OVERHEAD, AG_OVERHEAD, RS_OVERHEAD = 50e-6, 30e-6, 70e-6
 AR_FRACTION = 0.5  # all-reduce and reduce-scatter reach half of point-to-point's bandwidth, all-gather all of it
 ADAM = (20e-6, 30e-6, 2e-9)  # per step, per tensor, per element
+OBJECT = (300e-6, 3e-9)  # an object gather: fixed, per byte
 
 
 def _measurement(slow: float = 1.0) -> dict:
@@ -45,6 +46,7 @@ def _measurement(slow: float = 1.0) -> dict:
     bandwidths = (CACHE_BW, CACHE_BW, CACHE_BW, (CACHE_BW + MEMORY_BW) / 2 - 1e9, MEMORY_BW)
     return {
         "dispatch_s": DISPATCH * slow,
+        "view_s": VIEW * slow,
         "record_s": RECORD * slow,
         "backward_node_s": BACKWARD * slow,
         "gemm": [(2.0 * k**3, slow * (GEMM_FIXED + 2.0 * k**3 / RATE)) for k in calibrate_module.GEMM_SIZES],
@@ -65,6 +67,7 @@ def _measurement(slow: float = 1.0) -> dict:
         "allreduce": allreduce,
         "allgather": allgather,
         "reduce_scatter": scatter,
+        "object_gather": [(float(m), OBJECT[0] + m * OBJECT[1]) for m in calibrate_module.OBJECT_SIZES],
         "overlap": {"compute": 1e-3, "comm": 0.5e-3, "both": 1.4e-3},
     }
 
@@ -82,6 +85,7 @@ def test_figures_from_measurements() -> None:
     # compute: the slower process's figures
     assert spec.device.flops("float32") == pytest.approx(RATE / 1.25)
     assert eff.op_overhead_s == pytest.approx(1.25 * DISPATCH)
+    assert eff.view_overhead_s == pytest.approx(1.25 * VIEW)
     assert eff.record_overhead_s == pytest.approx(1.25 * RECORD)
     assert eff.backward_op_overhead_s == pytest.approx(1.25 * BACKWARD)
     assert eff.gemm_overhead_s == pytest.approx(1.25 * (GEMM_FIXED - DISPATCH))
@@ -95,6 +99,7 @@ def test_figures_from_measurements() -> None:
     assert eff.collective_overhead_s == pytest.approx((AR_OVERHEAD + AG_OVERHEAD + RS_OVERHEAD) / 3, rel=1e-3)
     assert eff.intra_node == pytest.approx((2 * AR_FRACTION + 1) / 3, rel=1e-3)
     assert eff.comm_overlap == pytest.approx(0.1 / 0.5)
+    assert (eff.object_overhead_s, eff.object_byte_s) == pytest.approx(OBJECT)
     assert eff.overhead_hidden is False and eff.fused_kernels is False
     assert "measured on this machine at now by shardwise calibrate" in eff.source("op_overhead_s")
     # the YAML form keeps every figure, tables included

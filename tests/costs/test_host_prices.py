@@ -34,7 +34,9 @@ def test_each_op_pays_the_host_and_a_recorded_op_more() -> None:
     tiny = OpWork("memory", 16, 192.0, 0.0, "add", 16)
     assert p.forward_s(tiny) == pytest.approx(2e-6 + 192 / 100e9)
     assert p.forward_s(tiny, recording=True) == pytest.approx(3e-6 + 192 / 100e9)
-    assert p.forward_s(OpWork("free", 0, 0, 0, "view")) == 2e-6
+    assert p.forward_s(OpWork("free", 0, 0, 0, "view")) == 2e-6  # no view figure: a view costs what an op does
+    views = ComputePrices(CLUSTER.device, dataclasses.replace(HOST, view_overhead_s=0.5e-6), "fp32")
+    assert views.forward_s(OpWork("free", 0, 0, 0, "view")) == 0.5e-6
     assert backward_s(p, tiny) == pytest.approx(3e-6 + 2 * 192 / 100e9)
     # a matmul: its fixed cost once forward, once per gradient backward (two matmuls)
     mm = OpWork("gemm", 2e6, 1e4, 0.0, "mm", 1e3)
