@@ -10,6 +10,10 @@ stage's schedule (``spec.actions``): action ``i`` of the stage gets its own wind
   into its backward (kept for backward) is live from the forward of micro-batch ``m`` to its backward,
   across every action the stage runs in between: the micro-batches in flight. With ``recompute="full"``
   a chunk keeps only what it received; the backward recomputes the rest (live within the backward).
+* Inference: the last chunk's outputs of every micro-batch are kept to the end of the step, where the last
+  stage joins them (one copy) and pickles them for ``gather_object`` (a byte storage of their size), and
+  rank 0 (first stage) holds the gathered objects: its own padded one, the gathered ones and the collective's
+  flat copy of them, ``(2 x world + 1)`` times the joined outputs (``runtime.lib.pipeline``'s ``infer``).
 * Once per stage: parameters and optimizer state (the whole step), the whole input batch on the stage
   holding chunk 0, parameter gradients (from the chunk's first backward to the optimizer step; gradients
   of all micro-batches accumulate in place), gradient buckets and the optimizer's scratch at the end.
@@ -36,10 +40,11 @@ from dataclasses import dataclass
 
 from shardwise.ir.pipeline import PipelineSpec
 from shardwise.ir.plan import ExecutionPlan, RankMemory
+from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.assign import assign_offsets
 from shardwise.passes.memory.buffers import Assignment, Buffer, lower_bound
 from shardwise.passes.memory.mapping import NODE_LIMIT, TIME_LIMIT_S, rank_memory
-from shardwise.passes.memory.program import BUCKET_BYTES, buffer_kind, step_buffers
+from shardwise.passes.memory.program import ALIGN, BUCKET_BYTES, buffer_kind, step_buffers
 from shardwise.passes.memory.verify import verify_assignment
 
 __all__ = ["MAX_PACKED", "PipelineMemoryMap", "map_pipeline_memory", "online_assignment", "stage_buffers"]
@@ -145,7 +150,8 @@ def stage_buffers(
             bwd[(c, m)] = clock
             clock += nodes[c]  # backward steps N+1..2N
     reduce_step, optimizer_step = clock, clock + 1
-    end = clock + 2 if train else clock
+    gather_step = clock  # inference: the outputs joined and gathered to rank 0
+    end = clock + 2 if train else clock + 1
 
     def at(c: int, m: int, t: int) -> int:
         n = nodes[c]
@@ -156,6 +162,8 @@ def stage_buffers(
         return reduce_step if t == 2 * n + 1 else optimizer_step
 
     last_b = {c: max((bwd[k] + nodes[c] - 1 for k in bwd if k[0] == c), default=reduce_step) for c in chunks}
+    last_chunk = spec.chunks - 1
+    kept_outputs = set() if train or last_chunk not in chunks else set(spec.stages[last_chunk].plan.graph.output_names)
     reduction = _StageReduction(spec, chunks, last_b, reduce_step, end, optimizer_factor) if train else None
     out: list[Buffer] = []
     for c, bufs in local.items():
@@ -188,6 +196,8 @@ def stage_buffers(
                         if kind == "agrad" and b.start == n:
                             start = bwd[(c, m)]
                     spans = b.start < n < b.end - 1 and kind != "agrad"  # kept from forward into backward
+                    if c == last_chunk and _output_of(key) in kept_outputs:
+                        last = max(last, gather_step)  # inference keeps every micro-batch's outputs to join them
                     if spec.recompute == "full" and spans and not kept and train:
                         # dropped after the forward, made again at the start of the backward
                         out.append(Buffer(f"{name}#{m}", start, fwd[(c, m)] + n + 1, b.size))
@@ -196,6 +206,41 @@ def stage_buffers(
                         out.append(Buffer(f"{name}#{m}", start, max(last + 1, start + 1), b.size))
     if reduction is not None:
         out += reduction.buffers
+    if not train:
+        out += _gathered_outputs(spec, stage, gather_step, precision)
+    return out
+
+
+def _output_of(key: str) -> str:
+    """The value a per-micro-batch buffer holds when it may be an output of its chunk's program: an
+    activation's value, or a collective's on the outputs (``@out``); "" for other collective buffers."""
+    if "->" in key:
+        return key.split("->", 1)[0] if "@out" in key else ""
+    return key
+
+
+def _gathered_outputs(spec: PipelineSpec, stage: int, step: int, precision: str) -> list[Buffer]:
+    """An inference step's end (``runtime.lib.pipeline.PipelineRank.infer``): the last stage joins its
+    micro-batches' outputs (one copy) and pickles them for ``torch.distributed.gather_object`` (a byte
+    storage of their size); rank 0, on the first stage, receives every rank's pickled object padded to the
+    largest: its own padded object, the gathered objects and the collective's flat copy of them."""
+    last = spec.stages[-1].plan.graph
+    width = 2 if precision in ("bf16", "fp16") else 4
+    per_microbatch = 0
+    for name in last.output_names:
+        value = last.spec_of(name)
+        if isinstance(value, TensorSpec):
+            floating = value.dtype.startswith(("float", "bfloat"))
+            per_microbatch += value.numel * width if floating else value.nbytes
+    joined = -(-per_microbatch * spec.microbatches // ALIGN) * ALIGN
+    world = spec.pp * spec.dp * spec.tp
+    out: list[Buffer] = []
+    if joined <= 0 or world < 2:
+        return out
+    if stage == (spec.chunks - 1) % spec.pp:
+        out += [Buffer("end:joined", step, step + 1, joined), Buffer("end:pickled", step, step + 1, joined)]
+    if stage == 0:
+        out.append(Buffer("end:gathered", step, step + 1, (2 * world + 1) * joined))
     return out
 
 

@@ -4,7 +4,9 @@ The step is the program codegen emits, in the order it runs (steps are integers)
 
 * forward: op ``k`` of the graph at step ``k``; the collectives that redistribute its operands run at the
   same step (an output buffer per value and destination placement, shared by the ops that read it, as
-  codegen shares them); the collectives on the graph outputs at step ``N``;
+  codegen shares them; an all-gather also holds a flat copy of its whole output for that step:
+  ``torch.distributed.all_gather`` into a list of tensors gathers into one flat buffer and copies the pieces
+  out, on gloo and NCCL alike); the collectives on the graph outputs at step ``N``;
 * training only: the backward of op ``k`` at step ``2N - k`` (reverse order), the gradient all-reduce
   buckets at ``2N + 1``, the optimizer step at ``2N + 2``.
 
@@ -266,6 +268,8 @@ def step_buffers(
                     spec = graph.spec_of(v)
                     size = nbytes(spec, r.dst, v not in is_param) if isinstance(spec, TensorSpec) else 0
                     coll[key] = lives.new(f"coll:{v}->{r.dst}@{k}", size, k)
+                    if "allgather" in r.collective:
+                        lives.new(f"coll:{v}->{r.dst}@{k}.flat", size, k)  # the library's flat copy
                 reads.append(coll[key])
                 redist[j] = (r.collective, local.get(v, 0))
             else:
@@ -361,6 +365,8 @@ def step_buffers(
             spec = graph.spec_of(v)
             if isinstance(spec, TensorSpec):
                 sid = lives.new(f"coll:{v}->{r.dst}@out", nbytes(spec, r.dst, True), sched.outputs)
+                if "allgather" in r.collective:  # the library's flat copy
+                    lives.new(f"coll:{v}->{r.dst}@out.flat", nbytes(spec, r.dst, True), sched.outputs)
                 lives.touch(sid, last if train else sched.outputs)
     for _, value in graph.buffer_updates:
         if value.name in storage:
