@@ -1,21 +1,44 @@
-"""ExecutionPlan → the Python source of one rank's program. Every decision is made here; the template
-(templates/program.py.j2) only lays the statements out.
+"""ExecutionPlan → the Python source of one rank's program. Every decision is made here and in the modules
+it calls; the template (templates/program.py.j2) only lays the code out.
+
+The program's forward pass is made in steps:
+
+1. one :class:`Statement` per op or fused group in execution order (``_body``): the op spelled as a person
+   writes it (``codegen.spelling``), its operands' collectives before it, ``del`` after each value's last
+   use. Values that depend on no input and no weight (attention masks, position ids: shape-only
+   subgraphs) are computed once when the program is built and kept as buffers; ops that return their
+   operand unchanged (``x + 0``, ``x * 1``, dropout that drops nothing, a ``to`` that changes nothing) are
+   not written at all;
+2. activation checkpointing and host offload wrap the statements of their ranges (``codegen.recompute``,
+   ``codegen.offload``);
+3. repeated layers become one function per distinct layer, called per layer with that layer's weights,
+   in a loop where the layers are consecutive (``codegen.blocks``); the weight tables are written once per
+   repeated layer (``codegen.tables``).
+
+Guarantees: the program computes, op for op, what the plan says (the same ops on the same local pieces, the
+same collectives), so its results equal the unfolded, unrolled program's.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import jinja2
 
+from shardwise.codegen.blocks import outline
 from shardwise.codegen.offload import offloads_optimizer, save_activations_on_host
+from shardwise.codegen.pysource import WIDTH, identifier, rename, uses, wrap_lines
 from shardwise.codegen.recompute import checkpoint_ranges, recompute_ranges
+from shardwise.codegen.spelling import spell, uses_aten
+from shardwise.codegen.statement import Statement
+from shardwise.codegen.tables import program_tables
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
-from shardwise.ir.graph import Arg, Const, Function, Graph, Node, Value
+from shardwise.ir.graph import Arg, Const, Function, Graph, Node, Value, iter_values
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
-from shardwise.ir.registry import SYM_FUNCTIONS, tensor_operands
+from shardwise.ir.registry import SYM_FUNCTIONS, draws_random, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["render_program", "Statement", "template_env"]
@@ -42,26 +65,6 @@ _SIZE_ARG = {
     "aten.ones.default": 0,
     "aten.empty.memory_format": 0,
 }
-_BINARY_INFIX = {"aten.add.Tensor": "+", "aten.sub.Tensor": "-", "aten.mul.Tensor": "*", "aten.div.Tensor": "/"}
-_METHODS = {
-    # a view of a sharded value may see other strides than the whole value had (a collective's or a
-    # kernel's output): reshape is the same view when the strides allow it, a copy otherwise
-    "aten.view.default": "reshape",
-    "aten._unsafe_view.default": "reshape",
-    "aten.reshape.default": "reshape",
-    "aten.transpose.int": "transpose",
-    "aten.permute.default": "permute",
-    "aten.unsqueeze.default": "unsqueeze",
-    "aten.expand.default": "expand",
-}
-_FUNCTIONAL = {
-    "aten.linear.default": "F.linear",
-    "aten.layer_norm.default": "F.layer_norm",
-    "aten.scaled_dot_product_attention.default": "F.scaled_dot_product_attention",
-    "aten.silu.default": "F.silu",
-    "aten.relu.default": "F.relu",
-    "aten.tanh.default": "torch.tanh",
-}
 _SCALAR_INFIX = {
     "add": "+", "sub": "-", "mul": "*", "floordiv": "//", "truediv": "/", "mod": "%", "pow": "**", "ge": ">=",
     "gt": ">", "le": "<=", "lt": "<", "eq": "==", "ne": "!=", "and_": "&", "or_": "|", "lshift": "<<", "rshift": ">>",
@@ -71,16 +74,10 @@ _SCALAR_UNARY = {
     "neg": "-{}", "not_": "not {}", "abs": "abs({})", "round": "round({})", "trunc": "int({})", "floor": "int({} // 1)",
     "ceil": "-int(-{} // 1)",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Statement:
-    comment: str
-    lines: tuple[str, ...]
-
-
-class _Code(str):
-    """A Python expression to emit as is."""
+_DROPOUTS = ("aten.dropout.default", "aten.alpha_dropout.default", "aten.feature_dropout.default")
+_CONVERSIONS = (
+    "aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device", "aten.type_as.default",
+)  # fmt: skip
 
 
 def template_env() -> jinja2.Environment:
@@ -92,15 +89,20 @@ def template_env() -> jinja2.Environment:
     )
 
 
+class _Code(str):
+    """A Python expression to emit as is."""
+
+
 def _identifier(text: str) -> str:
-    name = re.sub(r"[^0-9a-zA-Z_]", "_", text).strip("_")
-    name = re.sub(r"_+", "_", name)
-    if not name or name[0].isdigit():
-        name = "v_" + name
-    return name
+    return identifier(text)
 
 
-_RESERVED = {"self", "mesh", "torch", "nn", "F", "C", "K", "aten", "loss"}
+# names the program's own code uses: never a variable
+_RESERVED = {
+    "self", "mesh", "torch", "nn", "F", "C", "K", "aten", "loss", "w", "i", "layer", "re", "SimpleNamespace",
+    "per_layer", "fill", "build", "Program", "TENSORS", "ALIASES", "PARTS", "GRAD_REDUCE", "PRECISION", "TRAINING",
+    "ZERO_STAGE", "OFFLOAD_OPTIMIZER", "MESH_SHAPE", "MESH_AXES", "MESH_RANKS",
+}  # fmt: skip
 
 
 class _Names:
@@ -113,6 +115,7 @@ class _Names:
         self.read: dict[str, str] = {}  # parameter value -> a local copy the program reads instead
         for p in graph.params:
             self.attr[p.name] = _identifier(p.key)
+        self.taken |= set(self.attr.values())
         for i in graph.inputs:
             self._take(i.name, _identifier(i.name))
         counts: dict[str, int] = {}
@@ -158,14 +161,12 @@ class _Names:
         return self.var[value]
 
 
-def _format(a: Arg | _Code, ref: dict[str, str], names: _Names) -> str:
+def _format(a: Arg | _Code, ref: Mapping[str, str], names: _Names) -> str:
     if isinstance(a, _Code):
         return str(a)
     if isinstance(a, Value):
         return ref.get(a.name) or names.ref(a.name)
     if isinstance(a, Const):
-        if a.kind == "dtype":
-            return f"torch.{a.value}"
         if a.kind == "device":
             return "self.device"
         if a.kind == "function":  # a subgraph of a higher-order op, written at the top of the program
@@ -235,13 +236,13 @@ def _localize_sizes(node: Node, strategy: NodeStrategy, mesh: DeviceMesh, names:
 
 
 def _call(
-    node: Node, args: tuple[Arg | _Code, ...], ref: dict[str, str], names: _Names,
+    node: Node, args: tuple[Arg | _Code, ...], ref: Mapping[str, str], names: _Names,
     kwargs: tuple[tuple[str, Arg | _Code], ...] | None = None,
 ) -> str:  # fmt: skip
     """The expression for ``node`` with ``args`` (and ``kwargs``, the node's by default); values are named
     by ``ref`` or their own variable (operands bound to another variable by :func:`_bind` are code)."""
     fmt = [_format(a, ref, names) for a in args]
-    kw = [f"{k}={_format(v, ref, names)}" for k, v in (node.kwargs if kwargs is None else kwargs)]
+    kw = [(k, _format(v, ref, names)) for k, v in (node.kwargs if kwargs is None else kwargs)]
     if node.op == "getitem":
         return f"{fmt[0]}[{fmt[1]}]"
     if node.op == "scalar_op":  # arithmetic on sizes: a Python expression over ints, floats and bools
@@ -253,26 +254,9 @@ def _call(
         if op not in SYM_FUNCTIONS:
             raise ValueError(f"unknown scalar function {op!r} in node {node.name}")
         return f"torch.{op}({', '.join(fmt[1:])})"  # torch.sym_max(a, b) and the like
-    if node.op in _BINARY_INFIX and not kw and len(fmt) == 2:
-        return f"{fmt[0]} {_BINARY_INFIX[node.op]} {fmt[1]}"
-    if node.op in _METHODS and not kw and isinstance(node.args[0], Value):
-        rest = fmt[1:]
-        if node.op in ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.expand.default",
-                       "aten.permute.default"):
-            rest = [r[1:-1] if r.startswith("[") and r != "[]" else r for r in rest]  # (a 0-d shape stays [])
-        return f"{fmt[0]}.{_METHODS[node.op]}({', '.join(rest)})"
-    if node.op == "aten.copy.default" and len(fmt) == 2 and not kw:  # (aten.copy has no autograd formula)
-        return f"{fmt[1]}.to({fmt[0]}.dtype).expand_as({fmt[0]}).clone()"
-    if node.op == "aten.embedding.default" and len(fmt) == 2 and not kw:
-        return f"F.embedding({fmt[1]}, {fmt[0]})"
-    if node.op == "aten.layer_norm.default" and not kw:
-        return f"F.layer_norm({', '.join(fmt[:5])})"  # aten's sixth argument (cudnn_enable) is not F's
-    if node.op in _FUNCTIONAL and node.op != "aten.layer_norm.default":
-        return f"{_FUNCTIONAL[node.op]}({', '.join(fmt + kw)})"
     if node.op.startswith("higher_order."):  # torch.cond and the like, called whole as eager PyTorch does
-        return f"torch.ops.higher_order.{node.op.split('.', 1)[1]}({', '.join(fmt + kw)})"
-    ns, name, overload = node.op.split(".", 2) if node.op.count(".") >= 2 else ("aten", node.op, "default")
-    return f"torch.ops.{ns}.{name}.{overload}({', '.join(fmt + kw)})"
+        return f"torch.ops.higher_order.{node.op.split('.', 1)[1]}({', '.join(fmt + [f'{k}={v}' for k, v in kw])})"
+    return spell(node, fmt, kw)
 
 
 def _sharded_cross_entropy(
@@ -364,30 +348,11 @@ def _placement_note(spec: ShardingSpec | None, mesh: DeviceMesh) -> str:
     return " [" + " ".join(parts) + "]"
 
 
-def _group_statement(
-    group: FusedGroup, step: int, last_use: dict[str, int], final: set[str], names: _Names, plan: ExecutionPlan,
-    placement: dict[str, ShardingSpec | None],
-) -> Statement:  # fmt: skip
-    """``outputs = K.<group>(inputs)``: a fused group's call (its ops are in kernels.py)."""
-    args = ", ".join(names.ref(v) for v in group.inputs)
-    targets = ", ".join(names.var[o] for o in group.outputs)
-    lines = [f"{targets} = K.{group.name}({args})"]
-    for o in group.outputs:
-        s = plan.strategy(o)
-        placement[o] = s.outputs[0] if s.outputs else None
-    dead = [
-        names.var[v]
-        for v in group.inputs
-        if last_use.get(v) == step and v not in final and v in names.var and v not in names.attr
-    ]
-    if dead:
-        lines.append(f"del {', '.join(dict.fromkeys(dead))}")
-    nodes = [plan.graph.node(n) for n in group.nodes]
-    paths = ", ".join(dict.fromkeys(n.module_path for n in nodes if n.module_path))
-    ops = ", ".join(n.op.split(".")[1] for n in nodes)
-    note = _placement_note(placement.get(group.outputs[0]), plan.mesh) if group.outputs else ""
-    comment = f"{paths + ' — ' if paths else ''}fused {group.kind}: {ops}{note}"
-    return Statement(comment, tuple(lines))
+def _source_detail(node: Node) -> str:
+    """``file.py:LINE: the line's code`` (or as much of it as the node knows)."""
+    if node.source and node.source_text:
+        return f"{node.source}: {node.source_text}"
+    return node.source
 
 
 @dataclass(frozen=True)
@@ -462,7 +427,218 @@ def _bind(args: tuple[Arg | _Code, ...], kwargs: tuple[tuple[str, Arg], ...], te
     return new_args, new_kwargs  # type: ignore[return-value]
 
 
-def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
+# -- ops computed once, ops not written -------------------------------------------------------------------
+
+
+def _arg(node: Node, index: int, name: str, default: object = None) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwarg_dict.get(name, default)
+
+
+def _is_number(a: object, value: float) -> bool:
+    return isinstance(a, int | float) and not isinstance(a, bool) and a == value
+
+
+def _folds_to(node: Node, strategy: NodeStrategy | None, plan: ExecutionPlan, train: bool) -> str | None:
+    """The operand value ``node`` returns unchanged (``x + 0``, ``x * 1``, dropout dropping nothing, a
+    conversion to the dtype ``x`` has), or None. Only ops that run where their operand is (no collective,
+    no gradient reduction) and return a value of its shape and dtype fold (``strategy`` None: whole)."""
+    if node.tuple_output or not node.args or not isinstance(node.args[0], Value):
+        return None
+    if strategy is not None and (strategy.redistributes or (train and strategy.grad_reduce)):
+        return None
+    x = node.args[0].name
+    graph = plan.graph
+    try:
+        spec = graph.spec_of(x)
+    except (KeyError, ValueError):  # a tuple
+        return None
+    out = node.outputs[0] if node.outputs else None
+    if not isinstance(spec, TensorSpec) or not isinstance(out, TensorSpec) or spec != out:
+        return None
+    if any(p.name == x for p in graph.params) or any(i.name == x for i in graph.inputs):
+        return None  # the program never hands out a weight or an input as another value
+    op = node.op
+    if op in ("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar"):
+        alpha = _arg(node, 2, "alpha", 1)
+        ok = len(node.args) >= 2 and _is_number(node.args[1], 0) and _is_number(alpha, 1)
+        return x if ok and len(node.kwargs) <= (1 if "alpha" in node.kwarg_dict else 0) else None
+    if op in ("aten.mul.Tensor", "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar"):
+        floating = spec.dtype in ("float32", "float64", "float16", "bfloat16")
+        ok = len(node.args) == 2 and not node.kwargs and _is_number(node.args[1], 1)
+        return x if ok and (floating or op.startswith("aten.mul")) else None
+    if op in _DROPOUTS:
+        p, on = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True)
+        return x if _is_number(p, 0) or on is False else None
+    if op in ("aten.alias.default", "aten.lift_fresh_copy.default") and len(node.args) == 1:
+        return x
+    if op in _CONVERSIONS:
+        floating = spec.dtype in ("float32", "float64", "float16", "bfloat16")
+        return x if plan.precision == "fp32" or not floating else None
+    return None
+
+
+@dataclass
+class _Steps:
+    """What ``_body`` decided about each step: computed once at build time, or not written (folded)."""
+
+    constant: set[str] = field(default_factory=set)  # steps (nodes or groups) computed at build time
+    alias: dict[str, str] = field(default_factory=dict)  # folded node -> the value it returns
+    dead: set[str] = field(default_factory=set)  # steps whose values nothing reads
+
+
+def _plan_steps(
+    plan: ExecutionPlan, order: list[str], groups: Mapping[str, FusedGroup], strategies: Mapping[str, NodeStrategy],
+    final: set[str],
+) -> tuple[list[str], _Steps]:  # fmt: skip
+    """(the order without the steps nothing reads, what is decided about the steps): which values are
+    shape-only (they depend on no input, no weight and nothing random: computed whole, once, when the
+    program is built; a fused group of them runs op by op there) and which ops fold away."""
+    graph = plan.graph
+    train = plan.mode == "train"
+    out = _Steps()
+    # values nothing reads (torch.export keeps some): not written
+    needed = set(final)
+    for item in reversed(order):
+        made = groups[item].outputs if item in groups else (item,)
+        if any(v in needed for v in made):
+            needed.update(groups[item].inputs if item in groups else graph.node(item).inputs)
+        else:
+            out.dead.add(item)
+    inputs = {i.name for i in graph.inputs} | {p.name for p in graph.params}
+    constant: set[str] = set()  # constant values
+
+    def is_constant(node: Node) -> bool:
+        reads = [v.name for a in (*node.args, *(v for _, v in node.kwargs)) for v in iter_values(a)]
+        if node.name in final or any(v in inputs or v not in constant for v in reads):
+            return False
+        if draws_random(node) or node.op.startswith("aten.empty"):  # (values drawn, or left uninitialized)
+            return False
+        return bool(node.tuple_output or (node.outputs and isinstance(node.outputs[0], TensorSpec)))
+
+    kept: list[str] = []
+    for item in order:
+        if item in out.dead:
+            continue
+        if item in groups:
+            members = [graph.node(n) for n in groups[item].nodes]
+            made: set[str] = set()
+            for m in members:  # in order: members read each other
+                if all(v in constant for v in groups[item].inputs) and is_constant(m):
+                    constant.add(m.name)
+                    made.add(m.name)
+            if len(made) == len(members):
+                kept += [m.name for m in members]  # op by op at build time
+                out.constant.update(made)
+            else:
+                constant.difference_update(made)
+                kept.append(item)
+            continue
+        kept.append(item)
+        node = graph.node(item)
+        folded = _folds_to(node, strategies.get(node.name), plan, train) if node.name not in final else None
+        if folded is not None:
+            out.alias[node.name] = out.alias.get(folded, folded)
+            if folded in constant:
+                constant.add(node.name)
+        elif is_constant(node):
+            out.constant.add(item)
+            constant.add(node.name)
+    return kept, out
+
+
+# -- the body ---------------------------------------------------------------------------------------------
+
+
+def _constant_piece(
+    value: str, target: ShardingSpec | None, names: _Names, mesh: DeviceMesh, shared: dict[tuple, str],
+    build: list[Statement],
+) -> str:  # fmt: skip
+    """The variable holding this rank's piece of the whole shape-only ``value`` in placement ``target``
+    (split by ``C.shard``, made a partial sum by ``C.to_partial``: no communication), cut once at build
+    time; pieces asked for twice are shared."""
+    whole = names.var[value]
+    steps = []
+    expr = whole
+    if target is not None:
+        for size, axis, p in zip(mesh.shape, mesh.axis_names, target.placements, strict=True):
+            if size > 1 and isinstance(p, Shard):
+                expr = f"C.shard({expr}, {p.dim}, mesh, {axis!r})"
+                steps.append(axis)
+            elif size > 1 and isinstance(p, Partial):
+                expr = f"C.to_partial({expr}, mesh, {axis!r}, {p.op!r})"
+                steps.append(axis)
+    if not steps:
+        return whole
+    key = ("piece", whole, target)
+    if key not in shared:
+        shared[key] = names.fresh(f"{whole}_{'_'.join(steps)}")
+        build.append(Statement("", (f"{shared[key]} = {expr}",)))
+    return shared[key]
+
+
+def _group_pieces(
+    group: FusedGroup, graph: Graph, constant_values: set[str], canon: Callable[[str], str],
+    strategies: Mapping[str, NodeStrategy], tensors: set[str], names: _Names, mesh: DeviceMesh,
+    shared: dict[tuple, str], build: list[Statement],
+) -> dict[str, str]:  # fmt: skip
+    """Group input -> this rank's piece of it, for the shape-only inputs (computed whole at build time): cut
+    in the placement the group's first member reading it reads it in (a group's members read their operands
+    without redistribution), as a single op's operand is (``_constant_piece``)."""
+    pieces: dict[str, str] = {}
+    for v in group.inputs:
+        if canon(v) not in constant_values:
+            continue
+        for member in group.nodes:
+            strategy = strategies.get(member)
+            operands = [o for o in tensor_operands(graph.node(member)) if o in tensors]
+            if strategy is None or v not in operands:
+                continue
+            index = operands.index(v)
+            target = strategy.inputs[index] if index < len(strategy.inputs) else None
+            pieces[v] = _constant_piece(canon(v), target, names, mesh, shared, build)
+            break
+    return pieces
+
+
+@dataclass
+class _Body:
+    build: list[Statement]  # shape-only values, computed when the program is built
+    compute: list[Statement]  # the forward pass
+    returns: str
+
+
+def _group_statement(
+    group: FusedGroup, step: int, last_use: dict[str, int], final: set[str], names: _Names, plan: ExecutionPlan,
+    placement: dict[str, ShardingSpec | None], kernel: str, alias: Mapping[str, str], pieces: Mapping[str, str],
+) -> Statement:  # fmt: skip
+    """``outputs = K.<kernel>(inputs)``: a fused group's call (its ops are in kernels.py). ``pieces``: input ->
+    the variable holding this rank's piece of it (shape-only values, cut at build time)."""
+    args = ", ".join(pieces.get(v) or names.ref(alias.get(v, v)) for v in group.inputs)
+    targets = ", ".join(names.var[o] for o in group.outputs)
+    lines = [f"{targets} = K.{kernel}({args})"]
+    for o in group.outputs:
+        s = plan.strategy(o)
+        placement[o] = s.outputs[0] if s.outputs else None
+    inputs = [alias.get(v, v) for v in group.inputs]
+    dead = [
+        names.var[v]
+        for v in inputs
+        if last_use.get(v) == step and v not in final and v in names.var and v not in names.attr
+    ]
+    if dead:
+        lines.append(f"del {', '.join(dict.fromkeys(dead))}")
+    nodes = [plan.graph.node(n) for n in group.nodes]
+    paths = tuple(dict.fromkeys(n.module_path for n in nodes if n.module_path))
+    ops = ", ".join(n.op.split(".")[1] for n in nodes)
+    note = _placement_note(placement.get(group.outputs[0]), plan.mesh) if group.outputs else ""
+    detail = f"fused {group.kind}: {ops}"
+    comment = f"{', '.join(paths) + ' — ' if paths else ''}{detail}{note}"
+    return Statement(comment, tuple(lines), nodes=tuple(group.nodes), paths=paths, detail=detail, note=note)
+
+
+def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Body:
     graph, mesh = plan.graph, plan.mesh
     train = plan.mode == "train"
     strategies = {s.node: s for s in plan.strategies}
@@ -476,25 +652,37 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
     groups = {g.name: g for g in plan.fused_groups}
     check_groups(graph, plan.fused_groups)
     order = schedule(graph, plan.fused_groups) if groups else [n.name for n in graph.nodes]
-    # last use of every local variable, to free activations as soon as possible
+    final = set(graph.output_names) | {v.name for _, v in graph.buffer_updates}
+    order, steps = _plan_steps(plan, order, groups, strategies, final)
+    alias = steps.alias
+
+    def canon(v: str) -> str:
+        return alias.get(v, v)
+
+    for folded, value in alias.items():  # a folded op's value is its operand's variable
+        names.var[folded] = names.var[value]
+    # last use of every local variable (folded values count for the value they return)
     last_use: dict[str, int] = {}
     for step, item in enumerate(order):
+        if item in alias:
+            continue
         for v in groups[item].inputs if item in groups else graph.node(item).inputs:
-            last_use[v] = step
-    final = set(graph.output_names) | {v.name for _, v in graph.buffer_updates}
+            last_use[canon(v)] = step
+    final = {canon(v) for v in final}
     shared: dict[tuple, str] = {}  # redistributed (or gradient-reduced) operand -> its variable
     last_key: dict[tuple, int] = {}
     for step, item in enumerate(order):
-        if item in groups:
+        if item in groups or item in alias:
             continue
         node = graph.node(item)
         for op in _operand_plans(node, strategies[node.name], train, deferred, param_keys, tensors):
             for k in (op.key, op.grad_key):
                 if k is not None:
-                    last_key[k] = step
+                    last_key[(canon(k[0]), *k[1:])] = step
     shared_last: dict[int, list[tuple]] = {}
     for k, step in last_key.items():
         shared_last.setdefault(step, []).append(k)
+    build: list[Statement] = []
     body: list[Statement] = []
     if train and graph.buffer_updates:
         # buffers updated in the forward (BatchNorm statistics) are read from copies: autograd saved what
@@ -515,21 +703,58 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
                 lines.append(f"{v} = C.shard({v}, {p.dim}, mesh, {axis!r})")
         if lines:
             body.append(Statement(f"input {i.name}: this rank's part of the batch", tuple(lines)))
+    constant_values = set(steps.constant) | {v for v, src in alias.items() if src in steps.constant}
+    built: dict[str, str] = {}  # expression of a shape-only value -> its variable
     for step, item in enumerate(order):
+        if item in alias:
+            placement[item] = placement.get(alias[item])
+            continue
         if item in groups:
-            body.append(_group_statement(groups[item], step, last_use, final, names, plan, placement))
+            kernel = kernels.get(item, item)
+            pieces = _group_pieces(
+                groups[item], graph, constant_values, canon, strategies, tensors, names, mesh, shared, build
+            )
+            body.append(_group_statement(
+                groups[item], step, last_use, final, names, plan, placement, kernel, alias, pieces
+            ))  # fmt: skip
             continue
         node = graph.node(item)
         strategy = strategies[node.name]
+        placement[node.name] = strategy.outputs[0] if strategy.outputs and not node.tuple_output else None
         lines: list[str] = []
-        ref: dict[str, str] = {}
         operand_vars: dict[int, str] = {}
+        # folded values are their operand's variable; ``ref`` also names operands after their collectives
+        folded = {v: names.var[canon(v)] for v in node.inputs if v in alias}
+        ref: dict[str, str] = dict(folded)
+        if item in steps.constant:  # the whole value, once, when the program is built
+            detail = _source_detail(node)
+            paths = (node.module_path,) if node.module_path else ()
+            expr = _call(node, node.args, ref, names)
+            if expr in built:  # the same value made twice (torch.export repeats them): made once
+                names.var[node.name] = built[expr]
+                continue
+            built[expr] = names.var[node.name]
+            build.append(Statement(detail, (f"{names.var[node.name]} = {expr}",), nodes=(item,), paths=paths,
+                                   detail=detail))  # fmt: skip
+            continue
         # redistributions, then gradient reductions of operands each rank only sees part of; ops reading
         # a value the same way share one collective (freed after its last reader)
+        operands = [v for v in tensor_operands(node) if v in tensors] if node.op != "getitem" else []
+        for index, value in enumerate(operands):
+            if canon(value) in constant_values:
+                # this rank's piece of a shape-only value, in the placement the op reads it: cut at build time
+                target = strategy.inputs[index] if index < len(strategy.inputs) else None
+                piece = _constant_piece(canon(value), target, names, mesh, shared, build)
+                operand_vars[index] = piece
         for op in _operand_plans(node, strategy, train, deferred, param_keys, tensors):
-            current = names.ref(op.value)
-            if op.key is not None:
-                if op.key not in shared:
+            value = canon(op.value)
+            if value in constant_values:
+                continue
+            current = ref.get(op.value) or names.ref(value)
+            key = (value, *op.key[1:]) if op.key is not None else None
+            grad_key = (value, *op.grad_key[1:]) if op.grad_key is not None else None
+            if key is not None:
+                if key not in shared:
                     new = names.fresh(f"{current.removeprefix('self.')}_{op.steps[-1].collective.split('+')[0]}")
                     expr = current
                     for r in op.steps:
@@ -538,14 +763,14 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
                             schedules=schedules,
                         )  # fmt: skip
                     lines.append(f"{new} = {expr}")
-                    shared[op.key] = new
-                current = shared[op.key]
-            if op.grad_key is not None:
-                if op.grad_key not in shared:
+                    shared[key] = new
+                current = shared[key]
+            if grad_key is not None:
+                if grad_key not in shared:
                     new = names.fresh(f"{current.removeprefix('self.')}_g")
                     lines.append(f"{new} = C.grad_all_reduce({current}, mesh, {op.grad_axes!r})")
-                    shared[op.grad_key] = new
-                current = shared[op.grad_key]
+                    shared[grad_key] = new
+                current = shared[grad_key]
             if current != names.ref(op.value):
                 ref[op.value] = current
                 operand_vars.update((i, current) for i in op.indices)
@@ -562,29 +787,35 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         else:
             args = _localize_sizes(node, strategy, mesh, names)
             args, kwargs = _bind(args, node.kwargs, tensors, operand_vars)
-            expr = _sharded_cross_entropy(node, strategy, args, names, mesh, shapes) or _call(node, args, {}, names, kwargs)
+            expr = _sharded_cross_entropy(node, strategy, args, names, mesh, shapes) or _call(
+                node, args, folded, names, kwargs
+            )
         target = names.var[node.name]
         lines.append(f"{target} = {expr}")
-        placement[node.name] = strategy.outputs[0] if strategy.outputs and not node.tuple_output else None
         dead = [
-            names.var[v]
+            names.var[canon(v)]
             for v in node.inputs
-            if last_use.get(v) == step and v not in final and v in names.var and v not in names.attr
-        ]
+            if last_use.get(canon(v)) == step and canon(v) not in final and canon(v) in names.var
+            and canon(v) not in names.attr
+        ]  # fmt: skip
         dead += [shared.pop(k) for k in shared_last.get(step, ()) if k in shared]
         if dead:
             lines.append(f"del {', '.join(dict.fromkeys(dead))}")
-        where = " — ".join(x for x in (node.module_path, node.source) if x)
-        comment = f"{where}{_placement_note(placement.get(node.name), mesh)}" if where else ""
-        body.append(Statement(comment, tuple(lines)))
+        note = _placement_note(placement.get(node.name), mesh)
+        detail = _source_detail(node)
+        paths = (node.module_path,) if node.module_path else ()
+        comment = f"{node.module_path}{note}".strip()
+        comment = f"{comment} — {detail}" if comment and detail else comment or detail
+        body.append(Statement(comment, tuple(lines), nodes=(node.name,), paths=paths, detail=detail, note=note))
     # outputs: gathered so that every rank returns whole tensors
     out_strategy = strategies.get(OUTPUT_NODE)
     ref = {}
     lines = []
     if out_strategy is not None:
         for r in out_strategy.redistributes:
-            current = ref.get(r.value, names.ref(r.value))
-            new = names.fresh(f"{names.ref(r.value)}_{r.collective.split('+')[0]}")
+            source = canon(r.value)
+            current = ref.get(r.value, names.ref(source))
+            new = names.fresh(f"{names.ref(source).removeprefix('self.')}_{r.collective.split('+')[0]}")
             call = _collective_call(r, current, mesh, shape=shapes.get(r.value), schedules=schedules)
             lines.append(f"{new} = {call}")
             ref[r.value] = new
@@ -592,12 +823,93 @@ def _body(plan: ExecutionPlan, names: _Names) -> tuple[list[Statement], str]:
         lines.append("with torch.no_grad():")
         for key, v in graph.buffer_updates:
             attr = names.attr[graph.param_by_key(key).name]
-            lines.append(f"    self.{attr}.copy_({ref.get(v.name, names.ref(v.name))})")
+            lines.append(f"    self.{attr}.copy_({ref.get(v.name, names.ref(canon(v.name)))})")
     if lines:
         body.append(Statement("outputs: whole on every rank", tuple(lines)))
+    for a in graph.outputs:
+        for v in iter_values(a):
+            if v.name in alias and v.name not in ref:
+                ref[v.name] = names.ref(canon(v.name))
     outs = [_format(a, ref, names) for a in graph.outputs]
     returns = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ("," if len(outs) == 1 else "") + ")"
-    return body, returns
+    return _Body(build, body, returns)
+
+
+_MODULE_ATTRIBUTES = {
+    "rank", "world_size", "device", "mesh", "optimizer", "sharded_optimizer", "gradient_reducer", "loss_scale",
+    "training", "compute", "infer", "forward", "train_step", "weights", "build_constants",
+}  # fmt: skip
+
+
+def _hoist_constants(body: _Body, taken: set[str]) -> tuple[list[Statement], list[Statement], dict[str, str]]:
+    """(build statements, compute statements, buffer attribute per variable): the shape-only values the
+    forward reads become buffers (``self.<name>``) made by the build statements; ``del`` of them goes."""
+    made = {v for s in body.build for v in uses(s.code()).sets}
+    read: dict[str, None] = {}
+    for s in body.compute:
+        for v in uses(s.code()).reads:
+            if v in made:
+                read.setdefault(v, None)
+    for v in uses([f"_ = {body.returns}"]).reads:
+        if v in made:
+            read.setdefault(v, None)
+    buffers = {}
+    for v in read:
+        attr = v if v not in _MODULE_ATTRIBUTES and not v.startswith("_") else f"{v}_const"
+        while attr in taken - {v}:
+            attr += "_"
+        buffers[v] = attr
+    compute = [_drop_deleted(s, made) for s in body.compute]
+    compute = [replace(s, lines=tuple(rename("\n".join(s.lines), attributes={}, names={
+        v: f"self.{a}" for v, a in buffers.items()}).split("\n")) if s.lines else ()) for s in compute]  # fmt: skip
+    build = _free_after_last_use(body.build, set(buffers))
+    if buffers:
+        lines = [f'self.register_buffer("{a}", {v}, persistent=False)' for v, a in buffers.items()]
+        build.append(Statement("kept for every forward pass (not part of the weights)", tuple(lines)))
+    return build, [s for s in compute if s.lines or s.body], buffers
+
+
+def _free_after_last_use(statements: list[Statement], kept: set[str]) -> list[Statement]:
+    """``statements`` with ``del`` after the last use of every name they make but ``kept``."""
+    made: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for k, s in enumerate(statements):
+        u = uses(s.code())
+        for v in u.reads:
+            last[v] = k
+        for v in u.sets:
+            made.setdefault(v, k)
+    dead: dict[int, list[str]] = {}
+    for v, k in made.items():
+        if v not in kept:
+            dead.setdefault(last.get(v, k), []).append(v)
+    return [replace(s, lines=(*s.lines, f"del {', '.join(dead[k])}")) if k in dead else s
+            for k, s in enumerate(statements)]  # fmt: skip
+
+
+def _drop_deleted(s: Statement, gone: set[str]) -> Statement:
+    lines = []
+    for line in s.lines:
+        if line.startswith("del "):
+            kept = [v.strip() for v in line[4:].split(",") if v.strip() not in gone]
+            if not kept:
+                continue
+            line = f"del {', '.join(kept)}"
+        lines.append(line)
+    return replace(s, lines=tuple(lines))
+
+
+def _indented(lines: list[str], indent: str) -> str:
+    return "\n".join(wrap_lines([f"{indent}{line}" if line else "" for line in lines], WIDTH))
+
+
+def _render_statements(statements: list[Statement]) -> list[str]:
+    out: list[str] = []
+    previous = ""
+    for s in statements:
+        out += s.render(previous=previous)
+        previous = s.describe() or previous
+    return out
 
 
 def _function_source(fn: Function) -> str:
@@ -619,9 +931,12 @@ def _function_source(fn: Function) -> str:
         lines.append(f"    {local[node.name]} = {_call(node, args, local, _Names.empty(), kwargs)}")  # type: ignore[arg-type]
     out = fn.output
     names = _Names.empty()
-    ret = "(" + "".join(_format(o, local, names) + ", " for o in out) + ")" if isinstance(out, tuple) else _format(out, local, names)
+    if isinstance(out, tuple):
+        ret = "(" + "".join(_format(o, local, names) + ", " for o in out) + ")"
+    else:
+        ret = _format(out, local, names)
     lines.append(f"    return {ret}")
-    return "\n".join(lines)
+    return "\n".join(wrap_lines(lines, WIDTH))
 
 
 def _libraries(graph: Graph) -> list[str]:
@@ -634,34 +949,32 @@ def _libraries(graph: Graph) -> list[str]:
 
 def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
     """The generated module ``program.py`` for ``plan``."""
+    from shardwise.codegen.kernels.render import kernel_names
+
     graph, mesh = plan.graph, plan.mesh
     names = _Names(graph)
-    body, returns = _body(plan, names)
+    names.taken |= {fn.name for fn in graph.functions}  # module-level functions of higher-order ops
+    kernels = kernel_names(plan) if plan.fused_groups else {}
+    emitted = _body(plan, names, kernels)
+    build, compute, buffers = _hoist_constants(emitted, set(names.taken))
+    inputs = [names.ref(i.name) for i in graph.inputs]
+    # ranges (checkpointing, offload) find their statements by the variables of their ops
+    real_var = {n: v for n, v in names.var.items() if n in {x.name for x in graph.nodes}}
     if plan.recompute:  # ranges recomputed in the backward (passes.remat): run under torch.utils.checkpoint
-        ranges = recompute_ranges(plan, names.var, names.fresh)
-        body = checkpoint_ranges(body, returns, ranges, [names.ref(i.name) for i in graph.inputs], Statement)
-    body = save_activations_on_host(plan, body, names.var, Statement)  # plan.tiers (passes.offload)
-    placements = dict(plan.param_placements)
-    tensors = []
-    for p in graph.params:
-        spec = placements.get(p.key)
-        splits = []
-        if spec is not None:
-            for axis, pl in zip(mesh.axis_names, spec.placements, strict=True):
-                if isinstance(pl, Shard):
-                    splits.append((axis, pl.dim))
-        tensors.append(
-            {
-                "key": p.key,
-                "attr": names.attr[p.name],
-                "shape": repr(tuple(p.spec.shape)),
-                "dtype": p.spec.dtype,
-                "kind": p.kind if p.kind == "parameter" else "buffer",
-                "placements": repr(tuple(splits)),
-            }
-        )
-    aliases = {p.key: p.aliases for p in graph.params if p.aliases}
-    parts = {p.key: (p.part_of, *p.part) for p in graph.params if p.part_of}
+        ranges = recompute_ranges(plan, real_var, names.fresh)
+        compute = checkpoint_ranges(compute, emitted.returns, ranges, inputs)
+    compute = save_activations_on_host(plan, compute, real_var)  # plan.tiers (passes.offload)
+    layered = outline(plan, compute, emitted.returns, inputs, names.attr, set(names.taken) | set(buffers.values()))
+    tables = program_tables(plan, names.attr)
+    code = "\n".join([*layered.compute, f"return {layered.returns}"])
+    uses_mesh = re.search(r"(?<![\w.])mesh\b", code) is not None
+    compute_lines = (["mesh = self.mesh"] if uses_mesh else []) + layered.compute + [f"return {layered.returns}"]
+    build_lines = _render_statements(build)
+    build_uses_mesh = re.search(r"(?<![\w.])mesh\b", "\n".join(build_lines)) is not None
+    if build_uses_mesh:
+        build_lines = ["mesh = self.mesh", *build_lines]
+    subgraphs = [_function_source(fn) for fn in graph.functions]
+    everything = "\n".join([code, "\n".join(build_lines), *layered.functions, *subgraphs])
     degrees = ", ".join(f"{k}={v}" for k, v in plan.degrees.items())
     return template_env().get_template("program.py.j2").render(
         title=f"{plan.model_name} on {plan.cluster_name}: one rank's program.",
@@ -674,18 +987,20 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         mesh_shape=repr(tuple(mesh.shape)),
         mesh_axes=repr(tuple(mesh.axis_names)),
         mesh_ranks=repr(tuple(mesh.ranks)),
-        tensors=tensors,
-        aliases=repr(aliases),
-        parts=repr(parts),
+        tables="\n".join(wrap_lines(tables, WIDTH)),
         training=repr(plan.mode == "train"),
         zero_stage=plan.zero_stage,
         offload_optimizer=repr(offloads_optimizer(plan)),
-        grad_reduce=repr(dict(plan.param_grad_reduce)),
         model_name=plan.model_name,
         fused=bool(plan.fused_groups),
+        aten=uses_aten(everything),
+        functional=re.search(r"(?<![\w.])F\.", everything) is not None,
+        namespace=bool(layered.functions),
         libraries=_libraries(graph),
-        functions=[_function_source(fn) for fn in graph.functions],
-        inputs=[names.ref(i.name) for i in graph.inputs],
-        body=body,
-        returns=returns,
+        subgraphs=subgraphs,
+        inputs=inputs,
+        functions="\n\n\n".join(layered.functions),
+        weight_tables="\n".join(wrap_lines(layered.tables, WIDTH)),
+        build=_indented(build_lines, " " * 8) if build_lines else "",
+        body=_indented(compute_lines, " " * 8),
     )

@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
-from shardwise.codegen.recompute import _uses
+from shardwise.codegen.pysource import uses
+from shardwise.codegen.statement import Statement
 from shardwise.ir.plan import ExecutionPlan
 
 __all__ = ["offloads_optimizer", "host_activation_ranges", "save_activations_on_host"]
@@ -39,16 +39,14 @@ def host_activation_ranges(plan: ExecutionPlan) -> list[tuple[str, str, str]]:
     return out
 
 
-def save_activations_on_host(
-    plan: ExecutionPlan, body: list, var: dict[str, str], statement: type, inputs: Sequence[str] = ()
-) -> list:
-    """``body`` (``emit.Statement`` list) with each host-activation range's statements under
-    ``torch.autograd.graph.save_on_cpu`` (see the module docstring)."""
+def save_activations_on_host(plan: ExecutionPlan, body: list[Statement], var: dict[str, str]) -> list[Statement]:
+    """``body`` with each host-activation range's statements under ``torch.autograd.graph.save_on_cpu``
+    (see the module docstring)."""
     ranges = host_activation_ranges(plan)
     if not ranges:
         return body
     index = {n.name: k for k, n in enumerate(plan.graph.nodes)}
-    sets = [set(_uses(s.lines).sets) for s in body]
+    sets = [set(uses(s.code()).sets) for s in body]
     spans = []
     for layer, first, last in ranges:
         if first not in index or last not in index or index[last] < index[first]:
@@ -65,12 +63,13 @@ def save_activations_on_host(
             b = done
         if a >= b:
             continue
-        lines = ["with torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == 'cuda'):"]
-        for s in out[a:b]:
-            if s.comment:
-                lines.append(f"    # {s.comment}")
-            lines += [f"    {line}" for line in s.lines]
-        comment = f"{layer}: what autograd saves for the backward lives in host memory until then"
-        out[a:b] = [statement(comment, tuple(lines))]
+        wrapped = out[a:b]
+        out[a:b] = [
+            Statement(
+                "", ("with torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == 'cuda'):",),
+                nodes=tuple(n for s in wrapped for n in s.all_nodes()), paths=(layer,),
+                detail="what autograd saves for the backward lives in host memory until then", body=tuple(wrapped),
+            )
+        ]  # fmt: skip
         done = a
     return out

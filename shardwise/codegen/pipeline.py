@@ -26,6 +26,7 @@ from pathlib import Path
 
 from shardwise.codegen.emit import template_env
 from shardwise.codegen.library import library_files
+from shardwise.codegen.pysource import wrap_lines
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 
@@ -104,7 +105,7 @@ def write_pipeline_package(plan: ExecutionPlan, directory: str | os.PathLike[str
     }
     files = {
         "__init__.py": env.get_template("pipeline_init.py.j2").render(**context),
-        "_pipeline.py": env.get_template("pipeline.py.j2").render(**context),
+        "_pipeline.py": "\n".join(wrap_lines(env.get_template("pipeline.py.j2").render(**context).split("\n"))),
         "__main__.py": env.get_template("pipeline_main.py.j2").render(**context),
         "README.md": env.get_template("pipeline_README.md.j2").render(**context),
         "plan.json": plan.to_json(),

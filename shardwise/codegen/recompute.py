@@ -11,11 +11,12 @@ statements of the form ``emit`` makes (assignments, ``del``), and ``self``/``mes
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+from shardwise.codegen.pysource import uses
+from shardwise.codegen.statement import Statement
 from shardwise.ir.plan import ExecutionPlan
 
 __all__ = ["checkpoint_ranges", "recompute_ranges"]
@@ -38,49 +39,21 @@ def recompute_ranges(
     return out
 
 
-@dataclass(frozen=True)
-class _Uses:
-    sets: tuple[str, ...]
-    reads: tuple[str, ...]  # read before this statement sets them (in order)
-    frees: tuple[str, ...]
-
-
-def _uses(lines: Sequence[str]) -> _Uses:
-    sets: list[str] = []
-    reads: list[str] = []
-    frees: list[str] = []
-    for stmt in ast.parse("\n".join(lines)).body:
-        if isinstance(stmt, ast.Delete):
-            frees += [t.id for t in stmt.targets if isinstance(t, ast.Name)]
-            continue
-        value = stmt.value if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)) else stmt
-        for node in ast.walk(value):  # type: ignore[arg-type]
-            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in sets:
-                reads.append(node.id)
-        if isinstance(stmt, ast.Assign):
-            for target in stmt.targets:
-                for node in ast.walk(target):
-                    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                        sets.append(node.id)
-    return _Uses(tuple(sets), tuple(dict.fromkeys(reads)), tuple(frees))
-
-
 def checkpoint_ranges(
-    body: list, returns: str, ranges: Sequence[tuple[str, frozenset[str]]], inputs: Sequence[str],
-    statement: type,
-) -> list:  # fmt: skip
-    """``body`` (``emit.Statement`` list) with each range's statements wrapped (see the module docstring).
+    body: list[Statement], returns: str, ranges: Sequence[tuple[str, frozenset[str]]], inputs: Sequence[str],
+) -> list[Statement]:  # fmt: skip
+    """``body`` with each range's statements wrapped (see the module docstring).
 
     ``ranges``: (function name, the variables the range's ops set); a statement setting one of them belongs
     to the range, and so does every statement between the range's first and last (a statement setting
     variables of two ranges, a fused kernel across their cut, goes to the first). ``inputs``: ``compute``'s
-    parameters. ``statement``: the Statement class (to build the new statements)."""
-    uses = [_uses(s.lines) for s in body]
-    returned = _uses([f"_ = {returns}"]).reads
+    parameters."""
+    used = [uses(s.code()) for s in body]
+    returned = uses([f"_ = {returns}"]).reads
     out = list(body)
     spans = []
     for fname, sets in ranges:
-        members = [i for i, u in enumerate(uses) if sets & set(u.sets)]
+        members = [i for i, u in enumerate(used) if sets & set(u.sets)]
         if members:
             spans.append((members[0], members[-1] + 1, fname))
     spans.sort()
@@ -91,29 +64,28 @@ def checkpoint_ranges(
     spans = [(a, b, name) for a, b, name in spans if a < b]
     for a, b, fname in reversed(spans):  # from the last, so the earlier spans' indices stay valid
         made_before = set(inputs)
-        for u in uses[:a]:
+        for u in used[:a]:
             made_before |= set(u.sets)
         params: list[str] = []
         set_inside: set[str] = set()
         freed_inside: set[str] = set()
-        for u in uses[a:b]:
+        for u in used[a:b]:
             params += [v for v in u.reads if v in made_before and v not in set_inside]
             set_inside |= set(u.sets)
             freed_inside |= set(u.frees)
         params = list(dict.fromkeys(params))
         read_after = set(returned)
-        for u in uses[b:]:
+        for u in used[b:]:
             read_after |= set(u.reads)
-        results = [v for v in dict.fromkeys(v for u in uses[a:b] for v in u.sets)
+        results = [v for v in dict.fromkeys(v for u in used[a:b] for v in u.sets)
                    if v in read_after and v not in freed_inside]  # fmt: skip
         if not results:
             continue  # nothing of it is read later: nothing to keep or recompute
-        lines = [f"def {fname}({', '.join(params)}):"]
         local = set(params) | set_inside
         outer_free = [v for v in params if v in freed_inside]
+        children = []
         for s in body[a:b]:
-            if s.comment:
-                lines.append(f"    # {s.comment}")
+            lines = []
             for line in s.lines:
                 if line.startswith("del "):
                     # a value made before the range whose last reader is in it, read here only through a
@@ -124,15 +96,22 @@ def checkpoint_ranges(
                     if not names:
                         continue
                     line = f"del {', '.join(names)}"
-                lines.append(f"    {line}")
-        lines.append(f"    return {', '.join(results)}")
+                lines.append(line)
+            children.append(dataclasses.replace(s, lines=tuple(lines)))
+        children.append(Statement("", (f"return {', '.join(results)}",)))
         target = ", ".join(results)
-        lines.append(
+        after = [
             f"{target} = torch.utils.checkpoint.checkpoint({', '.join([fname, *params])}, use_reentrant=False)"
-        )
+        ]
         outer_free = list(dict.fromkeys(outer_free))
         if outer_free:
-            lines.append(f"del {', '.join(outer_free)}")
-        comment = f"{fname}: recomputed in the backward (activation checkpointing keeps only its inputs)"
-        out[a:b] = [statement(comment, tuple(lines))]
+            after.append(f"del {', '.join(outer_free)}")
+        comment = "recomputed in the backward (activation checkpointing keeps only its inputs)"
+        nodes = tuple(n for s in body[a:b] for n in s.all_nodes())
+        out[a:b] = [
+            Statement(
+                comment, (f"def {fname}({', '.join(params)}):",), nodes=nodes, body=tuple(children),
+                after=tuple(after),
+            )
+        ]  # fmt: skip
     return out

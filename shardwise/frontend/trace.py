@@ -227,21 +227,33 @@ def _has_higher_order_ops(ep: ExportedProgram) -> bool:
 
 
 def _source_line(stack_trace: str | None) -> str:
-    """The innermost frame as ``package/relative/path.py:LINE`` (no absolute paths)."""
+    """The innermost frame outside torch as ``package/relative/path.py:LINE`` (no absolute paths)."""
+    return _source(stack_trace)[0]
+
+
+def _source(stack_trace: str | None) -> tuple[str, str]:
+    """(``package/relative/path.py:LINE``, never absolute; the text of that line, stripped) of the innermost
+    frame outside torch itself: the model's own line, not nn.Linear's forward. ("", "") without a trace."""
     if not stack_trace:
-        return ""
-    frames = [line.strip() for line in stack_trace.splitlines() if line.strip().startswith('File "')]
+        return "", ""
+    lines = stack_trace.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.strip().startswith('File "')]
     if not frames:
-        return ""
-    # The innermost frame outside torch itself: the model's own line, not nn.Linear's forward.
-    outside_torch = [f for f in frames if "/torch/" not in f.split('"')[1]]
+        return "", ""
+    outside_torch = [i for i in frames if "/torch/" not in lines[i].strip().split('"')[1]]
     last = (outside_torch or frames)[-1]
     try:
-        path = last.split('"')[1]
-        lineno = last.split("line ")[1].split(",")[0]
+        path = lines[last].strip().split('"')[1]
+        lineno = lines[last].split("line ")[1].split(",")[0]
     except IndexError:
-        return ""
-    return f"{_relative_path(path)}:{lineno}"
+        return "", ""
+    text = lines[last + 1].strip() if last + 1 < len(lines) and last + 1 not in frames else ""
+    return f"{_relative_path(path)}:{lineno}", _printable(text)
+
+
+def _printable(text: str) -> str:
+    """``text`` without control characters (it is written into a comment of the generated program)."""
+    return "".join(c for c in text if c.isprintable())
 
 
 def _relative_path(path: str) -> str:
@@ -532,7 +544,7 @@ def lower_program(
             if op in _DROPPED:
                 continue
             module_path, module_type = _module_info(fx_node, strip_prefix)
-            source = _source_line(fx_node.meta.get("stack_trace"))
+            source, source_text = _source(fx_node.meta.get("stack_trace"))
             where = f"{source or 'unknown line'} (module {module_path or '<root>'})"
             _check_random(fx_node, op, where)
             library = _check_supported(fx_node, op, where)
@@ -556,6 +568,7 @@ def lower_program(
                 module_path=module_path,
                 module_type=module_type,
                 source=source,
+                source_text=source_text,
                 tuple_output=tuple_output,
                 whole=op != "getitem" and _value_dependent_shapes(fx_node),
             )

@@ -65,6 +65,7 @@ class Node:
     module_path: str = ""  # nn.Module path the op came from, e.g. "transformer.h.0.attn.c_attn"
     module_type: str = ""  # the module's class name, e.g. "Conv1D"
     source: str = ""  # "package/relative/file.py:123" of the line that made the op
+    source_text: str = ""  # that line's code, stripped (written beside the op in generated programs)
     flops: int = 0
     bytes_moved: int = 0
     tuple_output: bool = False

@@ -20,7 +20,7 @@ from shardwise.ir.tensor import ScalarSpec, TensorSpec
 
 __all__ = [
     "OpRule", "REGISTRY", "SAVES", "RANDOM_OPS", "WHOLE_WHEN_RANDOM", "draws_random", "rule_for", "is_known_op",
-    "runs_whole", "tensor_operands", "op_dims", "op_flops", "saves_of",
+    "runs_whole", "tensor_operands", "op_dims", "op_flops", "saves_of", "SPELLINGS", "spelling_of",
 ]  # fmt: skip
 
 Specs = Sequence[TensorSpec]
@@ -47,6 +47,8 @@ class OpRule:
     flops: FlopsFn
     moves_data: bool = True  # False for views: no bytes moved
     saves: str = "inputs"  # one of SAVES: what the backward reads
+    # how generated code writes the op (see SPELLINGS below); "" when it keeps the aten spelling
+    spelling: str = ""
 
 
 REGISTRY: dict[str, OpRule] = {}
@@ -826,3 +828,116 @@ SYM_FUNCTIONS = ("sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_n
 
 def is_scalar_spec_list(specs: Sequence[object]) -> bool:
     return all(isinstance(s, ScalarSpec) for s in specs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# spellings: how a person writes each op in PyTorch (codegen.spelling reads them; ops without one are written
+# ``aten.<name>.<overload>(...)``). Alternatives are separated by ";", the first that applies is used:
+#   "torch.matmul", "F.linear"  a function called with the op's arguments in aten's order (and its keywords)
+#   ".transpose"                 a method of the first argument, called with the others
+#   ".reshape(*)"                a method whose one list argument (the second) is spread: x.reshape(8, -1)
+#   "{0} @ {1}", "F.embedding({1}, {0})"
+#                                a template: applies when the op has no keyword arguments and exactly the
+#                                positional arguments it names ("{~5}" names one it leaves out)
+# A spelling must compute exactly what the aten op computes for the arguments it applies to.
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">",
+          "ge": ">=", "__and__": "&", "__or__": "|", "__xor__": "^"}  # fmt: skip
+_TORCH_UNARY = ["abs", "exp", "log", "log1p", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "erf", "reciprocal",
+                "logical_not", "bitwise_not", "sign", "floor", "ceil", "round", "isnan", "isinf", "square"]  # fmt: skip
+_TORCH_BINARY = ["maximum", "minimum", "bitwise_and", "bitwise_or", "logical_and", "logical_or", "remainder", "fmod",
+                 "atan2", "floor_divide", "pow"]  # fmt: skip
+
+SPELLINGS: dict[str, str] = {}
+# Tensor.to takes its memory_format by keyword only
+_TO_DTYPE = ";".join(["{0}.to({1})", "{0}.to({1}, {2})", "{0}.to({1}, {2}, {3})", "{0}.to({1}, {2}, {3}, memory_format={4})"])
+_TO_DEVICE = ";".join(
+    ["{0}.to({1})", "{0}.to({1}, {2})", "{0}.to({1}, {2}, {3})", "{0}.to({1}, {2}, {3}, {4})",
+     "{0}.to({1}, {2}, {3}, {4}, memory_format={5})"]
+)  # fmt: skip
+for _name, _sign in _INFIX.items():
+    for _overload in ("Tensor", "Scalar"):
+        _function = {
+            "__and__": "torch.bitwise_and",
+            "__or__": "torch.bitwise_or",
+            "__xor__": "torch.bitwise_xor",
+        }
+        SPELLINGS[f"aten.{_name}.{_overload}"] = (
+            f"{{0}} {_sign} {{1}};{_function.get(_name, f'torch.{_name}')}"
+        )
+SPELLINGS["aten.div.Tensor_mode"] = "torch.div"
+SPELLINGS["aten.rsub.Scalar"] = SPELLINGS["aten.rsub.Tensor"] = "{1} - {0};torch.rsub({0}, {1}, alpha={2})"
+for _name in _TORCH_UNARY:
+    SPELLINGS[f"aten.{_name}.default"] = f"torch.{_name}"
+for _name in _TORCH_BINARY:
+    for _overload in _OVERLOADS:
+        SPELLINGS[f"aten.{_name}.{_overload}"] = f"torch.{_name}"
+SPELLINGS.update(
+    {f"aten.pow.{o}": "{0} ** {1};torch.pow" for o in ("Tensor_Scalar", "Tensor_Tensor", "Scalar")}
+)
+SPELLINGS.update({
+    "aten.neg.default": "-{0};torch.neg",
+    "aten.relu.default": "F.relu", "aten.gelu.default": "F.gelu", "aten.silu.default": "F.silu",
+    "aten.mish.default": "F.mish", "aten.hardswish.default": "F.hardswish", "aten.hardsigmoid.default": "F.hardsigmoid",
+    "aten.relu6.default": "F.relu6", "aten.hardtanh.default": "F.hardtanh", "aten.leaky_relu.default": "F.leaky_relu",
+    "aten.elu.default": "F.elu({0});F.elu({0}, {1})", "aten.softplus.default": "F.softplus",
+    "aten.threshold.default": "F.threshold",
+    "aten.where.self": "torch.where", "aten.where.ScalarOther": "torch.where", "aten.where.ScalarSelf": "torch.where",
+    "aten.where.Scalar": "torch.where", "aten.masked_fill.Scalar": ".masked_fill",
+    "aten.masked_fill.Tensor": ".masked_fill", "aten.clamp.default": "torch.clamp", "aten.clamp.Tensor": "torch.clamp",
+    "aten.clamp_min.default": "torch.clamp_min", "aten.clamp_max.default": "torch.clamp_max",
+    "aten.lerp.Scalar": "torch.lerp", "aten.addcmul.default": "torch.addcmul", "aten.addcdiv.default": "torch.addcdiv",
+    "aten.dropout.default": "F.dropout", "aten.alpha_dropout.default": "F.alpha_dropout",
+    "aten.feature_dropout.default": "torch.feature_dropout",
+    "aten.clone.default": ".clone", "aten.contiguous.default": ".contiguous", "aten.to.dtype": _TO_DTYPE,
+    "aten.to.device": _TO_DEVICE, "aten.type_as.default": ".type_as", "aten.detach.default": ".detach",
+    "aten.view_as.default": ".view_as",
+    "aten.linear.default": "F.linear", "aten.addmm.default": "torch.addmm", "aten.mm.default": "{0} @ {1};torch.mm",
+    "aten.bmm.default": "{0} @ {1};torch.bmm", "aten.matmul.default": "{0} @ {1};torch.matmul",
+    "aten.view.default": ".reshape(*)", "aten.reshape.default": ".reshape(*)", "aten._unsafe_view.default": ".reshape(*)",
+    "aten.flatten.using_ints": "torch.flatten", "aten.unflatten.int": "torch.unflatten",
+    "aten.squeeze.dim": "torch.squeeze", "aten.squeeze.dims": "torch.squeeze", "aten.squeeze.default": "torch.squeeze",
+    "aten.transpose.int": ".transpose", "aten.permute.default": ".permute(*)", "aten.t.default": ".t",
+    "aten.unsqueeze.default": ".unsqueeze", "aten.expand.default": ".expand(*)", "aten.expand_as.default": ".expand_as",
+    "aten.select.int": "torch.select", "aten.cat.default": "torch.cat", "aten.concat.default": "torch.cat",
+    "aten.split.Tensor": "torch.split", "aten.split_with_sizes.default": "torch.split", "aten.chunk.default": "torch.chunk",
+    "aten.sum.dim_IntList": "torch.sum", "aten.sum.default": "torch.sum", "aten.mean.dim": "torch.mean",
+    "aten.mean.default": "torch.mean", "aten.amax.default": "torch.amax", "aten.max.default": "torch.max",
+    "aten.max.dim": "torch.max", "aten.min.dim": "torch.min",
+    "aten.softmax.int": "torch.softmax", "aten.log_softmax.int": "torch.log_softmax", "aten.cumsum.default": "torch.cumsum",
+    "aten.layer_norm.default": "F.layer_norm({0}, {1});F.layer_norm({0}, {1}, {2});F.layer_norm({0}, {1}, {2}, {3})"
+                               ";F.layer_norm({0}, {1}, {2}, {3}, {4});F.layer_norm({0}, {1}, {2}, {3}, {4}){~5}",
+    "aten.rms_norm.default": "F.rms_norm",
+    "aten.batch_norm.default": "F.batch_norm({0}, {3}, {4}, {1}, {2}, {5}, {6}, {7}){~8}",
+    "aten.embedding.default": "F.embedding({1}, {0});torch.embedding",
+    "aten.scaled_dot_product_attention.default": "F.scaled_dot_product_attention",
+    "aten.conv1d.default": "F.conv1d", "aten.conv2d.default": "F.conv2d", "aten.convolution.default": "torch.convolution",
+    "aten.max_pool2d.default": "F.max_pool2d", "aten.avg_pool2d.default": "F.avg_pool2d",
+    "aten.adaptive_avg_pool2d.default": "F.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d.default": "F.adaptive_avg_pool2d",
+    "aten.arange.default": "torch.arange", "aten.arange.start": "torch.arange", "aten.arange.start_step": "torch.arange",
+    "aten.full.default": "torch.full", "aten.zeros.default": "torch.zeros", "aten.ones.default": "torch.ones",
+    "aten.empty.memory_format": "torch.empty", "aten.new_ones.default": ".new_ones", "aten.new_zeros.default": ".new_zeros",
+    "aten.new_full.default": ".new_full", "aten.new_empty.default": ".new_empty",
+    "aten.scalar_tensor.default": "torch.scalar_tensor", "aten.zeros_like.default": "torch.zeros_like",
+    "aten.ones_like.default": "torch.ones_like", "aten.full_like.default": "torch.full_like",
+    "aten.empty_like.default": "torch.empty_like", "aten.tril.default": "torch.tril", "aten.triu.default": "torch.triu",
+    "aten.gather.default": "torch.gather", "aten.index_select.default": "torch.index_select", "aten.diff.default": "torch.diff",
+    "aten.repeat.default": ".repeat(*)", "aten.stack.default": "torch.stack", "aten.flip.default": "torch.flip",
+    "aten.roll.default": "torch.roll", "aten.argmax.default": "torch.argmax", "aten.topk.default": "torch.topk",
+    "aten.sort.default": "torch.sort", "aten.var.correction": "torch.var", "aten.var_mean.correction": "torch.var_mean",
+    "aten.std.correction": "torch.std", "aten.pad.default": "F.pad", "aten.constant_pad_nd.default": "F.pad({0}, {1})",
+    "aten.any.dim": "torch.any", "aten.all.dim": "torch.all", "aten.prod.dim_int": "torch.prod",
+    # (aten.copy has no autograd formula: written as what it computes)
+    "aten.copy.default": "{1}.to({0}.dtype).expand_as({0}).clone()",
+})  # fmt: skip
+
+
+def spelling_of(op: str) -> str:
+    """The op's spelling (see SPELLINGS), "" when generated code writes it the aten way."""
+    rule = REGISTRY.get(op)
+    return rule.spelling if rule is not None else ""
+
+
+for _op, _spelling in SPELLINGS.items():
+    if _op in REGISTRY:
+        REGISTRY[_op] = dataclasses.replace(REGISTRY[_op], spelling=_spelling)

@@ -43,6 +43,7 @@ _LITERAL_FIELDS = {
     ("ExecutionPlan", "precision"), ("ExecutionPlan", "passes"), ("Graph", "model_name"), ("Node", "module_path"),
     ("Node", "source"),
 }  # fmt: skip
+# (Node.source_text is only ever written into a comment: a line break is all it must not hold)
 
 
 def _strings(obj: Any, owner: str, field: str, path: str) -> Iterator[tuple[str, str, str, str]]:

@@ -13,10 +13,17 @@ CPU the fused program computes bit for bit what the unfused one does.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from shardwise.codegen.blocks import _relative_name, _relative_path
 from shardwise.codegen.emit import _call, _Names, template_env
 from shardwise.codegen.kernels.lower import lower_node
+from shardwise.codegen.pysource import WIDTH, identifier, wrap_lines
+from shardwise.codegen.spelling import uses_aten
+from shardwise.codegen.tables import layer_of, repeated_family
 from shardwise.ir.fusion import FusedGroup, check_groups
 from shardwise.ir.graph import Node
 from shardwise.ir.placement import ShardingSpec
@@ -24,7 +31,7 @@ from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
 
-__all__ = ["render_kernels", "POINTWISE_BLOCK", "MAX_ROW", "GroupCode", "group_code"]
+__all__ = ["render_kernels", "kernel_names", "POINTWISE_BLOCK", "MAX_ROW", "GroupCode", "group_code"]
 
 POINTWISE_BLOCK = 1024
 MAX_ROW = 32768
@@ -104,17 +111,46 @@ def _index_lines(rank: int, flat: str, prefix: str) -> list[str]:
     return lines
 
 
-def group_code(plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Local) -> GroupCode:
+def _value_names(
+    group: FusedGroup, names: _Names, relative: Callable[[str], str], canonical: bool
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(parameter names, member value -> variable) of a group's eager function: the program's names made
+    relative to the group's layer (unique), or numbered (``canonical``: to compare groups by structure)."""
+    if canonical:
+        return tuple(f"p{k}" for k in range(len(group.inputs))), {n: f"v{j}" for j, n in enumerate(group.nodes)}
+    taken = set(_MODULE_NAMES)
+    params = []
+    for v in group.inputs:
+        params.append(_unique(_param(relative(names.ref(v).removeprefix("self."))), taken))
+    members = {n: _unique(relative(names.var[n]), taken) for n in group.nodes}
+    return tuple(params), members
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def group_code(
+    plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Local, *,
+    relative: Callable[[str], str] = str, path: Callable[[str], str] = str, canonical: bool = False,
+) -> GroupCode:  # fmt: skip
+    """The code of one group; ``relative``/``path`` write its names and module paths relative to its layer;
+    ``canonical`` numbers its names and leaves out comments (two groups of one structure give equal code)."""
     graph = plan.graph
     members: list[Node] = [graph.node(n) for n in group.nodes]
     rowwise = group.kind != "elementwise"
     in_specs = [local.spec(v) for v in group.inputs]
     out_specs = [local.spec(v) for v in group.outputs]
     domain_rank = max((s.rank for s in in_specs), default=0)
-    params = tuple(_param(names.ref(v).removeprefix("self.")) for v in group.inputs)
+    params, member_names = _value_names(group, names, relative, canonical)
     # eager: emit's own statements, with the group's inputs as parameters
     ref = dict(zip(group.inputs, params, strict=True))
-    ref.update({m.name: names.var[m.name] for m in members})
+    ref.update(member_names)
     eager_lines: list[str] = []
     last = ""
     # an intermediate value is dropped after its last use in the group, as the unfused program drops it
@@ -128,8 +164,9 @@ def group_code(plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Lo
                 last_use[v] = k
     kept = set(group.outputs)
     for k, m in enumerate(members):
-        where = " — ".join(x for x in (m.module_path, m.source) if x)
-        if where and where != last:
+        detail = f"{m.source}: {m.source_text}" if m.source and m.source_text else m.source
+        where = " — ".join(x for x in (path(m.module_path) if m.module_path else "", detail) if x)
+        if where and where != last and not canonical:
             eager_lines.append(f"# {where}")
             last = where
         eager_lines.append(f"{ref[m.name]} = {_call(m, m.args, ref, names)}")
@@ -194,7 +231,7 @@ def group_code(plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Lo
         + ["n_cols" if rowwise else "numel", "*shape"]
         + [f"*in{k}.expand(shape).stride()" for k in range(len(kin))]
     )
-    where_lines = tuple(dict.fromkeys(m.module_path for m in members if m.module_path))
+    where_lines = tuple(dict.fromkeys(path(m.module_path) for m in members if m.module_path))
     ops = ", ".join(m.op.split(".")[1] for m in members)
     dtypes = repr(tuple(s.dtype for s in in_specs))
     return GroupCode(
@@ -202,7 +239,7 @@ def group_code(plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Lo
         kind=group.kind,
         summary=f"{group.kind}, {len(members)} ops ({ops}); saves {group.bytes_saved} bytes of traffic",
         where=where_lines,
-        doc=f"{group.kind}: {ops}" + (f" ({', '.join(where_lines)})" if where_lines else "") + ".",
+        doc=_doc(f"{group.kind}: {ops}", where_lines),
         params=params,
         dtypes=dtypes,
         input_specs=_specs(in_specs),
@@ -218,6 +255,14 @@ def group_code(plan: ExecutionPlan, group: FusedGroup, names: _Names, local: _Lo
         launch_args=launch_args,
         launch_returns=", ".join(kout),
     )
+
+
+def _doc(what: str, where: tuple[str, ...], room: int = 100) -> str:
+    """A one-line docstring: what the kernel computes, and where in the model when that fits."""
+    full = f"{what} ({', '.join(where)})." if where else f"{what}."
+    if len(full) <= room:
+        return full
+    return f"{what}." if len(what) < room else what[: room - 4].rsplit(",", 1)[0] + ", ..."
 
 
 def _is_row_scalar(graph, group: FusedGroup, value: str) -> bool:  # type: ignore[no-untyped-def]
@@ -236,21 +281,68 @@ def _is_row_scalar(graph, group: FusedGroup, value: str) -> bool:  # type: ignor
     return value in scalars
 
 
+def _structure(code: GroupCode) -> tuple:
+    """What makes a kernel: its code with numbered names (name, summary and comments left out)."""
+    return tuple(v for k, v in vars(code).items() if k not in ("name", "summary", "where", "doc"))
+
+
+def _layer_naming(plan: ExecutionPlan, group: FusedGroup) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """(variable namer, module path writer) relative to the layer of the group's first op."""
+    family = repeated_family(plan.graph)
+    layer = layer_of(plan.graph.node(group.nodes[0]).module_path, family) if family else None
+    if layer is None:
+        return str, str
+    family_id = identifier(family)
+    parent_id = identifier(family.rpartition(".")[0]) if "." in family else ""
+    return (lambda name: _relative_name(name, layer, family_id, parent_id)), (lambda p: _relative_path(p, layer, family))
+
+
+def kernel_names(plan: ExecutionPlan) -> dict[str, str]:
+    """fused group -> the kernel that runs it: groups of one structure (the same ops, arguments, local
+    shapes and dtypes) share one kernel, named ``<kind>_<k>`` (the k-th kernel, in order of first use)."""
+    names = _Names(plan.graph)
+    local = _Local(plan)
+    first: dict[tuple, str] = {}
+    out = {}
+    for g in plan.fused_groups:
+        key = _structure(group_code(plan, g, names, local, canonical=True))
+        out[g.name] = first.setdefault(key, f"{g.kind}_{len(first)}")
+    return out
+
+
 def render_kernels(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
-    """The generated module ``kernels.py`` for ``plan`` (call only when ``plan.fused_groups`` is not empty)."""
+    """The generated module ``kernels.py`` for ``plan`` (call only when ``plan.fused_groups`` is not empty):
+    one kernel per structure (see :func:`kernel_names`)."""
     check_groups(plan.graph, plan.fused_groups)
     names = _Names(plan.graph)
     local = _Local(plan)
-    groups = [group_code(plan, g, names, local) for g in plan.fused_groups]
-    return (
-        template_env()
-        .get_template("kernels.py.j2")
-        .render(
-            model_name=plan.model_name,
-            version=version,
-            plan_id=plan_id,
-            groups=groups,
-            pointwise_block=POINTWISE_BLOCK,
-            max_row=MAX_ROW,
-        )
+    kernels = kernel_names(plan)
+    users: dict[str, list[str]] = {}
+    for g in plan.fused_groups:
+        users.setdefault(kernels[g.name], []).append(g.name)
+    groups = []
+    written: set[str] = set()
+    for g in plan.fused_groups:
+        if kernels[g.name] in written:
+            continue
+        written.add(kernels[g.name])
+        relative, path = _layer_naming(plan, g)
+        code = dataclasses.replace(group_code(plan, g, names, local, relative=relative, path=path), name=kernels[g.name])
+        used = users[kernels[g.name]]
+        listed = ", ".join(used) if len(used) <= 3 else f"{used[0]}, {used[1]}, ... {used[-1]}"
+        runs = f"runs {len(used)} groups ({listed})" if len(used) > 1 else f"runs group {used[0]}"
+        if used != [code.name]:  # (the plan's groups it runs, when not just the one it is named after)
+            code = dataclasses.replace(code, summary=f"{code.summary}; {runs}")
+        groups.append(code)
+    eager = "\n".join(line for g in groups for line in g.eager_lines)
+    text = template_env().get_template("kernels.py.j2").render(
+        aten=uses_aten(eager),
+        functional=re.search(r"(?<![\w.])F\.", eager) is not None,
+        model_name=plan.model_name,
+        version=version,
+        plan_id=plan_id,
+        groups=groups,
+        pointwise_block=POINTWISE_BLOCK,
+        max_row=MAX_ROW,
     )
+    return "\n".join(wrap_lines(text.split("\n"), WIDTH))
