@@ -23,7 +23,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
-from shardwise.errors import TraceError, UnsupportedOpError
+from shardwise.errors import TraceError, UnsupportedOpError, UserInputError
 from shardwise.frontend.custom_ops import SOURCES, decomposition_table, library_module
 from shardwise.frontend.subgraphs import subgraph_functions
 from shardwise.ir.graph import (
@@ -341,6 +341,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _refuse_sparse(val: Any, name: str, info: Any, strip_prefix: str) -> None:
+    """Refuse a graph input (the model's input, or a parameter, buffer or constant ``info`` describes) that is
+    not a dense (strided) tensor: a plan may split any input over the ranks, which a sparse layout does not
+    allow (``Sparse CSR tensors do not have strides``)."""
+    if not isinstance(val, torch.Tensor) or val.layout == torch.strided:
+        return
+    layout = str(val.layout)
+    if info is None or info.kind == InputKind.USER_INPUT:
+        raise UserInputError(
+            f"the model's input {name!r} is a sparse tensor ({layout}, shape {tuple(val.shape)}); shardwise "
+            f"plans dense (strided) tensors only, and a plan may split an input over the ranks. Pass it dense "
+            f"({name}.to_dense()), as example input and when running."
+        )
+    kind = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}.get(info.kind, "constant tensor")
+    key = str(info.target).removeprefix(strip_prefix)
+    raise UserInputError(
+        f"the model's {kind} {key!r} is a sparse tensor ({layout}, shape {tuple(val.shape)}); shardwise plans "
+        f"dense (strided) tensors only. Keep it dense in the model (e.g. register {key}.to_dense())."
+    )
+
+
 def _spec_of(val: Any, values: Mapping[Any, int]) -> ValueSpec:
     if isinstance(val, torch.Tensor):
         return TensorSpec(tuple(_size_hint(s, values) for s in val.shape), _dtype_name(val.dtype))
@@ -515,9 +536,10 @@ def lower_program(
     functions: dict[str, Function] = {}  # the subgraphs of higher-order ops, by name
     for fx_node in ep.graph.nodes:
         if fx_node.op == "placeholder":
+            info = input_kinds.get(fx_node.name)
+            _refuse_sparse(fx_node.meta["val"], fx_node.name, info, strip_prefix)
             spec = _spec_of(fx_node.meta["val"], values)
             specs[fx_node.name] = spec
-            info = input_kinds.get(fx_node.name)
             if info is None or info.kind == InputKind.USER_INPUT:
                 inputs.append(GraphInput(fx_node.name, spec, _dynamic_dims(fx_node.meta["val"])))
                 continue

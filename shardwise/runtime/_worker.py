@@ -4,7 +4,8 @@ Protocol (parent <-> worker, one duplex pipe, every message a pickled tuple sent
 the worker first sends ``(0, "ready", info)`` or ``(0, "err", info)``; then for each request
 ``(op, seq, *payload)`` it answers exactly one ``(seq, "ok", value)`` or ``(seq, "err", info)`` with
 ``info = {"error": "Type: message", "traceback": text}``. ``op`` is ``"load"``, ``"call"``, ``"probe"`` or
-``"close"``. Values are detached CPU tensors (or plain data); pickling is by value, never shared memory.
+``"close"``. Values are detached CPU tensors (or plain data); pickling is by value, never shared memory
+(``wire``: tensors of every dtype, complex32 and uint64 included).
 
 A worker is a fresh interpreter, ``python -m shardwise.runtime.worker_main RANK FD SENTINEL NAME``
 (``launch.start_worker``): ``FD`` is its end of the pipe, whose first message is ``(WorkerConfig, the
@@ -30,9 +31,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from shardwise.runtime import wire
+
 __all__ = ["WorkerConfig", "entry", "main", "stack_file", "thread_env"]
 
-_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 @dataclass(frozen=True)
@@ -182,9 +184,9 @@ def main(rank: int, config: WorkerConfig, conn: Connection) -> None:
 
     def send(message: tuple) -> None:
         try:
-            data = pickle.dumps(message, protocol=_PICKLE)
+            data = wire.dumps(message)
         except Exception as exc:  # an unpicklable result is the method's fault, report it as such
-            data = pickle.dumps((message[0], "err", _error_info(exc)), protocol=_PICKLE)
+            data = wire.dumps((message[0], "err", _error_info(exc)))
         conn.send_bytes(data)
 
     from shardwise.runtime.process_group import destroy_process_group, init_process_group, set_thread_budget
@@ -208,7 +210,7 @@ def main(rank: int, config: WorkerConfig, conn: Connection) -> None:
     try:
         while True:
             try:
-                request = pickle.loads(conn.recv_bytes())
+                request = wire.loads(conn.recv_bytes())
             except (EOFError, OSError):  # the parent went away
                 break
             op, seq = request[0], request[1]
@@ -221,7 +223,7 @@ def main(rank: int, config: WorkerConfig, conn: Connection) -> None:
                     value = state.load(*request[2:])
                 elif op == "call":
                     method, args_blob, want_result = request[2:]
-                    args, kwargs = pickle.loads(args_blob)
+                    args, kwargs = wire.loads(args_blob)
                     value = state.call(method, args, kwargs, want_result)
                 elif op == "probe":
                     value = state.probe(*request[2:])

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shardwise.errors import RuntimeFault, UserInputError
-from shardwise.runtime import _worker
+from shardwise.runtime import _worker, wire
 from shardwise.runtime.faults import RankFailure, WorkerFault
 from shardwise.runtime.launch import WorkerProcess, start_worker
 from shardwise.runtime.package import to_cpu_detached
@@ -336,7 +336,7 @@ class WorkerPool:
                 raise UserInputError("no package is loaded in the worker pool; call load() first")
             if "torch" in sys.modules:  # arguments travel as detached CPU tensors, like results
                 args, kwargs = to_cpu_detached((args, kwargs))
-            blob = pickle.dumps((args, kwargs), protocol=_PICKLE)
+            blob = wire.dumps((args, kwargs))
             per_rank = [(method, blob, ranks == "all" or r == 0) for r in range(self.world_size)]
             if label is None:
                 label = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
@@ -500,7 +500,7 @@ class WorkerPool:
         conn, proc = workers.conns[rank], workers.procs[rank]
         try:
             if conn.poll():
-                return pickle.loads(conn.recv_bytes())
+                return wire.loads(conn.recv_bytes())
         except (EOFError, OSError):
             pass
         else:
@@ -526,7 +526,7 @@ class WorkerPool:
             for rank in range(self.world_size):
                 body = payload[rank] if per_rank else payload
                 try:
-                    workers.conns[rank].send_bytes(pickle.dumps((op, seq, *body), protocol=_PICKLE))
+                    workers.conns[rank].send_bytes(wire.dumps((op, seq, *body)))
                 except (OSError, ValueError):
                     self._receive(rank, workers, failures)
                     failures.setdefault(

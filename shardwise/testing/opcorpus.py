@@ -52,17 +52,15 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
     ),
     **dict.fromkeys(("_native_batch_norm_legit", "_batch_norm_with_update"), _INPUT_WRITE),
     "histogramdd": ("cannot represent", "returns a list of tensors inside a tuple"),
+    **dict.fromkeys(
+        ("sparse.sampled_addmm", "sparse.mm.reduce"),
+        ("input 'tensors_0' is a sparse tensor", "takes a sparse (CSR) input: shardwise plans dense tensors only"),
+    ),
 }
 
-# ops that compile but whose program fails on the worker processes, and why: name -> (pattern, reason)
-RUN_FAILURES: dict[str, tuple[str, str]] = {
-    "sparse.sampled_addmm": (
-        "Sparse CSR tensors do not have strides",
-        "the plan splits a sparse (CSR) input over the ranks, which its layout does not allow",
-    ),
-    "chalf": ("has no attribute 'dtype'", "torch cannot send a complex32 tensor between processes (pickling)"),
-    "hash_tensor": ("has no attribute 'dtype'", "torch cannot send a uint64 tensor between processes (pickling)"),
-}
+# ops that compile but whose program fails on the worker processes, and why: name -> (pattern, reason); none
+# today (docs/ops.md)
+RUN_FAILURES: dict[str, tuple[str, str]] = {}
 
 # OpInfo tests that compare an op's forward outputs (their float32 tolerance overrides apply here)
 _FORWARD_TESTS = (None, "test_compare_cpu", "test_variant_consistency_eager", "test_noncontiguous_samples",

@@ -140,3 +140,56 @@ def test_expand_as_splits_like_its_shape_source(pools) -> None:
     """normalize: x / norm.expand_as(x), split on the expanded dim (the rule once left x whole: shapes differed)."""
     out = run_case("nn.functional.normalize", pools, cluster=free_links_cluster(), split_only=True)
     assert out.splits and out.status == "equal", out
+
+
+def test_complex32_and_uint64_results_come_back_from_two_processes_equal_to_eager(pools) -> None:
+    """chalf and hash_tensor: torch's pickling cannot load these dtypes; the workers send them anyway."""
+    import torch
+
+    import shardwise
+
+    class Bits(torch.nn.Module):
+        def forward(self, x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            wide = (x.abs() * 1000).to(torch.uint64)
+            return x.chalf(), wide, torch.hash_tensor(x), code.to(torch.int64) + 1
+
+    model = Bits()
+    x, code = torch.randn(8, 3), torch.tensor([2**64 - 2, 3], dtype=torch.uint64)
+    with torch.no_grad():
+        want = model(x, code)
+    with shardwise.compile(model, "cpu:2", example_inputs=(x, code), workers=pools(2)) as cm:
+        assert cm.plan.world_size == 2  # run by two worker processes (the op itself whole on each)
+        got = cm.run(x, code)
+    assert [t.dtype for t in got] == [torch.complex32, torch.uint64, torch.uint64, torch.int64]
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # torch.equal does not take complex32 or uint64
+        return t.view({torch.complex32: torch.int32, torch.uint64: torch.int64}.get(t.dtype, t.dtype))
+
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and torch.equal(bits(g), bits(w))
+
+
+def test_a_sparse_input_is_refused_naming_it_and_saying_what_to_do() -> None:
+    import torch
+
+    import shardwise
+    from shardwise.errors import UserInputError
+
+    class SampledAddmm(torch.nn.Module):
+        def forward(self, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.sparse.sampled_addmm(mask, a, b)
+
+    mask = torch.eye(4).to_sparse_csr()
+    with pytest.raises(UserInputError, match=r"input 'mask' is a sparse tensor \(torch\.sparse_csr.*mask\.to_dense\(\)"):
+        shardwise.compile(SampledAddmm(), "cpu:2", example_inputs=(mask, torch.randn(4, 3), torch.randn(3, 4)))
+
+    class SparseBuffer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("adjacency", torch.eye(4).to_sparse())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sparse.mm(self.adjacency, x)
+
+    with pytest.raises(UserInputError, match=r"buffer 'adjacency' is a sparse tensor \(torch\.sparse_coo"):
+        shardwise.compile(SparseBuffer(), "cpu:2", example_inputs=(torch.randn(4, 3),))

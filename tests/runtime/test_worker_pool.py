@@ -106,6 +106,29 @@ def build(rank, world_size):
 """
 
 
+# tensors of dtypes torch's pickling cannot load (complex32, uint16/32/64, float8), both ways
+PKG_DTYPES = """
+import torch
+
+
+class Echo:
+    def __init__(self, rank, world_size):
+        self.rank = rank
+
+    def echo(self, given):
+        made = {
+            "uint64": torch.tensor([2**64 - 1 - self.rank, 2**63 + 5], dtype=torch.uint64),
+            "complex32": torch.tensor([[1 + 2j * self.rank, -0.5j]]).to(torch.complex32).t(),
+            "uint16": (torch.arange(6, dtype=torch.int32).reshape(2, 3) + self.rank).to(torch.uint16),
+        }
+        return {"given": given, "made": made, "dtypes": [str(t.dtype) for t in given]}
+
+
+def build(rank, world_size):
+    return Echo(rank, world_size)
+"""
+
+
 def _write(root: Path, files: dict[str, str]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
@@ -129,6 +152,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root / "pkg_a", {"__init__.py": PKG_A, "helpers.py": "def scale_of(s):\n    return 2 * s\n"}
         ),
         "b": _write(root / "pkg_b", {"__init__.py": PKG_B}),
+        "dtypes": _write(root / "pkg_dtypes", {"__init__.py": PKG_DTYPES}),
     }
 
 
@@ -167,6 +191,30 @@ def test_rank0_result_only(pool: WorkerPool, packages: dict[str, Path]) -> None:
     assert torch.equal(result["total"], torch.arange(3.0) * sum(range(1, WORLD + 1)))
     with pytest.raises(UserInputError, match="ranks must be"):
         pool.call("forward", torch.ones(3), ranks="rank1")
+
+
+def test_tensors_of_every_dtype_travel_both_ways_bit_exact(pool: WorkerPool, packages: dict[str, Path]) -> None:
+    pool.load(packages["dtypes"])
+    given = [
+        torch.tensor([2**64 - 1, 0, 2**63], dtype=torch.uint64),
+        torch.randn(3, 4).to(torch.complex32)[:, 1:],  # a view: offset and strides kept
+        torch.tensor([1.5, -448.0, 0.0]).to(torch.float8_e4m3fn),
+        torch.tensor([7, 65535], dtype=torch.int32).to(torch.uint16),
+        torch.tensor([4_000_000_000], dtype=torch.int64).to(torch.uint32),
+    ]
+    results = pool.call("echo", given)
+    for rank, r in enumerate(results):
+        assert r["dtypes"] == [str(t.dtype) for t in given]  # they arrived as what was sent
+        for got, sent in zip(r["given"], given, strict=True):
+            assert got.dtype == sent.dtype and got.shape == sent.shape and got.stride() == sent.stride()
+            assert torch.equal(got.contiguous().view(torch.uint8), sent.contiguous().view(torch.uint8))  # same bits
+        made = r["made"]
+        assert made["uint64"].dtype == torch.uint64
+        assert made["uint64"].tolist() == [2**64 - 1 - rank, 2**63 + 5]
+        assert made["complex32"].dtype == torch.complex32 and made["complex32"].shape == (2, 1)
+        assert made["complex32"].to(torch.complex64).flatten().tolist() == [complex(1, 2 * rank), complex(0, -0.5)]
+        assert made["uint16"].dtype == torch.uint16
+        assert made["uint16"].to(torch.int32).tolist() == [[rank, rank + 1, rank + 2], [rank + 3, rank + 4, rank + 5]]
 
 
 def test_init_method_loads_weights(pool: WorkerPool, packages: dict[str, Path], tmp_path: Path) -> None:
