@@ -12,7 +12,7 @@ plan's no-offload, no-recompute peak. Per budget, the cheapest choice (``passes.
 
 with its device memory (rank 0's peak, the lower bound the memory map reaches), host memory per rank and
 predicted step time (the plan's + recompute + exposed host-link transfers + the host optimizer step; PCIe4
-x16 31.5 GB/s per GPU, host DRAM 409.6 GB/s per node shared by 8 GPUs: see passes/offload/hardware.py).
+x16 31.5 GB/s per GPU, host DRAM 409.6 GB/s per node shared by 8 GPUs: see cluster/host.py).
 "-" = no choice of that kind fits (the lowest device memory it reaches is listed). Results:
 bench/results/offload.json.
 """

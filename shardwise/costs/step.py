@@ -19,7 +19,10 @@ the generated program runs it:
    Under ZeRO >= 1 the data-parallel reduction is a reduce-scatter, and the updated parameters are
    all-gathered after the step;
 4. the optimizer step over this rank's parameter elements (``PriceList.optimizer_step_s``);
-5. host offload (``plan.tiers``): the exposed transfers and the host's optimizer step (``offload_s``).
+5. host offload (``plan.host_traffic``): each segment's host-link transfers beyond what that segment's forward
+   (or backward) compute hides (the two directions are independent: full-duplex PCIe; transfers of one
+   direction in one window queue behind each other; the ``"step"`` slot is hidden by nothing), and the host's
+   optimizer step, memory-bound at the host's DRAM bandwidth (``cluster.host``), not overlapped.
 
 **Pipelines**: :func:`simulate` times a schedule's per-device action lists from per-chunk forward and backward
 times, point-to-point transfers and per-device tails (gradient reduction and optimizer);
@@ -41,7 +44,7 @@ from shardwise.costs.prices import PriceList, price_list
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph, Node
 from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
-from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Prediction
+from shardwise.ir.plan import ExecutionPlan, HostTraffic, NodeStrategy, Prediction
 from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
 
@@ -264,12 +267,9 @@ def _recomputed(graph: Graph, ranges: Iterable[tuple[str, str]]) -> set[str]:
     return out
 
 
-def price_flat(
-    plan: ExecutionPlan, prices: PriceList, *, offload_s: float = 0.0, fused_backward: bool = False
-) -> StepPrice:
-    """The step of a flat plan (see the module docstring); ``offload_s`` is the exposed host-offload time
-    (``passes.offload`` measures the transfers). ``fused_backward``: the program runs each fused group's
-    backward as one kernel too (``costs.backward``; shardwise's own programs do not)."""
+def price_flat(plan: ExecutionPlan, prices: PriceList, *, fused_backward: bool = False) -> StepPrice:
+    """The step of a flat plan (see the module docstring). ``fused_backward``: the program runs each fused
+    group's backward as one kernel too (``costs.backward``; shardwise's own programs do not)."""
     graph = plan.graph
     train = plan.mode == "train"
     ops = node_prices(plan, prices)
@@ -325,16 +325,54 @@ def price_flat(
     gather = _zero_gather_s(plan, prices)
     if gather:
         events.append(Event("optimizer", "comm", "ZeRO: all-gather the updated parameters", "", gather))
-    if offload_s:
-        events.append(Event("offload", "comm", "host offload (exposed transfers, host optimizer)", "", offload_s))
+    if plan.host_traffic is not None:
+        exposed, host_optimizer = offload_s(plan.host_traffic, ops, prices)
+        if exposed:
+            events.append(Event("offload", "comm", "host offload: transfers no compute hides", "", exposed))
+        if host_optimizer:
+            events.append(Event("offload", "compute", "optimizer step on the host", "", host_optimizer))
     return _total(events, 0.0)
 
 
-def predict_flat(plan: ExecutionPlan, cluster: ClusterSpec, offload_s: float = 0.0) -> Prediction:
+def offload_s(traffic: HostTraffic, ops: Mapping[str, OpPrice], prices: PriceList) -> tuple[float, float]:
+    """(exposed host-link seconds, host optimizer seconds) of a flat plan's host offload (module docstring,
+    step 5); ``ops`` are the plan's op prices in graph order."""
+    from shardwise.cluster.host import host_memory_bandwidth
+
+    seconds = list(ops.values())
+    segs = traffic.segments
+    forward: dict[int, float] = {}
+    backward: dict[int, float] = {}
+
+    def add(segment: int, a: int, z: int) -> None:
+        forward[segment] = sum(p.forward_s + p.comm_forward_s for p in seconds[a:z])
+        backward[segment] = sum(p.backward_s + p.comm_backward_s + p.recompute_s for p in seconds[a:z])
+
+    if segs:
+        add(-1, 0, segs[0][0])
+        add(len(segs), segs[-1][1], len(seconds))
+        for i, (a, z) in enumerate(segs):
+            add(i, a, z)
+    else:
+        add(-1, 0, len(seconds))
+    link = prices.cluster.host_link_bandwidth
+    queued: dict[tuple[str, int, str], float] = {}
+    for phase, segment, direction, nbytes in traffic.moves:
+        key = (phase, segment, direction)
+        queued[key] = queued.get(key, 0.0) + nbytes
+    exposed = 0.0
+    for (phase, segment, _), nbytes in queued.items():
+        window = 0.0 if phase == "step" else (forward if phase == "fwd" else backward).get(segment, 0.0)
+        exposed += max(0.0, nbytes / link - window)
+    host = traffic.host_optimizer_bytes / host_memory_bandwidth(prices.cluster.name, prices.cluster)
+    return exposed, host
+
+
+def predict_flat(plan: ExecutionPlan, cluster: ClusterSpec) -> Prediction:
     """A flat plan's Prediction: its step priced by :func:`price_flat`, its memory map's peaks, and the
     achieved model FLOP/s (forward FLOPs of the graph, x3 in training: the backward's 2x)."""
     prices = price_list(cluster, plan.precision)
-    step = price_flat(plan, prices, offload_s=offload_s)
+    step = price_flat(plan, prices)
     flops = plan.graph.total_flops * (3 if plan.mode == "train" else 1)
     tflops, util = mfu(flops, plan.mesh.size, step.step_s, prices.peak_flops)
     return Prediction(
@@ -496,7 +534,7 @@ def _trainable(plan: ExecutionPlan) -> list:
 
 
 def _optimizer_s(plan: ExecutionPlan, prices: PriceList) -> float:
-    if dict(plan.tiers).get("optimizer") == "host":
+    if any(name.startswith("optimizer:") for name, _ in plan.tiers):
         return 0.0  # the host steps it (offload_s)
     local = _param_local_elements(plan)
     trainable = _trainable(plan)

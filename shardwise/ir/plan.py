@@ -24,6 +24,7 @@ __all__ = [
     "Prediction",
     "RankMemory",
     "Alternative",
+    "HostTraffic",
     "ExecutionPlan",
 ]
 
@@ -108,6 +109,22 @@ class Alternative:
 
 
 @dataclass(frozen=True)
+class HostTraffic:
+    """What host offload (``plan.tiers``) moves over the host link per step, and where compute may hide it.
+
+    ``segments``: node index ranges ``[start, stop)`` of the layers, segment ``0..n-1``; segment ``-1`` is the
+    ops before the first layer, ``n`` those after the last. ``moves``: ``(phase, segment, direction, bytes)``
+    with phase ``"fwd"``/``"bwd"`` (hidden by that segment's forward or backward) or ``"step"`` (hidden by
+    nothing), direction ``"h2d"``/``"d2h"``. ``host_optimizer_bytes``: the host's DRAM traffic of the
+    optimizer step it runs. The price list turns these into seconds (``costs.step``).
+    """
+
+    segments: tuple[tuple[int, int], ...]
+    moves: tuple[tuple[str, int, str, int], ...]
+    host_optimizer_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class ExecutionPlan:
     schema_version: int
     model_name: str
@@ -153,6 +170,8 @@ class ExecutionPlan:
     # memory tier of what is moved off the device (shardwise.passes.offload), as (name, tier) pairs: a
     # state_dict key or a buffer kind ("optimizer", "activations") -> "host"; empty: everything on the device
     tiers: tuple[tuple[str, str], ...] = ()
+    # the host-link traffic of those tiers (priced by costs.step); None: nothing moves
+    host_traffic: HostTraffic | None = None
 
     @property
     def degrees(self) -> dict[str, int]:

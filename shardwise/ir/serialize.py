@@ -42,6 +42,7 @@ _CLASSES: dict[str, type] = {
         _plan.RankMemory,
         _plan.Prediction,
         _plan.Alternative,
+        _plan.HostTraffic,
         _plan.ExecutionPlan,
         _fusion.FusedGroup,
         _pipeline.Transfer,

@@ -1,33 +1,37 @@
-"""The whole-plan search: pipeline x data x tensor (x sequence) parallelism, micro-batching, recomputation.
+"""The one search: every layout of a model on a cluster, priced by the price list, ranked.
 
-For every candidate — tensor-parallel degree ``tp`` (a divisor of the devices per node), sequence parallelism
-on or off, pipeline degree ``pp``, data-parallel degree ``dp = devices / (tp pp)`` (dividing the batch),
-micro-batch size (a divisor of the replica's batch), schedule (1F1B, interleaved with ``virtual`` chunks per
-device, GPipe) and recomputation (none / full) — it
+A layout (:class:`Candidate`) is a mesh ``pp x dp x tp`` (``planner.meshes``), sequence parallelism on the
+tensor-parallel axis or not, a ZeRO stage (0: none; 1: optimizer state sharded over ``dp``; 2: and gradients;
+3: and parameters), a micro-batch size (pipelines; flat layouts run the replica's whole batch at once), a
+schedule (1F1B, interleaved with ``virtual`` chunks per device, GPipe) and recomputation (none; selective: the
+fewest layers per device that make it fit; full: every layer). ``pp = 1`` is a flat layout: one chunk, one
+micro-batch. For every candidate the search
 
-1. prices every layer unit with the :class:`~shardwise.passes.stages.profile.UnitProfiler` (the intra-op
-   planner places each distinct unit once per ``(tp, sp)``; repeated blocks share the result, so a model of
-   hundreds of blocks costs a handful of placements);
-2. splits the units into ``pp * virtual`` chunks with the min-max partitioner
-   (:func:`~shardwise.passes.stages.partition.balance`), within device memory;
-3. predicts per-device memory (parameters, gradients, optimizer state, the activations of the micro-batches
-   the schedule keeps in flight, the recomputed unit's working set) and a closed-form step time;
-4. times the ``top_k`` most promising candidates exactly with the schedule simulator
-   (:func:`~shardwise.planner.schedule.simulate`: compute, point-to-point transfers overlapping compute,
-   bubbles, then each device's data-parallel gradient all-reduce, tied-weight reduction and optimizer step).
+1. prices every layer unit with the :class:`~shardwise.passes.stages.profile.UnitProfiler` (each distinct unit
+   is placed once per ``(tp, sp)`` by the intra-op planner and priced op by op by the price list, on the
+   micro-batch's rows; its memory comes from the memory map's own step program);
+2. splits the units into ``pp * virtual`` chunks with the min-max partitioner, within device memory;
+3. predicts each device stage's memory: parameters, gradients and optimizer state per element
+   (``costs.memory.element_bytes``, ZeRO over ``dp``), the optimizer's scratch, the activations each
+   micro-batch keeps times the micro-batches the schedule holds in flight, and the largest working set;
+4. predicts the step: chunk forward and backward times (plus the recomputed forward), transfers between
+   stages, each stage's tail (``costs.step.stage_tail_s``: gradient reduction with ZeRO's reduce-scatter and
+   all-gather, tied weights, the optimizer step), in closed form (``costs.step.analytic_step``) for all and by
+   event simulation (``costs.step.simulate``) for the ``top_k`` most promising.
 
-The fastest simulated candidate that fits wins; ``SearchResult.ranked`` keeps the others with their
-predictions (the planner turns them into ``plan.alternatives``).
+Candidates are visited in order of a lower bound and pruned once the bound exceeds the best estimate by
+``SLACK``. The result ranks them (fitting ones by step time; among those within ``MEMORY_TOLERANCE`` of the
+fastest, less memory first); ``planner.plan`` realizes the best ones and prices the realized plans, which
+is the price every view shows.
 
-Constraints pin choices: ``pp``, ``dp``, ``tp`` (ints); ``sp`` (1 = off, or equal to tp = on);
-``microbatches`` or ``microbatch_size``; ``virtual`` (chunks per device; > 1 means interleaved);
-``schedule`` ("gpipe", "1f1b", "interleaved"); ``recompute`` ("none"/"full", or 0/1).
+Capabilities the generated programs have: ZeRO 0-3 for flat layouts, 0-2 with pipelines
+(``PIPELINE_ZERO``); selective recomputation for flat layouts (per layer, ``passes.remat``), full
+recomputation for both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,20 +40,26 @@ from itertools import accumulate
 from shardwise.cluster import ClusterSpec
 from shardwise.costs.memory import element_bytes
 from shardwise.costs.step import StageTail, analytic_step, simulate, stage_tail_s
-from shardwise.errors import DoesNotFitError, PlanError
+from shardwise.errors import PlanError
 from shardwise.ir.graph import Graph
-from shardwise.ir.pipeline import RECOMPUTE, SCHEDULES
 from shardwise.passes.stages.partition import balance
 from shardwise.passes.stages.profile import UnitCost, UnitProfiler, traced_batch
 from shardwise.passes.stages.units import LayerUnits, layer_units
+from shardwise.planner.constraints import Constraints, parse_constraints
+from shardwise.planner.meshes import divisors, meshes
 from shardwise.planner.schedule import peak_live_count, schedule_actions
 
-__all__ = ["SearchOptions", "Candidate", "SearchResult", "search", "PIPELINE_CONSTRAINTS"]
+__all__ = [
+    "SearchOptions", "Candidate", "SearchResult", "search", "SLACK", "MEMORY_TOLERANCE", "PIPELINE_ZERO",
+    "FLAT_ZERO",
+]  # fmt: skip
 
 # candidates whose lower bound is within this factor of the best estimate so far are evaluated in full
 SLACK = 1.1
-PIPELINE_CONSTRAINTS = ("pp", "dp", "tp", "sp", "microbatches", "microbatch_size", "virtual", "schedule",
-                        "recompute", "zero", "ep")  # fmt: skip
+# layouts predicted within this fraction of the fastest are ranked by memory per device, least first
+MEMORY_TOLERANCE = 0.01
+FLAT_ZERO = (0, 1, 2, 3)
+PIPELINE_ZERO = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,13 @@ class SearchOptions:
     # another program's kernels (passes.stages.profile.UnitProfiler): how a published system is priced
     kernels: Callable[..., tuple] | None = None
     fused_backward: bool = False  # the program runs each fused group's backward as one kernel too
+    pipelines: bool = True  # False: flat layouts only (pp = 1)
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """One layout and its predicted step and memory (the one candidate-plan record)."""
+
     pp: int
     dp: int
     tp: int
@@ -80,7 +93,7 @@ class Candidate:
     microbatches: int
     schedule: str
     virtual: int
-    recompute: str
+    recompute: str  # "none" | "selective" | "full"
     bounds: tuple[tuple[int, int], ...]  # unit positions [a, b) per chunk
     step_s: float
     compute_s: float  # the busiest device's compute (and tensor-parallel communication) over the step
@@ -94,40 +107,38 @@ class Candidate:
     tail_s: tuple[float, ...] = ()
     transfer_s: tuple[float, ...] = ()
     note: str = ""
+    zero: int = 0
+    recomputed: tuple[int, ...] = ()  # unit positions recomputed (selective and full)
+    memory_parts: tuple[tuple[str, int], ...] = ()  # the busiest device's memory by what it holds
 
     @property
     def degrees(self) -> tuple[tuple[str, int], ...]:
         return (("dp", self.dp), ("tp", self.tp), ("pp", self.pp))
 
     @property
+    def flat(self) -> bool:
+        return self.pp == 1 and self.microbatches == 1
+
+    @property
     def peak_bytes(self) -> int:
         return max(self.memory_bytes) if self.memory_bytes else 0
 
     def key(self) -> tuple:
-        return (
-            self.pp,
-            self.dp,
-            self.tp,
-            self.sp,
-            self.microbatch,
-            self.schedule,
-            self.virtual,
-            self.recompute,
-        )
+        return (self.pp, self.dp, self.tp, self.sp, self.microbatch, self.schedule, self.virtual, self.recompute,
+                self.zero)  # fmt: skip
 
     def describe(self) -> str:
         sched = self.schedule + (f"x{self.virtual}" if self.virtual > 1 else "")
         sp = "+sp" if self.sp else ""
-        return (
-            f"pp={self.pp} dp={self.dp} tp={self.tp}{sp} mb={self.microbatch}x{self.microbatches} {sched} "
-            f"recompute={self.recompute}"
-        )
+        zero = f" zero={self.zero}" if self.zero else ""
+        batch = f" mb={self.microbatch}x{self.microbatches} {sched}" if not self.flat else ""
+        return f"pp={self.pp} dp={self.dp} tp={self.tp}{sp}{zero}{batch} recompute={self.recompute}"
 
 
 @dataclass(frozen=True)
 class SearchResult:
     best: Candidate
-    ranked: tuple[Candidate, ...]  # simulated candidates first (by step time), then the estimated ones
+    ranked: tuple[Candidate, ...]  # fitting candidates first (by step time, memory within the tolerance)
     units: LayerUnits
     sequence: tuple[int, ...]  # the unit (index into ``units``) at each position of the planned model
     labels: tuple[str, ...]
@@ -137,48 +148,7 @@ class SearchResult:
     placements: int
     evaluated: int
     rejected: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
-
-
-def _parse(constraints: Mapping[str, object], cluster: ClusterSpec) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in constraints.items():
-        if k not in PIPELINE_CONSTRAINTS:
-            raise PlanError(f"unknown constraint {k!r}: allowed are {', '.join(PIPELINE_CONSTRAINTS)}")
-        if k == "schedule":
-            if v not in SCHEDULES:
-                raise PlanError(f"constraint schedule={v!r}: choose one of {', '.join(SCHEDULES)}")
-        elif k == "recompute":
-            if isinstance(v, int):
-                v = "full" if v else "none"
-            if v not in RECOMPUTE:
-                raise PlanError(f"constraint recompute={v!r}: choose 'none' or 'full' (or 0/1)")
-        elif isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in ("zero", "sp") else 1):
-            raise PlanError(f"constraint {k}={v!r}: must be a positive integer")
-        out[k] = v
-    if out.get("zero", 0) and out.get("pp", 1) > 1:
-        raise PlanError(
-            "ZeRO (constraint zero) is not combined with pipeline parallelism yet: use zero=0 or pp=1"
-        )
-    if out.get("ep", 1) != 1:
-        raise PlanError("expert parallelism (ep) is not available: use ep=1")
-    world = cluster.world_size
-    prod = int(out.get("pp", 1)) * int(out.get("dp", 1)) * int(out.get("tp", 1))  # type: ignore[call-overload]
-    if prod > world:
-        raise PlanError(
-            f"constraints pp={out.get('pp', 1)} x dp={out.get('dp', 1)} x tp={out.get('tp', 1)} need {prod} devices; "
-            f"{cluster.name} has {world}"
-        )
-    sp = out.get("sp")
-    if sp not in (None, 0, 1) and "tp" in out and sp != out["tp"]:
-        raise PlanError(
-            f"constraint sp={sp}: sequence parallelism runs on the tensor-parallel axis: sp=1 or sp=tp"
-        )
-    return out
+    capacity_bytes: float = 0.0
 
 
 class _Tables:
@@ -188,24 +158,25 @@ class _Tables:
         self.costs = costs
         self.fwd = [c.forward_s for c in costs]
         self.bwd = [c.backward_s for c in costs]
+        self.rec = [c.recompute_s for c in costs]
+        self.act = [c.activation_bytes for c in costs]
+        self.inp = [c.input_bytes for c in costs]
+        self.working = [c.working_bytes for c in costs]
 
         def prefix(xs: list[float]) -> list[float]:
             return [0.0, *accumulate(xs)]
 
-        self.rec = [c.recompute_s for c in costs]
         self.p_fwd = prefix(self.fwd)
         self.p_bwd = prefix(self.bwd)
         self.p_rec = prefix(self.rec)
-        self.p_tensors = prefix([float(c.tensors) for c in costs])
-        self.working = [c.working_bytes for c in costs]
         self.p_commf = prefix([c.comm_forward_s for c in costs])
         self.p_commb = prefix([c.comm_backward_s for c in costs])
         self.p_param = prefix([float(c.param_elems) for c in costs])
         self.p_train = prefix([float(c.trainable_elems) for c in costs])
+        self.p_tensors = prefix([float(c.tensors) for c in costs])
         self.p_act = prefix([float(c.activation_bytes) for c in costs])
         self.p_in = prefix([float(c.input_bytes) for c in costs])
         self.p_gr = prefix([float(c.grad_reduce_bytes) for c in costs])
-        self.act = [c.activation_bytes for c in costs]
 
     @staticmethod
     def range(p: list[float], a: int, z: int) -> float:
@@ -226,7 +197,6 @@ class _Context:
             optimizer_state=options.optimizer_factor, kernels=options.kernels, fused_backward=options.fused_backward,
         )  # fmt: skip
         self.prices = self.profiler.prices
-        self.comm = self.prices.comm
         n = len(units)
         if options.repeat_blocks is not None and units.family:
             self.sequence = (0, *([1] * options.repeat_blocks), n - 1)
@@ -237,10 +207,6 @@ class _Context:
         self.traced = traced_batch(graph)
         self.batch = options.global_batch or self.traced
         self.capacity = cluster.device.memory_bytes * options.memory_headroom
-        # bytes per parameter element on its device (costs.memory): weights, gradients, optimizer state
-        per = {"train": self.train, "precision": options.precision, "state": options.optimizer_factor}
-        self.train_bytes = element_bytes(trainable=True, **per).total  # type: ignore[arg-type]
-        self.frozen_bytes = element_bytes(trainable=False, **per).total  # type: ignore[arg-type]
         # the optimizer steps tensors with foreach kernels where the host runs ahead (GPUs), else one by one
         self.foreach = cluster.efficiency.overhead_hidden
         # parameters read by several units (tied weights): (positions reading it, elements)
@@ -265,7 +231,6 @@ class _Context:
         self._tables: dict[tuple[int, bool, int], _Tables] = {}
         self._inflight: dict[tuple[str, int, int, int], list[int]] = {}
         self._partitions: dict[tuple, list[tuple[int, int]] | None] = {}
-        self._coll: dict[tuple, float] = {}
 
     def tables(self, tp: int, sp: bool, b: int) -> _Tables:
         key = (tp, sp, b)
@@ -274,12 +239,6 @@ class _Context:
             self._tables[key] = _Tables([by_unit[u] for u in self.sequence])
         return self._tables[key]
 
-    def collective(self, kind: str, nbytes: float, ranks: tuple[int, ...]) -> float:
-        key = (kind, int(nbytes), ranks)
-        if key not in self._coll:
-            self._coll[key] = self.comm.collective_s(kind, nbytes, ranks)
-        return self._coll[key]
-
     def inflight(self, schedule: str, pp: int, v: int, m: int) -> list[int]:
         """Per device stage, the most micro-batch chunk activations it holds at once."""
         key = (schedule, pp, v, m)
@@ -287,81 +246,165 @@ class _Context:
             self._inflight[key] = peak_live_count(schedule, pp, m, v) if self.train else [1] * pp
         return self._inflight[key]
 
+    def element(self, trainable: bool, zero: int, dp: int) -> float:
+        """Bytes per parameter element on its device (``costs.memory.element_bytes``)."""
+        return element_bytes(
+            train=self.train, trainable=trainable, precision=self.options.precision,
+            state=self.options.optimizer_factor, zero=zero, dp=dp,
+        ).total  # fmt: skip
+
 
 def _rank(pp_stage: int, replica: int, t: int, dp: int, tp: int) -> int:
     return (pp_stage * dp + replica) * tp + t
 
 
-def _work(ctx: _Context, t: _Tables, recompute: str) -> list[float]:
-    full = recompute == "full"
+@dataclass(frozen=True)
+class _Config:
+    pp: int
+    dp: int
+    tp: int
+    sp: bool
+    b: int
+    m: int
+    schedule: str
+    v: int
+    recompute: str
+    zero: int
+
+
+def _work(ctx: _Context, t: _Tables, recomputed: frozenset[int]) -> list[float]:
     if not ctx.train:
         return list(t.fwd)
-    return [f + b + (r if full else 0.0) for f, b, r in zip(t.fwd, t.bwd, t.rec, strict=True)]
+    return [f + b + (r if i in recomputed else 0.0) for i, (f, b, r) in enumerate(zip(t.fwd, t.bwd, t.rec, strict=True))]
 
 
-def _evaluate(
-    ctx: _Context, pp: int, dp: int, tp: int, sp: bool, b: int, m: int, schedule: str, v: int, recompute: str,
-) -> Candidate | str:  # fmt: skip
-    t = ctx.tables(tp, sp, b)
-    costs = t.costs
-    full = recompute == "full"
-    train = ctx.train
-    chunks = pp * v
-    key = (tp, sp, b, recompute, chunks)
-    if key not in ctx._partitions:
-        ctx._partitions[key] = balance(_work(ctx, t, recompute), chunks)
-    bounds = ctx._partitions[key]
-    if bounds is None:
-        return f"{chunks} chunks need at least {chunks} layer units"
-    inflight = ctx.inflight(schedule, pp, v, m)
-    rng = _Tables.range
+class _Memory:
+    """Per device stage memory of a candidate's chunks (see the module docstring, step 3)."""
 
-    def chunk_memory(a: int, z: int) -> tuple[float, float]:
-        """(fixed bytes: parameters and state, per-micro-batch activation bytes)."""
+    def __init__(self, ctx: _Context, cfg: _Config, t: _Tables) -> None:
+        self.ctx, self.cfg, self.t = ctx, cfg, t
+        self.inflight = ctx.inflight(cfg.schedule, cfg.pp, cfg.v, cfg.m)
+
+    def fixed(self, a: int, z: int) -> tuple[float, float]:
+        """(bytes of parameters, gradients, optimizer state and scratch of units [a, z), trainable elements)."""
+        ctx, cfg, t = self.ctx, self.cfg, self.t
+        rng = _Tables.range
         params = rng(t.p_param, a, z)
         trainable = rng(t.p_train, a, z)
         for _, positions, elems in ctx.tied:  # a tied weight read twice inside one chunk is stored once
             inside = sum(1 for i in positions if a <= i < z)
             if inside > 1:
-                extra = (inside - 1) * elems / tp
+                extra = (inside - 1) * elems / cfg.tp
                 params -= extra
                 trainable -= extra
-        fixed = trainable * ctx.train_bytes + (params - trainable) * ctx.frozen_bytes
-        working = max(t.working[a:z])
-        if not train:
-            return fixed + working, max(costs[i].output_bytes + costs[i].input_bytes for i in range(a, z))
-        # the optimizer's scratch: a foreach step makes one value per element at once, a per-tensor step two
-        # of the largest tensor's (bounded here by the chunk's share per tensor)
-        scratch = 4 * trainable if ctx.foreach else 8 * trainable / max(rng(t.p_tensors, a, z), 1.0)
-        if full:  # the backward runs the whole chunk's forward again: all its activations at once
-            return fixed + scratch + rng(t.p_act, a, z) + working, rng(t.p_in, a, z)
-        return fixed + scratch + working, rng(t.p_act, a, z)
+        dp_shard = cfg.dp if cfg.zero >= 1 else 1
+        fixed = trainable * ctx.element(True, cfg.zero, cfg.dp) + (params - trainable) * ctx.element(False, 0, 1)
+        if ctx.train:
+            # the optimizer's scratch: a foreach step makes one value per (local) element at once, a per-tensor
+            # step two of the largest tensor's (bounded by the chunk's mean tensor)
+            local = trainable / dp_shard
+            fixed += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
+        return fixed, trainable
 
-    def device_memory(bnds: list[tuple[int, int]]) -> list[float]:
+    def activations(self, a: int, z: int, recomputed: frozenset[int]) -> tuple[float, float]:
+        """(bytes one micro-batch keeps from forward to backward, bytes held at once while it runs)."""
+        t = self.t
+        if not self.ctx.train:
+            return 0.0, max(t.working[a:z]) + max(t.costs[i].output_bytes + t.costs[i].input_bytes for i in range(a, z))
+        kept = 0.0
+        again = 0.0  # a recomputed unit's activations come back at once in its backward
+        for i in range(a, z):
+            if i in recomputed:
+                kept += t.inp[i]
+                again = max(again, t.act[i])
+            else:
+                kept += t.act[i]
+        if self.cfg.recompute == "full" and any(i in recomputed for i in range(a, z)):
+            again = _Tables.range(t.p_act, a, z)  # the whole chunk runs again in its backward
+        return kept, again + max(t.working[a:z])
+
+    def devices(self, bounds: list[tuple[int, int]], recomputed: frozenset[int]) -> list[float]:
+        pp = self.cfg.pp
         mem = [0.0] * pp
-        act_max = [0.0] * pp
-        for c, (a, z) in enumerate(bnds):
-            fixed, act = chunk_memory(a, z)
+        kept = [0.0] * pp
+        peak = [0.0] * pp
+        for c, (a, z) in enumerate(bounds):
+            fixed, _ = self.fixed(a, z)
+            k, held = self.activations(a, z, recomputed)
             mem[c % pp] += fixed
-            act_max[c % pp] = max(act_max[c % pp], act)
-        return [mem[p] + act_max[p] * inflight[p] for p in range(pp)]
+            kept[c % pp] = max(kept[c % pp], k)
+            peak[c % pp] = max(peak[c % pp], held)
+        return [mem[p] + kept[p] * self.inflight[p] + peak[p] for p in range(pp)]
 
-    mem = device_memory(bounds)
-    if max(mem) > ctx.capacity:
+
+def _selective(ctx: _Context, mem: _Memory, bounds: list[tuple[int, int]]) -> frozenset[int] | None:
+    """The fewest units to recompute so that every device stage fits: per chunk, the units that free the most
+    bytes per recomputed second first; None when recomputing every unit does not fit either."""
+    t = mem.t
+    chosen: set[int] = set()
+    order = sorted(
+        (i for a, z in bounds for i in range(a, z)),
+        key=lambda i: -(t.act[i] - t.inp[i]) / max(t.rec[i], 1e-12),
+    )
+    usage = mem.devices(bounds, frozenset())
+    if max(usage) <= ctx.capacity:
+        return frozenset()
+    for i in order:
+        if t.act[i] <= t.inp[i]:
+            continue
+        chosen.add(i)
+        usage = mem.devices(bounds, frozenset(chosen))
+        if max(usage) <= ctx.capacity:
+            return frozenset(chosen)
+    return None
+
+
+def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
+    t = ctx.tables(cfg.tp, cfg.sp, cfg.b)
+    costs = t.costs
+    pp, dp, tp, v, m = cfg.pp, cfg.dp, cfg.tp, cfg.v, cfg.m
+    train = ctx.train
+    chunks = pp * v
+    every = frozenset(range(len(costs)))
+    recomputed = every if cfg.recompute == "full" else frozenset()
+    key = (tp, cfg.sp, cfg.b, cfg.recompute, chunks)
+    if key not in ctx._partitions:
+        ctx._partitions[key] = balance(_work(ctx, t, recomputed), chunks)
+    bounds = ctx._partitions[key]
+    if bounds is None:
+        return f"{chunks} chunks need at least {chunks} layer units"
+    memory = _Memory(ctx, cfg, t)
+    rng = _Tables.range
+    mem = memory.devices(bounds, recomputed)
+    if max(mem) > ctx.capacity and cfg.recompute != "selective":
+        inflight = memory.inflight
 
         def fits(c: int, a: int, z: int) -> bool:
-            fixed, act = chunk_memory(a, z)
-            return fixed * v + act * inflight[c % pp] <= ctx.capacity
+            fixed, _ = memory.fixed(a, z)
+            kept, held = memory.activations(a, z, recomputed)
+            return fixed * v + kept * inflight[c % pp] + held <= ctx.capacity
 
-        alt = balance(_work(ctx, t, recompute), chunks, fits)
+        alt = balance(_work(ctx, t, recomputed), chunks, fits)
         if alt is not None:
             bounds = alt
-            mem = device_memory(bounds)
+            mem = memory.devices(bounds, recomputed)
+    if cfg.recompute == "selective":
+        chosen = _selective(ctx, memory, bounds)
+        if chosen is None:
+            return "recomputing every layer does not make it fit"
+        if not chosen:
+            return "fits without recomputation (the same layout with recompute=none)"
+        recomputed = chosen
+        mem = memory.devices(bounds, recomputed)
     fits_all = max(mem) <= ctx.capacity
     cf = [rng(t.p_fwd, a, z) for a, z in bounds]
     if train:
-        cb = [rng(t.p_bwd, a, z) + (rng(t.p_rec, a, z) if full else 0.0) for a, z in bounds]
-        comm_chunk = [rng(t.p_commf, a, z) * (2 if full else 1) + rng(t.p_commb, a, z) for a, z in bounds]
+        cb = [rng(t.p_bwd, a, z) + sum(t.rec[i] for i in range(a, z) if i in recomputed) for a, z in bounds]
+        comm_chunk = [
+            rng(t.p_commf, a, z) + rng(t.p_commb, a, z)
+            + sum(costs[i].comm_forward_s for i in range(a, z) if i in recomputed)
+            for a, z in bounds
+        ]  # fmt: skip
     else:
         cb = [0.0] * chunks
         comm_chunk = [rng(t.p_commf, a, z) for a, z in bounds]
@@ -369,14 +412,14 @@ def _evaluate(
     for c, (_, z) in enumerate(bounds[:-1]):
         src = _rank(c % pp, 0, 0, dp, tp)
         dst = _rank((c + 1) % pp, 0, 0, dp, tp)
-        transfer.append(ctx.comm.p2p_s(costs[z - 1].output_bytes, src, dst))
+        transfer.append(ctx.prices.p2p_s(costs[z - 1].output_bytes, src, dst))
     tail = [0.0] * pp
     if train:
         for p in range(pp):
             trainable = grad_reduce = tensors = 0.0
             for c in range(p, chunks, pp):
                 a, z = bounds[c]
-                trainable += rng(t.p_train, a, z)
+                trainable += memory.fixed(a, z)[1]
                 grad_reduce += rng(t.p_gr, a, z)
                 tensors += rng(t.p_tensors, a, z)
             tied = []
@@ -389,7 +432,9 @@ def _evaluate(
                 dp_ranks=tuple(_rank(p, d, 0, dp, tp) for d in range(dp)),
                 tp_ranks=tuple(_rank(p, 0, k, dp, tp) for k in range(tp)), tied=tuple(tied),
             )  # fmt: skip
-            tail[p] = stage_tail_s(ctx.prices, stage, optimizer=ctx.options.optimizer, zero=0)
+            tail[p] = stage_tail_s(ctx.prices, stage, optimizer=ctx.options.optimizer, zero=cfg.zero)
+            if cfg.zero >= 3 and dp > 1:
+                tail[p] += _fsdp_s(ctx, cfg, trainable, m)
     device_work = [0.0] * pp
     device_comm = [0.0] * pp
     for c in range(chunks):
@@ -398,209 +443,242 @@ def _evaluate(
     step = analytic_step(pp, v, m, device_work, [x + y for x, y in zip(cf, cb, strict=True)],
                          max(transfer, default=0.0), tail)  # fmt: skip
     busiest = max(range(pp), key=lambda p: device_work[p])
+    busiest_mem = max(range(pp), key=lambda p: mem[p])
+    parts = _memory_parts(memory, bounds, recomputed, busiest_mem)
     return Candidate(
-        pp=pp, dp=dp, tp=tp, sp=sp, microbatch=b, microbatches=m, schedule=schedule, virtual=v,
-        recompute=recompute, bounds=tuple(bounds), step_s=step, compute_s=device_work[busiest] * m,
+        pp=pp, dp=dp, tp=tp, sp=cfg.sp, microbatch=cfg.b, microbatches=m, schedule=cfg.schedule, virtual=v,
+        recompute=cfg.recompute, bounds=tuple(bounds), step_s=step, compute_s=device_work[busiest] * m,
         comm_s=device_comm[busiest] * m + tail[busiest],
         bubble_s=max(step - device_work[busiest] * m - tail[busiest], 0.0),
         memory_bytes=tuple(int(x) for x in mem), fits=fits_all, simulated=False, chunk_forward_s=tuple(cf),
-        chunk_backward_s=tuple(cb), tail_s=tuple(tail), transfer_s=tuple(transfer),
+        chunk_backward_s=tuple(cb), tail_s=tuple(tail), transfer_s=tuple(transfer), zero=cfg.zero,
+        recomputed=tuple(sorted(recomputed)), memory_parts=parts,
     )  # fmt: skip
 
 
-def _lower_bound(
-    ctx: _Context, pp: int, dp: int, tp: int, sp: bool, b: int, m: int, recompute: str, v: int
-) -> tuple[float, float]:
+def _fsdp_s(ctx: _Context, cfg: _Config, trainable: float, m: int) -> float:
+    """ZeRO-3's gathers: every micro-batch gathers the stage's parameters for its forward and again for its
+    backward, and reduce-scatters their gradients (on the wire at the precision's width)."""
+    width = 2.0 if ctx.options.precision in ("bf16", "fp16") else 4.0
+    ranks = tuple(_rank(0, d, 0, cfg.dp, cfg.tp) for d in range(cfg.dp))
+    gather = ctx.prices.collective_s("allgather", trainable * width, ranks)
+    return m * 2 * gather
+
+
+def _memory_parts(
+    memory: _Memory, bounds: list[tuple[int, int]], recomputed: frozenset[int], p: int
+) -> tuple[tuple[str, int], ...]:
+    """The memory of device stage ``p`` by what it holds (for "does not fit" messages)."""
+    ctx, cfg = memory.ctx, memory.cfg
+    trainable = params = kept = held = 0.0
+    for c, (a, z) in enumerate(bounds):
+        if c % cfg.pp != p:
+            continue
+        _, tr = memory.fixed(a, z)
+        trainable += tr
+        params += _Tables.range(memory.t.p_param, a, z)
+        k, h = memory.activations(a, z, recomputed)
+        kept, held = max(kept, k), max(held, h)
+    e = element_bytes(
+        train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
+        zero=cfg.zero, dp=cfg.dp,
+    )  # fmt: skip
+    frozen = (params - trainable) * ctx.element(False, 0, 1)
+    return (
+        ("weights", int(trainable * e.weights + frozen)),
+        ("gradients", int(trainable * e.grads)),
+        ("optimizer state", int(trainable * (e.optimizer + e.master))),
+        ("activations", int(kept * memory.inflight[p] + held)),
+    )
+
+
+def _lower_bound(ctx: _Context, cfg: _Config) -> tuple[float, float]:
     """(time, memory) no plan of these choices can beat: the work spread perfectly over the pipeline, the
-    fill-and-drain bubble of equal chunks, the optimizer step and gradient all-reduce of an average device;
+    fill-and-drain bubble of equal chunks, the optimizer step and gradient reduction of an average device;
     and the parameters and optimizer state spread evenly over the pipeline."""
-    t = ctx.tables(tp, sp, b)
-    work = sum(_work(ctx, t, recompute))
+    t = ctx.tables(cfg.tp, cfg.sp, cfg.b)
+    recomputed = frozenset(range(len(t.costs))) if cfg.recompute == "full" else frozenset()
+    work = sum(_work(ctx, t, recomputed))
     trainable = t.p_train[-1]
-    fixed = trainable * ctx.train_bytes + (t.p_param[-1] - trainable) * ctx.frozen_bytes
     for _, positions, elems in ctx.tied:
-        fixed -= (len(positions) - 1) * elems / tp * ctx.train_bytes
-        trainable -= (len(positions) - 1) * elems / tp
+        trainable -= (len(positions) - 1) * elems / cfg.tp
+    frozen = t.p_param[-1] - t.p_train[-1]
+    fixed = trainable * ctx.element(True, cfg.zero, cfg.dp) + max(frozen, 0.0) * ctx.element(False, 0, 1)
+    pp, v, m = cfg.pp, cfg.v, cfg.m
     step = (m + (pp - 1) / v) * work / pp
     if ctx.train:
         per_device = trainable / pp
-        step += ctx.prices.optimizer_step_s(per_device, 1, ctx.options.optimizer, foreach=True)
-        step += ctx.collective("allreduce", per_device * 4, tuple(_rank(0, d, 0, dp, tp) for d in range(dp)))
+        ranks = tuple(_rank(0, d, 0, cfg.dp, cfg.tp) for d in range(cfg.dp))
+        kind = "reduce_scatter" if cfg.zero >= 1 and cfg.dp > 1 else "allreduce"
+        step += ctx.prices.collective_s(kind, per_device * 4, ranks)
+        shard = cfg.dp if cfg.zero >= 1 else 1
+        step += ctx.prices.optimizer_step_s(per_device / shard, 1, ctx.options.optimizer, foreach=True)
     return step, fixed / pp
 
 
 def _simulate(ctx: _Context, cand: Candidate) -> Candidate:
     actions = schedule_actions(cand.schedule, cand.pp, cand.microbatches, cand.virtual, train=ctx.train)
-    result = simulate(
-        actions, cand.chunk_forward_s, cand.chunk_backward_s, list(cand.transfer_s), cand.tail_s
-    )
+    result = simulate(actions, cand.chunk_forward_s, cand.chunk_backward_s, list(cand.transfer_s), cand.tail_s)
     worst = max(range(cand.pp), key=lambda p: result.device_busy_s[p])
     return dataclasses.replace(
-        cand,
-        step_s=result.step_s,
-        bubble_s=result.bubble_s,
-        simulated=True,
-        compute_s=result.device_busy_s[worst],
+        cand, step_s=result.step_s, bubble_s=result.bubble_s, simulated=True, compute_s=result.device_busy_s[worst]
     )
+
+
+def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """Fitting candidates by step time, those within ``MEMORY_TOLERANCE`` of the fastest by memory first
+    (least per device); then the ones that do not fit, by step time."""
+    fitting = sorted((c for c in candidates if c.fits), key=lambda c: (c.step_s, c.pp, c.key()))
+    if fitting:
+        limit = fitting[0].step_s * (1 + MEMORY_TOLERANCE)
+        close = sorted((c for c in fitting if c.step_s <= limit), key=lambda c: (c.peak_bytes, c.step_s, c.key()))
+        fitting = close + [c for c in fitting if c.step_s > limit]
+    return fitting + sorted((c for c in candidates if not c.fits), key=lambda c: (c.step_s, c.key()))
 
 
 def search(
     graph: Graph,
     cluster: ClusterSpec,
-    constraints: Mapping[str, object] | None = None,
+    constraints: Mapping[str, object] | Constraints | None = None,
     options: SearchOptions | None = None,
     *,
     units: LayerUnits | None = None,
 ) -> SearchResult:
-    """Search the whole plan space (see the module docstring)."""
+    """Search every layout (see the module docstring)."""
     t0 = time.perf_counter()
     options = options or SearchOptions()
-    pinned = _parse(constraints or {}, cluster)
+    pinned = constraints if isinstance(constraints, Constraints) else parse_constraints(constraints, cluster)
     units = units or layer_units(graph)
     ctx = _Context(graph, cluster, options, units)
     positions = len(ctx.sequence)
-    train = ctx.train
     rejected: list[str] = []
-    # 1. every combination of degrees, micro-batch size, schedule and recomputation, with a lower bound
-    configs: list[tuple[float, float, tuple]] = []
-    need_fixed = float("inf")
-    if "pp" in pinned and int(pinned["pp"]) > positions:  # type: ignore[call-overload]
+    if pinned.pp is not None and pinned.pp > positions:
         rejected.append(
-            f"pp={pinned['pp']} needs at least {pinned['pp']} layers to put on the stages and the model has "
+            f"pp={pinned.pp} needs at least {pinned.pp} layers to put on the stages and the model has "
             f"{positions} ({', '.join(ctx.labels[:8])}{', ...' if positions > 8 else ''}): use pp <= {positions}"
         )
-    for tp, pp, dp in _meshes(pinned, cluster, positions):
-        if ctx.batch % dp:
-            rejected.append(f"pp={pp} dp={dp} tp={tp}: the batch ({ctx.batch}) is not divisible by dp={dp}")
-            continue
-        per_replica = ctx.batch // dp
-        if "microbatch_size" in pinned:
-            bs = [int(pinned["microbatch_size"])]  # type: ignore[call-overload]
-        elif "microbatches" in pinned:
-            count = int(pinned["microbatches"])  # type: ignore[call-overload]
-            bs = [per_replica // count] if per_replica % count == 0 else []
-        else:
-            bs = [b for b in _divisors(per_replica) if b <= options.max_microbatch] or [1]
-        if not bs or any(b < 1 or per_replica % b for b in bs):
-            rejected.append(
-                f"pp={pp} dp={dp} tp={tp}: the replica batch ({per_replica}) does not split into the pinned micro-batches"
-            )
-            continue
-        sp_pin = pinned.get("sp")
-        if tp == 1 or sp_pin in (0, 1):
-            sps = [False]
-        elif sp_pin is not None:
-            sps = [True]
-        else:
-            sps = [False, True]
-        recomputes = (
-            [str(pinned["recompute"])] if "recompute" in pinned else (["none", "full"] if train else ["none"])
-        )
-        for sp in sps:
-            for b in bs:
-                m = per_replica // b
-                for rc in recomputes:
-                    for schedule, v in _schedules(pinned, pp, m, positions, options, train):
-                        lb, mem_lb = _lower_bound(ctx, pp, dp, tp, sp, b, m, rc, v)
-                        if mem_lb > ctx.capacity:
-                            rejected.append(
-                                f"pp={pp} dp={dp} tp={tp}: parameters and optimizer state alone exceed a device"
-                            )
-                            need_fixed = min(need_fixed, mem_lb)
-                            break
-                        configs.append((lb, mem_lb, (pp, dp, tp, sp, b, m, schedule, v, rc)))
+    configs = _configs(ctx, pinned, positions, rejected)
+    # evaluate in order of the lower bound; stop once the bound exceeds the best estimate by the slack
     configs.sort(key=lambda c: c[0])
-    # 2. evaluate in order of the bound; stop once the bound exceeds the best estimate by the slack
-    slack = SLACK
     candidates: list[Candidate] = []
     best = float("inf")
     evaluated = pruned = 0
-    for lb, _, cfg in configs:
-        if lb > best * slack and len(candidates) >= options.top_k:
+    for lb, mem_lb, cfg in configs:
+        if mem_lb > ctx.capacity:
+            continue
+        if lb > best * SLACK and len(candidates) >= options.top_k:
             pruned += 1
             continue
-        got = _evaluate(ctx, *cfg)
+        got = _evaluate(ctx, cfg)
         evaluated += 1
         if isinstance(got, str):
-            rejected.append(f"pp={cfg[0]} dp={cfg[1]} tp={cfg[2]}: {got}")
+            rejected.append(f"pp={cfg.pp} dp={cfg.dp} tp={cfg.tp} recompute={cfg.recompute}: {got}")
             continue
         candidates.append(got)
         if got.fits:
             best = min(best, got.step_s)
-    if not candidates and need_fixed < float("inf"):
-        raise DoesNotFitError(
-            f"the model needs at least {need_fixed / 2**30:.2f} GiB per device for its parameters and optimizer "
-            f"state under every plan searched, and {cluster.name} has {cluster.device.memory_bytes / 2**30:.2f} "
-            "GiB per device: allow more pipeline or tensor parallelism, use more devices or a lower precision"
-        )
-    if not candidates:
-        reasons = "; ".join(dict.fromkeys(rejected)) or "no candidate mesh"
-        raise PlanError(f"no plan could be made for {cluster.name}: {reasons}")
-    fitting = sorted((c for c in candidates if c.fits), key=lambda c: c.step_s)
-    if not fitting:
-        need = min(c.peak_bytes for c in candidates)
-        raise DoesNotFitError(
-            f"the model needs at least {need / 2**30:.2f} GiB per device under every plan searched "
-            f"(pipeline, tensor and data parallelism, micro-batches, recomputation), and {cluster.name} has "
-            f"{cluster.device.memory_bytes / 2**30:.2f} GiB per device: use more devices or a lower precision"
-        )
-    # 3. time the most promising exactly with the schedule simulator
-    top = [_simulate(ctx, c) for c in fitting[: options.top_k]]
-    top.sort(key=lambda c: (c.step_s, c.pp, c.key()))
-    rest = fitting[options.top_k :] + sorted((c for c in candidates if not c.fits), key=lambda c: c.step_s)
     if pruned:
-        rejected.append(f"{pruned} candidates pruned: their lower bound was over {slack}x the best estimate")
+        rejected.append(f"{pruned} candidates pruned: their lower bound was over {SLACK}x the best estimate")
+    if not candidates:
+        over = [c for c in configs if c[1] > ctx.capacity]
+        reasons = "; ".join(dict.fromkeys(rejected)) or "no candidate mesh"
+        if over and len(over) == len(configs):
+            reasons = "the parameters and optimizer state alone exceed a device under every mesh"
+        raise PlanError(f"no plan could be made for {cluster.name}: {reasons}")
+    ranked = rank_candidates(candidates)
+    # time the most promising exactly with the schedule simulator
+    top = [_simulate(ctx, c) if not c.flat else dataclasses.replace(c, simulated=True) for c in ranked[: options.top_k]]
+    ranked = rank_candidates(top) + ranked[options.top_k :]
     return SearchResult(
-        best=top[0], ranked=tuple(top) + tuple(rest), units=units, sequence=ctx.sequence, labels=ctx.labels,
+        best=ranked[0], ranked=tuple(ranked), units=units, sequence=ctx.sequence, labels=ctx.labels,
         model_flops=ctx.model_flops, global_batch=ctx.batch, planning_s=time.perf_counter() - t0,
         placements=ctx.profiler.placements, evaluated=evaluated, rejected=tuple(dict.fromkeys(rejected)),
+        capacity_bytes=ctx.capacity,
     )  # fmt: skip
 
 
-def _meshes(pinned: Mapping[str, object], cluster: ClusterSpec, positions: int) -> list[tuple[int, int, int]]:
-    """(tp, pp, dp) triples: tp divides the devices per node; every device is used unless degrees are pinned."""
-    world = cluster.world_size
-    if "tp" in pinned:
-        tps = [int(pinned["tp"])]  # type: ignore[call-overload]
-    else:
-        tps = [t for t in _divisors(cluster.devices_per_node) if world % t == 0]
-    out = []
-    for tp in tps:
-        if "pp" in pinned:
-            pps = [int(pinned["pp"])]  # type: ignore[call-overload]
+def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[str]) -> list[tuple[float, float, _Config]]:
+    """Every combination of degrees, ZeRO stage, micro-batch size, schedule and recomputation the constraints
+    allow, with its lower bounds (time, memory)."""
+    options, train = ctx.options, ctx.train
+    out: list[tuple[float, float, _Config]] = []
+    for pp, dp, tp in meshes(ctx.cluster, pinned, positions):
+        if pp > 1 and not options.pipelines:
+            continue
+        if ctx.batch % dp:
+            rejected.append(f"pp={pp} dp={dp} tp={tp}: the batch ({ctx.batch}) is not divisible by dp={dp}")
+            continue
+        per_replica = ctx.batch // dp
+        if pp == 1 and pinned.microbatches in (None, 1) and pinned.microbatch_size in (None, per_replica):
+            bs = [per_replica]  # flat: the replica's whole batch at once
+        elif pinned.microbatch_size is not None:
+            bs = [pinned.microbatch_size] if per_replica % pinned.microbatch_size == 0 else []
+        elif pinned.microbatches is not None:
+            bs = [per_replica // pinned.microbatches] if per_replica % pinned.microbatches == 0 else []
         else:
-            pps = [p for p in _divisors(max(world // tp, 1)) if p <= positions]
-        for pp in pps:
-            if pp > positions:
+            bs = [b for b in divisors(per_replica) if b <= options.max_microbatch] or [1]
+        if pp == 1:
+            bs = [b for b in bs if b == per_replica]  # flat programs run no gradient accumulation
+        if not bs:
+            rejected.append(
+                f"pp={pp} dp={dp} tp={tp}: the replica batch ({per_replica}) does not split into the pinned "
+                "micro-batches" + (" (flat layouts run one micro-batch: pin pp > 1 to accumulate)" if pp == 1 else "")
+            )
+            continue
+        if tp == 1 or pinned.sp is False:
+            sps = [False]
+        elif pinned.sp is True:
+            sps = [True]
+        else:
+            sps = [False, True]
+        allowed = FLAT_ZERO if pp == 1 else PIPELINE_ZERO
+        if pinned.zero is not None:
+            if pinned.zero not in allowed:
+                rejected.append(
+                    f"pp={pp} dp={dp} tp={tp}: ZeRO stage {pinned.zero} is not generated for "
+                    f"{'flat plans' if pp == 1 else 'pipelines'} (stages {', '.join(map(str, allowed))})"
+                )
                 continue
-            dp = int(pinned["dp"]) if "dp" in pinned else max(1, world // (tp * pp))  # type: ignore[call-overload]
-            if tp * pp * dp > world:
-                continue
-            if tp * pp * dp != world and not any(k in pinned for k in ("dp", "pp", "tp")):
-                continue
-            out.append((tp, pp, dp))
+            zeros = [pinned.zero if dp > 1 else 0]
+        elif dp > 1 and train:
+            zeros = list(allowed)
+        elif dp > 1 and pp == 1:
+            zeros = [0, 3]  # inference: only sharding the parameters changes anything
+        else:
+            zeros = [0]
+        if pinned.recompute not in (None, "auto"):
+            recomputes = [pinned.recompute] if train else ["none"]
+        else:
+            recomputes = ["none", "selective", "full"] if train else ["none"]
+        for sp in sps:
+            for b in bs:
+                m = per_replica // b
+                for zero in dict.fromkeys(zeros):
+                    for rc in recomputes:
+                        for schedule, v in _schedules(pinned, pp, m, positions, options, train):
+                            cfg = _Config(pp, dp, tp, sp, b, m, schedule, v, rc, zero)
+                            lb, mem_lb = _lower_bound(ctx, cfg)
+                            out.append((lb, mem_lb, cfg))
     return out
 
 
 def _schedules(
-    pinned: Mapping[str, object], pp: int, m: int, positions: int, options: SearchOptions, train: bool
+    pinned: Constraints, pp: int, m: int, positions: int, options: SearchOptions, train: bool
 ) -> list[tuple[str, int]]:
     if not train:
         return [("gpipe", 1)]
     if pp == 1:
         return [("1f1b", 1)]
-    sched = pinned.get("schedule")
-    vpin = pinned.get("virtual")
+    sched = pinned.schedule
+    vpin = pinned.virtual
     out: list[tuple[str, int]] = []
     if sched in (None, "1f1b") and vpin in (None, 1):
         out.append(("1f1b", 1))
     if sched in (None, "gpipe") and vpin in (None, 1):
         out.append(("gpipe", 1))
     if sched in (None, "interleaved"):
-        vs = [int(vpin)] if vpin is not None else range(2, options.max_virtual + 1)  # type: ignore[call-overload]
+        vs = [vpin] if vpin is not None else range(2, options.max_virtual + 1)
         for v in vs:
             if v > 1 and pp * v <= positions and m % pp == 0:
                 out.append(("interleaved", v))
-        if sched == "interleaved" and vpin == 1:
-            out.append(("interleaved", 1))
     return out

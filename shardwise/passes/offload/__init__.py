@@ -9,14 +9,14 @@ predicted step time). See docs/memory.md, "Host offload".
 
 from __future__ import annotations
 
+from shardwise.cluster.host import host_bytes_per_rank, host_memory_bandwidth
 from shardwise.passes.offload.choose import apply_offload, choose_offload, offload_candidates, tier_record
-from shardwise.passes.offload.cost import exposed_seconds, host_optimizer_seconds, segment_seconds
-from shardwise.passes.offload.hardware import host_bytes_per_rank, host_memory_bandwidth
+from shardwise.passes.offload.cost import host_traffic, offload_seconds
 from shardwise.passes.offload.rewrite import Offloaded, layer_params, offload_buffers
 from shardwise.passes.offload.tiers import TIER_COMBINATIONS, OffloadChoice, Tiers
 
 __all__ = [
     "OffloadChoice", "Offloaded", "TIER_COMBINATIONS", "Tiers", "apply_offload", "choose_offload",
-    "exposed_seconds", "host_bytes_per_rank", "host_memory_bandwidth", "host_optimizer_seconds",
-    "layer_params", "offload_buffers", "offload_candidates", "segment_seconds", "tier_record",
+    "host_bytes_per_rank", "host_memory_bandwidth", "host_traffic", "offload_seconds",
+    "layer_params", "offload_buffers", "offload_candidates", "tier_record",
 ]  # fmt: skip

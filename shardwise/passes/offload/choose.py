@@ -16,18 +16,18 @@ buffers and the predicted step time.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
+from shardwise.cluster.host import host_bytes_per_rank
 from shardwise.cluster.spec import ClusterSpec
+from shardwise.costs.step import predict_flat
 from shardwise.errors import DoesNotFitError, UserInputError
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.passes.memory.assign import assign_offsets
 from shardwise.passes.memory.buffers import lower_bound
 from shardwise.passes.memory.mapping import rank_memory
 from shardwise.passes.memory.verify import verify_assignment
-from shardwise.passes.offload.cost import exposed_seconds, host_optimizer_seconds, segment_seconds
-from shardwise.passes.offload.hardware import host_bytes_per_rank, host_memory_bandwidth
+from shardwise.passes.offload.cost import host_traffic, offload_seconds
 from shardwise.passes.offload.rewrite import Offloaded, offload_buffers
 from shardwise.passes.offload.tiers import HOST, TIER_COMBINATIONS, OffloadChoice, Tiers
 from shardwise.passes.remat import (
@@ -73,13 +73,12 @@ def _measure(
     seconds, names, ranges = pick
     bufs = recompute_buffers(step.graph, step.train, step.inference, ranges)
     off = offload_buffers(step, units, ranges, bufs, tiers, zero_stage=plan.zero_stage)
-    forward = segment_seconds(step.op_seconds, units)
+    exposed, host_optimizer = offload_seconds(plan, ranges, host_traffic(off, units), cluster)
     choice = OffloadChoice(
         tiers=tiers, units=names, ranges=ranges, offloaded_units=off.offloaded_units, streamed=off.streamed,
         device_peak_bytes=lower_bound(off.buffers), baseline_bytes=baseline, host_bytes=off.host_bytes,
         transfer_bytes=off.transfer_bytes,
-        exposed_s=exposed_seconds(off, forward, cluster.host_link_bandwidth),
-        host_optimizer_s=host_optimizer_seconds(off, host_memory_bandwidth(plan.cluster_name, cluster)),
+        exposed_s=exposed, host_optimizer_s=host_optimizer,
         recompute_s=seconds,
     )  # fmt: skip
     return choice, off
@@ -158,7 +157,7 @@ def apply_offload(plan: ExecutionPlan, choice: OffloadChoice, cluster: ClusterSp
             units=choice.units, ranges=choice.ranges, peak_bytes=choice.device_peak_bytes,
             baseline_bytes=choice.baseline_bytes, recompute_s=choice.recompute_s,
             budget_bytes=cluster.device.memory_bytes, method="offload",
-        ))  # fmt: skip
+        ), cluster)  # fmt: skip
     if not choice.tiers.any:
         return plan
     step = rank_step(plan)
@@ -169,11 +168,6 @@ def apply_offload(plan: ExecutionPlan, choice: OffloadChoice, cluster: ClusterSp
     verify_assignment(tuple(off.buffers), assignment)
     capacity = plan.memory[0].capacity_bytes if plan.memory else cluster.device.memory_bytes
     memory = tuple(rank_memory(m.rank, off.buffers, assignment, capacity) for m in plan.memory)
-    added = choice.exposed_s + choice.host_optimizer_s
-    predicted = dataclasses.replace(
-        plan.predicted, step_time_s=plan.predicted.step_time_s + added,
-        comm_s=plan.predicted.comm_s + choice.exposed_s, memory_bytes=tuple(m.arena_bytes for m in memory),
-    )  # fmt: skip
     note = (
         f"offload: {choice.tiers} in host memory ({choice.host_bytes / 2**20:.2f} MiB per rank), "
         f"{len(choice.units)} layers recomputed; predicted device peak {choice.device_peak_bytes / 2**20:.2f} MiB "
@@ -181,7 +175,8 @@ def apply_offload(plan: ExecutionPlan, choice: OffloadChoice, cluster: ClusterSp
         f"per step, +{choice.exposed_s * 1e3:.3f} ms exposed, +{choice.host_optimizer_s * 1e3:.3f} ms host optimizer"
     )
     passes = plan.passes if "offload" in plan.passes else (*plan.passes, "offload")
-    return plan.replace(
-        tiers=tier_record(plan, choice), memory=memory, predicted=predicted, notes=(*plan.notes, note),
-        passes=passes,
+    plan = plan.replace(
+        tiers=tier_record(plan, choice), memory=memory, notes=(*plan.notes, note), passes=passes,
+        host_traffic=host_traffic(off, segs),
     )  # fmt: skip
+    return plan.replace(predicted=predict_flat(plan, cluster))  # its one price: costs.step.price_flat

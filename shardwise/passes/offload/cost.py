@@ -1,46 +1,47 @@
-"""The time host offload adds to a step: exposed transfers and the host's optimizer step.
+"""What host offload costs a step: the offload pass's traffic, priced by the price list.
 
-Overlap model: a transfer overlaps the compute of the segment it is scheduled in (``rewrite``: the layer
-before its use, one layer of prefetch); the forward of a segment takes its ops' predicted forward time
-(compute and collectives, ``RankStep.op_seconds``), its backward twice that (the cost model's backward ~
-2x forward). Per (phase, segment, direction) the exposed time is ``max(0, bytes / host_link_bandwidth -
-window)``; the two directions are independent (full-duplex PCIe), transfers of one direction in one
-window queue behind each other; transfers outside the layers are exposed whole. The optimizer step on the
-host is memory-bound: its DRAM traffic (``Offloaded.host_optimizer_bytes``: AdamW reads parameter,
-gradient and both moments and writes parameter and moments, 28 bytes per fp32 element) over the host's
-memory bandwidth (``hardware.host_memory_bandwidth``), not overlapped (no delayed parameter update). The
-device's own optimizer step is not in the plan's predicted step time, so nothing is subtracted for it.
+``host_traffic(offloaded, units)`` records the rewritten step's host-link traffic as plan data
+(``ir.plan.HostTraffic``: the layers' node ranges, bytes per (phase, segment, direction), the host optimizer's
+DRAM traffic); ``offload_seconds`` prices it with ``costs.step.offload_s`` against the plan's op prices with
+the chosen layers recomputed (a transfer overlaps the compute of the segment it is scheduled in: its
+forward, or its backward with any recomputation; ``passes.offload.rewrite`` says which). The device's own
+optimizer step leaves the plan's price when the optimizer moves to the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shardwise.cluster.spec import ClusterSpec
+from shardwise.costs.prices import price_list
+from shardwise.costs.step import offload_s, op_prices
+from shardwise.ir.plan import ExecutionPlan, HostTraffic
 from shardwise.passes.offload.rewrite import Offloaded
+from shardwise.passes.sharding.gradients import param_grad_reduce
 
-__all__ = ["segment_seconds", "exposed_seconds", "host_optimizer_seconds"]
-
-
-def segment_seconds(op_seconds: Sequence[float], units: Sequence[tuple[str, int, int]]) -> dict[int, float]:
-    """Forward seconds of each segment: ``-1`` the ops before the first layer, ``0..n-1`` the layers,
-    ``n`` the ops after the last."""
-    if not units:
-        return {-1: sum(op_seconds)}
-    out = {-1: sum(op_seconds[: units[0][1]]), len(units): sum(op_seconds[units[-1][2] :])}
-    for i, (_, s, e) in enumerate(units):
-        out[i] = sum(op_seconds[s:e])
-    return out
+__all__ = ["host_traffic", "offload_seconds"]
 
 
-def exposed_seconds(offloaded: Offloaded, forward_s: dict[int, float], link_bandwidth: float) -> float:
-    """Transfer time no compute hides (see the module docstring)."""
-    total = 0.0
-    for (phase, segment, _direction), nbytes in offloaded.traffic.items():
-        window = forward_s.get(segment, 0.0) * (2.0 if phase == "bwd" else 1.0) if phase != "step" else 0.0
-        total += max(0.0, nbytes / link_bandwidth - window)
-    return total
+def host_traffic(offloaded: Offloaded, units: Sequence[tuple[str, int, int]]) -> HostTraffic:
+    """The plan-data record of ``offloaded``'s traffic over the layers ``units`` (``(name, start, stop)``)."""
+    return HostTraffic(
+        segments=tuple((s, e) for _, s, e in units),
+        moves=tuple((phase, seg, direction, n) for (phase, seg, direction), n in sorted(offloaded.traffic.items())),
+        host_optimizer_bytes=offloaded.host_optimizer_bytes,
+    )
 
 
-def host_optimizer_seconds(offloaded: Offloaded, host_bandwidth: float) -> float:
-    """The host's optimizer step: its DRAM traffic over the host's memory bandwidth."""
-    return offloaded.host_optimizer_bytes / host_bandwidth
+def offload_seconds(
+    plan: ExecutionPlan, ranges: Sequence[tuple[int, int]], traffic: HostTraffic, cluster: ClusterSpec
+) -> tuple[float, float]:
+    """(exposed transfer seconds, host optimizer seconds) of ``traffic`` on ``plan`` with the node ranges
+    ``ranges`` recomputed."""
+    prices = price_list(cluster, plan.precision)
+    names = [n.name for n in plan.graph.nodes]
+    recomputed = {names[k] for s, e in ranges for k in range(s, e)}
+    keys = set(param_grad_reduce(plan.graph, plan.strategies)) if plan.mode == "train" else set()
+    ops = op_prices(
+        plan.graph, plan.mesh, plan.strategies, prices, train=plan.mode == "train",
+        bucketed={p.name for p in plan.graph.params if p.key in keys}, recomputed=recomputed,
+    )  # fmt: skip
+    return offload_s(traffic, ops, prices)

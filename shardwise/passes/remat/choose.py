@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from shardwise.cluster.spec import ClusterSpec
+from shardwise.costs.step import predict_flat
 from shardwise.errors import DoesNotFitError, UserInputError
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.passes.memory.assign import assign_offsets
@@ -121,9 +123,11 @@ def recompute_all_layers(plan: ExecutionPlan, depth: int = 0) -> RematChoice:
     return _choice(step, problem, (1,) * len(problem.units), 0, "all")
 
 
-def apply_recomputation(plan: ExecutionPlan, choice: RematChoice) -> ExecutionPlan:
+def apply_recomputation(plan: ExecutionPlan, choice: RematChoice, cluster: ClusterSpec | None = None) -> ExecutionPlan:
     """The plan with ``choice`` recorded for codegen, its memory map (the recomputed buffers, packed) and its
-    predicted step time (plus the recompute time) updated."""
+    predicted step time updated: priced again by the price list on ``cluster`` (``costs.step.price_flat``,
+    which runs the recorded ranges again in the backward); without it, the recompute time added to the
+    plan's prediction (the same sum of the recomputed ops' forward prices)."""
     step = rank_step(plan)
     nodes = plan.graph.nodes
     ranges = tuple((nodes[s].name, nodes[e - 1].name) for s, e in choice.ranges)
@@ -144,4 +148,7 @@ def apply_recomputation(plan: ExecutionPlan, choice: RematChoice) -> ExecutionPl
         f"+{choice.recompute_s * 1e3:.3f} ms per step"
     )
     passes = plan.passes if "remat" in plan.passes else (*plan.passes, "remat")
-    return plan.replace(recompute=ranges, memory=memory, predicted=predicted, notes=(*plan.notes, note), passes=passes)
+    plan = plan.replace(recompute=ranges, memory=memory, predicted=predicted, notes=(*plan.notes, note), passes=passes)
+    if cluster is not None:
+        plan = plan.replace(predicted=predict_flat(plan, cluster))
+    return plan

@@ -21,7 +21,7 @@ from shardwise.passes.offload import (
     Tiers,
     apply_offload,
     choose_offload,
-    exposed_seconds,
+    host_traffic,
     layer_params,
     offload_buffers,
     offload_candidates,
@@ -103,12 +103,23 @@ def test_each_tier_moves_its_tensors_off_the_device(plan, tiers):
 
 
 def test_exposed_time_is_transfer_minus_the_window():
+    from shardwise.cluster.presets import cpu_cluster
+    from shardwise.costs.prices import price_list
+    from shardwise.costs.step import OpPrice, offload_s
+
     off = Offloaded([])
     off.move("fwd", 0, "h2d", 2 * 10**9)  # 2 s at 1 GB/s over a 0.5 s forward window: 1.5 s exposed
     off.move("fwd", 0, "d2h", 10**8)  # the other direction: hidden
-    off.move("bwd", 1, "h2d", 10**9)  # 1 s over a 2 x 0.3 s backward window: 0.4 s exposed
+    off.move("bwd", 1, "h2d", 10**9)  # 1 s over a 0.6 s backward window (with recomputation): 0.4 s exposed
     off.move("step", -2, "d2h", 10**8)  # outside the layers: exposed whole
-    assert exposed_seconds(off, {0: 0.5, 1: 0.3}, 1e9) == pytest.approx(1.5 + 0.4 + 0.1)
+    # two layers of one op each: forward 0.5 s / 0.3 s, backward 0.8 s / 0.4 s + 0.2 s recomputed
+    ops = {"a": OpPrice(0.5, 0.8, 0.0, 0.0), "b": OpPrice(0.3, 0.4, 0.0, 0.0, 0.2)}
+    traffic = host_traffic(off, [("l0", 0, 1), ("l1", 1, 2)])
+    prices = price_list(cpu_cluster(1, memory_bandwidth=1e9, name="cpu:1-1GB/s"))
+    exposed, host = offload_s(traffic, ops, prices)
+    assert prices.cluster.host_link_bandwidth == 1e9
+    assert exposed == pytest.approx(1.5 + 0.4 + 0.1)
+    assert host == 0.0
 
 
 def test_choice_is_the_cheapest_pair_that_fits(plan, candidates):
@@ -122,11 +133,18 @@ def test_choice_is_the_cheapest_pair_that_fits(plan, candidates):
     assert choice.tiers.any and choice.device_peak_bytes <= budget
     fitting = [c for c in generated if c.device_peak_bytes <= budget]
     assert choice.cost_s == min(c.cost_s for c in fitting)
-    # the hook applies it: memory map from the rewritten buffers, step time raised by the cost
+    # the hook applies it: memory map from the rewritten buffers, step time raised by the cost (the device no
+    # longer steps an optimizer the host steps)
+    from shardwise.costs.prices import price_list
+    from shardwise.costs.step import price_flat
+
     fitted = with_offload(plan, "auto", _shrunk(budget))
     assert fitted.tiers and max(fitted.predicted.memory_bytes) <= budget
     assert fitted.memory[0].lower_bound_bytes == choice.device_peak_bytes
-    assert fitted.predicted.step_time_s == pytest.approx(plan.predicted.step_time_s + choice.cost_s)
+    events = price_flat(plan, price_list(_shrunk(budget), plan.precision)).events
+    device_optimizer = sum(e.seconds for e in events if e.phase == "optimizer" and e.kind == "compute")
+    expected = plan.predicted.step_time_s + choice.cost_s - (device_optimizer if choice.tiers.optimizer else 0.0)
+    assert fitted.predicted.step_time_s == pytest.approx(expected)
     if choice.tiers.optimizer:
         assert fitted.memory[0].optimizer_bytes == 0
     assert ExecutionPlan.from_json(fitted.to_json()).tiers == fitted.tiers
