@@ -20,7 +20,6 @@ from shardwise.cluster.machine import calibration_note
 from shardwise.codegen.package import write_package
 from shardwise.errors import (
     DeviceUnavailableError,
-    DoesNotFitError,
     RuntimeFault,
     ShapeMismatchError,
     UserInputError,
@@ -30,9 +29,8 @@ from shardwise.ir.graph import Graph
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.fusion import fuse_plan
-from shardwise.planner.auto import plan_auto
-from shardwise.planner.offload import check_offload, with_offload
-from shardwise.planner.recompute import RECOMPUTE_SETTINGS, with_recomputation
+from shardwise.planner.plan import PlanOptions
+from shardwise.planner.plan import plan as plan_model
 from shardwise.runtime import WorkerPool
 from shardwise.runtime.seeded import call_seeded
 
@@ -312,52 +310,6 @@ class CompiledModel:
             return flat
 
 
-def _compile_pipeline(
-    model: torch.nn.Module, graph: Graph, spec: ClusterSpec, example_inputs: Any, example_kwargs: Any, loss_fn: Any,
-    mode: str, precision: str, constraints: Any, optimizer: Any, fusion: bool, *, out_spec: Any, workers: Any,
-) -> CompiledModel:  # fmt: skip
-    """A pipeline plan (shardwise.planner.pipeline): its chunks are traced again at the micro-batch size."""
-    from shardwise.planner.pipeline import plan_pipeline
-
-    rows = next((i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1)
-
-    def cut(x: Any, n: int) -> Any:  # n rows of a batch input (repeated if n > rows: only traced)
-        if not (isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == rows):
-            return x
-        return x[:n] if n <= rows else torch.cat([x] * -(-n // rows))[:n]
-
-    def micro_graph(n: int) -> Graph:
-        inputs = example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        inputs = cut(inputs, n) if isinstance(inputs, torch.Tensor) else tuple(cut(x, n) for x in inputs)
-        kwargs = {k: cut(v, n) for k, v in (example_kwargs or {}).items()}
-        return trace(model, inputs, example_kwargs=kwargs, loss_fn=loss_fn if mode == "train" else None)[0]
-
-    plan = plan_pipeline(
-        graph, spec, micro_graph=micro_graph, mode=mode, precision=precision, constraints=constraints,
-        optimizer=_describe_optimizer(optimizer), fusion=fusion,
-    )  # fmt: skip
-    return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)
-
-
-def _where_it_fits(graph: Graph, mode: str, precision: str, optimizer: Any, solver: str) -> str:
-    """A sentence naming the smallest preset cluster the model fits on (planned without constraints)."""
-    from shardwise.fit import FAMILIES, NODES, smallest_fitting_preset
-
-    def plan(g: Graph, spec: ClusterSpec) -> ExecutionPlan:
-        return plan_auto(g, spec, mode=mode, precision=precision, optimizer=_describe_optimizer(optimizer),
-                         solver=solver)  # fmt: skip
-
-    fit = smallest_fitting_preset(graph, mode, plan)
-    if fit is None:
-        return f"No preset cluster up to {FAMILIES[1]}x{NODES[-1]} fits it either: describe a bigger cluster in YAML"
-    degrees = ", ".join(f"{k}={v}" for k, v in fit.plan.degrees.items() if v > 1) or "one device"
-    peak = max(fit.plan.predicted.memory_bytes or (0,)) / 2**30
-    return (
-        f"The smallest preset cluster it fits on is {fit.cluster!r} ({fit.world_size} devices with "
-        f"{fit.device_memory_bytes / 2**30:.0f} GiB each; {degrees}, {peak:.2f} GiB per device): compile for it"
-    )
-
-
 def _check_optimizer(optimizer: Callable[..., Any] | None) -> None:
     """The optimizer factory travels to every worker by pickling: refuse one that cannot, up front."""
     if optimizer is None:
@@ -437,59 +389,72 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         raise UserInputError(f"precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
     if mode == "train" and loss_fn is None:
         raise UserInputError("mode='train' needs loss_fn: a function from the model's output to a scalar loss")
-    if collectives not in COLLECTIVES:
-        raise UserInputError(
-            f"collectives={collectives!r} is not allowed: choose one of {', '.join(COLLECTIVES)}"
-        )
-    if recompute not in (None, "none", "auto", "all") and not (type(recompute) is int and recompute > 0):
-        raise UserInputError(f"recompute={recompute!r} is not allowed: choose one of {', '.join(RECOMPUTE_SETTINGS)}")
-    if recompute not in (None, "none") and mode != "train":
-        raise UserInputError(f"recompute={recompute!r} applies to training: compile with mode='train'")
-    check_offload(offload, recompute, mode)
     _check_optimizer(optimizer)
     spec = get_cluster(cluster)
+    pinned = _settings(constraints, recompute=recompute, offload=offload, collectives=collectives, mode=mode)
     if mode == "train":
         model.train()
         with contextlib.suppress(Exception):  # keep dropout off so every rank computes the same values
             for m in model.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
+    inputs = example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     graph, out_spec = trace(
-        model, example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+        model, inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
         loss_fn=loss_fn if mode == "train" else None,
     )  # fmt: skip
     if mode == "train" and not any(p.requires_grad and p.kind == "parameter" for p in graph.params):
         raise UserInputError(f"mode='train' needs trainable parameters, and {graph.model_name} has none: use mode='inference'")
-    from shardwise.planner.pipeline import wants_pipeline
-
-    pipeline_args = (model, graph, spec, example_inputs, example_kwargs, loss_fn, mode, precision, constraints,
-                     optimizer, fusion)  # fmt: skip
-    if wants_pipeline(constraints) and offload not in (None, "none"):
-        raise UserInputError(f"offload={offload!r} applies to flat plans: drop the pipeline constraints or offload")
-    if wants_pipeline(constraints):  # pp > 1 or a pipeline-only choice: the whole-plan search (planner.search)
-        return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
-    # how a flat training plan is made to fit: host offload (jointly with recomputation), or recomputation;
-    # "auto" settings are chosen inside the planner, against the layouts that fit as they are
-    fit, setting = None, None
-    if offload not in (None, "none"):
-        fit, setting = (lambda p: with_offload(p, offload, spec, recompute)), offload
-    elif recompute not in (None, "none") and mode == "train":
-        fit, setting = (lambda p: with_recomputation(p, recompute)), recompute
-    joint = fit if setting == "auto" else None
-    try:
-        plan = plan_auto(
-            graph, spec, mode=mode, precision=precision, constraints=constraints,
-            optimizer=_describe_optimizer(optimizer), solver=solver, time_limit_s=time_limit_s,
-            require_fit=mode != "train" or joint is not None or (recompute != "auto" and offload in (None, "none")),
-            collectives=collectives, make_fit=joint,
-        )  # fmt: skip
-    except DoesNotFitError as exc:
-        if not (constraints or {}).get("pp") and mode == "train":  # may fit as a pipeline
-            with contextlib.suppress(DoesNotFitError):
-                return _compile_pipeline(*pipeline_args, out_spec=out_spec, workers=workers)
-        raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
-    if fit is not None and joint is None:  # an explicit setting, applied to the fastest plan (raises if it fails)
-        plan = fit(plan)
-    if fusion:
+    options = PlanOptions(
+        mode=mode, precision=precision, optimizer=_describe_optimizer(optimizer), solver=solver,
+        time_limit_s=time_limit_s, fusion=fusion,
+    )  # fmt: skip
+    micro = functools.partial(_micro_graph, model, inputs, example_kwargs, loss_fn if mode == "train" else None)
+    plan = plan_model(graph, spec, pinned, options, micro_graph=micro)
+    if fusion and plan.pipeline is None:
         plan = fuse_plan(plan)
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)
+
+
+def _settings(
+    constraints: Mapping[str, object] | None, *, recompute: object, offload: object, collectives: str, mode: str
+) -> dict[str, object]:
+    """``constraints`` with the keyword settings folded in (the same names as the constraints'); a setting given
+    both ways must agree."""
+    pinned = dict(constraints or {})
+    for key, value, default in (("recompute", recompute, None), ("offload", offload, None),
+                                ("collectives", collectives, "library")):  # fmt: skip
+        if value is None or value == default and key in pinned:
+            continue
+        if key == "recompute" and value == "all":
+            value = "full"
+        if key in pinned and pinned[key] != value:
+            raise UserInputError(
+                f"{key}={value!r} and constraints {{{key!r}: {pinned[key]!r}}} disagree: give it once"
+            )
+        pinned[key] = value
+    if mode != "train":
+        for key in ("recompute", "offload"):
+            if pinned.get(key) not in (None, "none", "auto"):
+                raise UserInputError(f"{key}={pinned[key]!r} applies to training: compile with mode='train'")
+    if pinned.get("collectives", "library") not in COLLECTIVES:
+        raise UserInputError(
+            f"collectives={pinned['collectives']!r} is not allowed: choose one of {', '.join(COLLECTIVES)}"
+        )
+    return pinned
+
+
+def _micro_graph(model: torch.nn.Module, inputs: Any, example_kwargs: Any, loss_fn: Any, n: int) -> Graph:
+    """The model traced at ``n`` rows of its batch inputs (repeated when ``n`` exceeds the traced batch: only
+    traced): what a pipeline's chunks run at."""
+    rows = next((x.shape[0] for x in (inputs if isinstance(inputs, tuple) else (inputs,))
+                 if isinstance(x, torch.Tensor) and x.dim()), 1)  # fmt: skip
+
+    def cut(x: Any) -> Any:
+        if not (isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == rows):
+            return x
+        return x[:n] if n <= rows else torch.cat([x] * -(-n // rows))[:n]
+
+    small = cut(inputs) if isinstance(inputs, torch.Tensor) else tuple(cut(x) for x in inputs)
+    kwargs = {k: cut(v) for k, v in (example_kwargs or {}).items()}
+    return trace(model, small, example_kwargs=kwargs, loss_fn=loss_fn)[0]

@@ -39,14 +39,14 @@ def read_plan(path: str | os.PathLike[str]) -> ExecutionPlan:
 
 def shape_fingerprint(graph: Graph) -> str:
     """The graph's fingerprint without source locations (moving the model's file does not change it)."""
-    from shardwise.planner.simple import graph_fingerprint
+    from shardwise.planner.identity import graph_fingerprint
 
     return graph_fingerprint(graph.replace(nodes=tuple(n.replace(source="") for n in graph.nodes)))
 
 
 def check_model(plan: ExecutionPlan, graph: Graph) -> None:
     """Raise ``PlanFileError`` unless ``graph`` (the model traced now) is the model the plan was made for."""
-    from shardwise.planner.simple import graph_fingerprint
+    from shardwise.planner.identity import graph_fingerprint
 
     if graph_fingerprint(graph) == plan.model_fingerprint:
         return

@@ -87,7 +87,13 @@ def plan(
         Precision, typer.Option(help="compute precision the cost model assumes")
     ] = Precision.fp32,
     constraint: Annotated[
-        list[str] | None, typer.Option("--constraint", "-C", help="pin a degree: dp=2 (repeatable)")
+        list[str] | None,
+        typer.Option(
+            "--constraint", "-C",
+            help="pin a choice of the search (repeatable): pp=4, dp=2, tp=8, sp=1 (off), zero=0..3, "
+            "microbatches=8, schedule=1f1b|gpipe|interleaved, virtual=2, recompute=none|selective|full, "
+            "offload=none|optimizer|activations, collectives=library|synthesize",
+        ),
     ] = None,
     meta: Annotated[
         bool,

@@ -50,16 +50,12 @@ class Rebuilt:
     verified: bool
 
 
-def parse_constraints(items: list[str] | None) -> dict[str, int]:
-    """``["dp=2", "tp=1"]`` → ``{"dp": 2, "tp": 1}``."""
-    out: dict[str, int] = {}
-    for item in items or []:
-        for part in filter(None, item.split(",")):
-            key, sep, value = part.partition("=")
-            if not sep or not value.strip().isdigit():
-                raise UserInputError(f"--constraint {part!r}: write it as AXIS=N, e.g. dp=2")
-            out[key.strip()] = int(value)
-    return out
+def parse_constraints(items: list[str] | None) -> dict[str, object]:
+    """``["dp=2", "recompute=full"]`` → ``{"dp": 2, "recompute": "full"}`` (the planner's one constraint
+    parser, ``planner.constraints``, checks names and values)."""
+    from shardwise.planner.constraints import from_cli
+
+    return from_cli(items)
 
 
 def _loss_for(loaded: LoadedModel, mode: str) -> Callable[[Any], Any] | None:
@@ -75,7 +71,7 @@ def make_plan(
     mode: str = "inference",
     batch: int | None = None,
     precision: str = "fp32",
-    constraints: Mapping[str, int] | None = None,
+    constraints: Mapping[str, object] | None = None,
     meta: bool = False,
     collectives: str = "library",
     steps: Steps,
@@ -185,7 +181,7 @@ def _prepare(model: Any, mode: str) -> None:
 
 def _shape_fingerprint(graph: Any) -> str:
     """The graph's fingerprint with every node's source location left out."""
-    from shardwise.planner.simple import graph_fingerprint
+    from shardwise.planner.identity import graph_fingerprint
 
     return graph_fingerprint(graph.replace(nodes=tuple(n.replace(source="") for n in graph.nodes)))
 
@@ -220,7 +216,7 @@ def rebuild(
     out_spec = None
     if verify:
         from shardwise.frontend.trace import trace
-        from shardwise.planner.simple import graph_fingerprint
+        from shardwise.planner.identity import graph_fingerprint
 
         with steps.step("tracing it to check the plan's model fingerprint"):
             graph, out_spec = trace(loaded.model, loaded.inputs, loss_fn=_loss_for(loaded, plan.mode))

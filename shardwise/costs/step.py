@@ -44,7 +44,7 @@ from shardwise.costs.prices import PriceList, price_list
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph, Node
 from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
-from shardwise.ir.plan import ExecutionPlan, HostTraffic, NodeStrategy, Prediction
+from shardwise.ir.plan import ExecutionPlan, HostTraffic, NodeStrategy, Prediction, Redistribute
 from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
 
@@ -140,12 +140,22 @@ def _local_bytes(spec: TensorSpec, placement: ShardingSpec | None, mesh: DeviceM
     return n * width * (scale if spec.dtype.startswith(_FLOAT) else 1.0)
 
 
+def redistribute_s(prices: PriceList, mesh: DeviceMesh, step: Redistribute) -> float:
+    """One redistribution step: the library's collective on its axis, or the recorded time of the point-to-point
+    schedule it runs instead (the synthesizer's simulation, see ``_operand_comm``)."""
+    if step.algorithm.startswith("library"):
+        return prices.axis_collective_s(step.collective, step.nbytes, mesh, step.axis)
+    return step.time_s
+
+
 def _operand_comm(
     prices: PriceList, mesh: DeviceMesh, steps: Sequence, grad_axes: Sequence[str], local_bytes: float,
     needs_grad: bool, bucketed: bool,
 ) -> tuple[float, float]:  # fmt: skip
-    """(forward, backward) seconds of one operand's redistribution and of its gradient's reduction."""
-    fwd = sum(prices.axis_collective_s(s.collective, s.nbytes, mesh, s.axis) for s in steps)
+    """(forward, backward) seconds of one operand's redistribution and of its gradient's reduction. A step
+    that runs a point-to-point schedule instead of the library's algorithm costs the time it records (the
+    synthesizer's simulation of its messages, each priced as :func:`costs.comm.message_s` prices it)."""
+    fwd = sum(redistribute_s(prices, mesh, s) for s in steps)
     if not needs_grad:
         return fwd, 0.0
     remaining = list(grad_axes)
@@ -723,11 +733,12 @@ def chunk_times(
     plan: ExecutionPlan, prices: PriceList, recompute: bool, *, fused_backward: bool = False
 ) -> tuple[float, float, float, float]:
     """(forward, backward, forward collectives, backward collectives) of one micro-batch of a pipeline chunk's
-    plan on one rank; with ``recompute`` the backward runs the forward again first (a fused group as its
-    kernel); ``fused_backward``: the program runs each fused group's backward as one kernel too."""
+    plan on one rank; with ``recompute`` the backward runs the whole forward again first, otherwise the ranges
+    the chunk's plan recomputes (``plan.recompute``) (a fused group as its kernel); ``fused_backward``: the
+    program runs each fused group's backward as one kernel too."""
     graph = plan.graph
     train = plan.mode == "train"
-    names = frozenset(n.name for n in graph.nodes) if recompute else frozenset()
+    names = frozenset(n.name for n in graph.nodes) if recompute else frozenset(_recomputed(graph, plan.recompute))
     ops = op_prices(
         graph, plan.mesh, plan.strategies, prices, train=train, bucketed=_bucketed_params(plan),
         recomputed=names,
@@ -750,7 +761,7 @@ def _output_comm_s(plan: ExecutionPlan, prices: PriceList) -> float:
     final = next((s for s in plan.strategies if s.node == "<output>"), None)
     if final is None:
         return 0.0
-    return sum(prices.axis_collective_s(r.collective, r.nbytes, plan.mesh, r.axis) for r in final.redistributes)
+    return sum(redistribute_s(prices, plan.mesh, r) for r in final.redistributes)
 
 
 def price_pipeline(plan: ExecutionPlan, prices: PriceList, *, fused_backward: bool = False) -> PipelinePrice:

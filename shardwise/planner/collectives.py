@@ -4,15 +4,16 @@ predicted faster (issue 5: the planner uses synthesized collectives and the plan
 For every redistribution of a plan that runs one collective (allgather, reduce_scatter, allreduce,
 alltoall) over a mesh axis, ``choose_collectives`` asks ``passes.collectives.best_collective`` for the first
 group of that axis (the groups of an axis are alike on every preset: the same links, one node apart) and
-compares, under the one simulator, the best schedule with the library's best algorithm for that group.
-When a synthesized schedule (``synth:<digest>``) or a named baseline the library does not run is faster,
-the redistribution records that ``algorithm`` (a baseline's name gets its program's digest, e.g.
-``rhd:3fa2c1d0e9``, since its program depends on the group and size), the plan keeps its lowered
-point-to-point program in ``collective_programs`` (the generated program runs it with sends and receives),
-and its time becomes the planner's estimate scaled by the simulated speedup (so the plan's other figures,
-made with the planner's ring model, stay comparable); otherwise it keeps ``library:<name>``, the library's best algorithm there. The op's ``comm_s`` and the
-plan's predicted communication and step time drop by the time saved, and a note says how many
-collectives changed. Results are cached (``passes.collectives.api``), so re-planning costs nothing.
+compares the best schedule's simulated time with the price list's time for the library's own algorithm on
+that group (``costs.prices.PriceList.axis_collective_s``). When a synthesized schedule (``synth:<digest>``) or
+a named baseline the library does not run is faster, the redistribution records that ``algorithm`` (a
+baseline's name gets its program's digest, e.g. ``rhd:3fa2c1d0e9``, since its program depends on the group and
+size) and its time: the price list's library time scaled by the simulated speedup (the simulator compares both
+algorithms on the links' own figures; the price list applies the achieved bandwidth to both), the plan keeps its lowered point-to-point program in ``collective_programs`` (the generated program runs it
+with sends and receives); otherwise it keeps ``library:<name>``, the library's best algorithm there. The plan
+is then priced again (``costs.step.predict_flat``: a redistribution that runs a schedule costs its recorded
+time), and a note says how many collectives changed. Results are cached (``passes.collectives.api``), so
+re-planning costs nothing.
 
 Groups larger than ``max_ranks`` keep the library (synthesis time grows with the group); a collective made
 of several steps (``allreduce+to_partial``) keeps its recorded algorithm; so does one the generated program
@@ -45,9 +46,12 @@ def choose_collectives(
     cache: str = "auto",
 ) -> ExecutionPlan:
     """``plan`` with every collective's algorithm chosen (see the module docstring)."""
+    from shardwise.costs.prices import price_list
+    from shardwise.costs.step import predict_flat
     from shardwise.passes.collectives import best_collective
 
-    choices: dict[tuple[str, int, str], tuple[str, float]] = {}
+    prices = price_list(cluster, plan.precision)
+    choices: dict[tuple[str, int, str], tuple[str, float | None]] = {}
     programs: dict[str, str] = dict(plan.collective_programs)
 
     def runnable(r: Redistribute, program: dict) -> bool:
@@ -65,19 +69,25 @@ def choose_collectives(
             c = best_collective(
                 cluster, r.collective, r.nbytes, group, time_limit_s=time_limit_s, cache=cache
             )
-            if c.uses_library or c.predicted_s >= c.library_s or c.library_s <= 0:
-                choices[key] = (c.algorithm if c.uses_library else "library:ring", 1.0)
+            library = prices.axis_collective_s(r.collective, r.nbytes, plan.mesh, r.axis)
+            if c.uses_library or c.predicted_s >= c.library_s or c.library_s <= 0 or library <= 0:
+                _, name = prices.comm.choose(r.collective, r.nbytes, group)
+                choices[key] = (f"library:{name or 'ring'}", None)
             else:
                 program = json.dumps(c.program(), separators=(",", ":"))
                 name = c.algorithm
                 if not name.startswith("synth:"):  # a baseline's program depends on the group and size
                     name = f"{name}:{hashlib.sha256(program.encode()).hexdigest()[:10]}"
-                choices[key] = (name, c.predicted_s / c.library_s)
+                # the simulator compared both algorithms on the links' own figures; the schedule's time is the
+                # library's price times that ratio (the price list's achieved bandwidth applied to both)
+                choices[key] = (name, library * c.predicted_s / c.library_s)
                 programs.setdefault(name, program)
-        algorithm, factor = choices[key]
+        algorithm, seconds = choices[key]
+        if seconds is None:
+            return replace(r, algorithm=algorithm)
         if algorithm in programs and not runnable(r, json.loads(programs[algorithm])):
             return r
-        return replace(r, algorithm=algorithm, time_s=r.time_s * factor)
+        return replace(r, algorithm=algorithm, time_s=seconds)
 
     saved = 0.0
     changed = total = 0
@@ -94,29 +104,18 @@ def choose_collectives(
         strategies.append(replace(s, redistributes=new, comm_s=max(0.0, s.comm_s - gain)))
     used = {r.algorithm for s in strategies for r in s.redistributes}
     programs = {name: text for name, text in programs.items() if name in used}
-    pred = plan.predicted
-    if saved > 0 and pred is not None:
-        step = max(pred.compute_s, pred.step_time_s - saved)
-        speed = pred.step_time_s / step if step > 0 else 1.0
-        pred = replace(
-            pred,
-            step_time_s=step,
-            comm_s=max(0.0, pred.comm_s - saved),
-            tflops_per_device=pred.tflops_per_device * speed,
-            mfu=pred.mfu * speed,
-        )
     note = (
         f"collectives: {changed} of {total} use a synthesized schedule or a non-library algorithm, predicted "
-        f"{saved * 1e3:.3f} ms faster per step than the library's"
+        f"{saved * 1e3:.3f} ms faster per step (forward) than the library's"
     )
-    return replace(
+    out = replace(
         plan,
         strategies=tuple(strategies),
-        predicted=pred,
         collective_programs=tuple(sorted(programs.items())),
         notes=(*plan.notes, note),
         passes=(*plan.passes, "collectives.choose"),
     )
+    return replace(out, predicted=predict_flat(out, cluster)) if plan.memory else out
 
 
 def _runs_by_schedule(plan: ExecutionPlan, r: Redistribute, in_chunks: int) -> bool:

@@ -37,16 +37,20 @@ from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
 from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction
 from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
 from shardwise.passes.memory.pipeline import map_pipeline_memory
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
 from shardwise.passes.stages.place import place_chunk
 from shardwise.passes.stages.profile import traced_batch
 from shardwise.passes.stages.rows import micro_shapes_problem, rows_problem
+from shardwise.planner.identity import plan_identity
 from shardwise.planner.schedule import schedule_actions
 from shardwise.planner.search import Candidate, SearchOptions, SearchResult, search
-from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR, plan_identity
 
-__all__ = ["plan_pipeline", "batch_inputs", "PIPELINE_KEYS", "wants_pipeline"]
+__all__ = [
+    "plan_pipeline", "realize_pipeline", "batch_inputs", "batch_cut_problem", "priced_pipeline", "PIPELINE_KEYS",
+    "wants_pipeline",
+]  # fmt: skip
 
 # constraint keys only a pipeline plan can honour
 PIPELINE_KEYS = ("microbatches", "microbatch_size", "virtual", "schedule", "recompute")
@@ -153,40 +157,61 @@ def plan_pipeline(
     options: SearchOptions | None = None,
     result: SearchResult | None = None,
 ) -> ExecutionPlan:
-    """Search, then build the winner's pipeline plan (see the module docstring)."""
+    """Search, then build the best pipeline layout's plan (see the module docstring)."""
+    check_static_batch(graph)
+    options = options or SearchOptions(
+        mode=mode, precision=precision, optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), optimizer=optimizer,
+    )
+    result = result or search(graph, cluster, dict(constraints or {}), options)
+    best = next((c for c in result.ranked if c.fits and not c.flat), None) or result.best
+    return realize_pipeline(
+        graph, cluster, best, result, micro_graph=micro_graph, mode=mode, precision=precision, optimizer=optimizer,
+        fusion=fusion,
+    )  # fmt: skip
+
+
+def check_static_batch(graph: Graph) -> None:
     if any(d.dim == 0 for i in graph.inputs for d in i.dynamic):
         raise PlanError(
             "pipeline plans need a static batch size (micro-batches are cut from it): compile without "
             "dynamic_shapes on the batch dimension"
         )
-    options = options or SearchOptions(
-        mode=mode, precision=precision, optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), optimizer=optimizer,
-    )
-    result = result or search(graph, cluster, constraints, options)
-    best = result.best
+
+
+def batch_cut_problem(graph: Graph, micro_graph: Callable[[int], Graph] | None, rows: int) -> str:
+    """"" when the batch can be run in parts of ``rows`` rows with the whole batch's results, else why not."""
+    return _micro_graph(graph, micro_graph, rows)[1]
+
+
+def realize_pipeline(
+    graph: Graph,
+    cluster: ClusterSpec,
+    best: Candidate,
+    result: SearchResult,
+    *,
+    micro_graph: Callable[[int], Graph] | None = None,
+    mode: str = "train",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    fusion: bool = True,
+) -> ExecutionPlan:
+    """Build the plan of the pipeline layout ``best`` (one of ``result``'s candidates): the model traced at the
+    micro-batch size, cut into the layout's chunks, each placed and fused; priced by the price list."""
+    check_static_batch(graph)
     rows = best.microbatch
     traced = next(
         (i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1
     )
     mg = graph
-    whole = ""  # why the batch is not cut (a note in the plan)
     if rows != traced:
         mg, problem = _micro_graph(graph, micro_graph, rows)
-        if problem:  # the batch cannot be cut: one micro-batch, one replica (or a clear refusal)
-            pinned = dict(constraints or {})
-            if pinned.get("dp", 1) != 1 or pinned.get("microbatches", 1) != 1 or pinned.get(
-                "microbatch_size", traced
-            ) != traced:  # fmt: skip
-                raise PlanError(
-                    f"the batch of {graph.model_name or 'the model'} cannot be cut into parts that run separately: "
-                    f"{problem}. Pipeline micro-batches and data-parallel pipeline replicas each run a part of the "
-                    "batch; compile with pp=1 (intra-op plans split such ops exactly), or with dp=1 and "
-                    "microbatches=1, or make the rows independent (e.g. x.view(x.shape[0], -1), not x.view(8, -1))"
-                )
-            result = search(graph, cluster, {**pinned, "dp": 1, "microbatches": 1}, options)
-            best = result.best
-            rows, mg = best.microbatch, graph
-            whole = f"one micro-batch, no data-parallel replicas: the batch cannot be cut ({problem})"
+        if problem:
+            raise PlanError(
+                f"the batch of {graph.model_name or 'the model'} cannot be cut into parts that run separately: "
+                f"{problem}. Pipeline micro-batches and data-parallel pipeline replicas each run a part of the "
+                "batch; compile with pp=1 (intra-op plans split such ops exactly), or with dp=1 and "
+                "microbatches=1, or make the rows independent (e.g. x.view(x.shape[0], -1), not x.view(8, -1))"
+            )
     units = layer_units(mg)
     if units.labels != result.units.labels or len(result.sequence) != len(units):
         raise PlanError(
@@ -194,16 +219,19 @@ def plan_pipeline(
             f"({len(units)} vs {len(result.sequence)} units): its structure depends on the batch size"
         )
     chunks = extract_chunks(mg, chunk_owner(units.nodes, best.bounds), len(best.bounds))
-    plans = [
-        _chunk_plan(g, cluster, best, mode=mode, precision=precision, optimizer=optimizer, fusion=fusion)
-        for g in chunks.graphs
-    ]
+    train = mode == "train"
+    selective = set(best.recomputed) if train and best.recompute == "selective" else set()
+    plans = []
+    for c, g in enumerate(chunks.graphs):
+        plan = _chunk_plan(g, cluster, best, mode=mode, precision=precision, optimizer=optimizer, fusion=fusion)
+        a, z = best.bounds[c]
+        ranges = _unit_ranges(plan.graph, [units.nodes[i] for i in range(a, z) if i in selective])
+        plans.append(plan.replace(recompute=ranges) if ranges else plan)
     for t in chunks.transfers:
         if t.value not in plans[t.src].graph.output_names or t.value not in {
             i.name for i in plans[t.dst].graph.inputs
         }:
             raise PlanError(f"the placement renamed the pipeline boundary value {t.value}: a shardwise bug")
-    train = mode == "train"
     actions = schedule_actions(best.schedule, best.pp, best.microbatches, best.virtual, train=train)
     stages = tuple(
         PipelineStage(
@@ -219,14 +247,26 @@ def plan_pipeline(
     )
     spec = PipelineSpec(
         schedule=best.schedule, pp=best.pp, virtual=best.virtual, dp=best.dp, tp=best.tp,
-        sequence_parallel=best.sp, microbatches=best.microbatches, microbatch_size=rows, recompute=best.recompute,
-        stages=stages, transfers=chunks.transfers, tied=chunks.tied,
-        actions=tuple(tuple(a) for a in actions), batch_inputs=batch_inputs(graph),
+        sequence_parallel=best.sp, microbatches=best.microbatches, microbatch_size=rows,
+        recompute="full" if best.recompute == "full" else "none", stages=stages, transfers=chunks.transfers,
+        tied=chunks.tied, actions=tuple(tuple(a) for a in actions), batch_inputs=batch_inputs(graph),
+        zero=best.zero,
     )  # fmt: skip
     check_pipeline(spec, train=train)
     plan = _top_plan(graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer)
-    plan = priced_pipeline(plan, cluster, result.model_flops)
-    return plan.replace(notes=plan.notes + (whole,)) if whole else plan
+    return priced_pipeline(plan, cluster, result.model_flops)
+
+
+def _unit_ranges(graph: Graph, units: list[tuple[str, ...]]) -> tuple[tuple[str, str], ...]:
+    """(first node, last node) in ``graph`` of each of ``units`` (node names; a unit's nodes are contiguous in
+    graph order), for ``ExecutionPlan.recompute``."""
+    index = {n.name: k for k, n in enumerate(graph.nodes)}
+    out = []
+    for names in units:
+        present = sorted(index[n] for n in names if n in index)
+        if present:
+            out.append((graph.nodes[present[0]].name, graph.nodes[present[-1]].name))
+    return tuple(out)
 
 
 def priced_pipeline(plan: ExecutionPlan, cluster: ClusterSpec, model_flops: float) -> ExecutionPlan:

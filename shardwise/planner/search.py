@@ -207,6 +207,7 @@ class _Context:
         self.traced = traced_batch(graph)
         self.batch = options.global_batch or self.traced
         self.capacity = cluster.device.memory_bytes * options.memory_headroom
+        self.selective_pinned = False  # set by the search when the user pinned recompute="selective"
         # the optimizer steps tensors with foreach kernels where the host runs ahead (GPUs), else one by one
         self.foreach = cluster.efficiency.overhead_hidden
         # parameters read by several units (tied weights): (positions reading it, elements)
@@ -285,8 +286,9 @@ class _Memory:
         self.ctx, self.cfg, self.t = ctx, cfg, t
         self.inflight = ctx.inflight(cfg.schedule, cfg.pp, cfg.v, cfg.m)
 
-    def fixed(self, a: int, z: int) -> tuple[float, float]:
-        """(bytes of parameters, gradients, optimizer state and scratch of units [a, z), trainable elements)."""
+    def parts(self, a: int, z: int) -> dict[str, float]:
+        """Bytes of units [a, z)'s weights, gradients and optimizer state (with its master copy and scratch) on
+        one device, and their trainable elements."""
         ctx, cfg, t = self.ctx, self.cfg, self.t
         rng = _Tables.range
         params = rng(t.p_param, a, z)
@@ -297,14 +299,27 @@ class _Memory:
                 extra = (inside - 1) * elems / cfg.tp
                 params -= extra
                 trainable -= extra
-        dp_shard = cfg.dp if cfg.zero >= 1 else 1
-        fixed = trainable * ctx.element(True, cfg.zero, cfg.dp) + (params - trainable) * ctx.element(False, 0, 1)
+        e = element_bytes(
+            train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
+            zero=cfg.zero, dp=cfg.dp,
+        )  # fmt: skip
+        frozen = (params - trainable) * ctx.element(False, 0, 1)
+        weights = trainable * e.weights
+        if not ctx.train and cfg.zero >= 3:
+            weights /= cfg.dp
+        optimizer = trainable * (e.optimizer + e.master)
         if ctx.train:
             # the optimizer's scratch: a foreach step makes one value per (local) element at once, a per-tensor
             # step two of the largest tensor's (bounded by the chunk's mean tensor)
-            local = trainable / dp_shard
-            fixed += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
-        return fixed, trainable
+            local = trainable / (cfg.dp if cfg.zero >= 1 else 1)
+            optimizer += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
+        return {"weights": weights + frozen, "gradients": trainable * e.grads, "optimizer state": optimizer,
+                "trainable": trainable}  # fmt: skip
+
+    def fixed(self, a: int, z: int) -> tuple[float, float]:
+        """(bytes of parameters, gradients, optimizer state and scratch of units [a, z), trainable elements)."""
+        p = self.parts(a, z)
+        return p["weights"] + p["gradients"] + p["optimizer state"], p["trainable"]
 
     def activations(self, a: int, z: int, recomputed: frozenset[int]) -> tuple[float, float]:
         """(bytes one micro-batch keeps from forward to backward, bytes held at once while it runs)."""
@@ -390,14 +405,17 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
             mem = memory.devices(bounds, recomputed)
     if cfg.recompute == "selective":
         chosen = _selective(ctx, memory, bounds)
-        if chosen is None:
-            return "recomputing every layer does not make it fit"
-        if not chosen:
+        if chosen is not None and not chosen and not ctx.selective_pinned:
             return "fits without recomputation (the same layout with recompute=none)"
-        recomputed = chosen
+        # when even every layer does not make it fit by this estimate, the memory map may still say it fits
+        recomputed = chosen if chosen is not None else every
         mem = memory.devices(bounds, recomputed)
     fits_all = max(mem) <= ctx.capacity
     cf = [rng(t.p_fwd, a, z) for a, z in bounds]
+    if pp == 1 and dp > 1:  # a flat plan makes its outputs whole on every rank: gathered over dp
+        cf[-1] += ctx.prices.collective_s(
+            "allgather", costs[-1].output_bytes * dp, tuple(_rank(0, d, 0, dp, tp) for d in range(dp))
+        )
     if train:
         cb = [rng(t.p_bwd, a, z) + sum(t.rec[i] for i in range(a, z) if i in recomputed) for a, z in bounds]
         comm_chunk = [
@@ -469,27 +487,18 @@ def _memory_parts(
     memory: _Memory, bounds: list[tuple[int, int]], recomputed: frozenset[int], p: int
 ) -> tuple[tuple[str, int], ...]:
     """The memory of device stage ``p`` by what it holds (for "does not fit" messages)."""
-    ctx, cfg = memory.ctx, memory.cfg
-    trainable = params = kept = held = 0.0
+    cfg = memory.cfg
+    totals = {"weights": 0.0, "gradients": 0.0, "optimizer state": 0.0}
+    kept = held = 0.0
     for c, (a, z) in enumerate(bounds):
         if c % cfg.pp != p:
             continue
-        _, tr = memory.fixed(a, z)
-        trainable += tr
-        params += _Tables.range(memory.t.p_param, a, z)
+        parts = memory.parts(a, z)
+        for name in totals:
+            totals[name] += parts[name]
         k, h = memory.activations(a, z, recomputed)
         kept, held = max(kept, k), max(held, h)
-    e = element_bytes(
-        train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
-        zero=cfg.zero, dp=cfg.dp,
-    )  # fmt: skip
-    frozen = (params - trainable) * ctx.element(False, 0, 1)
-    return (
-        ("weights", int(trainable * e.weights + frozen)),
-        ("gradients", int(trainable * e.grads)),
-        ("optimizer state", int(trainable * (e.optimizer + e.master))),
-        ("activations", int(kept * memory.inflight[p] + held)),
-    )
+    return (*((name, int(b)) for name, b in totals.items()), ("activations", int(kept * memory.inflight[p] + held)))
 
 
 def _lower_bound(ctx: _Context, cfg: _Config) -> tuple[float, float]:
@@ -550,6 +559,7 @@ def search(
     pinned = constraints if isinstance(constraints, Constraints) else parse_constraints(constraints, cluster)
     units = units or layer_units(graph)
     ctx = _Context(graph, cluster, options, units)
+    ctx.selective_pinned = pinned.recompute == "selective"
     positions = len(ctx.sequence)
     rejected: list[str] = []
     if pinned.pp is not None and pinned.pp > positions:
@@ -560,11 +570,17 @@ def search(
     configs = _configs(ctx, pinned, positions, rejected)
     # evaluate in order of the lower bound; stop once the bound exceeds the best estimate by the slack
     configs.sort(key=lambda c: c[0])
+    if configs and all(mem_lb > ctx.capacity for _, mem_lb, _ in configs):
+        # nothing can fit: evaluate the leanest few anyway, so that the planner can say what they need
+        configs = sorted(configs, key=lambda c: c[1])[: options.top_k]
+        floor = float("inf")
+    else:
+        floor = ctx.capacity
     candidates: list[Candidate] = []
     best = float("inf")
     evaluated = pruned = 0
     for lb, mem_lb, cfg in configs:
-        if mem_lb > ctx.capacity:
+        if mem_lb > floor:
             continue
         if lb > best * SLACK and len(candidates) >= options.top_k:
             pruned += 1

@@ -25,16 +25,22 @@ from shardwise.codegen.kernels import LOWERED_OPS, POINTWISE_BLOCK, render_kerne
 from shardwise.frontend.trace import trace
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.passes.fusion import POINTWISE_OPS, REDUCE_OPS, ROW_OPS, fuse_plan
-from shardwise.planner.simple import plan_simple
+from shardwise.planner.auto import plan_auto
 
 RUNNER = Path(__file__).with_name("kernel_runner.py")
 KINDS = ("elementwise", "reduction", "softmax", "layernorm", "rmsnorm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+def _dp_plan(graph, cluster, **kwargs):
+    """A data-parallel (or replicated) flat plan: the planner with tp=1 (what the simple planner made)."""
+    constraints = {"tp": 1, **kwargs.pop("constraints", {})}
+    return plan_auto(graph, cluster, constraints=constraints, **kwargs)
+
+
 def _plan(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], precision: str) -> ExecutionPlan:
     graph, _ = trace(module, inputs)
-    return fuse_plan(plan_simple(graph, get_cluster("cpu:1"), precision=precision))
+    return fuse_plan(_dp_plan(graph, get_cluster("cpu:1"), precision=precision))
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,14 @@ from shardwise.ir import (
 )  # fmt: skip
 from shardwise.ir.registry import REGISTRY, op_dims, tensor_operands
 from shardwise.ir.tensor import TensorSpec
-from shardwise.planner.simple import plan_simple
+from shardwise.planner.auto import plan_auto
 from shardwise.zoo import MODEL_NAMES, build_model
+
+
+def _dp_plan(graph, cluster, **kwargs):
+    """A data-parallel (or replicated) flat plan: the planner with tp=1 (what the simple planner made)."""
+    constraints = {"tp": 1, **kwargs.pop("constraints", {})}
+    return plan_auto(graph, cluster, constraints=constraints, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_graph_json_round_trip_is_exact(graphs, name):
 
 
 def test_plan_json_round_trip_and_schema_version(graphs):
-    plan = plan_simple(graphs["gpt2"], get_cluster("cpu:2"), constraints={"dp": 2})
+    plan = _dp_plan(graphs["gpt2"], get_cluster("cpu:2"), constraints={"dp": 2})
     text = plan.to_json()
     assert ExecutionPlan.from_json(text) == plan
     with pytest.raises(PlanFileError, match="schema version 999"):

@@ -27,7 +27,7 @@ from shardwise.ir.placement import Shard
 from shardwise.ir.plan import ExecutionPlan, Redistribute
 from shardwise.passes.fusion import FusionOptions, fuse_plan, fusion_stats, role_of
 from shardwise.passes.fusion.memory import FastPeak, exact_peak
-from shardwise.planner.simple import plan_simple
+from shardwise.planner.auto import plan_auto
 from shardwise.runtime import WorkerPool
 from shardwise.runtime.package import build_module, import_package, unload_package
 from shardwise.zoo import MODEL_NAMES, build_model
@@ -45,6 +45,12 @@ EXPECTED_KINDS = {
     "mlp": {"layernorm"},
     "convnet": set(),  # conv, batch norm, relu, pool: nothing the kernels cover sits next to each other
 }
+
+
+def _dp_plan(graph, cluster, **kwargs):
+    """A data-parallel (or replicated) flat plan: the planner with tp=1 (what the simple planner made)."""
+    constraints = {"tp": 1, **kwargs.pop("constraints", {})}
+    return plan_auto(graph, cluster, constraints=constraints, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +120,7 @@ def test_gpt2_fuses_the_gelu_chain_and_residual_norms(zoo_plans):
 def test_peak_guard_refuses_a_merge_that_raises_peak_memory():
     model, inputs = ResidualLayerNorm().eval(), (torch.randn(2, 3, 37), torch.randn(2, 3, 37))
     graph, _ = trace(model, inputs)
-    plan = plan_simple(graph, get_cluster("cpu:1"))
+    plan = _dp_plan(graph, get_cluster("cpu:1"))
     guarded = fusion_stats(fuse_plan(plan))
     unguarded_plan = fuse_plan(plan, FusionOptions(keep_peak=False))
     unguarded = fusion_stats(unguarded_plan)
@@ -168,7 +174,7 @@ class Chain(nn.Module):
 
 def test_bytes_saved_by_a_chain_of_three_ops():
     graph, _ = trace(Chain(), (torch.randn(SHAPE),))
-    plan = fuse_plan(plan_simple(graph, get_cluster("cpu:1")))
+    plan = fuse_plan(_dp_plan(graph, get_cluster("cpu:1")))
     (group,) = plan.fused_groups
     size = math.prod(SHAPE) * 4
     assert group.kind == "elementwise" and len(group.nodes) == 3
@@ -223,7 +229,7 @@ def _run_in_process(plan: ExecutionPlan, model: nn.Module, inputs: tuple, direct
 def test_fused_schedule_moves_consumers_after_the_group(tmp_path):
     model, inputs = Reordered(), (torch.randn(8, 24),)
     graph, _ = trace(model, inputs)
-    plan = fuse_plan(plan_simple(graph, get_cluster("cpu:1")))
+    plan = fuse_plan(_dp_plan(graph, get_cluster("cpu:1")))
     (group,) = plan.fused_groups
     order = schedule(plan.graph, plan.fused_groups)
     mm = next(
@@ -251,7 +257,7 @@ def test_fused_programs_run_their_triton_kernels_in_the_interpreter(zoo_plans, t
     dirs = {}
     for name in ("gpt2", "llama"):
         model, inputs, cm2 = zoo_plans[name]
-        plan = fuse_plan(plan_simple(cm2.plan.graph, get_cluster("cpu:1")))
+        plan = fuse_plan(_dp_plan(cm2.plan.graph, get_cluster("cpu:1")))
         if not plan.fused_groups:
             continue
         d = tmp_path / name
@@ -279,7 +285,7 @@ def _leaves(x) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_fused_program_equals_unfused_and_eager_on_one_process(name, zoo_plans, tmp_path):
     model, inputs, cm2 = zoo_plans[name]
-    plan = fuse_plan(plan_simple(cm2.plan.graph, get_cluster("cpu:1")))  # the same trace, planned for cpu:1
+    plan = fuse_plan(_dp_plan(cm2.plan.graph, get_cluster("cpu:1")))  # the same trace, planned for cpu:1
     assert plan.world_size == 1 and (len(plan.fused_groups) > 0) == bool(EXPECTED_KINDS[name])
     fused = _leaves(_run_in_process(plan, model, inputs, tmp_path, "fused"))
     unfused = _leaves(_run_in_process(plan.replace(fused_groups=()), model, inputs, tmp_path, "unfused"))

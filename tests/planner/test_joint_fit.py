@@ -1,8 +1,7 @@
-"""plan_auto(make_fit=...): the joint choice between the fastest layout made to fit (recomputation, offload)
-and the fastest layout that fits as it is, on a real planning problem: GPT-2 (2 layers, sequence 16, batch 4,
-ZeRO off) on cpu:2 shrunk to 2.1 MiB per device, where dp=2 is the fastest layout but needs 2.13 MiB and
-tp=2 fits as it is, slower. The cost of making a plan fit is what decides: ``priced`` stands for a
-recomputation that brings the plan within the device at a given step-time factor."""
+"""Recomputation as a dimension of the one search: on a real planning problem — GPT-2 (2 layers, sequence 16,
+batch 4, ZeRO off) on cpu:2 shrunk to 2.1 MiB per device, where dp=2 is the fastest layout but needs more than
+the device as it is, and tp=2 fits as it is, slower — the planner compares every layout with and without
+recomputation at its price, and keeps the fastest that fits."""
 
 from __future__ import annotations
 
@@ -11,11 +10,9 @@ import dataclasses
 import pytest
 
 from shardwise.cluster import get_cluster
-from shardwise.errors import DoesNotFitError
 from shardwise.frontend.trace import trace
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.planner.auto import plan_auto
-from shardwise.planner.recompute import fit_by_recomputation
 from shardwise.zoo import build_model
 
 CAPACITY = int(2.1 * 2**20)
@@ -34,71 +31,60 @@ def problem():
     return graph, small
 
 
-def _plan(problem, make_fit=None) -> ExecutionPlan:
+def _plan(problem, **pins) -> ExecutionPlan:
     graph, cluster = problem
-    return plan_auto(graph, cluster, mode="train", constraints={"zero": 0}, make_fit=make_fit)
+    return plan_auto(graph, cluster, mode="train", constraints={"zero": 0, **pins})
 
 
-def priced(factor: float):
-    """A stand-in for recomputation: the plan within the device, its step ``factor`` times longer."""
-
-    def fit(plan: ExecutionPlan) -> ExecutionPlan:
-        memory = tuple(dataclasses.replace(m, arena_bytes=min(m.arena_bytes, CAPACITY)) for m in plan.memory)
-        predicted = dataclasses.replace(
-            plan.predicted, step_time_s=plan.predicted.step_time_s * factor,
-            memory_bytes=tuple(m.arena_bytes for m in memory),
-        )  # fmt: skip
-        return dataclasses.replace(plan, memory=memory, predicted=predicted)
-
-    return fit
-
-
-def test_premise_fastest_layout_does_not_fit_a_slower_one_does(problem):
-    plan = _plan(problem)
+def test_premise_fastest_layout_does_not_fit_as_it_is(problem):
+    plan = _plan(problem, recompute="none")
     assert plan.degrees["tp"] == 2 and max(plan.predicted.memory_bytes) <= CAPACITY
-    dp = next(a for a in plan.alternatives if dict(a.degrees)["dp"] == 2)
-    assert not dp.fits and dp.step_time_s < plan.predicted.step_time_s
+    dp = [a for a in plan.alternatives if dict(a.degrees)["dp"] == 2]
+    assert dp and not any(a.fits for a in dp) and min(a.step_time_s for a in dp) < plan.predicted.step_time_s
 
 
-def test_cheap_fit_of_the_fastest_layout_wins(problem):
-    as_is = _plan(problem)
-    plan = _plan(problem, priced(1.05))
-    assert plan.degrees["dp"] == 2 and max(plan.predicted.memory_bytes) <= CAPACITY
-    assert plan.predicted.step_time_s < as_is.predicted.step_time_s
-    assert "made to fit" in plan.notes[-1] and f"{as_is.predicted.step_time_s * 1e3:.4g} ms" in plan.notes[-1]
-    chosen = [a for a in plan.alternatives if a.chosen]
-    assert len(chosen) == 1 and chosen[0].fits and chosen[0].step_time_s == plan.predicted.step_time_s
-    assert len(plan.alternatives) == len(as_is.alternatives)
-
-
-def test_costly_fit_loses_to_the_layout_that_fits_as_it_is(problem):
-    as_is = _plan(problem)
-    plan = _plan(problem, priced(2.0))
-    assert plan.degrees == as_is.degrees and plan.predicted.step_time_s == as_is.predicted.step_time_s
-    assert not any("made to fit" in n for n in plan.notes)
-
-
-def test_fit_that_fails_leaves_the_layout_that_fits(problem):
-    def impossible(plan):
-        raise DoesNotFitError("no recomputation fits")
-
-    assert _plan(problem, impossible).degrees == _plan(problem).degrees
-
-
-def test_real_recomputation_never_chosen_slower_than_fitting_as_is(problem):
-    as_is = _plan(problem)
-    plan = _plan(problem, fit_by_recomputation)
+def test_the_choice_is_by_price_with_recomputation_in_the_search(problem):
+    as_is = _plan(problem, recompute="none")
+    plan = _plan(problem)  # recompute searched: none, selective, full
     assert max(plan.predicted.memory_bytes) <= CAPACITY
     assert plan.predicted.step_time_s <= as_is.predicted.step_time_s
-    if plan.degrees != as_is.degrees:  # recomputation made dp=2 fit, and it is still faster
-        assert plan.recompute and "made to fit" in plan.notes[-1]
+    recomputing = [a for a in plan.alternatives if "recompute=selective" in a.note or "recompute=full" in a.note]
+    assert recomputing  # the layouts made to fit by recomputation were in the search
+    if plan.degrees["dp"] == 2:  # recomputation made dp=2 fit, and it is still faster than tp=2 as it is
+        assert plan.recompute
+    else:
+        assert plan.degrees == as_is.degrees and plan.predicted.step_time_s == as_is.predicted.step_time_s
+    chosen = [a for a in plan.alternatives if a.chosen]
+    assert len(chosen) == 1 and chosen[0].step_time_s == plan.predicted.step_time_s
+    faster_fitting = [a for a in plan.alternatives if a.fits and a.step_time_s < plan.predicted.step_time_s * 0.99]
+    assert not [a for a in faster_fitting if "realized" in a.note]  # no realized plan that fits is faster
+
+
+def test_pinned_recomputation_is_honoured_and_priced():
+    # longer sequences than the premise's: activations, not the optimizer step, make the peak
+    model, inputs = build_model("gpt2", device="meta", layers=2, seq=128, batch=8)
+    graph, _ = trace(model, inputs, loss_fn=_loss)
+    roomy = get_cluster("cpu:2")
+
+    def plan(**pins):
+        return plan_auto(graph, roomy, mode="train", constraints={"zero": 0, "dp": 2, "tp": 1, **pins})
+
+    none, full = plan(recompute="none"), plan(recompute="full")
+    assert not none.recompute and full.recompute
+    assert full.predicted.step_time_s > none.predicted.step_time_s  # recomputation costs its forward again
+    assert full.memory[0].lower_bound_bytes < none.memory[0].lower_bound_bytes
+    # a byte budget between the two: selective recomputes some layers, never more than every one, within it
+    budget = (full.memory[0].lower_bound_bytes + none.memory[0].lower_bound_bytes) // 2
+    selective = plan(recompute=budget)
+    assert selective.recompute and max(m.lower_bound_bytes for m in selective.memory) <= budget
+    assert none.predicted.step_time_s < selective.predicted.step_time_s <= full.predicted.step_time_s
 
 
 def test_fastest_placement_kept_when_the_memory_map_says_it_fits(problem):
     """The ILP's memory estimate (saved activations summed, no lifetimes) is above what tp=2 needs by the
     memory map; a budget from it must not push tp=2 into a slower placement on the small device."""
     graph, small = problem
-    pin = {"zero": 0, "tp": 2}
+    pin = {"zero": 0, "tp": 2, "recompute": "none"}
     roomy = plan_auto(graph, get_cluster("cpu:2"), mode="train", constraints=pin)
     tight = plan_auto(graph, small, mode="train", constraints=pin)
     assert max(roomy.predicted.memory_bytes) <= CAPACITY  # the premise: the fastest placement fits

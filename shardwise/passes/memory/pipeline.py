@@ -9,7 +9,9 @@ stage's schedule (``spec.actions``): action ``i`` of the stage gets its own wind
   weight casts and the values received from the previous chunk. A buffer live from chunk ``c``'s forward
   into its backward (kept for backward) is live from the forward of micro-batch ``m`` to its backward,
   across every action the stage runs in between: the micro-batches in flight. With ``recompute="full"``
-  a chunk keeps only what it received; the backward recomputes the rest (live within the backward).
+  a chunk keeps only what it received; the backward recomputes the rest (live within the backward). A chunk
+  whose plan recomputes ranges of its ops (``ExecutionPlan.recompute``: selective recomputation) drops what
+  those ops made after the forward the same way, and makes it again in the backward.
 * Inference: the last chunk's outputs of every micro-batch are kept to the end of the step, where the last
   stage joins them (one copy) and pickles them for ``gather_object`` (a byte storage of their size), and
   rank 0 (first stage) holds the gathered objects: its own padded one, the gathered ones and the collective's
@@ -132,7 +134,10 @@ def stage_buffers(
     chunks = {s.chunk: s for s in spec.stages if s.device_stage == stage}
     local: dict[int, list[Buffer]] = {}
     nodes: dict[int, int] = {}
+    rerun: dict[int, set[int]] = {}  # per chunk: the indices of the ops its plan recomputes
     for c, s in chunks.items():
+        index = {n.name: k for k, n in enumerate(s.plan.graph.nodes)}
+        rerun[c] = {k for first, last in s.plan.recompute for k in range(index[first], index[last] + 1)}
         local[c] = step_buffers(
             s.plan.graph, s.plan.mesh, s.plan.strategies, train=train, precision=precision,
             optimizer_factor=optimizer_factor, optimizer_foreach=optimizer_foreach, **_chunk_inputs(s.plan),
@@ -198,7 +203,8 @@ def stage_buffers(
                     spans = b.start < n < b.end - 1 and kind != "agrad"  # kept from forward into backward
                     if c == last_chunk and _output_of(key) in kept_outputs:
                         last = max(last, gather_step)  # inference keeps every micro-batch's outputs to join them
-                    if spec.recompute == "full" and spans and not kept and train:
+                    again = spec.recompute == "full" or b.start in rerun[c]  # (an op's buffers start at its step)
+                    if again and spans and not kept and train:
                         # dropped after the forward, made again at the start of the backward
                         out.append(Buffer(f"{name}#{m}", start, fwd[(c, m)] + n + 1, b.size))
                         out.append(Buffer(f"{name}#{m}.re", bwd[(c, m)], last + 1, b.size))

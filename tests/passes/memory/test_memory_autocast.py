@@ -17,9 +17,9 @@ import torch
 
 from shardwise.cluster import get_cluster
 from shardwise.frontend.trace import trace
+from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
 from shardwise.passes.memory.program import buffer_kind, step_buffers
 from shardwise.planner.auto import plan_auto
-from shardwise.planner.simple import OPTIMIZER_STATE_FACTOR
 from shardwise.zoo import build_model
 
 

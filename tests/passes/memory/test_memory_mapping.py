@@ -11,8 +11,13 @@ from shardwise.passes.memory import lower_bound, verify_assignment
 from shardwise.passes.memory.mapping import map_memory, plan_memory_inputs
 from shardwise.passes.memory.program import ALIGN, buffer_kind, step_buffers
 from shardwise.planner.auto import plan_auto
-from shardwise.planner.simple import plan_simple
 from shardwise.zoo import build_model
+
+
+def _dp_plan(graph, cluster, **kwargs):
+    """A data-parallel (or replicated) flat plan: the planner with tp=1 (what the simple planner made)."""
+    constraints = {"tp": 1, **kwargs.pop("constraints", {})}
+    return plan_auto(graph, cluster, constraints=constraints, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,7 @@ def test_predicted_memory_is_the_arena_of_the_memory_pass(graphs):
     for plan in (
         plan_auto(graphs["gpt2"], cluster, mode="train", constraints={"tp": 2}),
         plan_auto(graphs["gpt2"], cluster, mode="inference"),
-        plan_simple(graphs["gpt2"], cluster, mode="train", constraints={"dp": 2}),
+        _dp_plan(graphs["gpt2"], cluster, mode="train", constraints={"dp": 2}),
     ):
         assert plan.predicted.memory_bytes == tuple(m.arena_bytes for m in plan.memory)
         assert plan.predicted.memory_bytes == _remap(plan).arena_bytes

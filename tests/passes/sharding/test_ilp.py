@@ -15,7 +15,7 @@ from shardwise.passes.sharding.auto import PlaceOptions, place
 from shardwise.passes.sharding.ilp import ClassVar, Consumer, Problem, SharedValue, solve
 from shardwise.passes.sharding.rewrite import expose_tensor_parallelism
 from shardwise.passes.sharding.shrink import detect_layers
-from shardwise.planner.auto import _input_placements
+from shardwise.planner.flat import input_placements as _input_placements
 from shardwise.zoo import build_model
 
 SOLVERS = ["cbc", "cpsat"]

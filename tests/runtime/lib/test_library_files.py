@@ -14,12 +14,18 @@ import torch
 
 from shardwise.codegen.library import DIRECTORY, library_files
 from shardwise.codegen.package import write_package
-from shardwise.planner.simple import plan_simple
+from shardwise.planner.auto import plan_auto
 
 ROOT = Path(__file__).resolve().parents[3]
 LIB = ROOT / "shardwise" / "runtime" / "lib"
 # third-party modules the library may import (safetensors lazily, to read weight files)
 ALLOWED = {"torch", "safetensors"}
+
+
+def _dp_plan(graph, cluster, **kwargs):
+    """A data-parallel (or replicated) flat plan: the planner with tp=1 (what the simple planner made)."""
+    constraints = {"tp": 1, **kwargs.pop("constraints", {})}
+    return plan_auto(graph, cluster, constraints=constraints, **kwargs)
 
 
 def test_library_imports_torch_the_standard_library_and_itself_only():
@@ -48,7 +54,7 @@ def test_codegen_ships_every_library_module_verbatim(tmp_path):
     graph, _ = trace(model, (torch.randn(2, 4),))
     from shardwise.cluster import get_cluster
 
-    package = write_package(plan_simple(graph, get_cluster("cpu:2"), constraints={"dp": 2}), tmp_path / "pkg")
+    package = write_package(_dp_plan(graph, get_cluster("cpu:2"), constraints={"dp": 2}), tmp_path / "pkg")
     for name, text in files.items():
         assert (package / name).read_text() == text
     program = (package / "program.py").read_text()

@@ -1,4 +1,4 @@
-"""The simplest planner: replicate or data parallel, with predictions, alternatives and clear errors."""
+"""The one planner through the front door: data-parallel plans, predictions, alternatives and clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shardwise
 from shardwise.cluster import get_cluster
 from shardwise.errors import DeviceUnavailableError, DoesNotFitError, PlanError, UserInputError
 from shardwise.frontend.trace import trace
-from shardwise.planner.simple import plan_simple
+from shardwise.planner.auto import plan_auto
 from shardwise.zoo import build_model
 
 
@@ -18,7 +18,7 @@ def gpt2_graph():
 
 
 def test_data_parallel_plan_splits_the_batch_and_gathers_the_outputs(gpt2_graph):
-    plan = plan_simple(gpt2_graph, get_cluster("cpu:2"), constraints={"dp": 2})
+    plan = plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"dp": 2, "tp": 1})
     assert plan.degrees == {"dp": 2, "tp": 1, "pp": 1}
     assert [str(p) for p in plan.input_placements] == ["[S(0), R]"]
     final = plan.strategy("<output>")
@@ -30,16 +30,25 @@ def test_data_parallel_plan_splits_the_batch_and_gathers_the_outputs(gpt2_graph)
 
 
 def test_planner_prefers_the_faster_candidate(gpt2_graph):
-    plan = plan_simple(gpt2_graph, get_cluster("dgx-a100x1"))
-    best = min(a.step_time_s for a in plan.alternatives if a.fits)
-    assert plan.predicted.step_time_s == pytest.approx(best)
+    plan = plan_auto(gpt2_graph, get_cluster("dgx-a100x1"))
+    realized = [a for a in plan.alternatives if a.fits and ("realized" in a.note or a.chosen)]
+    assert plan.predicted.step_time_s == pytest.approx(min(a.step_time_s for a in realized))
+    estimated = [a for a in plan.alternatives if "estimated" in a.note]
+    assert all("estimated" in a.note or "realized" in a.note or a.chosen or "could not" in a.note
+               for a in plan.alternatives) and estimated  # fmt: skip
 
 
 def test_constraints_are_checked(gpt2_graph):
     with pytest.raises(PlanError, match="unknown constraint 'xp'"):
-        plan_simple(gpt2_graph, get_cluster("cpu:2"), constraints={"xp": 2})
+        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"xp": 2})
     with pytest.raises(PlanError, match="dp=3 needs more devices"):
-        plan_simple(gpt2_graph, get_cluster("cpu:2"), constraints={"dp": 3})
+        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"dp": 3})
+    with pytest.raises(PlanError, match="recompute='sometimes': choose one of none, selective, full, auto"):
+        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"recompute": "sometimes"})
+    with pytest.raises(PlanError, match="ZeRO stages are 0, 1"):
+        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"zero": 4})
+    with pytest.raises(PlanError, match="context parallelism is not in the search yet"):
+        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"cp": 2})
 
 
 def test_model_that_fits_nowhere_says_how_much_it_needs():
@@ -47,8 +56,12 @@ def test_model_that_fits_nowhere_says_how_much_it_needs():
     graph, _ = trace(model, inputs)
     tiny = get_cluster("cpu:2")
     tiny = tiny.__class__.from_dict({**tiny.to_dict(), "device": {**tiny.to_dict()["device"], "memory_bytes": 2**20}})
-    with pytest.raises(DoesNotFitError, match=r"needs at least .* GiB per device"):
-        plan_simple(graph, tiny)
+    with pytest.raises(DoesNotFitError) as info:
+        plan_auto(graph, tiny)
+    message = str(info.value)
+    # what the best layout needs (above the device's capacity), what that is made of, and what would help
+    need = float(message.split(" needs ")[1].split(" GiB")[0])
+    assert need * 2**30 > 2**20 and "weights" in message and "Try:" in message and "more devices" in message
 
 
 def test_meta_model_plans_but_does_not_run():

@@ -1,0 +1,226 @@
+"""Realizing a flat layout (``pp = 1``): the placement ILP on its ``dp x tp`` mesh, the memory map,
+recomputation, and the price.
+
+``realize_flat(graph, cluster, layout, ...)``:
+
+1. the graph, rewritten to expose tensor parallelism (``tp > 1``) and to split mean losses (more than one
+   device), is placed by the ILP (``passes.sharding.auto.place``) on the mesh: the batch over ``dp``, the ops
+   over ``tp`` (sequence parallelism allowed or not), ZeRO's sharding of parameters over ``dp`` (stage 3);
+2. the memory-mapping pass maps every rank's step (``passes.memory.map_memory``: parameters, gradients,
+   optimizer state as ZeRO shards them, activations, collective buffers): the plan's predicted peak;
+3. recomputation: ``full`` recomputes every layer, ``selective`` the cheapest layers that bring the peak within
+   the device (or the user's byte budget) (``passes.remat``);
+4. when the fastest placement does not fit, the ILP places the mesh again under its memory budget;
+5. the plan is priced by the price list (``costs.step.predict_flat``).
+
+Guarantees: the returned plan's ``predicted`` is ``costs.step.predict_flat`` of the plan, and its
+``memory`` the memory map of what the generated program holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shardwise.cluster import ClusterSpec
+from shardwise.costs.memory import optimizer_state
+from shardwise.costs.prices import mesh_prices
+from shardwise.costs.step import predict_flat
+from shardwise.errors import DoesNotFitError
+from shardwise.ir.graph import Graph
+from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
+from shardwise.ir.plan import ExecutionPlan, Prediction, RankMemory
+from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.memory.buffers import lower_bound
+from shardwise.passes.memory.mapping import map_memory
+from shardwise.passes.memory.program import step_buffers
+from shardwise.passes.remat import apply_recomputation, cheapest_recomputation, recompute_all_layers
+from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOptions, place
+from shardwise.passes.sharding.gradients import param_grad_reduce
+from shardwise.passes.sharding.redistribute import replicated
+from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
+from shardwise.planner.identity import plan_identity
+
+__all__ = ["FlatAnalyses", "FlatOptions", "realize_flat", "input_placements", "MEMORY_HEADROOM"]
+
+MEMORY_HEADROOM = 0.9  # of device memory the ILP may plan for (the rest: allocator slack, workspaces)
+
+
+class FlatAnalyses:
+    """The graph rewritten to expose tensor parallelism (tp > 1) and to split mean losses (more than one
+    device), with its placement analysis, made once per kind and shared by every mesh."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self._made: dict[tuple[bool, bool], Analysis] = {}
+
+    def get(self, tp: bool, many: bool) -> Analysis:
+        if (tp, many) not in self._made:
+            g = expose_tensor_parallelism(self.graph) if tp else self.graph
+            self._made[(tp, many)] = Analysis(mean_losses_as_sums(g) if many else g)
+        return self._made[(tp, many)]
+
+
+@dataclass(frozen=True)
+class FlatOptions:
+    mode: str = "inference"
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    solver: str = "cbc"
+    time_limit_s: float = 60.0
+    recompute_budget: int | None = None  # bytes per rank for recompute="selective" (default: the device)
+
+
+def input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, ShardingSpec]:
+    """Batch inputs split along dim 0 over ``dp`` (where it divides), everything else replicated."""
+    out: dict[str, ShardingSpec] = {}
+    for i in graph.inputs:
+        if not isinstance(i.spec, TensorSpec):
+            continue
+        if dp > 1 and i.spec.rank > 0 and i.spec.shape[0] % dp == 0:
+            out[i.name] = ShardingSpec((Shard(0),) + tuple(Replicate() for _ in mesh.shape[1:]))
+        else:
+            out[i.name] = replicated(mesh)
+    return out
+
+
+def _step_inputs(
+    graph: Graph, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec, train: bool,
+    options: FlatOptions, zero: int,
+) -> dict:  # fmt: skip
+    """The keyword arguments ``step_buffers`` and ``map_memory`` take for a placed candidate."""
+    return {
+        "param_placements": placed.param_placements, "input_placements": inputs, "train": train,
+        "precision": options.precision, "optimizer_factor": optimizer_state(options.optimizer), "zero": zero,
+        "grad_reduce": param_grad_reduce(graph, placed.strategies) if train else {},
+        "optimizer_foreach": cluster.device.kind != "cpu",
+    }  # fmt: skip
+
+
+def map_placed(
+    graph: Graph, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec,
+    options: FlatOptions, zero: int, exact: bool = False,
+) -> tuple[RankMemory, ...]:  # fmt: skip
+    """The memory-mapping pass on a placed candidate: per rank its arena (the predicted peak) and the lower
+    bound of live bytes. The greedy arena first; the exact search when ``exact`` or when it decides whether the
+    candidate fits (greedy above the capacity, lower bound within it)."""
+    step = _step_inputs(graph, placed, inputs, cluster, options.mode == "train", options, zero)
+    capacity = cluster.device.memory_bytes
+
+    def run(search: bool) -> tuple[RankMemory, ...]:
+        return map_memory(graph, mesh, placed.strategies, capacity_bytes=capacity, exact=search, **step).memory
+
+    memory = run(exact)
+    if not exact and max(m.arena_bytes for m in memory) > capacity >= max(m.lower_bound_bytes for m in memory):
+        memory = run(True)
+    return memory
+
+
+def _cannot_fit(
+    graph: Graph, mesh: DeviceMesh, placed: Placed, inputs: Mapping[str, ShardingSpec], cluster: ClusterSpec,
+    options: FlatOptions, zero: int,
+) -> bool:  # fmt: skip
+    """Whether the placed candidate's live bytes at some step exceed the device (its buffers' lower bound):
+    then no arena fits, and packing one (most of a memory map's time) can be skipped."""
+    step = _step_inputs(graph, placed, inputs, cluster, options.mode == "train", options, zero)
+    return lower_bound(step_buffers(graph, mesh, placed.strategies, **step)) > cluster.device.memory_bytes
+
+
+def flat_plan(
+    source: Graph, graph: Graph, cluster: ClusterSpec, mesh: DeviceMesh, placed: Placed,
+    inputs: Mapping[str, ShardingSpec], memory: tuple[RankMemory, ...], options: FlatOptions, zero: int,
+) -> ExecutionPlan:  # fmt: skip
+    """The ExecutionPlan of a placed flat layout, priced (``source``: the graph as traced, fingerprinted)."""
+    train = options.mode == "train"
+    keys = {p.name: p.key for p in graph.params}
+    plan = ExecutionPlan(
+        **plan_identity(source, cluster, options.mode, options.precision, mesh),
+        degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1)),
+        graph=graph, strategies=placed.strategies,
+        input_placements=tuple(inputs.get(i.name, replicated(mesh)) for i in graph.inputs),
+        param_placements=tuple((keys[name], spec) for name, spec in placed.param_placements.items()),
+        output_placements=tuple(replicated(mesh) for _ in graph.outputs),
+        param_grad_reduce=tuple(sorted(param_grad_reduce(graph, placed.strategies).items())) if train else (),
+        predicted=Prediction(0.0, 0.0, 0.0, 0.0, ()), memory=memory, replicated_ops=placed.run_whole,
+        passes=("trace", "sharding.rewrite", "sharding.ilp", "memory.map", "planner.search"),
+        optimizer=options.optimizer, zero_stage=zero,
+    )  # fmt: skip
+    return plan.replace(predicted=predict_flat(plan, cluster))
+
+
+@dataclass(frozen=True)
+class Realized:
+    """A realized flat layout: its plan (priced, memory mapped) and the ILP statistics of its placement."""
+
+    plan: ExecutionPlan
+    stats: ILPStats
+    fits: bool
+
+
+def realize_flat(
+    graph: Graph, cluster: ClusterSpec, *, dp: int, tp: int, sp: bool, zero: int, recompute: str,
+    options: FlatOptions, analyses: FlatAnalyses, stats_out: list[ILPStats] | None = None,
+) -> Realized:  # fmt: skip
+    """Realize one flat layout (see the module docstring). Raises DoesNotFitError when no placement of the
+    ILP fits its memory budget and recomputation cannot make the layout fit either."""
+    train = options.mode == "train"
+    analysis = analyses.get(tp > 1, dp * tp > 1)
+    g = analysis.graph
+    mesh = DeviceMesh((dp, tp), ("dp", "tp"), tuple(range(dp * tp)))
+    cost = mesh_prices(cluster, mesh, options.precision)
+    inputs = input_placements(g, mesh, dp)
+    capacity = cluster.device.memory_bytes
+    free = PlaceOptions(
+        train=train, precision=options.precision, sequence_parallel=sp, zero=zero,
+        optimizer_factor=optimizer_state(options.optimizer), memory_budget_bytes=None, solver=options.solver,
+        time_limit_s=options.time_limit_s,
+    )  # fmt: skip
+    # the fastest placement first: the memory map decides whether it fits (the ILP's own estimate sums saved
+    # activations without lifetimes); only if it does not (and recomputation is not asked to make it fit),
+    # the placement under the ILP's memory budget
+    attempts = [free]
+    if recompute == "none":
+        attempts.append(dataclasses.replace(free, memory_budget_bytes=capacity * MEMORY_HEADROOM))
+    last: Realized | None = None
+    error = ""
+    for attempt in attempts:
+        try:
+            placed = place(g, mesh, cost, inputs, attempt, analysis)
+        except DoesNotFitError as exc:
+            error = str(exc)
+            continue
+        if stats_out is not None:
+            stats_out.append(placed.stats)
+        if attempt is not attempts[-1] and _cannot_fit(g, mesh, placed, inputs, cluster, options, zero):
+            continue
+        memory = map_placed(g, mesh, placed, inputs, cluster, options, zero)
+        plan = flat_plan(graph, g, cluster, mesh, placed, inputs, memory, options, zero)
+        if train and recompute == "full":
+            plan = apply_recomputation(plan, recompute_all_layers(plan), cluster)
+        elif train and recompute == "selective":
+            budget = options.recompute_budget or capacity
+            plan = apply_recomputation(plan, cheapest_recomputation(plan, budget), cluster)
+        peak = max(m.arena_bytes for m in plan.memory)
+        last = Realized(plan, placed.stats, peak <= capacity)
+        if last.fits:
+            break
+    if last is None:
+        raise DoesNotFitError(error or "no placement fits the device's memory")
+    if last.fits and not any(m.arena_bytes > m.lower_bound_bytes for m in last.plan.memory):
+        return last
+    if last.fits and not last.plan.recompute:  # the chosen plan's memory map, searched exactly
+        placed_plan = last.plan
+        exact = map_placed(g, mesh, _as_placed(placed_plan, last.stats), inputs, cluster, options, zero, exact=True)
+        plan = placed_plan.replace(memory=exact)
+        return Realized(plan.replace(predicted=predict_flat(plan, cluster)), last.stats, True)
+    return last
+
+
+def _as_placed(plan: ExecutionPlan, stats: ILPStats) -> Placed:
+    names = {p.key: p.name for p in plan.graph.params}
+    return Placed(
+        strategies=plan.strategies, param_placements={names[k]: s for k, s in plan.param_placements if k in names},
+        run_whole=plan.replicated_ops, time_s=plan.predicted.step_time_s, compute_s=plan.predicted.compute_s,
+        memory_bytes=0.0, stats=stats,
+    )  # fmt: skip

@@ -1,0 +1,350 @@
+"""The one planner: ``plan(graph, cluster, constraints, options)`` — what ``shardwise.compile`` and
+``shardwise plan`` run.
+
+1. **Search** every layout the constraints allow (``planner.search``: pp x dp x tp x sequence parallelism x ZeRO
+   x micro-batch x schedule x recomputation), each estimated by the price list from its layer units.
+2. **Realize** the most promising in order (``planner.flat.realize_flat`` for ``pp = 1``,
+   ``planner.pipeline.realize_pipeline`` otherwise): the real placement, the memory map of what the generated
+   program holds, and the price list's price of that plan. Layouts are taken by estimated step time (those whose
+   estimated peak is within ``ESTIMATE_MARGIN`` of the device too: the memory map decides); realizing stops after
+   ``MAX_REALIZED`` plans that fit (``HARD_MAX_REALIZED`` in all), once the next estimate is more than
+   ``REALIZE_SLACK`` slower than the best realized plan that fits, or when the planning time budget is spent
+   and one fits. A layout that differs from a realized one only by a choice its estimate says changes nothing
+   (sequence parallelism, ZeRO) is not realized again.
+3. **Choose** the fastest realized plan that fits its device; among those within ``MEMORY_TOLERANCE`` of it,
+   the one with the least memory per device. ``collectives="synthesize"`` gives each realized flat plan's
+   collectives a synthesized schedule where one is faster, before the choice. When nothing fits and host
+   offload is allowed, the fastest flat layouts are made to fit by offload (``passes.offload``, jointly with
+   recomputation).
+
+Every realized plan keeps its realized price; the alternatives list the others with their estimates, marked
+as estimated. A plan's price is therefore the same whichever view shows it (``costs.step``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from shardwise.cluster import ClusterSpec
+from shardwise.errors import DoesNotFitError, PlanError, ShardwiseError
+from shardwise.ir.graph import Graph
+from shardwise.ir.plan import Alternative, ExecutionPlan
+from shardwise.ir.tensor import TensorSpec
+from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
+from shardwise.passes.sharding.auto import ILPStats
+from shardwise.planner.constraints import Constraints, parse_constraints
+from shardwise.planner.flat import FlatAnalyses, FlatOptions, realize_flat
+from shardwise.planner.pipeline import batch_cut_problem, realize_pipeline
+from shardwise.planner.search import MEMORY_TOLERANCE, Candidate, SearchOptions, SearchResult, search
+
+__all__ = ["PlanOptions", "plan", "MAX_REALIZED", "REALIZE_SLACK", "MAX_ALTERNATIVES"]
+
+MAX_REALIZED = 3  # plans that fit, realized at most (and HARD_MAX_REALIZED plans in all)
+HARD_MAX_REALIZED = 8
+REALIZE_SLACK = 0.03
+# a layout whose estimated peak is within this factor of the device may still fit by its memory map
+ESTIMATE_MARGIN = 1.25
+PLANNING_BUDGET_S = 30.0  # after this much realizing, the first plan that fits is kept
+MAX_ALTERNATIVES = 24
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    mode: str = "inference"
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    solver: str = "cbc"
+    time_limit_s: float = 60.0
+    fusion: bool = True
+    require_fit: bool = True  # False: the fastest plan even when none fits (with a note): for sizing
+
+
+@dataclass(frozen=True)
+class _Realized:
+    candidate: Candidate
+    plan: ExecutionPlan
+    fits: bool
+
+    @property
+    def step_s(self) -> float:
+        return self.plan.predicted.step_time_s
+
+    @property
+    def peak(self) -> int:
+        return max(self.plan.predicted.memory_bytes or (0,))
+
+
+def _peak_of(plan: ExecutionPlan) -> int:
+    return max(plan.predicted.memory_bytes or (0,))
+
+
+def plan(
+    graph: Graph,
+    cluster: ClusterSpec,
+    constraints: Mapping[str, object] | Constraints | None = None,
+    options: PlanOptions | None = None,
+    *,
+    micro_graph: Callable[[int], Graph] | None = None,
+    stats_out: list[ILPStats] | None = None,
+) -> ExecutionPlan:
+    """Search, realize and choose (see the module docstring)."""
+    t0 = time.perf_counter()
+    options = options or PlanOptions()
+    pinned = constraints if isinstance(constraints, Constraints) else parse_constraints(constraints, cluster)
+    train = options.mode == "train"
+    if not train and pinned.recompute not in (None, "none", "auto"):
+        raise PlanError(f"recompute={pinned.recompute!r} applies to training: compile with mode='train'")
+    if not train and pinned.offload not in (None, "none", "auto"):
+        raise PlanError(f"offload={pinned.offload!r} applies to training: compile with mode='train'")
+    dynamic_batch = any(d.dim == 0 for i in graph.inputs for d in i.dynamic)
+    if dynamic_batch and (pinned.pp or 1) > 1:
+        raise PlanError(
+            "pipeline plans need a static batch size (micro-batches are cut from it): compile without "
+            "dynamic_shapes on the batch dimension, or with pp=1"
+        )
+    tiers = pinned.offload not in (None, "none", "auto")  # explicit host tiers: generated for flat plans
+    if tiers and (pinned.pp or 1) > 1:
+        raise PlanError(f"offload={pinned.offload!r} applies to flat plans: drop pp or use offload='auto'")
+    factor = OPTIMIZER_STATE_FACTOR.get(options.optimizer, 2)
+    sopts = SearchOptions(
+        mode=options.mode, precision=options.precision, optimizer_factor=factor, optimizer=options.optimizer,
+        fusion=options.fusion, pipelines=not dynamic_batch and not tiers,
+    )  # fmt: skip
+    # explicit tiers choose recomputation jointly with them (passes.offload): the layouts come without it
+    searched = pinned.replace(recompute="none") if tiers and pinned.recompute in (None, "auto") else pinned
+    result = search(graph, cluster, searched, sopts)
+    cut = _Cut(graph, micro_graph)
+    flat_options = FlatOptions(
+        mode=options.mode, precision=options.precision, optimizer=options.optimizer, solver=options.solver,
+        time_limit_s=options.time_limit_s, recompute_budget=pinned.recompute_budget,
+    )  # fmt: skip
+    analyses = FlatAnalyses(graph)
+    realized: list[_Realized] = []
+    failed: dict[tuple, str] = {}
+    notes: list[str] = []
+
+    def realize(cand: Candidate) -> _Realized | None:
+        try:
+            if cand.flat:
+                made = realize_flat(
+                    graph, cluster, dp=cand.dp, tp=cand.tp, sp=cand.sp, zero=cand.zero, recompute=cand.recompute,
+                    options=flat_options, analyses=analyses, stats_out=stats_out,
+                )  # fmt: skip
+                out = made.plan
+                if pinned.collectives == "synthesize":
+                    from shardwise.planner.collectives import choose_collectives
+
+                    out = choose_collectives(out, cluster)
+                return _Realized(cand, out, made.fits)
+            problem = cut.problem(cand)
+            if problem:
+                failed[cand.key()] = f"the batch cannot be cut ({problem})"
+                return None
+            out = realize_pipeline(
+                graph, cluster, cand, result, micro_graph=micro_graph, mode=options.mode,
+                precision=options.precision, optimizer=options.optimizer, fusion=options.fusion,
+            )  # fmt: skip
+            return _Realized(cand, out, _peak_of(out) <= cluster.device.memory_bytes)
+        except (DoesNotFitError, PlanError) as exc:
+            failed[cand.key()] = str(exc).splitlines()[0]
+            return None
+
+    capacity = cluster.device.memory_bytes
+    order = sorted(
+        (c for c in result.ranked if c.fits or c.peak_bytes <= capacity * ESTIMATE_MARGIN),
+        key=lambda c: (c.step_s, not c.fits),
+    ) or list(result.ranked)
+    for cand in order:
+        fitting = [r for r in realized if r.fits]
+        if len(fitting) >= MAX_REALIZED or len(realized) >= HARD_MAX_REALIZED:
+            break
+        if any(_variant(cand, r.candidate) for r in realized):
+            continue  # the same layout but for a choice the estimate says changes nothing
+        if fitting:
+            best = min(r.step_s for r in fitting)
+            if cand.step_s > best * (1 + REALIZE_SLACK) or time.perf_counter() - t0 > PLANNING_BUDGET_S:
+                break
+        got = realize(cand)
+        if got is not None:
+            realized.append(got)
+    if cut.note:
+        notes.append(cut.note)
+    if tiers:  # the user's tiers on every realized layout: the choice sees what they cost
+        realized = [_with_tiers(r, cluster, pinned) for r in realized]
+    chosen = _choose(realized)
+    if chosen is None and train and pinned.offload != "none" and not tiers:
+        chosen = _made_to_fit(realized, cluster, pinned, notes)
+    if chosen is None:
+        if not options.require_fit and realized:
+            chosen = min(realized, key=lambda r: r.step_s)
+            need = chosen.peak
+            notes.append(
+                f"does not fit: the plan needs {need / 2**30:.2f} GiB per device, {cluster.name} has "
+                f"{cluster.device.memory_bytes / 2**30:.2f} GiB"
+            )
+        else:
+            raise DoesNotFitError(_does_not_fit(result, realized, failed, cluster, pinned))
+    out = _finish(chosen, realized, result, failed, notes, time.perf_counter() - t0)
+    return out
+
+
+def _variant(a: Candidate, b: Candidate) -> bool:
+    """Whether ``a`` differs from ``b`` only by choices (sequence parallelism, ZeRO) that its estimate says
+    change nothing: same degrees, batch split, schedule and recomputation, estimates within 0.1%."""
+    same = (a.pp, a.dp, a.tp, a.microbatch, a.schedule, a.virtual, a.recompute) == (
+        b.pp, b.dp, b.tp, b.microbatch, b.schedule, b.virtual, b.recompute
+    )  # fmt: skip
+    return same and abs(a.step_s - b.step_s) <= 1e-3 * b.step_s and abs(a.peak_bytes - b.peak_bytes) <= 0.01 * b.peak_bytes
+
+
+class _Cut:
+    """Whether the batch can be cut into micro-batches and replicas (checked once per size)."""
+
+    def __init__(self, graph: Graph, micro_graph: Callable[[int], Graph] | None) -> None:
+        self.graph, self.micro_graph = graph, micro_graph
+        self._problems: dict[int, str] = {}
+        self.note = ""
+        self.traced = next(
+            (i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1
+        )
+
+    def problem(self, cand: Candidate) -> str:
+        rows = cand.microbatch
+        if rows == self.traced:
+            return ""
+        if rows not in self._problems:
+            try:
+                self._problems[rows] = batch_cut_problem(self.graph, self.micro_graph, rows)
+            except ShardwiseError as exc:
+                self._problems[rows] = str(exc).splitlines()[0]
+            if self._problems[rows] and not self.note:
+                self.note = f"pipelines run the whole batch at once: {self._problems[rows]}"
+        return self._problems[rows]
+
+
+def _choose(realized: list[_Realized]) -> _Realized | None:
+    """The fastest realized plan that fits; within MEMORY_TOLERANCE of it, the least memory per device."""
+    fitting = [r for r in realized if r.fits]
+    if not fitting:
+        return None
+    fastest = min(r.step_s for r in fitting)
+    close = [r for r in fitting if r.step_s <= fastest * (1 + MEMORY_TOLERANCE)]
+    return min(close, key=lambda r: (r.peak, r.step_s))
+
+
+def _with_tiers(r: _Realized, cluster: ClusterSpec, pinned: Constraints) -> _Realized:
+    from shardwise.planner.offload import with_offload
+
+    recompute = "auto" if pinned.recompute in (None, "auto") else "none"
+    plan = with_offload(r.plan, pinned.offload, cluster, recompute)
+    return _Realized(r.candidate, plan, _peak_of(plan) <= cluster.device.memory_bytes)
+
+
+def _made_to_fit(
+    realized: list[_Realized], cluster: ClusterSpec, pinned: Constraints, notes: list[str]
+) -> _Realized | None:
+    """The fastest realized flat plan made to fit by host offload (jointly with recomputation)."""
+    from shardwise.planner.offload import with_offload
+
+    setting = pinned.offload or "auto"
+    for r in sorted((r for r in realized if r.candidate.flat), key=lambda r: r.step_s):
+        try:
+            fitted = with_offload(r.plan, setting, cluster, "none" if pinned.recompute == "none" else "auto")
+        except (DoesNotFitError, ShardwiseError):
+            continue
+        if _peak_of(fitted) <= cluster.device.memory_bytes:
+            notes.append("made to fit by host offload: no layout fits the device as it is")
+            return _Realized(r.candidate, fitted, True)
+    return None
+
+
+def _does_not_fit(
+    result: SearchResult, realized: list[_Realized], failed: Mapping[tuple, str], cluster: ClusterSpec,
+    pinned: Constraints,
+) -> str:  # fmt: skip
+    """What the best layout needs, what it is made of, and which knob would help (never a figure below the
+    device's capacity as the reason)."""
+    capacity = cluster.device.memory_bytes
+    over = [r for r in realized if r.peak > capacity]
+    if over:
+        best = min(over, key=lambda r: r.peak)
+        need, cand = best.peak, best.candidate
+        m = best.plan.memory[0] if best.plan.memory else None
+        parts = (
+            [("weights", m.params_bytes), ("gradients", m.grads_bytes), ("optimizer state", m.optimizer_bytes),
+             ("activations and buffers", m.activation_bytes)]
+            if m is not None else list(cand.memory_parts)
+        )  # fmt: skip
+    else:
+        estimated = [c for c in result.ranked if c.peak_bytes > capacity * 0.9] or list(result.ranked)
+        cand = min(estimated, key=lambda c: c.peak_bytes)
+        need, parts = max(cand.peak_bytes, int(capacity * 0.9) + 1), list(cand.memory_parts)
+    made_of = ", ".join(f"{name} {b / 2**30:.2f} GiB" for name, b in parts if b)
+    knobs = []
+    if pinned.recompute in ("none",):
+        knobs.append("allow recomputation (recompute='auto')")
+    if pinned.zero is not None and pinned.zero < 3:
+        knobs.append("a higher ZeRO stage (zero=3 shards the parameters over data parallelism)")
+    if any(v is not None for v in (pinned.pp, pinned.tp, pinned.dp)):
+        knobs.append("unpin the parallel degrees (more pipeline or tensor parallelism divides the parameters)")
+    if pinned.offload == "none":
+        knobs.append("allow host offload (offload='auto')")
+    knobs.append("more devices, devices with more memory, or a lower precision")
+    failures = "; ".join(dict.fromkeys(failed.values()))
+    return (
+        f"the model does not fit {cluster.name}: the best layout ({cand.describe()}) needs {need / 2**30:.2f} GiB "
+        f"per device ({made_of}) and a device has {capacity / 2**30:.2f} GiB. Try: {'; '.join(knobs)}"
+        + (f". (Also tried: {failures})" if failures else "")
+    )
+
+
+def _alternative(cand: Candidate, step: float, peak: int, fits: bool, chosen: bool, note: str) -> Alternative:
+    return Alternative(degrees=cand.degrees, step_time_s=step, memory_bytes=peak, fits=fits, chosen=chosen, note=note)
+
+
+def _finish(
+    chosen: _Realized, realized: list[_Realized], result: SearchResult, failed: Mapping[tuple, str],
+    notes: list[str], planning_s: float,
+) -> ExecutionPlan:  # fmt: skip
+    best_s = chosen.step_s
+    rows: list[Alternative] = []
+    seen: set[tuple] = set()
+    for r in sorted(realized, key=lambda r: (not r.fits, r.step_s)):
+        seen.add(r.candidate.key())
+        if r is chosen:
+            why = "chosen: fastest plan that fits" + (
+                " (least memory of those within 1% of it)" if r.candidate.key() != min(
+                    (x for x in realized if x.fits), key=lambda x: x.step_s).candidate.key() else ""
+            )  # fmt: skip
+            rows.append(_alternative(r.candidate, r.step_s, r.peak, True, True, f"{why} ({r.candidate.describe()})"))
+        else:
+            what = (f"{r.step_s / best_s:.2f}x the chosen plan's step time" if r.fits
+                    else "does not fit in device memory")  # fmt: skip
+            rows.append(_alternative(r.candidate, r.step_s, r.peak, r.fits, False,
+                                     f"{what}, realized ({r.candidate.describe()})"))  # fmt: skip
+    for c in result.ranked:
+        if len(rows) >= MAX_ALTERNATIVES:
+            break
+        if c.key() in seen:
+            continue
+        seen.add(c.key())
+        reason = failed.get(c.key())
+        if reason:
+            note = f"could not be built: {reason} ({c.describe()})"
+        elif c.fits:
+            note = f"{c.step_s / best_s:.2f}x the chosen plan's step time, estimated ({c.describe()})"
+        else:
+            note = f"does not fit in device memory, estimated ({c.describe()})"
+        rows.append(_alternative(c, c.step_s, c.peak_bytes, c.fits and not reason, False, note))
+    plan = chosen.plan
+    search_note = (
+        f"search: {result.evaluated} layouts estimated, {len(realized)} realized and priced, "
+        f"{result.placements} unit placements, {planning_s:.2f} s"
+    )
+    return plan.replace(
+        alternatives=tuple(rows), notes=(*plan.notes, *notes, search_note),
+        passes=tuple(dict.fromkeys((*plan.passes, "planner.search"))),
+    )
+
