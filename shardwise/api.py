@@ -28,7 +28,6 @@ from shardwise.frontend.trace import model_tensors, trace
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
-from shardwise.passes.fusion import fuse_plan
 from shardwise.planner.plan import PlanOptions
 from shardwise.planner.plan import plan as plan_model
 from shardwise.runtime import WorkerPool
@@ -410,9 +409,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         time_limit_s=time_limit_s, fusion=fusion,
     )  # fmt: skip
     micro = functools.partial(_micro_graph, model, inputs, example_kwargs, loss_fn if mode == "train" else None)
-    plan = plan_model(graph, spec, pinned, options, micro_graph=micro)
-    if fusion and plan.pipeline is None:
-        plan = fuse_plan(plan)
+    plan = plan_model(graph, spec, pinned, options, micro_graph=micro)  # fused and priced by the planner
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)
 
 

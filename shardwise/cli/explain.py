@@ -148,6 +148,7 @@ def _placements(plan: ExecutionPlan) -> tuple[dict[str, Any], dict[str, Any]]:
 def _candidates(
     plan: ExecutionPlan, node: Any, placement: dict[str, Any], specs: dict[str, Any], cost: Any, pricing: Any
 ) -> list[Candidate]:
+    from shardwise.costs.step import recomputed_ops
     from shardwise.ir.placement import Shard
     from shardwise.ir.registry import op_dims, tensor_operands
     from shardwise.ir.tensor import TensorSpec
@@ -155,6 +156,7 @@ def _candidates(
 
     mesh = plan.mesh
     train = plan.mode == "train"
+    recomputed = recomputed_ops(plan)
     operands = [n for n in tensor_operands(node) if n in specs]
     ins = [specs[n] for n in operands]
     outs = [o for o in node.outputs if isinstance(o, TensorSpec)]
@@ -189,7 +191,7 @@ def _candidates(
             for r in s.redistributes
             if r.collective not in FREE_COLLECTIVES
         ]
-        time = pricing.price(node, s).step_s if pricing is not None else 0.0
+        time = pricing.price(node, s, recomputed=node.name in recomputed).step_s if pricing is not None else 0.0
         mine = {a: lab for a, lab in s.split if mesh.axis_size(a) > 1}
         out.append(
             Candidate(

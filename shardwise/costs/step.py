@@ -51,6 +51,7 @@ from shardwise.ir.tensor import TensorSpec
 __all__ = [
     "BUCKET_BYTES", "BACKWARD_OF", "Event", "StepPrice", "OpPrice", "price_flat", "op_ways", "grad_values",
     "node_prices", "op_prices", "fused_forward", "fused_backward", "PricingContext", "plan_pricing",
+    "recomputed_ops",
     "Action", "ScheduleDeadlock", "SimResult", "simulate", "analytic_step", "mfu", "predict_flat", "StageTail",
     "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times", "accumulate_s", "pipeline_end_s",
 ]  # fmt: skip
@@ -265,6 +266,12 @@ def _has_spec(graph: Graph, name: str) -> bool:
 def _bucketed_params(plan: ExecutionPlan) -> set[str]:
     keys = {k for k, _ in plan.param_grad_reduce}
     return {p.name for p in plan.graph.params if p.key in keys}
+
+
+def recomputed_ops(plan: ExecutionPlan) -> set[str]:
+    """The ops a plan runs again in the backward: its recompute ranges, or every op of a pipeline chunk whose
+    pipeline recomputes whole chunks."""
+    return _recomputed(plan.graph, plan.recompute)
 
 
 def _recomputed(graph: Graph, ranges: Iterable[tuple[str, str]]) -> set[str]:
@@ -557,8 +564,10 @@ def _optimizer_s(plan: ExecutionPlan, prices: PriceList) -> float:
 
 
 def _zero_gather_s(plan: ExecutionPlan, prices: PriceList) -> float:
+    """ZeRO 1 and 2: the updated parameters all-gathered after the step (ZeRO 3 keeps them sharded: its
+    gathers are the plan's redistributions before each use)."""
     dp = plan.mesh.axis_size("dp")
-    if plan.zero_stage < 1 or dp < 2:
+    if plan.zero_stage not in (1, 2) or dp < 2:
         return 0.0
     local = _param_local_elements(plan)
     nbytes = 4.0 * sum(local[p.name] for p in _trainable(plan))

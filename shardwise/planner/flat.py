@@ -11,7 +11,8 @@ recomputation, and the price.
 3. recomputation: ``full`` recomputes every layer, ``selective`` the cheapest layers that bring the peak within
    the device (or the user's byte budget) (``passes.remat``);
 4. when the fastest placement does not fit, the ILP places the mesh again under its memory budget;
-5. the plan is priced by the price list (``costs.step.predict_flat``).
+5. fusion (``passes.fusion``) groups each rank's elementwise chains into kernels;
+6. the plan is priced by the price list (``costs.step.predict_flat``).
 
 Guarantees: the returned plan's ``predicted`` is ``costs.step.predict_flat`` of the plan, and its
 ``memory`` the memory map of what the generated program holds.
@@ -70,6 +71,7 @@ class FlatOptions:
     solver: str = "cbc"
     time_limit_s: float = 60.0
     recompute_budget: int | None = None  # bytes per rank for recompute="selective" (default: the device)
+    fusion: bool = True  # fuse each rank's elementwise chains and epilogues (passes.fusion), priced as such
 
 
 def input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, ShardingSpec]:
@@ -134,6 +136,18 @@ def flat_plan(
     """The ExecutionPlan of a placed flat layout, priced (``source``: the graph as traced, fingerprinted)."""
     train = options.mode == "train"
     keys = {p.name: p.key for p in graph.params}
+    stats = placed.stats
+    notes = [
+        f"placement ILP: {stats.classes} classes from {stats.nodes} ops "
+        f"({stats.repeated_blocks or 'no repeated blocks'}); {stats.variables} variables, {stats.constraints} "
+        f"constraints (unshrunk: {stats.variables_before}, {stats.constraints_before}); {stats.status} in "
+        f"{stats.solve_s:.2f} s"
+    ]
+    if mesh.size < cluster.world_size:
+        notes.append(f"runs on {mesh.size} of the {cluster.world_size} devices")
+    if zero:
+        notes.append(f"ZeRO stage {zero}: optimizer state sharded over dp={mesh.axis_size('dp')}"
+                     + (", gradients too" if zero >= 2 else "") + (", parameters too" if zero >= 3 else ""))  # fmt: skip
     plan = ExecutionPlan(
         **plan_identity(source, cluster, options.mode, options.precision, mesh),
         degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1)),
@@ -144,7 +158,7 @@ def flat_plan(
         param_grad_reduce=tuple(sorted(param_grad_reduce(graph, placed.strategies).items())) if train else (),
         predicted=Prediction(0.0, 0.0, 0.0, 0.0, ()), memory=memory, replicated_ops=placed.run_whole,
         passes=("trace", "sharding.rewrite", "sharding.ilp", "memory.map", "planner.search"),
-        optimizer=options.optimizer, zero_stage=zero,
+        optimizer=options.optimizer, zero_stage=zero, notes=tuple(notes),
     )  # fmt: skip
     return plan.replace(predicted=predict_flat(plan, cluster))
 
@@ -207,14 +221,16 @@ def realize_flat(
             break
     if last is None:
         raise DoesNotFitError(error or "no placement fits the device's memory")
-    if last.fits and not any(m.arena_bytes > m.lower_bound_bytes for m in last.plan.memory):
-        return last
-    if last.fits and not last.plan.recompute:  # the chosen plan's memory map, searched exactly
-        placed_plan = last.plan
-        exact = map_placed(g, mesh, _as_placed(placed_plan, last.stats), inputs, cluster, options, zero, exact=True)
-        plan = placed_plan.replace(memory=exact)
-        return Realized(plan.replace(predicted=predict_flat(plan, cluster)), last.stats, True)
-    return last
+    plan = last.plan
+    if last.fits and not plan.recompute and any(m.arena_bytes > m.lower_bound_bytes for m in plan.memory):
+        # the memory map searched exactly (the greedy arena decided what fits)
+        exact = map_placed(g, mesh, _as_placed(plan, last.stats), inputs, cluster, options, zero, exact=True)
+        plan = plan.replace(memory=exact)
+    if options.fusion:
+        from shardwise.passes.fusion import fuse_plan
+
+        plan = fuse_plan(plan)
+    return Realized(plan.replace(predicted=predict_flat(plan, cluster)), last.stats, last.fits)
 
 
 def _as_placed(plan: ExecutionPlan, stats: ILPStats) -> Placed:

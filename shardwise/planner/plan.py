@@ -5,8 +5,9 @@
    x micro-batch x schedule x recomputation), each estimated by the price list from its layer units.
 2. **Realize** the most promising in order (``planner.flat.realize_flat`` for ``pp = 1``,
    ``planner.pipeline.realize_pipeline`` otherwise): the real placement, the memory map of what the generated
-   program holds, and the price list's price of that plan. Layouts are taken by estimated step time (those whose
-   estimated peak is within ``ESTIMATE_MARGIN`` of the device too: the memory map decides); realizing stops after
+   program holds, and the price list's price of that plan. Layouts are taken by estimated step time, first those
+   estimated to fit, then (when none of those fits by its memory map) those estimated within ``ESTIMATE_MARGIN``
+   of the device; realizing stops after
    ``MAX_REALIZED`` plans that fit (``HARD_MAX_REALIZED`` in all), once the next estimate is more than
    ``REALIZE_SLACK`` slower than the best realized plan that fits, or when the planning time budget is spent
    and one fits. A layout that differs from a realized one only by a choice its estimate says changes nothing
@@ -118,7 +119,7 @@ def plan(
     cut = _Cut(graph, micro_graph)
     flat_options = FlatOptions(
         mode=options.mode, precision=options.precision, optimizer=options.optimizer, solver=options.solver,
-        time_limit_s=options.time_limit_s, recompute_budget=pinned.recompute_budget,
+        time_limit_s=options.time_limit_s, recompute_budget=pinned.recompute_budget, fusion=options.fusion,
     )  # fmt: skip
     analyses = FlatAnalyses(graph)
     realized: list[_Realized] = []
@@ -152,13 +153,18 @@ def plan(
             return None
 
     capacity = cluster.device.memory_bytes
-    order = sorted(
-        (c for c in result.ranked if c.fits or c.peak_bytes <= capacity * ESTIMATE_MARGIN),
-        key=lambda c: (c.step_s, not c.fits),
-    ) or list(result.ranked)
+    # first the layouts estimated to fit, fastest first; then, if none of those fits by its memory map, those
+    # estimated within the margin of the device
+    fit_first = sorted((c for c in result.ranked if c.fits), key=lambda c: c.step_s)
+    margin = sorted(
+        (c for c in result.ranked if not c.fits and c.peak_bytes <= capacity * ESTIMATE_MARGIN), key=lambda c: c.step_s
+    )  # fmt: skip
+    order = [*fit_first, *margin] or list(result.ranked)
     for cand in order:
         fitting = [r for r in realized if r.fits]
         if len(fitting) >= MAX_REALIZED or len(realized) >= HARD_MAX_REALIZED:
+            break
+        if fitting and not cand.fits:
             break
         if any(_variant(cand, r.candidate) for r in realized):
             continue  # the same layout but for a choice the estimate says changes nothing

@@ -153,7 +153,7 @@ def test_model_from_a_file_and_fingerprint_check(tmp_path: Path) -> None:
         (("show", "missing.json"), 2, "not found"),
         (("plan", "nosuchmodel"), 2, "unknown model"),
         (("plan", "mlp:tiny", "-c", "cpu:banana"), 2, "cpu"),
-        (("plan", "mlp:tiny", "-C", "dp"), 2, "AXIS=N"),
+        (("plan", "mlp:tiny", "-C", "dp"), 2, "KEY=VALUE"),
         (("plan", "nofile.py:make"), 2, "not found"),
         (("plan", "mlp:tiny", "--mode", "sideways"), 2, "sideways"),
         (("plan",), 2, "Missing argument"),
