@@ -364,23 +364,27 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
+    Planning is one search (``shardwise.planner.plan``) over pipeline, data and tensor parallelism, sequence
+    parallelism, ZeRO stages 0-3, micro-batching and schedule, recomputation and host offload, every layout
+    priced by the price list (``shardwise.costs``); the fastest plan that fits the devices wins (of those within
+    1% of it, the one with the least memory per device). ``plan.alternatives`` lists the others and
+    ``shardwise explain`` says why.
+
     ``mode="train"`` needs ``loss_fn(output) -> scalar``; ``optimizer`` is a factory from parameters to a
-    torch.optim.Optimizer (AdamW by default). ``constraints`` pins parallel degrees ({"dp": 2}).
-    ``dynamic_shapes`` follows torch.export's convention. ``workers`` runs the program on an existing
-    WorkerPool (its processes take the new program without restarting) instead of starting new ones.
-    ``fusion`` groups each rank's elementwise chains and normalization/softmax epilogues into fused kernels
-    (Triton on CUDA, the same ops eagerly on CPU); ``fusion=False`` runs one statement per op.
-    ``constraints`` may also hold ``sp=1`` (no sequence parallelism) and ``zero`` (ZeRO stage 0, 1 or 3).
+    torch.optim.Optimizer (AdamW by default). ``constraints`` pins any choice of the search, with the same names
+    as the CLI's ``-C``: ``pp``, ``dp``, ``tp``, ``sp`` (1: off), ``zero`` (0-3), ``microbatches`` or
+    ``microbatch_size``, ``schedule`` ("1f1b", "gpipe", "interleaved"), ``virtual``, ``recompute``,
+    ``offload``, ``collectives`` (see ``shardwise.planner.constraints``). ``recompute`` ("auto" by default:
+    searched; "none", "selective": the fewest layers that make the plan fit, "full"/"all": every layer, or a
+    number of bytes per rank that selective recomputation must bring the peak within), ``offload`` ("auto" by
+    default: host memory for optimizer state and/or activations only when nothing fits otherwise; "none";
+    "optimizer", "activations", "optimizer+activations": always, flat plans) and ``collectives`` ("library", or
+    "synthesize": a topology-aware schedule for each collective of a flat plan where one is predicted faster)
+    may be given as keywords too. ``dynamic_shapes`` follows torch.export's convention. ``workers`` runs the
+    program on an existing WorkerPool (its processes take the new program without restarting) instead of
+    starting new ones. ``fusion`` groups each rank's elementwise chains and normalization/softmax epilogues into
+    fused kernels (Triton on CUDA, the same ops eagerly on CPU); ``fusion=False`` runs one statement per op.
     ``solver`` ("cbc" or "cpsat") solves the placement ILP within ``time_limit_s`` seconds per mesh.
-    ``recompute`` (training, flat plans): ``"all"`` recomputes every layer in the backward, a number of
-    bytes the cheapest layers whose recomputation brings each rank's predicted peak within it, ``"auto"``
-    recomputes only when no plan fits otherwise (before trying pipelines); see docs/memory.md.
-    ``collectives="synthesize"`` gives each collective of a flat plan a topology-aware schedule where one is
-    predicted faster than the library's (the plan records each algorithm and the program runs the schedule
-    with point-to-point messages); pipeline plans keep the library's collectives.
-    ``offload`` (training, flat plans): ``"auto"`` keeps optimizer state and/or layers' activations in host
-    memory when the plan does not fit the device, chosen jointly with recomputation by predicted cost;
-    ``"optimizer"``, ``"activations"`` or ``"optimizer+activations"`` always; see docs/memory.md.
     """
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")

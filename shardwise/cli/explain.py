@@ -146,8 +146,11 @@ def _placements(plan: ExecutionPlan) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _candidates(
-    plan: ExecutionPlan, node: Any, placement: dict[str, Any], specs: dict[str, Any], cost: Any, pricing: Any
+    plan: ExecutionPlan, node: Any, placement: dict[str, Any], specs: dict[str, Any], cost: Any, pricing: Any,
+    own: Any = None,
 ) -> list[Candidate]:
+    """The op's candidate splits, priced; ``own`` is the op's price in the plan (the chosen candidate shows it:
+    its share of a fused kernel, its recomputation)."""
     from shardwise.costs.step import recomputed_ops
     from shardwise.ir.placement import Shard
     from shardwise.ir.registry import op_dims, tensor_operands
@@ -191,8 +194,11 @@ def _candidates(
             for r in s.redistributes
             if r.collective not in FREE_COLLECTIVES
         ]
-        time = pricing.price(node, s, recomputed=node.name in recomputed).step_s if pricing is not None else 0.0
         mine = {a: lab for a, lab in s.split if mesh.axis_size(a) > 1}
+        if own is not None and mine == chosen_split:
+            time = own.step_s
+        else:
+            time = pricing.price(node, s, recomputed=node.name in recomputed).step_s if pricing is not None else 0.0
         out.append(
             Candidate(
                 split=describe_split(s.split),
@@ -214,7 +220,7 @@ def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[li
     """Explanations for the ops matching ``name`` (at most MAX_OPS), and a note on what was left out."""
     from shardwise.cli.summary import chunk_plans
     from shardwise.costs.prices import mesh_prices, price_list
-    from shardwise.costs.step import plan_pricing
+    from shardwise.costs.step import node_prices, plan_pricing
 
     chunks = chunk_plans(plan)
     if chunks:  # a pipelined plan: the op lives in one chunk's intra-op plan
@@ -239,6 +245,7 @@ def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[li
     placement, specs = _placements(plan)
     cost = mesh_prices(cluster, plan.mesh, plan.precision) if cluster is not None else None
     pricing = plan_pricing(plan, price_list(cluster, plan.precision)) if cluster is not None else None
+    own = node_prices(plan, price_list(cluster, plan.precision)) if cluster is not None else {}
     mesh = plan.mesh
     run_whole = set(getattr(plan, "replicated_ops", ()) or ())
     out = []
@@ -246,7 +253,7 @@ def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[li
         node = plan.graph.node(n)
         s = plan.strategy(n)
         try:
-            cands = _candidates(plan, node, placement, specs, cost, pricing)
+            cands = _candidates(plan, node, placement, specs, cost, pricing, own.get(n))
             cand_note = (
                 "" if cost is not None else "the plan's cluster could not be read: candidate times are 0"
             )

@@ -183,11 +183,23 @@ def plan_pricing(plan: ExecutionPlan, prices: PriceList) -> PricingContext:
 
 
 def node_prices(plan: ExecutionPlan, prices: PriceList) -> dict[str, OpPrice]:
-    """Every op's prices on one rank of a flat plan (see the module docstring, steps 1 and 2)."""
-    return op_prices(
+    """Every op's prices on one rank of a flat plan (see the module docstring, steps 1 and 2). On a device that
+    runs a fused group as one kernel, the group's forward (and recomputation) is shared among its ops in
+    proportion to what each would cost alone, so the ops' prices add up to the step."""
+    ops = op_prices(
         plan.graph, plan.mesh, plan.strategies, prices, train=plan.mode == "train",
         bucketed=_bucketed_params(plan), recomputed=_recomputed(plan.graph, plan.recompute),
     )  # fmt: skip
+    fused = fused_forward(plan.graph, plan.mesh, plan.strategies, plan.fused_groups, prices)
+    for group in plan.fused_groups if fused else ():
+        kernel = fused[group.nodes[0]]
+        alone = sum(ops[n].forward_s for n in group.nodes)
+        for n in group.nodes:
+            p = ops[n]
+            share = kernel * (p.forward_s / alone if alone else 1 / len(group.nodes))
+            again = share + p.comm_forward_s if p.recompute_s else 0.0  # a recomputed group: its kernel again
+            ops[n] = dataclasses.replace(p, forward_s=share, recompute_s=again)
+    return ops
 
 
 def op_prices(
@@ -292,15 +304,13 @@ def price_flat(plan: ExecutionPlan, prices: PriceList, *, fused_backward: bool =
     ops = node_prices(plan, prices)
     label = {n.name: n.module_path or n.name for n in graph.nodes}
     events: list[Event] = []
-    fused_fwd = _fused_forward(plan, prices, ops)
     fused_bwd = _fused_backward(plan, prices) if fused_backward and train else {}
     for node in graph.nodes:
         p = ops[node.name]
         if p.comm_forward_s:
             events.append(Event("forward", "comm", label[node.name], node.name, p.comm_forward_s))
-        fwd = fused_fwd.get(node.name, p.forward_s)
-        if fwd:
-            events.append(Event("forward", "compute", label[node.name], node.name, fwd))
+        if p.forward_s:
+            events.append(Event("forward", "compute", label[node.name], node.name, p.forward_s))
     gather = _output_comm_s(plan, prices)
     if gather:
         events.append(Event("forward", "comm", "outputs (made whole on every rank)", "<output>", gather))
@@ -312,9 +322,7 @@ def price_flat(plan: ExecutionPlan, prices: PriceList, *, fused_backward: bool =
     params = {p.name for p in graph.params}
     for node in reversed(graph.nodes):
         p = ops[node.name]
-        rec = p.recompute_s
-        if rec and node.name in fused_fwd:  # a recomputed fused group runs its kernel once more
-            rec = fused_fwd[node.name] + p.comm_forward_s
+        rec = p.recompute_s  # (a recomputed fused group runs its kernel once more: node_prices shares it)
         bwd = fused_bwd.get(node.name, p.backward_s)
         for phase, kind, seconds in (("recompute", "compute", rec), ("backward", "compute", bwd),
                                      ("backward", "comm", p.comm_backward_s)):  # fmt: skip

@@ -16,7 +16,9 @@ placed on a ``1 x tp`` mesh by the intra-op planner (``stages.place``), fused th
 - **sized** by the memory map's own step program (``passes.memory.program.step_buffers`` on the placed
   unit): its parameter elements, the bytes it keeps from its forward to its backward (``saved_bytes``: every
   activation, mask, cast and collective buffer live across the step's forward/backward boundary, its output
-  included) and the most it holds beyond those while it runs (``working_bytes``), scaled the same way.
+  included) and the most it holds beyond those while it runs (``working_bytes``), scaled the same way except
+  what does not grow with the rows: the 2-byte copies autocast makes of the weights a matmul reads (one per
+  micro-batch's forward, kept for its backward).
 
 Times are seconds on one device of the group for one micro-batch.
 """
@@ -89,8 +91,9 @@ class _Placed:
     trainable_elems: int
     tensors: int
     grad_reduce_bytes: int
-    saved_bytes: float  # at the traced batch
+    saved_bytes: float  # at the traced batch, of buffers that grow with the rows
     working_bytes: float
+    saved_fixed: float = 0.0  # kept per micro-batch whatever its rows (autocast's weight copies)
     input_bytes: float
     output_bytes: float
     flops: float
@@ -182,7 +185,7 @@ class UnitProfiler:
             forward_s=fwd, backward_s=bwd if self.train else 0.0, comm_forward_s=cf,
             comm_backward_s=cb if self.train else 0.0, param_elems=p.param_elems,
             trainable_elems=p.trainable_elems, grad_reduce_bytes=p.grad_reduce_bytes,
-            activation_bytes=int(p.saved_bytes * s), input_bytes=int(p.input_bytes * s),
+            activation_bytes=int(p.saved_bytes * s + p.saved_fixed), input_bytes=int(p.input_bytes * s),
             output_bytes=int(p.output_bytes * s), flops=p.flops * s, working_bytes=int(p.working_bytes * s),
             recompute_s=rec, tensors=p.tensors,
         )  # fmt: skip
@@ -235,14 +238,14 @@ class UnitProfiler:
             groups = tuple(self.kernels(placed))
         else:
             groups = self._fused_groups(placed) if self.fusion else ()
-        saved, working = self._memory(placed) if self.train else (0.0, self._inference_working(placed))
+        saved, working, fixed = self._memory(placed) if self.train else (0.0, self._inference_working(placed), 0.0)
         inputs = sum(nbytes(i.spec) for i in g.inputs if isinstance(i.spec, TensorSpec) and i.name in specs)
         if sp:
             inputs /= tp
         outputs = sum(nbytes(specs[v]) for v in g.output_names if v in specs)
         return _Placed(
             chunk=placed, groups=groups, copies=copies, bucketed=bucketed, param_elems=param_elems,
-            trainable_elems=trainable, tensors=tensors, grad_reduce_bytes=grad_reduce, saved_bytes=saved,
+            trainable_elems=trainable, tensors=tensors, grad_reduce_bytes=grad_reduce, saved_bytes=saved, saved_fixed=fixed,
             working_bytes=working, input_bytes=inputs, output_bytes=outputs, flops=ways_flops,
         )  # fmt: skip
 
@@ -267,13 +270,15 @@ class UnitProfiler:
             optimizer_factor=self.optimizer_state, grad_reduce=param_grad_reduce(placed.graph, placed.strategies),
         )  # fmt: skip
 
-    def _memory(self, placed: PlacedChunk) -> tuple[float, float]:
+    def _memory(self, placed: PlacedChunk) -> tuple[float, float, float]:
         """(bytes kept from the forward to the backward, the most held beyond them) of one micro-batch at the
         traced batch, from the memory map's buffers of the unit's training step."""
         buffers = self._buffers(placed, True)
         boundary = len(placed.graph.nodes)  # the step of the outputs: the forward/backward boundary
-        kept = sum(b.size for b in buffers if buffer_kind(b.id) in _KEPT and b.start <= boundary < b.end)
-        return float(kept), float(max(_profile(buffers) - kept, 0))
+        spans = [b for b in buffers if buffer_kind(b.id) in _KEPT and b.start <= boundary < b.end]
+        kept = sum(b.size for b in spans if buffer_kind(b.id) != "cast")
+        fixed = sum(b.size for b in spans if buffer_kind(b.id) == "cast")
+        return float(kept), float(max(_profile(buffers) - kept - fixed, 0)), float(fixed)
 
     def _inference_working(self, placed: PlacedChunk) -> float:
         return float(_profile(self._buffers(placed, False)))
