@@ -93,10 +93,10 @@ class _Placed:
     grad_reduce_bytes: int
     saved_bytes: float  # at the traced batch, of buffers that grow with the rows
     working_bytes: float
-    saved_fixed: float = 0.0  # kept per micro-batch whatever its rows (autocast's weight copies)
     input_bytes: float
     output_bytes: float
     flops: float
+    saved_fixed: float = 0.0  # kept per micro-batch whatever its rows (autocast's weight copies)
 
 
 class UnitProfiler:
