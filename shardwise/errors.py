@@ -12,6 +12,7 @@ __all__ = [
     "UnsupportedOpError",
     "TraceError",
     "PlanError",
+    "ConstraintError",
     "PlanFileError",
     "DoesNotFitError",
     "ShapeMismatchError",
@@ -48,6 +49,12 @@ class TraceError(UserInputError):
 
 class PlanError(ShardwiseError):
     """No valid plan could be made (for example: the constraints contradict the cluster)."""
+
+
+class ConstraintError(PlanError, UserInputError):
+    """A constraint names an unknown choice, a value outside what is allowed, or more devices than the cluster."""
+
+    exit_code = 2
 
 
 class PlanFileError(UserInputError):

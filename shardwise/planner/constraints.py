@@ -17,7 +17,7 @@ into a :class:`Constraints`; anything not pinned is searched. Keys:
   predicted faster);
 * ``ep`` (expert parallelism) and ``cp`` (context parallelism) are known names whose only value today is 1.
 
-Errors name the key, the value and what is allowed (``PlanError``).
+Errors name the key, the value and what is allowed (``ConstraintError``, a ``PlanError`` and a ``UserInputError``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from shardwise.cluster import ClusterSpec
-from shardwise.errors import PlanError, UserInputError
+from shardwise.errors import ConstraintError, UserInputError
 from shardwise.ir.pipeline import SCHEDULES
 
 __all__ = [
@@ -88,13 +88,13 @@ def from_cli(items: list[str] | None) -> dict[str, object]:
 
 def _int(key: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PlanError(f"constraint {key}={value!r}: must be an integer >= {minimum}")
+        raise ConstraintError(f"constraint {key}={value!r}: must be an integer >= {minimum}")
     return value
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise PlanError(f"constraint {key}={value!r}: choose one of {', '.join(allowed)}")
+        raise ConstraintError(f"constraint {key}={value!r}: choose one of {', '.join(allowed)}")
     return value
 
 
@@ -103,13 +103,13 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
     values: dict[str, object] = {}
     for key, value in (raw or {}).items():
         if key not in CONSTRAINT_KEYS:
-            raise PlanError(f"unknown constraint {key!r}: allowed are {', '.join(CONSTRAINT_KEYS)}")
+            raise ConstraintError(f"unknown constraint {key!r}: allowed are {', '.join(CONSTRAINT_KEYS)}")
         if key in _INTS:
             values[key] = _int(key, value, 1)
         elif key == "zero":
             values[key] = _int(key, value, 0)
             if value not in (0, 1, 2, 3):
-                raise PlanError(f"constraint zero={value!r}: ZeRO stages are 0, 1 (optimizer state), 2 (and "
+                raise ConstraintError(f"constraint zero={value!r}: ZeRO stages are 0, 1 (optimizer state), 2 (and "
                                 "gradients), 3 (and parameters: FSDP)")  # fmt: skip
         elif key == "sp":
             values[key] = _int(key, value, 0)
@@ -128,29 +128,29 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
             values[key] = _choice(key, value, COLLECTIVE_MODES)
     for key, meaning in (("ep", "expert parallelism"), ("cp", "context parallelism")):
         if values.pop(key, 1) != 1:
-            raise PlanError(
+            raise ConstraintError(
                 f"constraint {key}={(raw or {})[key]}: {meaning} is not in the search yet: use {key}=1 (plans "
                 "split experts and sequences over the tensor-parallel axis today)"
             )
     sp = values.pop("sp", None)
     tp = values.get("tp")
     if sp is not None and sp not in (0, 1) and tp is not None and sp != tp:
-        raise PlanError(
+        raise ConstraintError(
             f"constraint sp={sp}: sequence parallelism runs on the tensor-parallel axis, so sp is 1 (off) or equal "
             f"to tp ({tp})"
         )
     if sp is not None:
         values["sp"] = sp not in (0, 1)
     if values.get("microbatches") is not None and values.get("microbatch_size") is not None:
-        raise PlanError("constraints microbatches and microbatch_size: pin one of them (the other follows)")
+        raise ConstraintError("constraints microbatches and microbatch_size: pin one of them (the other follows)")
     world = cluster.world_size
     product = 1
     for key in ("pp", "dp", "tp"):
         product *= int(values.get(key, 1))  # type: ignore[call-overload]
         if int(values.get(key, 1)) > world:  # type: ignore[call-overload]
-            raise PlanError(f"constraint {key}={values[key]} needs more devices than {cluster.name} has ({world})")
+            raise ConstraintError(f"constraint {key}={values[key]} needs more devices than {cluster.name} has ({world})")
     if product > world:
-        raise PlanError(
+        raise ConstraintError(
             f"constraints pp={values.get('pp', 1)} x dp={values.get('dp', 1)} x tp={values.get('tp', 1)} need "
             f"{product} devices; {cluster.name} has {world}"
         )

@@ -153,8 +153,9 @@ def plan(
             return None
 
     capacity = cluster.device.memory_bytes
-    # first the layouts estimated to fit, fastest first; then, if none of those fits by its memory map, those
-    # estimated within the margin of the device
+    # first the layouts estimated to fit, fastest first; then those estimated within the margin of the device:
+    # all of them if none of the first fits by its memory map, else those estimated faster than the best that does
+    # (the estimate is conservative: its map may say it fits)
     fit_first = sorted((c for c in result.ranked if c.fits), key=lambda c: c.step_s)
     margin = sorted(
         (c for c in result.ranked if not c.fits and c.peak_bytes <= capacity * ESTIMATE_MARGIN), key=lambda c: c.step_s
@@ -164,14 +165,14 @@ def plan(
         fitting = [r for r in realized if r.fits]
         if len(fitting) >= MAX_REALIZED or len(realized) >= HARD_MAX_REALIZED:
             break
-        if fitting and not cand.fits:
-            break
         if any(_variant(cand, r.candidate) for r in realized):
             continue  # the same layout but for a choice the estimate says changes nothing
         if fitting:
             best = min(r.step_s for r in fitting)
-            if cand.step_s > best * (1 + REALIZE_SLACK) or time.perf_counter() - t0 > PLANNING_BUDGET_S:
+            if time.perf_counter() - t0 > PLANNING_BUDGET_S:
                 break
+            if cand.step_s > best * (1 + REALIZE_SLACK) or (not cand.fits and cand.step_s >= best):
+                continue
         got = realize(cand)
         if got is not None:
             realized.append(got)

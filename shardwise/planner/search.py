@@ -334,8 +334,9 @@ class _Memory:
                 again = max(again, t.act[i])
             else:
                 kept += t.act[i]
-        if self.cfg.recompute == "full" and any(i in recomputed for i in range(a, z)):
-            again = _Tables.range(t.p_act, a, z)  # the whole chunk runs again in its backward
+        if self.cfg.recompute == "full" and self.cfg.pp > 1 and any(i in recomputed for i in range(a, z)):
+            # a pipeline's chunk runs again whole in its backward; a flat plan recomputes layer by layer
+            again = _Tables.range(t.p_act, a, z)
         return kept, again + max(t.working[a:z])
 
     def devices(self, bounds: list[tuple[int, int]], recomputed: frozenset[int]) -> list[float]:

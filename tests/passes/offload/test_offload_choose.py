@@ -185,5 +185,7 @@ def test_compile_offloads_on_a_shrunk_cluster_and_checks_settings(model, plan, c
     assert not fixed.recompute
     with pytest.raises(UserInputError, match="offload="):
         shardwise.compile(m, "cpu:2", offload="sometimes", **common)
-    with pytest.raises(UserInputError, match="recompute='auto'"):
-        shardwise.compile(m, "cpu:2", offload="auto", recompute="all", **common)
+    # recomputation pinned, offload searched (issue 15: one search, both "auto" by default): every layer is
+    # recomputed and nothing goes to the host where the plan fits without it
+    both = shardwise.compile(m, "cpu:2", offload="auto", recompute="all", **common).plan
+    assert both.recompute and not both.tiers

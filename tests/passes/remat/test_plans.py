@@ -99,14 +99,17 @@ def test_compile_recomputes_when_asked_or_when_nothing_else_fits():
     from shardwise.cluster import get_cluster
 
     model, inputs = build_model("gpt2", device="meta", **SHAPE)  # planning only
-    common = dict(example_inputs=inputs, mode="train", loss_fn=_loss, constraints={"dp": 2})
+    # ZeRO pinned: with it in the search, a deeper stage is another way to fit (the premise is one layout's need)
+    common = dict(example_inputs=inputs, mode="train", loss_fn=_loss, constraints={"dp": 2, "zero": 1})
     every = shardwise.compile(model, "cpu:2", recompute="all", **common).plan
     assert len(every.recompute) == 4 and "remat" in every.passes
     spec = get_cluster("cpu:2")
     need = max(every.predicted.memory_bytes)
     small = dataclasses.replace(spec, device=dataclasses.replace(spec.device, memory_bytes=need + 2**20))
     fitted = shardwise.compile(model, small, recompute="auto", **common).plan
-    assert 0 < len(fitted.recompute) < 4 and max(fitted.predicted.memory_bytes) <= small.device.memory_bytes
+    assert fitted.recompute and max(fitted.predicted.memory_bytes) <= small.device.memory_bytes
+    # less than every layer again (selective recomputation picks parts of layers: compare the work, by price)
+    assert fitted.predicted.step_time_s < every.predicted.step_time_s
     with pytest.raises(shardwise.errors.UserInputError, match="recompute="):
         shardwise.compile(model, "cpu:2", recompute="half", **common)
 
