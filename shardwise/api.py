@@ -20,6 +20,7 @@ from shardwise.cluster.machine import calibration_note
 from shardwise.codegen.package import write_package
 from shardwise.errors import (
     DeviceUnavailableError,
+    DoesNotFitError,
     RuntimeFault,
     ShapeMismatchError,
     UserInputError,
@@ -413,8 +414,31 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         time_limit_s=time_limit_s, fusion=fusion,
     )  # fmt: skip
     micro = functools.partial(_micro_graph, model, inputs, example_kwargs, loss_fn if mode == "train" else None)
-    plan = plan_model(graph, spec, pinned, options, micro_graph=micro)  # fused and priced by the planner
+    try:
+        plan = plan_model(graph, spec, pinned, options, micro_graph=micro)  # fused and priced by the planner
+    except DoesNotFitError as exc:
+        raise DoesNotFitError(f"{exc}. {_where_it_fits(graph, mode, precision, optimizer, solver)}") from None
     return CompiledModel(plan, model=model, out_spec=out_spec, cluster=spec, optimizer=optimizer, workers=workers)
+
+
+def _where_it_fits(graph: Graph, mode: str, precision: str, optimizer: Any, solver: str) -> str:
+    """A sentence naming the smallest preset cluster the model fits on (flat plans, no constraints)."""
+    from shardwise.fit import FAMILIES, NODES, smallest_fitting_preset
+    from shardwise.planner.auto import plan_auto
+
+    def plan(g: Graph, spec: ClusterSpec) -> ExecutionPlan:
+        return plan_auto(g, spec, mode=mode, precision=precision, optimizer=_describe_optimizer(optimizer),
+                         solver=solver)  # fmt: skip
+
+    fit = smallest_fitting_preset(graph, mode, plan)
+    if fit is None:
+        return f"No preset cluster up to {FAMILIES[1]}x{NODES[-1]} fits it either: describe a bigger cluster in YAML"
+    degrees = ", ".join(f"{k}={v}" for k, v in fit.plan.degrees.items() if v > 1) or "one device"
+    peak = max(fit.plan.predicted.memory_bytes or (0,)) / 2**30
+    return (
+        f"The smallest preset cluster it fits on is {fit.cluster!r} ({fit.world_size} devices with "
+        f"{fit.device_memory_bytes / 2**30:.0f} GiB each; {degrees}, {peak:.2f} GiB per device): compile for it"
+    )
 
 
 def _settings(

@@ -301,8 +301,9 @@ def _does_not_fit(
     knobs.append("more devices, devices with more memory, or a lower precision")
     failures = "; ".join(dict.fromkeys(failed.values()))
     return (
-        f"the model does not fit {cluster.name}: the best layout ({cand.describe()}) needs {need / 2**30:.2f} GiB "
-        f"per device ({made_of}) and a device has {capacity / 2**30:.2f} GiB. Try: {'; '.join(knobs)}"
+        f"the model does not fit {cluster.name}: every layout needs at least {need / 2**30:.2f} GiB per device, and "
+        f"a device has {capacity / 2**30:.2f} GiB; the leanest ({cand.describe()}) holds {made_of}. "
+        f"Try: {'; '.join(knobs)}"
         + (f". (Also tried: {failures})" if failures else "")
     )
 
