@@ -24,6 +24,7 @@ as estimated. A plan's price is therefore the same whichever view shows it (``co
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def plan(
     # explicit tiers choose recomputation jointly with them (passes.offload): the layouts come without it
     searched = pinned.replace(recompute="none") if tiers and pinned.recompute in (None, "auto") else pinned
     result = search(graph, cluster, searched, sopts)
+    if micro_graph is not None:  # one trace per micro-batch size (the cut check and the realizations share it)
+        micro_graph = functools.lru_cache(maxsize=None)(micro_graph)
     cut = _Cut(graph, micro_graph)
     flat_options = FlatOptions(
         mode=options.mode, precision=options.precision, optimizer=options.optimizer, solver=options.solver,
