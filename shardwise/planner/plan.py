@@ -33,9 +33,9 @@ from shardwise.cluster import ClusterSpec
 from shardwise.errors import DoesNotFitError, PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import Alternative, ExecutionPlan
-from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
 from shardwise.passes.sharding.auto import ILPStats
+from shardwise.passes.stages.profile import traced_batch
 from shardwise.planner.constraints import Constraints, parse_constraints
 from shardwise.planner.flat import FlatAnalyses, FlatOptions, realize_flat
 from shardwise.planner.pipeline import batch_cut_problem, realize_pipeline
@@ -216,9 +216,7 @@ class _Cut:
         self.graph, self.micro_graph = graph, micro_graph
         self._problems: dict[int, str] = {}
         self.note = ""
-        self.traced = next(
-            (i.spec.shape[0] for i in graph.inputs if isinstance(i.spec, TensorSpec) and i.spec.rank), 1
-        )
+        self.traced = traced_batch(graph)
 
     def problem(self, cand: Candidate) -> str:
         rows = cand.microbatch
@@ -311,6 +309,11 @@ def _does_not_fit(
     )
 
 
+def _times(seconds: float, best: float) -> str:
+    """``seconds`` as a multiple of ``best`` (a plan of views alone is priced at 0 s)."""
+    return f"{seconds / best:.2f}x" if best > 0 else ("as fast as" if seconds <= 0 else f"{seconds:.3g} s against 0 s,")
+
+
 def _alternative(cand: Candidate, step: float, peak: int, fits: bool, chosen: bool, note: str) -> Alternative:
     return Alternative(degrees=cand.degrees, step_time_s=step, memory_bytes=peak, fits=fits, chosen=chosen, note=note)
 
@@ -331,7 +334,7 @@ def _finish(
             )  # fmt: skip
             rows.append(_alternative(r.candidate, r.step_s, r.peak, True, True, f"{why} ({r.candidate.describe()})"))
         else:
-            what = (f"{r.step_s / best_s:.2f}x the chosen plan's step time" if r.fits
+            what = (f"{_times(r.step_s, best_s)} the chosen plan's step time" if r.fits
                     else "does not fit in device memory")  # fmt: skip
             rows.append(_alternative(r.candidate, r.step_s, r.peak, r.fits, False,
                                      f"{what}, realized ({r.candidate.describe()})"))  # fmt: skip
@@ -345,7 +348,7 @@ def _finish(
         if reason:
             note = f"could not be built: {reason} ({c.describe()})"
         elif c.fits:
-            note = f"{c.step_s / best_s:.2f}x the chosen plan's step time, estimated ({c.describe()})"
+            note = f"{_times(c.step_s, best_s)} the chosen plan's step time, estimated ({c.describe()})"
         else:
             note = f"does not fit in device memory, estimated ({c.describe()})"
         rows.append(_alternative(c, c.step_s, c.peak_bytes, c.fits and not reason, False, note))

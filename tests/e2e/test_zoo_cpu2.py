@@ -46,7 +46,7 @@ def test_pool_takes_a_new_plan_without_restarting(pool):
     model, inputs = build_model("mlp")
     with shardwise.compile(model, "cpu:2", example_inputs=inputs, constraints={"dp": 2}, workers=pool) as cm:
         cm.run(*inputs)
-    one = {"dp": 1, "tp": 1}  # pin both: an unpinned degree is left to the search
+    one = {"dp": 1, "tp": 1, "pp": 1}  # pin them all: an unpinned degree is left to the search
     with shardwise.compile(model, "cpu:2", example_inputs=inputs, constraints=one, workers=pool) as cm1:
         assert cm1.plan.world_size == 1
         with pytest.raises(shardwise.errors.UserInputError, match="1"):

@@ -52,10 +52,11 @@ _KEPT = frozenset(("act", "mask", "coll", "cast"))
 
 
 def traced_batch(graph: Graph) -> int:
-    """The batch size the graph was traced with: dim 0 of its first tensor input (1 if none)."""
+    """The batch size the graph was traced with: dim 0 of its first tensor input (1 if none, or if it is empty:
+    an empty batch is not cut into parts)."""
     for i in graph.inputs:
         if isinstance(i.spec, TensorSpec) and i.spec.rank > 0:
-            return i.spec.shape[0]
+            return i.spec.shape[0] or 1
     return 1
 
 
