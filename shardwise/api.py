@@ -19,6 +19,7 @@ from shardwise.cluster import ClusterSpec, get_cluster
 from shardwise.cluster.machine import calibration_note
 from shardwise.codegen.package import write_package
 from shardwise.errors import (
+    CheckpointError,
     DeviceUnavailableError,
     DoesNotFitError,
     RuntimeFault,
@@ -137,6 +138,7 @@ class CompiledModel:
         pieces, a manifest holds their checksums; written atomically (a temporary directory, then a rename)."""
         from shardwise.runtime import checkpoint
 
+        self._check_optimizer_state_readable("save_checkpoint")
         meta = {"model_name": self.plan.model_name, "model_fingerprint": self.plan.model_fingerprint,
                 "cluster_name": self.plan.cluster_name, "degrees": self.plan.degrees, "mode": self.plan.mode}  # fmt: skip
         return checkpoint.save(self._ensure_pool(), directory, meta)
@@ -146,6 +148,8 @@ class CompiledModel:
         None loads the optimizer state when both sides have one, True requires it, False skips it."""
         from shardwise.runtime import checkpoint
 
+        if optimizer is not False:
+            self._check_optimizer_state_readable("load_checkpoint (optimizer=False loads the weights alone)")
         checkpoint.load(self._ensure_pool(restart=True), directory, self.checkpoint_layout(), optimizer=optimizer)
 
     def optimizer_state_dict(self) -> dict[str, Any] | None:
@@ -153,7 +157,21 @@ class CompiledModel:
         from every rank; None when the program has no optimizer."""
         from shardwise.runtime import checkpoint
 
+        self._check_optimizer_state_readable("optimizer_state_dict")
         return checkpoint.gather(self._ensure_pool())["optimizer"]
+
+    def _check_optimizer_state_readable(self, what: str) -> None:
+        """ZeRO stages 1 and 2 keep the optimizer state as slices of flat gradient buckets
+        (``runtime.lib.optim.ShardedOptimizer``), which checkpoints do not map to parameters yet: refuse rather
+        than save or return a state without them."""
+        plan = self.plan
+        stage = plan.pipeline.zero if plan.pipeline is not None else plan.zero_stage
+        if plan.mode == "train" and stage in (1, 2) and plan.degrees.get("dp", 1) > 1:
+            raise CheckpointError(
+                f"{what}: this plan shards the optimizer state by ZeRO stage {stage} (slices of flat gradient "
+                "buckets), which checkpoints cannot read yet, so it would be lost. Compile with "
+                "constraints={'zero': 0} (or 3) to checkpoint the optimizer state"
+            )
 
     def checkpoint_layout(self) -> Any:
         """Where each piece of each tensor lives under this plan (a ``checkpoint.ProgramLayout``)."""
