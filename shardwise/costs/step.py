@@ -212,8 +212,9 @@ def op_prices(
     and their collectives scale; parameters do not) — how the pipeline search prices a micro-batch."""
     by_node = {s.node: s for s in strategies}
     context = PricingContext(graph, mesh, prices, train=train, bucketed=bucketed, scale=scale)
+    shared: set[tuple] = set()  # the program's shared collectives: the first reader in graph order pays
     return {
-        node.name: context.price(node, by_node.get(node.name), recomputed=node.name in recomputed)
+        node.name: context.price(node, by_node.get(node.name), recomputed=node.name in recomputed, shared=shared)
         for node in graph.nodes
     }
 
@@ -234,8 +235,14 @@ class PricingContext:
         self.grad = grad_values(graph) if train else set()
         self.width = traced_scale(graph, prices.precision)
 
-    def price(self, node: Node, s: NodeStrategy | None, recomputed: bool = False) -> OpPrice:
-        """``node`` run by strategy ``s`` (its split, its operands' redistributions, its partial gradients)."""
+    def price(
+        self, node: Node, s: NodeStrategy | None, recomputed: bool = False, shared: set[tuple] | None = None
+    ) -> OpPrice:
+        """``node`` run by strategy ``s`` (its split, its operands' redistributions, its partial gradients).
+        ``shared``: the collectives earlier ops of the step already ran (updated): ops reading one value the
+        same way share its redistribution (and its backward) and the all-reduce of its partial gradient, as
+        the generated program does (``codegen.emit``: one collective per value, placement and gradient
+        axes), so only the first reader pays them."""
         prices, mesh, scale, graph = self.prices, self.mesh, self.scale, self.graph
         work = prices.work(node, op_ways(s, mesh), self.param_bytes, self.width)
         if scale != 1.0:
@@ -259,12 +266,40 @@ class PricingContext:
                 local = _local_bytes(spec, want, mesh, self.width) if isinstance(spec, TensorSpec) else 0.0
                 if v not in self.param_bytes:
                     local *= scale
-                f, b = _operand_comm(prices, mesh, steps, reduce.get(j, ()), local, v in self.grad and needs,
+                grads = tuple(reduce.get(j, ()))
+                if shared is not None:
+                    steps, grads = _unshared(shared, v, want, steps, grads, v in self.bucketed)
+                f, b = _operand_comm(prices, mesh, steps, grads, local, v in self.grad and needs,
                                      v in self.bucketed)  # fmt: skip
                 comm_f += f
                 comm_b += b
         rec = recompute_s(prices.compute, work) + comm_f if recomputed else 0.0
         return OpPrice(fwd, bwd, comm_f, comm_b, rec)
+
+
+def _unshared(
+    shared: set[tuple], value: str, target: ShardingSpec | None, steps: list, grad_axes: tuple[str, ...],
+    bucketed: bool,
+) -> tuple[list, tuple[str, ...]]:  # fmt: skip
+    """What one operand read still costs once the collectives in ``shared`` ran (and records its own): its
+    redistribution steps (with the gradient axes their all-gather reduce-scatters) unless a reader of the same
+    value in the same placement ran them, its partial gradient's all-reduce unless one was run for the same
+    value, placement and axes (the keys ``codegen.emit`` shares collectives by)."""
+    fused = tuple(r.axis for r in steps if r.collective == "allgather" and r.axis in grad_axes)
+    remaining = tuple(a for a in grad_axes if a not in fused)
+    forward_key = ("steps", value, target, fused)
+    if steps:
+        if forward_key in shared:
+            steps, fused = [], ()
+        else:
+            shared.add(forward_key)
+    grad_key = ("grad", value, target, fused, remaining)
+    if remaining and not bucketed:
+        if grad_key in shared:
+            remaining = ()
+        else:
+            shared.add(grad_key)
+    return steps, fused + remaining
 
 
 def _has_spec(graph: Graph, name: str) -> bool:
