@@ -141,7 +141,8 @@ def flat_plan(
         f"placement ILP: {stats.classes} classes from {stats.nodes} ops "
         f"({stats.repeated_blocks or 'no repeated blocks'}); {stats.variables} variables, {stats.constraints} "
         f"constraints (unshrunk: {stats.variables_before}, {stats.constraints_before}); {stats.status} in "
-        f"{stats.solve_s:.2f} s"
+        f"{stats.solve_s:.2f} s; objective {stats.objective_s * 1e3:.3f} ms per step (the ILP's price of this "
+        "placement; the prediction prices the final plan)"
     ]
     if mesh.size < cluster.world_size:
         notes.append(f"runs on {mesh.size} of the {cluster.world_size} devices")
@@ -187,8 +188,8 @@ def realize_flat(
     capacity = cluster.device.memory_bytes
     free = PlaceOptions(
         train=train, precision=options.precision, sequence_parallel=sp, zero=zero,
-        optimizer_factor=optimizer_state(options.optimizer), memory_budget_bytes=None, solver=options.solver,
-        time_limit_s=options.time_limit_s,
+        optimizer_factor=optimizer_state(options.optimizer), optimizer=options.optimizer, memory_budget_bytes=None,
+        solver=options.solver, time_limit_s=options.time_limit_s,
     )  # fmt: skip
     # the fastest placement first: the memory map decides whether it fits (the ILP's own estimate sums saved
     # activations without lifetimes); only if it does not (and recomputation is not asked to make it fit),

@@ -6,11 +6,20 @@
 - on the ``tp`` axis every op may run whole, split any valid label of its annotation, or pass a partial sum
   through; every parameter may be replicated or split on any dimension that divides (with ZeRO-3 also on
   the ``dp`` axis);
-- costs, all from the price list (``shardwise.costs``): each op's forward on its share of the work and, in
-  training, its backward; the time of every redistribution (forward and its backward conjugate), the
-  all-reduce of partial gradients (an all-gather whose gradient is partial becomes a reduce-scatter in the
-  backward), and per-device memory (parameters, gradients and optimizer state by placement, per element as
-  ``costs.memory.element_bytes`` says; saved activations in training);
+- costs, all from the price list (``shardwise.costs``), so that the objective of a placement is the price
+  list's step price of the plan it makes (``costs.step.price_flat``): each op's forward on its share of the
+  work and, in training, its backward; the time of every redistribution (forward and its backward
+  conjugate), the all-reduce of partial gradients (an all-gather whose gradient is partial becomes a
+  reduce-scatter in the backward); in training, the parameters' side of the step (``tail.StepTail``): the
+  optimizer step per local element of each parameter, the gradient accumulation per tensor, and the
+  bucketed reduction of the gradients read as stored (bandwidth and the bucket's copies per parameter, the
+  bucket's latency once per bucket as an ILP charge); and per-device memory (parameters, gradients and
+  optimizer state by placement, per element as ``costs.memory.element_bytes`` says; saved activations in
+  training). Deliberately approximate: the optimizer and copy prices are linear in the elements (their
+  secant over the replicated model), bucket boundaries are spread as a latency share per byte plus one
+  whole latency per bucket group, and the whole bucketed reduction is charged (``price_flat`` hides what
+  outlasts no backward, ``efficiency.comm_overlap``; on a small model the last bucket is ready at the
+  backward's end, so nothing is hidden);
 - the ILP (``ilp.solve``) over the classes of the shrunk problem (``shrink``) picks one candidate per class.
 
 Requires: a verified graph; ``inputs`` one placement per tensor graph input. Guarantees: one NodeStrategy
@@ -43,10 +52,19 @@ from shardwise.passes.sharding.candidates import (
     tensor_specs,
     token_dims,
 )
-from shardwise.passes.sharding.ilp import TIME_TOLERANCE, ClassVar, Consumer, Problem, SharedValue, solve
+from shardwise.passes.sharding.ilp import (
+    TIME_TOLERANCE,
+    Charge,
+    ClassVar,
+    Consumer,
+    Problem,
+    SharedValue,
+    solve,
+)
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
 from shardwise.passes.sharding.shrink import Structure, build_structure
 from shardwise.passes.sharding.strategy import scalar_strategy
+from shardwise.passes.sharding.tail import StepTail, local_elements
 
 __all__ = ["PlaceOptions", "ILPStats", "Placed", "Analysis", "place", "OUTPUT_NODE", "BACKWARD_OF"]
 
@@ -76,6 +94,7 @@ class PlaceOptions:
     sequence_parallel: bool = True  # may the tp axis split dimensions that come from the inputs (tokens)?
     zero: int = 0  # 0: none; 1: optimizer state sharded over dp; 3: parameters may be sharded over dp too
     optimizer_factor: int = 2  # optimizer state values per parameter element (AdamW: 2, SGD+momentum: 1)
+    optimizer: str = "adamw"  # whose step the objective prices (PriceList.optimizer_step_s)
     memory_budget_bytes: float | None = None
     solver: str = "cbc"
     time_limit_s: float = 60.0
@@ -100,6 +119,7 @@ class ILPStats:
     status: str
     repeated_blocks: tuple[tuple[str, int], ...]
     mesh: tuple[int, ...] = ()
+    objective_s: float = 0.0  # the ILP's step time of the placement it chose (Placed.time_s)
 
 
 @dataclass(frozen=True)
@@ -107,7 +127,9 @@ class Placed:
     strategies: tuple[NodeStrategy, ...]
     param_placements: dict[str, ShardingSpec]  # parameter value name -> placement
     run_whole: tuple[str, ...]
-    time_s: float  # the ILP objective: compute + communication per step (forward and backward in training)
+    # the ILP objective: the step's compute and communication (forward and backward in training, and the
+    # parameters' gradient reduction and optimizer step: tail.StepTail), as costs.step.price_flat prices the plan
+    time_s: float
     compute_s: float
     memory_bytes: float  # the ILP's memory estimate per device
     stats: ILPStats
@@ -117,10 +139,11 @@ class Placed:
 class _Costs:
     """Cached cost functions of one (mesh, cluster, precision, mode)."""
 
-    def __init__(self, cost: MeshPrices, mesh: DeviceMesh, opts: PlaceOptions) -> None:
+    def __init__(self, cost: MeshPrices, mesh: DeviceMesh, opts: PlaceOptions, tail: StepTail) -> None:
         self.cost = cost
         self.mesh = mesh
         self.opts = opts
+        self.tail = tail
         self.low = opts.precision in ("bf16", "fp16")
         self._edge: dict[Hashable, tuple[float, Hashable]] = {}
 
@@ -152,7 +175,8 @@ class _Costs:
     ) -> tuple[float, Hashable]:
         """(seconds, sharing key) of turning ``src`` into ``dst`` for one consumer, forward and backward,
         plus the all-reduce of the consumer's partial gradient. A parameter read as stored has its gradient
-        reduced after backward in large buckets: its all-reduce pays bandwidth, not latency."""
+        reduced after backward in large buckets (``tail.StepTail.bucketed_s``: bandwidth and copies; the bucket's
+        latency is the ILP's charge)."""
         key = (spec, src, dst, grad_axes if grad else (), grad, param, sink)
         hit = self._edge.get(key)
         if hit is not None:
@@ -181,10 +205,13 @@ class _Costs:
                 if back:
                     t += self.cost.collective_s(back, s.nbytes, s.axis)
             local = self.local_bytes(spec, dst)
-            for axis in remaining:
-                t += self.cost.collective_s("allreduce", local, axis)
-                if param and not steps:
-                    t -= self.cost.collective_s("allreduce", 1, axis)  # bucketed: no latency of its own
+            if param and not steps:
+                axes = tuple(a for a in remaining if self.mesh.axis_size(a) > 1)
+                if axes:
+                    t += self.tail.bucketed_s(local_elements(spec, dst, self.mesh), axes)
+            else:
+                for axis in remaining:
+                    t += self.cost.collective_s("allreduce", local, axis)
         # the sharing key must not depend on the source (one per value in the final plan)
         out = (t, (dst, tuple(grad_axes) if grad else ()))
         self._edge[key] = out
@@ -298,7 +325,6 @@ def place(
     opts = opts or PlaceOptions()
     t0 = time.perf_counter()
     analysis = analysis if analysis is not None and analysis.graph is graph else Analysis(graph)
-    costs = _Costs(cost, mesh, opts)
     specs, infos, operands = analysis.specs, analysis.infos, analysis.operands
     structure = analysis.structure(opts.shrink)
     dp_size = mesh.axis_size(opts.dp_axis)
@@ -307,6 +333,10 @@ def place(
     # other input-derived dimensions (sequence parallelism) only when allowed
     tokens = analysis.tokens(opts.sequence_parallel)
     grad = analysis.requires_grad() if opts.train else set()
+    # the parameters the optimizer steps (as costs.step counts them: trainable floating-point parameters)
+    trainable = {p.name for p in graph.params if p.name in grad and p.kind == "parameter"}
+    tail = StepTail(cost, mesh, opts, [p.spec for p in graph.params if p.name in trainable])
+    costs = _Costs(cost, mesh, opts, tail)
     pmem = _param_memory(graph, opts, mesh)
     params = {p.name: p for p in graph.params}
     free = [a for a in mesh.axis_names if a != opts.dp_axis and mesh.axis_size(a) > 1]
@@ -380,12 +410,15 @@ def place(
                             local //= size
                     m += local * pmem[member]
                     state += local * pmem[member]
+                    if member in trainable:
+                        t += tail.optimizer_s(local_elements(spec, ch.outputs[0], mesh))
             cost_row.append(t * count)
             mem_row.append(m * count)
             state_row.append(state * count)
         problem.classes.append(ClassVar(root, cost_row, mem_row, state_row))
     sink = len(problem.classes)
     problem.classes.append(ClassVar(_SINK, [0.0], [0.0]))
+    problem.constant_time = tail.constant_s if trainable else 0.0
 
     # --- edges: every read of a value, grouped into value classes -----------------------------------------
     position: dict[str, tuple[str, int]] = {}  # unit -> (class root, position in its group)
@@ -424,6 +457,9 @@ def place(
         ch = group_choices[cls][b][pos]
         return ch.inputs[slot], ch.grad_axes[slot]
 
+    # a bucket of gradients over some axes costs its latency once: charged when any reader of a trainable
+    # parameter leaves a partial gradient over exactly those axes
+    buckets: dict[tuple[str, ...], set[tuple[int, int]]] = {}
     for (pcls, ppos, k, rs), count in value_classes.items():
         spec, needs_grad, is_param = value_spec[(pcls, ppos, k, rs)]
         p = class_ids[pcls]
@@ -434,6 +470,11 @@ def place(
             q = sink if cls == _SINK else class_ids[cls]
             nq = len(problem.classes[q].cost)
             consumers.append((q, [consumer_requirement(cls, pos, slot, b) for b in range(nq)]))
+            if is_param and needs_grad and structure.members[pcls][ppos] in trainable:
+                for b, (_t, ax) in enumerate(consumers[-1][1]):
+                    axes = tuple(a for a in ax if mesh.axis_size(a) > 1)
+                    if axes:
+                        buckets.setdefault(axes, set()).add((q, b))
         if len(consumers) == 1:
             q, reqs = consumers[0]
             matrix = [
@@ -454,6 +495,8 @@ def place(
                 targets[b] = costs.edge(spec, srcs[0], t, ax, needs_grad, is_param, to_sink)[1]
             shared.consumers.append(Consumer(q, targets))
         problem.shared.append(shared)
+    for axes, triggers in sorted(buckets.items()):
+        problem.charges.append(Charge(tail.bucket_latency_s(axes), sorted(triggers)))
     problem.memory_budget = opts.memory_budget_bytes
 
     # --- statistics of the unshrunk formulation ----------------------------------------------------------
@@ -496,6 +539,7 @@ def place(
         classes=len(problem.classes) - 1, variables_before=vars_before, constraints_before=cons_before,
         variables=solution.variables, constraints=solution.constraints, build_s=build_s, solve_s=solution.solve_s,
         status=solution.status, repeated_blocks=structure.layers.blocks, mesh=tuple(mesh.shape),
+        objective_s=solution.objective_s,
     )  # fmt: skip
     return Placed(
         strategies,

@@ -10,6 +10,9 @@ candidates ``a``:
 - a value read by several consumers is redistributed once per target: ``y[v,a,t] >= sum_{b: t_j(b) = t}
   e[P,Q_j,a,b]`` for every consumer ``j``, cost ``sum c[a,t] y[v,a,t]`` (codegen shares the collective).
 
+- a fixed charge (``Charge``) is paid once when any of its trigger candidates is chosen: ``z >= x[c,a]`` for
+  each trigger, cost ``cost z`` (the latency of a gradient bucket, paid once whichever parameters fill it).
+
 Edges within one class are linear (``e[a,b] = x[a]`` if ``a == b``) and so are edges to a class with one
 candidate. Solvers: PuLP + CBC (default) or OR-Tools CP-SAT, both single-threaded (deterministic) with a
 time limit; the best solution found when the limit hits is used, and the status says so.
@@ -33,7 +36,9 @@ from dataclasses import dataclass, field
 
 from shardwise.errors import DoesNotFitError, SolverError
 
-__all__ = ["ClassVar", "Consumer", "SharedValue", "Problem", "Solution", "solve", "SOLVERS", "TIME_TOLERANCE"]
+__all__ = [
+    "ClassVar", "Consumer", "SharedValue", "Charge", "Problem", "Solution", "solve", "SOLVERS", "TIME_TOLERANCE",
+]  # fmt: skip
 
 SOLVERS = ("cbc", "cpsat")
 #: placements predicted within this fraction of the fastest are compared by memory (see the module docstring)
@@ -67,10 +72,19 @@ class SharedValue:
 
 
 @dataclass
+class Charge:
+    """Seconds paid once if any ``(class, candidate)`` of ``triggers`` is chosen."""
+
+    cost: float
+    triggers: list[tuple[int, int]]
+
+
+@dataclass
 class Problem:
     classes: list[ClassVar]
     pair_cost: dict[tuple[int, int], list[list[float]]] = field(default_factory=dict)  # (P, Q) -> r[a][b]
     shared: list[SharedValue] = field(default_factory=list)
+    charges: list[Charge] = field(default_factory=list)
     memory_budget: float | None = None
     constant_time: float = 0.0
     constant_memory: float = 0.0
@@ -153,8 +167,20 @@ def solve(
 
 
 def _fixed_cost(problem: Problem) -> float:
-    """The time of the classes with one candidate (no variable carries it)."""
-    return sum(c.cost[0] for c in problem.classes if len(c.cost) == 1)
+    """The time of the classes with one candidate and of the charges they trigger (no variable carries it)."""
+    return sum(c.cost[0] for c in problem.classes if len(c.cost) == 1) + sum(
+        ch.cost for ch in problem.charges if _charged_anyway(problem, ch)
+    )
+
+
+def _charged_anyway(problem: Problem, charge: Charge) -> bool:
+    """Whether a class with one candidate triggers ``charge`` (whatever the solver chooses)."""
+    return any(len(problem.classes[c].cost) == 1 and a == 0 for c, a in charge.triggers)
+
+
+def _charge_triggers(problem: Problem, charge: Charge) -> list[tuple[int, int]]:
+    """The triggers of a charge that depend on a choice (classes with several candidates)."""
+    return [(c, a) for c, a in charge.triggers if len(problem.classes[c].cost) > 1]
 
 
 def _state(problem: Problem, choice: Sequence[int]) -> float:
@@ -173,6 +199,9 @@ def _evaluate(
         a = choice[sv.producer]
         keys = {c.target[choice[c.cls]] for c in sv.consumers} - {None}
         t += sum(sv.cost.get((a, k), 0.0) for k in keys)
+    for ch in problem.charges:
+        if any(choice[c] == a for c, a in ch.triggers):
+            t += ch.cost
     return Solution(tuple(choice), t, mem, status, solve_s, nvars, ncons)
 
 
@@ -258,6 +287,16 @@ def _solve_cbc(problem: Problem, time_limit_s: float, threads: int, time_cap: fl
                 lp += y >= pulp.lpSum(coef * var for coef, var in terms) + c0
                 ncons += 1
             objective.append((cost, y))
+    for k, ch in enumerate(problem.charges):
+        triggers = _charge_triggers(problem, ch)
+        if not ch.cost or _charged_anyway(problem, ch) or not triggers:
+            continue
+        z = _var(lp, f"z_{k}", 0, 1)
+        nvars += 1
+        for c, a in triggers:
+            lp += z >= x[c][a]
+            ncons += 1
+        objective.append((ch.cost, z))
     # in microseconds: CBC's absolute tolerances would swallow differences of a few seconds' millionths; the
     # classes with one candidate add their fixed cost (it matters when the time is capped)
     const += _fixed_cost(problem)
@@ -360,6 +399,16 @@ def _solve_cpsat(problem: Problem, time_limit_s: float, threads: int, time_cap: 
                 model.Add(y >= sum(var for _, var in terms) + int(c0))
                 ncons += 1
             objective.append((icost, y))
+    for k, ch in enumerate(problem.charges):
+        triggers = _charge_triggers(problem, ch)
+        if not round(ch.cost * scale) or _charged_anyway(problem, ch) or not triggers:
+            continue
+        z = model.NewBoolVar(f"z_{k}")
+        nvars += 1
+        for c, a in triggers:
+            model.AddImplication(x[c][a], z)
+            ncons += 1
+        objective.append((round(ch.cost * scale), z))
     fixed = problem.constant_memory
     terms = []
     for ci, c in enumerate(problem.classes):
