@@ -508,6 +508,13 @@ def _group_works(
         yield group, works, max(moved, 0.0)
 
 
+def _sharded_over(placement: ShardingSpec | None, mesh: DeviceMesh, axis: str) -> bool:
+    """Whether ``placement`` splits its tensor over mesh ``axis``."""
+    if placement is None or axis not in mesh.axis_names:
+        return False
+    return isinstance(placement.placements[mesh.axis_names.index(axis)], Shard)
+
+
 def _param_local_elements(plan: ExecutionPlan) -> dict[str, int]:
     placements = dict(plan.param_placements)
     out = {}
@@ -598,10 +605,14 @@ def _optimizer_s(plan: ExecutionPlan, prices: PriceList) -> float:
         return 0.0  # the host steps it (offload_s)
     local = _param_local_elements(plan)
     trainable = _trainable(plan)
-    elements = float(sum(local[p.name] for p in trainable))
     dp = plan.mesh.axis_size("dp")
-    if plan.zero_stage >= 1 and dp > 1:
-        elements /= dp
+    placements = dict(plan.param_placements)
+    elements = 0.0
+    for p in trainable:
+        # ZeRO: a parameter kept whole over dp has its state sharded over dp; ZeRO 3's dp-sharded parameters
+        # are already this rank's piece (its local elements)
+        whole_over_dp = not _sharded_over(placements.get(p.key), plan.mesh, "dp")
+        elements += local[p.name] / (dp if plan.zero_stage >= 1 and dp > 1 and whole_over_dp else 1)
     foreach = prices.cluster.efficiency.overhead_hidden  # PyTorch steps tensors with foreach kernels on GPUs
     return prices.optimizer_step_s(elements, len(trainable), plan.optimizer or "adamw", foreach=foreach)
 

@@ -191,8 +191,8 @@ def plan(
             chosen = min(realized, key=lambda r: r.step_s)
             need = chosen.peak
             notes.append(
-                f"does not fit: the plan needs {need / 2**30:.2f} GiB per device, {cluster.name} has "
-                f"{cluster.device.memory_bytes / 2**30:.2f} GiB"
+                f"does not fit: the plan needs {_size(need)} per device, {cluster.name} has "
+                f"{_size(cluster.device.memory_bytes)}"
             )
         else:
             raise DoesNotFitError(_does_not_fit(result, realized, failed, cluster, pinned))
@@ -289,7 +289,7 @@ def _does_not_fit(
         estimated = [c for c in result.ranked if c.peak_bytes > capacity * 0.9] or list(result.ranked)
         cand = min(estimated, key=lambda c: c.peak_bytes)
         need, parts = max(cand.peak_bytes, int(capacity * 0.9) + 1), list(cand.memory_parts)
-    made_of = ", ".join(f"{name} {b / 2**30:.2f} GiB" for name, b in parts if b)
+    made_of = ", ".join(f"{name} {_size(b)}" for name, b in parts if b)
     knobs = []
     if pinned.recompute in ("none",):
         knobs.append("allow recomputation (recompute='auto')")
@@ -302,11 +302,16 @@ def _does_not_fit(
     knobs.append("more devices, devices with more memory, or a lower precision")
     failures = "; ".join(dict.fromkeys(failed.values()))
     return (
-        f"the model does not fit {cluster.name}: every layout needs at least {need / 2**30:.2f} GiB per device, and "
-        f"a device has {capacity / 2**30:.2f} GiB; the leanest ({cand.describe()}) holds {made_of}. "
+        f"the model does not fit {cluster.name}: every layout needs at least {_size(need)} per device, and "
+        f"a device has {_size(capacity)}; the leanest ({cand.describe()}) holds {made_of}. "
         f"Try: {'; '.join(knobs)}"
         + (f". (Also tried: {failures})" if failures else "")
     )
+
+
+def _size(nbytes: float) -> str:
+    """Bytes in GiB, or MiB below a tenth of a GiB (so small figures stay readable)."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 / 10 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _times(seconds: float, best: float) -> str:

@@ -411,7 +411,10 @@ def place(
                     m += local * pmem[member]
                     state += local * pmem[member]
                     if member in trainable:
-                        t += tail.optimizer_s(local_elements(spec, ch.outputs[0], mesh))
+                        dp_split = opts.dp_axis in mesh.axis_names and isinstance(
+                            ch.outputs[0].placements[mesh.axis_names.index(opts.dp_axis)], Shard
+                        )
+                        t += tail.optimizer_s(local_elements(spec, ch.outputs[0], mesh), dp_split)
             cost_row.append(t * count)
             mem_row.append(m * count)
             state_row.append(state * count)

@@ -66,9 +66,10 @@ class StepTail:
         self.copy_byte_s = compute.byte_s(bucket) / bucket if bucket else 0.0
         self.copy_launch_s = compute.with_overhead(0.0, 1)
 
-    def optimizer_s(self, local_elements: int) -> float:
-        """The optimizer step's share of one parameter of ``local_elements`` elements on this device."""
-        return self.optimizer_element_s * local_elements / self.zero_dp
+    def optimizer_s(self, local_elements: int, sharded_over_dp: bool = False) -> float:
+        """The optimizer step's share of one parameter of ``local_elements`` elements on this device (ZeRO shards
+        the state of a parameter kept whole over dp; a dp-sharded one's local elements are its piece already)."""
+        return self.optimizer_element_s * local_elements / (1 if sharded_over_dp else self.zero_dp)
 
     def _kind(self, axis: str) -> str:
         dp = self.mesh.axis_size(self.opts.dp_axis)
