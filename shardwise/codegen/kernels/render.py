@@ -300,6 +300,7 @@ def _layer_naming(plan: ExecutionPlan, group: FusedGroup) -> tuple[Callable[[str
 def kernel_names(plan: ExecutionPlan) -> dict[str, str]:
     """fused group -> the kernel that runs it: groups of one structure (the same ops, arguments, local
     shapes and dtypes) share one kernel, named ``<kind>_<k>`` (the k-th kernel, in order of first use)."""
+    check_groups(plan.graph, plan.fused_groups)  # a plan file's groups are checked before any is rendered
     names = _Names(plan.graph)
     local = _Local(plan)
     first: dict[tuple, str] = {}
