@@ -286,9 +286,10 @@ def _does_not_fit(
             if m is not None else list(cand.memory_parts)
         )  # fmt: skip
     else:
-        estimated = [c for c in result.ranked if c.peak_bytes > capacity * 0.9] or list(result.ranked)
+        usable = result.capacity_bytes or capacity
+        estimated = [c for c in result.ranked if c.peak_bytes > usable] or list(result.ranked)
         cand = min(estimated, key=lambda c: c.peak_bytes)
-        need, parts = max(cand.peak_bytes, int(capacity * 0.9) + 1), list(cand.memory_parts)
+        need, parts = cand.peak_bytes, list(cand.memory_parts)
     made_of = ", ".join(f"{name} {_size(b)}" for name, b in parts if b)
     knobs = []
     if pinned.recompute in ("none",):
@@ -301,9 +302,15 @@ def _does_not_fit(
         knobs.append("allow host offload (offload='auto')")
     knobs.append("more devices, devices with more memory, or a lower precision")
     failures = "; ".join(dict.fromkeys(failed.values()))
+    if need > capacity:
+        reason = f"every layout needs at least {_size(need)} per device, and a device has {_size(capacity)}"
+    else:  # estimated above what a plan may use of the device (the rest: allocator slack, workspaces)
+        reason = (
+            f"every layout is estimated to need at least {_size(need)} per device, more than the "
+            f"{_size(result.capacity_bytes)} a plan may use of a device's {_size(capacity)}"
+        )
     return (
-        f"the model does not fit {cluster.name}: every layout needs at least {_size(need)} per device, and "
-        f"a device has {_size(capacity)}; the leanest ({cand.describe()}) holds {made_of}. "
+        f"the model does not fit {cluster.name}: {reason}; the leanest ({cand.describe()}) holds {made_of}. "
         f"Try: {'; '.join(knobs)}"
         + (f". (Also tried: {failures})" if failures else "")
     )
