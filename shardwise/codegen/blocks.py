@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shardwise.codegen.pysource import WIDTH, identifier, rename, uses, wrap_lines
-from shardwise.codegen.statement import Statement
+from shardwise.codegen.statement import Statement, render_statements
 from shardwise.codegen.tables import layer_of, literal, repeated_family
 from shardwise.ir.plan import ExecutionPlan
 
@@ -395,7 +395,7 @@ def outline(
     parameter value name -> the program's attribute (the weights); ``taken``: names the program uses."""
     graph = plan.graph
     family = repeated_family(graph)
-    flat = _flat(compute)
+    flat = render_statements(compute)
     if not family:
         return Layered(flat, returns, [], [])
     family_id = identifier(family)
@@ -462,7 +462,7 @@ def outline(
         else:
             caller.append(compute[i])
             i += 1
-    lines = _flat(caller)
+    lines = render_statements(caller)
     if renames:
         lines = rename("\n".join(lines), renames).split("\n")
         returns = rename(returns, renames)
@@ -502,11 +502,4 @@ def _loop_statement(
     return Statement(comment, tuple(lines))
 
 
-def _flat(statements: Sequence[Statement]) -> list[str]:
-    out: list[str] = []
-    previous = ""
-    for s in statements:
-        out += s.render(previous=previous)
-        previous = s.describe() or previous
-    return out
 

@@ -32,7 +32,7 @@ from shardwise.codegen.offload import offloads_optimizer, save_activations_on_ho
 from shardwise.codegen.pysource import WIDTH, identifier, rename, uses, wrap_lines
 from shardwise.codegen.recompute import checkpoint_ranges, recompute_ranges
 from shardwise.codegen.spelling import spell, uses_aten
-from shardwise.codegen.statement import Statement
+from shardwise.codegen.statement import Statement, render_statements
 from shardwise.codegen.tables import program_tables
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Function, Graph, Node, Value, iter_values
@@ -903,13 +903,6 @@ def _indented(lines: list[str], indent: str) -> str:
     return "\n".join(wrap_lines([f"{indent}{line}" if line else "" for line in lines], WIDTH))
 
 
-def _render_statements(statements: list[Statement]) -> list[str]:
-    out: list[str] = []
-    previous = ""
-    for s in statements:
-        out += s.render(previous=previous)
-        previous = s.describe() or previous
-    return out
 
 
 def _function_source(fn: Function) -> str:
@@ -969,7 +962,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
     code = "\n".join([*layered.compute, f"return {layered.returns}"])
     uses_mesh = re.search(r"(?<![\w.])mesh\b", code) is not None
     compute_lines = (["mesh = self.mesh"] if uses_mesh else []) + layered.compute + [f"return {layered.returns}"]
-    build_lines = _render_statements(build)
+    build_lines = render_statements(build)
     build_uses_mesh = re.search(r"(?<![\w.])mesh\b", "\n".join(build_lines)) is not None
     if build_uses_mesh:
         build_lines = ["mesh = self.mesh", *build_lines]

@@ -155,13 +155,14 @@ def _brackets(line: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def _top_level_commas(text: str) -> list[str]:
-    """``text`` (the inside of a bracket) split at its top-level commas (strings respected)."""
+def _top_level(text: str, op: str) -> list[int] | None:
+    """The columns of ``op`` outside brackets on the first line of ``text`` (strings respected), None when
+    ``text`` does not tokenize."""
     try:
         tokens = _tokens(text + "\n")
     except (tokenize.TokenError, IndentationError, SyntaxError):
-        return [text]
-    cuts = []
+        return None
+    columns = []
     depth = 0
     for tok in tokens:
         if tok.type != tokenize.OP:
@@ -170,8 +171,16 @@ def _top_level_commas(text: str) -> list[str]:
             depth += 1
         elif tok.string in ")]}":
             depth -= 1
-        elif tok.string == "," and depth == 0 and tok.start[0] == 1:
-            cuts.append(tok.start[1])
+        elif tok.string == op and depth == 0 and tok.start[0] == 1:
+            columns.append(tok.start[1])
+    return columns
+
+
+def _top_level_commas(text: str) -> list[str]:
+    """``text`` (the inside of a bracket) split at its top-level commas (strings respected)."""
+    cuts = _top_level(text, ",")
+    if cuts is None:
+        return [text]
     parts, start = [], 0
     for cut in cuts:
         parts.append(text[start:cut].strip())
@@ -183,21 +192,8 @@ def _top_level_commas(text: str) -> list[str]:
 
 def _assignment(code: str) -> int | None:
     """The column of the ``=`` of ``target = value`` (outside brackets), None when ``code`` is no such line."""
-    try:
-        tokens = _tokens(code + "\n")
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return None
-    depth = 0
-    for tok in tokens:
-        if tok.type != tokenize.OP:
-            continue
-        if tok.string in "([{":
-            depth += 1
-        elif tok.string in ")]}":
-            depth -= 1
-        elif tok.string == "=" and depth == 0 and tok.start[0] == 1:
-            return tok.start[1]
-    return None
+    columns = _top_level(code, "=")
+    return columns[0] if columns else None
 
 
 def _split_comment(line: str) -> tuple[str, str]:

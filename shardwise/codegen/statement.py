@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Statement"]
+__all__ = ["Statement", "render_statements"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,13 @@ class Statement:
         for s in self.body:
             out += s.all_nodes()
         return tuple(dict.fromkeys(out))
+
+
+def render_statements(statements: Sequence[Statement]) -> list[str]:
+    """The lines of ``statements`` in order, each block's comment written only where it changes."""
+    out: list[str] = []
+    previous = ""
+    for s in statements:
+        out += s.render(previous=previous)
+        previous = s.describe() or previous
+    return out
