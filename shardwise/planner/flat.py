@@ -147,8 +147,13 @@ def flat_plan(
     if mesh.size < cluster.world_size:
         notes.append(f"runs on {mesh.size} of the {cluster.world_size} devices")
     if zero:
-        notes.append(f"ZeRO stage {zero}: optimizer state sharded over dp={mesh.axis_size('dp')}"
-                     + (", gradients too" if zero >= 2 else "") + (", parameters too" if zero >= 3 else ""))  # fmt: skip
+        dp = mesh.axis_size("dp")
+        parts = [f"optimizer state sharded over dp={dp}"] + (["gradients too"] if zero >= 2 else []) if train else []
+        if zero >= 3:
+            axis = mesh.axis_names.index("dp")
+            split = sum(isinstance(s.placements[axis], Shard) for s in placed.param_placements.values())
+            parts.append(f"{split} of {len(placed.param_placements)} parameters split over dp={dp}")
+        notes.append(f"ZeRO stage {zero}: " + ", ".join(parts))
     plan = ExecutionPlan(
         **plan_identity(source, cluster, options.mode, options.precision, mesh),
         degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1)),
