@@ -331,9 +331,7 @@ def _top_plan(
     for stage in spec.stages:
         for key, s in stage.plan.param_placements:
             params.setdefault(key, ShardingSpec((Replicate(), Replicate(), s.placements[1])))
-    peak_flops = cluster.device.flops({"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
-    flops = result.model_flops / world
-    step = max(best.step_s, 1e-12)
+    tflops, util = mfu(result.model_flops, world, best.step_s, price_list(cluster, precision).peak_flops)
     # the memory-mapping pass on each device stage's schedule (micro-batches in flight): the prediction
     memory = map_pipeline_memory(
         spec, train=mode == "train", capacity_bytes=cluster.device.memory_bytes, precision=precision,
@@ -368,8 +366,8 @@ def _top_plan(
             comm_s=best.comm_s,
             bubble_s=best.bubble_s,
             memory_bytes=per_rank,
-            tflops_per_device=flops / step / 1e12,
-            mfu=flops / step / peak_flops,
+            tflops_per_device=tflops,
+            mfu=util,
         ),  # fmt: skip
         memory=memory,
         alternatives=_alternatives(result),
