@@ -8,14 +8,19 @@ across nodes) dividing the bandwidth, plus the library's fixed cost per call (``
 
 * ring allreduce:                 2 (p-1) (alpha + beta n/p)
 * ring allgather, reduce_scatter:   (p-1) (alpha + beta n/p)
-* alltoall (pairwise exchange):     (p-1) (alpha + beta n/p)
+* alltoall (pairwise exchange, each rank sends n/p to every other rank): inside a node
+  (l-1) (alpha + beta n/p) at the node's (alpha, beta); a group spanning nodes also sends (p-l) n/p per
+  rank through its NIC, shared by the m ranks of the group that NIC serves, while the node's own peers
+  are served over the node's links at the same time: max(inside, (p-l) (alpha_x + m beta_x n/p)) with
+  (alpha_x, beta_x) the route to another node (see :meth:`CommPrices.alltoall_s`);
 * broadcast, reduce (pipelined ring of k chunks): (p-2+k) (alpha + beta n/k), k >= 1 the best integer
   (about sqrt((p-2) beta n / alpha)); for p = 2 that is alpha + beta n;
 * tree allreduce (NCCL's double binary tree, used across nodes): 2 ceil(log2 p) alpha + 2 beta n (each rank
   sends and receives the buffer once up the tree and once down, spread over two trees);
 * PAT allgather / reduce_scatter (NCCL >= 2.23, one rank per node): ceil(log2 p) alpha + (p-1)/p beta n.
 
-The library picks the fastest algorithm it offers for the group (``algorithms``): rings everywhere; the tree
+The library picks the fastest algorithm it offers for the group (``algorithms``): rings everywhere (all-to-all is
+pairwise exchange, not a ring); the tree
 for allreduce and PAT for allgather/reduce_scatter only across nodes, where NCCL offers them. Gloo (CPU
 clusters) has no reduce-scatter: the runtime library all-reduces the whole buffer and keeps its slice, so a
 reduce-scatter there costs an allreduce. Sources: the
@@ -183,6 +188,8 @@ class CommPrices:
         if not gpu_library and collective == "reduce_scatter":
             # gloo has no reduce-scatter: the runtime library all-reduces the whole buffer and keeps its slice
             collective = "allreduce"
+        if collective == "alltoall":
+            return {"pairwise": self._alltoall(nbytes, ranks) + self.efficiency.collective_overhead_s}
         out = {"ring": ring_s(collective, nbytes, p, alpha, beta)}
         if gpu_library and nodes > 1 and collective == "allreduce":
             out["tree"] = tree_allreduce_s(nbytes, p, alpha, beta)
@@ -207,12 +214,55 @@ class CommPrices:
         """Seconds of a library collective (``"allgather+to_partial"``: each real step in turn)."""
         return sum(self.choose(kind, nbytes, ranks)[0] for kind in collective.split("+") if kind not in FREE_STEPS)
 
+    def alltoall_s(self, nbytes: float, ranks: Sequence[int]) -> float:
+        """Seconds of an all-to-all in which each rank of ``ranks`` holds ``nbytes`` and sends ``nbytes / p``
+        to every rank (itself included): the library's call, its fixed cost included (0 when nothing moves)."""
+        return self.collective_s("alltoall", nbytes, ranks)
+
+    def _alltoall(self, nbytes: float, ranks: Sequence[int]) -> float:
+        """Pairwise exchange by topology (see the module docstring): the node's peers over its links, the other
+        nodes' ranks through the NICs, both at once; the slowest rank sets the time."""
+        p = len(ranks)
+        piece = nbytes / p
+        per = self.cluster.devices_per_node
+        by_node: dict[int, list[int]] = {}
+        for r in ranks:
+            by_node.setdefault(r // per, []).append(r)
+        worst = 0.0
+        patterns: set[tuple[int, ...]] = set()
+        for members in by_node.values():
+            pattern = tuple(sorted(r % per for r in members))
+            if self.homogeneous and pattern in patterns:
+                continue  # identical nodes: the same local ranks cost the same
+            patterns.add(pattern)
+            local = len(members)
+            inside = 0.0
+            if local > 1:
+                alpha, beta, _ = self.alpha_beta(members)
+                inside = (local - 1) * (alpha + beta * piece)
+            across = 0.0
+            if len(by_node) > 1:
+                r = members[0]
+                peer = next(q for q in ranks if q // per != r // per)
+                alpha_x, beta_x = self._route(r, peer)
+                nics = self.cluster.nics_of(r)
+                # the NIC(s) serving r carry the off-node traffic of every rank of the group they serve
+                sharing = max(1.0, sum(any(q in n.devices for n in nics) for q in members) / max(len(nics), 1))
+                across = (p - local) * (alpha_x + sharing * beta_x * piece)
+            worst = max(worst, inside, across)
+        return worst
+
     # -- point to point -----------------------------------------------------------------------------------
 
     def p2p_s(self, nbytes: float, src: int, dst: int) -> float:
         """One message of ``nbytes`` from rank ``src`` to rank ``dst`` (0 on the same rank)."""
         if src == dst or nbytes <= 0:
             return 0.0
+        alpha, beta = self._route(src, dst)
+        return message_s(nbytes, alpha, beta)
+
+    def _route(self, src: int, dst: int) -> tuple[float, float]:
+        """(alpha, achieved beta) of the route from ``src`` to ``dst`` (cached by node pattern)."""
         per = self.cluster.devices_per_node
         multi = src // per != dst // per
         if self.homogeneous:
@@ -221,8 +271,7 @@ class CommPrices:
         if key not in self._p2p:
             alpha, beta = self.cluster.p2p_alpha_beta(src, dst)
             self._p2p[key] = route_alpha_beta(self.cluster, alpha, beta, multi)
-        alpha, beta = self._p2p[key]
-        return message_s(nbytes, alpha, beta)
+        return self._p2p[key]
 
     # -- synthesized schedules ----------------------------------------------------------------------------
 

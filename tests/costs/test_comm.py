@@ -40,7 +40,8 @@ def test_closed_forms(cluster: str, ranks: tuple[int, ...], nbytes: int) -> None
     # gloo (CPU clusters) has no reduce-scatter: the runtime library all-reduces the buffer and keeps its slice
     scatter = ring if spec.device.kind == "cpu" else (p - 1) * step + over
     assert comm.algorithms("reduce_scatter", nbytes, ranks)["ring"] == pytest.approx(scatter)
-    assert comm.algorithms("alltoall", nbytes, ranks)["ring"] == pytest.approx((p - 1) * step + over)
+    if nodes == 1:  # all-to-all inside a node: pairwise exchange at the node's figures, as a ring's steps
+        assert comm.algorithms("alltoall", nbytes, ranks)["pairwise"] == pytest.approx((p - 1) * step + over)
     # pipelined ring broadcast: the best chunk count k of (p - 2 + k)(alpha + beta n / k)
     brute = min((p - 2 + k) * (alpha + beta * nbytes / k) for k in range(1, 4097))
     assert comm.algorithms("broadcast", nbytes, ranks)["ring"] == pytest.approx(brute + over, rel=1e-9)
@@ -63,6 +64,33 @@ def test_tree_and_pat_are_offered_across_nodes_only() -> None:
     assert gather["pat"] == pytest.approx(2 * alpha + 3 / 4 * beta * 2**20)
     assert "pat" not in comm.algorithms("allgather", 2**20, tuple(range(16)))  # two ranks per node: no PAT
     assert "tree" not in CommPrices(get_cluster("cpu:4")).algorithms("allreduce", 2**10, (0, 1, 2, 3))
+
+
+def test_alltoall_by_topology() -> None:
+    # dgx-h100x2: 8 GPUs per node on NVSwitch, one 50 GB/s NIC per GPU. Across both nodes each rank sends n/16
+    # to its 7 node peers over NVSwitch and n/16 to each of the 8 ranks of the other node through its own NIC
+    spec = get_cluster("dgx-h100x2")
+    comm = CommPrices(spec)
+    n = 2**30
+    over = spec.efficiency.collective_overhead_s
+    a_in, b_in, _ = comm.alpha_beta(tuple(range(8)))
+    inside = 7 * (a_in + b_in * n / 8)
+    assert comm.alltoall_s(n, tuple(range(8))) == pytest.approx(inside + over)
+    a_x, b_x = spec.p2p_alpha_beta(0, 8)
+    b_x /= spec.efficiency.inter_node
+    across = 8 * (a_x + b_x * n / 16)
+    assert comm.alltoall_s(n, tuple(range(16))) == pytest.approx(max(7 * (a_in + b_in * n / 16), across) + over)
+    # one rank per node: the whole exchange crosses the NICs, far slower than inside a node
+    assert comm.alltoall_s(n, (0, 8)) == pytest.approx(a_x + b_x * n / 2 + over)
+    assert comm.alltoall_s(n, (0, 8)) > 5 * comm.alltoall_s(n, (0, 1))
+    assert comm.alltoall_s(0, tuple(range(8))) == 0.0
+    # ndv2x2: one NIC per node serves its 8 GPUs. Two ranks per node share it, so each crosses at half its rate
+    ndv2 = CommPrices(get_cluster("ndv2x2"))
+    a_n, b_n = get_cluster("ndv2x2").p2p_alpha_beta(0, 8)
+    b_n /= get_cluster("ndv2x2").efficiency.inter_node
+    over = get_cluster("ndv2x2").efficiency.collective_overhead_s
+    assert ndv2.alltoall_s(n, (0, 8)) == pytest.approx(a_n + b_n * n / 2 + over)
+    assert ndv2.alltoall_s(n, (0, 1, 8, 9)) == pytest.approx(2 * (a_n + 2 * b_n * n / 4) + over)
 
 
 def test_broadcast_limits() -> None:
