@@ -1,0 +1,295 @@
+"""Serving prices: a prefill of a batch of prompts, a decode step of a batch of contexts, and the KV cache a
+parallel layout (tensor-parallel ``tp`` x pipeline-parallel ``pp`` devices) holds. docs/serving.md gives every
+formula and its source.
+
+A decoder layer's work on one of its ``tp`` devices is priced with the price list's own rules
+(``costs.compute``): its matmuls as one ``gemm``-class roofline (FLOPs at ``peak x efficiency.gemm``, the
+weights and activations at the achieved memory bandwidth), attention as an ``attention``-class roofline (a
+causal prefill does ``CAUSAL_FRACTION`` of the full FLOPs; a decode step reads every cached key and value),
+norms, activations and residual adds as ``memory``-class bytes, each kernel paying the device's launch cost.
+Its two tensor-parallel all-reduces (after attention and after the MLP) and the pipeline's point-to-point
+messages between stages are ``costs.comm`` prices on the devices the layout occupies. Once per pass: the
+embedding lookup, the final norm and the output head on one row per sequence, whose logits are all-gathered
+over ``tp``.
+
+Pipelines: a batch's pass through ``pp`` stages takes the sum of the stages (``latency_s``); stages hold equal
+numbers of layers, so a new batch can enter the first stage after ``latency_s / pp`` (``stage_s``). A decode
+step of ``B`` running sequences on a pipeline runs them as ``pp`` micro-batches in flight at once, so every
+sequence advances one token per pass of a micro-batch of ``B / pp`` (``decode_step_s``).
+
+KV cache: each device of a layout keeps the keys and values of its ``layers / pp`` layers and
+``max(1, kv_heads / tp)`` heads (grouped-query heads are replicated when ``tp`` exceeds them). Its capacity in
+tokens is what the engine's share of device memory holds after the weights of its stage and the working set,
+in whole blocks of ``block_tokens`` (``EngineMemory``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from shardwise.costs.compute import CAUSAL_FRACTION, OpWork
+from shardwise.costs.prices import PriceList
+
+__all__ = [
+    "ServingModel", "EngineMemory", "ENGINES", "PhaseTime", "ServingPrices", "MEMORY_PASSES_PER_TOKEN",
+]  # fmt: skip
+
+#: memory-class bytes one token moves per layer besides matmuls and attention, in units of ``hidden``: two
+#: norms (read + write: 2 each) and two residual adds (read two, write one: 3 each)
+MEMORY_PASSES_PER_TOKEN = 2 * 2 + 2 * 3
+#: kernels one layer launches besides its matmuls: attention, two norms, the activation, two residual adds
+OTHER_KERNELS_PER_LAYER = 6
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """What the serving prices need to know of a decoder-only model; ``source`` says where the figures came
+    from (a HuggingFace configuration, parameters counted on the model built on the meta device).
+
+    Invariants: every count is >= 0; ``layers``, ``hidden``, ``heads``, ``kv_heads``, ``head_dim`` >= 1.
+    """
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int  # the MLP's inner width
+    gated: bool  # a gated MLP (SwiGLU: gate and up projections), else two matrices
+    vocab: int
+    layer_params: int  # parameters of one decoder layer
+    layer_matmul_params: int  # of which in matmul weights (2 FLOPs per token each)
+    layer_matmul_io: int  # sum over the layer's matmuls of (inputs + outputs) per token
+    layer_matmuls: int  # matmul kernels per layer
+    embed_params: int  # the token embedding (vocab x hidden)
+    position_params: int  # learned position embeddings (0 with rotary positions)
+    head_params: int  # an untied output head (0 when tied to the token embedding)
+    final_params: int  # parameters outside the layers, embeddings and head (the final norm, ...)
+    weight_bytes: int = 2  # bytes per weight element (fp16/bf16)
+    kv_bytes: int = 2  # bytes per cached key/value element
+    act_bytes: int = 2  # bytes per activation element
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "heads", "kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServingModel.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def params(self) -> int:
+        """Every parameter once (a tied head counted with the embedding)."""
+        return (self.layers * self.layer_params + self.embed_params + self.position_params + self.head_params
+                + self.final_params)  # fmt: skip
+
+    @property
+    def tied(self) -> bool:
+        return self.head_params == 0
+
+    def kv_heads_per_device(self, tp: int) -> float:
+        """Key/value heads one of ``tp`` devices keeps (replicated when ``tp`` exceeds them)."""
+        return max(1.0, self.kv_heads / tp)
+
+    def kv_bytes_per_token(self, tp: int = 1, pp: int = 1) -> float:
+        """Bytes of keys and values one token adds on one device of a (tp, pp) layout."""
+        return 2 * math.ceil(self.layers / pp) * self.kv_heads_per_device(tp) * self.head_dim * self.kv_bytes
+
+    def prefill_flops_per_token(self) -> float:
+        """Matmul FLOPs of one prompt token through every layer (attention's are in ``prefill``)."""
+        return 2.0 * self.layers * self.layer_matmul_params
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """How a serving engine spends device memory (see the module docstring).
+
+    ``utilization``: the share of device memory the engine may use; ``reserve_fraction``: a working set
+    reserved as a share of device memory, or 0 to estimate it as the activations of one forward pass of
+    ``max_batched_tokens`` tokens and the fp32 logits of ``max_seqs`` sequences; ``vocab_parallel``: the
+    token embedding and output head are split over ``tp`` (else every device holds them whole).
+    """
+
+    name: str
+    utilization: float
+    block_tokens: int
+    reserve_fraction: float
+    vocab_parallel: bool
+    max_batched_tokens: int
+    max_seqs: int
+    source: str
+
+
+#: engines whose memory accounting we know (their sources are in docs/serving.md)
+ENGINES = {
+    "vllm": EngineMemory(
+        "vllm", utilization=0.9, block_tokens=16, reserve_fraction=0.0, vocab_parallel=True,
+        max_batched_tokens=8192, max_seqs=256,
+        source="vLLM engine arguments: --gpu-memory-utilization 0.9, --block-size 16, --max-num-seqs 256; "
+               "the working set is profiled on a forward pass of --max-num-batched-tokens tokens "
+               "(VocabParallelEmbedding / ParallelLMHead split the vocabulary over tp)",
+    ),
+    "distserve": EngineMemory(
+        "distserve", utilization=0.95, block_tokens=16, reserve_fraction=0.01, vocab_parallel=False,
+        max_batched_tokens=8192, max_seqs=256,
+        source="DistServe simdistserve/profilers/profile_memory.py: gpu_memory_utilization 0.95, block_size 16, "
+               "peak runtime memory = 1% of device memory + the model; distserve/config.py counts the "
+               "vocabulary and position embeddings whole on every device",
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PhaseTime:
+    """One pass of a batch: ``latency_s`` through every stage, ``stage_s`` until the next batch may enter."""
+
+    latency_s: float
+    stage_s: float
+
+
+class ServingPrices:
+    """Prefill, decode and KV-cache prices of ``model`` on the devices of ``prices`` (one price list: the
+    cluster's device figures, its achieved efficiencies and its links), for an engine's memory accounting."""
+
+    def __init__(self, model: ServingModel, prices: PriceList, engine: EngineMemory | str = "vllm") -> None:
+        self.model = model
+        self.prices = prices
+        self.engine = ENGINES[engine] if isinstance(engine, str) else engine
+        self.compute = prices.compute
+        self.cluster = prices.cluster
+
+    # -- layouts ------------------------------------------------------------------------------------------
+
+    def check_layout(self, tp: int, pp: int) -> None:
+        if tp < 1 or pp < 1:
+            raise ValueError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
+
+    def tp_ranks(self, tp: int, first: int = 0) -> tuple[int, ...]:
+        return tuple(range(first, first + tp))
+
+    # -- memory -------------------------------------------------------------------------------------------
+
+    def weight_bytes_per_device(self, tp: int, pp: int) -> float:
+        """Weights on the fullest device of a (tp, pp) layout: its stage's layers split over ``tp``, and the
+        embeddings (first stage) or the head (last stage; a tied head is a copy of the embedding there when
+        ``pp`` > 1), split over ``tp`` when the engine is vocabulary-parallel."""
+        self.check_layout(tp, pp)
+        m = self.model
+        vocab_ways = tp if self.engine.vocab_parallel else 1
+        layers = math.ceil(m.layers / pp) * m.layer_params / tp
+        first = m.embed_params / vocab_ways + m.position_params
+        head = (m.head_params or m.embed_params) / vocab_ways
+        if pp == 1:
+            edges = first + m.head_params / vocab_ways + m.final_params
+        else:
+            edges = max(first, head + m.final_params)
+        return (layers + edges) * m.weight_bytes
+
+    def working_set_bytes(self, tp: int) -> float:
+        """Memory one device keeps free for a forward pass's activations (see ``EngineMemory``)."""
+        e, m = self.engine, self.model
+        if e.reserve_fraction > 0:
+            return e.reserve_fraction * self.cluster.device.memory_bytes
+        inner = (2 if m.gated else 1) * m.ffn / tp
+        per_token = (4 * m.hidden + (m.heads + 2 * m.kv_heads) * m.head_dim / tp + inner) * m.act_bytes
+        return e.max_batched_tokens * per_token + e.max_seqs * m.vocab / tp * 4
+
+    def kv_capacity_tokens(self, tp: int, pp: int) -> int:
+        """Tokens of KV cache one instance of the (tp, pp) layout holds (0 when the weights do not fit)."""
+        e = self.engine
+        free = (e.utilization * self.cluster.device.memory_bytes - self.weight_bytes_per_device(tp, pp)
+                - self.working_set_bytes(tp))  # fmt: skip
+        block = e.block_tokens * self.model.kv_bytes_per_token(tp, pp)
+        return max(0, int(free // block)) * e.block_tokens
+
+    # -- time ---------------------------------------------------------------------------------------------
+
+    def _kernel(self, work: OpWork) -> float:
+        return self.compute.forward_s(work)
+
+    def _layer_s(self, tp: int, tokens: float, attention_flops: float, attention_bytes: float) -> float:
+        """One decoder layer on one of ``tp`` devices for ``tokens`` rows (see the module docstring)."""
+        m = self.model
+        io = m.layer_matmul_io * (1 + 1 / tp) / 2  # each matmul has one side split over tp
+        gemm = OpWork("gemm", 2.0 * m.layer_matmul_params * tokens / tp, tokens * io * m.act_bytes,
+                      m.layer_matmul_params * m.weight_bytes / tp)  # fmt: skip
+        t = self.compute.with_overhead(self.compute.device_s(gemm), m.layer_matmuls)
+        t += self._kernel(OpWork("attention", attention_flops, attention_bytes, 0.0))
+        inner = (3 if m.gated else 2) * m.ffn / tp
+        memory = tokens * (MEMORY_PASSES_PER_TOKEN * m.hidden + inner) * m.act_bytes
+        t += self.compute.with_overhead(self.compute.byte_s(memory), OTHER_KERNELS_PER_LAYER - 1)
+        if tp > 1:
+            t += 2 * self.prices.collective_s("allreduce", tokens * m.hidden * m.act_bytes, self.tp_ranks(tp))
+        return t
+
+    def _edges_s(self, tp: int, pp: int, tokens: float, seqs: float) -> float:
+        """Embedding lookup, final norm, output head on one row per sequence (logits all-gathered over tp) and
+        the pipeline's messages between stages."""
+        m = self.model
+        t = self._kernel(OpWork("memory", 0.0, 2 * tokens * m.hidden * m.act_bytes, 0.0))
+        t += self._kernel(OpWork("memory", 0.0, 2 * seqs * m.hidden * m.act_bytes, 0.0))
+        head = OpWork("gemm", 2.0 * seqs * m.vocab * m.hidden / tp, seqs * (m.hidden + m.vocab / tp) * m.act_bytes,
+                      m.vocab * m.hidden * m.weight_bytes / tp)  # fmt: skip
+        t += self._kernel(head)
+        if tp > 1:
+            t += self.prices.collective_s("allgather", seqs * m.vocab * 4, self.tp_ranks(tp))
+        for stage in range(pp - 1):
+            t += self.prices.p2p_s(tokens * m.hidden * m.act_bytes, stage * tp, (stage + 1) * tp)
+        return t
+
+    def prefill(self, tp: int, pp: int, prompt_lens: list[int] | tuple[int, ...]) -> PhaseTime:
+        """A prefill of one batch of prompts (lengths ``prompt_lens``) on a (tp, pp) instance."""
+        return self.prefill_sums(tp, pp, float(sum(prompt_lens)), float(sum(s * s for s in prompt_lens)),
+                                 len(prompt_lens))  # fmt: skip
+
+    def prefill_sums(self, tp: int, pp: int, tokens: float, square_sum: float, seqs: int) -> PhaseTime:
+        """``prefill`` from the batch's token count, sum of squared lengths and number of prompts."""
+        self.check_layout(tp, pp)
+        if seqs <= 0:
+            return PhaseTime(0.0, 0.0)
+        m = self.model
+        heads = m.heads / tp
+        flops = 4.0 * heads * m.head_dim * square_sum * CAUSAL_FRACTION
+        nbytes = tokens * (2 * heads + 2 * m.kv_heads_per_device(tp)) * m.head_dim * m.act_bytes
+        nbytes += tokens * 2 * m.kv_heads_per_device(tp) * m.head_dim * m.kv_bytes  # writing the cache
+        latency = m.layers * self._layer_s(tp, tokens, flops, nbytes) + self._edges_s(tp, pp, tokens, seqs)
+        return PhaseTime(latency, latency / pp)
+
+    def decode(self, tp: int, pp: int, batch: float, context_tokens: float) -> PhaseTime:
+        """One pass of a decode batch of ``batch`` sequences holding ``context_tokens`` cached tokens in all
+        (each reads its whole context) through a (tp, pp) instance."""
+        self.check_layout(tp, pp)
+        if batch <= 0:
+            return PhaseTime(0.0, 0.0)
+        m = self.model
+        heads = m.heads / tp
+        kv = m.kv_heads_per_device(tp)
+        flops = 4.0 * heads * m.head_dim * context_tokens
+        nbytes = (
+            context_tokens * 2 * kv * m.head_dim * m.kv_bytes + batch * 2 * heads * m.head_dim * m.act_bytes
+        )
+        latency = m.layers * self._layer_s(tp, batch, flops, nbytes) + self._edges_s(tp, pp, batch, batch)
+        return PhaseTime(latency, latency / pp)
+
+    def decode_step_s(self, tp: int, pp: int, batch: int, context_tokens: float) -> float:
+        """Seconds between two tokens of every sequence of a running batch (see the module docstring: ``pp``
+        micro-batches in flight)."""
+        if batch <= 0:
+            return 0.0
+        groups = min(pp, batch)
+        return self.decode(tp, pp, batch / groups, context_tokens / groups).latency_s
+
+    def weight_read_bound_s(self, tp: int, pp: int = 1) -> float:
+        """The least time of any decode step: the weights every step reads (each layer's matmul weights and the
+        output head) read once, split over ``tp`` devices, at the device's peak memory bandwidth."""
+        m = self.model
+        weights = (m.layers * m.layer_matmul_params + m.vocab * m.hidden) * m.weight_bytes
+        return weights / tp / self.cluster.device.memory_bandwidth
+
+    def kv_transfer_s(self, tokens: float, src: int, dst: int, ways: int = 1) -> float:
+        """Moving the KV cache of ``tokens`` tokens (every layer and head) from an instance starting at rank
+        ``src`` to one starting at ``dst``, over ``ways`` device pairs in parallel."""
+        if tokens <= 0:
+            return 0.0
+        nbytes = tokens * self.model.kv_bytes_per_token(1, 1) / max(ways, 1)
+        return self.prices.p2p_s(nbytes, src, dst)

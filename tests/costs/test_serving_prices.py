@@ -1,0 +1,109 @@
+"""Serving prices (costs/serving.py): decode never beats reading the weights, capacity follows memory, prefill
+follows the prompt, and the per-model figures count the model's real parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shardwise.cluster import get_cluster
+from shardwise.costs.prices import PriceList
+from shardwise.costs.serving import ServingPrices
+from shardwise.planner.serving.model import serving_model
+from shardwise.zoo import build_model
+
+
+@pytest.fixture(scope="module")
+def opt13b():
+    return serving_model("facebook/opt-13b")
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return serving_model("Meta-Llama-3-8B")
+
+
+@pytest.fixture(scope="module")
+def a100():
+    return PriceList(get_cluster("dgx-a100x2"), "bf16")
+
+
+@pytest.mark.parametrize("model_name", ["opt13b", "llama3"])
+def test_decode_never_beats_reading_the_weights(request, model_name, a100):
+    sp = ServingPrices(request.getfixturevalue(model_name), a100)
+    for tp in (1, 2, 4, 8):
+        for pp in (1, 2):
+            bound = sp.weight_read_bound_s(tp, pp)
+            for batch, context in ((1, 16), (1, 2048), (32, 32 * 700), (256, 256 * 1500)):
+                step = sp.decode_step_s(tp, pp, batch, context)
+                assert step >= bound, (tp, pp, batch, step, bound)
+            # one sequence, short context: the step is close to the bound (weight reads dominate)
+            assert sp.decode_step_s(tp, pp, 1, 16) < 2.0 * bound
+
+
+def test_capacity_decreases_when_weights_grow(opt13b, a100):
+    sp = ServingPrices(opt13b, a100)
+    base = sp.kv_capacity_tokens(1, 1)
+    assert base > 0
+    bigger = ServingPrices(dataclasses.replace(opt13b, layer_params=int(opt13b.layer_params * 1.2)), a100)
+    assert bigger.kv_capacity_tokens(1, 1) < base
+    # more devices per instance hold more of the cache
+    assert sp.kv_capacity_tokens(2, 1) > base and sp.kv_capacity_tokens(2, 2) > sp.kv_capacity_tokens(2, 1)
+    # a model that does not fit holds nothing
+    huge = dataclasses.replace(opt13b, layer_params=opt13b.layer_params * 20)
+    assert ServingPrices(huge, a100).kv_capacity_tokens(1, 1) == 0
+
+
+def test_capacity_is_whole_blocks_of_the_per_token_bytes(opt13b, a100):
+    sp = ServingPrices(opt13b, a100, "distserve")
+    tokens = sp.kv_capacity_tokens(1, 1)
+    assert tokens % sp.engine.block_tokens == 0
+    free = (
+        0.95 * a100.cluster.device.memory_bytes
+        - sp.weight_bytes_per_device(1, 1)
+        - 0.01 * a100.cluster.device.memory_bytes
+    )
+    per_token = 2 * 40 * 40 * 128 * 2  # K and V, 40 layers, 40 heads of 128, fp16
+    assert opt13b.kv_bytes_per_token() == per_token
+    assert 0 <= free - tokens * per_token < sp.engine.block_tokens * per_token
+
+
+def test_gqa_heads_replicate_beyond_tp(llama3):
+    assert llama3.kv_heads == 8
+    assert llama3.kv_bytes_per_token(8) == llama3.kv_bytes_per_token(1) / 8
+    assert llama3.kv_bytes_per_token(16) == llama3.kv_bytes_per_token(8)  # one head per device, replicated
+
+
+def test_prefill_follows_the_prompt(opt13b, a100):
+    sp = ServingPrices(opt13b, a100)
+    one = sp.prefill(1, 1, [512]).latency_s
+    assert sp.prefill(1, 1, [1024]).latency_s > one
+    # attention is quadratic in each prompt: one prompt of 2s costs more than two of s
+    assert sp.prefill(1, 1, [2048]).latency_s > sp.prefill(1, 1, [1024, 1024]).latency_s
+    # tensor parallelism shortens it, and a pipeline lets the next batch in after one stage
+    assert sp.prefill(2, 1, [512]).latency_s < one
+    p = sp.prefill(1, 2, [512])
+    assert p.stage_s == pytest.approx(p.latency_s / 2)
+    # a large prefill is compute-bound: within 30% of its matmul FLOPs at the achieved gemm rate
+    tokens = 4 * 2048
+    flops = opt13b.prefill_flops_per_token() * tokens
+    rate = a100.peak_flops * a100.cluster.efficiency.gemm
+    assert flops / rate <= sp.prefill(1, 1, [2048] * 4).latency_s < 1.3 * flops / rate
+
+
+def test_kv_transfer_is_cheaper_inside_a_node(opt13b, a100):
+    sp = ServingPrices(opt13b, a100)
+    inside = sp.kv_transfer_s(1000, 0, 1)
+    across = sp.kv_transfer_s(1000, 0, 8)
+    assert 0 < inside < across
+
+
+def test_model_figures_count_the_real_parameters():
+    for spec in ("gpt2:tiny", "llama:tiny"):
+        figures = serving_model(spec)
+        model, _ = build_model(spec)
+        assert figures.params == sum(p.numel() for p in model.parameters()), spec
+    opt = serving_model("opt-13b")
+    assert 12.8e9 < opt.params < 12.9e9  # "13B"
+    assert (opt.layers, opt.heads, opt.head_dim) == (40, 40, 128)
