@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from shardwise.cli.console import Steps, err, out, print_json, to_jsonable
 from shardwise.cli.reshard import reshard as reshard_command
+from shardwise.cli.serve import serve_plan as serve_plan_command
 from shardwise.errors import ShardwiseError, UserInputError
 
 __all__ = ["app", "main"]
@@ -501,6 +502,7 @@ def demo(
 
 
 app.command()(reshard_command)  # shardwise.cli.reshard
+app.command("serve-plan")(serve_plan_command)  # shardwise.cli.serve
 
 # -- entry point --------------------------------------------------------------------------------------
 

@@ -157,6 +157,8 @@ class ServingPrices:
         self.engine = ENGINES[engine] if isinstance(engine, str) else engine
         self.compute = prices.compute
         self.cluster = prices.cluster
+        self._base: dict[tuple[int, float], float] = {}
+        self._edges: dict[tuple[int, int, float, float], float] = {}
 
     # -- layouts ------------------------------------------------------------------------------------------
 
@@ -209,12 +211,18 @@ class ServingPrices:
 
     def _layer_s(self, tp: int, tokens: float, attention_flops: float, attention_bytes: float) -> float:
         """One decoder layer on one of ``tp`` devices for ``tokens`` rows (see the module docstring)."""
+        key = (tp, tokens)
+        if key not in self._base:
+            self._base[key] = self._layer_base_s(tp, tokens)
+        return self._base[key] + self._kernel(OpWork("attention", attention_flops, attention_bytes, 0.0))
+
+    def _layer_base_s(self, tp: int, tokens: float) -> float:
+        """A layer's matmuls, memory-bound kernels and tensor-parallel all-reduces (all but attention)."""
         m = self.model
         io = m.layer_matmul_io * (1 + 1 / tp) / 2  # each matmul has one side split over tp
         gemm = OpWork("gemm", 2.0 * m.layer_matmul_params * tokens / tp, tokens * io * m.act_bytes,
                       m.layer_matmul_params * m.weight_bytes / tp)  # fmt: skip
         t = self.compute.with_overhead(self.compute.device_s(gemm), m.layer_matmuls)
-        t += self._kernel(OpWork("attention", attention_flops, attention_bytes, 0.0))
         inner = (3 if m.gated else 2) * m.ffn / tp
         memory = tokens * (MEMORY_PASSES_PER_TOKEN * m.hidden + inner) * m.act_bytes
         t += self.compute.with_overhead(self.compute.byte_s(memory), OTHER_KERNELS_PER_LAYER - 1)
@@ -225,6 +233,12 @@ class ServingPrices:
     def _edges_s(self, tp: int, pp: int, tokens: float, seqs: float) -> float:
         """Embedding lookup, final norm, output head on one row per sequence (logits all-gathered over tp) and
         the pipeline's messages between stages."""
+        key = (tp, pp, tokens, seqs)
+        if key not in self._edges:
+            self._edges[key] = self._edges_uncached_s(tp, pp, tokens, seqs)
+        return self._edges[key]
+
+    def _edges_uncached_s(self, tp: int, pp: int, tokens: float, seqs: float) -> float:
         m = self.model
         t = self._kernel(OpWork("memory", 0.0, 2 * tokens * m.hidden * m.act_bytes, 0.0))
         t += self._kernel(OpWork("memory", 0.0, 2 * seqs * m.hidden * m.act_bytes, 0.0))

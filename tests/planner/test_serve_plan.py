@@ -1,0 +1,210 @@
+"""The serving planner (planner/serving/): the simulator conserves requests and respects memory, goodput moves
+the way the targets say, the search and its report hold together, and bad workloads say what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from shardwise.cluster import get_cluster
+from shardwise.costs.prices import PriceList
+from shardwise.costs.serving import ServingPrices
+from shardwise.errors import UserInputError
+from shardwise.planner.serving.model import serving_model
+from shardwise.planner.serving.report import launch_commands, plan_data
+from shardwise.planner.serving.search import SLO, Scored, max_rate, search
+from shardwise.planner.serving.simulator import Colocated, Disaggregated, Phase, simulate
+from shardwise.planner.serving.workload import Workload, load_workload
+
+
+@pytest.fixture(scope="module")
+def opt13b():
+    return serving_model("facebook/opt-13b")
+
+
+@pytest.fixture(scope="module")
+def a100(opt13b):
+    return ServingPrices(opt13b, PriceList(get_cluster("dgx-a100x1"), "bf16"))
+
+
+LAYOUTS = [
+    Colocated(Phase(1, 1)),
+    Colocated(Phase(2, 1, 2)),
+    Colocated(Phase(1, 2)),
+    Disaggregated(Phase(1, 1), Phase(1, 1)),
+    Disaggregated(Phase(2, 1), Phase(1, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe())
+@pytest.mark.parametrize("rate", [2.0, 40.0])
+def test_simulator_conserves_requests(a100, layout, rate):
+    requests = load_workload("sharegpt").requests(300, rate, seed=3)
+    result = simulate(a100, layout, requests)
+    assert result.finished + result.rejected == len(requests)
+    served = [(a, b) for a, b in zip(result.ttft, result.tpot) if a is not None]
+    assert len(served) == result.finished
+    assert all(a >= 0 and b >= 0 for a, b in served)
+    # nothing is finished before the run ends, and a request's first token follows its arrival by its prefill
+    shortest = min(a100.prefill(layout_phase(layout).tp, layout_phase(layout).pp, [r.prompt]).latency_s
+                   for r in requests)  # fmt: skip
+    assert min(a for a, _ in served) >= shortest * 0.999
+    assert result.end_s >= max(r.arrival for r in requests)
+
+
+def layout_phase(layout):
+    return layout.phase if isinstance(layout, Colocated) else layout.prefill
+
+
+def test_requests_longer_than_the_cache_are_rejected(opt13b):
+    small = dataclasses.replace(get_cluster("dgx-a100x1").device, memory_bytes=30 * 2**30)
+    cluster = dataclasses.replace(get_cluster("dgx-a100x1"), device=small)
+    prices = ServingPrices(opt13b, PriceList(cluster, "bf16"))
+    capacity = prices.kv_capacity_tokens(1, 1)
+    assert 0 < capacity < 4000
+    lengths = Workload("mix", *(load_workload("fixed:1,1").prompt,) * 2, pairs=((capacity, 50), (100, 50)))
+    requests = lengths.requests(200, 1.0, seed=1)
+    too_long = sum(1 for r in requests if r.prompt + r.output > capacity)
+    for layout in (Colocated(Phase(1, 1)), Disaggregated(Phase(1, 1), Phase(1, 1))):
+        result = simulate(prices, layout, requests)
+        assert result.rejected == too_long > 0
+        assert result.finished == len(requests) - too_long
+
+
+def test_attainment_falls_with_load_and_rises_with_looser_targets(a100):
+    workload = load_workload("fixed:256,64")
+    layout = Colocated(Phase(1, 1))
+    results = [simulate(a100, layout, workload.requests(400, rate, seed=0)) for rate in (1, 8, 64)]
+    assert (
+        results[0].attainment(0.2, 0.05)
+        >= results[1].attainment(0.2, 0.05)
+        >= results[2].attainment(0.2, 0.05)
+    )
+    assert results[2].attainment(0.2, 0.05) < 0.5
+    for r in results:
+        assert r.attainment(0.4, 0.1) >= r.attainment(0.2, 0.05)
+
+
+def test_goodput_is_monotone_in_the_targets(a100):
+    workload = load_workload("fixed:512,64")
+    layout = Colocated(Phase(1, 1))
+
+    def goodput(ttft, tpot, target):
+        def attained(rate):
+            reqs = workload.requests(600, rate, seed=0)
+            span = reqs[-1].arrival
+            return simulate(a100, layout, reqs).attainment(ttft, tpot, span / 4, 3 * span / 4)
+
+        return max_rate(attained, target)[0]
+
+    tight = goodput(0.15, 0.03, 0.9)
+    assert tight > 0
+    assert goodput(0.3, 0.06, 0.9) >= tight / 1.03
+    assert goodput(0.15, 0.03, 0.5) >= tight / 1.03
+    # a target no layout can meet (TTFT below one prefill) has no goodput
+    assert goodput(a100.prefill(1, 1, [512]).latency_s / 2, 0.03, 0.9) == 0.0
+
+
+def test_max_rate_brackets_a_threshold():
+    rate, att, capped = max_rate(lambda r: 1.0 if r <= 37.0 else 0.0, 0.9)
+    assert 37.0 / 1.03 <= rate <= 37.0 and att == 1.0 and not capped
+    rate, _, capped = max_rate(lambda r: 1.0 if r <= 5.0 else None, 0.9)
+    assert rate <= 5.0 and capped
+
+
+def two_a100s():
+    """Two A100s (the preset's device and efficiencies) on the two-process topology of cpu:2: a small search."""
+    a100 = get_cluster("dgx-a100x1")
+    return dataclasses.replace(
+        get_cluster("cpu:2"), name="a100x2", device=a100.device, efficiency=a100.efficiency
+    )
+
+
+@pytest.fixture(scope="module")
+def small_search(opt13b):
+    cluster = two_a100s()
+    prices = ServingPrices(opt13b, PriceList(cluster, "bf16"))
+    workload = load_workload("fixed:256,32")
+    slo = SLO(0.5, 0.05, 0.9)
+    return prices, cluster, workload, slo, search(prices, cluster, workload, slo, requests=150)
+
+
+def test_search_ranks_colocated_and_disaggregated_layouts(small_search):
+    prices, cluster, workload, slo, result = small_search
+    kinds = {type(s.layout) for s in result.ranked}
+    assert kinds == {Colocated, Disaggregated}
+    per_device = [s.per_device for s in result.ranked]
+    assert per_device == sorted(per_device, reverse=True)
+    assert result.best is result.ranked[0] and result.best.goodput_rps > 0
+    assert result.best.attainment >= slo.attainment
+    assert all(s.layout.devices <= 2 for s in result.ranked)
+
+
+def test_plan_data_keys_and_launch_commands(small_search):
+    prices, cluster, workload, slo, result = small_search
+    data = json.loads(json.dumps(plan_data("gpt2", prices, cluster, workload, slo, result)))
+    for key in ("layout", "goodput_rps_per_gpu", "kv_capacity_tokens", "alternatives", "launch_command"):
+        assert key in data
+    assert data["layout"]["kind"] in ("colocated", "disaggregated")
+    assert data["goodput_rps_per_gpu"] > 0 and data["predicted"] is True
+    assert len(data["alternatives"]) == len(result.ranked) - 1
+    for s in result.ranked:
+        text = "\n".join(launch_commands("gpt2", s, cluster))
+        phases = [s.layout.phase] if isinstance(s.layout, Colocated) else [s.layout.prefill, s.layout.decode]
+        assert text.count("vllm serve gpt2") == sum(p.instances for p in phases)
+        for p in phases:
+            assert f"--tensor-parallel-size {p.tp} --pipeline-parallel-size {p.pp}" in text
+        assert ("kv_connector" in text) == isinstance(s.layout, Disaggregated)
+
+
+def test_a_model_too_big_for_the_cluster_says_what_to_do():
+    prices = ServingPrices(serving_model("facebook/opt-66b"), PriceList(get_cluster("dgx-a100x1"), "bf16"))
+    tiny = dataclasses.replace(get_cluster("dgx-a100x1"), num_nodes=1)
+    small = dataclasses.replace(tiny.device, memory_bytes=8 * 2**30)
+    with pytest.raises(UserInputError, match="more .*devices"):
+        search(ServingPrices(prices.model, PriceList(dataclasses.replace(tiny, device=small), "bf16")),
+               dataclasses.replace(tiny, device=small), load_workload("sharegpt"), SLO(1, 1, 0.9))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "message"),
+    [
+        ("prompt: {distribution: zipf, mean: 3}\noutput: 10\n", ".yaml", "zipf.*unknown.*lognormal"),
+        ("prompt: {distribution: lognormal}\noutput: 10\n", ".yaml", "needs 'mean'"),
+        ("output: 10\n", ".yaml", "missing `prompt`"),
+        (
+            "prompt: 10\noutput: 10\narrival: {process: poisson, rate: -1}\n",
+            ".yaml",
+            "rate must be a number > 0",
+        ),
+        ("prompt: 10\noutput: 10\narrival: {process: gamma}\n", ".yaml", "Poisson"),
+        ('{"prompt": 10, "output": ', ".json", "cannot be read as JSON"),
+        ("[[10, 0]]", ".json", "every length >= 1"),
+    ],
+)
+def test_bad_workload_files_say_what_to_do(tmp_path, content, suffix, message):
+    path = tmp_path / f"w{suffix}"
+    path.write_text(content)
+    with pytest.raises(UserInputError, match=message):
+        load_workload(str(path))
+
+
+def test_workload_files_and_names(tmp_path):
+    path = tmp_path / "chat.yaml"
+    path.write_text("prompt: {distribution: uniform, min: 10, max: 20}\noutput: {distribution: fixed, value: 7}\n"
+                    "arrival: {process: poisson, rate: 4}\n")  # fmt: skip
+    w = load_workload(str(path))
+    reqs = w.requests(500, seed=2)
+    assert all(10 <= r.prompt <= 20 and r.output == 7 for r in reqs)
+    gaps = [b.arrival - a.arrival for a, b in zip(reqs, reqs[1:])]
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 4, rel=0.15)  # Poisson at 4 requests/s
+    share = load_workload("sharegpt")
+    prompt, output = share.means(4000)
+    assert all(p + o < 2048 for p, o in share.lengths(2000))
+    assert 100 < prompt < 200 and 200 < output < 400 and not math.isnan(prompt)
+    with pytest.raises(UserInputError, match="neither a known name"):
+        load_workload("no-such-workload")
+    assert isinstance(Scored(Colocated(Phase(1, 1)), 1.0, 1.0).per_device, float)
