@@ -34,6 +34,7 @@ from shardwise.codegen.recompute import checkpoint_ranges, recompute_ranges
 from shardwise.codegen.spelling import spell, uses_aten
 from shardwise.codegen.statement import Statement, render_statements
 from shardwise.codegen.tables import program_tables
+from shardwise.ir.experts import MOE_EXPERTS, expert_axis
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Function, Graph, Node, Value, iter_values
 from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
@@ -282,6 +283,20 @@ def _sharded_cross_entropy(
     return (
         f"C.sharded_cross_entropy({x}, {target}, mesh, {axis!r}, reduction={reduction}, ignore_index={ignore}{size})"
     )
+
+
+def _expert_parallel(
+    node: Node, strategy: NodeStrategy | None, args: tuple[Arg | _Code, ...], names: _Names, mesh: DeviceMesh
+) -> str | None:
+    """An experts op whose experts are split over a mesh axis runs as ``C.moe_experts(..., mesh, axis)``, which
+    dispatches the rows to their experts' ranks and combines them back by all-to-all; None otherwise."""
+    if node.op != MOE_EXPERTS:
+        return None
+    axis = expert_axis(strategy, mesh)
+    if axis is None:
+        return None
+    operands = ", ".join(_format(a, {}, names) for a in args)
+    return f"C.moe_experts({operands}, mesh, {axis!r})"
 
 
 def _collective_call(
@@ -787,7 +802,9 @@ def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Bo
         else:
             args = _localize_sizes(node, strategy, mesh, names)
             args, kwargs = _bind(args, node.kwargs, tensors, operand_vars)
-            expr = _sharded_cross_entropy(node, strategy, args, names, mesh, shapes) or _call(
+            expr = _sharded_cross_entropy(node, strategy, args, names, mesh, shapes) or _expert_parallel(
+                node, strategy, args, names, mesh
+            ) or _call(
                 node, args, folded, names, kwargs
             )
         target = names.var[node.name]

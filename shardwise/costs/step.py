@@ -41,6 +41,7 @@ from shardwise.cluster.spec import ClusterSpec
 from shardwise.costs.backward import backward_s, group_backward_s, recompute_s
 from shardwise.costs.compute import traced_scale
 from shardwise.costs.prices import PriceList, price_list
+from shardwise.ir.experts import MOE_EXPERTS, expert_axis
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph, Node
 from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
@@ -273,8 +274,31 @@ class PricingContext:
                                      v in self.bucketed)  # fmt: skip
                 comm_f += f
                 comm_b += b
+            axis = expert_axis(s, mesh) if node.op == MOE_EXPERTS else None
+            if axis is not None:
+                f, b = expert_exchange_s(prices, mesh, axis, node, s, graph, self.width * scale)
+                comm_f += f
+                comm_b += b if needs else 0.0
         rec = recompute_s(prices.compute, work) + comm_f if recomputed else 0.0
         return OpPrice(fwd, bwd, comm_f, comm_b, rec)
+
+
+def expert_exchange_s(
+    prices: PriceList, mesh: DeviceMesh, axis: str, node: Node, s: NodeStrategy, graph: Graph, scale: float
+) -> tuple[float, float]:
+    """(forward, backward) seconds of the all-to-alls of an expert-parallel experts op (``runtime.lib.moe``): the
+    forward exchanges the rows per expert (one count each), then dispatches this rank's ``tokens x k`` rows to
+    their experts' ranks and combines the results back (two all-to-alls of the rows); the backward runs the two
+    row exchanges again in the other direction. Routing is priced as balanced (each rank sends ``1/n`` of its
+    rows to each rank), what a router trained with a load-balancing loss aims at."""
+    hidden, index = (graph.spec_of(v) for v in tensor_operands(node)[:2])
+    if not isinstance(hidden, TensorSpec) or not isinstance(index, TensorSpec):
+        return 0.0, 0.0
+    rows = _local_bytes(hidden, s.inputs[0], mesh, scale) * index.shape[-1]
+    experts = graph.spec_of(tensor_operands(node)[3])
+    counts = 8 * (experts.shape[0] if isinstance(experts, TensorSpec) else 1)
+    exchange = prices.axis_collective_s("alltoall", rows, mesh, axis)
+    return prices.axis_collective_s("alltoall", counts, mesh, axis) + 2 * exchange, 2 * exchange
 
 
 def _unshared(

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from torch.export import ExportedProgram
 
-__all__ = ["KNOWN_DECOMPOSITIONS", "SOURCES", "custom_ops", "decomposition_table", "library_module", "is_aten"]
+__all__ = ["KNOWN_DECOMPOSITIONS", "SHARDWISE_OPS", "SOURCES", "custom_ops", "decomposition_table", "library_module", "is_aten"]
 
 
 def _grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,10 @@ def _grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -
 KNOWN_DECOMPOSITIONS: dict[str, Callable[..., Any]] = {
     "transformers::grouped_mm_fallback": _grouped_mm,
 }
+
+
+# shardwise's own ops (frontend.experts): kept whole in the graph, never decomposed (the IR knows them)
+SHARDWISE_OPS = frozenset({"shardwise.moe_experts.default"})
 
 
 def is_aten(op: torch._ops.OpOverload) -> bool:
@@ -139,6 +143,8 @@ def decomposition_table(
 
     table: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
     for op in custom_ops(ep):
+        if op.namespace == "shardwise":
+            continue
         known = KNOWN_DECOMPOSITIONS.get(_qualified(op))
         if known is not None:
             if "known" in sources:

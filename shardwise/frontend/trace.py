@@ -24,7 +24,8 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from shardwise.errors import TraceError, UnsupportedOpError, UserInputError
-from shardwise.frontend.custom_ops import SOURCES, decomposition_table, library_module
+from shardwise.frontend.custom_ops import SHARDWISE_OPS, SOURCES, decomposition_table, library_module
+from shardwise.frontend.experts import experts_as_one_op
 from shardwise.frontend.subgraphs import subgraph_functions
 from shardwise.ir.graph import (
     Arg,
@@ -88,7 +89,7 @@ def export_program(
     the program will be differentiated); ATen ops are kept as they are."""
     applied: list[tuple[type, str]] = []
     try:
-        with _recording_autograd_functions(applied if training else None):
+        with _recording_autograd_functions(applied if training else None), experts_as_one_op(model):
             ep = torch.export.export(
                 model,
                 tuple(example_inputs),
@@ -480,6 +481,8 @@ def _check_supported(fx_node: torch.fx.Node, op: str, where: str) -> str | None:
     """Refuse what cannot run (with what to do); for a custom op that runs whole, the Python module the
     program imports to call it (None for anything else)."""
     target = fx_node.target
+    if op in SHARDWISE_OPS:
+        return None  # shardwise's own ops: generated programs call the runtime library
     if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
         module = library_module(target)
         if module is None:

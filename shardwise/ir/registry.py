@@ -662,6 +662,35 @@ def _where(node: Node, ins: Specs, outs: Specs) -> OpDims:
     return _elementwise(node, ins, outs)
 
 
+def _topk(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """``topk(x, k, dim)``: the dimension searched is needed whole; the others may be split (a router's top
+    experts per token)."""
+    rank = ins[0].rank
+    d = _norm_dim(int(_arg(node, 2, "dim", -1)), rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(rank)]
+    inp, out = list(labels), list(labels)
+    inp[d], out[d] = Dim("n", frozen=True), Dim("k", frozen=True)
+    return OpDims((tuple(inp),), tuple(tuple(out) for _ in outs))
+
+
+#: the routed experts of an MoE layer as one op (shardwise.frontend.experts): every token goes through its own
+#: experts alone, so the tokens may be split like a batch; the experts are split by expert parallelism
+#: (passes.sharding.experts), whose all-to-all the op's sharded implementation runs itself
+MOE_EXPERTS = "shardwise.moe_experts.default"
+
+
+def _moe_experts(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """``moe_experts(hidden[t, h], index[t, k], weights[t, k], gate_up[e, 2f, h], down[e, h, f], act)``."""
+    return parse_dimops("t h^, t k^, t k^, e^ g^ h^, e^ h^ f^ -> t h^")
+
+
+def _moe_experts_flops(node: Node, ins: Specs, outs: Specs) -> int:
+    """Each of the t * k routed rows through one expert: 2 h 2f (gate and up) + 2 f h (down)."""
+    hidden, index, _, _, down = ins[:5]
+    rows = index.shape[0] * index.shape[1]
+    return 6 * rows * hidden.shape[1] * down.shape[2]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the table
 
@@ -747,10 +776,12 @@ _register("aten.slice_scatter.default", "index", _slice_scatter, _per_output)
 _register("aten.select_scatter.default", "index", _select_scatter, _per_output)
 _register(["aten.index.Tensor", "aten.gather.default", "aten.index_select.default", "aten.diff.default",
            "aten.repeat.default", "aten.stack.default", "aten.flip.default", "aten.roll.default",
-           "aten.argmax.default", "aten.topk.default", "aten.sort.default", "aten.var.correction",
+           "aten.argmax.default", "aten.sort.default", "aten.var.correction",
            "aten.var_mean.correction", "aten.std.correction", "aten.max.dim", "aten.min.dim",
            "aten.pad.default", "aten.constant_pad_nd.default", "aten.any.dim", "aten.all.dim", "aten.prod.dim_int"],
           "index", _all_frozen, _per_output)  # fmt: skip
+_register("aten.topk.default", "index", _topk, _per_output)
+_register(MOE_EXPERTS, "matmul", _moe_experts, _moe_experts_flops)
 _register("aten.cross_entropy_loss.default", "loss", _cross_entropy, _per_input_x5)
 _register(["aten.nll_loss_forward.default", "aten.nll_loss.default",
            "aten.mse_loss.default", "aten.l1_loss.default", "aten.smooth_l1_loss.default",
@@ -929,6 +960,7 @@ SPELLINGS.update({
     "aten.any.dim": "torch.any", "aten.all.dim": "torch.all", "aten.prod.dim_int": "torch.prod",
     # (aten.copy has no autograd formula: written as what it computes)
     "aten.copy.default": "{1}.to({0}.dtype).expand_as({0}).clone()",
+    MOE_EXPERTS: "C.moe_experts",
 })  # fmt: skip
 
 

@@ -15,7 +15,10 @@ into a :class:`Constraints`; anything not pinned is searched. Keys:
 * ``offload``: ``none``, ``optimizer``, ``activations``, ``optimizer+activations`` (host memory), ``auto``;
 * ``collectives``: ``library`` (NCCL/Gloo's own algorithms) or ``synthesize`` (topology-aware schedules where
   predicted faster);
-* ``ep`` (expert parallelism) and ``cp`` (context parallelism) are known names whose only value today is 1.
+* ``ep``: expert parallelism, the experts of every mixture-of-experts layer split over ``ep`` ranks of the
+  data-parallel axis (tokens dispatched to their experts by all-to-all); a divisor of the expert count, equal
+  to ``dp`` today (``1``: every rank holds every expert);
+* ``cp`` (context parallelism) is a known name whose only value today is 1.
 
 Errors name the key, the value and what is allowed (``ConstraintError``, a ``PlanError`` and a ``UserInputError``).
 """
@@ -59,6 +62,7 @@ class Constraints:
     recompute_budget: int | None = None  # bytes per rank (the API's recompute=<int>)
     offload: str | None = None
     collectives: str | None = None
+    ep: int | None = None
 
     def pinned(self) -> dict[str, object]:
         """The pinned choices, for notes and errors."""
@@ -126,7 +130,7 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
             values[key] = _choice(key, value, OFFLOAD_MODES)
         else:
             values[key] = _choice(key, value, COLLECTIVE_MODES)
-    for key, meaning in (("ep", "expert parallelism"), ("cp", "context parallelism")):
+    for key, meaning in (("cp", "context parallelism"),):
         if values.pop(key, 1) != 1:
             raise ConstraintError(
                 f"constraint {key}={(raw or {})[key]}: {meaning} is not in the search yet: use {key}=1 (plans "
@@ -154,6 +158,15 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
             f"constraints pp={values.get('pp', 1)} x dp={values.get('dp', 1)} x tp={values.get('tp', 1)} need "
             f"{product} devices; {cluster.name} has {world}"
         )
+    ep, dp = values.get("ep"), values.get("dp")
+    if ep is not None and ep > 1 and dp is not None and dp != ep:
+        raise ConstraintError(
+            f"constraints ep={ep} dp={dp}: expert parallelism splits the experts over the whole data-parallel axis "
+            f"today, so ep is 1 or equal to dp (pin dp={ep}, or leave dp to the search)"
+        )
+    if ep is not None and ep > 1 and values.get("pp", 1) != 1:
+        raise ConstraintError(f"constraint ep={ep} with pp={values['pp']}: expert parallelism is planned for flat "
+                              "layouts (pp=1) today")  # fmt: skip
     if values.get("schedule") == "interleaved" and values.get("virtual") == 1:
         values["schedule"] = "1f1b"  # one chunk per device: interleaving is plain 1F1B
     return Constraints(**values)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from shardwise.cluster import ClusterSpec
 from shardwise.costs.memory import optimizer_state
 from shardwise.costs.prices import mesh_prices
 from shardwise.costs.step import predict_flat
-from shardwise.errors import DoesNotFitError
+from shardwise.errors import DoesNotFitError, PlanError
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
 from shardwise.ir.plan import ExecutionPlan, Prediction, RankMemory
@@ -38,6 +38,7 @@ from shardwise.passes.memory.mapping import map_memory
 from shardwise.passes.memory.program import step_buffers
 from shardwise.passes.remat import apply_recomputation, cheapest_recomputation, recompute_all_layers
 from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOptions, place
+from shardwise.passes.sharding.experts import expert_parallel
 from shardwise.passes.sharding.gradients import param_grad_reduce
 from shardwise.passes.sharding.redistribute import replicated
 from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
@@ -132,6 +133,7 @@ def _cannot_fit(
 def flat_plan(
     source: Graph, graph: Graph, cluster: ClusterSpec, mesh: DeviceMesh, placed: Placed,
     inputs: Mapping[str, ShardingSpec], memory: tuple[RankMemory, ...], options: FlatOptions, zero: int,
+    ep: int = 1,
 ) -> ExecutionPlan:  # fmt: skip
     """The ExecutionPlan of a placed flat layout, priced (``source``: the graph as traced, fingerprinted)."""
     train = options.mode == "train"
@@ -156,7 +158,8 @@ def flat_plan(
         notes.append(f"ZeRO stage {zero}: " + ", ".join(parts))
     plan = ExecutionPlan(
         **plan_identity(source, cluster, options.mode, options.precision, mesh),
-        degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1)),
+        degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1))
+        + ((("ep", ep),) if ep > 1 else ()),
         graph=graph, strategies=placed.strategies,
         input_placements=tuple(inputs.get(i.name, replicated(mesh)) for i in graph.inputs),
         param_placements=tuple((keys[name], spec) for name, spec in placed.param_placements.items()),
@@ -180,10 +183,14 @@ class Realized:
 
 def realize_flat(
     graph: Graph, cluster: ClusterSpec, *, dp: int, tp: int, sp: bool, zero: int, recompute: str,
-    options: FlatOptions, analyses: FlatAnalyses, stats_out: list[ILPStats] | None = None,
+    options: FlatOptions, analyses: FlatAnalyses, stats_out: list[ILPStats] | None = None, ep: int = 1,
 ) -> Realized:  # fmt: skip
-    """Realize one flat layout (see the module docstring). Raises DoesNotFitError when no placement of the
-    ILP fits its memory budget and recomputation cannot make the layout fit either."""
+    """Realize one flat layout (see the module docstring). ``ep`` > 1: the experts of every MoE layer split over
+    the ``dp`` axis (``passes.sharding.experts``; ``ep`` equals ``dp``). Raises DoesNotFitError when no placement
+    of the ILP fits its memory budget and recomputation cannot make the layout fit either."""
+    if ep > 1 and ep != dp:
+        raise PlanError(f"ep={ep} with dp={dp}: expert parallelism splits the experts over the whole data-parallel "
+                        "axis today: pin ep equal to dp")  # fmt: skip
     train = options.mode == "train"
     analysis = analyses.get(tp > 1, dp * tp > 1)
     g = analysis.graph
@@ -210,12 +217,14 @@ def realize_flat(
         except DoesNotFitError as exc:
             error = str(exc)
             continue
+        if ep > 1:
+            placed = expert_parallel(g, mesh, placed, "dp")
         if stats_out is not None:
             stats_out.append(placed.stats)
         if attempt is not attempts[-1] and _cannot_fit(g, mesh, placed, inputs, cluster, options, zero):
             continue
         memory = map_placed(g, mesh, placed, inputs, cluster, options, zero)
-        plan = flat_plan(graph, g, cluster, mesh, placed, inputs, memory, options, zero)
+        plan = flat_plan(graph, g, cluster, mesh, placed, inputs, memory, options, zero, ep)
         if train and recompute == "full":
             plan = apply_recomputation(plan, recompute_all_layers(plan), cluster)
         elif train and recompute == "selective":

@@ -41,6 +41,7 @@ from shardwise.cluster import ClusterSpec
 from shardwise.costs.memory import element_bytes
 from shardwise.costs.step import StageTail, analytic_step, simulate, stage_tail_s
 from shardwise.errors import PlanError
+from shardwise.ir.experts import expert_count
 from shardwise.ir.graph import Graph
 from shardwise.passes.stages.partition import balance
 from shardwise.passes.stages.profile import UnitCost, UnitProfiler, traced_batch
@@ -110,10 +111,11 @@ class Candidate:
     zero: int = 0
     recomputed: tuple[int, ...] = ()  # unit positions recomputed (selective and full)
     memory_parts: tuple[tuple[str, int], ...] = ()  # the busiest device's memory by what it holds
+    ep: int = 1  # expert parallelism: the experts of MoE layers split over the dp axis (ep = dp)
 
     @property
     def degrees(self) -> tuple[tuple[str, int], ...]:
-        return (("dp", self.dp), ("tp", self.tp), ("pp", self.pp))
+        return (("dp", self.dp), ("tp", self.tp), ("pp", self.pp)) + ((("ep", self.ep),) if self.ep > 1 else ())
 
     @property
     def flat(self) -> bool:
@@ -125,14 +127,15 @@ class Candidate:
 
     def key(self) -> tuple:
         return (self.pp, self.dp, self.tp, self.sp, self.microbatch, self.schedule, self.virtual, self.recompute,
-                self.zero)  # fmt: skip
+                self.zero, self.ep)  # fmt: skip
 
     def describe(self) -> str:
         sched = self.schedule + (f"x{self.virtual}" if self.virtual > 1 else "")
         sp = "+sp" if self.sp else ""
         zero = f" zero={self.zero}" if self.zero else ""
         batch = f" mb={self.microbatch}x{self.microbatches} {sched}" if not self.flat else ""
-        return f"pp={self.pp} dp={self.dp} tp={self.tp}{sp}{zero}{batch} recompute={self.recompute}"
+        ep = f" ep={self.ep}" if self.ep > 1 else ""
+        return f"pp={self.pp} dp={self.dp}{ep} tp={self.tp}{sp}{zero}{batch} recompute={self.recompute}"
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,7 @@ class _Config:
     v: int
     recompute: str
     zero: int
+    ep: int = 1
 
 
 def _work(ctx: _Context, t: _Tables, recomputed: frozenset[int]) -> list[float]:
@@ -471,7 +475,7 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
         bubble_s=max(step - device_work[busiest] * m - tail[busiest], 0.0),
         memory_bytes=tuple(int(x) for x in mem), fits=fits_all, simulated=False, chunk_forward_s=tuple(cf),
         chunk_backward_s=tuple(cb), tail_s=tuple(tail), transfer_s=tuple(transfer), zero=cfg.zero,
-        recomputed=tuple(sorted(recomputed)), memory_parts=parts,
+        recomputed=tuple(sorted(recomputed)), memory_parts=parts, ep=cfg.ep,
     )  # fmt: skip
 
 
@@ -667,16 +671,39 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
             recomputes = [pinned.recompute] if train else ["none"]
         else:
             recomputes = ["none", "selective", "full"] if train else ["none"]
+        eps = _expert_degrees(ctx, pinned, pp, dp, tp, rejected)
+        if not eps:
+            continue
         for sp in sps:
             for b in bs:
                 m = per_replica // b
                 for zero in dict.fromkeys(zeros):
                     for rc in recomputes:
                         for schedule, v in _schedules(pinned, pp, m, positions, options, train):
-                            cfg = _Config(pp, dp, tp, sp, b, m, schedule, v, rc, zero)
-                            lb, mem_lb = _lower_bound(ctx, cfg)
-                            out.append((lb, mem_lb, cfg))
+                            for ep in eps:
+                                cfg = _Config(pp, dp, tp, sp, b, m, schedule, v, rc, zero, ep)
+                                lb, mem_lb = _lower_bound(ctx, cfg)
+                                out.append((lb, mem_lb, cfg))
     return out
+
+
+def _expert_degrees(
+    ctx: _Context, pinned: Constraints, pp: int, dp: int, tp: int, rejected: list[str]
+) -> list[int]:
+    """The ``ep`` values of a mesh: 1, and for a model with MoE layers on a flat mesh the data-parallel degree
+    when it divides the expert count (the experts split over the whole dp axis); a pinned ep alone."""
+    experts = expert_count(ctx.graph)
+    possible = [1]
+    if experts and pp == 1 and dp > 1 and experts % dp == 0:
+        possible.append(dp)
+    if pinned.ep is None:
+        return possible
+    if pinned.ep in possible:
+        return [pinned.ep]
+    why = ("the model has no mixture-of-experts layers shardwise recognizes" if not experts
+           else f"ep must divide the {experts} experts and equal dp on a flat mesh (pp=1)")  # fmt: skip
+    rejected.append(f"pp={pp} dp={dp} tp={tp}: ep={pinned.ep} is not possible: {why}")
+    return []
 
 
 def _schedules(

@@ -2,10 +2,9 @@
 configurations, shardwise/zoo/hf.py) compile for cpu:2 and equal eager PyTorch, for inference and for three
 SGD training steps (losses and every final parameter), with the plan the planner picks, dp=2 and tp=2.
 
-Their experts call transformers' custom op ``grouped_mm_fallback`` while torch.export traces; shardwise
-decomposes it into one matmul per expert over that expert's rows (sizes read from the routing at run time), and
-those matmuls run whole on every rank (replicated experts; expert parallelism is another issue). One pool of
-two gloo processes serves the module."""
+Each layer's experts become one op while torch.export traces (``shardwise.moe_experts``, see
+shardwise/frontend/experts.py), run by the runtime library on each rank's tokens with every expert on every rank
+(expert parallelism is tests/e2e/test_expert_parallel.py's). One pool of two gloo processes serves the module."""
 
 from __future__ import annotations
 
@@ -33,9 +32,9 @@ def _loss(out) -> torch.Tensor:  # noqa: ANN001
     return out.logits.float().sin().mean()
 
 
-def _expert_matmuls(cm) -> list[str]:  # noqa: ANN001
-    """The per-expert matmuls of the decomposed grouped matmul (they read rows whose number the routing sets)."""
-    return [n.name for n in cm.graph.nodes if n.whole and n.op in ("aten.mm.default", "aten.matmul.default")]
+def _experts_ops(cm) -> list[str]:  # noqa: ANN001
+    """The experts of each MoE layer, as one op."""
+    return [n.name for n in cm.graph.nodes if n.op == "shardwise.moe_experts.default"]
 
 
 @pytest.mark.parametrize("plan", ["default", "tp2"])
@@ -44,9 +43,8 @@ def test_inference_equals_eager(pool, name, plan):
     model, inputs = tiny_causal_lm(name)
     with shardwise.compile(model, "cpu:2", example_inputs=inputs, constraints=PLANS[plan], workers=pool) as cm:
         assert cm.plan.world_size == 2
-        assert not any(n.op.startswith("transformers.") for n in cm.graph.nodes)  # decomposed
-        experts = _expert_matmuls(cm)
-        assert experts and set(experts) <= set(cm.plan.replicated_ops)
+        assert not any(n.op.startswith("transformers.") for n in cm.graph.nodes)
+        assert len(_experts_ops(cm)) == model.config.num_hidden_layers  # one op per layer's experts
         out = cm.run(*inputs)
     with torch.no_grad():
         ref = model(*inputs)

@@ -11,7 +11,8 @@ package it writes (as ``_runtime/``, imported by the program as ``C``) and the p
 * ``optim`` — ZeRO's sharded optimizer, host offload, fp16 loss scaling;
 * ``training`` — the training step that uses them;
 * ``pipeline`` — the schedule runtime of pipeline packages;
-* ``weights`` — a program's pieces from whole weights and back (checkpoint helpers).
+* ``weights`` — a program's pieces from whole weights and back (checkpoint helpers);
+* ``moe`` — the routed experts of a mixture-of-experts layer, whole or expert parallel (all-to-all).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .collectives import (
 )
 from .gradients import BUCKET_BYTES, Bucket, GradientReducer, make_buckets
 from .mesh import Mesh, local_piece, piece_index, piece_size, piece_sizes
+from .moe import all_to_all_rows, moe_experts
 from .optim import HostOptimizer, LossScale, ShardedOptimizer
 from .training import Trainer
 from .weights import full_state_dict, load_full_state_dict, load_weights, whole
@@ -44,12 +46,14 @@ __all__ = [
     "all_gather",
     "all_reduce",
     "all_to_all",
+    "all_to_all_rows",
     "full_state_dict",
     "grad_all_reduce",
     "load_full_state_dict",
     "load_weights",
     "local_piece",
     "make_buckets",
+    "moe_experts",
     "piece_index",
     "piece_size",
     "piece_sizes",
