@@ -165,6 +165,11 @@ class ServingPrices:
     def check_layout(self, tp: int, pp: int) -> None:
         if tp < 1 or pp < 1:
             raise ValueError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
+        if tp * pp > self.cluster.world_size:
+            raise ValueError(
+                f"a tp={tp} x pp={pp} instance needs {tp * pp} devices; {self.cluster.name} has "
+                f"{self.cluster.world_size}"
+            )
 
     def tp_ranks(self, tp: int, first: int = 0) -> tuple[int, ...]:
         return tuple(range(first, first + tp))

@@ -28,7 +28,7 @@ from shardwise.errors import UserInputError
 from shardwise.planner.serving.simulator import Colocated, Disaggregated, Layout, Phase, simulate
 from shardwise.planner.serving.workload import Workload
 
-__all__ = ["SLO", "Scored", "ServeSearch", "max_rate", "layouts", "search"]
+__all__ = ["SLO", "Scored", "ServeSearch", "Goodput", "max_rate", "layouts", "search"]
 
 #: best layouts of each phase paired in the disaggregated search
 TOP = 2
@@ -152,6 +152,64 @@ def _counts(rp: float, gp: int, rd: float, gd: int, devices: int) -> tuple[int, 
     return best
 
 
+class Goodput:
+    """The goodput of layouts of one model for one workload and one set of targets (see the module docstring):
+    each rate simulated on ``requests`` or more requests spanning ``WINDOW`` lifetimes."""
+
+    def __init__(
+        self, prices: ServingPrices, workload: Workload, slo: SLO, requests: int = 300, seed: int = 0
+    ):
+        self.prices, self.workload, self.slo, self.requests, self.seed = prices, workload, slo, requests, seed
+        self.mean_output = workload.means(MAX_REQUESTS, seed)[1]
+
+    def __call__(
+        self, layout: Layout, ttft: float | None = None, tpot: float | None = None, only: str | None = None
+    ) -> tuple[float, float, bool]:
+        """(rate, attainment at it, capped) of ``layout`` for the targets (the SLO's by default)."""
+        ttft = self.slo.ttft if ttft is None else ttft
+        tpot = self.slo.tpot if tpot is None else tpot
+        life = (ttft if ttft < math.inf else 0.0) + (self.mean_output * tpot if tpot < math.inf else 0.0)
+
+        def attained(rate: float) -> float | None:
+            n = int(max(self.requests, rate * WINDOW * life))
+            if n > MAX_REQUESTS:
+                return None
+            sample = self.workload.requests(n, rate, self.seed)
+            span = sample[-1].arrival
+            result = simulate(self.prices, layout, sample, only)
+            return result.attainment(ttft, tpot, span / WINDOW, span * (WINDOW - 1) / WINDOW)
+
+        return max_rate(attained, self.slo.attainment)
+
+    def prefill(self, tp: int, pp: int) -> tuple[float, bool]:
+        """Goodput of one prefill instance alone (TTFT target only)."""
+        rate, _, capped = self(Disaggregated(Phase(tp, pp), Phase(1, 1)), tpot=math.inf, only="prefill")
+        return rate, capped
+
+    def decode(self, tp: int, pp: int) -> tuple[float, bool]:
+        """Goodput of one decode instance alone (TPOT target only)."""
+        rate, _, capped = self(Disaggregated(Phase(1, 1), Phase(tp, pp)), ttft=math.inf, only="decode")
+        return rate, capped
+
+    def pair(
+        self, cluster: ClusterSpec, pre: tuple[int, int, float], dec: tuple[int, int, float]
+    ) -> tuple[Scored, Disaggregated] | None:
+        """Prefill and decode instances (tp, pp, one instance's goodput) given the counts that balance them
+        best per device within ``cluster``, simulated whole and replicated over the cluster: (the whole
+        layout scored, the unit simulated)."""
+        (tp_p, pp_p, rp), (tp_d, pp_d, rd) = pre, dec
+        counts = _counts(rp, tp_p * pp_p, rd, tp_d * pp_d, cluster.world_size)
+        if counts is None:
+            return None
+        unit = Disaggregated(Phase(tp_p, pp_p, counts[0]), Phase(tp_d, pp_d, counts[1]))
+        rate, att, capped = self(unit)
+        replicas = max(1, cluster.world_size // unit.devices)
+        whole = Disaggregated(
+            Phase(tp_p, pp_p, counts[0] * replicas), Phase(tp_d, pp_d, counts[1] * replicas)
+        )
+        return Scored(whole, rate * replicas, att, capped), unit
+
+
 def search(
     prices: ServingPrices, cluster: ClusterSpec, workload: Workload, slo: SLO, *, requests: int = 300,
     seed: int = 0, disaggregated: bool = True, colocated: bool = True,
@@ -160,69 +218,46 @@ def search(
     """Search the layouts (see the module docstring)."""
     say = progress or (lambda _text: None)
     longest = max(p + o for p, o in workload.lengths(MAX_REQUESTS, seed))
-    mean_output = workload.means(MAX_REQUESTS, seed)[1]
     options = layouts(prices, cluster, longest)
     if not options:
         raise UserInputError(
             f"no tp x pp layout of {prices.model.name} on {cluster.name} holds a request of {longest} tokens "
             "in its KV cache: use a cluster with more (or larger) devices, or a workload of shorter requests"
         )
-
-    def goodput(
-        layout: Layout, ttft: float, tpot: float, only: str | None = None
-    ) -> tuple[float, float, bool]:
-        life = (ttft if ttft < math.inf else 0.0) + (mean_output * tpot if tpot < math.inf else 0.0)
-
-        def attained(rate: float) -> float | None:
-            n = int(max(requests, rate * WINDOW * life))
-            if n > MAX_REQUESTS:
-                return None
-            sample = workload.requests(n, rate, seed)
-            span = sample[-1].arrival
-            result = simulate(prices, layout, sample, only)
-            return result.attainment(ttft, tpot, span / WINDOW, span * (WINDOW - 1) / WINDOW)
-
-        return max_rate(attained, slo.attainment)
-
+    goodput = Goodput(prices, workload, slo, requests, seed)
     scored: list[Scored] = []
     if colocated:
         for tp, pp in options:
-            rate, att, capped = goodput(Colocated(Phase(tp, pp)), slo.ttft, slo.tpot)
+            rate, att, capped = goodput(Colocated(Phase(tp, pp)))
             say(f"colocated tp{tp} pp{pp}: {_rate(rate, capped)} req/s per instance (predicted)")
             replicas = max(1, cluster.world_size // (tp * pp))
             scored.append(Scored(Colocated(Phase(tp, pp, replicas)), rate * replicas, att, capped))
     phases: dict[str, tuple[tuple[int, int, float], ...]] = {}
     if disaggregated and cluster.world_size >= 2:
-        inf = math.inf
         pre, dec = [], []
         for tp, pp in options:
-            stub = Phase(1, 1)
-            rate, _, capped = goodput(Disaggregated(Phase(tp, pp), stub), slo.ttft, inf, "prefill")
+            rate, capped = goodput.prefill(tp, pp)
             say(f"prefill tp{tp} pp{pp}: {_rate(rate, capped)} req/s per instance (predicted)")
             pre.append((tp, pp, rate))
-            rate, _, capped = goodput(Disaggregated(stub, Phase(tp, pp)), inf, slo.tpot, "decode")
+            rate, capped = goodput.decode(tp, pp)
             say(f"decode tp{tp} pp{pp}: {_rate(rate, capped)} req/s per instance (predicted)")
             dec.append((tp, pp, rate))
         phases = {"prefill": tuple(pre), "decode": tuple(dec)}
-        best_pre = sorted((p for p in pre if p[2] > 0), key=lambda p: (-p[2] / (p[0] * p[1]), p[0] * p[1]))[
-            :TOP
-        ]
-        best_dec = sorted((d for d in dec if d[2] > 0), key=lambda d: (-d[2] / (d[0] * d[1]), d[0] * d[1]))[
-            :TOP
-        ]
-        for tp_p, pp_p, rp in best_pre:
-            for tp_d, pp_d, rd in best_dec:
-                counts = _counts(rp, tp_p * pp_p, rd, tp_d * pp_d, cluster.world_size)
-                if counts is None:
+
+        def best(rows: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
+            return sorted((r for r in rows if r[2] > 0), key=lambda r: (-r[2] / (r[0] * r[1]), r[0] * r[1]))[
+                :TOP
+            ]
+
+        for p in best(pre):
+            for d in best(dec):
+                paired = goodput.pair(cluster, p, d)
+                if paired is None:
                     continue
-                unit = Disaggregated(Phase(tp_p, pp_p, counts[0]), Phase(tp_d, pp_d, counts[1]))
-                rate, att, capped = goodput(unit, slo.ttft, slo.tpot)
-                replicas = max(1, cluster.world_size // unit.devices)
-                whole = Disaggregated(
-                    Phase(tp_p, pp_p, counts[0] * replicas), Phase(tp_d, pp_d, counts[1] * replicas)
-                )
-                say(f"{unit.describe()}: {_rate(rate / unit.devices, capped)} req/s per device (predicted)")
-                scored.append(Scored(whole, rate * replicas, att, capped))
+                whole, unit = paired
+                per = whole.per_device
+                say(f"{unit.describe()}: {_rate(per, whole.capped)} req/s per device (predicted)")
+                scored.append(whole)
     if not scored:
         raise UserInputError("no layout was searched: allow colocated or disaggregated layouts")
     ranked = tuple(sorted(scored, key=lambda s: (-s.per_device, s.layout.devices)))

@@ -1,0 +1,199 @@
+"""Serving prices and the serving planner against DistServe (Zhong et al., OSDI'24, A100-80GB):
+``python bench/serving.py [--skip-layouts]``. Writes bench/results/serving.json.
+
+**Assumptions fixed from DistServe's source before any row was compared** (LLMServe/DistServe at 82831f1):
+
+- *KV capacity* (``simdistserve/estimators/profile_data/max_num_tokens.csv``, made by
+  ``simdistserve/profilers/profile_memory.py``): tokens = blocks of 16 (``block_size=16``) that fit in
+  ``total_memory x 0.95`` (``gpu_memory_utilization=0.95``) after a peak runtime memory of ``total_memory x 0.01
+  + the model``; the model in fp16 (``dtype="fp16"``, 2 bytes) with the vocabulary and position embeddings
+  whole on every device (``distserve/config.py``, ``get_model_size_in_bytes``: embeddings not divided by tp);
+  a K and V entry per layer of the device's stage and head of its tp share. ``total_memory`` is what
+  ``torch.cuda.get_device_properties(0).total_memory`` reports on an A100-SXM4-80GB: 84,987,740,160 bytes
+  (81,051 MiB: a public deviceQuery listing of an A100-SXM4-80GB with ECC on, driver 12.2; a second listing,
+  driver 12.5, shows 85,100,068,864, 0.13% more). This is the ``distserve`` engine of ``costs/serving.py``;
+  the weights themselves are ours (HF config, parameters counted on the meta device), not DistServe's formula.
+- *Workload*: ShareGPT-like lengths, the ``sharegpt`` workload of ``planner/serving/workload.py`` (means from
+  the vLLM paper's ShareGPT statistics, a log-normal shape we assume, prompt + output < 2048 as DistServe's
+  dataset preparation prunes); Poisson arrivals (DistServe's default ``--arrival poisson``); attainment of both
+  targets by 90% of requests.
+- *Targets*: OPT-13B TTFT 0.25 s / TPOT 0.1 s; OPT-66B TTFT 0.4 s / TPOT 0.1 s (as the issue states them).
+- *Cluster*: one DGX-A100 node (8 x A100-80GB, NVLink; the preset's device figures and achieved efficiencies,
+  the device memory as above): DistServe places a prefill and a decode instance of one pair in one node.
+
+DistServe's published layouts (issue 18): OPT-13B prefill tp 2, decode tp 1; OPT-66B prefill tp 4, decode
+tp 2 x pp 2. The bench prints the planner's choice and the predicted goodput of DistServe's layouts under the
+same simulation, so a different choice is judged by its predicted goodput. Every goodput is predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shardwise.cluster import get_cluster  # noqa: E402
+from shardwise.costs.prices import PriceList  # noqa: E402
+from shardwise.costs.serving import ServingPrices  # noqa: E402
+from shardwise.planner.serving.model import serving_model  # noqa: E402
+from shardwise.planner.serving.report import layout_data  # noqa: E402
+from shardwise.planner.serving.search import SLO, Goodput, search  # noqa: E402
+from shardwise.planner.serving.workload import load_workload  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+#: torch's total_memory of an A100-SXM4-80GB (see the module docstring)
+A100_TOTAL_MEMORY = 84_987_740_160
+#: DistServe's max_num_tokens.csv: (model, tp, pp) -> tokens (the issue's two rows first)
+DISTSERVE_KV = {
+    ("facebook/opt-13b", 1, 1): 66144,
+    ("facebook/opt-175b", 8, 2): 192784,
+    ("facebook/opt-13b", 2, 1): 163008,
+    ("facebook/opt-13b", 4, 2): 744224,
+    ("facebook/opt-66b", 2, 2): 78512,
+    ("facebook/opt-66b", 4, 1): 78496,
+    ("facebook/opt-66b", 8, 1): 212304,
+    ("facebook/opt-175b", 4, 4): 192800,
+    ("facebook/opt-175b", 8, 4): 459328,
+}
+#: (model, TTFT, TPOT, DistServe's prefill (tp, pp), decode (tp, pp))
+LAYOUT_ROWS = [
+    ("facebook/opt-13b", 0.25, 0.1, (2, 1), (1, 1)),
+    ("facebook/opt-66b", 0.4, 0.1, (4, 1), (2, 2)),
+]
+
+
+def a100_nodes(nodes: int = 1):
+    c = get_cluster(f"dgx-a100x{nodes}")
+    return dataclasses.replace(c, device=dataclasses.replace(c.device, memory_bytes=A100_TOTAL_MEMORY))
+
+
+def kv_rows(cluster) -> list[dict]:
+    rows = []
+    models = {}
+    for (name, tp, pp), published in DISTSERVE_KV.items():
+        model = models.setdefault(name, serving_model(name))
+        prices = ServingPrices(model, PriceList(cluster, "bf16"), "distserve")
+        predicted = prices.kv_capacity_tokens(tp, pp)
+        rows.append({"model": name, "tp": tp, "pp": pp, "distserve_tokens": published, "predicted_tokens": predicted,
+                     "error": predicted / published - 1})  # fmt: skip
+    return rows
+
+
+def bound_rows(cluster) -> list[dict]:
+    rows = []
+    for name in ("facebook/opt-13b", "facebook/opt-66b", "facebook/opt-175b"):
+        prices = ServingPrices(serving_model(name), PriceList(cluster, "bf16"), "distserve")
+        worst = None
+        for tp in (1, 2, 4, 8):
+            for pp in (1, 2, 4):
+                bound = prices.weight_read_bound_s(tp, pp)
+                for batch, context in ((1, 128), (8, 8 * 600), (64, 64 * 600), (256, 256 * 1500)):
+                    ratio = prices.decode_step_s(tp, pp, batch, context) / bound
+                    if worst is None or ratio < worst[0]:
+                        worst = (ratio, tp, pp, batch)
+        rows.append({"model": name, "min_step_over_bound": worst[0], "at": {"tp": worst[1], "pp": worst[2],
+                     "batch": worst[3]}})  # fmt: skip
+    return rows
+
+
+def layout_rows(cluster, workload) -> list[dict]:
+    rows = []
+    for name, ttft, tpot, (tp_p, pp_p), (tp_d, pp_d) in LAYOUT_ROWS:
+        prices = ServingPrices(serving_model(name), PriceList(cluster, "bf16"), "distserve")
+        slo = SLO(ttft, tpot, 0.9)
+        start = time.perf_counter()
+        result = search(prices, cluster, workload, slo, progress=lambda text: print(f"  {text}", flush=True))
+        elapsed = time.perf_counter() - start
+        goodput = Goodput(prices, workload, slo)
+        phases = {kind: {(tp, pp): rate for tp, pp, rate in rows_} for kind, rows_ in result.phases.items()}
+        rp = phases["prefill"].get((tp_p, pp_p)) or goodput.prefill(tp_p, pp_p)[0]
+        rd = phases["decode"].get((tp_d, pp_d)) or goodput.decode(tp_d, pp_d)[0]
+        paired = goodput.pair(cluster, (tp_p, pp_p, rp), (tp_d, pp_d, rd))
+        theirs = paired[0] if paired else None
+        best = result.best
+        rows.append({
+            "model": name, "ttft_s": ttft, "tpot_s": tpot, "attainment": 0.9,
+            "distserve_layout": {"prefill": {"tp": tp_p, "pp": pp_p}, "decode": {"tp": tp_d, "pp": pp_d}},
+            "distserve_layout_predicted": None if theirs is None else {
+                "layout": layout_data(theirs), "goodput_rps_per_gpu": theirs.per_device,
+                "attainment": theirs.attainment, "prefill_instance_rps": rp, "decode_instance_rps": rd,
+            },
+            "chosen": {"layout": layout_data(best), "goodput_rps_per_gpu": best.per_device,
+                       "attainment": best.attainment, "lower_bound": best.capped},
+            "ranked": [{"layout": layout_data(s), "goodput_rps_per_gpu": s.per_device} for s in result.ranked],
+            "phase_goodput": {kind: [{"tp": tp, "pp": pp, "rps": rate} for tp, pp, rate in rows_]
+                              for kind, rows_ in result.phases.items()},
+            "search_s": elapsed,
+        })  # fmt: skip
+    return rows
+
+
+def _describe(layout: dict) -> str:
+    if layout["kind"] == "colocated":
+        return f"colocated {layout['instances']}x tp{layout['tp']} pp{layout['pp']}"
+    p, d = layout["prefill"], layout["decode"]
+    return f"P {p['instances']}x tp{p['tp']}pp{p['pp']} + D {d['instances']}x tp{d['tp']}pp{d['pp']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--skip-layouts", action="store_true", help="only the KV capacity and decode-bound rows"
+    )
+    parser.add_argument("--output", default=str(RESULTS / "serving.json"))
+    args = parser.parse_args(argv)
+    cluster = a100_nodes(1)
+    testbed = a100_nodes(4)  # DistServe's testbed: 4 nodes of 8 A100-80GB (layouts up to 32 devices)
+    workload = load_workload("sharegpt")
+    doc: dict = {"cluster": "dgx-a100x1, device memory 84,987,740,160 bytes", "engine": "distserve",
+                 "workload": {"name": workload.name, "source": workload.source,
+                              "mean_prompt_output": workload.means()}}  # fmt: skip
+
+    doc["kv_capacity"] = kv_rows(testbed)
+    print("KV cache capacity per instance, tokens (DistServe's accounting; ours predicted)")
+    print(f"{'model':<20}{'tp':>4}{'pp':>4}{'DistServe':>12}{'predicted':>12}{'error':>9}")
+    for r in doc["kv_capacity"]:
+        print(f"{r['model']:<20}{r['tp']:>4}{r['pp']:>4}{r['distserve_tokens']:>12,}{r['predicted_tokens']:>12,}"
+              f"{r['error']:>+9.2%}")  # fmt: skip
+
+    doc["decode_bound"] = bound_rows(testbed)
+    print("\ndecode step over the weight-read bound (weights / tp / HBM peak), least over layouts and batches "
+          "(predicted)")  # fmt: skip
+    for r in doc["decode_bound"]:
+        at = r["at"]
+        print(
+            f"{r['model']:<20} min {r['min_step_over_bound']:.3f} (tp{at['tp']} pp{at['pp']} batch {at['batch']})"
+        )
+
+    if not args.skip_layouts:
+        print("\nchosen layouts (SLO attainment >= 90%, goodput predicted)")
+        doc["layouts"] = layout_rows(cluster, workload)
+        for r in doc["layouts"]:
+            theirs = r["distserve_layout_predicted"]
+            d = r["distserve_layout"]
+            print(f"{r['model']} TTFT {r['ttft_s']} s TPOT {r['tpot_s']} s:")
+            print(f"  DistServe: prefill tp{d['prefill']['tp']} pp{d['prefill']['pp']}, decode tp{d['decode']['tp']} "
+                  f"pp{d['decode']['pp']}: " + ("does not fit" if theirs is None else
+                  f"{_describe(theirs['layout'])}, {theirs['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)"))  # fmt: skip
+            c = r["chosen"]
+            print(f"  chosen:    {_describe(c['layout'])}, {c['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted), "
+                  f"search {r['search_s']:.0f} s")  # fmt: skip
+            for s in r["ranked"][1:4]:
+                print(
+                    f"  runner-up: {_describe(s['layout'])}, {s['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)"
+                )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
