@@ -297,6 +297,30 @@ def _expert_parallel(
         return None
     operands = ", ".join(_format(a, {}, names) for a in args)
     return f"C.moe_experts({operands}, mesh, {axis!r})"
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def _context_attention(
+    node: Node, strategy: NodeStrategy, args: tuple[Arg | _Code, ...],
+    kwargs: tuple[tuple[str, Arg | _Code], ...], names: _Names,
+) -> str | None:  # fmt: skip
+    """An attention whose sequence a mesh axis splits and that runs by Ulysses or ring attention (its split
+    label names the way: "s@ring", ``costs.attention.way_label``) is ``C.context_attention``; None otherwise."""
+    if node.op != "aten.scaled_dot_product_attention.default":
+        return None
+    found = next(((a, label.split("@", 1)[1]) for a, label in strategy.split if "@" in label), None)
+    if found is None:
+        return None
+    axis, way = found
+    given = dict(zip(_SDPA_ARGS, args, strict=False)) | dict(kwargs)
+    q, k, v = (_format(given[n], {}, names) for n in _SDPA_ARGS[:3])
+    mask = given.get("attn_mask")
+    extra = "".join(
+        f", {name}={_format(given[name], {}, names)}"
+        for name in ("dropout_p", "is_causal", "scale", "enable_gqa") if given.get(name) is not None
+    )  # fmt: skip
+    mask_code = _format(mask, {}, names) if mask is not None else "None"
+    return f"C.context_attention({q}, {k}, {v}, {mask_code}, mesh, {axis!r}, {way!r}{extra})"
 
 
 def _collective_call(
@@ -802,10 +826,11 @@ def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Bo
         else:
             args = _localize_sizes(node, strategy, mesh, names)
             args, kwargs = _bind(args, node.kwargs, tensors, operand_vars)
-            expr = _sharded_cross_entropy(node, strategy, args, names, mesh, shapes) or _expert_parallel(
-                node, strategy, args, names, mesh
-            ) or _call(
-                node, args, folded, names, kwargs
+            expr = (
+                _sharded_cross_entropy(node, strategy, args, names, mesh, shapes)
+                or _expert_parallel(node, strategy, args, names, mesh)
+                or _context_attention(node, strategy, args, kwargs, names)
+                or _call(node, args, folded, names, kwargs)
             )
         target = names.var[node.name]
         lines.append(f"{target} = {expr}")

@@ -38,6 +38,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shardwise.cluster.spec import ClusterSpec
+from shardwise.costs.attention import node_context_attention_s, way_of
 from shardwise.costs.backward import backward_s, group_backward_s, recompute_s
 from shardwise.costs.compute import traced_scale
 from shardwise.costs.prices import PriceList, price_list
@@ -279,6 +280,19 @@ class PricingContext:
                 f, b = expert_exchange_s(prices, mesh, axis, node, s, graph, self.width * scale)
                 comm_f += f
                 comm_b += b if needs else 0.0
+        if s is not None:
+            for axis, label in s.split:
+                way = way_of(label)
+                if way is None:
+                    continue
+                # context-parallel attention by Ulysses or ring: its own communication (costs.attention)
+                ins = [graph.spec_of(v) for v in tensor_operands(node) if _has_spec(graph, v)]
+                f, b = node_context_attention_s(
+                    prices, mesh, axis, way, node, ins, node.outputs[0], s.inputs,  # type: ignore[arg-type]
+                    compute_forward_s=fwd, compute_backward_s=bwd, train=needs, width=self.width * scale,
+                )  # fmt: skip
+                comm_f += f
+                comm_b += b
         rec = recompute_s(prices.compute, work) + comm_f if recomputed else 0.0
         return OpPrice(fwd, bwd, comm_f, comm_b, rec)
 

@@ -18,7 +18,10 @@ into a :class:`Constraints`; anything not pinned is searched. Keys:
 * ``ep``: expert parallelism, the experts of every mixture-of-experts layer split over ``ep`` ranks of the
   data-parallel axis (tokens dispatched to their experts by all-to-all); a divisor of the expert count, equal
   to ``dp`` today (``1``: every rank holds every expert);
-* ``cp`` (context parallelism) is a known name whose only value today is 1.
+* ``cp``: context parallelism, the sequence (token) dimension split over an axis of its own (flat plans);
+  ``cp_attention``: how attention runs over the split sequence: ``allgather`` (keys and values gathered),
+  ``ulysses`` (all-to-all to a head split and back), ``ring`` (key/value blocks passed around the ring) or
+  ``auto`` (the cheapest by the price list: the default).
 
 Errors name the key, the value and what is allowed (``ConstraintError``, a ``PlanError`` and a ``UserInputError``).
 """
@@ -29,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.attention import CP_WAYS
 from shardwise.errors import ConstraintError, UserInputError
 from shardwise.ir.pipeline import SCHEDULES
 
@@ -41,7 +45,7 @@ RECOMPUTE_MODES = ("none", "selective", "full", "auto")
 OFFLOAD_MODES = ("none", "auto", "optimizer", "activations", "optimizer+activations")
 COLLECTIVE_MODES = ("library", "synthesize")
 _INTS = ("pp", "dp", "tp", "microbatches", "microbatch_size", "virtual", "ep", "cp")
-CONSTRAINT_KEYS = (*_INTS, "sp", "zero", "schedule", "recompute", "offload", "collectives")
+CONSTRAINT_KEYS = (*_INTS, "sp", "zero", "schedule", "recompute", "offload", "collectives", "cp_attention")
 _RECOMPUTE_ALIASES = {"0": "none", "1": "full", "all": "full", "off": "none"}
 
 
@@ -63,6 +67,8 @@ class Constraints:
     offload: str | None = None
     collectives: str | None = None
     ep: int | None = None
+    cp: int | None = None  # context parallelism (the sequence split over its own axis)
+    cp_attention: str | None = None  # one of costs.attention.CP_WAYS (None: chosen by price)
 
     def pinned(self) -> dict[str, object]:
         """The pinned choices, for notes and errors."""
@@ -128,14 +134,11 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
             values[key] = _choice(key, text, RECOMPUTE_MODES)
         elif key == "offload":
             values[key] = _choice(key, value, OFFLOAD_MODES)
+        elif key == "cp_attention":
+            way = _choice(key, value, (*CP_WAYS, "auto"))
+            values[key] = None if way == "auto" else way
         else:
             values[key] = _choice(key, value, COLLECTIVE_MODES)
-    for key, meaning in (("cp", "context parallelism"),):
-        if values.pop(key, 1) != 1:
-            raise ConstraintError(
-                f"constraint {key}={(raw or {})[key]}: {meaning} is not in the search yet: use {key}=1 (plans "
-                "split experts and sequences over the tensor-parallel axis today)"
-            )
     sp = values.pop("sp", None)
     tp = values.get("tp")
     if sp is not None and sp not in (0, 1) and tp is not None and sp != tp:
@@ -149,13 +152,14 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
         raise ConstraintError("constraints microbatches and microbatch_size: pin one of them (the other follows)")
     world = cluster.world_size
     product = 1
-    for key in ("pp", "dp", "tp"):
+    for key in ("pp", "dp", "tp", "cp"):
         product *= int(values.get(key, 1))  # type: ignore[call-overload]
         if int(values.get(key, 1)) > world:  # type: ignore[call-overload]
             raise ConstraintError(f"constraint {key}={values[key]} needs more devices than {cluster.name} has ({world})")
     if product > world:
+        cp = f" x cp={values['cp']}" if values.get("cp", 1) != 1 else ""
         raise ConstraintError(
-            f"constraints pp={values.get('pp', 1)} x dp={values.get('dp', 1)} x tp={values.get('tp', 1)} need "
+            f"constraints pp={values.get('pp', 1)} x dp={values.get('dp', 1)} x tp={values.get('tp', 1)}{cp} need "
             f"{product} devices; {cluster.name} has {world}"
         )
     ep, dp = values.get("ep"), values.get("dp")
@@ -167,6 +171,11 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
     if ep is not None and ep > 1 and values.get("pp", 1) != 1:
         raise ConstraintError(f"constraint ep={ep} with pp={values['pp']}: expert parallelism is planned for flat "
                               "layouts (pp=1) today")  # fmt: skip
+    if values.get("cp", 1) != 1 and values.get("pp", 1) != 1:
+        raise ConstraintError(
+            f"constraints cp={values['cp']} and pp={values['pp']}: context parallelism is generated for flat plans "
+            "(pp=1) today: drop one of them"
+        )
     if values.get("schedule") == "interleaved" and values.get("virtual") == 1:
         values["schedule"] = "1f1b"  # one chunk per device: interleaving is plain 1F1B
     return Constraints(**values)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.attention import CP_WAYS, way_of
 from shardwise.costs.memory import optimizer_state
 from shardwise.costs.prices import mesh_prices
 from shardwise.costs.step import predict_flat
@@ -44,7 +45,8 @@ from shardwise.passes.sharding.redistribute import replicated
 from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
 from shardwise.planner.identity import plan_identity
 
-__all__ = ["FlatAnalyses", "FlatOptions", "realize_flat", "input_placements", "MEMORY_HEADROOM"]
+__all__ = ["FlatAnalyses", "FlatOptions", "realize_flat", "input_placements", "sequence_length", "flat_mesh",
+           "MEMORY_HEADROOM"]
 
 MEMORY_HEADROOM = 0.9  # of device memory the ILP may plan for (the rest: allocator slack, workspaces)
 
@@ -76,16 +78,29 @@ class FlatOptions:
 
 
 def input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, ShardingSpec]:
-    """Batch inputs split along dim 0 over ``dp`` (where it divides), everything else replicated."""
+    """Batch inputs split along dim 0 over ``dp`` (where it divides), everything else replicated; on a mesh with
+    a ``cp`` axis, the inputs' sequence (dim 1, the length of the first input's) split over it too."""
     out: dict[str, ShardingSpec] = {}
+    cp = mesh.axis_size("cp") if "cp" in mesh.axis_names else 1
+    seq = sequence_length(graph)
     for i in graph.inputs:
         if not isinstance(i.spec, TensorSpec):
             continue
+        pl = [Replicate() for _ in mesh.shape]
         if dp > 1 and i.spec.rank > 0 and i.spec.shape[0] % dp == 0:
-            out[i.name] = ShardingSpec((Shard(0),) + tuple(Replicate() for _ in mesh.shape[1:]))
-        else:
-            out[i.name] = replicated(mesh)
+            pl[mesh.axis_names.index("dp")] = Shard(0)
+        if cp > 1 and i.spec.rank > 1 and i.spec.shape[1] == seq and seq % cp == 0:
+            pl[mesh.axis_names.index("cp")] = Shard(1)
+        out[i.name] = ShardingSpec(tuple(pl))
     return out
+
+
+def sequence_length(graph: Graph) -> int | None:
+    """The sequence length of the model's token inputs: dim 1 of the first tensor input of rank 2 or more."""
+    for i in graph.inputs:
+        if isinstance(i.spec, TensorSpec) and i.spec.rank > 1:
+            return i.spec.shape[1]
+    return None
 
 
 def _step_inputs(
@@ -148,6 +163,8 @@ def flat_plan(
     ]
     if mesh.size < cluster.world_size:
         notes.append(f"runs on {mesh.size} of the {cluster.world_size} devices")
+    if "cp" in mesh.axis_names:
+        notes.append(context_note(graph, mesh, placed.strategies))
     if zero:
         dp = mesh.axis_size("dp")
         parts = [f"optimizer state sharded over dp={dp}"] + (["gradients too"] if zero >= 2 else []) if train else []
@@ -159,7 +176,8 @@ def flat_plan(
     plan = ExecutionPlan(
         **plan_identity(source, cluster, options.mode, options.precision, mesh),
         degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1))
-        + ((("ep", ep),) if ep > 1 else ()),
+        + ((("ep", ep),) if ep > 1 else ())
+        + ((("cp", mesh.axis_size("cp")),) if "cp" in mesh.axis_names else ()),
         graph=graph, strategies=placed.strategies,
         input_placements=tuple(inputs.get(i.name, replicated(mesh)) for i in graph.inputs),
         param_placements=tuple((keys[name], spec) for name, spec in placed.param_placements.items()),
@@ -172,6 +190,23 @@ def flat_plan(
     return plan.replace(predicted=predict_flat(plan, cluster))
 
 
+def context_note(graph: Graph, mesh: DeviceMesh, strategies) -> str:  # noqa: ANN001
+    """What the cp axis does in a placed plan: the sequence split, and how each attention runs over it."""
+    cp = mesh.axis_size("cp")
+    ways: dict[str, int] = {}
+    for st in strategies:
+        for axis, label in st.split:
+            if axis == "cp" and graph.node(st.node).op == "aten.scaled_dot_product_attention.default":
+                way = way_of(label) or "allgather"
+                ways[way] = ways.get(way, 0) + 1
+    done = ", ".join(f"{n} by {way}" for way, n in sorted(ways.items())) or "none split"
+    return (
+        f"context parallelism: the sequence ({sequence_length(graph)}) split over cp={cp}; attention calls: "
+        f"{done} (allgather: keys and values gathered; ulysses: all-to-all to a head split; ring: key/value "
+        "blocks passed around the ring)"
+    )
+
+
 @dataclass(frozen=True)
 class Realized:
     """A realized flat layout: its plan (priced, memory mapped) and the ILP statistics of its placement."""
@@ -181,9 +216,18 @@ class Realized:
     fits: bool
 
 
+def flat_mesh(dp: int, tp: int, cp: int = 1) -> DeviceMesh:
+    """The mesh of a flat layout: ``dp x tp``, or ``dp x cp x tp`` with context parallelism (tp innermost, so
+    that it stays inside a node; cp next)."""
+    if cp > 1:
+        return DeviceMesh((dp, cp, tp), ("dp", "cp", "tp"), tuple(range(dp * cp * tp)))
+    return DeviceMesh((dp, tp), ("dp", "tp"), tuple(range(dp * tp)))
+
+
 def realize_flat(
     graph: Graph, cluster: ClusterSpec, *, dp: int, tp: int, sp: bool, zero: int, recompute: str,
     options: FlatOptions, analyses: FlatAnalyses, stats_out: list[ILPStats] | None = None, ep: int = 1,
+    cp: int = 1, cp_ways: tuple[str, ...] = CP_WAYS,
 ) -> Realized:  # fmt: skip
     """Realize one flat layout (see the module docstring). ``ep`` > 1: the experts of every MoE layer split over
     the ``dp`` axis (``passes.sharding.experts``; ``ep`` equals ``dp``). Raises DoesNotFitError when no placement
@@ -192,16 +236,16 @@ def realize_flat(
         raise PlanError(f"ep={ep} with dp={dp}: expert parallelism splits the experts over the whole data-parallel "
                         "axis today: pin ep equal to dp")  # fmt: skip
     train = options.mode == "train"
-    analysis = analyses.get(tp > 1, dp * tp > 1)
+    analysis = analyses.get(tp > 1, dp * tp * cp > 1)
     g = analysis.graph
-    mesh = DeviceMesh((dp, tp), ("dp", "tp"), tuple(range(dp * tp)))
+    mesh = flat_mesh(dp, tp, cp)
     cost = mesh_prices(cluster, mesh, options.precision)
     inputs = input_placements(g, mesh, dp)
     capacity = cluster.device.memory_bytes
     free = PlaceOptions(
         train=train, precision=options.precision, sequence_parallel=sp, zero=zero,
         optimizer_factor=optimizer_state(options.optimizer), optimizer=options.optimizer, memory_budget_bytes=None,
-        solver=options.solver, time_limit_s=options.time_limit_s,
+        solver=options.solver, time_limit_s=options.time_limit_s, cp_ways=cp_ways,
     )  # fmt: skip
     # the fastest placement first: the memory map decides whether it fits (the ILP's own estimate sums saved
     # activations without lifetimes); only if it does not (and recomputation is not asked to make it fit),

@@ -3,7 +3,8 @@
 ``meshes(cluster, constraints, positions)``: tensor parallelism stays inside a node (``tp`` divides the devices
 per node and the device count), pipeline stages are at most the model's layer units (``positions``), and every
 device is used (``pp * dp * tp`` equals the device count) unless pinned degrees leave no such mesh — then meshes on fewer devices are offered. The batch must split over ``dp``; that is checked by the search, which says why a mesh
-was left out.
+was left out. A pinned ``cp`` (context parallelism) takes its devices first: ``dp`` is what remains; an unpinned
+``cp`` is carved out of ``dp`` by the search (``planner.search``), where the batch does not split over it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def meshes(cluster: ClusterSpec, constraints: Constraints, positions: int) -> li
     """(pp, dp, tp) triples to consider (see the module docstring)."""
     world = cluster.world_size
     pinned = any(v is not None for v in (constraints.pp, constraints.dp, constraints.tp))
+    cp = constraints.cp or 1
+    pinned = pinned or world % cp != 0
+    world //= cp
     if constraints.tp is not None:
         tps = [constraints.tp]
     else:

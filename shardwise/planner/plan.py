@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.attention import CP_WAYS
 from shardwise.errors import DoesNotFitError, PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import Alternative, ExecutionPlan
@@ -134,7 +135,8 @@ def plan(
             if cand.flat:
                 made = realize_flat(
                     graph, cluster, dp=cand.dp, tp=cand.tp, sp=cand.sp, zero=cand.zero, recompute=cand.recompute,
-                    options=flat_options, analyses=analyses, stats_out=stats_out, ep=cand.ep,
+                    options=flat_options, analyses=analyses, stats_out=stats_out, ep=cand.ep, cp=cand.cp,
+                    cp_ways=(pinned.cp_attention,) if pinned.cp_attention else CP_WAYS,
                 )  # fmt: skip
                 out = made.plan
                 if pinned.collectives == "synthesize":
@@ -203,8 +205,8 @@ def plan(
 def _variant(a: Candidate, b: Candidate) -> bool:
     """Whether ``a`` differs from ``b`` only by choices (sequence parallelism, ZeRO) that its estimate says
     change nothing: same degrees, batch split, schedule and recomputation, estimates within 0.1%."""
-    same = (a.pp, a.dp, a.tp, a.microbatch, a.schedule, a.virtual, a.recompute, a.ep) == (
-        b.pp, b.dp, b.tp, b.microbatch, b.schedule, b.virtual, b.recompute, b.ep
+    same = (a.pp, a.dp, a.tp, a.cp, a.microbatch, a.schedule, a.virtual, a.recompute, a.ep) == (
+        b.pp, b.dp, b.tp, b.cp, b.microbatch, b.schedule, b.virtual, b.recompute, b.ep
     )  # fmt: skip
     return same and abs(a.step_s - b.step_s) <= 1e-3 * b.step_s and abs(a.peak_bytes - b.peak_bytes) <= 0.01 * b.peak_bytes
 

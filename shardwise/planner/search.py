@@ -38,15 +38,20 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.attention import CP_WAYS, AttentionShape, context_attention_s, ulysses_problem
+from shardwise.costs.compute import float_scale, is_causal_attention
 from shardwise.costs.memory import element_bytes
 from shardwise.costs.step import StageTail, analytic_step, simulate, stage_tail_s
 from shardwise.errors import PlanError
 from shardwise.ir.experts import expert_count
 from shardwise.ir.graph import Graph
+from shardwise.ir.registry import rule_for, tensor_operands
+from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.stages.partition import balance
 from shardwise.passes.stages.profile import UnitCost, UnitProfiler, traced_batch
 from shardwise.passes.stages.units import LayerUnits, layer_units
 from shardwise.planner.constraints import Constraints, parse_constraints
+from shardwise.planner.flat import sequence_length
 from shardwise.planner.meshes import divisors, meshes
 from shardwise.planner.schedule import peak_live_count, schedule_actions
 
@@ -112,10 +117,14 @@ class Candidate:
     recomputed: tuple[int, ...] = ()  # unit positions recomputed (selective and full)
     memory_parts: tuple[tuple[str, int], ...] = ()  # the busiest device's memory by what it holds
     ep: int = 1  # expert parallelism: the experts of MoE layers split over the dp axis (ep = dp)
+    cp: int = 1  # context parallelism: the sequence split over its own axis (flat layouts)
+    cp_attention: str = ""  # the way the estimate priced attention over cp (costs.attention.CP_WAYS)
+    cp_ways: tuple[tuple[str, float], ...] = ()  # every way the estimate priced: (way, seconds per step)
 
     @property
     def degrees(self) -> tuple[tuple[str, int], ...]:
-        return (("dp", self.dp), ("tp", self.tp), ("pp", self.pp)) + ((("ep", self.ep),) if self.ep > 1 else ())
+        base = (("dp", self.dp), ("tp", self.tp), ("pp", self.pp))
+        return base + ((("ep", self.ep),) if self.ep > 1 else ()) + ((("cp", self.cp),) if self.cp > 1 else ())
 
     @property
     def flat(self) -> bool:
@@ -127,7 +136,7 @@ class Candidate:
 
     def key(self) -> tuple:
         return (self.pp, self.dp, self.tp, self.sp, self.microbatch, self.schedule, self.virtual, self.recompute,
-                self.zero, self.ep)  # fmt: skip
+                self.zero, self.ep, self.cp)  # fmt: skip
 
     def describe(self) -> str:
         sched = self.schedule + (f"x{self.virtual}" if self.virtual > 1 else "")
@@ -135,7 +144,8 @@ class Candidate:
         zero = f" zero={self.zero}" if self.zero else ""
         batch = f" mb={self.microbatch}x{self.microbatches} {sched}" if not self.flat else ""
         ep = f" ep={self.ep}" if self.ep > 1 else ""
-        return f"pp={self.pp} dp={self.dp}{ep} tp={self.tp}{sp}{zero}{batch} recompute={self.recompute}"
+        cp = f" cp={self.cp}({self.cp_attention})" if self.cp > 1 else ""
+        return f"pp={self.pp} dp={self.dp}{ep} tp={self.tp}{sp}{cp}{zero}{batch} recompute={self.recompute}"
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,7 @@ class _Context:
         self.batch = options.global_batch or self.traced
         self.capacity = cluster.device.memory_bytes * options.memory_headroom
         self.selective_pinned = False  # set by the search when the user pinned recompute="selective"
+        self.cp_pinned: str | None = None  # set by the search: the attention way the user pinned for cp
         # the optimizer steps tensors with foreach kernels where the host runs ahead (GPUs), else one by one
         self.foreach = cluster.efficiency.overhead_hidden
         # parameters read by several units (tied weights): (positions reading it, elements)
@@ -235,8 +246,61 @@ class _Context:
         self._tables: dict[tuple[int, bool, int], _Tables] = {}
         self._inflight: dict[tuple[str, int, int, int], list[int]] = {}
         self._partitions: dict[tuple, list[tuple[int, int]] | None] = {}
+        self._cp: dict[tuple, dict[str, tuple[float, float]]] = {}
+        # the attention calls (node, operand specs, output spec) and the sequence they split (cp)
+        specs = {i.name: i.spec for i in graph.inputs} | {p.name: p.spec for p in graph.params}
+        self.attention: list[tuple] = []
+        for node in graph.nodes:
+            if len(node.outputs) == 1 and not node.tuple_output:
+                specs[node.name] = node.outputs[0]
+            rule = rule_for(node.op)
+            if rule is not None and rule.kind == "attention":
+                ins = [specs[v] for v in tensor_operands(node) if isinstance(specs.get(v), TensorSpec)]
+                if len(ins) >= 3 and ins[0].rank >= 3:
+                    self.attention.append((node, ins, node.outputs[0]))
+        self.sequence_length = sequence_length(graph)
 
-    def tables(self, tp: int, sp: bool, b: int) -> _Tables:
+    def context_attention(self, tp: int, cp: int, rows: float, replicas: int) -> dict[str, tuple[float, float]]:
+        """way -> (forward, backward) seconds per micro-batch of every attention call's communication over
+        ``cp`` (``costs.attention``), on ``rows`` rows of the cp rank's share; the ways the heads allow."""
+        key = (tp, cp, rows, replicas)
+        if key in self._cp:
+            return self._cp[key]
+        unit_of = self.units.unit_of()
+        count = {u: self.sequence.count(u) for u in set(self.sequence)}
+        ranks = tuple(_rank(0, c, 0, replicas, tp) for c in range(cp))
+        scale = rows / self.traced
+        width = float_scale(self.options.precision)
+        out: dict[str, tuple[float, float]] = {}
+        for node, ins, out_spec in self.attention:
+            times = count.get(unit_of[node.name], 0)
+            if not times:
+                continue
+            heads, kv_heads = ins[0].shape[-3], ins[1].shape[-3]
+            split_heads = heads % tp == 0
+            share = scale / (tp if split_heads else 1)  # one rank's share of the call's bytes
+            shape = AttentionShape(
+                q_bytes=ins[0].nbytes * width * share, kv_bytes=(ins[1].nbytes + ins[2].nbytes) * width * share,
+                out_bytes=out_spec.nbytes * width * share,
+                mask_bytes=ins[3].nbytes * scale if len(ins) > 3 else 0.0,
+                heads=heads // tp if split_heads else heads, causal=is_causal_attention(node) or len(ins) > 3,
+            )  # fmt: skip
+            ways = tp * cp if split_heads else cp
+            whole = scale * cp  # the call's rows over the traced batch (its work split tp x cp ways)
+            fwd = self.prices.forward_s(node, ways) * whole
+            bwd = self.prices.backward_s(node, ways) * whole if self.train else 0.0
+            for way in CP_WAYS:
+                if way == "ulysses" and ulysses_problem(shape.heads, max(kv_heads // (tp if split_heads else 1), 1), cp):
+                    continue
+                f, b = context_attention_s(
+                    self.prices, ranks, way, shape, compute_forward_s=fwd, compute_backward_s=bwd, train=self.train
+                )
+                old = out.get(way, (0.0, 0.0))
+                out[way] = (old[0] + f * times, old[1] + b * times)
+        self._cp[key] = out
+        return out
+
+    def tables(self, tp: int, sp: bool, b: float) -> _Tables:
         key = (tp, sp, b)
         if key not in self._tables:
             by_unit = {u: self.profiler.cost(u, tp, sp, b) for u in set(self.sequence)}
@@ -275,6 +339,12 @@ class _Config:
     recompute: str
     zero: int
     ep: int = 1
+    cp: int = 1
+
+    @property
+    def rows(self) -> float:
+        """Rows of one micro-batch on one device's share of the sequence (its tokens, counted in rows)."""
+        return self.b / self.cp
 
 
 def _work(ctx: _Context, t: _Tables, recomputed: frozenset[int]) -> list[float]:
@@ -380,14 +450,15 @@ def _selective(ctx: _Context, mem: _Memory, bounds: list[tuple[int, int]]) -> fr
 
 
 def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
-    t = ctx.tables(cfg.tp, cfg.sp, cfg.b)
+    t = ctx.tables(cfg.tp, cfg.sp, cfg.rows)
     costs = t.costs
-    pp, dp, tp, v, m = cfg.pp, cfg.dp, cfg.tp, cfg.v, cfg.m
+    pp, tp, v, m = cfg.pp, cfg.tp, cfg.v, cfg.m
+    dp = cfg.dp * cfg.cp  # replicas of the parameters: gradients are reduced over dp x cp (ranks laid so)
     train = ctx.train
     chunks = pp * v
     every = frozenset(range(len(costs)))
     recomputed = every if cfg.recompute == "full" else frozenset()
-    key = (tp, cfg.sp, cfg.b, cfg.recompute, chunks)
+    key = (tp, cfg.sp, cfg.rows, cfg.recompute, chunks)
     if key not in ctx._partitions:
         ctx._partitions[key] = balance(_work(ctx, t, recomputed), chunks)
     bounds = ctx._partitions[key]
@@ -417,7 +488,7 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
         mem = memory.devices(bounds, recomputed)
     fits_all = max(mem) <= ctx.capacity
     cf = [rng(t.p_fwd, a, z) for a, z in bounds]
-    if pp == 1 and dp > 1:  # a flat plan makes its outputs whole on every rank: gathered over dp
+    if pp == 1 and dp > 1:  # a flat plan makes its outputs whole on every rank: gathered over dp (x cp)
         cf[-1] += ctx.prices.collective_s(
             "allgather", costs[-1].output_bytes * dp, tuple(_rank(0, d, 0, dp, tp) for d in range(dp))
         )
@@ -431,6 +502,19 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
     else:
         cb = [0.0] * chunks
         comm_chunk = [rng(t.p_commf, a, z) for a, z in bounds]
+    cp_way, cp_ways = "", ()
+    if cfg.cp > 1:  # attention over the split sequence: the way the constraint pins, else the cheapest
+        priced = ctx.context_attention(tp, cfg.cp, cfg.rows, dp)
+        allowed = {w: fb for w, fb in priced.items() if ctx.cp_pinned in (None, w)}
+        if not allowed:
+            return f"attention cannot run over cp={cfg.cp} by {ctx.cp_pinned} (the heads do not divide)"
+        cp_ways = tuple((w, f + (b if train else 0.0)) for w, (f, b) in priced.items())
+        cp_way = min(allowed, key=lambda w: (allowed[w][0] + allowed[w][1], CP_WAYS.index(w)))
+        f, b = allowed[cp_way]
+        cf[-1] += f
+        comm_chunk[-1] += f + (b if train else 0.0)
+        if train:
+            cb[-1] += b
     transfer = []
     for c, (_, z) in enumerate(bounds[:-1]):
         src = _rank(c % pp, 0, 0, dp, tp)
@@ -469,13 +553,14 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
     busiest_mem = max(range(pp), key=lambda p: mem[p])
     parts = _memory_parts(memory, bounds, recomputed, busiest_mem)
     return Candidate(
-        pp=pp, dp=dp, tp=tp, sp=cfg.sp, microbatch=cfg.b, microbatches=m, schedule=cfg.schedule, virtual=v,
+        pp=pp, dp=cfg.dp, tp=tp, sp=cfg.sp, microbatch=cfg.b, microbatches=m, schedule=cfg.schedule, virtual=v,
         recompute=cfg.recompute, bounds=tuple(bounds), step_s=step, compute_s=device_work[busiest] * m,
         comm_s=device_comm[busiest] * m + tail[busiest],
         bubble_s=max(step - device_work[busiest] * m - tail[busiest], 0.0),
         memory_bytes=tuple(int(x) for x in mem), fits=fits_all, simulated=False, chunk_forward_s=tuple(cf),
         chunk_backward_s=tuple(cb), tail_s=tuple(tail), transfer_s=tuple(transfer), zero=cfg.zero,
-        recomputed=tuple(sorted(recomputed)), memory_parts=parts, ep=cfg.ep,
+        recomputed=tuple(sorted(recomputed)), memory_parts=parts, ep=cfg.ep, cp=cfg.cp, cp_attention=cp_way,
+        cp_ways=cp_ways,
     )  # fmt: skip
 
 
@@ -510,7 +595,7 @@ def _lower_bound(ctx: _Context, cfg: _Config) -> tuple[float, float]:
     """(time, memory) no plan of these choices can beat: the work spread perfectly over the pipeline, the
     fill-and-drain bubble of equal chunks, the optimizer step and gradient reduction of an average device;
     and the parameters and optimizer state spread evenly over the pipeline."""
-    t = ctx.tables(cfg.tp, cfg.sp, cfg.b)
+    t = ctx.tables(cfg.tp, cfg.sp, cfg.rows)
     recomputed = frozenset(range(len(t.costs))) if cfg.recompute == "full" else frozenset()
     work = sum(_work(ctx, t, recomputed))
     trainable = t.p_train[-1]
@@ -565,6 +650,7 @@ def search(
     units = units or layer_units(graph)
     ctx = _Context(graph, cluster, options, units)
     ctx.selective_pinned = pinned.recompute == "selective"
+    ctx.cp_pinned = pinned.cp_attention
     positions = len(ctx.sequence)
     rejected: list[str] = []
     if pinned.pp is not None and pinned.pp > positions:
@@ -593,7 +679,8 @@ def search(
         got = _evaluate(ctx, cfg)
         evaluated += 1
         if isinstance(got, str):
-            rejected.append(f"pp={cfg.pp} dp={cfg.dp} tp={cfg.tp} recompute={cfg.recompute}: {got}")
+            cp = f" cp={cfg.cp}" if cfg.cp > 1 else ""
+            rejected.append(f"pp={cfg.pp} dp={cfg.dp} tp={cfg.tp}{cp} recompute={cfg.recompute}: {got}")
             continue
         candidates.append(got)
         if got.fits:
@@ -623,7 +710,7 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
     allow, with its lower bounds (time, memory)."""
     options, train = ctx.options, ctx.train
     out: list[tuple[float, float, _Config]] = []
-    for pp, dp, tp in meshes(ctx.cluster, pinned, positions):
+    for pp, dp, tp, cp in _with_context(ctx, pinned, meshes(ctx.cluster, pinned, positions), rejected):
         if pp > 1 and not options.pipelines:
             continue
         if ctx.batch % dp:
@@ -681,7 +768,7 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
                     for rc in recomputes:
                         for schedule, v in _schedules(pinned, pp, m, positions, options, train):
                             for ep in eps:
-                                cfg = _Config(pp, dp, tp, sp, b, m, schedule, v, rc, zero, ep)
+                                cfg = _Config(pp, dp, tp, sp, b, m, schedule, v, rc, zero, ep=ep, cp=cp)
                                 lb, mem_lb = _lower_bound(ctx, cfg)
                                 out.append((lb, mem_lb, cfg))
     return out
@@ -704,6 +791,38 @@ def _expert_degrees(
            else f"ep must divide the {experts} experts and equal dp on a flat mesh (pp=1)")  # fmt: skip
     rejected.append(f"pp={pp} dp={dp} tp={tp}: ep={pinned.ep} is not possible: {why}")
     return []
+
+
+def _with_context(
+    ctx: _Context, pinned: Constraints, found: list[tuple[int, int, int]], rejected: list[str]
+) -> list[tuple[int, int, int, int]]:
+    """(pp, dp, tp, cp) meshes: a pinned ``cp`` on every mesh (``meshes`` left it its devices); otherwise
+    ``cp = 1``, and on a flat mesh whose batch does not split over ``dp``, ``dp`` divided into ``dp' x cp`` where
+    the batch splits over ``dp'`` and the sequence over ``cp`` (context parallelism takes the devices the batch
+    cannot: on the same devices a batch split costs no attention communication, so it is never slower)."""
+    seq = ctx.sequence_length
+    why = ""
+    if not ctx.attention:
+        why = "the model has no attention call to split the sequence of"
+    elif seq is None:
+        why = "the model has no sequence input (dim 1 of a rank >= 2 input)"
+    out: list[tuple[int, int, int, int]] = []
+    for pp, dp, tp in found:
+        if pinned.cp is not None and pinned.cp > 1:
+            if why or (seq is not None and seq % pinned.cp):
+                rejected.append(f"cp={pinned.cp}: {why or f'the sequence ({seq}) does not divide by cp={pinned.cp}'}")
+                continue
+            if pp > 1:
+                rejected.append(f"pp={pp} cp={pinned.cp}: context parallelism is generated for flat plans (pp=1)")
+                continue
+            out.append((pp, dp, tp, pinned.cp))
+            continue
+        out.append((pp, dp, tp, 1))
+        if pinned.cp is None and pp == 1 and not why and ctx.batch % dp and pinned.dp is None:
+            for cp in divisors(dp)[1:]:
+                if ctx.batch % (dp // cp) == 0 and seq is not None and seq % cp == 0:
+                    out.append((pp, dp // cp, tp, cp))
+    return out
 
 
 def _schedules(

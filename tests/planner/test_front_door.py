@@ -47,8 +47,10 @@ def test_constraints_are_checked(gpt2_graph):
         plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"recompute": "sometimes"})
     with pytest.raises(PlanError, match="ZeRO stages are 0, 1"):
         plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"zero": 4})
-    with pytest.raises(PlanError, match="context parallelism is not in the search yet"):
-        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"cp": 2})
+    with pytest.raises(PlanError, match="cp=3 needs more devices"):
+        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"cp": 3})
+    with pytest.raises(PlanError, match="cp_attention='sideways': choose one of allgather, ulysses, ring, auto"):
+        plan_auto(gpt2_graph, get_cluster("cpu:2"), constraints={"cp": 2, "cp_attention": "sideways"})
 
 
 def test_model_that_fits_nowhere_says_how_much_it_needs():

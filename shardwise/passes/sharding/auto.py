@@ -34,8 +34,10 @@ import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
+from shardwise.costs.attention import CP_WAYS, node_context_attention_s, ulysses_problem, way_label, way_of
 from shardwise.costs.memory import element_bytes
 from shardwise.costs.prices import MeshPrices
+from shardwise.errors import PlanError
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Partial, Replicate, Shard, ShardingSpec, chunks_cleanly
 from shardwise.ir.plan import NodeStrategy
@@ -89,6 +91,8 @@ FORBIDDEN_S = 1e3  # the cost of a choice the options rule out (far above any re
 class PlaceOptions:
     dp_axis: str = "dp"
     tp_axis: str = "tp"
+    cp_axis: str = "cp"  # context parallelism: splits the inputs' sequence dimension, followed greedily like dp
+    cp_ways: tuple[str, ...] = CP_WAYS  # how attention may run over the cp split (costs.attention)
     train: bool = False
     precision: str = "fp32"
     sequence_parallel: bool = True  # may the tp axis split dimensions that come from the inputs (tokens)?
@@ -160,8 +164,20 @@ class _Costs:
         return n
 
     def compute(self, info: NodeInfo, choice: Choice, grad: bool) -> float:
-        """The op's forward on its share of the work, and its backward when ``grad`` (the price list's)."""
-        return self.cost.step_s(info.node, choice.ways, grad)
+        """The op's forward on its share of the work, and its backward when ``grad`` (the price list's); a
+        context-parallel attention done by Ulysses or ring adds its way's communication (costs.attention)."""
+        t = self.cost.step_s(info.node, choice.ways, grad)
+        way = next((way_of(lab) for a, lab in choice.split if a == self.opts.cp_axis and way_of(lab)), None)
+        if way is None:
+            return t
+        prices = self.cost.prices
+        forward = self.cost.compute_s(info.node, choice.ways)
+        f, b = node_context_attention_s(
+            prices, self.mesh, self.opts.cp_axis, way, info.node, info.ins, info.outs[0], choice.inputs,
+            compute_forward_s=forward, compute_backward_s=max(t - forward, 0.0), train=grad,
+            width=0.5 if self.low else 1.0,
+        )  # fmt: skip
+        return t + f + b
 
     def edge(
         self,
@@ -241,6 +257,64 @@ def _param_choices(spec: TensorSpec, mesh: DeviceMesh, opts: PlaceOptions) -> li
         if len(dims) != len(set(dims)):
             continue  # one dimension split on two axes: allowed by the IR, not worth the search
         out.append(Choice((), (), (ShardingSpec(tuple(c)),), (), 1))  # type: ignore[arg-type]
+    return out
+
+
+def _is_attention(info: NodeInfo) -> bool:
+    rule = rule_for(info.node.op)
+    return rule is not None and rule.kind == "attention" and len(info.ins) >= 3 and info.ins[0].rank >= 3
+
+
+def _context_attention_choices(
+    info: NodeInfo, choices: list[Choice], mesh: DeviceMesh, opts: PlaceOptions
+) -> list[Choice]:
+    """An attention op whose queries the cp axis splits on their sequence (label of q's dimension -2) runs
+    one of ``opts.cp_ways``: ``allgather`` is the plain choice (keys and values gathered by redistribution);
+    ``ulysses`` and ``ring`` keep queries, keys, values and the mask's rows split on the sequence and do their
+    own communication (recorded as the label ``s@ulysses``/``s@ring``, ``costs.attention``). Raises PlanError
+    when no way the options allow applies."""
+    axis = opts.cp_axis
+    a = mesh.axis_names.index(axis)
+    cp = mesh.shape[a]
+    q_label = info.dims.inputs[0][info.ins[0].rank - 2].label
+    out: list[Choice] = []
+    problems: list[str] = []
+    for ch in choices:
+        split = dict(ch.split)
+        if split.get(axis) != q_label:
+            out.append(ch)  # the cp axis does not split this attention's sequence here
+            continue
+        if "allgather" in opts.cp_ways:
+            out.append(ch)
+        for way in ("ulysses", "ring"):
+            if way not in opts.cp_ways:
+                continue
+            if way == "ulysses":
+                heads, kv_heads = info.ins[0].shape[-3], info.ins[1].shape[-3]
+                for b, p in zip(mesh.shape, ch.inputs[0].placements, strict=True):
+                    if isinstance(p, Shard) and p.dim == info.ins[0].rank - 3:
+                        heads //= b
+                        kv_heads = max(kv_heads // b, 1)
+                problem = ulysses_problem(heads, kv_heads, cp)
+                if problem:
+                    problems.append(f"ulysses: {problem}")
+                    continue
+            inputs = []
+            for i, (spec, pl) in enumerate(zip(info.ins, ch.inputs, strict=True)):
+                placements = list(pl.placements)
+                # queries, keys, values on their sequence; the mask on its rows (its columns stay whole)
+                if i < 3 or (spec.rank >= 2 and spec.shape[-2] > 1):
+                    placements[a] = Shard(spec.rank - 2)
+                inputs.append(ShardingSpec(tuple(placements)))
+            grads = tuple(tuple(x for x in g if x != axis) for g in ch.grad_axes)
+            labels = tuple((ax, way_label(lab, way) if ax == axis else lab) for ax, lab in ch.split)
+            out.append(Choice(labels, tuple(inputs), ch.outputs, grads, ch.ways))
+    if not out:
+        raise PlanError(
+            f"attention {info.node.name} ({info.node.source or info.node.module_path}) cannot run over cp={cp} "
+            f"the way pinned ({', '.join(opts.cp_ways)}): {'; '.join(dict.fromkeys(problems))}. Pin another "
+            "cp_attention (allgather, ulysses, ring) or leave it to the planner"
+        )
     return out
 
 
@@ -329,6 +403,8 @@ def place(
     structure = analysis.structure(opts.shrink)
     dp_size = mesh.axis_size(opts.dp_axis)
     dp_labels = analysis.batch_labels(mesh, opts.dp_axis, inputs) if dp_size > 1 else {}
+    cp_size = mesh.axis_size(opts.cp_axis) if opts.cp_axis in mesh.axis_names else 1
+    cp_labels = analysis.batch_labels(mesh, opts.cp_axis, inputs) if cp_size > 1 else {}
     # the tp axis never splits the batch (that is the dp axis's job, or another mesh's), and splits the
     # other input-derived dimensions (sequence parallelism) only when allowed
     tokens = analysis.tokens(opts.sequence_parallel)
@@ -339,7 +415,7 @@ def place(
     costs = _Costs(cost, mesh, opts, tail)
     pmem = _param_memory(graph, opts, mesh)
     params = {p.name: p for p in graph.params}
-    free = [a for a in mesh.axis_names if a != opts.dp_axis and mesh.axis_size(a) > 1]
+    free = [a for a in mesh.axis_names if a not in (opts.dp_axis, opts.cp_axis) and mesh.axis_size(a) > 1]
 
     # --- candidates of every class representative's group --------------------------------------------
     follow_cache: dict[tuple[str, ShardingSpec], Choice] = {}
@@ -352,7 +428,12 @@ def place(
             return _param_choices(params[unit].spec, mesh, opts)
         info = infos[unit]
         fixed = {opts.dp_axis: dp_labels.get(unit)} if dp_size > 1 else {}
-        return node_choices(info, mesh, fixed, free, tokens.get(unit, frozenset()))
+        if cp_size > 1:
+            fixed[opts.cp_axis] = cp_labels.get(unit)
+        choices = node_choices(info, mesh, fixed, free, tokens.get(unit, frozenset()))
+        if cp_size > 1 and _is_attention(info):
+            choices = _context_attention_choices(info, choices, mesh, opts)
+        return choices
 
     def follow(unit: str, src: ShardingSpec) -> Choice:
         hit = follow_cache.get((unit, src))

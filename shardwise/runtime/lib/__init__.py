@@ -7,6 +7,7 @@ package it writes (as ``_runtime/``, imported by the program as ``C``) and the p
 * ``mesh`` — this rank's view of the device mesh, the pieces tensors are cut into;
 * ``comm`` — collectives on plain tensors over one mesh axis (``schedule_exec`` runs synthesized ones);
 * ``collectives`` — the autograd-aware redistributions a program runs between ops;
+* ``attention`` — attention over a sequence split across an axis (Ulysses all-to-all, ring attention);
 * ``gradients`` — the one gradient-reduction path (buckets summed while the backward runs; ZeRO slices);
 * ``optim`` — ZeRO's sharded optimizer, host offload, fp16 loss scaling;
 * ``training`` — the training step that uses them;
@@ -17,6 +18,7 @@ package it writes (as ``_runtime/``, imported by the program as ``C``) and the p
 
 from __future__ import annotations
 
+from .attention import context_attention, ring_shift
 from .collectives import (
     all_gather,
     all_reduce,
@@ -47,6 +49,7 @@ __all__ = [
     "all_reduce",
     "all_to_all",
     "all_to_all_rows",
+    "context_attention",
     "full_state_dict",
     "grad_all_reduce",
     "load_full_state_dict",
@@ -58,6 +61,7 @@ __all__ = [
     "piece_size",
     "piece_sizes",
     "reduce_scatter",
+    "ring_shift",
     "shard",
     "sharded_cross_entropy",
     "to_partial",

@@ -1,0 +1,160 @@
+"""Prices of attention over a sequence split ``cp`` ways (context parallelism): the three ways to do it.
+
+Every rank holds ``1/cp`` of the sequence of the queries, keys and values (and of the rows of an attention
+mask). Attention needs every key for every query; the ways differ in what moves:
+
+* ``allgather``: the keys and values are all-gathered over the cp group before attention and the gradient of
+  the gathered copies reduce-scattered in the backward (what the placement ILP does with any split label:
+  the redistribution machinery prices and emits it, this module only names it);
+* ``ulysses`` (DeepSpeed-Ulysses, Jacobs et al. 2023): queries, keys and values go from sequence-split to
+  head-split by one all-to-all each, attention runs on whole sequences of ``heads/cp`` heads, and the output
+  returns by one more all-to-all; the backward runs the four all-to-alls' adjoints (all-to-alls again). The
+  mask's rows are all-gathered (no gradient). Needs the heads (after any tensor-parallel split) divisible by
+  ``cp``;
+* ``ring`` (ring attention, Liu et al. 2023; as torchtitan's context parallelism): the key/value blocks pass
+  around the cp ring in ``cp - 1`` steps while each rank attends its queries to the block it holds, the
+  blocks merged by an online softmax. Each step's message is hidden behind the block's compute where the
+  compute is longer (only the excess is charged). The program's backward is autograd's: the gradients of the
+  blocks travel back one hop per step (the blocks were saved, not passed again), hidden behind the backward
+  of a block. Blocks that
+  a causal mask hides entirely are skipped; with the contiguous chunks of the placement (rank ``r`` holds
+  chunk ``r``) the last rank attends ``cp - 1/2`` blocks' worth where the average is ``cp/2``: the price
+  charges that imbalance (``RING_LOAD_BALANCED`` says the program does not pair chunks).
+
+All sizes are one rank's local bytes. Returns (forward seconds, backward seconds) of the way's communication
+(and, for ring, of the causal imbalance) beyond the attention's own compute share, which the caller prices as
+the op split ``cp`` ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shardwise.costs.compute import is_causal_attention
+from shardwise.costs.prices import PriceList
+from shardwise.ir.graph import Node
+from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
+from shardwise.ir.tensor import TensorSpec
+
+__all__ = ["CP_WAYS", "RING_LOAD_BALANCED", "AttentionShape", "context_attention_s", "way_label", "way_of",
+           "ulysses_problem", "attention_shape", "node_context_attention_s"]  # fmt: skip
+
+CP_WAYS = ("allgather", "ulysses", "ring")
+#: the program's ring attention keeps the placement's contiguous chunks (no pairing of chunk r with 2cp-1-r)
+RING_LOAD_BALANCED = False
+_SEP = "@"
+
+
+def way_label(label: str, way: str) -> str:
+    """The split label a strategy records for a context-parallel attention done ``way`` ("s@ring")."""
+    return label if way == "allgather" else f"{label}{_SEP}{way}"
+
+
+def way_of(label: str) -> str | None:
+    """The way of a recorded split label ("s@ring" -> "ring"); None for a plain label."""
+    return label.split(_SEP, 1)[1] if _SEP in label else None
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One rank's share of a context-parallel attention call."""
+
+    q_bytes: float  # local queries
+    kv_bytes: float  # local keys plus values
+    out_bytes: float  # local output
+    mask_bytes: float  # local mask rows (0 without a mask tensor)
+    heads: int  # heads on this rank before the all-to-all (after tensor parallelism)
+    causal: bool  # the mask (or is_causal) hides the blocks above the diagonal
+
+
+def ulysses_problem(heads: int, kv_heads: int, cp: int) -> str:
+    """Why Ulysses cannot split these heads ``cp`` ways ("" when it can)."""
+    if heads % cp:
+        return f"the {heads} attention heads (per tensor-parallel rank) do not divide by cp={cp}"
+    if kv_heads % cp and cp % kv_heads:
+        return f"the {kv_heads} key/value heads neither divide by cp={cp} nor divide it (to be repeated)"
+    return ""
+
+
+def context_attention_s(
+    prices: PriceList, ranks: Sequence[int], way: str, shape: AttentionShape, *, compute_forward_s: float,
+    compute_backward_s: float, train: bool,
+) -> tuple[float, float]:  # fmt: skip
+    """(forward, backward) seconds of ``way``'s communication over the cp group ``ranks`` (see the module
+    docstring); ``compute_*_s``: the attention's own share on one rank (what ring hides its messages behind)."""
+    cp = len(ranks)
+    if cp < 2:
+        return 0.0, 0.0
+    if way == "allgather":
+        fwd = prices.collective_s("allgather", shape.kv_bytes * cp, ranks)
+        fwd += prices.collective_s("allgather", shape.mask_bytes * cp, ranks)
+        bwd = prices.collective_s("reduce_scatter", shape.kv_bytes * cp, ranks) if train else 0.0
+        return fwd, bwd
+    if way == "ulysses":
+        moved = (shape.q_bytes, shape.kv_bytes, shape.out_bytes)
+        fwd = sum(prices.collective_s("alltoall", b, ranks) for b in moved)
+        fwd += prices.collective_s("allgather", shape.mask_bytes * cp, ranks)
+        bwd = sum(prices.collective_s("alltoall", b, ranks) for b in moved) if train else 0.0
+        return fwd, bwd
+    if way == "ring":
+        hop = max(prices.p2p_s(shape.kv_bytes, ranks[i], ranks[(i + 1) % cp]) for i in range(cp))
+        steps = cp - 1
+        # the busiest rank's blocks: all cp of them, or under a causal mask with contiguous chunks the last
+        # rank's cp - 1 whole blocks and half of the diagonal one, against an average of cp / 2
+        imbalance = 0.0
+        if shape.causal and not RING_LOAD_BALANCED:
+            imbalance = (cp - 0.5) / (cp / 2) - 1.0
+        block_f = compute_forward_s * (1 + imbalance) / cp
+        fwd = steps * max(hop - block_f, 0.0) + compute_forward_s * imbalance
+        if not train:
+            return fwd, 0.0
+        # the program's backward is autograd's: each step's key/value gradients travel back one hop (the
+        # blocks themselves were saved in the forward, so they do not travel again)
+        block_b = compute_backward_s * (1 + imbalance) / cp
+        bwd = steps * max(hop - block_b, 0.0) + compute_backward_s * imbalance
+        return fwd, bwd
+    raise ValueError(f"unknown context-parallel attention way {way!r}: use one of {', '.join(CP_WAYS)}")
+
+
+def _local(spec: TensorSpec, placement: ShardingSpec | None, mesh: DeviceMesh, width: float) -> float:
+    n = spec.nbytes * (width if spec.dtype.startswith(("float", "bfloat")) else 1.0)
+    if placement is not None:
+        for size, p in zip(mesh.shape, placement.placements, strict=True):
+            if isinstance(p, Shard):
+                n /= size
+    return n
+
+
+def attention_shape(
+    node: Node, ins: Sequence[TensorSpec], out: TensorSpec, inputs: Sequence[ShardingSpec | None], mesh: DeviceMesh,
+    axis: str, width: float = 1.0,
+) -> AttentionShape:  # fmt: skip
+    """One rank's share of attention ``node`` (operand specs ``ins``, output ``out``) whose operands are placed
+    ``inputs`` on ``mesh``, split over ``axis`` (the cp axis); ``width``: bytes at the precision over traced."""
+    pl = list(inputs) + [None] * (len(ins) - len(inputs))
+    q = _local(ins[0], pl[0], mesh, width)
+    kv = _local(ins[1], pl[1], mesh, width) + _local(ins[2], pl[2], mesh, width)
+    mask = _local(ins[3], pl[3], mesh, width) if len(ins) > 3 else 0.0
+    heads = ins[0].shape[-3] if ins[0].rank >= 3 else 1
+    p0 = pl[0]
+    if p0 is not None and ins[0].rank >= 3:
+        for size, p in zip(mesh.shape, p0.placements, strict=True):
+            if isinstance(p, Shard) and p.dim == ins[0].rank - 3:
+                heads //= size
+    out_bytes = _local(out, pl[0], mesh, width) * (out.numel / max(ins[0].numel, 1))
+    causal = is_causal_attention(node) or len(ins) > 3  # a mask tensor: taken as causal (a language model's)
+    return AttentionShape(q, kv, out_bytes, mask, heads, causal)
+
+
+def node_context_attention_s(
+    prices: PriceList, mesh: DeviceMesh, axis: str, way: str, node: Node, ins: Sequence[TensorSpec],
+    out: TensorSpec, inputs: Sequence[ShardingSpec | None], *, compute_forward_s: float, compute_backward_s: float,
+    train: bool, width: float = 1.0,
+) -> tuple[float, float]:  # fmt: skip
+    """:func:`context_attention_s` of attention ``node`` placed ``inputs`` on ``mesh`` (cp axis ``axis``)."""
+    shape = attention_shape(node, ins, out, inputs, mesh, axis, width)
+    return context_attention_s(
+        prices, prices.axis_group(mesh, axis), way, shape, compute_forward_s=compute_forward_s,
+        compute_backward_s=compute_backward_s, train=train,
+    )  # fmt: skip

@@ -1,0 +1,207 @@
+"""Attention over a sequence split across a mesh axis (context parallelism), differentiable end to end.
+
+``context_attention(q, k, v, mask, mesh, axis, way, ...)`` computes ``F.scaled_dot_product_attention`` of the
+whole sequence while each rank holds a contiguous chunk of it (rank ``i`` of the axis holds chunk ``i`` of the
+queries, keys, values and of the mask's rows, the mask's columns whole), and returns this rank's chunk of the
+output. Two ways (the third, all-gathering the keys and values, is an ordinary redistribution before an
+ordinary attention call):
+
+* ``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns the sequence split of q, k, v into a split of the heads,
+  attention runs on whole sequences of ``heads / n`` heads (the mask's rows all-gathered), and one more
+  all-to-all turns the output back. The heads must divide by the axis size (key/value heads that do not are
+  repeated to the query heads first). The all-to-alls are ``collectives.all_to_all``, whose backward is the
+  reverse all-to-all.
+* ``"ring"`` (ring attention): the key/value block passes around the ring (rank ``i`` sends to ``i + 1``) in
+  ``n - 1`` steps; each step's message is sent while the block held is attended to. Blocks are merged by an
+  online softmax (running maximum, detached, since the result does not depend on it; running sum of
+  exponentials; running weighted values). A block the mask hides from every query of this rank is skipped
+  (its gradient is still sent back, as zeros, so that every rank runs the same backward messages).
+  Written with differentiable ops and a differentiable ring shift (its backward sends the gradient back one
+  hop), so autograd makes the backward.
+
+Without autograd (``torch.no_grad()``) the same code runs without recording.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .collectives import all_gather, all_to_all
+from .mesh import Mesh
+
+__all__ = ["context_attention", "ring_shift"]
+
+
+class _Pending:
+    """The point-to-point requests of one ring shift in flight."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+        self.sent: torch.Tensor | None = None
+
+
+def _peers(mesh: Mesh, axis: str, step: int) -> tuple[int, int]:
+    """Global ranks (send to, receive from) for a shift of ``step`` along the axis's ring."""
+    ranks = mesh.group_ranks[axis]
+    n, i = len(ranks), mesh.index(axis)
+    return ranks[(i + step) % n], ranks[(i - step) % n]
+
+
+def _start(x: torch.Tensor, mesh: Mesh, axis: str, step: int, pending: _Pending) -> torch.Tensor:
+    x = x.contiguous()
+    buf = torch.empty_like(x)
+    to, source = _peers(mesh, axis, step)
+    group = mesh.group(axis)
+    pending.sent = x
+    pending.requests = [dist.isend(x, to, group=group), dist.irecv(buf, source, group=group)]
+    return buf
+
+
+def _shift_now(x: torch.Tensor, mesh: Mesh, axis: str, step: int) -> torch.Tensor:
+    pending = _Pending()
+    buf = _start(x, mesh, axis, step, pending)
+    for r in pending.requests:
+        r.wait()
+    return buf
+
+
+class _ShiftStart(torch.autograd.Function):
+    """Start sending ``x`` to the next rank of the ring and receiving the previous rank's block into a new
+    buffer (filled once ``_ShiftWait`` returns). The backward sends the gradient back one hop."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, axis, pending):
+        ctx.args = (mesh, axis)
+        return _start(x, mesh, axis, 1, pending)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mesh, axis = ctx.args
+        return _shift_now(grad, mesh, axis, -1), None, None, None
+
+
+class _ShiftWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buf, pending):
+        for r in pending.requests:
+            r.wait()
+        pending.requests, pending.sent = [], None
+        return buf.view_as(buf)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def ring_shift(x: torch.Tensor, mesh: Mesh, axis: str) -> torch.Tensor:
+    """The previous rank's ``x`` along the ring of ``axis`` (this rank's goes to the next); differentiable."""
+    pending = _Pending()
+    return _ShiftWait.apply(_ShiftStart.apply(x, mesh, axis, pending), pending)
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query keys and values repeated to ``heads`` heads (as ``enable_gqa`` does)."""
+    if k.shape[-3] == heads:
+        return k, v
+    r = heads // k.shape[-3]
+    return k.repeat_interleave(r, dim=-3), v.repeat_interleave(r, dim=-3)
+
+
+def _ulysses(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa, dropout_p):  # noqa: ANN001, ANN202
+    n = mesh.size(axis)
+    heads, seq = q.dim() - 3, q.dim() - 2
+    if q.shape[heads] % n:
+        raise ValueError(f"Ulysses attention needs the heads ({q.shape[heads]}) divisible by the axis size ({n})")
+    if k.shape[heads] % n:
+        k, v = _repeat_kv(k, v, q.shape[heads])
+    q, k, v = (all_to_all(t, seq, heads, mesh, axis) for t in (q, k, v))
+    gqa = enable_gqa and k.shape[heads] != q.shape[heads]
+    if mask is not None:
+        if mask.dim() >= 2 and mask.shape[-2] > 1:  # this rank's rows: gather them all (no gradient)
+            mask = all_gather(mask.detach() if mask.is_floating_point() else mask, mask.dim() - 2, mesh, axis)
+        mask_heads = heads - (q.dim() - mask.dim())  # the mask's head dimension (broadcast from the right)
+        if mask_heads >= 0 and mask.shape[mask_heads] > 1:
+            mask = mask.chunk(n, dim=mask_heads)[mesh.index(axis)]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
+    return all_to_all(out, heads, seq, mesh, axis)
+
+
+def _causal_block(rows: int, cols: int, row0: int, col0: int, device) -> torch.Tensor:  # noqa: ANN001
+    i = torch.arange(row0, row0 + rows, device=device).unsqueeze(1)
+    j = torch.arange(col0, col0 + cols, device=device).unsqueeze(0)
+    return j <= i
+
+
+def _ring(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa):  # noqa: ANN001, ANN202
+    n, me = mesh.size(axis), mesh.index(axis)
+    if enable_gqa:
+        k, v = _repeat_kv(k, v, q.shape[-3])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    rows, cols, width = q.shape[-2], k.shape[-2], k.shape[-1]
+    block = torch.cat([k, v], dim=-1)
+    top = acc = total = None
+    untouched = None  # blocks skipped: kept in the graph (times 0) so every rank runs every backward shift
+    for step in range(n):
+        nxt = None
+        if step < n - 1:  # the next block travels while this one is attended to
+            pending = _Pending()
+            nxt = (_ShiftStart.apply(block, mesh, axis, pending), pending)
+        src = (me - step) % n
+        allowed = None
+        if mask is not None:
+            allowed = mask.narrow(-1, src * cols, cols)
+        elif is_causal:
+            allowed = _causal_block(rows, cols, me * rows, src * cols, q.device)
+        hidden = allowed is not None and allowed.dtype == torch.bool and not bool(allowed.any())
+        if hidden and block.requires_grad:
+            zero = block.sum() * 0
+            untouched = zero if untouched is None else untouched + zero
+        if not hidden:
+            kb, vb = block[..., :width], block[..., width:]
+            s = torch.matmul(q, kb.transpose(-1, -2)) * scale
+            if allowed is not None:
+                s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed
+            peak = s.detach().amax(dim=-1, keepdim=True)
+            new_top = peak if top is None else torch.maximum(top, peak)
+            safe = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)
+            p = torch.exp(s - safe)
+            part, mass = torch.matmul(p, vb), p.sum(dim=-1, keepdim=True)
+            if acc is None:
+                acc, total = part, mass
+            else:
+                old = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+                keep = torch.exp(old - safe)
+                acc, total = acc * keep + part, total * keep + mass
+            top = new_top
+        if nxt is not None:
+            block = _ShiftWait.apply(*nxt)
+    if acc is None:  # every key hidden from every query: what sdpa's softmax of -inf rows gives
+        return torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype, device=q.device)
+    out = acc / total
+    return out if untouched is None else out + untouched
+
+
+def context_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, mesh: Mesh, axis: str,
+    way: str, *, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """This rank's chunk of ``F.scaled_dot_product_attention(q, k, v, mask, ...)`` over the sequence split
+    along ``axis`` (see the module docstring); ``way``: ``"ulysses"`` or ``"ring"``."""
+    if mesh.size(axis) == 1:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    if dropout_p:
+        raise ValueError("context-parallel attention runs without dropout (dropout_p must be 0)")
+    if way == "ulysses":
+        return _ulysses(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa, dropout_p)
+    if way == "ring":
+        return _ring(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa)
+    raise ValueError(f"unknown context-parallel attention way {way!r}: 'ulysses' or 'ring'")
