@@ -21,6 +21,7 @@ from rich.table import Table
 
 from shardwise.cli.summary import FREE_COLLECTIVES, describe_spec, describe_split, module_groups
 from shardwise.errors import UserInputError
+from shardwise.ir.experts import WEIGHT_OPERANDS, expert_count, moe_nodes
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.text import human_bytes, human_time
 
@@ -88,6 +89,7 @@ def explain_plan(plan: ExecutionPlan, cluster: Any | None = None) -> dict[str, A
     return {
         "chosen": {"degrees": plan.degrees, "step_time_s": plan.predicted.step_time_s},
         "alternatives": rows,
+        "experts": _experts(plan, alts, cluster),
         "notes": list(getattr(plan, "notes", ()) or ()),
         "costliest_modules": [
             {
@@ -100,6 +102,52 @@ def explain_plan(plan: ExecutionPlan, cluster: Any | None = None) -> dict[str, A
             for g in costly
         ],
     }
+
+
+def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[str, Any] | None:
+    """Why this ``ep``, for a model with mixture-of-experts layers (None without): the experts it splits, the
+    expert weights a rank holds, the all-to-all time per step the split costs (the price list's, with
+    ``cluster``), and the fastest scored alternative with another ``ep``, with its step time and memory."""
+    graph = plan.graph
+    layers = moe_nodes(graph)
+    experts = expert_count(graph)
+    if not layers or not experts:
+        return None
+    ep = plan.degrees.get("ep", 1)
+    weights = sum(
+        graph.spec_of(n.args[k].name).nbytes  # type: ignore[union-attr]
+        for n in graph.nodes if n.name in layers for k in WEIGHT_OPERANDS
+    )  # fmt: skip
+    alltoall_s = None
+    if cluster is not None and ep > 1:
+        from shardwise.costs.prices import price_list
+        from shardwise.costs.step import node_prices
+
+        priced = node_prices(plan, price_list(cluster, plan.precision))
+        alltoall_s = sum(priced[n].comm_s for n in layers if n in priced)
+    other = [a for a in alts if dict(a.degrees).get("ep", 1) != ep and a.fits]
+    rival = min(other, key=lambda a: a.step_time_s) if other else None
+    chosen = plan.predicted.step_time_s
+    if ep > 1:
+        why = (f"ep={ep}: each rank holds {experts // ep} of the {experts} experts of each of {len(layers)} MoE "
+               f"layers ({human_bytes(weights / ep)} of expert weights instead of {human_bytes(weights)}); tokens "
+               "reach their experts by all-to-all")  # fmt: skip
+        if alltoall_s is not None:
+            why += f", {human_time(alltoall_s)} per step (the experts ops' collectives)"
+    else:
+        why = (f"ep=1: every rank holds all {experts} experts of each of {len(layers)} MoE layers "
+               f"({human_bytes(weights)}); no all-to-all")  # fmt: skip
+    if rival is not None:
+        r_ep = dict(rival.degrees).get("ep", 1)
+        ratio = rival.step_time_s / chosen if chosen else float("inf")
+        why += (f". The fastest layout with ep={r_ep} ({', '.join(f'{k}={v}' for k, v in rival.degrees)}) "
+                f"takes {ratio:.2f}x the step time with {human_bytes(rival.memory_bytes)} per rank")  # fmt: skip
+    elif not other:
+        why += ". No layout with another ep fits" if any(dict(a.degrees).get("ep", 1) != ep for a in alts) else (
+            ". No layout with another ep was scored (ep was pinned, or none other divides the expert count and "
+            "equals dp on a flat mesh)")
+    return {"ep": ep, "experts": experts, "layers": len(layers), "expert_weight_bytes": weights,
+            "alltoall_s": alltoall_s, "why": why}  # fmt: skip
 
 
 def find_ops(plan: ExecutionPlan, name: str) -> list[str]:
@@ -346,6 +394,8 @@ def render_explain(
         if not data["alternatives"]:
             t.add_row("-", "(the planner recorded no alternatives)", "", "", "", "", "")
         console.print(t)
+        if data.get("experts"):
+            console.print(f"[bold]Why this expert parallelism:[/bold] {escape(data['experts']['why'])}")
         for n in data["notes"]:
             console.print(f"[yellow]note:[/yellow] {escape(n)}")
         console.print()

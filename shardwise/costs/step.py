@@ -297,22 +297,28 @@ class PricingContext:
         return OpPrice(fwd, bwd, comm_f, comm_b, rec)
 
 
+def moe_exchange_s(alltoall: Callable[[float], float], rows_bytes: float, counts_bytes: float) -> tuple[float, float]:
+    """(forward, backward) seconds of the all-to-alls of one expert-parallel experts op (``runtime.lib.moe``),
+    ``alltoall(nbytes)`` pricing one all-to-all over the expert-parallel group: the forward exchanges the rows
+    per expert (``counts_bytes``), then dispatches this rank's routed rows (``rows_bytes``: tokens x k rows) to
+    their experts' ranks and combines the results back (two all-to-alls of the rows); the backward runs the
+    two row exchanges again in the other direction. Routing is priced as balanced (each rank sends ``1/n`` of
+    its rows to each rank), what a router trained with a load-balancing loss aims at."""
+    exchange = alltoall(rows_bytes)
+    return alltoall(counts_bytes) + 2 * exchange, 2 * exchange
+
+
 def expert_exchange_s(
     prices: PriceList, mesh: DeviceMesh, axis: str, node: Node, s: NodeStrategy, graph: Graph, scale: float
 ) -> tuple[float, float]:
-    """(forward, backward) seconds of the all-to-alls of an expert-parallel experts op (``runtime.lib.moe``): the
-    forward exchanges the rows per expert (one count each), then dispatches this rank's ``tokens x k`` rows to
-    their experts' ranks and combines the results back (two all-to-alls of the rows); the backward runs the two
-    row exchanges again in the other direction. Routing is priced as balanced (each rank sends ``1/n`` of its
-    rows to each rank), what a router trained with a load-balancing loss aims at."""
-    hidden, index = (graph.spec_of(v) for v in tensor_operands(node)[:2])
-    if not isinstance(hidden, TensorSpec) or not isinstance(index, TensorSpec):
+    """:func:`moe_exchange_s` of an experts op placed by ``s`` with its experts split over ``axis``."""
+    operands = tensor_operands(node)
+    hidden, index, experts = (graph.spec_of(v) for v in (operands[0], operands[1], operands[3]))
+    if not all(isinstance(x, TensorSpec) for x in (hidden, index, experts)):
         return 0.0, 0.0
-    rows = _local_bytes(hidden, s.inputs[0], mesh, scale) * index.shape[-1]
-    experts = graph.spec_of(tensor_operands(node)[3])
-    counts = 8 * (experts.shape[0] if isinstance(experts, TensorSpec) else 1)
-    exchange = prices.axis_collective_s("alltoall", rows, mesh, axis)
-    return prices.axis_collective_s("alltoall", counts, mesh, axis) + 2 * exchange, 2 * exchange
+    rows = _local_bytes(hidden, s.inputs[0], mesh, scale) * index.shape[-1]  # type: ignore[union-attr]
+    counts = 8 * experts.shape[0]  # type: ignore[union-attr]
+    return moe_exchange_s(lambda n: prices.axis_collective_s("alltoall", n, mesh, axis), rows, counts)
 
 
 def _unshared(

@@ -41,10 +41,10 @@ from shardwise.cluster import ClusterSpec
 from shardwise.costs.attention import CP_WAYS, AttentionShape, context_attention_s, ulysses_problem
 from shardwise.costs.compute import float_scale, is_causal_attention
 from shardwise.costs.memory import element_bytes
-from shardwise.costs.step import StageTail, analytic_step, simulate, stage_tail_s
+from shardwise.costs.step import StageTail, analytic_step, moe_exchange_s, simulate, stage_tail_s
 from shardwise.errors import PlanError
-from shardwise.ir.experts import expert_count
-from shardwise.ir.graph import Graph
+from shardwise.ir.experts import MOE_EXPERTS, expert_count
+from shardwise.ir.graph import Graph, Value
 from shardwise.ir.registry import rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.stages.partition import balance
@@ -238,6 +238,7 @@ class _Context:
                 positions = tuple(i for i, u in enumerate(self.sequence) if u in us)
                 elems = next(p.spec.numel for p in names.values() if p.key == key)
                 self.tied.append((key, positions, elems))
+        self.experts = _unit_experts(graph, units, unit_of, options.precision)
         unit_flops = [0.0] * n
         for node in graph.nodes:
             unit_flops[unit_of[node.name]] += node.flops
@@ -322,6 +323,39 @@ class _Context:
         ).total  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _Experts:
+    """One layer unit's experts ops, what expert parallelism changes about it: expert weight elements, the bytes
+    of the rows they route per traced sample (tokens x k x hidden at the precision's width), one count per
+    expert and op (the first exchange)."""
+
+    elems: float = 0.0
+    rows_per_sample: float = 0.0
+    counts_bytes: float = 0.0
+
+
+def _unit_experts(graph: Graph, units: LayerUnits, unit_of: Mapping[str, int], precision: str) -> list[_Experts]:
+    """Per unit, its experts figures (zeros for a unit without MoE layers)."""
+    width = 2.0 if precision in ("bf16", "fp16") else 4.0
+    traced = max(traced_batch(graph), 1)
+    out = [_Experts() for _ in range(len(units))]
+    for node in graph.nodes:
+        if node.op != MOE_EXPERTS:
+            continue
+        specs = [graph.spec_of(v.name) for v in node.args[:5] if isinstance(v, Value)]
+        if len(specs) != 5 or not all(isinstance(x, TensorSpec) for x in specs):
+            continue
+        hidden, index, gate_up, down = specs[0], specs[1], specs[3], specs[4]
+        u = unit_of[node.name]
+        old = out[u]
+        out[u] = _Experts(
+            old.elems + gate_up.numel + down.numel,  # type: ignore[union-attr]
+            old.rows_per_sample + hidden.numel * index.shape[-1] * width / traced,  # type: ignore[union-attr]
+            old.counts_bytes + 8 * gate_up.shape[0],  # type: ignore[union-attr]
+        )
+    return out
+
+
 def _rank(pp_stage: int, replica: int, t: int, dp: int, tp: int) -> int:
     return (pp_stage * dp + replica) * tp + t
 
@@ -377,18 +411,29 @@ class _Memory:
             train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
             zero=cfg.zero, dp=cfg.dp,
         )  # fmt: skip
+        # expert parallelism: each rank holds 1/ep of the experts, outside ZeRO's buckets (their gradients are
+        # not reduced over dp), so their bytes per element are ZeRO 0's
+        experts = sum(ctx.experts[ctx.sequence[i]].elems for i in range(a, z)) if cfg.ep > 1 else 0.0
+        params -= experts
+        trainable -= experts
+        mine = experts / cfg.ep
+        own = element_bytes(
+            train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
+            zero=0, dp=1,
+        )  # fmt: skip
         frozen = (params - trainable) * ctx.element(False, 0, 1)
         weights = trainable * e.weights
         if not ctx.train and cfg.zero >= 3:
             weights /= cfg.dp
-        optimizer = trainable * (e.optimizer + e.master)
+        weights += mine * own.weights
+        optimizer = trainable * (e.optimizer + e.master) + mine * (own.optimizer + own.master)
         if ctx.train:
             # the optimizer's scratch: a foreach step makes one value per (local) element at once, a per-tensor
             # step two of the largest tensor's (bounded by the chunk's mean tensor)
             local = trainable / (cfg.dp if cfg.zero >= 1 else 1)
             optimizer += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
-        return {"weights": weights + frozen, "gradients": trainable * e.grads, "optimizer state": optimizer,
-                "trainable": trainable}  # fmt: skip
+        return {"weights": weights + frozen, "gradients": trainable * e.grads + mine * own.grads,
+                "optimizer state": optimizer, "trainable": trainable + mine}  # fmt: skip
 
     def fixed(self, a: int, z: int) -> tuple[float, float]:
         """(bytes of parameters, gradients, optimizer state and scratch of units [a, z), trainable elements)."""
@@ -515,6 +560,21 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
         comm_chunk[-1] += f + (b if train else 0.0)
         if train:
             cb[-1] += b
+    if cfg.ep > 1:  # the experts' all-to-alls over the dp group (costs.step.moe_exchange_s)
+        group = tuple(_rank(0, d, 0, dp, tp) for d in range(dp))
+        for c, (a, z) in enumerate(bounds):
+            for i in range(a, z):
+                x = ctx.experts[ctx.sequence[i]]
+                if not x.elems:
+                    continue
+                f, b = moe_exchange_s(
+                    lambda n: ctx.prices.collective_s("alltoall", n, group), x.rows_per_sample * cfg.rows, x.counts_bytes
+                )  # fmt: skip
+                cf[c] += f
+                comm_chunk[c] += f
+                if train:
+                    cb[c] += b
+                    comm_chunk[c] += b
     transfer = []
     for c, (_, z) in enumerate(bounds[:-1]):
         src = _rank(c % pp, 0, 0, dp, tp)

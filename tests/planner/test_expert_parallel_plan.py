@@ -1,0 +1,74 @@
+"""Expert parallelism in the one search (issue 17.3): ep is offered where the expert count allows, priced (the
+expert weights a rank holds, the all-to-alls), pinned with the same names as the other degrees, refused with
+what to do where it cannot be made; the realized plan splits the experts and the explain output says why."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardwise.cli.explain import explain_plan
+from shardwise.cluster import get_cluster
+from shardwise.errors import ConstraintError, PlanError
+from shardwise.frontend.trace import trace
+from shardwise.ir.experts import expert_axis, moe_nodes
+from shardwise.planner.plan import PlanOptions, plan
+from shardwise.planner.search import SearchOptions, search
+from shardwise.zoo import build_model
+
+pytest.importorskip("transformers")
+
+from shardwise.zoo.hf import tiny_causal_lm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    model, inputs = tiny_causal_lm("mixtral")
+    graph, _ = trace(model, inputs, loss_fn=lambda out: out.logits.float().mean())
+    return graph
+
+
+def test_the_search_offers_ep_and_prices_it(mixtral):
+    cluster = get_cluster("dgx-h100x2")
+    result = search(mixtral, cluster, {"dp": 2, "tp": 1, "pp": 1, "zero": 0, "recompute": "none"},
+                    SearchOptions(mode="train"))  # fmt: skip
+    by_ep = {c.ep: c for c in result.ranked}
+    assert set(by_ep) == {1, 2}
+    one, two = by_ep[1], by_ep[2]
+    # half the experts per rank: less memory; the all-to-alls: more communication than the same layout without
+    assert two.peak_bytes < one.peak_bytes
+    assert two.comm_s > one.comm_s
+    assert ("ep", 2) in two.degrees and "ep=2" in two.describe()
+
+
+def test_a_pinned_ep_is_realized_with_the_experts_split(mixtral):
+    cluster = get_cluster("cpu:2")
+    made = plan(mixtral, cluster, {"ep": 2, "zero": 0, "recompute": "none"}, PlanOptions(mode="train"))
+    assert made.degrees["ep"] == 2 and made.degrees["dp"] == 2
+    for node in moe_nodes(made.graph):
+        assert expert_axis(made.strategy(node), made.mesh) == "dp"
+    grads = dict(made.param_grad_reduce)
+    experts = [k for k, _ in made.param_placements if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts and all("dp" not in grads.get(k, ()) for k in experts)  # complete on their rank
+    assert all("dp" in grads[k] for k in grads if "experts" not in k)  # the other weights: all-reduced over dp
+    why = explain_plan(made, cluster)["experts"]
+    assert why["ep"] == 2 and why["alltoall_s"] > 0 and "2 of the 4 experts" in why["why"]
+
+
+def test_unpinned_plans_say_why_their_ep(mixtral):
+    cluster = get_cluster("cpu:2")
+    made = plan(mixtral, cluster, {"dp": 2, "zero": 0, "recompute": "none"}, PlanOptions(mode="train"))
+    why = explain_plan(made, cluster)["experts"]
+    ep = made.degrees.get("ep", 1)
+    assert why["ep"] == ep and f"ep={ep}:" in why["why"]
+    assert f"with ep={2 if ep == 1 else 1}" in why["why"]  # the best layout with the other ep, compared
+
+
+def test_impossible_ep_is_a_clear_error(mixtral):
+    with pytest.raises(ConstraintError, match="ep is 1 or equal to dp"):
+        plan(mixtral, get_cluster("cpu:4"), {"ep": 2, "dp": 4}, PlanOptions(mode="train"))
+    with pytest.raises(PlanError, match="ep must divide the 4 experts"):
+        plan(mixtral, get_cluster("cpu:4"), {"ep": 3}, PlanOptions(mode="train"))
+    model, inputs = build_model("mlp")
+    graph, _ = trace(model, inputs)
+    with pytest.raises(PlanError, match="no mixture-of-experts layers"):
+        plan(graph, get_cluster("cpu:2"), {"ep": 2})
