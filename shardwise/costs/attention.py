@@ -38,7 +38,7 @@ from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["CP_WAYS", "RING_LOAD_BALANCED", "AttentionShape", "context_attention_s", "way_label", "way_of",
-           "ulysses_problem", "attention_shape", "node_context_attention_s"]  # fmt: skip
+           "ulysses_problem", "attention_shape", "node_context_attention_s", "ways_s"]  # fmt: skip
 
 CP_WAYS = ("allgather", "ulysses", "ring")
 #: the program's ring attention keeps the placement's contiguous chunks (no pairing of chunk r with 2cp-1-r)
@@ -87,8 +87,7 @@ def context_attention_s(
     if cp < 2:
         return 0.0, 0.0
     if way == "allgather":
-        fwd = prices.collective_s("allgather", shape.kv_bytes * cp, ranks)
-        fwd += prices.collective_s("allgather", shape.mask_bytes * cp, ranks)
+        fwd = prices.collective_s("allgather", shape.kv_bytes * cp, ranks)  # (the mask's rows stay split)
         bwd = prices.collective_s("reduce_scatter", shape.kv_bytes * cp, ranks) if train else 0.0
         return fwd, bwd
     if way == "ulysses":
@@ -158,3 +157,26 @@ def node_context_attention_s(
         prices, prices.axis_group(mesh, axis), way, shape, compute_forward_s=compute_forward_s,
         compute_backward_s=compute_backward_s, train=train,
     )  # fmt: skip
+
+
+def ways_s(
+    prices: PriceList, mesh: DeviceMesh, axis: str, node: Node, ins: Sequence[TensorSpec], out: TensorSpec,
+    q_placement: ShardingSpec, *, compute_forward_s: float, compute_backward_s: float, train: bool,
+    width: float = 1.0,
+) -> dict[str, tuple[float, float] | str]:  # fmt: skip
+    """Every way's (forward, backward) seconds for attention ``node`` whose queries are placed ``q_placement``
+    (the keys, values and mask rows taken as split the same way), or why the way cannot run (Ulysses: heads):
+    what ``explain`` compares."""
+    shape = attention_shape(node, ins, out, [q_placement] * len(ins), mesh, axis, width)
+    ranks = prices.axis_group(mesh, axis)
+    cp = len(ranks)
+    kv_heads = ins[1].shape[-3] if ins[1].rank >= 3 else 1
+    kv_heads = max(kv_heads * shape.heads // max(ins[0].shape[-3], 1), 1) if ins[0].rank >= 3 else kv_heads
+    out_ways: dict[str, tuple[float, float] | str] = {}
+    for way in CP_WAYS:
+        problem = ulysses_problem(shape.heads, kv_heads, cp) if way == "ulysses" else ""
+        out_ways[way] = problem or context_attention_s(
+            prices, ranks, way, shape, compute_forward_s=compute_forward_s, compute_backward_s=compute_backward_s,
+            train=train,
+        )
+    return out_ways

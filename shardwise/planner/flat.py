@@ -21,18 +21,20 @@ Guarantees: the returned plan's ``predicted`` is ``costs.step.predict_flat`` of 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
-from shardwise.costs.attention import CP_WAYS, way_of
+from shardwise.costs.attention import CP_WAYS, way_of, ways_s
+from shardwise.costs.compute import float_scale
 from shardwise.costs.memory import optimizer_state
-from shardwise.costs.prices import mesh_prices
-from shardwise.costs.step import predict_flat
+from shardwise.costs.prices import mesh_prices, price_list
+from shardwise.costs.step import op_ways, predict_flat
 from shardwise.errors import DoesNotFitError, PlanError
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
-from shardwise.ir.plan import ExecutionPlan, Prediction, RankMemory
+from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Prediction, RankMemory
+from shardwise.ir.registry import rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.buffers import lower_bound
 from shardwise.passes.memory.mapping import map_memory
@@ -164,7 +166,7 @@ def flat_plan(
     if mesh.size < cluster.world_size:
         notes.append(f"runs on {mesh.size} of the {cluster.world_size} devices")
     if "cp" in mesh.axis_names:
-        notes.append(context_note(graph, mesh, placed.strategies))
+        notes.append(context_note(graph, mesh, placed.strategies, cluster, options.precision, train))
     if zero:
         dp = mesh.axis_size("dp")
         parts = [f"optimizer state sharded over dp={dp}"] + (["gradients too"] if zero >= 2 else []) if train else []
@@ -190,20 +192,48 @@ def flat_plan(
     return plan.replace(predicted=predict_flat(plan, cluster))
 
 
-def context_note(graph: Graph, mesh: DeviceMesh, strategies) -> str:  # noqa: ANN001
-    """What the cp axis does in a placed plan: the sequence split, and how each attention runs over it."""
+def context_note(
+    graph: Graph, mesh: DeviceMesh, strategies: Sequence[NodeStrategy], cluster: ClusterSpec, precision: str,
+    train: bool,
+) -> str:  # fmt: skip
+    """What the cp axis does in a placed plan: the sequence split, how each attention runs over it, and what
+    each way is predicted to cost (``costs.attention.ways_s``) — why the placement took the way it did."""
     cp = mesh.axis_size("cp")
+    prices = price_list(cluster, precision)
+    by_node = {s.node: s for s in strategies}
     ways: dict[str, int] = {}
-    for st in strategies:
-        for axis, label in st.split:
-            if axis == "cp" and graph.node(st.node).op == "aten.scaled_dot_product_attention.default":
-                way = way_of(label) or "allgather"
-                ways[way] = ways.get(way, 0) + 1
-    done = ", ".join(f"{n} by {way}" for way, n in sorted(ways.items())) or "none split"
+    totals: dict[str, float] = {}
+    impossible: dict[str, str] = {}
+    for node in graph.nodes:
+        st = by_node.get(node.name)
+        rule = rule_for(node.op)
+        if st is None or rule is None or rule.kind != "attention":
+            continue
+        label = dict(st.split).get("cp")
+        if label is None:
+            continue
+        ways[way_of(label) or "allgather"] = ways.get(way_of(label) or "allgather", 0) + 1
+        ins = [graph.spec_of(v) for v in tensor_operands(node)]
+        tensors = [x for x in ins if isinstance(x, TensorSpec)]
+        n = op_ways(st, mesh)
+        fwd = prices.forward_s(node, n)
+        bwd = prices.backward_s(node, n) if train else 0.0
+        for way, got in ways_s(
+            prices, mesh, "cp", node, tensors, node.outputs[0], st.outputs[0],  # type: ignore[arg-type]
+            compute_forward_s=fwd, compute_backward_s=bwd, train=train, width=float_scale(precision),
+        ).items():  # fmt: skip
+            if isinstance(got, str):
+                impossible[way] = got
+            else:
+                totals[way] = totals.get(way, 0.0) + got[0] + got[1]
+    done = ", ".join(f"{k} by {way}" for way, k in sorted(ways.items())) or "none split"
+    priced = "; ".join(f"{way} {t * 1e3:.3f} ms" for way, t in sorted(totals.items(), key=lambda x: x[1]))
+    priced += "".join(f"; {way} not possible ({why})" for way, why in impossible.items())
     return (
-        f"context parallelism: the sequence ({sequence_length(graph)}) split over cp={cp}; attention calls: "
-        f"{done} (allgather: keys and values gathered; ulysses: all-to-all to a head split; ring: key/value "
-        "blocks passed around the ring)"
+        f"context parallelism: the sequence ({sequence_length(graph)}) split over cp={cp}; attention calls: {done}. "
+        f"Their cp communication per step, predicted by way: {priced} (allgather: keys and values gathered; "
+        "ulysses: all-to-all to a head split and back; ring: key/value blocks passed around the ring, hidden "
+        "behind each block's compute where it is shorter)"
     )
 
 

@@ -198,8 +198,26 @@ def plan(
             )
         else:
             raise DoesNotFitError(_does_not_fit(result, realized, failed, cluster, pinned))
+    if chosen.candidate.cp > 1:
+        notes.append(_why_context(chosen.candidate, pinned, result))
     out = _finish(chosen, realized, result, failed, notes, time.perf_counter() - t0)
     return out
+
+
+def _why_context(cand: Candidate, pinned: Constraints, result: SearchResult) -> str:
+    """Why the chosen layout splits the sequence over ``cp``, and the way its estimate took for attention."""
+    if pinned.cp is not None:
+        why = f"cp={cand.cp} pinned"
+    else:
+        why = (
+            f"cp={cand.cp}: the batch ({result.global_batch}) does not split over the {cand.dp * cand.cp} replicas "
+            f"beside tp={cand.tp}, so the sequence takes cp={cand.cp} of them (a batch split costs no attention "
+            "communication, so the search offers cp only where the batch cannot split), and this layout is the "
+            "fastest that fits"
+        )
+    ways = ", ".join(f"{w} {t * 1e3:.3f} ms" for w, t in sorted(cand.cp_ways, key=lambda x: x[1]))
+    way = f"attention by {cand.cp_attention}" + (" (pinned)" if pinned.cp_attention else " (the cheapest)")
+    return f"context parallelism: {why}; {way}; estimated cp communication per step by way: {ways or 'none'}"
 
 
 def _variant(a: Candidate, b: Candidate) -> bool:

@@ -247,7 +247,7 @@ class _Context:
         self._tables: dict[tuple[int, bool, int], _Tables] = {}
         self._inflight: dict[tuple[str, int, int, int], list[int]] = {}
         self._partitions: dict[tuple, list[tuple[int, int]] | None] = {}
-        self._cp: dict[tuple, dict[str, tuple[float, float]]] = {}
+        self._cp: dict[tuple, dict[str, tuple[float, float] | str]] = {}
         # the attention calls (node, operand specs, output spec) and the sequence they split (cp)
         specs = {i.name: i.spec for i in graph.inputs} | {p.name: p.spec for p in graph.params}
         self.attention: list[tuple] = []
@@ -261,9 +261,9 @@ class _Context:
                     self.attention.append((node, ins, node.outputs[0]))
         self.sequence_length = sequence_length(graph)
 
-    def context_attention(self, tp: int, cp: int, rows: float, replicas: int) -> dict[str, tuple[float, float]]:
+    def context_attention(self, tp: int, cp: int, rows: float, replicas: int) -> dict[str, tuple[float, float] | str]:
         """way -> (forward, backward) seconds per micro-batch of every attention call's communication over
-        ``cp`` (``costs.attention``), on ``rows`` rows of the cp rank's share; the ways the heads allow."""
+        ``cp`` (``costs.attention``), on ``rows`` rows of the cp rank's share; or why the way cannot run."""
         key = (tp, cp, rows, replicas)
         if key in self._cp:
             return self._cp[key]
@@ -272,7 +272,7 @@ class _Context:
         ranks = tuple(_rank(0, c, 0, replicas, tp) for c in range(cp))
         scale = rows / self.traced
         width = float_scale(self.options.precision)
-        out: dict[str, tuple[float, float]] = {}
+        out: dict[str, tuple[float, float] | str] = {}
         for node, ins, out_spec in self.attention:
             times = count.get(unit_of[node.name], 0)
             if not times:
@@ -291,12 +291,15 @@ class _Context:
             fwd = self.prices.forward_s(node, ways) * whole
             bwd = self.prices.backward_s(node, ways) * whole if self.train else 0.0
             for way in CP_WAYS:
-                if way == "ulysses" and ulysses_problem(shape.heads, max(kv_heads // (tp if split_heads else 1), 1), cp):
+                problem = ulysses_problem(shape.heads, max(kv_heads // (tp if split_heads else 1), 1), cp)
+                if way == "ulysses" and problem:
+                    out[way] = f"{problem} (attention {node.name})"
+                old = out.get(way, (0.0, 0.0))
+                if isinstance(old, str):
                     continue
                 f, b = context_attention_s(
                     self.prices, ranks, way, shape, compute_forward_s=fwd, compute_backward_s=bwd, train=self.train
                 )
-                old = out.get(way, (0.0, 0.0))
                 out[way] = (old[0] + f * times, old[1] + b * times)
         self._cp[key] = out
         return out
@@ -549,10 +552,13 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
         comm_chunk = [rng(t.p_commf, a, z) for a, z in bounds]
     cp_way, cp_ways = "", ()
     if cfg.cp > 1:  # attention over the split sequence: the way the constraint pins, else the cheapest
-        priced = ctx.context_attention(tp, cfg.cp, cfg.rows, dp)
+        found = ctx.context_attention(tp, cfg.cp, cfg.rows, dp)
+        priced = {w: fb for w, fb in found.items() if not isinstance(fb, str)}
         allowed = {w: fb for w, fb in priced.items() if ctx.cp_pinned in (None, w)}
         if not allowed:
-            return f"attention cannot run over cp={cfg.cp} by {ctx.cp_pinned} (the heads do not divide)"
+            why = found.get(ctx.cp_pinned or "", "no way applies")
+            return (f"attention cannot run over cp={cfg.cp} by {ctx.cp_pinned}: {why}; pin another cp_attention "
+                    "(allgather, ulysses, ring) or leave it to the planner")  # fmt: skip
         cp_ways = tuple((w, f + (b if train else 0.0)) for w, (f, b) in priced.items())
         cp_way = min(allowed, key=lambda w: (allowed[w][0] + allowed[w][1], CP_WAYS.index(w)))
         f, b = allowed[cp_way]

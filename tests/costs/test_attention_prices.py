@@ -1,0 +1,125 @@
+"""Prices of attention over a sequence split ``cp`` ways (costs/attention.py) and how the planner uses them:
+ring attention's messages are hidden behind its blocks' compute where the compute is longer, Ulysses needs
+heads divisible by ``cp``, a pinned way that cannot run is a clear error, and the search offers ``cp`` where the
+batch does not split over the devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardwise.cluster import get_cluster
+from shardwise.costs.attention import AttentionShape, context_attention_s, ulysses_problem
+from shardwise.costs.prices import price_list
+from shardwise.errors import PlanError
+from shardwise.frontend.trace import trace
+from shardwise.planner.plan import plan
+from shardwise.planner.search import SearchOptions, search
+
+MiB = 2**20
+
+
+def _shape(causal: bool = False, heads: int = 8) -> AttentionShape:
+    return AttentionShape(q_bytes=4 * MiB, kv_bytes=8 * MiB, out_bytes=4 * MiB, mask_bytes=0.0, heads=heads,
+                          causal=causal)  # fmt: skip
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_ring_hides_its_messages_behind_the_blocks_compute(cp):
+    prices = price_list(get_cluster("dgx-h100x1"))
+    ranks = tuple(range(cp))
+    hop = prices.p2p_s(8 * MiB, 0, 1)
+    assert hop > 0
+
+    def ring(compute: float) -> float:
+        return context_attention_s(prices, ranks, "ring", _shape(), compute_forward_s=compute,
+                                   compute_backward_s=0.0, train=False)[0]  # fmt: skip
+
+    # a block's compute (the call's share over cp blocks) longer than a hop: nothing exposed
+    assert ring(2 * hop * cp) == 0.0
+    # no compute to hide behind: every one of the cp - 1 hops is exposed
+    assert ring(0.0) == pytest.approx((cp - 1) * hop)
+    # half a hop of compute per block: half of each hop is exposed
+    assert ring(hop * cp / 2) == pytest.approx((cp - 1) * hop / 2)
+
+
+def test_ring_charges_the_causal_imbalance_of_contiguous_chunks():
+    prices = price_list(get_cluster("dgx-h100x1"))
+    compute = 1.0  # far above any hop: only the imbalance remains
+    plain = context_attention_s(prices, (0, 1), "ring", _shape(False), compute_forward_s=compute,
+                                compute_backward_s=compute, train=True)  # fmt: skip
+    causal = context_attention_s(prices, (0, 1), "ring", _shape(True), compute_forward_s=compute,
+                                 compute_backward_s=compute, train=True)  # fmt: skip
+    assert plain == (0.0, 0.0)
+    # cp=2, chunk 0 on rank 0, chunk 1 on rank 1: rank 1 attends 1.5 blocks' worth, the average is 1
+    assert causal == pytest.approx((0.5 * compute, 0.5 * compute))
+
+
+def test_ulysses_and_allgather_move_what_they_say():
+    prices = price_list(get_cluster("dgx-h100x1"))
+    ranks = (0, 1, 2, 3)
+    shape = _shape()
+    f, b = context_attention_s(prices, ranks, "ulysses", shape, compute_forward_s=1.0, compute_backward_s=1.0,
+                               train=True)  # fmt: skip
+    a2a = sum(prices.collective_s("alltoall", n, ranks) for n in (shape.q_bytes, shape.kv_bytes, shape.out_bytes))
+    assert f == pytest.approx(a2a) and b == pytest.approx(a2a)  # hidden behind nothing
+    f, b = context_attention_s(prices, ranks, "allgather", shape, compute_forward_s=1.0, compute_backward_s=1.0,
+                               train=False)  # fmt: skip
+    assert f == pytest.approx(prices.collective_s("allgather", shape.kv_bytes * 4, ranks)) and b == 0.0
+    with pytest.raises(ValueError, match="unknown context-parallel attention way 'sideways'"):
+        context_attention_s(prices, ranks, "sideways", shape, compute_forward_s=0.0, compute_backward_s=0.0,
+                            train=False)  # fmt: skip
+
+
+def test_ulysses_needs_heads_divisible_by_cp():
+    assert ulysses_problem(8, 2, 2) == ""
+    assert ulysses_problem(8, 1, 2) == ""  # one key/value head: repeated to the query heads
+    assert "3 attention heads" in ulysses_problem(3, 3, 2)
+    assert "3 key/value heads" in ulysses_problem(6, 3, 2)
+
+
+class _Attention(nn.Module):
+    """One causal attention layer (mask from arange inside the forward) with ``heads`` heads."""
+
+    def __init__(self, heads: int, dim: int = 24) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+
+        pos = torch.arange(s, device=x.device)
+        mask = pos[None, :] <= pos[:, None]
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
+def _graph(heads: int, batch: int):
+    torch.manual_seed(0)
+    graph, _ = trace(_Attention(heads), (torch.randn(batch, 16, 24),))
+    return graph
+
+
+def test_a_pinned_way_that_cannot_run_is_a_clear_error():
+    graph = _graph(heads=3, batch=1)
+    with pytest.raises(PlanError, match=r"by ulysses: the 3 attention heads .* do not divide by cp=2.*pin another"):
+        plan(graph, get_cluster("cpu:2"), {"cp": 2, "cp_attention": "ulysses"})
+    # left to the planner, the same model splits its sequence another way
+    made = plan(graph, get_cluster("cpu:2"), {"cp": 2})
+    assert made.degrees.get("cp") == 2
+    assert any("ulysses not possible (the 3 attention heads" in n for n in made.notes)
+
+
+def test_the_search_offers_cp_where_the_batch_does_not_split():
+    cluster = get_cluster("cpu:2")
+    options = SearchOptions(mode="inference")
+    one = search(_graph(heads=4, batch=1), cluster, None, options)
+    assert any(c.cp == 2 and c.dp == 1 for c in one.ranked)
+    two = search(_graph(heads=4, batch=2), cluster, None, options)
+    assert all(c.cp == 1 for c in two.ranked)  # the batch takes dp=2: a batch split needs no attention messages
