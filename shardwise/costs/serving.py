@@ -38,8 +38,11 @@ __all__ = [
 #: memory-class bytes one token moves per layer besides matmuls and attention, in units of ``hidden``: two
 #: norms (read + write: 2 each) and two residual adds (read two, write one: 3 each)
 MEMORY_PASSES_PER_TOKEN = 2 * 2 + 2 * 3
-#: kernels one layer launches besides its matmuls: attention, two norms, the activation, two residual adds
-OTHER_KERNELS_PER_LAYER = 6
+#: kernels one layer launches besides its matmuls and attention when no trace counted them: two norms, the
+#: activation, two residual adds
+OTHER_KERNELS_PER_LAYER = 5
+#: kernels of a pass outside the layers when no trace counted them: embedding, final norm, output head
+EDGE_KERNELS = 3
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,10 @@ class ServingModel:
     position_params: int  # learned position embeddings (0 with rotary positions)
     head_params: int  # an untied output head (0 when tied to the token embedding)
     final_params: int  # parameters outside the layers, embeddings and head (the final norm, ...)
+    layer_kernels: int = OTHER_KERNELS_PER_LAYER  # kernels per layer besides matmuls and attention
+    layer_views: int = 0  # views per layer (no kernel; the host's dispatch where it dispatches them)
+    edge_kernels: int = EDGE_KERNELS  # kernels of a pass outside the layers
+    edge_views: int = 0
     weight_bytes: int = 2  # bytes per weight element (fp16/bf16)
     kv_bytes: int = 2  # bytes per cached key/value element
     act_bytes: int = 2  # bytes per activation element
@@ -230,7 +237,8 @@ class ServingPrices:
         t = self.compute.with_overhead(self.compute.device_s(gemm), m.layer_matmuls)
         inner = (3 if m.gated else 2) * m.ffn / tp
         memory = tokens * (MEMORY_PASSES_PER_TOKEN * m.hidden + inner) * m.act_bytes
-        t += self.compute.with_overhead(self.compute.byte_s(memory), OTHER_KERNELS_PER_LAYER - 1)
+        t += self.compute.with_overhead(self.compute.byte_s(memory), m.layer_kernels)
+        t += m.layer_views * self.compute.view_s()
         if tp > 1:
             t += 2 * self.prices.collective_s("allreduce", tokens * m.hidden * m.act_bytes, self.tp_ranks(tp))
         return t
@@ -245,11 +253,12 @@ class ServingPrices:
 
     def _edges_uncached_s(self, tp: int, pp: int, tokens: float, seqs: float) -> float:
         m = self.model
-        t = self._kernel(OpWork("memory", 0.0, 2 * tokens * m.hidden * m.act_bytes, 0.0))
-        t += self._kernel(OpWork("memory", 0.0, 2 * seqs * m.hidden * m.act_bytes, 0.0))
+        edge_bytes = 2 * (tokens + seqs) * m.hidden * m.act_bytes  # the embedding lookup, the final norm
+        t = self.compute.with_overhead(self.compute.byte_s(edge_bytes), max(m.edge_kernels - 1, 0))
+        t += m.edge_views * self.compute.view_s()
         head = OpWork("gemm", 2.0 * seqs * m.vocab * m.hidden / tp, seqs * (m.hidden + m.vocab / tp) * m.act_bytes,
                       m.vocab * m.hidden * m.weight_bytes / tp)  # fmt: skip
-        t += self._kernel(head)
+        t += self.compute.with_overhead(self.compute.device_s(head), 1)
         if tp > 1:
             t += self.prices.collective_s("allgather", seqs * m.vocab * 4, self.tp_ranks(tp))
         for stage in range(pp - 1):
@@ -261,14 +270,18 @@ class ServingPrices:
         return self.prefill_sums(tp, pp, float(sum(prompt_lens)), float(sum(s * s for s in prompt_lens)),
                                  len(prompt_lens))  # fmt: skip
 
-    def prefill_sums(self, tp: int, pp: int, tokens: float, square_sum: float, seqs: int) -> PhaseTime:
-        """``prefill`` from the batch's token count, sum of squared lengths and number of prompts."""
+    def prefill_sums(
+        self, tp: int, pp: int, tokens: float, square_sum: float, seqs: int, causal: bool = True
+    ) -> PhaseTime:
+        """``prefill`` from the batch's token count, sum over prompts of queries x keys (the squared lengths
+        for causal self-attention) and number of prompts. ``causal=False``: every query attends to every key
+        counted (an attention with a mask tensor computes all of them: a static KV cache's window)."""
         self.check_layout(tp, pp)
         if seqs <= 0:
             return PhaseTime(0.0, 0.0)
         m = self.model
         heads = m.heads / tp
-        flops = 4.0 * heads * m.head_dim * square_sum * CAUSAL_FRACTION
+        flops = 4.0 * heads * m.head_dim * square_sum * (CAUSAL_FRACTION if causal else 1.0)
         nbytes = tokens * (2 * heads + 2 * m.kv_heads_per_device(tp)) * m.head_dim * m.act_bytes
         nbytes += tokens * 2 * m.kv_heads_per_device(tp) * m.head_dim * m.kv_bytes  # writing the cache
         latency = m.layers * self._layer_s(tp, tokens, flops, nbytes) + self._edges_s(tp, pp, tokens, seqs)

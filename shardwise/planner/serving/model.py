@@ -6,6 +6,10 @@ GPT-2's ``Conv1D``) with their input and output widths, the token and position e
 output head is tied to the token embedding. Heads, key/value heads (GQA), head width, MLP width and
 vocabulary come from the configuration.
 
+The kernels one pass launches (what a host that dispatches every op pays for, ``efficiency.op_overhead_s``)
+are counted on a **meta-device trace** of a one-layer copy of the configuration (``frontend.trace``): the ops
+of the layer by the price list's cost class (matmuls, attention, other kernels, views) and the ops outside it.
+
 MODEL is a published configuration we know by name (``PUBLISHED``: the figures of each model's
 ``config.json`` on the HuggingFace hub, or of its paper where the hub has none), a zoo name
 (``gpt2:small``, ``llama:tiny``) or a path to a ``config.json``.
@@ -71,6 +75,42 @@ def _layer_list(model: Any, layers: int) -> Any:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+def _op_counts(config: Any) -> dict[str, int]:
+    """Kernels and views of one decoder layer and of the rest of a pass, on a meta-device trace of a one-layer
+    copy of ``config`` (see the module docstring); {} when the copy does not trace."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shardwise.costs.compute import cost_class
+    from shardwise.frontend.trace import trace
+
+    one = copy.deepcopy(config)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(one, name, None) is not None:
+            setattr(one, name, 1)
+    one.use_cache = False
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(one).eval()
+        blocks = _layer_list(model, 1)
+        prefix = next(n for n, m in model.named_modules() if m is blocks) + ".0"
+        ids = torch.zeros((1, 8), dtype=torch.long, device="meta")
+        graph, _ = trace(model, (ids,))
+    except Exception:  # a model the frontend cannot trace keeps the default counts
+        return {}
+    counts = {"layer_kernels": 0, "layer_views": 0, "edge_kernels": 0, "edge_views": 0}
+    for node in graph.nodes:
+        where = "layer" if node.module_path == prefix or node.module_path.startswith(prefix + ".") else "edge"
+        cls = cost_class(node.op)
+        if cls == "free":
+            counts[f"{where}_views"] += 1
+        elif where == "edge" or cls == "memory":
+            counts[f"{where}_kernels"] += 1
+    return counts
+
+
 def serving_model_from_config(config: Any, name: str, source: str, weight_bytes: int = 2) -> ServingModel:
     """Build ``config``'s causal LM on the meta device and count its parameters (see the module docstring)."""
     import torch
@@ -116,6 +156,7 @@ def serving_model_from_config(config: Any, name: str, source: str, weight_bytes:
     )  # fmt: skip
     head_params = 0 if tied else head.weight.numel()
     final = total - in_layers - embed.numel() - positions - head_params
+    counts = _op_counts(config)
     if in_layers != layers * layer_params:  # layers of different sizes: price the average one
         layer_params = round(in_layers / layers)
     return ServingModel(
@@ -124,7 +165,7 @@ def serving_model_from_config(config: Any, name: str, source: str, weight_bytes:
         layer_matmul_params=sum(p.numel() for p in weights), layer_matmul_io=sum(p.shape[0] + p.shape[1] for p in weights),
         layer_matmuls=len(weights), embed_params=embed.numel(), position_params=positions, head_params=head_params,
         final_params=max(final, 0), weight_bytes=weight_bytes, kv_bytes=weight_bytes, act_bytes=weight_bytes,
-        source=source,
+        source=source + (", op counts from a meta-device trace of one layer" if counts else ""), **counts,
     )  # fmt: skip
 
 
