@@ -291,7 +291,7 @@ def _size_hint(s: Any, values: Mapping[Any, int]) -> int:
         if expr.free_symbols <= set(values):
             return int(expr.xreplace({k: v for k, v in values.items() if k in expr.free_symbols}))
         upper = s.node.shape_env.bound_sympy(expr).upper  # a model on the meta device: its largest size
-        if upper.is_finite:
+        if upper.is_finite and upper.is_number and abs(upper) < 2**62:
             return int(upper)
         raise TraceError(
             f"a size of the model ({expr}) depends on tensor values that shardwise could not observe; give "
@@ -308,8 +308,10 @@ def unbacked_values(ep: ExportedProgram, model: torch.nn.Module, args: tuple[Any
         n for n in ep.graph.nodes if isinstance(n.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool)
         and free_unbacked_symbols(n.meta["val"])
     ]
-    if not symbols or any(t.is_meta for t in model_tensors(model).values()):
+    if not symbols:
         return {}
+    if any(t.is_meta for t in model_tensors(model).values()):
+        return balanced_values(ep)
     state = model_tensors(model)
     user = iter(pytree.tree_leaves((tuple(args), dict(kwargs or {}))))
     flat = []
@@ -335,6 +337,36 @@ def unbacked_values(ep: ExportedProgram, model: torch.nn.Module, args: tuple[Any
         expr = n.meta["val"].node.expr
         if len(expr.free_symbols) == 1 and expr == next(iter(expr.free_symbols)) and n.name in seen:
             out[expr] = int(seen[n.name])
+    return out
+
+
+def balanced_values(ep: ExportedProgram) -> dict[Any, int]:
+    """Sizes that depend on tensor values, for a model on the meta device (no values to observe): a tensor
+    split into pieces whose sizes are such sizes (``x.split(counts.tolist())``: tokens per expert) gets
+    equal pieces, ``rows // k`` each (the first ``rows % k`` one more), and any piece whose size is
+    written in terms of them (the rest) what remains: the assumption of balanced routing, which the plan
+    states (``planner.assumptions``). The ops on such sizes run whole (``Node.whole``)."""
+    out: dict[Any, int] = {}
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or n.target is not torch.ops.aten.split_with_sizes.default:
+            continue
+        source, sizes = n.args[0], n.args[1]
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        val = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not isinstance(sizes, list | tuple):
+            continue
+        total = val.shape[dim]
+        if not isinstance(total, int):
+            continue
+        free = []
+        for size in sizes:
+            v = size.meta.get("val") if isinstance(size, torch.fx.Node) else size
+            if isinstance(v, torch.SymInt) and free_unbacked_symbols(v):
+                expr = v.node.expr
+                if expr.is_Symbol and expr not in out and expr not in free:
+                    free.append(expr)
+        for k, sym in enumerate(free):
+            out[sym] = total // len(free) + (1 if k < total % len(free) else 0)
     return out
 
 

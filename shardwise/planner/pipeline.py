@@ -35,12 +35,12 @@ from shardwise.errors import PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
-from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction
+from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
 from shardwise.passes.memory.pipeline import map_pipeline_memory
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
-from shardwise.passes.stages.place import place_chunk
+from shardwise.passes.stages.place import PlacementCache, place_chunk
 from shardwise.passes.stages.profile import traced_batch
 from shardwise.passes.stages.rows import micro_shapes_problem, rows_problem
 from shardwise.planner.identity import plan_identity
@@ -49,7 +49,7 @@ from shardwise.planner.search import Candidate, SearchOptions, SearchResult, sea
 
 __all__ = [
     "plan_pipeline", "realize_pipeline", "batch_inputs", "batch_cut_problem", "priced_pipeline", "PIPELINE_KEYS",
-    "wants_pipeline",
+    "wants_pipeline", "with_exact_memory",
 ]  # fmt: skip
 
 # constraint keys only a pipeline plan can honour
@@ -83,11 +83,12 @@ def _grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dict[str
 
 def _chunk_plan(
     graph: Graph, cluster: ClusterSpec, cand: Candidate, *, mode: str, precision: str, optimizer: str, fusion: bool,
+    placements: PlacementCache | None = None,
 ) -> ExecutionPlan:  # fmt: skip
     train = mode == "train"
     placed = place_chunk(
         graph, cluster, cand.tp, sequence_parallel=cand.sp, train=train, precision=precision,
-        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2),
+        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), cache=placements,
     )  # fmt: skip
     g, mesh = placed.graph, placed.mesh
     keys = {p.name: p.key for p in g.params}
@@ -194,9 +195,15 @@ def realize_pipeline(
     precision: str = "fp32",
     optimizer: str = "adamw",
     fusion: bool = True,
+    placements: PlacementCache | None = None,
+    exact_memory: bool = True,
 ) -> ExecutionPlan:
     """Build the plan of the pipeline layout ``best`` (one of ``result``'s candidates): the model traced at the
-    micro-batch size, cut into the layout's chunks, each placed and fused; priced by the price list."""
+    micro-batch size, cut into the layout's chunks, each placed and fused; priced by the price list.
+    ``placements``: chunk placements to share with other layouts of the same planning run (a chunk with the
+    structure of one placed before takes its placement: ``passes.stages.place.place_chunk``).
+    ``exact_memory=False``: the stages' memory maps search offsets only when the greedy arena does not fit the
+    device (``map_pipeline_memory(within_capacity=True)``); :func:`with_exact_memory` maps them exactly."""
     check_static_batch(graph)
     rows = best.microbatch
     traced = next(
@@ -223,7 +230,10 @@ def realize_pipeline(
     selective = set(best.recomputed) if train and best.recompute == "selective" else set()
     plans = []
     for c, g in enumerate(chunks.graphs):
-        plan = _chunk_plan(g, cluster, best, mode=mode, precision=precision, optimizer=optimizer, fusion=fusion)
+        plan = _chunk_plan(
+            g, cluster, best, mode=mode, precision=precision, optimizer=optimizer, fusion=fusion,
+            placements=placements if placements is not None else {},
+        )  # fmt: skip
         a, z = best.bounds[c]
         ranges = _unit_ranges(plan.graph, [units.nodes[i] for i in range(a, z) if i in selective])
         plans.append(plan.replace(recompute=ranges) if ranges else plan)
@@ -253,8 +263,31 @@ def realize_pipeline(
         zero=best.zero,
     )  # fmt: skip
     check_pipeline(spec, train=train)
-    plan = _top_plan(graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer)
+    plan = _top_plan(
+        graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer, exact=exact_memory
+    )
     return priced_pipeline(plan, cluster, result.model_flops)
+
+
+def _memory(
+    spec: PipelineSpec, cluster: ClusterSpec, *, mode: str, precision: str, optimizer: str, exact: bool
+) -> tuple[RankMemory, ...]:
+    """The memory-mapping pass on each device stage's schedule (micro-batches in flight)."""
+    return map_pipeline_memory(
+        spec, train=mode == "train", capacity_bytes=cluster.device.memory_bytes, precision=precision,
+        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), optimizer_foreach=cluster.device.kind != "cpu",
+        within_capacity=not exact,
+    ).memory  # fmt: skip
+
+
+def with_exact_memory(plan: ExecutionPlan, cluster: ClusterSpec) -> ExecutionPlan:
+    """A pipeline plan realized with ``exact_memory=False``, its stages' memory mapped exactly (the smallest
+    arena the search finds): the memory figures ``realize_pipeline`` gives by default."""
+    spec = plan.pipeline
+    assert spec is not None
+    memory = _memory(spec, cluster, mode=plan.mode, precision=plan.precision, optimizer=plan.optimizer, exact=True)
+    predicted = dataclasses.replace(plan.predicted, memory_bytes=tuple(m.arena_bytes for m in memory))
+    return plan.replace(memory=memory, predicted=predicted)
 
 
 def _unit_ranges(graph: Graph, units: list[tuple[str, ...]]) -> tuple[tuple[str, str], ...]:
@@ -318,7 +351,7 @@ def _micro_graph(graph: Graph, micro_graph: Callable[[int], Graph] | None, rows:
 
 def _top_plan(
     graph: Graph, cluster: ClusterSpec, spec: PipelineSpec, result: SearchResult, *, mode: str, precision: str,
-    optimizer: str,
+    optimizer: str, exact: bool = True,
 ) -> ExecutionPlan:  # fmt: skip
     best = result.best
     pp, dp, tp = spec.pp, spec.dp, spec.tp
@@ -333,10 +366,7 @@ def _top_plan(
             params.setdefault(key, ShardingSpec((Replicate(), Replicate(), s.placements[1])))
     tflops, util = mfu(result.model_flops, world, best.step_s, price_list(cluster, precision).peak_flops)
     # the memory-mapping pass on each device stage's schedule (micro-batches in flight): the prediction
-    memory = map_pipeline_memory(
-        spec, train=mode == "train", capacity_bytes=cluster.device.memory_bytes, precision=precision,
-        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), optimizer_foreach=cluster.device.kind != "cpu",
-    ).memory  # fmt: skip
+    memory = _memory(spec, cluster, mode=mode, precision=precision, optimizer=optimizer, exact=exact)
     per_rank = tuple(m.arena_bytes for m in memory)
     notes = [
         f"pipeline: {spec}",

@@ -24,7 +24,6 @@ as estimated. A plan's price is therefore the same whichever view shows it (``co
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,10 +35,13 @@ from shardwise.ir.graph import Graph
 from shardwise.ir.plan import Alternative, ExecutionPlan
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
 from shardwise.passes.sharding.auto import ILPStats
+from shardwise.passes.stages.place import PlacementCache
 from shardwise.passes.stages.profile import traced_batch
+from shardwise.passes.stages.rebatch import RebatchingTracer
+from shardwise.planner.assumptions import assumptions
 from shardwise.planner.constraints import Constraints, parse_constraints
 from shardwise.planner.flat import FlatAnalyses, FlatOptions, realize_flat
-from shardwise.planner.pipeline import batch_cut_problem, realize_pipeline
+from shardwise.planner.pipeline import batch_cut_problem, realize_pipeline, with_exact_memory
 from shardwise.planner.search import MEMORY_TOLERANCE, Candidate, SearchOptions, SearchResult, search
 
 __all__ = ["PlanOptions", "plan", "MAX_REALIZED", "REALIZE_SLACK", "MAX_ALTERNATIVES"]
@@ -118,8 +120,9 @@ def plan(
     # explicit tiers choose recomputation jointly with them (passes.offload): the layouts come without it
     searched = pinned.replace(recompute="none") if tiers and pinned.recompute in (None, "auto") else pinned
     result = search(graph, cluster, searched, sopts)
-    if micro_graph is not None:  # one trace per micro-batch size (the cut check and the realizations share it)
-        micro_graph = functools.lru_cache(maxsize=None)(micro_graph)
+    tracer = None
+    if micro_graph is not None:  # one trace at a micro-batch size; the other sizes derived from it (rebatch)
+        micro_graph = tracer = RebatchingTracer(graph, micro_graph)
     cut = _Cut(graph, micro_graph)
     flat_options = FlatOptions(
         mode=options.mode, precision=options.precision, optimizer=options.optimizer, solver=options.solver,
@@ -127,6 +130,7 @@ def plan(
     )  # fmt: skip
     analyses = FlatAnalyses(graph)
     realized: list[_Realized] = []
+    placements: PlacementCache = {}  # pipeline chunks placed so far, shared by every layout realized here
     failed: dict[tuple, str] = {}
     notes: list[str] = []
 
@@ -151,6 +155,7 @@ def plan(
             out = realize_pipeline(
                 graph, cluster, cand, result, micro_graph=micro_graph, mode=options.mode,
                 precision=options.precision, optimizer=options.optimizer, fusion=options.fusion,
+                placements=placements, exact_memory=False,
             )  # fmt: skip
             return _Realized(cand, out, _peak_of(out) <= cluster.device.memory_bytes)
         except (DoesNotFitError, PlanError) as exc:
@@ -181,10 +186,17 @@ def plan(
         got = realize(cand)
         if got is not None:
             realized.append(got)
+    notes.extend(assumptions(graph))
     if cut.note:
         notes.append(cut.note)
+    if tracer is not None and tracer.derived:
+        notes.append(
+            f"micro-batch graphs: {tracer.traced} traced, {tracer.derived} derived from them without tracing "
+            "(passes.stages.rebatch)"
+        )
     if tiers:  # the user's tiers on every realized layout: the choice sees what they cost
         realized = [_with_tiers(r, cluster, pinned) for r in realized]
+    realized = _exact_where_it_matters(realized, cluster)
     chosen = _choose(realized)
     if chosen is None and train and pinned.offload != "none" and not tiers:
         chosen = _made_to_fit(realized, cluster, pinned, notes)
@@ -260,6 +272,28 @@ def _choose(realized: list[_Realized]) -> _Realized | None:
     fastest = min(r.step_s for r in fitting)
     close = [r for r in fitting if r.step_s <= fastest * (1 + MEMORY_TOLERANCE)]
     return min(close, key=lambda r: (r.peak, r.step_s))
+
+
+def _exact_where_it_matters(realized: list[_Realized], cluster: ClusterSpec) -> list[_Realized]:
+    """Pipeline plans are realized with memory maps that search offsets only when the greedy arena does not fit
+    (``realize_pipeline(exact_memory=False)``): whether each fits is known. The plans the choice compares by
+    memory (those that fit within ``MEMORY_TOLERANCE`` of the fastest) are mapped exactly, so the choice and the
+    chosen plan's figures are those of exact maps; so is every realized plan when none fits (the error names
+    their memory)."""
+    fitting = [r for r in realized if r.fits]
+    if fitting:
+        fastest = min(r.step_s for r in fitting)
+        close = [r for r in fitting if r.step_s <= fastest * (1 + MEMORY_TOLERANCE)]
+        refine = close if len(close) > 1 else [min(fitting, key=lambda r: r.step_s)]
+    else:
+        refine = realized
+    out = []
+    for r in realized:
+        if any(r is x for x in refine) and r.plan.pipeline is not None:
+            plan = with_exact_memory(r.plan, cluster)
+            r = _Realized(r.candidate, plan, _peak_of(plan) <= cluster.device.memory_bytes)
+        out.append(r)
+    return out
 
 
 def _with_tiers(r: _Realized, cluster: ClusterSpec, pinned: Constraints) -> _Realized:

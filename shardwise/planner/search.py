@@ -396,10 +396,17 @@ class _Memory:
     def __init__(self, ctx: _Context, cfg: _Config, t: _Tables) -> None:
         self.ctx, self.cfg, self.t = ctx, cfg, t
         self.inflight = ctx.inflight(cfg.schedule, cfg.pp, cfg.v, cfg.m)
+        self._parts: dict[tuple[int, int], dict[str, float]] = {}
 
     def parts(self, a: int, z: int) -> dict[str, float]:
         """Bytes of units [a, z)'s weights, gradients and optimizer state (with its master copy and scratch) on
-        one device, and their trainable elements."""
+        one device, and their trainable elements (computed once per range)."""
+        got = self._parts.get((a, z))
+        if got is None:
+            got = self._parts[(a, z)] = self._compute_parts(a, z)
+        return got
+
+    def _compute_parts(self, a: int, z: int) -> dict[str, float]:
         ctx, cfg, t = self.ctx, self.cfg, self.t
         rng = _Tables.range
         params = rng(t.p_param, a, z)
@@ -461,14 +468,19 @@ class _Memory:
             again = _Tables.range(t.p_act, a, z)
         return kept, again + max(t.working[a:z])
 
-    def devices(self, bounds: list[tuple[int, int]], recomputed: frozenset[int]) -> list[float]:
+    def devices(
+        self, bounds: list[tuple[int, int]], recomputed: frozenset[int],
+        chunk_activations: list[tuple[float, float]] | None = None,
+    ) -> list[float]:  # fmt: skip
+        """Per device stage: its chunks' fixed bytes, the activations its micro-batches in flight keep and the
+        most it holds at once. ``chunk_activations``: ``activations`` of each chunk, when the caller has them."""
         pp = self.cfg.pp
         mem = [0.0] * pp
         kept = [0.0] * pp
         peak = [0.0] * pp
         for c, (a, z) in enumerate(bounds):
             fixed, _ = self.fixed(a, z)
-            k, held = self.activations(a, z, recomputed)
+            k, held = chunk_activations[c] if chunk_activations is not None else self.activations(a, z, recomputed)
             mem[c % pp] += fixed
             kept[c % pp] = max(kept[c % pp], k)
             peak[c % pp] = max(peak[c % pp], held)
@@ -487,13 +499,19 @@ def _selective(ctx: _Context, mem: _Memory, bounds: list[tuple[int, int]]) -> fr
     usage = mem.devices(bounds, frozenset())
     if max(usage) <= ctx.capacity:
         return frozenset()
+    # each added unit changes only its own chunk's activations: the others' are kept
+    chunk_of = {i: c for c, (a, z) in enumerate(bounds) for i in range(a, z)}
+    acts = [mem.activations(a, z, frozenset()) for a, z in bounds]
     for i in order:
         if t.act[i] <= t.inp[i]:
             continue
         chosen.add(i)
-        usage = mem.devices(bounds, frozenset(chosen))
+        frozen = frozenset(chosen)
+        c = chunk_of[i]
+        acts[c] = mem.activations(*bounds[c], frozen)
+        usage = mem.devices(bounds, frozen, acts)
         if max(usage) <= ctx.capacity:
-            return frozenset(chosen)
+            return frozen
     return None
 
 

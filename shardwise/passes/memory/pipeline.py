@@ -38,7 +38,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shardwise.ir.pipeline import PipelineSpec
 from shardwise.ir.plan import ExecutionPlan, RankMemory
@@ -337,8 +337,12 @@ def map_pipeline_memory(
     optimizer_foreach: bool = False,
     node_limit: int = NODE_LIMIT,
     time_limit_s: float = TIME_LIMIT_S,
+    within_capacity: bool = False,
 ) -> PipelineMemoryMap:
-    """Map every device stage's memory and record it per global rank (see the module docstring)."""
+    """Map every device stage's memory and record it per global rank (see the module docstring).
+    ``within_capacity``: search for offsets only when the greedy arena exceeds ``capacity_bytes`` (and then
+    for an arena within it), instead of for the smallest arena: whether the plan fits is known as surely, and
+    quicker; the arena recorded may be larger than the smallest one."""
     per_stage: list[tuple[Buffer, ...]] = []
     assignments: list[Assignment] = []
     for p in range(spec.pp):
@@ -351,13 +355,15 @@ def map_pipeline_memory(
         if len(bufs) > MAX_PACKED:
             assignment = online_assignment(bufs)  # best-fit packing is quadratic: an allocator's replay
         else:
-            assignment = assign_offsets(bufs, time_limit_s=time_limit_s, node_limit=node_limit)
+            assignment = assign_offsets(
+                bufs, time_limit_s=time_limit_s, node_limit=node_limit,
+                capacity=capacity_bytes if within_capacity else None,
+            )  # fmt: skip
         verify_assignment(bufs, assignment)
         per_stage.append(bufs)
         assignments.append(assignment)
     group = spec.dp * spec.tp
-    memory = tuple(
-        rank_memory(r, per_stage[r // group], assignments[r // group], capacity_bytes)
-        for r in range(spec.pp * group)
-    )
+    # the ranks of one stage share its buffers and offsets: one record per stage, renumbered per rank
+    records = [rank_memory(p * group, per_stage[p], assignments[p], capacity_bytes) for p in range(spec.pp)]
+    memory = tuple(replace(records[r // group], rank=r) for r in range(spec.pp * group))
     return PipelineMemoryMap(memory, tuple(per_stage), tuple(assignments))

@@ -44,13 +44,16 @@ def verify_assignment(buffers: Iterable[Buffer], assignment: Assignment, capacit
     arena = int(top.max())
     if arena != assignment.arena_bytes:
         raise PlanError(f"arena_bytes is {assignment.arena_bytes} but the offsets use {arena} bytes")
-    # Sweep in start order: each buffer against the earlier-starting ones still live at its start.
+    # Sweep in start order: each buffer against the earlier-starting ones still live at its start (the live
+    # set is kept as it goes: a buffer leaves it once a later one starts at or after its end).
     order = np.argsort(start, kind="stable")
-    for k in range(1, n):
+    live = np.empty(0, dtype=np.int64)
+    for k in range(n):
         i = int(order[k])
-        prev = order[:k]
-        live = prev[end[prev] > start[i]]
+        if len(live):
+            live = live[end[live] > start[i]]
         clash = live[(off[live] < top[i]) & (off[i] < top[live])]
+        live = np.append(live, i)
         if len(clash):
             j = int(clash[0])
             raise PlanError(

@@ -12,19 +12,24 @@ chunk output whole (replicated) on every rank of the group; inputs are read repl
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
 from shardwise.costs.prices import mesh_prices
 from shardwise.errors import PlanError
-from shardwise.ir.graph import Graph
+from shardwise.ir.graph import Arg, Graph, Value
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
 from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.propagate import follow_producers
 from shardwise.passes.sharding.redistribute import replicated
 
-__all__ = ["PlacedChunk", "place_chunk", "chunk_mesh", "ilp_available"]
+__all__ = ["PlacedChunk", "place_chunk", "chunk_mesh", "ilp_available", "structure_key", "PlacementCache"]
+
+#: placed chunks by the structure of their graph and the placement's settings (see ``place_chunk``)
+PlacementCache = dict[tuple, tuple[Graph, "PlacedChunk", tuple]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,58 @@ def ilp_available() -> bool:
     return True
 
 
+def _names(graph: Graph) -> list[str]:
+    """Every value name of ``graph`` in order: inputs, parameters, nodes."""
+    return [*(i.name for i in graph.inputs), *(p.name for p in graph.params), *(n.name for n in graph.nodes)]
+
+
+def _canonical(arg: Arg, index: Mapping[str, int]) -> object:
+    if isinstance(arg, Value):
+        return ("v", index.get(arg.name, arg.name))
+    if isinstance(arg, tuple):
+        return tuple(_canonical(a, index) for a in arg)
+    return arg
+
+
+def structure_key(graph: Graph) -> tuple:
+    """What a placement of ``graph`` depends on, without its names: graphs with equal keys are the same program
+    up to the names of their values and parameters (the repeated layers of a model cut into equal chunks)."""
+    index = {name: k for k, name in enumerate(_names(graph))}
+    return (
+        tuple(i.spec for i in graph.inputs),
+        tuple((p.spec, p.kind, p.requires_grad, len(p.aliases), p.part) for p in graph.params),
+        tuple(
+            (n.op, _canonical(n.args, index), tuple((k, _canonical(a, index)) for k, a in n.kwargs), n.outputs,
+             n.flops, n.bytes_moved, n.tuple_output, n.whole)
+            for n in graph.nodes
+        ),  # fmt: skip
+        _canonical(graph.outputs, index),
+        tuple((k, _canonical(v, index)) for k, v in graph.buffer_updates),
+        graph.functions,
+    )
+
+
+def _renamed(placed: PlacedChunk, graph: Graph) -> PlacedChunk:
+    """``placed`` (of a graph with ``graph``'s structure) for ``graph``: every name mapped by position."""
+    names = dict(zip(_names(placed.graph), _names(graph), strict=True))
+
+    def value(name: str) -> str:
+        return names.get(name, name)
+
+    strategies = tuple(
+        dataclasses.replace(
+            st, node=value(st.node),
+            redistributes=tuple(dataclasses.replace(r, value=value(r.value)) for r in st.redistributes),
+        )  # fmt: skip
+        for st in placed.strategies
+    )
+    return PlacedChunk(
+        graph, placed.mesh, strategies, {value(k): v for k, v in placed.param_placements.items()},
+        {value(k): v for k, v in placed.input_placements.items()}, tuple(value(n) for n in placed.run_whole),
+        placed.method,
+    )  # fmt: skip
+
+
 def place_chunk(
     graph: Graph,
     cluster: ClusterSpec,
@@ -61,8 +118,39 @@ def place_chunk(
     precision: str,
     optimizer_factor: int = 2,
     time_limit_s: float = 30.0,
+    cache: PlacementCache | None = None,
 ) -> PlacedChunk:
-    """Place ``graph`` on a ``1 x tp`` mesh (see the module docstring)."""
+    """Place ``graph`` on a ``1 x tp`` mesh (see the module docstring). ``cache`` (one planning run's, for one
+    cluster): a chunk with the structure of one placed before (``structure_key``) takes that placement, its
+    names mapped to this chunk's; it is the same program, so the placement and its price are the same."""
+    if cache is None:
+        return _place_chunk(graph, cluster, tp, sequence_parallel, train, precision, optimizer_factor, time_limit_s)
+    key = (structure_key(graph), tp, sequence_parallel, train, precision, optimizer_factor, time_limit_s)
+    hit = cache.get(key)
+    if hit is not None:
+        original, placed, placed_key = hit
+        # the placement's graph (rewritten to expose tensor parallelism) carries the original's names
+        mine = _rewritten(graph, original, placed.graph)
+        if mine is graph or structure_key(mine) == placed_key:
+            return _renamed(placed, mine)
+    placed = _place_chunk(graph, cluster, tp, sequence_parallel, train, precision, optimizer_factor, time_limit_s)
+    cache[key] = (graph, placed, key[0] if placed.graph is graph else structure_key(placed.graph))
+    return placed
+
+
+def _rewritten(graph: Graph, original: Graph, rewritten: Graph) -> Graph:
+    """``graph`` rewritten as ``original`` was into ``rewritten`` (for tp = 1 no rewrite runs)."""
+    if rewritten is original:
+        return graph
+    from shardwise.passes.sharding.rewrite import expose_tensor_parallelism
+
+    return expose_tensor_parallelism(graph)
+
+
+def _place_chunk(
+    graph: Graph, cluster: ClusterSpec, tp: int, sequence_parallel: bool, train: bool, precision: str,
+    optimizer_factor: int, time_limit_s: float,
+) -> PlacedChunk:  # fmt: skip
     mesh = chunk_mesh(tp)
     inputs = {i.name: replicated(mesh) for i in graph.inputs if isinstance(i.spec, TensorSpec)}
     if tp == 1:
