@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import shutil
@@ -17,6 +18,7 @@ import torch.utils._pytree as pytree
 
 from shardwise.cluster import ClusterSpec, get_cluster
 from shardwise.cluster.machine import calibration_note
+from shardwise.codegen.generation import GenerationSettings, write_generation_package
 from shardwise.codegen.package import write_package
 from shardwise.errors import (
     CheckpointError,
@@ -37,7 +39,7 @@ from shardwise.runtime.seeded import call_seeded
 
 __all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
 
-MODES = ("inference", "train")
+MODES = ("inference", "train", "generate")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COLLECTIVES = ("library", "synthesize")  # who chooses each collective's algorithm (see compile)
 MAX_LOCAL_PROCESSES = 64
@@ -65,6 +67,8 @@ class CompiledModel:
         cluster: ClusterSpec,
         optimizer: Callable[..., Any] | None = None,
         workers: WorkerPool | None = None,
+        prefill_plan: ExecutionPlan | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         note = calibration_note(cluster)  # a measured machine says so in its plans (cluster.machine)
         self.plan = plan.replace(notes=(*plan.notes, note)) if note and note not in plan.notes else plan
@@ -72,6 +76,9 @@ class CompiledModel:
         self._out_spec = out_spec
         self._optimizer = optimizer
         self._tensors = None if plan.graph.meta_device or model is None else model_tensors(model)
+        # mode="generate": the plan is the decode step's; the prefill step's plan stores its tensors alike
+        self.prefill_plan = prefill_plan
+        self.generation = generation
         self._pool: WorkerPool | None = None
         self._shared_pool = workers  # a pool owned by the caller: loaded with this program, never closed here
         self._workdir: Path | None = None
@@ -92,7 +99,7 @@ class CompiledModel:
     def save(self, directory: str | os.PathLike[str], *, weights: bool = True) -> Path:
         """Write the drop-in package (plan.json, per-rank program, README) and, if the model has weights,
         ``model.safetensors`` beside it."""
-        path = write_package(self.plan, directory)
+        path = self._write(Path(directory))
         if weights and self._tensors is not None:
             _save_weights(self._tensors, path / "model.safetensors")
         return path
@@ -102,6 +109,8 @@ class CompiledModel:
     def run(self, *inputs: Any) -> Any:
         """Run the generated programs on the plan's processes; returns rank 0's outputs, structured like the
         model's own output."""
+        if self.generation is not None:
+            raise UserInputError("this model was compiled with mode='generate': call cm.generate(input_ids, ...)")
         self._check_inputs(inputs)
         pool = self._ensure_pool()
         # from this process' generator state, on to the state after it: random ops draw what eager would
@@ -110,6 +119,71 @@ class CompiledModel:
         )
         torch.set_rng_state(state)
         return self._restructure(flat)
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 32,
+        eos_token_id: int | None | str = "model", pad_token_id: int | None | str = "model",
+        return_timings: bool = False,
+    ) -> Any:  # fmt: skip
+        """Greedy generation on the worker processes (``mode="generate"``), as transformers'
+        ``generate(do_sample=False)``: returns ``input_ids`` followed by the new tokens (a finished row continues
+        with the pad token; generation stops early when every row has finished). ``attention_mask`` marks the
+        real tokens (1); prompts may be padded on either side: the program left pads them into the prefill's
+        window. ``eos_token_id`` / ``pad_token_id``: the model's generation config's by default, None to never
+        stop early. ``return_timings``: also return ``{"prefill_s": seconds, "decode_s": [seconds per decode
+        step]}``, each step timed on the workers between barriers (the slowest rank's time)."""
+        settings = self.generation
+        if settings is None:
+            raise UserInputError(
+                f"generate() needs a model compiled with mode='generate' (this one is mode={self.plan.mode!r}): "
+                "shardwise.compile(model, cluster, mode='generate', max_batch=..., max_seq=...)"
+            )
+        input_ids, attention_mask = self._check_prompts(input_ids, attention_mask, max_new_tokens)
+        eos = settings.eos_token_id if eos_token_id == "model" else eos_token_id
+        pad = settings.pad_token_id if pad_token_id == "model" else pad_token_id
+        pool = self._ensure_pool()
+        new, timings = pool.call(
+            "generate", input_ids, attention_mask, max_new_tokens, eos, pad, ranks="rank0", label="generate"
+        )
+        out = torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
+        return (out, timings) if return_timings else out
+
+    def _check_prompts(
+        self, input_ids: Any, attention_mask: Any, max_new_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        settings = self.generation
+        assert settings is not None
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ShapeMismatchError("input_ids: expected integer token ids [batch, length]")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ShapeMismatchError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)} (1 on real tokens)"
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise UserInputError(f"max_new_tokens must be a positive number, got {max_new_tokens!r}")
+        rows = input_ids.shape[0]
+        if rows > settings.max_batch:
+            raise ShapeMismatchError(
+                f"{rows} prompts, but the program was compiled for max_batch={settings.max_batch}: compile with "
+                f"max_batch={rows} or more, or generate in batches of {settings.max_batch}"
+            )
+        longest = int(attention_mask.sum(-1).max()) if rows else 0
+        if longest > settings.prompt_len:
+            raise ShapeMismatchError(
+                f"a prompt of {longest} tokens, but the prefill was compiled for prompts of at most "
+                f"{settings.prompt_len} tokens: compile with max_prompt={longest} or more (and max_seq >= "
+                f"max_prompt + max_new_tokens)"
+            )
+        if settings.prompt_len + max_new_tokens > settings.max_seq:
+            raise ShapeMismatchError(
+                f"max_new_tokens={max_new_tokens} does not fit the KV cache: the prompt window takes "
+                f"{settings.prompt_len} of its max_seq={settings.max_seq} slots, leaving "
+                f"{settings.max_seq - settings.prompt_len}. Compile with max_seq={settings.prompt_len + max_new_tokens} "
+                "or more, or ask for fewer tokens"
+            )
+        return input_ids.long(), attention_mask.long()
 
     def train_step(self, *inputs: Any) -> float:
         """One training step (forward, backward, gradient reduction, optimizer step); returns the loss."""
@@ -255,10 +329,15 @@ class CompiledModel:
         self._finalizer = weakref.finalize(self, CompiledModel._cleanup, [owned], [self._workdir])
         return pool
 
+    def _write(self, directory: Path) -> Path:
+        if self.generation is not None and self.prefill_plan is not None:
+            return write_generation_package(self.plan, self.prefill_plan, self.generation, directory)
+        return write_package(self.plan, directory)
+
     def _write_program(self) -> tuple[Path, Path]:
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="shardwise-"))
-            write_package(self.plan, self._workdir / "program")
+            self._write(self._workdir / "program")
             assert self._tensors is not None
             _save_weights(self._tensors, self._workdir / "model.safetensors")
         return self._workdir / "program", self._workdir / "model.safetensors"
@@ -365,7 +444,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     model: torch.nn.Module,
     cluster: str | ClusterSpec = "cpu:2",
     *,
-    example_inputs: Sequence[Any],
+    example_inputs: Sequence[Any] | None = None,
     example_kwargs: dict[str, Any] | None = None,
     mode: str = "inference",
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
@@ -380,6 +459,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     recompute: str | int | None = None,
     collectives: str = "library",
     offload: str | None = None,
+    max_batch: int | None = None,
+    max_seq: int | None = None,
+    max_prompt: int | None = None,
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
@@ -404,7 +486,25 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     starting new ones. ``fusion`` groups each rank's elementwise chains and normalization/softmax epilogues into
     fused kernels (Triton on CUDA, the same ops eagerly on CPU); ``fusion=False`` runs one statement per op.
     ``solver`` ("cbc" or "cpsat") solves the placement ILP within ``time_limit_s`` seconds per mesh.
+
+    ``mode="generate"`` (a HuggingFace causal LM; no ``example_inputs``): the model with a static KV cache of
+    ``max_batch`` rows and ``max_seq`` slots per layer is traced as two steps, a prefill of a window of
+    ``max_prompt`` tokens per row (``max_seq // 2`` by default; prompts are left padded into it) and one
+    decode step of one token per row. The decode step is planned (tensor parallelism splits the cache by
+    key/value heads where they divide), then the prefill with the decode plan's placements of the weights and
+    the cache, so that both programs share them; ``cm.generate(input_ids, attention_mask, max_new_tokens=...)``
+    runs greedy generation on the workers (``frontend.generation``, ``runtime.lib.generation``).
     """
+    if mode == "generate":
+        return _compile_generate(
+            model, cluster, example_inputs=example_inputs, max_batch=max_batch, max_seq=max_seq,
+            max_prompt=max_prompt, precision=precision, constraints=constraints, workers=workers, fusion=fusion,
+            solver=solver, time_limit_s=time_limit_s, collectives=collectives,
+        )  # fmt: skip
+    if max_batch is not None or max_seq is not None or max_prompt is not None:
+        raise UserInputError("max_batch, max_seq and max_prompt size the KV cache of mode='generate'")
+    if example_inputs is None:
+        raise UserInputError(f"mode={mode!r} needs example_inputs: a tuple of the model's positional inputs")
     if mode not in MODES:
         raise UserInputError(f"mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
     if precision not in PRECISIONS:
@@ -501,3 +601,98 @@ def _micro_graph(model: torch.nn.Module, inputs: Any, example_kwargs: Any, loss_
     small = cut(inputs) if isinstance(inputs, torch.Tensor) else tuple(cut(x) for x in inputs)
     kwargs = {k: cut(v) for k, v in (example_kwargs or {}).items()}
     return trace(model, small, example_kwargs=kwargs, loss_fn=loss_fn)[0]
+
+
+def _compile_generate(
+    model: torch.nn.Module, cluster: str | ClusterSpec, *, example_inputs: Any, max_batch: int | None,
+    max_seq: int | None, max_prompt: int | None, precision: str, constraints: Mapping[str, object] | None,
+    workers: WorkerPool | None, fusion: bool, solver: str, time_limit_s: float, collectives: str,
+) -> CompiledModel:  # fmt: skip
+    """``compile(mode="generate")``: the decode step planned, then the prefill step with the decode plan's
+    mesh and tensor placements fixed (see ``compile``)."""
+    from shardwise.frontend.generation import (
+        CACHE_PREFIX,
+        MODEL_PREFIX,
+        StepModule,
+        check_causal_lm,
+        example_step,
+    )
+
+    check_causal_lm(model)
+    if example_inputs is not None:
+        raise UserInputError("mode='generate' makes its own example inputs: give max_batch and max_seq instead")
+    for name, value in (("max_batch", max_batch), ("max_seq", max_seq)):
+        if not isinstance(value, int) or value < 1:
+            raise UserInputError(f"mode='generate' needs {name}, a positive number (got {value!r})")
+    assert max_batch is not None and max_seq is not None
+    prompt = max_prompt if max_prompt is not None else max(1, max_seq // 2)
+    if not isinstance(prompt, int) or not 1 <= prompt < max_seq:
+        raise UserInputError(
+            f"max_prompt={prompt!r}: the prefill's window must hold at least one token and leave room in the "
+            f"KV cache for new ones (1 <= max_prompt < max_seq={max_seq})"
+        )
+    if precision not in PRECISIONS:
+        raise UserInputError(f"precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
+    pinned = _settings(constraints, recompute=None, offload=None, collectives=collectives, mode="generate")
+    for key in ("pp", "dp"):
+        if pinned.get(key, 1) != 1:
+            raise UserInputError(
+                f"mode='generate' runs tensor parallelism within one program ({key}={pinned[key]} is not "
+                f"supported yet): drop {key}, or run several compiled models as replicas"
+            )
+    pinned.update(pp=1, dp=1)
+    spec = get_cluster(cluster)
+    step = StepModule(model, max_batch, max_seq).eval()
+    with torch.no_grad():
+        decode_graph = trace(step, example_step(max_batch, max_seq, 1), prefix=MODEL_PREFIX,
+                             model_name=type(model).__name__)[0]  # fmt: skip
+        prefill_graph = trace(step, example_step(max_batch, max_seq, prompt), prefix=MODEL_PREFIX,
+                              model_name=type(model).__name__)[0]  # fmt: skip
+    decode_graph, prefill_graph = (_cache_as_state(g, CACHE_PREFIX) for g in (decode_graph, prefill_graph))
+    options = PlanOptions(mode="inference", precision=precision, solver=solver, time_limit_s=time_limit_s,
+                          fusion=fusion)  # fmt: skip
+    try:
+        decode = plan_model(decode_graph, spec, pinned, options)
+        fixed = {**pinned, "tp": decode.degrees.get("tp", 1)}
+        prefill = plan_model(
+            prefill_graph, spec, fixed, dataclasses.replace(options, fixed_params=decode.param_placements)
+        )
+    except DoesNotFitError as exc:
+        raise DoesNotFitError(
+            f"{exc}. The KV cache takes {_cache_bytes(decode_graph) / 2**20:.1f} MiB: a smaller max_batch or "
+            "max_seq shrinks it"
+        ) from None
+    config = getattr(model, "generation_config", None)
+    settings = GenerationSettings(
+        max_batch=max_batch, max_seq=max_seq, prompt_len=prompt,
+        eos_token_id=_first_token(getattr(config, "eos_token_id", None)),
+        pad_token_id=_first_token(getattr(config, "pad_token_id", None)),
+    )  # fmt: skip
+    compiled = CompiledModel(
+        decode, model=model, out_spec=None, cluster=spec, workers=workers, prefill_plan=prefill,
+        generation=settings,
+    )  # fmt: skip
+    if compiled._tensors is not None:  # the model's weights under its own names (the step module's, unwrapped)
+        compiled._tensors = {
+            key.removeprefix(MODEL_PREFIX): t for key, t in model_tensors(step).items() if not key.startswith(CACHE_PREFIX)
+        }
+    return compiled
+
+
+def _cache_as_state(graph: Graph, prefix: str) -> Graph:
+    """The step's cache buffers marked as state: zeros at first, neither loaded with the weights nor saved."""
+    params = tuple(
+        dataclasses.replace(p, kind="state", persistent=False) if p.key.startswith(prefix) else p for p in graph.params
+    )
+    return graph.replace(params=params)
+
+
+def _cache_bytes(graph: Graph) -> int:
+    return sum(p.spec.nbytes for p in graph.params if p.kind == "state")
+
+
+def _first_token(value: Any) -> int | None:
+    """A generation config's token id (transformers allows a list of end tokens: the loop stops on the first)."""
+    if isinstance(value, list | tuple):
+        return int(value[0]) if value else None
+    return int(value) if value is not None else None

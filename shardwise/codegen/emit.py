@@ -861,13 +861,14 @@ def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Bo
             call = _collective_call(r, current, mesh, shape=shapes.get(r.value), schedules=schedules)
             lines.append(f"{new} = {call}")
             ref[r.value] = new
-    if train and graph.buffer_updates:
+    if graph.buffer_updates:  # written as stored (a KV cache's new slots, BatchNorm statistics)
         lines.append("with torch.no_grad():")
         for key, v in graph.buffer_updates:
             attr = names.attr[graph.param_by_key(key).name]
             lines.append(f"    self.{attr}.copy_({ref.get(v.name, names.ref(canon(v.name)))})")
     if lines:
-        body.append(Statement("outputs: whole on every rank", tuple(lines)))
+        what = "; the buffers this step updates, written as stored" if graph.buffer_updates else ""
+        body.append(Statement(f"outputs: whole on every rank{what}", tuple(lines)))
     for a in graph.outputs:
         for v in iter_values(a):
             if v.name in alias and v.name not in ref:
@@ -982,8 +983,9 @@ def _libraries(graph: Graph) -> list[str]:
     return list(graph.libraries)
 
 
-def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
-    """The generated module ``program.py`` for ``plan``."""
+def render_program(plan: ExecutionPlan, *, version: str, plan_id: str, shared: bool = False) -> str:
+    """The generated module ``program.py`` for ``plan``; ``shared``: its ``Program`` may take its tensors and
+    mesh from another program of the same model (``share=``: generation's prefill and decode programs)."""
     from shardwise.codegen.kernels.render import kernel_names
 
     graph, mesh = plan.graph, plan.mesh
@@ -1027,6 +1029,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str) -> str:
         zero_stage=plan.zero_stage,
         offload_optimizer=repr(offloads_optimizer(plan)),
         model_name=plan.model_name,
+        shared=shared,
         fused=bool(plan.fused_groups),
         aten=uses_aten(everything),
         functional=re.search(r"(?<![\w.])F\.", everything) is not None,

@@ -40,7 +40,7 @@ def _program_tables(plan: ExecutionPlan) -> dict[str, Any]:
             for axis, placement in zip(mesh.axis_names, spec.placements, strict=True):
                 if isinstance(placement, Shard):
                     splits.append((axis, placement.dim))
-        kind = p.kind if p.kind == "parameter" else "buffer"
+        kind = p.kind if p.kind in ("parameter", "state") else "buffer"
         tensors[p.key] = ("", tuple(p.spec.shape), p.spec.dtype, kind, tuple(splits))
     return {
         "tensors": tensors,  # checkpoint.program_layout(**tables) takes these names

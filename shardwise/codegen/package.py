@@ -46,8 +46,9 @@ def schedule_files(plan: ExecutionPlan) -> dict[str, str]:
     return {"_schedules.json": json.dumps(programs, separators=(",", ":"))}
 
 
-def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Path:
-    """Write the package into ``directory`` atomically (a temporary sibling, then a rename)."""
+def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str], *, shared: bool = False) -> Path:
+    """Write the package into ``directory`` atomically (a temporary sibling, then a rename); ``shared``: its
+    program may take its tensors from another program of the model (``emit.render_program``)."""
     check_plan_text(plan)  # no text of the plan may turn into code (shardwise.ir.safety)
     if plan.pipeline is not None:  # one program per model chunk plus the schedule runtime
         from shardwise.codegen.pipeline import write_pipeline_package
@@ -75,7 +76,7 @@ def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str]) -> Pat
         "triton": False,
     }
     files = {
-        "program.py": render_program(plan, version=VERSION, plan_id=pid),
+        "program.py": render_program(plan, version=VERSION, plan_id=pid, shared=shared),
         "__init__.py": env.get_template("__init__.py.j2").render(**context),
         "__main__.py": env.get_template("__main__.py.j2").render(**context),
         "README.md": env.get_template("README.md.j2").render(**context),

@@ -141,10 +141,10 @@ def program_tables(plan: ExecutionPlan, attributes: Mapping[str, str]) -> list[s
     attr_of = {p.key: attributes[p.name] for p in plan.graph.params}
     tensors = {key: (attr_of[key], *rest) for key, (_, *rest) in tables["tensors"].items()}
     family = repeated_family(plan.graph)
-    out = table_lines(
-        "TENSORS", tensors, family,
-        "state_dict name -> (attribute, whole shape, dtype, kind, ((mesh axis, dim it is split on), ...))",
-    )  # fmt: skip
+    note = "state_dict name -> (attribute, whole shape, dtype, kind, ((mesh axis, dim it is split on), ...))"
+    if any(p.kind == "state" for p in plan.graph.params):
+        note += '; kind "state": kept between calls, zeros at first, not a weight (a KV cache)'
+    out = table_lines("TENSORS", tensors, family, note)
     out += table_lines("ALIASES", tables["aliases"], family, "other state_dict names bound to the same tensor (tied weights)")
     out += [
         "# tensors that are slices of another state_dict tensor (a fused projection, split so that each part is",

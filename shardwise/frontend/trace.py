@@ -787,8 +787,13 @@ def trace(
     dynamic_shapes: Any = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     model_name: str | None = None,
+    prefix: str = "",
 ) -> tuple[Graph, Any]:
     """Trace ``model`` (or ``loss_fn(model(...))`` when a loss is given) into a Graph.
+
+    ``prefix``: ``model`` wraps the user's model under this attribute path (``"model."``, e.g.
+    ``frontend.generation.StepModule``): it is stripped from the keys and module paths, so that the weights
+    keep the user's model's state_dict names.
 
     Returns the graph and the output TreeSpec, to give results the structure of the model's own output.
     """
@@ -798,8 +803,9 @@ def trace(
         raise TraceError("example_inputs must be a tuple of the model's positional inputs, e.g. (input_ids,)")
     meta = any(p.is_meta for p in model.parameters())
     target: torch.nn.Module = model
-    prefix = ""
     if loss_fn is not None:
+        if prefix:
+            raise TraceError("a wrapped model (prefix=...) is traced without a loss")
         target = LossWrapper(model, loss_fn)
         prefix = "model."
         if dynamic_shapes is not None and isinstance(dynamic_shapes, dict):

@@ -129,7 +129,7 @@ class Parameter:
     name: str  # value name in the graph
     key: str  # state_dict name, e.g. "transformer.h.0.attn.c_attn.weight"
     spec: TensorSpec
-    kind: str = "parameter"  # "parameter" | "buffer" | "constant"
+    kind: str = "parameter"  # "parameter" | "buffer" | "constant" | "state" (kept between calls, zeros at first)
     requires_grad: bool = True
     aliases: tuple[str, ...] = ()
     persistent: bool = True

@@ -493,6 +493,22 @@ def _select_scatter(node: Node, ins: Specs, outs: Specs) -> OpDims:
     return OpDims((tuple(labels), tuple(labels[:d] + labels[d + 1 :])), (tuple(labels),))
 
 
+def _index_copy(node: Node, ins: Specs, outs: Specs) -> OpDims:
+    """``index_copy(x, dim, index, src)`` (a functionalized ``x.index_copy_(dim, index, src)``: a KV cache's
+    write at its slots): the other dims of ``x`` and ``src`` map through; ``dim`` and the index are whole
+    (the index names global positions)."""
+    x = ins[0]
+    if x.rank == 0 or ins[2].rank != x.rank:  # a 0-dim tensor (or source): nothing to split
+        return _all_frozen(node, ins, outs)
+    d = _norm_dim(int(_arg(node, 1, "dim", 0)), x.rank)  # type: ignore[arg-type]
+    labels = [Dim(f"d{i}") for i in range(x.rank)]
+    labels[d] = Dim("slots", frozen=True)
+    src = list(labels)
+    src[d] = Dim("copied", frozen=True)
+    index = tuple(Dim(f"i{i}", frozen=True) for i in range(ins[1].rank))
+    return OpDims((tuple(labels), index, tuple(src)), (tuple(labels),))
+
+
 def _matrix_op(node: Node, ins: Specs, outs: Specs) -> OpDims:
     """An op on the matrices of the last two dims (``tril``, ``triu``): the leading dims map through."""
     rank = ins[0].rank
@@ -774,6 +790,7 @@ _register("aten.unbind.int", "view", _unbind, _zero, False)
 _register(["aten.fill.Scalar", "aten.fill.Tensor", "aten.copy.default"], "elementwise", _elementwise, _per_output)
 _register("aten.slice_scatter.default", "index", _slice_scatter, _per_output)
 _register("aten.select_scatter.default", "index", _select_scatter, _per_output)
+_register("aten.index_copy.default", "index", _index_copy, _per_output)
 _register(["aten.index.Tensor", "aten.gather.default", "aten.index_select.default", "aten.diff.default",
            "aten.repeat.default", "aten.stack.default", "aten.flip.default", "aten.roll.default",
            "aten.argmax.default", "aten.sort.default", "aten.var.correction",
@@ -810,7 +827,7 @@ _set_saves("none", [
         "roll.default", "flip.default", "cumsum.default", "to.dtype", "to.dtype_layout", "_to_copy.default",
         "to.device", "type_as.default", "lift_fresh_copy.default", "tril.default", "triu.default",
         "empty_like.default", "fill.Scalar", "fill.Tensor", "copy.default", "slice_scatter.default",
-        "select_scatter.default",
+        "select_scatter.default", "index_copy.default",
     )
 ])  # fmt: skip
 _set_saves("output", [
@@ -957,7 +974,7 @@ SPELLINGS.update({
     "aten.roll.default": "torch.roll", "aten.argmax.default": "torch.argmax", "aten.topk.default": "torch.topk",
     "aten.sort.default": "torch.sort", "aten.var.correction": "torch.var", "aten.var_mean.correction": "torch.var_mean",
     "aten.std.correction": "torch.std", "aten.pad.default": "F.pad", "aten.constant_pad_nd.default": "F.pad({0}, {1})",
-    "aten.any.dim": "torch.any", "aten.all.dim": "torch.all", "aten.prod.dim_int": "torch.prod",
+    "aten.index_copy.default": "torch.index_copy", "aten.any.dim": "torch.any", "aten.all.dim": "torch.all", "aten.prod.dim_int": "torch.prod",
     # (aten.copy has no autograd formula: written as what it computes)
     "aten.copy.default": "{1}.to({0}.dtype).expand_as({0}).clone()",
     MOE_EXPERTS: "C.moe_experts",

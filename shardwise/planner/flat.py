@@ -77,6 +77,7 @@ class FlatOptions:
     time_limit_s: float = 60.0
     recompute_budget: int | None = None  # bytes per rank for recompute="selective" (default: the device)
     fusion: bool = True  # fuse each rank's elementwise chains and epilogues (passes.fusion), priced as such
+    fixed_params: tuple = ()  # (state_dict key, ShardingSpec) of parameters placed as given (PlaceOptions)
 
 
 def input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, ShardingSpec]:
@@ -276,6 +277,7 @@ def realize_flat(
         train=train, precision=options.precision, sequence_parallel=sp, zero=zero,
         optimizer_factor=optimizer_state(options.optimizer), optimizer=options.optimizer, memory_budget_bytes=None,
         solver=options.solver, time_limit_s=options.time_limit_s, cp_ways=cp_ways,
+        fixed_params=options.fixed_params,
     )  # fmt: skip
     # the fastest placement first: the memory map decides whether it fits (the ILP's own estimate sums saved
     # activations without lifetimes); only if it does not (and recomputation is not asked to make it fit),

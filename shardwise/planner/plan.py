@@ -64,6 +64,9 @@ class PlanOptions:
     time_limit_s: float = 60.0
     fusion: bool = True
     require_fit: bool = True  # False: the fastest plan even when none fits (with a note): for sizing
+    # (state_dict key, ShardingSpec): parameters placed as given (flat plans), e.g. generation's prefill
+    # program, which shares its weights and KV cache with the decode step's
+    fixed_params: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ def plan(
     flat_options = FlatOptions(
         mode=options.mode, precision=options.precision, optimizer=options.optimizer, solver=options.solver,
         time_limit_s=options.time_limit_s, recompute_budget=pinned.recompute_budget, fusion=options.fusion,
+        fixed_params=options.fixed_params,
     )  # fmt: skip
     analyses = FlatAnalyses(graph)
     realized: list[_Realized] = []

@@ -68,10 +68,13 @@ from shardwise.passes.sharding.shrink import Structure, build_structure
 from shardwise.passes.sharding.strategy import scalar_strategy
 from shardwise.passes.sharding.tail import StepTail, local_elements
 
-__all__ = ["PlaceOptions", "ILPStats", "Placed", "Analysis", "place", "OUTPUT_NODE", "BACKWARD_OF"]
+__all__ = [
+    "PlaceOptions", "ILPStats", "Placed", "Analysis", "place", "final_placements", "OUTPUT_NODE", "BACKWARD_OF",
+]  # fmt: skip
 
 OUTPUT_NODE = "<output>"
 _SINK = "<sink>"
+_WRITE = -1  # the reader slot of a buffer update: its buffer, written as stored
 # the backward of each forward step (its adjoint); "allgather" is a local chunk unless fused (see module doc)
 BACKWARD_OF = {
     "slice": "allgather",
@@ -106,6 +109,9 @@ class PlaceOptions:
     # placements predicted within this fraction of the fastest are compared by memory (ilp.TIME_TOLERANCE);
     # None: time alone
     time_tolerance: float | None = TIME_TOLERANCE
+    # parameters (by state_dict key) whose placement is given, not chosen: a program that shares its tensors
+    # with another program of the same model (generation's prefill takes its decode step's)
+    fixed_params: tuple[tuple[str, ShardingSpec], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -416,6 +422,7 @@ def place(
     pmem = _param_memory(graph, opts, mesh)
     params = {p.name: p for p in graph.params}
     free = [a for a in mesh.axis_names if a not in (opts.dp_axis, opts.cp_axis) and mesh.axis_size(a) > 1]
+    given = dict(opts.fixed_params)
 
     # --- candidates of every class representative's group --------------------------------------------
     follow_cache: dict[tuple[str, ShardingSpec], Choice] = {}
@@ -425,6 +432,8 @@ def place(
         if kind == "input":
             return [Choice((), (), (inputs.get(unit, replicated(mesh)),), (), 1)]
         if kind == "param":
+            if params[unit].key in given:
+                return [Choice((), (), (given[params[unit].key],), (), 1)]
             return _param_choices(params[unit].spec, mesh, opts)
         info = infos[unit]
         fixed = {opts.dp_axis: dp_labels.get(unit)} if dp_size > 1 else {}
@@ -518,12 +527,15 @@ def place(
         for slot, name in enumerate(operands[n.name]):
             if name in structure.producer:
                 readers.setdefault(structure.producer[name], []).append((cls, pos, slot))
-    finals = [a.name for a in graph.outputs if isinstance(a, Value)] + [
-        v.name for _, v in graph.buffer_updates
-    ]
+    finals = [a.name for a in graph.outputs if isinstance(a, Value)]
     for name in dict.fromkeys(finals):
         if name in structure.producer:
             readers.setdefault(structure.producer[name], []).append((_SINK, 0, 0))
+    # a buffer's new value is written into the buffer as it is stored: read in the buffer's placement
+    for key, v in graph.buffer_updates:
+        buffer = graph.param_by_key(key).name
+        if v.name in structure.producer and buffer in position:
+            readers.setdefault(structure.producer[v.name], []).append((*position[buffer], _WRITE))
     value_classes: dict[tuple, int] = {}
     value_spec: dict[tuple, tuple[TensorSpec, bool, bool]] = {}
     for (unit, k), rs in readers.items():
@@ -538,6 +550,8 @@ def place(
     def consumer_requirement(cls: str, pos: int, slot: int, b: int) -> tuple[ShardingSpec, tuple[str, ...]]:
         if cls == _SINK:
             return replicated(mesh), ()
+        if slot == _WRITE:  # the buffer's candidate b stores it so
+            return group_choices[cls][b][pos].outputs[0], ()
         ch = group_choices[cls][b][pos]
         return ch.inputs[slot], ch.grad_axes[slot]
 
@@ -549,7 +563,7 @@ def place(
         p = class_ids[pcls]
         srcs = [row[ppos].outputs[k] for row in group_choices[pcls]]
         consumers = []
-        to_sink = any(cls == _SINK for cls, _, _ in rs)
+        to_sink = any(cls == _SINK or slot == _WRITE for cls, _, slot in rs)
         for cls, pos, slot in rs:
             q = sink if cls == _SINK else class_ids[cls]
             nq = len(problem.classes[q].cost)
@@ -705,27 +719,34 @@ def _strategies(
         else:
             placement[node.name] = ch.outputs[0]
             specs[node.name] = info.outs[0]
-    final = [a.name for a in graph.outputs if isinstance(a, Value)] + [
-        v.name for _, v in graph.buffer_updates
-    ]
+    final = final_placements(graph, placement, mesh)
     steps = []
-    for name in dict.fromkeys(final):
+    for name, want in final.items():
         have = placement.get(name)
         if have is not None and name in specs:
-            steps.extend(
-                redistribute_steps(name, costs.comm_spec(specs[name]), have, replicated(mesh), mesh, cost)
-            )
+            steps.extend(redistribute_steps(name, costs.comm_spec(specs[name]), have, want, mesh, cost))
     out.append(
         NodeStrategy(
             node=OUTPUT_NODE,
             split=(),
-            inputs=tuple(replicated(mesh) for _ in final),
+            inputs=tuple(final.values()),
             outputs=(),
             redistributes=tuple(steps),
             comm_s=sum(s.time_s for s in steps),
         )  # fmt: skip
     )
     return tuple(out), tuple(run_whole), compute_total
+
+
+def final_placements(
+    graph: Graph, placement: Mapping[str, ShardingSpec], mesh: DeviceMesh
+) -> dict[str, ShardingSpec]:
+    """What the program ends with, value by value: the outputs whole on every rank, each buffer update as its
+    buffer is stored (``placement``: the placement of every value and parameter)."""
+    out = {a.name: replicated(mesh) for a in graph.outputs if isinstance(a, Value)}
+    for key, v in graph.buffer_updates:
+        out.setdefault(v.name, placement.get(graph.param_by_key(key).name, replicated(mesh)))
+    return out
 
 
 def is_partial(spec: ShardingSpec) -> bool:

@@ -3,6 +3,7 @@ back from every rank's pieces.
 
 A program describes its tensors by three tables (module constants of the generated ``program.py``):
 ``tensors``: state_dict key -> (attribute, whole shape, dtype, kind, ((mesh axis, dim it is split on), ...));
+kind ``"state"`` is a program's own state (a KV cache): zeros at first, neither loaded nor returned;
 ``aliases``: key -> other state_dict names of the same tensor (tied weights); ``parts``: key -> (whole
 tensor's key, dim, start, stop) for a tensor that is a slice of another state_dict tensor.
 """
@@ -33,7 +34,9 @@ def whole(piece: torch.Tensor, placements, mesh: Mesh, shape=None) -> torch.Tens
 
 def load_full_state_dict(program, state_dict: dict[str, torch.Tensor], tensors, aliases, parts) -> None:
     """Copy this rank's piece of every tensor of ``program`` from a whole (unsharded) state_dict."""
-    for key, (attr, shape, _, _, placements) in tensors.items():
+    for key, (attr, shape, _, kind, placements) in tensors.items():
+        if kind == "state":
+            continue
         full = state_dict.get(key)
         if full is None and key in parts:
             source, dim, start, stop = parts[key]
@@ -61,7 +64,9 @@ def load_weights(program, path: str, tensors, aliases, parts) -> None:
 
     with safe_open(str(path), framework="pt") as f:
         stored = set(f.keys())
-        for key, (attr, shape, _, _, placements) in tensors.items():
+        for key, (attr, shape, _, kind, placements) in tensors.items():
+            if kind == "state":
+                continue
             name, part = key, None
             if key not in stored and key in parts:
                 name, part = parts[key][0], parts[key][1:]
@@ -86,7 +91,9 @@ def full_state_dict(program, tensors, aliases, parts) -> dict[str, torch.Tensor]
     aliases; tensors that are slices of one state_dict tensor are joined again."""
     out = {}
     pieces: dict[str, list] = {}
-    for key, (attr, shape, dtype, _, placements) in tensors.items():
+    for key, (attr, shape, dtype, kind, placements) in tensors.items():
+        if kind == "state":
+            continue
         value = whole(getattr(program, attr).detach(), placements, program.mesh, shape).to(
             getattr(torch, dtype)
         )

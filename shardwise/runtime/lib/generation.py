@@ -1,0 +1,91 @@
+"""Greedy generation over two compiled steps: a prefill of the prompt window, then one decode step per token.
+
+``greedy(prefill, decode, input_ids, attention_mask, ...)`` is the loop a generated program runs (and what a
+person would write around a model with a static KV cache):
+
+* the prompts are **left padded** into a window of ``prompt_len`` tokens (each row's real tokens, wherever
+  the caller's mask puts them, moved to the right end), and the batch is filled up to ``max_batch`` rows
+  with a one-token filler prompt whose tokens are dropped;
+* ``prefill(ids, positions, mask, cache_position)`` writes the window's keys and values into cache slots
+  ``0 .. prompt_len - 1`` and returns the last position's logits; each decode step feeds the token just
+  chosen at slot ``prompt_len + t``;
+* the next token is the argmax of the logits (greedy, as ``generate(do_sample=False)``); a row that emitted
+  ``eos_token_id`` continues with ``pad_token_id`` (``eos_token_id`` when there is none), and the loop
+  stops early when every row has finished;
+* the attention mask over the ``max_seq`` cache slots is the prompt window's mask followed by ones (the
+  step's causal mask hides slots not written yet); positions count each row's real tokens only.
+
+Returns the new tokens ``[rows, steps]`` and the seconds each step took on this rank (``prefill_s``, and
+``decode_s`` per decode step), measured around the step's call after a barrier, so that they are the
+step's time on the slowest rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["greedy", "left_padded"]
+
+
+def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int, width: int):
+    """(ids, mask, lengths): the prompts moved to the right end of a ``rows x width`` window (rows after the
+    caller's are one-token filler prompts)."""
+    ids = torch.zeros((rows, width), dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    lengths = torch.ones(rows, dtype=torch.long)
+    for r in range(input_ids.shape[0]):
+        real = input_ids[r][attention_mask[r].bool()]
+        n = real.shape[0]
+        ids[r, width - n :] = real
+        mask[r, width - n :] = 1
+        lengths[r] = n
+    mask[input_ids.shape[0] :, -1] = 1
+    return ids, mask, lengths
+
+
+def _timed(step: Callable[..., torch.Tensor], *args: torch.Tensor) -> tuple[torch.Tensor, float]:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    out = step(*args)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def greedy(
+    prefill: Callable[..., torch.Tensor], decode: Callable[..., torch.Tensor], input_ids: torch.Tensor,
+    attention_mask: torch.Tensor, *, max_new_tokens: int, max_batch: int, prompt_len: int, max_seq: int,
+    eos_token_id: int | None = None, pad_token_id: int | None = None, device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, dict[str, object]]:  # fmt: skip
+    """Greedy generation (see the module docstring): (new tokens ``[rows, steps]``, step timings)."""
+    rows = input_ids.shape[0]
+    if pad_token_id is None:
+        pad_token_id = eos_token_id  # as transformers' generate does without a pad token
+    ids, window_mask, lengths = left_padded(input_ids.cpu(), attention_mask.cpu(), max_batch, prompt_len)
+    mask = torch.cat([window_mask, torch.ones((max_batch, max_seq - prompt_len), dtype=torch.long)], dim=1)
+    positions = (window_mask.cumsum(-1) - 1).masked_fill(window_mask == 0, 1)
+    mask, ids, positions, lengths = (t.to(device) for t in (mask, ids, positions, lengths))
+    logits, prefill_s = _timed(prefill, ids, positions, mask, torch.arange(prompt_len, device=device))
+    decode_s: list[float] = []
+    done = torch.zeros(max_batch, dtype=torch.bool, device=device)
+    done[rows:] = True
+    tokens = []
+    for t in range(max_new_tokens):
+        token = logits.float().argmax(-1)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            done = done | (token == eos_token_id)
+        tokens.append(token)
+        if t == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+            break
+        position = (lengths + t)[:, None]
+        slot = torch.tensor([prompt_len + t], device=device)
+        logits, seconds = _timed(decode, token[:, None], position, mask, slot)
+        decode_s.append(seconds)
+    return torch.stack(tokens, dim=1)[:rows].cpu(), {"prefill_s": prefill_s, "decode_s": decode_s}
