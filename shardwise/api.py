@@ -634,13 +634,13 @@ def _compile_generate(
     if precision not in PRECISIONS:
         raise UserInputError(f"precision={precision!r} is not allowed: choose one of {', '.join(PRECISIONS)}")
     pinned = _settings(constraints, recompute=None, offload=None, collectives=collectives, mode="generate")
-    for key in ("pp", "dp"):
+    for key in ("pp", "dp", "cp"):
         if pinned.get(key, 1) != 1:
             raise UserInputError(
                 f"mode='generate' runs tensor parallelism within one program ({key}={pinned[key]} is not "
                 f"supported yet): drop {key}, or run several compiled models as replicas"
             )
-    pinned.update(pp=1, dp=1)
+    pinned.update(pp=1, dp=1, cp=1)
     spec = get_cluster(cluster)
     step = StepModule(model, max_batch, max_seq).eval()
     with torch.no_grad():
