@@ -15,9 +15,9 @@ into a :class:`Constraints`; anything not pinned is searched. Keys:
 * ``offload``: ``none``, ``optimizer``, ``activations``, ``optimizer+activations`` (host memory), ``auto``;
 * ``collectives``: ``library`` (NCCL/Gloo's own algorithms) or ``synthesize`` (topology-aware schedules where
   predicted faster);
-* ``ep``: expert parallelism, the experts of every mixture-of-experts layer split over ``ep`` ranks of the
-  data-parallel axis (tokens dispatched to their experts by all-to-all); a divisor of the expert count, equal
-  to ``dp`` today (``1``: every rank holds every expert);
+* ``ep``: expert parallelism, the experts of every mixture-of-experts layer split over ``ep`` of the
+  data-parallel ranks (tokens dispatched to their experts by all-to-all), replicated over ``dp / ep`` groups;
+  a divisor of the expert count and of ``dp``, flat plans (``1``: every rank holds every expert);
 * ``cp``: context parallelism, the sequence (token) dimension split over an axis of its own (flat plans);
   ``cp_attention``: how attention runs over the split sequence: ``allgather`` (keys and values gathered),
   ``ulysses`` (all-to-all to a head split and back), ``ring`` (key/value blocks passed around the ring) or
@@ -163,10 +163,10 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
             f"{product} devices; {cluster.name} has {world}"
         )
     ep, dp = values.get("ep"), values.get("dp")
-    if ep is not None and ep > 1 and dp is not None and dp != ep:
+    if ep is not None and ep > 1 and dp is not None and dp % ep:  # type: ignore[operator]
         raise ConstraintError(
-            f"constraints ep={ep} dp={dp}: expert parallelism splits the experts over the whole data-parallel axis "
-            f"today, so ep is 1 or equal to dp (pin dp={ep}, or leave dp to the search)"
+            f"constraints ep={ep} dp={dp}: expert parallelism splits the experts over ep of the data-parallel ranks, "
+            f"so ep divides dp (pin dp to a multiple of {ep}, or leave dp to the search)"
         )
     if ep is not None and ep > 1 and values.get("pp", 1) != 1:
         raise ConstraintError(f"constraint ep={ep} with pp={values['pp']}: expert parallelism is planned for flat "

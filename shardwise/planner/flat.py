@@ -91,7 +91,9 @@ def input_placements(graph: Graph, mesh: DeviceMesh, dp: int) -> dict[str, Shard
             continue
         pl = [Replicate() for _ in mesh.shape]
         if dp > 1 and i.spec.rank > 0 and i.spec.shape[0] % dp == 0:
-            pl[mesh.axis_names.index("dp")] = Shard(0)
+            for axis in ("dp", "ep"):  # the data-parallel axes (ep: the inner one of expert parallelism below dp)
+                if axis in mesh.axis_names and mesh.axis_size(axis) > 1:
+                    pl[mesh.axis_names.index(axis)] = Shard(0)
         if cp > 1 and i.spec.rank > 1 and i.spec.shape[1] == seq and seq % cp == 0:
             pl[mesh.axis_names.index("cp")] = Shard(1)
         out[i.name] = ShardingSpec(tuple(pl))
@@ -178,7 +180,7 @@ def flat_plan(
         notes.append(f"ZeRO stage {zero}: " + ", ".join(parts))
     plan = ExecutionPlan(
         **plan_identity(source, cluster, options.mode, options.precision, mesh),
-        degrees_=(("dp", mesh.axis_size("dp")), ("tp", mesh.axis_size("tp")), ("pp", 1))
+        degrees_=(("dp", mesh.axis_size("dp") * mesh.axis_size("ep")), ("tp", mesh.axis_size("tp")), ("pp", 1))
         + ((("ep", ep),) if ep > 1 else ())
         + ((("cp", mesh.axis_size("cp")),) if "cp" in mesh.axis_names else ()),
         graph=graph, strategies=placed.strategies,
@@ -247,12 +249,22 @@ class Realized:
     fits: bool
 
 
-def flat_mesh(dp: int, tp: int, cp: int = 1) -> DeviceMesh:
+def flat_mesh(dp: int, tp: int, cp: int = 1, ep: int = 1) -> DeviceMesh:
     """The mesh of a flat layout: ``dp x tp``, or ``dp x cp x tp`` with context parallelism (tp innermost, so
-    that it stays inside a node; cp next)."""
-    if cp > 1:
-        return DeviceMesh((dp, cp, tp), ("dp", "cp", "tp"), tuple(range(dp * cp * tp)))
-    return DeviceMesh((dp, tp), ("dp", "tp"), tuple(range(dp * tp)))
+    that it stays inside a node; cp next). Expert parallelism over fewer ranks than ``dp`` (``1 < ep < dp``)
+    splits the data-parallel ranks in two axes, ``dp`` (``dp / ep`` replicas of the experts, outer) and ``ep``
+    (the ranks that split them, inner: neighbours, inside a node where they fit); ``ep = dp`` uses the ``dp``
+    axis itself."""
+    outer = ((dp // ep, ep), ("dp", "ep")) if 1 < ep < dp else ((dp,), ("dp",))
+    shape, names = outer[0] + ((cp,) if cp > 1 else ()) + (tp,), outer[1] + (("cp",) if cp > 1 else ()) + ("tp",)
+    return DeviceMesh(shape, names, tuple(range(dp * cp * tp)))
+
+
+def expert_axis_of(mesh: DeviceMesh, ep: int) -> str | None:
+    """The mesh axis a flat layout with ``ep`` splits the experts over (see :func:`flat_mesh`)."""
+    if ep <= 1:
+        return None
+    return "ep" if "ep" in mesh.axis_names else "dp"
 
 
 def realize_flat(
@@ -260,16 +272,17 @@ def realize_flat(
     options: FlatOptions, analyses: FlatAnalyses, stats_out: list[ILPStats] | None = None, ep: int = 1,
     cp: int = 1, cp_ways: tuple[str, ...] = CP_WAYS,
 ) -> Realized:  # fmt: skip
-    """Realize one flat layout (see the module docstring). ``ep`` > 1: the experts of every MoE layer split over
-    the ``dp`` axis (``passes.sharding.experts``; ``ep`` equals ``dp``). Raises DoesNotFitError when no placement
-    of the ILP fits its memory budget and recomputation cannot make the layout fit either."""
-    if ep > 1 and ep != dp:
-        raise PlanError(f"ep={ep} with dp={dp}: expert parallelism splits the experts over the whole data-parallel "
-                        "axis today: pin ep equal to dp")  # fmt: skip
+    """Realize one flat layout (see the module docstring). ``ep`` > 1 (a divisor of ``dp``): the experts of every
+    MoE layer split over ``ep`` of the data-parallel ranks (``passes.sharding.experts``, on the axis
+    :func:`flat_mesh` gives them). Raises DoesNotFitError when no placement of the ILP fits its memory budget
+    and recomputation cannot make the layout fit either."""
+    if ep > 1 and dp % ep:
+        raise PlanError(f"ep={ep} with dp={dp}: expert parallelism splits the experts over ep of the data-parallel "
+                        "ranks, so ep divides dp")  # fmt: skip
     train = options.mode == "train"
     analysis = analyses.get(tp > 1, dp * tp * cp > 1)
     g = analysis.graph
-    mesh = flat_mesh(dp, tp, cp)
+    mesh = flat_mesh(dp, tp, cp, ep)
     cost = mesh_prices(cluster, mesh, options.precision)
     inputs = input_placements(g, mesh, dp)
     capacity = cluster.device.memory_bytes
@@ -294,7 +307,7 @@ def realize_flat(
             error = str(exc)
             continue
         if ep > 1:
-            placed = expert_parallel(g, mesh, placed, "dp")
+            placed = expert_parallel(g, mesh, placed, expert_axis_of(mesh, ep))  # type: ignore[arg-type]
         if stats_out is not None:
             stats_out.append(placed.stats)
         if attempt is not attempts[-1] and _cannot_fit(g, mesh, placed, inputs, cluster, options, zero):

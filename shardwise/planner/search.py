@@ -584,8 +584,8 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
         comm_chunk[-1] += f + (b if train else 0.0)
         if train:
             cb[-1] += b
-    if cfg.ep > 1:  # the experts' all-to-alls over the dp group (costs.step.moe_exchange_s)
-        group = tuple(_rank(0, d, 0, dp, tp) for d in range(dp))
+    if cfg.ep > 1:  # the experts' all-to-alls over an ep group of neighbouring replicas (costs.step.moe_exchange_s)
+        group = tuple(_rank(0, d, 0, dp, tp) for d in range(cfg.ep))
         for c, (a, z) in enumerate(bounds):
             for i in range(a, z):
                 x = ctx.experts[ctx.sequence[i]]
@@ -861,18 +861,19 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
 def _expert_degrees(
     ctx: _Context, pinned: Constraints, pp: int, dp: int, tp: int, rejected: list[str]
 ) -> list[int]:
-    """The ``ep`` values of a mesh: 1, and for a model with MoE layers on a flat mesh the data-parallel degree
-    when it divides the expert count (the experts split over the whole dp axis); a pinned ep alone."""
+    """The ``ep`` values of a mesh: 1, and for a model with MoE layers on a flat mesh every divisor of ``dp``
+    above 1 that divides the expert count (the experts split over ``ep`` of the data-parallel ranks, replicated
+    over ``dp / ep`` groups of them); a pinned ep alone."""
     experts = expert_count(ctx.graph)
     possible = [1]
-    if experts and pp == 1 and dp > 1 and experts % dp == 0:
-        possible.append(dp)
+    if experts and pp == 1:
+        possible += [e for e in divisors(dp)[1:] if experts % e == 0]
     if pinned.ep is None:
         return possible
     if pinned.ep in possible:
         return [pinned.ep]
     why = ("the model has no mixture-of-experts layers shardwise recognizes" if not experts
-           else f"ep must divide the {experts} experts and equal dp on a flat mesh (pp=1)")  # fmt: skip
+           else f"ep must divide the {experts} experts and dp={dp}, on a flat mesh (pp=1)")  # fmt: skip
     rejected.append(f"pp={pp} dp={dp} tp={tp}: ep={pinned.ep} is not possible: {why}")
     return []
 

@@ -33,6 +33,9 @@ pytestmark = pytest.mark.multiproc
 
 MODELS = ["mixtral", "qwen3_moe"]
 LAYOUTS = {"cpu2-ep2": ("cpu:2", {"dp": 2, "ep": 2}), "cpu4-ep2-tp2": ("cpu:4", {"dp": 2, "ep": 2, "tp": 2})}
+# ep below dp: the experts split over pairs of ranks and replicated over the two pairs (training only: it runs
+# the forward too)
+BELOW_DP = {"cpu4-dp4-ep2": ("cpu:4", {"dp": 4, "ep": 2})}
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -53,14 +56,16 @@ def _program(cm) -> str:  # noqa: ANN001
 
 
 def _expert_parallel(cm, layers: int = 2) -> None:  # noqa: ANN001
-    """The plan splits every layer's experts over dp and the program dispatches by all-to-all."""
+    """The plan splits every layer's experts over its expert axis (dp, or ep below dp) and the program dispatches
+    by all-to-all over it."""
     assert cm.plan.degrees.get("ep") == 2
-    dp = cm.plan.mesh.axis_names.index("dp")
+    axis = "ep" if "ep" in cm.plan.mesh.axis_names else "dp"
+    a = cm.plan.mesh.axis_names.index(axis)
     experts = {k: spec for k, spec in cm.plan.param_placements if k.endswith(EXPERTS)}
     assert len(experts) == 2 * layers
-    assert all(str(spec.placements[dp]) == "S(0)" for spec in experts.values()), experts
+    assert all(str(spec.placements[a]) == "S(0)" for spec in experts.values()), experts
     calls = re.findall(r"C\.moe_experts\(([^)]*)\)", _program(cm))
-    assert calls and all(re.search(r"mesh,\s*'dp'$", c.strip()) for c in calls)  # every one dispatches over dp
+    assert calls and all(re.search(rf"mesh,\s*'{axis}'$", c.strip()) for c in calls)  # each dispatches over it
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -76,11 +81,10 @@ def test_inference_equals_eager(pools, name, layout):
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("name", "layout"), [(n, lay) for n in MODELS for lay in LAYOUTS] + [("mixtral", "cpu4-dp4-ep2")])
 def test_three_sgd_steps_equal_eager(pools, name, layout):
-    cluster, constraints = LAYOUTS[layout]
-    model, inputs = tiny_causal_lm(name)
+    cluster, constraints = {**LAYOUTS, **BELOW_DP}[layout]
+    model, inputs = tiny_causal_lm(name, batch=constraints["dp"])
     reference = copy.deepcopy(model)
     with shardwise.compile(
         model, cluster, example_inputs=inputs, mode="train", loss_fn=_loss, optimizer=SGD, constraints=constraints,

@@ -54,6 +54,21 @@ def test_a_pinned_ep_is_realized_with_the_experts_split(mixtral):
     assert why["ep"] == 2 and why["alltoall_s"] > 0 and "2 of the 4 experts" in why["why"]
 
 
+def test_ep_below_dp_replicates_the_experts_over_dp_over_ep_groups():
+    model, inputs = tiny_causal_lm("mixtral", batch=4)
+    graph, _ = trace(model, inputs, loss_fn=lambda out: out.logits.float().mean())
+    cluster = get_cluster("cpu:4")
+    made = plan(graph, cluster, {"dp": 4, "ep": 2, "zero": 0, "recompute": "none"}, PlanOptions(mode="train"))
+    assert made.degrees["dp"] == 4 and made.degrees["ep"] == 2
+    assert made.mesh.axis_names == ("dp", "ep", "tp") and made.mesh.shape == (2, 2, 1)
+    for node in moe_nodes(made.graph):
+        assert expert_axis(made.strategy(node), made.mesh) == "ep"
+    grads = dict(made.param_grad_reduce)
+    for key, axes in grads.items():
+        # the experts: summed over their dp/ep replicas only; everything else over all four data-parallel ranks
+        assert set(axes) == ({"dp"} if "experts" in key else {"dp", "ep"}), (key, axes)
+
+
 def test_unpinned_plans_say_why_their_ep(mixtral):
     cluster = get_cluster("cpu:2")
     made = plan(mixtral, cluster, {"dp": 2, "zero": 0, "recompute": "none"}, PlanOptions(mode="train"))
@@ -64,8 +79,8 @@ def test_unpinned_plans_say_why_their_ep(mixtral):
 
 
 def test_impossible_ep_is_a_clear_error(mixtral):
-    with pytest.raises(ConstraintError, match="ep is 1 or equal to dp"):
-        plan(mixtral, get_cluster("cpu:4"), {"ep": 2, "dp": 4}, PlanOptions(mode="train"))
+    with pytest.raises(ConstraintError, match="so ep divides dp"):
+        plan(mixtral, get_cluster("cpu:4"), {"ep": 3, "dp": 4}, PlanOptions(mode="train"))
     with pytest.raises(PlanError, match="ep must divide the 4 experts"):
         plan(mixtral, get_cluster("cpu:4"), {"ep": 3}, PlanOptions(mode="train"))
     model, inputs = build_model("mlp")

@@ -95,6 +95,9 @@ class PlaceOptions:
     dp_axis: str = "dp"
     tp_axis: str = "tp"
     cp_axis: str = "cp"  # context parallelism: splits the inputs' sequence dimension, followed greedily like dp
+    # expert parallelism below dp (planner.flat): an inner data-parallel axis whose ranks split the experts;
+    # it splits the batch as dp does
+    ep_axis: str = "ep"
     cp_ways: tuple[str, ...] = CP_WAYS  # how attention may run over the cp split (costs.attention)
     train: bool = False
     precision: str = "fp32"
@@ -411,6 +414,8 @@ def place(
     dp_labels = analysis.batch_labels(mesh, opts.dp_axis, inputs) if dp_size > 1 else {}
     cp_size = mesh.axis_size(opts.cp_axis) if opts.cp_axis in mesh.axis_names else 1
     cp_labels = analysis.batch_labels(mesh, opts.cp_axis, inputs) if cp_size > 1 else {}
+    ep_size = mesh.axis_size(opts.ep_axis) if opts.ep_axis in mesh.axis_names else 1
+    ep_labels = analysis.batch_labels(mesh, opts.ep_axis, inputs) if ep_size > 1 else {}
     # the tp axis never splits the batch (that is the dp axis's job, or another mesh's), and splits the
     # other input-derived dimensions (sequence parallelism) only when allowed
     tokens = analysis.tokens(opts.sequence_parallel)
@@ -421,7 +426,8 @@ def place(
     costs = _Costs(cost, mesh, opts, tail)
     pmem = _param_memory(graph, opts, mesh)
     params = {p.name: p for p in graph.params}
-    free = [a for a in mesh.axis_names if a not in (opts.dp_axis, opts.cp_axis) and mesh.axis_size(a) > 1]
+    data_axes = (opts.dp_axis, opts.cp_axis, opts.ep_axis)
+    free = [a for a in mesh.axis_names if a not in data_axes and mesh.axis_size(a) > 1]
     given = dict(opts.fixed_params)
 
     # --- candidates of every class representative's group --------------------------------------------
@@ -439,6 +445,8 @@ def place(
         fixed = {opts.dp_axis: dp_labels.get(unit)} if dp_size > 1 else {}
         if cp_size > 1:
             fixed[opts.cp_axis] = cp_labels.get(unit)
+        if ep_size > 1:
+            fixed[opts.ep_axis] = ep_labels.get(unit)
         choices = node_choices(info, mesh, fixed, free, tokens.get(unit, frozenset()))
         if cp_size > 1 and _is_attention(info):
             choices = _context_attention_choices(info, choices, mesh, opts)

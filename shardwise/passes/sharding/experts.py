@@ -1,14 +1,16 @@
-"""Expert parallelism: split the experts of every MoE layer over the data-parallel axis of a placed plan.
+"""Expert parallelism: split the experts of every MoE layer over a data-parallel axis of a placed plan.
 
 ``expert_parallel(graph, mesh, placed, axis)`` takes a placement whose experts ops
-(``shardwise.moe_experts``) split their tokens over ``axis`` (each rank routes its own batch, as the
+(``shardwise.moe_experts``) split their tokens over ``axis`` (``dp``, or the inner ``ep`` axis of a mesh with
+expert parallelism below ``dp``, see ``planner.flat.flat_mesh``: each rank routes its own batch, as the
 placement ILP places an op whose tokens are independent) and keeps every expert on every rank, and returns the
 placement in which the ranks of ``axis`` hold ``E / n`` experts each instead: both expert weights are sharded
 along dim 0 over ``axis`` (parameters and the op's operands alike), and the op dispatches each row to its
 expert's rank and combines the results back by all-to-all (``runtime.lib.moe``; codegen reads the split from
 ``ir.experts.expert_axis``). This is the layout of Megatron-LM and torchtitan: expert parallelism borrows the
 ranks of data parallelism; the other parameters stay replicated over ``axis``, their gradients all-reduced
-over it.
+over it (and over ``dp`` when ``axis`` is the inner ``ep`` axis, where the experts' gradients are reduced too:
+over their ``dp / ep`` replicas).
 
 Requires: ``axis`` splits each experts op's tokens (label ``t``) and its size divides the number of experts;
 the expert weights are read by their experts op alone.
