@@ -29,6 +29,7 @@ from shardwise.codegen.layout import tensor_tables
 from shardwise.codegen.library import library_files
 from shardwise.codegen.pysource import wrap_lines
 from shardwise.ir.plan import ExecutionPlan
+from shardwise.ir.safety import check_plan_text
 
 __all__ = ["GenerationSettings", "write_generation_package"]
 
@@ -50,6 +51,8 @@ def write_generation_package(
     """Write the package into ``directory`` (see the module docstring)."""
     from shardwise.codegen.package import VERSION, write_package
 
+    check_plan_text(decode)  # no text of a plan may turn into code (shardwise.ir.safety)
+    check_plan_text(prefill)
     if decode.pipeline is not None or prefill.pipeline is not None:
         raise ValueError("generation packages are written from flat plans (pp=1)")
     if tensor_tables(decode) != tensor_tables(prefill):

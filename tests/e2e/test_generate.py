@@ -9,8 +9,10 @@ padded (what transformers recommends for decoder-only models; the program left p
 Tensor-parallel plans (tp=2 on two gloo processes) are made for a cluster whose links are (nearly) free and
 without sequence parallelism, as tests/e2e/test_parallel_equals_eager.py does: on the nominal cpu:2 links the
 planner rightly runs these tiny models whole on each rank (a collective costs more than the layer), and the
-point here is the split program. Each case checks that the plans split the weights and the KV cache by
-key/value heads over tp. A tp=1 plan runs as the drop-in package's ``--generate`` entry in a plain process.
+point here is the split program. Each case checks that the plans split the weights, and the KV cache by
+key/value heads over tp where they divide (grouped-query attention: 2 key/value heads; with one, multi-query,
+the cache stays whole). With a larger model the planner splits the cache by heads on the nominal links as well
+(a plan-only check). A tp=1 plan runs as the drop-in package's ``--generate`` entry in a plain process.
 """
 
 from __future__ import annotations
@@ -70,9 +72,18 @@ def _weights_split(plan) -> bool:
     )
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
-def test_tensor_parallel_generation_equals_transformers(pool, name):
-    model, _ = tiny_causal_lm(name)
+CASES = {  # name -> (model type, attention heads, key/value heads divide over tp=2?)
+    "gpt2": ("gpt2", 4, True),
+    "llama": ("llama", 4, True),  # grouped-query: 4 query heads, 2 key/value heads (zoo.hf's recipe)
+    "qwen2": ("qwen2", 4, True),
+    "llama-mqa": ("llama", 2, False),  # one key/value head: the cache cannot be split by heads
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tensor_parallel_generation_equals_transformers(pool, case):
+    name, heads, divides = CASES[case]
+    model, _ = tiny_causal_lm(name, heads=heads)
     ids, mask = _prompts()
     expected = _reference(model, ids, mask)
     with shardwise.compile(
@@ -80,7 +91,7 @@ def test_tensor_parallel_generation_equals_transformers(pool, name):
         constraints=TP2, workers=pool,
     ) as cm:  # fmt: skip
         assert cm.plan.degrees["tp"] == 2 and cm.prefill_plan.degrees["tp"] == 2
-        assert _split_by_heads(cm.plan) and _split_by_heads(cm.prefill_plan)
+        assert _split_by_heads(cm.plan) == divides and _split_by_heads(cm.prefill_plan) == divides
         assert _weights_split(cm.plan)
         assert dict(cm.plan.param_placements) == dict(cm.prefill_plan.param_placements)
         out, timings = cm.generate(ids, mask, max_new_tokens=NEW_TOKENS, return_timings=True)
@@ -92,6 +103,19 @@ def test_tensor_parallel_generation_equals_transformers(pool, name):
     assert out.shape == expected.shape
     assert torch.equal(out, expected)
     assert timings["prefill_s"] > 0 and len(timings["decode_s"]) == expected.shape[1] - ids.shape[1] - 1
+
+
+def test_the_planner_splits_the_cache_with_the_heads_on_nominal_links():
+    """On the nominal cpu:2 links a Llama of hidden size 1024 decodes with tensor parallelism (the plan is
+    made, not run): its attention is split by heads and each rank keeps its heads' part of the KV cache, in
+    the decode and the prefill plan alike."""
+    model, _ = tiny_causal_lm("llama", hidden=1024, heads=16, layers=2, vocab=1000)
+    cm = shardwise.compile(model, "cpu:2", mode="generate", max_batch=4, max_seq=256, max_prompt=128,
+                           constraints={"tp": 2})  # fmt: skip
+    assert _split_by_heads(cm.plan) and _split_by_heads(cm.prefill_plan)
+    placements = dict(cm.plan.param_placements)
+    assert placements["model.layers.0.self_attn.k_proj.weight"].placements[1] == Shard(0)  # by output rows
+    assert placements["model.layers.0.self_attn.o_proj.weight"].placements[1] == Shard(1)
 
 
 def test_drop_in_package_generates_with_one_process(tmp_path):
