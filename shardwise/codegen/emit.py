@@ -37,7 +37,7 @@ from shardwise.codegen.tables import program_tables
 from shardwise.ir.experts import MOE_EXPERTS, expert_axis
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Function, Graph, Node, Value, iter_values
-from shardwise.ir.placement import DeviceMesh, Partial, Shard, ShardingSpec
+from shardwise.ir.placement import PAIRED_AXIS, DeviceMesh, Partial, Shard, ShardingSpec, pairs_chunks
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
 from shardwise.ir.registry import SYM_FUNCTIONS, draws_random, tensor_operands
 from shardwise.ir.tensor import TensorSpec
@@ -368,6 +368,36 @@ def _collective_call(
         else:
             raise ValueError(f"unknown collective {kind!r}")
     return expr
+
+
+def paired_axes(plan: ExecutionPlan) -> tuple[str, ...]:
+    """The mesh axes whose pieces are chunk pairs (``ir.placement.PAIRED_AXIS``, the runtime's ``Mesh.paired``):
+    the context-parallel axis, where every dimension the plan splits over it cuts into ``2 cp`` chunks."""
+    mesh = plan.mesh
+    if PAIRED_AXIS not in mesh.axis_names:
+        return ()
+    a = mesh.axis_names.index(PAIRED_AXIS)
+    ways = mesh.shape[a]
+    shapes = _whole_shapes(plan.graph)
+    by_node = {n.name: n for n in plan.graph.nodes}
+    split: list[int] = []
+    for i, spec in zip(plan.graph.inputs, plan.input_placements, strict=True):
+        p = spec.placements[a]
+        if isinstance(p, Shard) and isinstance(i.spec, TensorSpec):
+            split.append(i.spec.shape[p.dim])
+    for s in plan.strategies:
+        node = by_node.get(s.node)
+        specs = [o for o in node.outputs if isinstance(o, TensorSpec)] if node is not None else []
+        for spec, pl in zip(specs, s.outputs, strict=False):
+            p = pl.placements[a]
+            if isinstance(p, Shard):
+                split.append(spec.shape[p.dim])
+        for r in s.redistributes:
+            for pl in (r.src, r.dst):
+                p = pl.placements[a]
+                if isinstance(p, Shard) and r.value in shapes:
+                    split.append(shapes[r.value][p.dim])
+    return (PAIRED_AXIS,) if split and all(pairs_chunks(n, ways) for n in split) else ()
 
 
 def _whole_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
@@ -1024,6 +1054,7 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str, shared: b
         mesh_shape=repr(tuple(mesh.shape)),
         mesh_axes=repr(tuple(mesh.axis_names)),
         mesh_ranks=repr(tuple(mesh.ranks)),
+        mesh_paired=repr(paired_axes(plan)) if paired_axes(plan) else "",
         tables="\n".join(wrap_lines(tables, WIDTH)),
         training=repr(plan.mode == "train"),
         zero_stage=plan.zero_stage,

@@ -15,11 +15,12 @@ mask). Attention needs every key for every query; the ways differ in what moves:
   around the cp ring in ``cp - 1`` steps while each rank attends its queries to the block it holds, the
   blocks merged by an online softmax. Each step's message is hidden behind the block's compute where the
   compute is longer (only the excess is charged). The program's backward is autograd's: the gradients of the
-  blocks travel back one hop per step (the blocks were saved, not passed again), hidden behind the backward
-  of a block. Blocks that
-  a causal mask hides entirely are skipped; with the contiguous chunks of the placement (rank ``r`` holds
-  chunk ``r``) the last rank attends ``cp - 1/2`` blocks' worth where the average is ``cp/2``: the price
-  charges that imbalance (``RING_LOAD_BALANCED`` says the program does not pair chunks).
+  blocks travel back one hop per step (the blocks were saved, not passed again), each hop waited for (not
+  hidden). Blocks that a causal mask hides entirely are skipped. Where the sequence cuts into ``2 cp``
+  chunks the cp axis holds chunk pairs (rank ``r``: chunks ``r`` and ``2cp - 1 - r``,
+  ``ir.placement.pairs_chunks``) and every rank does the same work; with contiguous chunks (rank ``r`` holds
+  chunk ``r``) the last rank attends ``cp - 1/2`` blocks' worth where the average is ``cp/2``, and the price
+  charges that imbalance.
 
 All sizes are one rank's local bytes. Returns (forward seconds, backward seconds) of the way's communication
 (and, for ring, of the causal imbalance) beyond the attention's own compute share, which the caller prices as
@@ -34,15 +35,13 @@ from dataclasses import dataclass
 from shardwise.costs.compute import is_causal_attention
 from shardwise.costs.prices import PriceList
 from shardwise.ir.graph import Node
-from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
+from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec, pairs_chunks
 from shardwise.ir.tensor import TensorSpec
 
-__all__ = ["CP_WAYS", "RING_LOAD_BALANCED", "AttentionShape", "context_attention_s", "way_label", "way_of",
+__all__ = ["CP_WAYS", "AttentionShape", "context_attention_s", "way_label", "way_of",
            "ulysses_problem", "attention_shape", "node_context_attention_s", "ways_s"]  # fmt: skip
 
 CP_WAYS = ("allgather", "ulysses", "ring")
-#: the program's ring attention keeps the placement's contiguous chunks (no pairing of chunk r with 2cp-1-r)
-RING_LOAD_BALANCED = False
 _SEP = "@"
 
 
@@ -66,6 +65,7 @@ class AttentionShape:
     mask_bytes: float  # local mask rows (0 without a mask tensor)
     heads: int  # heads on this rank before the all-to-all (after tensor parallelism)
     causal: bool  # the mask (or is_causal) hides the blocks above the diagonal
+    balanced: bool = False  # the cp axis holds chunk pairs: a causal mask leaves every rank the same work
 
 
 def ulysses_problem(heads: int, kv_heads: int, cp: int) -> str:
@@ -102,16 +102,15 @@ def context_attention_s(
         # the busiest rank's blocks: all cp of them, or under a causal mask with contiguous chunks the last
         # rank's cp - 1 whole blocks and half of the diagonal one, against an average of cp / 2
         imbalance = 0.0
-        if shape.causal and not RING_LOAD_BALANCED:
+        if shape.causal and not shape.balanced:
             imbalance = (cp - 0.5) / (cp / 2) - 1.0
         block_f = compute_forward_s * (1 + imbalance) / cp
         fwd = steps * max(hop - block_f, 0.0) + compute_forward_s * imbalance
         if not train:
             return fwd, 0.0
-        # the program's backward is autograd's: each step's key/value gradients travel back one hop (the
-        # blocks themselves were saved in the forward, so they do not travel again)
-        block_b = compute_backward_s * (1 + imbalance) / cp
-        bwd = steps * max(hop - block_b, 0.0) + compute_backward_s * imbalance
+        # the program's backward is autograd's: each step's key/value gradients travel back one hop, waited
+        # for (the blocks themselves were saved in the forward, so they do not travel again)
+        bwd = steps * hop + compute_backward_s * imbalance
         return fwd, bwd
     raise ValueError(f"unknown context-parallel attention way {way!r}: use one of {', '.join(CP_WAYS)}")
 
@@ -143,7 +142,8 @@ def attention_shape(
                 heads //= size
     out_bytes = _local(out, pl[0], mesh, width) * (out.numel / max(ins[0].numel, 1))
     causal = is_causal_attention(node) or len(ins) > 3  # a mask tensor: taken as causal (a language model's)
-    return AttentionShape(q, kv, out_bytes, mask, heads, causal)
+    balanced = ins[0].rank >= 2 and pairs_chunks(ins[0].shape[-2], mesh.axis_size(axis))
+    return AttentionShape(q, kv, out_bytes, mask, heads, causal, balanced)
 
 
 def node_context_attention_s(

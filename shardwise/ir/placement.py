@@ -5,7 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Shard", "Replicate", "Partial", "Placement", "ShardingSpec", "DeviceMesh", "chunks_cleanly"]
+__all__ = ["Shard", "Replicate", "Partial", "Placement", "ShardingSpec", "DeviceMesh", "chunks_cleanly", "PAIRED_AXIS",
+           "pairs_chunks"]
+
+#: the mesh axis whose pieces are chunk pairs where every dimension it splits allows (context parallelism's:
+#: rank i of cp holds chunks i and 2cp-1-i of the sequence, so that a causal attention's work is balanced)
+PAIRED_AXIS = "cp"
+
+
+def pairs_chunks(size: int, ways: int) -> bool:
+    """Whether a dimension of ``size`` split ``ways`` ways is cut into chunk pairs: ``2 ways`` equal chunks."""
+    return ways > 1 and size % (2 * ways) == 0
 
 
 def chunks_cleanly(size: int, ways: int) -> bool:

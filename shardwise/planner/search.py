@@ -45,6 +45,7 @@ from shardwise.costs.step import StageTail, analytic_step, moe_exchange_s, simul
 from shardwise.errors import PlanError
 from shardwise.ir.experts import MOE_EXPERTS, expert_count
 from shardwise.ir.graph import Graph, Value
+from shardwise.ir.placement import pairs_chunks
 from shardwise.ir.registry import rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.stages.partition import balance
@@ -285,6 +286,7 @@ class _Context:
                 out_bytes=out_spec.nbytes * width * share,
                 mask_bytes=ins[3].nbytes * scale if len(ins) > 3 else 0.0,
                 heads=heads // tp if split_heads else heads, causal=is_causal_attention(node) or len(ins) > 3,
+                balanced=pairs_chunks(ins[0].shape[-2], cp),
             )  # fmt: skip
             ways = tp * cp if split_heads else cp
             whole = scale * cp  # the call's rows over the traced batch (its work split tp x cp ways)

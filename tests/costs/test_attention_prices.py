@@ -45,16 +45,23 @@ def test_ring_hides_its_messages_behind_the_blocks_compute(cp):
     assert ring(hop * cp / 2) == pytest.approx((cp - 1) * hop / 2)
 
 
-def test_ring_charges_the_causal_imbalance_of_contiguous_chunks():
+def test_ring_charges_the_causal_imbalance_of_contiguous_chunks_and_not_of_chunk_pairs():
     prices = price_list(get_cluster("dgx-h100x1"))
-    compute = 1.0  # far above any hop: only the imbalance remains
-    plain = context_attention_s(prices, (0, 1), "ring", _shape(False), compute_forward_s=compute,
-                                compute_backward_s=compute, train=True)  # fmt: skip
-    causal = context_attention_s(prices, (0, 1), "ring", _shape(True), compute_forward_s=compute,
-                                 compute_backward_s=compute, train=True)  # fmt: skip
-    assert plain == (0.0, 0.0)
+    hop = prices.p2p_s(8 * MiB, 0, 1)
+    compute = 1.0  # far above any hop: only the imbalance and the backward's hops remain
+
+    def ring(shape: AttentionShape) -> tuple[float, float]:
+        return context_attention_s(prices, (0, 1), "ring", shape, compute_forward_s=compute,
+                                   compute_backward_s=compute, train=True)  # fmt: skip
+
+    plain = ring(_shape(False))
+    assert plain == pytest.approx((0.0, hop))  # the backward waits for its hop (autograd's sends)
     # cp=2, chunk 0 on rank 0, chunk 1 on rank 1: rank 1 attends 1.5 blocks' worth, the average is 1
-    assert causal == pytest.approx((0.5 * compute, 0.5 * compute))
+    assert ring(_shape(True)) == pytest.approx((0.5 * compute, hop + 0.5 * compute))
+    # chunk pairs (rank 0: chunks 0 and 3, rank 1: chunks 1 and 2) leave both ranks the same work
+    paired = AttentionShape(q_bytes=4 * MiB, kv_bytes=8 * MiB, out_bytes=4 * MiB, mask_bytes=0.0, heads=8,
+                            causal=True, balanced=True)  # fmt: skip
+    assert ring(paired) == pytest.approx(plain)
 
 
 def test_ulysses_and_allgather_move_what_they_say():

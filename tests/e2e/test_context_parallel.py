@@ -4,7 +4,8 @@ with a sequence of 256 tokens split over ``cp=2`` on cpu:2, attention pinned to 
 blocks passed around the ring), equal eager PyTorch for inference and for three SGD training steps (losses
 and every final parameter, float32). The models build their causal mask and rotary positions from
 ``arange`` inside the forward: the plan computes them whole and cuts each rank's rows, so positions stay
-global. One pool of two gloo processes serves the module."""
+global. The sequence is cut into chunk pairs (rank r holds chunks r and 2cp-1-r: every split and gather over
+cp keeps to it). One pool of two gloo processes serves the module."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import shardwise
+from shardwise.codegen.emit import paired_axes
 from shardwise.testing.eager import assert_training_equal, eager_training
 
 pytest.importorskip("transformers")
@@ -45,6 +47,8 @@ def _check_layout(cm, way: str) -> None:  # noqa: ANN001
     gathered = {r.value for s in attention for r in s.redistributes if r.axis == "cp" and "allgather" in r.collective}
     assert bool(gathered) == (way == "allgather")  # only the allgather way gathers keys and values
     assert any(f"by {way}" in note for note in plan.notes)
+    # 256 tokens cut into 4 chunks: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2 (causal load balance)
+    assert paired_axes(plan) == ("cp",)
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -6,13 +6,16 @@ queries, keys, values and of the mask's rows, the mask's columns whole), and ret
 output. Two ways (the third, all-gathering the keys and values, is an ordinary redistribution before an
 ordinary attention call):
 
-* ``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns the sequence split of q, k, v into a split of the heads,
-  attention runs on whole sequences of ``heads / n`` heads (the mask's rows all-gathered), and one more
-  all-to-all turns the output back. The heads must divide by the axis size (key/value heads that do not are
-  repeated to the query heads first). The all-to-alls are ``collectives.all_to_all``, whose backward is the
-  reverse all-to-all.
+* ``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns the sequence split of q, k, v into a split of the heads
+  (rank ``j`` gets the ``j``-th contiguous group of ``heads / n``), attention runs on whole sequences (the mask's
+  rows all-gathered), and one more all-to-all turns the output back. The heads must divide by the axis size
+  (key/value heads that do not are repeated to the query heads first). The all-to-alls are
+  ``moe.all_to_all_rows`` (heads as rows), whose backward is the reverse all-to-all.
 * ``"ring"`` (ring attention): the key/value block passes around the ring (rank ``i`` sends to ``i + 1``) in
-  ``n - 1`` steps; each step's message is sent while the block held is attended to. Blocks are merged by an
+  ``n - 1`` steps; each step's message is sent while the block held is attended to. On a paired axis
+  (``mesh.Mesh.paired``: rank ``i`` holds sequence chunks ``i`` and ``2n - 1 - i``) each query chunk attends each
+  key chunk of the block separately, so that the chunks a causal mask hides are skipped and every rank does
+  the same work. Blocks are merged by an
   online softmax (running maximum, detached, since the result does not depend on it; running sum of
   exponentials; running weighted values). A block the mask hides from every query of this rank is skipped
   (its gradient is still sent back, as zeros, so that every rank runs the same backward messages).
@@ -30,8 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .collectives import all_gather, all_to_all
-from .mesh import Mesh
+from .collectives import all_gather
+from .mesh import Mesh, chunk_ids, join, pieces
+from .moe import all_to_all_rows
 
 __all__ = ["context_attention", "ring_shift"]
 
@@ -111,25 +115,45 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tens
     return k.repeat_interleave(r, dim=-3), v.repeat_interleave(r, dim=-3)
 
 
+def _seq_to_heads(t: torch.Tensor, mesh: Mesh, axis: str) -> torch.Tensor:
+    """[..., H, s, D] with this rank's piece of the sequence -> [..., H/n, S, D] with the whole sequence and this
+    rank's contiguous group of heads: one all-to-all (``moe.all_to_all_rows``: rank j gets head group j)."""
+    n, heads, seq = mesh.size(axis), t.dim() - 3, t.dim() - 2
+    rows = t.movedim(heads, 0)  # (H, ..., s, D): heads as rows, group j for rank j
+    group = rows.shape[0] // n
+    got = all_to_all_rows(rows, [group] * n, [group] * n, mesh, axis)  # n x (H/n) rows: one piece per source
+    parts = [p.movedim(0, heads) for p in got.split(group)]  # each (..., H/n, s, D)
+    return join(parts, seq, mesh, axis)
+
+
+def _heads_to_seq(t: torch.Tensor, mesh: Mesh, axis: str) -> torch.Tensor:
+    """The inverse of :func:`_seq_to_heads`: [..., H/n, S, E] -> [..., H, s, E]."""
+    n, heads, seq = mesh.size(axis), t.dim() - 3, t.dim() - 2
+    group = t.shape[heads]
+    rows = torch.cat([p.movedim(heads, 0) for p in pieces(t, seq, mesh, axis)])  # rank j's sequence piece
+    got = all_to_all_rows(rows, [group] * n, [group] * n, mesh, axis)  # (H, ..., s, E): head groups in order
+    return got.movedim(0, heads)
+
+
 def _ulysses(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa, dropout_p):  # noqa: ANN001, ANN202
     n = mesh.size(axis)
-    heads, seq = q.dim() - 3, q.dim() - 2
+    heads = q.dim() - 3
     if q.shape[heads] % n:
         raise ValueError(f"Ulysses attention needs the heads ({q.shape[heads]}) divisible by the axis size ({n})")
     if k.shape[heads] % n:
         k, v = _repeat_kv(k, v, q.shape[heads])
-    q, k, v = (all_to_all(t, seq, heads, mesh, axis) for t in (q, k, v))
+    q, k, v = (_seq_to_heads(t, mesh, axis) for t in (q, k, v))
     gqa = enable_gqa and k.shape[heads] != q.shape[heads]
     if mask is not None:
         if mask.dim() >= 2 and mask.shape[-2] > 1:  # this rank's rows: gather them all (no gradient)
             mask = all_gather(mask.detach() if mask.is_floating_point() else mask, mask.dim() - 2, mesh, axis)
         mask_heads = heads - (q.dim() - mask.dim())  # the mask's head dimension (broadcast from the right)
-        if mask_heads >= 0 and mask.shape[mask_heads] > 1:
+        if mask_heads >= 0 and mask.shape[mask_heads] > 1:  # this rank's contiguous group of heads
             mask = mask.chunk(n, dim=mask_heads)[mesh.index(axis)]
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
     )
-    return all_to_all(out, heads, seq, mesh, axis)
+    return _heads_to_seq(out, mesh, axis)
 
 
 def _causal_block(rows: int, cols: int, row0: int, col0: int, device) -> torch.Tensor:  # noqa: ANN001
@@ -138,52 +162,79 @@ def _causal_block(rows: int, cols: int, row0: int, col0: int, device) -> torch.T
     return j <= i
 
 
+class _Online:
+    """One group of query rows' running softmax: the largest score (detached: the result does not depend on
+    it), the sum of exponentials and the exponential-weighted sum of values."""
+
+    def __init__(self) -> None:
+        self.top: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+
+    def add(self, s: torch.Tensor, v: torch.Tensor) -> None:
+        peak = s.detach().amax(dim=-1, keepdim=True)
+        top = peak if self.top is None else torch.maximum(self.top, peak)
+        safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        p = torch.exp(s - safe)
+        part, mass = torch.matmul(p, v), p.sum(dim=-1, keepdim=True)
+        if self.acc is None:
+            self.acc, self.total = part, mass
+        else:
+            assert self.top is not None and self.total is not None
+            old = torch.where(torch.isinf(self.top), torch.zeros_like(self.top), self.top)
+            keep = torch.exp(old - safe)
+            self.acc, self.total = self.acc * keep + part, self.total * keep + mass
+        self.top = top
+
+    def result(self, like: torch.Tensor, width: int) -> torch.Tensor:
+        if self.acc is None:  # every key hidden from these queries: what sdpa's softmax of -inf rows gives
+            return torch.full(like.shape[:-1] + (width,), float("nan"), dtype=like.dtype, device=like.device)
+        assert self.total is not None
+        return self.acc / self.total
+
+
 def _ring(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa):  # noqa: ANN001, ANN202
     n, me = mesh.size(axis), mesh.index(axis)
     if enable_gqa:
         k, v = _repeat_kv(k, v, q.shape[-3])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    rows, cols, width = q.shape[-2], k.shape[-2], k.shape[-1]
+    mine = chunk_ids(mesh, axis)  # the sequence chunks this rank's rows are (two on a paired axis)
+    groups = len(mine)
+    rows, cols, width = q.shape[-2] // groups, k.shape[-2] // groups, k.shape[-1]
+    queries = q.chunk(groups, dim=-2)
+    states = [_Online() for _ in mine]
     block = torch.cat([k, v], dim=-1)
-    top = acc = total = None
     untouched = None  # blocks skipped: kept in the graph (times 0) so every rank runs every backward shift
     for step in range(n):
         nxt = None
         if step < n - 1:  # the next block travels while this one is attended to
             pending = _Pending()
             nxt = (_ShiftStart.apply(block, mesh, axis, pending), pending)
-        src = (me - step) % n
-        allowed = None
-        if mask is not None:
-            allowed = mask.narrow(-1, src * cols, cols)
-        elif is_causal:
-            allowed = _causal_block(rows, cols, me * rows, src * cols, q.device)
-        hidden = allowed is not None and allowed.dtype == torch.bool and not bool(allowed.any())
-        if hidden and block.requires_grad:
+        theirs = chunk_ids(mesh, axis, (me - step) % n)  # the chunks of the block held at this step
+        used = False
+        for qi, r in enumerate(mine):
+            for kj, c in enumerate(theirs):
+                allowed = None
+                if mask is not None:
+                    allowed = mask.narrow(-2, qi * rows, rows) if mask.shape[-2] > 1 else mask
+                    allowed = allowed.narrow(-1, c * cols, cols)
+                elif is_causal:
+                    allowed = _causal_block(rows, cols, r * rows, c * cols, q.device)
+                if allowed is not None and allowed.dtype == torch.bool and not bool(allowed.any()):
+                    continue  # hidden from every query of this group: not computed (the causal saving)
+                used = True
+                part = block.narrow(-2, kj * cols, cols)
+                kb, vb = part[..., :width], part[..., width:]
+                s = torch.matmul(queries[qi], kb.transpose(-1, -2)) * scale
+                if allowed is not None:
+                    s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed
+                states[qi].add(s, vb)
+        if not used and block.requires_grad:
             zero = block.sum() * 0
             untouched = zero if untouched is None else untouched + zero
-        if not hidden:
-            kb, vb = block[..., :width], block[..., width:]
-            s = torch.matmul(q, kb.transpose(-1, -2)) * scale
-            if allowed is not None:
-                s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed
-            peak = s.detach().amax(dim=-1, keepdim=True)
-            new_top = peak if top is None else torch.maximum(top, peak)
-            safe = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)
-            p = torch.exp(s - safe)
-            part, mass = torch.matmul(p, vb), p.sum(dim=-1, keepdim=True)
-            if acc is None:
-                acc, total = part, mass
-            else:
-                old = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-                keep = torch.exp(old - safe)
-                acc, total = acc * keep + part, total * keep + mass
-            top = new_top
         if nxt is not None:
             block = _ShiftWait.apply(*nxt)
-    if acc is None:  # every key hidden from every query: what sdpa's softmax of -inf rows gives
-        return torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype, device=q.device)
-    out = acc / total
+    out = torch.cat([st.result(qp, v.shape[-1]) for st, qp in zip(states, queries, strict=True)], dim=-2)
     return out if untouched is None else out + untouched
 
 

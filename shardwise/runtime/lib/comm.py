@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .mesh import Mesh, piece_sizes
+from .mesh import Mesh, join, piece_sizes, pieces
 from .schedule_exec import run_collective
 
 __all__ = [
@@ -92,13 +92,17 @@ def gather(
     pieces: gloo gathers equal buffers only, so each piece is padded to the first one's size and cut back)."""
     n = mesh.size(axis)
     if size is None and schedule_runs(schedule, x):
-        pieces = _run_schedule(schedule, x.reshape(-1), mesh, axis).view(n, *x.shape)
-        return torch.cat(pieces.unbind(0), dim=dim)
+        received = _run_schedule(schedule, x.reshape(-1), mesh, axis).view(n, *x.shape)
+        return join(list(received.unbind(0)), dim, mesh, axis)
     x, group = x.contiguous(), mesh.group(axis)
+    if axis in mesh.paired:  # chunk pairs: received whole, then put in place
+        parts = [torch.empty_like(x) for _ in range(n)]
+        run(lambda: dist.all_gather(parts, x, group=group, async_op=True), [*parts, x], group)
+        return join(parts, dim, mesh, axis)
     if size is None or size == x.shape[dim] * n:  # the pieces are received straight into the result
         out = x.new_empty(x.shape[:dim] + (x.shape[dim] * n,) + x.shape[dim + 1 :])
-        pieces = list(out.chunk(n, dim=dim))
-        run(lambda: dist.all_gather(pieces, x, group=group, async_op=True), [*pieces, x], group)
+        slots = list(out.chunk(n, dim=dim))
+        run(lambda: dist.all_gather(slots, x, group=group, async_op=True), [*slots, x], group)
         return out
     sizes = piece_sizes(size, n)
     pad = sizes[0] - x.shape[dim]
@@ -110,8 +114,8 @@ def gather(
 
 
 def split(x: torch.Tensor, dim: int, mesh: Mesh, axis: str) -> torch.Tensor:
-    """This rank's piece of ``x`` along ``dim`` (a copy, no communication)."""
-    return x.chunk(mesh.size(axis), dim=dim)[mesh.index(axis)].contiguous()
+    """This rank's piece of ``x`` along ``dim`` (a copy, no communication; chunk pairs on a paired axis)."""
+    return pieces(x, dim, mesh, axis)[mesh.index(axis)].contiguous()
 
 
 def reduce(x: torch.Tensor, mesh: Mesh, axis: str, op: str, schedule: str | None = None) -> torch.Tensor:
@@ -133,12 +137,12 @@ def reduce_scatter(
     none, so there it is an all-reduce and a slice)."""
     n = mesh.size(axis)
     if x.shape[dim] % n == 0 and schedule_runs(schedule, x):
-        pieces = x.chunk(n, dim=dim)
-        flat = torch.cat([piece.reshape(-1) for piece in pieces])
-        return _run_schedule(schedule, flat, mesh, axis, op).view(pieces[0].shape)
+        cut = pieces(x, dim, mesh, axis)
+        flat = torch.cat([piece.reshape(-1) for piece in cut])
+        return _run_schedule(schedule, flat, mesh, axis, op).view(cut[0].shape)
     group = mesh.group(axis)
     if op == "sum" and dist.get_backend(group) == "nccl" and x.shape[dim] % n == 0:
-        parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
+        parts = [p.contiguous() for p in pieces(x, dim, mesh, axis)]
         out = torch.empty_like(parts[0])
         dist.reduce_scatter(out, parts, group=group)
         return out
@@ -151,7 +155,7 @@ def exchange(
     """All-to-all by schedule: piece j of ``x`` along ``dst_dim`` goes to rank j; the pieces received are
     joined along ``src_dim`` in rank order."""
     n = mesh.size(axis)
-    pieces = x.chunk(n, dim=dst_dim)
-    flat = torch.cat([piece.reshape(-1) for piece in pieces])
-    received = _run_schedule(schedule, flat, mesh, axis).view(n, *pieces[0].shape)
-    return torch.cat(received.unbind(0), dim=src_dim)
+    cut = pieces(x, dst_dim, mesh, axis)
+    flat = torch.cat([piece.reshape(-1) for piece in cut])
+    received = _run_schedule(schedule, flat, mesh, axis).view(n, *cut[0].shape)
+    return join(list(received.unbind(0)), src_dim, mesh, axis)

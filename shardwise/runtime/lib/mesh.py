@@ -1,7 +1,10 @@
 """This rank's view of the device mesh, and the pieces a tensor is cut into along a mesh axis.
 
 Pieces follow ``torch.chunk``: a dimension of ``size`` split ``n`` ways gives ``ceil(size / n)`` elements to
-each rank in order, the remainder to the last ones (planned only where every piece is non-empty).
+each rank in order, the remainder to the last ones (planned only where every piece is non-empty). On a *paired*
+axis (context parallelism's, for causal load balance) a dimension is cut into ``2n`` equal chunks and rank ``i``
+holds chunks ``i`` and ``2n - 1 - i`` (planned only where ``2n`` divides the dimension): every split and join
+along that axis (``pieces``, ``join``) keeps to it, so each rank's rows of a causal attention cost the same.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["Mesh", "local_piece", "piece_index", "piece_size", "piece_sizes"]
+__all__ = ["Mesh", "local_piece", "piece_index", "piece_size", "piece_sizes", "pieces", "join", "chunk_ids"]
 
 
 def _coordinate(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -29,9 +32,11 @@ class Mesh:
     """
 
     def __init__(
-        self, rank: int, shape: tuple[int, ...], axes: tuple[str, ...], ranks: tuple[int, ...]
-    ) -> None:
+        self, rank: int, shape: tuple[int, ...], axes: tuple[str, ...], ranks: tuple[int, ...],
+        paired: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         self.rank = rank
+        self.paired = tuple(paired)
         self.shape = tuple(shape)
         self.axes = tuple(axes)
         self.groups: dict[str, object] = {}
@@ -63,6 +68,37 @@ class Mesh:
         return self.groups.get(axis)
 
 
+def chunk_ids(mesh: Mesh, axis: str, index: int | None = None) -> tuple[int, ...]:
+    """The chunks rank ``index`` of the axis (this rank by default) holds, in order: ``(i,)`` of ``n`` chunks, or
+    on a paired axis ``(i, 2n - 1 - i)`` of ``2n``."""
+    n = mesh.size(axis)
+    i = mesh.index(axis) if index is None else index
+    return (i, 2 * n - 1 - i) if axis in mesh.paired else (i,)
+
+
+def pieces(x: torch.Tensor, dim: int, mesh: Mesh, axis: str) -> list[torch.Tensor]:
+    """Every rank's piece of ``x`` along ``dim``, in rank order (torch.chunk's, or the chunk pairs of a paired
+    axis)."""
+    n = mesh.size(axis)
+    if axis not in mesh.paired:
+        return list(x.chunk(n, dim=dim))
+    if x.shape[dim] % (2 * n):
+        raise ValueError(f"dimension {dim} ({x.shape[dim]}) does not split into {2 * n} chunks on axis {axis!r}")
+    chunks = x.chunk(2 * n, dim=dim)
+    return [torch.cat([chunks[i], chunks[2 * n - 1 - i]], dim=dim) for i in range(n)]
+
+
+def join(parts: list[torch.Tensor], dim: int, mesh: Mesh, axis: str) -> torch.Tensor:
+    """The whole tensor from every rank's piece in rank order (the inverse of :func:`pieces`)."""
+    if axis not in mesh.paired:
+        return torch.cat(parts, dim=dim)
+    n = len(parts)
+    chunks: list[torch.Tensor | None] = [None] * (2 * n)
+    for i, part in enumerate(parts):
+        chunks[i], chunks[2 * n - 1 - i] = part.chunk(2, dim=dim)
+    return torch.cat(chunks, dim=dim)  # type: ignore[arg-type]
+
+
 def piece_sizes(size: int, parts: int) -> list[int]:
     """The sizes ``torch.chunk`` cuts ``size`` into: ceil(size / parts) each, the remainder last. Uneven
     splits are planned only where every part is non-empty (exactly ``parts`` pieces)."""
@@ -78,7 +114,7 @@ def piece_size(size: int, mesh: Mesh, axis: str) -> int:
 def local_piece(full: torch.Tensor, placements, mesh: Mesh) -> torch.Tensor:
     """This rank's piece of a whole tensor: ``placements`` is ((axis, dim), ...) for the sharded axes."""
     for axis, dim in placements:
-        full = full.chunk(mesh.size(axis), dim=dim)[mesh.index(axis)]
+        full = pieces(full, dim, mesh, axis)[mesh.index(axis)]
     return full.contiguous()
 
 
@@ -91,6 +127,8 @@ def piece_index(shape, placements, mesh: Mesh, part=None) -> tuple[slice, ...]:
         dim, lo, hi = part
         start[dim], size[dim] = lo, hi - lo
     for axis, dim in placements:
+        if axis in mesh.paired:
+            raise ValueError(f"a piece on the paired axis {axis!r} is two slices: read the tensor whole")
         step = -(-size[dim] // mesh.size(axis))
         start[dim] += mesh.index(axis) * step
         size[dim] = piece_size(size[dim], mesh, axis)
