@@ -117,9 +117,9 @@ def context_attention_s(
 
 def _local(spec: TensorSpec, placement: ShardingSpec | None, mesh: DeviceMesh, width: float) -> float:
     n = spec.nbytes * (width if spec.dtype.startswith(("float", "bfloat")) else 1.0)
-    if placement is not None:
+    if placement is not None:  # (a placement borrowed from the queries splits only the dimensions it has)
         for size, p in zip(mesh.shape, placement.placements, strict=True):
-            if isinstance(p, Shard):
+            if isinstance(p, Shard) and p.dim < spec.rank and spec.shape[p.dim] > 1:
                 n /= size
     return n
 
