@@ -140,12 +140,13 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
     if rival is not None:
         r_ep = dict(rival.degrees).get("ep", 1)
         ratio = rival.step_time_s / chosen if chosen else float("inf")
+        how = "estimated" if "estimated" in rival.note else "realized"
         why += (f". The fastest layout with ep={r_ep} ({', '.join(f'{k}={v}' for k, v in rival.degrees)}) "
-                f"takes {ratio:.2f}x the step time with {human_bytes(rival.memory_bytes)} per rank")  # fmt: skip
+                f"takes {ratio:.2f}x the step time with {human_bytes(rival.memory_bytes)} per rank ({how})")  # fmt: skip
     elif not other:
         why += ". No layout with another ep fits" if any(dict(a.degrees).get("ep", 1) != ep for a in alts) else (
-            ". No layout with another ep was scored (ep was pinned, or none other divides the expert count and "
-            "equals dp on a flat mesh)")
+            ". No layout with another ep was scored (ep was pinned, or no other divides both the expert count and "
+            "dp on a flat mesh)")
     return {"ep": ep, "experts": experts, "layers": len(layers), "expert_weight_bytes": weights,
             "alltoall_s": alltoall_s, "why": why}  # fmt: skip
 

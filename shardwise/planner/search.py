@@ -337,6 +337,7 @@ class _Experts:
     elems: float = 0.0
     rows_per_sample: float = 0.0
     counts_bytes: float = 0.0
+    share: float = 0.0  # the experts' share of the unit's trainable parameter elements
 
 
 def _unit_experts(graph: Graph, units: LayerUnits, unit_of: Mapping[str, int], precision: str) -> list[_Experts]:
@@ -344,6 +345,10 @@ def _unit_experts(graph: Graph, units: LayerUnits, unit_of: Mapping[str, int], p
     width = 2.0 if precision in ("bf16", "fp16") else 4.0
     traced = max(traced_batch(graph), 1)
     out = [_Experts() for _ in range(len(units))]
+    trainable = {p.name: p.spec.numel for p in graph.params if p.requires_grad and p.kind == "parameter"}
+    read: list[set[str]] = [set() for _ in range(len(units))]
+    for node in graph.nodes:
+        read[unit_of[node.name]].update(v for v in node.inputs if v in trainable)
     for node in graph.nodes:
         if node.op != MOE_EXPERTS:
             continue
@@ -358,6 +363,10 @@ def _unit_experts(graph: Graph, units: LayerUnits, unit_of: Mapping[str, int], p
             old.rows_per_sample + hidden.numel * index.shape[-1] * width / traced,  # type: ignore[union-attr]
             old.counts_bytes + 8 * gate_up.shape[0],  # type: ignore[union-attr]
         )
+    for u, x in enumerate(out):
+        total = sum(trainable[v] for v in read[u])
+        if x.elems and total:
+            out[u] = dataclasses.replace(x, share=min(x.elems / total, 1.0))
     return out
 
 
@@ -423,12 +432,17 @@ class _Memory:
             train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
             zero=cfg.zero, dp=cfg.dp,
         )  # fmt: skip
-        # expert parallelism: each rank holds 1/ep of the experts, outside ZeRO's buckets (their gradients are
-        # not reduced over dp), so their bytes per element are ZeRO 0's
-        experts = sum(ctx.experts[ctx.sequence[i]].elems for i in range(a, z)) if cfg.ep > 1 else 0.0
+        # expert parallelism: each rank holds 1/ep of the experts, as the experts op reads them (whole over tp),
+        # outside ZeRO's buckets (their gradients are not reduced over ep), so at ZeRO 0's bytes per element; the
+        # unit prices hold them as placed without it (their share of the unit's local elements)
+        experts = mine = 0.0
+        if cfg.ep > 1:
+            for i in range(a, z):
+                x = ctx.experts[ctx.sequence[i]]
+                experts += t.costs[i].trainable_elems * x.share
+                mine += x.elems / cfg.ep
         params -= experts
         trainable -= experts
-        mine = experts / cfg.ep
         own = element_bytes(
             train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
             zero=0, dp=1,
@@ -445,7 +459,7 @@ class _Memory:
             local = trainable / (cfg.dp if cfg.zero >= 1 else 1)
             optimizer += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
         return {"weights": weights + frozen, "gradients": trainable * e.grads + mine * own.grads,
-                "optimizer state": optimizer, "trainable": trainable + mine}  # fmt: skip
+                "optimizer state": optimizer, "trainable": trainable + mine, "experts": mine}  # fmt: skip
 
     def fixed(self, a: int, z: int) -> tuple[float, float]:
         """(bytes of parameters, gradients, optimizer state and scratch of units [a, z), trainable elements)."""
@@ -620,12 +634,21 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
                 stages = sorted({c % pp for c, (a, z) in enumerate(bounds) if any(a <= i < z for i in positions)})
                 if len(stages) > 1 and p in stages:
                     tied.append((elems * 4 / tp, tuple(_rank(s, 0, 0, dp, tp) for s in stages)))
+            replicas = tuple(_rank(p, d, 0, dp, tp) for d in range(dp))
+            inner = 0.0
+            if 1 < cfg.ep < dp:
+                # ep below dp: the data-parallel ranks are two mesh axes, dp/ep replicas (outer, ZeRO's axis) and
+                # ep (inner); gradients replicated over both are summed over ep, then over the replicas
+                # (runtime.lib.gradients reduces one axis after the other), the experts' over the replicas only
+                mine = sum(memory.parts(*bounds[c])["experts"] for c in range(p, chunks, pp))
+                group = tuple(_rank(p, e, 0, dp, tp) for e in range(cfg.ep))
+                inner = ctx.prices.collective_s("allreduce", 4.0 * max(trainable - mine, 0.0), group)
+                replicas = replicas[:: cfg.ep]
             stage = StageTail(
-                trainable_elems=trainable, tensors=int(tensors), tp_grad_bytes=grad_reduce,
-                dp_ranks=tuple(_rank(p, d, 0, dp, tp) for d in range(dp)),
+                trainable_elems=trainable, tensors=int(tensors), tp_grad_bytes=grad_reduce, dp_ranks=replicas,
                 tp_ranks=tuple(_rank(p, 0, k, dp, tp) for k in range(tp)), tied=tuple(tied),
             )  # fmt: skip
-            tail[p] = stage_tail_s(ctx.prices, stage, optimizer=ctx.options.optimizer, zero=cfg.zero)
+            tail[p] = inner + stage_tail_s(ctx.prices, stage, optimizer=ctx.options.optimizer, zero=cfg.zero)
             if cfg.zero >= 3 and dp > 1:
                 tail[p] += _fsdp_s(ctx, cfg, trainable, m)
     device_work = [0.0] * pp

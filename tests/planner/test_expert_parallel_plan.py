@@ -44,8 +44,15 @@ def test_a_pinned_ep_is_realized_with_the_experts_split(mixtral):
     cluster = get_cluster("cpu:2")
     made = plan(mixtral, cluster, {"ep": 2, "zero": 0, "recompute": "none"}, PlanOptions(mode="train"))
     assert made.degrees["ep"] == 2 and made.degrees["dp"] == 2
+    placements = dict(made.param_placements)
+    keys = {p.name: p.key for p in made.graph.params}
     for node in moe_nodes(made.graph):
-        assert expert_axis(made.strategy(node), made.mesh) == "dp"
+        strategy = made.strategy(node)
+        assert expert_axis(strategy, made.mesh) == "dp"
+        for k in (3, 4):  # the weights are stored as the op reads them: nothing moves them before it
+            weight = made.graph.node(node).args[k].name
+            assert placements[keys[weight]] == strategy.inputs[k]
+            assert not any(r.value == weight for r in strategy.redistributes)
     grads = dict(made.param_grad_reduce)
     experts = [k for k, _ in made.param_placements if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert experts and all("dp" not in grads.get(k, ()) for k in experts)  # complete on their rank

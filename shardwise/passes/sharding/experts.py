@@ -15,7 +15,7 @@ over their ``dp / ep`` replicas).
 Requires: ``axis`` splits each experts op's tokens (label ``t``) and its size divides the number of experts;
 the expert weights are read by their experts op alone.
 Guarantees: every experts op's weights, in its strategy and in ``param_placements``, are ``Shard(0)`` on
-``axis`` (their placement on the other axes kept); their gradients are no longer reduced over ``axis`` (each
+``axis`` and otherwise placed as the op reads them (stored so: no redistribution before the op); their gradients are no longer reduced over ``axis`` (each
 expert's gradient is complete on its rank: it saw every row routed to it); nothing else changes. Raises
 PlanError, saying why, when an experts op cannot be split so.
 """
@@ -79,11 +79,12 @@ def expert_parallel(graph: Graph, mesh: DeviceMesh, placed: Placed, axis: str) -
             raise PlanError(f"{where}: {experts.shape[0]} experts cannot be split evenly over {axis}={n}: choose "
                             f"an ep that divides {experts.shape[0]}")  # fmt: skip
         inputs = list(s.inputs)
-        for k in WEIGHT_OPERANDS:
+        for k, w in zip(WEIGHT_OPERANDS, weights, strict=True):
             inputs[k] = _sharded(inputs[k], a, len(mesh.shape))
+            # stored as the op reads it (the ILP may have stored it split elsewhere and gathered it before use:
+            # the experts' split replaces that, and nothing is gathered)
+            param_placements[w.name] = inputs[k]  # type: ignore[union-attr]
         names = {w.name for w in weights}  # type: ignore[union-attr]
-        for w in names:
-            param_placements[w] = _sharded(param_placements.get(w), a, len(mesh.shape))
         grad_reduce = tuple(
             (k, tuple(x for x in axes if x != axis)) if k in WEIGHT_OPERANDS else (k, axes) for k, axes in s.grad_reduce
         )  # fmt: skip
