@@ -104,6 +104,8 @@ def test_model_figures_count_the_real_parameters():
         figures = serving_model(spec)
         model, _ = build_model(spec)
         assert figures.params == sum(p.numel() for p in model.parameters()), spec
+        # kernels and views counted on a meta-device trace of one layer: more than the matmuls alone
+        assert "trace" in figures.source and figures.layer_kernels > 0 and figures.layer_views > 0, spec
     opt = serving_model("opt-13b")
     assert 12.8e9 < opt.params < 12.9e9  # "13B"
     assert (opt.layers, opt.heads, opt.head_dim) == (40, 40, 128)
