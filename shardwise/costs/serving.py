@@ -6,7 +6,10 @@ A decoder layer's work on one of its ``tp`` devices is priced with the price lis
 (``costs.compute``): its matmuls as one ``gemm``-class roofline (FLOPs at ``peak x efficiency.gemm``, the
 weights and activations at the achieved memory bandwidth), attention as an ``attention``-class roofline (a
 causal prefill does ``CAUSAL_FRACTION`` of the full FLOPs; a decode step reads every cached key and value),
-norms, activations and residual adds as ``memory``-class bytes, each kernel paying the device's launch cost.
+norms, activations and residual adds as ``memory``-class bytes, each kernel paying the device's launch cost
+(on devices that run ops one by one, CPUs: each memory-bound op of the traced layer priced on its own, with
+the device's measured per-element math costs; devices with fused kernels run them fused, as serving engines
+do, and are priced by the formula of docs/serving.md).
 Its two tensor-parallel all-reduces (after attention and after the MLP) and the pipeline's point-to-point
 messages between stages are ``costs.comm`` prices on the devices the layout occupies. Once per pass: the
 embedding lookup, the final norm and the output head on one row per sequence, whose logits are all-gathered
@@ -74,6 +77,8 @@ class ServingModel:
     layer_views: int = 0  # views per layer (no kernel; the host's dispatch where it dispatches them)
     edge_kernels: int = EDGE_KERNELS  # kernels of a pass outside the layers
     edge_views: int = 0
+    #: a layer's memory-bound ops from a trace: (price-list name, float32 bytes per token, elements per token)
+    layer_memory_ops: tuple[tuple[str, float, float], ...] = ()
     weight_bytes: int = 2  # bytes per weight element (fp16/bf16)
     kv_bytes: int = 2  # bytes per cached key/value element
     act_bytes: int = 2  # bytes per activation element
@@ -235,9 +240,16 @@ class ServingPrices:
         gemm = OpWork("gemm", 2.0 * m.layer_matmul_params * tokens / tp, tokens * io * m.act_bytes,
                       m.layer_matmul_params * m.weight_bytes / tp)  # fmt: skip
         t = self.compute.with_overhead(self.compute.device_s(gemm), m.layer_matmuls)
-        inner = (3 if m.gated else 2) * m.ffn / tp
-        memory = tokens * (MEMORY_PASSES_PER_TOKEN * m.hidden + inner) * m.act_bytes
-        t += self.compute.with_overhead(self.compute.byte_s(memory), m.layer_kernels)
+        if m.layer_memory_ops and not self.compute.efficiency.fused_kernels:
+            # a device that runs ops one by one (a CPU process running the traced program) pays each traced op:
+            # its bytes, its measured per-element math, its launch (a split op's share: / tp, an estimate)
+            scale = m.act_bytes / 4 * tokens / tp
+            for name, nbytes, elements in m.layer_memory_ops:
+                t += self.compute.forward_s(OpWork("memory", 0.0, nbytes * scale, 0.0, name, elements * tokens / tp))
+        else:
+            inner = (3 if m.gated else 2) * m.ffn / tp
+            memory = tokens * (MEMORY_PASSES_PER_TOKEN * m.hidden + inner) * m.act_bytes
+            t += self.compute.with_overhead(self.compute.byte_s(memory), m.layer_kernels)
         t += m.layer_views * self.compute.view_s()
         if tp > 1:
             t += 2 * self.prices.collective_s("allreduce", tokens * m.hidden * m.act_bytes, self.tp_ranks(tp))

@@ -75,15 +75,20 @@ def _layer_list(model: Any, layers: int) -> Any:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
-def _op_counts(config: Any) -> dict[str, int]:
+#: tokens of the one-layer trace the per-token figures are divided by
+TRACE_TOKENS = 8
+
+
+def _op_counts(config: Any) -> dict[str, Any]:
     """Kernels and views of one decoder layer and of the rest of a pass, on a meta-device trace of a one-layer
-    copy of ``config`` (see the module docstring); {} when the copy does not trace."""
+    copy of ``config`` (see the module docstring), and the layer's memory-bound ops per token (their price-list
+    name, float32 bytes and elements); {} when the copy does not trace."""
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shardwise.costs.compute import cost_class
+    from shardwise.costs.compute import cost_class, op_work
     from shardwise.frontend.trace import trace
 
     one = copy.deepcopy(config)
@@ -96,11 +101,12 @@ def _op_counts(config: Any) -> dict[str, int]:
             model = AutoModelForCausalLM.from_config(one).eval()
         blocks = _layer_list(model, 1)
         prefix = next(n for n, m in model.named_modules() if m is blocks) + ".0"
-        ids = torch.zeros((1, 8), dtype=torch.long, device="meta")
+        ids = torch.zeros((1, TRACE_TOKENS), dtype=torch.long, device="meta")
         graph, _ = trace(model, (ids,))
     except Exception:  # a model the frontend cannot trace keeps the default counts
         return {}
-    counts = {"layer_kernels": 0, "layer_views": 0, "edge_kernels": 0, "edge_views": 0}
+    counts: dict[str, Any] = {"layer_kernels": 0, "layer_views": 0, "edge_kernels": 0, "edge_views": 0}
+    memory_ops = []
     for node in graph.nodes:
         where = "layer" if node.module_path == prefix or node.module_path.startswith(prefix + ".") else "edge"
         cls = cost_class(node.op)
@@ -108,6 +114,10 @@ def _op_counts(config: Any) -> dict[str, int]:
             counts[f"{where}_views"] += 1
         elif where == "edge" or cls == "memory":
             counts[f"{where}_kernels"] += 1
+        if where == "layer" and cls == "memory":
+            work = op_work(node, 1, "fp32")
+            memory_ops.append((work.op, work.bytes / TRACE_TOKENS, work.elements / TRACE_TOKENS))
+    counts["layer_memory_ops"] = tuple(memory_ops)
     return counts
 
 
