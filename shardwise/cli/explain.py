@@ -227,12 +227,8 @@ def _candidates(
             ]
         options.append(opts)
     out: list[Candidate] = []
-    for combo in itertools.product(*options):
-        labels = [c for c in combo if c is not None]
-        if len(labels) != len(set(labels)):
-            continue
-        split = dict(zip(mesh.axis_names, combo, strict=True))
-        s = make_strategy(node, dims, operands, current, ins, outs, split, mesh, cost, train)
+
+    def candidate(s: Any) -> Candidate:
         out_bytes = sum(
             o.nbytes
             // math.prod(mesh.shape[a] for a, p in enumerate(spec.placements) if isinstance(p, Shard))
@@ -248,21 +244,53 @@ def _candidates(
             time = own.step_s
         else:
             time = pricing.price(node, s, recomputed=node.name in recomputed).step_s if pricing is not None else 0.0
-        out.append(
-            Candidate(
-                split=describe_split(s.split),
-                inputs=[describe_spec(x, mesh) for x in s.inputs],
-                outputs=[describe_spec(x, mesh) for x in s.outputs],
-                collectives=colls,
-                compute_s=s.compute_s,
-                comm_s=s.comm_s,
-                time_s=time,
-                output_bytes=int(out_bytes),
-                chosen=mine == chosen_split,
-                partial_output=any("P" in str(x) for x in s.outputs),
-            )  # fmt: skip
-        )
+        return Candidate(
+            split=describe_split(s.split),
+            inputs=[describe_spec(x, mesh) for x in s.inputs],
+            outputs=[describe_spec(x, mesh) for x in s.outputs],
+            collectives=colls,
+            compute_s=s.compute_s,
+            comm_s=s.comm_s,
+            time_s=time,
+            output_bytes=int(out_bytes),
+            chosen=mine == chosen_split,
+            partial_output=any("P" in str(x) for x in s.outputs),
+        )  # fmt: skip
+
+    for combo in itertools.product(*options):
+        labels = [c for c in combo if c is not None]
+        if len(labels) != len(set(labels)):
+            continue
+        split = dict(zip(mesh.axis_names, combo, strict=True))
+        made = make_strategy(node, dims, operands, current, ins, outs, split, mesh, cost, train)
+        # an attention over the cp split also runs by Ulysses and ring attention (costs.attention)
+        out.extend(candidate(s) for s in [made, *_context_ways(node, made, operands, current, ins, mesh, cost)])
     return sorted(out, key=lambda c: (c.time_s, c.output_bytes, not c.chosen))
+
+
+def _context_ways(node: Any, s: Any, operands: list, current: list, ins: list, mesh: Any, cost: Any) -> list:
+    """An attention whose queries the cp axis splits on their sequence also runs by Ulysses (heads allowing)
+    and by ring attention: those strategies (``passes.sharding.strategy.context_attention_strategy``)."""
+    from shardwise.costs.attention import ulysses_problem, way_label
+    from shardwise.ir.placement import Shard
+    from shardwise.ir.registry import rule_for
+    from shardwise.passes.sharding.strategy import context_attention_strategy
+
+    rule = rule_for(node.op)
+    axis = "cp"
+    if rule is None or rule.kind != "attention" or mesh.axis_size(axis) < 2 or len(ins) < 3 or ins[0].rank < 3:
+        return []
+    label = dict(s.split).get(axis)
+    a = mesh.axis_names.index(axis)
+    p = s.inputs[0].placements[a]
+    if label is None or not (isinstance(p, Shard) and p.dim == ins[0].rank - 2):
+        return []
+    heads, kv = ins[0].shape[-3], ins[1].shape[-3]
+    for size, q in zip(mesh.shape, s.inputs[0].placements, strict=True):
+        if isinstance(q, Shard) and q.dim == ins[0].rank - 3:
+            heads, kv = heads // size, max(kv // size, 1)
+    ways = ["ring"] + ([] if ulysses_problem(heads, kv, mesh.axis_size(axis)) else ["ulysses"])
+    return [context_attention_strategy(s, operands, current, ins, mesh, axis, way_label(label, w), cost) for w in ways]
 
 
 def explain_ops(plan: ExecutionPlan, name: str, cluster: Any | None) -> tuple[list[OpExplanation], str]:

@@ -130,3 +130,17 @@ def test_the_search_offers_cp_where_the_batch_does_not_split():
     assert any(c.cp == 2 and c.dp == 1 for c in one.ranked)
     two = search(_graph(heads=4, batch=2), cluster, None, options)
     assert all(c.cp == 1 for c in two.ranked)  # the batch takes dp=2: a batch split needs no attention messages
+
+
+def test_explain_prices_every_way_of_a_context_parallel_attention():
+    from shardwise.cli.explain import explain_ops
+
+    cluster = get_cluster("cpu:2")
+    made = plan(_graph(heads=4, batch=1), cluster, {"cp": 2})
+    (op,), _ = explain_ops(made, "scaled_dot_product_attention", cluster)
+    by_split = {c.split: c for c in op.candidates}
+    assert {"cp:s", "cp:s@ulysses", "cp:s@ring"} <= set(by_split)
+    chosen = [c for c in op.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].split.startswith("cp:s")
+    ways = [by_split[k].time_s for k in ("cp:s", "cp:s@ulysses", "cp:s@ring")]
+    assert chosen[0].time_s == pytest.approx(min(ways))  # the placement took the way the price list says is cheapest

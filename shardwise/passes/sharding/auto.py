@@ -65,7 +65,7 @@ from shardwise.passes.sharding.ilp import (
 )
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
 from shardwise.passes.sharding.shrink import Structure, build_structure
-from shardwise.passes.sharding.strategy import scalar_strategy
+from shardwise.passes.sharding.strategy import context_attention_inputs, scalar_strategy
 from shardwise.passes.sharding.tail import StepTail, local_elements
 
 __all__ = [
@@ -308,13 +308,7 @@ def _context_attention_choices(
                 if problem:
                     problems.append(f"ulysses: {problem}")
                     continue
-            inputs = []
-            for i, (spec, pl) in enumerate(zip(info.ins, ch.inputs, strict=True)):
-                placements = list(pl.placements)
-                # queries, keys, values on their sequence; the mask on its rows (its columns stay whole)
-                if i < 3 or (spec.rank >= 2 and spec.shape[-2] > 1):
-                    placements[a] = Shard(spec.rank - 2)
-                inputs.append(ShardingSpec(tuple(placements)))
+            inputs = context_attention_inputs(info.ins, ch.inputs, mesh, axis)
             grads = tuple(tuple(x for x in g if x != axis) for g in ch.grad_axes)
             labels = tuple((ax, way_label(lab, way) if ax == axis else lab) for ax, lab in ch.split)
             out.append(Choice(labels, tuple(inputs), ch.outputs, grads, ch.ways))

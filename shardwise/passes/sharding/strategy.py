@@ -35,7 +35,8 @@ from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.redistribute import redistribute_steps
 
-__all__ = ["label_sizes", "split_is_valid", "make_strategy", "scalar_strategy", "LINEAR_KINDS"]
+__all__ = ["label_sizes", "split_is_valid", "make_strategy", "scalar_strategy", "LINEAR_KINDS",
+           "context_attention_inputs", "context_attention_strategy"]
 
 LINEAR_KINDS = ("matmul", "conv", "reduction", "embedding")
 
@@ -162,6 +163,43 @@ def make_strategy(
         comm_s=sum(r.time_s for r in redistributes),
         reason=reason,
     )
+
+
+def context_attention_inputs(
+    ins: Sequence[TensorSpec], inputs: Sequence[ShardingSpec], mesh: DeviceMesh, axis: str
+) -> tuple[ShardingSpec, ...]:
+    """An attention's operand placements when it runs over the sequence split on ``axis`` by Ulysses or ring
+    (``costs.attention``): queries, keys and values on their sequence (dimension -2), the mask on its rows (its
+    columns whole); the other axes as ``inputs`` has them."""
+    a = mesh.axis_names.index(axis)
+    out = []
+    for i, (spec, pl) in enumerate(zip(ins, inputs, strict=True)):
+        placements = list(pl.placements)
+        if i < 3 or (spec.rank >= 2 and spec.shape[-2] > 1):
+            placements[a] = Shard(spec.rank - 2)
+        out.append(ShardingSpec(tuple(placements)))
+    return tuple(out)
+
+
+def context_attention_strategy(
+    base: NodeStrategy, operands: Sequence[str], current: Sequence[ShardingSpec | None], ins: Sequence[TensorSpec],
+    mesh: DeviceMesh, axis: str, label: str, cost: MeshPrices | None,
+) -> NodeStrategy:  # fmt: skip
+    """``base`` (an attention whose queries ``axis`` splits on their sequence) run the way ``label`` records
+    ("s@ring", ``costs.attention.way_label``): the operands stay split on the sequence (no gathered keys and
+    values, no partial gradients over ``axis``)."""
+    inputs = context_attention_inputs(ins, base.inputs, mesh, axis)
+    redistributes: list[Redistribute] = []
+    for name, spec, have, want in zip(operands, ins, current, inputs, strict=False):
+        if have is not None and have != want:
+            redistributes.extend(redistribute_steps(name, spec, have, want, mesh, cost))
+    return NodeStrategy(
+        node=base.node, split=tuple((a, label if a == axis else lab) for a, lab in base.split), inputs=inputs,
+        outputs=base.outputs, redistributes=tuple(redistributes),
+        grad_reduce=tuple((i, tuple(x for x in ax if x != axis)) for i, ax in base.grad_reduce
+                          if any(x != axis for x in ax)),
+        compute_s=base.compute_s, comm_s=sum(r.time_s for r in redistributes), reason=base.reason,
+    )  # fmt: skip
 
 
 # ops without tensor outputs that read only their operands' shapes (codegen scales a split dimension's size)

@@ -124,9 +124,12 @@ def test_planner_notes_and_alternatives_cover_every_mesh():
     from shardwise.planner.auto import plan_auto
 
     plan = plan_auto(graph, get_cluster("dgx-a100"))
-    degrees = {(dict(a.degrees)["dp"], dict(a.degrees)["tp"]) for a in plan.alternatives}
+    degrees = {(dict(a.degrees)["dp"], dict(a.degrees)["tp"]) for a in plan.alternatives if "cp" not in dict(a.degrees)}
     # batch 4: dp=8 x tp=1 cannot split it; every other tp of the node uses all 8 devices
     assert degrees == {(1, 8), (2, 4), (4, 2)}
+    # where the batch does not split over the devices beside tp, context parallelism takes the rest (all 8)
+    context = {(d["dp"], d["cp"], d["tp"]) for a in plan.alternatives if "cp" in (d := dict(a.degrees))}
+    assert context and all(dp * cp * tp == 8 and 4 % dp == 0 for dp, cp, tp in context)
     assert all(dict(a.degrees)["pp"] == 1 for a in plan.alternatives)
     assert sum(a.chosen for a in plan.alternatives) == 1
     assert any("placement ILP" in n for n in plan.notes)
