@@ -625,6 +625,12 @@ def _compile_generate(
         if not isinstance(value, int) or value < 1:
             raise UserInputError(f"mode='generate' needs {name}, a positive number (got {value!r})")
     assert max_batch is not None and max_seq is not None
+    positions = _max_positions(model)
+    if positions is not None and max_seq > positions:
+        raise UserInputError(
+            f"max_seq={max_seq} exceeds the {positions} positions {type(model).__name__} was made for "
+            f"(its config's max_position_embeddings / n_positions): compile with max_seq <= {positions}"
+        )
     prompt = max_prompt if max_prompt is not None else max(1, max_seq // 2)
     if not isinstance(prompt, int) or not 1 <= prompt < max_seq:
         raise UserInputError(
@@ -677,6 +683,13 @@ def _compile_generate(
             key.removeprefix(MODEL_PREFIX): t for key, t in model_tensors(step).items() if not key.startswith(CACHE_PREFIX)
         }
     return compiled
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
 
 
 def _cache_as_state(graph: Graph, prefix: str) -> Graph:

@@ -159,5 +159,7 @@ def test_errors_say_what_to_do():
     base = transformers.AutoModel.from_config(model.config)  # the transformer without its language-model head
     with pytest.raises(UserInputError, match=r"has no such head. Load the model with AutoModelForCausalLM"):
         shardwise.compile(base, "cpu:1", mode="generate", max_batch=2, max_seq=16)
+    with pytest.raises(UserInputError, match=r"max_seq=100 exceeds the 64 positions .*compile with max_seq <= 64"):
+        shardwise.compile(model, "cpu:1", mode="generate", max_batch=2, max_seq=100)
     with pytest.raises(UserInputError, match=r"needs max_seq, a positive number"):
         shardwise.compile(model, "cpu:1", mode="generate", max_batch=2)
