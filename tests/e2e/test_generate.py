@@ -109,7 +109,7 @@ def test_the_planner_splits_the_cache_with_the_heads_on_nominal_links():
     """On the nominal cpu:2 links a Llama of hidden size 1024 decodes with tensor parallelism (the plan is
     made, not run): its attention is split by heads and each rank keeps its heads' part of the KV cache, in
     the decode and the prefill plan alike."""
-    model, _ = tiny_causal_lm("llama", hidden=1024, heads=16, layers=2, vocab=1000)
+    model, _ = tiny_causal_lm("llama", hidden=1024, heads=16, layers=2, vocab=1000, seq=256)
     cm = shardwise.compile(model, "cpu:2", mode="generate", max_batch=4, max_seq=256, max_prompt=128,
                            constraints={"tp": 2})  # fmt: skip
     assert _split_by_heads(cm.plan) and _split_by_heads(cm.prefill_plan)
