@@ -40,7 +40,7 @@ from shardwise.runtime.seeded import call_seeded
 __all__ = ["compile", "CompiledModel", "MODES", "PRECISIONS"]
 
 MODES = ("inference", "train", "generate")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")  # fp8: bf16 with float8 matmuls, priced only (see _no_fp8)
 COLLECTIVES = ("library", "synthesize")  # who chooses each collective's algorithm (see compile)
 MAX_LOCAL_PROCESSES = 64
 # which CompiledModel's program a shared pool holds now (pools given with ``workers=`` change hands)
@@ -99,6 +99,7 @@ class CompiledModel:
     def save(self, directory: str | os.PathLike[str], *, weights: bool = True) -> Path:
         """Write the drop-in package (plan.json, per-rank program, README) and, if the model has weights,
         ``model.safetensors`` beside it."""
+        _no_fp8(self.plan.precision, "write a program")
         path = self._write(Path(directory))
         if weights and self._tensors is not None:
             _save_weights(self._tensors, path / "model.safetensors")
@@ -284,6 +285,7 @@ class CompiledModel:
         """The pool running this program, loaded on first use. After a fault stopped the workers, an inference
         program is loaded again on fresh ones; a training program only when ``restart`` (its trained state
         was lost with the workers: load_checkpoint restarts it)."""
+        _no_fp8(self.plan.precision, "run")
         if self.plan.graph.meta_device or self._tensors is None:
             raise UserInputError(
                 "this model was planned on the meta device: it has no weights to run. Build it on the CPU "
@@ -405,6 +407,17 @@ class CompiledModel:
             return pytree.tree_unflatten(leaves, self._out_spec)
         except Exception:  # a structure we cannot rebuild: give the flat outputs
             return flat
+
+
+def _no_fp8(precision: str, what: str) -> None:
+    """precision="fp8" (bf16 with float8 matmuls) is priced by the planner, and shardwise generates no float8
+    kernels yet: a plan made with it cannot run or be written as a program."""
+    if precision == "fp8":
+        raise UserInputError(
+            f"this plan was made with precision='fp8' (bf16 with float8 matmuls), which the planner prices but "
+            f"for which shardwise generates no float8 kernels yet, so it cannot {what}: compile with "
+            "precision='bf16' to get a program; the plan (cm.plan) is complete as is"
+        )
 
 
 def _check_optimizer(optimizer: Callable[..., Any] | None) -> None:

@@ -49,6 +49,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    fp8 = "fp8"  # bf16 with float8 matmuls: priced, not generated
 
 
 class Collectives(str, Enum):

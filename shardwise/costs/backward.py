@@ -50,7 +50,9 @@ def backward_s(prices: ComputePrices, work: OpWork) -> float:
     if cls == "memory":
         device = max(prices.byte_s(factor * work.bytes), prices.math_s(work, backward=True))
     else:
-        device = max(prices.flop_s(factor * work.flops, cls, backward=True), prices.byte_s(factor * work.bytes))
+        device = max(
+            prices.flop_s(factor * work.flops, cls, backward=True, float8=work.float8), prices.byte_s(factor * work.bytes)
+        )
         if cls == "gemm" and not eff.overhead_hidden:
             device += BACKWARD_KERNELS[cls] * eff.gemm_overhead_s
     return prices.with_overhead(device, BACKWARD_KERNELS[cls], overhead)
@@ -67,7 +69,7 @@ def group_backward_s(prices: ComputePrices, works: list[OpWork], boundary_bytes:
     if not prices.efficiency.fused_kernels:
         return sum(backward_s(prices, w) for w in works)
     flop_s = sum(
-        prices.flop_s(BACKWARD_FACTOR[w.cost_class] * w.flops, w.cost_class, backward=True)
+        prices.flop_s(BACKWARD_FACTOR[w.cost_class] * w.flops, w.cost_class, backward=True, float8=w.float8)
         for w in works
         if w.cost_class != "free"
     )

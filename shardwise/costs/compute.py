@@ -42,17 +42,29 @@ from dataclasses import dataclass
 
 from shardwise.cluster.efficiency import Efficiency
 from shardwise.cluster.spec import DeviceSpec
+from shardwise.errors import PlanError
 from shardwise.ir.graph import Graph, Node
 from shardwise.ir.registry import rule_for
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = [
     "OpWork", "COST_CLASSES", "cost_class", "op_base", "op_work", "precision_dtype", "float_scale", "traced_scale",
-    "wire_spec", "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention",
+    "wire_spec", "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention", "is_low", "LOW_PRECISIONS", "FLOAT8",
 ]  # fmt: skip
 
 COST_CLASSES = ("gemm", "attention", "memory", "free")
-_PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# "fp8": bf16 mixed precision whose matmuls run on float8 tensor cores (see FLOAT8 below)
+_PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
+#: precisions whose values travel and are stored in 16 bits (fp8: only the matmuls' operands are float8)
+LOW_PRECISIONS = ("bf16", "fp16", "fp8")
+#: the dtype whose peak the ``gemm`` cost class gets at ``precision="fp8"``: float8 matmuls with tensorwise
+#: dynamic scaling as torchao's Float8Linear runs them (e4m3 forward operands; the backward's e5m2 gradients
+#: run at the same peak on H100: NVIDIA H100 Tensor Core GPU datasheet, FP8 1,979 TFLOP/s dense for both)
+FLOAT8 = "float8_e4m3fn"
+#: modules whose linear layer stays in bf16 under fp8: the output head (transformers' ``lm_head``, torchtitan's
+#: ``output``), as torchtitan's float8 converter (``module_filter_fn``: ``fqn != "output"``), torchtune and
+#: DeepSeek-V3's FP8 recipe (technical report 3.3: embedding and output head in BF16) keep it
+FLOAT8_EXEMPT = ("lm_head", "output")
 _FLOAT = ("float", "bfloat")
 _LOW = ("bfloat16", "float16")
 #: device FLOPs of a causal fused-attention call over the registry's (full) count (see the module docstring)
@@ -64,9 +76,14 @@ def precision_dtype(precision: str) -> str:
     return _PRECISION_DTYPE.get(precision, "float32")
 
 
+def is_low(precision: str) -> bool:
+    """Whether ``precision`` runs floating values in 16 bits (bf16, fp16, and fp8: bf16 with float8 matmuls)."""
+    return precision in LOW_PRECISIONS
+
+
 def float_scale(precision: str) -> float:
     """Bytes of a floating-point element at ``precision`` over its traced (float32) bytes."""
-    return 0.5 if precision in ("bf16", "fp16") else 1.0
+    return 0.5 if is_low(precision) else 1.0
 
 
 def traced_scale(graph: Graph, precision: str) -> float:
@@ -86,7 +103,7 @@ def is_causal_attention(node: Node) -> bool:
 
 def wire_spec(spec: TensorSpec, precision: str) -> TensorSpec:
     """``spec`` as it travels at ``precision``: floats in bfloat16 under bf16/fp16 (the traced graph is float32)."""
-    if precision in ("bf16", "fp16") and spec.dtype.startswith(_FLOAT) and spec.dtype not in ("bfloat16", "float16"):
+    if is_low(precision) and spec.dtype.startswith(_FLOAT) and spec.dtype not in ("bfloat16", "float16"):
         return TensorSpec(spec.shape, "bfloat16")
     return spec
 
@@ -123,6 +140,7 @@ class OpWork:
     param_bytes: float
     op: str = ""
     elements: float = 0.0
+    float8: bool = False  # a linear layer run on float8 tensor cores (precision "fp8")
 
     @property
     def bytes(self) -> float:
@@ -131,7 +149,7 @@ class OpWork:
     def scaled(self, factor: float) -> OpWork:
         """The same op on ``factor`` times the rows (FLOPs, activations and elements scale, parameters do not)."""
         return OpWork(self.cost_class, self.flops * factor, self.activation_bytes * factor, self.param_bytes,
-                      self.op, self.elements * factor)  # fmt: skip
+                      self.op, self.elements * factor, self.float8)  # fmt: skip
 
 
 def _math_name(node: Node) -> str:
@@ -165,8 +183,14 @@ def op_work(
     activation = max(float(node.bytes_moved) - param, 0.0)
     flops = node.flops * (CAUSAL_FRACTION if is_causal_attention(node) else 1.0)
     elements = float(sum(o.numel for o in node.outputs if isinstance(o, TensorSpec)))
+    float8 = precision == "fp8" and cls == "gemm" and param > 0 and not _exempt(node)
     return OpWork(cls, flops / ways, activation * scale / ways, param * scale / ways, _math_name(node),
-                  elements / ways)  # fmt: skip
+                  elements / ways, float8)  # fmt: skip
+
+
+def _exempt(node: Node) -> bool:
+    """A linear layer that stays in bf16 under fp8 (``FLOAT8_EXEMPT``)."""
+    return node.module_path.rsplit(".", 1)[-1] in FLOAT8_EXEMPT
 
 
 class ComputePrices:
@@ -177,14 +201,26 @@ class ComputePrices:
         self.efficiency = efficiency
         self.precision = precision
         self.peak_flops = device.flops(precision_dtype(precision))
+        # the matmuls' peak: float8's under fp8 (the device must list one), else the precision's
+        self.gemm_peak = self.peak_flops
+        if precision == "fp8":
+            table = dict(device.peak_flops)
+            if FLOAT8 not in table:
+                raise PlanError(
+                    f"precision='fp8' runs matmuls on float8 tensor cores, and {device.kind} lists no float8 peak "
+                    f"(peak_flops.{FLOAT8} in its cluster spec): use precision='bf16', or a device with float8 "
+                    "(H100, H800, ...)"
+                )
+            self.gemm_peak = table[FLOAT8]
         self.bandwidth = device.memory_bandwidth * efficiency.memory
 
-    def flop_s(self, flops: float, cost_class: str, backward: bool = False) -> float:
-        """Seconds for ``flops`` at the achieved rate of ``cost_class``."""
+    def flop_s(self, flops: float, cost_class: str, backward: bool = False, float8: bool = False) -> float:
+        """Seconds for ``flops`` at the achieved rate of ``cost_class`` (``float8``: a linear layer on float8
+        tensor cores, at the float8 peak times the same achieved fraction as 16-bit matmuls)."""
         eff = self.efficiency
         if cost_class == "gemm":
-            rate = eff.gemm
-        elif cost_class == "attention":
+            return flops / ((self.gemm_peak if float8 else self.peak_flops) * eff.gemm)
+        if cost_class == "attention":
             rate = eff.attention_backward if backward else eff.attention_forward
         else:
             rate = 1.0
@@ -223,7 +259,7 @@ class ComputePrices:
             return 0.0
         if work.cost_class == "memory":
             return max(self.byte_s(work.bytes), self.math_s(work))
-        device = max(self.flop_s(work.flops, work.cost_class), self.byte_s(work.bytes))
+        device = max(self.flop_s(work.flops, work.cost_class, float8=work.float8), self.byte_s(work.bytes))
         if work.cost_class == "gemm" and not self.efficiency.overhead_hidden:
             device += self.efficiency.gemm_overhead_s
         return device
@@ -246,5 +282,5 @@ class ComputePrices:
         """A fused group of ops whose inputs and outputs total ``boundary_bytes`` (at this precision)."""
         if not self.efficiency.fused_kernels:
             return sum(self.forward_s(w, recording) for w in works)
-        flops = sum(self.flop_s(w.flops, w.cost_class) for w in works if w.cost_class != "free")
+        flops = sum(self.flop_s(w.flops, w.cost_class, float8=w.float8) for w in works if w.cost_class != "free")
         return self.with_overhead(max(flops, self.byte_s(boundary_bytes)), 1, self.op_overhead_s(recording))

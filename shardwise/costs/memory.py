@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardwise.costs.compute import is_low
 from shardwise.ir.graph import Node
 from shardwise.ir.registry import saves_of, tensor_operands
 
@@ -58,7 +59,7 @@ def element_bytes(
     if zero not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage {zero} does not exist: use one of {ZERO_STAGES}")
     if not train or not trainable:
-        low = not train and precision in ("bf16", "fp16")
+        low = not train and is_low(precision)
         return ElementBytes(2.0 if low else 4.0, 0.0, 0.0, 0.0)
     shard = max(dp, 1)
     return ElementBytes(

@@ -35,10 +35,10 @@ from shardwise.errors import PlanError, ShardwiseError
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
-from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction, RankMemory
+from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Prediction
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
-from shardwise.passes.memory.pipeline import map_pipeline_memory
+from shardwise.passes.memory.pipeline import PipelineMemoryMap, map_pipeline_memory
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
 from shardwise.passes.stages.place import PlacementCache, place_chunk
 from shardwise.passes.stages.profile import traced_batch
@@ -197,13 +197,15 @@ def realize_pipeline(
     fusion: bool = True,
     placements: PlacementCache | None = None,
     exact_memory: bool = True,
+    exact_out: list[bool] | None = None,
 ) -> ExecutionPlan:
     """Build the plan of the pipeline layout ``best`` (one of ``result``'s candidates): the model traced at the
     micro-batch size, cut into the layout's chunks, each placed and fused; priced by the price list.
     ``placements``: chunk placements to share with other layouts of the same planning run (a chunk with the
     structure of one placed before takes its placement: ``passes.stages.place.place_chunk``).
     ``exact_memory=False``: the stages' memory maps search offsets only when the greedy arena does not fit the
-    device (``map_pipeline_memory(within_capacity=True)``); :func:`with_exact_memory` maps them exactly."""
+    device (``map_pipeline_memory(within_capacity=True)``); :func:`with_exact_memory` maps them exactly.
+    ``exact_out`` (if given) gets whether the maps made are the exact ones anyway."""
     check_static_batch(graph)
     rows = best.microbatch
     traced = next(
@@ -263,21 +265,23 @@ def realize_pipeline(
         zero=best.zero,
     )  # fmt: skip
     check_pipeline(spec, train=train)
-    plan = _top_plan(
+    plan, exact = _top_plan(
         graph, cluster, spec, result, mode=mode, precision=precision, optimizer=optimizer, exact=exact_memory
     )
+    if exact_out is not None:
+        exact_out.append(exact)
     return priced_pipeline(plan, cluster, result.model_flops)
 
 
 def _memory(
     spec: PipelineSpec, cluster: ClusterSpec, *, mode: str, precision: str, optimizer: str, exact: bool
-) -> tuple[RankMemory, ...]:
+) -> PipelineMemoryMap:
     """The memory-mapping pass on each device stage's schedule (micro-batches in flight)."""
     return map_pipeline_memory(
         spec, train=mode == "train", capacity_bytes=cluster.device.memory_bytes, precision=precision,
         optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), optimizer_foreach=cluster.device.kind != "cpu",
         within_capacity=not exact,
-    ).memory  # fmt: skip
+    )  # fmt: skip
 
 
 def with_exact_memory(plan: ExecutionPlan, cluster: ClusterSpec) -> ExecutionPlan:
@@ -285,7 +289,9 @@ def with_exact_memory(plan: ExecutionPlan, cluster: ClusterSpec) -> ExecutionPla
     arena the search finds): the memory figures ``realize_pipeline`` gives by default."""
     spec = plan.pipeline
     assert spec is not None
-    memory = _memory(spec, cluster, mode=plan.mode, precision=plan.precision, optimizer=plan.optimizer, exact=True)
+    memory = _memory(
+        spec, cluster, mode=plan.mode, precision=plan.precision, optimizer=plan.optimizer, exact=True
+    ).memory
     predicted = dataclasses.replace(plan.predicted, memory_bytes=tuple(m.arena_bytes for m in memory))
     return plan.replace(memory=memory, predicted=predicted)
 
@@ -352,7 +358,7 @@ def _micro_graph(graph: Graph, micro_graph: Callable[[int], Graph] | None, rows:
 def _top_plan(
     graph: Graph, cluster: ClusterSpec, spec: PipelineSpec, result: SearchResult, *, mode: str, precision: str,
     optimizer: str, exact: bool = True,
-) -> ExecutionPlan:  # fmt: skip
+) -> tuple[ExecutionPlan, bool]:  # fmt: skip
     best = result.best
     pp, dp, tp = spec.pp, spec.dp, spec.tp
     world = pp * dp * tp
@@ -366,7 +372,8 @@ def _top_plan(
             params.setdefault(key, ShardingSpec((Replicate(), Replicate(), s.placements[1])))
     tflops, util = mfu(result.model_flops, world, best.step_s, price_list(cluster, precision).peak_flops)
     # the memory-mapping pass on each device stage's schedule (micro-batches in flight): the prediction
-    memory = _memory(spec, cluster, mode=mode, precision=precision, optimizer=optimizer, exact=exact)
+    mapped = _memory(spec, cluster, mode=mode, precision=precision, optimizer=optimizer, exact=exact)
+    memory = mapped.memory
     per_rank = tuple(m.arena_bytes for m in memory)
     notes = [
         f"pipeline: {spec}",
@@ -381,7 +388,7 @@ def _top_plan(
         )
     if world < cluster.world_size:
         notes.append(f"runs on {world} of the {cluster.world_size} devices")
-    return ExecutionPlan(
+    plan = ExecutionPlan(
         **plan_identity(graph, cluster, mode, precision, mesh),
         degrees_=(("dp", dp), ("tp", tp), ("pp", pp)),
         graph=graph,
@@ -414,3 +421,4 @@ def _top_plan(
         optimizer=optimizer,
         pipeline=spec,
     )
+    return plan, mapped.exact

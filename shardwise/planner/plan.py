@@ -74,6 +74,7 @@ class _Realized:
     candidate: Candidate
     plan: ExecutionPlan
     fits: bool
+    exact: bool = True  # its memory map is the smallest-arena one (see _exact_where_it_matters)
 
     @property
     def step_s(self) -> float:
@@ -152,6 +153,7 @@ def plan(
 
                     out = choose_collectives(out, cluster)
                 return _Realized(cand, out, made.fits)
+            exact: list[bool] = []
             problem = cut.problem(cand)
             if problem:
                 failed[cand.key()] = f"the batch cannot be cut ({problem})"
@@ -159,9 +161,9 @@ def plan(
             out = realize_pipeline(
                 graph, cluster, cand, result, micro_graph=micro_graph, mode=options.mode,
                 precision=options.precision, optimizer=options.optimizer, fusion=options.fusion,
-                placements=placements, exact_memory=False,
+                placements=placements, exact_memory=False, exact_out=exact,
             )  # fmt: skip
-            return _Realized(cand, out, _peak_of(out) <= cluster.device.memory_bytes)
+            return _Realized(cand, out, _peak_of(out) <= cluster.device.memory_bytes, exact[-1])
         except (DoesNotFitError, PlanError) as exc:
             failed[cand.key()] = str(exc).splitlines()[0]
             return None
@@ -191,6 +193,12 @@ def plan(
         if got is not None:
             realized.append(got)
     notes.extend(assumptions(graph))
+    if options.precision == "fp8":
+        notes.append(
+            "precision fp8: bf16 values, linear layers priced on float8 tensor cores at the device's float8 peak "
+            "times the achieved fraction of 16-bit matmuls; the output head and attention in bf16; the "
+            "float8 casts and scales are not priced (assumed fused into neighbouring kernels)"
+        )
     if cut.note:
         notes.append(cut.note)
     if tracer is not None and tracer.derived:
@@ -216,7 +224,13 @@ def plan(
             raise DoesNotFitError(_does_not_fit(result, realized, failed, cluster, pinned))
     if chosen.candidate.cp > 1:
         notes.append(_why_context(chosen.candidate, pinned, result))
-    out = _finish(chosen, realized, result, failed, notes, time.perf_counter() - t0)
+    total = time.perf_counter() - t0
+    traced = f", {tracer.seconds:.2f} s of it tracing at micro-batch sizes" if tracer and tracer.traced else ""
+    notes.append(
+        f"planning time: {total:.2f} s: {result.planning_s:.2f} s estimating layouts, "
+        f"{total - result.planning_s:.2f} s realizing {len(realized)}{traced}"
+    )
+    out = _finish(chosen, realized, result, failed, notes, total)
     return out
 
 
@@ -293,7 +307,7 @@ def _exact_where_it_matters(realized: list[_Realized], cluster: ClusterSpec) -> 
         refine = realized
     out = []
     for r in realized:
-        if any(r is x for x in refine) and r.plan.pipeline is not None:
+        if not r.exact and any(r is x for x in refine):
             plan = with_exact_memory(r.plan, cluster)
             r = _Realized(r.candidate, plan, _peak_of(plan) <= cluster.device.memory_bytes)
         out.append(r)

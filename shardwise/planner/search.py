@@ -39,7 +39,7 @@ from itertools import accumulate
 
 from shardwise.cluster import ClusterSpec
 from shardwise.costs.attention import CP_WAYS, AttentionShape, context_attention_s, ulysses_problem
-from shardwise.costs.compute import float_scale, is_causal_attention
+from shardwise.costs.compute import float_scale, is_causal_attention, is_low
 from shardwise.costs.memory import element_bytes
 from shardwise.costs.step import StageTail, analytic_step, moe_exchange_s, simulate, stage_tail_s
 from shardwise.errors import PlanError
@@ -342,7 +342,7 @@ class _Experts:
 
 def _unit_experts(graph: Graph, units: LayerUnits, unit_of: Mapping[str, int], precision: str) -> list[_Experts]:
     """Per unit, its experts figures (zeros for a unit without MoE layers)."""
-    width = 2.0 if precision in ("bf16", "fp16") else 4.0
+    width = 2.0 if is_low(precision) else 4.0
     traced = max(traced_batch(graph), 1)
     out = [_Experts() for _ in range(len(units))]
     trainable = {p.name: p.spec.numel for p in graph.params if p.requires_grad and p.kind == "parameter"}
@@ -676,7 +676,7 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
 def _fsdp_s(ctx: _Context, cfg: _Config, trainable: float, m: int) -> float:
     """ZeRO-3's gathers: every micro-batch gathers the stage's parameters for its forward and again for its
     backward, and reduce-scatters their gradients (on the wire at the precision's width)."""
-    width = 2.0 if ctx.options.precision in ("bf16", "fp16") else 4.0
+    width = 2.0 if is_low(ctx.options.precision) else 4.0
     ranks = tuple(_rank(0, d, 0, cfg.dp, cfg.tp) for d in range(cfg.dp))
     gather = ctx.prices.collective_s("allgather", trainable * width, ranks)
     return m * 2 * gather

@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from shardwise.costs.compute import is_low
 from shardwise.ir.pipeline import PipelineSpec
 from shardwise.ir.plan import ExecutionPlan, RankMemory
 from shardwise.ir.tensor import TensorSpec
@@ -63,9 +64,16 @@ def online_assignment(buffers: Sequence[Buffer]) -> Assignment:
     order = sorted(range(len(buffers)), key=lambda i: (buffers[i].start, -buffers[i].size, buffers[i].id))
     ending = sorted(range(len(buffers)), key=lambda i: buffers[i].end)
     free: list[tuple[int, int]] = []  # (offset, size) of the gaps below the top, sorted by offset
+    by_size: list[tuple[int, int]] = []  # the same gaps as (size, offset), sorted: the smallest that holds first
     top = arena = 0
     offsets = [0] * len(buffers)
     k = 0
+
+    def take(at: int) -> tuple[int, int]:
+        off, size = free.pop(at)
+        del by_size[bisect.bisect_left(by_size, (size, off))]
+        return off, size
+
     for i in order:
         b = buffers[i]
         while k < len(ending) and buffers[ending[k]].end <= b.start:  # free what died before b starts
@@ -74,21 +82,23 @@ def online_assignment(buffers: Sequence[Buffer]) -> Assignment:
             off, size = offsets[j], buffers[j].size
             at = bisect.bisect_left(free, (off, size))
             if at < len(free) and off + size == free[at][0]:  # join the gap above
-                size += free.pop(at)[1]
+                size += take(at)[1]
             if at > 0 and free[at - 1][0] + free[at - 1][1] == off:  # and the one below
                 at -= 1
-                off, size = free[at][0], free[at][1] + size
-                free.pop(at)
+                below, below_size = take(at)
+                off, size = below, below_size + size
             if off + size == top:
                 top = off
             else:
                 free.insert(at, (off, size))
-        fits = [(size, off) for off, size in free if size >= b.size]
-        if fits:
-            size, off = min(fits)
-            free.remove((off, size))
+                bisect.insort(by_size, (size, off))
+        fit = bisect.bisect_left(by_size, (b.size, -1))
+        if fit < len(by_size):
+            size, off = by_size[fit]
+            take(bisect.bisect_left(free, (off, size)))
             if size > b.size:
                 bisect.insort(free, (off + b.size, size - b.size))
+                bisect.insort(by_size, (size - b.size, off + b.size))
         else:
             off, top = top, top + b.size
         offsets[i] = off
@@ -110,6 +120,9 @@ class PipelineMemoryMap:
     memory: tuple[RankMemory, ...]
     buffers: tuple[tuple[Buffer, ...], ...]  # per device stage
     assignments: tuple[Assignment, ...]  # per device stage
+    # every stage's offsets are those the smallest-arena search gives (a ``within_capacity`` map skipped no
+    # search that it would run)
+    exact: bool = True
 
 
 def _chunk_inputs(plan: ExecutionPlan) -> dict:
@@ -231,7 +244,7 @@ def _gathered_outputs(spec: PipelineSpec, stage: int, step: int, precision: str)
     storage of their size); rank 0, on the first stage, receives every rank's pickled object padded to the
     largest: its own padded object, the gathered objects and the collective's flat copy of them."""
     last = spec.stages[-1].plan.graph
-    width = 2 if precision in ("bf16", "fp16") else 4
+    width = 2 if is_low(precision) else 4
     per_microbatch = 0
     for name in last.output_names:
         value = last.spec_of(name)
@@ -366,4 +379,5 @@ def map_pipeline_memory(
     # the ranks of one stage share its buffers and offsets: one record per stage, renumbered per rank
     records = [rank_memory(p * group, per_stage[p], assignments[p], capacity_bytes) for p in range(spec.pp)]
     memory = tuple(replace(records[r // group], rank=r) for r in range(spec.pp * group))
-    return PipelineMemoryMap(memory, tuple(per_stage), tuple(assignments))
+    exact = not within_capacity or all(a.method == "online-best-fit" or a.optimal for a in assignments)
+    return PipelineMemoryMap(memory, tuple(per_stage), tuple(assignments), exact)

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from shardwise.costs.compute import is_low
 from shardwise.ir.graph import Graph, Node, iter_values
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
 from shardwise.ir.plan import NodeStrategy
@@ -185,7 +186,7 @@ def step_buffers(
     parameters at once (PyTorch's default on GPUs; on CPUs it steps them one at a time).
     """
     sched = StepSchedule(len(graph.nodes), train)
-    low = precision in ("bf16", "fp16")
+    low = is_low(precision)
     by_node = {s.node: s for s in strategies}
     lives = _Lives()
     last = sched.end - 1

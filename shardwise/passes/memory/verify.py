@@ -6,6 +6,8 @@ capacity. Shares no code with the allocators it checks.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Iterable
 
 import numpy as np
@@ -44,22 +46,26 @@ def verify_assignment(buffers: Iterable[Buffer], assignment: Assignment, capacit
     arena = int(top.max())
     if arena != assignment.arena_bytes:
         raise PlanError(f"arena_bytes is {assignment.arena_bytes} but the offsets use {arena} bytes")
-    # Sweep in start order: each buffer against the earlier-starting ones still live at its start (the live
-    # set is kept as it goes: a buffer leaves it once a later one starts at or after its end).
-    order = np.argsort(start, kind="stable")
-    live = np.empty(0, dtype=np.int64)
-    for k in range(n):
-        i = int(order[k])
-        if len(live):
-            live = live[end[live] > start[i]]
-        clash = live[(off[live] < top[i]) & (off[i] < top[live])]
-        live = np.append(live, i)
-        if len(clash):
-            j = int(clash[0])
+    # Sweep in start order. The buffers live at a step hold disjoint byte ranges (else an earlier one raised),
+    # kept sorted by offset: a new buffer shares bytes with a live one iff it does with its neighbours there.
+    order = np.argsort(start, kind="stable").tolist()
+    starts, ends, offs, tops = start.tolist(), end.tolist(), off.tolist(), top.tolist()
+    live: list[tuple[int, int]] = []  # (offset, buffer index), sorted
+    dying: list[tuple[int, int]] = []  # heap of (end, buffer index)
+    for i in order:
+        while dying and dying[0][0] <= starts[i]:
+            _, j = heapq.heappop(dying)
+            del live[bisect.bisect_left(live, (offs[j], j))]
+        at = bisect.bisect_left(live, (offs[i], -1))
+        clash = [j for _, j in live[max(at - 1, 0) : at + 1] if offs[j] < tops[i] and offs[i] < tops[j]]
+        if clash:
+            j = clash[0]
             raise PlanError(
-                f"buffers {bufs[j].id!r} [{int(off[j])}, {int(top[j])}) and {bufs[i].id!r} "
-                f"[{int(off[i])}, {int(top[i])}) share bytes while both are live at step {bufs[i].start}"
+                f"buffers {bufs[j].id!r} [{offs[j]}, {tops[j]}) and {bufs[i].id!r} "
+                f"[{offs[i]}, {tops[i]}) share bytes while both are live at step {bufs[i].start}"
             )
+        live.insert(at, (offs[i], i))
+        heapq.heappush(dying, (ends[i], i))
     if assignment.lower_bound_bytes > arena:
         raise PlanError(f"lower bound {assignment.lower_bound_bytes} exceeds the arena {arena}: impossible")
     if capacity is not None and arena > capacity:

@@ -35,6 +35,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 from shardwise.costs.attention import CP_WAYS, node_context_attention_s, ulysses_problem, way_label, way_of
+from shardwise.costs.compute import is_low
 from shardwise.costs.memory import element_bytes
 from shardwise.costs.prices import MeshPrices
 from shardwise.errors import PlanError
@@ -157,7 +158,7 @@ class _Costs:
         self.mesh = mesh
         self.opts = opts
         self.tail = tail
-        self.low = opts.precision in ("bf16", "fp16")
+        self.low = is_low(opts.precision)
         self._edge: dict[Hashable, tuple[float, Hashable]] = {}
 
     def comm_spec(self, spec: TensorSpec) -> TensorSpec:

@@ -43,7 +43,7 @@ from shardwise.passes.stages.units import LayerUnits
 
 __all__ = ["UnitCost", "UnitProfiler", "PRECISION_BYTES", "traced_batch"]
 
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8: bf16 values, float8 matmuls
 OUTPUT_NODE = "<output>"
 _FLOAT = ("float", "bfloat")
 # buffers that belong to one micro-batch's forward/backward (the rest: parameters, state, the whole input)

@@ -20,6 +20,7 @@ its batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from shardwise.ir.graph import Arg, Const, Graph, GraphInput, Node, Value
@@ -138,6 +139,7 @@ class RebatchingTracer:
         self.sample: Graph | None = None
         self.graphs: dict[int, Graph] = {}
         self.traced = self.derived = 0
+        self.seconds = 0.0  # spent tracing
 
     def __call__(self, rows: int) -> Graph:
         got = self.graphs.get(rows)
@@ -145,7 +147,9 @@ class RebatchingTracer:
             got = rebatch(self.full, self.sample, rows)
             self.derived += got is not None
         if got is None:
+            t0 = time.perf_counter()
             got = self.trace(rows)
+            self.seconds += time.perf_counter() - t0
             self.traced += 1
             if self.sample is None and rows >= 2 and rows != traced_batch(self.full):
                 self.sample = got
