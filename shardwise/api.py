@@ -629,6 +629,7 @@ def _compile_generate(
         StepModule,
         check_causal_lm,
         example_step,
+        in_place_writes,
     )
 
     check_causal_lm(model)
@@ -667,7 +668,9 @@ def _compile_generate(
                              model_name=type(model).__name__)[0]  # fmt: skip
         prefill_graph = trace(step, example_step(max_batch, max_seq, prompt), prefix=MODEL_PREFIX,
                               model_name=type(model).__name__)[0]  # fmt: skip
-    decode_graph, prefill_graph = (_cache_as_state(g, CACHE_PREFIX) for g in (decode_graph, prefill_graph))
+    decode_graph, prefill_graph = (
+        in_place_writes(_cache_as_state(g, CACHE_PREFIX)) for g in (decode_graph, prefill_graph)
+    )
     options = PlanOptions(mode="inference", precision=precision, solver=solver, time_limit_s=time_limit_s,
                           fusion=fusion)  # fmt: skip
     try:

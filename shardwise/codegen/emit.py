@@ -707,6 +707,37 @@ def _group_statement(
     return Statement(comment, tuple(lines), nodes=tuple(group.nodes), paths=paths, detail=detail, note=note)
 
 
+def _in_place_writes(plan: ExecutionPlan, strategies: Mapping[str, NodeStrategy]) -> set[str]:
+    """The ops written as an in-place write into their buffer (``Node.in_place``, inference): those that read
+    the buffer as it is stored and make its update in that placement (else they run as their functional op
+    and the update is written back at the end, as the memory map assumes too)."""
+    if plan.mode == "train":
+        return set()
+    stored = dict(plan.param_placements)
+    keys = {p.name: p.key for p in plan.graph.params}
+    out = set()
+    for node in plan.graph.nodes:
+        s = strategies.get(node.name)
+        target = node.args[0] if node.args else None
+        if not (node.in_place and s is not None and s.inputs and s.outputs and isinstance(target, Value)):
+            continue
+        placement = stored.get(keys.get(target.name, ""))
+        if placement is not None and s.inputs[0] == placement == s.outputs[0]:
+            out.add(node.name)
+    return out
+
+
+def _write_in_place(
+    node: Node, args: tuple[Arg | _Code, ...], kwargs: tuple[tuple[str, Arg | _Code], ...],
+    ref: Mapping[str, str], names: _Names, in_place: set[str],
+) -> str | None:  # fmt: skip
+    """``buffer.index_copy_(dim, index, source)`` for an op of ``in_place``; None for any other op."""
+    if node.name not in in_place or node.op != "aten.index_copy.default" or kwargs:
+        return None
+    fmt = [_format(a, ref, names) for a in args]
+    return f"{fmt[0]}.index_copy_({', '.join(fmt[1:])})"
+
+
 def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Body:
     graph, mesh = plan.graph, plan.mesh
     train = plan.mode == "train"
@@ -721,7 +752,8 @@ def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Bo
     groups = {g.name: g for g in plan.fused_groups}
     check_groups(graph, plan.fused_groups)
     order = schedule(graph, plan.fused_groups) if groups else [n.name for n in graph.nodes]
-    final = set(graph.output_names) | {v.name for _, v in graph.buffer_updates}
+    in_place = _in_place_writes(plan, strategies)
+    final = set(graph.output_names) | {v.name for _, v in graph.buffer_updates if v.name not in in_place}
     order, steps = _plan_steps(plan, order, groups, strategies, final)
     alias = steps.alias
 
@@ -857,7 +889,8 @@ def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Bo
             args = _localize_sizes(node, strategy, mesh, names)
             args, kwargs = _bind(args, node.kwargs, tensors, operand_vars)
             expr = (
-                _sharded_cross_entropy(node, strategy, args, names, mesh, shapes)
+                _write_in_place(node, args, kwargs, folded, names, in_place)
+                or _sharded_cross_entropy(node, strategy, args, names, mesh, shapes)
                 or _expert_parallel(node, strategy, args, names, mesh)
                 or _context_attention(node, strategy, args, kwargs, names)
                 or _call(node, args, folded, names, kwargs)
@@ -891,13 +924,14 @@ def _body(plan: ExecutionPlan, names: _Names, kernels: Mapping[str, str]) -> _Bo
             call = _collective_call(r, current, mesh, shape=shapes.get(r.value), schedules=schedules)
             lines.append(f"{new} = {call}")
             ref[r.value] = new
-    if graph.buffer_updates:  # written as stored (a KV cache's new slots, BatchNorm statistics)
+    written = [(key, v) for key, v in graph.buffer_updates if v.name not in in_place]
+    if written:  # written as stored (BatchNorm statistics; a KV cache not written in place)
         lines.append("with torch.no_grad():")
-        for key, v in graph.buffer_updates:
+        for key, v in written:
             attr = names.attr[graph.param_by_key(key).name]
             lines.append(f"    self.{attr}.copy_({ref.get(v.name, names.ref(canon(v.name)))})")
     if lines:
-        what = "; the buffers this step updates, written as stored" if graph.buffer_updates else ""
+        what = "; the buffers this step updates, written as stored" if written else ""
         body.append(Statement(f"outputs: whole on every rank{what}", tuple(lines)))
     for a in graph.outputs:
         for v in iter_values(a):

@@ -180,6 +180,8 @@ def op_work(
     if scale is None:
         scale = float_scale(precision)
     param = float(sum(param_bytes[v] for v in node.inputs if v in param_bytes)) if param_bytes else 0.0
+    if node.in_place:  # a write into a buffer reads none of it: bytes_moved is what it writes (Node.in_place)
+        param = 0.0
     activation = max(float(node.bytes_moved) - param, 0.0)
     flops = node.flops * (CAUSAL_FRACTION if is_causal_attention(node) else 1.0)
     elements = float(sum(o.numel for o in node.outputs if isinstance(o, TensorSpec)))

@@ -34,8 +34,11 @@ import torch
 from torch import nn
 
 from shardwise.errors import UserInputError
+from shardwise.ir.graph import Graph, Value
 
-__all__ = ["StepModule", "CACHE_PREFIX", "MODEL_PREFIX", "cache_shape", "check_causal_lm"]
+__all__ = [
+    "StepModule", "CACHE_PREFIX", "MODEL_PREFIX", "cache_shape", "check_causal_lm", "example_step", "in_place_writes",
+]  # fmt: skip
 
 CACHE_PREFIX = "kv_cache."
 MODEL_PREFIX = "model."
@@ -169,6 +172,30 @@ class StepModule(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1, :]
+
+
+def in_place_writes(graph: Graph) -> Graph:
+    """``graph`` with every write into a cache buffer marked ``in_place`` (``Node.in_place``): an
+    ``index_copy`` whose value is the update of the buffer it copies into, which no other op reads. Its
+    ``bytes_moved`` becomes what an in-place write moves: the new keys (or values) read and written, and the
+    index."""
+    updates = {v.name: key for key, v in graph.buffer_updates}
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            readers[v] = readers.get(v, 0) + 1
+    keys = {p.name: p.key for p in graph.params}
+    nodes = []
+    for n in graph.nodes:
+        target = n.args[0] if n.args else None
+        if (
+            n.op == "aten.index_copy.default" and isinstance(target, Value) and target.name in keys
+            and updates.get(n.name) == keys[target.name] and readers.get(target.name) == 1
+        ):  # fmt: skip
+            index, source = (graph.spec_of(a.name) for a in n.args[2:4] if isinstance(a, Value))
+            n = n.replace(in_place=True, bytes_moved=index.nbytes + 2 * source.nbytes)
+        nodes.append(n)
+    return graph.replace(nodes=tuple(nodes))
 
 
 def example_step(max_batch: int, max_seq: int, tokens: int, device: torch.device | str = "cpu") -> tuple:

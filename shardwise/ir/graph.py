@@ -72,6 +72,10 @@ class Node:
     # run whole on every rank even if the registry could split the op: its shapes depend on tensor values
     # (``x.tolist()`` sizes), so a split worked out on the example's sizes would not hold for other inputs
     whole: bool = False
+    # the op's value is the update of the buffer it reads first, which nothing else reads (a KV cache's
+    # ``index_copy``): where the op reads the buffer as it is stored, the program writes into the buffer in place
+    # (no new tensor; ``bytes_moved`` counts what is written) and the buffer needs no write-back; inference only
+    in_place: bool = False
 
     def replace(self, **changes: object) -> Node:
         return dataclasses.replace(self, **changes)

@@ -308,6 +308,8 @@ def step_buffers(
         first = names[0] if names else ""
         inert = saves_of(node.op) == "mask" and _inert_dropout(node)  # returns its input: p == 0 or not training
         view = (node.op in _VIEWS or inert) and bool(reads) and reads[0] != ""
+        if node.in_place and not train and reads and reads[0] and reads[0] == storage.get(first):
+            view = True  # written into the buffer it reads as stored (Node.in_place): nothing new
         if view and node.op in _COPY_IF_STRIDED and first in strided:
             view = False
         if view and node.op in _CASTS:
