@@ -21,7 +21,8 @@ from rich.table import Table
 
 from shardwise.cli.summary import FREE_COLLECTIVES, describe_spec, describe_split, module_groups
 from shardwise.errors import UserInputError
-from shardwise.ir.experts import WEIGHT_OPERANDS, expert_count, moe_nodes
+from shardwise.ir.experts import expert_count, moe_nodes
+from shardwise.ir.graph import Value
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.text import human_bytes, human_time
 
@@ -115,8 +116,8 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
         return None
     ep = plan.degrees.get("ep", 1)
     weights = sum(
-        graph.spec_of(n.args[k].name).nbytes  # type: ignore[union-attr]
-        for n in graph.nodes if n.name in layers for k in WEIGHT_OPERANDS
+        graph.spec_of(a.name).nbytes  # type: ignore[union-attr]
+        for n in graph.nodes if n.name in layers for a in n.args[3:] if isinstance(a, Value)
     )  # fmt: skip
     alltoall_s = None
     if cluster is not None and ep > 1:

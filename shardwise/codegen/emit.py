@@ -288,15 +288,18 @@ def _sharded_cross_entropy(
 def _expert_parallel(
     node: Node, strategy: NodeStrategy | None, args: tuple[Arg | _Code, ...], names: _Names, mesh: DeviceMesh
 ) -> str | None:
-    """An experts op whose experts are split over a mesh axis runs as ``C.moe_experts(..., mesh, axis)``, which
-    dispatches the rows to their experts' ranks and combines them back by all-to-all; None otherwise."""
+    """An experts op runs as ``C.moe_experts(...)``; with its experts split over a mesh axis as
+    ``C.moe_experts(..., mesh, axis)``, which dispatches the rows to their experts' ranks and combines them back
+    by all-to-all; with its up projections apart (``up=``). None for any other op."""
     if node.op != MOE_EXPERTS:
         return None
     axis = expert_axis(strategy, mesh)
-    if axis is None:
-        return None
-    operands = ", ".join(_format(a, {}, names) for a in args)
-    return f"C.moe_experts({operands}, mesh, {axis!r})"
+    parts = [_format(a, {}, names) for a in args]
+    up = ""
+    if len(parts) == 7:  # (hidden, index, weights, gate, up, down, activation): the up projections apart
+        up = f", up={parts.pop(4)}"
+    ep = f", mesh, {axis!r}" if axis is not None else ""
+    return f"C.moe_experts({', '.join(parts)}{ep}{up})"
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 

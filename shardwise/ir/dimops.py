@@ -46,6 +46,11 @@ class OpDims:
     # labels whose split the op's sharded implementation combines itself (outputs lacking them are whole),
     # e.g. the class dimension of cross entropy (vocabulary-parallel loss: its collectives are internal)
     combined: frozenset[str] = frozenset()
+    # labels summed over inside the op whose operands lacking them are read whole (not as partial sums, unlike
+    # a bias of a contraction): splitting one leaves partial sums in the outputs and partial gradients in the
+    # operands lacking it, e.g. the intermediate dimension of a mixture of experts' gated experts (the
+    # hidden state enters a nonlinearity, Megatron's column- then row-parallel pair inside one op)
+    inner: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
         def side(ops: tuple[Operand, ...]) -> str:

@@ -696,13 +696,19 @@ MOE_EXPERTS = "shardwise.moe_experts.default"
 
 
 def _moe_experts(node: Node, ins: Specs, outs: Specs) -> OpDims:
-    """``moe_experts(hidden[t, h], index[t, k], weights[t, k], gate_up[e, 2f, h], down[e, h, f], act)``."""
+    """``moe_experts(hidden[t, h], index[t, k], weights[t, k], gate_up[e, 2f, h], down[e, h, f], act)``; with the
+    gate and up projections as parts of their fused weight (``passes.sharding.rewrite``),
+    ``moe_experts(hidden, index, weights, gate[e, f, h], up[e, f, h], down[e, h, f], act)``, whose intermediate
+    dimension ``f`` tensor parallelism may split inside each expert (summed inside the op: partial outputs)."""
+    if len(ins) == 6:
+        dims = parse_dimops("t h^, t k^, t k^, e^ f h^, e^ f h^, e^ h^ f -> t h^")
+        return dataclasses.replace(dims, inner=frozenset({"f"}))
     return parse_dimops("t h^, t k^, t k^, e^ g^ h^, e^ h^ f^ -> t h^")
 
 
 def _moe_experts_flops(node: Node, ins: Specs, outs: Specs) -> int:
     """Each of the t * k routed rows through one expert: 2 h 2f (gate and up) + 2 f h (down)."""
-    hidden, index, _, _, down = ins[:5]
+    hidden, index, down = ins[0], ins[1], ins[-1]
     rows = index.shape[0] * index.shape[1]
     return 6 * rows * hidden.shape[1] * down.shape[2]
 

@@ -64,3 +64,4 @@ def test_other_experts_modules_are_traced_as_they_are():
     assert replaceable(experts)
     experts.act_fn = nn.Tanh()  # an activation the runtime does not know: traced as it is
     assert not replaceable(experts)
+

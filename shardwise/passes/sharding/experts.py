@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from shardwise.errors import PlanError
-from shardwise.ir.experts import MOE_EXPERTS, WEIGHT_OPERANDS
+from shardwise.ir.experts import MOE_EXPERTS, weight_operands
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
 from shardwise.ir.tensor import TensorSpec
@@ -69,7 +69,8 @@ def expert_parallel(graph: Graph, mesh: DeviceMesh, placed: Placed, axis: str) -
                 "routing its own batch), and this placement keeps them whole there: pin dp to a degree that "
                 "divides the batch"
             )
-        weights = [node.args[k] for k in WEIGHT_OPERANDS]
+        positions = weight_operands(sum(isinstance(x, Value) for x in node.args))
+        weights = [node.args[k] for k in positions]
         if not all(isinstance(w, Value) and w.name in params and readers.get(w.name) == 1 for w in weights):
             raise PlanError(f"{where}: its expert weights are read by other ops too; expert parallelism needs "
                             "them read by the experts alone: use ep=1")  # fmt: skip
@@ -79,14 +80,14 @@ def expert_parallel(graph: Graph, mesh: DeviceMesh, placed: Placed, axis: str) -
             raise PlanError(f"{where}: {experts.shape[0]} experts cannot be split evenly over {axis}={n}: choose "
                             f"an ep that divides {experts.shape[0]}")  # fmt: skip
         inputs = list(s.inputs)
-        for k, w in zip(WEIGHT_OPERANDS, weights, strict=True):
+        for k, w in zip(positions, weights, strict=True):
             inputs[k] = _sharded(inputs[k], a, len(mesh.shape))
             # stored as the op reads it (the ILP may have stored it split elsewhere and gathered it before use:
             # the experts' split replaces that, and nothing is gathered)
             param_placements[w.name] = inputs[k]  # type: ignore[union-attr]
         names = {w.name for w in weights}  # type: ignore[union-attr]
         grad_reduce = tuple(
-            (k, tuple(x for x in axes if x != axis)) if k in WEIGHT_OPERANDS else (k, axes) for k, axes in s.grad_reduce
+            (k, tuple(x for x in axes if x != axis)) if k in positions else (k, axes) for k, axes in s.grad_reduce
         )  # fmt: skip
         strategies[i] = dataclasses.replace(  # type: ignore[index]
             s, inputs=tuple(inputs), grad_reduce=tuple((k, axes) for k, axes in grad_reduce if axes),

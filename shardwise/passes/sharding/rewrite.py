@@ -9,7 +9,8 @@ Two patterns hide Megatron's split from dimension annotations:
   the fused output dimension gives each rank whole Q and half of K, which the ``split`` cannot use.
   :func:`unfuse_projections` makes one projection per part, over parameter *parts* (``Parameter.part_of``),
   so each part is column-parallel on its own; the loader slices the parts out of the original tensor and
-  ``full_state_dict`` puts them back together.
+  ``full_state_dict`` puts them back together. The fused gate and up projections of a mixture of experts'
+  experts op are cut the same way (:func:`experts_in_parts`).
 
 Requires: a verified graph. Guarantees: a verified graph computing the same outputs; every node that is
 not rewritten keeps its name, and every value read by a node outside a rewritten pattern keeps its name.
@@ -20,10 +21,12 @@ from __future__ import annotations
 import math
 
 from shardwise.ir.graph import Graph, Node, Parameter, Value
-from shardwise.ir.registry import op_flops, rule_for, tensor_operands
+from shardwise.ir.registry import MOE_EXPERTS, op_flops, rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 
-__all__ = ["conv1d_as_matmul", "unfuse_projections", "mean_losses_as_sums", "expose_tensor_parallelism"]
+__all__ = [
+    "conv1d_as_matmul", "unfuse_projections", "experts_in_parts", "mean_losses_as_sums", "expose_tensor_parallelism",
+]
 
 _VIEWS = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
 _SPLITS = ("aten.split.Tensor", "aten.split_with_sizes.default")
@@ -309,6 +312,48 @@ def mean_losses_as_sums(graph: Graph) -> Graph:
     return graph.replace(nodes=tuple(nodes))
 
 
+def experts_in_parts(graph: Graph) -> Graph:
+    """Every experts op (``shardwise.moe_experts``) whose fused gate and up projections (``gate_up``: experts x
+    2 intermediate x hidden, gate first) are a parameter of their own, read by it alone, reads them as two
+    parameter parts instead, ``gate`` and ``up`` (experts x intermediate x hidden each): a split of the
+    intermediate dimension then gives each rank matching halves of both (tensor parallelism inside each
+    expert), which a contiguous split of the fused dimension would not."""
+    params = {p.name: p for p in graph.params}
+    taken = {n.name for n in graph.nodes} | set(params) | {i.name for i in graph.inputs}
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            readers[v] = readers.get(v, 0) + 1
+    specs = _specs(graph)
+    new_params: dict[str, list[Parameter]] = {}
+    nodes: list[Node] = []
+    for n in graph.nodes:
+        fused = n.args[3] if n.op == MOE_EXPERTS and len(n.args) == 6 else None
+        p = params.get(fused.name) if isinstance(fused, Value) else None
+        if p is None or p.aliases or p.part_of or readers.get(p.name) != 1 or p.spec.shape[1] % 2:
+            nodes.append(n)
+            continue
+        e, two_f, h = p.spec.shape
+        parts = []
+        for j, (start, stop) in enumerate(((0, two_f // 2), (two_f // 2, two_f))):
+            part = Parameter(
+                name=_fresh(f"{p.name}_part{j}", taken), key=f"{p.key}.part{j}",
+                spec=TensorSpec((e, stop - start, h), p.spec.dtype), kind=p.kind, requires_grad=p.requires_grad,
+                persistent=p.persistent, part_of=p.key, part=(1, start, stop),
+            )  # fmt: skip
+            parts.append(part)
+            specs[part.name] = part.spec
+        new_params[p.name] = parts
+        args = (*n.args[:3], Value(parts[0].name), Value(parts[1].name), *n.args[4:])
+        nodes.append(_costed(n.replace(args=args), specs))
+    if not new_params:
+        return graph
+    out_params: list[Parameter] = []
+    for p in graph.params:
+        out_params.extend(new_params.get(p.name, [p]))
+    return graph.replace(nodes=tuple(nodes), params=tuple(out_params))
+
+
 def expose_tensor_parallelism(graph: Graph) -> Graph:
-    """Both rewrites, in order (see the module docstring)."""
-    return unfuse_projections(conv1d_as_matmul(graph))
+    """The rewrites, in order (see the module docstring)."""
+    return experts_in_parts(unfuse_projections(conv1d_as_matmul(graph)))

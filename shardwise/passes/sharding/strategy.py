@@ -7,7 +7,8 @@ Rules (dimops semantics, see shardwise.ir.dimops), per mesh axis that splits lab
   sums, so that the bias is added once;
 - an output holding L is sharded on it; if L is a contraction the outputs are Partial; an output lacking a
   label the op combines itself (``OpDims.combined``, e.g. the classes of a vocabulary-parallel cross
-  entropy) is whole;
+  entropy) is whole; an output lacking a label summed inside the op (``OpDims.inner``) is Partial, and the
+  operands lacking it are read whole with partial gradients (as for a non-contraction label);
 - in training, an operand lacking a non-contraction label L gets a partial gradient on that axis (each
   device saw only its part of the work): it must be summed over the axis in the backward (Megatron's "f"
   operator). A partial-sum operand (the bias of a contraction split) gets its whole gradient on every
@@ -98,7 +99,7 @@ def split_is_valid(
         lacking = [op for op in dims.inputs if dims.position(op, label) is None]
         if lacking and (rule is None or rule.kind not in LINEAR_KINDS):
             return False
-    elif label not in dims.combined and any(dims.position(o, label) is None for o in dims.outputs):
+    elif label not in dims.combined | dims.inner and any(dims.position(o, label) is None for o in dims.outputs):
         # a split label must reach every output (or the op would produce a whole output from a piece)
         return False
     return True

@@ -64,14 +64,19 @@ def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], mesh: 
     return _exchange(x, send, receive, mesh, axis)
 
 
-def _grouped(rows: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
-    """Rows grouped by expert (``counts[e]`` rows for expert ``e`` in turn) through their experts."""
+def _grouped(rows: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor, act,
+             up: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """Rows grouped by expert (``counts[e]`` rows for expert ``e`` in turn) through their experts (``up``: the up
+    projections apart, ``gate_up`` then the gate projections alone)."""
     outs = []
     for e, piece in enumerate(rows.split(counts)):
         if counts[e] == 0:
             continue
-        gate, up = F.linear(piece, gate_up[e]).chunk(2, dim=-1)
-        outs.append(F.linear(act(gate) * up, down[e]))
+        if up is None:
+            gate, lifted = F.linear(piece, gate_up[e]).chunk(2, dim=-1)
+        else:
+            gate, lifted = F.linear(piece, gate_up[e]), F.linear(piece, up[e])
+        outs.append(F.linear(act(gate) * lifted, down[e]))
     return torch.cat(outs) if outs else rows.new_zeros((0, down.shape[1]))
 
 
@@ -92,11 +97,16 @@ def moe_experts(
     activation: str,
     mesh: Mesh | None = None,
     axis: str | None = None,
+    *,
+    up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The routed experts of one layer (see the module docstring): ``hidden`` (tokens, hidden), ``index`` and
     ``weights`` (tokens, k) the experts each token goes to and their weights, ``gate_up`` (experts, 2 *
     intermediate, hidden), ``down`` (experts, hidden, intermediate): all experts, or with ``mesh`` and ``axis``
-    this rank's experts of an expert-parallel split over ``axis``."""
+    this rank's experts of an expert-parallel split over ``axis``. ``up`` (experts, intermediate, hidden): the
+    up projections apart, ``gate_up`` then holding the gate projections alone; with tensor parallelism inside
+    the experts both hold this rank's part of the intermediate dimension (and ``down`` its columns), and the
+    result is this rank's partial sum."""
     act = ACTIVATIONS[activation]
     tokens, k = index.shape
     ways = mesh.size(axis) if mesh is not None and axis is not None else 1
@@ -106,7 +116,7 @@ def moe_experts(
     rows = hidden[order // k]  # (tokens * k, hidden), grouped by expert
     counts = torch.bincount(flat, minlength=local * ways)
     if ways == 1:
-        out = _grouped(rows, counts.tolist(), gate_up, down, act)
+        out = _grouped(rows, counts.tolist(), gate_up, down, act, up)
     else:
         assert mesh is not None and axis is not None
         per_rank = counts.view(ways, local)  # rows for each rank's experts, in rank order
@@ -116,7 +126,7 @@ def moe_experts(
         send, receive = per_rank.sum(1).tolist(), received.sum(1).tolist()
         arrived = all_to_all_rows(rows, send, receive, mesh, axis)
         regroup, per_expert = _local_order(received)
-        done = _grouped(arrived[regroup], per_expert, gate_up, down, act)
+        done = _grouped(arrived[regroup], per_expert, gate_up, down, act, up)
         back = torch.empty_like(regroup)
         back[regroup] = torch.arange(regroup.numel())
         out = all_to_all_rows(done[back], receive, send, mesh, axis)
