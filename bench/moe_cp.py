@@ -21,8 +21,7 @@ see that file's docstring):
   PyTorch's experimental ``context_parallel``: ring attention passing key/value shards,
   ``cp_attention="ring"``). Differences we cannot express (they make our rows optimistic or pessimistic, said
   per row): torchtitan shards parameters over ``dp x cp`` (``dp_shard_cp``), shardwise's ZeRO over ``dp`` only
-  (so FSDP 1 / CP 8 holds unsharded weights and optimizer state and skips FSDP's gathers); torchtitan balances
-  causal attention over the ring (round-robin chunks), shardwise charges the ring's imbalance instead.
+  (so FSDP 1 / CP 8 holds unsharded weights and optimizer state and skips FSDP's gathers).
 - *Full activation checkpointing*: every TransformerBlock is recomputed whole in the backward (its input
   saved): ``plan.recompute`` ranges covering each block.
 - *torch.compile*: per block, Inductor's kernels as ``bench/torchtitan_h100.py`` models them

@@ -10,9 +10,9 @@ from torch import nn
 import shardwise
 from shardwise.cluster import get_cluster
 from shardwise.costs.backward import backward_s
+from shardwise.costs.prices import price_list
 from shardwise.errors import PlanError, UserInputError
 from shardwise.frontend.trace import trace
-from shardwise.costs.prices import price_list
 
 
 class _Net(nn.Module):
