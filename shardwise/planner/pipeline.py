@@ -40,7 +40,7 @@ from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
 from shardwise.passes.memory.pipeline import PipelineMemoryMap, map_pipeline_memory
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
-from shardwise.passes.stages.place import PlacementCache, place_chunk
+from shardwise.passes.stages.place import PlacementCache, place_chunk, value_names
 from shardwise.passes.stages.profile import traced_batch
 from shardwise.passes.stages.rows import micro_shapes_problem, rows_problem
 from shardwise.planner.identity import plan_identity
@@ -109,10 +109,33 @@ def _chunk_plan(
         optimizer=optimizer,
     )
     if fusion:
-        from shardwise.passes.fusion import fuse_plan
-
-        plan = fuse_plan(plan)
+        plan = _fused(plan, placed.structure, placements)
     return plan
+
+
+def _fused(plan: ExecutionPlan, structure: tuple, placements: PlacementCache | None) -> ExecutionPlan:
+    """``plan`` fused (``passes.fusion``); a chunk with the structure of one fused before in this planning run
+    (``structure``, from the placement cache) takes its groups, names mapped: the same program, the same
+    kernels."""
+    from shardwise.ir.fusion import FusedGroup
+    from shardwise.passes.fusion import PASS_NAME, fuse_plan
+
+    if placements is None or not structure:
+        return fuse_plan(plan)
+    key = ("fusion", structure, plan.mode)
+    hit = placements.get(key)
+    if hit is None:
+        plan = fuse_plan(plan)
+        placements[key] = (value_names(plan.graph), plan.fused_groups, ())  # type: ignore[assignment]
+        return plan
+    names = dict(zip(hit[0], value_names(plan.graph), strict=True))
+    groups = tuple(
+        FusedGroup(g.name, tuple(names[n] for n in g.nodes), tuple(names.get(n, n) for n in g.inputs),
+                   tuple(names.get(n, n) for n in g.outputs), g.kind, g.bytes_saved)  # fmt: skip
+        for g in hit[1]
+    )
+    passes = plan.passes if PASS_NAME in plan.passes else (*plan.passes, PASS_NAME)
+    return plan.replace(fused_groups=groups, passes=passes)
 
 
 def _alternatives(result: SearchResult) -> tuple[Alternative, ...]:

@@ -355,16 +355,29 @@ def map_pipeline_memory(
     """Map every device stage's memory and record it per global rank (see the module docstring).
     ``within_capacity``: search for offsets only when the greedy arena exceeds ``capacity_bytes`` (and then
     for an arena within it), instead of for the smallest arena: whether the plan fits is known as surely, and
-    quicker; the arena recorded may be larger than the smallest one."""
-    per_stage: list[tuple[Buffer, ...]] = []
-    assignments: list[Assignment] = []
-    for p in range(spec.pp):
-        bufs = tuple(
+    quicker; the arena recorded may be larger than the smallest one. With ``within_capacity``, when a stage's
+    lower bound (the most bytes live at one step) already exceeds the capacity, no offsets are assigned at all:
+    every stage is recorded at its lower bound (``method="lower-bound"``, ``exact=False``), which is what the
+    plan needs at least, and enough to know that it does not fit."""
+    per_stage = [
+        tuple(
             stage_buffers(
                 spec, p, train=train, precision=precision, optimizer_factor=optimizer_factor,
                 optimizer_foreach=optimizer_foreach,
             )
         )  # fmt: skip
+        for p in range(spec.pp)
+    ]
+    group = spec.dp * spec.tp
+    if within_capacity:
+        bounds = [lower_bound(bufs) for bufs in per_stage]
+        if max(bounds, default=0) > capacity_bytes:
+            unmapped = [Assignment((), lb, lb, "lower-bound", False, 0.0) for lb in bounds]
+            records = [rank_memory(p * group, per_stage[p], unmapped[p], capacity_bytes) for p in range(spec.pp)]
+            memory = tuple(replace(records[r // group], rank=r) for r in range(spec.pp * group))
+            return PipelineMemoryMap(memory, tuple(per_stage), tuple(unmapped), exact=False)
+    assignments: list[Assignment] = []
+    for bufs in per_stage:
         if len(bufs) > MAX_PACKED:
             assignment = online_assignment(bufs)  # best-fit packing is quadratic: an allocator's replay
         else:
@@ -373,9 +386,7 @@ def map_pipeline_memory(
                 capacity=capacity_bytes if within_capacity else None,
             )  # fmt: skip
         verify_assignment(bufs, assignment)
-        per_stage.append(bufs)
         assignments.append(assignment)
-    group = spec.dp * spec.tp
     # the ranks of one stage share its buffers and offsets: one record per stage, renumbered per rank
     records = [rank_memory(p * group, per_stage[p], assignments[p], capacity_bytes) for p in range(spec.pp)]
     memory = tuple(replace(records[r // group], rank=r) for r in range(spec.pp * group))

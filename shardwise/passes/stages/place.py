@@ -26,7 +26,9 @@ from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.propagate import follow_producers
 from shardwise.passes.sharding.redistribute import replicated
 
-__all__ = ["PlacedChunk", "place_chunk", "chunk_mesh", "ilp_available", "structure_key", "PlacementCache"]
+__all__ = [
+    "PlacedChunk", "place_chunk", "chunk_mesh", "ilp_available", "structure_key", "PlacementCache", "value_names",
+]  # fmt: skip
 
 #: placed chunks by the structure of their graph and the placement's settings (see ``place_chunk``)
 PlacementCache = dict[tuple, tuple[Graph, "PlacedChunk", tuple]]
@@ -41,6 +43,9 @@ class PlacedChunk:
     input_placements: dict[str, ShardingSpec]
     run_whole: tuple[str, ...]
     method: str  # "ilp" | "follow_producers"
+    # when placed through a cache: the placed graph's structure_key and the placement's settings (two chunks
+    # with equal ones have the same placement up to names, and so the same results derived from it)
+    structure: tuple = ()
 
 
 def chunk_mesh(tp: int, ranks: tuple[int, ...] | None = None) -> DeviceMesh:
@@ -104,7 +109,7 @@ def _renamed(placed: PlacedChunk, graph: Graph) -> PlacedChunk:
     return PlacedChunk(
         graph, placed.mesh, strategies, {value(k): v for k, v in placed.param_placements.items()},
         {value(k): v for k, v in placed.input_placements.items()}, tuple(value(n) for n in placed.run_whole),
-        placed.method,
+        placed.method, placed.structure,
     )  # fmt: skip
 
 
@@ -134,8 +139,16 @@ def place_chunk(
         if mine is graph or structure_key(mine) == placed_key:
             return _renamed(placed, mine)
     placed = _place_chunk(graph, cluster, tp, sequence_parallel, train, precision, optimizer_factor, time_limit_s)
-    cache[key] = (graph, placed, key[0] if placed.graph is graph else structure_key(placed.graph))
+    placed_key = key[0] if placed.graph is graph else structure_key(placed.graph)
+    placed = dataclasses.replace(placed, structure=(placed_key, *key[1:]))  # the placed graph and the settings
+    cache[key] = (graph, placed, placed_key)
     return placed
+
+
+def value_names(graph: Graph) -> list[str]:
+    """Every value name of ``graph`` in order (inputs, parameters, nodes): two graphs with equal
+    ``structure_key`` correspond name for name by position."""
+    return _names(graph)
 
 
 def _rewritten(graph: Graph, original: Graph, rewritten: Graph) -> Graph:
