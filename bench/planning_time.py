@@ -10,7 +10,8 @@ Rows (goals from issues 15 and 17):
 - ``deepseek-v3``: DeepSeek-V3's configuration through ``shardwise.compile`` on its published cluster
   (``bench/clusters/h800-deepseek.yaml``, 2048 H800s), bf16, training: < 120 s (issue 17, item 5).
 
-Per row: the wall and CPU seconds from the built meta model to the plan (tracing included), the planner's own
+Per row: the wall and CPU seconds from the built meta model to the plan (tracing included; the CLI row: the
+whole process, imports and building the model included), the planner's own
 breakdown (its ``planning time`` note), the layout chosen, whether its memory map fits the device, its
 predicted step time (predicted by the price list, not measured), and the notes that say what was assumed.
 Timings are wall-clock on a shared machine: the load average is recorded beside each row. Writes
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -81,10 +83,14 @@ def _cli_row(name: str, target: str, cluster: str) -> dict[str, Any]:
                "-o", str(plan_file), "-q"]  # fmt: skip
         load0 = os.getloadavg()
         t0 = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT.parent)
         wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         row: dict[str, Any] = {"row": name, "cluster": cluster, "path": " ".join(["shardwise", *cmd[1:-2]]),
-                               "plan_s": wall, "load_before": load0, "load_after": os.getloadavg(),
+                               "plan_s": wall, "plan_cpu_s": cpu, "load_before": load0,
+                               "load_after": os.getloadavg(),
                                "exit_code": done.returncode}  # fmt: skip
         if done.returncode != 0:
             row["error"] = (done.stderr or done.stdout)[-2000:]
@@ -120,7 +126,8 @@ def main() -> None:
         rows.append(row)
         d = row.get("degrees", {})
         print(
-            f"{name:>13} {row['cluster']:>30}  {row['plan_s']:7.1f} s (goal < {goal:.0f} s: "
+            f"{name:>13} {row['cluster']:>30}  {row['plan_s']:7.1f} s wall, {row.get('plan_cpu_s', 0):6.1f} s CPU "
+            f"(goal < {goal:.0f} s: "
             f"{'met' if row['met'] else 'missed'})  load {row['load_before'][0]:.1f}->{row['load_after'][0]:.1f}  "
             + (" ".join(f"{k}{v}" for k, v in d.items()) + f"  fits {row.get('fits')}  peak "
                f"{row.get('peak_gib', 0):.1f} GiB  predicted step {row.get('predicted_step_s', 0):.3f} s"
