@@ -123,15 +123,15 @@ class CompiledModel:
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 32,
-        eos_token_id: int | None | str = "model", pad_token_id: int | None | str = "model",
+        eos_token_id: int | tuple[int, ...] | None | str = "model", pad_token_id: int | None | str = "model",
         return_timings: bool = False,
     ) -> Any:  # fmt: skip
         """Greedy generation on the worker processes (``mode="generate"``), as transformers'
         ``generate(do_sample=False)``: returns ``input_ids`` followed by the new tokens (a finished row continues
         with the pad token; generation stops early when every row has finished). ``attention_mask`` marks the
         real tokens (1); prompts may be padded on either side: the program left pads them into the prefill's
-        window. ``eos_token_id`` / ``pad_token_id``: the model's generation config's by default, None to never
-        stop early. ``return_timings``: also return ``{"prefill_s": seconds, "decode_s": [seconds per decode
+        window. ``eos_token_id`` (one token or several) / ``pad_token_id``: the model's generation config's by
+        default; ``eos_token_id=None`` never stops early. ``return_timings``: also return ``{"prefill_s": seconds, "decode_s": [seconds per decode
         step]}``, each step timed on the workers between barriers (the slowest rank's time)."""
         settings = self.generation
         if settings is None:
@@ -645,6 +645,13 @@ def _compile_generate(
             f"max_seq={max_seq} exceeds the {positions} positions {type(model).__name__} was made for "
             f"(its config's max_position_embeddings / n_positions): compile with max_seq <= {positions}"
         )
+    window = _sliding_window(model)
+    if window is not None and window < max_seq:
+        raise UserInputError(
+            f"{type(model).__name__} attends over a sliding window of {window} tokens, which the generation "
+            f"program's static KV cache does not apply: compile with max_seq <= {window}, or a model without "
+            "sliding-window attention"
+        )
     prompt = max_prompt if max_prompt is not None else max(1, max_seq // 2)
     if not isinstance(prompt, int) or not 1 <= prompt < max_seq:
         raise UserInputError(
@@ -687,8 +694,8 @@ def _compile_generate(
     config = getattr(model, "generation_config", None)
     settings = GenerationSettings(
         max_batch=max_batch, max_seq=max_seq, prompt_len=prompt,
-        eos_token_id=_first_token(getattr(config, "eos_token_id", None)),
-        pad_token_id=_first_token(getattr(config, "pad_token_id", None)),
+        eos_token_id=_token_ids(getattr(config, "eos_token_id", None)),
+        pad_token_id=_first(_token_ids(getattr(config, "pad_token_id", None))),
     )  # fmt: skip
     compiled = CompiledModel(
         decode, model=model, out_spec=None, cluster=spec, workers=workers, prefill_plan=prefill,
@@ -699,6 +706,19 @@ def _compile_generate(
             key.removeprefix(MODEL_PREFIX): t for key, t in model_tensors(step).items() if not key.startswith(CACHE_PREFIX)
         }
     return compiled
+
+
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    """The model's attention window when some of its layers attend over one (transformers' config names)."""
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list | tuple) and not any("sliding" in str(t) for t in types):
+        return None
+    return window
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
@@ -716,12 +736,16 @@ def _cache_as_state(graph: Graph, prefix: str) -> Graph:
     return graph.replace(params=params)
 
 
+def _first(value: int | tuple[int, ...] | None) -> int | None:
+    return value[0] if isinstance(value, tuple) else value
+
+
 def _cache_bytes(graph: Graph) -> int:
     return sum(p.spec.nbytes for p in graph.params if p.kind == "state")
 
 
-def _first_token(value: Any) -> int | None:
-    """A generation config's token id (transformers allows a list of end tokens: the loop stops on the first)."""
+def _token_ids(value: Any) -> int | tuple[int, ...] | None:
+    """A generation config's token id, or ids (transformers allows several end-of-sequence tokens)."""
     if isinstance(value, list | tuple):
-        return int(value[0]) if value else None
+        return tuple(int(v) for v in value) or None
     return int(value) if value is not None else None

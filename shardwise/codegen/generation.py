@@ -41,7 +41,7 @@ class GenerationSettings:
     max_batch: int  # rows of the KV cache
     max_seq: int  # slots of the KV cache (prompt window + new tokens)
     prompt_len: int  # the prefill's window (prompts are left padded to it)
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # one end-of-sequence token or several
     pad_token_id: int | None = None
 
 

@@ -100,6 +100,12 @@ def test_tensor_parallel_generation_equals_transformers(pool, case):
             right_mask = torch.stack([torch.cat([m[m.bool()], m[~m.bool()]]) for m in mask])
             again = cm.generate(right, right_mask, max_new_tokens=NEW_TOKENS)
             assert torch.equal(again[:, ids.shape[1] :], out[:, ids.shape[1] :])
+        if name == "llama":  # two end-of-sequence tokens: rows finish at different steps, on either token
+            ends = (int(expected[0, ids.shape[1] + 5]), int(expected[2, ids.shape[1] + 9]))
+            stopped = cm.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=ends, pad_token_id=0)
+            reference = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                       eos_token_id=list(ends), pad_token_id=0)  # fmt: skip
+            assert torch.equal(stopped, reference)
     assert out.shape == expected.shape
     assert torch.equal(out, expected)
     assert timings["prefill_s"] > 0 and len(timings["decode_s"]) == expected.shape[1] - ids.shape[1] - 1
@@ -164,5 +170,8 @@ def test_errors_say_what_to_do():
         shardwise.compile(base, "cpu:1", mode="generate", max_batch=2, max_seq=16)
     with pytest.raises(UserInputError, match=r"max_seq=100 exceeds the 64 positions .*compile with max_seq <= 64"):
         shardwise.compile(model, "cpu:1", mode="generate", max_batch=2, max_seq=100)
+    mistral, _ = tiny_causal_lm("mistral")  # zoo.hf gives it a sliding window of 4 tokens
+    with pytest.raises(UserInputError, match=r"sliding window of 4 tokens.*compile with max_seq <= 4"):
+        shardwise.compile(mistral, "cpu:1", mode="generate", max_batch=2, max_seq=16)
     with pytest.raises(UserInputError, match=r"needs max_seq, a positive number"):
         shardwise.compile(model, "cpu:1", mode="generate", max_batch=2)

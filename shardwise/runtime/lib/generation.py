@@ -10,7 +10,7 @@ person would write around a model with a static KV cache):
   ``0 .. prompt_len - 1`` and returns the last position's logits; each decode step feeds the token just
   chosen at slot ``prompt_len + t``;
 * the next token is the argmax of the logits (greedy, as ``generate(do_sample=False)``); a row that emitted
-  ``eos_token_id`` continues with ``pad_token_id`` (``eos_token_id`` when there is none), and the loop
+  an end-of-sequence token continues with ``pad_token_id`` (the first end token when there is none), and the loop
   stops early when every row has finished;
 * the attention mask over the ``max_seq`` cache slots is the prompt window's mask followed by ones (the
   step's causal mask hides slots not written yet); positions count each row's real tokens only.
@@ -61,12 +61,16 @@ def _timed(step: Callable[..., torch.Tensor], *args: torch.Tensor) -> tuple[torc
 def greedy(
     prefill: Callable[..., torch.Tensor], decode: Callable[..., torch.Tensor], input_ids: torch.Tensor,
     attention_mask: torch.Tensor, *, max_new_tokens: int, max_batch: int, prompt_len: int, max_seq: int,
-    eos_token_id: int | None = None, pad_token_id: int | None = None, device: torch.device | str = "cpu",
+    eos_token_id: int | list[int] | tuple[int, ...] | None = None, pad_token_id: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, dict[str, object]]:  # fmt: skip
-    """Greedy generation (see the module docstring): (new tokens ``[rows, steps]``, step timings)."""
+    """Greedy generation (see the module docstring): (new tokens ``[rows, steps]``, step timings).
+    ``eos_token_id``: one end-of-sequence token or several (a row that emits any of them is finished)."""
     rows = input_ids.shape[0]
-    if pad_token_id is None:
-        pad_token_id = eos_token_id  # as transformers' generate does without a pad token
+    ends = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+    eos_token_id = torch.tensor(ends, dtype=torch.long, device=device) if ends else None
+    if pad_token_id is None and ends:
+        pad_token_id = ends[0]  # as transformers' generate does without a pad token
     ids, window_mask, lengths = left_padded(input_ids.cpu(), attention_mask.cpu(), max_batch, prompt_len)
     mask = torch.cat([window_mask, torch.ones((max_batch, max_seq - prompt_len), dtype=torch.long)], dim=1)
     positions = (window_mask.cumsum(-1) - 1).masked_fill(window_mask == 0, 1)
@@ -80,7 +84,7 @@ def greedy(
         token = logits.float().argmax(-1)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            done = done | (token == eos_token_id)
+            done = done | torch.isin(token, eos_token_id)
         tokens.append(token)
         if t == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
             break
