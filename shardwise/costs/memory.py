@@ -25,7 +25,10 @@ from shardwise.costs.compute import is_low
 from shardwise.ir.graph import Node
 from shardwise.ir.registry import saves_of, tensor_operands
 
-__all__ = ["OPTIMIZER_STATE", "ElementBytes", "element_bytes", "optimizer_state", "saved_operands", "ZERO_STAGES"]
+__all__ = [
+    "OPTIMIZER_STATE", "ElementBytes", "element_bytes", "optimizer_state", "saved_operands", "experts_saved_elements",
+    "ZERO_STAGES",
+]
 
 #: float32 state values per parameter element, by optimizer name (AdamW/Adam: two moments; SGD: momentum)
 OPTIMIZER_STATE = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
@@ -82,3 +85,12 @@ def saved_operands(node: Node) -> tuple[list[str], bool, bool]:
     if saves == "inputs" or (saves == "factors" and len(operands) >= 2):
         return operands, False, False
     return [], False, saves == "mask"
+
+
+def experts_saved_elements(rows: int, hidden: int, intermediate: int) -> int:
+    """Elements the backward of an experts op (``runtime.lib.moe``) keeps beyond its operands, for ``rows``
+    routed rows (tokens x k) through experts of ``hidden`` and ``intermediate`` (this rank's part of it): each row
+    gathered by expert (hidden), its gate and up projections (2 intermediate, read by the activation and the
+    product), the activation (intermediate), the product the down projection reads (intermediate) and its
+    result, which the routing weights multiply (hidden)."""
+    return rows * (2 * hidden + 4 * intermediate)

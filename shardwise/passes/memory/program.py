@@ -43,10 +43,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shardwise.costs.compute import is_low
+from shardwise.costs.memory import experts_saved_elements
 from shardwise.ir.graph import Graph, Node, iter_values
 from shardwise.ir.placement import DeviceMesh, ShardingSpec
 from shardwise.ir.plan import NodeStrategy
-from shardwise.ir.registry import saves_of, tensor_operands
+from shardwise.ir.registry import MOE_EXPERTS, saves_of, tensor_operands
 from shardwise.ir.tensor import TensorSpec, dtype_bytes
 from shardwise.passes.memory.buffers import Buffer
 
@@ -341,6 +342,13 @@ def step_buffers(
             saved += [r for r in reads if r] + [storage[node.name]]
         elif saves == "inputs" or (saves == "factors" and len(names) >= 2):
             saved += [r for j, r in enumerate(reads) if r and j not in gathered]
+        if node.op == MOE_EXPERTS and s is not None:  # what its own backward keeps (costs.memory)
+            x_spec, route_spec, down_spec = (graph.spec_of(v) for v in (names[0], names[1], names[-1]))
+            route_pl, down_pl = s.inputs[1], s.inputs[-1]
+            rows = _numel(route_pl.local_shape(route_spec.shape, mesh) if route_pl else route_spec.shape)
+            inner = (down_pl.local_shape(down_spec.shape, mesh) if down_pl else down_spec.shape)[2]
+            size = experts_saved_elements(rows, x_spec.shape[-1], inner) * _local_elt(x_spec, low)
+            saved.append(lives.new(f"experts:{node.name}", size, k))
         for sid in saved:
             users_saving.setdefault(sid, []).append(k)
         if saves == "mask" and not inert:  # a 1-byte keep mask per element
