@@ -14,13 +14,15 @@ mask). Attention needs every key for every query; the ways differ in what moves:
 * ``ring`` (ring attention, Liu et al. 2023; as torchtitan's context parallelism): the key/value blocks pass
   around the cp ring in ``cp - 1`` steps while each rank attends its queries to the block it holds, the
   blocks merged by an online softmax. Each step's message is hidden behind the block's compute where the
-  compute is longer (only the excess is charged). The program's backward is autograd's: the gradients of the
-  blocks travel back one hop per step (the blocks were saved, not passed again), each hop waited for (not
-  hidden). Blocks that a causal mask hides entirely are skipped. Where the sequence cuts into ``2 cp``
-  chunks the cp axis holds chunk pairs (rank ``r``: chunks ``r`` and ``2cp - 1 - r``,
-  ``ir.placement.pairs_chunks``) and every rank does the same work; with contiguous chunks (rank ``r`` holds
-  chunk ``r``) the last rank attends ``cp - 1/2`` blocks' worth where the average is ``cp/2``, and the price
-  charges that imbalance.
+  compute is longer (only the excess is charged). The backward (FlashAttention's, block by block) passes the
+  blocks around again, each hop hidden behind a block's backward where that is longer, and sends each block's
+  gradient along with it once it is made: ``cp`` hops waited for (one per step, and one more home). Blocks
+  that a causal mask hides entirely are skipped. Where the sequence cuts into ``2 cp`` chunks the cp axis
+  holds chunk pairs (rank ``r``: chunks ``r`` and ``2cp - 1 - r``, ``ir.placement.pairs_chunks``) and every
+  rank does the same work; with contiguous chunks (rank ``r`` holds chunk ``r``) the last rank attends
+  ``cp - 1/2`` blocks' worth where the average is ``cp/2``, and the price charges that imbalance. The program
+  computes each block with separate kernels (no fused attention kernel returns the log-sum-exp it needs):
+  their launches and passes over the block's scores are charged too (``RING_*``).
 
 All sizes are one rank's local bytes. Returns (forward seconds, backward seconds) of the way's communication
 (and, for ring, of the causal imbalance) beyond the attention's own compute share, which the caller prices as
@@ -39,7 +41,8 @@ from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec, pairs_chunks
 from shardwise.ir.tensor import TensorSpec
 
 __all__ = ["CP_WAYS", "AttentionShape", "context_attention_s", "way_label", "way_of",
-           "ulysses_problem", "attention_shape", "node_context_attention_s", "ways_s"]  # fmt: skip
+           "ulysses_problem", "attention_shape", "node_context_attention_s", "ways_s", "ring_blocks",
+           "RING_FORWARD_KERNELS", "RING_FORWARD_PASSES", "RING_BACKWARD_KERNELS", "RING_BACKWARD_PASSES"]  # fmt: skip
 
 CP_WAYS = ("allgather", "ulysses", "ring")
 _SEP = "@"
@@ -66,6 +69,27 @@ class AttentionShape:
     heads: int  # heads on this rank before the all-to-all (after tensor parallelism)
     causal: bool  # the mask (or is_causal) hides the blocks above the diagonal
     balanced: bool = False  # the cp axis holds chunk pairs: a causal mask leaves every rank the same work
+    score_bytes: float = 0.0  # the scores of this rank's queries against one rank's keys (one ring block)
+
+
+#: the program's ring attention (``runtime/lib/attention.py``) computes each (query chunk, key chunk) block with
+#: separate kernels, counted from its code: per block, the kernels it launches and its passes over the block's
+#: scores (each a read or a write of every score). Forward: the scores' matmul, scale, mask, maximum, merge
+#: (maxima, rescaling), exponential, sums, the weighted values' matmul; backward: the scores again, the
+#: probabilities, their gradient, and three gradient matmuls accumulated
+RING_FORWARD_KERNELS = 21
+RING_FORWARD_PASSES = 11
+RING_BACKWARD_KERNELS = 15
+RING_BACKWARD_PASSES = 18
+
+
+def ring_blocks(cp: int, causal: bool, balanced: bool) -> tuple[int, float]:
+    """(blocks the busiest rank computes, each block's share of one rank's queries x one rank's keys) of the
+    program's ring attention: chunk pairs cut each rank's rows and keys in two (blocks of a quarter), contiguous
+    chunks do not; a causal mask hides the blocks above the diagonal (the last rank's are all visible)."""
+    if balanced:
+        return (2 * cp + 1 if causal else 4 * cp), 0.25
+    return cp, 1.0
 
 
 def ulysses_problem(heads: int, kv_heads: int, cp: int) -> str:
@@ -105,12 +129,22 @@ def context_attention_s(
         if shape.causal and not shape.balanced:
             imbalance = (cp - 0.5) / (cp / 2) - 1.0
         block_f = compute_forward_s * (1 + imbalance) / cp
+        # the program computes each block with its own kernels (RING_*): their launches and passes over scores
+        blocks, share = ring_blocks(cp, shape.causal, shape.balanced)
+        compute = prices.compute
+
+        def unfused(kernels: int, passes: int) -> float:
+            return compute.with_overhead(compute.byte_s(passes * shape.score_bytes * share * blocks), kernels * blocks)
+
         fwd = steps * max(hop - block_f, 0.0) + compute_forward_s * imbalance
+        fwd += unfused(RING_FORWARD_KERNELS, RING_FORWARD_PASSES)
         if not train:
             return fwd, 0.0
-        # the program's backward is autograd's: each step's key/value gradients travel back one hop, waited
-        # for (the blocks themselves were saved in the forward, so they do not travel again)
-        bwd = steps * hop + compute_backward_s * imbalance
+        # the blocks travel again (hidden where a block's backward is longer), and each block's gradient
+        # follows its block once made: cp hops waited for (cp - 1 steps and one more home)
+        block_b = compute_backward_s * (1 + imbalance) / cp
+        bwd = steps * max(hop - block_b, 0.0) + cp * hop + compute_backward_s * imbalance
+        bwd += unfused(RING_BACKWARD_KERNELS, RING_BACKWARD_PASSES)
         return fwd, bwd
     raise ValueError(f"unknown context-parallel attention way {way!r}: use one of {', '.join(CP_WAYS)}")
 
@@ -142,8 +176,10 @@ def attention_shape(
                 heads //= size
     out_bytes = _local(out, pl[0], mesh, width) * (out.numel / max(ins[0].numel, 1))
     causal = is_causal_attention(node) or len(ins) > 3  # a mask tensor: taken as causal (a language model's)
-    balanced = ins[0].rank >= 2 and pairs_chunks(ins[0].shape[-2], mesh.axis_size(axis))
-    return AttentionShape(q, kv, out_bytes, mask, heads, causal, balanced)
+    cp = mesh.axis_size(axis)
+    balanced = ins[0].rank >= 2 and pairs_chunks(ins[0].shape[-2], cp)
+    scores = q / max(ins[0].shape[-1], 1) * ins[1].shape[-2] / cp  # this rank's rows x one rank's keys
+    return AttentionShape(q, kv, out_bytes, mask, heads, causal, balanced, scores)
 
 
 def node_context_attention_s(

@@ -287,6 +287,7 @@ class _Context:
                 mask_bytes=ins[3].nbytes * scale if len(ins) > 3 else 0.0,
                 heads=heads // tp if split_heads else heads, causal=is_causal_attention(node) or len(ins) > 3,
                 balanced=pairs_chunks(ins[0].shape[-2], cp),
+                score_bytes=ins[0].nbytes * width * share / max(ins[0].shape[-1], 1) * ins[1].shape[-2] / cp,
             )  # fmt: skip
             ways = tp * cp if split_heads else cp
             whole = scale * cp  # the call's rows over the traced batch (its work split tp x cp ways)

@@ -48,16 +48,17 @@ def test_ring_hides_its_messages_behind_the_blocks_compute(cp):
 def test_ring_charges_the_causal_imbalance_of_contiguous_chunks_and_not_of_chunk_pairs():
     prices = price_list(get_cluster("dgx-h100x1"))
     hop = prices.p2p_s(8 * MiB, 0, 1)
-    compute = 1.0  # far above any hop: only the imbalance and the backward's hops remain
+    compute = 1.0  # far above any hop: only the imbalance and the backward's gradient hops remain
 
     def ring(shape: AttentionShape) -> tuple[float, float]:
         return context_attention_s(prices, (0, 1), "ring", shape, compute_forward_s=compute,
                                    compute_backward_s=compute, train=True)  # fmt: skip
 
     plain = ring(_shape(False))
-    assert plain == pytest.approx((0.0, hop))  # the backward waits for its hop (autograd's sends)
+    # the backward waits for each block's gradient: one hop following the block, one more home
+    assert plain == pytest.approx((0.0, 2 * hop))
     # cp=2, chunk 0 on rank 0, chunk 1 on rank 1: rank 1 attends 1.5 blocks' worth, the average is 1
-    assert ring(_shape(True)) == pytest.approx((0.5 * compute, hop + 0.5 * compute))
+    assert ring(_shape(True)) == pytest.approx((0.5 * compute, 2 * hop + 0.5 * compute))
     # chunk pairs (rank 0: chunks 0 and 3, rank 1: chunks 1 and 2) leave both ranks the same work
     paired = AttentionShape(q_bytes=4 * MiB, kv_bytes=8 * MiB, out_bytes=4 * MiB, mask_bytes=0.0, heads=8,
                             causal=True, balanced=True)  # fmt: skip
@@ -144,3 +145,21 @@ def test_explain_prices_every_way_of_a_context_parallel_attention():
     assert len(chosen) == 1 and chosen[0].split.startswith("cp:s")
     ways = [by_split[k].time_s for k in ("cp:s", "cp:s@ulysses", "cp:s@ring")]
     assert chosen[0].time_s == pytest.approx(min(ways))  # the placement took the way the price list says is cheapest
+
+
+def test_ring_charges_the_programs_block_kernels():
+    """The program's ring attention computes every block with separate kernels (no fused kernel returns the
+    log-sum-exp): on a CPU their launches and passes over the scores are charged, more the more blocks."""
+    prices = price_list(get_cluster("cpu:2"))
+    base = dict(q_bytes=MiB, kv_bytes=2 * MiB, out_bytes=MiB, mask_bytes=0.0, heads=4, causal=True)
+
+    def ring(**more: object) -> tuple[float, float]:
+        return context_attention_s(prices, (0, 1), "ring", AttentionShape(**base, **more), compute_forward_s=1.0,
+                                   compute_backward_s=1.0, train=True)  # fmt: skip
+
+    fused = ring(balanced=True)  # no scores: what a fused kernel would leave
+    unfused = ring(balanced=True, score_bytes=4 * MiB)
+    assert unfused[0] > fused[0] and unfused[1] > fused[1]
+    extra = unfused[0] - fused[0]
+    # cp=2 chunk pairs under a causal mask: 5 blocks of a quarter, 11 passes over their scores, 21 kernels each
+    assert extra >= prices.compute.byte_s(11 * 4 * MiB * 0.25 * 5)

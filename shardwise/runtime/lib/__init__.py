@@ -18,7 +18,7 @@ package it writes (as ``_runtime/``, imported by the program as ``C``) and the p
 
 from __future__ import annotations
 
-from .attention import context_attention, ring_shift
+from .attention import context_attention
 from .collectives import (
     all_gather,
     all_reduce,
@@ -61,7 +61,6 @@ __all__ = [
     "piece_size",
     "piece_sizes",
     "reduce_scatter",
-    "ring_shift",
     "shard",
     "sharded_cross_entropy",
     "to_partial",

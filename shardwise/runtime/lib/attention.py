@@ -1,4 +1,4 @@
-"""Attention over a sequence split across a mesh axis (context parallelism), differentiable end to end.
+"""Attention over a sequence split across a mesh axis (context parallelism), with its backward.
 
 ``context_attention(q, k, v, mask, mesh, axis, way, ...)`` computes ``F.scaled_dot_product_attention`` of the
 whole sequence while each rank holds a contiguous chunk of it (rank ``i`` of the axis holds chunk ``i`` of the
@@ -15,12 +15,12 @@ ordinary attention call):
   ``n - 1`` steps; each step's message is sent while the block held is attended to. On a paired axis
   (``mesh.Mesh.paired``: rank ``i`` holds sequence chunks ``i`` and ``2n - 1 - i``) each query chunk attends each
   key chunk of the block separately, so that the chunks a causal mask hides are skipped and every rank does
-  the same work. Blocks are merged by an
-  online softmax (running maximum, detached, since the result does not depend on it; running sum of
-  exponentials; running weighted values). A block the mask hides from every query of this rank is skipped
-  (its gradient is still sent back, as zeros, so that every rank runs the same backward messages).
-  Written with differentiable ops and a differentiable ring shift (its backward sends the gradient back one
-  hop), so autograd makes the backward.
+  the same work. Blocks are merged by an online softmax (running maximum, running sum of exponentials,
+  running weighted values); a block the mask hides from every query of this rank is skipped.
+  Its backward is its own (FlashAttention's, block by block): the forward keeps q, k, v, the output and each
+  row's log-sum-exp; the backward passes the blocks around again, recomputes each block's probabilities and
+  sends the block's gradient along with it (one hop per step, and one more home at the end), so no block's
+  probabilities are kept between the forward and the backward.
 
 Without autograd (``torch.no_grad()``) the same code runs without recording.
 """
@@ -37,7 +37,7 @@ from .collectives import all_gather
 from .mesh import Mesh, chunk_ids, join, pieces
 from .moe import all_to_all_rows
 
-__all__ = ["context_attention", "ring_shift"]
+__all__ = ["context_attention"]
 
 
 class _Pending:
@@ -71,40 +71,6 @@ def _shift_now(x: torch.Tensor, mesh: Mesh, axis: str, step: int) -> torch.Tenso
     for r in pending.requests:
         r.wait()
     return buf
-
-
-class _ShiftStart(torch.autograd.Function):
-    """Start sending ``x`` to the next rank of the ring and receiving the previous rank's block into a new
-    buffer (filled once ``_ShiftWait`` returns). The backward sends the gradient back one hop."""
-
-    @staticmethod
-    def forward(ctx, x, mesh, axis, pending):
-        ctx.args = (mesh, axis)
-        return _start(x, mesh, axis, 1, pending)
-
-    @staticmethod
-    def backward(ctx, grad):
-        mesh, axis = ctx.args
-        return _shift_now(grad, mesh, axis, -1), None, None, None
-
-
-class _ShiftWait(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, buf, pending):
-        for r in pending.requests:
-            r.wait()
-        pending.requests, pending.sent = [], None
-        return buf.view_as(buf)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def ring_shift(x: torch.Tensor, mesh: Mesh, axis: str) -> torch.Tensor:
-    """The previous rank's ``x`` along the ring of ``axis`` (this rank's goes to the next); differentiable."""
-    pending = _Pending()
-    return _ShiftWait.apply(_ShiftStart.apply(x, mesh, axis, pending), pending)
 
 
 def _repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +152,13 @@ class _Online:
             self.acc, self.total = self.acc * keep + part, self.total * keep + mass
         self.top = top
 
+    def log_sum_exp(self, like: torch.Tensor) -> torch.Tensor:
+        """log(sum of exponentials) per query row (-inf for a row every key is hidden from)."""
+        if self.acc is None:
+            return torch.full(like.shape[:-1] + (1,), float("-inf"), dtype=like.dtype, device=like.device)
+        assert self.top is not None and self.total is not None
+        return torch.where(torch.isinf(self.top), self.top, self.top + self.total.log())
+
     def result(self, like: torch.Tensor, width: int) -> torch.Tensor:
         if self.acc is None:  # every key hidden from these queries: what sdpa's softmax of -inf rows gives
             return torch.full(like.shape[:-1] + (width,), float("nan"), dtype=like.dtype, device=like.device)
@@ -193,49 +166,119 @@ class _Online:
         return self.acc / self.total
 
 
+def _allowed(mask, is_causal, qi, r, c, rows, cols, device):  # noqa: ANN001, ANN202
+    """The mask of query chunk ``r`` (this rank's ``qi``-th group of rows) against key chunk ``c``: a slice of
+    the mask tensor, the causal triangle, or None (every key allowed)."""
+    if mask is not None:
+        allowed = mask.narrow(-2, qi * rows, rows) if mask.shape[-2] > 1 else mask
+        return allowed.narrow(-1, c * cols, cols)
+    if is_causal:
+        return _causal_block(rows, cols, r * rows, c * cols, device)
+    return None
+
+
+def _hidden(allowed: torch.Tensor | None) -> bool:
+    return allowed is not None and allowed.dtype == torch.bool and not bool(allowed.any())
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if allowed is None:
+        return s
+    return s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention with its own backward (FlashAttention's, per block): the forward keeps only q, k, v, the
+    output and the log-sum-exp of every query row; the backward passes the key/value block around the ring
+    again, recomputes each block's probabilities from the log-sum-exp, and sends the block's gradient along
+    with it, so that after the last step one more hop brings each block's gradient home."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, mesh, axis, scale, is_causal):
+        n, me = mesh.size(axis), mesh.index(axis)
+        mine = chunk_ids(mesh, axis)  # the sequence chunks this rank's rows are (two on a paired axis)
+        groups = len(mine)
+        rows, cols, width = q.shape[-2] // groups, k.shape[-2] // groups, k.shape[-1]
+        queries = q.chunk(groups, dim=-2)
+        states = [_Online() for _ in mine]
+        block = torch.cat([k, v], dim=-1)
+        for step in range(n):
+            pending = _Pending()
+            if step < n - 1:  # the next block travels while this one is attended to
+                incoming = _start(block, mesh, axis, 1, pending)
+            theirs = chunk_ids(mesh, axis, (me - step) % n)  # the chunks of the block held at this step
+            for qi, r in enumerate(mine):
+                for kj, c in enumerate(theirs):
+                    allowed = _allowed(mask, is_causal, qi, r, c, rows, cols, q.device)
+                    if _hidden(allowed):
+                        continue  # hidden from every query of this group: not computed (the causal saving)
+                    part = block.narrow(-2, kj * cols, cols)
+                    states[qi].add(_scores(queries[qi], part[..., :width], allowed, scale), part[..., width:])
+            if step < n - 1:
+                for request in pending.requests:
+                    request.wait()
+                block = incoming
+        out = torch.cat([st.result(qp, v.shape[-1]) for st, qp in zip(states, queries, strict=True)], dim=-2)
+        lse = torch.cat([st.log_sum_exp(qp) for st, qp in zip(states, queries, strict=True)], dim=-2)
+        ctx.save_for_backward(q, k, v, out, lse, mask if mask is not None else torch.empty(0))
+        ctx.args = (mesh, axis, scale, is_causal, mask is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        mesh, axis, scale, is_causal, masked = ctx.args
+        mask = mask if masked else None
+        n, me = mesh.size(axis), mesh.index(axis)
+        mine = chunk_ids(mesh, axis)
+        groups = len(mine)
+        rows, cols, width = q.shape[-2] // groups, k.shape[-2] // groups, k.shape[-1]
+        grad = grad.contiguous()
+        # rows hidden from every key (lse -inf) get no gradient
+        safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        delta = (grad * out).sum(dim=-1, keepdim=True).nan_to_num(0.0)
+        queries, grads = q.chunk(groups, dim=-2), grad.chunk(groups, dim=-2)
+        tops, deltas = safe.chunk(groups, dim=-2), delta.chunk(groups, dim=-2)
+        dq = [torch.zeros_like(x) for x in queries]
+        block = torch.cat([k, v], dim=-1)
+        dblock = torch.zeros_like(block)
+        for step in range(n):
+            pending = _Pending()
+            if step < n - 1:  # the next block travels while this one's gradient is made
+                incoming = _start(block, mesh, axis, 1, pending)
+            theirs = chunk_ids(mesh, axis, (me - step) % n)
+            for qi, r in enumerate(mine):
+                for kj, c in enumerate(theirs):
+                    allowed = _allowed(mask, is_causal, qi, r, c, rows, cols, q.device)
+                    if _hidden(allowed):
+                        continue
+                    part = block.narrow(-2, kj * cols, cols)
+                    kb, vb = part[..., :width], part[..., width:]
+                    p = torch.exp(_scores(queries[qi], kb, allowed, scale) - tops[qi])
+                    dp = torch.matmul(grads[qi], vb.transpose(-1, -2))
+                    ds = p * (dp - deltas[qi])
+                    dq[qi] += torch.matmul(ds, kb) * scale
+                    into = dblock.narrow(-2, kj * cols, cols)
+                    into[..., :width] += torch.matmul(ds.transpose(-1, -2), queries[qi]) * scale
+                    into[..., width:] += torch.matmul(p.transpose(-1, -2), grads[qi])
+            # the block's gradient follows the block (after the last step: home, one hop on)
+            dblock = _shift_now(dblock, mesh, axis, 1)
+            if step < n - 1:
+                for request in pending.requests:
+                    request.wait()
+                block = incoming
+        dk, dv = dblock[..., :width], dblock[..., width:]
+        return torch.cat(dq, dim=-2), dk, dv, None, None, None, None, None
+
+
 def _ring(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa):  # noqa: ANN001, ANN202
-    n, me = mesh.size(axis), mesh.index(axis)
     if enable_gqa:
         k, v = _repeat_kv(k, v, q.shape[-3])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mine = chunk_ids(mesh, axis)  # the sequence chunks this rank's rows are (two on a paired axis)
-    groups = len(mine)
-    rows, cols, width = q.shape[-2] // groups, k.shape[-2] // groups, k.shape[-1]
-    queries = q.chunk(groups, dim=-2)
-    states = [_Online() for _ in mine]
-    block = torch.cat([k, v], dim=-1)
-    untouched = None  # blocks skipped: kept in the graph (times 0) so every rank runs every backward shift
-    for step in range(n):
-        nxt = None
-        if step < n - 1:  # the next block travels while this one is attended to
-            pending = _Pending()
-            nxt = (_ShiftStart.apply(block, mesh, axis, pending), pending)
-        theirs = chunk_ids(mesh, axis, (me - step) % n)  # the chunks of the block held at this step
-        used = False
-        for qi, r in enumerate(mine):
-            for kj, c in enumerate(theirs):
-                allowed = None
-                if mask is not None:
-                    allowed = mask.narrow(-2, qi * rows, rows) if mask.shape[-2] > 1 else mask
-                    allowed = allowed.narrow(-1, c * cols, cols)
-                elif is_causal:
-                    allowed = _causal_block(rows, cols, r * rows, c * cols, q.device)
-                if allowed is not None and allowed.dtype == torch.bool and not bool(allowed.any()):
-                    continue  # hidden from every query of this group: not computed (the causal saving)
-                used = True
-                part = block.narrow(-2, kj * cols, cols)
-                kb, vb = part[..., :width], part[..., width:]
-                s = torch.matmul(queries[qi], kb.transpose(-1, -2)) * scale
-                if allowed is not None:
-                    s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed
-                states[qi].add(s, vb)
-        if not used and block.requires_grad:
-            zero = block.sum() * 0
-            untouched = zero if untouched is None else untouched + zero
-        if nxt is not None:
-            block = _ShiftWait.apply(*nxt)
-    out = torch.cat([st.result(qp, v.shape[-1]) for st, qp in zip(states, queries, strict=True)], dim=-2)
-    return out if untouched is None else out + untouched
+    if mask is not None and mask.is_floating_point() and mask.requires_grad:
+        mask = mask.detach()  # (a mask's gradient is not computed)
+    return _RingAttention.apply(q, k, v, mask, mesh, axis, scale, is_causal)
 
 
 def context_attention(
