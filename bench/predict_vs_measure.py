@@ -14,6 +14,13 @@ by ``shardwise.compile`` with that one constraint (training: loss ``output.float
   starts after a barrier; a step's time is the slower rank's), and one step's peak memory per rank
   (``shardwise.testing.memory``: the allocator's events replayed, plus the resident tensors).
 
+Where each measured step's time went, on its slower rank's main thread (``step_anatomy``): ``cpu`` is the
+thread's own CPU time and ``queue`` the time it was ready to run but waited for a CPU that another process held
+(Linux scheduler statistics); the rest of the step it was blocked, mostly in collectives waiting for its peer.
+The price list predicts the machine undisturbed (``shardwise calibrate`` keeps the least of short samples); on a
+2-core machine running 2 workers, any other runnable process takes a core from a worker, and every collective
+then makes the other rank wait too: ``queue`` shows how much of a row's error is that.
+
 Timing runs in rounds: each round loads every configuration in turn (the order rotates from round to round),
 warms it up (``--warmup`` steps) and times ``--steps`` steps, so that drift of the machine's load hits all
 configurations alike. The measured figure is the median of all timed steps; the spread is shown as min,
@@ -81,6 +88,10 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
 def plan_all(cluster, models, layouts, modes, workdir: Path) -> list[dict]:
     import shardwise
     from shardwise.zoo import build_model
@@ -138,14 +149,23 @@ def measure_memory(pool, config: dict) -> list[int]:
     return [m["peak"] for m in measured]
 
 
-def time_config(pool, config: dict, warmup: int, steps: int) -> list[float]:
+def time_config(pool, config: dict, warmup: int, steps: int) -> list[dict]:
+    """The timed steps of one configuration: each step's wall time (the slower rank's), the main threads' CPU
+    time and their wait for a CPU (``shardwise.testing.timing.step_anatomy``; the larger of the ranks')."""
     from shardwise.testing.timing import time_steps
 
     load(pool, config)
     per_rank = pool.call_function(
-        time_steps, *config["inputs"], step_method=method(config), warmup=warmup, steps=steps
+        time_steps, *config["inputs"], step_method=method(config), warmup=warmup, steps=steps, anatomy=True
     )
-    return [max(times) for times in zip(*per_rank, strict=True)]
+    out = []
+    for ranks in zip(*per_rank, strict=True):
+        queues = [r["run_queue"] for r in ranks]
+        out.append({
+            "wall": max(r["wall"] for r in ranks), "cpu": max(r["cpu"] for r in ranks),
+            "run_queue": None if None in queues else max(queues),
+        })  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -186,7 +206,7 @@ def main() -> None:
                 for c in configs:
                     c["measured_memory_bytes"] = measure_memory(pool, c)
             loads["after_memory"] = load_average()
-            times: dict[int, list[float]] = {k: [] for k in range(len(configs))}
+            times: dict[int, list[dict]] = {k: [] for k in range(len(configs))}
             loads["rounds"] = []
             for r in range(args.rounds):
                 order = list(range(len(configs)))
@@ -203,13 +223,16 @@ def main() -> None:
     errors = []
     memory_errors = []
     for k, c in enumerate(configs):
-        ts = sorted(times[k])
+        ts = sorted(t["wall"] for t in times[k])
         q1, med, q3 = _quartiles(ts)
         err = c["predicted_step_s"] / med - 1
         errors.append(err)
         row = {key: v for key, v in c.items() if key not in ("inputs", "package")}
+        queues = [t["run_queue"] for t in times[k]]
         row.update(measured_step_s={"median": med, "min": ts[0], "q1": q1, "q3": q3, "max": ts[-1], "n": len(ts)},
-                   step_error=err)  # fmt: skip
+                   step_error=err, measured_cpu_s=statistics.median(t["cpu"] for t in times[k]),
+                   measured_run_queue_s=None if None in queues else statistics.median(queues),
+                   steps=times[k])  # fmt: skip
         if "measured_memory_bytes" in c:
             merr = [
                 p / m - 1
@@ -223,13 +246,15 @@ def main() -> None:
     print(f"predicted (price list) vs measured (generated program, 2 gloo processes) on {cluster.name}; "
           f"load {loads['start']:.2f} at the start, {loads['end']:.2f} at the end")  # fmt: skip
     head = (f"{'model':6} {'layout':6} {'mode':9} {'predicted ms':>12} {'measured ms':>11} {'min':>7} {'q1':>7} "
-            f"{'q3':>7} {'max':>7} {'error':>7}   {'predicted MiB':>13} {'measured MiB':>12} {'error':>6}")  # fmt: skip
+            f"{'q3':>7} {'max':>7} {'error':>7} {'cpu ms':>7} {'queue ms':>8}   {'predicted MiB':>13} "
+            f"{'measured MiB':>12} {'error':>6}")  # fmt: skip
     print(head)
     for row in rows:
         m = row["measured_step_s"]
         line = (f"{row['model']:6} {row['layout']:6} {row['mode']:9} {row['predicted_step_s'] * 1e3:>12.2f} "
                 f"{m['median'] * 1e3:>11.2f} {m['min'] * 1e3:>7.2f} {m['q1'] * 1e3:>7.2f} {m['q3'] * 1e3:>7.2f} "
-                f"{m['max'] * 1e3:>7.2f} {row['step_error']:>+7.1%}")  # fmt: skip
+                f"{m['max'] * 1e3:>7.2f} {row['step_error']:>+7.1%} {row['measured_cpu_s'] * 1e3:>7.2f} "
+                f"{_ms(row['measured_run_queue_s']):>8}")  # fmt: skip
         if "memory_error" in row:
             worst = max(range(len(row["memory_error"])), key=lambda i: abs(row["memory_error"][i]))
             line += (f"   {row['predicted_memory_bytes'][worst] / 2**20:>13.2f} "
