@@ -139,11 +139,16 @@ def _statement_layer(s: Statement, paths: Mapping[str, str], family: str) -> int
 def _relative_name(name: str, layer: int, family_id: str, parent_id: str = "") -> str:
     """A name of layer ``layer`` made relative to it: ``transformer_h_3_attn_c_attn`` -> ``attn_c_attn``;
     the next layer's ``transformer_h_4_ln_1`` -> ``next_ln_1``; a name of the module holding the layers
-    (``parent_id``) relative to that module: ``transformer_ln_f_weight`` -> ``ln_f_weight``."""
+    (``parent_id``) relative to that module: ``transformer_ln_f_weight`` -> ``ln_f_weight``; a name outside
+    both that carries the layer's number as a word without it: ``kv_cache_3_keys`` -> ``kv_cache_keys``."""
     m = re.match(rf"{re.escape(family_id)}_(\d+)(?:_(.+))?\Z", name)
     if m is None:
         rest = name[len(parent_id) + 1 :] if parent_id and name.startswith(parent_id + "_") else ""
-        return identifier(rest) if rest and not rest[0].isdigit() else name
+        if rest and not rest[0].isdigit():
+            return identifier(rest)
+        # a per-layer tensor kept outside the layers (a KV cache's ``kv_cache_3_keys``): without the number
+        own = re.sub(rf"_{layer}(?=_|\Z)", "", name, count=1)
+        return own if own != name and own and not own[0].isdigit() else name
     d = int(m.group(1)) - layer
     rest = m.group(2) or "layer"
     prefix = {0: "", 1: "next_", -1: "prev_"}.get(d, f"layer_{'p' if d > 0 else 'm'}{abs(d)}_")

@@ -134,7 +134,7 @@ def test_drop_in_package_generates_with_one_process(tmp_path):
                            max_prompt=MAX_PROMPT)  # fmt: skip
     package = cm.save(tmp_path / "llama_gen")
     decode = (package / "decode" / "program.py").read_text()
-    assert ".kv_cache_0_keys.index_copy_(2, cache_position, " in decode  # the cache is written in place
+    assert "w.kv_cache_keys.index_copy_(2, cache_position, " in decode  # written in place, by each layer
     assert "kv_cache_0_keys.copy_(" not in decode  # and needs no write-back
     torch.save((ids, mask), tmp_path / "prompts.pt")
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "PYTHONPATH": str(tmp_path)}
