@@ -103,10 +103,12 @@ def ulysses_problem(heads: int, kv_heads: int, cp: int) -> str:
 
 def context_attention_s(
     prices: PriceList, ranks: Sequence[int], way: str, shape: AttentionShape, *, compute_forward_s: float,
-    compute_backward_s: float, train: bool,
+    compute_backward_s: float, train: bool, fused_blocks: bool = False,
 ) -> tuple[float, float]:  # fmt: skip
     """(forward, backward) seconds of ``way``'s communication over the cp group ``ranks`` (see the module
-    docstring); ``compute_*_s``: the attention's own share on one rank (what ring hides its messages behind)."""
+    docstring); ``compute_*_s``: the attention's own share on one rank (what ring hides its messages behind);
+    ``fused_blocks``: ring's blocks run as fused attention kernels (a published system's program), so the
+    ``RING_*`` charges of shardwise's own block kernels do not apply."""
     cp = len(ranks)
     if cp < 2:
         return 0.0, 0.0
@@ -134,6 +136,8 @@ def context_attention_s(
         compute = prices.compute
 
         def unfused(kernels: int, passes: int) -> float:
+            if fused_blocks:
+                return 0.0
             return compute.with_overhead(compute.byte_s(passes * shape.score_bytes * share * blocks), kernels * blocks)
 
         fwd = steps * max(hop - block_f, 0.0) + compute_forward_s * imbalance
@@ -185,13 +189,13 @@ def attention_shape(
 def node_context_attention_s(
     prices: PriceList, mesh: DeviceMesh, axis: str, way: str, node: Node, ins: Sequence[TensorSpec],
     out: TensorSpec, inputs: Sequence[ShardingSpec | None], *, compute_forward_s: float, compute_backward_s: float,
-    train: bool, width: float = 1.0,
+    train: bool, width: float = 1.0, fused_blocks: bool = False,
 ) -> tuple[float, float]:  # fmt: skip
     """:func:`context_attention_s` of attention ``node`` placed ``inputs`` on ``mesh`` (cp axis ``axis``)."""
     shape = attention_shape(node, ins, out, inputs, mesh, axis, width)
     return context_attention_s(
         prices, prices.axis_group(mesh, axis), way, shape, compute_forward_s=compute_forward_s,
-        compute_backward_s=compute_backward_s, train=train,
+        compute_backward_s=compute_backward_s, train=train, fused_blocks=fused_blocks,
     )  # fmt: skip
 
 

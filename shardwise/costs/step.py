@@ -184,13 +184,16 @@ def plan_pricing(plan: ExecutionPlan, prices: PriceList) -> PricingContext:
     )
 
 
-def node_prices(plan: ExecutionPlan, prices: PriceList) -> dict[str, OpPrice]:
+def node_prices(plan: ExecutionPlan, prices: PriceList, *, fused_attention: bool = False) -> dict[str, OpPrice]:
     """Every op's prices on one rank of a flat plan (see the module docstring, steps 1 and 2). On a device that
     runs a fused group as one kernel, the group's forward (and recomputation) is shared among its ops in
-    proportion to what each would cost alone, so the ops' prices add up to the step."""
+    proportion to what each would cost alone, so the ops' prices add up to the step. ``fused_attention``: the
+    program computes ring attention's blocks with fused attention kernels (a compiled published system's;
+    shardwise's own programs do not: ``costs.attention``)."""
     ops = op_prices(
         plan.graph, plan.mesh, plan.strategies, prices, train=plan.mode == "train",
         bucketed=_bucketed_params(plan), recomputed=_recomputed(plan.graph, plan.recompute),
+        fused_attention=fused_attention,
     )  # fmt: skip
     fused = fused_forward(plan.graph, plan.mesh, plan.strategies, plan.fused_groups, prices)
     for group in plan.fused_groups if fused else ():
@@ -207,13 +210,16 @@ def node_prices(plan: ExecutionPlan, prices: PriceList) -> dict[str, OpPrice]:
 def op_prices(
     graph: Graph, mesh: DeviceMesh, strategies: Sequence[NodeStrategy], prices: PriceList, *, train: bool,
     bucketed: Collection[str] = (), recomputed: Collection[str] = (), scale: float = 1.0,
+    fused_attention: bool = False,
 ) -> dict[str, OpPrice]:  # fmt: skip
     """Every op's prices on one rank of ``graph`` placed by ``strategies`` on ``mesh``. ``bucketed``: the
     parameters whose gradients are reduced after the backward (not at each use); ``recomputed``: the ops run
     again in the backward; ``scale``: price the ops on ``scale`` times the traced rows (FLOPs, activations
     and their collectives scale; parameters do not) — how the pipeline search prices a micro-batch."""
     by_node = {s.node: s for s in strategies}
-    context = PricingContext(graph, mesh, prices, train=train, bucketed=bucketed, scale=scale)
+    context = PricingContext(
+        graph, mesh, prices, train=train, bucketed=bucketed, scale=scale, fused_attention=fused_attention
+    )
     shared: set[tuple] = set()  # the program's shared collectives: the first reader in graph order pays
     return {
         node.name: context.price(node, by_node.get(node.name), recomputed=node.name in recomputed, shared=shared)
@@ -226,9 +232,10 @@ class PricingContext:
 
     def __init__(
         self, graph: Graph, mesh: DeviceMesh, prices: PriceList, *, train: bool, bucketed: Collection[str] = (),
-        scale: float = 1.0,
+        scale: float = 1.0, fused_attention: bool = False,
     ) -> None:  # fmt: skip
         self.graph = graph
+        self.fused_attention = fused_attention
         self.mesh = mesh
         self.prices = prices
         self.bucketed = bucketed
@@ -290,6 +297,7 @@ class PricingContext:
                 f, b = node_context_attention_s(
                     prices, mesh, axis, way, node, ins, node.outputs[0], s.inputs,  # type: ignore[arg-type]
                     compute_forward_s=fwd, compute_backward_s=bwd, train=needs, width=self.width * scale,
+                    fused_blocks=self.fused_attention,
                 )  # fmt: skip
                 comm_f += f
                 comm_b += b
@@ -377,10 +385,11 @@ def _recomputed(graph: Graph, ranges: Iterable[tuple[str, str]]) -> set[str]:
 
 def price_flat(plan: ExecutionPlan, prices: PriceList, *, fused_backward: bool = False) -> StepPrice:
     """The step of a flat plan (see the module docstring). ``fused_backward``: the program runs each fused
-    group's backward as one kernel too (``costs.backward``; shardwise's own programs do not)."""
+    group's backward as one kernel too (``costs.backward``; shardwise's own programs do not), and ring
+    attention's blocks are fused attention kernels (``costs.attention``)."""
     graph = plan.graph
     train = plan.mode == "train"
-    ops = node_prices(plan, prices)
+    ops = node_prices(plan, prices, fused_attention=fused_backward)
     label = {n.name: n.module_path or n.name for n in graph.nodes}
     events: list[Event] = []
     fused_bwd = _fused_backward(plan, prices) if fused_backward and train else {}

@@ -301,7 +301,8 @@ class _Context:
                 if isinstance(old, str):
                     continue
                 f, b = context_attention_s(
-                    self.prices, ranks, way, shape, compute_forward_s=fwd, compute_backward_s=bwd, train=self.train
+                    self.prices, ranks, way, shape, compute_forward_s=fwd, compute_backward_s=bwd, train=self.train,
+                    fused_blocks=self.options.fused_backward,  # a published system's fused kernels
                 )
                 out[way] = (old[0] + f * times, old[1] + b * times)
         self._cp[key] = out

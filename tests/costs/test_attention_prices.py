@@ -153,11 +153,13 @@ def test_ring_charges_the_programs_block_kernels():
     prices = price_list(get_cluster("cpu:2"))
     base = dict(q_bytes=MiB, kv_bytes=2 * MiB, out_bytes=MiB, mask_bytes=0.0, heads=4, causal=True)
 
-    def ring(**more: object) -> tuple[float, float]:
+    def ring(fused_blocks: bool = False, **more: object) -> tuple[float, float]:
         return context_attention_s(prices, (0, 1), "ring", AttentionShape(**base, **more), compute_forward_s=1.0,
-                                   compute_backward_s=1.0, train=True)  # fmt: skip
+                                   compute_backward_s=1.0, train=True, fused_blocks=fused_blocks)  # fmt: skip
 
     fused = ring(balanced=True)  # no scores: what a fused kernel would leave
+    # a published system's program (fused attention kernels per block) pays no such charges
+    assert ring(True, balanced=True, score_bytes=4 * MiB) == fused
     unfused = ring(balanced=True, score_bytes=4 * MiB)
     assert unfused[0] > fused[0] and unfused[1] > fused[1]
     extra = unfused[0] - fused[0]
