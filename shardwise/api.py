@@ -239,6 +239,11 @@ class CompiledModel:
         """ZeRO stages 1 and 2 keep the optimizer state as slices of flat gradient buckets
         (``runtime.lib.optim.ShardedOptimizer``), which checkpoints do not map to parameters yet: refuse rather
         than save or return a state without them."""
+        if self.generation is not None:
+            raise UserInputError(
+                f"{what.split(' ')[0]}: a model compiled with mode='generate' has no state to checkpoint (its weights "
+                "are the model's: cm.state_dict(); cm.save(directory) writes them with the package)"
+            )
         plan = self.plan
         stage = plan.pipeline.zero if plan.pipeline is not None else plan.zero_stage
         if plan.mode == "train" and stage in (1, 2) and plan.degrees.get("dp", 1) > 1:

@@ -164,6 +164,8 @@ def test_errors_say_what_to_do():
         cm.generate(torch.ones((2, 4), dtype=torch.long), max_new_tokens=20)
     with pytest.raises(UserInputError, match=r"compiled with mode='generate': call cm.generate"):
         cm.run(ids)
+    with pytest.raises(UserInputError, match=r"save_checkpoint: a model compiled with mode='generate' has no state"):
+        cm.save_checkpoint("unused")
     assert cm._pool is None  # every refusal came before any worker started
     base = transformers.AutoModel.from_config(model.config)  # the transformer without its language-model head
     with pytest.raises(UserInputError, match=r"has no such head. Load the model with AutoModelForCausalLM"):
