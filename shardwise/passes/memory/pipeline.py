@@ -353,12 +353,12 @@ def map_pipeline_memory(
     within_capacity: bool = False,
 ) -> PipelineMemoryMap:
     """Map every device stage's memory and record it per global rank (see the module docstring).
-    ``within_capacity``: search for offsets only when the greedy arena exceeds ``capacity_bytes`` (and then
-    for an arena within it), instead of for the smallest arena: whether the plan fits is known as surely, and
-    quicker; the arena recorded may be larger than the smallest one. With ``within_capacity``, when a stage's
-    lower bound (the most bytes live at one step) already exceeds the capacity, no offsets are assigned at all:
-    every stage is recorded at its lower bound (``method="lower-bound"``, ``exact=False``), which is what the
-    plan needs at least, and enough to know that it does not fit."""
+    ``within_capacity``: offsets from the online allocator's replay when they fit ``capacity_bytes``, else
+    best-fit and the search for an arena within the capacity, instead of the search for the smallest arena:
+    whether the plan fits is known as surely, and quicker; the arena recorded may be larger than the smallest.
+    And when a stage's lower bound (the most bytes live at one step) already exceeds the capacity, no offsets
+    are assigned at all: every stage is recorded at its lower bound (``method="lower-bound"``,
+    ``exact=False``), which is what the plan needs at least, and enough to know that it does not fit."""
     per_stage = [
         tuple(
             stage_buffers(
@@ -377,18 +377,25 @@ def map_pipeline_memory(
             memory = tuple(replace(records[r // group], rank=r) for r in range(spec.pp * group))
             return PipelineMemoryMap(memory, tuple(per_stage), tuple(unmapped), exact=False)
     assignments: list[Assignment] = []
+    exact = True
     for bufs in per_stage:
         if len(bufs) > MAX_PACKED:
             assignment = online_assignment(bufs)  # best-fit packing is quadratic: an allocator's replay
         else:
-            assignment = assign_offsets(
-                bufs, time_limit_s=time_limit_s, node_limit=node_limit,
-                capacity=capacity_bytes if within_capacity else None,
-            )  # fmt: skip
+            # within the capacity: the allocator's replay first (quick); best-fit and the search only if it
+            # does not fit
+            online = online_assignment(bufs) if within_capacity else None
+            if online is not None and online.arena_bytes <= capacity_bytes:
+                assignment = online
+            else:
+                assignment = assign_offsets(
+                    bufs, time_limit_s=time_limit_s, node_limit=node_limit,
+                    capacity=capacity_bytes if within_capacity else None,
+                )  # fmt: skip
+            exact = exact and (not within_capacity or assignment.optimal)
         verify_assignment(bufs, assignment)
         assignments.append(assignment)
     # the ranks of one stage share its buffers and offsets: one record per stage, renumbered per rank
     records = [rank_memory(p * group, per_stage[p], assignments[p], capacity_bytes) for p in range(spec.pp)]
     memory = tuple(replace(records[r // group], rank=r) for r in range(spec.pp * group))
-    exact = not within_capacity or all(a.method == "online-best-fit" or a.optimal for a in assignments)
     return PipelineMemoryMap(memory, tuple(per_stage), tuple(assignments), exact)
