@@ -10,6 +10,10 @@ the machine's load affects both sides alike; the load average is recorded with t
   what calibrate uses with one thread) and the wall clock (``time.perf_counter``);
 * **alone / pair**: the same probes with rank 0 measuring alone (rank 1 blocked in a barrier) and with both
   ranks measuring at once (as calibrate does, and as a 2-worker program runs);
+* **hot / after a stream**: tiny ops (calibrate's per-op probe) repeated back to back, as calibrate times
+  them, against each one run right after ``a + b`` streamed as many bytes as the core's private (L2) cache
+  holds, as in a program, where every op follows a kernel on real tensors (the stream's own time, measured
+  alone in the same round, is subtracted);
 * **collective**: the runtime library's all-reduce (``shardwise.runtime.lib.comm.reduce``) timed right after a
   barrier (as calibrate times it) and right after ~0.6 ms of matmuls on both ranks (as a program reaches its
   collectives; the time of the all-reduce alone is counted).
@@ -68,6 +72,58 @@ def _probes() -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
+def _private_cache_bytes() -> int:
+    """The size of CPU 0's L2 cache (Linux sysfs; 1 MiB when unknown)."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip().upper()
+        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return 2**20
+
+
+def _tiny_ops() -> list:
+    import torch
+    import torch.nn.functional as F
+
+    x, w = torch.rand(4, 4) + 0.5, torch.randn(4, 4)
+    return [lambda: x + w, lambda: x * 0.5, lambda: torch.tanh(x), lambda: torch.softmax(x, -1),
+            lambda: torch.matmul(x, w), lambda: x.sum(-1), lambda: torch.rsqrt(x), lambda: F.gelu(x),
+            lambda: torch.exp(x), lambda: torch.cat([x, w])]  # fmt: skip
+
+
+def _cold_ops() -> dict[str, float]:
+    """Per-op seconds (least of samples, thread CPU clock) of tiny ops back to back and right after a stream."""
+    import torch
+
+    ops = _tiny_ops()
+    numel = _private_cache_bytes() // 12
+    a, b, c = torch.rand(numel), torch.rand(numel), torch.empty(numel)
+
+    def stream() -> None:
+        torch.add(a, b, out=c)
+
+    def interleaved() -> None:
+        for f in ops:
+            stream()
+            f()
+
+    def least(fn, calls: int) -> float:  # noqa: ANN001
+        fn()
+        times = []
+        for _ in range(SAMPLES):
+            start = time.thread_time()
+            for _ in range(calls):
+                fn()
+            times.append((time.thread_time() - start) / calls)
+        return min(times)
+
+    with torch.no_grad():
+        hot = least(lambda: [f() for f in ops], 20) / len(ops)
+        alone = least(stream, 20)
+        after = (least(interleaved, 5) - len(ops) * alone) / len(ops)
+    return {"hot": hot, "after stream": after, "stream": alone}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
@@ -91,6 +147,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             result["alone"].append(_probes())
         dist.barrier()
         result["pair"].append(_probes())
+        result.setdefault("cold", []).append(_cold_ops())
         for nbytes in COLLECTIVE_BYTES:
             buf = torch.zeros(1, nbytes // 64, 16)
             comm.reduce(buf, mesh, "x", "sum")
@@ -138,16 +195,26 @@ def main() -> int:
             row[f"{setting} rank {rank}"] = {"wall": _stats(wall), "cpu": _stats(cpu)}
         table.append(row)
     collectives = {
-        nbytes: {kind: _stats(ranks[0]["collective"][nbytes][kind]) for kind in ("after barrier", "after compute")}
+        nbytes: {
+            kind: _stats(ranks[0]["collective"][nbytes][kind]) for kind in ("after barrier", "after compute")
+        }
         for nbytes in ranks[0]["collective"]
     }
+    cold = {
+        kind: _stats([r[kind] for rank in ranks for r in rank["cold"]]) for kind in ("hot", "after stream")
+    }
     print(f"load average {load_start:.2f} at the start, {load_end:.2f} at the end")
-    print(f"{'probe':16} {'setting':14} {'cpu min':>10} {'wall min':>10} {'cpu med':>10} {'wall med':>10}  (us)")
+    print(
+        f"{'probe':16} {'setting':14} {'cpu min':>10} {'wall min':>10} {'cpu med':>10} {'wall med':>10}  (us)"
+    )
     for row in table:
         for setting in ("alone rank 0", "pair rank 0", "pair rank 1"):
             f = row[setting]
             print(f"{row['probe']:16} {setting:14} {f['cpu']['min'] * 1e6:>10.3f} {f['wall']['min'] * 1e6:>10.3f} "
                   f"{f['cpu']['median'] * 1e6:>10.3f} {f['wall']['median'] * 1e6:>10.3f}")  # fmt: skip
+    print(f"tiny op, per op (both ranks): hot {cold['hot']['min'] * 1e6:.2f} us (median {cold['hot']['median'] * 1e6:.2f}), "
+          f"right after a {_private_cache_bytes() // 1024} KiB stream {cold['after stream']['min'] * 1e6:.2f} us "
+          f"(median {cold['after stream']['median'] * 1e6:.2f})")  # fmt: skip
     print(f"{'all-reduce':16} {'when':14} {'min us':>10} {'median us':>10}")
     for nbytes, kinds in collectives.items():
         for kind, f in kinds.items():
@@ -155,7 +222,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "calibration_checks.json"
     out.write_text(json.dumps({"load_average": {"start": load_start, "end": load_end}, "rounds": ROUNDS,
-                               "samples": SAMPLES, "probes": table, "collectives": collectives}, indent=1))  # fmt: skip
+                               "samples": SAMPLES, "probes": table, "tiny_ops": cold, "stream_bytes": _private_cache_bytes(),
+                               "collectives": collectives}, indent=1))  # fmt: skip
     print(f"wrote {out}")
     return 0
 
