@@ -13,11 +13,15 @@
   (81,051 MiB: a public deviceQuery listing of an A100-SXM4-80GB with ECC on, driver 12.2; a second listing,
   driver 12.5, shows 85,100,068,864, 0.13% more). This is the ``distserve`` engine of ``costs/serving.py``;
   the weights themselves are ours (HF config, parameters counted on the meta device), not DistServe's formula.
-- *Workload*: ShareGPT-like lengths, the ``sharegpt`` workload of ``planner/serving/workload.py`` (means from
-  the vLLM paper's ShareGPT statistics, a log-normal shape we assume, prompt + output < 2048 as DistServe's
-  dataset preparation prunes); Poisson arrivals (DistServe's default ``--arrival poisson``); attainment of both
-  targets by 90% of requests.
-- *Targets*: OPT-13B TTFT 0.25 s / TPOT 0.1 s; OPT-66B TTFT 0.4 s / TPOT 0.1 s (as the issue states them).
+- *Workload, targets, attainment, engine limits* (docs/serving.md, "DistServe comparison: assumptions and where
+  they come from", written before this bench was rerun): the ``distserve-sharegpt`` workload (DistServe's own
+  ShareGPT preparation, ``evaluation/2-benchmark-serving/0-prepare-dataset.py``, rebuilt by
+  ``bench/distserve_sharegpt.py``; multi-turn prompts, mean prompt 744 and output 191 tokens); Poisson
+  arrivals; both TTFT and TPOT within target for 90% of requests (``evaluation/ae-scripts/e2e/_plot.py``);
+  OPT-13B TTFT 0.25 s / TPOT 0.1 s, OPT-66B TTFT 0.4 s / TPOT 0.1 s (the same file, Figure 8); the
+  ``distserve`` engine's scheduling limits from ``2-start-api-server.py`` and its per-iteration overhead from
+  ``simdistserve/base/worker.py``. The rows before 22:35 UTC on 2026-12-06 used the ``sharegpt`` workload
+  (the vLLM paper's single-turn means, a log-normal shape we assumed): not DistServe's.
 - *Cluster*: one DGX-A100 node (8 x A100-80GB, NVLink; the preset's device figures and achieved efficiencies,
   the device memory as above): DistServe places a prefill and a decode instance of one pair in one node.
 
@@ -44,6 +48,7 @@ from shardwise.costs.serving import ServingPrices  # noqa: E402
 from shardwise.planner.serving.model import serving_model  # noqa: E402
 from shardwise.planner.serving.report import layout_data  # noqa: E402
 from shardwise.planner.serving.search import SLO, Goodput, search  # noqa: E402
+from shardwise.planner.serving.simulator import Colocated, Phase  # noqa: E402
 from shardwise.planner.serving.workload import load_workload  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -61,10 +66,11 @@ DISTSERVE_KV = {
     ("facebook/opt-175b", 4, 4): 192800,
     ("facebook/opt-175b", 8, 4): 459328,
 }
-#: (model, TTFT, TPOT, DistServe's prefill (tp, pp), decode (tp, pp))
+#: (model, TTFT, TPOT, DistServe's prefill (tp, pp), decode (tp, pp), its vLLM baseline's (tp, pp)), from
+#: DistServe's evaluation/2-benchmark-serving/2-start-api-server.py MODEL_TO_PARALLEL_PARAMS
 LAYOUT_ROWS = [
-    ("facebook/opt-13b", 0.25, 0.1, (2, 1), (1, 1)),
-    ("facebook/opt-66b", 0.4, 0.1, (4, 1), (2, 2)),
+    ("facebook/opt-13b", 0.25, 0.1, (2, 1), (1, 1), (1, 1)),
+    ("facebook/opt-66b", 0.4, 0.1, (4, 1), (2, 2), (4, 1)),
 ]
 
 
@@ -104,7 +110,7 @@ def bound_rows(cluster) -> list[dict]:
 
 def layout_rows(cluster, workload) -> list[dict]:
     rows = []
-    for name, ttft, tpot, (tp_p, pp_p), (tp_d, pp_d) in LAYOUT_ROWS:
+    for name, ttft, tpot, (tp_p, pp_p), (tp_d, pp_d), (tp_v, pp_v) in LAYOUT_ROWS:
         prices = ServingPrices(serving_model(name), PriceList(cluster, "bf16"), "distserve")
         slo = SLO(ttft, tpot, 0.9)
         start = time.perf_counter()
@@ -116,6 +122,7 @@ def layout_rows(cluster, workload) -> list[dict]:
         rd = phases["decode"].get((tp_d, pp_d)) or goodput.decode(tp_d, pp_d)[0]
         paired = goodput.pair(cluster, (tp_p, pp_p, rp), (tp_d, pp_d, rd))
         theirs = paired[0] if paired else None
+        v_rate, v_att, _ = goodput(Colocated(Phase(tp_v, pp_v)))
         best = result.best
         rows.append({
             "model": name, "ttft_s": ttft, "tpot_s": tpot, "attainment": 0.9,
@@ -124,6 +131,8 @@ def layout_rows(cluster, workload) -> list[dict]:
                 "layout": layout_data(theirs), "goodput_rps_per_gpu": theirs.per_device,
                 "attainment": theirs.attainment, "prefill_instance_rps": rp, "decode_instance_rps": rd,
             },
+            "vllm_baseline_layout": {"tp": tp_v, "pp": pp_v},
+            "vllm_baseline_predicted": {"goodput_rps_per_gpu": v_rate / (tp_v * pp_v), "attainment": v_att},
             "chosen": {"layout": layout_data(best), "goodput_rps_per_gpu": best.per_device,
                        "attainment": best.attainment, "lower_bound": best.capped},
             "ranked": [{"layout": layout_data(s), "goodput_rps_per_gpu": s.per_device} for s in result.ranked],
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cluster = a100_nodes(1)
     testbed = a100_nodes(4)  # DistServe's testbed: 4 nodes of 8 A100-80GB (layouts up to 32 devices)
-    workload = load_workload("sharegpt")
+    workload = load_workload("distserve-sharegpt")
     doc: dict = {"cluster": "dgx-a100x1, device memory 84,987,740,160 bytes", "engine": "distserve",
                  "workload": {"name": workload.name, "source": workload.source,
                               "mean_prompt_output": workload.means()}}  # fmt: skip
@@ -181,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  DistServe: prefill tp{d['prefill']['tp']} pp{d['prefill']['pp']}, decode tp{d['decode']['tp']} "
                   f"pp{d['decode']['pp']}: " + ("does not fit" if theirs is None else
                   f"{_describe(theirs['layout'])}, {theirs['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)"))  # fmt: skip
+            v = r["vllm_baseline_layout"]
+            print(f"  vLLM (DistServe's baseline): colocated tp{v['tp']} pp{v['pp']}, "
+                  f"{r['vllm_baseline_predicted']['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)")  # fmt: skip
             c = r["chosen"]
             print(f"  chosen:    {_describe(c['layout'])}, {c['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted), "
                   f"search {r['search_s']:.0f} s")  # fmt: skip

@@ -130,6 +130,30 @@ class EngineMemory:
     max_batched_tokens: int
     max_seqs: int
     source: str
+    #: scheduling limits of disaggregated prefill instances (tokens and prompts per batch) and decode instances
+    #: (sequences per batch); 0: the colocated limits above
+    prefill_max_batched_tokens: int = 0
+    prefill_max_seqs: int = 0
+    decode_max_seqs: int = 0
+    #: share of the KV blocks a colocated instance keeps free when it admits a prompt (vLLM's watermark)
+    watermark: float = 0.01
+    #: host time every iteration (a prefill batch or a decode step) adds on the first stage: a constant and
+    #: a share per cached token of the batch
+    iteration_overhead_s: float = 0.0
+    iteration_overhead_per_token_s: float = 0.0
+
+    @property
+    def prefill_limits(self) -> tuple[int, int]:
+        """(tokens, prompts) of one batch of a disaggregated prefill instance."""
+        return (
+            self.prefill_max_batched_tokens or self.max_batched_tokens,
+            self.prefill_max_seqs or self.max_seqs,
+        )
+
+    @property
+    def decode_seqs(self) -> int:
+        """Sequences of one decode batch of a disaggregated decode instance."""
+        return self.decode_max_seqs or self.max_seqs
 
 
 #: engines whose memory accounting we know (their sources are in docs/serving.md)
@@ -143,10 +167,16 @@ ENGINES = {
     ),
     "distserve": EngineMemory(
         "distserve", utilization=0.95, block_tokens=16, reserve_fraction=0.01, vocab_parallel=False,
-        max_batched_tokens=8192, max_seqs=256,
+        max_batched_tokens=16384, max_seqs=1024,
+        prefill_max_batched_tokens=8192, prefill_max_seqs=128, decode_max_seqs=1024,
+        iteration_overhead_s=2e-3, iteration_overhead_per_token_s=1e-7,
         source="DistServe simdistserve/profilers/profile_memory.py: gpu_memory_utilization 0.95, block_size 16, "
                "peak runtime memory = 1% of device memory + the model; distserve/config.py counts the "
-               "vocabulary and position embeddings whole on every device",
+               "vocabulary and position embeddings whole on every device; scheduling limits from "
+               "evaluation/2-benchmark-serving/2-start-api-server.py (colocated = its vLLM baseline: "
+               "--max-num-batched-tokens 16384 --max-num-seqs 1024; prefill: --context-max-batch-size 128 "
+               "--context-max-tokens-per-batch 8192; decode: --decoding-max-batch-size 1024); per-iteration "
+               "overhead 2 ms + 0.1 us per cached token from simdistserve/base/worker.py add_ray_overhead",
     ),
 }  # fmt: skip
 
@@ -245,7 +275,9 @@ class ServingPrices:
             # its bytes, its measured per-element math, its launch (a split op's share: / tp, an estimate)
             scale = m.act_bytes / 4 * tokens / tp
             for name, nbytes, elements in m.layer_memory_ops:
-                t += self.compute.forward_s(OpWork("memory", 0.0, nbytes * scale, 0.0, name, elements * tokens / tp))
+                t += self.compute.forward_s(
+                    OpWork("memory", 0.0, nbytes * scale, 0.0, name, elements * tokens / tp)
+                )
         else:
             inner = (3 if m.gated else 2) * m.ffn / tp
             memory = tokens * (MEMORY_PASSES_PER_TOKEN * m.hidden + inner) * m.act_bytes
@@ -329,6 +361,12 @@ class ServingPrices:
         m = self.model
         weights = (m.layers * m.layer_matmul_params + m.vocab * m.hidden) * m.weight_bytes
         return weights / tp / self.cluster.device.memory_bandwidth
+
+    def iteration_overhead_s(self, context_tokens: float) -> float:
+        """Host time the engine adds to one iteration whose sequences hold ``context_tokens`` cached tokens
+        (``EngineMemory.iteration_overhead_s``)."""
+        e = self.engine
+        return e.iteration_overhead_s + e.iteration_overhead_per_token_s * context_tokens
 
     def kv_transfer_s(self, tokens: float, src: int, dst: int, ways: int = 1) -> float:
         """Moving the KV cache of ``tokens`` tokens (every layer and head) from an instance starting at rank

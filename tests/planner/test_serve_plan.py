@@ -17,7 +17,7 @@ from shardwise.planner.serving.model import serving_model
 from shardwise.planner.serving.report import launch_commands, plan_data
 from shardwise.planner.serving.search import SLO, Scored, max_rate, search
 from shardwise.planner.serving.simulator import Colocated, Disaggregated, Phase, simulate
-from shardwise.planner.serving.workload import Workload, load_workload
+from shardwise.planner.serving.workload import Request, Workload, load_workload
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def test_simulator_conserves_requests(a100, layout, rate):
                    for r in requests)  # fmt: skip
     assert min(a for a, _ in served) >= shortest * 0.999
     assert result.end_s >= max(r.arrival for r in requests)
+    assert 0 < result.peak_fill <= 1.0  # running sequences never hold more than the cache
 
 
 def layout_phase(layout):
@@ -208,3 +209,69 @@ def test_workload_files_and_names(tmp_path):
     with pytest.raises(UserInputError, match="neither a known name"):
         load_workload("no-such-workload")
     assert isinstance(Scored(Colocated(Phase(1, 1)), 1.0, 1.0).per_device, float)
+
+
+def small_cache_prices(opt13b, engine="vllm"):
+    """OPT-13B on an A100 with 30 GiB: a KV cache of a few thousand tokens."""
+    small = dataclasses.replace(get_cluster("dgx-a100x1").device, memory_bytes=30 * 2**30)
+    cluster = dataclasses.replace(get_cluster("dgx-a100x1"), device=small)
+    return ServingPrices(opt13b, PriceList(cluster, "bf16"), engine)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "distserve"])
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+def test_the_cache_grows_with_the_output_and_full_caches_preempt(opt13b, engine, disaggregated):
+    """vLLM and DistServe allocate KV blocks as sequences grow (no reservation of the output): two requests
+    whose prompts fit together but whose prompts and outputs do not both run at first, and when the cache
+    fills, one is preempted (vLLM: recomputed; DistServe's decode instance: swapped out) and both finish."""
+    prices = small_cache_prices(opt13b, engine)
+    capacity = prices.kv_capacity_tokens(1, 1)
+    prompt, output = capacity // 4, capacity // 2  # one request alone fits; two prompts fit, two whole do not
+    requests = [Request(0, 0.0, prompt, output), Request(1, 1e-6, prompt, output)]
+    layout = Disaggregated(Phase(1, 1), Phase(1, 1)) if disaggregated else Colocated(Phase(1, 1))
+    result = simulate(prices, layout, requests)
+    assert result.finished == 2 and result.rejected == 0
+    assert result.preempted >= 1
+    assert result.peak_fill <= 1.0
+    # both had their first token before either could have finished decoding alone
+    lone = simulate(prices, layout, requests[:1])
+    decode_time = lone.tpot[0] * (output - 1)
+    assert max(result.ttft) < decode_time / 4
+
+
+def test_disaggregated_prefill_batches_keep_distserve_limits(opt13b):
+    """DistServe's prefill instances batch at most 128 prompts and 8192 tokens (its launch script)."""
+    prices = ServingPrices(opt13b, PriceList(get_cluster("dgx-a100x1"), "bf16"), "distserve")
+    max_tokens, max_seqs = prices.engine.prefill_limits
+    for prompt, n in ((8, 300), (1000, 40)):
+        requests = [Request(i, i * 1e-9, prompt, 2) for i in range(n)]
+        result = simulate(prices, Disaggregated(Phase(1, 1), Phase(1, 1)), requests, only="prefill")
+        assert result.finished == n
+        batches: dict[float, int] = {}
+        for r, t in zip(requests, result.ttft):
+            key = round(r.arrival + t, 9)
+            batches[key] = batches.get(key, 0) + 1
+        assert max(batches.values()) <= max_seqs and max(batches.values()) * prompt <= max_tokens
+        assert len(batches) >= math.ceil(n * prompt / max_tokens)
+
+
+def test_distserve_iterations_pay_its_host_overhead(opt13b):
+    """DistServe's simulator adds 2 ms + 0.1 us per cached token to every iteration (both engines ran under
+    Ray); a lone request's decode steps on the distserve engine take that much longer than the price."""
+    prices = ServingPrices(opt13b, PriceList(get_cluster("dgx-a100x1"), "bf16"), "distserve")
+    prompt, output = 500, 65
+    result = simulate(prices, Colocated(Phase(1, 1)), [Request(0, 0.0, prompt, output)])
+    steps = [prices.decode_step_s(1, 1, 1, prompt + 1 + k) for k in range(output - 1)]
+    overheads = [prices.iteration_overhead_s(prompt + 1 + k) for k in range(output - 1)]
+    assert result.tpot[0] == pytest.approx((sum(steps) + sum(overheads)) / (output - 1), rel=1e-9)
+    assert sum(overheads) / (output - 1) >= 2e-3
+
+
+def test_distserve_sharegpt_is_distserve_procedure_output():
+    """The shipped DistServe ShareGPT pairs obey the procedure's filters (bench/distserve_sharegpt.py):
+    prompt + output < 2048 and not both under 4 tokens; multi-turn prompts make them long."""
+    w = load_workload("distserve-sharegpt")
+    assert len(w.pairs) > 10000 and "0-prepare-dataset.py" in w.source
+    assert all(p + o < 2048 and (p >= 4 or o >= 4) and p >= 1 and o >= 1 for p, o in w.pairs)
+    prompt, output = w.means(4000)
+    assert prompt > 2 * load_workload("sharegpt").means(4000)[0]  # earlier turns are part of the prompt

@@ -1,26 +1,38 @@
 """A discrete-event simulation of continuous batching, colocated or disaggregated, priced by
 ``costs.serving.ServingPrices``.
 
-**Colocated** (vLLM's scheduler): each instance (a tp x pp group of devices) keeps a queue of waiting requests
-and a running batch. An iteration is a prefill when waiting requests can be admitted (first come, first
-served, while the KV cache holds their prompt and output, the prompts total at most ``max_batched_tokens``
-and the batch at most ``max_seqs`` sequences): it produces their first tokens. Otherwise it is a decode step
-of every running sequence: one token each. A prefill iteration blocks the instance for the batch's whole
-pass (its stages are not overlapped with decoding).
+**KV cache** (both vLLM and DistServe allocate blocks as sequences grow; neither reserves a request's output
+in advance): a running sequence holds its prompt and the tokens generated so far. Before a decode step that
+would not fit, the most recently admitted sequences are preempted until it fits.
 
-**Disaggregated** (DistServe): prefill instances batch waiting prompts (the same limits) and pipeline them
-(a new batch enters after one stage, ``PhaseTime.stage_s``); a prompt's first token is out when its batch
-leaves the last stage. Its KV cache then moves to the decode instance with the most free cache
-(``ServingPrices.kv_transfer_s`` on the link between the first devices of the two instances), where it
-joins the running batch when the cache holds it, and is decoded one token per step.
+**Colocated** (vLLM's scheduler, prefill first, no chunked prefill): each instance (a tp x pp group of
+devices) keeps a queue of waiting requests and a running batch. An iteration is a prefill when waiting
+requests can be admitted (first come, first served, while the cache holds their prompts with the engine's
+``watermark`` of blocks kept free, the prompts total at most ``max_batched_tokens`` and the instance runs at
+most ``max_seqs`` sequences): it produces their first tokens. Otherwise it is a decode step of every running
+sequence: one token each. A prefill iteration blocks the instance for the batch's whole pass (its stages are
+not overlapped with decoding). A preempted sequence goes back to the front of the queue and is recomputed
+later by a prefill of its prompt and the tokens it had (vLLM's recompute preemption), which gives its next
+token.
+
+**Disaggregated** (DistServe): prefill instances batch waiting prompts (``EngineMemory.prefill_limits``) and
+pipeline them (a new batch enters after one stage, ``PhaseTime.stage_s``); a prompt's first token is out when
+its batch leaves the last stage. Its KV cache then moves to the decode instance with the most free cache
+(``ServingPrices.kv_transfer_s`` on the link between the first devices of the two instances), where it joins
+the running batch (at most ``EngineMemory.decode_seqs`` sequences) when the cache holds its current length.
+A preempted decoding sequence is swapped out (DistServe's decode scheduler) and swapped back in before new
+requests join; the swap's PCIe traffic is not priced.
+
+Every iteration also pays the engine's host overhead on its first stage
+(``ServingPrices.iteration_overhead_s``).
 
 Requests go to the instance with the least work queued. A request whose prompt and output exceed an
 instance's whole cache is never admitted and misses its targets. TTFT = first token - arrival; TPOT =
 (last token - first token) / (output - 1) (0 for one-token outputs): the time a request waits for its
 decode instance counts in its TPOT, as in DistServe.
 
-Invariants (checked by tests): every request is finished or rejected exactly once; decode instances hold at
-most their capacity; times are non-negative.
+Invariants (checked by tests): every request is finished or rejected exactly once; no instance's running
+sequences ever hold more tokens than its cache; times are non-negative.
 """
 
 from __future__ import annotations
@@ -90,6 +102,8 @@ class SimResult:
     finished: int
     rejected: int
     end_s: float
+    preempted: int = 0  # preemptions (a request may be preempted more than once)
+    peak_fill: float = 0.0  # the largest share of an instance's cache its running sequences ever held
 
     def attainment(self, ttft: float, tpot: float, since: float = 0.0, until: float = math.inf) -> float:
         """Share of the requests arriving in [``since``, ``until``] whose TTFT and TPOT are both within their
@@ -104,9 +118,19 @@ class SimResult:
 
 @dataclass
 class _Live:
+    """A request in an instance: its first token's time (-1: none yet), the tokens it has generated, and,
+    while running, the decode step at which it joined and the step after which it has its last token."""
+
     req: Request
     first: float = -1.0
-    done_step: int = 0  # the decode step after which it has its last token
+    generated: int = 0
+    joined: int = 0
+    done_step: int = 0
+
+    @property
+    def cached(self) -> int:
+        """Tokens of its KV cache while waiting (the prompt and what it generated before)."""
+        return self.req.prompt + self.generated
 
 
 @dataclass
@@ -115,14 +139,16 @@ class _Instance:
     pp: int
     first_rank: int
     capacity: int
-    waiting: deque = field(default_factory=deque)
+    waiting: deque = field(default_factory=deque)  # of _Live
+    swapped: deque = field(default_factory=deque)  # of _Live (decode instances)
     running: dict = field(default_factory=dict)  # step index -> list of _Live finishing after it
+    order: list = field(default_factory=list)  # running _Live in admission order
     batch: int = 0
-    context: float = 0.0
-    reserved: int = 0
+    context: float = 0.0  # tokens cached by the running sequences
     step: int = 0
     busy: bool = False
     queued_tokens: int = 0
+    peak: float = 0.0  # most tokens the running sequences ever held
 
 
 class _Sim:
@@ -135,8 +161,10 @@ class _Sim:
         self.tpot: list[float | None] = [None] * len(requests)
         self.finished = 0
         self.rejected = 0
+        self.preempted = 0
         self.now = 0.0
         self.requests = requests
+        self.all: list[_Instance] = []
 
     def push(self, t: float, kind: str, payload: object) -> None:
         self.seq += 1
@@ -154,55 +182,56 @@ class _Sim:
     def instances(self, phase, first_rank: int) -> list[_Instance]:
         cap = self.prices.kv_capacity_tokens(phase.tp, phase.pp)
         size = phase.tp * phase.pp
-        return [_Instance(phase.tp, phase.pp, first_rank + i * size, cap) for i in range(phase.instances)]
+        made = [_Instance(phase.tp, phase.pp, first_rank + i * size, cap) for i in range(phase.instances)]
+        self.all.extend(made)
+        return made
 
-    # -- admission and decode steps shared by colocated and decode instances -----------------------------
-
-    def admit_prefill(self, inst: _Instance, reserve: bool) -> list[Request]:
-        """Waiting requests a prefill iteration takes (see the module docstring)."""
-        e = self.engine
-        batch: list[Request] = []
-        tokens = 0
-        while inst.waiting:
-            r = inst.waiting[0]
-            need = r.prompt + r.output if reserve else r.prompt
-            if need > inst.capacity:
-                inst.waiting.popleft()
-                inst.queued_tokens -= r.prompt
-                self.reject(r)
-                continue
-            if len(batch) + inst.batch >= e.max_seqs or (batch and tokens + r.prompt > e.max_batched_tokens):
-                break
-            if reserve and inst.reserved + need > inst.capacity:
-                break
-            if not reserve and tokens + need > inst.capacity:
-                break
-            inst.waiting.popleft()
-            inst.queued_tokens -= r.prompt
-            batch.append(r)
-            tokens += r.prompt
-            if reserve:
-                inst.reserved += need
-        return batch
+    # -- running batches: joining, decode steps, preemption ----------------------------------------------
 
     def join_decode(self, inst: _Instance, live: _Live) -> None:
-        """``live`` (its first token out) joins ``inst``'s running batch."""
-        r = live.req
-        live.done_step = inst.step + r.output - 1
+        """``live`` (with at least its first token) joins ``inst``'s running batch."""
+        live.joined = inst.step
+        live.done_step = inst.step + live.req.output - live.generated
         inst.running.setdefault(live.done_step, []).append(live)
+        inst.order.append(live)
         inst.batch += 1
-        inst.context += r.prompt + 1
+        inst.context += live.cached
+        inst.peak = max(inst.peak, inst.context)
 
-    def decode_step(self, inst: _Instance) -> float:
-        return self.prices.decode_step_s(inst.tp, inst.pp, inst.batch, inst.context)
+    def leave(self, inst: _Instance, live: _Live) -> None:
+        """``live`` leaves the running batch (preempted): its tokens so far are recorded and its cache freed."""
+        live.generated += inst.step - live.joined
+        inst.running[live.done_step].remove(live)
+        inst.order.remove(live)
+        inst.batch -= 1
+        inst.context -= live.cached
+
+    def make_room(self, inst: _Instance) -> list[_Live]:
+        """Preempt the most recently admitted sequences until the next decode step's tokens fit the cache
+        (one sequence always runs: a request longer than the cache was rejected before)."""
+        out = []
+        while inst.batch > 1 and inst.context + inst.batch > inst.capacity:
+            live = inst.order[-1]
+            self.leave(inst, live)
+            out.append(live)
+        self.preempted += len(out)
+        return out
+
+    def start_decode(self, inst: _Instance) -> None:
+        inst.busy = True
+        groups = min(inst.pp, inst.batch)
+        t = self.prices.decode_step_s(inst.tp, inst.pp, inst.batch, inst.context)
+        t += self.prices.iteration_overhead_s(inst.context / groups)
+        self.push(self.now + t, "decoded", inst)
 
     def end_decode_step(self, inst: _Instance, t: float) -> None:
         inst.step += 1
         inst.context += inst.batch
+        inst.peak = max(inst.peak, inst.context)
         for live in inst.running.pop(inst.step, ()):
             inst.batch -= 1
+            inst.order.remove(live)
             inst.context -= live.req.prompt + live.req.output
-            inst.reserved -= live.req.prompt + live.req.output
             self.finish(live, t)
 
     def result(self) -> SimResult:
@@ -213,6 +242,8 @@ class _Sim:
             self.finished,
             self.rejected,
             self.now,
+            self.preempted,
+            max((i.peak / i.capacity for i in self.all if i.capacity), default=0.0),
         )
 
 
@@ -225,15 +256,17 @@ class _ColocatedSim(_Sim):
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrive":
                 inst = min(self.pool, key=lambda i: (len(i.waiting) + i.batch, i.first_rank))
-                inst.waiting.append(payload)
+                inst.waiting.append(_Live(payload))
                 inst.queued_tokens += payload.prompt
                 self.kick(inst)
             elif kind == "prefilled":
                 inst, batch = payload
-                for r in batch:
-                    live = _Live(r, first=self.now)
-                    if r.output <= 1:
-                        inst.reserved -= r.prompt + r.output
+                for live in batch:
+                    inst.context -= live.cached  # held by the prefill; the running batch takes it over
+                    if live.first < 0:
+                        live.first = self.now
+                    live.generated += 1
+                    if live.generated >= live.req.output:
                         self.finish(live, self.now)
                     else:
                         self.join_decode(inst, live)
@@ -245,17 +278,47 @@ class _ColocatedSim(_Sim):
                 self.kick(payload)
         return self.result()
 
+    def admit(self, inst: _Instance) -> list[_Live]:
+        """Waiting requests a prefill iteration takes (see the module docstring)."""
+        e = self.engine
+        free = inst.capacity * (1 - e.watermark) - inst.context
+        batch: list[_Live] = []
+        tokens = 0
+        while inst.waiting:
+            live = inst.waiting[0]
+            if live.req.prompt + live.req.output > inst.capacity:
+                inst.waiting.popleft()
+                inst.queued_tokens -= live.req.prompt
+                self.reject(live.req)
+                continue
+            need = live.cached
+            if len(batch) + inst.batch >= e.max_seqs or (batch and tokens + need > e.max_batched_tokens):
+                break
+            if tokens + need > free and (batch or inst.batch):
+                break
+            inst.waiting.popleft()
+            inst.queued_tokens -= live.req.prompt
+            batch.append(live)
+            tokens += need
+        return batch
+
     def kick(self, inst: _Instance) -> None:
         if inst.busy:
             return
-        batch = self.admit_prefill(inst, reserve=True)
+        batch = self.admit(inst)
         if batch:
             inst.busy = True
-            t = self.prices.prefill(inst.tp, inst.pp, [r.prompt for r in batch]).latency_s
+            cached = [live.cached for live in batch]
+            inst.context += sum(cached)
+            inst.peak = max(inst.peak, inst.context)
+            t = self.prices.prefill(inst.tp, inst.pp, cached).latency_s
+            t += self.prices.iteration_overhead_s(sum(cached))
             self.push(self.now + t, "prefilled", (inst, batch))
         elif inst.batch:
-            inst.busy = True
-            self.push(self.now + self.decode_step(inst), "decoded", inst)
+            for live in reversed(self.make_room(inst)):
+                inst.waiting.appendleft(live)  # recomputed by a later prefill
+                inst.queued_tokens += live.req.prompt
+            self.start_decode(inst)
 
 
 class _DisaggregatedSim(_Sim):
@@ -272,7 +335,7 @@ class _DisaggregatedSim(_Sim):
         while self.events:
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrive" and self.only == "decode":
-                self.to_decoder(_Live(payload, first=self.now), 0)
+                self.to_decoder(_Live(payload, first=self.now, generated=1), 0)
             elif kind == "arrive":
                 inst = min(self.prefillers, key=lambda i: (i.queued_tokens, i.first_rank))
                 inst.waiting.append(payload)
@@ -284,7 +347,7 @@ class _DisaggregatedSim(_Sim):
             elif kind == "prefilled":
                 inst, batch = payload
                 for r in batch:
-                    live = _Live(r, first=self.now)
+                    live = _Live(r, first=self.now, generated=1)
                     if r.output <= 1 or self.only == "prefill":
                         self.finish(live, self.now)
                     else:
@@ -302,7 +365,7 @@ class _DisaggregatedSim(_Sim):
     def to_decoder(self, live: _Live, src: int) -> None:
         """Send ``live``'s KV cache from the prefill instance at rank ``src`` to the emptiest decoder."""
         r = live.req
-        dec = min(self.decoders, key=lambda d: (d.reserved + d.queued_tokens - d.capacity, d.first_rank))
+        dec = min(self.decoders, key=lambda d: (d.context + d.queued_tokens - d.capacity, d.first_rank))
         if r.prompt + r.output > dec.capacity:
             self.reject(r)
             return
@@ -311,34 +374,57 @@ class _DisaggregatedSim(_Sim):
             if self.only == "decode"
             else self.prices.kv_transfer_s(r.prompt, src, dec.first_rank, self.ways)
         )
-        dec.queued_tokens += r.prompt + r.output
+        dec.queued_tokens += live.cached
         self.push(self.now + moved, "transferred", (dec, live))
+
+    def admit_prefill(self, inst: _Instance) -> list[Request]:
+        """Waiting prompts a prefill batch takes (``EngineMemory.prefill_limits``; the cache holds them)."""
+        max_tokens, max_seqs = self.engine.prefill_limits
+        batch: list[Request] = []
+        tokens = 0
+        while inst.waiting:
+            r = inst.waiting[0]
+            if r.prompt > inst.capacity:
+                inst.waiting.popleft()
+                inst.queued_tokens -= r.prompt
+                self.reject(r)
+                continue
+            if len(batch) >= max_seqs or (batch and tokens + r.prompt > min(max_tokens, inst.capacity)):
+                break
+            inst.waiting.popleft()
+            inst.queued_tokens -= r.prompt
+            batch.append(r)
+            tokens += r.prompt
+        return batch
 
     def kick_prefill(self, inst: _Instance) -> None:
         if inst.busy:
             return
-        batch = self.admit_prefill(inst, reserve=False)
+        batch = self.admit_prefill(inst)
         if batch:
             inst.busy = True
-            price = self.prices.prefill(inst.tp, inst.pp, [r.prompt for r in batch])
-            self.push(self.now + price.stage_s, "stage_free", inst)
-            self.push(self.now + price.latency_s, "prefilled", (inst, batch))
+            lens = [r.prompt for r in batch]
+            price = self.prices.prefill(inst.tp, inst.pp, lens)
+            overhead = self.prices.iteration_overhead_s(sum(lens))
+            self.push(self.now + price.stage_s + overhead, "stage_free", inst)
+            self.push(self.now + price.latency_s + overhead, "prefilled", (inst, batch))
 
     def kick_decode(self, dec: _Instance) -> None:
         if dec.busy:
             return
-        while dec.waiting:
-            live = dec.waiting[0]
-            need = live.req.prompt + live.req.output
-            if dec.reserved + need > dec.capacity or dec.batch >= self.engine.max_seqs:
-                break
-            dec.waiting.popleft()
-            dec.queued_tokens -= need
-            dec.reserved += need
-            self.join_decode(dec, live)
+        for queue, queued in ((dec.swapped, False), (dec.waiting, True)):
+            while queue and (dec.swapped is queue or not dec.swapped):
+                live = queue[0]
+                if dec.context + live.cached > dec.capacity or dec.batch >= self.engine.decode_seqs:
+                    break
+                queue.popleft()
+                if queued:
+                    dec.queued_tokens -= live.cached
+                self.join_decode(dec, live)
         if dec.batch:
-            dec.busy = True
-            self.push(self.now + self.decode_step(dec), "decoded", dec)
+            for live in reversed(self.make_room(dec)):
+                dec.swapped.appendleft(live)
+            self.start_decode(dec)
 
 
 def simulate(

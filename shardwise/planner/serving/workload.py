@@ -8,8 +8,8 @@ A workload is a name (``WORKLOADS``; ``fixed:PROMPT,OUTPUT`` for constant length
     arrival: {process: poisson, rate: 2.0}
     max_total: 2048            # optional: requests longer than this (prompt + output) are drawn again
 
-or a file holding a list of ``[prompt_len, output_len]`` pairs (DistServe's workload files), sampled
-uniformly. Distributions: ``fixed`` (``value``), ``uniform`` (``min``, ``max``), ``lognormal`` (``mean`` of the
+or a file holding a list of ``[prompt_len, output_len]`` pairs (DistServe's workload files), or an object
+``{"name": ..., "source": ..., "pairs": [[prompt_len, output_len], ...]}``, sampled uniformly. Distributions: ``fixed`` (``value``), ``uniform`` (``min``, ``max``), ``lognormal`` (``mean`` of the
 lengths and ``sigma`` of their logarithm, clipped to [``min``, ``max``]). The arrival rate only seeds the
 search: serve-plan bisects the rate itself.
 
@@ -17,6 +17,12 @@ search: serve-plan bisects the rate itself.
 average 161.31 tokens and outputs 337.99; the log-normal shape with sigma 1.0 is our assumption (the paper
 shows histograms, not a fit); requests of 2048 tokens or more are drawn again, as DistServe's dataset
 preparation prunes them (evaluation/2-benchmark-serving/0-prepare-dataset.py: prompt + output < 2048).
+It is **not** DistServe's workload.
+
+``distserve-sharegpt``: DistServe's own ShareGPT workload, the (prompt, output) pairs its dataset preparation
+makes (multi-turn prompts: earlier turns of a conversation are part of the prompt), rebuilt by
+``bench/distserve_sharegpt.py`` (``data/distserve_sharegpt.json`` says how, and what differs from DistServe's
+run); requests are drawn uniformly from the pairs, as DistServe's simulator and benchmark draw them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +138,21 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
+#: workloads shipped as data files next to this module (name -> file under data/)
+DATA_WORKLOADS = {"distserve-sharegpt": "distserve_sharegpt.json"}
+
+
+@cache
+def _data_workload(name: str) -> Workload:
+    path = Path(__file__).parent / "data" / DATA_WORKLOADS[name]
+    if not path.is_file():
+        raise UserInputError(
+            f"workload {name!r}: its data file {path} is missing from this installation; reinstall shardwise "
+            "from its source tree, or pass the file's path"
+        )
+    return _from_data(json.loads(path.read_text(encoding="utf-8")), name, str(path))
+
+
 def _dist(data: Any, what: str, where: str) -> LengthDist:
     if isinstance(data, int) and data >= 1:
         return LengthDist("fixed", value=data)
@@ -174,6 +196,10 @@ def _from_data(data: Any, name: str, where: str) -> Workload:
         return Workload(name, empty, empty, pairs=pairs, source=where)
     if not isinstance(data, dict):
         raise UserInputError(f"{where} is not a workload: {_FILE_HELP}")
+    if "pairs" in data:
+        listed = _from_data(data["pairs"], str(data.get("name", name)), where)
+        return Workload(listed.name, listed.prompt, listed.output, pairs=listed.pairs,
+                        source=str(data.get("source", where)))  # fmt: skip
     unknown = set(data) - {"name", "prompt", "output", "arrival", "max_total", "source"}
     if unknown:
         raise UserInputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; {_FILE_HELP}")
@@ -200,6 +226,8 @@ def load_workload(spec: str) -> Workload:
     text = spec.strip()
     if text in WORKLOADS:
         return WORKLOADS[text]
+    if text in DATA_WORKLOADS:
+        return _data_workload(text)
     if text.startswith("fixed:"):
         try:
             p, o = (int(x) for x in text[6:].split(","))
@@ -215,7 +243,8 @@ def load_workload(spec: str) -> Workload:
     path = Path(text)
     if not path.is_file():
         raise UserInputError(
-            f"workload {text!r} is neither a known name ({', '.join(WORKLOADS)}, fixed:P,O) nor a file; {_FILE_HELP}"
+            f"workload {text!r} is neither a known name ({', '.join([*WORKLOADS, *DATA_WORKLOADS])}, fixed:P,O) "
+            f"nor a file; {_FILE_HELP}"
         )
     raw = path.read_text(encoding="utf-8")
     try:
