@@ -275,3 +275,13 @@ def test_distserve_sharegpt_is_distserve_procedure_output():
     assert all(p + o < 2048 and (p >= 4 or o >= 4) and p >= 1 and o >= 1 for p, o in w.pairs)
     prompt, output = w.means(4000)
     assert prompt > 2 * load_workload("sharegpt").means(4000)[0]  # earlier turns are part of the prompt
+
+
+@pytest.mark.parametrize("only", [None, "prefill", "decode"])
+def test_one_token_outputs_finish_at_their_first_token(a100, only):
+    """DistServe's ShareGPT pairs include outputs of one token: they end with their prefill."""
+    requests = [Request(0, 0.0, 100, 1), Request(1, 0.01, 50, 5)]
+    layouts = [Disaggregated(Phase(1, 1), Phase(1, 1))] + ([Colocated(Phase(1, 1))] if only is None else [])
+    for layout in layouts:
+        result = simulate(a100, layout, requests, only)
+        assert result.finished == 2 and result.tpot[0] == 0.0

@@ -116,7 +116,7 @@ class SimResult:
         return ok / total if total else 1.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Live:
     """A request in an instance: its first token's time (-1: none yet), the tokens it has generated, and,
     while running, the decode step at which it joined and the step after which it has its last token."""
@@ -189,7 +189,8 @@ class _Sim:
     # -- running batches: joining, decode steps, preemption ----------------------------------------------
 
     def join_decode(self, inst: _Instance, live: _Live) -> None:
-        """``live`` (with at least its first token) joins ``inst``'s running batch."""
+        """``live`` (with at least its first token, and more to generate) joins ``inst``'s running batch."""
+        assert live.generated < live.req.output, "a request with all its tokens does not decode"
         live.joined = inst.step
         live.done_step = inst.step + live.req.output - live.generated
         inst.running.setdefault(live.done_step, []).append(live)
@@ -335,7 +336,11 @@ class _DisaggregatedSim(_Sim):
         while self.events:
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrive" and self.only == "decode":
-                self.to_decoder(_Live(payload, first=self.now, generated=1), 0)
+                live = _Live(payload, first=self.now, generated=1)
+                if payload.output <= 1:
+                    self.finish(live, self.now)  # its one token came from the prefill
+                else:
+                    self.to_decoder(live, 0)
             elif kind == "arrive":
                 inst = min(self.prefillers, key=lambda i: (i.queued_tokens, i.first_rank))
                 inst.waiting.append(payload)
@@ -415,7 +420,11 @@ class _DisaggregatedSim(_Sim):
         for queue, queued in ((dec.swapped, False), (dec.waiting, True)):
             while queue and (dec.swapped is queue or not dec.swapped):
                 live = queue[0]
-                if dec.context + live.cached > dec.capacity or dec.batch >= self.engine.decode_seqs:
+                # the cache must hold it and the next step's tokens (else it would be swapped out at once)
+                if (
+                    dec.context + live.cached + dec.batch + 1 > dec.capacity
+                    or dec.batch >= self.engine.decode_seqs
+                ):
                     break
                 queue.popleft()
                 if queued:
