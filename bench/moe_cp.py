@@ -138,20 +138,25 @@ def deepseek(precision: str) -> dict[str, Any]:
     import torch
 
     import shardwise
+    from shardwise.cluster import get_cluster
     from shardwise.errors import ShardwiseError
+    from shardwise.planner.constraints import parse_constraints
 
     out: dict[str, Any] = {"precision": precision, "load_before": os.getloadavg()}
     with torch.device("meta"):
         model, inputs, loss = big_models.deepseek_v3()
     model.train()
     for name, constraints in (("ours", None), ("published layout", DEEPSEEK_PUBLISHED)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
+            if constraints is not None:  # refused before tracing when the planner cannot make the layout
+                parse_constraints(constraints, get_cluster(str(DEEPSEEK_CLUSTER)))
             cm = shardwise.compile(model, str(DEEPSEEK_CLUSTER), example_inputs=inputs, mode="train",
                                    precision=precision, loss_fn=loss, constraints=constraints)  # fmt: skip
             plan = cm.plan
             out[name] = {
-                "planning_s": time.perf_counter() - t0, "degrees": dict(plan.degrees),
+                "planning_s": time.perf_counter() - t0, "planning_cpu_s": time.process_time() - c0,
+                "degrees": dict(plan.degrees),
                 "layout": next((a.note for a in plan.alternatives if a.chosen), ""),
                 "predicted_step_s": plan.predicted.step_time_s, "predicted_mfu": plan.predicted.mfu,
                 "predicted_memory_gib": max(plan.predicted.memory_bytes or (0,)) / 2**30,
@@ -169,6 +174,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="Llama layers (default: all 32; for a quick run)")
     parser.add_argument("--skip-cp", action="store_true")
     parser.add_argument("--skip-deepseek", action="store_true")
+    parser.add_argument("--precisions", nargs="*", default=["bf16", "fp8"], help="DeepSeek-V3's planning runs")
     parser.add_argument("--output", default=str(RESULTS / "moe_cp.json"))
     args = parser.parse_args()
     result: dict[str, Any] = {
@@ -190,7 +196,7 @@ def main() -> None:
         result["torchtitan_cp"] = {"layers": args.layers or 32, "rows": rows}
     if not args.skip_deepseek:
         result["deepseek_v3"] = {}
-        for precision in ("bf16", "fp8"):
+        for precision in args.precisions:
             got = deepseek(precision)
             result["deepseek_v3"][precision] = got
             for name in ("ours", "published layout"):

@@ -411,7 +411,10 @@ def _finish(
     seen: set[tuple] = set()
     for r in sorted(realized, key=lambda r: (not r.fits, r.step_s)):
         seen.add(r.candidate.key())
-        if r is chosen:
+        if r is chosen and not r.fits:  # require_fit=False and nothing fits: the fastest, said so in the notes
+            rows.append(_alternative(r.candidate, r.step_s, r.peak, False, True,
+                                     f"chosen: fastest realized plan; none fits ({r.candidate.describe()})"))  # fmt: skip
+        elif r is chosen:
             why = "chosen: fastest plan that fits" + (
                 " (least memory of those within 1% of it)" if r.candidate.key() != min(
                     (x for x in realized if x.fits), key=lambda x: x.step_s).candidate.key() else ""

@@ -87,3 +87,24 @@ def test_bad_mode_and_missing_loss_are_user_errors():
         shardwise.compile(model, "cpu:2", example_inputs=inputs, mode="serve")
     with pytest.raises(UserInputError, match="needs loss_fn"):
         shardwise.compile(model, "cpu:2", example_inputs=inputs, mode="train")
+
+
+def test_require_fit_false_returns_the_fastest_when_nothing_fits():
+    """require_fit=False (sizing: a published layout on a device too small for it) gives the fastest realized
+    plan, marked chosen and not fitting, with a note (it crashed in _finish when no plan fit)."""
+    import dataclasses
+
+    from shardwise.cluster import get_cluster
+    from shardwise.frontend.trace import trace
+    from shardwise.planner.auto import plan_auto
+    from shardwise.zoo import build_model
+
+    model, inputs = build_model("gpt2")
+    graph = trace(model, inputs, loss_fn=lambda o: o.logits.float().mean())[0]
+    cpu = get_cluster("cpu:2")
+    tiny = dataclasses.replace(cpu, device=dataclasses.replace(cpu.device, memory_bytes=2**20))
+    plan = plan_auto(graph, tiny, mode="train", constraints={"dp": 2}, require_fit=False)
+    assert max(plan.predicted.memory_bytes) > 2**20
+    chosen = [a for a in plan.alternatives if a.chosen]
+    assert len(chosen) == 1 and not chosen[0].fits and "none fits" in chosen[0].note
+    assert any(n.startswith("does not fit") for n in plan.notes)
