@@ -15,7 +15,7 @@ from shardwise.costs.serving import ServingPrices
 from shardwise.errors import UserInputError
 from shardwise.planner.serving.model import serving_model
 from shardwise.planner.serving.report import launch_commands, plan_data
-from shardwise.planner.serving.search import SLO, Scored, max_rate, search
+from shardwise.planner.serving.search import SLO, Scored, max_rate, pairs, search
 from shardwise.planner.serving.simulator import Colocated, Disaggregated, Phase, simulate
 from shardwise.planner.serving.workload import Request, Workload, load_workload
 
@@ -285,3 +285,18 @@ def test_one_token_outputs_finish_at_their_first_token(a100, only):
     for layout in layouts:
         result = simulate(a100, layout, requests, only)
         assert result.finished == 2 and result.tpot[0] == 0.0
+
+
+def test_disaggregated_pairs_fit_the_cluster_even_when_the_best_phase_fills_it():
+    """OPT-66B on one 8-GPU node: the best prefill instances per device (tp 4 x pp 2, tp 8) fill the node
+    alone; the search must still pair instances that fit together (DistServe's search enumerates only those),
+    most promising first."""
+    pre = [(4, 2, 8.0), (8, 1, 7.8), (4, 1, 3.75), (2, 1, 0.03)]
+    dec = [(4, 2, 21.7), (2, 2, 8.0), (4, 1, 9.9), (1, 4, 4.0)]
+    chosen = pairs(pre, dec, 8)
+    assert chosen and len(chosen) <= 4
+    assert all(p[0] * p[1] + d[0] * d[1] <= 8 for p, d in chosen)
+    # the first is the best balanced pair: prefill tp 4 (3.75) with decode tp 2 x pp 2 (8.0), 3.75 / 8 per GPU,
+    # ahead of prefill tp 4 with decode tp 4 (3.75 / 8 as well, same devices) and far ahead of prefill tp 2
+    assert chosen[0][0] == (4, 1, 3.75) and chosen[0][1] in ((2, 2, 8.0), (4, 1, 9.9), (1, 4, 4.0))
+    assert ((2, 1, 0.03), (2, 2, 8.0)) not in chosen[:2]

@@ -8,9 +8,9 @@ sampled lengths and arrival pattern at every rate, scaled by the rate, so the ra
   replicas fill the cluster (each sees its share of a Poisson stream: the per-device goodput is the
   instance's).
 * **Disaggregated** (DistServe's search): each phase alone first, every (tp, pp) of prefill instances for the
-  TTFT target and of decode instances for the TPOT target; the ``TOP`` best of each by goodput per device
-  are paired, each pair given the instance counts (within the cluster) that balance the two phases' rates
-  best per device, and the pair simulated whole (KV transfer included) for both targets.
+  TTFT target and of decode instances for the TPOT target; of the (prefill, decode) pairs whose instances
+  fit together in the cluster, the ``TOP`` x ``TOP`` best by the goodput per device their balanced instance
+  counts would give (``pairs``) are simulated whole (KV transfer included) for both targets.
 
 Layouts are ranked by goodput per device (ties: fewer devices); the best is the plan, the next ones its
 alternatives.
@@ -28,9 +28,9 @@ from shardwise.errors import UserInputError
 from shardwise.planner.serving.simulator import Colocated, Disaggregated, Layout, Phase, simulate
 from shardwise.planner.serving.workload import Workload
 
-__all__ = ["SLO", "Scored", "ServeSearch", "Goodput", "max_rate", "layouts", "search"]
+__all__ = ["SLO", "Scored", "ServeSearch", "Goodput", "max_rate", "layouts", "pairs", "search"]
 
-#: best layouts of each phase paired in the disaggregated search
+#: the disaggregated search simulates the TOP x TOP most promising (prefill, decode) pairs
 TOP = 2
 #: bisection stops when the passing and failing rates are this close (relative)
 RATE_TOLERANCE = 0.03
@@ -210,6 +210,27 @@ class Goodput:
         return Scored(whole, rate * replicas, att, capped), unit
 
 
+def pairs(
+    pre: list[tuple[int, int, float]], dec: list[tuple[int, int, float]], devices: int, top: int = TOP * TOP
+) -> list[tuple[tuple[int, int, float], tuple[int, int, float]]]:
+    """The ``top`` (prefill, decode) candidates, each (tp, pp, one instance's goodput), whose instances fit
+    together in ``devices`` (DistServe's search enumerates only such placements), ranked by the goodput per
+    device their best instance counts would give if the two phases did not interfere (``_counts``)."""
+    scored = []
+    for p in pre:
+        for d in dec:
+            if p[2] <= 0 or d[2] <= 0:
+                continue
+            gp, gd = p[0] * p[1], d[0] * d[1]
+            counts = _counts(p[2], gp, d[2], gd, devices)
+            if counts is None:
+                continue
+            used = counts[0] * gp + counts[1] * gd
+            scored.append((-min(counts[0] * p[2], counts[1] * d[2]) / used, used, p, d))
+    scored.sort(key=lambda row: row[:2])
+    return [(p, d) for _, _, p, d in scored[:top]]
+
+
 def search(
     prices: ServingPrices, cluster: ClusterSpec, workload: Workload, slo: SLO, *, requests: int = 300,
     seed: int = 0, disaggregated: bool = True, colocated: bool = True,
@@ -244,20 +265,14 @@ def search(
             dec.append((tp, pp, rate))
         phases = {"prefill": tuple(pre), "decode": tuple(dec)}
 
-        def best(rows: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
-            return sorted((r for r in rows if r[2] > 0), key=lambda r: (-r[2] / (r[0] * r[1]), r[0] * r[1]))[
-                :TOP
-            ]
-
-        for p in best(pre):
-            for d in best(dec):
-                paired = goodput.pair(cluster, p, d)
-                if paired is None:
-                    continue
-                whole, unit = paired
-                per = whole.per_device
-                say(f"{unit.describe()}: {_rate(per, whole.capped)} req/s per device (predicted)")
-                scored.append(whole)
+        for p, d in pairs(pre, dec, cluster.world_size):
+            paired = goodput.pair(cluster, p, d)
+            if paired is None:
+                continue
+            whole, unit = paired
+            per = whole.per_device
+            say(f"{unit.describe()}: {_rate(per, whole.capped)} req/s per device (predicted)")
+            scored.append(whole)
     if not scored:
         raise UserInputError("no layout was searched: allow colocated or disaggregated layouts")
     ranked = tuple(sorted(scored, key=lambda s: (-s.per_device, s.layout.devices)))

@@ -1,0 +1,121 @@
+"""A diagnostic of bench/serving.py's DistServe rows: the same simulation, workload and layouts, with the step
+times of DistServe's own kernel profiles in place of our prices. ``python bench/serving_profiles.py
+--profiles DIR`` (DIR holds DistServe's ``profiler-a100-80g.distserve.json`` and ``profiler-a100-80g.vllm.json``,
+``simdistserve/estimators/profile_data/`` at LLMServe/DistServe 82831f1; not shipped here). Writes
+bench/results/serving_profiles.json.
+
+This is **not** the planner's comparison (that one prices with our price list, bench/serving.py); it asks
+whether the difference between the planner's choices and DistServe's layouts comes from the step prices.
+It was decided after bench/serving.py's rows were seen, so it only explains them; nothing is fitted.
+
+DistServe's fitted step times (``simdistserve/estimators/time_estimator.py``), in ms: a prefill batch of
+prompts ``s_i`` takes ``a + b sum(s_i) + c sum(s_i^2)``, each of ``pp`` stages that divided by ``pp`` plus
+``pp`` ms; a decode step of ``B`` sequences holding ``T`` tokens (each its context + 1) takes ``a + b T + c B``
+(coefficients for ``B`` under and over a threshold), divided by ``pp`` per stage. Per (model, tp), two
+engines: ``distserve`` (DistServe's instances) and ``vllm`` (its vLLM baseline). Rows: every instance on
+DistServe's kernels ("same kernels"), and colocated instances on vLLM's ("as DistServe simulates vLLM").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serving import LAYOUT_ROWS, RESULTS, a100_nodes  # noqa: E402
+
+from shardwise.costs.prices import PriceList  # noqa: E402
+from shardwise.costs.serving import PhaseTime, ServingPrices  # noqa: E402
+from shardwise.planner.serving.model import serving_model  # noqa: E402
+from shardwise.planner.serving.search import SLO, Goodput  # noqa: E402
+from shardwise.planner.serving.simulator import Colocated, Phase  # noqa: E402
+from shardwise.planner.serving.workload import load_workload  # noqa: E402
+
+
+class ProfilePrices(ServingPrices):
+    """``ServingPrices`` whose prefill and decode steps are DistServe's fitted profiles (see the docstring);
+    memory, KV transfer and the engine's limits and overhead stay ours (the ``distserve`` engine)."""
+
+    def __init__(self, model, prices, profile: dict) -> None:
+        super().__init__(model, prices, "distserve")
+        self.profile = profile
+
+    def _params(self, tp: int) -> dict:
+        if str(tp) not in self.profile:
+            raise KeyError(f"no DistServe profile for {self.model.name} tp {tp}")
+        return self.profile[str(tp)]
+
+    def prefill(self, tp: int, pp: int, prompt_lens) -> PhaseTime:
+        a, b, c = self._params(tp)["prefill"]
+        ms = a + b * sum(prompt_lens) + c * sum(s * s for s in prompt_lens)
+        stage = (ms / pp + pp) / 1e3
+        return PhaseTime(stage * pp, stage)
+
+    def decode_step_s(self, tp: int, pp: int, batch: int, context_tokens: float) -> float:
+        if batch <= 0:
+            return 0.0
+        p = self._params(tp)
+        groups = min(pp, batch)
+        b_mb, t_mb = batch / groups, (context_tokens + batch) / groups
+        key = "decoding_smallbs" if b_mb < p["decoding_large_small_bs_threshold"] else "decoding_largebs"
+        a, b, c = p[key]
+        return (a + b * t_mb + c * b_mb) / 1e3  # pp stages of (...) / pp each: one micro-batch's pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", required=True, help="DistServe's simdistserve/estimators/profile_data")
+    parser.add_argument("--output", default=str(RESULTS / "serving_profiles.json"))
+    args = parser.parse_args(argv)
+    profiles = {
+        e: json.loads((Path(args.profiles) / f"profiler-a100-80g.{e}.json").read_text())
+        for e in ("distserve", "vllm")
+    }
+    cluster = a100_nodes(1)
+    workload = load_workload("distserve-sharegpt")
+    ours = json.loads((RESULTS / "serving.json").read_text())
+    chosen = {r["model"]: r["chosen"]["layout"] for r in ours["layouts"]}
+    rows = []
+    for name, ttft, tpot, (tp_p, pp_p), (tp_d, pp_d), (tp_v, pp_v) in LAYOUT_ROWS:
+        model = serving_model(name)
+        slo = SLO(ttft, tpot, 0.9)
+        start = time.perf_counter()
+        ds = ProfilePrices(model, PriceList(cluster, "bf16"), profiles["distserve"][name])
+        vl = ProfilePrices(model, PriceList(cluster, "bf16"), profiles["vllm"][name])
+        g_ds, g_vl = Goodput(ds, workload, slo), Goodput(vl, workload, slo)
+        rp, rd = g_ds.prefill(tp_p, pp_p)[0], g_ds.decode(tp_d, pp_d)[0]
+        paired = g_ds.pair(cluster, (tp_p, pp_p, rp), (tp_d, pp_d, rd))
+        row = {"model": name, "ttft_s": ttft, "tpot_s": tpot,
+               "distserve_layout_distserve_kernels": None if paired is None else
+               {"goodput_rps_per_gpu": paired[0].per_device, "prefill_instance_rps": rp, "decode_instance_rps": rd,
+                "layout": paired[0].layout.describe()}}  # fmt: skip
+        colocated = {"vllm_baseline": (tp_v, pp_v)}
+        c = chosen[name]
+        if c["kind"] == "colocated":
+            colocated["planner_choice"] = (c["tp"], c["pp"])
+        for label, (tp, pp) in colocated.items():
+            for kernels, g in (("distserve_kernels", g_ds), ("vllm_kernels", g_vl)):
+                try:
+                    rate = g(Colocated(Phase(tp, pp)))[0]
+                except KeyError as exc:
+                    row[f"{label}_tp{tp}_pp{pp}_{kernels}"] = str(exc)
+                    continue
+                row[f"{label}_tp{tp}_pp{pp}_{kernels}"] = {"goodput_rps_per_gpu": rate / (tp * pp)}
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    out = {"note": "diagnostic, predicted: our simulation with DistServe's fitted step times (see docstring)",
+           "workload": workload.name, "rows": rows}  # fmt: skip
+    Path(args.output).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
