@@ -20,7 +20,7 @@
   arrivals; both TTFT and TPOT within target for 90% of requests (``evaluation/ae-scripts/e2e/_plot.py``);
   OPT-13B TTFT 0.25 s / TPOT 0.1 s, OPT-66B TTFT 0.4 s / TPOT 0.1 s (the same file, Figure 8); the
   ``distserve`` engine's scheduling limits from ``2-start-api-server.py`` and its per-iteration overhead from
-  ``simdistserve/base/worker.py``. The rows before 22:35 UTC on 2026-12-06 used the ``sharegpt`` workload
+  ``simdistserve/base/worker.py``. The rows before 22:52 UTC on 2026-12-06 used the ``sharegpt`` workload
   (the vLLM paper's single-turn means, a log-normal shape we assumed): not DistServe's.
 - *Cluster*: one DGX-A100 node (8 x A100-80GB, NVLink; the preset's device figures and achieved efficiencies,
   the device memory as above): DistServe places a prefill and a decode instance of one pair in one node.

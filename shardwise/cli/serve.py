@@ -35,8 +35,9 @@ def serve_plan(
     workload: Annotated[
         str,
         typer.Option(
-            help="sharegpt, fixed:PROMPT,OUTPUT, or a JSON/YAML file with prompt/output length distributions "
-            "and a Poisson arrival rate (docs/serving.md)"
+            help="sharegpt (single-turn chat), distserve-sharegpt (DistServe's multi-turn ShareGPT pairs), "
+            "fixed:PROMPT,OUTPUT, or a JSON/YAML file with prompt/output length distributions and a Poisson "
+            "arrival rate (docs/serving.md)"
         ),
     ] = "sharegpt",
     json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON (for scripts)")] = False,
