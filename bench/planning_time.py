@@ -68,10 +68,15 @@ def _compile_row(name: str, factory: Any, cluster: str) -> dict[str, Any]:
     model.train()
     build_s = time.perf_counter() - t0
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    cm = shardwise.compile(model, cluster, example_inputs=inputs, mode="train", precision="bf16", loss_fn=loss)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return {"row": name, "cluster": cluster, "path": "shardwise.compile", "build_s": build_s, "plan_s": wall,
-            "plan_cpu_s": cpu, "load_before": load0, "load_after": os.getloadavg(), **_summary(cm.plan)}  # fmt: skip
+    row = {"row": name, "cluster": cluster, "path": "shardwise.compile", "build_s": build_s, "load_before": load0}
+    try:
+        cm = shardwise.compile(model, cluster, example_inputs=inputs, mode="train", precision="bf16", loss_fn=loss)
+    except shardwise.errors.ShardwiseError as exc:  # no plan: that is the row's result
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        cm = None
+    row |= {"plan_s": time.perf_counter() - wall0, "plan_cpu_s": time.process_time() - cpu0,
+            "load_after": os.getloadavg()}  # fmt: skip
+    return row | (_summary(cm.plan) if cm is not None else {})
 
 
 def _cli_row(name: str, target: str, cluster: str) -> dict[str, Any]:

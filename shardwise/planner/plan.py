@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from shardwise.cluster import ClusterSpec
 from shardwise.costs.attention import CP_WAYS
-from shardwise.errors import DoesNotFitError, PlanError, ShardwiseError
+from shardwise.errors import DoesNotFitError, PlanError, ShardwiseError, SolverError
 from shardwise.ir.graph import Graph
 from shardwise.ir.plan import Alternative, ExecutionPlan
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
@@ -164,7 +164,7 @@ def plan(
                 placements=placements, exact_memory=False, exact_out=exact,
             )  # fmt: skip
             return _Realized(cand, out, _peak_of(out) <= cluster.device.memory_bytes, exact[-1])
-        except (DoesNotFitError, PlanError) as exc:
+        except (DoesNotFitError, PlanError, SolverError) as exc:  # this layout could not be made: the next one
             failed[cand.key()] = str(exc).splitlines()[0]
             return None
 
