@@ -517,9 +517,21 @@ def _selective(ctx: _Context, mem: _Memory, bounds: list[tuple[int, int]]) -> fr
     usage = mem.devices(bounds, frozenset())
     if max(usage) <= ctx.capacity:
         return frozenset()
-    # each added unit changes only its own chunk's activations: the others' are kept
+    # each added unit changes only its own chunk's activations, so only its device stage's usage: the rest is
+    # kept (the same sums and maxima ``devices`` computes)
+    pp = mem.cfg.pp
     chunk_of = {i: c for c, (a, z) in enumerate(bounds) for i in range(a, z)}
     acts = [mem.activations(a, z, frozenset()) for a, z in bounds]
+    fixed = [0.0] * pp
+    for c, (a, z) in enumerate(bounds):
+        fixed[c % pp] += mem.fixed(a, z)[0]
+
+    def stage(p: int) -> float:
+        kept = max((acts[c][0] for c in range(p, len(bounds), pp)), default=0.0)
+        held = max((acts[c][1] for c in range(p, len(bounds), pp)), default=0.0)
+        return fixed[p] + max(kept, 0.0) * mem.inflight[p] + max(held, 0.0)
+
+    usage = [stage(p) for p in range(pp)]
     for i in order:
         if t.act[i] <= t.inp[i]:
             continue
@@ -527,7 +539,7 @@ def _selective(ctx: _Context, mem: _Memory, bounds: list[tuple[int, int]]) -> fr
         frozen = frozenset(chosen)
         c = chunk_of[i]
         acts[c] = mem.activations(*bounds[c], frozen)
-        usage = mem.devices(bounds, frozen, acts)
+        usage[c % pp] = stage(c % pp)
         if max(usage) <= ctx.capacity:
             return frozen
     return None
