@@ -19,8 +19,6 @@ package imports nothing from shardwise and is written atomically (a temporary si
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from shardwise.codegen.emit import template_env
 from shardwise.codegen.layout import tensor_tables
 from shardwise.codegen.library import library_files
 from shardwise.codegen.pysource import wrap_lines
+from shardwise.codegen.staging import staged_directory, write_files
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.safety import check_plan_text
 
@@ -89,23 +88,8 @@ def write_generation_package(
         "plan.json": decode.to_json(),
         **library_files(),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        for file, text in files.items():
-            (tmp / file).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / file).write_text(text)
+    with staged_directory(target) as tmp:
+        write_files(tmp, files)
         write_package(decode, tmp / "decode", shared=True)
         write_package(prefill, tmp / "prefill", shared=True)
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            target.rename(backup)
-            tmp.rename(target)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from shardwise.codegen.emit import render_program, template_env
 from shardwise.codegen.kernels import render_kernels
 from shardwise.codegen.library import library_files
+from shardwise.codegen.staging import staged_directory, write_files
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.safety import check_plan_text
 from shardwise.ir.tensor import TensorSpec
@@ -86,21 +85,6 @@ def write_package(plan: ExecutionPlan, directory: str | os.PathLike[str], *, sha
         files["kernels.py"] = render_kernels(plan, version=VERSION, plan_id=pid)
     files.update(schedule_files(plan))
     files.update(library_files())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(text)
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            target.rename(backup)
-            tmp.rename(target)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_directory(target) as tmp:
+        write_files(tmp, files)
     return target

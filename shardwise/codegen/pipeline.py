@@ -20,13 +20,12 @@ Requires: ``plan.pipeline`` (see ``shardwise.ir.pipeline``). Guarantees: the sch
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from shardwise.codegen.emit import template_env
 from shardwise.codegen.library import library_files
 from shardwise.codegen.pysource import wrap_lines
+from shardwise.codegen.staging import staged_directory, write_files
 from shardwise.ir.plan import ExecutionPlan
 from shardwise.ir.tensor import TensorSpec
 
@@ -111,23 +110,8 @@ def write_pipeline_package(plan: ExecutionPlan, directory: str | os.PathLike[str
         "plan.json": plan.to_json(),
         **library_files(),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(text)
+    with staged_directory(target) as tmp:
+        write_files(tmp, files)
         for stage in spec.stages:
             write_package(stage.plan, tmp / f"chunk{stage.chunk}")
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            target.rename(backup)
-            tmp.rename(target)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
