@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["eager_training", "assert_training_equal"]
+__all__ = ["eager_training", "assert_training_equal", "assert_weights_moved"]
 
 
 def eager_training(
@@ -55,3 +55,12 @@ def assert_training_equal(
     assert not missing, f"the state_dict lacks {sorted(missing)[:5]}"
     for key, value in expected_state.items():
         torch.testing.assert_close(state[key], value, rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def assert_weights_moved(
+    initial: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor], *, at_least: float = 1e-3
+) -> None:
+    """Raise AssertionError unless some tensor of ``final`` differs from ``initial`` by more than ``at_least``
+    (training steps that changed the weights well beyond a comparison's tolerance)."""
+    largest = max((final[k] - v).abs().max().item() for k, v in initial.items())
+    assert largest > at_least, f"the steps moved no weight by more than {at_least} (largest change {largest:.3g})"
