@@ -124,8 +124,18 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
         from shardwise.costs.prices import price_list
         from shardwise.costs.step import node_prices
 
-        priced = node_prices(plan, price_list(cluster, plan.precision))
-        alltoall_s = sum(priced[n].comm_s for n in layers if n in priced)
+        prices = price_list(cluster, plan.precision)
+        spec = plan.pipeline
+        if spec is None:
+            priced = node_prices(plan, prices)
+            alltoall_s = sum(priced[n].comm_s for n in layers if n in priced)
+        else:  # each chunk's experts ops, every micro-batch, on the device stage that spends the most on them
+            per_stage = [0.0] * spec.pp
+            for st in spec.stages:
+                chunk = node_prices(st.plan, prices)
+                ops = moe_nodes(st.plan.graph)
+                per_stage[st.device_stage] += spec.microbatches * sum(chunk[n].comm_s for n in ops if n in chunk)
+            alltoall_s = max(per_stage)
     other = [a for a in alts if dict(a.degrees).get("ep", 1) != ep and a.fits]
     rival = min(other, key=lambda a: a.step_time_s) if other else None
     chosen = plan.predicted.step_time_s
@@ -134,7 +144,8 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
                f"layers ({human_bytes(weights / ep)} of expert weights instead of {human_bytes(weights)}); tokens "
                "reach their experts by all-to-all")  # fmt: skip
         if alltoall_s is not None:
-            why += f", {human_time(alltoall_s)} per step (the experts ops' collectives)"
+            where = " on the pipeline stage that spends the most on them" if plan.pipeline is not None else ""
+            why += f", {human_time(alltoall_s)} per step (the experts ops' collectives{where})"
     else:
         why = (f"ep=1: every rank holds all {experts} experts of each of {len(layers)} MoE layers "
                f"({human_bytes(weights)}); no all-to-all")  # fmt: skip
@@ -147,7 +158,7 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
     elif not other:
         why += ". No layout with another ep fits" if any(dict(a.degrees).get("ep", 1) != ep for a in alts) else (
             ". No layout with another ep was scored (ep was pinned, or no other divides both the expert count and "
-            "dp on a flat mesh)")
+            "dp)")
     return {"ep": ep, "experts": experts, "layers": len(layers), "expert_weight_bytes": weights,
             "alltoall_s": alltoall_s, "why": why}  # fmt: skip
 

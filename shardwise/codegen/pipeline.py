@@ -72,6 +72,7 @@ def write_pipeline_package(plan: ExecutionPlan, directory: str | os.PathLike[str
         "pp": spec.pp,
         "dp": spec.dp,
         "tp": spec.tp,
+        "ep": spec.ep,
         "virtual": spec.virtual,
         "schedule": spec.schedule,
         "microbatches": spec.microbatches,

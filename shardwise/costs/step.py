@@ -811,20 +811,29 @@ class StageTail:
     dp_ranks: tuple[int, ...]
     tp_ranks: tuple[int, ...]
     tied: tuple[tuple[float, tuple[int, ...]], ...] = ()  # (fp32 bytes, ranks of the stages holding a copy)
+    # expert parallelism: elements reduced over no data-parallel rank (the experts when ep = dp: each expert's
+    # gradient is complete on its rank), and, when 1 < ep < dp, the inner ep group the other gradients are
+    # all-reduced over first (fp32 bytes) before ``dp_ranks`` (then the dp/ep replicas: ZeRO's axis)
+    unreduced_elems: float = 0.0
+    ep_ranks: tuple[int, ...] = ()
+    ep_grad_bytes: float = 0.0
 
 
 def stage_tail_s(prices: PriceList, tail: StageTail, *, optimizer: str, zero: int) -> float:
     """A device stage's gradient reduction (data parallel, tensor-parallel partial sums, tied weights) and
     optimizer step: run after its last backward (ZeRO >= 1: a reduce-scatter over data parallelism, the
-    optimizer on this rank's slice, then an all-gather of the updated parameters)."""
+    optimizer on this rank's slice, then an all-gather of the updated parameters). With expert parallelism the
+    gradients of the experts are reduced over their replicas only (``unreduced_elems``, ``ep_ranks``)."""
     dp = len(tail.dp_ranks)
-    grads = 4.0 * tail.trainable_elems
+    reduced = max(tail.trainable_elems - tail.unreduced_elems, 0.0)
+    grads = 4.0 * reduced
     sharded = zero >= 1 and dp > 1
     t = prices.collective_s("reduce_scatter" if sharded else "allreduce", grads, tail.dp_ranks)
+    t += prices.collective_s("allreduce", tail.ep_grad_bytes, tail.ep_ranks)
     t += prices.collective_s("allreduce", tail.tp_grad_bytes, tail.tp_ranks)
     for nbytes, ranks in tail.tied:
         t += prices.collective_s("allreduce", nbytes, ranks)
-    elements = tail.trainable_elems / dp if sharded else tail.trainable_elems
+    elements = reduced / dp + tail.unreduced_elems if sharded else tail.trainable_elems
     foreach = prices.cluster.efficiency.overhead_hidden
     t += prices.optimizer_step_s(elements, tail.tensors, optimizer, foreach=foreach)
     if sharded:
@@ -939,20 +948,23 @@ def pipeline_end_s(plan: ExecutionPlan, prices: PriceList) -> float:
 def _stage_tail(plan: ExecutionPlan, p: int) -> StageTail:
     spec = plan.pipeline
     assert spec is not None
-    trainable = tensors = 0
+    trainable = tensors = experts = 0
     tp_bytes = 0.0
     tied_keys = {k: chunks for k, chunks in spec.tied}
     tied: list[tuple[float, tuple[int, ...]]] = []
     seen: set[str] = set()
+    ep = getattr(spec, "ep", 1)
     for c in range(p, len(spec.stages), spec.pp):
         chunk = spec.stages[c].plan
         local = _param_local_elements(chunk)
         reduce = dict(chunk.param_grad_reduce)
+        split = {k for k, pl in chunk.param_placements if _sharded_over(pl, chunk.mesh, "ep")}
         for q in _trainable(chunk):
             if q.key in seen:
                 continue  # a weight two chunks of this stage read (interleaved): one copy
             seen.add(q.key)
             trainable += local[q.name]
+            experts += local[q.name] if q.key in split else 0
             tensors += 1
             if "tp" in reduce.get(q.key, ()):
                 tp_bytes += 4.0 * local[q.name]
@@ -960,8 +972,15 @@ def _stage_tail(plan: ExecutionPlan, p: int) -> StageTail:
                 stages = sorted({x % spec.pp for x in tied_keys[q.key]})
                 if len(stages) > 1:
                     tied.append((4.0 * local[q.name], tuple(spec.rank(s, 0, 0) for s in stages)))
+    replicas = tuple(spec.rank(p, d, 0) for d in range(spec.dp))
+    # expert parallelism (runtime.lib.pipeline): experts reduced over their dp/ep replicas only; below dp the
+    # other gradients over the ep group first, then over the replicas (ZeRO's axis)
+    if 1 < ep < spec.dp:
+        by_ep = {"ep_ranks": replicas[:ep], "ep_grad_bytes": 4.0 * (trainable - experts)}
+        replicas = replicas[::ep]
+    else:
+        by_ep = {"unreduced_elems": float(experts)} if ep > 1 else {}
     return StageTail(
-        trainable_elems=float(trainable), tensors=tensors, tp_grad_bytes=tp_bytes,
-        dp_ranks=tuple(spec.rank(p, d, 0) for d in range(spec.dp)),
-        tp_ranks=tuple(spec.rank(p, 0, t) for t in range(spec.tp)), tied=tuple(tied),
+        trainable_elems=float(trainable), tensors=tensors, tp_grad_bytes=tp_bytes, dp_ranks=replicas,
+        tp_ranks=tuple(spec.rank(p, 0, t) for t in range(spec.tp)), tied=tuple(tied), **by_ep,  # type: ignore[arg-type]
     )  # fmt: skip

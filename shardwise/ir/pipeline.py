@@ -7,7 +7,11 @@ index ``t``) is ``(p * dp + d) * tp + t``.
 
 Invariants (checked by :func:`check_pipeline`):
 - ``stages[c].chunk == c``; every chunk's ``plan`` is an intra-op plan over a ``(dp=1, tp)`` mesh whose graph
-  is the chunk's subgraph traced at the micro-batch size (``microbatch_size`` rows per replica);
+  is the chunk's subgraph traced at the micro-batch size (``microbatch_size`` rows per replica); with expert
+  parallelism (``ep > 1``) the mesh is ``(ep, tp)``, its ``ep`` axis the ``ep`` neighbouring data-parallel
+  replicas of the chunk's stage (replicas ``o * ep .. o * ep + ep - 1``): each runs the chunk on its own rows
+  (the graph is one replica's), and only the experts ops, whose experts are split over that axis, exchange
+  rows over it;
 - every transfer goes from an earlier chunk to a later one, names a value that is an output of its source
   chunk's graph and an input of its destination chunk's graph;
 - ``actions[p]`` lists, for device stage ``p``, every (kind, chunk, micro-batch) it runs, each forward
@@ -79,6 +83,8 @@ class PipelineSpec:
     # ZeRO stage over the data-parallel replicas: 0 none, 1 optimizer state sharded, 2 gradients too (tied
     # weights are never sharded); 3 is not offered with pipelines
     zero: int = 0
+    # expert parallelism: the experts of each stage split over ``ep`` neighbouring replicas (a divisor of dp)
+    ep: int = 1
 
     @property
     def chunks(self) -> int:
@@ -90,7 +96,8 @@ class PipelineSpec:
     def __str__(self) -> str:
         v = f" x {self.virtual} virtual" if self.virtual > 1 else ""
         return (
-            f"{self.schedule}: pp={self.pp}{v}, dp={self.dp}, tp={self.tp}{' +sp' if self.sequence_parallel else ''}, "
+            f"{self.schedule}: pp={self.pp}{v}, dp={self.dp}{f' (ep={self.ep})' if self.ep > 1 else ''}, "
+            f"tp={self.tp}{' +sp' if self.sequence_parallel else ''}, "
             f"{self.microbatches} micro-batches of {self.microbatch_size}, recompute={self.recompute}"
         )
 
@@ -113,6 +120,8 @@ def check_pipeline(spec: PipelineSpec, *, train: bool) -> None:
         ins = {i.name for i in spec.stages[t.dst].plan.graph.inputs}
         if t.value not in outs or t.value not in ins:
             raise ValueError(f"transfer {t}: not an output of chunk {t.src} and an input of chunk {t.dst}")
+    if spec.ep < 1 or spec.dp % spec.ep:
+        raise ValueError(f"ep={spec.ep} does not divide dp={spec.dp}")
     if spec.zero not in (0, 1, 2):
         raise ValueError(f"ZeRO stage {spec.zero} is not run with pipelines (0, 1 or 2)")
     if len(spec.actions) != spec.pp:

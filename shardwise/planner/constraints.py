@@ -17,7 +17,8 @@ into a :class:`Constraints`; anything not pinned is searched. Keys:
   predicted faster);
 * ``ep``: expert parallelism, the experts of every mixture-of-experts layer split over ``ep`` of the
   data-parallel ranks (tokens dispatched to their experts by all-to-all), replicated over ``dp / ep`` groups;
-  a divisor of the expert count and of ``dp``, flat plans (``1``: every rank holds every expert);
+  a divisor of the expert count and of ``dp``, flat plans and pipelines (each stage's experts split over ``ep``
+  of its data-parallel replicas) (``1``: every rank holds every expert);
 * ``cp``: context parallelism, the sequence (token) dimension split over an axis of its own (flat plans);
   ``cp_attention``: how attention runs over the split sequence: ``allgather`` (keys and values gathered),
   ``ulysses`` (all-to-all to a head split and back), ``ring`` (key/value blocks passed around the ring) or
@@ -168,9 +169,6 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
             f"constraints ep={ep} dp={dp}: expert parallelism splits the experts over ep of the data-parallel ranks, "
             f"so ep divides dp (pin dp to a multiple of {ep}, or leave dp to the search)"
         )
-    if ep is not None and ep > 1 and values.get("pp", 1) != 1:
-        raise ConstraintError(f"constraint ep={ep} with pp={values['pp']}: expert parallelism is planned for flat "
-                              "layouts (pp=1) today")  # fmt: skip
     if values.get("cp", 1) != 1 and values.get("pp", 1) != 1:
         raise ConstraintError(
             f"constraints cp={values['cp']} and pp={values['pp']}: context parallelism is generated for flat plans "

@@ -32,6 +32,7 @@ from shardwise.cluster import ClusterSpec
 from shardwise.costs.prices import price_list
 from shardwise.costs.step import mfu, price_pipeline
 from shardwise.errors import PlanError, ShardwiseError
+from shardwise.ir.experts import MOE_EXPERTS
 from shardwise.ir.graph import Graph
 from shardwise.ir.pipeline import PipelineSpec, PipelineStage, check_pipeline
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
@@ -39,6 +40,7 @@ from shardwise.ir.plan import Alternative, ExecutionPlan, NodeStrategy, Predicti
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.mapping import OPTIMIZER_STATE_FACTOR
 from shardwise.passes.memory.pipeline import PipelineMemoryMap, map_pipeline_memory
+from shardwise.passes.sharding.experts import split_experts
 from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
 from shardwise.passes.stages.place import PlacementCache, place_chunk, value_names
 from shardwise.passes.stages.profile import traced_batch
@@ -49,7 +51,7 @@ from shardwise.planner.search import Candidate, SearchOptions, SearchResult, sea
 
 __all__ = [
     "plan_pipeline", "realize_pipeline", "batch_inputs", "batch_cut_problem", "priced_pipeline", "PIPELINE_KEYS",
-    "wants_pipeline", "with_exact_memory",
+    "wants_pipeline", "with_exact_memory", "top_mesh", "expert_chunk_mesh",
 ]  # fmt: skip
 
 # constraint keys only a pipeline plan can honour
@@ -81,27 +83,44 @@ def _grad_reduce(graph: Graph, strategies: tuple[NodeStrategy, ...]) -> dict[str
     return param_grad_reduce(graph, strategies)
 
 
+def expert_chunk_mesh(cand: Candidate, stage: int) -> DeviceMesh:
+    """The mesh of a chunk of device stage ``stage`` under expert parallelism: ``ep x tp``, its ``ep`` axis the
+    first ``ep`` data-parallel replicas of the stage (every group of them is laid alike), so that the price list
+    prices the experts' all-to-alls on the links of that stage's ranks."""
+    ranks = tuple((stage * cand.dp + e) * cand.tp + t for e in range(cand.ep) for t in range(cand.tp))
+    return DeviceMesh((cand.ep, cand.tp), ("ep", "tp"), ranks)
+
+
 def _chunk_plan(
     graph: Graph, cluster: ClusterSpec, cand: Candidate, *, mode: str, precision: str, optimizer: str, fusion: bool,
-    placements: PlacementCache | None = None,
+    placements: PlacementCache | None = None, stage: int = 0,
 ) -> ExecutionPlan:  # fmt: skip
+    """Chunk ``graph`` placed on its tensor-parallel group (``passes.stages.place``); with expert parallelism
+    (``cand.ep > 1``) then lifted to the ``ep x tp`` mesh of its stage (:func:`expert_chunk_mesh`), every experts
+    op's experts split over ``ep`` (``passes.sharding.experts.split_experts``, the tokens each replica's own)."""
     train = mode == "train"
     placed = place_chunk(
         graph, cluster, cand.tp, sequence_parallel=cand.sp, train=train, precision=precision,
         optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), cache=placements,
     )  # fmt: skip
     g, mesh = placed.graph, placed.mesh
+    strategies, param_placements = placed.strategies, placed.param_placements
+    if cand.ep > 1 and any(n.op == MOE_EXPERTS for n in g.nodes):
+        mesh = expert_chunk_mesh(cand, stage)
+        strategies, param_placements = split_experts(
+            g, mesh, strategies, param_placements, "ep", local_tokens=True
+        )  # fmt: skip
     keys = {p.name: p.key for p in g.params}
     rep = ShardingSpec(tuple(Replicate() for _ in mesh.shape))
     plan = ExecutionPlan(
         **plan_identity(g, cluster, mode, precision, mesh),
         degrees_=(("dp", 1), ("tp", cand.tp), ("pp", 1)),
         graph=g,
-        strategies=placed.strategies,
+        strategies=strategies,
         input_placements=tuple(placed.input_placements.get(i.name, rep) for i in g.inputs),
-        param_placements=tuple((keys[n], s) for n, s in placed.param_placements.items() if n in keys),
+        param_placements=tuple((keys[n], s) for n, s in param_placements.items() if n in keys),
         output_placements=tuple(rep for _ in g.outputs),
-        param_grad_reduce=tuple(sorted(_grad_reduce(g, placed.strategies).items())) if train else (),
+        param_grad_reduce=tuple(sorted(_grad_reduce(g, strategies).items())) if train else (),
         predicted=Prediction(0.0, 0.0, 0.0, 0.0, ()),
         memory=(),
         replicated_ops=placed.run_whole,
@@ -122,7 +141,7 @@ def _fused(plan: ExecutionPlan, structure: tuple, placements: PlacementCache | N
 
     if placements is None or not structure:
         return fuse_plan(plan)
-    key = ("fusion", structure, plan.mode)
+    key = ("fusion", structure, plan.mode, plan.mesh.shape)
     hit = placements.get(key)
     if hit is None:
         plan = fuse_plan(plan)
@@ -257,7 +276,7 @@ def realize_pipeline(
     for c, g in enumerate(chunks.graphs):
         plan = _chunk_plan(
             g, cluster, best, mode=mode, precision=precision, optimizer=optimizer, fusion=fusion,
-            placements=placements if placements is not None else {},
+            placements=placements if placements is not None else {}, stage=c % best.pp,
         )  # fmt: skip
         a, z = best.bounds[c]
         ranges = _unit_ranges(plan.graph, [units.nodes[i] for i in range(a, z) if i in selective])
@@ -285,7 +304,7 @@ def realize_pipeline(
         sequence_parallel=best.sp, microbatches=best.microbatches, microbatch_size=rows,
         recompute="full" if best.recompute == "full" else "none", stages=stages, transfers=chunks.transfers,
         tied=chunks.tied, actions=tuple(tuple(a) for a in actions), batch_inputs=batch_inputs(graph),
-        zero=best.zero,
+        zero=best.zero, ep=best.ep,
     )  # fmt: skip
     check_pipeline(spec, train=train)
     plan, exact = _top_plan(
@@ -293,6 +312,8 @@ def realize_pipeline(
     )
     if exact_out is not None:
         exact_out.append(exact)
+    if best.ep > 1:
+        plan = plan.replace(notes=(*plan.notes, expert_note(spec, cluster, best, result)))
     return priced_pipeline(plan, cluster, result.model_flops)
 
 
@@ -383,16 +404,22 @@ def _top_plan(
     optimizer: str, exact: bool = True,
 ) -> tuple[ExecutionPlan, bool]:  # fmt: skip
     best = result.best
-    pp, dp, tp = spec.pp, spec.dp, spec.tp
+    pp, dp, tp, ep = spec.pp, spec.dp, spec.tp, spec.ep
     world = pp * dp * tp
-    mesh = DeviceMesh((pp, dp, tp), ("pp", "dp", "tp"), tuple(range(world)))
-    rep = ShardingSpec((Replicate(), Replicate(), Replicate()))
-    split = ShardingSpec((Replicate(), Shard(0), Replicate()))
+    mesh = top_mesh(spec)
+    rep = ShardingSpec(tuple(Replicate() for _ in mesh.shape))
+    split = ShardingSpec(tuple(Shard(0) if a in ("dp", "ep") else Replicate() for a in mesh.axis_names))
     batch = set(spec.batch_inputs)
     params: dict[str, ShardingSpec] = {}
+    expert_axis = "ep" if "ep" in mesh.axis_names else "dp"  # where the chunks' ep axis lies on the whole mesh
     for stage in spec.stages:
+        chunk_axes = stage.plan.mesh.axis_names
         for key, s in stage.plan.param_placements:
-            params.setdefault(key, ShardingSpec((Replicate(), Replicate(), s.placements[1])))
+            by_axis = dict(zip(chunk_axes, s.placements, strict=True))
+            top = [by_axis.get("tp", Replicate()) if a == "tp" else Replicate() for a in mesh.axis_names]
+            if ep > 1 and by_axis.get("ep", Replicate()) != Replicate():
+                top[mesh.axis_names.index(expert_axis)] = by_axis["ep"]
+            params.setdefault(key, ShardingSpec(tuple(top)))
     tflops, util = mfu(result.model_flops, world, best.step_s, price_list(cluster, precision).peak_flops)
     # the memory-mapping pass on each device stage's schedule (micro-batches in flight): the prediction
     mapped = _memory(spec, cluster, mode=mode, precision=precision, optimizer=optimizer, exact=exact)
@@ -413,7 +440,7 @@ def _top_plan(
         notes.append(f"runs on {world} of the {cluster.world_size} devices")
     plan = ExecutionPlan(
         **plan_identity(graph, cluster, mode, precision, mesh),
-        degrees_=(("dp", dp), ("tp", tp), ("pp", pp)),
+        degrees_=(("dp", dp), ("tp", tp), ("pp", pp)) + ((("ep", ep),) if ep > 1 else ()),
         graph=graph,
         strategies=(),
         input_placements=tuple(split if k in batch and dp > 1 else rep for k in range(len(graph.inputs))),
@@ -445,3 +472,51 @@ def _top_plan(
         pipeline=spec,
     )
     return plan, mapped.exact
+
+
+def top_mesh(spec: PipelineSpec) -> DeviceMesh:
+    """The whole pipeline's mesh: ``pp x dp x tp`` (rank ``(p * dp + d) * tp + t``); with expert parallelism
+    below ``dp`` (``1 < ep < dp``) its data-parallel ranks are two axes, ``dp / ep`` replicas of the experts
+    (outer: ZeRO's axis) and ``ep`` (inner), as ``planner.flat.flat_mesh`` lays a flat plan's; ``ep = dp``
+    splits the experts over the ``dp`` axis itself."""
+    pp, dp, tp, ep = spec.pp, spec.dp, spec.tp, spec.ep
+    ranks = tuple(range(pp * dp * tp))
+    if 1 < ep < dp:
+        return DeviceMesh((pp, dp // ep, ep, tp), ("pp", "dp", "ep", "tp"), ranks)
+    return DeviceMesh((pp, dp, tp), ("pp", "dp", "tp"), ranks)
+
+
+def expert_note(spec: PipelineSpec, cluster: ClusterSpec, cand: Candidate, result: SearchResult) -> str:
+    """Why this pipeline splits its experts over ``ep``: what a rank holds, the all-to-all it pays per
+    micro-batch (the realized chunks' price), and the best estimated layout with another ``ep``."""
+    from shardwise.costs.compute import traced_scale
+    from shardwise.costs.step import expert_exchange_s
+    from shardwise.ir.experts import expert_axis
+    from shardwise.ir.registry import tensor_operands
+
+    experts = layers = 0
+    exchange = 0.0
+    for st in spec.stages:
+        plan = st.plan
+        by_node = {s.node: s for s in plan.strategies}
+        prices = price_list(cluster, plan.precision)
+        for node in plan.graph.nodes:
+            s = by_node.get(node.name)
+            axis = expert_axis(s, plan.mesh) if node.op == MOE_EXPERTS else None
+            if axis is None or s is None:
+                continue
+            layers += 1
+            w = plan.graph.spec_of(tensor_operands(node)[3])
+            experts = w.shape[0] if isinstance(w, TensorSpec) else experts
+            f, b = expert_exchange_s(prices, plan.mesh, axis, node, s, plan.graph, traced_scale(plan.graph, plan.precision))
+            exchange += f + (b if plan.mode == "train" else 0.0)
+    other = next((c for c in result.ranked if c.ep != cand.ep and c.fits), None)
+    alt = (f"; the best layout with ep={other.ep} is estimated at {other.step_s / cand.step_s:.2f}x this one's "
+           f"step ({other.describe()})") if other is not None else ""  # fmt: skip
+    held = f"{experts // spec.ep} of {experts} experts of each of {layers} MoE layers" if experts else "its experts"
+    return (
+        f"expert parallelism: ep={spec.ep}: each stage's experts split over {spec.ep} of its {spec.dp} data-parallel "
+        f"replicas (a rank holds {held}; tokens dispatched and combined by all-to-all, "
+        f"{exchange * 1e3:.3f} ms per micro-batch on a rank, predicted); expert gradients reduced over their "
+        f"{spec.dp // spec.ep} replica(s), the others over dp={spec.dp}{alt}"
+    )

@@ -615,14 +615,15 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
         if train:
             cb[-1] += b
     if cfg.ep > 1:  # the experts' all-to-alls over an ep group of neighbouring replicas (costs.step.moe_exchange_s)
-        group = tuple(_rank(0, d, 0, dp, tp) for d in range(cfg.ep))
         for c, (a, z) in enumerate(bounds):
+            group = tuple(_rank(c % pp, d, 0, dp, tp) for d in range(cfg.ep))  # on the chunk's device stage
             for i in range(a, z):
                 x = ctx.experts[ctx.sequence[i]]
                 if not x.elems:
                     continue
                 f, b = moe_exchange_s(
-                    lambda n: ctx.prices.collective_s("alltoall", n, group), x.rows_per_sample * cfg.rows, x.counts_bytes
+                    lambda n, g=group: ctx.prices.collective_s("alltoall", n, g), x.rows_per_sample * cfg.rows,
+                    x.counts_bytes,
                 )  # fmt: skip
                 cf[c] += f
                 comm_chunk[c] += f
@@ -649,20 +650,27 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
                 if len(stages) > 1 and p in stages:
                     tied.append((elems * 4 / tp, tuple(_rank(s, 0, 0, dp, tp) for s in stages)))
             replicas = tuple(_rank(p, d, 0, dp, tp) for d in range(dp))
-            inner = 0.0
-            if 1 < cfg.ep < dp:
+            experts: dict[str, object] = {}
+            if cfg.ep > 1:
+                # the experts' gradients are complete within their ep group: reduced over its dp/ep replicas only.
                 # ep below dp: the data-parallel ranks are two mesh axes, dp/ep replicas (outer, ZeRO's axis) and
                 # ep (inner); gradients replicated over both are summed over ep, then over the replicas
-                # (runtime.lib.gradients reduces one axis after the other), the experts' over the replicas only
+                # (runtime.lib.gradients reduces one axis after the other)
                 mine = sum(memory.parts(*bounds[c])["experts"] for c in range(p, chunks, pp))
-                group = tuple(_rank(p, e, 0, dp, tp) for e in range(cfg.ep))
-                inner = ctx.prices.collective_s("allreduce", 4.0 * max(trainable - mine, 0.0), group)
-                replicas = replicas[:: cfg.ep]
+                if cfg.ep < dp:
+                    experts = {
+                        "ep_ranks": tuple(_rank(p, e, 0, dp, tp) for e in range(cfg.ep)),
+                        "ep_grad_bytes": 4.0 * max(trainable - mine, 0.0),
+                    }  # fmt: skip
+                    replicas = replicas[:: cfg.ep]
+                else:
+                    experts = {"unreduced_elems": mine}
             stage = StageTail(
                 trainable_elems=trainable, tensors=int(tensors), tp_grad_bytes=grad_reduce, dp_ranks=replicas,
                 tp_ranks=tuple(_rank(p, 0, k, dp, tp) for k in range(tp)), tied=tuple(tied),
+                **experts,  # type: ignore[arg-type]
             )  # fmt: skip
-            tail[p] = inner + stage_tail_s(ctx.prices, stage, optimizer=ctx.options.optimizer, zero=cfg.zero)
+            tail[p] = stage_tail_s(ctx.prices, stage, optimizer=ctx.options.optimizer, zero=cfg.zero)
             if cfg.zero >= 3 and dp > 1:
                 tail[p] += _fsdp_s(ctx, cfg, trainable, m)
     device_work = [0.0] * pp
@@ -900,19 +908,19 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
 def _expert_degrees(
     ctx: _Context, pinned: Constraints, pp: int, dp: int, tp: int, rejected: list[str]
 ) -> list[int]:
-    """The ``ep`` values of a mesh: 1, and for a model with MoE layers on a flat mesh every divisor of ``dp``
-    above 1 that divides the expert count (the experts split over ``ep`` of the data-parallel ranks, replicated
-    over ``dp / ep`` groups of them); a pinned ep alone."""
+    """The ``ep`` values of a mesh: 1, and for a model with MoE layers every divisor of ``dp`` above 1 that
+    divides the expert count (the experts split over ``ep`` of the data-parallel ranks, replicated over
+    ``dp / ep`` groups of them; with pipelines, over ``ep`` of each stage's replicas); a pinned ep alone."""
     experts = expert_count(ctx.graph)
     possible = [1]
-    if experts and pp == 1:
+    if experts:
         possible += [e for e in divisors(dp)[1:] if experts % e == 0]
     if pinned.ep is None:
         return possible
     if pinned.ep in possible:
         return [pinned.ep]
     why = ("the model has no mixture-of-experts layers shardwise recognizes" if not experts
-           else f"ep must divide the {experts} experts and dp={dp}, on a flat mesh (pp=1)")  # fmt: skip
+           else f"ep must divide the {experts} experts and dp={dp}")  # fmt: skip
     rejected.append(f"pp={pp} dp={dp} tp={tp}: ep={pinned.ep} is not possible: {why}")
     return []
 

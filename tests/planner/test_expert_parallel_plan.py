@@ -94,3 +94,57 @@ def test_impossible_ep_is_a_clear_error(mixtral):
     graph, _ = trace(model, inputs)
     with pytest.raises(PlanError, match="no mixture-of-experts layers"):
         plan(graph, get_cluster("cpu:2"), {"ep": 2})
+
+
+def _pipeline_plan(model, inputs, cluster, constraints):  # noqa: ANN001, ANN202
+    """The plan ``shardwise.compile`` makes (its tracer cuts the batch into replicas' micro-batches); no process
+    is started."""
+    import shardwise
+
+    loss = lambda out: out.logits.float().mean()  # noqa: E731
+    with shardwise.compile(model, cluster, example_inputs=inputs, mode="train", loss_fn=loss,
+                           constraints=constraints) as cm:  # fmt: skip
+        return cm.plan
+
+
+def test_ep_with_pipelines_is_offered_priced_and_realized_per_stage():
+    """pp > 1: the search offers ep beside ep=1 on a pipeline mesh and prices it (half the experts per rank: less
+    memory; the all-to-alls: a longer forward of every chunk, each holding an MoE layer; the experts' gradients,
+    complete on their rank, are not all-reduced: a shorter tail of every stage); the realized pipeline's chunks are placed on their stage's
+    ``ep x tp`` mesh with the experts split over ``ep``, and explain says why this ep, per pipeline stage."""
+    model, inputs = tiny_causal_lm("mixtral", batch=4)
+    graph, _ = trace(model, inputs, loss_fn=lambda out: out.logits.float().mean())
+    cluster = get_cluster("cpu:4")
+    pinned = {"pp": 2, "dp": 2, "tp": 1, "zero": 0, "recompute": "none", "microbatches": 1, "schedule": "1f1b"}
+    by_ep = {c.ep: c for c in search(graph, cluster, pinned, SearchOptions(mode="train")).ranked}
+    assert set(by_ep) == {1, 2}
+    two, one = by_ep[2], by_ep[1]
+    assert two.peak_bytes < one.peak_bytes
+    assert all(a > b for a, b in zip(two.chunk_forward_s, one.chunk_forward_s, strict=True))
+    assert all(a < b for a, b in zip(two.tail_s, one.tail_s, strict=True))
+    made = _pipeline_plan(model, inputs, cluster, {**pinned, "ep": 2})
+    spec = made.pipeline
+    assert spec is not None and spec.ep == 2 and made.degrees["ep"] == 2
+    assert made.mesh.axis_names == ("pp", "dp", "tp")  # ep = dp: the experts split over the dp axis itself
+    for stage in spec.stages:
+        mesh = stage.plan.mesh
+        assert mesh.axis_names == ("ep", "tp") and mesh.shape == (2, 1)
+        assert mesh.ranks == tuple(stage.device_stage * 2 + e for e in range(2))  # the stage's two replicas
+        for node in moe_nodes(stage.plan.graph):
+            assert expert_axis(stage.plan.strategy(node), mesh) == "ep"
+    top = dict(made.param_placements)
+    experts = [k for k in top if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts and all(str(top[k].placements[1]) == "S(0)" for k in experts)
+    why = explain_plan(made, cluster)["experts"]
+    assert why["ep"] == 2 and why["alltoall_s"] > 0 and "pipeline stage" in why["why"]
+    assert any(n.startswith("expert parallelism: ep=2") for n in made.notes)
+
+
+def test_ep_below_dp_with_pipelines_lays_the_mesh_as_flat_plans_do():
+    model, inputs = tiny_causal_lm("mixtral", batch=4)
+    made = _pipeline_plan(model, inputs, get_cluster("cpu:8"), {"pp": 2, "dp": 4, "ep": 2, "zero": 1, "recompute": "none"})
+    spec = made.pipeline
+    assert spec is not None and (spec.pp, spec.dp, spec.ep) == (2, 4, 2)
+    assert made.mesh.axis_names == ("pp", "dp", "ep", "tp") and made.mesh.shape == (2, 2, 2, 1)
+    for stage in spec.stages:  # each stage's chunk spans its first group of two neighbouring replicas
+        assert stage.plan.mesh.ranks == tuple(stage.device_stage * 4 + e for e in range(2))

@@ -26,6 +26,9 @@ stage's schedule (``spec.actions``): action ``i`` of the stage gets its own wind
   stay whole): the optimizer state and fp32 master copy of the sharded buckets are this rank's slices;
   stage 1 reduce-scatters at the optimizer step (a bucket's flat copy and the slices there), stage 2 when a
   bucket is complete (its gradients dropped then, one flat copy in flight, the slices kept to the step).
+  Expert parallelism (``spec.ep``): a chunk's experts (sharded on its ``ep`` axis) are summed over their
+  ``dp / ep`` replicas only (none when ``ep = dp``), the other gradients over ``ep`` then ``dp``; ZeRO shards
+  over the ``dp / ep`` replicas when ``ep < dp`` (the runtime's outer ``dp`` axis).
 
 Guarantees: per rank (global rank ``(p * dp + d) * tp + t`` on stage ``p``) a ``RankMemory`` whose arena
 packs the stage's buffers (``verify_assignment`` passes) and is never below the lower bound; ranks of
@@ -42,6 +45,7 @@ from dataclasses import dataclass, replace
 
 from shardwise.costs.compute import is_low
 from shardwise.ir.pipeline import PipelineSpec
+from shardwise.ir.placement import Replicate
 from shardwise.ir.plan import ExecutionPlan, RankMemory
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.assign import assign_offsets
@@ -274,11 +278,19 @@ class _StageReduction:
     ) -> None:  # fmt: skip
         optimizer_step = end - 1
         tied = {(c, key) for key, holders in spec.tied for c in holders}
+        ep = getattr(spec, "ep", 1)
+        # the replicas a gradient is summed over (runtime.lib.pipeline): with expert parallelism below dp, the
+        # ep group then the dp/ep replicas (ZeRO's axis, of dp/ep ranks); an expert's, its replicas only
+        if 1 < ep < spec.dp:
+            dense, experts, ways = ("ep", "dp"), ("dp",), spec.dp // ep
+        else:
+            dense, experts, ways = (("dp",) if spec.dp > 1 else ()), (), spec.dp
         params = []  # (chunk, key, numel, axes) in the runtime's order: chunks ascending, graph order in each
         for c in sorted(chunks):
             plan = chunks[c].plan
             mesh, reduce = plan.mesh, dict(plan.param_grad_reduce)
             placements = dict(plan.param_placements)
+            a_ep = mesh.axis_names.index("ep") if "ep" in mesh.axis_names else None
             for p in plan.graph.params:
                 if not (p.requires_grad and p.spec.dtype.startswith(("float", "bfloat"))):
                     continue
@@ -287,9 +299,10 @@ class _StageReduction:
                 numel = 1
                 for d in shape:
                     numel *= d
-                axes = tuple(a for a in reduce.get(p.key, ()) if a != "dp" and mesh.axis_size(a) > 1)
-                params.append((c, p.key, numel, axes + (("dp",) if spec.dp > 1 else ())))
-        shard = spec.zero >= 1 and spec.dp > 1
+                axes = tuple(a for a in reduce.get(p.key, ()) if a not in ("dp", "ep") and mesh.axis_size(a) > 1)
+                expert = a_ep is not None and pl is not None and pl.placements[a_ep] != Replicate()
+                params.append((c, p.key, numel, axes + (experts if expert else dense)))
+        shard = spec.zero >= 1 and ways > 1
         # (sharded, axes, members) like gradients.make_buckets: reverse order, one open bucket per set of axes
         buckets: list[tuple[bool, tuple[str, ...], list[tuple[int, str, int]]]] = []
         open_buckets: dict[tuple, list[tuple[int, str, int]]] = {}
@@ -297,7 +310,7 @@ class _StageReduction:
         for c, key, numel, axes in reversed(params):
             if not axes:
                 continue
-            sharded = shard and (c, key) not in tied
+            sharded = shard and (c, key) not in tied and "dp" in axes
             if 4 * numel >= BUCKET_BYTES:
                 buckets.append((sharded, axes, [(c, key, numel)]))
                 continue
@@ -312,7 +325,7 @@ class _StageReduction:
         self.dropped: dict[tuple[int, str], int] = {}
         self.buffers: list[Buffer] = []
         ready = [max(last_b[c] for c, _, _ in members) for _, _, members in buckets]
-        padded = [-(-sum(n for _, _, n in m) // spec.dp) * spec.dp for _, _, m in buckets]
+        padded = [-(-sum(n for _, _, n in m) // ways) * ways for _, _, m in buckets]
         zero_now = spec.zero >= 2
         for i, (sharded, axes, members) in enumerate(buckets):
             if (sharded and zero_now) or len(members) < 2 or (sharded and axes == ("dp",)):
@@ -322,7 +335,7 @@ class _StageReduction:
         sharded_ids = [i for i, (sharded, _, _) in enumerate(buckets) if sharded]
         if not sharded_ids:
             return
-        chunk = sum(padded[i] for i in sharded_ids) // spec.dp
+        chunk = sum(padded[i] for i in sharded_ids) // ways
         for what, factor in (("master", 1), ("state", optimizer_factor)):
             self.buffers.append(Buffer(f"opt:zero-{what}", 0, end, 4 * factor * chunk))
         biggest = 4 * max(padded[i] for i in sharded_ids)

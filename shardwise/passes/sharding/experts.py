@@ -12,7 +12,13 @@ ranks of data parallelism; the other parameters stay replicated over ``axis``, t
 over it (and over ``dp`` when ``axis`` is the inner ``ep`` axis, where the experts' gradients are reduced too:
 over their ``dp / ep`` replicas).
 
-Requires: ``axis`` splits each experts op's tokens (label ``t``) and its size divides the number of experts;
+A pipeline chunk (``local_tokens=True``) is the program of one data-parallel replica: its graph holds that
+replica's rows, its mesh an ``ep`` axis of the replicas that share the experts (``planner.pipeline``); there the
+tokens are each rank's own by construction, so the op's token split is not asked for (its work per rank is the
+graph's: ``E / n`` experts on about as many rows as the replica routes).
+
+Requires: ``axis`` splits each experts op's tokens (label ``t``; or ``local_tokens``) and its size divides the
+number of experts;
 the expert weights are read by their experts op alone.
 Guarantees: every experts op's weights, in its strategy and in ``param_placements``, are ``Shard(0)`` on
 ``axis`` and otherwise placed as the op reads them (stored so: no redistribution before the op); their gradients are no longer reduced over ``axis`` (each
@@ -23,15 +29,17 @@ PlanError, saying why, when an experts op cannot be split so.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 from shardwise.errors import PlanError
 from shardwise.ir.experts import MOE_EXPERTS, weight_operands
 from shardwise.ir.graph import Graph, Value
 from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
+from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.sharding.auto import Placed
 
-__all__ = ["expert_parallel"]
+__all__ = ["expert_parallel", "split_experts"]
 
 
 def _sharded(spec: ShardingSpec | None, a: int, n_axes: int) -> ShardingSpec:
@@ -45,6 +53,16 @@ def _sharded(spec: ShardingSpec | None, a: int, n_axes: int) -> ShardingSpec:
 
 def expert_parallel(graph: Graph, mesh: DeviceMesh, placed: Placed, axis: str) -> Placed:
     """Split every experts op's experts over ``axis`` (see the module docstring)."""
+    strategies, param_placements = split_experts(graph, mesh, placed.strategies, placed.param_placements, axis)
+    return dataclasses.replace(placed, strategies=strategies, param_placements=param_placements)
+
+
+def split_experts(
+    graph: Graph, mesh: DeviceMesh, strategies_in: Sequence[NodeStrategy], params_in: Mapping[str, ShardingSpec],
+    axis: str, *, local_tokens: bool = False,
+) -> tuple[tuple[NodeStrategy, ...], dict[str, ShardingSpec]]:  # fmt: skip
+    """The strategies and parameter placements (value name -> placement) of a placement with every experts op's
+    experts split over ``axis`` (see the module docstring; ``local_tokens``: a pipeline chunk's)."""
     a = mesh.axis_names.index(axis)
     n = mesh.shape[a]
     readers: dict[str, int] = {}
@@ -52,8 +70,8 @@ def expert_parallel(graph: Graph, mesh: DeviceMesh, placed: Placed, axis: str) -
         for v in node.inputs:
             readers[v] = readers.get(v, 0) + 1
     params = {p.name for p in graph.params}
-    strategies = list(placed.strategies)
-    param_placements = dict(placed.param_placements)
+    strategies = list(strategies_in)
+    param_placements = dict(params_in)
     by_node = {s.node: i for i, s in enumerate(strategies)}
     found = 0
     for node in graph.nodes:
@@ -63,7 +81,7 @@ def expert_parallel(graph: Graph, mesh: DeviceMesh, placed: Placed, axis: str) -
         where = f"{node.module_path or node.name}"
         i = by_node.get(node.name)
         s = strategies[i] if i is not None else None
-        if s is None or (axis, "t") not in s.split:
+        if s is None or (not local_tokens and (axis, "t") not in s.split):
             raise PlanError(
                 f"{where}: expert parallelism over {axis} needs the layer's tokens split over {axis} (each rank "
                 "routing its own batch), and this placement keeps them whole there: pin dp to a degree that "
@@ -97,4 +115,4 @@ def expert_parallel(graph: Graph, mesh: DeviceMesh, placed: Placed, axis: str) -
     if not found:
         raise PlanError("expert parallelism (ep > 1) needs mixture-of-experts layers, and this model has none "
                         "shardwise recognizes: use ep=1")  # fmt: skip
-    return dataclasses.replace(placed, strategies=tuple(strategies), param_placements=param_placements)
+    return tuple(strategies), param_placements

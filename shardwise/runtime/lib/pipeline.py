@@ -14,6 +14,13 @@ micro-batches and runs ``ACTIONS[p]`` in order: ``("F", c, i)`` is chunk c's for
 received from later chunks, input gradients sent back). Sends never block (isend) and receives do; the order
 is deadlock-free (the planner's simulator ran it).
 
+Expert parallelism (``EP > 1``, a divisor of ``DP``): the replicas ``o * EP .. o * EP + EP - 1`` of a stage share
+its experts, each holding ``1 / EP`` of them; a chunk whose plan has an ``ep`` axis is built on those replicas'
+ranks (its mesh ``EP x TP``), and its experts ops exchange rows over that axis. The whole mesh is ``PP x DP x
+TP`` when ``EP == DP``, else ``PP x DP/EP x EP x TP`` (axes ``pp dp ep tp``). An expert's gradient is complete
+within its group: it is reduced over the ``DP / EP`` replicas of the group only (``dp``), the other gradients
+over every replica (``ep`` first, then ``dp``, ZeRO's axis).
+
 Gradients take the path of every program (``training.Trainer``): each micro-batch's loss is scaled by its
 weight in the step's loss (the mean over the batch: ``1 / (MICROBATCHES * DP)``), every rank's gradients
 are partial sums of the step's gradient, summed over tensor parallelism (each chunk's ``GRAD_REDUCE``) and
@@ -49,8 +56,13 @@ class PipelineRuntime:
         self.p, rest = divmod(rank, s.DP * s.TP)
         self.d, self.t = divmod(rest, s.TP)
         self.distributed = dist.is_available() and dist.is_initialized() and world_size > 1
+        self.ep = getattr(s, "EP", 1)
         # every rank makes every group in the same order: the mesh's lines, then the tied weights' stages
-        self.mesh = Mesh(rank, (s.PP, s.DP, s.TP), ("pp", "dp", "tp"), tuple(range(world_size)))
+        if 1 < self.ep < s.DP:
+            shape, axes = (s.PP, s.DP // self.ep, self.ep, s.TP), ("pp", "dp", "ep", "tp")
+        else:
+            shape, axes = (s.PP, s.DP, s.TP), ("pp", "dp", "tp")
+        self.mesh = Mesh(rank, shape, axes, tuple(range(world_size)))
         self.groups: dict[tuple[int, ...], object] = {
             self.mesh.group_ranks[a]: self.mesh.groups[a] for a in self.mesh.groups
         }
@@ -80,12 +92,22 @@ class PipelineRuntime:
     def _tag(self, transfer: int, microbatch: int, backward: bool) -> int:
         return (transfer * self.spec.MICROBATCHES + microbatch) * 2 + int(backward)
 
+    def _chunk_replicas(self, module) -> int:
+        """How many replicas chunk ``module``'s mesh spans: ``EP`` on an ``ep x tp`` mesh, else 1."""
+        return module.MESH_SHAPE[0] if module.MESH_AXES[0] == "ep" else 1
+
     def _build_chunk(self, c: int) -> tuple[object, torch.nn.Module]:
-        """Chunk c's program on this rank's tensor-parallel group (its mesh takes the groups made above)."""
+        """Chunk c's program on this rank's tensor-parallel group, or with expert parallelism on the ranks of
+        its ep group of replicas (its mesh takes the groups made above: lines of the whole mesh; the lines this
+        rank is not on are None, as a mesh keeps only its own)."""
         module = importlib.import_module(f"{self.spec.__package__}.chunk{c}.program")
-        module.MESH_RANKS = tuple(self.rank_of(self.p, self.d, t) for t in range(self.spec.TP))
+        ways = self._chunk_replicas(module)
+        first = self.d - self.d % ways
+        module.MESH_RANKS = tuple(
+            self.rank_of(self.p, first + e, t) for e in range(ways) for t in range(self.spec.TP)
+        )
         real = dist.new_group
-        dist.new_group = lambda ranks=None, *args, **kwargs: self.groups[tuple(ranks)]
+        dist.new_group = lambda ranks=None, *args, **kwargs: self.groups.get(tuple(ranks))
         try:
             program = module.Program(self.rank, self.world_size, self.device)
         finally:
@@ -105,9 +127,12 @@ class PipelineRuntime:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, whole, on rank 0 (the other ranks return an empty dict)."""
         out: dict[str, torch.Tensor] = {}
-        if self.d == 0:
-            for c in sorted(self.chunks):
-                out.update(self.chunks[c][1].full_state_dict())
+        for c in sorted(self.chunks):
+            module, program = self.chunks[c]
+            if self.d < self._chunk_replicas(module):  # the first group of replicas gathers (over ep, tp)
+                gathered_chunk = program.full_state_dict()
+                if self.d == 0:
+                    out.update(gathered_chunk)
         if not self.distributed:
             return out
         gathered = [None] * self.world_size if self.rank == 0 else None
@@ -242,14 +267,20 @@ class PipelineRuntime:
 
     def _chunk_params(self, c: int) -> list[tuple[torch.nn.Parameter, tuple[str, ...]]]:
         """Chunk c's parameters, each with the axes its gradient is summed over: the chunk's own tensor-
-        parallel axes (``GRAD_REDUCE``), and the data-parallel replicas."""
+        parallel axes (``GRAD_REDUCE``), and the data-parallel replicas (an expert's: those of its ep group)."""
         module, program = self.chunks[c]
-        replicas = ("dp",) if self.spec.DP > 1 else ()
+        if 1 < self.ep < self.spec.DP:
+            dense, experts = ("ep", "dp"), ("dp",)
+        else:
+            dense, experts = ("dp",) if self.spec.DP > 1 else (), ()
+        split = {id(getattr(program, attr)) for attr, *_, placements in module.TENSORS.values()
+                 if any(axis == "ep" for axis, _ in placements)}  # fmt: skip
         reduced = {}
         for key, axes in module.GRAD_REDUCE.items():
             p = getattr(program, module.TENSORS[key][0])
-            reduced[id(p)] = (p, tuple(a for a in axes if a != "dp" and program.mesh.size(a) > 1) + replicas)
-        return [reduced.get(id(p), (p, replicas)) for p in program.parameters()]
+            own = tuple(a for a in axes if a not in ("dp", "ep") and program.mesh.size(a) > 1)
+            reduced[id(p)] = (p, own + (experts if id(p) in split else dense))
+        return [reduced.get(id(p), (p, experts if id(p) in split else dense)) for p in program.parameters()]
 
     def _tied_params(self) -> list[torch.nn.Parameter]:
         out = []
