@@ -141,6 +141,11 @@ class EngineMemory:
     #: a share per cached token of the batch
     iteration_overhead_s: float = 0.0
     iteration_overhead_per_token_s: float = 0.0
+    #: colocated scheduling: True, every iteration runs the running sequences' decode steps and prefill chunks
+    #: of waiting prompts together, within ``max_batched_tokens`` tokens (vLLM's V1 scheduler, chunked
+    #: prefill); False, an iteration is either a prefill of whole prompts or a decode step, prefills first
+    #: (vLLM before V1 without chunked prefill: the engine DistServe measured)
+    chunked_prefill: bool = False
 
     @property
     def prefill_limits(self) -> tuple[int, int]:
@@ -160,10 +165,13 @@ class EngineMemory:
 ENGINES = {
     "vllm": EngineMemory(
         "vllm", utilization=0.9, block_tokens=16, reserve_fraction=0.0, vocab_parallel=True,
-        max_batched_tokens=8192, max_seqs=256,
-        source="vLLM engine arguments: --gpu-memory-utilization 0.9, --block-size 16, --max-num-seqs 256; "
-               "the working set is profiled on a forward pass of --max-num-batched-tokens tokens "
-               "(VocabParallelEmbedding / ParallelLMHead split the vocabulary over tp)",
+        max_batched_tokens=8192, max_seqs=256, chunked_prefill=True,
+        source="vLLM engine arguments: --gpu-memory-utilization 0.9, --block-size 16, --max-num-seqs 256, "
+               "--max-num-batched-tokens 8192 (serve-plan's launch commands pass the last two); the working set "
+               "is profiled on a forward pass of --max-num-batched-tokens tokens (VocabParallelEmbedding / "
+               "ParallelLMHead split the vocabulary over tp); the V1 engine that `vllm serve` runs always chunks "
+               "prefills (EngineArgs._set_default_args_v1) and its scheduler (vllm/v1/core/sched/scheduler.py) "
+               "runs the running requests' tokens first, then waiting prompts' chunks, in one batch",
     ),
     "distserve": EngineMemory(
         "distserve", utilization=0.95, block_tokens=16, reserve_fraction=0.01, vocab_parallel=False,
@@ -346,6 +354,36 @@ class ServingPrices:
         )
         latency = m.layers * self._layer_s(tp, batch, flops, nbytes) + self._edges_s(tp, pp, batch, batch)
         return PhaseTime(latency, latency / pp)
+
+    def mixed_step_s(
+        self, tp: int, pp: int, decodes: int, decode_context: float, chunks: tuple | list = ()
+    ) -> float:
+        """Seconds of one iteration that runs, in one forward pass, a decode step of ``decodes`` sequences
+        holding ``decode_context`` cached tokens and prefill chunks ``(new, prior)``: ``new`` prompt tokens of a
+        sequence whose first ``prior`` tokens are already cached (chunked prefill). The chunk's queries attend
+        causally to its own tokens and to every prior one, which are read from the cache. With no chunks it is
+        ``decode_step_s``; with whole prompts only (prior 0) it is ``prefill``'s latency when ``pp`` is 1 or the
+        prompt is one. On a pipeline the sequences run as ``min(pp, sequences)`` micro-batches in flight, as in
+        ``decode_step_s``: the iteration takes one micro-batch's pass."""
+        self.check_layout(tp, pp)
+        seqs = decodes + len(chunks)
+        if seqs <= 0:
+            return 0.0
+        if not chunks:
+            return self.decode_step_s(tp, pp, decodes, decode_context)
+        m = self.model
+        heads, kv = m.heads / tp, m.kv_heads_per_device(tp)
+        new = float(sum(n for n, _ in chunks))
+        pairs = decode_context + sum(n * p + CAUSAL_FRACTION * n * n for n, p in chunks)  # query x key pairs
+        prior = float(sum(p for _, p in chunks))
+        nbytes = (decode_context + prior) * 2 * kv * m.head_dim * m.kv_bytes  # cached keys and values read
+        nbytes += decodes * 2 * heads * m.head_dim * m.act_bytes  # decode queries and outputs
+        # the chunk's queries, keys, values and outputs, and the cache it writes
+        nbytes += new * ((2 * heads + 2 * kv) * m.act_bytes + 2 * kv * m.kv_bytes) * m.head_dim
+        g = min(pp, seqs)
+        tokens = (decodes + new) / g
+        latency = m.layers * self._layer_s(tp, tokens, 4.0 * heads * m.head_dim * pairs / g, nbytes / g)
+        return latency + self._edges_s(tp, pp, tokens, seqs / g)
 
     def decode_step_s(self, tp: int, pp: int, batch: int, context_tokens: float) -> float:
         """Seconds between two tokens of every sequence of a running batch (see the module docstring: ``pp``

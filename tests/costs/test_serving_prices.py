@@ -109,3 +109,22 @@ def test_model_figures_count_the_real_parameters():
     opt = serving_model("opt-13b")
     assert 12.8e9 < opt.params < 12.9e9  # "13B"
     assert (opt.layers, opt.heads, opt.head_dim) == (40, 40, 128)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_mixed_iteration_reads_the_weights_once(opt13b, a100, tp):
+    """A chunked-prefill iteration (decodes and a prompt chunk in one forward pass) is the decode step when it
+    has no chunk and the prefill when it holds one whole prompt alone; with both it costs more than either but
+    less than the two run one after the other (the weights are read once); a chunk after cached tokens costs
+    more than the same chunk alone (it attends to them and reads them). (On a pipeline, pp > 1, an iteration
+    is one micro-batch's pass, as a decode step is.)"""
+    sp = ServingPrices(opt13b, a100)
+    pp = 1
+    assert sp.mixed_step_s(tp, 2, 16, 16 * 900) == sp.decode_step_s(tp, 2, 16, 16 * 900)
+    decode = sp.decode_step_s(tp, pp, 16, 16 * 900)
+    prefill = sp.prefill(tp, pp, [700]).latency_s
+    assert sp.mixed_step_s(tp, pp, 16, 16 * 900) == decode
+    assert sp.mixed_step_s(tp, pp, 0, 0.0, [(700, 0)]) == pytest.approx(prefill, rel=1e-12)
+    both = sp.mixed_step_s(tp, pp, 16, 16 * 900, [(700, 0)])
+    assert max(decode, prefill) < both < decode + prefill
+    assert sp.mixed_step_s(tp, pp, 0, 0.0, [(700, 1200)]) > prefill

@@ -300,3 +300,67 @@ def test_disaggregated_pairs_fit_the_cluster_even_when_the_best_phase_fills_it()
     # ahead of prefill tp 4 with decode tp 4 (3.75 / 8 as well, same devices) and far ahead of prefill tp 2
     assert chosen[0][0] == (4, 1, 3.75) and chosen[0][1] in ((2, 2, 8.0), (4, 1, 9.9), (1, 4, 4.0))
     assert ((2, 1, 0.03), (2, 2, 8.0)) not in chosen[:2]
+
+
+def test_launch_commands_pass_the_simulated_scheduler_limits(small_search):
+    """The plan was simulated with the engine's scheduling limits; its vLLM commands start the engine with them
+    (vLLM's own defaults differ between versions and devices)."""
+    prices, cluster, workload, slo, result = small_search
+    data = plan_data("gpt2", prices, cluster, workload, slo, result)
+    e = prices.engine
+    flags = f"--max-num-batched-tokens {e.max_batched_tokens} --max-num-seqs {e.max_seqs}"
+    assert data["launch_command"].count(flags) == data["launch_command"].count("vllm serve") > 0
+
+
+def lone_and_interrupted(prices, tp=1):
+    """Request 0 (prompt 300, 64 tokens) alone, and with request 1 (a 1,500-token prompt, one output token: it
+    ends with its prefill) arriving while request 0 decodes."""
+    long = Request(0, 0.0, 300, 64)
+    lone = simulate(prices, Colocated(Phase(tp, 1)), [long])
+    arrival = lone.ttft[0] + 10.5 * lone.tpot[0]  # during request 0's eleventh decode step
+    both = simulate(prices, Colocated(Phase(tp, 1)), [long, Request(1, arrival, 1500, 1)])
+    return lone, both, (both.tpot[0] - lone.tpot[0]) * 63  # what request 1 added to request 0's decoding
+
+
+def test_a_prefill_stalls_the_decodes_of_its_instance(opt13b):
+    """DistServe's vLLM baseline (prefill first, no chunked prefill): an iteration is a prefill or a decode
+    step, so a prompt arriving while a request decodes stops it for the prompt's whole prefill (and the
+    iteration's host overhead), which counts into that request's TPOT."""
+    prices = ServingPrices(opt13b, PriceList(get_cluster("dgx-a100x1"), "bf16"), "distserve")
+    assert not prices.engine.chunked_prefill
+    lone, both, added = lone_and_interrupted(prices)
+    stall = prices.prefill(1, 1, [1500]).latency_s + prices.iteration_overhead_s(1500)
+    assert added == pytest.approx(stall, rel=1e-9)
+    assert both.finished == 2 and both.ttft[0] == lone.ttft[0]
+
+
+def test_a_chunked_prefill_shares_the_iterations_of_the_running_decodes(opt13b, a100):
+    """vLLM's V1 scheduler (the ``vllm`` engine, what ``vllm serve`` runs): the prompt's chunk and the running
+    request's next token go through one forward pass (the weights are read once for both), so the running
+    request is slowed by less than the prompt's prefill alone, and the prompt's first token comes from that
+    shared iteration."""
+    assert a100.engine.chunked_prefill and a100.engine.max_batched_tokens >= 1500
+    lone, both, added = lone_and_interrupted(a100)
+    alone = a100.prefill(1, 1, [1500]).latency_s
+    assert 0 < added < alone
+    # request 1 waited at most one decode step of request 0, then ran with request 0's next token
+    shared = a100.mixed_step_s(1, 1, 1, 300 + 12, [(1500, 0)])
+    assert shared - a100.decode_step_s(1, 1, 1, 300 + 12) == pytest.approx(added, rel=1e-3)
+    assert shared <= both.ttft[1] <= shared + a100.decode_step_s(1, 1, 1, 300 + 12)
+
+
+@pytest.mark.parametrize("rate", [1.0, 30.0])
+def test_chunked_iterations_keep_the_budget_and_the_cache(opt13b, rate):
+    """Under load the chunked scheduler serves every request, never holds more than the cache, and gives every
+    running request a token each iteration of at most ``max_batched_tokens`` tokens: with no preemption (none
+    here), no request's TPOT exceeds the price of an iteration at least that large (the budget's tokens as
+    decodes of a full cache plus the budget as a chunk after a full cache: more than any real iteration)."""
+    prices = small_cache_prices(opt13b, "vllm")
+    engine = dataclasses.replace(prices.engine, max_batched_tokens=512)
+    prices = ServingPrices(opt13b, prices.prices, engine)
+    requests = load_workload("fixed:700,40").requests(120, rate, seed=2)
+    result = simulate(prices, Colocated(Phase(1, 1)), requests)
+    assert result.finished == len(requests) and result.peak_fill <= 1.0 and result.preempted == 0
+    cap = prices.kv_capacity_tokens(1, 1)
+    budget_step = prices.mixed_step_s(1, 1, 512, cap, [(512, cap)])
+    assert max(t for t in result.tpot if t is not None) <= budget_step

@@ -1,7 +1,8 @@
 """A serving plan as data (the ``--json`` keys) and as launch commands of an existing serving engine (vLLM).
 
 vLLM's flags (docs.vllm.ai, engine arguments): ``--tensor-parallel-size``, ``--pipeline-parallel-size``,
-``--port``; prefill/decode disaggregation: every instance started with ``--kv-transfer-config
+``--port``, and the scheduler's limits the simulation used (``--max-num-batched-tokens``, ``--max-num-seqs``:
+``EngineMemory``; the V1 engine chunks prefills, as the ``vllm`` engine is simulated); prefill/decode disaggregation: every instance started with ``--kv-transfer-config
 '{"kv_connector":"NixlConnector","kv_role":"kv_both"}'`` and its own ``VLLM_NIXL_SIDE_CHANNEL_PORT``, requests
 routed through a proxy that sends each prompt to a prefill instance and then to a decode instance (vLLM's
 NixlConnector usage guide). Devices are numbered as the plan places instances: prefill instances first, then
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from shardwise.cluster.spec import ClusterSpec
-from shardwise.costs.serving import ServingPrices
+from shardwise.costs.serving import EngineMemory, ServingPrices
 from shardwise.planner.serving.search import SLO, Scored, ServeSearch
 from shardwise.planner.serving.simulator import Colocated, Phase
 from shardwise.planner.serving.workload import Workload
@@ -54,9 +55,15 @@ def _devices(first: int, count: int, per_node: int) -> tuple[int, str]:
     return node, ",".join(local)
 
 
-def launch_commands(model: str, scored: Scored, cluster: ClusterSpec) -> list[str]:
-    """Shell lines starting every instance of the plan with vLLM (see the module docstring)."""
+def launch_commands(
+    model: str, scored: Scored, cluster: ClusterSpec, engine: EngineMemory | None = None
+) -> list[str]:
+    """Shell lines starting every instance of the plan with vLLM (see the module docstring); with ``engine``,
+    each passes the scheduling limits the plan was simulated with."""
     layout = scored.layout
+    limits = "" if engine is None else (
+        f" --max-num-batched-tokens {engine.max_batched_tokens} --max-num-seqs {engine.max_seqs}"
+    )  # fmt: skip
     per = cluster.devices_per_node
     lines: list[str] = []
     groups = [("", layout.phase)] if isinstance(layout, Colocated) else [
@@ -76,7 +83,7 @@ def launch_commands(model: str, scored: Scored, cluster: ClusterSpec) -> list[st
             where = f"# node {node}, {role or 'instance'} {i}\n" if cluster.num_nodes > 1 or role else ""
             lines.append(
                 f"{where}{env}vllm serve {model} --tensor-parallel-size {phase.tp} "
-                f"--pipeline-parallel-size {phase.pp} --port {port}{extra}"
+                f"--pipeline-parallel-size {phase.pp}{limits} --port {port}{extra}"
             )
             first += size
             port += 1
@@ -114,7 +121,7 @@ def plan_data(
         "cluster": cluster.name,
         "predicted": True,
         **entry(best),
-        "launch_command": "\n".join(launch_commands(model, best, cluster)),
+        "launch_command": "\n".join(launch_commands(model, best, cluster, prices.engine)),
         "alternatives": [entry(s) for s in result.ranked[1 : 1 + alternatives]],
         "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "attainment": slo.attainment},
         "workload": {

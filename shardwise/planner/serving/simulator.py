@@ -5,8 +5,16 @@
 in advance): a running sequence holds its prompt and the tokens generated so far. Before a decode step that
 would not fit, the most recently admitted sequences are preempted until it fits.
 
-**Colocated** (vLLM's scheduler, prefill first, no chunked prefill): each instance (a tp x pp group of
-devices) keeps a queue of waiting requests and a running batch. An iteration is a prefill when waiting
+**Colocated**: each instance (a tp x pp group of devices) keeps a queue of waiting requests and a running
+batch, scheduled as its engine does (``EngineMemory.chunked_prefill``).
+
+*Chunked prefill* (vLLM's V1 scheduler, what ``vllm serve`` runs today): every iteration is one forward pass
+of the running sequences' next tokens and chunks of the prompts being prefilled, within a budget of
+``max_batched_tokens`` tokens (``ServingPrices.mixed_step_s``); a prompt's first token is out at the end of
+the iteration that computes its last chunk. A prefill never stops the running sequences: it shares their
+iterations (and lengthens them).
+
+*Prefill first* (vLLM before V1 without chunked prefill, DistServe's baseline): an iteration is a prefill when waiting
 requests can be admitted (first come, first served, while the cache holds their prompts with the engine's
 ``watermark`` of blocks kept free, the prompts total at most ``max_batched_tokens`` and the instance runs at
 most ``max_seqs`` sequences): it produces their first tokens. Otherwise it is a decode step of every running
@@ -149,6 +157,8 @@ class _Instance:
     busy: bool = False
     queued_tokens: int = 0
     peak: float = 0.0  # most tokens the running sequences ever held
+    prefilling: list = field(default_factory=list)  # [_Live, tokens computed] of partly prefilled prompts
+    held: float = 0.0  # tokens of ``context`` held by the prompts being prefilled
 
 
 class _Sim:
@@ -264,20 +274,26 @@ class _ColocatedSim(_Sim):
                 inst, batch = payload
                 for live in batch:
                     inst.context -= live.cached  # held by the prefill; the running batch takes it over
-                    if live.first < 0:
-                        live.first = self.now
-                    live.generated += 1
-                    if live.generated >= live.req.output:
-                        self.finish(live, self.now)
-                    else:
-                        self.join_decode(inst, live)
+                    self.first_token(inst, live)
                 inst.busy = False
                 self.kick(inst)
+            elif kind == "stepped":
+                self.end_mixed_step(*payload)
             else:  # "decoded"
                 self.end_decode_step(payload, self.now)
                 payload.busy = False
                 self.kick(payload)
         return self.result()
+
+    def first_token(self, inst: _Instance, live: _Live) -> None:
+        """``live``'s prefill (of its prompt and any tokens it had) is done: it has its next token."""
+        if live.first < 0:
+            live.first = self.now
+        live.generated += 1
+        if live.generated >= live.req.output:
+            self.finish(live, self.now)
+        else:
+            self.join_decode(inst, live)
 
     def admit(self, inst: _Instance) -> list[_Live]:
         """Waiting requests a prefill iteration takes (see the module docstring)."""
@@ -306,6 +322,9 @@ class _ColocatedSim(_Sim):
     def kick(self, inst: _Instance) -> None:
         if inst.busy:
             return
+        if self.engine.chunked_prefill:
+            self.start_mixed_step(inst)
+            return
         batch = self.admit(inst)
         if batch:
             inst.busy = True
@@ -320,6 +339,77 @@ class _ColocatedSim(_Sim):
                 inst.waiting.appendleft(live)  # recomputed by a later prefill
                 inst.queued_tokens += live.req.prompt
             self.start_decode(inst)
+
+    # -- chunked prefill (EngineMemory.chunked_prefill): decodes and prefill chunks in one iteration ----------
+
+    def start_mixed_step(self, inst: _Instance) -> None:
+        """One iteration of vLLM's V1 scheduler: every running sequence's next token first (the most recently
+        admitted preempted, and recomputed later, when the cache cannot hold them), then the rest of the
+        prompts being prefilled, then waiting prompts (first come, first served; none after a preemption),
+        each chunk as many of its tokens as the ``max_batched_tokens`` budget has left; a prompt is admitted
+        while the instance runs fewer than ``max_seqs`` sequences and the cache holds it whole with the
+        ``watermark`` kept free (its blocks are taken at admission)."""
+        e = self.engine
+        preempted = self.make_room(inst) if inst.batch else []
+        for live in reversed(preempted):
+            inst.waiting.appendleft(live)  # recomputed by a later prefill
+            inst.queued_tokens += live.req.prompt
+        budget = e.max_batched_tokens - inst.batch
+        chunks: list[tuple[list, int]] = []
+        for item in inst.prefilling:
+            if budget <= 0:
+                break
+            n = min(item[0].cached - item[1], budget)
+            chunks.append((item, n))
+            budget -= n
+        while inst.waiting and budget > 0 and not preempted:
+            live = inst.waiting[0]
+            if live.req.prompt + live.req.output > inst.capacity:
+                inst.waiting.popleft()
+                inst.queued_tokens -= live.req.prompt
+                self.reject(live.req)
+                continue
+            need = live.cached
+            room = inst.capacity * (1 - e.watermark) - inst.context
+            if inst.batch + len(inst.prefilling) >= e.max_seqs or (
+                need > room and (inst.batch or inst.prefilling)
+            ):
+                break
+            inst.waiting.popleft()
+            inst.queued_tokens -= live.req.prompt
+            item = [live, 0]
+            inst.prefilling.append(item)
+            inst.context += need
+            inst.held += need
+            inst.peak = max(inst.peak, inst.context)
+            n = min(need, budget)
+            chunks.append((item, n))
+            budget -= n
+        if not (inst.batch or chunks):
+            return
+        inst.busy = True
+        decoding = inst.context - inst.held
+        t = self.prices.mixed_step_s(
+            inst.tp, inst.pp, inst.batch, decoding, [(n, item[1]) for item, n in chunks]
+        )
+        t += self.prices.iteration_overhead_s(
+            decoding / max(1, min(inst.pp, inst.batch)) + sum(n for _, n in chunks)
+        )
+        self.push(self.now + t, "stepped", (inst, inst.batch > 0, chunks))
+
+    def end_mixed_step(self, inst: _Instance, decoded: bool, chunks: list[tuple[list, int]]) -> None:
+        if decoded:
+            self.end_decode_step(inst, self.now)
+        for item, n in chunks:
+            item[1] += n
+            live = item[0]
+            if item[1] >= live.cached:
+                inst.prefilling.remove(item)
+                inst.context -= live.cached  # held by the prefill; the running batch takes it over
+                inst.held -= live.cached
+                self.first_token(inst, live)
+        inst.busy = False
+        self.kick(inst)
 
 
 class _DisaggregatedSim(_Sim):
