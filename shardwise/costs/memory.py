@@ -10,6 +10,9 @@ that holds it:
 * ZeRO (over the ``dp`` data-parallel ranks): stage 1 shards the optimizer state and keeps a float32 master
   slice beside it (the rank steps its slice, then gathers the update); stage 2 also shards the gradients
   (reduce-scattered, each rank keeps its slice); stage 3 also shards the weights (gathered before use).
+  A pipeline stage (``accumulates``) adds every micro-batch's gradients into whole ones and reduce-scatters a
+  bucket only after its last micro-batch's backward (``passes.memory.pipeline``): through the backward phase,
+  where its activations peak, it holds them whole, so stage 2 shards no gradient bytes of its peak.
 
 Frozen parameters and buffers keep only their weight.
 
@@ -55,10 +58,12 @@ class ElementBytes:
 
 
 def element_bytes(
-    *, train: bool, trainable: bool, precision: str, state: int = 2, zero: int = 0, dp: int = 1
+    *, train: bool, trainable: bool, precision: str, state: int = 2, zero: int = 0, dp: int = 1,
+    accumulates: bool = False,
 ) -> ElementBytes:
-    """Bytes one parameter element costs on a device (see the module docstring); ``state`` is the optimizer's
-    float32 values per element (``optimizer_state``)."""
+    """Bytes one parameter element costs on a device at its peak (see the module docstring); ``state`` is the
+    optimizer's float32 values per element (``optimizer_state``); ``accumulates``: the gradients are summed over
+    micro-batches before they are reduced (pipeline stages)."""
     if zero not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage {zero} does not exist: use one of {ZERO_STAGES}")
     if not train or not trainable:
@@ -67,7 +72,7 @@ def element_bytes(
     shard = max(dp, 1)
     return ElementBytes(
         weights=4.0 / (shard if zero >= 3 else 1),
-        grads=4.0 / (shard if zero >= 2 else 1),
+        grads=4.0 / (shard if zero >= 2 and not accumulates else 1),
         master=4.0 / shard if zero >= 1 and shard > 1 else 0.0,
         optimizer=4.0 * state / (shard if zero >= 1 else 1),
     )

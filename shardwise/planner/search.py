@@ -432,7 +432,7 @@ class _Memory:
                 trainable -= extra
         e = element_bytes(
             train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
-            zero=cfg.zero, dp=cfg.dp,
+            zero=cfg.zero, dp=cfg.dp, accumulates=cfg.pp > 1,
         )  # fmt: skip
         # expert parallelism: each rank holds 1/ep of the experts, as the experts op reads them (whole over tp),
         # outside ZeRO's buckets (their gradients are not reduced over ep), so at ZeRO 0's bytes per element; the

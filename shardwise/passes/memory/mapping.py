@@ -77,7 +77,7 @@ def rank_memory(
     """The plan's record for one rank, from its buffers and their assignment (see the module docstring)."""
     parts = {"param": 0, "grad": 0, "opt": 0}
     for b in buffers:
-        kind = buffer_kind(b.id)
+        kind = buffer_kind(b.id).rsplit("/", 1)[-1]  # a pipeline stage's buffers are named c<chunk>/<kind>:...
         if kind in parts:
             parts[kind] += b.size
     arena = assignment.arena_bytes
