@@ -124,6 +124,14 @@ def layout_rows(cluster, workload) -> list[dict]:
         theirs = paired[0] if paired else None
         v_rate, v_att, _ = goodput(Colocated(Phase(tp_v, pp_v)))
         best = result.best
+        # the same colocated layouts under a chunked-prefill scheduler (vLLM V1's: decodes and prompt chunks in
+        # one pass), everything else as DistServe's engine: what today's vLLM would do in their place
+        chunked_engine = dataclasses.replace(prices.engine, chunked_prefill=True)
+        chunked = Goodput(ServingPrices(prices.model, prices.prices, chunked_engine), workload, slo)
+        colocated = {(tp_v, pp_v)} | {(s.layout.phase.tp, s.layout.phase.pp) for s in result.ranked
+                                      if isinstance(s.layout, Colocated)}  # fmt: skip
+        chunked_rows = [{"tp": tp, "pp": pp, "goodput_rps_per_gpu": chunked(Colocated(Phase(tp, pp)))[0] / (tp * pp)}
+                        for tp, pp in sorted(colocated)]  # fmt: skip
         rows.append({
             "model": name, "ttft_s": ttft, "tpot_s": tpot, "attainment": 0.9,
             "distserve_layout": {"prefill": {"tp": tp_p, "pp": pp_p}, "decode": {"tp": tp_d, "pp": pp_d}},
@@ -139,6 +147,7 @@ def layout_rows(cluster, workload) -> list[dict]:
             "phase_goodput": {kind: [{"tp": tp, "pp": pp, "rps": rate} for tp, pp, rate in rows_]
                               for kind, rows_ in result.phases.items()},
             "search_s": elapsed,
+            "colocated_chunked_prefill": chunked_rows,
         })  # fmt: skip
     return rows
 
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  runner-up: {_describe(s['layout'])}, {s['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)"
                 )
+            print("  colocated with chunked prefill (vLLM V1's scheduler), req/s per GPU (predicted): " + ", ".join(
+                f"tp{c['tp']} pp{c['pp']} {c['goodput_rps_per_gpu']:.3g}" for c in r["colocated_chunked_prefill"]))  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -364,7 +364,8 @@ class ServingPrices:
         causally to its own tokens and to every prior one, which are read from the cache. With no chunks it is
         ``decode_step_s``; with whole prompts only (prior 0) it is ``prefill``'s latency when ``pp`` is 1 or the
         prompt is one. On a pipeline the sequences run as ``min(pp, sequences)`` micro-batches in flight, as in
-        ``decode_step_s``: the iteration takes one micro-batch's pass."""
+        ``decode_step_s``: the iteration takes one micro-batch's pass, of an equal share of the work but at least
+        the largest chunk (a chunk is not split between micro-batches)."""
         self.check_layout(tp, pp)
         seqs = decodes + len(chunks)
         if seqs <= 0:
@@ -381,9 +382,20 @@ class ServingPrices:
         # the chunk's queries, keys, values and outputs, and the cache it writes
         nbytes += new * ((2 * heads + 2 * kv) * m.act_bytes + 2 * kv * m.kv_bytes) * m.head_dim
         g = min(pp, seqs)
-        tokens = (decodes + new) / g
-        latency = m.layers * self._layer_s(tp, tokens, 4.0 * heads * m.head_dim * pairs / g, nbytes / g)
-        return latency + self._edges_s(tp, pp, tokens, seqs / g)
+        if g > 1:  # one micro-batch's share, at least the largest chunk with its attention and cache reads
+            n, p = max(chunks)
+            share = max(1.0 / g, n / (decodes + new))
+            pairs = max(pairs / g, n * p + CAUSAL_FRACTION * n * n)
+            nbytes = max(
+                nbytes / g,
+                (p * 2 * kv * m.kv_bytes + n * ((2 * heads + 2 * kv) * m.act_bytes + 2 * kv * m.kv_bytes))
+                * m.head_dim,
+            )
+        else:
+            share = 1.0
+        tokens = (decodes + new) * share
+        latency = m.layers * self._layer_s(tp, tokens, 4.0 * heads * m.head_dim * pairs, nbytes)
+        return latency + self._edges_s(tp, pp, tokens, max(1.0, seqs / g))
 
     def decode_step_s(self, tp: int, pp: int, batch: int, context_tokens: float) -> float:
         """Seconds between two tokens of every sequence of a running batch (see the module docstring: ``pp``

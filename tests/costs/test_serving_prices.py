@@ -128,3 +128,13 @@ def test_a_mixed_iteration_reads_the_weights_once(opt13b, a100, tp):
     both = sp.mixed_step_s(tp, pp, 16, 16 * 900, [(700, 0)])
     assert max(decode, prefill) < both < decode + prefill
     assert sp.mixed_step_s(tp, pp, 0, 0.0, [(700, 1200)]) > prefill
+
+
+def test_a_pipelined_mixed_iteration_does_not_split_a_chunk(opt13b, a100):
+    """On a pipeline (micro-batches in flight) an iteration takes one micro-batch's pass; the micro-batch that
+    holds a prompt's chunk holds all of it, so a chunk with a few decodes beside it takes at least the chunk's
+    own pass."""
+    sp = ServingPrices(opt13b, a100)
+    alone = sp.mixed_step_s(1, 2, 0, 0.0, [(1500, 0)])
+    assert alone == pytest.approx(sp.prefill(1, 2, [1500]).latency_s, rel=1e-12)
+    assert sp.mixed_step_s(1, 2, 3, 3 * 400, [(1500, 0)]) >= alone
