@@ -8,6 +8,8 @@ This is **not** the planner's comparison (that one prices with our price list, b
 whether the difference between the planner's choices and DistServe's layouts comes from the step prices.
 It was decided after bench/serving.py's rows were seen, so it only explains them; nothing is fitted.
 
+It also prints our step prices next to DistServe's fits at a few batches and lengths (``prices_vs_profiles``).
+
 DistServe's fitted step times (``simdistserve/estimators/time_estimator.py``), in ms: a prefill batch of
 prompts ``s_i`` takes ``a + b sum(s_i) + c sum(s_i^2)``, each of ``pp`` stages that divided by ``pp`` plus
 ``pp`` ms; a decode step of ``B`` sequences holding ``T`` tokens (each its context + 1) takes ``a + b T + c B``
@@ -68,6 +70,33 @@ class ProfilePrices(ServingPrices):
         return (a + b * t_mb + c * b_mb) / 1e3  # pp stages of (...) / pp each: one micro-batch's pass
 
 
+#: (model, tp) rows of the price table, and the prefills (prompt lengths) and decode steps (sequences, cached
+#: tokens each) priced at each
+TABLE_LAYOUTS = [("facebook/opt-13b", 1), ("facebook/opt-13b", 2), ("facebook/opt-13b", 4),
+                 ("facebook/opt-66b", 2), ("facebook/opt-66b", 4), ("facebook/opt-66b", 8)]  # fmt: skip
+TABLE_PREFILLS = ([128], [744], [1500], [744] * 4, [512] * 16)
+TABLE_DECODES = ((1, 1000), (16, 900), (64, 900), (256, 900))
+
+
+def price_rows(cluster, profiles: dict) -> list[dict]:
+    """Our prefill and decode step prices (ms, predicted) against DistServe's fits for its engine and its vLLM
+    baseline, at the batches and lengths above (pp 1)."""
+    rows = []
+    for name, tp in TABLE_LAYOUTS:
+        ours = ServingPrices(serving_model(name), PriceList(cluster, "bf16"), "distserve")
+        fits = {e: ProfilePrices(ours.model, ours.prices, profiles[e][name]) for e in profiles}
+        cases = [("prefill", f"{len(p)} x {p[0]}", lambda sp, p=p, tp=tp: sp.prefill(tp, 1, p).latency_s)
+                 for p in TABLE_PREFILLS]  # fmt: skip
+        cases += [("decode", f"batch {b}, {b * c} cached", lambda sp, b=b, c=c, tp=tp: sp.decode_step_s(tp, 1, b, b * c))
+                  for b, c in TABLE_DECODES]  # fmt: skip
+        for kind, what, price in cases:
+            row = {"model": name, "tp": tp, "step": kind, "what": what, "ours_ms": price(ours) * 1e3}
+            for engine, fit in fits.items():
+                row[f"{engine}_ms"] = price(fit) * 1e3
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", required=True, help="DistServe's simdistserve/estimators/profile_data")
@@ -79,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     cluster = a100_nodes(1)
     workload = load_workload("distserve-sharegpt")
+    table = price_rows(cluster, profiles)
+    print(f"{'model':<18}{'tp':>3} {'step':<8}{'':<26}{'ours ms':>9}{'DistServe':>11}{'vLLM':>9}   (ours predicted)")
+    for r in table:
+        print(f"{r['model']:<18}{r['tp']:>3} {r['step']:<8}{r['what']:<26}{r['ours_ms']:>9.1f}"
+              f"{r['distserve_ms']:>11.1f}{r['vllm_ms']:>9.1f}")  # fmt: skip
     ours = json.loads((RESULTS / "serving.json").read_text())
     chosen = {r["model"]: r["chosen"]["layout"] for r in ours["layouts"]}
     rows = []
@@ -111,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
     out = {"note": "diagnostic, predicted: our simulation with DistServe's fitted step times (see docstring)",
-           "workload": workload.name, "rows": rows}  # fmt: skip
+           "workload": workload.name, "rows": rows, "prices_vs_profiles": table}  # fmt: skip
     Path(args.output).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.output}")
     return 0
