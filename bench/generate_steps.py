@@ -10,7 +10,7 @@ planner picks and with ``tp=2`` pinned:
 * **predicted**: the decode plan's and the prefill plan's ``predicted.step_time_s`` (the price list's price
   of each program as it is written, ``shardwise/costs``);
 * **measured**: ``cm.generate(..., return_timings=True)`` on two gloo worker processes: each step timed
-  on the workers between two barriers (``runtime/lib/generation.py``); the prefill's median over
+  on the workers from a barrier to the step's return (``runtime/lib/generation.py``); the prefill's median over
   ``--rounds`` generations, the decode step's median over every decode step of them.
 
 The load average is recorded at the start and the end: figures measured on a busy machine are noisy.

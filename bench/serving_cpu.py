@@ -1,7 +1,8 @@
 """Serving prices on this machine (issue 18, point 5): ``python bench/serving_cpu.py``.
 
 Predicted against measured prefill and decode step times of the generated program (``compile(mode="generate")``,
-``cm.generate(..., return_timings=True)``: each step timed on the workers between barriers, the slowest rank)
+``cm.generate(..., return_timings=True)``: each step timed on the workers from a barrier to its return, the
+slowest rank)
 for GPT-2 and Llama zoo configurations (tiny, small) on ``cpu:1`` (tp 1) and ``cpu:2`` (tp 2), as
 ``shardwise calibrate`` measured this machine (the cached calibration of ``cpu:N``). Writes
 bench/results/serving_cpu.json.
@@ -19,8 +20,12 @@ split) and then run and timed on the real processes and links.
 
 Two predictions per step:
 
-- ``plan``: the step plans' own predicted step time (``cm.prefill_plan`` / ``cm.plan``), every traced op
-  priced by the price list (tp 1 only: the tp 2 plans were priced on the free links they were planned for);
+- ``plan``: the step plans' own price (``cm.prefill_plan`` / ``cm.plan``), every traced op and every collective
+  of the program as written priced by the price list on the cluster it runs on (the tp 2 plans, planned on
+  free links, are priced again on ``cpu:2``'s links with ``costs.step.predict_flat``: the program that runs).
+  The tp 2 programs hold more collectives than Megatron's two all-reduces per layer that the serving prices
+  assume (on free links the planner also splits the norms' statistics: ``collectives`` in the JSON counts
+  them per step);
 - ``serving``: ``costs/serving.py``'s analytic prices (``ServingPrices.prefill_sums`` with the static window,
   ``decode_step_s`` with ``MAX_SEQ`` cached slots per sequence), from the model's figures alone.
 
@@ -32,6 +37,7 @@ machine does when nothing preempts it); the medians are recorded beside them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -46,9 +52,11 @@ import torch  # noqa: E402
 
 import shardwise  # noqa: E402
 from shardwise.cluster import get_cluster  # noqa: E402
+from shardwise.cluster.machine import calibration_note  # noqa: E402
 from shardwise.cluster.presets import cpu_cluster  # noqa: E402
 from shardwise.costs.prices import price_list  # noqa: E402
 from shardwise.costs.serving import ServingPrices  # noqa: E402
+from shardwise.costs.step import predict_flat, price_flat  # noqa: E402
 from shardwise.ir.placement import Shard  # noqa: E402
 from shardwise.planner.serving.model import serving_model_from_config  # noqa: E402
 from shardwise.zoo import build_model  # noqa: E402
@@ -78,8 +86,12 @@ def measure(name: str, size: str, tp: int) -> dict:
             _, timings = cm.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None, return_timings=True)
             prefill.append(timings["prefill_s"])
             decode.extend(timings["decode_s"])
-        plan_prefill = cm.prefill_plan.predicted.step_time_s if tp == 1 else None
-        plan_decode = cm.plan.predicted.step_time_s if tp == 1 else None
+        # the programs as written, priced on the links they run on (tp 1: what the planner predicted)
+        plan_prefill = predict_flat(cm.prefill_plan, cluster).step_time_s
+        plan_decode = predict_flat(cm.plan, cluster).step_time_s
+        prices_fp32 = price_list(cluster, "fp32")
+        collectives = {phase: sum(e.kind == "comm" for e in price_flat(p, prices_fp32).events)
+                       for phase, p in (("prefill", cm.prefill_plan), ("decode", cm.plan))}  # fmt: skip
         degrees = dict(cm.plan.degrees)
     figures = serving_model_from_config(model.config, f"{name}:{size}", "zoo config", weight_bytes=4)
     prices = ServingPrices(figures, price_list(cluster, "fp32"))
@@ -89,15 +101,22 @@ def measure(name: str, size: str, tp: int) -> dict:
         "model": f"{name}:{size}", "tp": tp, "degrees": degrees, "measured_prefill_s": min(prefill),
         "measured_decode_s": min(decode), "median_prefill_s": statistics.median(prefill),
         "median_decode_s": statistics.median(decode), "plan_prefill_s": plan_prefill, "plan_decode_s": plan_decode,
+        "collectives": collectives,
         "serving_prefill_s": serving_prefill.latency_s, "serving_decode_s": serving_decode,
         "loadavg": os.getloadavg()[0],
     }  # fmt: skip
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], metavar="MODEL:SIZE:TP",
+                        help="run only these rows (e.g. gpt2:tiny:2; repeatable); the JSON is then not written")
+    args = parser.parse_args(argv)
+    chosen = [row for row in ROWS if not args.only or ":".join(map(str, row)) in args.only]
     rows = []
     start = time.time()
-    for name, size, tp in ROWS:
+    load_start = os.getloadavg()[0]
+    for name, size, tp in chosen:
         rows.append(measure(name, size, tp))
         r = rows[-1]
         def ms(x: float | None) -> str:
@@ -119,10 +138,15 @@ def main() -> int:
     agree = [abs(r[f"serving_{ph}_s"] / r[f"plan_{ph}_s"] - 1) for r in rows for ph in ("prefill", "decode")
              if r[f"plan_{ph}_s"] is not None]  # fmt: skip
     summary["serving_vs_plan"] = {"median_abs_difference": statistics.median(agree), "max_abs_difference": max(agree)}
-    print(f"serving prices vs the plans' per-op prices (tp 1): median |difference| {statistics.median(agree):.1%}, "
+    print(f"serving prices vs the plans' per-op prices: median |difference| {statistics.median(agree):.1%}, "
           f"largest {max(agree):.1%}")  # fmt: skip
     doc = {"rows": rows, "summary": summary, "batch": BATCH, "prompt": PROMPT, "max_seq": MAX_SEQ,
-           "new_tokens": NEW_TOKENS, "repeats": REPEATS, "elapsed_s": time.time() - start}  # fmt: skip
+           "new_tokens": NEW_TOKENS, "repeats": REPEATS, "elapsed_s": time.time() - start,
+           "loadavg": {"start": load_start, "end": os.getloadavg()[0]},
+           "calibration": {n: calibration_note(get_cluster(n)) for n in ("cpu:1", "cpu:2")}}  # fmt: skip
+    print(f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+    if args.only:
+        return 0
     out = RESULTS / "serving_cpu.json"
     out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {out}")

@@ -132,7 +132,7 @@ class CompiledModel:
         real tokens (1); prompts may be padded on either side: the program left pads them into the prefill's
         window. ``eos_token_id`` (one token or several) / ``pad_token_id``: the model's generation config's by
         default; ``eos_token_id=None`` never stops early. ``return_timings``: also return ``{"prefill_s": seconds, "decode_s": [seconds per decode
-        step]}``, each step timed on the workers between barriers (the slowest rank's time)."""
+        step]}``, each step timed on the workers from a barrier to its return (the slowest rank's time)."""
         settings = self.generation
         if settings is None:
             raise UserInputError(

@@ -11,9 +11,13 @@ a shared machine other processes only ever add time to a sample, and a sample as
 slice often runs undisturbed, so the minimum is the undisturbed cost. Compute figures of a process that
 computes on one thread (the runtime's budget on a machine with as many cores as processes) are read on the
 thread's CPU clock, which preemption by other processes does not advance; with more threads, on the wall
-clock. Communication needs both processes on a core at once: its samples are single calls after a
-barrier, on the wall clock, and the minimum is taken the same way. Compute figures keep the slowest
-process's value; communication figures are rank 0's (the pair 0-1).
+clock. Communication needs both processes on a core at once, on the wall clock: a point-to-point sample
+is one round trip, a collective's sample is a run of ``COLLECTIVE_RUN`` calls made as a program makes them
+(each after a short compute, ``COLLECTIVE_GAP``, on both processes, so that the library's threads have gone
+idle), its time per call less that compute's, and the minimum over the samples is taken the same way (the
+least disturbed run: a step adds up many collectives, so it pays their mean cost; the least single call, the
+luckiest meeting of the two processes' threads, is lower than the mean of any run). Compute figures keep
+the slowest process's value; communication figures are rank 0's (the pair 0-1).
 
 What is measured (each a figure of the price list, ``costs/``):
 
@@ -37,7 +41,8 @@ What is measured (each a figure of the price list, ``costs/``):
 * ``p2p``: gloo send/recv ping-pong between ranks 0 and 1: alpha = half a 4-byte round trip, beta from a
   ``P2P_LARGE`` message;
 * ``allreduce`` / ``allgather`` / ``reduce_scatter``: the runtime library's own functions
-  (``shardwise.runtime.lib.comm``, what every generated program calls) at ``COLLECTIVE_SIZES``; a line
+  (``shardwise.runtime.lib.comm``, what every generated program calls) at ``COLLECTIVE_SIZES``, in runs
+  (see above); a line
   through each gives its fixed cost beyond the ring formula's latency terms, and its bandwidth as a
   fraction of the point-to-point one (the cluster keeps the mean of the three);
 * ``object_gather``: ``dist.gather_object`` of a tensor (``OBJECT_SIZES``) from the last rank to rank 0, as a
@@ -74,7 +79,7 @@ from shardwise.errors import DeviceUnavailableError
 
 __all__ = [
     "calibrate", "measure", "spec_from_measurements", "fit_line", "Measurement", "SAMPLE_S", "GEMM_SIZES",
-    "ELEMENTWISE_OPS", "COLLECTIVE_SIZES",
+    "ELEMENTWISE_OPS", "COLLECTIVE_SIZES", "COLLECTIVE_RUN", "run_per_call",
 ]  # fmt: skip
 
 Measurement = dict[str, Any]
@@ -94,6 +99,11 @@ ELEMENTWISE_OPS = (
 OPTIMIZER_POINTS = ((1, 16), (32, 16), (1, 2**18))  # (tensors, elements each)
 P2P_LARGE = 2**22
 COLLECTIVE_SIZES = (2**6, 2**12, 2**16, 2**20)
+#: calls of one collective sample, and the ops each call follows: the dispatch probe's tiny ops in the
+#: generated program's style (``_kernel_ops``), this many times (about 30 ops, a decode layer's share between
+#: two of its collectives): a program reaches each collective after its ops, the library's threads idle meanwhile
+COLLECTIVE_RUN = 8
+COLLECTIVE_GAP = 2
 OBJECT_SIZES = (2**12, 2**20)
 #: the collectives plans use, and the ring formula's latency steps for p ranks (costs/comm.py; gloo has no
 #: reduce-scatter: the runtime library all-reduces and keeps its slice)
@@ -355,10 +365,36 @@ def _pingpong(rank: int, nbytes: int, samples: int) -> float:
     return min(times) / 2
 
 
+def run_per_call(
+    call: Callable[[], object], gap: Callable[[], object], calls: int, samples: int,
+    sync: Callable[[], object] = lambda: None,
+) -> float:  # fmt: skip
+    """Least over ``samples`` runs of the seconds per ``call`` in a run of ``calls`` calls, each after ``gap()``
+    (after ``sync()``, the same runs of ``gap()`` alone are subtracted): the mean cost of a call as a program
+    pays it, in the least disturbed run (module docstring). Never below 0."""
+    call()
+    gap()
+    both, alone = [], []
+    for _ in range(samples):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            gap()
+            call()
+        both.append((time.perf_counter() - start) / calls)
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            gap()
+        alone.append((time.perf_counter() - start) / calls)
+    return max(min(both) - min(alone), 0.0)
+
+
 def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
-    """Least time of one collective as the runtime library runs it (``shardwise.runtime.lib.comm``, the code
-    every generated program calls; ``nbytes``: the full buffer): all-reduce into a new tensor, all-gather
-    along the middle dimension of a (batch, sequence, hidden) activation, reduce-scatter along it."""
+    """Seconds per call of one collective as the runtime library runs it (``shardwise.runtime.lib.comm``, the
+    code every generated program calls; ``nbytes``: the full buffer), in runs after compute
+    (:func:`run_per_call`): all-reduce into a new tensor, all-gather along the middle dimension of a (batch,
+    sequence, hidden) activation, reduce-scatter along it."""
     import torch
     import torch.distributed as dist
 
@@ -385,14 +421,15 @@ def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
         def run() -> None:
             comm.reduce_scatter(full, 1, mesh, "x", "sum")
 
-    run()
-    times = []
-    for _ in range(samples):
-        dist.barrier()
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    x, w, emb = torch.rand(4, 4) + 0.5, torch.randn(4, 4), torch.randn(4, 4)
+    idx, mask = torch.tensor([0, 1]), torch.rand(4, 4) > 0.5
+
+    def gap() -> None:
+        with torch.no_grad():
+            for _ in range(COLLECTIVE_GAP):
+                _kernel_ops(x, w, idx, emb, mask)
+
+    return run_per_call(run, gap, COLLECTIVE_RUN, samples, dist.barrier)
 
 
 def _object_gather(rank: int, world: int, nbytes: int, samples: int) -> float:
@@ -430,8 +467,7 @@ def _measure_comm(rank: int, world: int, samples: int) -> Measurement:
 
     mesh = Mesh(rank, (world,), ("x",), tuple(range(world)))
     for kind in COLLECTIVES:
-        out[kind] = [(float(n), _collective(kind, n, mesh, 4 * samples if n <= 2**16 else samples))
-                     for n in COLLECTIVE_SIZES]  # fmt: skip
+        out[kind] = [(float(n), _collective(kind, n, mesh, samples)) for n in COLLECTIVE_SIZES]
     # an object gather to rank 0 (pickled tensors: how a pipeline's inference hands rank 0 its outputs)
     out["object_gather"] = [(float(n), _object_gather(rank, world, n, samples)) for n in OBJECT_SIZES]
     # overlap: an all-reduce started, then matmuls, then the wait; against each alone

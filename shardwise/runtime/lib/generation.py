@@ -15,9 +15,11 @@ person would write around a model with a static KV cache):
 * the attention mask over the ``max_seq`` cache slots is the prompt window's mask followed by ones (the
   step's causal mask hides slots not written yet); positions count each row's real tokens only.
 
-Returns the new tokens ``[rows, steps]`` and the seconds each step took on this rank (``prefill_s``, and
-``decode_s`` per decode step), measured around the step's call after a barrier, so that they are the
-step's time on the slowest rank.
+Returns the new tokens ``[rows, steps]`` and the seconds each step took (``prefill_s``, and ``decode_s`` per
+decode step): each rank times the step's call from a barrier (the ranks start it together) to its return,
+and the slowest rank's time of each step is taken once generation is over (one all-reduce of every step's
+time), so that no barrier after a step counts in its time (a barrier costs as much as a small collective:
+a serving loop runs none).
 """
 
 from __future__ import annotations
@@ -47,14 +49,26 @@ def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int
     return ids, mask, lengths
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _timed(step: Callable[..., torch.Tensor], *args: torch.Tensor) -> tuple[torch.Tensor, float]:
-    if dist.is_available() and dist.is_initialized():
+    """The step's output and this rank's seconds from a barrier to the step's return."""
+    if _distributed():
         dist.barrier()
     t0 = time.perf_counter()
     out = step(*args)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
     return out, time.perf_counter() - t0
+
+
+def _slowest(seconds: list[float]) -> list[float]:
+    """Each step's time on the slowest rank (every rank calls this once, with as many steps)."""
+    if not _distributed() or not seconds:
+        return seconds
+    times = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return times.tolist()
 
 
 @torch.no_grad()
@@ -92,4 +106,5 @@ def greedy(
         slot = torch.tensor([prompt_len + t], device=device)
         logits, seconds = _timed(decode, token[:, None], position, mask, slot)
         decode_s.append(seconds)
+    prefill_s, *decode_s = _slowest([prefill_s, *decode_s])
     return torch.stack(tokens, dim=1)[:rows].cpu(), {"prefill_s": prefill_s, "decode_s": decode_s}
