@@ -37,7 +37,15 @@ from shardwise.codegen.tables import program_tables
 from shardwise.ir.experts import MOE_EXPERTS, expert_axis
 from shardwise.ir.fusion import FusedGroup, check_groups, schedule
 from shardwise.ir.graph import Arg, Const, Function, Graph, Node, Value, iter_values
-from shardwise.ir.placement import PAIRED_AXIS, DeviceMesh, Partial, Shard, ShardingSpec, pairs_chunks
+from shardwise.ir.placement import (
+    PAIRED_AXIS,
+    DeviceMesh,
+    Partial,
+    Shard,
+    ShardingSpec,
+    pairs_chunks,
+    zero_group,
+)
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Redistribute
 from shardwise.ir.registry import SYM_FUNCTIONS, draws_random, tensor_operands
 from shardwise.ir.tensor import TensorSpec
@@ -371,6 +379,20 @@ def _collective_call(
         else:
             raise ValueError(f"unknown collective {kind!r}")
     return expr
+
+
+def zero_axes(plan: ExecutionPlan) -> str | tuple[str, ...]:
+    """The axes ZeRO shards over (the runtime's ``Trainer(zero_axis=...)``): the mesh's data-parallel axes
+    (``ir.placement.zero_group``), ``"dp"`` alone as before where that is all there is."""
+    axes = zero_group(plan.mesh, None)
+    return axes[0] if len(axes) == 1 else (axes or "dp")
+
+
+def combined_axes(plan: ExecutionPlan) -> tuple[tuple[str, ...], ...]:
+    """The combinations of data-parallel axes some parameter's gradient is summed over (``zero_group``: two or
+    more), each one process group of the runtime's mesh (``Mesh(combined=...)``), in a fixed order."""
+    groups = {zero_group(plan.mesh, axes) for _, axes in plan.param_grad_reduce}
+    return tuple(sorted(g for g in groups if len(g) > 1))
 
 
 def paired_axes(plan: ExecutionPlan) -> tuple[str, ...]:
@@ -1092,6 +1114,8 @@ def render_program(plan: ExecutionPlan, *, version: str, plan_id: str, shared: b
         mesh_axes=repr(tuple(mesh.axis_names)),
         mesh_ranks=repr(tuple(mesh.ranks)),
         mesh_paired=repr(paired_axes(plan)) if paired_axes(plan) else "",
+        mesh_combined=repr(combined_axes(plan)) if combined_axes(plan) else "",
+        zero_axes=repr(zero_axes(plan)),
         tables="\n".join(wrap_lines(tables, WIDTH)),
         training=repr(plan.mode == "train"),
         zero_stage=plan.zero_stage,

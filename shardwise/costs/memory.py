@@ -7,7 +7,9 @@ that holds it:
   step and priced by the memory map as activations, not here); inference at bf16/fp16 stores 2-byte weights;
 * its gradient in float32 (4 bytes);
 * the optimizer's float32 state: ``OPTIMIZER_STATE[optimizer]`` values (AdamW's two moments: 8 bytes);
-* ZeRO (over the ``dp`` data-parallel ranks): stage 1 shards the optimizer state and keeps a float32 master
+* ZeRO (over the data-parallel ranks that hold the same weights: ``dp``, and ``cp`` and, for the dense weights,
+  ``ep`` where the mesh has them, ``ir.placement.zero_group``; ``dp`` below is that group's size): stage 1
+  shards the optimizer state and keeps a float32 master
   slice beside it (the rank steps its slice, then gathers the update); stage 2 also shards the gradients
   (reduce-scattered, each rank keeps its slice); stage 3 also shards the weights (gathered before use).
   A pipeline stage (``accumulates``) adds every micro-batch's gradients into whole ones and reduce-scatters a

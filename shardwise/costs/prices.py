@@ -74,22 +74,24 @@ class PriceList:
     def collective_s(self, collective: str, nbytes: float, ranks: Sequence[int]) -> float:
         return self.comm.collective_s(collective, nbytes, ranks)
 
-    def axis_group(self, mesh: DeviceMesh, axis: str) -> tuple[int, ...]:
-        """The ranks of the first group of ``axis`` (every group of an evenly laid mesh costs the same)."""
+    def axis_group(self, mesh: DeviceMesh, axis: str | tuple[str, ...]) -> tuple[int, ...]:
+        """The ranks of the first group of ``axis`` (every group of an evenly laid mesh costs the same); a tuple
+        of axes: their combined group (the ranks that differ only along them, row-major over them)."""
         key = (mesh, axis)
         if key not in self._axis:
-            if axis not in mesh.axis_names:
+            names = (axis,) if isinstance(axis, str) else tuple(axis)
+            present = [a for a in names if a in mesh.axis_names]
+            if not present:
                 self._axis[key] = (mesh.ranks[0],)
             else:
-                a = mesh.axis_names.index(axis)
-                stride = 1
-                for size in mesh.shape[a + 1 :]:
-                    stride *= size
-                self._axis[key] = tuple(mesh.ranks[k * stride] for k in range(mesh.shape[a]))
+                self._axis[key] = mesh.groups(tuple(present))[0]
         return self._axis[key]
 
-    def axis_collective_s(self, collective: str, nbytes: float, mesh: DeviceMesh, axis: str) -> float:
-        """A library collective of ``nbytes`` (the full buffer on that axis) over one group of mesh ``axis``."""
+    def axis_collective_s(
+        self, collective: str, nbytes: float, mesh: DeviceMesh, axis: str | tuple[str, ...]
+    ) -> float:
+        """A library collective of ``nbytes`` (the full buffer on that group) over one group of mesh ``axis``
+        (or of the combined axes, one collective over all their ranks)."""
         if nbytes <= 0:
             return 0.0
         return self.comm.collective_s(collective, nbytes, self.axis_group(mesh, axis))
@@ -138,8 +140,9 @@ class MeshPrices:
         """One op's forward, and its backward when ``grad``."""
         return self.prices.step_s(node, ways, grad)
 
-    def collective_s(self, collective: str, nbytes: float, axis: str) -> float:
-        """A library collective over one group of mesh ``axis``; ``nbytes`` = the full buffer on that axis."""
+    def collective_s(self, collective: str, nbytes: float, axis: str | tuple[str, ...]) -> float:
+        """A library collective over one group of mesh ``axis`` (or of combined axes); ``nbytes`` = the full
+        buffer on that group."""
         return self.prices.axis_collective_s(collective, nbytes, self.mesh, axis)
 
 

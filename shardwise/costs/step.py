@@ -16,8 +16,10 @@ the generated program runs it:
    after the other beside the backward: of what the backward could hide, the cluster's
    ``efficiency.comm_overlap`` is hidden (1: only what outlasts the backward is exposed; 0: all of it). A
    bucket of several gradients costs the host a copy into its flat buffer and one copy back per parameter.
-   Under ZeRO >= 1 the data-parallel reduction is a reduce-scatter, and the updated parameters are
-   all-gathered after the step;
+   The data-parallel axes a gradient is summed over (``ir.placement.zero_group``: dp, and cp and ep where the
+   mesh has them) are one collective over their combined group (``gradient_reductions``; the runtime's
+   ``Mesh(combined=...)``), the other axes one each. Under ZeRO >= 1 that data-parallel reduction is a
+   reduce-scatter, and the updated parameters are all-gathered over the same group after the step;
 4. the optimizer step over this rank's parameter elements (``PriceList.optimizer_step_s``);
 5. host offload (``plan.host_traffic``): each segment's host-link transfers beyond what that segment's forward
    (or backward) compute hides (the two directions are independent: full-duplex PCIe; transfers of one
@@ -45,7 +47,7 @@ from shardwise.costs.prices import PriceList, price_list
 from shardwise.ir.experts import MOE_EXPERTS, expert_axis
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph, Node
-from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec
+from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec, zero_group
 from shardwise.ir.plan import ExecutionPlan, HostTraffic, NodeStrategy, Prediction, Redistribute
 from shardwise.ir.registry import tensor_operands
 from shardwise.ir.tensor import TensorSpec
@@ -56,6 +58,7 @@ __all__ = [
     "recomputed_ops",
     "Action", "ScheduleDeadlock", "SimResult", "simulate", "analytic_step", "mfu", "predict_flat", "StageTail",
     "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times", "accumulate_s", "pipeline_end_s",
+    "gradient_reductions", "zero_shards",
 ]  # fmt: skip
 
 BUCKET_BYTES = 25 * 2**20  # the generated gradient reduction's bucket size (as DDP's default)
@@ -601,7 +604,6 @@ def _gradient_reduction(
         return 0.0, 0.0
     mesh = plan.mesh
     local = _param_local_elements(plan)
-    dp = mesh.axis_size("dp")
     buckets: dict[tuple[str, ...], list[tuple[float, float]]] = {}  # axes -> [(ready, bytes)]
     for p in reversed(plan.graph.params):
         axes = tuple(a for a in axes_of.get(p.key, ()) if mesh.axis_size(a) > 1)
@@ -615,7 +617,7 @@ def _gradient_reduction(
 
     def launch(axes: tuple[str, ...], start: float, size: float, count: int) -> float:
         nonlocal total, copies
-        t = _bucket_s(plan, prices, axes, size, dp)
+        t = _bucket_s(plan, prices, axes, size)
         total += t
         if count > 1:  # torch.cat into the flat buffer, then one copy_ back per parameter
             copies += compute.with_overhead(compute.byte_s(2 * size), 1 + count)
@@ -638,12 +640,41 @@ def _gradient_reduction(
     return overlap * max(0.0, comm_free - backward_s) + (1.0 - overlap) * total, copies
 
 
-def _bucket_s(plan: ExecutionPlan, prices: PriceList, axes: tuple[str, ...], nbytes: float, dp: int) -> float:
-    t = 0.0
-    for axis in axes:
-        kind = "reduce_scatter" if axis == "dp" and plan.zero_stage >= 1 and dp > 1 else "allreduce"
-        t += prices.axis_collective_s(kind, nbytes, plan.mesh, axis)
-    return t
+def gradient_reductions(mesh: DeviceMesh, axes: Iterable[str], zero: int) -> tuple[tuple[object, str], ...]:
+    """The collectives that sum a gradient over mesh ``axes``, as the runtime runs them
+    (``runtime.lib.gradients.reduction_axes``): (axis or combined axes, collective), one all-reduce per axis
+    that is not data-parallel, then one over the combined group of its data-parallel axes (``zero_group``), a
+    reduce-scatter under ZeRO >= 1 (the sharded bucket). Axes of one rank are left out."""
+    axes = tuple(a for a in axes if mesh.axis_size(a) > 1)
+    group = zero_group(mesh, axes)
+    out: list[tuple[object, str]] = [(a, "allreduce") for a in axes if a not in group]
+    if group:
+        out.append((group if len(group) > 1 else group[0], "reduce_scatter" if zero >= 1 else "allreduce"))
+    return tuple(out)
+
+
+def zero_shards(plan: ExecutionPlan) -> dict[str, int]:
+    """Per trainable parameter (value name), how many ranks ZeRO >= 1 shards its optimizer state (and fp32
+    master) over: the size of the data-parallel group its gradient is summed over (``zero_group``; 1 without
+    ZeRO). A ZeRO-3 parameter split over a data axis is summed over the other data axes only (its gather's
+    backward reduce-scatters it), so its local piece is sharded over them."""
+    axes_of = dict(plan.param_grad_reduce)
+    placements = dict(plan.param_placements)
+    mesh = plan.mesh
+    out = {}
+    for p in _trainable(plan):
+        pl = placements.get(p.key)
+        split = {a for a, x in zip(mesh.axis_names, pl.placements, strict=True) if isinstance(x, Shard)} if pl else set()
+        group = zero_group(mesh, axes_of.get(p.key, ())) if plan.zero_stage >= 1 else ()
+        out[p.name] = mesh.group_size(tuple(a for a in group if a not in split))
+    return out
+
+
+def _bucket_s(plan: ExecutionPlan, prices: PriceList, axes: tuple[str, ...], nbytes: float) -> float:
+    return sum(
+        prices.axis_collective_s(kind, nbytes, plan.mesh, axis)
+        for axis, kind in gradient_reductions(plan.mesh, axes, plan.zero_stage)
+    )
 
 
 def _trainable(plan: ExecutionPlan) -> list:
@@ -658,27 +689,26 @@ def _optimizer_s(plan: ExecutionPlan, prices: PriceList) -> float:
         return 0.0  # the host steps it (offload_s)
     local = _param_local_elements(plan)
     trainable = _trainable(plan)
-    dp = plan.mesh.axis_size("dp")
-    placements = dict(plan.param_placements)
-    elements = 0.0
-    for p in trainable:
-        # ZeRO: a parameter kept whole over dp has its state sharded over dp; ZeRO 3's dp-sharded parameters
-        # are already this rank's piece (its local elements)
-        whole_over_dp = not _sharded_over(placements.get(p.key), plan.mesh, "dp")
-        elements += local[p.name] / (dp if plan.zero_stage >= 1 and dp > 1 and whole_over_dp else 1)
+    shards = zero_shards(plan)
+    # ZeRO: this rank steps its slice of each parameter's (local) elements
+    elements = sum(local[p.name] / shards[p.name] for p in trainable)
     foreach = prices.cluster.efficiency.overhead_hidden  # PyTorch steps tensors with foreach kernels on GPUs
     return prices.optimizer_step_s(elements, len(trainable), plan.optimizer or "adamw", foreach=foreach)
 
 
 def _zero_gather_s(plan: ExecutionPlan, prices: PriceList) -> float:
-    """ZeRO 1 and 2: the updated parameters all-gathered after the step (ZeRO 3 keeps them sharded: its
-    gathers are the plan's redistributions before each use)."""
-    dp = plan.mesh.axis_size("dp")
-    if plan.zero_stage not in (1, 2) or dp < 2:
+    """ZeRO 1 and 2: the updated parameters all-gathered after the step over the group each was sharded over
+    (ZeRO 3 keeps them sharded: its gathers are the plan's redistributions before each use)."""
+    if plan.zero_stage not in (1, 2):
         return 0.0
     local = _param_local_elements(plan)
-    nbytes = 4.0 * sum(local[p.name] for p in _trainable(plan))
-    return prices.axis_collective_s("allgather", nbytes, plan.mesh, "dp")
+    axes_of = dict(plan.param_grad_reduce)
+    by_group: dict[tuple[str, ...], float] = {}
+    for p in _trainable(plan):
+        group = zero_group(plan.mesh, axes_of.get(p.key, ()))
+        if group:
+            by_group[group] = by_group.get(group, 0.0) + 4.0 * local[p.name]
+    return sum(prices.axis_collective_s("allgather", n, plan.mesh, g) for g, n in by_group.items())
 
 
 # --- pipelines ---------------------------------------------------------------------------------------------
@@ -813,31 +843,41 @@ class StageTail:
     tied: tuple[tuple[float, tuple[int, ...]], ...] = ()  # (fp32 bytes, ranks of the stages holding a copy)
     # expert parallelism: elements reduced over no data-parallel rank (the experts when ep = dp: each expert's
     # gradient is complete on its rank), and, when 1 < ep < dp, the inner ep group the other gradients are
-    # all-reduced over first (fp32 bytes) before ``dp_ranks`` (then the dp/ep replicas: ZeRO's axis)
+    # all-reduced over first (fp32 bytes) before ``dp_ranks`` (then the dp/ep replicas: ZeRO's axis) in pipelines
     unreduced_elems: float = 0.0
     ep_ranks: tuple[int, ...] = ()
     ep_grad_bytes: float = 0.0
+    # flat plans with 1 < ep < dp: of trainable_elems, those summed over a part of dp_ranks only (the experts'
+    # dp/ep replicas), the others over all of dp_ranks at once (their combined group, runtime.lib.gradients)
+    expert_elems: float = 0.0
+    expert_ranks: tuple[int, ...] = ()
 
 
 def stage_tail_s(prices: PriceList, tail: StageTail, *, optimizer: str, zero: int) -> float:
     """A device stage's gradient reduction (data parallel, tensor-parallel partial sums, tied weights) and
     optimizer step: run after its last backward (ZeRO >= 1: a reduce-scatter over data parallelism, the
-    optimizer on this rank's slice, then an all-gather of the updated parameters). With expert parallelism the
-    gradients of the experts are reduced over their replicas only (``unreduced_elems``, ``ep_ranks``)."""
-    dp = len(tail.dp_ranks)
-    reduced = max(tail.trainable_elems - tail.unreduced_elems, 0.0)
-    grads = 4.0 * reduced
-    sharded = zero >= 1 and dp > 1
-    t = prices.collective_s("reduce_scatter" if sharded else "allreduce", grads, tail.dp_ranks)
-    t += prices.collective_s("allreduce", tail.ep_grad_bytes, tail.ep_ranks)
+    optimizer on this rank's slice, then an all-gather of the updated parameters). Each group of data-parallel
+    ranks is one collective (``gradient_reductions``). With expert parallelism the gradients of the experts are
+    reduced over their replicas only: none when ep = dp (``unreduced_elems``); in pipelines with ep < dp the
+    others over ``ep_ranks`` first, then everything over the replicas ``dp_ranks``; in flat plans with ep < dp
+    the experts' over ``expert_ranks`` and the others over ``dp_ranks``."""
+    reduced = max(tail.trainable_elems - tail.unreduced_elems - tail.expert_elems, 0.0)
+    parts = [(reduced, tail.dp_ranks)]
+    if tail.expert_elems:
+        parts.append((tail.expert_elems, tail.expert_ranks))
+    t = prices.collective_s("allreduce", tail.ep_grad_bytes, tail.ep_ranks)
+    elements = tail.unreduced_elems
+    for elems, ranks in parts:
+        sharded = zero >= 1 and len(ranks) > 1
+        t += prices.collective_s("reduce_scatter" if sharded else "allreduce", 4.0 * elems, ranks)
+        if sharded:
+            t += prices.collective_s("allgather", 4.0 * elems, ranks)
+        elements += elems / len(ranks) if sharded else elems
     t += prices.collective_s("allreduce", tail.tp_grad_bytes, tail.tp_ranks)
     for nbytes, ranks in tail.tied:
         t += prices.collective_s("allreduce", nbytes, ranks)
-    elements = reduced / dp + tail.unreduced_elems if sharded else tail.trainable_elems
     foreach = prices.cluster.efficiency.overhead_hidden
     t += prices.optimizer_step_s(elements, tail.tensors, optimizer, foreach=foreach)
-    if sharded:
-        t += prices.collective_s("allgather", grads, tail.dp_ranks)
     return t
 
 

@@ -6,11 +6,17 @@ import math
 from dataclasses import dataclass
 
 __all__ = ["Shard", "Replicate", "Partial", "Placement", "ShardingSpec", "DeviceMesh", "chunks_cleanly", "PAIRED_AXIS",
-           "pairs_chunks"]
+           "pairs_chunks", "DATA_AXES", "zero_group"]
 
 #: the mesh axis whose pieces are chunk pairs where every dimension it splits allows (context parallelism's:
 #: rank i of cp holds chunks i and 2cp-1-i of the sequence, so that a causal attention's work is balanced)
 PAIRED_AXIS = "cp"
+
+#: the data-parallel axes of a flat plan's mesh: ``dp``, ``ep`` (expert parallelism below dp: an inner data
+#: axis) and ``cp`` (context parallelism). Every rank along them holds the same dense weights (torchtitan's
+#: ``dp_shard_cp``), so a gradient summed over several of them is summed over their combined group at once,
+#: and ZeRO shards a parameter's state (and at stage 3 the parameter) over them together.
+DATA_AXES = ("dp", "ep", "cp")
 
 
 def pairs_chunks(size: int, ways: int) -> bool:
@@ -118,15 +124,28 @@ class DeviceMesh:
             index //= size
         return tuple(reversed(coord))
 
-    def groups(self, axis: str) -> list[tuple[int, ...]]:
-        """The groups of ranks that vary only along ``axis`` (one group per position of the other axes)."""
-        a = self.axis_names.index(axis)
+    def groups(self, axis: str | tuple[str, ...]) -> list[tuple[int, ...]]:
+        """The groups of ranks that vary only along ``axis`` (one group per position of the other axes); a
+        tuple of axes: along all of them (their combined group, row-major over them)."""
+        along = {self.axis_names.index(a) for a in ((axis,) if isinstance(axis, str) else axis)}
         groups: dict[tuple[int, ...], list[int]] = {}
         for r in self.ranks:
             c = self.coordinate(r)
-            key = c[:a] + c[a + 1 :]
+            key = tuple(x for i, x in enumerate(c) if i not in along)
             groups.setdefault(key, []).append(r)
         return [tuple(g) for _, g in sorted(groups.items())]
 
+    def group_size(self, axes: str | tuple[str, ...]) -> int:
+        """Ranks along ``axes`` (one axis or several combined; 1 for axes the mesh does not have)."""
+        return math.prod(self.axis_size(a) for a in ((axes,) if isinstance(axes, str) else axes))
+
     def __str__(self) -> str:
         return " x ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.shape, strict=True))
+
+
+def zero_group(mesh: DeviceMesh, axes) -> tuple[str, ...]:
+    """The data axes (``DATA_AXES``) among ``axes`` (a parameter's gradient-reduction axes; every data axis of
+    the mesh when None) that have more than one rank, in mesh order: the group a gradient over ``axes`` is summed
+    over at once, and the group ZeRO shards that parameter over (``runtime.lib.gradients.reduction_axes``)."""
+    names = mesh.axis_names if axes is None else tuple(axes)
+    return tuple(a for a in mesh.axis_names if a in DATA_AXES and a in names and mesh.axis_size(a) > 1)

@@ -32,7 +32,7 @@ from shardwise.costs.prices import mesh_prices, price_list
 from shardwise.costs.step import op_ways, predict_flat
 from shardwise.errors import DoesNotFitError, PlanError
 from shardwise.ir.graph import Graph
-from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec
+from shardwise.ir.placement import DeviceMesh, Replicate, Shard, ShardingSpec, zero_group
 from shardwise.ir.plan import ExecutionPlan, NodeStrategy, Prediction, RankMemory
 from shardwise.ir.registry import rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec
@@ -171,12 +171,17 @@ def flat_plan(
     if "cp" in mesh.axis_names:
         notes.append(context_note(graph, mesh, placed.strategies, cluster, options.precision, train))
     if zero:
-        dp = mesh.axis_size("dp")
-        parts = [f"optimizer state sharded over dp={dp}"] + (["gradients too"] if zero >= 2 else []) if train else []
+        group = zero_group(mesh, None) or ("dp",)
+        over = " x ".join(f"{a}={mesh.axis_size(a)}" for a in group)
+        parts = [f"optimizer state sharded over {over}"] + (["gradients too"] if zero >= 2 else []) if train else []
         if zero >= 3:
-            axis = mesh.axis_names.index("dp")
-            split = sum(isinstance(s.placements[axis], Shard) for s in placed.param_placements.values())
-            parts.append(f"{split} of {len(placed.param_placements)} parameters split over dp={dp}")
+            weights = [a for a in group if a != "ep"]  # the experts' axis splits them by expert, not by ZeRO
+            along = [mesh.axis_names.index(a) for a in weights]
+            split = sum(
+                any(isinstance(s.placements[i], Shard) for i in along) for s in placed.param_placements.values()
+            )
+            over3 = " x ".join(f"{a}={mesh.axis_size(a)}" for a in weights)
+            parts.append(f"{split} of {len(placed.param_placements)} parameters split over {over3}")
         notes.append(f"ZeRO stage {zero}: " + ", ".join(parts))
     plan = ExecutionPlan(
         **plan_identity(source, cluster, options.mode, options.precision, mesh),

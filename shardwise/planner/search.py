@@ -396,6 +396,11 @@ class _Config:
         """Rows of one micro-batch on one device's share of the sequence (its tokens, counted in rows)."""
         return self.b / self.cp
 
+    @property
+    def shards(self) -> int:
+        """The ranks holding the same parameters, which ZeRO shards over: dp x cp (``ir.placement.zero_group``)."""
+        return self.dp * self.cp
+
 
 def _work(ctx: _Context, t: _Tables, recomputed: frozenset[int]) -> list[float]:
     if not ctx.train:
@@ -432,7 +437,7 @@ class _Memory:
                 trainable -= extra
         e = element_bytes(
             train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
-            zero=cfg.zero, dp=cfg.dp, accumulates=cfg.pp > 1,
+            zero=cfg.zero, dp=cfg.shards, accumulates=cfg.pp > 1,
         )  # fmt: skip
         # expert parallelism: each rank holds 1/ep of the experts, as the experts op reads them (whole over tp),
         # outside ZeRO's buckets (their gradients are not reduced over ep), so at ZeRO 0's bytes per element; the
@@ -452,13 +457,13 @@ class _Memory:
         frozen = (params - trainable) * ctx.element(False, 0, 1)
         weights = trainable * e.weights
         if not ctx.train and cfg.zero >= 3:
-            weights /= cfg.dp
+            weights /= cfg.shards
         weights += mine * own.weights
         optimizer = trainable * (e.optimizer + e.master) + mine * (own.optimizer + own.master)
         if ctx.train:
             # the optimizer's scratch: a foreach step makes one value per (local) element at once, a per-tensor
             # step two of the largest tensor's (bounded by the chunk's mean tensor)
-            local = trainable / (cfg.dp if cfg.zero >= 1 else 1)
+            local = trainable / (cfg.shards if cfg.zero >= 1 else 1)
             optimizer += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
         return {"weights": weights + frozen, "gradients": trainable * e.grads + mine * own.grads,
                 "optimizer state": optimizer, "trainable": trainable + mine, "experts": mine}  # fmt: skip
@@ -652,12 +657,16 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
             replicas = tuple(_rank(p, d, 0, dp, tp) for d in range(dp))
             experts: dict[str, object] = {}
             if cfg.ep > 1:
-                # the experts' gradients are complete within their ep group: reduced over its dp/ep replicas only.
-                # ep below dp: the data-parallel ranks are two mesh axes, dp/ep replicas (outer, ZeRO's axis) and
-                # ep (inner); gradients replicated over both are summed over ep, then over the replicas
-                # (runtime.lib.gradients reduces one axis after the other)
+                # the experts' gradients are complete within their ep group: reduced over its dp/ep replicas only
                 mine = sum(memory.parts(*bounds[c])["experts"] for c in range(p, chunks, pp))
-                if cfg.ep < dp:
+                if cfg.ep < dp and pp == 1:
+                    # flat, ep below dp: the data-parallel ranks are two mesh axes, dp/ep replicas (outer) and ep
+                    # (inner); dense gradients are summed over both at once (their combined group,
+                    # runtime.lib.gradients), the experts' over the replicas; ZeRO shards each over its group
+                    experts = {"expert_elems": min(mine, trainable), "expert_ranks": replicas[:: cfg.ep]}
+                elif cfg.ep < dp:
+                    # pipelines, ep below dp: gradients replicated over both axes are summed over ep, then over the
+                    # replicas (ZeRO's axis; the pipeline runtime reduces one axis after the other)
                     experts = {
                         "ep_ranks": tuple(_rank(p, e, 0, dp, tp) for e in range(cfg.ep)),
                         "ep_grad_bytes": 4.0 * max(trainable - mine, 0.0),
@@ -699,7 +708,7 @@ def _fsdp_s(ctx: _Context, cfg: _Config, trainable: float, m: int) -> float:
     """ZeRO-3's gathers: every micro-batch gathers the stage's parameters for its forward and again for its
     backward, and reduce-scatters their gradients (on the wire at the precision's width)."""
     width = 2.0 if is_low(ctx.options.precision) else 4.0
-    ranks = tuple(_rank(0, d, 0, cfg.dp, cfg.tp) for d in range(cfg.dp))
+    ranks = tuple(_rank(0, d, 0, cfg.shards, cfg.tp) for d in range(cfg.shards))
     gather = ctx.prices.collective_s("allgather", trainable * width, ranks)
     return m * 2 * gather
 
@@ -733,15 +742,15 @@ def _lower_bound(ctx: _Context, cfg: _Config) -> tuple[float, float]:
     for _, positions, elems in ctx.tied:
         trainable -= (len(positions) - 1) * elems / cfg.tp
     frozen = t.p_param[-1] - t.p_train[-1]
-    fixed = trainable * ctx.element(True, cfg.zero, cfg.dp) + max(frozen, 0.0) * ctx.element(False, 0, 1)
+    fixed = trainable * ctx.element(True, cfg.zero, cfg.shards) + max(frozen, 0.0) * ctx.element(False, 0, 1)
     pp, v, m = cfg.pp, cfg.v, cfg.m
     step = (m + (pp - 1) / v) * work / pp
     if ctx.train:
         per_device = trainable / pp
-        ranks = tuple(_rank(0, d, 0, cfg.dp, cfg.tp) for d in range(cfg.dp))
-        kind = "reduce_scatter" if cfg.zero >= 1 and cfg.dp > 1 else "allreduce"
+        ranks = tuple(_rank(0, d, 0, cfg.shards, cfg.tp) for d in range(cfg.shards))
+        kind = "reduce_scatter" if cfg.zero >= 1 and cfg.shards > 1 else "allreduce"
         step += ctx.prices.collective_s(kind, per_device * 4, ranks)
-        shard = cfg.dp if cfg.zero >= 1 else 1
+        shard = cfg.shards if cfg.zero >= 1 else 1
         step += ctx.prices.optimizer_step_s(per_device / shard, 1, ctx.options.optimizer, foreach=True)
     return step, fixed / pp
 
@@ -878,10 +887,10 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
                     f"{'flat plans' if pp == 1 else 'pipelines'} (stages {', '.join(map(str, allowed))})"
                 )
                 continue
-            zeros = [pinned.zero if dp > 1 else 0]
-        elif dp > 1 and train:
+            zeros = [pinned.zero if dp * cp > 1 else 0]  # ZeRO shards over dp x cp
+        elif dp * cp > 1 and train:
             zeros = list(allowed)
-        elif dp > 1 and pp == 1:
+        elif dp * cp > 1 and pp == 1:
             zeros = [0, 3]  # inference: only sharding the parameters changes anything
         else:
             zeros = [0]

@@ -92,12 +92,16 @@ def measure_step(module: Any, *inputs: Any, step_method: str = "train_step") -> 
 def optimizer_layout(module: Any) -> dict[str, int]:
     """How this rank's trainer holds its optimizer (run in a worker after ``configure_optimizer``):
     ``{"sharded_params": elements of the parameters whose optimizer state ZeRO shards, "shard": elements of
-    this rank's master shard of them, "unsharded": elements stepped by the ordinary optimizer}``."""
+    this rank's master shard of them, "unsharded": elements stepped by the ordinary optimizer (this rank's
+    pieces of parameters it holds split), "shard_groups": the sizes of the groups its buckets are sharded over
+    (sorted, each once)}``."""
     trainer = module.trainer
     sharded = trainer.sharded
     stepped = {id(p) for p in sharded.params} if sharded is not None else set()
+    groups = [trainer.mesh.size(b.shard_axis) for b in trainer.buckets if b.shard_axis is not None]
     return {
         "sharded_params": sum(p.numel() for p in sharded.params) if sharded is not None else 0,
         "shard": sharded.master.numel() if sharded is not None else 0,
         "unsharded": sum(p.numel() for p in trainer.params if id(p) not in stepped),
+        "shard_groups": sorted(set(groups)),
     }

@@ -1,6 +1,6 @@
 """The optimizer step of a ZeRO plan is priced over this rank's share of the state, once: ZeRO 1 shards the
-state of whole parameters over dp; a ZeRO 3 parameter split over dp is this rank's piece already (its local
-elements), not divided by dp again."""
+state of the whole parameters whose gradient is summed over dp; a ZeRO 3 parameter split over dp is this rank's
+piece already (its local elements), not divided by dp again."""
 
 from __future__ import annotations
 
@@ -32,9 +32,12 @@ def test_zero3_steps_the_same_share_as_zero1():
     assert three.zero_stage == 3
     dp = three.mesh.axis_names.index("dp")
     shapes = {p.key: p.spec.shape for p in three.graph.params}
+    # the parameters ZeRO 1 shards: those whose gradient the runtime sums over dp (the position embedding's is
+    # summed on its activation, so no bucket holds it and its state stays whole on every rank)
+    reduced = {k for k, axes in three.param_grad_reduce if "dp" in axes}
 
-    def split(key: str, spec: ShardingSpec) -> ShardingSpec:  # every parameter with an even dim 0 split over dp
-        if not shapes[key] or shapes[key][0] % 2:
+    def split(key: str, spec: ShardingSpec) -> ShardingSpec:  # each of them with an even dim 0 split over dp
+        if key not in reduced or not shapes[key] or shapes[key][0] % 2:
             return spec
         return ShardingSpec(tuple(Shard(0) if i == dp else Replicate() for i in range(len(spec.placements))))
 

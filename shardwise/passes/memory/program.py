@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from shardwise.costs.compute import is_low
 from shardwise.costs.memory import experts_saved_elements
 from shardwise.ir.graph import Graph, Node, iter_values
-from shardwise.ir.placement import DeviceMesh, ShardingSpec
+from shardwise.ir.placement import DeviceMesh, ShardingSpec, zero_group
 from shardwise.ir.plan import NodeStrategy
 from shardwise.ir.registry import MOE_EXPERTS, saves_of, tensor_operands
 from shardwise.ir.tensor import TensorSpec, dtype_bytes
@@ -225,17 +225,18 @@ def step_buffers(
             storage[i.name] = lives.new(f"act:{i.name}", local[i.name], 0) if piece else whole
             grad[i.name] = False
     reduce = dict(grad_reduce or {})
-    sharded = _zero_buckets(graph, reduce, mesh, grad, params_numel) if zero >= 1 else []
+    zero_buckets = _zero_buckets(graph, reduce, mesh, grad, params_numel) if zero >= 1 else []
+    sharded = [names for names, _ in zero_buckets]
     in_zero = {name for bucket in sharded for name in bucket}
-    dp = mesh.axis_size("dp") if "dp" in mesh.axis_names else 1
-    padded = [-(-sum(params_numel[n] for n in bucket) // dp) * dp for bucket in sharded]
+    # each bucket padded to a multiple of its ZeRO group (the data-parallel axes it is summed over)
+    padded = [-(-sum(params_numel[n] for n in bucket) // n) * n for bucket, n in zero_buckets]
+    chunk = sum(size // n for size, (_, n) in zip(padded, zero_buckets))  # this rank's slices
     if train and optimizer_factor > 0:
         for p in graph.params:
             if grad[p.name] and p.name not in in_zero:
                 sid = lives.new(f"opt:{p.key}", optimizer_factor * 4 * params_numel[p.name], 0)
                 lives.touch(sid, last)
         if sharded:
-            chunk = sum(padded) // dp  # this rank's slice of every sharded bucket
             for what, factor in (("master", 1), ("state", optimizer_factor)):
                 lives.touch(lives.new(f"opt:zero-{what}", factor * 4 * chunk, 0), last)
             # the step gathers the update bucket by bucket; ZeRO-1 reduce-scatters the full gradients there
@@ -450,14 +451,14 @@ def step_buffers(
         for j, i in enumerate(order):
             end = ready[order[j + 1]] - 1 if j + 1 < len(order) else sched.reduce
             lives.touch(lives.new(f"zero:bucket{i}", 4 * padded[i], ready[i]), max(end, ready[i]))
-        lives.touch(lives.new("zero:grad-shard", 4 * (sum(padded) // dp), min(ready)), sched.optimizer)
+        lives.touch(lives.new("zero:grad-shard", 4 * chunk, min(ready)), sched.optimizer)
     by_axes: dict[tuple[str, ...], list[int]] = {}
     for p in graph.params:
         axes = tuple(a for a in reduce.get(p.key, ()) if a in mesh.axis_names and mesh.axis_size(a) > 1)
         if zero >= 2 and p.name in in_zero:
             continue  # reduced with its sharded bucket
         if p.name in in_zero:
-            axes = tuple(a for a in axes if a != "dp")
+            axes = tuple(a for a in axes if a not in zero_group(mesh, axes))
         if axes and grad[p.name] and p.name in gstore:
             by_axes.setdefault(axes, []).append(4 * params_numel[p.name])
     for axes, sizes in by_axes.items():
@@ -479,31 +480,33 @@ def step_buffers(
 def _zero_buckets(
     graph: Graph, reduce: Mapping[str, tuple[str, ...]], mesh: DeviceMesh, grad: Mapping[str, bool],
     numel: Mapping[str, int],
-) -> list[list[str]]:  # fmt: skip
-    """The parameters (value names) of each ZeRO-sharded gradient bucket, in the runtime's bucket order
-    (``shardwise.runtime.lib.gradients.make_buckets``): the trainable parameters whose gradient is summed
-    over "dp" (dp > 1), in reverse order, one open bucket per set of axes, closed at ``BUCKET_BYTES``
-    (fp32 gradients); a gradient of that size or more is a bucket of its own."""
-    if "dp" not in mesh.axis_names or mesh.axis_size("dp") < 2:
-        return []
-    out: list[list[str]] = []
+) -> list[tuple[list[str], int]]:  # fmt: skip
+    """The parameters (value names) of each ZeRO-sharded gradient bucket and the size of the group it is
+    sharded over, in the runtime's bucket order (``shardwise.runtime.lib.gradients.make_buckets``): the
+    trainable parameters whose gradient is summed over data-parallel axes of more than one rank
+    (``ir.placement.zero_group``: dp, and ep and cp where the mesh has them, sharded over together), in
+    reverse order, one open bucket per set of axes, closed at ``BUCKET_BYTES`` (fp32 gradients); a gradient of
+    that size or more is a bucket of its own."""
+    out: list[tuple[list[str], int]] = []
     open_buckets: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
     for p in reversed(graph.params):
         axes = tuple(a for a in reduce.get(p.key, ()) if a in mesh.axis_names and mesh.axis_size(a) > 1)
-        if not grad[p.name] or "dp" not in axes:
+        group = zero_group(mesh, axes)
+        if not grad[p.name] or not group:
             continue
-        key = tuple(a for a in axes if a != "dp") + ("dp",)
+        key = tuple(a for a in axes if a not in group) + group
+        n = mesh.group_size(group)
         nbytes = 4 * numel[p.name]
         if nbytes >= BUCKET_BYTES:
-            out.append([p.name])
+            out.append(([p.name], n))
             continue
         members, size = open_buckets.setdefault(key, ([], [0]))
         members.append(p.name)
         size[0] += nbytes
         if size[0] >= BUCKET_BYTES:
-            out.append(members)
+            out.append((members, n))
             del open_buckets[key]
-    out += [members for members, _ in open_buckets.values()]
+    out += [(members, mesh.group_size(zero_group(mesh, key))) for key, (members, _) in open_buckets.items()]
     return out
 
 

@@ -67,7 +67,7 @@ from shardwise.passes.sharding.ilp import (
 from shardwise.passes.sharding.redistribute import redistribute_steps, replicated
 from shardwise.passes.sharding.shrink import Structure, build_structure
 from shardwise.passes.sharding.strategy import context_attention_inputs, scalar_strategy
-from shardwise.passes.sharding.tail import StepTail, local_elements
+from shardwise.passes.sharding.tail import StepTail, local_elements, zero_shard
 
 __all__ = [
     "PlaceOptions", "ILPStats", "Placed", "Analysis", "place", "final_placements", "OUTPUT_NODE", "BACKWARD_OF",
@@ -248,7 +248,10 @@ def _param_choices(spec: TensorSpec, mesh: DeviceMesh, opts: PlaceOptions) -> li
     per_axis: list[list[object]] = []
     for size, axis in zip(mesh.shape, mesh.axis_names, strict=True):
         options: list[object] = [Replicate()]
-        if size > 1 and (axis == opts.tp_axis or (axis == opts.dp_axis and opts.zero >= 3)):
+        # ZeRO-3 splits a parameter over the data-parallel axes it is replicated on: dp, and cp (whose ranks hold
+        # the same weights: torchtitan's FSDP over dp x cp); the ep axis is the experts' (passes.sharding.experts)
+        zero_axis = axis in (opts.dp_axis, opts.cp_axis) and opts.zero >= 3
+        if size > 1 and (axis == opts.tp_axis or zero_axis):
             # uneven torch.chunk pieces on the tensor-parallel axis (a vocabulary of 50257 rows): the ops
             # reading the weight accept them only where exact (strategy.split_is_valid), else it is gathered
             options += [
@@ -332,21 +335,17 @@ def _requires_grad(graph: Graph) -> set[str]:
     return out
 
 
-def _param_memory(graph: Graph, opts: PlaceOptions, mesh: DeviceMesh) -> dict[str, float]:
-    """Bytes per parameter *element* on a device, by parameter name (weights, gradients, optimizer)."""
-    dp = mesh.axis_size(opts.dp_axis)
-    out: dict[str, float] = {}
-    for p in graph.params:
-        is_float = p.spec.dtype.startswith(_FLOAT)
-        if not is_float:
-            out[p.name] = p.spec.nbytes / max(p.spec.numel, 1)
-            continue
-        # ZeRO-3 shards the weights through their placement (Shard on dp): the per-element bytes stop at stage 2
-        out[p.name] = element_bytes(
-            train=opts.train, trainable=p.requires_grad and p.kind == "parameter", precision=opts.precision,
-            state=opts.optimizer_factor, zero=min(opts.zero, 2), dp=dp,
-        ).total  # fmt: skip
-    return out
+def _param_memory(p: Value, opts: PlaceOptions, shard: int) -> float:
+    """Bytes per element of parameter ``p`` on a device (weights, gradients, optimizer), its state sharded over
+    ``shard`` ranks by ZeRO (``tail.zero_shard``)."""
+    if not p.spec.dtype.startswith(_FLOAT):
+        return p.spec.nbytes / max(p.spec.numel, 1)
+    # ZeRO-3 shards the weights through their placement (Shard on a data axis): the per-element bytes stop at
+    # stage 2, over the data axes the placement keeps it whole on
+    return element_bytes(
+        train=opts.train, trainable=p.requires_grad and p.kind == "parameter", precision=opts.precision,
+        state=opts.optimizer_factor, zero=min(opts.zero, 2), dp=shard,
+    ).total  # fmt: skip
 
 
 class Analysis:
@@ -419,7 +418,12 @@ def place(
     trainable = {p.name for p in graph.params if p.name in grad and p.kind == "parameter"}
     tail = StepTail(cost, mesh, opts, [p.spec for p in graph.params if p.name in trainable])
     costs = _Costs(cost, mesh, opts, tail)
-    pmem = _param_memory(graph, opts, mesh)
+    pmem_cache: dict[tuple[str, int], float] = {}
+
+    def pmem(name: str, shard: int) -> float:
+        if (name, shard) not in pmem_cache:
+            pmem_cache[(name, shard)] = _param_memory(params[name], opts, shard)
+        return pmem_cache[(name, shard)]
     params = {p.name: p for p in graph.params}
     data_axes = (opts.dp_axis, opts.cp_axis, opts.ep_axis)
     free = [a for a in mesh.axis_names if a not in data_axes and mesh.axis_size(a) > 1]
@@ -501,13 +505,11 @@ def place(
                     for size, p in zip(mesh.shape, ch.outputs[0].placements, strict=True):
                         if isinstance(p, Shard):
                             local //= size
-                    m += local * pmem[member]
-                    state += local * pmem[member]
+                    shard = zero_shard(ch.outputs[0], mesh, opts.zero)
+                    m += local * pmem(member, shard)
+                    state += local * pmem(member, shard)
                     if member in trainable:
-                        dp_split = opts.dp_axis in mesh.axis_names and isinstance(
-                            ch.outputs[0].placements[mesh.axis_names.index(opts.dp_axis)], Shard
-                        )
-                        t += tail.optimizer_s(local_elements(spec, ch.outputs[0], mesh), dp_split)
+                        t += tail.optimizer_s(local_elements(spec, ch.outputs[0], mesh), shard)
             cost_row.append(t * count)
             mem_row.append(m * count)
             state_row.append(state * count)

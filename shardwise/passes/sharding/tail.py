@@ -19,14 +19,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shardwise.costs.prices import MeshPrices
-from shardwise.costs.step import BUCKET_BYTES, accumulate_s
-from shardwise.ir.placement import DeviceMesh, ShardingSpec
+from shardwise.costs.step import BUCKET_BYTES, accumulate_s, gradient_reductions
+from shardwise.ir.placement import DeviceMesh, Replicate, ShardingSpec, zero_group
 from shardwise.ir.tensor import TensorSpec
 
 if TYPE_CHECKING:
     from shardwise.passes.sharding.auto import PlaceOptions
 
-__all__ = ["StepTail", "local_elements"]
+__all__ = ["StepTail", "local_elements", "zero_shard"]
 
 
 def local_elements(spec: TensorSpec, placement: ShardingSpec, mesh: DeviceMesh) -> int:
@@ -35,6 +35,15 @@ def local_elements(spec: TensorSpec, placement: ShardingSpec, mesh: DeviceMesh) 
     for d in placement.local_shape(spec.shape, mesh):
         n *= d
     return n
+
+
+def zero_shard(placement: ShardingSpec, mesh: DeviceMesh, zero: int) -> int:
+    """How many ranks ZeRO >= 1 shards a parameter's optimizer state over under ``placement``: the data axes
+    (``zero_group``) it is kept whole over, whose gradients it sums (``costs.step.zero_shards``)."""
+    if zero < 1:
+        return 1
+    whole = [a for a, p in zip(mesh.axis_names, placement.placements, strict=True) if isinstance(p, Replicate)]
+    return mesh.group_size(zero_group(mesh, whole))
 
 
 class StepTail:
@@ -46,8 +55,8 @@ class StepTail:
         self.cost = cost
         self.mesh = mesh
         self.opts = opts
-        dp = mesh.axis_size(opts.dp_axis)
-        self.zero_dp = dp if opts.zero >= 1 and dp > 1 else 1
+        # the replicated model's state sharded over every data-parallel axis (its secant below)
+        self.zero_dp = mesh.group_size(zero_group(mesh, None)) if opts.zero >= 1 else 1
         elements = float(sum(s.numel for s in trainable)) / self.zero_dp
         eff = prices.cluster.efficiency
 
@@ -66,27 +75,24 @@ class StepTail:
         self.copy_byte_s = compute.byte_s(bucket) / bucket if bucket else 0.0
         self.copy_launch_s = compute.with_overhead(0.0, 1)
 
-    def optimizer_s(self, local_elements: int, sharded_over_dp: bool = False) -> float:
-        """The optimizer step's share of one parameter of ``local_elements`` elements on this device (ZeRO shards
-        the state of a parameter kept whole over dp; a dp-sharded one's local elements are its piece already)."""
-        return self.optimizer_element_s * local_elements / (1 if sharded_over_dp else self.zero_dp)
-
-    def _kind(self, axis: str) -> str:
-        dp = self.mesh.axis_size(self.opts.dp_axis)
-        return "reduce_scatter" if axis == self.opts.dp_axis and self.opts.zero >= 1 and dp > 1 else "allreduce"
+    def optimizer_s(self, local_elements: int, shard: int = 1) -> float:
+        """The optimizer step's share of one parameter of ``local_elements`` elements on this device, its state
+        sharded over ``shard`` ranks by ZeRO (``zero_shard``)."""
+        return self.optimizer_element_s * local_elements / max(shard, 1)
 
     def bucket_latency_s(self, axes: tuple[str, ...]) -> float:
         """One bucket over ``axes``: its collectives' latency (a 1-byte collective) and the launch of its copy
         in; paid once per bucket (the ILP's charge) and shared per byte when the gradients fill several."""
-        return sum(self.cost.collective_s(self._kind(a), 1, a) for a in axes) + self.copy_launch_s
+        steps = gradient_reductions(self.mesh, axes, self.opts.zero)
+        return sum(self.cost.collective_s(kind, 1, a) for a, kind in steps) + self.copy_launch_s
 
     def bucketed_s(self, local_elements: int, axes: tuple[str, ...]) -> float:
         """One parameter's gradient in the bucketed reduction over ``axes`` (float32 gradients): bandwidth of its
         bytes, a bucket's latency per ``BUCKET_BYTES``, its copy into and out of the bucket."""
         nbytes = 4.0 * local_elements
         t = sum(
-            self.cost.collective_s(self._kind(a), nbytes, a) - self.cost.collective_s(self._kind(a), 1, a)
-            for a in axes
+            self.cost.collective_s(kind, nbytes, a) - self.cost.collective_s(kind, 1, a)
+            for a, kind in gradient_reductions(self.mesh, axes, self.opts.zero)
         )
         t += self.bucket_latency_s(axes) * nbytes / BUCKET_BYTES
         return t + self.copy_byte_s * 2 * nbytes + self.copy_launch_s

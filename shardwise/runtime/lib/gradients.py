@@ -14,10 +14,14 @@ own. A bucket starts reducing (asynchronously, over its first axis) when its las
 did not all arrive (unused parameters). Every rank of a group runs the same program, so buckets start in
 the same order everywhere.
 
-ZeRO (``shard_axis``): a bucket whose axes include the shard axis (the data-parallel axis) is *sharded*:
-its flat buffer is padded to a multiple of that axis's size ``n`` and rank ``i`` of the axis owns slice
-``i`` of it; the owned slices of every sharded bucket, in bucket order, make this rank's shard (what its
-``ShardedOptimizer`` steps). The shard axis is reduced last:
+ZeRO (``shard_axis``): a bucket whose axes include the shard axes (the data-parallel axes: ``dp``, and
+``cp`` and ``ep`` where the mesh has them, every rank of which holds the same weights) is *sharded* over
+those of them it is reduced over, as one combined group where the mesh made it (``Mesh(combined=...)``;
+expert weights reduced over ``dp`` only are sharded over ``dp``, the dense ones over ``dp x ep``): its flat
+buffer is padded to a multiple of that group's size ``n`` and rank ``i`` of the group owns slice ``i`` of it;
+the owned slices of every sharded bucket, in bucket order, make this rank's shard (what its
+``ShardedOptimizer`` steps). Axes reduced together are one collective over their combined group (one
+all-reduce over ``dp x cp`` rather than one per axis). The shard axis is reduced last:
 
 * ``scatter="deferred"`` (ZeRO-1): the backward reduces sharded buckets over their other axes only; the
   full gradients stay in ``p.grad`` until ``scatter_deferred()`` (at the optimizer step) reduce-scatters
@@ -45,7 +49,7 @@ import torch.distributed as dist
 from . import comm
 from .mesh import Mesh
 
-__all__ = ["BUCKET_BYTES", "Bucket", "GradientReducer", "make_buckets"]
+__all__ = ["BUCKET_BYTES", "Bucket", "GradientReducer", "make_buckets", "reduction_axes"]
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -53,13 +57,12 @@ BUCKET_BYTES = 25 * 2**20
 class Bucket:
     """Parameters whose gradients are reduced together (same axes), in the order they are flattened.
 
-    ``axes``: the mesh axes summed over, the shard axis last when the bucket is sharded; ``numel``: the
+    ``axes``: the reductions, one per mesh axis or combined axes (``reduction_axes``), the shard axis last
+    when the bucket is sharded; ``shard_axis``: the axis (or combined axes) ZeRO shards it over; ``numel``: the
     elements of its gradients; ``padded``: ``numel`` rounded up to a multiple of the shard axis's size;
     ``offset``: where this rank's slice of the bucket starts in its shard (sharded buckets)."""
 
-    def __init__(
-        self, params: list[torch.Tensor], axes: tuple[str, ...], shard_axis: str | None, n: int
-    ) -> None:
+    def __init__(self, params: list[torch.Tensor], axes: tuple, shard_axis, n: int) -> None:
         self.params = params
         self.axes = axes
         self.shard_axis = shard_axis
@@ -83,37 +86,68 @@ class Bucket:
         return torch.cat([t.to(self.dtype) for t in parts]) if self.shard_axis else torch.cat(parts)
 
 
+def _names(key) -> tuple[str, ...]:
+    """The axis names of a mesh axis or of combined axes."""
+    return (key,) if isinstance(key, str) else tuple(key)
+
+
+def reduction_axes(axes, mesh: Mesh, zero=(), combine=None) -> tuple[tuple, object]:
+    """(the reductions a gradient over ``axes`` runs, in order; the one ZeRO shards over, or None): each an axis
+    or combined axes (``mesh.Mesh``). The axes among ``combine`` (default: the ZeRO axes ``zero``) are one
+    reduction over their combined group where the mesh made it (``Mesh(combined=...)``), else one per axis.
+    The ZeRO reduction is the combined one when it has only ZeRO axes, else the first ZeRO axis (in ``zero``'s
+    order) among ``axes``; it comes last. Axes of one rank are dropped."""
+    zero = _names(zero) if zero else ()
+    together = zero if combine is None else (_names(combine) if combine else ())
+    axes = tuple(a for a in axes if mesh.size(a) > 1)
+    data = tuple(a for a in mesh.axes if a in axes and a in together)
+    rest = tuple(a for a in axes if a not in data)
+    keys: list = list(rest) + ([data] if len(data) > 1 and mesh.has_group(data) else list(data))
+    shard = next((k for k in keys if not isinstance(k, str) and all(a in zero for a in k)), None)
+    if shard is None:
+        shard = next((a for a in zero if a in keys), None)
+    if shard is not None:
+        keys.remove(shard)
+        keys.append(shard)
+    return tuple(keys), shard
+
+
 def make_buckets(
-    params, mesh: Mesh, bucket_bytes: int = BUCKET_BYTES, shard_axis: str | None = None, whole=()
+    params, mesh: Mesh, bucket_bytes: int = BUCKET_BYTES, shard_axis=None, whole=(), combine=None
 ) -> list[Bucket]:
     """Buckets of ``params`` ((parameter, axes) pairs) as the module docstring describes. Axes of one rank
-    are dropped; parameters with no axis left or no gradient get no bucket. ``shard_axis``: the ZeRO axis
-    (None: no bucket is sharded); parameters in ``whole`` are never sharded (tied weights of pipelines,
-    whose copies are summed after the reduction)."""
+    are dropped; parameters with no axis left or no gradient get no bucket. ``shard_axis``: the ZeRO axis, or
+    the ZeRO axes (a tuple: the data-parallel axes, sharded over together where the mesh has their combined
+    group; None: no bucket is sharded); parameters in ``whole`` are never sharded (tied weights of pipelines,
+    whose copies are summed after the reduction); ``combine``: the axes reduced as one group where the mesh
+    has it (default: the ZeRO axes; see ``reduction_axes``)."""
     keep_whole = {id(p) for p in whole}
-    n = mesh.size(shard_axis) if shard_axis is not None else 1
+    zero = _names(shard_axis) if shard_axis else ()
     buckets: list[Bucket] = []
     open_buckets: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
     for p, axes in reversed(list(params)):
-        axes = tuple(a for a in axes if mesh.size(a) > 1)
-        if not axes or not p.requires_grad:
+        if not p.requires_grad:
             continue
-        sharded = n > 1 and shard_axis in axes and id(p) not in keep_whole
-        if sharded:
-            axes = tuple(a for a in axes if a != shard_axis) + (shard_axis,)
-        key = (axes, sharded)
+        together = zero if combine is None else combine
+        axes, shard = reduction_axes(axes, mesh, () if id(p) in keep_whole else zero, together)
+        if not axes:
+            continue
+        n = mesh.size(shard) if shard is not None else 1
+        if n == 1:
+            shard = None
+        key = (axes, shard)
         nbytes = p.numel() * p.element_size()
         if nbytes >= bucket_bytes:  # a large gradient is a bucket of its own
-            buckets.append(Bucket([p], axes, shard_axis if sharded else None, n if sharded else 1))
+            buckets.append(Bucket([p], axes, shard, n))
             continue
         members, size = open_buckets.setdefault(key, ([], [0]))
         members.append(p)
         size[0] += nbytes
         if size[0] >= bucket_bytes:
-            buckets.append(Bucket(members, axes, shard_axis if sharded else None, n if sharded else 1))
+            buckets.append(Bucket(members, axes, shard, n))
             del open_buckets[key]
-    for (axes, sharded), (members, _) in open_buckets.items():
-        buckets.append(Bucket(members, axes, shard_axis if sharded else None, n if sharded else 1))
+    for (axes, shard), (members, _) in open_buckets.items():
+        buckets.append(Bucket(members, axes, shard, mesh.size(shard) if shard is not None else 1))
     offset = 0
     for b in buckets:
         if b.shard_axis is not None:

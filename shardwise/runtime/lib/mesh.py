@@ -5,6 +5,12 @@ each rank in order, the remainder to the last ones (planned only where every pie
 axis (context parallelism's, for causal load balance) a dimension is cut into ``2n`` equal chunks and rank ``i``
 holds chunks ``i`` and ``2n - 1 - i`` (planned only where ``2n`` divides the dimension): every split and join
 along that axis (``pieces``, ``join``) keeps to it, so each rank's rows of a causal attention cost the same.
+
+An *axis* argument is one axis name, or a tuple of names in mesh order for the axes *combined*: the ranks that
+differ only along those axes, numbered row-major over them (rank ``i`` of ``("dp", "cp")`` with ``cp`` = 2 is
+``dp`` index ``i // 2``, ``cp`` index ``i % 2``), one process group over all of them (ZeRO over ``dp x cp``:
+one reduce-scatter over the combined group rather than one per axis). The mesh makes the groups of the
+combinations it is given (``combined``), every rank the same, when it is made.
 """
 
 from __future__ import annotations
@@ -24,47 +30,73 @@ def _coordinate(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class Mesh:
-    """This rank's view of the device mesh: one process group per mesh axis it belongs to.
+    """This rank's view of the device mesh: one process group per mesh axis it belongs to, and one per
+    combination of axes in ``combined`` (tuples of axis names in mesh order; see the module docstring).
 
     ``ranks`` lists the global ranks of the mesh in row-major order of ``shape``. Every rank creates every
-    group of every axis, in the same order (torch.distributed requires it); a rank keeps the groups it is in.
-    Without an initialised process group (or with one rank) the groups are ``None`` and nothing communicates.
+    group of every axis (then of every combination), in the same order (torch.distributed requires it); a rank
+    keeps the groups it is in. Without an initialised process group (or with one rank) the groups are ``None``
+    and nothing communicates.
     """
 
     def __init__(
         self, rank: int, shape: tuple[int, ...], axes: tuple[str, ...], ranks: tuple[int, ...],
-        paired: tuple[str, ...] = (),
+        paired: tuple[str, ...] = (), combined: tuple[tuple[str, ...], ...] = (),
     ) -> None:  # fmt: skip
         self.rank = rank
         self.paired = tuple(paired)
         self.shape = tuple(shape)
         self.axes = tuple(axes)
-        self.groups: dict[str, object] = {}
-        self.group_ranks: dict[str, tuple[int, ...]] = {}
+        self.groups: dict[str | tuple[str, ...], object] = {}
+        self.group_ranks: dict[str | tuple[str, ...], tuple[int, ...]] = {}
         distributed = dist.is_available() and dist.is_initialized() and len(ranks) > 1
         self.coord = _coordinate(ranks.index(rank), self.shape)
-        for a, axis in enumerate(self.axes):
+        keys: list[str | tuple[str, ...]] = list(self.axes)
+        for combo in combined:
+            combo = tuple(combo)
+            if any(a not in self.axes for a in combo) or list(combo) != sorted(combo, key=self.axes.index):
+                raise ValueError(f"combined axes {combo} are not axes of {self.axes} in mesh order")
+            keys.append(combo)
+        for key in keys:
+            along = [self.axes.index(a) for a in ((key,) if isinstance(key, str) else key)]
             members_of: dict[tuple[int, ...], list[int]] = {}
             for r in ranks:
                 c = _coordinate(ranks.index(r), self.shape)
-                members_of.setdefault(c[:a] + c[a + 1 :], []).append(r)
-            for key in sorted(members_of):
-                members = tuple(members_of[key])
-                group = dist.new_group(list(members)) if distributed and self.shape[a] > 1 else None
+                members_of.setdefault(tuple(x for i, x in enumerate(c) if i not in along), []).append(r)
+            for line in sorted(members_of):
+                members = tuple(members_of[line])
+                group = dist.new_group(list(members)) if distributed and len(members) > 1 else None
                 if rank in members:
-                    self.groups[axis] = group
-                    self.group_ranks[axis] = members
+                    self.groups[key] = group
+                    self.group_ranks[key] = members
 
-    def size(self, axis: str) -> int:
-        """How many ranks the axis has (1 for an axis the mesh does not have)."""
+    def size(self, axis: str | tuple[str, ...]) -> int:
+        """How many ranks the axis (or the combined axes) has (1 for an axis the mesh does not have)."""
+        if not isinstance(axis, str):
+            n = 1
+            for a in axis:
+                n *= self.size(a)
+            return n
         return self.shape[self.axes.index(axis)] if axis in self.axes else 1
 
-    def index(self, axis: str) -> int:
-        """This rank's position along the axis."""
+    def index(self, axis: str | tuple[str, ...]) -> int:
+        """This rank's position along the axis (combined axes: row-major over them)."""
+        if not isinstance(axis, str):
+            i = 0
+            for a in axis:
+                i = i * self.size(a) + self.index(a)
+            return i
         return self.coord[self.axes.index(axis)] if axis in self.axes else 0
 
-    def group(self, axis: str) -> object:
-        """The process group of this rank's line along the axis (None when it has one rank)."""
+    def has_group(self, axis: str | tuple[str, ...]) -> bool:
+        """Whether the mesh made the group of ``axis`` (every single axis; the combinations it was given)."""
+        return axis in self.group_ranks
+
+    def group(self, axis: str | tuple[str, ...]) -> object:
+        """The process group of this rank's line along the axis or the combined axes (None when it has one
+        rank)."""
+        if not isinstance(axis, str) and axis not in self.group_ranks:
+            raise KeyError(f"the mesh made no group of the combined axes {axis}: pass them as combined=")
         return self.groups.get(axis)
 
 

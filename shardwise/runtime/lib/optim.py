@@ -23,23 +23,24 @@ def _wait_for_copies(device: torch.device) -> None:
 
 
 class ShardedOptimizer:
-    """ZeRO: the optimizer state of the parameters of the sharded ``buckets`` split over mesh axis ``axis``.
+    """ZeRO: the optimizer state of the parameters of the sharded ``buckets``, each split over its own shard
+    axis (``Bucket.shard_axis``: a mesh axis, or combined axes such as ``("dp", "cp")``).
 
     This rank owns one slice of every sharded bucket (``gradients.Bucket``: the bucket's parameters
-    flattened in order, padded to a multiple of the axis size); its shard is those slices in bucket order,
+    flattened in order, padded to a multiple of its group's size); its shard is those slices in bucket order,
     kept as one fp32 (fp64 if a parameter is) master copy that the wrapped optimizer steps.
     ``step(grad_shard)`` steps it with the reduced gradient of the shard, then all-gathers the updated
     slices bucket by bucket back into the parameters. ``host=True`` (ZeRO-Offload): the master copy and the
     optimizer's state live in host memory.
     """
 
-    def __init__(self, buckets: list[Bucket], factory, mesh: Mesh, axis: str, host: bool = False) -> None:
-        self.buckets = [b for b in buckets if b.shard_axis == axis]
+    def __init__(self, buckets: list[Bucket], factory, mesh: Mesh, host: bool = False) -> None:
+        self.buckets = [b for b in buckets if b.shard_axis is not None]
         self.params = [p for b in self.buckets for p in b.params]
-        self.mesh, self.axis = mesh, axis
-        i = mesh.index(axis)
+        self.mesh = mesh
         slices = []
         for b in self.buckets:
+            i = mesh.index(b.shard_axis)
             flat = b.flat([p.detach() for p in b.params])
             slices.append(flat[i * b.slice : (i + 1) * b.slice])
         device = self.params[0].device
@@ -56,7 +57,7 @@ class ShardedOptimizer:
         device = self.params[0].device
         for b in self.buckets:
             mine = self.master.detach()[b.offset : b.offset + b.slice].to(device, non_blocking=True)
-            full = comm.gather(mine, 0, self.mesh, self.axis)
+            full = comm.gather(mine, 0, self.mesh, b.shard_axis)
             offset = 0
             for p in b.params:
                 p.copy_(full[offset : offset + p.numel()].view_as(p))

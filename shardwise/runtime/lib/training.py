@@ -5,8 +5,9 @@ over, and:
 
 * a ``GradientReducer`` over their buckets (``gradients``: the gradients are summed while the backward
   runs);
-* ZeRO over ``zero_axis`` (the data-parallel axis) by stage: 0 none; 1 the optimizer state (and fp32 master
-  copy) of the parameters reduced over that axis is sharded (``ShardedOptimizer``), their gradients are
+* ZeRO over ``zero_axis`` (the data-parallel axis, or a tuple of them: ``("dp", "cp")``, sharded over as one
+  group where the mesh made it, ``gradients``) by stage: 0 none; 1 the optimizer state (and fp32 master
+  copy) of the parameters reduced over those axes is sharded (``ShardedOptimizer``), their gradients are
   reduce-scattered at the optimizer step; 2 (and 3, whose sharded parameters the program itself gathers)
   also the gradients: each bucket is reduce-scattered as soon as the backward has made it and only this
   rank's slice is kept;
@@ -41,7 +42,7 @@ class Trainer:
         factory,
         *,
         zero_stage: int = 0,
-        zero_axis: str = "dp",
+        zero_axis: str | tuple[str, ...] = "dp",
         host: bool = False,
         loss_scale: LossScale | None = None,
         whole=(),
@@ -53,10 +54,11 @@ class Trainer:
         self.zero_stage = zero_stage
         self.loss_scale = loss_scale
         shard_axis = zero_axis if zero_stage >= 1 and mesh.size(zero_axis) > 1 else None
-        self.buckets = make_buckets(params, mesh, bucket_bytes, shard_axis, whole)
+        # the data-parallel axes are reduced as one group where the mesh has it, with or without ZeRO
+        self.buckets = make_buckets(params, mesh, bucket_bytes, shard_axis, whole, combine=zero_axis)
         self.reducer = GradientReducer(self.buckets, mesh, scatter="now" if zero_stage >= 2 else "deferred")
         sharded = [b for b in self.buckets if b.shard_axis is not None]
-        self.sharded = ShardedOptimizer(sharded, factory, mesh, zero_axis, host=host) if sharded else None
+        self.sharded = ShardedOptimizer(sharded, factory, mesh, host=host) if sharded else None
         self._sharded_ids = {id(p) for b in sharded for p in b.params}
         rest = [p for p in self.params if id(p) not in self._sharded_ids]
         self._reduced = False

@@ -123,3 +123,27 @@ def _eager_losses(_copy, optimizer: str) -> list[float]:
         opt.zero_grad()
         out.append(loss.item())
     return out
+
+
+def test_data_parallel_axes_are_reduced_and_sharded_as_one_group():
+    # dp x cp (context parallelism) and dp/ep x ep (expert parallelism below dp): the ranks of the data axes
+    # hold the same weights, so a gradient summed over several of them is one reduction over their combined
+    # group, and ZeRO shards it over all of them; an expert's gradient (over the dp/ep replicas only) over those
+    mesh = Mesh(0, (2, 2, 2), ("dp", "cp", "tp"), tuple(range(8)), combined=(("dp", "cp"),))
+    assert mesh.size(("dp", "cp")) == 4 and mesh.group_ranks[("dp", "cp")] == (0, 2, 4, 6)
+    assert Mesh(6, (2, 2, 2), ("dp", "cp", "tp"), tuple(range(8)), combined=(("dp", "cp"),)).index(("dp", "cp")) == 3
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 6)]
+    buckets = make_buckets([(params[0], ("dp", "cp")), (params[1], ("tp", "cp", "dp"))], mesh, 1 << 20, ("dp", "cp"))
+    assert [(b.axes, b.shard_axis, b.padded, b.slice) for b in buckets] == [  # reverse order
+        (("tp", ("dp", "cp")), ("dp", "cp"), 8, 2),
+        ((("dp", "cp"),), ("dp", "cp"), 12, 3),
+    ]
+    unsharded = make_buckets([(params[0], ("dp", "cp"))], mesh, 1 << 20, None, combine=("dp", "cp"))
+    assert [(b.axes, b.shard_axis) for b in unsharded] == [((("dp", "cp"),), None)]  # one all-reduce, no shard
+    alone = Mesh(0, (2, 2, 2), ("dp", "cp", "tp"), tuple(range(8)))  # no combined group: one axis after the other
+    assert [(b.axes, b.shard_axis) for b in make_buckets([(params[0], ("dp", "cp"))], alone, 1 << 20, "dp")] == [
+        (("cp", "dp"), "dp")
+    ]
+    experts = Mesh(0, (2, 2, 1), ("dp", "ep", "tp"), tuple(range(4)), combined=(("dp", "ep"),))
+    got = make_buckets([(params[0], ("dp", "ep")), (params[1], ("dp",))], experts, 1 << 20, ("dp", "ep"))
+    assert [(b.shard_axis, b.slice) for b in got] == [("dp", 3), (("dp", "ep"), 3)]
