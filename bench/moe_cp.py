@@ -19,9 +19,10 @@ see that file's docstring):
   attention at 32K tokens and more).
 - *Parallelism*: FSDP over the FSDP degree = ``dp=F, zero=3``; ``cp=C`` with ring attention (torchtitan runs
   PyTorch's experimental ``context_parallel``: ring attention passing key/value shards,
-  ``cp_attention="ring"``). Differences we cannot express (they make our rows optimistic or pessimistic, said
-  per row): torchtitan shards parameters over ``dp x cp`` (``dp_shard_cp``), shardwise's ZeRO over ``dp`` only
-  (so FSDP 1 / CP 8 holds unsharded weights and optimizer state and skips FSDP's gathers).
+  ``cp_attention="ring"``). torchtitan's FSDP shards the parameters over ``dp x cp`` (its ``dp_shard_cp``
+  mesh); shardwise's ZeRO does too since ZeRO over dp x cp landed (issue 17: the optimizer state and gradients
+  over the one dp x cp group, the weights split over dp and cp where the placement ILP finds it pays), so
+  FSDP 1 / CP 8 is ``zero=3`` as well. (The first runs, in the JSON's history, sharded over ``dp`` only.)
 - *Full activation checkpointing*: every TransformerBlock is recomputed whole in the backward (its input
   saved): ``plan.recompute`` ranges covering each block.
 - *torch.compile*: per block, Inductor's kernels as ``bench/torchtitan_h100.py`` models them
@@ -94,6 +95,31 @@ def full_ranges(graph: Any) -> tuple[tuple[str, str], ...]:
     return tuple((first[k], last[k]) for k in sorted(first))
 
 
+def breakdown(plan: Any, step: Any) -> dict[str, float]:
+    """The predicted step by part (seconds on one rank, summing to the step): the compute of matmuls, of
+    attention and of the other ops, in the forward, the recomputation (full checkpointing) and the backward;
+    communication: the ring's key/value exchange (attention ops' own), FSDP's parameter gathers and their
+    gradients' reduce-scatters (the redistributions of the ops reading the weights), the other ops'
+    redistributions, the bucketed gradient reduction and the optimizer."""
+    from shardwise.costs.compute import cost_class
+
+    kind = {n.name: cost_class(n.op) for n in plan.graph.nodes}
+    out: dict[str, float] = {}
+    for e in step.events:
+        cls = kind.get(e.node, "")
+        if e.kind == "compute":
+            what = {"gemm": "matmuls", "attention": "attention"}.get(cls, "other ops") if e.node else e.label
+            key = f"{e.phase}: {what}" if e.phase in ("forward", "backward", "recompute") else f"{e.phase}: {e.label}"
+        elif cls == "attention":
+            key = f"{e.phase}: ring exchange (not hidden)"
+        elif cls == "gemm":
+            key = f"{e.phase}: weights gathered / gradients reduce-scattered (FSDP)"
+        else:
+            key = f"{e.phase}: {'other redistributions' if e.node else e.label}"
+        out[key] = out.get(key, 0.0) + e.seconds
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def cp_row(fsdp: int, cp: int, seq: int, published: float, layers: int | None) -> dict[str, Any]:
     from torchtitan_h100 import inductor_groups
 
@@ -108,7 +134,7 @@ def cp_row(fsdp: int, cp: int, seq: int, published: float, layers: int | None) -
     model, ids = _llama(fsdp, seq, layers)
     t0 = time.perf_counter()
     graph, _ = trace(model, (ids,), example_kwargs={"labels": ids}, loss_fn=lambda out: out.loss)
-    constraints: dict[str, object] = {"dp": fsdp, "tp": 1, "zero": 3 if fsdp > 1 else 0}
+    constraints: dict[str, object] = {"dp": fsdp, "tp": 1, "zero": 3}  # FSDP over dp x cp (dp_shard_cp)
     if cp > 1:
         constraints |= {"cp": cp, "cp_attention": "ring"}
     row: dict[str, Any] = {"row": f"FSDP {fsdp}, CP {cp}, seq {seq}", "fsdp": fsdp, "cp": cp, "seq": seq,
@@ -123,6 +149,8 @@ def cp_row(fsdp: int, cp: int, seq: int, published: float, layers: int | None) -
     compiled = plan.replace(fused_groups=inductor_groups(plan))
     step = price_flat(compiled, price_list(cluster, "fp8"), fused_backward=True)
     tps = fsdp * seq / step.step_s / GPUS
+    row["breakdown_s"] = breakdown(compiled, step)
+    row["notes"] = [n for n in plan.notes if n.startswith(("ZeRO", "context parallelism: the sequence"))]
     ways = sorted({st.split for st in plan.strategies if any("@" in label for _, label in st.split)})
     row |= {
         "predicted_step_s": step.step_s, "predicted_tokens_per_s_per_gpu": tps, "error": tps / published - 1,
@@ -169,6 +197,17 @@ def deepseek(precision: str) -> dict[str, Any]:
     return out
 
 
+def _earlier_runs(previous: dict[str, Any] | None, note: str) -> list[dict[str, Any]]:
+    """The earlier runs' rows (published, predicted, error) kept beside a new run, the newest last."""
+    if not previous:
+        return []
+    earlier = list(previous.get("earlier_runs", []))
+    earlier += [v for k, v in previous.items() if k.startswith("first_run")]
+    keep = ("row", "predicted_tokens_per_s_per_gpu", "error", "predicted_memory_gib", "zero")
+    earlier.append({"note": note, "rows": [{k: r[k] for k in keep if k in r} for r in previous.get("rows", [])]})
+    return earlier
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=None, help="Llama layers (default: all 32; for a quick run)")
@@ -176,8 +215,13 @@ def main() -> None:
     parser.add_argument("--skip-deepseek", action="store_true")
     parser.add_argument("--precisions", nargs="*", default=["bf16", "fp8"], help="DeepSeek-V3's planning runs")
     parser.add_argument("--output", default=str(RESULTS / "moe_cp.json"))
+    parser.add_argument("--previous-note", default="the previous run",
+                        help="what the previous run's rows (kept in the JSON's earlier_runs) were made with")
     args = parser.parse_args()
-    result: dict[str, Any] = {
+    output = Path(args.output)
+    # a part skipped keeps its results of the previous run
+    result: dict[str, Any] = json.loads(output.read_text()) if output.exists() else {}
+    result |= {
         "benchmark": "context parallelism (torchtitan Table 2) and DeepSeek-V3's layout; ours are predicted",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }  # fmt: skip
@@ -191,9 +235,16 @@ def main() -> None:
                 print(f"{row['row']:>28} {published:>9,.0f} {row['predicted_tokens_per_s_per_gpu']:>9,.0f} "
                       f"{row['error']:>+7.1%}   step {row['predicted_step_s']:.3f} s, "
                       f"{row['predicted_memory_gib']:.1f} GiB, planned in {row['planning_s']:.1f} s", flush=True)  # fmt: skip
+                for note in row["notes"]:
+                    print(f"{'':>30}{note[:150]}")
+                for part, seconds in row["breakdown_s"].items():
+                    if seconds >= 0.005 * row["predicted_step_s"]:
+                        print(f"{'':>30}{seconds:8.3f} s  {part}")
             else:
                 print(f"{row['row']:>28} {published:>9,.0f} {'-':>9} {'-':>7}   {row['error_message']}", flush=True)
-        result["torchtitan_cp"] = {"layers": args.layers or 32, "rows": rows}
+        earlier = _earlier_runs(result.get("torchtitan_cp"), args.previous_note)
+        result["torchtitan_cp"] = {"layers": args.layers or 32, "rows": rows, "load_after": os.getloadavg(),
+                                   "earlier_runs": earlier}  # fmt: skip
     if not args.skip_deepseek:
         result["deepseek_v3"] = {}
         for precision in args.precisions:
@@ -204,7 +255,6 @@ def main() -> None:
                 what = (f"{r['layout']}: predicted step {r['predicted_step_s']:.2f} s, {r['predicted_memory_gib']:.1f} GiB"
                         if "layout" in r else r["error_message"][:300])  # fmt: skip
                 print(f"DeepSeek-V3 {precision} {name}: {what} (planned in {r['planning_s']:.1f} s)", flush=True)
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {output}")

@@ -39,10 +39,17 @@ def local_elements(spec: TensorSpec, placement: ShardingSpec, mesh: DeviceMesh) 
 
 def zero_shard(placement: ShardingSpec, mesh: DeviceMesh, zero: int) -> int:
     """How many ranks ZeRO >= 1 shards a parameter's optimizer state over under ``placement``: the data axes
-    (``zero_group``) it is kept whole over, whose gradients it sums (``costs.step.zero_shards``)."""
+    (``zero_group``) when it is kept whole over all of them (its gradient is summed over them in a bucket that
+    ZeRO shards: ``costs.step.zero_shards``); 1 when ZeRO-3 splits it over one of them (its gather's backward
+    reduce-scatters the gradient over that axis and all-reduces it over the others where it is read, so no
+    bucket holds it)."""
     if zero < 1:
         return 1
     whole = [a for a, p in zip(mesh.axis_names, placement.placements, strict=True) if isinstance(p, Replicate)]
+    data = zero_group(mesh, None)
+    if any(a in data and a not in whole and a != "ep" for a in mesh.axis_names):
+        return 1
+    # (the experts' axis splits experts by expert: their gradients are summed over the other data axes)
     return mesh.group_size(zero_group(mesh, whole))
 
 

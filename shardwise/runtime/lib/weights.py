@@ -77,6 +77,12 @@ def load_weights(program, path: str, tensors, aliases, parts) -> None:
             local = getattr(program, attr)
             if not placements and part is None:
                 piece = f.get_tensor(name)
+            elif any(axis in program.mesh.paired for axis, _ in placements):
+                # chunk pairs (a weight ZeRO-3 splits over the context-parallel axis): two slices, read whole
+                full = f.get_tensor(name)
+                if part is not None:
+                    full = full.narrow(part[0], part[1], part[2] - part[1])
+                piece = local_piece(full, placements, program.mesh)
             else:
                 source = f.get_slice(name)
                 piece = source[piece_index(source.get_shape(), placements, program.mesh, part)]

@@ -164,3 +164,24 @@ def test_online_assignment_of_large_stages_is_valid():
         a = online_assignment(bufs)
         verify_assignment(bufs, a)
         assert a.lower_bound_bytes == lower_bound(bufs) and a.method == "online-best-fit"
+
+
+def test_zero_over_dp_and_cp_keeps_a_quarter_of_the_state():
+    # dp2 x cp2: every rank holds the same weights, so ZeRO shards the fp32 master and AdamW's moments over the
+    # four of them (one group, as the runtime's buckets do: runtime.lib.gradients), not over dp's two
+    pytest.importorskip("transformers")
+    from shardwise.zoo.hf import tiny_causal_lm
+
+    model, inputs = tiny_causal_lm("llama", seq=256)
+    graph = trace(model, inputs, loss_fn=lambda out: out.logits.float().sin().mean())[0]
+    plan = plan_auto(
+        graph, get_cluster("cpu:4"), mode="train",
+        constraints={"dp": 2, "cp": 2, "tp": 1, "zero": 1, "cp_attention": "allgather", "recompute": "none"},
+    )  # fmt: skip
+    assert all(set(axes) == {"dp", "cp"} for _, axes in plan.param_grad_reduce)
+    trainable = sum(p.spec.numel for p in graph.params if p.requires_grad and p.kind == "parameter")
+    buffers = {b.id: b.size for b in step_buffers(plan.graph, plan.mesh, plan.strategies, **plan_memory_inputs(plan))}
+    master = buffers["opt:zero-master"]
+    assert 4 * trainable / 4 <= master <= 4 * (trainable / 4 + 64) + ALIGN
+    assert buffers["opt:zero-state"] == 2 * master
+    assert not any(name.startswith("opt:") and "zero" not in name for name in buffers)
