@@ -63,6 +63,8 @@ sys.path.insert(0, str(ROOT))
 GPUS = 8
 # (FSDP degree, CP degree, sequence length) -> published tokens/s/GPU: torchtitan Table 2
 CP_ROWS = {(8, 1, 32768): 3890.0, (4, 2, 65536): 2540.0, (2, 4, 131072): 1071.0, (1, 8, 262144): 548.0}
+# the same rows' published peak memory (GiB per GPU), torchtitan's Table 2
+CP_MEMORY_GIB = {(8, 1, 32768): 83.9, (4, 2, 65536): 84.2, (2, 4, 131072): 84.0, (1, 8, 262144): 84.5}
 DEEPSEEK_CLUSTER = ROOT / "clusters" / "h800-deepseek.yaml"
 DEEPSEEK_PUBLISHED = {"pp": 16, "dp": 128, "ep": 64, "zero": 1}
 
@@ -134,7 +136,8 @@ def cp_row(fsdp: int, cp: int, seq: int, published: float, layers: int | None) -
     model, ids = _llama(fsdp, seq, layers)
     t0 = time.perf_counter()
     graph, _ = trace(model, (ids,), example_kwargs={"labels": ids}, loss_fn=lambda out: out.loss)
-    constraints: dict[str, object] = {"dp": fsdp, "tp": 1, "zero": 3}  # FSDP over dp x cp (dp_shard_cp)
+    # FSDP over dp x cp (dp_shard_cp); full checkpointing pinned so that the memory map is the one it runs with
+    constraints: dict[str, object] = {"dp": fsdp, "tp": 1, "zero": 3, "recompute": "full"}
     if cp > 1:
         constraints |= {"cp": cp, "cp_attention": "ring"}
     row: dict[str, Any] = {"row": f"FSDP {fsdp}, CP {cp}, seq {seq}", "fsdp": fsdp, "cp": cp, "seq": seq,
@@ -226,15 +229,18 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }  # fmt: skip
     if not args.skip_cp:
-        print(f"{'row':>28} {'published':>9} {'predicted':>9} {'error':>7}   (tokens/s/GPU; predicted by shardwise)")
+        print(f"{'row':>28} {'published':>9} {'predicted':>9} {'error':>7}   (tokens/s/GPU; predicted by shardwise; "
+              "memory: predicted GiB / published GiB)")
         rows = []
         for (fsdp, cp, seq), published in CP_ROWS.items():
             row = cp_row(fsdp, cp, seq, published, args.layers)
+            row["published_memory_gib"] = CP_MEMORY_GIB[(fsdp, cp, seq)]
             rows.append(row)
             if "error" in row:
                 print(f"{row['row']:>28} {published:>9,.0f} {row['predicted_tokens_per_s_per_gpu']:>9,.0f} "
                       f"{row['error']:>+7.1%}   step {row['predicted_step_s']:.3f} s, "
-                      f"{row['predicted_memory_gib']:.1f} GiB, planned in {row['planning_s']:.1f} s", flush=True)  # fmt: skip
+                      f"{row['predicted_memory_gib']:.1f} / {row['published_memory_gib']:.1f} GiB, "
+                      f"planned in {row['planning_s']:.1f} s", flush=True)  # fmt: skip
                 for note in row["notes"]:
                     print(f"{'':>30}{note[:150]}")
                 for part, seconds in row["breakdown_s"].items():
