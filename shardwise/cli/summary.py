@@ -333,7 +333,8 @@ def stages(plan: ExecutionPlan) -> list[dict[str, Any]]:
         out_rows = []
         for st in pipe.stages:
             dev = int(st.device_stage)
-            ranks = [pipe.rank(dev, d, t) for d in range(int(pipe.dp)) for t in range(int(pipe.tp))]
+            ranks = [pipe.rank(dev, d, t, c) for d in range(int(pipe.dp)) for c in range(int(getattr(pipe, "cp", 1)))
+                     for t in range(int(pipe.tp))]  # fmt: skip
             out_rows.append(
                 {
                     "stage": int(st.chunk),

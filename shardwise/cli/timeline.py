@@ -142,7 +142,7 @@ def _pipeline_timeline(plan: ExecutionPlan, cluster: Any) -> Timeline:
     ranks = list(plan.mesh.ranks)[:MAX_RANKS_SHOWN]
     if len(plan.mesh.ranks) > MAX_RANKS_SHOWN:
         notes.append(f"{len(plan.mesh.ranks)} ranks: showing the first {MAX_RANKS_SHOWN}")
-    width = max(1, spec.dp * spec.tp)
+    width = max(1, spec.dp * spec.cp * spec.tp)
     rows = {r: per_device.get(min(r // width, spec.pp - 1), []) for r in ranks}
     schedule = spec.schedule + (f" ({spec.virtual} chunks per device)" if spec.virtual > 1 else "")
     return Timeline(ranks, _fill(ranks, rows, makespan), makespan, spec.microbatches, spec.pp, schedule, notes)

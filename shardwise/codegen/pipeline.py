@@ -73,6 +73,7 @@ def write_pipeline_package(plan: ExecutionPlan, directory: str | os.PathLike[str
         "dp": spec.dp,
         "tp": spec.tp,
         "ep": spec.ep,
+        "cp": spec.cp,
         "virtual": spec.virtual,
         "schedule": spec.schedule,
         "microbatches": spec.microbatches,

@@ -842,11 +842,12 @@ class StageTail:
     tp_ranks: tuple[int, ...]
     tied: tuple[tuple[float, tuple[int, ...]], ...] = ()  # (fp32 bytes, ranks of the stages holding a copy)
     # expert parallelism: elements reduced over no data-parallel rank (the experts when ep = dp: each expert's
-    # gradient is complete on its rank), and, when 1 < ep < dp, the inner ep group the other gradients are
-    # all-reduced over first (fp32 bytes) before ``dp_ranks`` (then the dp/ep replicas: ZeRO's axis) in pipelines
+    # gradient is complete on its rank); in pipelines an inner data group the gradients are all-reduced over
+    # first (fp32 bytes) before ``dp_ranks``: the ep group when 1 < ep < dp (``dp_ranks`` then the dp/ep
+    # replicas, ZeRO's axis), the cp group under context parallelism
     unreduced_elems: float = 0.0
-    ep_ranks: tuple[int, ...] = ()
-    ep_grad_bytes: float = 0.0
+    inner_ranks: tuple[int, ...] = ()
+    inner_grad_bytes: float = 0.0
     # flat plans with 1 < ep < dp: of trainable_elems, those summed over a part of dp_ranks only (the experts'
     # dp/ep replicas), the others over all of dp_ranks at once (their combined group, runtime.lib.gradients)
     expert_elems: float = 0.0
@@ -859,13 +860,14 @@ def stage_tail_s(prices: PriceList, tail: StageTail, *, optimizer: str, zero: in
     optimizer on this rank's slice, then an all-gather of the updated parameters). Each group of data-parallel
     ranks is one collective (``gradient_reductions``). With expert parallelism the gradients of the experts are
     reduced over their replicas only: none when ep = dp (``unreduced_elems``); in pipelines with ep < dp the
-    others over ``ep_ranks`` first, then everything over the replicas ``dp_ranks``; in flat plans with ep < dp
-    the experts' over ``expert_ranks`` and the others over ``dp_ranks``."""
+    others over ``inner_ranks`` first, then everything over the replicas ``dp_ranks`` (with cp: every gradient
+    over the cp group ``inner_ranks`` first); in flat plans with ep < dp the experts' over ``expert_ranks`` and
+    the others over ``dp_ranks``."""
     reduced = max(tail.trainable_elems - tail.unreduced_elems - tail.expert_elems, 0.0)
     parts = [(reduced, tail.dp_ranks)]
     if tail.expert_elems:
         parts.append((tail.expert_elems, tail.expert_ranks))
-    t = prices.collective_s("allreduce", tail.ep_grad_bytes, tail.ep_ranks)
+    t = prices.collective_s("allreduce", tail.inner_grad_bytes, tail.inner_ranks)
     elements = tail.unreduced_elems
     for elems, ranks in parts:
         sharded = zero >= 1 and len(ranks) > 1
@@ -969,7 +971,7 @@ def pipeline_end_s(plan: ExecutionPlan, prices: PriceList) -> float:
     ``object_byte_s``)."""
     spec = plan.pipeline
     assert spec is not None
-    ranks = tuple(range(spec.pp * spec.dp * spec.tp))
+    ranks = tuple(range(spec.world_size))
     if len(ranks) < 2:
         return 0.0
     if plan.mode == "train":
@@ -989,7 +991,7 @@ def _stage_tail(plan: ExecutionPlan, p: int) -> StageTail:
     spec = plan.pipeline
     assert spec is not None
     trainable = tensors = experts = 0
-    tp_bytes = 0.0
+    tp_bytes = cp_bytes = 0.0
     tied_keys = {k: chunks for k, chunks in spec.tied}
     tied: list[tuple[float, tuple[int, ...]]] = []
     seen: set[str] = set()
@@ -1008,6 +1010,8 @@ def _stage_tail(plan: ExecutionPlan, p: int) -> StageTail:
             tensors += 1
             if "tp" in reduce.get(q.key, ()):
                 tp_bytes += 4.0 * local[q.name]
+            if "cp" in reduce.get(q.key, ()):
+                cp_bytes += 4.0 * local[q.name]
             if q.key in tied_keys:
                 stages = sorted({x % spec.pp for x in tied_keys[q.key]})
                 if len(stages) > 1:
@@ -1016,10 +1020,12 @@ def _stage_tail(plan: ExecutionPlan, p: int) -> StageTail:
     # expert parallelism (runtime.lib.pipeline): experts reduced over their dp/ep replicas only; below dp the
     # other gradients over the ep group first, then over the replicas (ZeRO's axis)
     if 1 < ep < spec.dp:
-        by_ep = {"ep_ranks": replicas[:ep], "ep_grad_bytes": 4.0 * (trainable - experts)}
+        by_ep = {"inner_ranks": replicas[:ep], "inner_grad_bytes": 4.0 * (trainable - experts)}
         replicas = replicas[::ep]
     else:
         by_ep = {"unreduced_elems": float(experts)} if ep > 1 else {}
+    if spec.cp > 1:  # the partial gradients of the sequence's pieces, summed over the replica's cp ranks first
+        by_ep = {"inner_ranks": tuple(spec.rank(p, 0, 0, c) for c in range(spec.cp)), "inner_grad_bytes": cp_bytes}
     return StageTail(
         trainable_elems=float(trainable), tensors=tensors, tp_grad_bytes=tp_bytes, dp_ranks=replicas,
         tp_ranks=tuple(spec.rank(p, 0, t) for t in range(spec.tp)), tied=tuple(tied), **by_ep,  # type: ignore[arg-type]

@@ -2,8 +2,8 @@
 
 A pipeline plan splits the model into ``pp * virtual`` contiguous *chunks* in model order. Chunk ``c`` runs on
 pipeline rank (device stage) ``c % pp``; with ``virtual > 1`` each device stage holds several chunks
-(interleaved 1F1B). The global rank of (device stage ``p``, data-parallel replica ``d``, tensor-parallel
-index ``t``) is ``(p * dp + d) * tp + t``.
+(interleaved 1F1B). The global rank of (device stage ``p``, data-parallel replica ``d``, context-parallel index
+``c``, tensor-parallel index ``t``) is ``((p * dp + d) * cp + c) * tp + t`` (``cp = 1``: ``(p * dp + d) * tp + t``).
 
 Invariants (checked by :func:`check_pipeline`):
 - ``stages[c].chunk == c``; every chunk's ``plan`` is an intra-op plan over a ``(dp=1, tp)`` mesh whose graph
@@ -11,7 +11,9 @@ Invariants (checked by :func:`check_pipeline`):
   parallelism (``ep > 1``) the mesh is ``(ep, tp)``, its ``ep`` axis the ``ep`` neighbouring data-parallel
   replicas of the chunk's stage (replicas ``o * ep .. o * ep + ep - 1``): each runs the chunk on its own rows
   (the graph is one replica's), and only the experts ops, whose experts are split over that axis, exchange
-  rows over it;
+  rows over it; with context parallelism (``cp > 1``) it is ``(cp, tp)``: the replica's ``cp x tp`` ranks, the
+  sequence of the chunk's inputs split over ``cp`` (each rank cuts its piece of the values it receives whole,
+  and makes its outputs whole again before they are sent on);
 - every transfer goes from an earlier chunk to a later one, names a value that is an output of its source
   chunk's graph and an input of its destination chunk's graph;
 - ``actions[p]`` lists, for device stage ``p``, every (kind, chunk, micro-batch) it runs, each forward
@@ -85,19 +87,25 @@ class PipelineSpec:
     zero: int = 0
     # expert parallelism: the experts of each stage split over ``ep`` neighbouring replicas (a divisor of dp)
     ep: int = 1
+    # context parallelism: the sequence split over ``cp`` ranks of each replica (an axis of its own)
+    cp: int = 1
 
     @property
     def chunks(self) -> int:
         return len(self.stages)
 
-    def rank(self, device_stage: int, replica: int, tp_index: int) -> int:
-        return (device_stage * self.dp + replica) * self.tp + tp_index
+    def rank(self, device_stage: int, replica: int, tp_index: int, cp_index: int = 0) -> int:
+        return ((device_stage * self.dp + replica) * self.cp + cp_index) * self.tp + tp_index
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.cp * self.tp
 
     def __str__(self) -> str:
         v = f" x {self.virtual} virtual" if self.virtual > 1 else ""
         return (
             f"{self.schedule}: pp={self.pp}{v}, dp={self.dp}{f' (ep={self.ep})' if self.ep > 1 else ''}, "
-            f"tp={self.tp}{' +sp' if self.sequence_parallel else ''}, "
+            f"{f'cp={self.cp}, ' if self.cp > 1 else ''}tp={self.tp}{' +sp' if self.sequence_parallel else ''}, "
             f"{self.microbatches} micro-batches of {self.microbatch_size}, recompute={self.recompute}"
         )
 
@@ -122,6 +130,8 @@ def check_pipeline(spec: PipelineSpec, *, train: bool) -> None:
             raise ValueError(f"transfer {t}: not an output of chunk {t.src} and an input of chunk {t.dst}")
     if spec.ep < 1 or spec.dp % spec.ep:
         raise ValueError(f"ep={spec.ep} does not divide dp={spec.dp}")
+    if spec.cp < 1 or (spec.cp > 1 and spec.ep > 1):
+        raise ValueError(f"cp={spec.cp} with ep={spec.ep}: pipelines split the sequence or the experts, not both")
     if spec.zero not in (0, 1, 2):
         raise ValueError(f"ZeRO stage {spec.zero} is not run with pipelines (0, 1 or 2)")
     if len(spec.actions) != spec.pp:

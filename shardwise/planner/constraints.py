@@ -19,7 +19,8 @@ into a :class:`Constraints`; anything not pinned is searched. Keys:
   data-parallel ranks (tokens dispatched to their experts by all-to-all), replicated over ``dp / ep`` groups;
   a divisor of the expert count and of ``dp``, flat plans and pipelines (each stage's experts split over ``ep``
   of its data-parallel replicas) (``1``: every rank holds every expert);
-* ``cp``: context parallelism, the sequence (token) dimension split over an axis of its own (flat plans);
+* ``cp``: context parallelism, the sequence (token) dimension split over an axis of its own (flat plans and each
+  pipeline stage's replicas; not with ``ep`` in pipelines);
   ``cp_attention``: how attention runs over the split sequence: ``allgather`` (keys and values gathered),
   ``ulysses`` (all-to-all to a head split and back), ``ring`` (key/value blocks passed around the ring) or
   ``auto`` (the cheapest by the price list: the default).
@@ -169,10 +170,10 @@ def parse_constraints(raw: Mapping[str, object] | None, cluster: ClusterSpec) ->
             f"constraints ep={ep} dp={dp}: expert parallelism splits the experts over ep of the data-parallel ranks, "
             f"so ep divides dp (pin dp to a multiple of {ep}, or leave dp to the search)"
         )
-    if values.get("cp", 1) != 1 and values.get("pp", 1) != 1:
+    if values.get("cp", 1) != 1 and values.get("pp", 1) != 1 and values.get("ep", 1) != 1:
         raise ConstraintError(
-            f"constraints cp={values['cp']} and pp={values['pp']}: context parallelism is generated for flat plans "
-            "(pp=1) today: drop one of them"
+            f"constraints cp={values['cp']}, ep={values['ep']} and pp={values['pp']}: a pipeline's stages split their "
+            "sequence (cp) or their experts (ep), not both: drop one of them"
         )
     if values.get("schedule") == "interleaved" and values.get("virtual") == 1:
         values["schedule"] = "1f1b"  # one chunk per device: interleaving is plain 1F1B

@@ -29,6 +29,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 from shardwise.cluster import ClusterSpec
+from shardwise.costs.attention import CP_WAYS
 from shardwise.costs.prices import price_list
 from shardwise.costs.step import mfu, price_pipeline
 from shardwise.errors import PlanError, ShardwiseError
@@ -45,6 +46,7 @@ from shardwise.passes.stages import chunk_owner, extract_chunks, layer_units
 from shardwise.passes.stages.place import PlacementCache, place_chunk, value_names
 from shardwise.passes.stages.profile import traced_batch
 from shardwise.passes.stages.rows import micro_shapes_problem, rows_problem
+from shardwise.planner.flat import context_note, sequence_length
 from shardwise.planner.identity import plan_identity
 from shardwise.planner.schedule import schedule_actions
 from shardwise.planner.search import Candidate, SearchOptions, SearchResult, search
@@ -93,17 +95,24 @@ def expert_chunk_mesh(cand: Candidate, stage: int) -> DeviceMesh:
 
 def _chunk_plan(
     graph: Graph, cluster: ClusterSpec, cand: Candidate, *, mode: str, precision: str, optimizer: str, fusion: bool,
-    placements: PlacementCache | None = None, stage: int = 0,
+    placements: PlacementCache | None = None, stage: int = 0, sequence: int | None = None,
+    cp_ways: tuple[str, ...] = CP_WAYS,
 ) -> ExecutionPlan:  # fmt: skip
-    """Chunk ``graph`` placed on its tensor-parallel group (``passes.stages.place``); with expert parallelism
-    (``cand.ep > 1``) then lifted to the ``ep x tp`` mesh of its stage (:func:`expert_chunk_mesh`), every experts
-    op's experts split over ``ep`` (``passes.sharding.experts.split_experts``, the tokens each replica's own)."""
+    """Chunk ``graph`` placed on its tensor-parallel group (``passes.stages.place``), or with context parallelism
+    (``cand.cp > 1``) on its replica's ``cp x tp`` ranks, attention by one of ``cp_ways`` (``sequence``: the
+    model's sequence length); with expert parallelism (``cand.ep > 1``) then lifted to the ``ep x tp`` mesh of its
+    stage (:func:`expert_chunk_mesh`), every experts op's experts split over ``ep``
+    (``passes.sharding.experts.split_experts``, the tokens each replica's own)."""
     train = mode == "train"
     placed = place_chunk(
         graph, cluster, cand.tp, sequence_parallel=cand.sp, train=train, precision=precision,
-        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), cache=placements,
+        optimizer_factor=OPTIMIZER_STATE_FACTOR.get(optimizer, 2), cache=placements, cp=cand.cp, sequence=sequence,
+        cp_ways=cp_ways,
     )  # fmt: skip
     g, mesh = placed.graph, placed.mesh
+    if cand.cp > 1:  # priced on the links of the stage's first replica
+        first = stage * cand.dp * cand.cp * cand.tp
+        mesh = DeviceMesh(mesh.shape, mesh.axis_names, tuple(first + r for r in range(cand.cp * cand.tp)))
     strategies, param_placements = placed.strategies, placed.param_placements
     if cand.ep > 1 and any(n.op == MOE_EXPERTS for n in g.nodes):
         mesh = expert_chunk_mesh(cand, stage)
@@ -240,6 +249,7 @@ def realize_pipeline(
     placements: PlacementCache | None = None,
     exact_memory: bool = True,
     exact_out: list[bool] | None = None,
+    cp_ways: tuple[str, ...] = CP_WAYS,
 ) -> ExecutionPlan:
     """Build the plan of the pipeline layout ``best`` (one of ``result``'s candidates): the model traced at the
     micro-batch size, cut into the layout's chunks, each placed and fused; priced by the price list.
@@ -247,7 +257,8 @@ def realize_pipeline(
     structure of one placed before takes its placement: ``passes.stages.place.place_chunk``).
     ``exact_memory=False``: the stages' memory maps search offsets only when the greedy arena does not fit the
     device (``map_pipeline_memory(within_capacity=True)``); :func:`with_exact_memory` maps them exactly.
-    ``exact_out`` (if given) gets whether the maps made are the exact ones anyway."""
+    ``exact_out`` (if given) gets whether the maps made are the exact ones anyway. ``cp_ways``: the ways
+    attention may run over ``cp`` (the placement of each chunk takes the cheapest)."""
     check_static_batch(graph)
     rows = best.microbatch
     traced = next(
@@ -277,6 +288,7 @@ def realize_pipeline(
         plan = _chunk_plan(
             g, cluster, best, mode=mode, precision=precision, optimizer=optimizer, fusion=fusion,
             placements=placements if placements is not None else {}, stage=c % best.pp,
+            sequence=sequence_length(graph), cp_ways=cp_ways,
         )  # fmt: skip
         a, z = best.bounds[c]
         ranges = _unit_ranges(plan.graph, [units.nodes[i] for i in range(a, z) if i in selective])
@@ -304,7 +316,7 @@ def realize_pipeline(
         sequence_parallel=best.sp, microbatches=best.microbatches, microbatch_size=rows,
         recompute="full" if best.recompute == "full" else "none", stages=stages, transfers=chunks.transfers,
         tied=chunks.tied, actions=tuple(tuple(a) for a in actions), batch_inputs=batch_inputs(graph),
-        zero=best.zero, ep=best.ep,
+        zero=best.zero, ep=best.ep, cp=best.cp,
     )  # fmt: skip
     check_pipeline(spec, train=train)
     plan, exact = _top_plan(
@@ -314,6 +326,8 @@ def realize_pipeline(
         exact_out.append(exact)
     if best.ep > 1:
         plan = plan.replace(notes=(*plan.notes, expert_note(spec, cluster, best, result)))
+    if best.cp > 1:
+        plan = plan.replace(notes=(*plan.notes, *_context_notes(spec, cluster)))
     return priced_pipeline(plan, cluster, result.model_flops)
 
 
@@ -405,7 +419,7 @@ def _top_plan(
 ) -> tuple[ExecutionPlan, bool]:  # fmt: skip
     best = result.best
     pp, dp, tp, ep = spec.pp, spec.dp, spec.tp, spec.ep
-    world = pp * dp * tp
+    world = spec.world_size
     mesh = top_mesh(spec)
     rep = ShardingSpec(tuple(Replicate() for _ in mesh.shape))
     split = ShardingSpec(tuple(Shard(0) if a in ("dp", "ep") else Replicate() for a in mesh.axis_names))
@@ -416,7 +430,7 @@ def _top_plan(
         chunk_axes = stage.plan.mesh.axis_names
         for key, s in stage.plan.param_placements:
             by_axis = dict(zip(chunk_axes, s.placements, strict=True))
-            top = [by_axis.get("tp", Replicate()) if a == "tp" else Replicate() for a in mesh.axis_names]
+            top = [by_axis.get(a, Replicate()) if a in ("tp", "cp") else Replicate() for a in mesh.axis_names]
             if ep > 1 and by_axis.get("ep", Replicate()) != Replicate():
                 top[mesh.axis_names.index(expert_axis)] = by_axis["ep"]
             params.setdefault(key, ShardingSpec(tuple(top)))
@@ -440,7 +454,8 @@ def _top_plan(
         notes.append(f"runs on {world} of the {cluster.world_size} devices")
     plan = ExecutionPlan(
         **plan_identity(graph, cluster, mode, precision, mesh),
-        degrees_=(("dp", dp), ("tp", tp), ("pp", pp)) + ((("ep", ep),) if ep > 1 else ()),
+        degrees_=(("dp", dp), ("tp", tp), ("pp", pp)) + ((("ep", ep),) if ep > 1 else ())
+        + ((("cp", spec.cp),) if spec.cp > 1 else ()),
         graph=graph,
         strategies=(),
         input_placements=tuple(split if k in batch and dp > 1 else rep for k in range(len(graph.inputs))),
@@ -478,9 +493,12 @@ def top_mesh(spec: PipelineSpec) -> DeviceMesh:
     """The whole pipeline's mesh: ``pp x dp x tp`` (rank ``(p * dp + d) * tp + t``); with expert parallelism
     below ``dp`` (``1 < ep < dp``) its data-parallel ranks are two axes, ``dp / ep`` replicas of the experts
     (outer: ZeRO's axis) and ``ep`` (inner), as ``planner.flat.flat_mesh`` lays a flat plan's; ``ep = dp``
-    splits the experts over the ``dp`` axis itself."""
+    splits the experts over the ``dp`` axis itself. With context parallelism: ``pp x dp x cp x tp`` (rank
+    ``((p * dp + d) * cp + c) * tp + t``)."""
     pp, dp, tp, ep = spec.pp, spec.dp, spec.tp, spec.ep
-    ranks = tuple(range(pp * dp * tp))
+    ranks = tuple(range(spec.world_size))
+    if spec.cp > 1:
+        return DeviceMesh((pp, dp, spec.cp, tp), ("pp", "dp", "cp", "tp"), ranks)
     if 1 < ep < dp:
         return DeviceMesh((pp, dp // ep, ep, tp), ("pp", "dp", "ep", "tp"), ranks)
     return DeviceMesh((pp, dp, tp), ("pp", "dp", "tp"), ranks)
@@ -520,3 +538,20 @@ def expert_note(spec: PipelineSpec, cluster: ClusterSpec, cand: Candidate, resul
         f"{exchange * 1e3:.3f} ms per micro-batch on a rank, predicted); expert gradients reduced over their "
         f"{spec.dp // spec.ep} replica(s), the others over dp={spec.dp}{alt}"
     )
+
+
+def _context_notes(spec: PipelineSpec, cluster: ClusterSpec) -> list[str]:
+    """What the cp axis does in each chunk (``planner.flat.context_note``: the sequence split, how each attention
+    runs over it and what each way is predicted to cost), and how the chunks pass their values."""
+    out = [
+        f"context parallelism in the pipeline: each replica's {spec.cp} x {spec.tp} ranks split the sequence over "
+        f"cp={spec.cp} in every chunk; a chunk cuts its piece of the values it receives whole and makes its outputs "
+        "whole (all-gather over cp) before they are sent on"
+    ]
+    for st in spec.stages:
+        plan = st.plan
+        if "cp" not in plan.mesh.axis_names or not any(dict(s.split).get("cp") for s in plan.strategies):
+            continue
+        note = context_note(plan.graph, plan.mesh, plan.strategies, cluster, plan.precision, plan.mode == "train")
+        out.append(f"chunk {st.chunk}: {note}")
+    return out

@@ -162,6 +162,7 @@ def plan(
                 graph, cluster, cand, result, micro_graph=micro_graph, mode=options.mode,
                 precision=options.precision, optimizer=options.optimizer, fusion=options.fusion,
                 placements=placements, exact_memory=False, exact_out=exact,
+                cp_ways=(pinned.cp_attention,) if pinned.cp_attention else CP_WAYS,
             )  # fmt: skip
             return _Realized(cand, out, _peak_of(out) <= cluster.device.memory_bytes, exact[-1])
         except (DoesNotFitError, PlanError, SolverError) as exc:  # this layout could not be made: the next one

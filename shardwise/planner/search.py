@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -262,10 +262,14 @@ class _Context:
                     self.attention.append((node, ins, node.outputs[0]))
         self.sequence_length = sequence_length(graph)
 
-    def context_attention(self, tp: int, cp: int, rows: float, replicas: int) -> dict[str, tuple[float, float] | str]:
+    def context_attention(
+        self, tp: int, cp: int, rows: float, replicas: int, units: Collection[int] | None = None
+    ) -> dict[str, tuple[float, float] | str]:
         """way -> (forward, backward) seconds per micro-batch of every attention call's communication over
-        ``cp`` (``costs.attention``), on ``rows`` rows of the cp rank's share; or why the way cannot run."""
-        key = (tp, cp, rows, replicas)
+        ``cp`` (``costs.attention``), on ``rows`` rows of the cp rank's share; or why the way cannot run.
+        ``units``: the calls of these layer units only, once each (a pipeline chunk's: summed over its
+        positions by the caller)."""
+        key = (tp, cp, rows, replicas, None if units is None else frozenset(units))
         if key in self._cp:
             return self._cp[key]
         unit_of = self.units.unit_of()
@@ -276,6 +280,8 @@ class _Context:
         out: dict[str, tuple[float, float] | str] = {}
         for node, ins, out_spec in self.attention:
             times = count.get(unit_of[node.name], 0)
+            if units is not None:
+                times = 1 if unit_of[node.name] in units else 0
             if not times:
                 continue
             heads, kv_heads = ins[0].shape[-3], ins[1].shape[-3]
@@ -398,8 +404,9 @@ class _Config:
 
     @property
     def shards(self) -> int:
-        """The ranks holding the same parameters, which ZeRO shards over: dp x cp (``ir.placement.zero_group``)."""
-        return self.dp * self.cp
+        """The ranks holding the same parameters, which ZeRO shards over: dp x cp (``ir.placement.zero_group``);
+        in pipelines dp (their runtime reduces the cp axis first, then shards over the replicas)."""
+        return self.dp * self.cp if self.pp == 1 else self.dp
 
 
 def _work(ctx: _Context, t: _Tables, recomputed: frozenset[int]) -> list[float]:
@@ -614,11 +621,14 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
                     "(allgather, ulysses, ring) or leave it to the planner")  # fmt: skip
         cp_ways = tuple((w, f + (b if train else 0.0)) for w, (f, b) in priced.items())
         cp_way = min(allowed, key=lambda w: (allowed[w][0] + allowed[w][1], CP_WAYS.index(w)))
-        f, b = allowed[cp_way]
-        cf[-1] += f
-        comm_chunk[-1] += f + (b if train else 0.0)
-        if train:
-            cb[-1] += b
+        if pp == 1:
+            f, b = allowed[cp_way]
+            cf[-1] += f
+            comm_chunk[-1] += f + (b if train else 0.0)
+            if train:
+                cb[-1] += b
+        else:
+            _pipeline_context(ctx, cfg, t, bounds, cp_way, cf, cb, comm_chunk)
     if cfg.ep > 1:  # the experts' all-to-alls over an ep group of neighbouring replicas (costs.step.moe_exchange_s)
         for c, (a, z) in enumerate(bounds):
             group = tuple(_rank(c % pp, d, 0, dp, tp) for d in range(cfg.ep))  # on the chunk's device stage
@@ -639,7 +649,8 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
     for c, (_, z) in enumerate(bounds[:-1]):
         src = _rank(c % pp, 0, 0, dp, tp)
         dst = _rank((c + 1) % pp, 0, 0, dp, tp)
-        transfer.append(ctx.prices.p2p_s(costs[z - 1].output_bytes, src, dst))
+        # under cp the chunks pass their values whole (every cp rank sends the whole value to its peer)
+        transfer.append(ctx.prices.p2p_s(costs[z - 1].output_bytes * cfg.cp, src, dst))
     tail = [0.0] * pp
     if train:
         for p in range(pp):
@@ -668,12 +679,17 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
                     # pipelines, ep below dp: gradients replicated over both axes are summed over ep, then over the
                     # replicas (ZeRO's axis; the pipeline runtime reduces one axis after the other)
                     experts = {
-                        "ep_ranks": tuple(_rank(p, e, 0, dp, tp) for e in range(cfg.ep)),
-                        "ep_grad_bytes": 4.0 * max(trainable - mine, 0.0),
+                        "inner_ranks": tuple(_rank(p, e, 0, dp, tp) for e in range(cfg.ep)),
+                        "inner_grad_bytes": 4.0 * max(trainable - mine, 0.0),
                     }  # fmt: skip
                     replicas = replicas[:: cfg.ep]
                 else:
                     experts = {"unreduced_elems": mine}
+            elif cfg.cp > 1 and pp > 1:
+                # pipelines with cp: every gradient summed over the replica's cp ranks, then over the replicas
+                # (ZeRO's axis; the pipeline runtime reduces one axis after the other)
+                experts = {"inner_ranks": replicas[: cfg.cp], "inner_grad_bytes": 4.0 * trainable}
+                replicas = replicas[:: cfg.cp]
             stage = StageTail(
                 trainable_elems=trainable, tensors=int(tensors), tp_grad_bytes=grad_reduce, dp_ranks=replicas,
                 tp_ranks=tuple(_rank(p, 0, k, dp, tp) for k in range(tp)), tied=tuple(tied),
@@ -702,6 +718,37 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
         recomputed=tuple(sorted(recomputed)), memory_parts=parts, ep=cfg.ep, cp=cfg.cp, cp_attention=cp_way,
         cp_ways=cp_ways,
     )  # fmt: skip
+
+
+def _pipeline_context(
+    ctx: _Context, cfg: _Config, t: _Tables, bounds: list[tuple[int, int]], way: str, cf: list[float],
+    cb: list[float], comm_chunk: list[float],
+) -> None:  # fmt: skip
+    """A pipeline's chunks under context parallelism (added in place, per micro-batch): each chunk's attention
+    calls over ``cp`` by ``way``, and at each chunk boundary what the chunk programs do (``runtime.lib.pipeline``,
+    ``planner.pipeline``): the sending chunk gathers its output whole over cp (its gradient: a slice, free), the
+    receiving one cuts its piece (its gradient gathered over cp in the backward); the transfer itself carries the
+    whole value (priced by the caller at the cp rank's share: the rest is added here)."""
+    dp = cfg.dp * cfg.cp
+    group = tuple(_rank(0, c, 0, dp, cfg.tp) for c in range(cfg.cp))
+    for c, (a, z) in enumerate(bounds):
+        f = b = 0.0
+        for i in range(a, z):  # each position's attention calls once (cached per layer unit)
+            got = ctx.context_attention(cfg.tp, cfg.cp, cfg.rows, dp, (ctx.sequence[i],)).get(way)
+            if isinstance(got, tuple):
+                f, b = f + got[0], b + got[1]
+        cf[c] += f
+        comm_chunk[c] += f + (b if ctx.train else 0.0)
+        if ctx.train:
+            cb[c] += b
+        if c + 1 < len(bounds):
+            whole = t.costs[z - 1].output_bytes * cfg.cp
+            gather = ctx.prices.collective_s("allgather", whole, group)
+            cf[c] += gather
+            comm_chunk[c] += gather
+            if ctx.train:
+                cb[c + 1] += gather
+                comm_chunk[c + 1] += gather
 
 
 def _fsdp_s(ctx: _Context, cfg: _Config, trainable: float, m: int) -> float:
@@ -898,7 +945,7 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
             recomputes = [pinned.recompute] if train else ["none"]
         else:
             recomputes = ["none", "selective", "full"] if train else ["none"]
-        eps = _expert_degrees(ctx, pinned, pp, dp, tp, rejected)
+        eps = _expert_degrees(ctx, pinned, pp, dp, tp, rejected, cp)
         if not eps:
             continue
         for sp in sps:
@@ -915,20 +962,22 @@ def _configs(ctx: _Context, pinned: Constraints, positions: int, rejected: list[
 
 
 def _expert_degrees(
-    ctx: _Context, pinned: Constraints, pp: int, dp: int, tp: int, rejected: list[str]
+    ctx: _Context, pinned: Constraints, pp: int, dp: int, tp: int, rejected: list[str], cp: int = 1
 ) -> list[int]:
     """The ``ep`` values of a mesh: 1, and for a model with MoE layers every divisor of ``dp`` above 1 that
     divides the expert count (the experts split over ``ep`` of the data-parallel ranks, replicated over
-    ``dp / ep`` groups of them; with pipelines, over ``ep`` of each stage's replicas); a pinned ep alone."""
+    ``dp / ep`` groups of them; with pipelines, over ``ep`` of each stage's replicas, unless the stage splits the
+    sequence over cp: a pipeline's chunks split one or the other); a pinned ep alone."""
     experts = expert_count(ctx.graph)
     possible = [1]
-    if experts:
+    if experts and not (pp > 1 and cp > 1):
         possible += [e for e in divisors(dp)[1:] if experts % e == 0]
     if pinned.ep is None:
         return possible
     if pinned.ep in possible:
         return [pinned.ep]
     why = ("the model has no mixture-of-experts layers shardwise recognizes" if not experts
+           else "pipelines split each stage's experts or its sequence, not both: drop cp or ep" if pp > 1 and cp > 1
            else f"ep must divide the {experts} experts and dp={dp}")  # fmt: skip
     rejected.append(f"pp={pp} dp={dp} tp={tp}: ep={pinned.ep} is not possible: {why}")
     return []
@@ -938,7 +987,7 @@ def _with_context(
     ctx: _Context, pinned: Constraints, found: list[tuple[int, int, int]], rejected: list[str]
 ) -> list[tuple[int, int, int, int]]:
     """(pp, dp, tp, cp) meshes: a pinned ``cp`` on every mesh (``meshes`` left it its devices); otherwise
-    ``cp = 1``, and on a flat mesh whose batch does not split over ``dp``, ``dp`` divided into ``dp' x cp`` where
+    ``cp = 1``, and on a mesh whose batch does not split over ``dp``, ``dp`` divided into ``dp' x cp`` where
     the batch splits over ``dp'`` and the sequence over ``cp`` (context parallelism takes the devices the batch
     cannot: on the same devices a batch split costs no attention communication, so it is never slower)."""
     seq = ctx.sequence_length
@@ -953,13 +1002,10 @@ def _with_context(
             if why or (seq is not None and seq % pinned.cp):
                 rejected.append(f"cp={pinned.cp}: {why or f'the sequence ({seq}) does not divide by cp={pinned.cp}'}")
                 continue
-            if pp > 1:
-                rejected.append(f"pp={pp} cp={pinned.cp}: context parallelism is generated for flat plans (pp=1)")
-                continue
             out.append((pp, dp, tp, pinned.cp))
             continue
         out.append((pp, dp, tp, 1))
-        if pinned.cp is None and pp == 1 and not why and ctx.batch % dp and pinned.dp is None:
+        if pinned.cp is None and not why and ctx.batch % dp and pinned.dp is None:
             for cp in divisors(dp)[1:]:
                 if ctx.batch % (dp // cp) == 0 and seq is not None and seq % cp == 0:
                     out.append((pp, dp // cp, tp, cp))

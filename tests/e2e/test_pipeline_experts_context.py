@@ -1,7 +1,11 @@
 """Expert and context parallelism with pipelines (issue 17, item 2) on real gloo processes, cpu:4: Mixtral's tiny
 configuration with ``pp=2, ep=2`` (each stage's 4 experts per layer split over its 2 data-parallel replicas, ZeRO-1,
-two micro-batches) equals eager PyTorch for inference and for three SGD training steps (losses and every final
-parameter, float32, the bounds of the other MoE tests).
+two micro-batches), and Llama's tiny configuration at sequence 256 with ``pp=2, cp=2`` (each stage's sequence split
+over 2 ranks, ring attention, two micro-batches), equal eager PyTorch for inference and for three SGD training steps
+(losses and every final parameter, float32, the bounds of the other MoE and context-parallel tests).
+
+Under cp every chunk program cuts its piece of the sequence of what it receives and runs each attention by ring
+(``C.context_attention(..., mesh, 'cp', 'ring')``), which the plan's notes and the programs show.
 
 The experts really are split: every chunk program runs its layers' experts as ``C.moe_experts(..., mesh, 'ep')``
 (the all-to-all dispatch and combine over the stage's two replicas), and each chunk's plan holds the expert weights
@@ -92,4 +96,44 @@ def test_experts_with_pipeline_three_sgd_steps_equal_eager(pool):
     assert_weights_moved(initial, expected_state)
     moved = min((expected_state[k] - v).abs().max().item() for k, v in initial.items() if ".mlp.experts." in k)
     assert moved > 1e-4  # every layer's experts moved beyond the tolerance too
+    assert_training_equal(losses, state, expected_losses, expected_state)
+
+
+CONTEXT = {"pp": 2, "cp": 2, "cp_attention": "ring", "microbatches": 2, "schedule": "1f1b"}
+
+
+def _sequence_split(cm) -> None:  # noqa: ANN001
+    """Each stage's chunk runs on its replica's cp x tp ranks, and every attention runs by ring over cp."""
+    spec = cm.plan.pipeline
+    assert spec is not None and spec.pp == 2 and spec.cp == 2 and cm.plan.degrees.get("cp") == 2
+    assert all(st.plan.mesh.axis_names == ("cp", "tp") and st.plan.mesh.shape == (2, 1) for st in spec.stages)
+    assert sum(n.startswith("chunk ") and "attention calls: 1 by ring" in n for n in cm.plan.notes) == 2
+    programs = _chunk_programs(cm)
+    assert len(programs) == 2 and all(re.search(r"mesh, 'cp', 'ring'", text) for text in programs)
+
+
+def test_context_with_pipeline_inference_equals_eager(pool):
+    model, inputs = tiny_causal_lm("llama", seq=256)
+    with shardwise.compile(model, "cpu:4", example_inputs=inputs, constraints=CONTEXT, workers=pool) as cm:
+        _sequence_split(cm)
+        out = cm.run(*inputs)
+    with torch.no_grad():
+        ref = model(*inputs)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_context_with_pipeline_three_sgd_steps_equal_eager(pool):
+    model, inputs = tiny_causal_lm("llama", seq=256)
+    reference = copy.deepcopy(model)
+    initial = copy.deepcopy(model.state_dict())
+    with shardwise.compile(
+        model, "cpu:4", example_inputs=inputs, mode="train", loss_fn=_loss, optimizer=SGD, constraints=CONTEXT,
+        workers=pool,
+    ) as cm:  # fmt: skip
+        _sequence_split(cm)
+        assert cm.plan.pipeline.microbatches == 2
+        losses = [cm.train_step(*inputs) for _ in range(3)]
+        state = cm.state_dict()
+    expected_losses, expected_state = eager_training(reference, inputs, _loss, SGD)
+    assert_weights_moved(initial, expected_state)
     assert_training_equal(losses, state, expected_losses, expected_state)

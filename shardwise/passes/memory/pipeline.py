@@ -256,7 +256,7 @@ def _gathered_outputs(spec: PipelineSpec, stage: int, step: int, precision: str)
             floating = value.dtype.startswith(("float", "bfloat"))
             per_microbatch += value.numel * width if floating else value.nbytes
     joined = -(-per_microbatch * spec.microbatches // ALIGN) * ALIGN
-    world = spec.pp * spec.dp * spec.tp
+    world = spec.world_size
     out: list[Buffer] = []
     if joined <= 0 or world < 2:
         return out
@@ -381,7 +381,7 @@ def map_pipeline_memory(
         )  # fmt: skip
         for p in range(spec.pp)
     ]
-    group = spec.dp * spec.tp
+    group = spec.dp * spec.cp * spec.tp
     if within_capacity:
         bounds = [lower_bound(bufs) for bufs in per_stage]
         if max(bounds, default=0) > capacity_bytes:

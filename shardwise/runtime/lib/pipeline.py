@@ -1,5 +1,6 @@
 """The schedule runtime of pipeline packages: one process per (device stage p, data-parallel replica d,
-tensor-parallel index t), global rank ``(p * DP + d) * TP + t``.
+context-parallel index c, tensor-parallel index t), global rank ``((p * DP + d) * CP + c) * TP + t`` (``CP = 1``
+without context parallelism).
 
 A pipeline package's ``_pipeline.py`` holds the plan as constants (``PP``, ``DP``, ``TP``, ``CHUNKS``,
 ``MICROBATCHES``, ``MICROBATCH_SIZE``, ``RECOMPUTE``, ``TRAINING``, ``ZERO_STAGE``, ``GRAPH_INPUTS``,
@@ -20,6 +21,12 @@ ranks (its mesh ``EP x TP``), and its experts ops exchange rows over that axis. 
 TP`` when ``EP == DP``, else ``PP x DP/EP x EP x TP`` (axes ``pp dp ep tp``). An expert's gradient is complete
 within its group: it is reduced over the ``DP / EP`` replicas of the group only (``dp``), the other gradients
 over every replica (``ep`` first, then ``dp``, ZeRO's axis).
+
+Context parallelism (``CP > 1``): every chunk is built on its replica's ``CP x TP`` ranks (its mesh ``cp x tp``);
+each rank of them runs the replica's micro-batches, cuts its piece of the sequence of every value it receives
+(whole), makes its outputs whole again, and sends them to the rank of the same index on the next stage. The
+whole mesh is ``PP x DP x CP x TP``; gradients are summed over the chunk's own axes (``cp``, ``tp``) and over
+the replicas.
 
 Gradients take the path of every program (``training.Trainer``): each micro-batch's loss is scaled by its
 weight in the step's loss (the mean over the batch: ``1 / (MICROBATCHES * DP)``), every rank's gradients
@@ -53,12 +60,17 @@ class PipelineRuntime:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
-        self.p, rest = divmod(rank, s.DP * s.TP)
-        self.d, self.t = divmod(rest, s.TP)
+        self.cp = getattr(s, "CP", 1)
+        self.inner = self.cp * s.TP  # the ranks of one replica on one stage: cp x tp
+        self.p, rest = divmod(rank, s.DP * self.inner)
+        self.d, self.g = divmod(rest, self.inner)  # g: the index inside the replica's cp x tp ranks
+        self.c, self.t = divmod(self.g, s.TP)
         self.distributed = dist.is_available() and dist.is_initialized() and world_size > 1
         self.ep = getattr(s, "EP", 1)
         # every rank makes every group in the same order: the mesh's lines, then the tied weights' stages
-        if 1 < self.ep < s.DP:
+        if self.cp > 1:
+            shape, axes = (s.PP, s.DP, self.cp, s.TP), ("pp", "dp", "cp", "tp")
+        elif 1 < self.ep < s.DP:
             shape, axes = (s.PP, s.DP // self.ep, self.ep, s.TP), ("pp", "dp", "ep", "tp")
         else:
             shape, axes = (s.PP, s.DP, s.TP), ("pp", "dp", "tp")
@@ -69,8 +81,8 @@ class PipelineRuntime:
         for _, chunks in s.TIED:
             stages = sorted({c % s.PP for c in chunks})
             for d in range(s.DP):
-                for t in range(s.TP):
-                    members = tuple(self.rank_of(p, d, t) for p in stages)
+                for g in range(self.inner):
+                    members = tuple(self.rank_of(p, d, g) for p in stages)
                     if len(members) > 1 and len(members) < s.PP:  # all stages: the mesh's pp line
                         group = dist.new_group(list(members)) if self.distributed else None
                         self.groups.setdefault(members, group)
@@ -86,8 +98,9 @@ class PipelineRuntime:
             if kind == "B":
                 self._last_backward[c] = k
 
-    def rank_of(self, p: int, d: int, t: int) -> int:
-        return (p * self.spec.DP + d) * self.spec.TP + t
+    def rank_of(self, p: int, d: int, g: int) -> int:
+        """The global rank of stage ``p``, replica ``d``, index ``g = c * TP + t`` among its cp x tp ranks."""
+        return (p * self.spec.DP + d) * self.inner + g
 
     def _tag(self, transfer: int, microbatch: int, backward: bool) -> int:
         return (transfer * self.spec.MICROBATCHES + microbatch) * 2 + int(backward)
@@ -104,7 +117,7 @@ class PipelineRuntime:
         ways = self._chunk_replicas(module)
         first = self.d - self.d % ways
         module.MESH_RANKS = tuple(
-            self.rank_of(self.p, first + e, t) for e in range(ways) for t in range(self.spec.TP)
+            self.rank_of(self.p, first + e, g) for e in range(ways) for g in range(self.inner)
         )
         real = dist.new_group
         dist.new_group = lambda ranks=None, *args, **kwargs: self.groups.get(tuple(ranks))
@@ -136,7 +149,7 @@ class PipelineRuntime:
         if not self.distributed:
             return out
         gathered = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(out if self.t == 0 and self.d == 0 else {}, gathered, dst=0)
+        dist.gather_object(out if self.g == 0 and self.d == 0 else {}, gathered, dst=0)
         if self.rank != 0:
             return {}
         merged: dict[str, torch.Tensor] = {}
@@ -189,7 +202,7 @@ class PipelineRuntime:
             k, (_, src, _, shape, dtype, grad) = next(
                 (k, t) for k, t in enumerate(s.TRANSFERS) if t[0] == name and t[2] == c
             )
-            x = self._recv(shape, dtype, self.rank_of(src % s.PP, self.d, self.t), self._tag(k, i, False))
+            x = self._recv(shape, dtype, self.rank_of(src % s.PP, self.d, self.g), self._tag(k, i, False))
             args.append(x.requires_grad_(grad and backward_needed))
         return args
 
@@ -204,7 +217,7 @@ class PipelineRuntime:
         for k, (name, src, dst, _, dtype, _) in enumerate(s.TRANSFERS):
             if src == c:
                 value = outs[s.CHUNK_OUTPUTS[c].index(name)]
-                dst_rank = self.rank_of(dst % s.PP, self.d, self.t)
+                dst_rank = self.rank_of(dst % s.PP, self.d, self.g)
                 self._send(value.to(getattr(torch, dtype)), dst_rank, self._tag(k, i, False))
         if train:
             saved[(c, i)] = (args, outs if keep_graph else None)
@@ -230,7 +243,7 @@ class PipelineRuntime:
             for k, (name, src, dst, shape, dtype, grad) in enumerate(s.TRANSFERS):
                 if src == c and grad:
                     g = self._recv(
-                        shape, dtype, self.rank_of(dst % s.PP, self.d, self.t), self._tag(k, i, True)
+                        shape, dtype, self.rank_of(dst % s.PP, self.d, self.g), self._tag(k, i, True)
                     )
                     grads[name] = grads[name] + g if name in grads else g
             tensors, grad_tensors = [], []
@@ -247,7 +260,7 @@ class PipelineRuntime:
                 g = x.grad if x.grad is not None else torch.zeros_like(x)
                 self._send(
                     g.to(getattr(torch, dtype)),
-                    self.rank_of(src % s.PP, self.d, self.t),
+                    self.rank_of(src % s.PP, self.d, self.g),
                     self._tag(k, i, True),
                 )
 
@@ -328,7 +341,7 @@ class PipelineRuntime:
         self.trainer.reduce()
         self._sum_tied_copies()
         self.trainer.step()
-        total = torch.stack(losses).sum() if losses and self.t == 0 else torch.zeros((), dtype=torch.float64)
+        total = torch.stack(losses).sum() if losses and self.g == 0 else torch.zeros((), dtype=torch.float64)
         total = total / (s.MICROBATCHES * s.DP)
         if self.distributed:
             dist.all_reduce(total)
@@ -350,7 +363,7 @@ class PipelineRuntime:
                 pieces.append((program, param, placements, shape))
             total = sum(whole(p.grad, pl, prog.mesh, shape) for prog, p, pl, shape in pieces)
             members = tuple(
-                self.rank_of(st, self.d, self.t) for st in sorted({c % self.spec.PP for c in chunks})
+                self.rank_of(st, self.d, self.g) for st in sorted({c % self.spec.PP for c in chunks})
             )
             if len(members) > 1 and self.distributed:
                 dist.all_reduce(total, group=self.groups[members])
@@ -370,7 +383,7 @@ class PipelineRuntime:
             if c == s.CHUNKS - 1:
                 results.append(outs)
         self._wait_sends()
-        mine = join_outputs(results) if results and self.t == 0 else None
+        mine = join_outputs(results) if results and self.g == 0 else None
         if not self.distributed:
             return _unpack(mine)
         gathered = [None] * self.world_size if self.rank == 0 else None
