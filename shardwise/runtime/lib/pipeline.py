@@ -120,7 +120,14 @@ class PipelineRuntime:
             self.rank_of(self.p, first + e, g) for e in range(ways) for g in range(self.inner)
         )
         real = dist.new_group
-        dist.new_group = lambda ranks=None, *args, **kwargs: self.groups.get(tuple(ranks))
+
+        def made(ranks=None, *args, **kwargs):
+            members = tuple(ranks)
+            if members not in self.groups and self.rank in members:
+                raise RuntimeError(f"chunk {c} asks for a process group {members} the pipeline did not make")
+            return self.groups.get(members)
+
+        dist.new_group = made
         try:
             program = module.Program(self.rank, self.world_size, self.device)
         finally:
