@@ -513,7 +513,7 @@ def expert_note(spec: PipelineSpec, cluster: ClusterSpec, cand: Candidate, resul
     from shardwise.ir.registry import tensor_operands
 
     experts = layers = 0
-    exchange = 0.0
+    exchange = [0.0] * spec.pp  # per device stage, every chunk of it
     for st in spec.stages:
         plan = st.plan
         by_node = {s.node: s for s in plan.strategies}
@@ -527,7 +527,7 @@ def expert_note(spec: PipelineSpec, cluster: ClusterSpec, cand: Candidate, resul
             w = plan.graph.spec_of(tensor_operands(node)[3])
             experts = w.shape[0] if isinstance(w, TensorSpec) else experts
             f, b = expert_exchange_s(prices, plan.mesh, axis, node, s, plan.graph, traced_scale(plan.graph, plan.precision))
-            exchange += f + (b if plan.mode == "train" else 0.0)
+            exchange[st.device_stage] += f + (b if plan.mode == "train" else 0.0)
     other = next((c for c in result.ranked if c.ep != cand.ep and c.fits), None)
     alt = (f"; the best layout with ep={other.ep} is estimated at {other.step_s / cand.step_s:.2f}x this one's "
            f"step ({other.describe()})") if other is not None else ""  # fmt: skip
@@ -535,7 +535,8 @@ def expert_note(spec: PipelineSpec, cluster: ClusterSpec, cand: Candidate, resul
     return (
         f"expert parallelism: ep={spec.ep}: each stage's experts split over {spec.ep} of its {spec.dp} data-parallel "
         f"replicas (a rank holds {held}; tokens dispatched and combined by all-to-all, "
-        f"{exchange * 1e3:.3f} ms per micro-batch on a rank, predicted); expert gradients reduced over their "
+        f"{max(exchange) * 1e3:.3f} ms per micro-batch on the stage that spends the most on them, predicted); "
+        f"expert gradients reduced over their "
         f"{spec.dp // spec.ep} replica(s), the others over dp={spec.dp}{alt}"
     )
 
@@ -553,5 +554,5 @@ def _context_notes(spec: PipelineSpec, cluster: ClusterSpec) -> list[str]:
         if "cp" not in plan.mesh.axis_names or not any(dict(s.split).get("cp") for s in plan.strategies):
             continue
         note = context_note(plan.graph, plan.mesh, plan.strategies, cluster, plan.precision, plan.mode == "train")
-        out.append(f"chunk {st.chunk}: {note}")
+        out.append(f"chunk {st.chunk} (its program runs once per micro-batch, {spec.microbatches} per step): {note}")
     return out

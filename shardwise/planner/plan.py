@@ -248,7 +248,8 @@ def _why_context(cand: Candidate, pinned: Constraints, result: SearchResult) -> 
         )
     ways = ", ".join(f"{w} {t * 1e3:.3f} ms" for w, t in sorted(cand.cp_ways, key=lambda x: x[1]))
     way = f"attention by {cand.cp_attention}" + (" (pinned)" if pinned.cp_attention else " (the cheapest)")
-    return f"context parallelism: {why}; {way}; estimated cp communication per step by way: {ways or 'none'}"
+    unit = "per step" if cand.flat else "per micro-batch"  # a pipeline's estimate is per micro-batch
+    return f"context parallelism: {why}; {way}; estimated cp communication {unit} by way: {ways or 'none'}"
 
 
 def _variant(a: Candidate, b: Candidate) -> bool:
