@@ -231,11 +231,11 @@ def _candidates(
     chosen = plan.strategy(node.name)
     chosen_split = {a: lab for a, lab in chosen.split if mesh.axis_size(a) > 1}
     options: list[list[str | None]] = []
-    for size in mesh.shape:
+    for size, axis in zip(mesh.shape, mesh.axis_names, strict=True):
         opts: list[str | None] = [None]
         if size > 1:
             opts += [
-                lab for lab in dims.splittable_labels() if split_is_valid(node, dims, lab, size, ins, outs)
+                lab for lab in dims.splittable_labels() if split_is_valid(node, dims, lab, size, ins, outs, axis)
             ]
         options.append(opts)
     out: list[Candidate] = []

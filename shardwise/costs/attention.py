@@ -5,7 +5,9 @@ mask). Attention needs every key for every query; the ways differ in what moves:
 
 * ``allgather``: the keys and values are all-gathered over the cp group before attention and the gradient of
   the gathered copies reduce-scattered in the backward (what the placement ILP does with any split label:
-  the redistribution machinery prices and emits it, this module only names it);
+  the redistribution machinery prices and emits it, this module only names it); an ``is_causal=True`` call
+  (no mask tensor) gathers them in the program, which masks its rows by their global positions: its kernel
+  computes every block of its rows, priced as the causal share once more;
 * ``ulysses`` (DeepSpeed-Ulysses, Jacobs et al. 2023): queries, keys and values go from sequence-split to
   head-split by one all-to-all each, attention runs on whole sequences of ``heads/cp`` heads, and the output
   returns by one more all-to-all; the backward runs the four all-to-alls' adjoints (all-to-alls again). The
@@ -48,9 +50,11 @@ CP_WAYS = ("allgather", "ulysses", "ring")
 _SEP = "@"
 
 
-def way_label(label: str, way: str) -> str:
-    """The split label a strategy records for a context-parallel attention done ``way`` ("s@ring")."""
-    return label if way == "allgather" else f"{label}{_SEP}{way}"
+def way_label(label: str, way: str, causal: bool = False) -> str:
+    """The split label a strategy records for a context-parallel attention done ``way`` ("s@ring"). The
+    all-gather of keys and values is a plain split (the redistribution does it), except for an ``is_causal``
+    call (``causal``), whose program gathers them itself and masks by global positions ("s@allgather")."""
+    return label if way == "allgather" and not causal else f"{label}{_SEP}{way}"
 
 
 def way_of(label: str) -> str | None:
@@ -70,6 +74,7 @@ class AttentionShape:
     causal: bool  # the mask (or is_causal) hides the blocks above the diagonal
     balanced: bool = False  # the cp axis holds chunk pairs: a causal mask leaves every rank the same work
     score_bytes: float = 0.0  # the scores of this rank's queries against one rank's keys (one ring block)
+    flagged: bool = False  # an ``is_causal=True`` call (no mask tensor): its ways build the mask themselves
 
 
 #: the program's ring attention (``runtime/lib/attention.py``) computes each (query chunk, key chunk) block with
@@ -115,6 +120,10 @@ def context_attention_s(
     if way == "allgather":
         fwd = prices.collective_s("allgather", shape.kv_bytes * cp, ranks)  # (the mask's rows stay split)
         bwd = prices.collective_s("reduce_scatter", shape.kv_bytes * cp, ranks) if train else 0.0
+        if shape.flagged:  # is_causal: the program's call takes a mask of global positions, so its kernel
+            # computes every block of its rows (twice the causal share the op is priced at)
+            fwd += compute_forward_s
+            bwd += compute_backward_s if train else 0.0
         return fwd, bwd
     if way == "ulysses":
         moved = (shape.q_bytes, shape.kv_bytes, shape.out_bytes)
@@ -183,7 +192,7 @@ def attention_shape(
     cp = mesh.axis_size(axis)
     balanced = ins[0].rank >= 2 and pairs_chunks(ins[0].shape[-2], cp)
     scores = q / max(ins[0].shape[-1], 1) * ins[1].shape[-2] / cp  # this rank's rows x one rank's keys
-    return AttentionShape(q, kv, out_bytes, mask, heads, causal, balanced, scores)
+    return AttentionShape(q, kv, out_bytes, mask, heads, causal, balanced, scores, is_causal_attention(node))
 
 
 def node_context_attention_s(

@@ -51,6 +51,10 @@ class OpDims:
     # operands lacking it, e.g. the intermediate dimension of a mixture of experts' gated experts (the
     # hidden state enters a nonlinearity, Megatron's column- then row-parallel pair inside one op)
     inner: frozenset[str] = frozenset()
+    # labels only context parallelism may split (over ``ir.placement.CONTEXT_AXIS``, by a way of
+    # ``costs.attention`` that builds the causal mask from global positions), e.g. the query sequence of an
+    # ``is_causal=True`` attention: a plain split would mask each piece by its local positions
+    context: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
         def side(ops: tuple[Operand, ...]) -> str:

@@ -6,11 +6,13 @@ import math
 from dataclasses import dataclass
 
 __all__ = ["Shard", "Replicate", "Partial", "Placement", "ShardingSpec", "DeviceMesh", "chunks_cleanly", "PAIRED_AXIS",
-           "pairs_chunks", "DATA_AXES", "zero_group"]
+           "pairs_chunks", "DATA_AXES", "zero_group", "CONTEXT_AXIS"]
 
 #: the mesh axis whose pieces are chunk pairs where every dimension it splits allows (context parallelism's:
 #: rank i of cp holds chunks i and 2cp-1-i of the sequence, so that a causal attention's work is balanced)
 PAIRED_AXIS = "cp"
+#: the context-parallel axis: the only one that may split an op's context labels (``dimops.OpDims.context``)
+CONTEXT_AXIS = "cp"
 
 #: the data-parallel axes of a flat plan's mesh: ``dp``, ``ep`` (expert parallelism below dp: an inner data
 #: axis) and ``cp`` (context parallelism). Every rank along them holds the same dense weights (torchtitan's

@@ -587,8 +587,10 @@ def _sdpa(node: Node, ins: Specs, outs: Specs) -> OpDims:
     lead = [Dim(f"b{i}") for i in range(q.rank - 2)]
     if k.shape[:-2] != q.shape[:-2]:  # grouped-query attention: heads map many-to-one
         lead = [Dim(f"b{i}", frozen=True) for i in range(q.rank - 2)]
+    # a causal call's query sequence splits only over the context-parallel axis (its ways mask by global
+    # positions, costs.attention); a plain split would mask each piece by its local positions
     causal = bool(_arg(node, 5, "is_causal", False))
-    s = Dim("s", frozen=causal)
+    s = Dim("s")
     d, t, e = Dim("d", frozen=True), Dim("t", frozen=True), Dim("e")
 
     def lead_of(x: TensorSpec) -> tuple[Dim, ...]:
@@ -608,7 +610,7 @@ def _sdpa(node: Node, ins: Specs, outs: Specs) -> OpDims:
                 for i in range(mask.rank)
             )
         )
-    return OpDims(tuple(operands), (tuple(lead) + (s, e),))
+    return OpDims(tuple(operands), (tuple(lead) + (s, e),), context=frozenset({"s"}) if causal else frozenset())
 
 
 def _conv(node: Node, ins: Specs, outs: Specs) -> OpDims:

@@ -79,3 +79,53 @@ def test_three_sgd_steps_equal_eager(pool, name, way):
     expected_losses, expected_state = eager_training(reference, inputs, _loss, SGD)
     assert_weights_moved(model.state_dict(), expected_state)  # well beyond the tolerance
     assert_training_equal(losses, state, expected_losses, expected_state)
+
+
+class _CausalLM(torch.nn.Module):
+    """A language model whose attention is ``scaled_dot_product_attention(q, k, v, is_causal=True)`` with no mask
+    tensor (as torchtitan's Llama calls it), grouped-query (4 query heads, 2 key/value heads)."""
+
+    def __init__(self, vocab: int = 64, width: int = 32, heads: int = 4, kv_heads: int = 2, layers: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head = heads, kv_heads, width // heads
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.q = torch.nn.ModuleList(torch.nn.Linear(width, width, bias=False) for _ in range(layers))
+        self.kv = torch.nn.ModuleList(torch.nn.Linear(width, 2 * kv_heads * self.head, bias=False) for _ in range(layers))
+        self.o = torch.nn.ModuleList(torch.nn.Linear(width, width, bias=False) for _ in range(layers))
+        self.out = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        b, s, _ = x.shape
+        for q_proj, kv_proj, o_proj in zip(self.q, self.kv, self.o, strict=True):
+            q = q_proj(x).view(b, s, self.heads, self.head).transpose(1, 2)
+            k, v = kv_proj(x).view(b, s, 2 * self.kv_heads, self.head).transpose(1, 2).chunk(2, dim=1)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + o_proj(a.transpose(1, 2).reshape(b, s, -1)).tanh()
+        return self.out(x)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_is_causal_attention_splits_over_cp(pool, way):
+    # no mask tensor: each way masks its rows by their global positions (the ring's blocks, the gathered keys)
+    # or runs whole sequences (Ulysses); a plain split would mask each rank's rows by local positions
+    torch.manual_seed(0)
+    model = _CausalLM()
+    inputs = (torch.randint(0, 64, (2, 64)),)
+    reference = copy.deepcopy(model)
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        return out.float().sin().mean()
+
+    with shardwise.compile(
+        model, "cpu:2", example_inputs=inputs, mode="train", loss_fn=loss, optimizer=SGD,
+        constraints={"cp": 2, "cp_attention": way}, workers=pool,
+    ) as cm:  # fmt: skip
+        calls = {n.name for n in cm.graph.nodes if n.op == "aten.scaled_dot_product_attention.default"}
+        labels = [dict(s.split).get("cp") for s in cm.plan.strategies if s.node in calls]
+        assert labels == [f"s@{way}"] * 2, labels  # every is_causal call split over cp, by the way pinned
+        losses = [cm.train_step(*inputs) for _ in range(3)]
+        state = cm.state_dict()
+    expected_losses, expected_state = eager_training(reference, inputs, loss, SGD)
+    assert_weights_moved(model.state_dict(), expected_state)
+    assert_training_equal(losses, state, expected_losses, expected_state)

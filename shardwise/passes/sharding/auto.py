@@ -292,14 +292,17 @@ def _context_attention_choices(
     q_label = info.dims.inputs[0][info.ins[0].rank - 2].label
     out: list[Choice] = []
     problems: list[str] = []
+    # an is_causal call (no mask tensor): a plain split would mask by local positions, so every way is the
+    # program's own (C.context_attention), the all-gather included
+    causal = q_label in info.dims.context
     for ch in choices:
         split = dict(ch.split)
         if split.get(axis) != q_label:
             out.append(ch)  # the cp axis does not split this attention's sequence here
             continue
-        if "allgather" in opts.cp_ways:
+        if "allgather" in opts.cp_ways and not causal:
             out.append(ch)
-        for way in ("ulysses", "ring"):
+        for way in ("allgather", "ulysses", "ring") if causal else ("ulysses", "ring"):
             if way not in opts.cp_ways:
                 continue
             if way == "ulysses":
@@ -314,7 +317,7 @@ def _context_attention_choices(
                     continue
             inputs = context_attention_inputs(info.ins, ch.inputs, mesh, axis)
             grads = tuple(tuple(x for x in g if x != axis) for g in ch.grad_axes)
-            labels = tuple((ax, way_label(lab, way) if ax == axis else lab) for ax, lab in ch.split)
+            labels = tuple((ax, way_label(lab, way, causal) if ax == axis else lab) for ax, lab in ch.split)
             out.append(Choice(labels, tuple(inputs), ch.outputs, grads, ch.ways))
     if not out:
         raise PlanError(

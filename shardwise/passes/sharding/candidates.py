@@ -155,7 +155,7 @@ def follow_choice(
             label = _shard_label(info, i, pl, a)
             if label is None or label in used:
                 continue
-            if not split_is_valid(info.node, info.dims, label, mesh.shape[a], info.ins, info.outs):
+            if not split_is_valid(info.node, info.dims, label, mesh.shape[a], info.ins, info.outs, axis):
                 continue
             split[axis] = label
             used.add(label)
@@ -286,7 +286,7 @@ def node_choices(
             for label in valid:
                 if label in used or label in forbidden:
                     continue
-                if split_is_valid(info.node, info.dims, label, size, info.ins, info.outs):
+                if split_is_valid(info.node, info.dims, label, size, info.ins, info.outs, axis):
                     grown.append({**base, axis: label})
         splits = grown
     return [make_choice(info, s, mesh) for s in splits]

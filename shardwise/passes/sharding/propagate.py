@@ -84,7 +84,7 @@ def follow_producers(
                 if dim >= len(dims.inputs[i]):
                     continue
                 label = dims.inputs[i][dim].label
-                if label in used or not split_is_valid(node, dims, label, mesh.shape[a], ins, outs):
+                if label in used or not split_is_valid(node, dims, label, mesh.shape[a], ins, outs, axis):
                     continue
                 split[axis] = label
                 used.add(label)

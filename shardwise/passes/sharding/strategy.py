@@ -23,6 +23,7 @@ from shardwise.costs.prices import MeshPrices
 from shardwise.ir.dimops import OpDims
 from shardwise.ir.graph import Node
 from shardwise.ir.placement import (
+    CONTEXT_AXIS,
     DeviceMesh,
     Partial,
     Placement,
@@ -82,11 +83,15 @@ def _uneven_ok(node: Node, dims: OpDims, label: str, ways: int, sizes: set[int])
 
 
 def split_is_valid(
-    node: Node, dims: OpDims, label: str, ways: int, ins: Sequence[TensorSpec], outs: Sequence[TensorSpec]
+    node: Node, dims: OpDims, label: str, ways: int, ins: Sequence[TensorSpec], outs: Sequence[TensorSpec],
+    axis: str | None = None,
 ) -> bool:
-    """Can ``label`` be split ``ways`` ways in this op? Evenly anywhere the dimops allow it; in uneven
-    (torch.chunk) pieces only where that is exact (``UNEVEN_OPS``, elementwise ops)."""
+    """Can ``label`` be split ``ways`` ways in this op (over mesh ``axis``)? Evenly anywhere the dimops allow it;
+    in uneven (torch.chunk) pieces only where that is exact (``UNEVEN_OPS``, elementwise ops); a context label
+    (``OpDims.context``) only over the context-parallel axis."""
     if label not in dims.splittable_labels():
+        return False
+    if label in dims.context and axis != CONTEXT_AXIS:
         return False
     sizes = label_sizes(dims, ins, outs)
     label_sizes_ = sizes.get(label, {0})

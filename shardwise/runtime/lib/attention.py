@@ -3,8 +3,12 @@
 ``context_attention(q, k, v, mask, mesh, axis, way, ...)`` computes ``F.scaled_dot_product_attention`` of the
 whole sequence while each rank holds a contiguous chunk of it (rank ``i`` of the axis holds chunk ``i`` of the
 queries, keys, values and of the mask's rows, the mask's columns whole), and returns this rank's chunk of the
-output. Two ways (the third, all-gathering the keys and values, is an ordinary redistribution before an
-ordinary attention call):
+output. Three ways (all-gathering the keys and values is an ordinary redistribution before an ordinary
+attention call, except for an ``is_causal=True`` call, whose mask must follow the rows' global positions):
+
+* ``"allgather"``: the keys and values all-gathered (their gradients reduce-scattered back), this rank's rows
+  attended to all of them, an ``is_causal`` call masked by the rows' global positions (chunk pairs on a paired
+  axis);
 
 * ``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns the sequence split of q, k, v into a split of the heads
   (rank ``j`` gets the ``j``-th contiguous group of ``heads / n``), attention runs on whole sequences (the mask's
@@ -281,13 +285,32 @@ def _ring(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa):  # noqa: ANN
     return _RingAttention.apply(q, k, v, mask, mesh, axis, scale, is_causal)
 
 
+def _positions(mesh: Mesh, axis: str, rows: int, device) -> torch.Tensor:  # noqa: ANN001
+    """The global sequence positions of this rank's ``rows`` rows (its chunks, ``chunk_ids``, in order)."""
+    ids = chunk_ids(mesh, axis)
+    size = rows // len(ids)
+    return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in ids])
+
+
+def _gathered(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa):  # noqa: ANN001, ANN202
+    """The keys and values all-gathered (their gradients, partial over the axis, reduce-scattered back) and this
+    rank's rows attended to all of them; ``is_causal``: masked by the rows' global positions."""
+    seq = k.dim() - 2
+    k = all_gather(k, seq, mesh, axis, partial_grad=True)
+    v = all_gather(v, seq, mesh, axis, partial_grad=True)
+    if is_causal:
+        rows = _positions(mesh, axis, q.shape[-2], q.device)
+        mask = torch.arange(k.shape[-2], device=q.device).unsqueeze(0) <= rows.unsqueeze(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
 def context_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, mesh: Mesh, axis: str,
     way: str, *, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """This rank's chunk of ``F.scaled_dot_product_attention(q, k, v, mask, ...)`` over the sequence split
-    along ``axis`` (see the module docstring); ``way``: ``"ulysses"`` or ``"ring"``."""
+    along ``axis`` (see the module docstring); ``way``: ``"allgather"``, ``"ulysses"`` or ``"ring"``."""
     if mesh.size(axis) == 1:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
@@ -298,4 +321,6 @@ def context_attention(
         return _ulysses(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa, dropout_p)
     if way == "ring":
         return _ring(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa)
-    raise ValueError(f"unknown context-parallel attention way {way!r}: 'ulysses' or 'ring'")
+    if way == "allgather":
+        return _gathered(q, k, v, mask, mesh, axis, scale, is_causal, enable_gqa)
+    raise ValueError(f"unknown context-parallel attention way {way!r}: 'allgather', 'ulysses' or 'ring'")
