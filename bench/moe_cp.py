@@ -11,12 +11,16 @@ see that file's docstring):
 
 - *Model*: torchtitan's Llama 3.1 8B configuration as ``bench/torchtitan_h100.py`` builds it (bf16 on the
   meta device), one sequence per data-parallel rank (local batch 1): the global batch is the FSDP degree, each
-  sequence of the row's length, split over ``cp`` ranks. One difference from that file: attention is
-  transformers' SDPA call (the KV heads handled inside the causal kernel) rather than torchtitan's repeat-KV
-  (expand + reshape) before it, because shardwise's context-parallel split does not follow the sequence
-  through that expand + reshape yet (the placement then runs attention whole: no cp attention at all). Not
-  charged as a result: the repeat's copies of K and V (2 x 4 x the KV bytes per layer: small against the
-  attention at 32K tokens and more).
+  sequence of the row's length, split over ``cp`` ranks. Attention is torchtitan's call, a causal SDPA with no
+  mask tensor (``is_causal=True``: FlashAttention-2's causal kernel, priced at half the full FLOPs as
+  ``bench/torchtitan_h100.py`` prices it), with one difference from that file: the KV heads are handled inside
+  the kernel (``enable_gqa=True``) rather than repeated before it (torchtitan's repeat-KV, an expand + reshape),
+  because shardwise's context-parallel split does not follow the sequence through that expand + reshape yet.
+  Not charged as a result: the repeat's copies of K and V (2 x 4 x the KV bytes per layer: small against the
+  attention at 32K tokens and more). (Until the cp split of ``is_causal`` calls landed, this file traced
+  transformers' own SDPA call, which under tracing materializes the S x S causal mask: a masked call, priced
+  as a full attention, twice the device FLOPs of torchtitan's causal kernel, with the mask whole on every
+  rank. The JSON keeps those runs.)
 - *Parallelism*: FSDP over the FSDP degree = ``dp=F, zero=3``; ``cp=C`` with ring attention (torchtitan runs
   PyTorch's experimental ``context_parallel``: ring attention passing key/value shards,
   ``cp_attention="ring"``). torchtitan's FSDP shards the parameters over ``dp x cp`` (its ``dp_shard_cp``
@@ -69,17 +73,36 @@ DEEPSEEK_CLUSTER = ROOT / "clusters" / "h800-deepseek.yaml"
 DEEPSEEK_PUBLISHED = {"pp": 16, "dp": 128, "ep": 64, "zero": 1}
 
 
+ATTENTION = "torchtitan_sdpa_gqa"
+
+
+def _register_attention() -> None:
+    """``torchtitan_sdpa_gqa``: torchtitan's attention call, a causal SDPA with no mask tensor, its key/value heads
+    handled by the kernel (``enable_gqa``) rather than repeated before it (see the module docstring)."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN202
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, lambda *args, **kwargs: None)  # causal by the kernel's flag
+
+
 def _llama(batch: int, seq: int, layers: int | None) -> tuple[Any, Any]:
     import torch
     from torchtitan_h100 import LLAMA31_8B
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    _register_attention()
     cfg = LlamaConfig(
         **{**LLAMA31_8B, "max_position_embeddings": max(seq, LLAMA31_8B["max_position_embeddings"]),
            **({"num_hidden_layers": layers} if layers else {})}, use_cache=False,
     )  # fmt: skip
     with torch.device("meta"):
-        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation=ATTENTION, dtype=torch.bfloat16)
     return model, torch.empty(batch, seq, dtype=torch.long, device="meta")
 
 
