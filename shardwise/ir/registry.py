@@ -585,8 +585,9 @@ def _embedding(node: Node, ins: Specs, outs: Specs) -> OpDims:
 def _sdpa(node: Node, ins: Specs, outs: Specs) -> OpDims:
     q, k, v = ins[0], ins[1], ins[2]
     lead = [Dim(f"b{i}") for i in range(q.rank - 2)]
-    if k.shape[:-2] != q.shape[:-2]:  # grouped-query attention: heads map many-to-one
-        lead = [Dim(f"b{i}", frozen=True) for i in range(q.rank - 2)]
+    gqa = k.shape[:-2] != q.shape[:-2]
+    if gqa and lead:  # grouped-query attention: the heads map many-to-one (the batch dimensions do not)
+        lead[-1] = Dim(lead[-1].label, frozen=True)
     # a causal call's query sequence splits only over the context-parallel axis (its ways mask by global
     # positions, costs.attention); a plain split would mask each piece by its local positions
     causal = bool(_arg(node, 5, "is_causal", False))
@@ -596,7 +597,11 @@ def _sdpa(node: Node, ins: Specs, outs: Specs) -> OpDims:
     def lead_of(x: TensorSpec) -> tuple[Dim, ...]:
         if x.shape[:-2] == q.shape[:-2]:
             return tuple(lead)
-        return tuple(Dim(f"g{i}", frozen=True) for i in range(x.rank - 2))
+        # keys and values of fewer heads: their batch dimensions are the queries', their heads their own
+        return tuple(
+            lead[i] if x.rank == q.rank and i < x.rank - 3 and x.shape[i] == q.shape[i] else Dim(f"g{i}", frozen=True)
+            for i in range(x.rank - 2)
+        )
 
     operands: list[Operand] = [tuple(lead) + (s, d), lead_of(k) + (t, d), lead_of(v) + (t, e)]
     if len(ins) > 3:  # attention mask, broadcast to [..., s, t]

@@ -129,3 +129,17 @@ def test_is_causal_attention_splits_over_cp(pool, way):
     expected_losses, expected_state = eager_training(reference, inputs, loss, SGD)
     assert_weights_moved(model.state_dict(), expected_state)
     assert_training_equal(losses, state, expected_losses, expected_state)
+
+
+def test_grouped_query_attention_splits_its_batch_over_dp():
+    # (plan only) fewer key/value heads than query heads map the heads many-to-one, not the batch: dp splits the
+    # attention's batch as it splits every other op's (before, the call ran whole on every data-parallel rank)
+    from shardwise.cluster import get_cluster
+    from shardwise.frontend.trace import trace
+    from shardwise.planner.auto import plan_auto
+
+    model, ids = _CausalLM(), torch.randint(0, 64, (4, 64))
+    graph, _ = trace(model, (ids,), loss_fn=lambda out: out.float().sin().mean())
+    plan = plan_auto(graph, get_cluster("cpu:2"), mode="train", constraints={"dp": 2, "tp": 1})
+    calls = {n.name for n in graph.nodes if n.op == "aten.scaled_dot_product_attention.default"}
+    assert [dict(s.split).get("dp") for s in plan.strategies if s.node in calls] == ["b0", "b0"]
