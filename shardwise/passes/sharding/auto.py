@@ -512,7 +512,8 @@ def place(
                     m += local * pmem(member, shard)
                     state += local * pmem(member, shard)
                     if member in trainable:
-                        t += tail.optimizer_s(local_elements(spec, ch.outputs[0], mesh), shard)
+                        elements = local_elements(spec, ch.outputs[0], mesh)
+                        t += tail.optimizer_s(elements, shard) + tail.gather_s(elements, shard)
             cost_row.append(t * count)
             mem_row.append(m * count)
             state_row.append(state * count)

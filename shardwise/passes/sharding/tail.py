@@ -76,6 +76,13 @@ class StepTail:
         self.constant_s = (opt(elements) - self.optimizer_element_s * elements if elements else 0.0) + (
             accumulate_s(prices, len(trainable))
         )
+        # ZeRO 1 and 2: the updated parameters all-gathered over their group after the step (costs.step's
+        # ZeRO gather): its latency once per step (over every data axis), its bytes per parameter (gather_s)
+        self.gather_group = zero_group(mesh, None) if opts.zero in (1, 2) else ()
+        if len(self.gather_group) == 1:
+            self.gather_group = self.gather_group[0]  # type: ignore[assignment]
+        if self.gather_group:
+            self.constant_s += cost.collective_s("allgather", 1, self.gather_group)
         # a bucket's copies (torch.cat into it, one copy back per parameter) at the rate of a full bucket's bytes
         compute = prices.compute
         bucket = 2.0 * min(float(BUCKET_BYTES), 4.0 * sum(s.numel for s in trainable))
@@ -86,6 +93,15 @@ class StepTail:
         """The optimizer step's share of one parameter of ``local_elements`` elements on this device, its state
         sharded over ``shard`` ranks by ZeRO (``zero_shard``)."""
         return self.optimizer_element_s * local_elements / max(shard, 1)
+
+    def gather_s(self, local_elements: int, shard: int) -> float:
+        """ZeRO 1 and 2: one parameter's share of the all-gather of the updated parameters (float32) over the
+        ``shard`` ranks its state is sharded over (``zero_shard``; the group's latency is in ``constant_s``)."""
+        if not self.gather_group or shard < 2:
+            return 0.0
+        nbytes = 4.0 * local_elements
+        group = self.gather_group
+        return self.cost.collective_s("allgather", nbytes, group) - self.cost.collective_s("allgather", 1, group)
 
     def bucket_latency_s(self, axes: tuple[str, ...]) -> float:
         """One bucket over ``axes``: its collectives' latency (a 1-byte collective) and the launch of its copy

@@ -106,3 +106,23 @@ def test_tp2_on_gpt2_splits_weights_unless_replication_is_faster(analyses) -> No
         megatron = _realize(analyses, "gpt2", 1, 2, False).plan
         assert _split(megatron)
         assert plan.predicted.step_time_s * 1.01 < megatron.predicted.step_time_s
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_objective_is_the_price_of_a_zero_plan_over_dp_and_cp(zero: int) -> None:
+    # dp2 x cp2 on cpu:4: the gradients summed over the combined group (one collective), and under ZeRO 1 the
+    # optimizer's share and the all-gather of the updated parameters over it, as price_flat prices them
+    pytest.importorskip("transformers")
+    from shardwise.zoo.hf import tiny_causal_lm
+
+    model, inputs = tiny_causal_lm("llama", seq=256)
+    graph, _ = trace(model, inputs, loss_fn=lambda out: out.logits.float().sin().mean())
+    cluster = get_cluster("cpu:4")
+    realized = realize_flat(
+        graph, cluster, dp=2, tp=1, sp=True, zero=zero, recompute="none", cp=2, cp_ways=("ulysses",),
+        options=FlatOptions(mode="train", fusion=False), analyses=FlatAnalyses(graph),
+    )  # fmt: skip
+    plan = realized.plan
+    assert plan.zero_stage == zero and any(set(axes) == {"dp", "cp"} for _, axes in plan.param_grad_reduce)
+    price = price_flat(plan, price_list(cluster, plan.precision)).step_s
+    assert abs(realized.stats.objective_s - price) <= TOLERANCE * price, (realized.stats.objective_s, price)
