@@ -157,3 +157,26 @@ def test_predicted_peak_memory_of_a_mixture_of_experts(pool, ep):
         predicted = cm.plan.predicted.memory_bytes
     for rank, (p, m) in enumerate(zip(predicted, measured, strict=True)):
         assert abs(p / m["peak"] - 1) <= TOLERANCE, (rank, p, m)
+
+
+def test_predicted_peak_memory_over_dp_and_cp(pool4):
+    """The tiny Llama (sequence 256, batch 2) as dp=2 x cp=2 (Ulysses) on cpu:4: the gradients summed over the
+    combined dp x cp group in one bucket, which the memory map holds as the runtime does; every rank's measured
+    peak within 10% of the prediction. (At ZeRO 1 over dp x cp the measured peak was 10.6% above the prediction
+    when this was written, where dp=2 alone is 3% above: not yet explained, so not asserted.)"""
+    pytest.importorskip("transformers")
+    from shardwise.zoo.hf import tiny_causal_lm
+
+    model, inputs = tiny_causal_lm("llama", seq=256)
+    constraints = {"dp": 2, "cp": 2, "zero": 0, "cp_attention": "ulysses", "recompute": "none"}
+    with shardwise.compile(
+        model, "cpu:4", example_inputs=inputs, mode="train", loss_fn=_loss, constraints=constraints,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), workers=pool4,
+    ) as cm:  # fmt: skip
+        assert any(set(axes) == {"dp", "cp"} for _, axes in cm.plan.param_grad_reduce)
+        cm.train_step(*inputs)
+        pool4.call_function(measure_train_step, *inputs)
+        measured = pool4.call_function(measure_train_step, *inputs)
+        predicted = cm.plan.predicted.memory_bytes
+    for rank, (p, m) in enumerate(zip(predicted, measured, strict=True)):
+        assert abs(p / m["peak"] - 1) <= TOLERANCE, (rank, p, m)
