@@ -24,6 +24,12 @@ Candidates are visited in order of a lower bound and pruned once the bound excee
 fastest, less memory first); ``planner.plan`` realizes the best ones and prices the realized plans, which
 is the price every view shows.
 
+Expert parallelism (``ep``, a divisor of ``dp`` and of the expert count) and context parallelism (``cp``, an axis of
+its own) are degrees of every layout, flat or pipelined (not both in one pipeline): the experts' weights at
+``1 / ep`` per rank and their all-to-alls on each chunk's device stage (``costs.step.moe_exchange_s``), the
+experts' gradients reduced over their ``dp / ep`` replicas only; each chunk's attention over ``cp`` by the
+pinned or cheapest way (``costs.attention``) and, in pipelines, the chunk boundaries made whole over ``cp``.
+
 Capabilities the generated programs have: ZeRO 0-3 for flat layouts, 0-2 with pipelines
 (``PIPELINE_ZERO``); selective recomputation for flat layouts (per layer, ``passes.remat``), full
 recomputation for both.
@@ -117,8 +123,8 @@ class Candidate:
     zero: int = 0
     recomputed: tuple[int, ...] = ()  # unit positions recomputed (selective and full)
     memory_parts: tuple[tuple[str, int], ...] = ()  # the busiest device's memory by what it holds
-    ep: int = 1  # expert parallelism: the experts of MoE layers split over the dp axis (ep = dp)
-    cp: int = 1  # context parallelism: the sequence split over its own axis (flat layouts)
+    ep: int = 1  # expert parallelism: the experts of MoE layers split over ep of the data-parallel replicas
+    cp: int = 1  # context parallelism: the sequence split over its own axis (flat layouts and pipelines)
     cp_attention: str = ""  # the way the estimate priced attention over cp (costs.attention.CP_WAYS)
     cp_ways: tuple[tuple[str, float], ...] = ()  # every way the estimate priced: (way, seconds per step)
 
