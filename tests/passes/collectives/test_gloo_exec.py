@@ -82,7 +82,11 @@ def test_lowered_schedules_match_torch_distributed_on_gloo():
     import torch.multiprocessing as mp
 
     cases = _cases()
-    ctx = mp.get_context("spawn")
+    # A fork server imports torch once (preloading the light worker module) and forks the 16 workers from
+    # it: 16 spawned interpreters would each import torch again (~30 s of CPU on two cores). The server has
+    # started no threads, so forking it is safe; each child still makes its own process group.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["_gloo_worker"])
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         init = "file://" + os.path.join(tmp, "pg")
