@@ -1,5 +1,6 @@
-"""Fixtures of the end-to-end tests: one pool of two gloo worker processes per test module (spawning one
-costs about ten seconds here). A module that needs another size defines its own ``pool``."""
+"""Fixtures of the end-to-end tests: the session's pool of two gloo worker processes (tests/conftest.py's
+``worker_pools``: spawning one costs about ten seconds here). A module that needs another size asks
+``worker_pools`` for it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,5 @@ from shardwise.runtime import WorkerPool
 
 
 @pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(2, backend="gloo")
-    yield made
-    made.close()
+def pool(worker_pools) -> WorkerPool:
+    return worker_pools(2)

@@ -24,7 +24,6 @@ import shardwise
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.costs.step import zero_shards
 from shardwise.ir.placement import Shard
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.testing.memory import optimizer_layout
 
@@ -44,10 +43,8 @@ FREE_LINKS = {"dp2-cp2-zero3-ring"}
 
 
 @pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(4, backend="gloo")
-    yield made
-    made.close()
+def pool(worker_pools):  # the session's pool of four (tests/conftest.py)
+    return worker_pools(4)
 
 
 def _loss(out) -> torch.Tensor:  # noqa: ANN001

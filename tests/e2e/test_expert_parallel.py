@@ -24,7 +24,6 @@ import torch
 
 import shardwise
 from shardwise.cluster.presets import cpu_cluster
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 
 pytest.importorskip("transformers")
@@ -48,9 +47,8 @@ EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 @pytest.fixture(scope="module")
-def pools():
-    with WorkerPool(2, backend="gloo") as two, WorkerPool(4, backend="gloo") as four:
-        yield {2: two, 4: four}
+def pools(worker_pools):  # the session's pools (tests/conftest.py)
+    return {2: worker_pools(2), 4: worker_pools(4)}
 
 
 def _loss(out) -> torch.Tensor:  # noqa: ANN001
@@ -62,7 +60,7 @@ def _program(cm) -> str:  # noqa: ANN001
         return (cm.save(tmp, weights=False) / "program.py").read_text()
 
 
-def _expert_parallel(cm, layers: int = 2) -> None:  # noqa: ANN001
+def _expert_parallel(cm, layers: int = 2) -> None:
     """The plan splits every layer's experts over its expert axis (dp, or ep below dp) and the program dispatches
     by all-to-all over it."""
     assert cm.plan.degrees.get("ep") == 2

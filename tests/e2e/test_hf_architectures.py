@@ -19,7 +19,6 @@ import torch
 
 import shardwise
 from shardwise.errors import TraceError
-from shardwise.runtime import WorkerPool
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,17 +33,8 @@ PLANS = {"default": None, "tp2": {"tp": 2}}
 
 
 @pytest.fixture(scope="module")
-def pools():
-    made: dict[int, WorkerPool] = {}
-
-    def get(n: int) -> WorkerPool:
-        if n not in made:
-            made[n] = WorkerPool(n, backend="gloo", timeout_s=120)
-        return made[n]
-
-    yield get
-    for pool in made.values():
-        pool.close()
+def pools(worker_pools):  # the session's pools (tests/conftest.py)
+    return lambda n: worker_pools(n, timeout_s=120)
 
 
 @functools.cache

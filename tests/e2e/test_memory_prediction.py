@@ -102,12 +102,8 @@ def test_predicted_peak_memory_of_inference(pool, case):
 
 
 @pytest.fixture(scope="module")
-def pool4():
-    from shardwise.runtime import WorkerPool
-
-    made = WorkerPool(4, backend="gloo", timeout_s=300)
-    yield made
-    made.close()
+def pool4(worker_pools):  # the session's pool of four (tests/conftest.py)
+    return worker_pools(4, timeout_s=300)
 
 
 @pytest.mark.parametrize("zero", [2])

@@ -19,7 +19,6 @@ import shardwise
 from shardwise.cluster import ClusterSpec
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.ir.placement import Shard
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
@@ -53,17 +52,8 @@ def _cluster(n: int, free: bool) -> ClusterSpec | str:
 
 
 @pytest.fixture(scope="module")
-def pools():
-    made: dict[int, WorkerPool] = {}
-
-    def get(n: int) -> WorkerPool:
-        if n not in made:
-            made[n] = WorkerPool(n, backend="gloo")
-        return made[n]
-
-    yield get
-    for pool in made.values():
-        pool.close()
+def pools(worker_pools):  # the session's pools (tests/conftest.py)
+    return lambda n: worker_pools(n)
 
 
 def _shards_on_tp(plan) -> bool:

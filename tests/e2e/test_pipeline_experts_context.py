@@ -26,7 +26,6 @@ import pytest
 import torch
 
 import shardwise
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, assert_weights_moved, eager_training
 
 pytest.importorskip("transformers")
@@ -40,10 +39,8 @@ EXPERTS = {"pp": 2, "ep": 2, "zero": 1, "microbatches": 2}
 
 
 @pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(4, backend="gloo")
-    yield made
-    made.close()
+def pool(worker_pools):  # the session's pool of four (tests/conftest.py)
+    return worker_pools(4)
 
 
 def _loss(out) -> torch.Tensor:  # noqa: ANN001
@@ -56,7 +53,7 @@ def _chunk_programs(cm) -> list[str]:  # noqa: ANN001
         return [p.read_text() for p in sorted(Path(root).glob("chunk*/program.py"))]
 
 
-def _experts_split(cm) -> None:  # noqa: ANN001
+def _experts_split(cm) -> None:
     """Each stage's experts are split over its two replicas, and every experts op dispatches over them."""
     spec = cm.plan.pipeline
     assert spec is not None and spec.pp == 2 and spec.ep == 2 and cm.plan.degrees.get("ep") == 2

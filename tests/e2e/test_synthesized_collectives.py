@@ -21,7 +21,6 @@ import torch
 import shardwise
 from shardwise.cluster.presets import cpu_cluster
 from shardwise.errors import UserInputError
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.zoo import build_model
 
@@ -37,10 +36,8 @@ def _loss(o):
 
 
 @pytest.fixture(scope="module")
-def pool():
-    p = WorkerPool(4, backend="gloo")
-    yield p
-    p.close()
+def pool(worker_pools):  # the session's pool of four (tests/conftest.py)
+    return worker_pools(4)
 
 
 def _scheduled(plan) -> list:

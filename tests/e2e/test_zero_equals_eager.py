@@ -24,7 +24,6 @@ import torch
 
 import shardwise
 from shardwise.cluster.presets import cpu_cluster
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 from shardwise.testing.memory import optimizer_layout
 from shardwise.zoo import build_model
@@ -49,17 +48,8 @@ def _loss(o):
 
 
 @pytest.fixture(scope="module")
-def pools():
-    made: dict[int, WorkerPool] = {}
-
-    def get(n: int) -> WorkerPool:
-        if n not in made:
-            made[n] = WorkerPool(n, backend="gloo", timeout_s=180)
-        return made[n]
-
-    yield get
-    for pool in made.values():
-        pool.close()
+def pools(worker_pools):  # the session's pools (tests/conftest.py)
+    return lambda n: worker_pools(n, timeout_s=180)
 
 
 def _with_zero(plan, stage: int):

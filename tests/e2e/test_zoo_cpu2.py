@@ -7,16 +7,14 @@ import torch
 import torch.utils._pytree as pytree
 
 import shardwise
-from shardwise.runtime import WorkerPool
 from shardwise.zoo import MODEL_NAMES, build_model
 
 pytestmark = pytest.mark.multiproc
 
 
 @pytest.fixture(scope="module")
-def pool():
-    with WorkerPool(2, timeout_s=120) as p:
-        yield p
+def pool(worker_pools):  # the session's pool of two (tests/conftest.py)
+    return worker_pools(2, timeout_s=120)
 
 
 def _tensors(x):

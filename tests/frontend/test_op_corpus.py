@@ -26,7 +26,6 @@ import pytest
 
 pytest.importorskip("expecttest", reason="torch's OpInfo database needs expecttest (pip install -e '.[dev]')")
 
-from shardwise.runtime import WorkerPool  # noqa: E402
 from shardwise.testing.opcorpus import (  # noqa: E402
     RUN_FAILURES,
     UNSUPPORTED,
@@ -43,17 +42,8 @@ NAMES = corpus_names()
 
 
 @pytest.fixture(scope="module")
-def pools():
-    made: dict[int, WorkerPool] = {}
-
-    def get(n: int) -> WorkerPool:
-        if n not in made:
-            made[n] = WorkerPool(n, backend="gloo", timeout_s=120)
-        return made[n]
-
-    yield get
-    for pool in made.values():
-        pool.close()
+def pools(worker_pools):  # the session's pools (tests/conftest.py)
+    return lambda n: worker_pools(n, timeout_s=120)
 
 
 @pytest.mark.parametrize("index", range(len(NAMES)), ids=NAMES)

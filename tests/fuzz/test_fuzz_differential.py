@@ -44,9 +44,9 @@ PIPELINE_SEEDS = {
 
 
 @pytest.fixture(scope="module")
-def fuzzer():
-    with Fuzzer(timeout_s=90) as f:
-        yield f
+def fuzzer(worker_pools):
+    # the session's pools (tests/conftest.py), each step bounded at 90 s; not closed here: the session does it
+    return Fuzzer(timeout_s=90, pools={n: worker_pools(n, timeout_s=90) for n in (2, 4)})
 
 
 def test_generated_models_run_in_eager_pytorch() -> None:

@@ -79,9 +79,9 @@ def test_pipeline_blocks_keep_the_rows_of_the_batch_apart() -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzzer():
-    with Fuzzer(timeout_s=90, features=FEATURES) as f:
-        yield f
+def fuzzer(worker_pools):
+    # the session's pools (tests/conftest.py), each step bounded at 90 s; not closed here: the session does it
+    return Fuzzer(timeout_s=90, features=FEATURES, pools={n: worker_pools(n, timeout_s=90) for n in (2, 4)})
 
 
 # pipelines of blocks: pp=2 (40), pp=4 (46), pp=2 x dp=2 (67), pp=2 with an in-place op (69); a dynamic batch

@@ -29,7 +29,6 @@ from shardwise.ir.plan import ExecutionPlan, Redistribute
 from shardwise.passes.fusion import FusionOptions, fuse_plan, fusion_stats, role_of
 from shardwise.passes.fusion.memory import FastPeak, exact_peak
 from shardwise.planner.auto import plan_auto
-from shardwise.runtime import WorkerPool
 from shardwise.runtime.package import build_module, import_package, unload_package
 from shardwise.zoo import MODEL_NAMES, build_model
 
@@ -301,9 +300,8 @@ def test_fused_program_equals_unfused_and_eager_on_one_process(name, zoo_plans, 
 
 
 @pytest.fixture(scope="module")
-def pool():
-    with WorkerPool(2, timeout_s=120) as p:
-        yield p
+def pool(worker_pools):  # the session's pool of two (tests/conftest.py)
+    return worker_pools(2, timeout_s=120)
 
 
 @pytest.mark.multiproc

@@ -45,10 +45,8 @@ def _loss(output: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(2, backend="gloo")
-    yield made
-    made.close()
+def pool(worker_pools):  # the session's pool of two (tests/conftest.py): long-lived, as here
+    return worker_pools(2)
 
 
 def test_training_programs_one_after_another_keep_the_threads_bounded(pool: WorkerPool) -> None:

@@ -23,7 +23,6 @@ import shardwise
 from shardwise.frontend.trace import trace
 from shardwise.passes.stages.rows import micro_shapes_problem, rows_problem
 from shardwise.planner.pipeline import batch_inputs
-from shardwise.runtime import WorkerPool
 from shardwise.testing.eager import assert_training_equal, eager_training
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
@@ -147,10 +146,8 @@ def test_a_random_op_keeps_the_batch_whole() -> None:
 
 
 @pytest.fixture(scope="module")
-def pool():
-    made = WorkerPool(2, backend="gloo", timeout_s=180)
-    yield made
-    made.close()
+def pool(worker_pools):  # the session's pool of two (tests/conftest.py)
+    return worker_pools(2, timeout_s=180)
 
 
 @pytest.mark.multiproc

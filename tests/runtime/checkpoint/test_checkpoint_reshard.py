@@ -14,7 +14,6 @@ import torch
 import shardwise
 from shardwise.cli.main import main as cli_main
 from shardwise.errors import CheckpointError
-from shardwise.runtime import WorkerPool
 from shardwise.testing.differential import supported_degrees
 from shardwise.zoo import build_model
 
@@ -22,9 +21,8 @@ pytestmark = pytest.mark.multiproc
 
 
 @pytest.fixture(scope="module")
-def pools():
-    with WorkerPool(2, timeout_s=120) as two, WorkerPool(1, timeout_s=120) as one:
-        yield {1: one, 2: two}
+def pools(worker_pools):  # the session's pools (tests/conftest.py)
+    return {1: worker_pools(1, timeout_s=120), 2: worker_pools(2, timeout_s=120)}
 
 
 def _logits_loss(out):
@@ -161,24 +159,20 @@ def test_offline_reshard_for_a_plan_file(pools, tmp_path: Path, capsys: pytest.C
         _same_optimizer(opt, b.optimizer_state_dict())
 
 
-def test_pipeline_plans_load_tensor_parallel_checkpoints(tmp_path: Path) -> None:
+def test_pipeline_plans_load_tensor_parallel_checkpoints(worker_pools, tmp_path: Path) -> None:
     if "pp" not in supported_degrees():
         pytest.skip("the planner makes no pipeline-parallel plans yet (tp=2 -> pp=2 x dp=2 waits for it)")
-    pools = {4: WorkerPool(4, timeout_s=120), 2: WorkerPool(2, timeout_s=120)}
-    try:
-        a, inputs = _compile("gpt2", pools, {"dp": 1, "tp": 2})
-        with a:
-            a.train_step(*inputs)
-            a.save_checkpoint(tmp_path / "tp2")
-            state, opt = a.state_dict(), a.optimizer_state_dict()
-        # ZeRO pinned off: with it in the search the planner may shard the optimizer state (see the next test)
-        with _compile("gpt2", pools, {"pp": 2, "dp": 2, "zero": 0})[0] as b:
-            b.load_checkpoint(tmp_path / "tp2")
-            _same_state(state, b.state_dict())
-            _same_optimizer(opt, b.optimizer_state_dict())
-    finally:
-        for pool in pools.values():
-            pool.close()
+    pools = {4: worker_pools(4, timeout_s=120), 2: worker_pools(2, timeout_s=120)}
+    a, inputs = _compile("gpt2", pools, {"dp": 1, "tp": 2})
+    with a:
+        a.train_step(*inputs)
+        a.save_checkpoint(tmp_path / "tp2")
+        state, opt = a.state_dict(), a.optimizer_state_dict()
+    # ZeRO pinned off: with it in the search the planner may shard the optimizer state (see the next test)
+    with _compile("gpt2", pools, {"pp": 2, "dp": 2, "zero": 0})[0] as b:
+        b.load_checkpoint(tmp_path / "tp2")
+        _same_state(state, b.state_dict())
+        _same_optimizer(opt, b.optimizer_state_dict())
 
 
 def test_zero_sharded_optimizer_state_is_refused_not_lost(pools, tmp_path: Path) -> None:

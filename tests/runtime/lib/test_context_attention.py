@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from shardwise.runtime import WorkerPool
 from shardwise.runtime.lib import Mesh
 from shardwise.runtime.lib.mesh import chunk_ids, join, pieces
 
@@ -31,19 +30,16 @@ def test_chunk_pairs_cut_and_join():
 
 
 @pytest.mark.multiproc
-def test_ulysses_and_ring_equal_whole_attention(tmp_path):
+def test_ulysses_and_ring_equal_whole_attention(tmp_path, worker_pools):
     package = tmp_path / "rank_pkg"
     package.mkdir()
     (package / "__init__.py").write_text(
         "class Rank:\n    def __init__(self, rank):\n        self.rank = rank\n\n\n"
         "def build(rank, world_size):\n    return Rank(rank)\n"
     )
-    pool = WorkerPool(2, backend="gloo")
-    try:
-        pool.load(package)
-        results = pool.call_function(_attention_cases.attention_case)
-    finally:
-        pool.close()
+    pool = worker_pools(2)  # the session's pool of two (tests/conftest.py)
+    pool.load(package)
+    results = pool.call_function(_attention_cases.attention_case)
     for rank, got in enumerate(results):
         assert len(got) == 8
         for case, (out_err, grad_err) in got.items():

@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 
-from shardwise.runtime import WorkerPool
 from shardwise.runtime.lib import Mesh, make_buckets
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -39,16 +38,15 @@ def test_buckets_follow_the_backward_order_and_cut_slices_for_zero():
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def pool(tmp_path_factory, worker_pools):
     package = tmp_path_factory.mktemp("rank_pkg")
     (package / "__init__.py").write_text(
         "class Rank:\n    def __init__(self, rank):\n        self.rank = rank\n\n\n"
         "def build(rank, world_size):\n    return Rank(rank)\n"
     )
-    made = WorkerPool(2, backend="gloo")
+    made = worker_pools(2)  # the session's pool of two (tests/conftest.py)
     made.load(package)
-    yield made
-    made.close()
+    return made
 
 
 def _summed(i: int) -> torch.Tensor:
