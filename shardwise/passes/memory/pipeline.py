@@ -32,8 +32,9 @@ stage's schedule (``spec.actions``): action ``i`` of the stage gets its own wind
 
 Guarantees: per rank (global rank ``(p * dp + d) * tp + t`` on stage ``p``) a ``RankMemory`` whose arena
 packs the stage's buffers (``verify_assignment`` passes) and is never below the lower bound; ranks of
-one stage share it. Stages of more than ``MAX_PACKED`` buffers (long pipelines of many micro-batches) are
-packed by an online allocator's replay instead of best-fit and the exact search.
+one stage share it, and it is never larger than an online allocator's replay of the step. Stages of more than
+``MAX_PACKED`` buffers (long pipelines of many micro-batches) are packed by that replay instead of best-fit and
+the exact search.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ from shardwise.passes.memory.verify import verify_assignment
 __all__ = ["MAX_PACKED", "PipelineMemoryMap", "map_pipeline_memory", "online_assignment", "stage_buffers"]
 
 _PER_MICROBATCH = frozenset(("act", "agrad", "mask", "coll", "cgrad", "cast"))
-MAX_PACKED = 20_000  # buffers per stage above which the offsets come from an online allocator's replay
+# buffers per stage above which the offsets come from an online allocator's replay: above a few thousand the
+# smallest-arena search costs tens of seconds per stage and rarely beats the replay (Mixtral-8x7B pp=4 ep=8
+# interleaved x8, 13.3k buffers per stage: 38-47 s of CPU per stage for arenas 0.6-1.6 GiB larger than the
+# replay's; the first 2000 buffers of a stage: 0.1 s, proven smallest; 4000: 15 s, not proven)
+MAX_PACKED = 2_000
 
 
 def online_assignment(buffers: Sequence[Buffer]) -> Assignment:
@@ -397,14 +402,16 @@ def map_pipeline_memory(
         else:
             # within the capacity: the allocator's replay first (quick); best-fit and the search only if it
             # does not fit
-            online = online_assignment(bufs) if within_capacity else None
-            if online is not None and online.arena_bytes <= capacity_bytes:
+            online = online_assignment(bufs)
+            if within_capacity and online.arena_bytes <= capacity_bytes:
                 assignment = online
             else:
                 assignment = assign_offsets(
                     bufs, time_limit_s=time_limit_s, node_limit=node_limit,
                     capacity=capacity_bytes if within_capacity else None,
                 )  # fmt: skip
+                if online.arena_bytes < assignment.arena_bytes:  # never larger than the replay's
+                    assignment = online
             exact = exact and (not within_capacity or assignment.optimal)
         verify_assignment(bufs, assignment)
         assignments.append(assignment)
