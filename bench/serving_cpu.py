@@ -52,7 +52,6 @@ import torch  # noqa: E402
 
 import shardwise  # noqa: E402
 from shardwise.cluster import get_cluster  # noqa: E402
-from shardwise.cluster.machine import calibration_note  # noqa: E402
 from shardwise.cluster.presets import cpu_cluster  # noqa: E402
 from shardwise.costs.prices import price_list  # noqa: E402
 from shardwise.costs.serving import ServingPrices  # noqa: E402
@@ -143,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"rows": rows, "summary": summary, "batch": BATCH, "prompt": PROMPT, "max_seq": MAX_SEQ,
            "new_tokens": NEW_TOKENS, "repeats": REPEATS, "elapsed_s": time.time() - start,
            "loadavg": {"start": load_start, "end": os.getloadavg()[0]},
-           "calibration": {n: calibration_note(get_cluster(n)) for n in ("cpu:1", "cpu:2")}}  # fmt: skip
-    print(f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+           "niceness": os.nice(0),
+           "calibration": {n: get_cluster(n).efficiency.source("op_overhead_s") for n in ("cpu:1", "cpu:2")}}  # fmt: skip
+    print(f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (niceness {os.nice(0)})")
     if args.only:
         return 0
     out = RESULTS / "serving_cpu.json"
