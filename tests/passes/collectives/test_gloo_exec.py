@@ -41,8 +41,10 @@ def _program(sched, topo, n=2**20):
 def _cases() -> list[tuple[str, int, dict]]:
     cases: list[tuple[str, int, dict]] = []
     ndv2 = topology_view(get_cluster("ndv2x2"))
-    for kind in ("allgather", "reduce_scatter", "allreduce", "alltoall", "broadcast"):
-        routing = solve_routing(sketch_view(ndv2), kind, 1, time_limit=0.2)
+    # one solve per kind (deterministic CP-SAT: the allgather below reuses its routing)
+    routings = {k: solve_routing(sketch_view(ndv2), k, 1, time_limit=0.2)
+                for k in ("allgather", "reduce_scatter", "allreduce", "alltoall", "broadcast")}  # fmt: skip
+    for kind, routing in routings.items():
         cases.append((f"pipelined-{kind}", 16, _program(pipelined_schedule(routing, ndv2, 2**20, 1), ndv2)))
     for name, sched in baseline_schedules("allreduce", ndv2, 2**20).items():
         if name not in ("rhd", "recursive_doubling", "hierarchical", "dbtree"):
@@ -52,7 +54,7 @@ def _cases() -> list[tuple[str, int, dict]]:
         ("two_step-alltoall", 16, _program(baseline_schedules("alltoall", ndv2, 2**20)["two_step"], ndv2))
     )
     # reduce-scatter = the transposed allgather; allreduce = that reduce-scatter, then the allgather
-    ag = pipelined_schedule(solve_routing(sketch_view(ndv2), "allgather", 1, time_limit=0.2), ndv2, 2**20, 2)
+    ag = pipelined_schedule(routings["allgather"], ndv2, 2**20, 2)
     ag_sim = simulate(ag, ndv2, 2**20)
     rs = transpose_allgather(ag, ag_sim.start, ag_sim.end)
     assert rs is not None
