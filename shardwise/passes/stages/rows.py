@@ -261,6 +261,10 @@ _MEAN_LOSSES = {  # op: (index of the reduction argument, of the class weight or
 }
 
 
+# scatters whose index (and source) carry the same rows as the tensor they write into
+_SCATTERS = frozenset(("aten.scatter.value", "aten.scatter.src"))
+
+
 def _along(
     node: Node, operands: Sequence[str], outs: list[TensorSpec], rows: dict[str, frozenset[int]],
     specs: dict[str, TensorSpec],
@@ -286,6 +290,12 @@ def _along(
         else:
             out = have
         return tuple(out for _ in outs)
+    if node.op in _SCATTERS:  # out[i][index[i][j]] = v along ``dim``: row i reads index row i (and src row i)
+        d = _arg(node, 1, "dim")
+        d = d % rank if isinstance(d, int) and rank else None
+        if d is None or d in have or any(rows.get(n, frozenset()) != have for n in operands[1:]):
+            return "scatters along the batch dimension or by indices of other rows (it mixes the rows)"
+        return (have,)
     if node.op in ("aten.pad.default", "aten.constant_pad_nd.default"):
         pad = _arg(node, 1, "pad", ())
         width = len(pad) // 2 if isinstance(pad, tuple | list) else rank

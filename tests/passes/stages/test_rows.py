@@ -132,6 +132,33 @@ def test_ops_along_other_dims_keep_rows_apart_and_along_the_batch_mix_them() -> 
     assert "acts along the batch dimension" in rows_problem(g, batch_inputs(g))
 
 
+class Scatter(nn.Module):
+    """A mask made by scattering ones at each row's top-k positions (DeepSeek-V3's group-limited routing), along
+    the feature dim (rows stay apart) or along the batch dim (they mix)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        top = torch.topk(h, 2, dim=self.dim)[1]
+        mask = torch.zeros_like(h)
+        mask.scatter_(self.dim, top, 1)
+        return h * mask
+
+
+def test_a_scatter_along_other_dims_keeps_rows_apart_and_along_the_batch_mixes_them() -> None:
+    g = _graph(Scatter(1), loss=True)
+    assert rows_problem(g, batch_inputs(g)) == ""
+    x = torch.randn(8, 6)
+    model = Scatter(1)
+    assert torch.equal(model(x), torch.cat([model(x[:4]), model(x[4:])]))  # what the check claims
+    g = _graph(Scatter(0), loss=True)
+    assert "mixes the rows" in rows_problem(g, batch_inputs(g))
+
+
 def test_cross_entropy_as_a_mean_is_a_batch_mean() -> None:
     class Loss(nn.Module):
         def __init__(self, reduction: str) -> None:
