@@ -295,6 +295,17 @@ class _ColocatedSim(_Sim):
         else:
             self.join_decode(inst, live)
 
+    def reject_unservable(self, inst: _Instance) -> bool:
+        """Rejects the first waiting request of ``inst`` if its prompt and output can never fit in the instance's
+        KV cache; True if it did."""
+        live = inst.waiting[0]
+        if live.req.prompt + live.req.output <= inst.capacity:
+            return False
+        inst.waiting.popleft()
+        inst.queued_tokens -= live.req.prompt
+        self.reject(live.req)
+        return True
+
     def admit(self, inst: _Instance) -> list[_Live]:
         """Waiting requests a prefill iteration takes (see the module docstring)."""
         e = self.engine
@@ -302,12 +313,9 @@ class _ColocatedSim(_Sim):
         batch: list[_Live] = []
         tokens = 0
         while inst.waiting:
-            live = inst.waiting[0]
-            if live.req.prompt + live.req.output > inst.capacity:
-                inst.waiting.popleft()
-                inst.queued_tokens -= live.req.prompt
-                self.reject(live.req)
+            if self.reject_unservable(inst):
                 continue
+            live = inst.waiting[0]
             need = live.cached
             if len(batch) + inst.batch >= e.max_seqs or (batch and tokens + need > e.max_batched_tokens):
                 break
@@ -363,12 +371,9 @@ class _ColocatedSim(_Sim):
             chunks.append((item, n))
             budget -= n
         while inst.waiting and budget > 0 and not preempted:
-            live = inst.waiting[0]
-            if live.req.prompt + live.req.output > inst.capacity:
-                inst.waiting.popleft()
-                inst.queued_tokens -= live.req.prompt
-                self.reject(live.req)
+            if self.reject_unservable(inst):
                 continue
+            live = inst.waiting[0]
             need = live.cached
             room = inst.capacity * (1 - e.watermark) - inst.context
             if inst.batch + len(inst.prefilling) >= e.max_seqs or (
