@@ -76,24 +76,35 @@ def test_experts_with_pipeline_inference_equals_eager(pool):
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
-def test_experts_with_pipeline_three_sgd_steps_equal_eager(pool):
-    model, inputs = tiny_causal_lm("mixtral", batch=4)
+def _three_sgd_steps_equal_eager(model, inputs, constraints, pool, check) -> dict:  # noqa: ANN001
+    """Compiles ``model`` for training on cpu:4 under ``constraints``, runs ``check(cm)`` on the compiled model,
+    takes three SGD steps and asserts losses and final parameters equal eager's; returns the initial state."""
     reference = copy.deepcopy(model)
     initial = copy.deepcopy(model.state_dict())
     with shardwise.compile(
-        model, "cpu:4", example_inputs=inputs, mode="train", loss_fn=_loss, optimizer=SGD, constraints=EXPERTS,
+        model, "cpu:4", example_inputs=inputs, mode="train", loss_fn=_loss, optimizer=SGD, constraints=constraints,
         workers=pool,
     ) as cm:  # fmt: skip
-        _experts_split(cm)
-        spec = cm.plan.pipeline
-        assert spec.zero == 1 and spec.microbatches == 2 and spec.dp == 2
+        check(cm)
         losses = [cm.train_step(*inputs) for _ in range(3)]
         state = cm.state_dict()
     expected_losses, expected_state = eager_training(reference, inputs, _loss, SGD)
     assert_weights_moved(initial, expected_state)
+    assert_training_equal(losses, state, expected_losses, expected_state)
+    return {"initial": initial, "expected": expected_state}
+
+
+def test_experts_with_pipeline_three_sgd_steps_equal_eager(pool):
+    def check(cm) -> None:  # noqa: ANN001
+        _experts_split(cm)
+        spec = cm.plan.pipeline
+        assert spec.zero == 1 and spec.microbatches == 2 and spec.dp == 2
+
+    model, inputs = tiny_causal_lm("mixtral", batch=4)
+    states = _three_sgd_steps_equal_eager(model, inputs, EXPERTS, pool, check)
+    initial, expected_state = states["initial"], states["expected"]
     moved = min((expected_state[k] - v).abs().max().item() for k, v in initial.items() if ".mlp.experts." in k)
     assert moved > 1e-4  # every layer's experts moved beyond the tolerance too
-    assert_training_equal(losses, state, expected_losses, expected_state)
 
 
 CONTEXT = {"pp": 2, "cp": 2, "cp_attention": "ring", "microbatches": 2, "schedule": "1f1b"}
@@ -120,17 +131,9 @@ def test_context_with_pipeline_inference_equals_eager(pool):
 
 
 def test_context_with_pipeline_three_sgd_steps_equal_eager(pool):
-    model, inputs = tiny_causal_lm("llama", seq=256)
-    reference = copy.deepcopy(model)
-    initial = copy.deepcopy(model.state_dict())
-    with shardwise.compile(
-        model, "cpu:4", example_inputs=inputs, mode="train", loss_fn=_loss, optimizer=SGD, constraints=CONTEXT,
-        workers=pool,
-    ) as cm:  # fmt: skip
+    def check(cm) -> None:  # noqa: ANN001
         _sequence_split(cm)
         assert cm.plan.pipeline.microbatches == 2
-        losses = [cm.train_step(*inputs) for _ in range(3)]
-        state = cm.state_dict()
-    expected_losses, expected_state = eager_training(reference, inputs, _loss, SGD)
-    assert_weights_moved(initial, expected_state)
-    assert_training_equal(losses, state, expected_losses, expected_state)
+
+    model, inputs = tiny_causal_lm("llama", seq=256)
+    _three_sgd_steps_equal_eager(model, inputs, CONTEXT, pool, check)
