@@ -30,6 +30,20 @@ pytestmark = pytest.mark.multiproc
 TOLERANCE = 0.10  # |predicted / measured - 1|
 
 
+def _measured_training_peaks(cm, pool, inputs) -> list[dict]:  # noqa: ANN001
+    """Every rank's measured memory of a training step, after a first step and a warm-up measurement (the
+    optimizer state and the allocator's pools exist by then)."""
+    cm.train_step(*inputs)
+    pool.call_function(measure_train_step, *inputs)
+    return pool.call_function(measure_train_step, *inputs)
+
+
+def _assert_peaks_predicted(predicted, measured) -> None:  # noqa: ANN001
+    """Each rank's predicted peak within TOLERANCE of its measured one."""
+    for rank, (p, m) in enumerate(zip(predicted, measured, strict=True)):
+        assert abs(p / m["peak"] - 1) <= TOLERANCE, (rank, p, m)
+
+
 def _out(o):
     return o.logits if hasattr(o, "logits") else getattr(o, "last_hidden_state", o)
 
@@ -71,9 +85,7 @@ def test_predicted_peak_memory_matches_the_measured_step(pool, name, case):
                 cm.plan, memory=memory,
                 predicted=dataclasses.replace(cm.plan.predicted, memory_bytes=tuple(m.arena_bytes for m in memory)),
             )  # fmt: skip
-        cm.train_step(*inputs)
-        pool.call_function(measure_train_step, *inputs)
-        measured = pool.call_function(measure_train_step, *inputs)
+        measured = _measured_training_peaks(cm, pool, inputs)
         predicted = cm.plan.predicted.memory_bytes
         memory = cm.plan.memory
         assert cm.plan.zero_stage == int(case[-1]) if "zero" in case else True
@@ -126,9 +138,7 @@ def test_predicted_peak_memory_of_zero_pipelines(pool4, zero):
             spec, train=True, capacity_bytes=cm.cluster.device.memory_bytes, optimizer_factor=2,
             optimizer_foreach=False,
         )  # fmt: skip
-        cm.train_step(*inputs)
-        pool4.call_function(measure_train_step, *inputs)
-        measured = pool4.call_function(measure_train_step, *inputs)
+        measured = _measured_training_peaks(cm, pool4, inputs)
     for rank, (m, got) in enumerate(zip(mapped.memory, measured, strict=True)):
         assert abs(m.arena_bytes / got["peak"] - 1) <= TOLERANCE, (rank, m.arena_bytes, got)
 
@@ -147,12 +157,9 @@ def test_predicted_peak_memory_of_a_mixture_of_experts(pool, ep):
         model, "cpu:2", example_inputs=inputs, mode="train", loss_fn=_loss, workers=pool,
         optimizer=functools.partial(torch.optim.SGD, lr=0.1), constraints={"dp": 2, "ep": ep, "zero": 0, "recompute": "none"},
     ) as cm:  # fmt: skip
-        cm.train_step(*inputs)
-        pool.call_function(measure_train_step, *inputs)
-        measured = pool.call_function(measure_train_step, *inputs)
+        measured = _measured_training_peaks(cm, pool, inputs)
         predicted = cm.plan.predicted.memory_bytes
-    for rank, (p, m) in enumerate(zip(predicted, measured, strict=True)):
-        assert abs(p / m["peak"] - 1) <= TOLERANCE, (rank, p, m)
+    _assert_peaks_predicted(predicted, measured)
 
 
 def test_predicted_peak_memory_over_dp_and_cp(pool4):
@@ -170,9 +177,6 @@ def test_predicted_peak_memory_over_dp_and_cp(pool4):
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), workers=pool4,
     ) as cm:  # fmt: skip
         assert any(set(axes) == {"dp", "cp"} for _, axes in cm.plan.param_grad_reduce)
-        cm.train_step(*inputs)
-        pool4.call_function(measure_train_step, *inputs)
-        measured = pool4.call_function(measure_train_step, *inputs)
+        measured = _measured_training_peaks(cm, pool4, inputs)
         predicted = cm.plan.predicted.memory_bytes
-    for rank, (p, m) in enumerate(zip(predicted, measured, strict=True)):
-        assert abs(p / m["peak"] - 1) <= TOLERANCE, (rank, p, m)
+    _assert_peaks_predicted(predicted, measured)

@@ -65,15 +65,21 @@ def _experts_split(cm) -> None:
     assert len(calls) == 2 and all(re.search(r"mesh,\s*'ep'(,|$)", c.strip()) for c in calls), calls
 
 
-def test_experts_with_pipeline_inference_equals_eager(pool):
-    model, inputs = tiny_causal_lm("mixtral", batch=4)
-    constraints = {k: v for k, v in EXPERTS.items() if k in ("pp", "ep")}
+def _inference_equals_eager(model, inputs, constraints, pool, check) -> None:  # noqa: ANN001
+    """Compiles ``model`` for inference on cpu:4 under ``constraints``, runs ``check(cm)`` on the compiled model and
+    asserts its logits equal eager's."""
     with shardwise.compile(model, "cpu:4", example_inputs=inputs, constraints=constraints, workers=pool) as cm:
-        _experts_split(cm)
+        check(cm)
         out = cm.run(*inputs)
     with torch.no_grad():
         ref = model(*inputs)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_with_pipeline_inference_equals_eager(pool):
+    model, inputs = tiny_causal_lm("mixtral", batch=4)
+    constraints = {k: v for k, v in EXPERTS.items() if k in ("pp", "ep")}
+    _inference_equals_eager(model, inputs, constraints, pool, _experts_split)
 
 
 def _three_sgd_steps_equal_eager(model, inputs, constraints, pool, check) -> dict:  # noqa: ANN001
@@ -122,12 +128,7 @@ def _sequence_split(cm) -> None:  # noqa: ANN001
 
 def test_context_with_pipeline_inference_equals_eager(pool):
     model, inputs = tiny_causal_lm("llama", seq=256)
-    with shardwise.compile(model, "cpu:4", example_inputs=inputs, constraints=CONTEXT, workers=pool) as cm:
-        _sequence_split(cm)
-        out = cm.run(*inputs)
-    with torch.no_grad():
-        ref = model(*inputs)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    _inference_equals_eager(model, inputs, CONTEXT, pool, _sequence_split)
 
 
 def test_context_with_pipeline_three_sgd_steps_equal_eager(pool):
