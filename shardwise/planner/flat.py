@@ -44,7 +44,7 @@ from shardwise.passes.sharding.auto import Analysis, ILPStats, Placed, PlaceOpti
 from shardwise.passes.sharding.experts import expert_parallel
 from shardwise.passes.sharding.gradients import param_grad_reduce
 from shardwise.passes.sharding.redistribute import replicated
-from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
+from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, split_losses
 from shardwise.planner.identity import plan_identity
 
 __all__ = ["FlatAnalyses", "FlatOptions", "realize_flat", "input_placements", "sequence_length", "flat_mesh",
@@ -64,7 +64,7 @@ class FlatAnalyses:
     def get(self, tp: bool, many: bool) -> Analysis:
         if (tp, many) not in self._made:
             g = expose_tensor_parallelism(self.graph) if tp else self.graph
-            self._made[(tp, many)] = Analysis(mean_losses_as_sums(g) if many else g)
+            self._made[(tp, many)] = Analysis(split_losses(g) if many else g)
         return self._made[(tp, many)]
 
 

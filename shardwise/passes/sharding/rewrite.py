@@ -12,6 +12,11 @@ Two patterns hide Megatron's split from dimension annotations:
   ``full_state_dict`` puts them back together. The fused gate and up projections of a mixture of experts'
   experts op are cut the same way (:func:`experts_in_parts`).
 
+Two more make a loss split like its tokens (:func:`split_losses`): a mean cross entropy becomes a sum over a
+count (:func:`mean_losses_as_sums`), and a cross entropy of logits flattened from ``(batch, sequence, ...,
+classes)`` into rows reads them unflattened instead (:func:`unflattened_losses`), so that a split of the
+sequence (context parallelism) reaches the loss rather than ending at the flatten.
+
 Requires: a verified graph. Guarantees: a verified graph computing the same outputs; every node that is
 not rewritten keeps its name, and every value read by a node outside a rewritten pattern keeps its name.
 """
@@ -26,6 +31,7 @@ from shardwise.ir.tensor import TensorSpec
 
 __all__ = [
     "conv1d_as_matmul", "unfuse_projections", "experts_in_parts", "mean_losses_as_sums", "expose_tensor_parallelism",
+    "unflattened_losses", "split_losses",
 ]
 
 _VIEWS = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
@@ -310,6 +316,83 @@ def mean_losses_as_sums(graph: Graph) -> Graph:
     for n in graph.nodes:
         nodes.extend(replace.get(n.name, [n]))
     return graph.replace(nodes=tuple(nodes))
+
+
+def _flattened_from(graph: Graph, value: object, rows: int, specs: dict[str, TensorSpec]) -> str | None:
+    """The value a reshape merged into ``rows`` leading rows (its last dimension kept) to make ``value``, if it
+    did; else None."""
+    if not isinstance(value, Value) or not graph.has_node(value.name):
+        return None
+    view = graph.node(value.name)
+    if view.op not in _VIEWS or not view.args or not isinstance(view.args[0], Value):
+        return None
+    src, out = specs.get(view.args[0].name), specs.get(view.name)
+    if src is None or out is None or src.rank < 3 or out.rank != 2:
+        return None
+    if out.shape != (rows, src.shape[-1]) or math.prod(src.shape[:-1]) != rows:
+        return None
+    return view.args[0].name
+
+
+def unflattened_losses(graph: Graph) -> Graph:
+    """``cross_entropy(x.view(-1, C), t, reduction="sum")``, ``x`` of shape ``(b, s, ..., C)`` and ``t`` of
+    ``b * s * ...`` rows, becomes ``cross_entropy(x.permute(0, -1, 1, ...), t.view(b, s, ...), reduction="sum")``
+    (PyTorch's K-dimensional form, the classes in dimension 1): the same sum over the same (logit row, target)
+    pairs, whose every dimension but the classes may be split. A split of the flattened rows can follow the batch
+    only (the sequence is merged inside the rows), so the sequence split of context parallelism would have to
+    gather the whole logits there first; unflattened, the loss keeps the logits split over the sequence and sums
+    its partial results. The flatten is dropped where nothing else reads it. Applies to static shapes only
+    (the new view's sizes are the traced ones); a "sum" reduction only (``mean_losses_as_sums`` makes one).
+
+    Requires: a verified graph. Guarantees: a verified graph computing the same outputs."""
+    if any(i.dynamic for i in graph.inputs):
+        return graph
+    specs = _specs(graph)
+    users = graph.users()
+    taken = {n.name for n in graph.nodes} | {p.name for p in graph.params} | {i.name for i in graph.inputs}
+    outputs = set(graph.output_names)
+    replace: dict[str, list[Node]] = {}
+    drop: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "aten.cross_entropy_loss.default" or node.kwargs or len(node.args) != 5:
+            continue
+        x, target, weight, reduction, ignore = node.args
+        x_spec = specs.get(x.name) if isinstance(x, Value) else None
+        t_spec = specs.get(target.name) if isinstance(target, Value) else None
+        if weight is not None or reduction != 2 or x_spec is None or t_spec is None or x_spec.rank != 2:
+            continue
+        rows = x_spec.shape[0]
+        source = _flattened_from(graph, x, rows, specs)
+        if source is None or t_spec.shape != (rows,):
+            continue
+        src = specs[source]
+        lead = src.shape[:-1]
+        order = (0, src.rank - 1, *range(1, src.rank - 1))
+        moved = TensorSpec(tuple(src.shape[i] for i in order), src.dtype)
+        permute = node.replace(
+            name=_fresh(f"{node.name}_classes", taken), op="aten.permute.default", args=(Value(source), order),
+            outputs=(moved,), flops=0, bytes_moved=0,
+        )  # fmt: skip
+        t_rows = node.replace(
+            name=_fresh(f"{node.name}_targets", taken), op="aten.view.default", args=(target, lead),
+            outputs=(TensorSpec(lead, t_spec.dtype),), flops=0, bytes_moved=0,
+        )  # fmt: skip
+        specs[permute.name], specs[t_rows.name] = moved, t_rows.outputs[0]  # type: ignore[assignment]
+        loss = node.replace(args=(Value(permute.name), Value(t_rows.name), None, 2, ignore))
+        replace[node.name] = [permute, t_rows, _costed(loss, specs)]
+        assert isinstance(x, Value)
+        if users.get(x.name) == [node.name] and x.name not in outputs:
+            drop.add(x.name)
+    if not replace:
+        return graph
+    nodes = [m for n in graph.nodes if n.name not in drop for m in replace.get(n.name, [n])]
+    return graph.replace(nodes=tuple(nodes))
+
+
+def split_losses(graph: Graph) -> Graph:
+    """The loss rewrites for a graph run on several ranks, in order: :func:`mean_losses_as_sums`, then
+    :func:`unflattened_losses`."""
+    return unflattened_losses(mean_losses_as_sums(graph))
 
 
 def experts_in_parts(graph: Graph) -> Graph:
