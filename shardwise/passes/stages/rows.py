@@ -296,6 +296,10 @@ def _along(
         if d is None or d in have or any(rows.get(n, frozenset()) != have for n in operands[1:]):
             return "scatters along the batch dimension or by indices of other rows (it mixes the rows)"
         return (have,)
+    if node.op == "aten.gather.default":
+        return _gather_rows(node, operands, rows, rank)
+    if node.op == "aten.copy.default":
+        return _copy_rows(operands, outs, rows, specs)
     if node.op in ("aten.pad.default", "aten.constant_pad_nd.default"):
         pad = _arg(node, 1, "pad", ())
         width = len(pad) // 2 if isinstance(pad, tuple | list) else rank
@@ -325,6 +329,49 @@ def _along(
             return "mean"  # (cross-entropy with ignored targets: exact when the parts ignore alike)
         return "is a loss that is not a mean over the batch"
     return None
+
+
+def _gather_rows(
+    node: Node, operands: Sequence[str], rows: dict[str, frozenset[int]], rank: int
+) -> tuple[frozenset[int], ...] | str:
+    """``out[i][j] = input[i][index[i][j]]`` (dim 1; likewise for any dim): the output has the index's shape
+    and, along every dim but ``dim``, reads the input at the index's own position. Rows stay apart when the
+    gathered dim carries no rows of the input and, along the other dims, the input carries rows exactly where
+    the index does (row r of the index reads row r of the input). The index may carry rows along ``dim``
+    itself (``table.gather(0, ids)``: each row picks its own entries of a table without rows)."""
+    source, index = (list(operands) + ["", ""])[:2]
+    d = _arg(node, 1, "dim")
+    d = d % rank if isinstance(d, int) and rank else None
+    have, picks = rows.get(source, frozenset()), rows.get(index, frozenset())
+    if d is None or d in have:
+        return "gathers along the batch dimension (it mixes the rows)"
+    if have != picks - {d}:
+        return "gathers by indices of other rows than its input's (it mixes the rows)"
+    return (picks,)
+
+
+def _copy_rows(
+    operands: Sequence[str], outs: list[TensorSpec], rows: dict[str, frozenset[int]],
+    specs: dict[str, TensorSpec],
+) -> tuple[frozenset[int], ...] | str:  # fmt: skip
+    """``copy(dst, src)`` is ``src`` broadcast to ``dst``'s shape (``dst``'s values are overwritten, only its
+    shape is read). The output carries the source's rows (at their broadcast place) and, where the source is
+    broadcast (a dim it lacks or of size 1), the destination's: every row there gets the same values, as
+    ``expand`` gives. A destination carrying rows where the source has a whole dim without rows would be
+    filled with values of other rows."""
+    dst, src = (list(operands) + ["", ""])[:2]
+    if src not in specs or not outs:
+        return "copies a tensor whose rows cannot be followed"
+    shape, source = outs[0].shape, specs[src].shape
+    shift = len(shape) - len(source)
+    moved = frozenset(d + shift for d in rows.get(src, frozenset()))
+    spread = frozenset(d for d in range(len(shape)) if d < shift or (source[d - shift] == 1 and shape[d] != 1))
+    if rows.get(dst, frozenset()) - moved - spread:
+        return (
+            "copies into rows of the batch a tensor of the batch's size that does not come from the inputs "
+            "(it mixes the rows)"
+        )
+    return (moved | (rows.get(dst, frozenset()) & spread),)
 
 
 def _depends_on_rows(graph: Graph, name: str, rows: dict[str, frozenset[int]]) -> bool:

@@ -174,3 +174,127 @@ def test_cross_entropy_as_a_mean_is_a_batch_mean() -> None:
         g = trace(Loss(reduction), (x, target))[0]
         problem = rows_problem(g, batch_inputs(g))
         assert (problem == "") == ok, problem
+
+
+class Gather(nn.Module):
+    """Routing weights picked by each row's own top-k indices (DeepSeek-V3's ``scores.gather(1, topk_indices)``),
+    along the feature dim (rows stay apart) or along the batch dim (they mix)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.a(x).sigmoid()
+        top = torch.topk(scores, 2, dim=1)[1]
+        if self.dim == 0:  # indices into other rows: a row's output reads rows 0 or 1 of the batch
+            top = top % 2
+        return scores.gather(self.dim, top)
+
+
+class Lookup(nn.Module):
+    """A table without rows gathered by each row's ids along the table's dim: an embedding, row-wise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.gather(0, ids.flatten()).view(ids.shape)
+
+
+def test_a_gather_by_each_rows_indices_keeps_rows_apart_and_along_the_batch_mixes_them() -> None:
+    x = torch.randn(8, 6)
+    model = Gather(1)
+    g = _graph(model, loss=True)
+    assert rows_problem(g, batch_inputs(g)) == ""
+    assert micro_shapes_problem(g, _graph(model, 4, True), batch_inputs(g), 4) == ""
+    # what the check claims (up to the matmul's rounding at another row count)
+    torch.testing.assert_close(model(x), torch.cat([model(x[:4]), model(x[4:])]), rtol=0, atol=1e-6)
+    mixing = Gather(0)
+    assert not torch.allclose(mixing(x), torch.cat([mixing(x[:4]), mixing(x[4:])]))  # it does mix them
+    g = _graph(mixing, loss=True)
+    problem = rows_problem(g, batch_inputs(g))
+    assert "gathers along the batch dimension (it mixes the rows)" in problem and "test_rows.py" in problem, problem
+    ids = torch.randint(0, 5, (8, 3))
+    g = trace(Lookup(), (ids,))[0]
+    assert rows_problem(g, batch_inputs(g)) == ""
+
+
+def test_a_gather_by_indices_that_carry_no_rows_is_refused() -> None:
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            index = torch.arange(8).remainder(6).view(8, 1)  # one index per row of a batch of 8, written in
+            return self.a(x).gather(1, index)
+
+    g = _graph(Fixed())
+    problem = rows_problem(g, batch_inputs(g))
+    assert "gathers by indices of other rows than its input's" in problem, problem
+
+
+class Concat(nn.Module):
+    """Keys made as DeepSeek-V3's ``expand_kv`` does: a new tensor at the batch's size, filled by two copies
+    (one from each row's values, one broadcast from a tensor without rows, or, mixing, from a tensor of the
+    batch's size written into the model)."""
+
+    def __init__(self, written: bool = False) -> None:
+        super().__init__()
+        self.written = written
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.written:  # rows of the batch overwritten by the rows of a tensor of 8 rows made in the model
+            out = torch.cat([h, h[:, :2]], dim=1)
+            out[:, 4:].copy_(torch.ones(8, 2))
+            return out * 2.0
+        out = h.new_empty(x.shape[0], 6)
+        out[:, :4].copy_(h)
+        out[:, 4:].copy_(self.b)
+        return out * 2.0
+
+
+def test_copies_into_a_new_tensor_keep_rows_apart_unless_the_source_has_other_rows() -> None:
+    x = torch.randn(8, 6)
+    model = Concat()
+    g = _graph(model, loss=True)
+    assert micro_shapes_problem(g, _graph(model, 4, True), batch_inputs(g), 4) == ""
+    torch.testing.assert_close(model(x), torch.cat([model(x[:4]), model(x[4:])]), rtol=0, atol=1e-6)
+    # without the model traced at the micro-batch size, a tensor made at the batch size counts as written in
+    assert "does not come from the inputs" in rows_problem(g, batch_inputs(g))
+    g = _graph(Concat(written=True), loss=True)
+    problem = rows_problem(g, batch_inputs(g))
+    assert "copies into rows of the batch a tensor of the batch's size" in problem, problem
+
+
+def test_deepseek_v3_routing_and_latent_attention_keep_rows_apart() -> None:
+    """transformers' DeepSeek-V3 (tiny configuration): group-limited routing (``scatter``, ``gather`` by each
+    token's top-k) and MLA's ``expand_kv`` (``new_empty`` filled by two ``copy_``) let the batch be cut."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=2,
+        topk_group=1, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (4, 8))
+
+    def graph(rows: int):  # noqa: ANN202
+        return trace(model, (ids[:rows],), loss_fn=lambda out: out.logits.float().mean())[0]
+
+    full = graph(4)
+    ops = {n.op for n in full.nodes}
+    assert {"aten.gather.default", "aten.copy.default", "aten.scatter.value"} <= ops, ops  # the ops in question
+    assert micro_shapes_problem(full, graph(2), batch_inputs(full), 2) == ""
+    with torch.no_grad():
+        whole = model(ids).logits
+        parts = torch.cat([model(ids[:2]).logits, model(ids[2:]).logits])
+    torch.testing.assert_close(whole, parts, rtol=0, atol=1e-5)
