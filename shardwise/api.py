@@ -43,6 +43,7 @@ MODES = ("inference", "train", "generate")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")  # fp8: bf16 with float8 matmuls, priced only (see _no_fp8)
 COLLECTIVES = ("library", "synthesize")  # who chooses each collective's algorithm (see compile)
 MAX_LOCAL_PROCESSES = 64
+FIT_BUDGET_S = 60.0  # wall seconds to look for a preset cluster a model that fits nowhere would fit on
 # which CompiledModel's program a shared pool holds now (pools given with ``workers=`` change hands)
 _POOL_OWNER: weakref.WeakKeyDictionary[WorkerPool, int] = weakref.WeakKeyDictionary()
 
@@ -558,7 +559,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
 
 
 def _where_it_fits(graph: Graph, mode: str, precision: str, optimizer: Any, solver: str) -> str:
-    """A sentence naming the smallest preset cluster the model fits on (flat plans, no constraints)."""
+    """A sentence naming the smallest preset cluster the model fits on (flat plans, no constraints), looked
+    for within ``FIT_BUDGET_S`` seconds of wall time."""
     from shardwise.fit import FAMILIES, NODES, smallest_fitting_preset
     from shardwise.planner.auto import plan_auto
 
@@ -566,7 +568,14 @@ def _where_it_fits(graph: Graph, mode: str, precision: str, optimizer: Any, solv
         return plan_auto(g, spec, mode=mode, precision=precision, optimizer=_describe_optimizer(optimizer),
                          solver=solver)  # fmt: skip
 
-    fit = smallest_fitting_preset(graph, mode, plan)
+    found = smallest_fitting_preset(graph, mode, plan, budget_s=FIT_BUDGET_S)
+    fit = found.fit
+    if fit is None and found.out_of_time:
+        where = f" (planning it for {found.tried[-1]!r} took longer)" if found.tried else ""
+        return (
+            f"Looking for a preset cluster it fits on was stopped after {FIT_BUDGET_S:.0f} s{where}: describe a "
+            "cluster with more or bigger devices in YAML, or pin a layout that fits with constraints"
+        )
     if fit is None:
         return f"No preset cluster up to {FAMILIES[1]}x{NODES[-1]} fits it either: describe a bigger cluster in YAML"
     degrees = ", ".join(f"{k}={v}" for k, v in fit.plan.degrees.items() if v > 1) or "one device"
