@@ -11,7 +11,10 @@ norms, activations and residual adds as ``memory``-class bytes, each kernel payi
 the device's measured per-element math costs; devices with fused kernels run them fused, as serving engines
 do, and are priced by the formula of docs/serving.md).
 Its two tensor-parallel all-reduces (after attention and after the MLP) and the pipeline's point-to-point
-messages between stages are ``costs.comm`` prices on the devices the layout occupies. Once per pass: the
+messages between stages are ``costs.comm`` prices on the devices the layout occupies. A layout that also splits
+the norms over ``tp`` (``split_norms``: each rank sums the squares of its share of ``hidden``, as shardwise's
+planner lays out a norm where collectives cost next to nothing) all-reduces each norm's statistics, one value
+per token, before it normalizes: two more all-reduces per layer and one for the final norm. Once per pass: the
 embedding lookup, the final norm and the output head on one row per sequence, whose logits are all-gathered
 over ``tp``.
 
@@ -199,10 +202,15 @@ class PhaseTime:
 
 class ServingPrices:
     """Prefill, decode and KV-cache prices of ``model`` on the devices of ``prices`` (one price list: the
-    cluster's device figures, its achieved efficiencies and its links), for an engine's memory accounting."""
+    cluster's device figures, its achieved efficiencies and its links), for an engine's memory accounting.
+    ``split_norms``: the layout splits the norms' statistics over ``tp`` too (see the module docstring; serving
+    engines keep the norms whole, Megatron's layout)."""
 
-    def __init__(self, model: ServingModel, prices: PriceList, engine: EngineMemory | str = "vllm") -> None:
+    def __init__(
+        self, model: ServingModel, prices: PriceList, engine: EngineMemory | str = "vllm", *, split_norms: bool = False,
+    ) -> None:  # fmt: skip
         self.model = model
+        self.split_norms = split_norms
         self.prices = prices
         self.engine = ENGINES[engine] if isinstance(engine, str) else engine
         self.compute = prices.compute
@@ -291,9 +299,30 @@ class ServingPrices:
             memory = tokens * (MEMORY_PASSES_PER_TOKEN * m.hidden + inner) * m.act_bytes
             t += self.compute.with_overhead(self.compute.byte_s(memory), m.layer_kernels)
         t += m.layer_views * self.compute.view_s()
-        if tp > 1:
-            t += 2 * self.prices.collective_s("allreduce", tokens * m.hidden * m.act_bytes, self.tp_ranks(tp))
+        for kind, nbytes in self.layer_collectives(tp, tokens):
+            t += self.prices.collective_s(kind, nbytes, self.tp_ranks(tp))
         return t
+
+    def layer_collectives(self, tp: int, tokens: float) -> list[tuple[str, float]]:
+        """(kind, bytes) of each collective one decoder layer runs over ``tp`` for ``tokens`` rows: the all-reduces
+        after attention and after the MLP, and with ``split_norms`` each norm's statistics (one float32 value
+        per token) before it normalizes."""
+        if tp == 1:
+            return []
+        out = [("allreduce", tokens * self.model.hidden * self.model.act_bytes)] * 2
+        if self.split_norms:
+            out += [("allreduce", tokens * 4.0)] * 2
+        return out
+
+    def edge_collectives(self, tp: int, tokens: float, seqs: float) -> list[tuple[str, float]]:
+        """(kind, bytes) of the collectives of a pass outside its layers: the logits' all-gather over ``tp``,
+        and with ``split_norms`` the final norm's statistics."""
+        if tp == 1:
+            return []
+        out = [("allgather", seqs * self.model.vocab * 4.0)]
+        if self.split_norms:
+            out.append(("allreduce", tokens * 4.0))
+        return out
 
     def _edges_s(self, tp: int, pp: int, tokens: float, seqs: float) -> float:
         """Embedding lookup, final norm, output head on one row per sequence (logits all-gathered over tp) and
@@ -311,8 +340,8 @@ class ServingPrices:
         head = OpWork("gemm", 2.0 * seqs * m.vocab * m.hidden / tp, seqs * (m.hidden + m.vocab / tp) * m.act_bytes,
                       m.vocab * m.hidden * m.weight_bytes / tp)  # fmt: skip
         t += self.compute.with_overhead(self.compute.device_s(head), 1)
-        if tp > 1:
-            t += self.prices.collective_s("allgather", seqs * m.vocab * 4, self.tp_ranks(tp))
+        for kind, nbytes in self.edge_collectives(tp, tokens, seqs):
+            t += self.prices.collective_s(kind, nbytes, self.tp_ranks(tp))
         for stage in range(pp - 1):
             t += self.prices.p2p_s(tokens * m.hidden * m.act_bytes, stage * tp, (stage + 1) * tp)
         return t

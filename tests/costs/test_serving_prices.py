@@ -138,3 +138,32 @@ def test_a_pipelined_mixed_iteration_does_not_split_a_chunk(opt13b, a100):
     alone = sp.mixed_step_s(1, 2, 0, 0.0, [(1500, 0)])
     assert alone == pytest.approx(sp.prefill(1, 2, [1500]).latency_s, rel=1e-12)
     assert sp.mixed_step_s(1, 2, 3, 3 * 400, [(1500, 0)]) >= alone
+
+
+def test_the_collectives_priced_are_the_planned_programs():
+    """A tensor-parallel Llama decode step as the planner writes it runs the collectives the serving price
+    counts: Megatron's layout (two all-reduces a layer and the logits' all-gather) for a Llama of hidden size
+    1024 on the nominal cpu:2 links; for the zoo's tiny Llama on nearly free links (as bench/serving_cpu.py
+    plans its tp 2 programs), the norms' statistics split too (``split_norms``: two more a layer and the final
+    norm's)."""
+    import shardwise
+    from shardwise.cluster.presets import cpu_cluster
+    from shardwise.costs.step import price_flat
+    from shardwise.planner.serving.model import serving_model_from_config
+    from shardwise.zoo.hf import tiny_causal_lm
+
+    nominal = get_cluster("cpu:2")
+    prices = PriceList(nominal, "fp32")
+    free = cpu_cluster(2, latency=1e-9, bandwidth=1e14)
+    batch = 4
+    cases = ((tiny_causal_lm("llama", hidden=1024, heads=16, layers=1, vocab=1000, seq=32)[0], nominal, False),
+             (build_model("llama:tiny")[0], free, True))  # fmt: skip
+    for model, planned_for, split in cases:
+        with shardwise.compile(model, planned_for, mode="generate", max_batch=batch, max_seq=32, max_prompt=16,
+                               constraints={"tp": 2, "sp": 1}) as cm:  # fmt: skip
+            planned = [e for e in price_flat(cm.plan, prices).events if e.kind == "comm"]
+        figures = serving_model_from_config(model.config, "llama", "a zoo configuration", weight_bytes=4)
+        sp = ServingPrices(figures, prices, split_norms=split)
+        layers = figures.layers * len(sp.layer_collectives(2, batch))
+        counted = layers + len(sp.edge_collectives(2, batch, batch))
+        assert len(planned) == counted, (split, [e.label for e in planned])
