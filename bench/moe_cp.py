@@ -33,7 +33,23 @@ see that file's docstring):
   (``inductor_groups``), forward and backward fused (``fused_backward=True``).
 - *Float8*: ``precision="fp8"``: torchao's Float8Linear on every ``nn.Linear`` but the output projection
   (torchtitan's ``module_filter_fn``), priced at the H100 FP8 dense peak (1,979 TFLOP/s, NVIDIA H100 Tensor Core
-  GPU datasheet) times the bf16 matmuls' achieved fraction; casts not priced (``docs/costs.md``).
+  GPU datasheet) times the matmuls' achieved fraction. Until this session the casts were not priced; since then
+  (the assumptions written here before the rerun) each float8 linear layer also pays torchao's tensorwise
+  scaling and casting kernels as torchao's own roofline model counts their bytes
+  (``torchao/testing/float8/roofline_utils.py``: the input and the output's gradient 6 bytes an element each,
+  the weight 5 + 3; ``costs.compute.FLOAT8_CAST_BYTES``) at the memory's bandwidth, and the cluster's matmul
+  and memory fractions are torchao's figures for Meta's H100 variant (0.78 of peak, 0.92 of 2.4 TB/s, the same
+  file; they were MAMF's 700 W figure and an A800's copy fraction). Checked apart from Table 2 against
+  torchao's published microbenchmark (``torchao/float8/README.md``, "Performance", Example 2: a Float8Linear's
+  forward and backward at M, K, N = 4096, 8192, 16384 run 1.39x as fast as bf16 on H100): the price list's
+  ratio for that layer is printed and stored (``float8_linear_check``).
+- *Ring attention*: PyTorch's experimental ``context_parallel`` at torch 1963fc8 (torchtitan's Table 2 run):
+  ``rotate_method`` all-gather by default, load balance by chunk pairs (``enable_load_balance``), per block the
+  FlashAttention-2 kernel (``_scaled_dot_product_flash_attention``: cuDNN attention was opt-in, pytorch#138522,
+  and context parallelism supported it only from torchtitan#1000, 2025), the blocks' outputs merged in float32
+  (``convert_to_f32=True``) and the gradients accumulated and passed in float32. Since this session those float32
+  passes are priced (``costs.attention.TORCH_RING_*``, one fused kernel per step); shardwise prices the keys and
+  values as passed hop by hop (the all-gather rotater sends them at once; both hide behind the blocks here).
 
 Columns: the published tokens/s/GPU (measured by torchtitan), ours **predicted** by the price list for the
 published layout, the error. Goal: each within 20%.
@@ -136,7 +152,7 @@ def breakdown(plan: Any, step: Any) -> dict[str, float]:
             what = {"gemm": "matmuls", "attention": "attention"}.get(cls, "other ops") if e.node else e.label
             key = f"{e.phase}: {what}" if e.phase in ("forward", "backward", "recompute") else f"{e.phase}: {e.label}"
         elif cls == "attention":
-            key = f"{e.phase}: ring exchange (not hidden)"
+            key = f"{e.phase}: ring exchange and float32 merges (not hidden)"
         elif cls == "gemm":
             key = f"{e.phase}: weights gathered / gradients reduce-scattered (FSDP)"
         else:
@@ -186,6 +202,35 @@ def cp_row(fsdp: int, cp: int, seq: int, published: float, layers: int | None) -
         "planning_s": time.perf_counter() - t0,
     }  # fmt: skip
     return row
+
+
+def float8_linear_check() -> dict[str, Any]:
+    """The price list's float8 speedup of one Float8Linear (forward and backward) against torchao's published
+    microbenchmark on H100 (``torchao/float8/README.md``, Example 2: M, K, N = 4096, 8192, 16384, 1.39x)."""
+    import torch
+    from torch import nn
+
+    from shardwise.cluster import get_cluster
+    from shardwise.costs.backward import backward_s
+    from shardwise.costs.prices import price_list
+    from shardwise.frontend.trace import trace
+
+    m, k, n = 4096, 8192, 16384
+    with torch.device("meta"):
+        layer = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    graph, _ = trace(layer, (torch.empty(m, k, dtype=torch.bfloat16, device="meta"),))
+    node = next(x for x in graph.nodes if x.op == "aten.linear.default")
+    params = {p.name: p.spec.nbytes for p in graph.params}
+    cluster = get_cluster(str(ROOT / "clusters" / "grand-teton-h100.yaml"))
+    times = {}
+    for precision in ("bf16", "fp8"):
+        prices = price_list(cluster, precision)
+        work = prices.work(node, 1, params, 1.0)
+        times[precision] = prices.compute.forward_s(work) + backward_s(prices.compute, work)
+    speedup = times["bf16"] / times["fp8"]
+    return {"mkn": [m, k, n], "published_speedup": 1.39, "predicted_speedup": speedup,
+            "predicted_bf16_s": times["bf16"], "predicted_fp8_s": times["fp8"],
+            "source": "torchao/float8/README.md, Performance, Example 2 (H100 microbenchmark, compiled)"}  # fmt: skip
 
 
 def deepseek(precision: str) -> dict[str, Any]:
@@ -272,9 +317,12 @@ def main() -> None:
                         print(f"{'':>30}{seconds:8.3f} s  {part}")
             else:
                 print(f"{row['row']:>28} {published:>9,.0f} {'-':>9} {'-':>7}   {row['error_message']}", flush=True)
+        check = float8_linear_check()
+        print(f"float8 linear (M, K, N = 4096, 8192, 16384), forward + backward over bf16: predicted "
+              f"{check['predicted_speedup']:.2f}x, published {check['published_speedup']:.2f}x (torchao README)")
         earlier = _earlier_runs(result.get("torchtitan_cp"), args.previous_note)
         result["torchtitan_cp"] = {"layers": args.layers or 32, "rows": rows, "load_after": os.getloadavg(),
-                                   "earlier_runs": earlier}  # fmt: skip
+                                   "float8_linear_check": check, "earlier_runs": earlier}  # fmt: skip
     if not args.skip_deepseek:
         result["deepseek_v3"] = {}
         for precision in args.precisions:

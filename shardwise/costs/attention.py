@@ -24,7 +24,12 @@ mask). Attention needs every key for every query; the ways differ in what moves:
   rank does the same work; with contiguous chunks (rank ``r`` holds chunk ``r``) the last rank attends
   ``cp - 1/2`` blocks' worth where the average is ``cp/2``, and the price charges that imbalance. The program
   computes each block with separate kernels (no fused attention kernel returns the log-sum-exp it needs):
-  their launches and passes over the block's scores are charged too (``RING_*``).
+  their launches and passes over the block's scores are charged too (``RING_*``). A published compiled system
+  (``fused_blocks``: PyTorch's ``context_parallel`` as torchtitan runs it) calls a fused kernel per block, which
+  returns the log-sum-exp, and merges the blocks' results itself in float32 (``TORCH_RING_*``): per step, the
+  running output merged with the block's, and the keys and values packed into one buffer to send; in the
+  backward, each block's gradients accumulated in float32 and the key/value gradients packed and passed along
+  in float32 (their hops at twice the 16-bit bytes). These passes are memory-bound and not hidden.
 
 All sizes are one rank's local bytes. Returns (forward seconds, backward seconds) of the way's communication
 (and, for ring, of the causal imbalance) beyond the attention's own compute share, which the caller prices as
@@ -40,11 +45,12 @@ from shardwise.costs.compute import is_causal_attention
 from shardwise.costs.prices import PriceList
 from shardwise.ir.graph import Node
 from shardwise.ir.placement import DeviceMesh, Shard, ShardingSpec, pairs_chunks
-from shardwise.ir.tensor import TensorSpec
+from shardwise.ir.tensor import TensorSpec, dtype_bytes
 
 __all__ = ["CP_WAYS", "AttentionShape", "context_attention_s", "way_label", "way_of",
            "ulysses_problem", "attention_shape", "node_context_attention_s", "ways_s", "ring_blocks",
-           "RING_FORWARD_KERNELS", "RING_FORWARD_PASSES", "RING_BACKWARD_KERNELS", "RING_BACKWARD_PASSES"]  # fmt: skip
+           "RING_FORWARD_KERNELS", "RING_FORWARD_PASSES", "RING_BACKWARD_KERNELS", "RING_BACKWARD_PASSES",
+           "TORCH_RING_MERGE", "TORCH_RING_ACCUMULATE", "TORCH_RING_GRAD_PACK", "TORCH_RING_PACK"]  # fmt: skip
 
 CP_WAYS = ("allgather", "ulysses", "ring")
 _SEP = "@"
@@ -75,6 +81,7 @@ class AttentionShape:
     balanced: bool = False  # the cp axis holds chunk pairs: a causal mask leaves every rank the same work
     score_bytes: float = 0.0  # the scores of this rank's queries against one rank's keys (one ring block)
     flagged: bool = False  # an ``is_causal=True`` call (no mask tensor): its ways build the mask themselves
+    value_bytes: float = 2.0  # bytes of one element of the queries, keys and values (at the run's precision)
 
 
 #: the program's ring attention (``runtime/lib/attention.py``) computes each (query chunk, key chunk) block with
@@ -86,6 +93,20 @@ RING_FORWARD_KERNELS = 21
 RING_FORWARD_PASSES = 11
 RING_BACKWARD_KERNELS = 15
 RING_BACKWARD_PASSES = 18
+
+#: PyTorch's ring attention (``torch/distributed/tensor/experimental/_attention.py``, ``_templated_ring_attention``
+#: and its backward, with ``convert_to_f32=True``, the default in the torch torchtitan's December 2024 benchmark
+#: ran), per ring step, bytes moved per element, each step's passes taken as one fused kernel (Inductor compiles
+#: the block, torchtitan's ``fullgraph=True``): the forward merge reads the running float32 output and the block's
+#: 16-bit output and writes the running output (4 + 2 + 4); the backward adds each block's 16-bit gradient into
+#: float32 accumulators of the queries and of the received key/value gradients (4 + 2 + 4 per element) and packs
+#: the key/value gradients into one float32 buffer to send (4 + 4); both directions pack the keys and values into
+#: one buffer before each send (a read and a write of their 16-bit bytes). Counted on the busiest rank (every
+#: step merges all its rows)
+TORCH_RING_MERGE = 10.0
+TORCH_RING_ACCUMULATE = 10.0
+TORCH_RING_GRAD_PACK = 8.0
+TORCH_RING_PACK = 2.0
 
 
 def ring_blocks(cp: int, causal: bool, balanced: bool) -> tuple[int, float]:
@@ -112,8 +133,9 @@ def context_attention_s(
 ) -> tuple[float, float]:  # fmt: skip
     """(forward, backward) seconds of ``way``'s communication over the cp group ``ranks`` (see the module
     docstring); ``compute_*_s``: the attention's own share on one rank (what ring hides its messages behind);
-    ``fused_blocks``: ring's blocks run as fused attention kernels (a published system's program), so the
-    ``RING_*`` charges of shardwise's own block kernels do not apply."""
+    ``fused_blocks``: ring's blocks run as fused attention kernels (a published system's program: PyTorch's
+    ``context_parallel``), so the ``RING_*`` charges of shardwise's own block kernels do not apply and its
+    float32 merges and accumulations (``TORCH_RING_*``) do."""
     cp = len(ranks)
     if cp < 2:
         return 0.0, 0.0
@@ -149,15 +171,28 @@ def context_attention_s(
                 return 0.0
             return compute.with_overhead(compute.byte_s(passes * shape.score_bytes * share * blocks), kernels * blocks)
 
+        # a published system's fused blocks: PyTorch's float32 merges and accumulations (TORCH_RING_*)
+        out_el, q_el, kv_el = (b / shape.value_bytes for b in (shape.out_bytes, shape.q_bytes, shape.kv_bytes))
+        merges_f = steps * (TORCH_RING_MERGE * out_el + TORCH_RING_PACK * shape.kv_bytes)
+        merges_b = cp * (TORCH_RING_ACCUMULATE * (q_el + kv_el) + TORCH_RING_GRAD_PACK * kv_el)
+        merges_b += steps * TORCH_RING_PACK * shape.kv_bytes
+
         fwd = steps * max(hop - block_f, 0.0) + compute_forward_s * imbalance
         fwd += unfused(RING_FORWARD_KERNELS, RING_FORWARD_PASSES)
+        fwd += compute.byte_s(merges_f) if fused_blocks else 0.0
         if not train:
             return fwd, 0.0
         # the blocks travel again (hidden where a block's backward is longer), and each block's gradient
-        # follows its block once made: cp hops waited for (cp - 1 steps and one more home)
+        # follows its block once made: cp hops waited for (cp - 1 steps and one more home); PyTorch's ring
+        # passes the gradients in float32
+        grad_hop = hop
+        if fused_blocks:
+            grad_bytes = shape.kv_bytes * 4.0 / shape.value_bytes
+            grad_hop = max(prices.p2p_s(grad_bytes, ranks[i], ranks[(i + 1) % cp]) for i in range(cp))
         block_b = compute_backward_s * (1 + imbalance) / cp
-        bwd = steps * max(hop - block_b, 0.0) + cp * hop + compute_backward_s * imbalance
+        bwd = steps * max(hop - block_b, 0.0) + cp * grad_hop + compute_backward_s * imbalance
         bwd += unfused(RING_BACKWARD_KERNELS, RING_BACKWARD_PASSES)
+        bwd += compute.byte_s(merges_b) if fused_blocks else 0.0
         return fwd, bwd
     raise ValueError(f"unknown context-parallel attention way {way!r}: use one of {', '.join(CP_WAYS)}")
 
@@ -192,7 +227,8 @@ def attention_shape(
     cp = mesh.axis_size(axis)
     balanced = ins[0].rank >= 2 and pairs_chunks(ins[0].shape[-2], cp)
     scores = q / max(ins[0].shape[-1], 1) * ins[1].shape[-2] / cp  # this rank's rows x one rank's keys
-    return AttentionShape(q, kv, out_bytes, mask, heads, causal, balanced, scores, is_causal_attention(node))
+    value = dtype_bytes(ins[0].dtype) * width
+    return AttentionShape(q, kv, out_bytes, mask, heads, causal, balanced, scores, is_causal_attention(node), value)
 
 
 def node_context_attention_s(

@@ -4,7 +4,8 @@
 work times the factor of its cost class, at the class's achieved rate:
 
 * ``gemm``: 2x the forward FLOPs (the gradient of each operand is one matmul of the forward's size), two kernels
-  (each with the matmul's fixed cost ``efficiency.gemm_overhead_s``);
+  (each with the matmul's fixed cost ``efficiency.gemm_overhead_s``); a float8 linear layer also casts its
+  output's gradient and its weight's transposed copy (``compute.FLOAT8_CAST_BYTES``, at the memory's bandwidth);
 * ``attention``: 2.5x the forward FLOPs at ``efficiency.attention_backward`` (the FlashAttention-2 convention:
   the backward recomputes the attention matrix; Dao, 2023), one kernel;
 * ``memory``: 2x the forward bytes (read the output's gradient and what was saved, write the input's
@@ -55,6 +56,7 @@ def backward_s(prices: ComputePrices, work: OpWork) -> float:
         )
         if cls == "gemm" and not eff.overhead_hidden:
             device += BACKWARD_KERNELS[cls] * eff.gemm_overhead_s
+        device += prices.cast_s(work, backward=True)  # a float8 linear layer's casts of the output's gradient
     return prices.with_overhead(device, BACKWARD_KERNELS[cls], overhead)
 
 
@@ -74,4 +76,5 @@ def group_backward_s(prices: ComputePrices, works: list[OpWork], boundary_bytes:
         if w.cost_class != "free"
     )
     backward = prices.byte_s(BACKWARD_FACTOR["memory"] * boundary_bytes)
-    return prices.with_overhead(max(flop_s, backward), 1, prices.efficiency.backward_op_overhead_s)
+    casts = sum(prices.cast_s(w, backward=True) for w in works)
+    return prices.with_overhead(max(flop_s, backward) + casts, 1, prices.efficiency.backward_op_overhead_s)

@@ -18,6 +18,12 @@ model is traced in float32; bf16/fp16 runs move half the bytes). Its *cost class
   times its measured seconds per element;
 * ``free`` (views, getitem, size arithmetic): no device work.
 
+**Float8 linear layers** (``precision="fp8"``): a linear layer's matmuls run at the float8 peak (``FLOAT8``),
+and its operands are scaled and cast to float8 first by memory-bound kernels of their own, priced at the memory
+bandwidth beside the matmul (``FLOAT8_CAST_BYTES``: torchao's tensorwise dynamic scaling as torchao models it
+itself): the input and the weight in the forward, the output's gradient and the weight's transposed copy in the
+backward; a recomputed forward casts again.
+
 The roofline is ``max(flop time, byte time)``. Every op that runs a kernel then pays the device's fixed
 launch cost ``efficiency.op_overhead_s`` (plus ``efficiency.record_overhead_s`` when autograd records it, in
 a training forward): added to the roofline when the host computes its own ops (a CPU process), the larger
@@ -45,11 +51,12 @@ from shardwise.cluster.spec import DeviceSpec
 from shardwise.errors import PlanError
 from shardwise.ir.graph import Graph, Node
 from shardwise.ir.registry import rule_for
-from shardwise.ir.tensor import TensorSpec
+from shardwise.ir.tensor import TensorSpec, dtype_bytes
 
 __all__ = [
     "OpWork", "COST_CLASSES", "cost_class", "op_base", "op_work", "precision_dtype", "float_scale", "traced_scale",
     "wire_spec", "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention", "is_low", "LOW_PRECISIONS", "FLOAT8",
+    "FLOAT8_CAST_BYTES",
 ]  # fmt: skip
 
 COST_CLASSES = ("gemm", "attention", "memory", "free")
@@ -67,6 +74,14 @@ FLOAT8 = "float8_e4m3fn"
 FLOAT8_EXEMPT = ("lm_head", "output")
 _FLOAT = ("float", "bfloat")
 _LOW = ("bfloat16", "float16")
+#: bytes moved per element of a 16-bit operand by the scaling and casting kernels of a float8 linear layer, by
+#: operand: torchao's Float8Linear with tensorwise dynamic scaling (torchtitan's float8 recipe in 2024), counted as
+#: torchao's own roofline model counts them (``torchao/testing/float8/roofline_utils.py``,
+#: ``get_tensor_memory_traffic_ovhd_s``, "tensorwise", no fusion with the previous op): an activation (the input
+#: in the forward, the output's gradient in the backward) is read once for its max-abs and once more to be cast,
+#: written as float8 twice (row- and column-major, for the two matmuls that read it): 2 + 2 + 2 x 1; the weight
+#: is read for its max-abs and cast once for the forward (2 + 2 + 1) and once more for the backward (2 + 1)
+FLOAT8_CAST_BYTES = {"input": 6.0, "weight_forward": 5.0, "grad_output": 6.0, "weight_backward": 3.0}
 #: device FLOPs of a causal fused-attention call over the registry's (full) count (see the module docstring)
 CAUSAL_FRACTION = 0.5
 
@@ -141,15 +156,25 @@ class OpWork:
     op: str = ""
     elements: float = 0.0
     float8: bool = False  # a linear layer run on float8 tensor cores (precision "fp8")
+    # a float8 linear layer's casting kernels (``FLOAT8_CAST_BYTES``), bytes: (forward, backward) of its activations
+    # (input / output gradient: they grow with the rows) and of its weight (they do not)
+    cast_rows: tuple[float, float] = (0.0, 0.0)
+    cast_weight: tuple[float, float] = (0.0, 0.0)
 
     @property
     def bytes(self) -> float:
         return self.activation_bytes + self.param_bytes
 
+    def cast_bytes(self, backward: bool = False) -> float:
+        """Bytes the float8 casts of this op move in its forward (or backward); 0 for any other op."""
+        i = 1 if backward else 0
+        return self.cast_rows[i] + self.cast_weight[i]
+
     def scaled(self, factor: float) -> OpWork:
         """The same op on ``factor`` times the rows (FLOPs, activations and elements scale, parameters do not)."""
+        rows = (self.cast_rows[0] * factor, self.cast_rows[1] * factor)
         return OpWork(self.cost_class, self.flops * factor, self.activation_bytes * factor, self.param_bytes,
-                      self.op, self.elements * factor, self.float8)  # fmt: skip
+                      self.op, self.elements * factor, self.float8, rows, self.cast_weight)  # fmt: skip
 
 
 def _math_name(node: Node) -> str:
@@ -186,8 +211,27 @@ def op_work(
     flops = node.flops * (CAUSAL_FRACTION if is_causal_attention(node) else 1.0)
     elements = float(sum(o.numel for o in node.outputs if isinstance(o, TensorSpec)))
     float8 = precision == "fp8" and cls == "gemm" and param > 0 and not _exempt(node)
+    rows = weight = (0.0, 0.0)
+    if float8:
+        rows, weight = _float8_casts(node, activation, param, elements)
     return OpWork(cls, flops / ways, activation * scale / ways, param * scale / ways, _math_name(node),
-                  elements / ways, float8)  # fmt: skip
+                  elements / ways, float8, (rows[0] / ways, rows[1] / ways),
+                  (weight[0] / ways, weight[1] / ways))  # fmt: skip
+
+
+def _float8_casts(
+    node: Node, activation: float, param: float, out_elements: float
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(forward, backward) bytes of a float8 linear layer's casts (``FLOAT8_CAST_BYTES``) of its activations and of
+    its weight, from its traced bytes: the output's elements, the input's (the rest of its activation bytes), the
+    weight's (its parameter bytes), each at its traced width."""
+    out = next((o for o in node.outputs if isinstance(o, TensorSpec)), None)
+    width = float(dtype_bytes(out.dtype)) if out is not None else 2.0
+    in_elements = max(activation / width - out_elements, 0.0)
+    c = FLOAT8_CAST_BYTES
+    rows = (in_elements * c["input"], out_elements * c["grad_output"])
+    w = param / width
+    return rows, (w * c["weight_forward"], w * c["weight_backward"])
 
 
 def _exempt(node: Node) -> bool:
@@ -264,7 +308,13 @@ class ComputePrices:
         device = max(self.flop_s(work.flops, work.cost_class, float8=work.float8), self.byte_s(work.bytes))
         if work.cost_class == "gemm" and not self.efficiency.overhead_hidden:
             device += self.efficiency.gemm_overhead_s
-        return device
+        return device + self.cast_s(work)
+
+    def cast_s(self, work: OpWork, backward: bool = False) -> float:
+        """The float8 casting kernels of a linear layer's forward (or backward), beside its matmuls (0 for any
+        other op): their bytes at the memory's bandwidth."""
+        nbytes = work.cast_bytes(backward)
+        return self.byte_s(nbytes) if nbytes else 0.0
 
     def view_s(self) -> float:
         """The host's cost of one view (no kernel): ``view_overhead_s`` (``op_overhead_s`` where not measured);
@@ -285,4 +335,5 @@ class ComputePrices:
         if not self.efficiency.fused_kernels:
             return sum(self.forward_s(w, recording) for w in works)
         flops = sum(self.flop_s(w.flops, w.cost_class, float8=w.float8) for w in works if w.cost_class != "free")
-        return self.with_overhead(max(flops, self.byte_s(boundary_bytes)), 1, self.op_overhead_s(recording))
+        casts = sum(self.cast_s(w) for w in works)
+        return self.with_overhead(max(flops, self.byte_s(boundary_bytes)) + casts, 1, self.op_overhead_s(recording))

@@ -37,7 +37,7 @@ def test_template_expands_like_the_switched_presets(nodes: int) -> None:
 def test_file_loads_and_round_trips() -> None:
     spec = get_cluster(str(GRAND_TETON))
     assert spec.device.memory_bytes == 96 * 2**30 and spec.device.memory_bandwidth == 2.4e12
-    assert spec.efficiency.gemm == pytest.approx(794.5 / 989, abs=1e-4)
+    assert spec.efficiency.gemm == pytest.approx(0.78, abs=1e-4)  # torchao roofline_utils: Meta's H100 variant
     assert all(spec.efficiency.source(f) != "not measured: neutral value" for f in ("gemm", "memory"))
     assert ClusterSpec.from_dict(spec.to_dict()) == spec
 

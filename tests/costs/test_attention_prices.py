@@ -158,10 +158,37 @@ def test_ring_charges_the_programs_block_kernels():
                                    compute_backward_s=1.0, train=True, fused_blocks=fused_blocks)  # fmt: skip
 
     fused = ring(balanced=True)  # no scores: what a fused kernel would leave
-    # a published system's program (fused attention kernels per block) pays no such charges
-    assert ring(True, balanced=True, score_bytes=4 * MiB) == fused
+    # a published system's program (fused attention kernels per block) pays no such charges: its price does not
+    # depend on the scores' bytes (it pays PyTorch's merges instead: test_published_ring_pays_pytorchs_merges)
+    assert ring(True, balanced=True, score_bytes=4 * MiB) == ring(True, balanced=True)
     unfused = ring(balanced=True, score_bytes=4 * MiB)
     assert unfused[0] > fused[0] and unfused[1] > fused[1]
     extra = unfused[0] - fused[0]
     # cp=2 chunk pairs under a causal mask: 5 blocks of a quarter, 11 passes over their scores, 21 kernels each
     assert extra >= prices.compute.byte_s(11 * 4 * MiB * 0.25 * 5)
+
+
+def test_published_ring_pays_pytorchs_merges():
+    """A published compiled system's ring (PyTorch's context_parallel, fused blocks) merges each step's output into
+    a float32 running output and accumulates the gradients in float32, passing the key/value gradients in float32:
+    memory-bound passes charged beyond the hops, on a GPU whose hops hide behind the blocks."""
+    prices = price_list(get_cluster("dgx-h100"))
+    cp = 4
+    shape = AttentionShape(q_bytes=64 * MiB, kv_bytes=32 * MiB, out_bytes=64 * MiB, mask_bytes=0.0, heads=32,
+                           causal=True, balanced=True, flagged=True, value_bytes=2.0)  # fmt: skip
+
+    def ring(fused_blocks: bool) -> tuple[float, float]:
+        return context_attention_s(prices, tuple(range(cp)), "ring", shape, compute_forward_s=1.0,
+                                   compute_backward_s=2.5, train=True, fused_blocks=fused_blocks)  # fmt: skip
+
+    (f0, b0), (f1, b1) = ring(False), ring(True)
+    assert f0 == 0.0  # every hop hidden behind a block (no scores: nothing else on a GPU)
+    # forward: cp - 1 merges of the output (10 bytes an element) and packs of the keys and values (2 x their bytes)
+    el = 32 * MiB  # elements of the output (and of the queries): 64 MiB of 16-bit values
+    assert f1 == pytest.approx(prices.compute.byte_s((cp - 1) * (10 * el + 2 * 32 * MiB)))
+    # backward: cp accumulations (10 bytes an element of q, k, v), packs of the float32 key/value gradients (8),
+    # cp - 1 packs of the keys and values, and the gradients' cp hops at float32 (twice the 16-bit bytes)
+    kv_el = 16 * MiB
+    merges = cp * (10 * (el + kv_el) + 8 * kv_el) + (cp - 1) * 2 * 32 * MiB
+    hop = lambda n: max(prices.p2p_s(n, i, (i + 1) % cp) for i in range(cp))  # noqa: E731
+    assert b1 - b0 == pytest.approx(prices.compute.byte_s(merges) + cp * (hop(64 * MiB) - hop(32 * MiB)))
