@@ -28,6 +28,23 @@
 DistServe's published layouts (issue 18): OPT-13B prefill tp 2, decode tp 1; OPT-66B prefill tp 4, decode
 tp 2 x pp 2. The bench prints the planner's choice and the predicted goodput of DistServe's layouts under the
 same simulation, so a different choice is judged by its predicted goodput. Every goodput is predicted.
+
+**Engines** (written 03:25 UTC 2026-12-07, before any row below was computed; the step times are our price
+list's in every row, the engines differ in scheduling, memory accounting, limits and host overhead only):
+
+- ``distserve`` (``costs.serving.ENGINES``): disaggregated instances as DistServe runs them; colocated
+  instances as DistServe's vLLM baseline (vLLM v0.2.x, prefill-first: a prefill stalls the running decodes).
+  This is the comparison DistServe published.
+- ``vllm`` (serve-plan's engine): vLLM's V1 engine, chunked prefill always on, 8192 tokens / 256 sequences
+  per iteration (what serve-plan's launch commands pass), 0.9 of device memory, no host overhead.
+- ``vllm-a100-default``: the same with vLLM's own default budget for ``vllm serve`` on an A100, 2048 tokens
+  / 256 sequences (``EngineArgs.get_batch_defaults``: 8192 / 1024 only on devices of 70 GiB or more whose
+  name is not A100; a larger budget on A100s lowered throughput, vLLM PR #17885).
+
+Per engine: DistServe's layout, our best disaggregated layout, DistServe's vLLM baseline layout (colocated tp 1
+/ tp 4) and the planner's choice, each searched and simulated under that engine. The scheduler alone
+(``scheduler_only``): every colocated layout under DistServe's engine (its memory, overhead and limits) with
+only the colocated scheduler changed to V1's chunked prefill at 2048 and at 8192 tokens per iteration.
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from shardwise.cluster import get_cluster  # noqa: E402
 from shardwise.costs.prices import PriceList  # noqa: E402
-from shardwise.costs.serving import ServingPrices  # noqa: E402
+from shardwise.costs.serving import ENGINES, ServingPrices  # noqa: E402
 from shardwise.planner.serving.model import serving_model  # noqa: E402
 from shardwise.planner.serving.report import layout_data  # noqa: E402
 from shardwise.planner.serving.search import SLO, Goodput, search  # noqa: E402
@@ -108,10 +126,29 @@ def bound_rows(cluster) -> list[dict]:
     return rows
 
 
-def layout_rows(cluster, workload) -> list[dict]:
+#: the engines the layouts are compared under (see the module docstring)
+ENGINE_CHOICES = {
+    "distserve": ENGINES["distserve"],
+    "vllm": ENGINES["vllm"],
+    "vllm-a100-default": dataclasses.replace(
+        ENGINES["vllm"], name="vllm-a100-default", max_batched_tokens=2048
+    ),
+}
+#: tokens per iteration of the chunked-prefill scheduler in the scheduler-only rows
+SCHEDULER_BUDGETS = (2048, 8192)
+
+
+def _scored(s) -> dict:
+    return {"layout": layout_data(s), "goodput_rps_per_gpu": s.per_device, "attainment": s.attainment,
+            "lower_bound": s.capped}  # fmt: skip
+
+
+def layout_rows(cluster, workload, engine: str = "distserve") -> list[dict]:
+    """Per model: the planner's search under ``engine`` and the goodput of DistServe's layout, our best
+    disaggregated one and DistServe's vLLM baseline under the same engine (predicted)."""
     rows = []
     for name, ttft, tpot, (tp_p, pp_p), (tp_d, pp_d), (tp_v, pp_v) in LAYOUT_ROWS:
-        prices = ServingPrices(serving_model(name), PriceList(cluster, "bf16"), "distserve")
+        prices = ServingPrices(serving_model(name), PriceList(cluster, "bf16"), ENGINE_CHOICES[engine])
         slo = SLO(ttft, tpot, 0.9)
         start = time.perf_counter()
         result = search(prices, cluster, workload, slo, progress=lambda text: print(f"  {text}", flush=True))
@@ -124,31 +161,45 @@ def layout_rows(cluster, workload) -> list[dict]:
         theirs = paired[0] if paired else None
         v_rate, v_att, _ = goodput(Colocated(Phase(tp_v, pp_v)))
         best = result.best
-        # the same colocated layouts under a chunked-prefill scheduler (vLLM V1's: decodes and prompt chunks in
-        # one pass), everything else as DistServe's engine: what today's vLLM would do in their place
-        chunked_engine = dataclasses.replace(prices.engine, chunked_prefill=True)
-        chunked = Goodput(ServingPrices(prices.model, prices.prices, chunked_engine), workload, slo)
-        colocated = {(tp_v, pp_v)} | {(s.layout.phase.tp, s.layout.phase.pp) for s in result.ranked
-                                      if isinstance(s.layout, Colocated)}  # fmt: skip
-        chunked_rows = [{"tp": tp, "pp": pp, "goodput_rps_per_gpu": chunked(Colocated(Phase(tp, pp)))[0] / (tp * pp)}
-                        for tp, pp in sorted(colocated)]  # fmt: skip
+        disaggregated = [s for s in result.ranked if not isinstance(s.layout, Colocated)]
         rows.append({
-            "model": name, "ttft_s": ttft, "tpot_s": tpot, "attainment": 0.9,
+            "model": name, "ttft_s": ttft, "tpot_s": tpot, "attainment": 0.9, "engine": engine,
             "distserve_layout": {"prefill": {"tp": tp_p, "pp": pp_p}, "decode": {"tp": tp_d, "pp": pp_d}},
             "distserve_layout_predicted": None if theirs is None else {
-                "layout": layout_data(theirs), "goodput_rps_per_gpu": theirs.per_device,
-                "attainment": theirs.attainment, "prefill_instance_rps": rp, "decode_instance_rps": rd,
+                **_scored(theirs), "prefill_instance_rps": rp, "decode_instance_rps": rd,
             },
+            "best_disaggregated": _scored(disaggregated[0]) if disaggregated else None,
             "vllm_baseline_layout": {"tp": tp_v, "pp": pp_v},
             "vllm_baseline_predicted": {"goodput_rps_per_gpu": v_rate / (tp_v * pp_v), "attainment": v_att},
-            "chosen": {"layout": layout_data(best), "goodput_rps_per_gpu": best.per_device,
-                       "attainment": best.attainment, "lower_bound": best.capped},
+            "chosen": _scored(best),
             "ranked": [{"layout": layout_data(s), "goodput_rps_per_gpu": s.per_device} for s in result.ranked],
             "phase_goodput": {kind: [{"tp": tp, "pp": pp, "rps": rate} for tp, pp, rate in rows_]
                               for kind, rows_ in result.phases.items()},
             "search_s": elapsed,
-            "colocated_chunked_prefill": chunked_rows,
         })  # fmt: skip
+    return rows
+
+
+def scheduler_rows(cluster, workload, layouts: dict[str, list[dict]]) -> list[dict]:
+    """Every colocated layout the ``distserve`` search ranked, under DistServe's engine with only the colocated
+    scheduler changed to V1's chunked prefill at each of ``SCHEDULER_BUDGETS`` (predicted req/s per GPU)."""
+    rows = []
+    for (name, ttft, tpot, *_), searched in zip(LAYOUT_ROWS, layouts["distserve"]):
+        model = serving_model(name)
+        slo = SLO(ttft, tpot, 0.9)
+        colocated = sorted({(s["layout"]["tp"], s["layout"]["pp"]): s["goodput_rps_per_gpu"]
+                            for s in searched["ranked"] if s["layout"]["kind"] == "colocated"}.items())  # fmt: skip
+        for budget in SCHEDULER_BUDGETS:
+            engine = dataclasses.replace(
+                ENGINES["distserve"], chunked_prefill=True, max_batched_tokens=budget
+            )
+            goodput = Goodput(ServingPrices(model, PriceList(cluster, "bf16"), engine), workload, slo)
+            for (tp, pp), prefill_first in colocated:
+                rate = goodput(Colocated(Phase(tp, pp)))[0]
+                rows.append({"model": name, "budget_tokens": budget, "tp": tp, "pp": pp,
+                             "chunked_rps_per_gpu": rate / (tp * pp), "prefill_first_rps_per_gpu": prefill_first})  # fmt: skip
+                print(f"  {name} V1 scheduler, {budget} tokens, colocated tp{tp} pp{pp}: {rate / (tp * pp):.3g} "
+                      f"req/s per GPU (prefill-first {prefill_first:.3g}; predicted)", flush=True)  # fmt: skip
     return rows
 
 
@@ -159,11 +210,39 @@ def _describe(layout: dict) -> str:
     return f"P {p['instances']}x tp{p['tp']}pp{p['pp']} + D {d['instances']}x tp{d['tp']}pp{d['pp']}"
 
 
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "does not fit"
+    bound = ">= " if entry.get("lower_bound") else ""
+    return f"{_describe(entry['layout'])}: {bound}{entry['goodput_rps_per_gpu']:.3g}"
+
+
+def print_layouts(doc: dict) -> None:
+    """The per-engine table: DistServe's layout, our best disaggregated, the vLLM baseline, the choice."""
+    print("\nreq/s per GPU at 90% attainment (predicted; our step prices in every row)")
+    for engine, rows in doc["layouts_by_engine"].items():
+        for r in rows:
+            v = r["vllm_baseline_layout"]
+            print(
+                f"[{engine}] {r['model']} TTFT {r['ttft_s']} s TPOT {r['tpot_s']} s (search {r['search_s']:.0f} s)"
+            )
+            print(f"  DistServe's layout:     {_cell(r['distserve_layout_predicted'])}")
+            print(f"  best disaggregated:     {_cell(r['best_disaggregated'])}")
+            print(
+                f"  vLLM baseline tp{v['tp']} pp{v['pp']}:  {r['vllm_baseline_predicted']['goodput_rps_per_gpu']:.3g}"
+            )
+            print(f"  chosen:                 {_cell(r['chosen'])}")
+            for s in r["ranked"][1:4]:
+                print(f"  runner-up:              {_describe(s['layout'])}: {s['goodput_rps_per_gpu']:.3g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--skip-layouts", action="store_true", help="only the KV capacity and decode-bound rows"
     )
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINE_CHOICES), default=list(ENGINE_CHOICES))
+    parser.add_argument("--skip-scheduler", action="store_true", help="no scheduler-only rows")
     parser.add_argument("--output", default=str(RESULTS / "serving.json"))
     args = parser.parse_args(argv)
     cluster = a100_nodes(1)
@@ -190,27 +269,20 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if not args.skip_layouts:
-        print("\nchosen layouts (SLO attainment >= 90%, goodput predicted)")
-        doc["layouts"] = layout_rows(cluster, workload)
-        for r in doc["layouts"]:
-            theirs = r["distserve_layout_predicted"]
-            d = r["distserve_layout"]
-            print(f"{r['model']} TTFT {r['ttft_s']} s TPOT {r['tpot_s']} s:")
-            print(f"  DistServe: prefill tp{d['prefill']['tp']} pp{d['prefill']['pp']}, decode tp{d['decode']['tp']} "
-                  f"pp{d['decode']['pp']}: " + ("does not fit" if theirs is None else
-                  f"{_describe(theirs['layout'])}, {theirs['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)"))  # fmt: skip
-            v = r["vllm_baseline_layout"]
-            print(f"  vLLM (DistServe's baseline): colocated tp{v['tp']} pp{v['pp']}, "
-                  f"{r['vllm_baseline_predicted']['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)")  # fmt: skip
-            c = r["chosen"]
-            print(f"  chosen:    {_describe(c['layout'])}, {c['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted), "
-                  f"search {r['search_s']:.0f} s")  # fmt: skip
-            for s in r["ranked"][1:4]:
+        doc["loadavg_before"] = os.getloadavg()
+        doc["layouts_by_engine"] = {}
+        for engine in args.engines:
+            print(f"\nchosen layouts under the {engine} engine (SLO attainment >= 90%, goodput predicted)")
+            doc["layouts_by_engine"][engine] = layout_rows(cluster, workload, engine)
+        if "distserve" in doc["layouts_by_engine"]:
+            doc["layouts"] = doc["layouts_by_engine"]["distserve"]  # the comparison DistServe published
+            if not args.skip_scheduler:
                 print(
-                    f"  runner-up: {_describe(s['layout'])}, {s['goodput_rps_per_gpu']:.3g} req/s per GPU (predicted)"
+                    "\nthe scheduler alone: colocated layouts under DistServe's engine, V1's chunked prefill"
                 )
-            print("  colocated with chunked prefill (vLLM V1's scheduler), req/s per GPU (predicted): " + ", ".join(
-                f"tp{c['tp']} pp{c['pp']} {c['goodput_rps_per_gpu']:.3g}" for c in r["colocated_chunked_prefill"]))  # fmt: skip
+                doc["scheduler_only"] = scheduler_rows(cluster, workload, doc["layouts_by_engine"])
+        doc["loadavg_after"] = os.getloadavg()
+        print_layouts(doc)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -16,12 +16,32 @@ prompts ``s_i`` takes ``a + b sum(s_i) + c sum(s_i^2)``, each of ``pp`` stages t
 (coefficients for ``B`` under and over a threshold), divided by ``pp`` per stage. Per (model, tp), two
 engines: ``distserve`` (DistServe's instances) and ``vllm`` (its vLLM baseline). Rows: every instance on
 DistServe's kernels ("same kernels"), and colocated instances on vLLM's ("as DistServe simulates vLLM").
+
+**Chunked prefill with the fitted kernels** (``chunked`` rows; the rules written 03:30 UTC 2026-12-07, before
+any of these rows was computed). The fits price whole prefills and pure decode steps; an iteration of vLLM
+V1's scheduler (decodes and prompt chunks in one pass) needs a rule, and we run two:
+
+- ``ours``: every token of the iteration (each chunk's and one per decode) goes through the layers once, at
+  the prefill fit's per-token slope, plus its intercept; a chunk of ``n`` tokens after ``p`` cached ones has
+  ``n p + n^2 / 2`` query-key pairs, priced as the fit prices a whole prompt's ``s^2 / 2`` (its ``c s^2``):
+  ``c (n^2 + 2 n p)``; the decodes read their cached keys and values at the decode fit's per-token slope;
+  never less than a decode step of the same batch: ``max(decode(B, T), a_p + b_p (new + B) + c_p sum(n^2 +
+  2 n p) + b_d T)``.
+- ``simdistserve``: DistServe's own simulator with ``enable_chunked_prefill`` (``simdistserve/base/worker.py``
+  ``do_prefill``): the prefill fit of the chunks' lengths alone (decodes and cached context free), a cheaper
+  rule than ours.
+
+The rest is the ``distserve`` engine (memory, 2 ms + 0.1 us per token of host overhead per iteration, 1024
+sequences) with the colocated scheduler changed to V1's chunked prefill at 2048 or 8192 tokens per iteration;
+pipelines are not priced (the fits hold no chunk rule for them): pp 1 layouts only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serving import LAYOUT_ROWS, RESULTS, a100_nodes  # noqa: E402
 
 from shardwise.costs.prices import PriceList  # noqa: E402
-from shardwise.costs.serving import PhaseTime, ServingPrices  # noqa: E402
+from shardwise.costs.serving import ENGINES, PhaseTime, ServingPrices  # noqa: E402
 from shardwise.planner.serving.model import serving_model  # noqa: E402
 from shardwise.planner.serving.search import SLO, Goodput  # noqa: E402
 from shardwise.planner.serving.simulator import Colocated, Phase  # noqa: E402
@@ -44,9 +64,10 @@ class ProfilePrices(ServingPrices):
     """``ServingPrices`` whose prefill and decode steps are DistServe's fitted profiles (see the docstring);
     memory, KV transfer and the engine's limits and overhead stay ours (the ``distserve`` engine)."""
 
-    def __init__(self, model, prices, profile: dict) -> None:
-        super().__init__(model, prices, "distserve")
+    def __init__(self, model, prices, profile: dict, engine="distserve", mixed: str = "ours") -> None:
+        super().__init__(model, prices, engine)
         self.profile = profile
+        self.mixed = mixed
 
     def _params(self, tp: int) -> dict:
         if str(tp) not in self.profile:
@@ -68,6 +89,23 @@ class ProfilePrices(ServingPrices):
         key = "decoding_smallbs" if b_mb < p["decoding_large_small_bs_threshold"] else "decoding_largebs"
         a, b, c = p[key]
         return (a + b * t_mb + c * b_mb) / 1e3  # pp stages of (...) / pp each: one micro-batch's pass
+
+    def mixed_step_s(self, tp: int, pp: int, decodes: int, decode_context: float, chunks=()) -> float:
+        """An iteration of decodes and prompt chunks ``(new, prior)`` by the ``mixed`` rule (see the
+        docstring); pp 1 only."""
+        if not chunks:
+            return self.decode_step_s(tp, pp, decodes, decode_context)
+        if pp != 1:
+            raise KeyError(f"no chunked-prefill rule for the fitted profiles at pp {pp}")
+        a, b, c = self._params(tp)["prefill"]
+        if self.mixed == "simdistserve":
+            return (a + b * sum(n for n, _ in chunks) + c * sum(n * n for n, _ in chunks)) / 1e3
+        p = self._params(tp)
+        key = "decoding_smallbs" if decodes < p["decoding_large_small_bs_threshold"] else "decoding_largebs"
+        slope = p[key][1]
+        ms = a + b * (sum(n for n, _ in chunks) + decodes) + c * sum(n * n + 2 * n * q for n, q in chunks)
+        ms += slope * decode_context
+        return max(self.decode_step_s(tp, pp, decodes, decode_context), ms / 1e3)
 
 
 #: (model, tp) rows of the price table, and the prefills (prompt lengths) and decode steps (sequences, cached
@@ -97,6 +135,38 @@ def price_rows(cluster, profiles: dict) -> list[dict]:
     return rows
 
 
+#: colocated pp 1 layouts with fitted profiles, per model
+CHUNKED_LAYOUTS = {"facebook/opt-13b": (1, 2, 4), "facebook/opt-66b": (2, 4, 8)}
+
+
+def chunked_rows(cluster, workload, profiles: dict) -> list[dict]:
+    """Colocated instances on the fitted kernels, prefill-first (DistServe's vLLM baseline scheduler) and
+    chunked (V1's scheduler, each budget and mixing rule), req/s per GPU (predicted); DistServe's layout on
+    its kernels is in ``rows``."""
+    out = []
+    for name, ttft, tpot, *_ in LAYOUT_ROWS:
+        model = serving_model(name)
+        slo = SLO(ttft, tpot, 0.9)
+        for kernels in ("distserve", "vllm"):
+            for tp in CHUNKED_LAYOUTS[name]:
+                row = {"model": name, "kernels": kernels, "tp": tp, "pp": 1}
+                first = ProfilePrices(model, PriceList(cluster, "bf16"), profiles[kernels][name])
+                row["prefill_first"] = Goodput(first, workload, slo)(Colocated(Phase(tp, 1)))[0] / tp
+                for budget in (2048, 8192):
+                    engine = dataclasses.replace(
+                        ENGINES["distserve"], chunked_prefill=True, max_batched_tokens=budget
+                    )
+                    for mixed in ("ours", "simdistserve"):
+                        fit = ProfilePrices(
+                            model, PriceList(cluster, "bf16"), profiles[kernels][name], engine, mixed
+                        )
+                        rate = Goodput(fit, workload, slo)(Colocated(Phase(tp, 1)))[0]
+                        row[f"chunked_{budget}_{mixed}"] = rate / tp
+                print(json.dumps(row), flush=True)
+                out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", required=True, help="DistServe's simdistserve/estimators/profile_data")
@@ -109,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = a100_nodes(1)
     workload = load_workload("distserve-sharegpt")
     table = price_rows(cluster, profiles)
-    print(f"{'model':<18}{'tp':>3} {'step':<8}{'':<26}{'ours ms':>9}{'DistServe':>11}{'vLLM':>9}   (ours predicted)")
+    print(
+        f"{'model':<18}{'tp':>3} {'step':<8}{'':<26}{'ours ms':>9}{'DistServe':>11}{'vLLM':>9}   (ours predicted)"
+    )
     for r in table:
         print(f"{r['model']:<18}{r['tp']:>3} {r['step']:<8}{r['what']:<26}{r['ours_ms']:>9.1f}"
               f"{r['distserve_ms']:>11.1f}{r['vllm_ms']:>9.1f}")  # fmt: skip
@@ -144,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
+    chunked = chunked_rows(cluster, workload, profiles)
     out = {"note": "diagnostic, predicted: our simulation with DistServe's fitted step times (see docstring)",
-           "workload": workload.name, "rows": rows, "prices_vs_profiles": table}  # fmt: skip
+           "workload": workload.name, "rows": rows, "chunked": chunked, "prices_vs_profiles": table,
+           "loadavg": os.getloadavg()}  # fmt: skip
     Path(args.output).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.output}")
     return 0
