@@ -2,7 +2,9 @@
 
 The published figures (pytorch/torchtitan, ``benchmarks/llama3_h100_202412_torchtitan.md``, Table 1): Llama 3.1
 8B on 8 H100s (one Grand Teton host), bf16, sequence 8192, local batch 2 (global 16), FSDP over the 8 GPUs,
-selective activation checkpointing: 5,762 tokens/s/GPU in eager mode, 6,667 with torch.compile. The cluster is
+selective activation checkpointing: 5,762 tokens/s/GPU in eager mode, 6,667 with torch.compile, 8,532 with
+torch.compile and Float8 (torchao's Float8Linear, priced with ``precision="fp8"`` as ``bench/moe_cp.py`` prices it;
+this row was added as a check of the float8 price apart from the context-parallel rows). The cluster is
 ``bench/clusters/grand-teton-h100.yaml`` (its figures and their sources are in its comments).
 
 **The workload, fixed from torchtitan's source before any error was looked at** (commit 9dec370, 2024-12-26,
@@ -82,8 +84,8 @@ LLAMA31_8B = {
     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
 }  # fmt: skip
-PUBLISHED = {"eager": 5762.0, "compiled": 6667.0}  # tokens/s/GPU, Table 1
-PUBLISHED_MEMORY_GIB = {"eager": 82.4, "compiled": 77.0}
+PUBLISHED = {"eager": 5762.0, "compiled": 6667.0, "float8": 8532.0}  # tokens/s/GPU, Table 1
+PUBLISHED_MEMORY_GIB = {"eager": 82.4, "compiled": 77.0, "float8": 76.8}
 NVL_BF16 = 835e12  # H100 NVL datasheet, BF16 dense (1,671 TFLOP/s with sparsity): the other bound torchtitan names
 ATTENTION = "torchtitan_sdpa"
 
@@ -238,6 +240,9 @@ def run(layers: int | None = None) -> dict:
     fused = fuse_plan(sac)
     compiled = sac.replace(fused_groups=inductor_groups(sac))
     compiled_step = price_flat(compiled, prices, fused_backward=True)
+    # Table 1's third row: the compiled program with torchao's Float8Linear (a check of the price list's float8
+    # rule apart from the context-parallel rows of bench/moe_cp.py): the same plan priced at precision="fp8"
+    float8_step = price_flat(compiled, price_list(cluster, "fp8"), fused_backward=True)
     ours_layout_step = price_flat(fused, prices)  # the published layout as shardwise's program runs it
     t1 = time.perf_counter()
     try:
@@ -268,6 +273,8 @@ def run(layers: int | None = None) -> dict:
         row("FSDP 8, selective AC, eager (published configuration)", sac, eager_step, PUBLISHED["eager"]),
         row("FSDP 8, selective AC, torch.compile (published configuration)", compiled, compiled_step,
             PUBLISHED["compiled"]),
+        row("FSDP 8, selective AC, torch.compile + Float8 (published configuration)", compiled, float8_step,
+            PUBLISHED["float8"]),
         row("FSDP 8, selective AC, shardwise's program", fused, ours_layout_step, None),
     ]  # fmt: skip
     # sensitivity (not a prediction): the same programs if the power-limited part peaked at the H100 NVL's
@@ -294,6 +301,8 @@ def run(layers: int | None = None) -> dict:
                      "predicted_memory_gib": max(ours.predicted.memory_bytes or (0,)) / 2**30}  # fmt: skip
     return {
         "rows": rows,
+        "float8_over_compiled": {"published": PUBLISHED["float8"] / PUBLISHED["compiled"],
+                                 "predicted": compiled_step.step_s / float8_step.step_s},
         "sensitivity": sensitivity,
         "ours_over_published_layout": ours_layout_step.step_s / ours_step.step_s if ours_step else None,
         "our_plan": our_plan,
@@ -324,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         b = r["predicted_breakdown_s"]
         if b:
             print(f"  {r['row'][:58]:<58} " + " ".join(f"{k} {v:.3f}" for k, v in b.items()))
+    f8 = result["float8_over_compiled"]
+    print(f"  Float8 over compiled bf16: predicted {f8['predicted']:.3f}x, published {f8['published']:.3f}x")
     for r in result["sensitivity"]:
         print(f"  sensitivity, not a prediction: {r['row']}: {r['tokens_per_s_per_gpu']:.0f} tokens/s/GPU "
               f"({100 * r['error']:+.1f}%)")  # fmt: skip
