@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving import LAYOUT_ROWS, RESULTS, a100_nodes  # noqa: E402
+from serving import LAYOUT_ROWS, PAPER_ROWS, RESULTS, a100_nodes  # noqa: E402
 
 from shardwise.costs.prices import PriceList  # noqa: E402
 from shardwise.costs.serving import ENGINES, PhaseTime, ServingPrices  # noqa: E402
@@ -139,12 +139,12 @@ def price_rows(cluster, profiles: dict) -> list[dict]:
 CHUNKED_LAYOUTS = {"facebook/opt-13b": (1, 2, 4), "facebook/opt-66b": (2, 4, 8)}
 
 
-def chunked_rows(cluster, workload, profiles: dict) -> list[dict]:
+def chunked_rows(cluster, workload, profiles: dict, targets: list = LAYOUT_ROWS) -> list[dict]:
     """Colocated instances on the fitted kernels, prefill-first (DistServe's vLLM baseline scheduler) and
     chunked (V1's scheduler, each budget and mixing rule), req/s per GPU (predicted); DistServe's layout on
     its kernels is in ``rows``."""
     out = []
-    for name, ttft, tpot, *_ in LAYOUT_ROWS:
+    for name, ttft, tpot, *_ in targets:
         model = serving_model(name)
         slo = SLO(ttft, tpot, 0.9)
         for kernels in ("distserve", "vllm"):
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", required=True, help="DistServe's simdistserve/estimators/profile_data")
     parser.add_argument("--output", default=str(RESULTS / "serving_profiles.json"))
+    parser.add_argument(
+        "--paper-targets", action="store_true", help="only bench/serving.py's PAPER_ROWS, added to --output"
+    )
     args = parser.parse_args(argv)
     profiles = {
         e: json.loads((Path(args.profiles) / f"profiler-a100-80g.{e}.json").read_text())
@@ -186,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:<18}{r['tp']:>3} {r['step']:<8}{r['what']:<26}{r['ours_ms']:>9.1f}"
               f"{r['distserve_ms']:>11.1f}{r['vllm_ms']:>9.1f}")  # fmt: skip
     ours = json.loads((RESULTS / "serving.json").read_text())
-    chosen = {r["model"]: r["chosen"]["layout"] for r in ours["layouts"]}
+    targets = PAPER_ROWS if args.paper_targets else LAYOUT_ROWS
+    searched = ours["paper_targets_by_engine"]["distserve"] if args.paper_targets else ours["layouts"]
+    chosen = {r["model"]: r["chosen"]["layout"] for r in searched}
     rows = []
-    for name, ttft, tpot, (tp_p, pp_p), (tp_d, pp_d), (tp_v, pp_v) in LAYOUT_ROWS:
+    for name, ttft, tpot, (tp_p, pp_p), (tp_d, pp_d), (tp_v, pp_v) in targets:
         model = serving_model(name)
         slo = SLO(ttft, tpot, 0.9)
         start = time.perf_counter()
@@ -216,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
-    chunked = chunked_rows(cluster, workload, profiles)
+    chunked = chunked_rows(cluster, workload, profiles, targets)
+    if args.paper_targets:  # added to the results of a whole run
+        out = json.loads(Path(args.output).read_text())
+        out["paper_targets"] = {"rows": rows, "chunked": chunked, "loadavg": os.getloadavg()}
+        Path(args.output).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.output}")
+        return 0
     out = {"note": "diagnostic, predicted: our simulation with DistServe's fitted step times (see docstring)",
            "workload": workload.name, "rows": rows, "chunked": chunked, "prices_vs_profiles": table,
            "loadavg": os.getloadavg()}  # fmt: skip
