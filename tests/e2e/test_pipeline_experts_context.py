@@ -138,3 +138,16 @@ def test_context_with_pipeline_three_sgd_steps_equal_eager(pool):
 
     model, inputs = tiny_causal_lm("llama", seq=256)
     _three_sgd_steps_equal_eager(model, inputs, CONTEXT, pool, check)
+
+
+def test_deepseek_v3_with_pipeline_three_sgd_steps_equal_eager(pool):
+    """DeepSeek-V3's tiny configuration (MLA's ``expand_kv`` fills a new tensor by ``copy_``; the routing scatters
+    a group mask and gathers each token's top-k weights) cut into two micro-batches under ``pp=2, ep=2``, which
+    the batch-rows check allows (``passes.stages.rows``): three SGD steps equal eager."""
+
+    def check(cm) -> None:  # noqa: ANN001
+        spec = cm.plan.pipeline
+        assert spec is not None and (spec.pp, spec.ep, spec.dp, spec.microbatches) == (2, 2, 2, 2)
+
+    model, inputs = tiny_causal_lm("deepseek_v3", batch=4)
+    _three_sgd_steps_equal_eager(model, inputs, EXPERTS, pool, check)

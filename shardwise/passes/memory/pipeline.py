@@ -112,12 +112,13 @@ def online_assignment(buffers: Sequence[Buffer]) -> Assignment:
             off, top = top, top + b.size
         offsets[i] = off
         arena = max(arena, off + b.size)
+    bound = lower_bound(buffers)
     return Assignment(
         offsets=tuple(sorted((b.id, o) for b, o in zip(buffers, offsets))),
         arena_bytes=arena,
-        lower_bound_bytes=lower_bound(buffers),
+        lower_bound_bytes=bound,
         method="online-best-fit",
-        optimal=arena == lower_bound(buffers),
+        optimal=arena == bound,
         solve_s=time.perf_counter() - t0,
     )
 
