@@ -151,3 +151,35 @@ def test_deepseek_v3_with_pipeline_three_sgd_steps_equal_eager(pool):
 
     model, inputs = tiny_causal_lm("deepseek_v3", batch=4)
     _three_sgd_steps_equal_eager(model, inputs, EXPERTS, pool, check)
+
+
+def test_context_with_pipeline_own_loss_stays_split(pool):
+    """The model's own next-token loss (labels as an input) in the last stage of a pp2 x cp2 pipeline whose
+    micro-batches hold two sequences each: the cross entropy reads the logits split over the sequence
+    (``rewrite.split_losses``; flattened rows of two sequences could not follow a cp split, so the loss ran whole
+    on gathered logits), and three SGD steps equal eager."""
+    model, (ids,) = tiny_causal_lm("llama", seq=256, batch=4)
+    labels = ids.clone()  # (every micro-batch holds as many targets: the mean of their means is eager's mean)
+    reference = copy.deepcopy(model)
+    with shardwise.compile(
+        model, "cpu:4", example_inputs=(ids,), example_kwargs={"labels": labels}, mode="train",
+        loss_fn=lambda out: out.loss, optimizer=SGD, constraints=CONTEXT, workers=pool,
+    ) as cm:  # fmt: skip
+        _sequence_split(cm)
+        losses = [
+            dict(s.split) for st in cm.plan.pipeline.stages for s in st.plan.strategies
+            if st.plan.graph.has_node(s.node) and st.plan.graph.node(s.node).op == "aten.cross_entropy_loss.default"
+        ]  # fmt: skip
+        assert len(losses) == 1 and "cp" in losses[0], losses
+        got = [cm.train_step(ids, labels) for _ in range(3)]
+        state = cm.state_dict()
+    reference.train()
+    optimizer = SGD(reference.parameters())
+    expected = []
+    for _ in range(3):
+        loss = reference(ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(loss.item())
+    assert_training_equal(got, state, expected, reference.state_dict())

@@ -7,7 +7,7 @@ tensor parallelism); with ``tp == 1`` every op runs whole (``follow_producers``)
 (``cp > 1``) the mesh is ``(cp, tp)`` and the ILP places the chunk as it places a flat plan's ``cp x tp`` ranks:
 the inputs whose dimension 1 is the model's sequence are read split along it over ``cp`` (each rank cuts its
 piece of the whole value it receives), attention runs one of ``cp_ways`` over the split, mean losses are summed
-per piece (``rewrite.mean_losses_as_sums``).
+per piece and read their logits unflattened, split over the sequence (``rewrite.split_losses``).
 
 Guarantees: the returned graph is the one the strategies are for (the rewrite may split fused projections
 into parameter parts); one strategy per node plus the ``<output>`` one, whose redistributions make every
@@ -169,10 +169,10 @@ def _rewritten(graph: Graph, original: Graph, rewritten: Graph, tp: int, cp: int
     """``graph`` rewritten as ``original`` was into ``rewritten`` (for tp = 1 and cp = 1 no rewrite runs)."""
     if rewritten is original:
         return graph
-    from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
+    from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, split_losses
 
     g = expose_tensor_parallelism(graph) if tp > 1 else graph
-    return mean_losses_as_sums(g) if cp > 1 else g
+    return split_losses(g) if cp > 1 else g
 
 
 def _place_chunk(
@@ -227,9 +227,9 @@ def _place_context_chunk(
         raise PlanError("cp inside a pipeline stage needs the placement ILP (shardwise.passes.sharding.auto), "
                         "which this installation lacks: use cp=1")  # fmt: skip
     from shardwise.passes.sharding.auto import PlaceOptions, place
-    from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, mean_losses_as_sums
+    from shardwise.passes.sharding.rewrite import expose_tensor_parallelism, split_losses
 
-    g = mean_losses_as_sums(expose_tensor_parallelism(graph) if tp > 1 else graph)
+    g = split_losses(expose_tensor_parallelism(graph) if tp > 1 else graph)
     mesh = context_mesh(cp, tp)
     a = mesh.axis_names.index("cp")
     inputs: dict[str, ShardingSpec] = {}
