@@ -25,6 +25,9 @@ class Buffer:
     size: int  # bytes (> 0)
 
     def __post_init__(self) -> None:
+        start, end, size = self.start, self.end, self.size
+        if type(start) is int and type(end) is int and type(size) is int and size > 0 and end > start:
+            return  # valid (the common case, checked quickly: pipeline maps make a million buffers)
         for name in ("start", "end", "size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

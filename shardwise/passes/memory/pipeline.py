@@ -65,10 +65,11 @@ _PER_MICROBATCH = frozenset(("act", "agrad", "mask", "coll", "cgrad", "cast"))
 MAX_PACKED = 2_000
 
 
-def online_assignment(buffers: Sequence[Buffer]) -> Assignment:
+def online_assignment(buffers: Sequence[Buffer], bound: int | None = None) -> Assignment:
     """Offsets as an allocator running the step would give them: buffers allocated in order of their
     first step (frees of a step first), each in the smallest free gap that holds it, else on top.
-    Valid for any size; the arena is not searched (``method="online-best-fit"``)."""
+    Valid for any size; the arena is not searched (``method="online-best-fit"``). ``bound``: the buffers'
+    lower bound when the caller has it (``lower_bound(buffers)``)."""
     t0 = time.perf_counter()
     order = sorted(range(len(buffers)), key=lambda i: (buffers[i].start, -buffers[i].size, buffers[i].id))
     ending = sorted(range(len(buffers)), key=lambda i: buffers[i].end)
@@ -112,7 +113,7 @@ def online_assignment(buffers: Sequence[Buffer]) -> Assignment:
             off, top = top, top + b.size
         offsets[i] = off
         arena = max(arena, off + b.size)
-    bound = lower_bound(buffers)
+    bound = lower_bound(buffers) if bound is None else bound
     return Assignment(
         offsets=tuple(sorted((b.id, o) for b, o in zip(buffers, offsets))),
         arena_bytes=arena,
@@ -216,6 +217,12 @@ def stage_buffers(
                 continue  # the stage's buckets (below): the runtime buckets across chunks
             elif kind in _PER_MICROBATCH or kind == "input":
                 kept = kind == "input"  # a received value: its gradient is sent back after the backward
+                # the same for every micro-batch: whether it is kept from forward into backward, recomputed,
+                # or an output kept to the end (inference joins every micro-batch's outputs)
+                spans = b.start < n < b.end - 1 and kind != "agrad"
+                again = spec.recompute == "full" or b.start in rerun[c]  # (an op's buffers start at its step)
+                dropped_again = again and spans and not kept and train
+                joined = c == last_chunk and _output_of(key) in kept_outputs
                 for m in range(spec.microbatches):
                     start, last = at(c, m, b.start), at(c, m, b.end - 1)
                     if train and (c, m) in bwd:
@@ -223,11 +230,9 @@ def stage_buffers(
                         last = min(last, bwd[(c, m)] + n - 1)
                         if kind == "agrad" and b.start == n:
                             start = bwd[(c, m)]
-                    spans = b.start < n < b.end - 1 and kind != "agrad"  # kept from forward into backward
-                    if c == last_chunk and _output_of(key) in kept_outputs:
-                        last = max(last, gather_step)  # inference keeps every micro-batch's outputs to join them
-                    again = spec.recompute == "full" or b.start in rerun[c]  # (an op's buffers start at its step)
-                    if again and spans and not kept and train:
+                    if joined:
+                        last = max(last, gather_step)
+                    if dropped_again:
                         # dropped after the forward, made again at the start of the backward
                         out.append(Buffer(f"{name}#{m}", start, fwd[(c, m)] + n + 1, b.size))
                         out.append(Buffer(f"{name}#{m}.re", bwd[(c, m)], last + 1, b.size))
@@ -388,6 +393,7 @@ def map_pipeline_memory(
         for p in range(spec.pp)
     ]
     group = spec.dp * spec.cp * spec.tp
+    bounds: list[int | None] = [None] * len(per_stage)
     if within_capacity:
         bounds = [lower_bound(bufs) for bufs in per_stage]
         if max(bounds, default=0) > capacity_bytes:
@@ -397,13 +403,13 @@ def map_pipeline_memory(
             return PipelineMemoryMap(memory, tuple(per_stage), tuple(unmapped), exact=False)
     assignments: list[Assignment] = []
     exact = True
-    for bufs in per_stage:
+    for bufs, bound in zip(per_stage, bounds, strict=True):
         if len(bufs) > MAX_PACKED:
-            assignment = online_assignment(bufs)  # best-fit packing is quadratic: an allocator's replay
+            assignment = online_assignment(bufs, bound)  # best-fit packing is quadratic: an allocator's replay
         else:
             # within the capacity: the allocator's replay first (quick); best-fit and the search only if it
             # does not fit
-            online = online_assignment(bufs)
+            online = online_assignment(bufs, bound)
             if within_capacity and online.arena_bytes <= capacity_bytes:
                 assignment = online
             else:
