@@ -11,7 +11,22 @@ a shared machine other processes only ever add time to a sample, and a sample as
 slice often runs undisturbed, so the minimum is the undisturbed cost. Compute figures of a process that
 computes on one thread (the runtime's budget on a machine with as many cores as processes) are read on the
 thread's CPU clock, which preemption by other processes does not advance; with more threads, on the wall
-clock. Communication needs both processes on a core at once, on the wall clock: a point-to-point sample
+clock.
+
+**Compute is timed as a program pays it** (since calibration version 4). A generated program is
+straight-line Python that calls each op once a step: every op follows ops of other kinds (the host ran their
+dispatch and kernels just before: other code, other data, other allocations), each matmul reads its own
+weights (read once a step), and an op's activation input is what the op before it has just written. An op
+timed in a back-to-back loop of itself meets none of that: its code and its operands stay hot, and it costs
+less than in the program. So every compute figure read per call (matmuls, attention, math ops, streaming) is
+the mean per call of a run of ``COMPUTE_RUN`` calls, each after ``COMPUTE_GAP`` round(s) of the dispatch
+probe's tiny ops (the same ops alone, timed in the same kind of run, subtracted; :func:`in_program`), a matmul
+or attention call with a weight operand of its own and the activation operand shared; the least over the
+samples of that mean. The dispatch, view, backward-node and optimizer probes are runs of many different ops
+already. Streaming (``a + b``) writes into a buffer allocated once: a fresh result of 32 MiB or more is a
+new mapping on every call (glibc's largest dynamic mmap threshold), whose page faults are not streaming.
+
+Communication needs both processes on a core at once, on the wall clock: a point-to-point sample
 is one round trip, a collective's sample is a run of ``COLLECTIVE_RUN`` calls made as a program makes them
 (each after a short compute, ``COLLECTIVE_GAP``, on both processes, so that the library's threads have gone
 idle), its time per call less that compute's, and the minimum over the samples is taken the same way (the
@@ -31,8 +46,9 @@ What is measured (each a figure of the price list, ``costs/``):
   fit of ``t = c + flops / rate`` (least squares on relative error);
 * ``attention``: ``scaled_dot_product_attention`` forward and backward on one shape (``ATTENTION_SHAPE``),
   as a fraction of the matmul rate on the registry's FLOP count (4 b h s^2 d + 5 b h s^2);
-* ``stream``: ``a + b`` on float32 vectors of growing working sets (``CACHE_PROBES``, then
-  ``MEMORY_PROBE_BYTES``, beyond the caches): bytes read and written per second at each. The largest
+* ``stream``: ``a + b`` (into a preallocated result) on float32 vectors of growing working sets
+  (``CACHE_PROBES``, then ``MEMORY_PROBE_BYTES``, beyond the caches), less ``dispatch_s`` (the price of a
+  memory-bound op is its launch plus its bytes at the bandwidth): bytes read and written per second at each. The largest
   working set that still streams at least half-way between the smallest's bandwidth and the memory's is the
   cache's size (``cache_bytes``), the smallest's bandwidth the cache's;
 * ``elementwise``: for each op of ``ELEMENTWISE_OPS`` (math functions whose cost per element exceeds
@@ -79,7 +95,7 @@ from shardwise.errors import DeviceUnavailableError
 
 __all__ = [
     "calibrate", "measure", "spec_from_measurements", "fit_line", "Measurement", "SAMPLE_S", "GEMM_SIZES",
-    "ELEMENTWISE_OPS", "COLLECTIVE_SIZES", "COLLECTIVE_RUN", "run_per_call",
+    "ELEMENTWISE_OPS", "COLLECTIVE_SIZES", "COLLECTIVE_RUN", "COMPUTE_RUN", "run_per_call", "in_program",
 ]  # fmt: skip
 
 Measurement = dict[str, Any]
@@ -104,6 +120,13 @@ COLLECTIVE_SIZES = (2**6, 2**12, 2**16, 2**20)
 #: two of its collectives): a program reaches each collective after its ops, the library's threads idle meanwhile
 COLLECTIVE_RUN = 8
 COLLECTIVE_GAP = 2
+#: calls of one compute sample (matmuls, attention, math ops, streaming), each after one round of the dispatch
+#: probe's tiny ops (``_kernel_ops``: 14 ops of other kinds, as an op of a program follows the ops written
+#: between it and the previous op of its kind); a matmul or attention call of a run reads its own weight
+#: operand (each of a program's matmuls reads its own weights, once a step), and the activation operand is
+#: shared (a program's op reads what the op before it has just written)
+COMPUTE_RUN = 8
+COMPUTE_GAP = 1
 OBJECT_SIZES = (2**12, 2**20)
 #: the collectives plans use, and the ring formula's latency steps for p ranks (costs/comm.py; gloo has no
 #: reduce-scatter: the runtime library all-reduces and keeps its slice)
@@ -245,9 +268,11 @@ def _measure_gemm(samples: int) -> Measurement:
     import torch
 
     points = []
-    for n in GEMM_SIZES:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        points.append((2.0 * n**3, _best(lambda a=a, b=b: torch.mm(a, b), samples)))
+    with torch.no_grad():
+        for n in GEMM_SIZES:
+            a, weights = torch.randn(n, n), [torch.randn(n, n) for _ in range(COMPUTE_RUN)]
+            calls = [lambda a=a, b=b: torch.mm(a, b) for b in weights]
+            points.append((2.0 * n**3, in_program(calls, samples)))
     return {"gemm": points}
 
 
@@ -256,31 +281,37 @@ def _measure_attention(samples: int) -> Measurement:
     import torch.nn.functional as F
 
     b, h, s, d = ATTENTION_SHAPE
-    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    kvs = [(torch.randn(b, h, s, d, requires_grad=True), torch.randn(b, h, s, d, requires_grad=True))
+           for _ in range(COMPUTE_RUN)]  # fmt: skip
     flops = 4.0 * b * h * s * s * d + 5.0 * b * h * s * s
     with torch.no_grad():
-        forward = _best(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), samples, 2 * SAMPLE_S
+        forward = in_program(
+            [lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True) for k, v in kvs],
+            samples,
         )
     grad = torch.ones(b, h, s, d)
 
-    def both() -> None:
+    def both(k, v) -> None:  # noqa: ANN001
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         torch.autograd.grad(out, (q, k, v), grad)
 
-    total = _best(both, samples, 4 * SAMPLE_S)
+    total = in_program([lambda k=k, v=v: both(k, v) for k, v in kvs], samples)
     return {"attention": {"flops": flops, "forward_s": forward, "backward_s": max(total - forward, 0.0)}}
 
 
-def _measure_stream(samples: int) -> Measurement:
+def _measure_stream(samples: int, dispatch_s: float) -> Measurement:
     import torch
 
     out = []
     for nbytes in (*CACHE_PROBES, MEMORY_PROBE_BYTES):
         numel = nbytes // 12
-        a, b = torch.rand(numel), torch.rand(numel)
+        a, b, result = torch.rand(numel), torch.rand(numel), torch.empty(numel)
         count = samples if nbytes < MEMORY_PROBE_BYTES else max(3, samples // 3)
-        out.append((12.0 * numel, _best(lambda a=a, b=b: a + b, count)))
+        # into a buffer allocated once: a new 32 MiB result would be a fresh mapping from the C library
+        # (glibc maps 32 MiB and more on every allocation) and its page faults would be timed as streaming
+        seconds = in_program([lambda a=a, b=b, r=result: torch.add(a, b, out=r)], count)
+        out.append((12.0 * numel, max(seconds - dispatch_s, 1e-9)))
     return {"stream": out}
 
 
@@ -308,12 +339,12 @@ def _measure_elementwise(samples: int, dispatch_s: float, backward_node_s: float
     for name in ELEMENTWISE_OPS:
         fn = _elementwise_fn(name)
         with torch.no_grad():
-            forward = _best(lambda fn=fn: fn(x), samples)
+            forward = in_program([lambda fn=fn: fn(x)], samples)
 
         def both(fn=fn) -> None:  # noqa: ANN001
             torch.autograd.grad(fn(x), x, grad)
 
-        total = _best(both, samples)
+        total = in_program([both], samples)
         out[name] = (
             max(forward - dispatch_s, 0.0) / numel,
             max(total - forward - backward_node_s, 0.0) / numel,
@@ -367,27 +398,55 @@ def _pingpong(rank: int, nbytes: int, samples: int) -> float:
 
 def run_per_call(
     call: Callable[[], object], gap: Callable[[], object], calls: int, samples: int,
-    sync: Callable[[], object] = lambda: None,
+    sync: Callable[[], object] = lambda: None, clock: Callable[[], float] = time.perf_counter,
 ) -> float:  # fmt: skip
     """Least over ``samples`` runs of the seconds per ``call`` in a run of ``calls`` calls, each after ``gap()``
     (after ``sync()``, the same runs of ``gap()`` alone are subtracted): the mean cost of a call as a program
-    pays it, in the least disturbed run (module docstring). Never below 0."""
+    pays it, in the least disturbed run (module docstring), read on ``clock``. Never below 0."""
     call()
     gap()
     both, alone = [], []
     for _ in range(samples):
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             gap()
             call()
-        both.append((time.perf_counter() - start) / calls)
+        both.append((clock() - start) / calls)
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             gap()
-        alone.append((time.perf_counter() - start) / calls)
+        alone.append((clock() - start) / calls)
     return max(min(both) - min(alone), 0.0)
+
+
+def _program_gap() -> Callable[[], object]:
+    """What a compute sample runs before each call: ``COMPUTE_GAP`` rounds of the dispatch probe's tiny ops."""
+    import torch
+
+    x, w, emb = torch.rand(4, 4) + 0.5, torch.randn(4, 4), torch.randn(4, 4)
+    idx, mask = torch.tensor([0, 1]), torch.rand(4, 4) > 0.5
+
+    def gap() -> None:
+        with torch.no_grad():
+            for _ in range(COMPUTE_GAP):
+                _kernel_ops(x, w, idx, emb, mask)
+
+    return gap
+
+
+def in_program(calls: Sequence[Callable[[], object]], samples: int) -> float:
+    """Seconds per call of a compute op as a generated program pays it (module docstring): runs of
+    ``COMPUTE_RUN`` calls taking ``calls`` in turn (one per weight operand), each after the program's other
+    ops (:func:`_program_gap`, subtracted), on the compute clock; the least disturbed run."""
+    turn = [0]
+
+    def call() -> None:
+        calls[turn[0] % len(calls)]()
+        turn[0] += 1
+
+    return run_per_call(call, _program_gap(), COMPUTE_RUN, samples, clock=_compute_clock())
 
 
 def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
@@ -511,7 +570,7 @@ def measure(rank: int, world: int, quick: bool = True) -> Measurement:
         ("backward", lambda: _measure_backward(samples)),
         ("gemm", lambda: _measure_gemm(samples)),
         ("attention", lambda: _measure_attention(samples)),
-        ("stream", lambda: _measure_stream(samples)),
+        ("stream", lambda: _measure_stream(samples, result["dispatch_s"])),
         (
             "elementwise",
             lambda: _measure_elementwise(samples, result["dispatch_s"], result["backward_node_s"]),

@@ -150,3 +150,29 @@ def test_a_collective_costs_the_mean_of_a_run_less_the_compute_before_each_call(
     figure = calibrate_module.run_per_call(call, lambda: None, calls=4, samples=3)
     assert figure >= 2e-3 * 0.99
     assert calibrate_module.run_per_call(lambda: None, lambda: time.sleep(2e-3), calls=4, samples=3) < 1e-3
+
+
+def test_compute_is_timed_in_runs_taking_each_weight_in_turn() -> None:
+    """in_program (how calibrate times compute since version 4): the calls of a run take the given calls (one
+    per weight operand) in turn, and the figure is their mean, the ops run before each call not counted."""
+    import torch
+
+    used: list[int] = []
+
+    def busy(k: int, seconds: float):  # noqa: ANN202 - CPU work, on the clock a one-thread process is timed on
+        def call() -> None:
+            used.append(k)
+            end = time.thread_time() + seconds
+            while time.thread_time() < end:
+                pass
+
+        return call
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # compute figures of a one-thread process are read on its CPU clock
+    try:
+        figure = calibrate_module.in_program([busy(0, 1e-3), busy(1, 3e-3)], samples=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert figure == pytest.approx(2e-3, rel=0.1)  # the mean of a run, not its least call (1 ms)
+    assert used[1:9] == [1, 0] * 4 and set(used) == {0, 1}  # after the warm-up call, each in turn
