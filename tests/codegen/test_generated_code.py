@@ -117,3 +117,34 @@ def test_program_reads_like_pytorch(root: str) -> None:
         segment = ast.get_source_segment(source, functions[name]) or ""
         assert "transformer_h_" not in segment, name
         assert re.search(r"# attn\.c_attn\b.* — transformers/pytorch_utils\.py:\d+: \S", segment), name
+
+
+def test_a_layer_reads_the_weights_the_program_holds_now(tmp_path) -> None:
+    """Program.weights works out a layer's attribute names once, and reads the tensors on every call: a weight
+    replaced after a step is the one the next step's layer reads."""
+    import importlib.util
+
+    import torch
+
+    model, inputs = build_model("gpt2", layers=2)
+    plan = shardwise.compile(model, "cpu:1", example_inputs=inputs).plan
+    package = write_package(plan, tmp_path / "gpt2_one")
+    spec = importlib.util.spec_from_file_location("gpt2_one", package / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpt2_one"] = module
+    try:
+        spec.loader.exec_module(module)
+        program = sys.modules["gpt2_one.program"]
+        built = module.build(0, 1)
+        tables = [v for k, v in vars(program).items() if k.endswith("_WEIGHTS") and isinstance(v, dict)]
+        assert tables, "the program writes its repeated layer once, with a table of the weights it reads"
+        name, attribute = next((n, a) for n, a in tables[0].items() if isinstance(a, str) and "{i}" in a)
+        held = program.fill(attribute, 0)  # the first layer's, which the first table's function runs
+        for _ in range(2):  # the second time with the names worked out the first time
+            assert built.weights(tables[0], 0).__dict__[name] is getattr(built, held)
+            replacement = torch.nn.Parameter(torch.zeros_like(getattr(built, held)), requires_grad=False)
+            setattr(built, held, replacement)
+            assert built.weights(tables[0], 0).__dict__[name] is replacement
+    finally:
+        for key in [k for k in sys.modules if k == "gpt2_one" or k.startswith("gpt2_one.")]:
+            del sys.modules[key]
