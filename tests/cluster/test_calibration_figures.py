@@ -171,8 +171,8 @@ def test_compute_is_timed_in_runs_taking_each_weight_in_turn() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # compute figures of a one-thread process are read on its CPU clock
     try:
-        figure = calibrate_module.in_program([busy(0, 1e-3), busy(1, 3e-3)], samples=2)
+        figure = calibrate_module.in_program([busy(0, 1e-3), busy(1, 4e-3)], samples=3)
     finally:
         torch.set_num_threads(threads)
-    assert figure == pytest.approx(2e-3, rel=0.1)  # the mean of a run, not its least call (1 ms)
+    assert 2.5e-3 * 0.95 <= figure < 3.5e-3  # the mean of a run (2.5 ms), not its least call (1 ms) nor its most
     assert used[1:9] == [1, 0] * 4 and set(used) == {0, 1}  # after the warm-up call, each in turn
