@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(PY) -m shardwise.cli.main demo
 
+# The suite runs in TEST_JOBS processes (pytest-xdist; `make test TEST_JOBS=0` runs it in one): most of its time is
+# single-threaded Python (tracing, planning, solving), so one process leaves the second of the two cores the
+# suite's 20-minute budget is set for mostly idle. Whole modules go to each process (--dist loadfile), so a
+# module's fixtures and the session's worker pools are made once per process, not once per test.
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,15 @@ from shardwise.runtime import WorkerPool
 
 # Two worker processes on two cores: one intra-op thread each, so they do not oversubscribe.
 os.environ.setdefault("SHARDWISE_THREADS_PER_WORKER", "1")
+# Under pytest-xdist (`make test` runs the suite in two test processes on two cores) each test process computes
+# with one intra-op thread too: two processes of two threads each would oversubscribe the cores.
+# And its worker processes start with COLUMNS=80 in their environment, which a one-process run does not have:
+# the CLI's piped tables (shardwise.cli.console) would be cut to 80 columns and the CLI tests read them whole.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.pop("COLUMNS", None)
 # `cpu:N` is this machine as calibrated (shardwise.cluster.machine) for users and benchmarks; the tests plan
 # against the preset's fixed nominal figures, so that no plan depends on the machine or on a measurement.
 # Tests of the calibrated path set SHARDWISE_CPU_CLUSTER themselves (monkeypatch).
