@@ -51,7 +51,9 @@ What is measured (each a figure of the price list, ``costs/``):
 * ``gemm``: float32 matmuls of square sizes 64..512 (``GEMM_SIZES``): the achieved rate and fixed cost by a
   fit of ``t = c + flops / rate`` (least squares on relative error);
 * ``attention``: ``scaled_dot_product_attention`` forward and backward on one shape (``ATTENTION_SHAPE``),
-  as a fraction of the matmul rate on the registry's FLOP count (4 b h s^2 d + 5 b h s^2);
+  as a fraction of the matmul rate on the registry's FLOP count (4 b h s^2 d + 5 b h s^2); since version 4
+  the forward's rate and fixed cost (``attention_overhead_s``, beyond ``dispatch_s``) are a line through
+  causal calls of sequences ``ATTENTION_SEQS`` (a decode step's call is tiny: its fixed cost is its price);
 * ``stream``: ``a + b`` (into a preallocated result) on float32 vectors of growing working sets
   (``CACHE_PROBES``, then ``MEMORY_PROBE_BYTES``, beyond the caches), less ``dispatch_s`` (the price of a
   memory-bound op is its launch plus its bytes at the bandwidth): bytes read and written per second at each. The largest
@@ -109,6 +111,8 @@ Measurement = dict[str, Any]
 SAMPLE_S = 1e-3  # one sample's length: about a scheduler time slice
 GEMM_SIZES = (64, 128, 256, 384, 512)
 ATTENTION_SHAPE = (4, 4, 64, 32)  # batch, heads, sequence, head dim
+#: sequence lengths of the forward attention calls a line is fitted through (the fixed cost and the rate)
+ATTENTION_SEQS = (8, 32, 64, 128)
 #: working sets (bytes read and written) of the a + b probes: 128 KiB .. 8 MiB vectors, then 32 MiB ones
 CACHE_PROBES = (3 * 2**17, 3 * 2**19, 3 * 2**21, 3 * 2**23)
 MEMORY_PROBE_BYTES = 3 * 2**25
@@ -320,6 +324,12 @@ def _measure_attention(samples: int) -> Measurement:
             [lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True) for k, v in kvs],
             samples,
         )
+        points = []  # forward calls of other lengths: a line through them gives the fixed cost and the rate
+        for n in ATTENTION_SEQS:
+            qn = torch.randn(b, h, n, d)
+            kvn = [(torch.randn(b, h, n, d), torch.randn(b, h, n, d)) for _ in range(COMPUTE_RUN)]
+            calls = [lambda k=k, v=v, qn=qn: F.scaled_dot_product_attention(qn, k, v, is_causal=True) for k, v in kvn]
+            points.append((4.0 * b * h * n * n * d + 5.0 * b * h * n * n, in_program(calls, samples)))
     grad = torch.ones(b, h, s, d)
 
     def both(k, v) -> None:  # noqa: ANN001
@@ -327,7 +337,8 @@ def _measure_attention(samples: int) -> Measurement:
         torch.autograd.grad(out, (q, k, v), grad)
 
     total = in_program([lambda k=k, v=v: both(k, v) for k, v in kvs], samples)
-    return {"attention": {"flops": flops, "forward_s": forward, "backward_s": max(total - forward, 0.0)}}
+    return {"attention": {"flops": flops, "forward_s": forward, "backward_s": max(total - forward, 0.0),
+                          "forward_points": points}}  # fmt: skip
 
 
 def _measure_stream(samples: int, dispatch_s: float) -> Measurement:
@@ -680,6 +691,11 @@ def spec_from_measurements(
     att_bwd = max(r["attention"]["backward_s"] for r in results)
     attention_forward = min(1.0, att["flops"] / max(att_fwd - dispatch, 1e-9) / rate)
     attention_backward = min(1.0, 2.5 * att["flops"] / max(att_bwd - backward, 1e-9) / rate)
+    attention_fixed = 0.0
+    if all("forward_points" in r["attention"] for r in results):  # calibration version 4: a line through calls
+        att_fits = [fit_line(*zip(*r["attention"]["forward_points"], strict=True)) for r in results]
+        attention_forward = min(1.0, min(1.0 / slope for _, slope in att_fits) / rate)
+        attention_fixed = max(max(c for c, _ in att_fits) - dispatch, 0.0)
     elementwise = tuple(
         (op, max(r["elementwise"][op][0] for r in results), max(r["elementwise"][op][1] for r in results))
         for op in results[0]["elementwise"]
@@ -739,6 +755,7 @@ def spec_from_measurements(
         record_overhead_s=record,
         backward_op_overhead_s=backward,
         gemm_overhead_s=max(gemm_fixed - dispatch, 0.0),
+        attention_overhead_s=attention_fixed,
         collective_overhead_s=collective_overhead,
         object_overhead_s=object_fixed,
         object_byte_s=object_per_byte,
@@ -751,7 +768,9 @@ def spec_from_measurements(
         fused_kernels=False,
         sources=(
             ("gemm", f"{origin}: the device's float32 figure is the matmul rate itself"),
-            ("attention_forward", f"{origin}: scaled_dot_product_attention forward over the matmul rate"),
+            ("attention_forward", f"{origin}: scaled_dot_product_attention forward over the matmul rate (the slope "
+                                  "of a line through causal calls of sequences 8-128)"),
+            ("attention_overhead_s", f"{origin}: the same line's fixed cost beyond op_overhead_s"),
             ("attention_backward", f"{origin}: its backward (2.5x the forward FLOPs) over the matmul rate"),
             ("memory", f"{origin}: the device's bandwidth is a + b beyond the caches itself"),
             ("op_overhead_s", f"{origin}: forward ops without autograd, as the generated program runs them"),

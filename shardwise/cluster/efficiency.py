@@ -26,6 +26,9 @@ Fields:
   (hidden like ``op_overhead_s`` when ``overhead_hidden``);
 - ``gemm_overhead_s``: a matmul's fixed cost beyond ``op_overhead_s`` (packing, blocking: how the achieved
   rate falls for small matmuls);
+- ``attention_overhead_s``: a fused attention call's fixed cost beyond ``op_overhead_s`` (on CPUs its
+  blocking, buffers and threads' set-up: what a decode step's tiny attention call costs), where the host
+  computes its own ops;
 - ``cache_bytes`` / ``cache_bandwidth``: an op whose bytes (read and written) fit in ``cache_bytes`` streams
   at ``cache_bandwidth`` bytes/s instead of the memory's (0: no such level is known);
 - ``elementwise_s``: ``(op, forward, backward)`` seconds per element of math ops whose work per element
@@ -56,12 +59,12 @@ EFFICIENCY_FIELDS = (
     "gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node", "op_overhead_s",
     "view_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "cache_bytes", "cache_bandwidth",
     "elementwise_s", "optimizer_s", "collective_overhead_s", "object_overhead_s", "object_byte_s", "comm_overlap",
-    "overhead_hidden", "fused_kernels",
+    "overhead_hidden", "fused_kernels", "attention_overhead_s",
 )  # fmt: skip
 _FRACTIONS = ("gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node")
 _SECONDS = (
     "op_overhead_s", "view_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "collective_overhead_s",
-    "object_overhead_s", "object_byte_s",
+    "object_overhead_s", "object_byte_s", "attention_overhead_s",
 )  # fmt: skip
 _AMOUNTS = ("cache_bytes", "cache_bandwidth")  # bytes, bytes/s: >= 0 (0: unknown)
 _TABLES = {"elementwise_s": 3, "optimizer_s": 4}  # (name, figure, ...) rows of these widths
@@ -87,6 +90,7 @@ class Efficiency:
     record_overhead_s: float = 0.0
     backward_op_overhead_s: float = 0.0
     gemm_overhead_s: float = 0.0
+    attention_overhead_s: float = 0.0
     cache_bytes: float = 0.0
     cache_bandwidth: float = 0.0
     elementwise_s: tuple[tuple[str, float, float], ...] = ()

@@ -7,7 +7,8 @@ model is traced in float32; bf16/fp16 runs move half the bytes). Its *cost class
 * ``gemm`` (matmuls, convolutions): roofline with the FLOP side at ``peak x efficiency.gemm``, plus the
   matmul's own fixed cost ``efficiency.gemm_overhead_s`` (packing and blocking: how the achieved rate falls
   for small matmuls);
-* ``attention`` (fused ``scaled_dot_product_attention``): FLOP side at ``peak x efficiency.attention_forward``;
+* ``attention`` (fused ``scaled_dot_product_attention``): FLOP side at ``peak x efficiency.attention_forward``,
+  plus its fixed cost ``efficiency.attention_overhead_s`` where the host computes its own ops;
   a causal call (``is_causal=True``, no mask tensor) computes only the blocks on and below the diagonal: its
   device FLOPs are half the registry's count, the convention of the published fused-attention rates the
   efficiencies come from (FlashAttention's benchmarks count a causal call at half the FLOPs of a full one);
@@ -308,6 +309,8 @@ class ComputePrices:
         device = max(self.flop_s(work.flops, work.cost_class, float8=work.float8), self.byte_s(work.bytes))
         if work.cost_class == "gemm" and not self.efficiency.overhead_hidden:
             device += self.efficiency.gemm_overhead_s
+        if work.cost_class == "attention" and not self.efficiency.overhead_hidden:
+            device += self.efficiency.attention_overhead_s
         return device + self.cast_s(work)
 
     def cast_s(self, work: OpWork, backward: bool = False) -> float:

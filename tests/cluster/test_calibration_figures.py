@@ -32,6 +32,7 @@ AR_OVERHEAD, AG_OVERHEAD, RS_OVERHEAD = 50e-6, 30e-6, 70e-6
 AR_FRACTION = 0.5  # all-reduce and reduce-scatter reach half of point-to-point's bandwidth, all-gather all of it
 ADAM = (20e-6, 30e-6, 2e-9)  # per step, per tensor, per element
 OBJECT = (300e-6, 3e-9)  # an object gather: fixed, per byte
+ATTENTION_FIXED = 40e-6  # a fused attention call's fixed cost beyond the dispatch
 
 
 def _measurement(slow: float = 1.0) -> dict:
@@ -55,6 +56,10 @@ def _measurement(slow: float = 1.0) -> dict:
             "flops": 1e8,
             "forward_s": DISPATCH + 1e8 / (0.5 * RATE),
             "backward_s": BACKWARD + 2.5e8 / (0.25 * RATE),
+            # forward calls of four lengths: the dispatch, a fixed cost of its own, the FLOPs at half the matmuls'
+            "forward_points": [
+                (f, slow * (DISPATCH + ATTENTION_FIXED + f / (0.5 * RATE))) for f in (1e5, 1e6, 4e6, 1.6e7)
+            ],
         },
         "stream": [(float(b), b / bw) for b, bw in zip(probes, bandwidths, strict=True)],
         "elementwise": {"tanh": (2e-9, 1e-9), "exp": (1e-9, 0.5e-9)},
@@ -94,6 +99,10 @@ def test_figures_from_measurements() -> None:
     assert eff.cache_bandwidth == pytest.approx(CACHE_BW)
     assert eff.cache_bytes == calibrate_module.CACHE_PROBES[2]  # the 24 MiB working set is below half-way
     assert eff.elementwise("tanh") == (2e-9, 1e-9) and eff.elementwise("sin") is None
+    # attention: the slower process's line through the forward calls: its fixed cost beyond the dispatch, its
+    # rate over the matmuls'
+    assert eff.attention_overhead_s == pytest.approx(1.25 * ATTENTION_FIXED, rel=1e-6)
+    assert eff.attention_forward == pytest.approx(0.5, rel=1e-6)
     assert eff.optimizer("AdamW") == pytest.approx(ADAM)
     # communication: the pair's latency and bandwidth, what the collectives add beyond the ring formula
     assert spec.p2p_alpha_beta(0, 1) == pytest.approx((ALPHA, 1 / BANDWIDTH), rel=1e-6)
