@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             "measured": eff.source("op_overhead_s"), "load_average": None if args.cached else load,
             "op_overhead_us": eff.op_overhead_s * 1e6, "view_overhead_us": eff.view_overhead_s * 1e6,
             "gemm_overhead_us": eff.gemm_overhead_s * 1e6, "gemm_gflops": spec.device.flops("float32") / 1e9,
+            "attention_overhead_us": eff.attention_overhead_s * 1e6, "attention_forward": eff.attention_forward,
             "cache_gbps": eff.cache_bandwidth / 1e9, "cache_mib": eff.cache_bytes / 2**20,
             "memory_gbps": spec.device.memory_bandwidth / 1e9,
             "collective_overhead_us": eff.collective_overhead_s * 1e6,
