@@ -25,12 +25,13 @@ def test_a_plan_longer_than_the_budget_is_stopped_and_named() -> None:
         time.sleep(600)
         raise AssertionError("not reached")
 
+    graph, before = _graph(), {p.pid for p in mp.active_children()}
     t0 = time.monotonic()
-    found = smallest_fitting_preset(_graph(), "inference", slow, budget_s=5.0)
+    found = smallest_fitting_preset(graph, "inference", slow, budget_s=5.0)
     waited = time.monotonic() - t0
     assert found.fit is None and found.out_of_time and len(found.tried) == 1, found
     assert waited < 300, waited  # far less than the attempt: it was not waited for
-    assert not mp.active_children()  # the process planning it was ended
+    assert {p.pid for p in mp.active_children()} <= before  # the process planning it was ended
 
 
 def test_the_first_preset_that_fits_is_returned_with_its_plan() -> None:
