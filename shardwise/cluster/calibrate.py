@@ -462,8 +462,9 @@ def run_per_call(
     return max(min(both) - min(alone), 0.0)
 
 
-def _program_gap() -> Callable[[], object]:
-    """What a compute sample runs before each call: ``COMPUTE_GAP`` rounds of the dispatch probe's tiny ops."""
+def _program_gap(rounds: int) -> Callable[[], object]:
+    """What a sample runs before each call: ``rounds`` rounds of the dispatch probe's tiny ops (a generated
+    program's other ops; ``COMPUTE_GAP`` before a compute call, ``COLLECTIVE_GAP`` before a collective)."""
     import torch
 
     x, w, emb = torch.rand(4, 4) + 0.5, torch.randn(4, 4), torch.randn(4, 4)
@@ -471,7 +472,7 @@ def _program_gap() -> Callable[[], object]:
 
     def gap() -> None:
         with torch.no_grad():
-            for _ in range(COMPUTE_GAP):
+            for _ in range(rounds):
                 _kernel_ops(x, w, idx, emb, mask)
 
     return gap
@@ -487,7 +488,7 @@ def in_program(calls: Sequence[Callable[[], object]], samples: int) -> float:
         calls[turn[0] % len(calls)]()
         turn[0] += 1
 
-    return run_per_call(call, _program_gap(), COMPUTE_RUN, samples, clock=_compute_clock())
+    return run_per_call(call, _program_gap(COMPUTE_GAP), COMPUTE_RUN, samples, clock=_compute_clock())
 
 
 def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
@@ -521,15 +522,7 @@ def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
         def run() -> None:
             comm.reduce_scatter(full, 1, mesh, "x", "sum")
 
-    x, w, emb = torch.rand(4, 4) + 0.5, torch.randn(4, 4), torch.randn(4, 4)
-    idx, mask = torch.tensor([0, 1]), torch.rand(4, 4) > 0.5
-
-    def gap() -> None:
-        with torch.no_grad():
-            for _ in range(COLLECTIVE_GAP):
-                _kernel_ops(x, w, idx, emb, mask)
-
-    return run_per_call(run, gap, COLLECTIVE_RUN, samples, dist.barrier)
+    return run_per_call(run, _program_gap(COLLECTIVE_GAP), COLLECTIVE_RUN, samples, dist.barrier)
 
 
 def _object_gather(rank: int, world: int, nbytes: int, samples: int) -> float:

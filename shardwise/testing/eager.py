@@ -1,7 +1,8 @@
 """The single-process eager reference that distributed training is compared with.
 
-``eager_training(model, inputs, loss_fn, optimizer_factory, steps=3)`` trains ``model`` in this process the
-way a user would (training mode, dropout off as ``shardwise.compile`` sets it, ``loss_fn(model(*inputs))``,
+``eager_training(model, inputs, loss_fn, optimizer_factory, steps=3, kwargs=None)`` trains ``model`` in this
+process the way a user would (training mode, dropout off as ``shardwise.compile`` sets it,
+``loss_fn(model(*inputs, **kwargs))``,
 backward, optimizer step, gradients cleared) and returns the losses and the final state_dict.
 ``assert_training_equal`` compares another run's losses and full state_dict with it (float32 tolerances by
 default: rtol 1e-4, atol 1e-5), naming the first tensor that differs.
@@ -23,8 +24,10 @@ def eager_training(
     loss_fn: Callable[[Any], torch.Tensor],
     optimizer_factory: Callable[..., torch.optim.Optimizer],
     steps: int = 3,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """(loss of each step, final state_dict) of ``steps`` eager training steps of ``model`` (modified)."""
+    """(loss of each step, final state_dict) of ``steps`` eager training steps of ``model`` (modified);
+    ``kwargs`` are passed to every call of ``model`` (e.g. ``labels`` for a model's own loss)."""
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -32,7 +35,7 @@ def eager_training(
     optimizer = optimizer_factory(model.parameters())
     losses = []
     for _ in range(steps):
-        loss = loss_fn(model(*inputs))
+        loss = loss_fn(model(*inputs, **(kwargs or {})))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -121,13 +121,5 @@ def test_own_loss_stays_split_over_dp_and_cp(pool):
         assert not gathered, gathered
         losses = [cm.train_step(ids, labels) for _ in range(3)]
         state = cm.state_dict()
-    reference.train()
-    optimizer = SGD(reference.parameters())
-    expected_losses = []
-    for _ in range(3):
-        step_loss = reference(ids, labels=labels).loss
-        step_loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected_losses.append(step_loss.item())
-    assert_training_equal(losses, state, expected_losses, reference.state_dict())
+    expected = eager_training(reference, (ids,), lambda out: out.loss, SGD, kwargs={"labels": labels})
+    assert_training_equal(losses, state, *expected)

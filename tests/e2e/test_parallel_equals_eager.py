@@ -144,20 +144,8 @@ def test_cross_entropy_with_ignored_targets_equals_eager(pools, config):
     ) as cm:  # fmt: skip
         losses = [cm.train_step(ids, labels) for _ in range(3)]
         state = cm.state_dict()
-    reference.train()
-    optimizer = sgd(reference.parameters())
-    expected = []
-    for _ in range(3):
-        loss = reference(ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-    for key, value in reference.state_dict().items():
-        torch.testing.assert_close(
-            state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
-        )
+    expected = eager_training(reference, (ids,), lambda out: out.loss, sgd, kwargs={"labels": labels})
+    assert_training_equal(losses, state, *expected)
 
 
 class _TinyLM(torch.nn.Module):

@@ -173,13 +173,5 @@ def test_context_with_pipeline_own_loss_stays_split(pool):
         assert len(losses) == 1 and "cp" in losses[0], losses
         got = [cm.train_step(ids, labels) for _ in range(3)]
         state = cm.state_dict()
-    reference.train()
-    optimizer = SGD(reference.parameters())
-    expected = []
-    for _ in range(3):
-        loss = reference(ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
-    assert_training_equal(got, state, expected, reference.state_dict())
+    expected = eager_training(reference, (ids,), lambda out: out.loss, SGD, kwargs={"labels": labels})
+    assert_training_equal(got, state, *expected)
