@@ -197,8 +197,8 @@ def plan(
     if options.precision == "fp8":
         notes.append(
             "precision fp8: bf16 values, linear layers priced on float8 tensor cores at the device's float8 peak "
-            "times the achieved fraction of 16-bit matmuls; the output head and attention in bf16; the "
-            "float8 casts and scales are not priced (assumed fused into neighbouring kernels)"
+            "times the achieved fraction of 16-bit matmuls, plus their scaling and casting kernels (torchao's "
+            "tensorwise recipe); the output head and attention in bf16"
         )
     if cut.note:
         notes.append(cut.note)
@@ -353,7 +353,8 @@ def _does_not_fit(
     if over:
         best = min(over, key=lambda r: r.peak)
         need, cand = best.peak, best.candidate
-        m = best.plan.memory[0] if best.plan.memory else None
+        # the rank with the peak (a pipeline's first stage may hold a small part of it): its parts add up to it
+        m = max(best.plan.memory, key=lambda m: m.arena_bytes) if best.plan.memory else None
         parts = (
             [("weights", m.params_bytes), ("gradients", m.grads_bytes), ("optimizer state", m.optimizer_bytes),
              ("activations and buffers", m.activation_bytes)]

@@ -108,3 +108,26 @@ def test_require_fit_false_returns_the_fastest_when_nothing_fits():
     chosen = [a for a in plan.alternatives if a.chosen]
     assert len(chosen) == 1 and not chosen[0].fits and "none fits" in chosen[0].note
     assert any(n.startswith("does not fit") for n in plan.notes)
+
+
+def test_a_pipeline_that_fits_nowhere_lists_the_parts_of_its_largest_stage():
+    """The does-not-fit message of a pipeline names what its busiest rank holds: the parts it lists add up to
+    the memory it says every layout needs (not the parts of the first stage)."""
+    import re
+
+    from shardwise.planner.plan import plan
+
+    model, inputs = build_model("gpt2", device="meta", layers=3, hidden=2048, heads=16, vocab=50257, seq=64)
+    graph, _ = trace(model, inputs)
+    tiny = get_cluster("cpu:2")
+    tiny = tiny.__class__.from_dict({**tiny.to_dict(), "device": {**tiny.to_dict()["device"], "memory_bytes": 2**20}})
+    with pytest.raises(DoesNotFitError) as info:
+        plan(graph, tiny, {"pp": 2})
+    message = str(info.value)
+    unit = {"GiB": 2**30, "MiB": 2**20}
+    need = re.search(r"needs at least ([\d.]+) (GiB|MiB)", message)
+    held = re.search(r"\) holds (.*?)\. Try:", message)
+    assert need and held, message
+    parts = [float(v) * unit[u] for v, u in re.findall(r"([\d.]+) (GiB|MiB)", held.group(1))]
+    assert len(parts) >= 2, message
+    assert sum(parts) == pytest.approx(float(need.group(1)) * unit[need.group(2)], abs=0.03 * 2**30), message
