@@ -11,16 +11,17 @@ see that file's docstring):
 
 - *Model*: torchtitan's Llama 3.1 8B configuration as ``bench/torchtitan_h100.py`` builds it (bf16 on the
   meta device), one sequence per data-parallel rank (local batch 1): the global batch is the FSDP degree, each
-  sequence of the row's length, split over ``cp`` ranks. Attention is torchtitan's call, a causal SDPA with no
-  mask tensor (``is_causal=True``: FlashAttention-2's causal kernel, priced at half the full FLOPs as
-  ``bench/torchtitan_h100.py`` prices it), with one difference from that file: the KV heads are handled inside
-  the kernel (``enable_gqa=True``) rather than repeated before it (torchtitan's repeat-KV, an expand + reshape),
-  because shardwise's context-parallel split does not follow the sequence through that expand + reshape yet.
-  Not charged as a result: the repeat's copies of K and V (2 x 4 x the KV bytes per layer: small against the
-  attention at 32K tokens and more). (Until the cp split of ``is_causal`` calls landed, this file traced
-  transformers' own SDPA call, which under tracing materializes the S x S causal mask: a masked call, priced
-  as a full attention, twice the device FLOPs of torchtitan's causal kernel, with the mask whole on every
-  rank. The JSON keeps those runs.)
+  sequence of the row's length, split over ``cp`` ranks. Attention is torchtitan's call exactly as
+  ``bench/torchtitan_h100.py`` traces it (``torchtitan_sdpa``): the key/value heads repeated to the 32 query
+  heads (``repeat_kv``: an expand and a copying reshape) and a causal SDPA with no mask tensor
+  (``is_causal=True``: FlashAttention-2's causal kernel, priced at half the full FLOPs). Since this session's
+  ring rules (below), so that the ring moves what torch moved: PyTorch's ring receives the repeated keys and
+  values (32 heads, 4 x the bytes of the 8 key/value heads) and all-gathers, packs, accumulates and passes
+  them and their gradients at that size; the repeat's copies are priced as ops. (Until then this file traced
+  ``enable_gqa=True``, the 8 heads inside the kernel, because the cp split did not follow the sequence through
+  the expand + reshape; it does now, with no redistribution there. Before the cp split of ``is_causal`` calls
+  landed, it traced transformers' own SDPA call, which under tracing materializes the S x S causal mask: a
+  masked call, priced as a full attention. The JSON keeps those runs.)
 - *Parallelism*: FSDP over the FSDP degree = ``dp=F, zero=3``; ``cp=C`` with ring attention (torchtitan runs
   PyTorch's experimental ``context_parallel``: ring attention passing key/value shards,
   ``cp_attention="ring"``). torchtitan's FSDP shards the parameters over ``dp x cp`` (its ``dp_shard_cp``
@@ -48,8 +49,35 @@ see that file's docstring):
   FlashAttention-2 kernel (``_scaled_dot_product_flash_attention``: cuDNN attention was opt-in, pytorch#138522,
   and context parallelism supported it only from torchtitan#1000, 2025), the blocks' outputs merged in float32
   (``convert_to_f32=True``) and the gradients accumulated and passed in float32. Since this session those float32
-  passes are priced (``costs.attention.TORCH_RING_*``, one fused kernel per step); shardwise prices the keys and
-  values as passed hop by hop (the all-gather rotater sends them at once; both hide behind the blocks here).
+  passes are priced (``costs.attention.TORCH_RING_*``, one fused kernel per step). Written down before this
+  session's rerun, read from that source (``_templated_ring_attention`` and its backward; the same loop from
+  torch 2.5 to the December 2024 nightly): the keys and values move by the default all-gather rotater, once
+  per call, launched before the first block and waited for before the second (only what exceeds one block is
+  exposed, in the forward, in the recomputed forward and again in the backward); the float32 key/value
+  gradients move by an all-to-all rotater, one hop per step, each waited for after the next block's backward
+  is launched, the last after the loop (until this session every gradient hop was charged in full). Blocks:
+  with load balance the first block is the causal one over the rank's two chunks, every later one a
+  non-causal block of half the rank's rows or keys; all are priced at the causal rates (FlashAttention-2's
+  published H100 figures; its non-causal forward is no slower).
+
+*What we looked for and did not find* (this session, before the rerun): a published measurement of an H100
+at torchtitan's 500 W limit against 700 W (dense bf16/fp8 matmuls, FlashAttention or LLM training; sustained
+clock or throughput), to state the limit as a property of the cluster, applied to every row alike. Searched
+(the ``search`` tool's stored pages, issues, docs and code): power-capping and energy work (Zeus / Perseus /
+ML.ENERGY, POLCA and Patel et al.'s "Characterizing Power Management Opportunities for LLMs in the Cloud":
+no H100 throughput-by-power-limit figure in our copies); Ujeniya et al. 2026 (arXiv 2604.11391: H100 HBM2e
+94 GB under power caps of 200-700 W, but FP64 DGEMM and a triad only, and its figures are not in our copy);
+Mayr et al. 2026 (arXiv 2603.16164: LLM continued pre-training throughput under power limits on H100, H200
+and MI300X, the kind of figure needed, but only its abstract is in our copy: the first thing to read next);
+MLPerf Training power results (node energy per run, not throughput by power limit); NVIDIA's datasheets (TDP
+only); torchtitan's docs and benchmarks (only "tuning it up to 700W TDP can potentially provide further
+speedups"); tritonbench (its CI's power and clock settings, 500 W as the H100 default, no throughput by power
+limit; issue #141 compares attention kernels on a Meta "devgpu" H100 and a GCP H100, and only the devgpu
+figures are in our copy); torchao (``roofline_utils.py``: its matmul fraction 0.78 was observed on Meta's H100
+variant itself, so a power derating on top of it would count the limit twice). A copy of torchao's table in
+an unnamed public repository splits it into bf16 0.69 and float8 0.78; it is in no torchao branch or pull
+request in our copy of torchao, so it is not used. Nothing was derated: the common factor of Table 1 and of
+the CP 1 row stays without a published explanation.
 
 Columns: the published tokens/s/GPU (measured by torchtitan), ours **predicted** by the price list for the
 published layout, the error. Goal: each within 20%.
@@ -89,27 +117,11 @@ DEEPSEEK_CLUSTER = ROOT / "clusters" / "h800-deepseek.yaml"
 DEEPSEEK_PUBLISHED = {"pp": 16, "dp": 128, "ep": 64, "zero": 1}
 
 
-ATTENTION = "torchtitan_sdpa_gqa"
-
-
-def _register_attention() -> None:
-    """``torchtitan_sdpa_gqa``: torchtitan's attention call, a causal SDPA with no mask tensor, its key/value heads
-    handled by the kernel (``enable_gqa``) rather than repeated before it (see the module docstring)."""
-    import torch.nn.functional as F
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN202
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register(ATTENTION, attention)
-    AttentionMaskInterface.register(ATTENTION, lambda *args, **kwargs: None)  # causal by the kernel's flag
-
-
 def _llama(batch: int, seq: int, layers: int | None) -> tuple[Any, Any]:
+    """Llama 3.1 8B with torchtitan's attention call (``torchtitan_h100.ATTENTION``: repeat the key/value heads,
+    causal SDPA without a mask; see the module docstring) and a batch of ids."""
     import torch
-    from torchtitan_h100 import LLAMA31_8B
+    from torchtitan_h100 import ATTENTION, LLAMA31_8B, _register_attention
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _register_attention()

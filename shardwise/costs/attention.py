@@ -29,7 +29,15 @@ mask). Attention needs every key for every query; the ways differ in what moves:
   returns the log-sum-exp, and merges the blocks' results itself in float32 (``TORCH_RING_*``): per step, the
   running output merged with the block's, and the keys and values packed into one buffer to send; in the
   backward, each block's gradients accumulated in float32 and the key/value gradients packed and passed along
-  in float32 (their hops at twice the 16-bit bytes). These passes are memory-bound and not hidden.
+  in float32 (their hops at twice the 16-bit bytes). These passes are memory-bound and not hidden. Its messages
+  move as PyTorch's code moves them (``_templated_ring_attention`` and its backward, unchanged from torch 2.5 to
+  the torch of December 2024): the keys and values by the default ``rotate_method``, all-gather, once per call
+  (launched before the first block, waited for before the second: only what exceeds one block is exposed, in
+  the forward and again in the backward), the key/value gradients by an all-to-all rotater, one hop per step,
+  each waited for only after the next block's backward is launched (hidden behind it where the block is
+  longer), the last one after the loop (exposed). The bytes are those of the keys and values the call
+  receives: a model that repeats its key/value heads before the call (torchtitan's ``repeat_kv``) passes the
+  repeated heads.
 
 All sizes are one rank's local bytes. Returns (forward seconds, backward seconds) of the way's communication
 (and, for ring, of the causal imbalance) beyond the attention's own compute share, which the caller prices as
@@ -167,8 +175,6 @@ def context_attention_s(
         compute = prices.compute
 
         def unfused(kernels: int, passes: int) -> float:
-            if fused_blocks:
-                return 0.0
             return compute.with_overhead(compute.byte_s(passes * shape.score_bytes * share * blocks), kernels * blocks)
 
         # a published system's fused blocks: PyTorch's float32 merges and accumulations (TORCH_RING_*)
@@ -177,22 +183,28 @@ def context_attention_s(
         merges_b = cp * (TORCH_RING_ACCUMULATE * (q_el + kv_el) + TORCH_RING_GRAD_PACK * kv_el)
         merges_b += steps * TORCH_RING_PACK * shape.kv_bytes
 
-        fwd = steps * max(hop - block_f, 0.0) + compute_forward_s * imbalance
-        fwd += unfused(RING_FORWARD_KERNELS, RING_FORWARD_PASSES)
-        fwd += compute.byte_s(merges_f) if fused_blocks else 0.0
+        if fused_blocks:  # PyTorch's ring: keys and values all-gathered once, behind the first block
+            gather = prices.collective_s("allgather", shape.kv_bytes * cp, ranks)
+            fwd = max(gather - block_f, 0.0) + compute_forward_s * imbalance + compute.byte_s(merges_f)
+        else:
+            fwd = steps * max(hop - block_f, 0.0) + compute_forward_s * imbalance
+            fwd += unfused(RING_FORWARD_KERNELS, RING_FORWARD_PASSES)
         if not train:
             return fwd, 0.0
         # the blocks travel again (hidden where a block's backward is longer), and each block's gradient
-        # follows its block once made: cp hops waited for (cp - 1 steps and one more home); PyTorch's ring
-        # passes the gradients in float32
+        # follows its block once made: in the program, cp hops waited for (cp - 1 steps and one more home);
+        # PyTorch's ring passes the gradients in float32
         grad_hop = hop
         if fused_blocks:
             grad_bytes = shape.kv_bytes * 4.0 / shape.value_bytes
             grad_hop = max(prices.p2p_s(grad_bytes, ranks[i], ranks[(i + 1) % cp]) for i in range(cp))
         block_b = compute_backward_s * (1 + imbalance) / cp
+        if fused_blocks:  # the keys and values gathered again behind the first block's backward; each float32
+            # gradient hop waited for after the next block's backward is launched, the last one after the loop
+            bwd = max(gather - block_b, 0.0) + steps * max(grad_hop - block_b, 0.0) + grad_hop
+            return fwd, bwd + compute_backward_s * imbalance + compute.byte_s(merges_b)
         bwd = steps * max(hop - block_b, 0.0) + cp * grad_hop + compute_backward_s * imbalance
         bwd += unfused(RING_BACKWARD_KERNELS, RING_BACKWARD_PASSES)
-        bwd += compute.byte_s(merges_b) if fused_blocks else 0.0
         return fwd, bwd
     raise ValueError(f"unknown context-parallel attention way {way!r}: use one of {', '.join(CP_WAYS)}")
 

@@ -187,8 +187,78 @@ def test_published_ring_pays_pytorchs_merges():
     el = 32 * MiB  # elements of the output (and of the queries): 64 MiB of 16-bit values
     assert f1 == pytest.approx(prices.compute.byte_s((cp - 1) * (10 * el + 2 * 32 * MiB)))
     # backward: cp accumulations (10 bytes an element of q, k, v), packs of the float32 key/value gradients (8),
-    # cp - 1 packs of the keys and values, and the gradients' cp hops at float32 (twice the 16-bit bytes)
+    # cp - 1 packs of the keys and values, and of the gradients' cp hops at float32 (twice the 16-bit bytes) the
+    # last one only: PyTorch waits for each other hop after launching the next block's backward, which hides it
     kv_el = 16 * MiB
     merges = cp * (10 * (el + kv_el) + 8 * kv_el) + (cp - 1) * 2 * 32 * MiB
     hop = lambda n: max(prices.p2p_s(n, i, (i + 1) % cp) for i in range(cp))  # noqa: E731
-    assert b1 - b0 == pytest.approx(prices.compute.byte_s(merges) + cp * (hop(64 * MiB) - hop(32 * MiB)))
+    assert b0 == pytest.approx(cp * hop(32 * MiB))  # shardwise's own program waits for all cp hops
+    assert b1 == pytest.approx(prices.compute.byte_s(merges) + hop(64 * MiB))
+
+
+def test_published_ring_exposes_what_exceeds_its_blocks():
+    """PyTorch's ring (torch 2.5 to December 2024, ``_templated_ring_attention``): the keys and values are
+    all-gathered once per call (the default rotate method), launched before the first block and waited for
+    before the second, so only what the gather takes beyond one block is exposed, in the forward and again in
+    the backward; each float32 key/value gradient hop is waited for after the next block's backward is
+    launched, the last one after the loop."""
+    prices = price_list(get_cluster("dgx-h100"))
+    cp = 4
+    ranks = tuple(range(cp))
+    shape = AttentionShape(q_bytes=64 * MiB, kv_bytes=32 * MiB, out_bytes=64 * MiB, mask_bytes=0.0, heads=32,
+                           causal=True, balanced=True, flagged=True, value_bytes=2.0)  # fmt: skip
+    gather = prices.collective_s("allgather", 32 * MiB * cp, ranks)
+    grad_hop = max(prices.p2p_s(64 * MiB, i, (i + 1) % cp) for i in range(cp))
+    assert gather > 0 and grad_hop > 0
+
+    def exposed(compute: float) -> tuple[float, float]:
+        f, b = context_attention_s(prices, ranks, "ring", shape, compute_forward_s=compute,
+                                   compute_backward_s=compute, train=True, fused_blocks=True)  # fmt: skip
+        merges = context_attention_s(prices, ranks, "ring", shape, compute_forward_s=1e3, compute_backward_s=1e3,
+                                     train=True, fused_blocks=True)  # fmt: skip
+        return f - merges[0], b - (merges[1] - grad_hop)  # beyond the memory-bound passes (and one hop)
+
+    # no compute to hide behind: the whole gather, and every gradient hop
+    assert exposed(0.0) == pytest.approx((gather, gather + cp * grad_hop))
+    # blocks (the call's share over cp) longer than the gather and the hops: all hidden but the last hop
+    assert exposed(cp * 2 * max(gather, grad_hop)) == pytest.approx((0.0, grad_hop))
+    # blocks of half the gather: half of it exposed, forward and backward alike
+    block = gather / 2
+    assert exposed(cp * block)[0] == pytest.approx(gather / 2)
+
+
+def test_published_ring_moves_the_heads_its_call_receives():
+    """The ring passes the keys and values as the attention call receives them: a model that repeats its 2
+    key/value heads to the 8 query heads before the call (torchtitan's ``repeat_kv``) moves, packs and
+    accumulates 4 times the bytes of a call that takes the 2 heads itself (``enable_gqa``)."""
+    from shardwise.costs.attention import attention_shape
+    from shardwise.ir.placement import DeviceMesh
+
+    class Grouped(nn.Module):
+        def __init__(self, repeat: bool) -> None:
+            super().__init__()
+            self.repeat = repeat
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if self.repeat:
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q, kv = torch.randn(1, 8, 32, 16), torch.randn(1, 2, 32, 16)
+    mesh = DeviceMesh((2,), ("cp",), (0, 1))
+    shapes = {}
+    for repeat in (False, True):
+        graph, _ = trace(Grouped(repeat), (q, kv, kv.clone()))
+        node = next(n for n in graph.nodes if n.op == "aten.scaled_dot_product_attention.default")
+        ins = [graph.spec_of(v) for v in node.inputs[:3]]
+        shapes[repeat] = attention_shape(node, ins, node.outputs[0], [], mesh, "cp")
+    assert shapes[True].kv_bytes == 4 * shapes[False].kv_bytes
+    assert shapes[True].q_bytes == shapes[False].q_bytes
+    prices = price_list(get_cluster("dgx-h100"))
+
+    def backward(shape: AttentionShape) -> float:
+        return context_attention_s(prices, (0, 1), "ring", shape, compute_forward_s=1.0, compute_backward_s=1.0,
+                                   train=True, fused_blocks=True)[1]  # fmt: skip
+
+    assert backward(shapes[True]) > backward(shapes[False])
