@@ -34,6 +34,18 @@ Two predictions per step:
   ``ServingPrices(split_norms=True)``); the bench checks that the serving price counts as many collectives
   a step as the program runs (``collectives``).
 
+**The per-kernel fixed cost** (calibration version 6, written down before the rows were rerun with it): on this
+CPU a small op's time is mostly fixed cost, which the bytes/FLOPs roofline does not see and which differs by the
+op's kind (the last rows priced `index_copy_` at 2.5 us against 7.6 measured in a program, a decode
+`layer_norm` at 2.8 against 5.0). ``shardwise calibrate`` now times each memory-bound op kind the programs call
+(``calibrate.KERNEL_OPS``) in the program pattern compute is timed in since version 4 (``in_program``) on
+activations of 4 to 256 rows of 64, fits ``t = c + s x elements`` through the sizes (a robust line: Siegel's
+repeated median) and keeps ``c`` beyond ``op_overhead_s`` as the kind's ``efficiency.kernel_overhead_s``; the
+price list adds it once to each kernel of that kind (``ComputePrices.kernel_overhead_s``: the plans' per-op
+prices and ``ServingPrices``' traced memory ops alike; a fused kernel, on devices that fuse, pays one launch).
+Matmuls and attention keep their own fixed costs (``gemm_overhead_s``, ``attention_overhead_s``). Nothing is
+fitted to the rows: the figures come from the probes alone.
+
 Timings are noisy on a shared machine: the load average is recorded next to them. The measured figure is the
 least over ``REPEATS`` generations (prefill) and over all their decode steps (decode), the statistic
 ``shardwise calibrate`` uses for the figures the prices are made of (the least of its samples: what the

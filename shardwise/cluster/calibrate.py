@@ -46,6 +46,16 @@ What is measured (each a figure of the price list, ``costs/``):
   cost 4.3-4.7 us an op where an RMSNorm's, a rotary embedding's and a residual's ops cost 2.5 us, on this
   machine under load); ``view_s``: the same for views (no kernel, no allocation); ``record_s``: what
   autograd recording adds to an op that computes (training; ``_kernel_ops``);
+* ``kernels`` (since version 6): the fixed cost of one kernel of each memory-bound op kind the generated
+  decoder programs call (``KERNEL_OPS``: residual adds, scalings, norms, rotary halves, the KV cache's indexed
+  write, ...), beyond ``dispatch_s``: each kind timed as a program pays it (:func:`in_program`) on (rows,
+  ``KERNEL_HIDDEN``) float32 activations of ``KERNEL_ROWS`` rows (a decode step's 4 rows up to a prefill's
+  256; each point the median of ``KERNEL_ROUNDS`` rounds over every kind and size), written in the generated program's style (an op a program writes in two forms, a tensor operand and a
+  Python number, alternates them: ``add``, ``mul``, ``pow``), and a line ``t = c + s x elements`` fitted
+  through the four by :func:`fit_line_robust` (Siegel's repeated median of the slopes, then the median
+  intercept: one sample a load disturbed does not move it); its intercept beyond ``dispatch_s`` (never below 0) is the kind's
+  ``kernel_overhead_s`` (the set-up a kernel pays whatever its size: a norm's row loop, an indexed write's
+  index checks, a reduction's iterator). The per-element math figures below are net of it;
 * ``backward_node_s``: one node of the autograd engine's backward (a chain of tiny ops: forward and
   backward minus forward, per node);
 * ``gemm``: float32 matmuls of square sizes 64..512 (``GEMM_SIZES``): the achieved rate and fixed cost by a
@@ -61,7 +71,8 @@ What is measured (each a figure of the price list, ``costs/``):
   cache's size (``cache_bytes``), the smallest's bandwidth the cache's;
 * ``elementwise``: for each op of ``ELEMENTWISE_OPS`` (math functions whose cost per element exceeds
   streaming: exponentials, trigonometry, normalizations, softmax), seconds per element of its forward and
-  of its backward on a cache-resident tensor (``ELEMENTWISE_SHAPE``), minus ``dispatch_s``;
+  of its backward on a cache-resident tensor (``ELEMENTWISE_SHAPE``), minus ``dispatch_s`` (and, since
+  version 6, the forward minus its kind's ``kernel_overhead_s`` too: a fixed cost is not a cost per element);
 * ``p2p``: gloo send/recv ping-pong between ranks 0 and 1: alpha = half a 4-byte round trip, beta from a
   ``P2P_LARGE`` message;
 * ``allreduce`` / ``allgather`` / ``reduce_scatter``: the runtime library's own functions
@@ -102,8 +113,9 @@ from shardwise.cluster.spec import ClusterSpec
 from shardwise.errors import DeviceUnavailableError
 
 __all__ = [
-    "calibrate", "measure", "spec_from_measurements", "fit_line", "Measurement", "SAMPLE_S", "GEMM_SIZES",
-    "ELEMENTWISE_OPS", "COLLECTIVE_SIZES", "COLLECTIVE_RUN", "COMPUTE_RUN", "run_per_call", "in_program",
+    "calibrate", "measure", "spec_from_measurements", "fit_line", "fit_line_robust", "Measurement", "SAMPLE_S", "GEMM_SIZES",
+    "ELEMENTWISE_OPS", "KERNEL_OPS", "KERNEL_ROWS", "kernel_overheads", "COLLECTIVE_SIZES", "COLLECTIVE_RUN",
+    "COMPUTE_RUN", "run_per_call", "in_program",
 ]  # fmt: skip
 
 Measurement = dict[str, Any]
@@ -122,6 +134,17 @@ ELEMENTWISE_OPS = (
     "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "erf", "gelu", "gelu_tanh", "silu", "pow",
     "softmax", "log_softmax", "layer_norm", "cumsum",
 )  # fmt: skip
+#: memory-bound op kinds whose fixed cost per kernel is measured (price-list names, ``costs.compute.op_work``'s
+#: ``op``): those the zoo's GPT-2 and Llama programs call in every layer or step; other kinds pay dispatch_s alone
+KERNEL_OPS = (
+    "add", "mul", "neg", "clone", "cat", "pow", "rsqrt", "mean", "tanh", "silu", "sin", "cos", "layer_norm",
+    "index_copy", "embedding", "masked_fill",
+)  # fmt: skip
+#: rows of the (rows, KERNEL_HIDDEN) activations the kernel probes run on: a decode step's batch to a prefill's
+KERNEL_ROWS = (4, 16, 64, 256)
+KERNEL_HIDDEN = 64
+#: rounds of the kernel probes; each point is the median of its rounds' figures
+KERNEL_ROUNDS = 3
 OPTIMIZER_POINTS = ((1, 16), (32, 16), (1, 2**18))  # (tensors, elements each)
 P2P_LARGE = 2**22
 COLLECTIVE_SIZES = (2**6, 2**12, 2**16, 2**20)
@@ -194,6 +217,22 @@ def fit_line(xs: Sequence[float], ys: Sequence[float], relative: bool = True) ->
         intercept = 0.0
         slope = sum(wi * x * y for wi, x, y in zip(w, xs, ys)) / sum(wi * x * x for wi, x in zip(w, xs))
     return intercept, slope
+
+
+def fit_line_robust(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """(intercept, slope) of the line ``y = c + s x`` by Siegel's repeated median: each point's median slope to
+    the others, ``s`` the median of those, ``c`` the median of ``y - s x``; one point of four off the line (a
+    disturbed sample) moves neither. The intercept is clipped at 0."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError("fit_line_robust needs two or more points")
+    each = []
+    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+        slopes = [(yj - yi) / (xj - xi) for j, (xj, yj) in enumerate(zip(xs, ys, strict=True)) if j != i and xj != xi]
+        if slopes:
+            each.append(statistics.median(slopes))
+    slope = statistics.median(each) if each else 0.0
+    intercept = statistics.median(y - slope * x for x, y in zip(xs, ys, strict=True))
+    return max(intercept, 0.0), slope
 
 
 # -- what one process measures ----------------------------------------------------------------------------
@@ -273,6 +312,70 @@ def _measure_dispatch(samples: int) -> Measurement:
     xg, wg, eg = (t.clone().requires_grad_() for t in (x, w, emb))
     recorded = _best(lambda: _kernel_ops(xg, wg, idx, eg, mask), samples) / _KERNEL_OPS
     return {"dispatch_s": plain, "view_s": views, "record_s": max(recorded - kernels, 0.0)}
+
+
+def _kernel_calls(op: str, rows: int) -> list[Callable[[], object]]:
+    """Calls of op kind ``op`` on a (``rows``, ``KERNEL_HIDDEN``) activation, in a generated program's style (the
+    forms a program writes it in, taken in turn by :func:`in_program`)."""
+    import torch
+    import torch.nn.functional as F
+
+    hidden = KERNEL_HIDDEN
+    x, y = torch.rand(rows, hidden) + 0.5, torch.rand(rows, hidden)
+    w, b = torch.rand(hidden), torch.rand(hidden)
+    left, right = x[:, : hidden // 2], x[:, hidden // 2 :]
+    cache = torch.zeros(4, 4, max(KERNEL_ROWS) // 4, hidden // 4)  # a KV cache: batch 4, 4 heads, slots, head dim
+    slots = torch.arange(rows // 4)
+    written = torch.rand(4, 4, rows // 4, hidden // 4)
+    table, ids = torch.randn(128, hidden), torch.randint(0, 128, (rows,))
+    mask = torch.rand(rows, hidden) > 0.5
+    calls: dict[str, list[Callable[[], object]]] = {
+        "add": [lambda: x + y, lambda: x + 1e-05],
+        "mul": [lambda: x * y, lambda: x * 0.5],
+        "neg": [lambda: torch.neg(x)],
+        "clone": [lambda: x.clone()],
+        "cat": [lambda: torch.cat([right, left], -1)],
+        "pow": [lambda: x.pow(2), lambda: x**3.0],
+        "rsqrt": [lambda: torch.rsqrt(x)],
+        "mean": [lambda: x.mean(-1, keepdim=True)],
+        "tanh": [lambda: torch.tanh(x)],
+        "silu": [lambda: F.silu(x)],
+        "sin": [lambda: torch.sin(x)],
+        "cos": [lambda: torch.cos(x)],
+        "layer_norm": [lambda: F.layer_norm(x, [hidden], w, b, 1e-05)],
+        "index_copy": [lambda: cache.index_copy_(2, slots, written)],
+        "embedding": [lambda: F.embedding(ids, table)],
+        "masked_fill": [lambda: x.masked_fill(mask, 0.0)],
+    }
+    return calls[op]
+
+
+def _measure_kernels(samples: int) -> Measurement:
+    """(elements, seconds per call) of each ``KERNEL_OPS`` kind at ``KERNEL_ROWS`` rows (module docstring)."""
+    import torch
+
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.no_grad():
+        for _ in range(KERNEL_ROUNDS):  # rounds over every kind and size: a burst of load meets one round of a point
+            for op in KERNEL_OPS:
+                for rows in KERNEL_ROWS:
+                    times.setdefault((op, rows), []).append(in_program(_kernel_calls(op, rows), samples))
+    out = {op: [(float(rows * KERNEL_HIDDEN), statistics.median(times[op, rows])) for rows in KERNEL_ROWS]
+           for op in KERNEL_OPS}  # fmt: skip
+    return {"kernels": out}
+
+
+def kernel_overheads(results: Sequence[Measurement], dispatch: float) -> dict[str, float]:
+    """Each measured op kind's fixed cost per kernel beyond ``dispatch`` (the slowest process's line through its
+    sizes, its intercept; never below 0): ``efficiency.kernel_overhead_s``. {} for measurements without kernels
+    (calibration version 5 and earlier)."""
+    if not all("kernels" in r for r in results):
+        return {}
+    fixed = {}
+    for op in results[0]["kernels"]:
+        intercept = max(fit_line_robust(*zip(*r["kernels"][op], strict=True))[0] for r in results)
+        fixed[op] = max(intercept - dispatch, 0.0)
+    return fixed
 
 
 def _measure_backward(samples: int) -> Measurement:
@@ -604,6 +707,7 @@ def measure(rank: int, world: int, quick: bool = True) -> Measurement:
         ("backward", lambda: _measure_backward(samples)),
         ("gemm", lambda: _measure_gemm(samples)),
         ("attention", lambda: _measure_attention(samples)),
+        ("kernels", lambda: _measure_kernels(samples)),
         ("stream", lambda: _measure_stream(samples, result["dispatch_s"])),
         (
             "elementwise",
@@ -689,10 +793,13 @@ def spec_from_measurements(
         att_fits = [fit_line(*zip(*r["attention"]["forward_points"], strict=True)) for r in results]
         attention_forward = min(1.0, min(1.0 / slope for _, slope in att_fits) / rate)
         attention_fixed = max(max(c for c, _ in att_fits) - dispatch, 0.0)
-    elementwise = tuple(
-        (op, max(r["elementwise"][op][0] for r in results), max(r["elementwise"][op][1] for r in results))
+    kernels = kernel_overheads(results, dispatch)
+    numel = ELEMENTWISE_SHAPE[0] * ELEMENTWISE_SHAPE[1]
+    elementwise = tuple(  # the forward per element net of the kind's fixed cost per kernel (priced apart)
+        (op, max(max(r["elementwise"][op][0] for r in results) - kernels.get(op, 0.0) / numel, 0.0),
+         max(r["elementwise"][op][1] for r in results))
         for op in results[0]["elementwise"]
-    )
+    )  # fmt: skip
     optimizer = []
     for opt in results[0]["optimizer"]:
         figures = [_solve3([(1.0, float(t), float(e), float(secs)) for t, e, secs in r["optimizer"][opt]])
@@ -756,6 +863,7 @@ def spec_from_measurements(
         cache_bandwidth=cache_bw,
         comm_overlap=overlap,
         elementwise_s=elementwise,
+        kernel_overhead_s=tuple(kernels.items()),
         optimizer_s=tuple(optimizer),
         overhead_hidden=False,
         fused_kernels=False,
@@ -775,7 +883,12 @@ def spec_from_measurements(
                             "the cache's bandwidth and the memory's"),
             ("cache_bandwidth", f"{origin}: a + b on 128 KiB vectors"),
             ("elementwise_s", f"{origin}: math ops on a {ELEMENTWISE_SHAPE[0]}x{ELEMENTWISE_SHAPE[1]} tensor, "
-                              "forward and backward per element"),
+                              "forward (net of its kernel_overhead_s) and backward per element"),
+            *([("kernel_overhead_s", f"{origin}: memory-bound op kinds the generated programs call, on (rows, "
+                                     f"{KERNEL_HIDDEN}) activations of {', '.join(map(str, KERNEL_ROWS))} rows as a "
+                                     "program pays them: the intercept of a robust line through them (repeated median) "
+                                     "beyond op_overhead_s")]
+              if kernels else []),
             ("optimizer_s", f"{origin}: torch.optim steps on CPU tensors (1 and 32 tensors of 16 elements, 1 of "
                             "2**18): per step, per tensor and per element"),
             ("overhead_hidden", "a CPU process dispatches and computes its own ops in turn"),

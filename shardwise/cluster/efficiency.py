@@ -29,6 +29,12 @@ Fields:
 - ``attention_overhead_s``: a fused attention call's fixed cost beyond ``op_overhead_s`` (on CPUs its
   blocking, buffers and threads' set-up: what a decode step's tiny attention call costs), where the host
   computes its own ops;
+- ``kernel_overhead_s``: ``(op, seconds)`` the fixed cost of one kernel of a memory-bound op kind beyond
+  ``op_overhead_s`` (ATen base names as the price list names them: ``layer_norm``, ``index_copy``, ``mean``,
+  ...), where the host computes its own ops: a kernel's set-up that its bytes do not account for (a norm's
+  row loop, an indexed write's index checks, a reduction's iterator); ops not listed pay ``op_overhead_s``
+  alone. A fused kernel (``fused_kernels``) is one launch of its own and pays ``op_overhead_s`` once, none
+  of these;
 - ``cache_bytes`` / ``cache_bandwidth``: an op whose bytes (read and written) fit in ``cache_bytes`` streams
   at ``cache_bandwidth`` bytes/s instead of the memory's (0: no such level is known);
 - ``elementwise_s``: ``(op, forward, backward)`` seconds per element of math ops whose work per element
@@ -59,7 +65,7 @@ EFFICIENCY_FIELDS = (
     "gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node", "op_overhead_s",
     "view_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "cache_bytes", "cache_bandwidth",
     "elementwise_s", "optimizer_s", "collective_overhead_s", "object_overhead_s", "object_byte_s", "comm_overlap",
-    "overhead_hidden", "fused_kernels", "attention_overhead_s",
+    "overhead_hidden", "fused_kernels", "attention_overhead_s", "kernel_overhead_s",
 )  # fmt: skip
 _FRACTIONS = ("gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node")
 _SECONDS = (
@@ -67,7 +73,7 @@ _SECONDS = (
     "object_overhead_s", "object_byte_s", "attention_overhead_s",
 )  # fmt: skip
 _AMOUNTS = ("cache_bytes", "cache_bandwidth")  # bytes, bytes/s: >= 0 (0: unknown)
-_TABLES = {"elementwise_s": 3, "optimizer_s": 4}  # (name, figure, ...) rows of these widths
+_TABLES = {"elementwise_s": 3, "optimizer_s": 4, "kernel_overhead_s": 2}  # (name, figure, ...) rows of these widths
 _FLAGS = ("overhead_hidden", "fused_kernels")
 
 
@@ -95,6 +101,7 @@ class Efficiency:
     cache_bandwidth: float = 0.0
     elementwise_s: tuple[tuple[str, float, float], ...] = ()
     optimizer_s: tuple[tuple[str, float, float, float], ...] = ()
+    kernel_overhead_s: tuple[tuple[str, float], ...] = ()
     collective_overhead_s: float = 0.0
     object_overhead_s: float = 0.0
     object_byte_s: float = 0.0
@@ -147,6 +154,13 @@ class Efficiency:
             if row[0] == op:
                 return row[1], row[2]
         return None
+
+    def kernel_overhead(self, op: str) -> float:
+        """The fixed cost of one kernel of op kind ``op`` beyond ``op_overhead_s`` (0 when not measured)."""
+        for row in self.kernel_overhead_s:
+            if row[0] == op:
+                return row[1]
+        return 0.0
 
     def optimizer(self, name: str) -> tuple[float, float, float] | None:
         """(seconds per step, per parameter tensor, per element) of optimizer ``name``'s step, if measured."""

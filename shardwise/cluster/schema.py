@@ -274,7 +274,7 @@ def _nic(i: int, raw: object) -> NicSpec:
 
 
 #: efficiency fields written as a mapping of name to a list of seconds, and the list's length
-_EFFICIENCY_TABLES = {"elementwise_s": 2, "optimizer_s": 3}
+_EFFICIENCY_TABLES = {"elementwise_s": 2, "optimizer_s": 3, "kernel_overhead_s": 1}
 
 
 def _efficiency_table(where: str, raw: object, width: int) -> tuple[tuple, ...]:

@@ -26,14 +26,19 @@ itself): the input and the weight in the forward, the output's gradient and the 
 backward; a recomputed forward casts again.
 
 The roofline is ``max(flop time, byte time)``. Every op that runs a kernel then pays the device's fixed
-launch cost ``efficiency.op_overhead_s`` (plus ``efficiency.record_overhead_s`` when autograd records it, in
-a training forward): added to the roofline when the host computes its own ops (a CPU process), the larger
-of the two when the host runs ahead of the device (``overhead_hidden``: CUDA). Views cost the host their
+cost of one kernel (:meth:`ComputePrices.kernel_overhead_s`, the one place it is added): the launch
+``efficiency.op_overhead_s`` (plus ``efficiency.record_overhead_s`` when autograd records it, in a training
+forward) and, for a memory-bound op whose kind the device measured a fixed cost of its own for
+(``efficiency.kernel_overhead_s``: a norm's, an indexed write's, a reduction's set-up), that cost; added to
+the roofline when the host computes its own ops (a CPU process), the larger of the two when the host runs
+ahead of the device (``overhead_hidden``: CUDA). Matmuls and attention have their fixed costs in their
+device time (``gemm_overhead_s``, ``attention_overhead_s``). Views cost the host their
 dispatch (``efficiency.view_overhead_s``) where it dispatches them (a CPU process), nothing on a device that
 runs ahead.
 
 A fused group (``fused_kernels`` devices) is one kernel: its FLOPs, and only the bytes of its inputs and
-outputs; where the device runs fused groups op by op (CPUs), a group costs the sum of its ops.
+outputs, and one kernel's fixed cost (the launch, once: none of its ops' kinds' own); where the device runs
+fused groups op by op (CPUs), a group costs the sum of its ops, each paying its own.
 
 **Widths.** A model traced in float32 runs its floating values at the precision's width (autocast: bf16/fp16
 runs move 2-byte values, :func:`float_scale`). A model traced in a 16-bit float type (its trainable weights
@@ -285,6 +290,12 @@ class ComputePrices:
         eff = self.efficiency
         return eff.op_overhead_s + (eff.record_overhead_s if recording else 0.0)
 
+    def kernel_overhead_s(self, work: OpWork, recording: bool = False) -> float:
+        """The host's fixed cost of one kernel running ``work`` alone: the launch (:meth:`op_overhead_s`) and, for
+        a memory-bound op, its kind's own fixed cost (``efficiency.kernel_overhead_s``; 0 where not measured)."""
+        fixed = self.efficiency.kernel_overhead(work.op) if work.cost_class == "memory" and work.op else 0.0
+        return self.op_overhead_s(recording) + fixed
+
     def with_overhead(self, seconds: float, kernels: float = 1, overhead: float | None = None) -> float:
         """``seconds`` of device work run as ``kernels`` launches of ``overhead`` seconds each (by default
         ``efficiency.op_overhead_s``; see the module docstring)."""
@@ -331,10 +342,11 @@ class ComputePrices:
         """One op's forward (see the module docstring); ``recording``: autograd records it (training)."""
         if work.cost_class == "free":
             return self.view_s()
-        return self.with_overhead(self.device_s(work), 1, self.op_overhead_s(recording))
+        return self.with_overhead(self.device_s(work), 1, self.kernel_overhead_s(work, recording))
 
     def group_forward_s(self, works: list[OpWork], boundary_bytes: float, recording: bool = False) -> float:
-        """A fused group of ops whose inputs and outputs total ``boundary_bytes`` (at this precision)."""
+        """A fused group of ops whose inputs and outputs total ``boundary_bytes`` (at this precision): one
+        kernel, one kernel's fixed cost (the launch), on ``fused_kernels`` devices; else its ops one by one."""
         if not self.efficiency.fused_kernels:
             return sum(self.forward_s(w, recording) for w in works)
         flops = sum(self.flop_s(w.flops, w.cost_class, float8=w.float8) for w in works if w.cost_class != "free")

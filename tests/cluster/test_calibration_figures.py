@@ -185,3 +185,44 @@ def test_compute_is_timed_in_runs_taking_each_weight_in_turn() -> None:
         torch.set_num_threads(threads)
     assert 2.5e-3 * 0.95 <= figure < 3.5e-3  # the mean of a run (2.5 ms), not its least call (1 ms) nor its most
     assert used[1:9] == [1, 0] * 4 and set(used) == {0, 1}  # after the warm-up call, each in turn
+
+
+def test_a_kernel_kinds_fixed_cost_is_recovered_from_its_timings() -> None:
+    """Calibration version 6: each op kind's timings at the probe's sizes, a fixed cost plus a cost per element,
+    give back that fixed cost beyond the dispatch, even with one sample a load disturbed; the slower process's
+    figure is kept, and the per-element math figure of a kind in both probes is net of it."""
+    rows = calibrate_module.KERNEL_ROWS
+    elements = [float(r * calibrate_module.KERNEL_HIDDEN) for r in rows]
+    fixed = {"index_copy": 5e-6, "tanh": 1e-6, "add": 0.0}  # beyond DISPATCH
+    per_element = {"index_copy": 1e-9, "tanh": 3e-9, "add": 0.3e-9}
+
+    def kernels(slow: float, disturbed: bool) -> dict:
+        out = {op: [(n, slow * (DISPATCH + fixed[op] + per_element[op] * n)) for n in elements] for op in fixed}
+        if disturbed:  # one sample of one kind taken while another process held the core
+            n, t = out["index_copy"][1]
+            out["index_copy"][1] = (n, 8 * t)
+        return out
+
+    quick, slow = _measurement(), _measurement(slow=1.25)
+    quick["kernels"], slow["kernels"] = kernels(1.0, True), kernels(1.25, False)
+    spec = calibrate_module.spec_from_measurements([quick, slow], 2, when="now")
+    eff = spec.efficiency
+    # the slower process's intercept (1.25 x (DISPATCH + fixed)) beyond its dispatch (1.25 x DISPATCH)
+    for op, seconds in fixed.items():
+        assert eff.kernel_overhead(op) == pytest.approx(1.25 * seconds, rel=1e-6, abs=1e-12), op
+    assert eff.kernel_overhead("mean") == 0.0  # not measured: the dispatch alone
+    numel = calibrate_module.ELEMENTWISE_SHAPE[0] * calibrate_module.ELEMENTWISE_SHAPE[1]
+    assert eff.elementwise("tanh")[0] == pytest.approx(2e-9 - 1.25e-6 / numel)  # net of the fixed cost
+    assert eff.elementwise("exp") == (1e-9, 0.5e-9)
+    assert "robust line" in eff.source("kernel_overhead_s")
+    assert ClusterSpec.from_dict(spec.to_dict()) == spec  # the YAML form keeps the table
+
+
+def test_fit_line_robust_ignores_one_disturbed_point() -> None:
+    xs = [1.0, 4.0, 16.0, 64.0]
+    ys = [3 + 2 * x for x in xs]
+    assert calibrate_module.fit_line_robust(xs, ys) == pytest.approx((3.0, 2.0))
+    for k in range(len(xs)):  # any one point disturbed, at either end or inside
+        disturbed = [y * 5 if i == k else y for i, y in enumerate(ys)]
+        assert calibrate_module.fit_line_robust(xs, disturbed) == pytest.approx((3.0, 2.0)), k
+    assert calibrate_module.fit_line_robust(xs, [2 * x - 1 for x in xs])[0] == 0.0

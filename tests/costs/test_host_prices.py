@@ -121,3 +121,39 @@ def test_efficiency_tables_are_validated() -> None:
         Efficiency(elementwise_s=(("tanh", 1e-9),))
     with pytest.raises(Exception, match="comm_overlap"):
         Efficiency(comm_overlap=1.5)
+
+
+def test_a_kernel_pays_its_kinds_fixed_cost_once() -> None:
+    """efficiency.kernel_overhead_s: a memory-bound op of a measured kind pays the launch and its kind's fixed
+    cost once beside its bytes; a group run op by op (CPUs) pays each op's; a fused kernel pays one launch and
+    none of its ops' kinds'; an op of another kind, or of another class, pays the launch alone."""
+    fixed = dataclasses.replace(HOST, kernel_overhead_s=(("index_copy", 5e-6), ("layer_norm", 3e-6)))
+    p = ComputePrices(CLUSTER.device, fixed, "fp32")
+    write = OpWork("memory", 0, 1024.0, 0.0, "index_copy", 128)
+    norm = OpWork("memory", 640, 2048.0, 0.0, "layer_norm", 256)
+    add = OpWork("memory", 256, 3072.0, 0.0, "add", 256)
+    assert p.forward_s(write) == pytest.approx(2e-6 + 5e-6 + 1024 / 100e9)
+    assert p.forward_s(write, recording=True) == pytest.approx(3e-6 + 5e-6 + 1024 / 100e9)
+    assert p.forward_s(add) == pytest.approx(2e-6 + 3072 / 100e9)
+    assert p.forward_s(dataclasses.replace(write, cost_class="gemm")) == _prices().forward_s(
+        dataclasses.replace(write, cost_class="gemm")
+    )  # matmuls have their own fixed cost (gemm_overhead_s)
+    # op by op (fused_kernels false): the sum of the ops, each kind's fixed cost once
+    assert p.group_forward_s([write, norm, add], 4096.0) == pytest.approx(
+        p.forward_s(write) + p.forward_s(norm) + p.forward_s(add)
+    )
+    assert p.group_forward_s([write, norm, add], 4096.0) - _prices().group_forward_s(
+        [write, norm, add], 4096.0
+    ) == pytest.approx(8e-6)
+    # one fused kernel: one launch (2 us), no kind's fixed cost, its boundary bytes
+    fused = ComputePrices(CLUSTER.device, dataclasses.replace(fixed, fused_kernels=True), "fp32")
+    assert fused.group_forward_s([write, norm, add], 4096.0) == pytest.approx(2e-6 + 4096 / 100e9)
+    # a device that measured none (every GPU preset): the launch alone
+    assert _prices().forward_s(write) == pytest.approx(2e-6 + 1024 / 100e9)
+
+
+def test_gpu_presets_have_no_kernel_fixed_costs() -> None:
+    from shardwise.cluster import get_cluster
+
+    for name in ("dgx-a100x1", "dgx-h100x1"):
+        assert get_cluster(name).efficiency.kernel_overhead_s == ()
