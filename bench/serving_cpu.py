@@ -46,10 +46,25 @@ prices and ``ServingPrices``' traced memory ops alike; a fused kernel, on device
 Matmuls and attention keep their own fixed costs (``gemm_overhead_s``, ``attention_overhead_s``). Nothing is
 fitted to the rows: the figures come from the probes alone.
 
-Timings are noisy on a shared machine: the load average is recorded next to them. The measured figure is the
-least over ``REPEATS`` generations (prefill) and over all their decode steps (decode), the statistic
-``shardwise calibrate`` uses for the figures the prices are made of (the least of its samples: what the
-machine does when nothing preempts it); the medians are recorded beside them.
+**Collectives at their median** (calibration version 7, written down before the rows were rerun with it): a tp 2
+step is mostly collectives, and on this machine a collective's cost is heavy-tailed even when nothing else runs
+(a process waits for the other's threads to wake: the 04:47 UTC quiet run's tp 2 decode steps had medians
+3.4-3.9x their least ones). Calibration had kept the least run of 8 calls; it now keeps the median run
+(``calibrate._collective``; docs/costs.md), what a program's step pays.
+
+**How steps are measured** (since 2026-12-07 06:40 UTC, written down before the rows were rerun; until then the
+figure was the least prefill of 5 generations and the least decode step of all of them, the luckiest single
+step: a tp 2 decode's median step was 3-4x its least one on a quiet machine, and the least one moved between
+runs). After ``WARMUP`` generations that are not timed (allocations, the workers' thread pools, gloo's first
+messages), ``ROUNDS`` rounds of ``PER_ROUND`` generations each: a round's figure is the median of its prefills
+and the median of its decode steps (``PER_ROUND x (NEW_TOKENS - 1)``), and the measured figure is the least
+round's median ("min of medians"): the typical step of the least disturbed round, the statistic ``shardwise
+calibrate`` takes for the figures the prices are made of (the least disturbed run's mean). Each row also
+records the spread, so that a reader sees the noise: the least and largest round medians, and the least, first
+quartile, median, third quartile and largest of every timed step (``spread``), and the summary gives the error
+against the median of all steps as well (``median_abs_error_vs_all_steps``), the figure a user would see on a
+machine as loaded as this one was. Timings are noisy on a shared machine: the load average is recorded next to
+them.
 """
 
 from __future__ import annotations
@@ -80,7 +95,8 @@ from shardwise.planner.serving.model import serving_model_from_config  # noqa: E
 from shardwise.zoo import build_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-BATCH, PROMPT, MAX_SEQ, NEW_TOKENS, REPEATS = 4, 32, 64, 17, 5
+BATCH, PROMPT, MAX_SEQ, NEW_TOKENS = 4, 32, 64, 17
+WARMUP, ROUNDS, PER_ROUND = 2, 7, 3  # generations not timed; rounds of generations timed (see the docstring)
 GOAL = 0.20  # issue 18, item 5: median |error| over every row's prefill and decode
 ROWS = [(m, size, tp) for m in ("gpt2", "llama") for size in ("tiny", "small") for tp in (1, 2)]
 
@@ -101,11 +117,16 @@ def measure(name: str, size: str, tp: int) -> dict:
             axis = cm.plan.mesh.axis_names.index("tp")
             split = [spec for key, spec in cm.plan.param_placements if isinstance(spec.placements[axis], Shard)]
             assert split, "the tp 2 plan must split its weights"
-        prefill, decode = [], []
-        for _ in range(REPEATS):
-            _, timings = cm.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None, return_timings=True)
-            prefill.append(timings["prefill_s"])
-            decode.extend(timings["decode_s"])
+        for _ in range(WARMUP):
+            cm.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+        rounds: list[tuple[list[float], list[float]]] = []
+        for _ in range(ROUNDS):
+            prefill, decode = [], []
+            for _ in range(PER_ROUND):
+                _, timings = cm.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None, return_timings=True)
+                prefill.append(timings["prefill_s"])
+                decode.extend(timings["decode_s"])
+            rounds.append((prefill, decode))
         # the programs as written, priced on the links they run on (tp 1: what the planner predicted)
         plan_prefill = predict_flat(cm.prefill_plan, cluster).step_time_s
         plan_decode = predict_flat(cm.plan, cluster).step_time_s
@@ -128,10 +149,19 @@ def measure(name: str, size: str, tp: int) -> dict:
     assert layout is not None, f"{name}:{size} tp {tp}: the serving prices count no layout of {collectives} collectives"
     serving_prefill = prices.prefill_sums(tp, 1, BATCH * PROMPT, BATCH * PROMPT * MAX_SEQ, BATCH, causal=False)
     serving_decode = prices.decode_step_s(tp, 1, BATCH, BATCH * MAX_SEQ)
+    measured, spread = {}, {}
+    for k, phase in enumerate(("prefill", "decode")):
+        medians = [statistics.median(r[k]) for r in rounds]
+        steps = sorted(t for r in rounds for t in r[k])
+        q1, median, q3 = statistics.quantiles(steps, n=4)
+        measured[phase] = min(medians)
+        spread[phase] = {"round_medians_s": (min(medians), max(medians)), "steps": len(steps),
+                         "min_s": steps[0], "q1_s": q1, "median_s": median, "q3_s": q3, "max_s": steps[-1]}  # fmt: skip
     return {
-        "model": f"{name}:{size}", "tp": tp, "degrees": degrees, "measured_prefill_s": min(prefill),
-        "measured_decode_s": min(decode), "median_prefill_s": statistics.median(prefill),
-        "median_decode_s": statistics.median(decode), "plan_prefill_s": plan_prefill, "plan_decode_s": plan_decode,
+        "model": f"{name}:{size}", "tp": tp, "degrees": degrees, "measured_prefill_s": measured["prefill"],
+        "measured_decode_s": measured["decode"], "median_prefill_s": spread["prefill"]["median_s"],
+        "median_decode_s": spread["decode"]["median_s"], "spread": spread,
+        "plan_prefill_s": plan_prefill, "plan_decode_s": plan_decode,
         "collectives": collectives, "serving_layout": layout,
         "serving_prefill_s": serving_prefill.latency_s, "serving_decode_s": serving_decode,
         "loadavg": os.getloadavg()[0],
@@ -185,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
               f"decode measured {ms(r['measured_decode_s'])} ms, predicted plan {ms(r['plan_decode_s'])} "
               f"({err('plan', 'decode')}) serving {ms(r['serving_decode_s'])} ({err('serving', 'decode')})  "
               f"(load {r['loadavg']:.1f})", flush=True)  # fmt: skip
+        for phase in ("prefill", "decode"):
+            sp = r["spread"][phase]
+            print(f"    {phase:<7} spread: round medians {ms(sp['round_medians_s'][0])} .. {ms(sp['round_medians_s'][1])} "
+                  f"ms; {sp['steps']} steps: min {ms(sp['min_s'])} q1 {ms(sp['q1_s'])} median {ms(sp['median_s'])} "
+                  f"q3 {ms(sp['q3_s'])} max {ms(sp['max_s'])}", flush=True)  # fmt: skip
     summary = {}
     for source in ("plan", "serving"):
         errors = {
@@ -192,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows for phase in ("prefill", "decode") if r[f"{source}_{phase}_s"] is not None
         }  # fmt: skip
         summary[source] = {"median_abs_error": statistics.median(errors.values()), "max_abs_error": max(errors.values())}
+        summary[source]["median_abs_error_vs_all_steps"] = statistics.median(
+            abs(r[f"{source}_{phase}_s"] / r[f"median_{phase}_s"] - 1) for r in rows for phase in ("prefill", "decode")
+        )  # fmt: skip
         for part, keep in (("prefill", lambda k: k[2] == "prefill"), ("decode", lambda k: k[2] == "decode"),
                            ("tp1", lambda k: k[1] == 1), ("tp2", lambda k: k[1] == 2)):  # fmt: skip
             picked = [e for k, e in errors.items() if keep(k)]
@@ -202,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "met" if summary[source]["median_abs_error"] <= GOAL else "not met"
         print(f"{source:<8} predicted vs measured: median |error| {summary[source]['median_abs_error']:.1%} "
               f"(goal <= {GOAL:.0%}: {verdict}), largest {summary[source]['max_abs_error']:.1%}; medians by part: "
-              f"{parts}")  # fmt: skip
+              f"{parts}; against the median of all steps {summary[source]['median_abs_error_vs_all_steps']:.1%}")  # fmt: skip
     agree = [abs(r[f"serving_{ph}_s"] / r[f"plan_{ph}_s"] - 1) for r in rows for ph in ("prefill", "decode")
              if r[f"plan_{ph}_s"] is not None]  # fmt: skip
     summary["serving_vs_plan"] = {"median_abs_difference": statistics.median(agree), "max_abs_difference": max(agree)}
     print(f"serving prices vs the plans' per-op prices: median |difference| {statistics.median(agree):.1%}, "
           f"largest {max(agree):.1%}")  # fmt: skip
     doc = {"rows": rows, "summary": summary, "batch": BATCH, "prompt": PROMPT, "max_seq": MAX_SEQ,
-           "new_tokens": NEW_TOKENS, "repeats": REPEATS, "elapsed_s": time.time() - start,
+           "new_tokens": NEW_TOKENS, "warmup": WARMUP, "rounds": ROUNDS, "per_round": PER_ROUND, "elapsed_s": time.time() - start,
            "loadavg": {"start": load_start, "end": os.getloadavg()[0]},
            "niceness": os.nice(0), "goal_median_abs_error": GOAL, "calibration": calibrations}  # fmt: skip
     print(f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (niceness {os.nice(0)})")
