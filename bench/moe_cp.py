@@ -57,8 +57,13 @@ see that file's docstring):
   gradients move by an all-to-all rotater, one hop per step, each waited for after the next block's backward
   is launched, the last after the loop (until this session every gradient hop was charged in full). Blocks:
   with load balance the first block is the causal one over the rank's two chunks, every later one a
-  non-causal block of half the rank's rows or keys; all are priced at the causal rates (FlashAttention-2's
-  published H100 figures; its non-causal forward is no slower).
+  non-causal block of half the rank's rows or keys. (First written here as "all priced at the causal rates";
+  corrected before the second rerun of this session, from the same published figures:) the causal block's
+  forward runs at FlashAttention-2's causal rate (335 TFLOP/s at 16K, FlashAttention-3's paper, Fig. 5) and
+  the non-causal blocks' forward at its rate without a mask (370 TFLOP/s at 16K, the same figure;
+  ``efficiency.attention_forward_full`` of the cluster); the backward of every block at the one published
+  backward figure (322: the paper gives FlashAttention-2's backward in one figure per head dimension). The same rate
+  applies to any fused attention call without a mask on this cluster.
 
 *What we looked for and did not find* (this session, before the rerun): a published measurement of an H100
 at torchtitan's 500 W limit against 700 W (dense bf16/fp8 matmuls, FlashAttention or LLM training; sustained

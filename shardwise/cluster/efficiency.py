@@ -13,6 +13,9 @@ Fields:
   FLOP/s;
 - ``attention_forward`` / ``attention_backward``: fused attention kernels (``scaled_dot_product_attention``),
   achieved / peak on the kernel's own FLOP count;
+- ``attention_forward_full``: the forward of a fused attention call without a mask (every block of the score
+  matrix computed), where it is published apart from ``attention_forward`` (a causal call's); 0: as
+  ``attention_forward``;
 - ``memory``: streaming (memory-bound) kernels, achieved / peak memory bandwidth;
 - ``intra_node`` / ``inter_node``: collective bus bandwidth achieved by the library over the links inside a
   node / across nodes, as a fraction of the link bandwidth;
@@ -62,10 +65,11 @@ from shardwise.cluster.checks import check_nonnegative, check_positive, fail
 __all__ = ["Efficiency", "EFFICIENCY_FIELDS", "PEAK"]
 
 EFFICIENCY_FIELDS = (
-    "gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node", "op_overhead_s",
-    "view_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "cache_bytes", "cache_bandwidth",
-    "elementwise_s", "optimizer_s", "collective_overhead_s", "object_overhead_s", "object_byte_s", "comm_overlap",
-    "overhead_hidden", "fused_kernels", "attention_overhead_s", "kernel_overhead_s",
+    "gemm", "attention_forward", "attention_backward", "attention_forward_full", "memory", "intra_node",
+    "inter_node", "op_overhead_s", "view_overhead_s", "record_overhead_s", "backward_op_overhead_s",
+    "gemm_overhead_s", "cache_bytes", "cache_bandwidth", "elementwise_s", "optimizer_s", "collective_overhead_s",
+    "object_overhead_s", "object_byte_s", "comm_overlap", "overhead_hidden", "fused_kernels",
+    "attention_overhead_s", "kernel_overhead_s",
 )  # fmt: skip
 _FRACTIONS = ("gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node")
 _SECONDS = (
@@ -88,6 +92,7 @@ class Efficiency:
     gemm: float = 1.0
     attention_forward: float = 1.0
     attention_backward: float = 1.0
+    attention_forward_full: float = 0.0  # 0: as attention_forward
     memory: float = 1.0
     intra_node: float = 1.0
     inter_node: float = 1.0
@@ -115,6 +120,10 @@ class Efficiency:
             value = check_positive(f"efficiency.{name}", getattr(self, name), "a fraction of the peak")
             if value > 1.0:
                 raise fail(f"efficiency.{name}", value, "must be a fraction of the peak in (0, 1]")
+        full = check_nonnegative("efficiency.attention_forward_full", self.attention_forward_full, "a fraction")
+        if full > 1.0:
+            raise fail("efficiency.attention_forward_full", full, "must be a fraction of the peak in (0, 1] (0: as "
+                       "attention_forward)")  # fmt: skip
         for name in _SECONDS:
             check_nonnegative(f"efficiency.{name}", getattr(self, name), "seconds")
         for name in _AMOUNTS:

@@ -310,6 +310,9 @@ def _efficiency(raw: object) -> Efficiency:
             values[name] = _quantity(where, d[name], units.parse_bandwidth, "bytes/s", zero_ok=True)
         elif name == "comm_overlap":
             values[name] = _quantity(where, d[name], float, "a fraction in [0, 1]", zero_ok=True)
+        elif name == "attention_forward_full":
+            values[name] = _quantity(where, d[name], float, "a fraction of the peak (0: as attention_forward)",
+                                     zero_ok=True)  # fmt: skip
         else:
             values[name] = _quantity(where, d[name], float, "a fraction of the peak", zero_ok=False)
     sources = d.get("sources", {})

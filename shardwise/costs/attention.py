@@ -37,7 +37,9 @@ mask). Attention needs every key for every query; the ways differ in what moves:
   each waited for only after the next block's backward is launched (hidden behind it where the block is
   longer), the last one after the loop (exposed). The bytes are those of the keys and values the call
   receives: a model that repeats its key/value heads before the call (torchtitan's ``repeat_kv``) passes the
-  repeated heads.
+  repeated heads. Its blocks are FlashAttention calls of their own: with chunk pairs the first step's block is
+  causal and every later one has no mask, so of a causal call's forward the later blocks run at the cluster's
+  rate without a mask (``efficiency.attention_forward_full``, :func:`ring_forward_factor`).
 
 All sizes are one rank's local bytes. Returns (forward seconds, backward seconds) of the way's communication
 (and, for ring, of the causal imbalance) beyond the attention's own compute share, which the caller prices as
@@ -58,7 +60,8 @@ from shardwise.ir.tensor import TensorSpec, dtype_bytes
 __all__ = ["CP_WAYS", "AttentionShape", "context_attention_s", "way_label", "way_of",
            "ulysses_problem", "attention_shape", "node_context_attention_s", "ways_s", "ring_blocks",
            "RING_FORWARD_KERNELS", "RING_FORWARD_PASSES", "RING_BACKWARD_KERNELS", "RING_BACKWARD_PASSES",
-           "TORCH_RING_MERGE", "TORCH_RING_ACCUMULATE", "TORCH_RING_GRAD_PACK", "TORCH_RING_PACK"]  # fmt: skip
+           "TORCH_RING_MERGE", "TORCH_RING_ACCUMULATE", "TORCH_RING_GRAD_PACK", "TORCH_RING_PACK",
+           "ring_causal_share", "ring_forward_factor", "node_ring_forward_factor"]  # fmt: skip
 
 CP_WAYS = ("allgather", "ulysses", "ring")
 _SEP = "@"
@@ -124,6 +127,34 @@ def ring_blocks(cp: int, causal: bool, balanced: bool) -> tuple[int, float]:
     if balanced:
         return (2 * cp + 1 if causal else 4 * cp), 0.25
     return cp, 1.0
+
+
+def ring_causal_share(cp: int, balanced: bool) -> float:
+    """Of the busiest rank's ring work for a causal call (PyTorch's ring), the share in the block that runs the
+    causal kernel: with chunk pairs the first of ``cp`` steps of equal work (``_templated_ring_attention``:
+    step 0 causal over the rank's two chunks, every later step a block without a mask over half its rows or
+    keys); with contiguous chunks the last rank's diagonal block, half of its ``cp - 1/2`` blocks' work."""
+    return 1.0 / cp if balanced else 0.5 / (cp - 0.5)
+
+
+def ring_forward_factor(prices: PriceList, cp: int, causal: bool, balanced: bool) -> float:
+    """PyTorch's ring attention (fused blocks, :func:`context_attention_s` with ``fused_blocks``) over ``cp``
+    ranks: its forward seconds over those of the call's share priced as one causal call (every FLOP at
+    ``attention_forward``): the causal block at that rate, the blocks without a mask at
+    ``attention_forward_full``. 1.0 for a call that is not causal (already priced without a mask) and where the
+    cluster lists no rate without a mask."""
+    eff = prices.compute.efficiency
+    if not causal or cp < 2 or not eff.attention_forward_full:
+        return 1.0
+    share = ring_causal_share(cp, balanced)
+    return share + (1.0 - share) * eff.attention_forward / eff.attention_forward_full
+
+
+def node_ring_forward_factor(prices: PriceList, node: Node, ins: Sequence[TensorSpec], cp: int) -> float:
+    """:func:`ring_forward_factor` of attention ``node`` (operand specs ``ins``) split over ``cp`` ranks: causal by
+    its ``is_causal`` flag, balanced where its sequence cuts into ``2 cp`` chunks."""
+    balanced = bool(ins) and ins[0].rank >= 2 and pairs_chunks(ins[0].shape[-2], cp)
+    return ring_forward_factor(prices, cp, is_causal_attention(node), balanced)
 
 
 def ulysses_problem(heads: int, kv_heads: int, cp: int) -> str:

@@ -12,6 +12,8 @@ model is traced in float32; bf16/fp16 runs move half the bytes). Its *cost class
   a causal call (``is_causal=True``, no mask tensor) computes only the blocks on and below the diagonal: its
   device FLOPs are half the registry's count, the convention of the published fused-attention rates the
   efficiencies come from (FlashAttention's benchmarks count a causal call at half the FLOPs of a full one);
+  a call with neither ``is_causal`` nor a mask tensor runs its forward at ``efficiency.attention_forward_full``
+  where the cluster lists it (FlashAttention-2's rate without a mask is published apart from its causal one);
 * ``memory`` (every other op that moves data: elementwise, norms, softmax, reductions, copies, losses): the
   bytes at the memory's bandwidth (``memory bandwidth x efficiency.memory``), or at
   ``efficiency.cache_bandwidth`` when they fit in ``efficiency.cache_bytes``; a math op the device measured
@@ -56,12 +58,12 @@ from shardwise.cluster.efficiency import Efficiency
 from shardwise.cluster.spec import DeviceSpec
 from shardwise.errors import PlanError
 from shardwise.ir.graph import Graph, Node
-from shardwise.ir.registry import rule_for
+from shardwise.ir.registry import rule_for, tensor_operands
 from shardwise.ir.tensor import TensorSpec, dtype_bytes
 
 __all__ = [
     "OpWork", "COST_CLASSES", "cost_class", "op_base", "op_work", "precision_dtype", "float_scale", "traced_scale",
-    "wire_spec", "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention", "is_low", "LOW_PRECISIONS", "FLOAT8",
+    "wire_spec", "ComputePrices", "CAUSAL_FRACTION", "is_causal_attention", "is_unmasked_attention", "is_low", "LOW_PRECISIONS", "FLOAT8",
     "FLOAT8_CAST_BYTES",
 ]  # fmt: skip
 
@@ -122,6 +124,12 @@ def is_causal_attention(node: Node) -> bool:
     return causal is True
 
 
+def is_unmasked_attention(node: Node) -> bool:
+    """A fused attention call with neither ``is_causal`` nor a mask tensor: every block of its scores computed
+    (its forward at ``efficiency.attention_forward_full`` where the cluster lists it)."""
+    return cost_class(node.op) == "attention" and not is_causal_attention(node) and len(tensor_operands(node)) <= 3
+
+
 def wire_spec(spec: TensorSpec, precision: str) -> TensorSpec:
     """``spec`` as it travels at ``precision``: floats in bfloat16 under bf16/fp16 (the traced graph is float32)."""
     if is_low(precision) and spec.dtype.startswith(_FLOAT) and spec.dtype not in ("bfloat16", "float16"):
@@ -166,6 +174,7 @@ class OpWork:
     # (input / output gradient: they grow with the rows) and of its weight (they do not)
     cast_rows: tuple[float, float] = (0.0, 0.0)
     cast_weight: tuple[float, float] = (0.0, 0.0)
+    unmasked: bool = False  # a fused attention call without a mask (:func:`is_unmasked_attention`)
 
     @property
     def bytes(self) -> float:
@@ -180,7 +189,7 @@ class OpWork:
         """The same op on ``factor`` times the rows (FLOPs, activations and elements scale, parameters do not)."""
         rows = (self.cast_rows[0] * factor, self.cast_rows[1] * factor)
         return OpWork(self.cost_class, self.flops * factor, self.activation_bytes * factor, self.param_bytes,
-                      self.op, self.elements * factor, self.float8, rows, self.cast_weight)  # fmt: skip
+                      self.op, self.elements * factor, self.float8, rows, self.cast_weight, self.unmasked)  # fmt: skip
 
 
 def _math_name(node: Node) -> str:
@@ -222,7 +231,7 @@ def op_work(
         rows, weight = _float8_casts(node, activation, param, elements)
     return OpWork(cls, flops / ways, activation * scale / ways, param * scale / ways, _math_name(node),
                   elements / ways, float8, (rows[0] / ways, rows[1] / ways),
-                  (weight[0] / ways, weight[1] / ways))  # fmt: skip
+                  (weight[0] / ways, weight[1] / ways), is_unmasked_attention(node))  # fmt: skip
 
 
 def _float8_casts(
@@ -266,14 +275,19 @@ class ComputePrices:
             self.gemm_peak = table[FLOAT8]
         self.bandwidth = device.memory_bandwidth * efficiency.memory
 
-    def flop_s(self, flops: float, cost_class: str, backward: bool = False, float8: bool = False) -> float:
+    def flop_s(
+        self, flops: float, cost_class: str, backward: bool = False, float8: bool = False, unmasked: bool = False
+    ) -> float:
         """Seconds for ``flops`` at the achieved rate of ``cost_class`` (``float8``: a linear layer on float8
-        tensor cores, at the float8 peak times the same achieved fraction as 16-bit matmuls)."""
+        tensor cores, at the float8 peak times the same achieved fraction as 16-bit matmuls; ``unmasked``: an
+        attention forward without a mask, at ``attention_forward_full`` where the cluster lists it)."""
         eff = self.efficiency
         if cost_class == "gemm":
             return flops / ((self.gemm_peak if float8 else self.peak_flops) * eff.gemm)
         if cost_class == "attention":
             rate = eff.attention_backward if backward else eff.attention_forward
+            if unmasked and not backward and eff.attention_forward_full:
+                rate = eff.attention_forward_full
         else:
             rate = 1.0
         return flops / (self.peak_flops * rate)
@@ -317,7 +331,8 @@ class ComputePrices:
             return 0.0
         if work.cost_class == "memory":
             return max(self.byte_s(work.bytes), self.math_s(work))
-        device = max(self.flop_s(work.flops, work.cost_class, float8=work.float8), self.byte_s(work.bytes))
+        flop_s = self.flop_s(work.flops, work.cost_class, float8=work.float8, unmasked=work.unmasked)
+        device = max(flop_s, self.byte_s(work.bytes))
         if work.cost_class == "gemm" and not self.efficiency.overhead_hidden:
             device += self.efficiency.gemm_overhead_s
         if work.cost_class == "attention" and not self.efficiency.overhead_hidden:
@@ -349,6 +364,9 @@ class ComputePrices:
         kernel, one kernel's fixed cost (the launch), on ``fused_kernels`` devices; else its ops one by one."""
         if not self.efficiency.fused_kernels:
             return sum(self.forward_s(w, recording) for w in works)
-        flops = sum(self.flop_s(w.flops, w.cost_class, float8=w.float8) for w in works if w.cost_class != "free")
+        flops = sum(
+            self.flop_s(w.flops, w.cost_class, float8=w.float8, unmasked=w.unmasked) for w in works
+            if w.cost_class != "free"
+        )  # fmt: skip
         casts = sum(self.cast_s(w) for w in works)
         return self.with_overhead(max(flops, self.byte_s(boundary_bytes)) + casts, 1, self.op_overhead_s(recording))

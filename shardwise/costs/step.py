@@ -40,7 +40,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shardwise.cluster.spec import ClusterSpec
-from shardwise.costs.attention import node_context_attention_s, way_of
+from shardwise.costs.attention import node_context_attention_s, node_ring_forward_factor, way_of
 from shardwise.costs.backward import backward_s, group_backward_s, recompute_s
 from shardwise.costs.compute import traced_scale
 from shardwise.costs.prices import PriceList, price_list
@@ -260,7 +260,15 @@ class PricingContext:
         if scale != 1.0:
             work = work.scaled(scale)
         needs = node.name in self.grad
-        fwd = prices.compute.forward_s(work, recording=needs)
+        forward_work = work
+        if s is not None and self.fused_attention and work.cost_class == "attention":
+            # a published program's ring runs its blocks after the first without a mask (costs.attention)
+            for axis, label in s.split:
+                if way_of(label) == "ring":
+                    ins = [graph.spec_of(v) for v in tensor_operands(node) if _has_spec(graph, v)]
+                    factor = node_ring_forward_factor(prices, node, ins, mesh.axis_size(axis))  # type: ignore[arg-type]
+                    forward_work = dataclasses.replace(work, flops=work.flops * factor)
+        fwd = prices.compute.forward_s(forward_work, recording=needs)
         bwd = backward_s(prices.compute, work) if needs else 0.0
         comm_f = comm_b = 0.0
         if s is not None and node.op != "getitem":
@@ -304,7 +312,7 @@ class PricingContext:
                 )  # fmt: skip
                 comm_f += f
                 comm_b += b
-        rec = recompute_s(prices.compute, work) + comm_f if recomputed else 0.0
+        rec = recompute_s(prices.compute, forward_work) + comm_f if recomputed else 0.0
         return OpPrice(fwd, bwd, comm_f, comm_b, rec)
 
 

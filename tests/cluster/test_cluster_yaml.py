@@ -237,3 +237,22 @@ def test_direct_construction_is_validated_too() -> None:
     spec = get_cluster("cpu:2")
     with pytest.raises(ClusterSpecError, match=r"links\[0\].src: 'g7' is not allowed"):
         dataclasses.replace(spec, links=(LinkSpec("g7", "g0", 1e9, 0.0, "pcie"),))
+
+
+def test_attention_rate_without_a_mask_round_trips_and_is_checked(tmp_path: Path) -> None:
+    """``efficiency.attention_forward_full``: read from a cluster file (grand-teton-h100 lists FlashAttention-2's
+    rate without a mask), kept through a YAML round trip, 0 (the default) through one too, and a figure above 1
+    refused with a message that names the field."""
+    teton = get_cluster(str(Path(__file__).resolve().parents[2] / "bench" / "clusters" / "grand-teton-h100.yaml"))
+    assert teton.efficiency.attention_forward_full == pytest.approx(370 / 989, rel=1e-4)
+    for spec in (teton, get_cluster("dgx-h100")):
+        path = tmp_path / "cluster.yaml"
+        spec.to_yaml(path)
+        back = ClusterSpec.from_yaml(path)
+        assert back == spec and back.efficiency.attention_forward_full == spec.efficiency.attention_forward_full
+    data = teton.to_dict()
+    data["efficiency"]["attention_forward_full"] = 1.2
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ClusterSpecError, match="efficiency.attention_forward_full: 1.2 is not allowed: must be"):
+        ClusterSpec.from_yaml(path)

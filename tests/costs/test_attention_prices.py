@@ -262,3 +262,66 @@ def test_published_ring_moves_the_heads_its_call_receives():
                                    train=True, fused_blocks=True)[1]  # fmt: skip
 
     assert backward(shapes[True]) > backward(shapes[False])
+
+
+def test_published_ring_runs_its_later_blocks_without_a_mask():
+    """PyTorch's ring over chunk pairs: the first of cp equal steps is a causal block, every later one a block
+    without a mask, at the cluster's rate without a mask (``efficiency.attention_forward_full``, where listed):
+    the forward takes 1/cp at the causal rate and (cp - 1)/cp at the other; a cluster listing no such rate, or a
+    call that is not causal, keeps the call's own rate."""
+    import dataclasses
+
+    from shardwise.costs.attention import ring_causal_share, ring_forward_factor
+
+    teton = get_cluster("bench/clusters/grand-teton-h100.yaml")
+    eff = teton.efficiency
+    assert eff.attention_forward_full > eff.attention_forward  # FlashAttention-2: 370 vs 335 TFLOP/s at 16K
+    prices = price_list(teton)
+    for cp in (2, 4, 8):
+        assert ring_causal_share(cp, balanced=True) == pytest.approx(1 / cp)
+        expected = 1 / cp + (cp - 1) / cp * eff.attention_forward / eff.attention_forward_full
+        assert ring_forward_factor(prices, cp, causal=True, balanced=True) == pytest.approx(expected)
+    # contiguous chunks: the last rank's diagonal half block of its cp - 1/2 blocks' work runs causal
+    assert ring_causal_share(4, balanced=False) == pytest.approx(0.5 / 3.5)
+    assert ring_forward_factor(prices, 4, causal=False, balanced=True) == 1.0
+    plain = dataclasses.replace(teton, efficiency=dataclasses.replace(eff, attention_forward_full=0.0))
+    assert ring_forward_factor(price_list(plain), 4, causal=True, balanced=True) == 1.0
+
+
+def test_an_unmasked_call_runs_at_the_rate_without_a_mask():
+    """A fused attention call with neither is_causal nor a mask tensor runs its forward at
+    ``attention_forward_full`` where the cluster lists it; a causal call, a masked call and every backward keep
+    their rates; 0 (the default) means the same rate as ``attention_forward``."""
+    from shardwise.costs.backward import backward_s
+    from shardwise.costs.compute import op_work
+
+    class Call(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind = kind
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if self.kind == "causal":
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if self.kind == "masked":
+                mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    x = torch.empty(1, 4, 2048, 64, device="meta")  # long enough to be bound by its FLOPs, even causal
+    prices = price_list(get_cluster("bench/clusters/grand-teton-h100.yaml"))
+    eff = prices.compute.efficiency
+    works = {}
+    for kind in ("causal", "masked", "full"):
+        graph, _ = trace(Call(kind), (x, x.clone(), x.clone()))
+        node = next(n for n in graph.nodes if n.op == "aten.scaled_dot_product_attention.default")
+        works[kind] = op_work(node)
+    full, masked, causal = works["full"], works["masked"], works["causal"]
+    assert full.unmasked and not masked.unmasked and not causal.unmasked
+    compute = prices.compute
+    assert compute.device_s(full) == pytest.approx(full.flops / (compute.peak_flops * eff.attention_forward_full))
+    assert compute.device_s(masked) == pytest.approx(masked.flops / (compute.peak_flops * eff.attention_forward))
+    assert compute.device_s(causal) == pytest.approx(causal.flops / (compute.peak_flops * eff.attention_forward))
+    assert backward_s(compute, full) == pytest.approx(backward_s(compute, masked))  # one backward rate
+    h100 = price_list(get_cluster("dgx-h100")).compute  # lists none: the same rate either way
+    assert h100.device_s(full) == pytest.approx(h100.device_s(masked))
