@@ -481,6 +481,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     max_batch: int | None = None,
     max_seq: int | None = None,
     max_prompt: int | None = None,
+    progress: bool = True,
 ) -> CompiledModel:
     """Trace ``model`` with ``example_inputs``, plan it for ``cluster`` and return a CompiledModel.
 
@@ -513,6 +514,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     key/value heads where they divide), then the prefill with the decode plan's placements of the weights and
     the cache, so that both programs share them; ``cm.generate(input_ids, attention_mask, max_new_tokens=...)``
     runs greedy generation on the workers (``frontend.generation``, ``runtime.lib.generation``).
+
+    ``progress``: planning that lasts longer than a few seconds reports each layout it realizes on stderr
+    (``shardwise.planner.plan``); ``False`` keeps it quiet.
     """
     if mode == "generate":
         return _compile_generate(
@@ -548,7 +552,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         raise UserInputError(f"mode='train' needs trainable parameters, and {graph.model_name} has none: use mode='inference'")
     options = PlanOptions(
         mode=mode, precision=precision, optimizer=_describe_optimizer(optimizer), solver=solver,
-        time_limit_s=time_limit_s, fusion=fusion,
+        time_limit_s=time_limit_s, fusion=fusion, progress=progress,
     )  # fmt: skip
     micro = functools.partial(_micro_graph, model, inputs, example_kwargs, loss_fn if mode == "train" else None)
     try:

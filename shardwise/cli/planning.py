@@ -92,6 +92,7 @@ def make_plan(
         compiled = shardwise.compile(
             loaded.model, spec, example_inputs=loaded.inputs, mode=mode, precision=precision,
             loss_fn=_loss_for(loaded, mode), constraints=dict(constraints or {}) or None, collectives=collectives,
+            progress=not steps.quiet,
         )  # fmt: skip
     source = [("model", model), ("cluster", cluster), ("seed", str(SEED))]
     if batch is not None:

@@ -8,10 +8,14 @@
    program holds, and the price list's price of that plan. Layouts are taken by estimated step time, first those
    estimated to fit, then (when none of those fits by its memory map) those estimated within ``ESTIMATE_MARGIN``
    of the device; realizing stops after
-   ``MAX_REALIZED`` plans that fit (``HARD_MAX_REALIZED`` in all), once the next estimate is more than
+   ``MAX_REALIZED`` plans that fit (``HARD_MAX_REALIZED`` in all while one fits; while none does, it goes on
+   for ``UNFIT_BUDGET_S`` seconds, up to ``UNFIT_MAX_REALIZED`` plans), once the next estimate is more than
    ``REALIZE_SLACK`` slower than the best realized plan that fits, or when the planning time budget is spent
    and one fits. A layout that differs from a realized one only by a choice its estimate says changes nothing
-   (sequence parallelism, ZeRO) is not realized again.
+   (sequence parallelism, ZeRO) is not realized again. When a realized plan's memory map exceeds its estimate,
+   layouts of its kind (``_kind``) whose estimates, scaled by that ratio, would not fit are taken after the
+   others: the realized maps correct the estimates they disagree with. Each realized layout is reported on
+   stderr once planning lasts over ``PROGRESS_AFTER_S`` (``PlanOptions.progress``).
 3. **Choose** the fastest realized plan that fits its device; among those within ``MEMORY_TOLERANCE`` of it,
    the one with the least memory per device. ``collectives="synthesize"`` gives each realized flat plan's
    collectives a synthesized schedule where one is faster, before the choice. When nothing fits and host
@@ -24,6 +28,7 @@ as estimated. A plan's price is therefore the same whichever view shows it (``co
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +57,10 @@ REALIZE_SLACK = 0.03
 # a layout whose estimated peak is within this factor of the device may still fit by its memory map
 ESTIMATE_MARGIN = 1.25
 PLANNING_BUDGET_S = 30.0  # after this much realizing, the first plan that fits is kept
+# while no realized plan fits, realizing goes on past HARD_MAX_REALIZED for this long (and this many plans)
+UNFIT_BUDGET_S = 120.0
+UNFIT_MAX_REALIZED = 32
+PROGRESS_AFTER_S = 2.0  # planning that lasts longer reports its progress on stderr (PlanOptions.progress)
 MAX_ALTERNATIVES = 24
 
 
@@ -67,6 +76,7 @@ class PlanOptions:
     # (state_dict key, ShardingSpec): parameters placed as given (flat plans), e.g. generation's prefill
     # program, which shares its weights and KV cache with the decode step's
     fixed_params: tuple = ()
+    progress: bool = True  # a line on stderr per realized layout once planning lasts over PROGRESS_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -178,10 +188,22 @@ def plan(
         (c for c in result.ranked if not c.fits and c.peak_bytes <= capacity * ESTIMATE_MARGIN), key=lambda c: c.step_s
     )  # fmt: skip
     order = [*fit_first, *margin] or list(result.ranked)
-    for cand in order:
+    say = _Progress(options.progress, t0)
+    say(
+        f"search: {result.evaluated} layouts estimated in {result.planning_s:.1f} s, {len(fit_first)} estimated to "
+        f"fit; realizing the most promising"
+    )
+    ratios: dict[tuple, float] = {}  # per kind of layout: the most its memory map exceeded its estimate
+    t_realize = time.perf_counter()
+    while order:
         fitting = [r for r in realized if r.fits]
-        if len(fitting) >= MAX_REALIZED or len(realized) >= HARD_MAX_REALIZED:
+        if len(fitting) >= MAX_REALIZED:
             break
+        if len(realized) >= HARD_MAX_REALIZED and (
+            fitting or time.perf_counter() - t_realize > UNFIT_BUDGET_S or len(realized) >= UNFIT_MAX_REALIZED
+        ):
+            break  # none fits yet: go on within the budget (the estimates were too low, see _next)
+        cand = _next(order, ratios, capacity)
         if any(_variant(cand, r.candidate) for r in realized):
             continue  # the same layout but for a choice the estimate says changes nothing
         if fitting:
@@ -190,9 +212,22 @@ def plan(
                 break
             if cand.step_s > best * (1 + REALIZE_SLACK) or (not cand.fits and cand.step_s >= best):
                 continue
+        t1 = time.perf_counter()
         got = realize(cand)
-        if got is not None:
-            realized.append(got)
+        n = len(realized) + 1
+        if got is None:
+            say(f"realizing {n}: {cand.describe()}: could not be built ({failed.get(cand.key(), '')[:120]})")
+            continue
+        realized.append(got)
+        estimated = cand.peak_bytes
+        if estimated > 0 and got.peak > estimated:
+            kind = _kind(cand)
+            ratios[kind] = max(ratios.get(kind, 1.0), got.peak / estimated)
+        say(
+            f"realizing {n}: {cand.describe()}: {_size(got.peak)} (estimated {_size(estimated)}), "
+            f"{'fits' if got.fits else 'does not fit'}, {got.step_s:.4g} s per step predicted "
+            f"[{time.perf_counter() - t1:.1f} s]"
+        )
     notes.extend(assumptions(graph))
     if options.precision == "fp8":
         notes.append(
@@ -233,6 +268,35 @@ def plan(
     )
     out = _finish(chosen, realized, result, failed, notes, total)
     return out
+
+
+class _Progress:
+    """Progress lines on stderr (``PlanOptions.progress``) once planning has lasted ``PROGRESS_AFTER_S``:
+    quick plans say nothing."""
+
+    def __init__(self, enabled: bool, t0: float) -> None:
+        self.enabled, self.t0 = enabled, t0
+
+    def __call__(self, text: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if self.enabled and elapsed >= PROGRESS_AFTER_S:
+            print(f"shardwise: planning {elapsed:.0f} s: {text}", file=sys.stderr, flush=True)
+
+
+def _kind(cand: Candidate) -> tuple:
+    """The kind of layout whose memory estimate errs alike: flat or pipelined, recomputation, ZeRO sharding,
+    expert and context parallelism."""
+    return (cand.flat, cand.recompute, cand.zero >= 1, cand.ep > 1, cand.cp > 1)
+
+
+def _next(order: list[Candidate], ratios: Mapping[tuple, float], capacity: int) -> Candidate:
+    """Take the next layout to realize from ``order``: the first whose estimate, scaled by the most the memory
+    maps of realized layouts of its kind exceeded theirs, still fits the device; the first of all when none
+    does. A layout estimated too low is thus not followed by its like, which its map would refuse too."""
+    for k, cand in enumerate(order):
+        if cand.peak_bytes * ratios.get(_kind(cand), 1.0) <= capacity:
+            return order.pop(k)
+    return order.pop(0)
 
 
 def _why_context(cand: Candidate, pinned: Constraints, result: SearchResult) -> str:

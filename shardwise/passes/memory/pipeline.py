@@ -18,7 +18,9 @@ stage's schedule (``spec.actions``): action ``i`` of the stage gets its own wind
   flat copy of them, ``(2 x world + 1)`` times the joined outputs (``runtime.lib.pipeline``'s ``infer``).
 * Once per stage: parameters and optimizer state (the whole step), the whole input batch on the stage
   holding chunk 0, parameter gradients (from the chunk's first backward to the optimizer step; gradients
-  of all micro-batches accumulate in place), gradient buckets and the optimizer's scratch at the end.
+  of all micro-batches accumulate in place), gradient buckets and the optimizer's scratch at the end (one
+  optimizer step over the stage's chunks; under ZeRO its sharded parameters are stepped as this rank's slices,
+  ``program.optimizer_scratch``).
 * Gradient buckets as the runtime makes them (``shardwise.runtime.lib.gradients``, one ``Trainer`` over the
   stage's chunks): every parameter summed over its chunk's ``tp`` axes and over ``dp``, bucketed across
   chunks in reverse order by those axes; a bucket of several gradients is flattened when the last backward
@@ -52,7 +54,7 @@ from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.assign import assign_offsets
 from shardwise.passes.memory.buffers import Assignment, Buffer, lower_bound
 from shardwise.passes.memory.mapping import NODE_LIMIT, TIME_LIMIT_S, rank_memory
-from shardwise.passes.memory.program import ALIGN, BUCKET_BYTES, buffer_kind, step_buffers
+from shardwise.passes.memory.program import ALIGN, BUCKET_BYTES, buffer_kind, optimizer_scratch, step_buffers
 from shardwise.passes.memory.verify import verify_assignment
 
 __all__ = ["MAX_PACKED", "PipelineMemoryMap", "map_pipeline_memory", "online_assignment", "stage_buffers"]
@@ -193,7 +195,9 @@ def stage_buffers(
     last_b = {c: max((bwd[k] + nodes[c] - 1 for k in bwd if k[0] == c), default=reduce_step) for c in chunks}
     last_chunk = spec.chunks - 1
     kept_outputs = set() if train or last_chunk not in chunks else set(spec.stages[last_chunk].plan.graph.output_names)
-    reduction = _StageReduction(spec, chunks, last_b, reduce_step, end, optimizer_factor) if train else None
+    reduction = (
+        _StageReduction(spec, chunks, last_b, reduce_step, end, optimizer_factor, optimizer_foreach) if train else None
+    )
     out: list[Buffer] = []
     for c, bufs in local.items():
         n = nodes[c]
@@ -211,6 +215,8 @@ def stage_buffers(
                 dropped = reduction.dropped.get((c, key)) if reduction is not None else None  # ZeRO-2
                 until = max(first_b + 1, dropped + 1) if dropped is not None else end
                 out.append(Buffer(name, first_b, until, b.size))
+            elif kind == "scratch" and reduction is not None:
+                continue  # the stage's one optimizer step (below)
             elif kind in ("scratch", "zero"):
                 out.append(Buffer(name, optimizer_step, optimizer_step + 1, b.size))
             elif kind == "bucket":
@@ -285,7 +291,7 @@ class _StageReduction:
 
     def __init__(
         self, spec: PipelineSpec, chunks: dict, last_b: dict[int, int], reduce_step: int, end: int,
-        optimizer_factor: int,
+        optimizer_factor: int, optimizer_foreach: bool = False,
     ) -> None:  # fmt: skip
         optimizer_step = end - 1
         tied = {(c, key) for key, holders in spec.tied for c in holders}
@@ -344,9 +350,14 @@ class _StageReduction:
             size = 4 * sum(n for _, _, n in members)
             self.buffers.append(Buffer(f"bucket:{i}", ready[i], reduce_step + 1, size))
         sharded_ids = [i for i, (sharded, _, _) in enumerate(buckets) if sharded]
+        chunk = sum(padded[i] for i in sharded_ids) // ways
+        # one optimizer step for the stage's chunks (one Trainer): the sharded parameters as this rank's slices
+        unsharded = [n for c, key, n, _ in params if (c, key) not in self.sharded]
+        scratch = optimizer_scratch(unsharded, chunk, optimizer_foreach)
+        if scratch and optimizer_factor > 0:
+            self.buffers.append(Buffer("scratch:optimizer", optimizer_step, optimizer_step + 1, 4 * scratch))
         if not sharded_ids:
             return
-        chunk = sum(padded[i] for i in sharded_ids) // ways
         for what, factor in (("master", 1), ("state", optimizer_factor)):
             self.buffers.append(Buffer(f"opt:zero-{what}", 0, end, 4 * factor * chunk))
         biggest = 4 * max(padded[i] for i in sharded_ids)

@@ -51,7 +51,7 @@ from shardwise.ir.registry import MOE_EXPERTS, saves_of, tensor_operands
 from shardwise.ir.tensor import TensorSpec, dtype_bytes
 from shardwise.passes.memory.buffers import Buffer
 
-__all__ = ["ALIGN", "BUCKET_BYTES", "StepSchedule", "buffer_kind", "step_buffers"]
+__all__ = ["ALIGN", "BUCKET_BYTES", "StepSchedule", "buffer_kind", "optimizer_scratch", "step_buffers"]
 
 ALIGN = 64  # bytes: the CPU allocator's alignment; every buffer size is a multiple of it
 
@@ -468,13 +468,24 @@ def step_buffers(
             if run >= BUCKET_BYTES:
                 biggest, run = max(biggest, run), 0
         lives.new(f"bucket:{'+'.join(axes)}", max(biggest, run), sched.reduce)
-    trainable = [params_numel[p.name] for p in graph.params if grad[p.name] and p.name in gstore]
-    if trainable and optimizer_factor > 0:
-        # Adam's denominator: a foreach step makes one for every parameter at once, the per-tensor step
-        # two of the largest parameter's size (the square root, then the quotient)
-        scratch = sum(trainable) if optimizer_foreach else 2 * max(trainable)
+    trainable = [
+        params_numel[p.name] for p in graph.params if grad[p.name] and p.name in gstore and p.name not in in_zero
+    ]  # fmt: skip
+    scratch = optimizer_scratch(trainable, chunk if sharded else 0, optimizer_foreach)
+    if scratch and optimizer_factor > 0:
         lives.new("scratch:optimizer", 4 * scratch, sched.optimizer)
     return lives.buffers()
+
+
+def optimizer_scratch(unsharded: Sequence[int], shard: int, foreach: bool) -> int:
+    """Elements of the optimizer step's temporaries (fp32): Adam's denominator. A foreach step makes one for
+    every parameter it steps at once, a per-tensor step two of the largest parameter's size (the square root,
+    then the quotient). Under ZeRO (``runtime.lib.optim.ShardedOptimizer``) the sharded parameters are stepped
+    as this rank's ``shard`` elements (one master tensor), before and apart from the ``unsharded`` ones, so the
+    larger of the two steps counts."""
+    if foreach:
+        return max(sum(unsharded), shard)
+    return 2 * max(max(unsharded, default=0), shard)
 
 
 def _zero_buckets(
