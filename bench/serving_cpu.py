@@ -34,17 +34,21 @@ Two predictions per step:
   ``ServingPrices(split_norms=True)``); the bench checks that the serving price counts as many collectives
   a step as the program runs (``collectives``).
 
-**The per-kernel fixed cost** (calibration version 6, written down before the rows were rerun with it): on this
-CPU a small op's time is mostly fixed cost, which the bytes/FLOPs roofline does not see and which differs by the
-op's kind (the last rows priced `index_copy_` at 2.5 us against 7.6 measured in a program, a decode
-`layer_norm` at 2.8 against 5.0). ``shardwise calibrate`` now times each memory-bound op kind the programs call
-(``calibrate.KERNEL_OPS``) in the program pattern compute is timed in since version 4 (``in_program``) on
-activations of 4 to 256 rows of 64, fits ``t = c + s x elements`` through the sizes (a robust line: Siegel's
-repeated median) and keeps ``c`` beyond ``op_overhead_s`` as the kind's ``efficiency.kernel_overhead_s``; the
-price list adds it once to each kernel of that kind (``ComputePrices.kernel_overhead_s``: the plans' per-op
+**The per-kernel fixed cost** (calibration version 6, measured as now since version 8; written down before the
+rows were rerun with it): on this CPU a small op's time is mostly fixed cost, which the bytes/FLOPs roofline does
+not see and which may differ by the op's kind. ``shardwise calibrate`` times each memory-bound op kind the
+programs call (``calibrate.KERNEL_OPS``) as one more call in a sequence of every kind (a program's step is such
+a sequence, repeated), on activations of 4 to 256 rows of 64, fits ``t = c + s x elements`` through the sizes
+(a robust line: Siegel's repeated median) and keeps ``c`` beyond the plain kinds' (those priced at
+``op_overhead_s`` alone) as the kind's ``efficiency.kernel_overhead_s``; in a process of several intra-op threads
+(``cpu:1`` here) also the fork and join of an op split over them (``parallel_overhead_s``, ops of 32,768 elements
+and more); the price list adds them once to each kernel (``ComputePrices.kernel_overhead_s``: the plans' per-op
 prices and ``ServingPrices``' traced memory ops alike; a fused kernel, on devices that fuse, pays one launch).
 Matmuls and attention keep their own fixed costs (``gemm_overhead_s``, ``attention_overhead_s``). Nothing is
-fitted to the rows: the figures come from the probes alone.
+fitted to the rows: the figures come from the probes alone. Version 6 timed each kind alone after other ops
+(``in_program``) and read about twice what one more call of the kind costs inside the generated GPT-2 tiny decode
+program (checked there, on one thread: the step priced +41% with those figures, +3% without them; measured
+06:00-06:10 UTC at load 2.5); version 8's sequence is how a program runs its ops.
 
 **Collectives at their median** (calibration version 7, written down before the rows were rerun with it): a tp 2
 step is mostly collectives, and on this machine a collective's cost is heavy-tailed even when nothing else runs

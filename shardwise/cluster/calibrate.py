@@ -54,16 +54,26 @@ What is measured (each a figure of the price list, ``costs/``):
   cost 4.3-4.7 us an op where an RMSNorm's, a rotary embedding's and a residual's ops cost 2.5 us, on this
   machine under load); ``view_s``: the same for views (no kernel, no allocation); ``record_s``: what
   autograd recording adds to an op that computes (training; ``_kernel_ops``);
-* ``kernels`` (since version 6): the fixed cost of one kernel of each memory-bound op kind the generated
-  decoder programs call (``KERNEL_OPS``: residual adds, scalings, norms, rotary halves, the KV cache's indexed
-  write, ...), beyond ``dispatch_s``: each kind timed as a program pays it (:func:`in_program`) on (rows,
-  ``KERNEL_HIDDEN``) float32 activations of ``KERNEL_ROWS`` rows (a decode step's 4 rows up to a prefill's
-  256; each point the median of ``KERNEL_ROUNDS`` rounds over every kind and size), written in the generated program's style (an op a program writes in two forms, a tensor operand and a
-  Python number, alternates them: ``add``, ``mul``, ``pow``), and a line ``t = c + s x elements`` fitted
-  through the four by :func:`fit_line_robust` (Siegel's repeated median of the slopes, then the median
-  intercept: one sample a load disturbed does not move it); its intercept beyond ``dispatch_s`` (never below 0) is the kind's
-  ``kernel_overhead_s`` (the set-up a kernel pays whatever its size: a norm's row loop, an indexed write's
-  index checks, a reduction's iterator). The per-element math figures below are net of it;
+* ``kernels`` (since version 6; measured this way since version 8): the fixed cost of one kernel of each
+  memory-bound op kind the generated decoder programs call (``KERNEL_OPS``: residual adds, scalings, norms,
+  rotary halves, the KV cache's indexed write, ...) beyond a plain op's (``PLAIN_KINDS``: the kinds
+  ``dispatch_s`` is measured on). A program runs a straight sequence of ops of many kinds, once each, and its
+  step repeats that sequence: so the probe is a sequence of every kind (each on activations of its own, in
+  the generated program's style; an op a program writes in two forms, a tensor operand and a Python number,
+  appears in both: ``add``, ``mul``, ``pow``), timed as a whole like the dispatch probe, and a kind's figure
+  is what one more call of it costs, inserted half-way round the sequence among the other kinds: the time
+  of the longer sequence less the sequence's. At (rows, ``KERNEL_HIDDEN``) float32 activations of
+  ``KERNEL_ROWS`` rows (a decode step's 4 rows up to a prefill's 256; each point the median of
+  ``KERNEL_ROUNDS`` rounds over every size and kind), a line ``t = c + s x elements`` through the four by
+  :func:`fit_line_robust` (Siegel's repeated median: one sample a load disturbed does not move it); ``c`` less
+  the plain kinds' median ``c`` (never below 0) is the kind's ``kernel_overhead_s``. Version 6 timed each
+  kind alone after the dispatch probe's ops (``in_program``): in the generated GPT-2 tiny decode program on one
+  thread one more ``layer_norm``, ``index_copy_``, ``mul``, ``clone`` cost 3.9, 3.8, 4.0, 1.6 us, where that
+  probe gave 7.2-7.7, 6.7 and 6.0 (dispatch included) and priced the step 41% above its measured 392 us (the
+  price without kind costs: +3%). With several intra-op threads, ``parallel``: one more ``add`` of
+  ``PARALLEL_ROWS`` rows (above ``PARALLEL_GRAIN`` elements: split over the threads) in the same sequence, its
+  line's intercept beyond the serial add's: the threads' fork and join (``parallel_overhead_s``). The
+  per-element math figures below are net of the kind's fixed cost;
 * ``backward_node_s``: one node of the autograd engine's backward (a chain of tiny ops: forward and
   backward minus forward, per node);
 * ``gemm``: float32 matmuls of square sizes 64..512 (``GEMM_SIZES``): the achieved rate and fixed cost by a
@@ -122,7 +132,7 @@ from shardwise.errors import DeviceUnavailableError
 
 __all__ = [
     "calibrate", "measure", "spec_from_measurements", "fit_line", "fit_line_robust", "Measurement", "SAMPLE_S", "GEMM_SIZES",
-    "ELEMENTWISE_OPS", "KERNEL_OPS", "KERNEL_ROWS", "kernel_overheads", "COLLECTIVE_SIZES", "COLLECTIVE_RUN",
+    "ELEMENTWISE_OPS", "KERNEL_OPS", "KERNEL_ROWS", "PARALLEL_ROWS", "kernel_overheads", "parallel_overhead", "COLLECTIVE_SIZES", "COLLECTIVE_RUN",
     "COMPUTE_RUN", "run_per_call", "in_program",
 ]  # fmt: skip
 
@@ -148,9 +158,15 @@ KERNEL_OPS = (
     "add", "mul", "neg", "clone", "cat", "pow", "rsqrt", "mean", "tanh", "silu", "sin", "cos", "layer_norm",
     "index_copy", "embedding", "masked_fill",
 )  # fmt: skip
+#: the kinds priced at their launch and bytes alone (``dispatch_s``: ``_plain_ops``' kinds): the others' fixed costs
+#: are what they cost beyond these, in the same probe
+PLAIN_KINDS = ("add", "mul", "neg", "clone", "cat", "embedding", "masked_fill")
 #: rows of the (rows, KERNEL_HIDDEN) activations the kernel probes run on: a decode step's batch to a prefill's
 KERNEL_ROWS = (4, 16, 64, 256)
 KERNEL_HIDDEN = 64
+#: rows of the add calls (x KERNEL_HIDDEN elements: above ``PARALLEL_GRAIN``) a process with several intra-op
+#: threads splits over them: its fork and join's fixed cost (``parallel_overhead_s``)
+PARALLEL_ROWS = (1024, 2048, 4096)
 #: rounds of the kernel probes; each point is the median of its rounds' figures
 KERNEL_ROUNDS = 3
 OPTIMIZER_POINTS = ((1, 16), (32, 16), (1, 2**18))  # (tensors, elements each)
@@ -358,32 +374,63 @@ def _kernel_calls(op: str, rows: int) -> list[Callable[[], object]]:
     return calls[op]
 
 
+def _run_all(calls: Sequence[Callable[[], object]]) -> Callable[[], None]:
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
+
+
 def _measure_kernels(samples: int) -> Measurement:
-    """(elements, seconds per call) of each ``KERNEL_OPS`` kind at ``KERNEL_ROWS`` rows (module docstring)."""
+    """(elements, seconds per call) of each ``KERNEL_OPS`` kind at ``KERNEL_ROWS`` rows, each the cost of one more
+    call of the kind in a sequence of every kind (module docstring); with more than one intra-op thread, also
+    ``parallel``: the same for an ``add`` of ``PARALLEL_ROWS`` rows, split over the threads."""
     import torch
 
     times: dict[tuple[str, int], list[float]] = {}
     with torch.no_grad():
-        for _ in range(KERNEL_ROUNDS):  # rounds over every kind and size: a burst of load meets one round of a point
-            for op in KERNEL_OPS:
-                for rows in KERNEL_ROWS:
-                    times.setdefault((op, rows), []).append(in_program(_kernel_calls(op, rows), samples))
-    out = {op: [(float(rows * KERNEL_HIDDEN), statistics.median(times[op, rows])) for rows in KERNEL_ROWS]
-           for op in KERNEL_OPS}  # fmt: skip
-    return {"kernels": out}
+        for _ in range(KERNEL_ROUNDS):  # rounds over every size and kind: a burst of load meets one round of a point
+            for rows in (*KERNEL_ROWS, *(PARALLEL_ROWS if torch.get_num_threads() > 1 else ())):
+                kinds = KERNEL_OPS if rows in KERNEL_ROWS else ("add",)
+                calls = {op: _kernel_calls(op, rows) for op in kinds}
+                sequence = [c for op in KERNEL_OPS for c in _kernel_calls(op, min(rows, KERNEL_ROWS[-1]))]
+                base = _best(_run_all(sequence), samples)
+                for k, op in enumerate(kinds):
+                    at = (k * len(sequence) // len(kinds) + len(sequence) // 2) % len(sequence)  # among other kinds
+                    more = _best(_run_all(sequence[:at] + calls[op] + sequence[at:]), samples)
+                    times.setdefault((op, rows), []).append(max(more - base, 0.0) / len(calls[op]))
+    out: Measurement = {
+        "kernels": {op: [(float(rows * KERNEL_HIDDEN), statistics.median(times[op, rows])) for rows in KERNEL_ROWS]
+                    for op in KERNEL_OPS},
+    }  # fmt: skip
+    if torch.get_num_threads() > 1:
+        out["parallel"] = [(float(rows * KERNEL_HIDDEN), statistics.median(times["add", rows])) for rows in PARALLEL_ROWS]
+    return out
 
 
-def kernel_overheads(results: Sequence[Measurement], dispatch: float) -> dict[str, float]:
-    """Each measured op kind's fixed cost per kernel beyond ``dispatch`` (the slowest process's line through its
-    sizes, its intercept; never below 0): ``efficiency.kernel_overhead_s``. {} for measurements without kernels
-    (calibration version 5 and earlier)."""
+def parallel_overhead(results: Sequence[Measurement]) -> float:
+    """The fixed cost an op split over a process's intra-op threads pays beyond one run on its own thread: the
+    intercept of the slowest process's line through its ``parallel`` add calls beyond that of its serial add calls
+    (``kernels``); 0 for one-thread processes (no ``parallel``)."""
+    if not all("parallel" in r and "kernels" in r for r in results):
+        return 0.0
+    split = max(fit_line_robust(*zip(*r["parallel"], strict=True))[0] for r in results)
+    serial = max(fit_line_robust(*zip(*r["kernels"]["add"], strict=True))[0] for r in results)
+    return max(split - serial, 0.0)
+
+
+def kernel_overheads(results: Sequence[Measurement]) -> dict[str, float]:
+    """Each measured op kind's fixed cost per kernel beyond a plain op's (``PLAIN_KINDS``, priced at ``dispatch_s``):
+    the intercept of the slowest process's line through its sizes less the median intercept of the plain kinds
+    (both from the same sequence probe), never below 0: ``efficiency.kernel_overhead_s``. {} for measurements
+    without kernels (calibration version 5 and earlier)."""
     if not all("kernels" in r for r in results):
         return {}
-    fixed = {}
-    for op in results[0]["kernels"]:
-        intercept = max(fit_line_robust(*zip(*r["kernels"][op], strict=True))[0] for r in results)
-        fixed[op] = max(intercept - dispatch, 0.0)
-    return fixed
+    intercept = {op: max(fit_line_robust(*zip(*r["kernels"][op], strict=True))[0] for r in results)
+                 for op in results[0]["kernels"]}  # fmt: skip
+    plain = statistics.median(intercept[op] for op in PLAIN_KINDS if op in intercept)
+    return {op: max(c - plain, 0.0) for op, c in intercept.items()}
 
 
 def _measure_backward(samples: int) -> Measurement:
@@ -807,7 +854,8 @@ def spec_from_measurements(
         att_fits = [fit_line(*zip(*r["attention"]["forward_points"], strict=True)) for r in results]
         attention_forward = min(1.0, min(1.0 / slope for _, slope in att_fits) / rate)
         attention_fixed = max(max(c for c, _ in att_fits) - dispatch, 0.0)
-    kernels = kernel_overheads(results, dispatch)
+    kernels = kernel_overheads(results)
+    parallel = parallel_overhead(results)
     numel = ELEMENTWISE_SHAPE[0] * ELEMENTWISE_SHAPE[1]
     elementwise = tuple(  # the forward per element net of the kind's fixed cost per kernel (priced apart)
         (op, max(max(r["elementwise"][op][0] for r in results) - kernels.get(op, 0.0) / numel, 0.0),
@@ -878,6 +926,7 @@ def spec_from_measurements(
         comm_overlap=overlap,
         elementwise_s=elementwise,
         kernel_overhead_s=tuple(kernels.items()),
+        parallel_overhead_s=parallel,
         optimizer_s=tuple(optimizer),
         overhead_hidden=False,
         fused_kernels=False,
@@ -900,9 +949,14 @@ def spec_from_measurements(
                               "forward (net of its kernel_overhead_s) and backward per element"),
             *([("kernel_overhead_s", f"{origin}: memory-bound op kinds the generated programs call, on (rows, "
                                      f"{KERNEL_HIDDEN}) activations of {', '.join(map(str, KERNEL_ROWS))} rows as a "
-                                     "program pays them: the intercept of a robust line through them (repeated median) "
-                                     "beyond op_overhead_s")]
+                                     "program pays them: one more call in a sequence of every kind, the intercept of a "
+                                     "robust line through them (repeated median) beyond the plain kinds' (priced at "
+                                     "op_overhead_s)")]
               if kernels else []),
+            *([("parallel_overhead_s", f"{origin}: one more add of {PARALLEL_ROWS[0]}-{PARALLEL_ROWS[-1]} rows of "
+                                       f"{KERNEL_HIDDEN} (split over the process's threads) among the other kinds, the "
+                                       "intercept beyond the serial add's")]
+              if any("parallel" in r for r in results) else []),
             ("optimizer_s", f"{origin}: torch.optim steps on CPU tensors (1 and 32 tensors of 16 elements, 1 of "
                             "2**18): per step, per tensor and per element"),
             ("overhead_hidden", "a CPU process dispatches and computes its own ops in turn"),

@@ -38,6 +38,10 @@ Fields:
   row loop, an indexed write's index checks, a reduction's iterator); ops not listed pay ``op_overhead_s``
   alone. A fused kernel (``fused_kernels``) is one launch of its own and pays ``op_overhead_s`` once, none
   of these;
+- ``parallel_overhead_s``: what a memory-bound op of at least ``PARALLEL_GRAIN`` elements pays beyond
+  ``kernel_overhead_s`` in a process computing on several intra-op threads, where the framework splits it over
+  them (waking the pool's threads and joining them: on a virtual machine whose idle cores sleep, tens of
+  microseconds); 0 for one-thread processes and where nobody measured it;
 - ``cache_bytes`` / ``cache_bandwidth``: an op whose bytes (read and written) fit in ``cache_bytes`` streams
   at ``cache_bandwidth`` bytes/s instead of the memory's (0: no such level is known);
 - ``elementwise_s``: ``(op, forward, backward)`` seconds per element of math ops whose work per element
@@ -62,19 +66,24 @@ from dataclasses import dataclass
 
 from shardwise.cluster.checks import check_nonnegative, check_positive, fail
 
-__all__ = ["Efficiency", "EFFICIENCY_FIELDS", "PEAK"]
+__all__ = ["Efficiency", "EFFICIENCY_FIELDS", "PEAK", "PARALLEL_GRAIN"]
+
+#: elements from which PyTorch's CPU kernels split an elementwise op over the intra-op threads
+#: (``at::internal::GRAIN_SIZE``, aten/src/ATen/TensorIterator.h; ``TensorIteratorBase::for_each`` runs serially
+#: below it)
+PARALLEL_GRAIN = 32768
 
 EFFICIENCY_FIELDS = (
     "gemm", "attention_forward", "attention_backward", "attention_forward_full", "memory", "intra_node",
     "inter_node", "op_overhead_s", "view_overhead_s", "record_overhead_s", "backward_op_overhead_s",
     "gemm_overhead_s", "cache_bytes", "cache_bandwidth", "elementwise_s", "optimizer_s", "collective_overhead_s",
     "object_overhead_s", "object_byte_s", "comm_overlap", "overhead_hidden", "fused_kernels",
-    "attention_overhead_s", "kernel_overhead_s",
+    "attention_overhead_s", "kernel_overhead_s", "parallel_overhead_s",
 )  # fmt: skip
 _FRACTIONS = ("gemm", "attention_forward", "attention_backward", "memory", "intra_node", "inter_node")
 _SECONDS = (
     "op_overhead_s", "view_overhead_s", "record_overhead_s", "backward_op_overhead_s", "gemm_overhead_s", "collective_overhead_s",
-    "object_overhead_s", "object_byte_s", "attention_overhead_s",
+    "object_overhead_s", "object_byte_s", "attention_overhead_s", "parallel_overhead_s",
 )  # fmt: skip
 _AMOUNTS = ("cache_bytes", "cache_bandwidth")  # bytes, bytes/s: >= 0 (0: unknown)
 _TABLES = {"elementwise_s": 3, "optimizer_s": 4, "kernel_overhead_s": 2}  # (name, figure, ...) rows of these widths
@@ -107,6 +116,7 @@ class Efficiency:
     elementwise_s: tuple[tuple[str, float, float], ...] = ()
     optimizer_s: tuple[tuple[str, float, float, float], ...] = ()
     kernel_overhead_s: tuple[tuple[str, float], ...] = ()
+    parallel_overhead_s: float = 0.0
     collective_overhead_s: float = 0.0
     object_overhead_s: float = 0.0
     object_byte_s: float = 0.0

@@ -31,7 +31,9 @@ The roofline is ``max(flop time, byte time)``. Every op that runs a kernel then 
 cost of one kernel (:meth:`ComputePrices.kernel_overhead_s`, the one place it is added): the launch
 ``efficiency.op_overhead_s`` (plus ``efficiency.record_overhead_s`` when autograd records it, in a training
 forward) and, for a memory-bound op whose kind the device measured a fixed cost of its own for
-(``efficiency.kernel_overhead_s``: a norm's, an indexed write's, a reduction's set-up), that cost; added to
+(``efficiency.kernel_overhead_s``: a norm's, an indexed write's, a reduction's set-up), that cost, and from
+``PARALLEL_GRAIN`` elements on, in a process computing on several threads, their fork and join
+(``efficiency.parallel_overhead_s``); added to
 the roofline when the host computes its own ops (a CPU process), the larger of the two when the host runs
 ahead of the device (``overhead_hidden``: CUDA). Matmuls and attention have their fixed costs in their
 device time (``gemm_overhead_s``, ``attention_overhead_s``). Views cost the host their
@@ -54,7 +56,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shardwise.cluster.efficiency import Efficiency
+from shardwise.cluster.efficiency import PARALLEL_GRAIN, Efficiency
 from shardwise.cluster.spec import DeviceSpec
 from shardwise.errors import PlanError
 from shardwise.ir.graph import Graph, Node
@@ -306,8 +308,14 @@ class ComputePrices:
 
     def kernel_overhead_s(self, work: OpWork, recording: bool = False) -> float:
         """The host's fixed cost of one kernel running ``work`` alone: the launch (:meth:`op_overhead_s`) and, for
-        a memory-bound op, its kind's own fixed cost (``efficiency.kernel_overhead_s``; 0 where not measured)."""
-        fixed = self.efficiency.kernel_overhead(work.op) if work.cost_class == "memory" and work.op else 0.0
+        a memory-bound op, its kind's own fixed cost (``efficiency.kernel_overhead_s``; 0 where not measured) and,
+        from ``PARALLEL_GRAIN`` elements on, the intra-op threads' fork and join (``parallel_overhead_s``)."""
+        eff = self.efficiency
+        fixed = 0.0
+        if work.cost_class == "memory":
+            fixed = eff.kernel_overhead(work.op) if work.op else 0.0
+            if work.elements >= PARALLEL_GRAIN:  # split over the process's threads: their fork and join
+                fixed += eff.parallel_overhead_s
         return self.op_overhead_s(recording) + fixed
 
     def with_overhead(self, seconds: float, kernels: float = 1, overhead: float | None = None) -> float:

@@ -188,34 +188,49 @@ def test_compute_is_timed_in_runs_taking_each_weight_in_turn() -> None:
 
 
 def test_a_kernel_kinds_fixed_cost_is_recovered_from_its_timings() -> None:
-    """Calibration version 6: each op kind's timings at the probe's sizes, a fixed cost plus a cost per element,
-    give back that fixed cost beyond the dispatch, even with one sample a load disturbed; the slower process's
-    figure is kept, and the per-element math figure of a kind in both probes is net of it."""
+    """Calibration version 8: each op kind's cost of one more call at the probe's sizes, a fixed cost plus a cost
+    per element, gives back its fixed cost beyond a plain kind's (the plain kinds' median intercept), even with
+    one sample a load disturbed; the slower process's figure is kept, the per-element math figure of a kind in
+    both probes is net of it, and an add split over two threads gives its fork and join's fixed cost."""
     rows = calibrate_module.KERNEL_ROWS
     elements = [float(r * calibrate_module.KERNEL_HIDDEN) for r in rows]
-    fixed = {"index_copy": 5e-6, "tanh": 1e-6, "add": 0.0}  # beyond DISPATCH
-    per_element = {"index_copy": 1e-9, "tanh": 3e-9, "add": 0.3e-9}
+    plain = 2e-6  # what a plain op costs in the sequence
+    fixed = {"index_copy": 5e-6, "tanh": 1e-6, **{op: 0.0 for op in calibrate_module.PLAIN_KINDS}}
+    per_element = {op: 0.3e-9 for op in fixed} | {"index_copy": 1e-9, "tanh": 3e-9}
+    fork = 20e-6  # an add split over the threads: its fork and join
 
     def kernels(slow: float, disturbed: bool) -> dict:
-        out = {op: [(n, slow * (DISPATCH + fixed[op] + per_element[op] * n)) for n in elements] for op in fixed}
+        out = {op: [(n, slow * (plain + fixed[op] + per_element[op] * n)) for n in elements] for op in fixed}
+        out["add"][0] = (elements[0], slow * plain * 0.9)  # a plain kind a little off its line: medians hold
         if disturbed:  # one sample of one kind taken while another process held the core
             n, t = out["index_copy"][1]
             out["index_copy"][1] = (n, 8 * t)
         return out
 
-    quick, slow = _measurement(), _measurement(slow=1.25)
+    quick, slow = _measure_quick_and_slow()
     quick["kernels"], slow["kernels"] = kernels(1.0, True), kernels(1.25, False)
+    big = [float(r * calibrate_module.KERNEL_HIDDEN) for r in calibrate_module.PARALLEL_ROWS]
+    quick["parallel"] = [(n, plain + fork + 0.15e-9 * n) for n in big]
+    slow["parallel"] = [(n, 1.25 * (plain + fork + 0.15e-9 * n)) for n in big]
     spec = calibrate_module.spec_from_measurements([quick, slow], 2, when="now")
     eff = spec.efficiency
-    # the slower process's intercept (1.25 x (DISPATCH + fixed)) beyond its dispatch (1.25 x DISPATCH)
+    # the slower process's intercept (1.25 x (plain + fixed)) beyond its plain kinds' (1.25 x plain)
     for op, seconds in fixed.items():
         assert eff.kernel_overhead(op) == pytest.approx(1.25 * seconds, rel=1e-6, abs=1e-12), op
     assert eff.kernel_overhead("mean") == 0.0  # not measured: the dispatch alone
+    assert eff.parallel_overhead_s == pytest.approx(1.25 * fork, rel=1e-6)
     numel = calibrate_module.ELEMENTWISE_SHAPE[0] * calibrate_module.ELEMENTWISE_SHAPE[1]
     assert eff.elementwise("tanh")[0] == pytest.approx(2e-9 - 1.25e-6 / numel)  # net of the fixed cost
     assert eff.elementwise("exp") == (1e-9, 0.5e-9)
-    assert "robust line" in eff.source("kernel_overhead_s")
+    assert "robust line" in eff.source("kernel_overhead_s") and "add" in eff.source("parallel_overhead_s")
     assert ClusterSpec.from_dict(spec.to_dict()) == spec  # the YAML form keeps the table
+    # a one-thread process (no parallel samples) measures no fork and join
+    del quick["parallel"], slow["parallel"]
+    assert calibrate_module.spec_from_measurements([quick, slow], 2, when="now").efficiency.parallel_overhead_s == 0
+
+
+def _measure_quick_and_slow() -> tuple[dict, dict]:
+    return _measurement(), _measurement(slow=1.25)
 
 
 def test_fit_line_robust_ignores_one_disturbed_point() -> None:

@@ -157,3 +157,16 @@ def test_gpu_presets_have_no_kernel_fixed_costs() -> None:
 
     for name in ("dgx-a100x1", "dgx-h100x1"):
         assert get_cluster(name).efficiency.kernel_overhead_s == ()
+
+
+def test_an_op_split_over_threads_pays_their_fork_and_join_once() -> None:
+    """efficiency.parallel_overhead_s: a memory-bound op of PARALLEL_GRAIN elements or more (PyTorch splits it over
+    the intra-op threads) pays it once beside its launch and its kind's fixed cost; a smaller one does not."""
+    from shardwise.cluster.efficiency import PARALLEL_GRAIN
+
+    eff = dataclasses.replace(HOST, kernel_overhead_s=(("layer_norm", 3e-6),), parallel_overhead_s=20e-6)
+    p = ComputePrices(CLUSTER.device, eff, "fp32")
+    big = OpWork("memory", 0, 2.0**21, 0.0, "layer_norm", PARALLEL_GRAIN)
+    small = dataclasses.replace(big, elements=PARALLEL_GRAIN - 1)
+    assert p.forward_s(big) == pytest.approx(2e-6 + 3e-6 + 20e-6 + p.device_s(big))
+    assert p.forward_s(small) == pytest.approx(2e-6 + 3e-6 + p.device_s(small))
