@@ -38,6 +38,7 @@ recomputation for both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ class _Context:
         scale = self.batch / self.traced
         self.model_flops = sum(unit_flops[u] for u in self.sequence) * scale * (3 if self.train else 1)
         self._tables: dict[tuple[int, bool, int], _Tables] = {}
+        self.work_sums: dict[tuple, float] = {}  # (tp, sp, rows, full recompute) -> the units' work (lower bounds)
         self._inflight: dict[tuple[str, int, int, int], list[int]] = {}
         self._partitions: dict[tuple, list[tuple[int, int]] | None] = {}
         self._cp: dict[tuple, dict[str, tuple[float, float] | str]] = {}
@@ -386,6 +388,13 @@ def _unit_experts(graph: Graph, units: LayerUnits, unit_of: Mapping[str, int], p
 
 def _rank(pp_stage: int, replica: int, t: int, dp: int, tp: int) -> int:
     return (pp_stage * dp + replica) * tp + t
+
+
+@functools.lru_cache(maxsize=4096)
+def _replicas(pp_stage: int, count: int, dp: int, tp: int) -> tuple[int, ...]:
+    """The first ``count`` data-parallel replicas' ranks (tensor-parallel index 0) of device stage ``pp_stage``:
+    the groups gradients are reduced over, built once per shape (the search asks for them per candidate)."""
+    return tuple(_rank(pp_stage, d, 0, dp, tp) for d in range(count))
 
 
 @dataclass(frozen=True)
@@ -604,7 +613,7 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
     cf = [rng(t.p_fwd, a, z) for a, z in bounds]
     if pp == 1 and dp > 1:  # a flat plan makes its outputs whole on every rank: gathered over dp (x cp)
         cf[-1] += ctx.prices.collective_s(
-            "allgather", costs[-1].output_bytes * dp, tuple(_rank(0, d, 0, dp, tp) for d in range(dp))
+            "allgather", costs[-1].output_bytes * dp, _replicas(0, dp, dp, tp)
         )
     if train:
         cb = [rng(t.p_bwd, a, z) + sum(t.rec[i] for i in range(a, z) if i in recomputed) for a, z in bounds]
@@ -637,7 +646,7 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
             _pipeline_context(ctx, cfg, t, bounds, cp_way, cf, cb, comm_chunk)
     if cfg.ep > 1:  # the experts' all-to-alls over an ep group of neighbouring replicas (costs.step.moe_exchange_s)
         for c, (a, z) in enumerate(bounds):
-            group = tuple(_rank(c % pp, d, 0, dp, tp) for d in range(cfg.ep))  # on the chunk's device stage
+            group = _replicas(c % pp, cfg.ep, dp, tp)  # on the chunk's device stage
             for i in range(a, z):
                 x = ctx.experts[ctx.sequence[i]]
                 if not x.elems:
@@ -671,7 +680,7 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
                 stages = sorted({c % pp for c, (a, z) in enumerate(bounds) if any(a <= i < z for i in positions)})
                 if len(stages) > 1 and p in stages:
                     tied.append((elems * 4 / tp, tuple(_rank(s, 0, 0, dp, tp) for s in stages)))
-            replicas = tuple(_rank(p, d, 0, dp, tp) for d in range(dp))
+            replicas = _replicas(p, dp, dp, tp)
             experts: dict[str, object] = {}
             if cfg.ep > 1:
                 # the experts' gradients are complete within their ep group: reduced over its dp/ep replicas only
@@ -685,7 +694,7 @@ def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
                     # pipelines, ep below dp: gradients replicated over both axes are summed over ep, then over the
                     # replicas (ZeRO's axis; the pipeline runtime reduces one axis after the other)
                     experts = {
-                        "inner_ranks": tuple(_rank(p, e, 0, dp, tp) for e in range(cfg.ep)),
+                        "inner_ranks": _replicas(p, cfg.ep, dp, tp),
                         "inner_grad_bytes": 4.0 * max(trainable - mine, 0.0),
                     }  # fmt: skip
                     replicas = replicas[:: cfg.ep]
@@ -761,7 +770,7 @@ def _fsdp_s(ctx: _Context, cfg: _Config, trainable: float, m: int) -> float:
     """ZeRO-3's gathers: every micro-batch gathers the stage's parameters for its forward and again for its
     backward, and reduce-scatters their gradients (on the wire at the precision's width)."""
     width = 2.0 if is_low(ctx.options.precision) else 4.0
-    ranks = tuple(_rank(0, d, 0, cfg.shards, cfg.tp) for d in range(cfg.shards))
+    ranks = _replicas(0, cfg.shards, cfg.shards, cfg.tp)
     gather = ctx.prices.collective_s("allgather", trainable * width, ranks)
     return m * 2 * gather
 
@@ -789,8 +798,11 @@ def _lower_bound(ctx: _Context, cfg: _Config) -> tuple[float, float]:
     fill-and-drain bubble of equal chunks, the optimizer step and gradient reduction of an average device;
     and the parameters and optimizer state spread evenly over the pipeline."""
     t = ctx.tables(cfg.tp, cfg.sp, cfg.rows)
-    recomputed = frozenset(range(len(t.costs))) if cfg.recompute == "full" else frozenset()
-    work = sum(_work(ctx, t, recomputed))
+    key = (cfg.tp, cfg.sp, cfg.rows, cfg.recompute == "full")
+    work = ctx.work_sums.get(key)
+    if work is None:
+        recomputed = frozenset(range(len(t.costs))) if cfg.recompute == "full" else frozenset()
+        work = ctx.work_sums[key] = sum(_work(ctx, t, recomputed))
     trainable = t.p_train[-1]
     for _, positions, elems in ctx.tied:
         trainable -= (len(positions) - 1) * elems / cfg.tp
@@ -800,7 +812,7 @@ def _lower_bound(ctx: _Context, cfg: _Config) -> tuple[float, float]:
     step = (m + (pp - 1) / v) * work / pp
     if ctx.train:
         per_device = trainable / pp
-        ranks = tuple(_rank(0, d, 0, cfg.shards, cfg.tp) for d in range(cfg.shards))
+        ranks = _replicas(0, cfg.shards, cfg.shards, cfg.tp)
         kind = "reduce_scatter" if cfg.zero >= 1 and cfg.shards > 1 else "allreduce"
         step += ctx.prices.collective_s(kind, per_device * 4, ranks)
         shard = cfg.shards if cfg.zero >= 1 else 1
