@@ -30,9 +30,11 @@ Two predictions per step:
   free links, are priced again on ``cpu:2``'s links with ``costs.step.predict_flat``: the program that runs);
 - ``serving``: ``costs/serving.py``'s analytic prices (``ServingPrices.prefill_sums`` with the static window,
   ``decode_step_s`` with ``MAX_SEQ`` cached slots per sequence), from the model's figures alone, for the layout
-  of the program that runs (``serving_layout``: ``whole`` at tp 1, ``megatron``, or ``norms split`` with
-  ``ServingPrices(split_norms=True)``); the bench checks that the serving price counts as many collectives
-  a step as the program runs (``collectives``).
+  of the program that runs: the collectives its own prefill and decode plans run
+  (``LayoutCollectives.from_plans``: at tp 2 Megatron's two all-reduces a layer for the GPT-2s, four with the
+  norms' statistics split for the Llamas; until 2026-12-07 06:40 UTC the bench chose a ``split_norms`` flag
+  by counting them); the bench checks that the serving price counts as many collectives a step as the
+  program runs (``collectives``).
 
 **The per-kernel fixed cost** (calibration version 6, measured as now since version 8; written down before the
 rows were rerun with it): on this CPU a small op's time is mostly fixed cost, which the bytes/FLOPs roofline does
@@ -92,7 +94,7 @@ from shardwise.cluster.calibrate import calibrate  # noqa: E402
 from shardwise.cluster.machine import CALIBRATION_VERSION, cache_file, machine_identity, write_cached  # noqa: E402
 from shardwise.cluster.presets import cpu_cluster  # noqa: E402
 from shardwise.costs.prices import price_list  # noqa: E402
-from shardwise.costs.serving import ServingPrices  # noqa: E402
+from shardwise.costs.serving import LayoutCollectives, ServingPrices  # noqa: E402
 from shardwise.costs.step import predict_flat, price_flat  # noqa: E402
 from shardwise.ir.placement import Shard  # noqa: E402
 from shardwise.planner.serving.model import serving_model_from_config  # noqa: E402
@@ -137,20 +139,17 @@ def measure(name: str, size: str, tp: int) -> dict:
         collectives = {phase: sum(e.kind == "comm" for e in price_flat(p, prices_fp32).events)
                        for phase, p in (("prefill", cm.prefill_plan), ("decode", cm.plan))}  # fmt: skip
         degrees = dict(cm.plan.degrees)
+        prefill_plan_, decode_plan_ = cm.prefill_plan, cm.plan
     figures = serving_model_from_config(model.config, f"{name}:{size}", "zoo config", weight_bytes=4)
-    # the serving price of the program's layout: Megatron's, or with the norms' statistics split too (the
-    # layout the planner writes for the Llamas on free links), whichever runs the program's collectives
-    layout = None
-    for split_norms in (False, True):
-        prices = ServingPrices(figures, prices_fp32, split_norms=split_norms)
-        counted = {
-            phase: figures.layers * len(prices.layer_collectives(tp, tokens)) + len(prices.edge_collectives(tp, tokens, BATCH))
-            for phase, tokens in (("prefill", BATCH * PROMPT), ("decode", BATCH))
-        }  # fmt: skip
-        if counted == collectives:
-            layout = "megatron" if tp > 1 and not split_norms else ("norms split" if split_norms else "whole")
-            break
-    assert layout is not None, f"{name}:{size} tp {tp}: the serving prices count no layout of {collectives} collectives"
+    # the serving price of the program's own layout: the collectives its prefill and decode plans run
+    layout = LayoutCollectives.from_plans(prefill_plan_, decode_plan_, BATCH * PROMPT, BATCH, BATCH) if tp > 1 else None
+    prices = ServingPrices(figures, prices_fp32, collectives=layout)
+    counted = {
+        phase: figures.layers * len(prices.layer_collectives(tp, tokens, BATCH)) + len(prices.edge_collectives(tp, tokens, BATCH))
+        for phase, tokens in (("prefill", BATCH * PROMPT), ("decode", BATCH))
+    }  # fmt: skip
+    assert counted == collectives, f"{name}:{size} tp {tp}: the serving prices count {counted}, the plans {collectives}"
+    layout_name = "whole" if layout is None else f"{len(layout.layer)} a layer, {len(layout.edge)} at the edge"
     serving_prefill = prices.prefill_sums(tp, 1, BATCH * PROMPT, BATCH * PROMPT * MAX_SEQ, BATCH, causal=False)
     serving_decode = prices.decode_step_s(tp, 1, BATCH, BATCH * MAX_SEQ)
     measured, spread = {}, {}
@@ -166,7 +165,7 @@ def measure(name: str, size: str, tp: int) -> dict:
         "measured_decode_s": measured["decode"], "median_prefill_s": spread["prefill"]["median_s"],
         "median_decode_s": spread["decode"]["median_s"], "spread": spread,
         "plan_prefill_s": plan_prefill, "plan_decode_s": plan_decode,
-        "collectives": collectives, "serving_layout": layout,
+        "collectives": collectives, "serving_layout": layout_name,
         "serving_prefill_s": serving_prefill.latency_s, "serving_decode_s": serving_decode,
         "loadavg": os.getloadavg()[0],
     }  # fmt: skip

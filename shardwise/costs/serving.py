@@ -10,13 +10,14 @@ norms, activations and residual adds as ``memory``-class bytes, each kernel payi
 (on devices that run ops one by one, CPUs: each memory-bound op of the traced layer priced on its own, with
 the device's measured per-element math costs; devices with fused kernels run them fused, as serving engines
 do, and are priced by the formula of docs/serving.md).
-Its two tensor-parallel all-reduces (after attention and after the MLP) and the pipeline's point-to-point
-messages between stages are ``costs.comm`` prices on the devices the layout occupies. A layout that also splits
-the norms over ``tp`` (``split_norms``: each rank sums the squares of its share of ``hidden``, as shardwise's
-planner lays out a norm where collectives cost next to nothing) all-reduces each norm's statistics, one value
-per token, before it normalizes: two more all-reduces per layer and one for the final norm. Once per pass: the
-embedding lookup, the final norm and the output head on one row per sequence, whose logits are all-gathered
-over ``tp``.
+Its tensor-parallel collectives and the pipeline's point-to-point messages between stages are ``costs.comm``
+prices on the devices the layout occupies. Which collectives a layer and a pass run is the layout's
+(:class:`LayoutCollectives`): by default Megatron's, what serving engines run (two all-reduces a layer, after
+attention and after the MLP, and the logits' all-gather); for a program shardwise planned, the collectives its
+prefill and decode plans run (:meth:`LayoutCollectives.from_plans`: e.g. a layout that also splits the norms
+over ``tp``, as the planner lays out a norm where collectives cost next to nothing, all-reduces each norm's
+statistics before it normalizes), each collective's bytes a line in the pass's tokens and sequences solved from
+the two plans. Once per pass: the embedding lookup, the final norm and the output head on one row per sequence.
 
 Pipelines: a batch's pass through ``pp`` stages takes the sum of the stages (``latency_s``); stages hold equal
 numbers of layers, so a new batch can enter the first stage after ``latency_s / pp`` (``stage_s``). A decode
@@ -32,13 +33,18 @@ in whole blocks of ``block_tokens`` (``EngineMemory``).
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shardwise.costs.compute import CAUSAL_FRACTION, OpWork
 from shardwise.costs.prices import PriceList
+from shardwise.costs.step import forward_collectives
+from shardwise.ir.plan import ExecutionPlan
 
 __all__ = [
     "ServingModel", "EngineMemory", "ENGINES", "PhaseTime", "ServingPrices", "MEMORY_PASSES_PER_TOKEN",
+    "LayoutCollectives",
 ]  # fmt: skip
 
 #: memory-class bytes one token moves per layer besides matmuls and attention, in units of ``hidden``: two
@@ -192,6 +198,72 @@ ENGINES = {
 }  # fmt: skip
 
 
+#: a collective of a pass: (kind, bytes per token of the pass, bytes per sequence of the pass)
+Collective = tuple[str, float, float]
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")  # a module path's layer number ("model.layers.3.mlp" -> 3)
+
+
+@dataclass(frozen=True)
+class LayoutCollectives:
+    """The collectives a ``tp``-way tensor-parallel layout runs in one pass (prefill or decode step) over its
+    ``tp`` ranks: ``layer`` those of one decoder layer (every layer alike), ``edge`` those outside the layers,
+    each ``(kind, bytes per token, bytes per sequence)`` of the pass; ``source`` says whose layout it is.
+
+    Invariants: ``tp`` >= 2; kinds are collectives ``costs.comm`` prices; bytes are >= 0.
+    """
+
+    tp: int
+    layer: tuple[Collective, ...]
+    edge: tuple[Collective, ...]
+    source: str
+
+    @staticmethod
+    def megatron(model: ServingModel, tp: int) -> LayoutCollectives:
+        """Megatron's layout (what serving engines run): two all-reduces of the hidden state a layer, after
+        attention and after the MLP, and the float32 logits of one row per sequence all-gathered."""
+        hidden = float(model.hidden * model.act_bytes)
+        return LayoutCollectives(tp, (("allreduce", hidden, 0.0),) * 2, (("allgather", 0.0, model.vocab * 4.0),),
+                                 "Megatron-LM's tensor-parallel layout")  # fmt: skip
+
+    @staticmethod
+    def from_plans(
+        prefill: ExecutionPlan, decode: ExecutionPlan, prefill_tokens: int, decode_tokens: int, seqs: int,
+    ) -> LayoutCollectives:  # fmt: skip
+        """The collectives a generation program's prefill plan (``prefill_tokens`` tokens of ``seqs`` sequences)
+        and decode plan (``decode_tokens`` tokens of the same sequences) run, as their prices count them
+        (``costs.step.forward_collectives``): those before an op of a numbered module (a decoder layer) per
+        layer, the others at the edge; each collective's bytes ``a x tokens + b x seqs`` solved from its bytes
+        in the two plans. Raises ``ValueError`` when the two plans run different collectives, their layers
+        different ones, or the plans are not tensor-parallel."""
+        runs = [forward_collectives(plan) for plan in (prefill, decode)]
+        kinds = [[(step.collective, step.axis) for _, step in run] for run in runs]
+        if kinds[0] != kinds[1]:
+            raise ValueError(f"the prefill and decode plans run different collectives: {kinds[0]} / {kinds[1]}")
+        if prefill_tokens == decode_tokens:
+            raise ValueError("from_plans needs passes of different token counts to tell bytes per token from per sequence")
+        tp = max((plan.mesh.axis_size(axis) for plan in (prefill, decode) for _, axis in kinds[0]), default=1)
+        if tp < 2:
+            raise ValueError("the plans run no tensor-parallel collective: a layout of one rank has none")
+        layers: dict[int, list[Collective]] = {}
+        edge: list[Collective] = []
+        for (path, first), (_, second) in zip(*runs, strict=True):
+            per_token = (first.nbytes - second.nbytes) / (prefill_tokens - decode_tokens)
+            per_seq = max((second.nbytes - per_token * decode_tokens) / seqs, 0.0)
+            entry = (first.collective, max(per_token, 0.0), per_seq)
+            number = _LAYER.search(path) if path != "<output>" else None
+            (layers.setdefault(int(number.group(1)), []) if number else edge).append(entry)
+        shapes = {tuple(entries) for entries in layers.values()}
+        if len(shapes) > 1:
+            raise ValueError(f"the plans' layers run different collectives: {sorted(shapes)}")
+        layer = next(iter(shapes), ())
+        return LayoutCollectives(tp, tuple(layer), tuple(edge), "the collectives of a planned program's prefill and "
+                                 "decode step (costs.step.forward_collectives)")  # fmt: skip
+
+    def passes(self, entries: Sequence[Collective], tokens: float, seqs: float) -> list[tuple[str, float]]:
+        """(kind, bytes) of ``entries`` in a pass of ``tokens`` tokens of ``seqs`` sequences."""
+        return [(kind, per_token * tokens + per_seq * seqs) for kind, per_token, per_seq in entries]
+
+
 @dataclass(frozen=True)
 class PhaseTime:
     """One pass of a batch: ``latency_s`` through every stage, ``stage_s`` until the next batch may enter."""
@@ -203,14 +275,15 @@ class PhaseTime:
 class ServingPrices:
     """Prefill, decode and KV-cache prices of ``model`` on the devices of ``prices`` (one price list: the
     cluster's device figures, its achieved efficiencies and its links), for an engine's memory accounting.
-    ``split_norms``: the layout splits the norms' statistics over ``tp`` too (see the module docstring; serving
-    engines keep the norms whole, Megatron's layout)."""
+    ``collectives``: the tensor-parallel layout's collectives (:class:`LayoutCollectives`: a planned program's,
+    for its ``tp``), by default Megatron's at every ``tp`` (see the module docstring)."""
 
     def __init__(
-        self, model: ServingModel, prices: PriceList, engine: EngineMemory | str = "vllm", *, split_norms: bool = False,
+        self, model: ServingModel, prices: PriceList, engine: EngineMemory | str = "vllm", *,
+        collectives: LayoutCollectives | None = None,
     ) -> None:  # fmt: skip
         self.model = model
-        self.split_norms = split_norms
+        self.collectives = collectives
         self.prices = prices
         self.engine = ENGINES[engine] if isinstance(engine, str) else engine
         self.compute = prices.compute
@@ -303,26 +376,29 @@ class ServingPrices:
             t += self.prices.collective_s(kind, nbytes, self.tp_ranks(tp))
         return t
 
-    def layer_collectives(self, tp: int, tokens: float) -> list[tuple[str, float]]:
-        """(kind, bytes) of each collective one decoder layer runs over ``tp`` for ``tokens`` rows: the all-reduces
-        after attention and after the MLP, and with ``split_norms`` each norm's statistics (one float32 value
-        per token) before it normalizes."""
+    def layout_collectives(self, tp: int) -> LayoutCollectives | None:
+        """The collectives of the ``tp``-way layout (None at tp 1): the given ones (for their ``tp`` only), else
+        Megatron's."""
         if tp == 1:
-            return []
-        out = [("allreduce", tokens * self.model.hidden * self.model.act_bytes)] * 2
-        if self.split_norms:
-            out += [("allreduce", tokens * 4.0)] * 2
-        return out
+            return None
+        if self.collectives is None:
+            return LayoutCollectives.megatron(self.model, tp)
+        if self.collectives.tp != tp:
+            raise ValueError(f"these serving prices price a tp={self.collectives.tp} layout's collectives "
+                             f"({self.collectives.source}), not tp={tp}'s")  # fmt: skip
+        return self.collectives
+
+    def layer_collectives(self, tp: int, tokens: float, seqs: float | None = None) -> list[tuple[str, float]]:
+        """(kind, bytes) of each collective one decoder layer runs over ``tp`` for ``tokens`` rows of ``seqs``
+        sequences (default: one row each) in the layout (``layout_collectives``)."""
+        layout = self.layout_collectives(tp)
+        return [] if layout is None else layout.passes(layout.layer, tokens, tokens if seqs is None else seqs)
 
     def edge_collectives(self, tp: int, tokens: float, seqs: float) -> list[tuple[str, float]]:
-        """(kind, bytes) of the collectives of a pass outside its layers: the logits' all-gather over ``tp``,
-        and with ``split_norms`` the final norm's statistics."""
-        if tp == 1:
-            return []
-        out = [("allgather", seqs * self.model.vocab * 4.0)]
-        if self.split_norms:
-            out.append(("allreduce", tokens * 4.0))
-        return out
+        """(kind, bytes) of the collectives of a pass outside its layers in the layout (Megatron's: the logits'
+        all-gather over ``tp``)."""
+        layout = self.layout_collectives(tp)
+        return [] if layout is None else layout.passes(layout.edge, tokens, seqs)
 
     def _edges_s(self, tp: int, pp: int, tokens: float, seqs: float) -> float:
         """Embedding lookup, final norm, output head on one row per sequence (logits all-gathered over tp) and

@@ -55,7 +55,7 @@ from shardwise.ir.tensor import TensorSpec
 __all__ = [
     "BUCKET_BYTES", "BACKWARD_OF", "Event", "StepPrice", "OpPrice", "price_flat", "op_ways", "grad_values",
     "node_prices", "op_prices", "fused_forward", "fused_backward", "PricingContext", "plan_pricing",
-    "recomputed_ops",
+    "recomputed_ops", "forward_collectives", "COMM_COLLECTIVES",
     "Action", "ScheduleDeadlock", "SimResult", "simulate", "analytic_step", "mfu", "predict_flat", "StageTail",
     "stage_tail_s", "PipelinePrice", "price_pipeline", "chunk_times", "accumulate_s", "pipeline_end_s",
     "gradient_reductions", "zero_shards",
@@ -338,6 +338,38 @@ def expert_exchange_s(
     rows = _local_bytes(hidden, s.inputs[0], mesh, scale) * index.shape[-1]  # type: ignore[union-attr]
     counts = 8 * experts.shape[0]  # type: ignore[union-attr]
     return moe_exchange_s(lambda n: prices.axis_collective_s("alltoall", n, mesh, axis), rows, counts)
+
+
+#: redistribution steps that move data between ranks (the others are local: a slice, a partial's zeroing)
+COMM_COLLECTIVES = ("allgather", "allreduce", "reduce_scatter", "alltoall")
+
+
+def forward_collectives(plan: ExecutionPlan) -> list[tuple[str, Redistribute]]:
+    """Each collective the forward of a flat plan's program runs, in graph order, with the module path of the op
+    it runs before (``"<output>"``: the outputs made whole at the end): the ops' operands' redistribution steps
+    that move data, a value read the same way by several ops once (the sharing rule :meth:`PricingContext.price`
+    prices by), and the outputs' (``price_flat``'s last forward event); gradients' reductions are not listed."""
+    by_node = {s.node: s for s in plan.strategies}
+    shared: set[tuple] = set()
+    out: list[tuple[str, Redistribute]] = []
+    for node in plan.graph.nodes:
+        s = by_node.get(node.name)
+        if s is None or node.op == "getitem":
+            continue
+        steps_by_value: dict[str, list] = {}
+        for r in s.redistributes:
+            steps_by_value.setdefault(r.value, []).append(r)
+        done: set[str] = set()
+        for j, v in enumerate(tensor_operands(node)):
+            steps = steps_by_value.get(v, []) if v not in done else []
+            done.add(v)
+            want = s.inputs[j] if j < len(s.inputs) else None
+            steps, _ = _unshared(shared, v, want, steps, (), False)
+            out.extend((node.module_path, r) for r in steps if r.collective in COMM_COLLECTIVES)
+    final = by_node.get("<output>")
+    if final is not None:
+        out.extend(("<output>", r) for r in final.redistributes if r.collective in COMM_COLLECTIVES)
+    return out
 
 
 def _unshared(

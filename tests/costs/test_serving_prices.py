@@ -141,13 +141,15 @@ def test_a_pipelined_mixed_iteration_does_not_split_a_chunk(opt13b, a100):
 
 
 def test_the_collectives_priced_are_the_planned_programs():
-    """A tensor-parallel Llama decode step as the planner writes it runs the collectives the serving price
-    counts: Megatron's layout (two all-reduces a layer and the logits' all-gather) for a Llama of hidden size
-    1024 on the nominal cpu:2 links; for the zoo's tiny Llama on nearly free links (as bench/serving_cpu.py
-    plans its tp 2 programs), the norms' statistics split too (``split_norms``: two more a layer and the final
-    norm's)."""
+    """Serving prices price the collectives of the planned program's own layout
+    (``LayoutCollectives.from_plans``): for a Llama of hidden size 1024 on the nominal cpu:2 links the planner
+    writes Megatron's layout (two all-reduces a layer and the logits' all-gather: the default layout's kinds and
+    bytes); for the zoo's tiny Llama on nearly free links (as bench/serving_cpu.py plans its tp 2 programs) it
+    also splits the norms' statistics (two more a layer and the final norm's), and the prices count and pay
+    exactly the collectives the plans' own prices do, prefill and decode."""
     import shardwise
     from shardwise.cluster.presets import cpu_cluster
+    from shardwise.costs.serving import LayoutCollectives
     from shardwise.costs.step import price_flat
     from shardwise.planner.serving.model import serving_model_from_config
     from shardwise.zoo.hf import tiny_causal_lm
@@ -155,15 +157,26 @@ def test_the_collectives_priced_are_the_planned_programs():
     nominal = get_cluster("cpu:2")
     prices = PriceList(nominal, "fp32")
     free = cpu_cluster(2, latency=1e-9, bandwidth=1e14)
-    batch = 4
-    cases = ((tiny_causal_lm("llama", hidden=1024, heads=16, layers=1, vocab=1000, seq=32)[0], nominal, False),
-             (build_model("llama:tiny")[0], free, True))  # fmt: skip
-    for model, planned_for, split in cases:
-        with shardwise.compile(model, planned_for, mode="generate", max_batch=batch, max_seq=32, max_prompt=16,
+    batch, prompt = 4, 16
+    cases = ((tiny_causal_lm("llama", hidden=1024, heads=16, layers=1, vocab=1000, seq=32)[0], nominal, 2),
+             (build_model("llama:tiny")[0], free, 4))  # fmt: skip
+    for model, planned_for, per_layer in cases:
+        with shardwise.compile(model, planned_for, mode="generate", max_batch=batch, max_seq=32, max_prompt=prompt,
                                constraints={"tp": 2, "sp": 1}) as cm:  # fmt: skip
-            planned = [e for e in price_flat(cm.plan, prices).events if e.kind == "comm"]
+            plans = {"prefill": (cm.prefill_plan, batch * prompt), "decode": (cm.plan, batch)}
+            layout = LayoutCollectives.from_plans(cm.prefill_plan, cm.plan, batch * prompt, batch, batch)
         figures = serving_model_from_config(model.config, "llama", "a zoo configuration", weight_bytes=4)
-        sp = ServingPrices(figures, prices, split_norms=split)
-        layers = figures.layers * len(sp.layer_collectives(2, batch))
-        counted = layers + len(sp.edge_collectives(2, batch, batch))
-        assert len(planned) == counted, (split, [e.label for e in planned])
+        sp = ServingPrices(figures, prices, collectives=layout)
+        assert layout.tp == 2 and len(layout.layer) == per_layer
+        for phase, (plan, tokens) in plans.items():
+            planned = [e for e in price_flat(plan, prices).events if e.kind == "comm"]
+            ours = figures.layers * sp.layer_collectives(2, tokens, batch) + sp.edge_collectives(2, tokens, batch)
+            assert len(ours) == len(planned), (phase, [e.label for e in planned])
+            paid = sum(prices.collective_s(kind, nbytes, (0, 1)) for kind, nbytes in ours)
+            assert paid == pytest.approx(sum(e.seconds for e in planned), rel=1e-9), phase
+        if per_layer == 2:  # Megatron's layout: the default serving layout's collectives, kinds and bytes
+            default = LayoutCollectives.megatron(figures, 2)
+            assert [k for k, *_ in layout.layer] == [k for k, *_ in default.layer]
+            assert sp.layer_collectives(2, 8) == ServingPrices(figures, prices).layer_collectives(2, 8)
+        with pytest.raises(ValueError, match="tp=2 layout"):
+            sp.layer_collectives(4, 8)
