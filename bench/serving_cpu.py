@@ -55,8 +55,10 @@ program (checked there, on one thread: the step priced +41% with those figures, 
 **Collectives at their median** (calibration version 7, written down before the rows were rerun with it): a tp 2
 step is mostly collectives, and on this machine a collective's cost is heavy-tailed even when nothing else runs
 (a process waits for the other's threads to wake: the 04:47 UTC quiet run's tp 2 decode steps had medians
-3.4-3.9x their least ones). Calibration had kept the least run of 8 calls; it now keeps the median run
-(``calibrate._collective``; docs/costs.md), what a program's step pays.
+3.4-3.9x their least ones). Calibration had kept the least run of 8 calls; version 7 kept the median run,
+which moved with the load of the seconds it was measured in (0.9 and 2 ms a call an hour apart); since version 9
+it keeps the least of the median runs of 3 consecutive groups (``calibrate.min_of_medians``; docs/costs.md):
+the same statistic as the measured steps below (the least disturbed stretch's typical run / round).
 
 **How steps are measured** (since 2026-12-07 06:40 UTC, written down before the rows were rerun; until then the
 figure was the least prefill of 5 generations and the least decode step of all of them, the luckiest single

@@ -31,14 +31,17 @@ is one round trip, a collective's sample is a run of ``COLLECTIVE_RUN`` calls ma
 (each after a short compute, ``COLLECTIVE_GAP``, on both processes, so that the library's threads have gone
 idle), its time per call less that compute's (a step adds up many collectives, so it pays their mean cost;
 the least single call, the luckiest meeting of the two processes' threads, is lower than the mean of any run).
-Since calibration version 7 a collective's figure is the **median** over the samples of the run's mean (the
-compute alone: its median too), not the least run: a collective waits for the other process's threads to
-wake (gloo's device thread, then the caller), which on this kind of machine (a virtual machine whose idle
-cores sleep) is slow most of the time even when nothing else runs. Measured before the change: in the
-generated tp 2 decode programs on a quiet machine (04:47 UTC, load 0.35-1.2) the median step was 3.4-3.9x the
-least one (GPT-2 tiny 9.68 against 2.52 ms, Llama small 35.5 against 11.6), and this probe's runs of 8
-all-reduces (load 1.5) took 682 us per call in the least run, 1830 at the median, 3444 at the most; the least
-run is the luckiest, not what a program's step pays. Compute figures keep the least sample (on the CPU clock
+Since calibration version 7 a collective's figure is not the least run: a collective waits for the other
+process's threads to wake (gloo's device thread, then the caller), which on this kind of machine (a virtual
+machine whose idle cores sleep) is slow much of the time even when nothing else runs: in the generated tp 2
+decode programs on a quiet machine (04:47 UTC, load 0.35-1.2) the median step was 3.4-3.9x the least one
+(GPT-2 tiny 9.68 against 2.52 ms, Llama small 35.5 against 11.6), and this probe's runs of 8 all-reduces (load
+1.5) took 682 us per call in the least run, 1830 at the median, 3444 at the most; the least run is the
+luckiest, not what a program's step pays. Version 7 took the median run; it moved with the load of the few
+seconds it was measured in (a median of 0.9 ms and one of 2 ms a call, an hour apart at loads 3.4 and 2.0).
+Since version 8 it is the **least of the medians** of ``COLLECTIVE_GROUPS`` consecutive groups of runs
+(:func:`min_of_medians`; the compute alone the same way): the typical run of the least disturbed stretch, the
+statistic ``bench/serving_cpu.py`` measures the programs' steps by (the least of its rounds' median steps). Compute figures keep the least sample (on the CPU clock
 other processes only add to it) and the slowest process's value; communication figures are rank 0's (the
 pair 0-1).
 
@@ -133,7 +136,7 @@ from shardwise.errors import DeviceUnavailableError
 __all__ = [
     "calibrate", "measure", "spec_from_measurements", "fit_line", "fit_line_robust", "Measurement", "SAMPLE_S", "GEMM_SIZES",
     "ELEMENTWISE_OPS", "KERNEL_OPS", "KERNEL_ROWS", "PARALLEL_ROWS", "kernel_overheads", "parallel_overhead", "COLLECTIVE_SIZES", "COLLECTIVE_RUN",
-    "COMPUTE_RUN", "run_per_call", "in_program",
+    "COMPUTE_RUN", "run_per_call", "in_program", "min_of_medians", "COLLECTIVE_GROUPS",
 ]  # fmt: skip
 
 Measurement = dict[str, Any]
@@ -177,6 +180,8 @@ COLLECTIVE_SIZES = (2**6, 2**12, 2**16, 2**20)
 #: two of its collectives): a program reaches each collective after its ops, the library's threads idle meanwhile
 COLLECTIVE_RUN = 8
 COLLECTIVE_GAP = 2
+#: consecutive groups of a collective's samples: its figure is the least of the groups' median runs
+COLLECTIVE_GROUPS = 3
 #: calls of one compute sample (matmuls, attention, math ops, streaming), each after one round of the dispatch
 #: probe's tiny ops (``_kernel_ops``: 14 ops of other kinds, as an op of a program follows the ops written
 #: between it and the previous op of its kind); a matmul or attention call of a run reads its own weight
@@ -682,11 +687,16 @@ def _collective(kind: str, nbytes: int, mesh: Any, samples: int) -> float:
         def run() -> None:
             comm.reduce_scatter(full, 1, mesh, "x", "sum")
 
-    return run_per_call(run, _program_gap(COLLECTIVE_GAP), COLLECTIVE_RUN, samples, dist.barrier, statistic=_median)
+    return run_per_call(run, _program_gap(COLLECTIVE_GAP), COLLECTIVE_RUN, samples, dist.barrier, statistic=min_of_medians)
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
+def min_of_medians(values: Sequence[float], groups: int | None = None) -> float:
+    """The least of the medians of ``groups`` (``COLLECTIVE_GROUPS``) consecutive groups of ``values`` (samples in
+    the order taken): the typical sample of the least disturbed stretch. One group: the median."""
+    groups = max(1, min(groups or COLLECTIVE_GROUPS, len(values)))
+    size = len(values) // groups
+    cuts = [values[k * size : (k + 1) * size if k < groups - 1 else len(values)] for k in range(groups)]
+    return min(statistics.median(cut) for cut in cuts)
 
 
 def _object_gather(rank: int, world: int, nbytes: int, samples: int) -> float:

@@ -4,6 +4,7 @@ the environment switch between the calibrated machine and the nominal preset."""
 from __future__ import annotations
 
 import importlib
+import statistics
 import time
 
 import pytest
@@ -262,3 +263,13 @@ def test_a_collective_figure_can_be_the_median_run() -> None:
     figure = calibrate_module.run_per_call(runs(), lambda: None, calls=2, samples=6, statistic=statistics.median)
     assert 3.9e-3 <= figure < 4.8e-3
     assert calibrate_module.run_per_call(runs(), lambda: None, calls=2, samples=6) < 1.8e-3
+
+
+def test_min_of_medians_is_the_typical_sample_of_the_least_disturbed_stretch() -> None:
+    """calibrate.min_of_medians (a collective's statistic since version 9): of three stretches of samples, the
+    median of the quietest one; neither its least sample nor the median of all samples."""
+    busy, quiet, mixed = [9.0, 8.0, 7.0, 9.5, 8.5], [3.0, 1.0, 2.0, 2.5, 2.2], [5.0, 1.5, 6.0, 5.5, 4.0]
+    values = busy + quiet + mixed
+    assert calibrate_module.min_of_medians(values, 3) == 2.2
+    assert statistics.median(values) == 5.0 and min(values) == 1.0
+    assert calibrate_module.min_of_medians(values, 1) == statistics.median(values)
