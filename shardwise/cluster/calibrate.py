@@ -75,8 +75,11 @@ What is measured (each a figure of the price list, ``costs/``):
   probe gave 7.2-7.7, 6.7 and 6.0 (dispatch included) and priced the step 41% above its measured 392 us (the
   price without kind costs: +3%). With several intra-op threads, ``parallel``: one more ``add`` of
   ``PARALLEL_ROWS`` rows (above ``PARALLEL_GRAIN`` elements: split over the threads) in the same sequence, its
-  line's intercept beyond the serial add's: the threads' fork and join (``parallel_overhead_s``). The
-  per-element math figures below are net of the kind's fixed cost;
+  line's intercept beyond the serial add's: the threads' fork and join (``parallel_overhead_s``). Since
+  version 10 the kinds' sequences run on one thread whatever the process's budget (on two threads ATen splits
+  its vectorized math ops from 2,048 elements and a norm from one row, so a line through sizes straddling that
+  measured the fork and join, under load a preempted thread's time slice: 7-8 ms for tanh, sin, cos,
+  layer_norm at load 2.9). The per-element math figures below are net of the kind's fixed cost;
 * ``backward_node_s``: one node of the autograd engine's backward (a chain of tiny ops: forward and
   backward minus forward, per node);
 * ``gemm``: float32 matmuls of square sizes 64..512 (``GEMM_SIZES``): the achieved rate and fixed cost by a
@@ -389,27 +392,40 @@ def _run_all(calls: Sequence[Callable[[], object]]) -> Callable[[], None]:
 
 def _measure_kernels(samples: int) -> Measurement:
     """(elements, seconds per call) of each ``KERNEL_OPS`` kind at ``KERNEL_ROWS`` rows, each the cost of one more
-    call of the kind in a sequence of every kind (module docstring); with more than one intra-op thread, also
-    ``parallel``: the same for an ``add`` of ``PARALLEL_ROWS`` rows, split over the threads."""
+    call of the kind in a sequence of every kind (module docstring), on one thread (a kernel's own fixed cost; on
+    several threads some kinds split from 2,048 elements or one row on, which is the fork and join's cost, not
+    the kind's); with more than one intra-op thread, also ``parallel``: one more ``add`` of ``PARALLEL_ROWS``
+    rows, split over the process's threads, in the same kind of sequence."""
     import torch
 
+    threads = torch.get_num_threads()
     times: dict[tuple[str, int], list[float]] = {}
+
+    def one_more(rows: int, kinds: Sequence[str]) -> None:
+        calls = {op: _kernel_calls(op, rows) for op in kinds}
+        sequence = [c for op in KERNEL_OPS for c in _kernel_calls(op, min(rows, KERNEL_ROWS[-1]))]
+        base = _best(_run_all(sequence), samples)
+        for k, op in enumerate(kinds):
+            at = (k * len(sequence) // len(kinds) + len(sequence) // 2) % len(sequence)  # among other kinds
+            more = _best(_run_all(sequence[:at] + calls[op] + sequence[at:]), samples)
+            times.setdefault((op, rows), []).append(max(more - base, 0.0) / len(calls[op]))
+
     with torch.no_grad():
         for _ in range(KERNEL_ROUNDS):  # rounds over every size and kind: a burst of load meets one round of a point
-            for rows in (*KERNEL_ROWS, *(PARALLEL_ROWS if torch.get_num_threads() > 1 else ())):
-                kinds = KERNEL_OPS if rows in KERNEL_ROWS else ("add",)
-                calls = {op: _kernel_calls(op, rows) for op in kinds}
-                sequence = [c for op in KERNEL_OPS for c in _kernel_calls(op, min(rows, KERNEL_ROWS[-1]))]
-                base = _best(_run_all(sequence), samples)
-                for k, op in enumerate(kinds):
-                    at = (k * len(sequence) // len(kinds) + len(sequence) // 2) % len(sequence)  # among other kinds
-                    more = _best(_run_all(sequence[:at] + calls[op] + sequence[at:]), samples)
-                    times.setdefault((op, rows), []).append(max(more - base, 0.0) / len(calls[op]))
+            torch.set_num_threads(1)
+            try:
+                for rows in KERNEL_ROWS:
+                    one_more(rows, KERNEL_OPS)
+            finally:
+                torch.set_num_threads(threads)
+            if threads > 1:
+                for rows in PARALLEL_ROWS:
+                    one_more(rows, ("add",))
     out: Measurement = {
         "kernels": {op: [(float(rows * KERNEL_HIDDEN), statistics.median(times[op, rows])) for rows in KERNEL_ROWS]
                     for op in KERNEL_OPS},
     }  # fmt: skip
-    if torch.get_num_threads() > 1:
+    if threads > 1:
         out["parallel"] = [(float(rows * KERNEL_HIDDEN), statistics.median(times["add", rows])) for rows in PARALLEL_ROWS]
     return out
 
