@@ -7,7 +7,7 @@ Rows (goals from issues 15 and 17):
 - ``mixtral-8x7b``: Mixtral-8x7B's configuration through the CLI, ``shardwise plan
   bench/big_models.py:mixtral_8x7b --meta -c dgx-h100x4 --mode train --precision bf16`` (a fresh process:
   imports included), then ``shardwise explain`` on the plan: < 60 s with a readable explain (issue 17, item 6);
-- ``deepseek-v3``: DeepSeek-V3's configuration (``bench/big_models.py:deepseek_v3``: 671B parameters, 37B
+- ``deepseek-v3-free``: DeepSeek-V3's configuration (``bench/big_models.py:deepseek_v3``: 671B parameters, 37B
   active, sequence 4096, global batch 15360) through the CLI, ``shardwise plan bench/big_models.py:deepseek_v3
   --meta -c bench/clusters/h800-deepseek.yaml --mode train --precision bf16`` on its published cluster (2048
   H800s), the layout searched freely: < 120 s (issue 17, item 5);
@@ -23,7 +23,8 @@ reference, not a measured step. The report publishes no memory per GPU; the H800
 
 Per row: the wall and CPU seconds from the built meta model to the plan (tracing included; the CLI row: the
 whole process, imports and building the model included), the planner's own
-breakdown (its ``planning time`` note), the layout chosen, whether its memory map fits the device, its
+breakdown (its ``planning time`` note) and, for the CLI rows, its progress lines on stderr (one per layout
+realized, with its memory map's peak against its estimate), the layout chosen, whether its memory map fits the device, its
 predicted step time (predicted by the price list, not measured), and the notes that say what was assumed.
 Timings are wall-clock on a shared machine: the load average is recorded beside each row. Writes
 ``bench/results/planning_time.json`` (``--output``; rows not run keep the file's earlier results); ``--rows`` picks
@@ -50,7 +51,7 @@ RESULTS = ROOT / "results"
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-GOALS = {"gpt3-175b": 60.0, "mixtral-8x7b": 60.0, "deepseek-v3": 120.0, "deepseek-v3-published": 120.0}
+GOALS = {"gpt3-175b": 60.0, "mixtral-8x7b": 60.0, "deepseek-v3-free": 120.0, "deepseek-v3-published": 120.0}
 DEEPSEEK_CLUSTER = ROOT / "clusters" / "h800-deepseek.yaml"
 DEEPSEEK_PUBLISHED = {"pp": 16, "ep": 64, "zero": 1}  # technical report 3.2 (dp = 2048 / 16 = 128)
 # technical report Table 1 / section 1: pre-training 2.664M H800 GPU hours for 14.8T tokens
@@ -115,7 +116,7 @@ def _cli_row(name: str, target: str, cluster: str, constraints: dict[str, Any] |
     with tempfile.TemporaryDirectory() as tmp:
         plan_file = Path(tmp) / "plan.json"
         cmd = [str(exe), "plan", target, "--meta", "-c", cluster, "--mode", "train", "--precision", "bf16",
-               *pins, "-o", str(plan_file), "-q"]  # fmt: skip
+               *pins, "-o", str(plan_file)]  # fmt: skip
         load0 = os.getloadavg()
         t0 = time.perf_counter()
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -124,6 +125,7 @@ def _cli_row(name: str, target: str, cluster: str, constraints: dict[str, Any] |
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         row: dict[str, Any] = {"row": name, "cluster": cluster, "path": " ".join(["shardwise", *cmd[1:-2]]),
+                               "progress": [x for x in done.stderr.splitlines() if x.startswith("shardwise: planning")],
                                "plan_s": wall, "plan_cpu_s": cpu, "load_before": load0,
                                "load_after": os.getloadavg(),
                                "exit_code": done.returncode}  # fmt: skip
@@ -231,6 +233,8 @@ def main() -> None:
         for note in row.get("notes", []):
             if note.startswith(("planning time", "search:", "micro-batch", "balanced")):
                 print(f"{'':>15}{note}")
+        for line in row.get("progress", []):
+            print(f"{'':>15}{line}")
         if "published" in row and row.get("predicted_step_s"):
             pub = row["published"]
             row["predicted_over_published_step"] = row["predicted_step_s"] / pub["step_s_derived"]

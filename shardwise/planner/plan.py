@@ -492,7 +492,15 @@ def _finish(
                     else "does not fit in device memory")  # fmt: skip
             rows.append(_alternative(r.candidate, r.step_s, r.peak, r.fits, False,
                                      f"{what}, realized ({r.candidate.describe()})"))  # fmt: skip
+    # the best estimate of each other mesh (degrees, ep and cp) first, so that the alternatives say what each
+    # parallel layout would cost (then the next best layouts, which mostly differ from the chosen one by less)
+    meshes = {r.candidate.degrees for r in realized}
+    distinct = []
     for c in result.ranked:
+        if c.degrees not in meshes:
+            meshes.add(c.degrees)
+            distinct.append(c)
+    for c in (*distinct[: MAX_ALTERNATIVES // 2], *result.ranked):
         if len(rows) >= MAX_ALTERNATIVES:
             break
         if c.key() in seen:

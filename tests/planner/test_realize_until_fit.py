@@ -96,3 +96,17 @@ def test_a_zero_pipeline_estimated_to_fit_fits_its_map():
     for stage in range(cand.pp):
         mapped = plan.memory[stage * group].arena_bytes
         assert mapped <= cand.memory_bytes[stage] / options.memory_headroom, (stage, mapped / cand.memory_bytes[stage])
+
+
+def test_the_alternatives_name_the_best_layout_of_each_other_mesh(gpt):
+    """The explain reads the alternatives to say why this mesh (and this ep) won: each of the meshes the search
+    estimated (up to half the list) is there with its best layout, not only the chosen mesh's near copies."""
+    graph, micro = gpt
+    cluster = get_cluster("dgx-a100x1")
+    options = planner.PlanOptions(mode="train", precision="bf16", progress=False)
+    plan = planner.plan(graph, cluster, None, options, micro_graph=micro)
+    result = search(graph, cluster, None, SearchOptions(mode="train", precision="bf16"))
+    meshes = list(dict.fromkeys(c.degrees for c in result.ranked))
+    listed = {a.degrees for a in plan.alternatives}
+    assert len(meshes) > 2
+    assert set(meshes[: planner.MAX_ALTERNATIVES // 2]) <= listed, (meshes, listed)
