@@ -254,6 +254,7 @@ class _Context:
         self.model_flops = sum(unit_flops[u] for u in self.sequence) * scale * (3 if self.train else 1)
         self._tables: dict[tuple[int, bool, int], _Tables] = {}
         self.work_sums: dict[tuple, float] = {}  # (tp, sp, rows, full recompute) -> the units' work (lower bounds)
+        self.tail_bounds: dict[tuple, float] = {}  # the lower bounds' gradient reduction and optimizer step
         self._inflight: dict[tuple[str, int, int, int], list[int]] = {}
         self._partitions: dict[tuple, list[tuple[int, int]] | None] = {}
         self._cp: dict[tuple, dict[str, tuple[float, float] | str]] = {}
@@ -811,12 +812,17 @@ def _lower_bound(ctx: _Context, cfg: _Config) -> tuple[float, float]:
     pp, v, m = cfg.pp, cfg.v, cfg.m
     step = (m + (pp - 1) / v) * work / pp
     if ctx.train:
-        per_device = trainable / pp
-        ranks = _replicas(0, cfg.shards, cfg.shards, cfg.tp)
-        kind = "reduce_scatter" if cfg.zero >= 1 and cfg.shards > 1 else "allreduce"
-        step += ctx.prices.collective_s(kind, per_device * 4, ranks)
-        shard = cfg.shards if cfg.zero >= 1 else 1
-        step += ctx.prices.optimizer_step_s(per_device / shard, 1, ctx.options.optimizer, foreach=True)
+        tail_key = (cfg.tp, cfg.sp, cfg.rows, pp, cfg.shards, cfg.zero >= 1)
+        tail = ctx.tail_bounds.get(tail_key)
+        if tail is None:
+            per_device = trainable / pp
+            ranks = _replicas(0, cfg.shards, cfg.shards, cfg.tp)
+            kind = "reduce_scatter" if cfg.zero >= 1 and cfg.shards > 1 else "allreduce"
+            shard = cfg.shards if cfg.zero >= 1 else 1
+            tail = ctx.tail_bounds[tail_key] = ctx.prices.collective_s(
+                kind, per_device * 4, ranks
+            ) + ctx.prices.optimizer_step_s(per_device / shard, 1, ctx.options.optimizer, foreach=True)
+        step += tail
     return step, fixed / pp
 
 
