@@ -79,7 +79,12 @@ What is measured (each a figure of the price list, ``costs/``):
   version 10 the kinds' sequences run on one thread whatever the process's budget (on two threads ATen splits
   its vectorized math ops from 2,048 elements and a norm from one row, so a line through sizes straddling that
   measured the fork and join, under load a preempted thread's time slice: 7-8 ms for tanh, sin, cos,
-  layer_norm at load 2.9). The per-element math figures below are net of the kind's fixed cost;
+  layer_norm at load 2.9). Since version 11 also the matmul kinds the programs write (``GEMM_KINDS``: GPT-2's
+  ``addmm``; Llama's ``linear`` on a 3-D activation, which PyTorch runs as a transpose, reshapes and an ``mm``,
+  each dispatched) and a plain ``mm``, each as one more call in a sequence of the plain kinds on decode rows
+  (a sequence holding matmuls of every size was unstable: whole sizes read 0 or 50 us), the kind's intercept
+  beyond the ``mm``'s (which ``gemm_overhead_s`` prices). The per-element math figures below are net of the
+  kind's fixed cost;
 * ``backward_node_s``: one node of the autograd engine's backward (a chain of tiny ops: forward and
   backward minus forward, per node);
 * ``gemm``: float32 matmuls of square sizes 64..512 (``GEMM_SIZES``): the achieved rate and fixed cost by a
@@ -138,7 +143,7 @@ from shardwise.errors import DeviceUnavailableError
 
 __all__ = [
     "calibrate", "measure", "spec_from_measurements", "fit_line", "fit_line_robust", "Measurement", "SAMPLE_S", "GEMM_SIZES",
-    "ELEMENTWISE_OPS", "KERNEL_OPS", "KERNEL_ROWS", "PARALLEL_ROWS", "kernel_overheads", "parallel_overhead", "COLLECTIVE_SIZES", "COLLECTIVE_RUN",
+    "ELEMENTWISE_OPS", "KERNEL_OPS", "GEMM_KINDS", "KERNEL_ROWS", "PARALLEL_ROWS", "kernel_overheads", "parallel_overhead", "COLLECTIVE_SIZES", "COLLECTIVE_RUN",
     "COMPUTE_RUN", "run_per_call", "in_program", "min_of_medians", "COLLECTIVE_GROUPS",
 ]  # fmt: skip
 
@@ -164,6 +169,10 @@ KERNEL_OPS = (
     "add", "mul", "neg", "clone", "cat", "pow", "rsqrt", "mean", "tanh", "silu", "sin", "cos", "layer_norm",
     "index_copy", "embedding", "masked_fill",
 )  # fmt: skip
+#: matmul kinds the programs call whose fixed cost beyond a plain ``mm``'s (which ``gemm_overhead_s`` prices) is
+#: measured: ``addmm`` (GPT-2's Conv1D: a bias), ``linear`` (Llama's Linear on a (batch, sequence, hidden)
+#: activation: PyTorch runs a transpose, reshapes and an mm, each dispatched)
+GEMM_KINDS = ("addmm", "linear")
 #: the kinds priced at their launch and bytes alone (``dispatch_s``: ``_plain_ops``' kinds): the others' fixed costs
 #: are what they cost beyond these, in the same probe
 PLAIN_KINDS = ("add", "mul", "neg", "clone", "cat", "embedding", "masked_fill")
@@ -390,6 +399,19 @@ def _run_all(calls: Sequence[Callable[[], object]]) -> Callable[[], None]:
     return run
 
 
+def _matmul_call(kind: str, rows: int) -> Callable[[], object]:
+    """A matmul of kind ``kind`` (``mm`` or one of ``GEMM_KINDS``) of a (``rows``, ``KERNEL_HIDDEN``) activation
+    by a square weight of its own, as the programs write it."""
+    import torch
+    import torch.nn.functional as F
+
+    x, weight, bias = torch.rand(rows, KERNEL_HIDDEN), torch.randn(KERNEL_HIDDEN, KERNEL_HIDDEN), torch.rand(KERNEL_HIDDEN)
+    x3 = x.view(4, rows // 4, KERNEL_HIDDEN)
+    calls = {"mm": lambda: torch.mm(x, weight), "addmm": lambda: torch.addmm(bias, x, weight),
+             "linear": lambda: F.linear(x3, weight.t())}  # fmt: skip
+    return calls[kind]
+
+
 def _measure_kernels(samples: int) -> Measurement:
     """(elements, seconds per call) of each ``KERNEL_OPS`` kind at ``KERNEL_ROWS`` rows, each the cost of one more
     call of the kind in a sequence of every kind (module docstring), on one thread (a kernel's own fixed cost; on
@@ -410,12 +432,21 @@ def _measure_kernels(samples: int) -> Measurement:
             more = _best(_run_all(sequence[:at] + calls[op] + sequence[at:]), samples)
             times.setdefault((op, rows), []).append(max(more - base, 0.0) / len(calls[op]))
 
+    def one_more_matmul(rows: int) -> None:  # in a sequence of the plain kinds on decode rows: no matmul in it
+        sequence = [c for op in PLAIN_KINDS for c in _kernel_calls(op, KERNEL_ROWS[0])]
+        base = _best(_run_all(sequence), samples)
+        for kind in ("mm", *GEMM_KINDS):
+            more = _best(_run_all([*sequence[: len(sequence) // 2], _matmul_call(kind, rows),
+                                   *sequence[len(sequence) // 2 :]]), samples)  # fmt: skip
+            times.setdefault((kind, rows), []).append(max(more - base, 0.0))
+
     with torch.no_grad():
         for _ in range(KERNEL_ROUNDS):  # rounds over every size and kind: a burst of load meets one round of a point
             torch.set_num_threads(1)
             try:
                 for rows in KERNEL_ROWS:
                     one_more(rows, KERNEL_OPS)
+                    one_more_matmul(rows)
             finally:
                 torch.set_num_threads(threads)
             if threads > 1:
@@ -423,7 +454,7 @@ def _measure_kernels(samples: int) -> Measurement:
                     one_more(rows, ("add",))
     out: Measurement = {
         "kernels": {op: [(float(rows * KERNEL_HIDDEN), statistics.median(times[op, rows])) for rows in KERNEL_ROWS]
-                    for op in KERNEL_OPS},
+                    for op in (*KERNEL_OPS, "mm", *GEMM_KINDS)},
     }  # fmt: skip
     if threads > 1:
         out["parallel"] = [(float(rows * KERNEL_HIDDEN), statistics.median(times["add", rows])) for rows in PARALLEL_ROWS]
@@ -444,14 +475,18 @@ def parallel_overhead(results: Sequence[Measurement]) -> float:
 def kernel_overheads(results: Sequence[Measurement]) -> dict[str, float]:
     """Each measured op kind's fixed cost per kernel beyond a plain op's (``PLAIN_KINDS``, priced at ``dispatch_s``):
     the intercept of the slowest process's line through its sizes less the median intercept of the plain kinds
-    (both from the same sequence probe), never below 0: ``efficiency.kernel_overhead_s``. {} for measurements
-    without kernels (calibration version 5 and earlier)."""
+    (both from the same sequence probe), never below 0: ``efficiency.kernel_overhead_s``; a matmul kind
+    (``GEMM_KINDS``) beyond a plain ``mm``'s intercept. {} for measurements without kernels (calibration version 5
+    and earlier)."""
     if not all("kernels" in r for r in results):
         return {}
     intercept = {op: max(fit_line_robust(*zip(*r["kernels"][op], strict=True))[0] for r in results)
                  for op in results[0]["kernels"]}  # fmt: skip
     plain = statistics.median(intercept[op] for op in PLAIN_KINDS if op in intercept)
-    return {op: max(c - plain, 0.0) for op, c in intercept.items()}
+    fixed = {op: max(c - plain, 0.0) for op, c in intercept.items() if op not in ("mm", *GEMM_KINDS)}
+    if "mm" in intercept:  # a matmul kind beyond a plain mm's (its own fixed cost: gemm_overhead_s)
+        fixed.update({op: max(intercept[op] - intercept["mm"], 0.0) for op in GEMM_KINDS if op in intercept})
+    return fixed
 
 
 def _measure_backward(samples: int) -> Measurement:

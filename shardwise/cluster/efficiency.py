@@ -34,7 +34,7 @@ Fields:
   computes its own ops;
 - ``kernel_overhead_s``: ``(op, seconds)`` the fixed cost of one kernel of a memory-bound op kind beyond
   ``op_overhead_s`` (ATen base names as the price list names them: ``layer_norm``, ``index_copy``, ``mean``,
-  ...), where the host computes its own ops: a kernel's set-up that its bytes do not account for (a norm's
+  ...), or of a matmul kind beyond a plain mm's (``addmm``, ``linear``: ``gemm_overhead_s`` prices the mm's), where the host computes its own ops: a kernel's set-up that its bytes do not account for (a norm's
   row loop, an indexed write's index checks, a reduction's iterator); ops not listed pay ``op_overhead_s``
   alone. A fused kernel (``fused_kernels``) is one launch of its own and pays ``op_overhead_s`` once, none
   of these;

@@ -46,10 +46,11 @@ CPU_CLUSTER_ENV = "SHARDWISE_CPU_CLUSTER"
 CACHE_ENV = "SHARDWISE_CACHE_DIR"
 THREADS_ENV = "SHARDWISE_THREADS_PER_WORKER"  # the runtime's thread budget per worker (runtime.process_group)
 #: bump when calibration measures something new or differently: older cache files are then measured again
-CALIBRATION_VERSION = 10  # 4: compute timed as programs pay it (calibrate.in_program); 5: attention_overhead_s;
+CALIBRATION_VERSION = 11  # 4: compute timed as programs pay it (calibrate.in_program); 5: attention_overhead_s;
 # 6: kernel_overhead_s (a memory-bound op kind's fixed cost per kernel); 7: a collective's figure is the median run;
 # 8: kernel_overhead_s from one more call in a sequence of kinds, parallel_overhead_s; 9: a collective's figure
-# is the least of 3 groups' median runs; 10: the kinds' fixed costs on one thread
+# is the least of 3 groups' median runs; 10: the kinds' fixed costs on one thread;
+# 11: matmul kinds (addmm, linear) beyond a plain mm
 _MODES = ("calibrated", "nominal")
 _MEMO: dict[str, ClusterSpec] = {}
 

@@ -308,14 +308,15 @@ class ComputePrices:
 
     def kernel_overhead_s(self, work: OpWork, recording: bool = False) -> float:
         """The host's fixed cost of one kernel running ``work`` alone: the launch (:meth:`op_overhead_s`) and, for
-        a memory-bound op, its kind's own fixed cost (``efficiency.kernel_overhead_s``; 0 where not measured) and,
-        from ``PARALLEL_GRAIN`` elements on, the intra-op threads' fork and join (``parallel_overhead_s``)."""
+        a memory-bound op or a matmul, its kind's own fixed cost (``efficiency.kernel_overhead_s``: a matmul kind's
+        beyond a plain mm's, which ``gemm_overhead_s`` prices; 0 where not measured) and, for a memory-bound op
+        of ``PARALLEL_GRAIN`` elements or more, the intra-op threads' fork and join (``parallel_overhead_s``)."""
         eff = self.efficiency
         fixed = 0.0
-        if work.cost_class == "memory":
-            fixed = eff.kernel_overhead(work.op) if work.op else 0.0
-            if work.elements >= PARALLEL_GRAIN:  # split over the process's threads: their fork and join
-                fixed += eff.parallel_overhead_s
+        if work.cost_class in ("memory", "gemm") and work.op:
+            fixed = eff.kernel_overhead(work.op)
+        if work.cost_class == "memory" and work.elements >= PARALLEL_GRAIN:  # split over the threads: fork and join
+            fixed += eff.parallel_overhead_s
         return self.op_overhead_s(recording) + fixed
 
     def with_overhead(self, seconds: float, kernels: float = 1, overhead: float | None = None) -> float:

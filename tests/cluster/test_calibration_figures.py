@@ -210,6 +210,10 @@ def test_a_kernel_kinds_fixed_cost_is_recovered_from_its_timings() -> None:
 
     quick, slow = _measure_quick_and_slow()
     quick["kernels"], slow["kernels"] = kernels(1.0, True), kernels(1.25, False)
+    # matmul kinds: a plain mm, and linear 4 us beyond it (whatever a plain op costs)
+    for m, factor in ((quick, 1.0), (slow, 1.25)):
+        m["kernels"]["mm"] = [(n, factor * (6e-6 + 2e-9 * n)) for n in elements]
+        m["kernels"]["linear"] = [(n, factor * (10e-6 + 2e-9 * n)) for n in elements]
     big = [float(r * calibrate_module.KERNEL_HIDDEN) for r in calibrate_module.PARALLEL_ROWS]
     quick["parallel"] = [(n, plain + fork + 0.15e-9 * n) for n in big]
     slow["parallel"] = [(n, 1.25 * (plain + fork + 0.15e-9 * n)) for n in big]
@@ -219,6 +223,8 @@ def test_a_kernel_kinds_fixed_cost_is_recovered_from_its_timings() -> None:
     for op, seconds in fixed.items():
         assert eff.kernel_overhead(op) == pytest.approx(1.25 * seconds, rel=1e-6, abs=1e-12), op
     assert eff.kernel_overhead("mean") == 0.0  # not measured: the dispatch alone
+    assert eff.kernel_overhead("linear") == pytest.approx(1.25 * 4e-6)  # beyond the mm's, not a plain op's
+    assert eff.kernel_overhead("mm") == 0.0  # a plain mm: gemm_overhead_s prices it
     assert eff.parallel_overhead_s == pytest.approx(1.25 * fork, rel=1e-6)
     numel = calibrate_module.ELEMENTWISE_SHAPE[0] * calibrate_module.ELEMENTWISE_SHAPE[1]
     assert eff.elementwise("tanh")[0] == pytest.approx(2e-9 - 1.25e-6 / numel)  # net of the fixed cost

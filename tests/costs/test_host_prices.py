@@ -135,9 +135,14 @@ def test_a_kernel_pays_its_kinds_fixed_cost_once() -> None:
     assert p.forward_s(write) == pytest.approx(2e-6 + 5e-6 + 1024 / 100e9)
     assert p.forward_s(write, recording=True) == pytest.approx(3e-6 + 5e-6 + 1024 / 100e9)
     assert p.forward_s(add) == pytest.approx(2e-6 + 3072 / 100e9)
-    assert p.forward_s(dataclasses.replace(write, cost_class="gemm")) == _prices().forward_s(
-        dataclasses.replace(write, cost_class="gemm")
-    )  # matmuls have their own fixed cost (gemm_overhead_s)
+    # a matmul pays gemm_overhead_s, and a matmul kind measured beyond a plain mm (linear) its own once more
+    mm = OpWork("gemm", 2e5, 4096.0, 16384.0, "mm", 256)
+    linear = dataclasses.replace(mm, op="linear")
+    measured = ComputePrices(CLUSTER.device, dataclasses.replace(fixed, kernel_overhead_s=(("linear", 4e-6),)), "fp32")
+    assert measured.forward_s(mm) == pytest.approx(_prices().forward_s(mm))
+    assert measured.device_s(mm) == pytest.approx(max(2e5 / 50e9, 20480 / 100e9) + 4e-6)  # gemm_overhead_s in it
+    assert measured.forward_s(mm) == pytest.approx(2e-6 + measured.device_s(mm))
+    assert measured.forward_s(linear) == pytest.approx(measured.forward_s(mm) + 4e-6)
     # op by op (fused_kernels false): the sum of the ops, each kind's fixed cost once
     assert p.group_forward_s([write, norm, add], 4096.0) == pytest.approx(
         p.forward_s(write) + p.forward_s(norm) + p.forward_s(add)
