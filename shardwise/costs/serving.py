@@ -88,6 +88,10 @@ class ServingModel:
     edge_views: int = 0
     #: a layer's memory-bound ops from a trace: (price-list name, float32 bytes per token, elements per token)
     layer_memory_ops: tuple[tuple[str, float, float], ...] = ()
+    #: the kind of a layer's matmuls and of the output head from a trace (price-list names: "addmm", "linear";
+    #: "": not traced), whose fixed cost per kernel the price list may know (``efficiency.kernel_overhead_s``)
+    matmul_op: str = ""
+    head_op: str = ""
     weight_bytes: int = 2  # bytes per weight element (fp16/bf16)
     kv_bytes: int = 2  # bytes per cached key/value element
     act_bytes: int = 2  # bytes per activation element
@@ -357,8 +361,8 @@ class ServingPrices:
         m = self.model
         io = m.layer_matmul_io * (1 + 1 / tp) / 2  # each matmul has one side split over tp
         gemm = OpWork("gemm", 2.0 * m.layer_matmul_params * tokens / tp, tokens * io * m.act_bytes,
-                      m.layer_matmul_params * m.weight_bytes / tp)  # fmt: skip
-        t = self.compute.with_overhead(self.compute.device_s(gemm), m.layer_matmuls)
+                      m.layer_matmul_params * m.weight_bytes / tp, m.matmul_op)  # fmt: skip
+        t = self.compute.with_overhead(self.compute.device_s(gemm), m.layer_matmuls, self.compute.kernel_overhead_s(gemm))
         if m.layer_memory_ops and not self.compute.efficiency.fused_kernels:
             # a device that runs ops one by one (a CPU process running the traced program) pays each traced op:
             # its bytes, its measured per-element math, its launch (a split op's share: / tp, an estimate)
@@ -414,8 +418,8 @@ class ServingPrices:
         t = self.compute.with_overhead(self.compute.byte_s(edge_bytes), max(m.edge_kernels - 1, 0))
         t += m.edge_views * self.compute.view_s()
         head = OpWork("gemm", 2.0 * seqs * m.vocab * m.hidden / tp, seqs * (m.hidden + m.vocab / tp) * m.act_bytes,
-                      m.vocab * m.hidden * m.weight_bytes / tp)  # fmt: skip
-        t += self.compute.with_overhead(self.compute.device_s(head), 1)
+                      m.vocab * m.hidden * m.weight_bytes / tp, m.head_op)  # fmt: skip
+        t += self.compute.with_overhead(self.compute.device_s(head), 1, self.compute.kernel_overhead_s(head))
         for kind, nbytes in self.edge_collectives(tp, tokens, seqs):
             t += self.prices.collective_s(kind, nbytes, self.tp_ranks(tp))
         for stage in range(pp - 1):

@@ -180,3 +180,18 @@ def test_the_collectives_priced_are_the_planned_programs():
             assert sp.layer_collectives(2, 8) == ServingPrices(figures, prices).layer_collectives(2, 8)
         with pytest.raises(ValueError, match="tp=2 layout"):
             sp.layer_collectives(4, 8)
+
+
+def test_serving_prices_pay_a_matmul_kinds_fixed_cost_once_per_kernel(opt13b):
+    """A model whose layers' matmuls and head are traced as `linear` pays the price list's fixed cost of that kind
+    (efficiency.kernel_overhead_s) once per matmul kernel, as the plans' per-op prices do: layers x matmuls a layer
+    + the head, more a decode step than the same model with no kind known."""
+    from shardwise.cluster.presets import CPU_EFFICIENCY, cpu_cluster
+
+    eff = dataclasses.replace(CPU_EFFICIENCY, op_overhead_s=2e-6, kernel_overhead_s=(("linear", 5e-6),))
+    prices = PriceList(cpu_cluster(2, flops=50e9, memory_bandwidth=10e9, efficiency=eff, name="cpu:2-kinds"), "fp32")
+    traced = dataclasses.replace(opt13b, matmul_op="linear", head_op="linear")
+    unknown = dataclasses.replace(opt13b, matmul_op="", head_op="")
+    more = ServingPrices(traced, prices).decode_step_s(1, 1, 4, 4 * 64) - ServingPrices(unknown, prices).decode_step_s(
+        1, 1, 4, 4 * 64)  # fmt: skip
+    assert more == pytest.approx((opt13b.layers * opt13b.layer_matmuls + 1) * 5e-6, rel=1e-9)

@@ -117,6 +117,12 @@ def _op_counts(config: Any) -> dict[str, Any]:
         if where == "layer" and cls == "memory":
             work = op_work(node, 1, "fp32")
             memory_ops.append((work.op, work.bytes / TRACE_TOKENS, work.elements / TRACE_TOKENS))
+        if cls == "gemm":  # the matmuls' kind (a layer's first; the head: the pass's last matmul outside the layers)
+            kind = op_work(node, 1, "fp32").op
+            if where == "layer":
+                counts.setdefault("matmul_op", kind)
+            else:
+                counts["head_op"] = kind
     counts["layer_memory_ops"] = tuple(memory_ops)
     return counts
 
