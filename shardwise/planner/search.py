@@ -473,6 +473,17 @@ class _Memory:
                 mine += x.elems / cfg.ep
         params -= experts
         trainable -= experts
+        # a weight tied across chunks (an embedding and the output head) stays whole under ZeRO in pipelines
+        # (planner.pipeline: every chunk holding it keeps its own copy and state): ZeRO 0's bytes per element
+        whole = 0.0
+        if cfg.pp > 1 and cfg.zero >= 1:
+            for _, positions, elems in ctx.tied:
+                if any(a <= i < z for i in positions) and any(not a <= i < z for i in positions):
+                    whole += elems / cfg.tp
+        whole = min(whole, trainable)
+        params -= whole
+        trainable -= whole
+        mine += whole
         own = element_bytes(
             train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
             zero=0, dp=1,
@@ -489,7 +500,7 @@ class _Memory:
             local = trainable / (cfg.shards if cfg.zero >= 1 else 1)
             optimizer += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
         return {"weights": weights + frozen, "gradients": trainable * e.grads + mine * own.grads,
-                "optimizer state": optimizer, "trainable": trainable + mine, "experts": mine}  # fmt: skip
+                "optimizer state": optimizer, "trainable": trainable + mine, "experts": mine - whole}  # fmt: skip
 
     def fixed(self, a: int, z: int) -> tuple[float, float]:
         """(bytes of parameters, gradients, optimizer state and scratch of units [a, z), trainable elements)."""

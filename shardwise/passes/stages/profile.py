@@ -98,6 +98,7 @@ class _Placed:
     output_bytes: float
     flops: float
     saved_fixed: float = 0.0  # kept per micro-batch whatever its rows (autocast's weight copies)
+    working_fixed: float = 0.0  # held while it runs whatever its rows (parameters' casts and collectives)
 
 
 class UnitProfiler:
@@ -187,7 +188,8 @@ class UnitProfiler:
             comm_backward_s=cb if self.train else 0.0, param_elems=p.param_elems,
             trainable_elems=p.trainable_elems, grad_reduce_bytes=p.grad_reduce_bytes,
             activation_bytes=int(p.saved_bytes * s + p.saved_fixed), input_bytes=int(p.input_bytes * s),
-            output_bytes=int(p.output_bytes * s), flops=p.flops * s, working_bytes=int(p.working_bytes * s),
+            output_bytes=int(p.output_bytes * s), flops=p.flops * s,
+            working_bytes=int(p.working_bytes * s + p.working_fixed),
             recompute_s=rec, tensors=p.tensors,
         )  # fmt: skip
         self._costs[key] = out
@@ -239,7 +241,9 @@ class UnitProfiler:
             groups = tuple(self.kernels(placed))
         else:
             groups = self._fused_groups(placed) if self.fusion else ()
-        saved, working, fixed = self._memory(placed) if self.train else (0.0, self._inference_working(placed), 0.0)
+        saved, working, fixed, working_fixed = (
+            self._memory(placed) if self.train else (0.0, self._inference_working(placed), 0.0, 0.0)
+        )
         inputs = sum(nbytes(i.spec) for i in g.inputs if isinstance(i.spec, TensorSpec) and i.name in specs)
         if sp:
             inputs /= tp
@@ -248,6 +252,7 @@ class UnitProfiler:
             chunk=placed, groups=groups, copies=copies, bucketed=bucketed, param_elems=param_elems,
             trainable_elems=trainable, tensors=tensors, grad_reduce_bytes=grad_reduce, saved_bytes=saved, saved_fixed=fixed,
             working_bytes=working, input_bytes=inputs, output_bytes=outputs, flops=ways_flops,
+            working_fixed=working_fixed,
         )  # fmt: skip
 
     def _fused_groups(self, placed: PlacedChunk) -> tuple[FusedGroup, ...]:
@@ -271,18 +276,37 @@ class UnitProfiler:
             optimizer_factor=self.optimizer_state, grad_reduce=param_grad_reduce(placed.graph, placed.strategies),
         )  # fmt: skip
 
-    def _memory(self, placed: PlacedChunk) -> tuple[float, float, float]:
-        """(bytes kept from the forward to the backward, the most held beyond them) of one micro-batch at the
-        traced batch, from the memory map's buffers of the unit's training step."""
+    def _memory(self, placed: PlacedChunk) -> tuple[float, float, float, float]:
+        """(bytes kept from the forward to the backward, the most held beyond them that grows with the rows,
+        the kept bytes that do not, the most held beyond them that does not) of one micro-batch at the traced
+        batch, from the memory map's buffers of the unit's training step. What does not grow with the rows:
+        the parameters' casts and collectives (a weight gathered whole for a matmul, its gradient's
+        collective), as large at any micro-batch size; the working parts are each part's own peak (their sum
+        bounds the peak of the whole)."""
         buffers = self._buffers(placed, True)
         boundary = len(placed.graph.nodes)  # the step of the outputs: the forward/backward boundary
+        params = {p.name for p in placed.graph.params}
         spans = [b for b in buffers if buffer_kind(b.id) in _KEPT and b.start <= boundary < b.end]
-        kept = sum(b.size for b in spans if buffer_kind(b.id) != "cast")
-        fixed = sum(b.size for b in spans if buffer_kind(b.id) == "cast")
-        return float(kept), float(max(_profile(buffers) - kept - fixed, 0)), float(fixed)
+        kept = sum(b.size for b in spans if not _of_params(b.id, params))
+        fixed = sum(b.size for b in spans if _of_params(b.id, params))
+        rows = [b for b in buffers if not _of_params(b.id, params)]
+        weights = [b for b in buffers if _of_params(b.id, params)]
+        return (
+            float(kept), float(max(_profile(rows) - kept, 0)), float(fixed), float(max(_profile(weights) - fixed, 0))
+        )
 
     def _inference_working(self, placed: PlacedChunk) -> float:
         return float(_profile(self._buffers(placed, False)))
+
+
+def _of_params(buffer_id: str, params: set[str]) -> bool:
+    """Whether a buffer of the memory map's step program holds a parameter's value whatever the rows: its
+    autocast copy (``cast:``) or a collective on it or on its gradient (``coll:`` / ``cgrad:`` of a parameter
+    value)."""
+    kind, _, rest = buffer_id.partition(":")
+    if kind == "cast":
+        return True
+    return kind in ("coll", "cgrad") and rest.split("->", 1)[0].split("@", 1)[0] in params
 
 
 def _profile(buffers: list) -> int:
