@@ -323,10 +323,21 @@ class _Context:
         self._cp[key] = out
         return out
 
-    def tables(self, tp: int, sp: bool, b: float) -> _Tables:
-        key = (tp, sp, b)
+    def tables(self, tp: int, sp: bool, b: float, ep: int = 1) -> _Tables:
+        """The units' costs at ``tp``, ``sp`` and ``b`` rows; under expert parallelism with the experts' weights'
+        casts and collectives at ``1 / ep`` (each rank holds that share of the experts)."""
+        key = (tp, sp, b, ep)
         if key not in self._tables:
             by_unit = {u: self.profiler.cost(u, tp, sp, b) for u in set(self.sequence)}
+            if ep > 1:
+                cut = 1 - 1 / ep
+                by_unit = {
+                    u: dataclasses.replace(
+                        c, activation_bytes=int(c.activation_bytes - c.experts_saved_bytes * cut),
+                        working_bytes=int(c.working_bytes - c.experts_working_bytes * cut),
+                    )  # fmt: skip
+                    for u, c in by_unit.items()
+                }
             self._tables[key] = _Tables([by_unit[u] for u in self.sequence])
         return self._tables[key]
 
@@ -458,9 +469,12 @@ class _Memory:
                 extra = (inside - 1) * elems / cfg.tp
                 params -= extra
                 trainable -= extra
+        # ZeRO's group: in pipelines with experts split over part of dp, the dp / ep replicas (the runtime's outer
+        # data-parallel axis, planner.pipeline.top_mesh), not dp
+        shards = cfg.dp // cfg.ep if cfg.pp > 1 and 1 < cfg.ep < cfg.dp else cfg.shards
         e = element_bytes(
             train=ctx.train, trainable=True, precision=ctx.options.precision, state=ctx.options.optimizer_factor,
-            zero=cfg.zero, dp=cfg.shards, accumulates=cfg.pp > 1,
+            zero=cfg.zero, dp=shards, accumulates=cfg.pp > 1,
         )  # fmt: skip
         # expert parallelism: each rank holds 1/ep of the experts, as the experts op reads them (whole over tp),
         # outside ZeRO's buckets (their gradients are not reduced over ep), so at ZeRO 0's bytes per element; the
@@ -497,7 +511,7 @@ class _Memory:
         if ctx.train:
             # the optimizer's scratch: a foreach step makes one value per (local) element at once, a per-tensor
             # step two of the largest tensor's (bounded by the chunk's mean tensor)
-            local = trainable / (cfg.shards if cfg.zero >= 1 else 1)
+            local = trainable / (shards if cfg.zero >= 1 else 1)
             optimizer += 4 * local if ctx.foreach else 8 * local / max(rng(t.p_tensors, a, z), 1.0)
         return {"weights": weights + frozen, "gradients": trainable * e.grads + mine * own.grads,
                 "optimizer state": optimizer, "trainable": trainable + mine, "experts": mine - whole}  # fmt: skip
@@ -585,7 +599,7 @@ def _selective(ctx: _Context, mem: _Memory, bounds: list[tuple[int, int]]) -> fr
 
 
 def _evaluate(ctx: _Context, cfg: _Config) -> Candidate | str:
-    t = ctx.tables(cfg.tp, cfg.sp, cfg.rows)
+    t = ctx.tables(cfg.tp, cfg.sp, cfg.rows, cfg.ep)
     costs = t.costs
     pp, tp, v, m = cfg.pp, cfg.tp, cfg.v, cfg.m
     dp = cfg.dp * cfg.cp  # replicas of the parameters: gradients are reduced over dp x cp (ranks laid so)

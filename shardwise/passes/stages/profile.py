@@ -34,6 +34,7 @@ from shardwise.costs.step import fused_backward, fused_forward, grad_values, op_
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import Shard
+from shardwise.ir.registry import MOE_EXPERTS, tensor_operands
 from shardwise.ir.tensor import TensorSpec
 from shardwise.passes.memory.program import buffer_kind, step_buffers
 from shardwise.passes.sharding.gradients import param_grad_reduce
@@ -78,6 +79,10 @@ class UnitCost:
     working_bytes: int = 0  # the most the unit holds beyond ``activation_bytes`` while it runs
     recompute_s: float = 0.0  # its forward run again in the backward (compute and collectives)
     tensors: int = 0  # trainable parameter tensors (the optimizer steps them one by one on CPUs)
+    # of ``activation_bytes`` and ``working_bytes``: the experts' weights' casts and collectives (a rank holds
+    # 1 / ep of them under expert parallelism, which the unit's placement on its tp group does not split)
+    experts_saved_bytes: int = 0
+    experts_working_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ class _Placed:
     flops: float
     saved_fixed: float = 0.0  # kept per micro-batch whatever its rows (autocast's weight copies)
     working_fixed: float = 0.0  # held while it runs whatever its rows (parameters' casts and collectives)
+    experts_saved: float = 0.0  # the experts' weights' part of saved_fixed
+    experts_working: float = 0.0  # and of working_fixed
 
 
 class UnitProfiler:
@@ -190,6 +197,7 @@ class UnitProfiler:
             activation_bytes=int(p.saved_bytes * s + p.saved_fixed), input_bytes=int(p.input_bytes * s),
             output_bytes=int(p.output_bytes * s), flops=p.flops * s,
             working_bytes=int(p.working_bytes * s + p.working_fixed),
+            experts_saved_bytes=int(p.experts_saved), experts_working_bytes=int(p.experts_working),
             recompute_s=rec, tensors=p.tensors,
         )  # fmt: skip
         self._costs[key] = out
@@ -241,8 +249,8 @@ class UnitProfiler:
             groups = tuple(self.kernels(placed))
         else:
             groups = self._fused_groups(placed) if self.fusion else ()
-        saved, working, fixed, working_fixed = (
-            self._memory(placed) if self.train else (0.0, self._inference_working(placed), 0.0, 0.0)
+        saved, working, fixed, working_fixed, x_saved, x_working = (
+            self._memory(placed) if self.train else (0.0, self._inference_working(placed), 0.0, 0.0, 0.0, 0.0)
         )
         inputs = sum(nbytes(i.spec) for i in g.inputs if isinstance(i.spec, TensorSpec) and i.name in specs)
         if sp:
@@ -252,7 +260,7 @@ class UnitProfiler:
             chunk=placed, groups=groups, copies=copies, bucketed=bucketed, param_elems=param_elems,
             trainable_elems=trainable, tensors=tensors, grad_reduce_bytes=grad_reduce, saved_bytes=saved, saved_fixed=fixed,
             working_bytes=working, input_bytes=inputs, output_bytes=outputs, flops=ways_flops,
-            working_fixed=working_fixed,
+            working_fixed=working_fixed, experts_saved=x_saved, experts_working=x_working,
         )  # fmt: skip
 
     def _fused_groups(self, placed: PlacedChunk) -> tuple[FusedGroup, ...]:
@@ -276,13 +284,13 @@ class UnitProfiler:
             optimizer_factor=self.optimizer_state, grad_reduce=param_grad_reduce(placed.graph, placed.strategies),
         )  # fmt: skip
 
-    def _memory(self, placed: PlacedChunk) -> tuple[float, float, float, float]:
+    def _memory(self, placed: PlacedChunk) -> tuple[float, float, float, float, float, float]:
         """(bytes kept from the forward to the backward, the most held beyond them that grows with the rows,
         the kept bytes that do not, the most held beyond them that does not) of one micro-batch at the traced
         batch, from the memory map's buffers of the unit's training step. What does not grow with the rows:
         the parameters' casts and collectives (a weight gathered whole for a matmul, its gradient's
         collective), as large at any micro-batch size; the working parts are each part's own peak (their sum
-        bounds the peak of the whole)."""
+        bounds the peak of the whole). And of the last two, the experts' weights' part."""
         buffers = self._buffers(placed, True)
         boundary = len(placed.graph.nodes)  # the step of the outputs: the forward/backward boundary
         params = {p.name for p in placed.graph.params}
@@ -291,8 +299,15 @@ class UnitProfiler:
         fixed = sum(b.size for b in spans if _of_params(b.id, params))
         rows = [b for b in buffers if not _of_params(b.id, params)]
         weights = [b for b in buffers if _of_params(b.id, params)]
+        keys = {p.name: p.key for p in placed.graph.params}
+        experts = {keys[v] for n in placed.graph.nodes if n.op == MOE_EXPERTS for v in tensor_operands(n)[3:5]
+                   if v in keys}  # fmt: skip
+        experts |= {v for v in keys if keys[v] in experts}
+        mine = [b for b in weights if _of_values(b.id, experts)]
+        x_saved = sum(b.size for b in spans if _of_values(b.id, experts))
         return (
-            float(kept), float(max(_profile(rows) - kept, 0)), float(fixed), float(max(_profile(weights) - fixed, 0))
+            float(kept), float(max(_profile(rows) - kept, 0)), float(fixed), float(max(_profile(weights) - fixed, 0)),
+            float(x_saved), float(max(_profile(mine) - x_saved, 0)),
         )
 
     def _inference_working(self, placed: PlacedChunk) -> float:
@@ -307,6 +322,14 @@ def _of_params(buffer_id: str, params: set[str]) -> bool:
     if kind == "cast":
         return True
     return kind in ("coll", "cgrad") and rest.split("->", 1)[0].split("@", 1)[0] in params
+
+
+def _of_values(buffer_id: str, values: set[str]) -> bool:
+    """Whether a parameter's buffer (``_of_params``) is that of one of ``values`` (parameter names or keys)."""
+    kind, _, rest = buffer_id.partition(":")
+    if kind == "cast":
+        return rest.split("@", 1)[0] in values
+    return kind in ("coll", "cgrad") and rest.split("->", 1)[0].split("@", 1)[0] in values
 
 
 def _profile(buffers: list) -> int:
