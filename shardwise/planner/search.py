@@ -535,8 +535,10 @@ class _Memory:
             else:
                 kept += t.act[i]
         if self.cfg.recompute == "full" and self.cfg.pp > 1 and any(i in recomputed for i in range(a, z)):
-            # a pipeline's chunk runs again whole in its backward; a flat plan recomputes layer by layer
+            # a pipeline's chunk runs again whole in its backward (a flat plan recomputes layer by layer), and
+            # keeps only what it received, whole (planner.pipeline passes whole values between chunks)
             again = _Tables.range(t.p_act, a, z)
+            kept = max(kept, float(t.costs[a].received_bytes))
         return kept, again + max(t.working[a:z])
 
     def devices(

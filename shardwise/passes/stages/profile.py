@@ -83,6 +83,9 @@ class UnitCost:
     # 1 / ep of them under expert parallelism, which the unit's placement on its tp group does not split)
     experts_saved_bytes: int = 0
     experts_working_bytes: int = 0
+    # what a pipeline chunk starting at this unit keeps per micro-batch under full recomputation: the values
+    # it receives, whole and at the width the program holds them (the memory map's ``input`` buffers)
+    received_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class _Placed:
     working_fixed: float = 0.0  # held while it runs whatever its rows (parameters' casts and collectives)
     experts_saved: float = 0.0  # the experts' weights' part of saved_fixed
     experts_working: float = 0.0  # and of working_fixed
+    received: float = 0.0  # the unit's inputs as its step program holds them, at the traced batch
 
 
 class UnitProfiler:
@@ -198,6 +202,7 @@ class UnitProfiler:
             output_bytes=int(p.output_bytes * s), flops=p.flops * s,
             working_bytes=int(p.working_bytes * s + p.working_fixed),
             experts_saved_bytes=int(p.experts_saved), experts_working_bytes=int(p.experts_working),
+            received_bytes=int(p.received * s),
             recompute_s=rec, tensors=p.tensors,
         )  # fmt: skip
         self._costs[key] = out
@@ -252,6 +257,9 @@ class UnitProfiler:
         saved, working, fixed, working_fixed, x_saved, x_working = (
             self._memory(placed) if self.train else (0.0, self._inference_working(placed), 0.0, 0.0, 0.0, 0.0)
         )
+        received = (
+            float(sum(b.size for b in self._buffers(placed, True) if buffer_kind(b.id) == "input")) if self.train else 0.0
+        )
         inputs = sum(nbytes(i.spec) for i in g.inputs if isinstance(i.spec, TensorSpec) and i.name in specs)
         if sp:
             inputs /= tp
@@ -260,7 +268,7 @@ class UnitProfiler:
             chunk=placed, groups=groups, copies=copies, bucketed=bucketed, param_elems=param_elems,
             trainable_elems=trainable, tensors=tensors, grad_reduce_bytes=grad_reduce, saved_bytes=saved, saved_fixed=fixed,
             working_bytes=working, input_bytes=inputs, output_bytes=outputs, flops=ways_flops,
-            working_fixed=working_fixed, experts_saved=x_saved, experts_working=x_working,
+            working_fixed=working_fixed, experts_saved=x_saved, experts_working=x_working, received=received,
         )  # fmt: skip
 
     def _fused_groups(self, placed: PlacedChunk) -> tuple[FusedGroup, ...]:
