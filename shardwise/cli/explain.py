@@ -21,9 +21,10 @@ from rich.table import Table
 
 from shardwise.cli.summary import FREE_COLLECTIVES, describe_spec, describe_split, module_groups
 from shardwise.errors import UserInputError
-from shardwise.ir.experts import expert_count, moe_nodes
+from shardwise.ir.experts import MOE_EXPERTS, expert_count, moe_nodes, weight_operands
 from shardwise.ir.graph import Value
 from shardwise.ir.plan import ExecutionPlan
+from shardwise.ir.tensor import TensorSpec
 from shardwise.ir.text import human_bytes, human_time
 
 __all__ = ["Candidate", "OpExplanation", "explain_plan", "explain_ops", "render_explain", "find_ops"]
@@ -105,6 +106,40 @@ def explain_plan(plan: ExecutionPlan, cluster: Any | None = None) -> dict[str, A
     }
 
 
+def _expert_weights_held(plan: ExecutionPlan) -> tuple[int, int]:
+    """The expert weights (the experts ops' weight operands) the busiest rank holds under ``plan``'s placements
+    (split over ``ep``, and over ``tp`` where the experts are), and those of the whole model. A pipeline's rank
+    holds only the experts of its own device stage's chunks: the stage holding the most is counted."""
+
+    def held_and_whole(p: ExecutionPlan) -> tuple[int, int]:
+        held = whole = 0
+        for n in p.graph.nodes:
+            if n.op != MOE_EXPERTS:
+                continue
+            tensors = [a for a in n.args if isinstance(a, Value)]
+            strategy = p.strategy(n.name)
+            for k in weight_operands(len(tensors)):
+                spec = p.graph.spec_of(tensors[k].name)
+                if not isinstance(spec, TensorSpec):
+                    continue
+                whole += spec.nbytes
+                placement = strategy.inputs[k] if k < len(strategy.inputs) else None
+                local = placement.local_shape(spec.shape, p.mesh) if placement is not None else spec.shape
+                held += spec.nbytes * math.prod(local) // max(math.prod(spec.shape), 1)
+        return held, whole
+
+    pipeline = plan.pipeline
+    if pipeline is None:
+        return held_and_whole(plan)
+    per_stage = [0] * pipeline.pp
+    whole = 0
+    for stage in pipeline.stages:
+        held, chunk_whole = held_and_whole(stage.plan)
+        per_stage[stage.device_stage] += held
+        whole += chunk_whole
+    return max(per_stage), whole
+
+
 def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[str, Any] | None:
     """Why this ``ep``, for a model with mixture-of-experts layers (None without): the experts it splits, the
     expert weights a rank holds, the all-to-all time per step the split costs (the price list's, with
@@ -115,10 +150,7 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
     if not layers or not experts:
         return None
     ep = plan.degrees.get("ep", 1)
-    weights = sum(
-        graph.spec_of(a.name).nbytes  # type: ignore[union-attr]
-        for n in graph.nodes if n.name in layers for a in n.args[3:] if isinstance(a, Value)
-    )  # fmt: skip
+    held, whole = _expert_weights_held(plan)
     alltoall_s = None
     if cluster is not None and ep > 1:
         from shardwise.costs.prices import price_list
@@ -136,19 +168,20 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
                 ops = moe_nodes(st.plan.graph)
                 per_stage[st.device_stage] += spec.microbatches * sum(chunk[n].comm_s for n in ops if n in chunk)
             alltoall_s = max(per_stage)
+    where_held = " of its pipeline stage" if plan.pipeline is not None else ""
     other = [a for a in alts if dict(a.degrees).get("ep", 1) != ep and a.fits]
     rival = min(other, key=lambda a: a.step_time_s) if other else None
     chosen = plan.predicted.step_time_s
     if ep > 1:
         why = (f"ep={ep}: each rank holds {experts // ep} of the {experts} experts of each of {len(layers)} MoE "
-               f"layers ({human_bytes(weights / ep)} of expert weights instead of {human_bytes(weights)}); tokens "
-               "reach their experts by all-to-all")  # fmt: skip
+               f"layers{where_held} ({human_bytes(held)} of expert weights per rank instead of "
+               f"{human_bytes(whole)}); tokens reach their experts by all-to-all")  # fmt: skip
         if alltoall_s is not None:
             where = " on the pipeline stage that spends the most on them" if plan.pipeline is not None else ""
             why += f", {human_time(alltoall_s)} per step (the experts ops' collectives{where})"
     else:
-        why = (f"ep=1: every rank holds all {experts} experts of each of {len(layers)} MoE layers "
-               f"({human_bytes(weights)}); no all-to-all")  # fmt: skip
+        why = (f"ep=1: every rank holds all {experts} experts of each of {len(layers)} MoE layers{where_held} "
+               f"({human_bytes(held)} of expert weights per rank); no all-to-all")  # fmt: skip
     if rival is not None:
         r_ep = dict(rival.degrees).get("ep", 1)
         ratio = rival.step_time_s / chosen if chosen else float("inf")
@@ -159,7 +192,8 @@ def _experts(plan: ExecutionPlan, alts: list[Any], cluster: Any | None) -> dict[
         why += ". No layout with another ep fits" if any(dict(a.degrees).get("ep", 1) != ep for a in alts) else (
             ". No layout with another ep was scored (ep was pinned, or no other divides both the expert count and "
             "dp)")
-    return {"ep": ep, "experts": experts, "layers": len(layers), "expert_weight_bytes": weights,
+    return {"ep": ep, "experts": experts, "layers": len(layers), "expert_weight_bytes": whole,
+            "expert_weight_bytes_per_rank": held,
             "alltoall_s": alltoall_s, "why": why}  # fmt: skip
 
 

@@ -59,6 +59,7 @@ def test_a_pinned_ep_is_realized_with_the_experts_split(mixtral):
     assert all("dp" in grads[k] for k in grads if "experts" not in k)  # the other weights: all-reduced over dp
     why = explain_plan(made, cluster)["experts"]
     assert why["ep"] == 2 and why["alltoall_s"] > 0 and "2 of the 4 experts" in why["why"]
+    assert why["expert_weight_bytes_per_rank"] * 2 == why["expert_weight_bytes"]  # half of them on each rank
 
 
 def test_ep_below_dp_replicates_the_experts_over_dp_over_ep_groups():
@@ -137,6 +138,9 @@ def test_ep_with_pipelines_is_offered_priced_and_realized_per_stage():
     assert experts and all(str(top[k].placements[1]) == "S(0)" for k in experts)
     why = explain_plan(made, cluster)["experts"]
     assert why["ep"] == 2 and why["alltoall_s"] > 0 and "pipeline stage" in why["why"]
+    # a rank holds half the experts of its own stage's MoE layers only (one of the two layers on each stage)
+    assert len(moe_nodes(made.graph)) == 2
+    assert why["expert_weight_bytes_per_rank"] * 4 == why["expert_weight_bytes"]
     assert any(n.startswith("expert parallelism: ep=2") for n in made.notes)
 
 
