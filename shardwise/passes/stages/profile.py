@@ -322,22 +322,25 @@ class UnitProfiler:
         return float(_profile(self._buffers(placed, False)))
 
 
-def _of_params(buffer_id: str, params: set[str]) -> bool:
-    """Whether a buffer of the memory map's step program holds a parameter's value whatever the rows: its
-    autocast copy (``cast:``) or a collective on it or on its gradient (``coll:`` / ``cgrad:`` of a parameter
-    value)."""
+def _held_value(buffer_id: str) -> tuple[str, str]:
+    """(kind, value) of a buffer of the memory map's step program: the value a ``cast:`` (autocast copy of a
+    parameter, named by its key) or a ``coll:`` / ``cgrad:`` buffer (a collective on a value or on its gradient)
+    holds; other kinds' values are not used."""
     kind, _, rest = buffer_id.partition(":")
-    if kind == "cast":
-        return True
-    return kind in ("coll", "cgrad") and rest.split("->", 1)[0].split("@", 1)[0] in params
+    return kind, rest.split("@", 1)[0] if kind == "cast" else rest.split("->", 1)[0].split("@", 1)[0]
+
+
+def _of_params(buffer_id: str, params: set[str]) -> bool:
+    """Whether a buffer holds a parameter's value whatever the rows: its autocast copy (``cast:``) or a
+    collective on it or on its gradient (``coll:`` / ``cgrad:`` of a parameter value)."""
+    kind, value = _held_value(buffer_id)
+    return kind == "cast" or (kind in ("coll", "cgrad") and value in params)
 
 
 def _of_values(buffer_id: str, values: set[str]) -> bool:
     """Whether a parameter's buffer (``_of_params``) is that of one of ``values`` (parameter names or keys)."""
-    kind, _, rest = buffer_id.partition(":")
-    if kind == "cast":
-        return rest.split("@", 1)[0] in values
-    return kind in ("coll", "cgrad") and rest.split("->", 1)[0].split("@", 1)[0] in values
+    kind, value = _held_value(buffer_id)
+    return kind in ("cast", "coll", "cgrad") and value in values
 
 
 def _profile(buffers: list) -> int:
