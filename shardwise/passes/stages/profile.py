@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from shardwise.cluster import ClusterSpec
 from shardwise.costs.prices import PriceList, price_list
 from shardwise.costs.step import fused_backward, fused_forward, grad_values, op_prices
+from shardwise.ir.experts import weight_operands
 from shardwise.ir.fusion import FusedGroup
 from shardwise.ir.graph import Graph
 from shardwise.ir.placement import Shard
@@ -308,8 +309,8 @@ class UnitProfiler:
         rows = [b for b in buffers if not _of_params(b.id, params)]
         weights = [b for b in buffers if _of_params(b.id, params)]
         keys = {p.name: p.key for p in placed.graph.params}
-        experts = {keys[v] for n in placed.graph.nodes if n.op == MOE_EXPERTS for v in tensor_operands(n)[3:5]
-                   if v in keys}  # fmt: skip
+        experts = {keys[v] for n in placed.graph.nodes if n.op == MOE_EXPERTS
+                   for v in (tensor_operands(n)[k] for k in weight_operands(len(tensor_operands(n)))) if v in keys}  # fmt: skip
         experts |= {v for v in keys if keys[v] in experts}
         mine = [b for b in weights if _of_values(b.id, experts)]
         x_saved = sum(b.size for b in spans if _of_values(b.id, experts))
